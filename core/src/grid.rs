@@ -1,0 +1,105 @@
+//! Grid expansion: the cross product backbone × lr_decay × epoch_split, in a fixed order
+//! (backbone slowest, epoch split fastest), with stable trial ids.
+
+use crate::backbone::Backbone;
+use crate::lr::LrDecay;
+use crate::spec::GridSpec;
+
+/// One cell of the grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trial {
+    /// Position in the expansion order (0-based).
+    pub index: usize,
+    /// Stable id within the sweep: `t000`, `t001`, …
+    pub id: String,
+    pub backbone: Backbone,
+    pub lr_decay: LrDecay,
+    pub fe_epochs: u32,
+    pub ft_epochs: u32,
+}
+
+impl Trial {
+    pub fn epochs(&self) -> u32 {
+        self.fe_epochs + self.ft_epochs
+    }
+
+    /// `16+8`: feature-extraction epochs + fine-tuning epochs.
+    pub fn split_label(&self) -> String {
+        format!("{}+{}", self.fe_epochs, self.ft_epochs)
+    }
+}
+
+/// The id of the trial at `index`.
+pub fn trial_id(index: usize) -> String {
+    format!("t{index:03}")
+}
+
+/// Parses a trial id back to its index.
+pub fn trial_index(id: &str) -> Option<usize> {
+    let digits = id.strip_prefix('t')?;
+    if digits.len() < 3 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Expands the grid. The same grid always gives the same trials, ids and order.
+pub fn expand(grid: &GridSpec) -> Vec<Trial> {
+    let mut trials = Vec::with_capacity(grid.trial_count());
+    for &backbone in &grid.backbone {
+        for &lr_decay in &grid.lr_decay {
+            for &(fe_epochs, ft_epochs) in &grid.epoch_split {
+                let index = trials.len();
+                trials.push(Trial { index, id: trial_id(index), backbone, lr_decay, fe_epochs, ft_epochs });
+            }
+        }
+    }
+    trials
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grid() -> GridSpec {
+        GridSpec {
+            backbone: vec![Backbone::Vgg16Bn, Backbone::Resnet50],
+            lr_decay: vec![
+                LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 },
+                LrDecay::Exponential { head_lr: 1e-4, factor: 3.0 },
+            ],
+            epoch_split: vec![(16, 8), (12, 12), (8, 16)],
+        }
+    }
+
+    #[test]
+    fn cross_product_in_fixed_order() {
+        let t = expand(&grid());
+        assert_eq!(t.len(), 12);
+        assert_eq!(t[0].id, "t000");
+        assert_eq!((t[0].backbone, t[0].fe_epochs, t[0].ft_epochs), (Backbone::Vgg16Bn, 16, 8));
+        assert_eq!((t[1].fe_epochs, t[1].ft_epochs), (12, 12));
+        assert_eq!(t[3].lr_decay.strategy(), "exponential");
+        assert_eq!(t[6].backbone, Backbone::Resnet50);
+        assert_eq!(t[11].id, "t011");
+        assert_eq!(t[11].split_label(), "8+16");
+        for (i, trial) in t.iter().enumerate() {
+            assert_eq!(trial.index, i);
+            assert_eq!(trial_index(&trial.id), Some(i));
+        }
+    }
+
+    #[test]
+    fn expansion_is_deterministic() {
+        assert_eq!(expand(&grid()), expand(&grid()));
+    }
+
+    #[test]
+    fn trial_ids_parse() {
+        assert_eq!(trial_index("t000"), Some(0));
+        assert_eq!(trial_index("t1234"), Some(1234));
+        assert_eq!(trial_index("t12"), None);
+        assert_eq!(trial_index("x001"), None);
+        assert_eq!(trial_index("t-01"), None);
+    }
+}

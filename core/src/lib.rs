@@ -1,0 +1,20 @@
+//! `sweep-core`: the pure logic of a transfer-learning sweep.
+//!
+//! Spec parsing and validation ([`spec`]), grid expansion ([`grid`]), the backbones' layer
+//! groups ([`backbone`]), learning-rate strategies ([`lr`]), scoring and ranking
+//! ([`leaderboard`]) and lifecycle states ([`state`]).
+//!
+//! **No IO, no async runtime, no libtorch**: everything here is a function of its inputs, so the
+//! coordinator (which must run without libtorch) and the worker share one definition of a sweep.
+
+pub mod backbone;
+pub mod grid;
+pub mod leaderboard;
+pub mod lr;
+pub mod spec;
+pub mod state;
+
+pub use backbone::Backbone;
+pub use grid::Trial;
+pub use lr::LrDecay;
+pub use spec::{SpecError, SweepSpec};

@@ -1,0 +1,809 @@
+//! The sweep spec: the YAML document users write (`sweeps/*.yaml`), parsed and validated.
+//!
+//! This is the only module that knows about YAML. Parsing happens in two passes over the same
+//! text:
+//! 1. `serde_yaml` deserializes into `Raw*` structs that reject unknown keys and wrong types
+//!    (its errors already carry line and column);
+//! 2. [`validate`](RawSpec::validate) turns the raw structs into the typed [`SweepSpec`],
+//!    checking every value. Those errors name a field path (`grid.epoch_split[1][0]`), which a
+//!    position index built from `yaml-rust2`'s marked events turns into a line and column.
+//!
+//! Every error is one [`SpecError`]: line, column, field and message. Parsing never panics.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::backbone::{self, Backbone};
+use crate::lr::LrDecay;
+
+/// Default upper bound on the number of trials in one sweep's grid.
+pub const DEFAULT_MAX_TRIALS: usize = 10_000;
+
+/// Options of the parser itself (not part of the document).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParseOptions {
+    /// A grid with more trials than this is refused.
+    pub max_trials: usize,
+}
+
+impl Default for ParseOptions {
+    fn default() -> Self {
+        ParseOptions { max_trials: DEFAULT_MAX_TRIALS }
+    }
+}
+
+/// One error in a spec: where it is (1-based line and column), which field, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct SpecError {
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the field (`grid.backbone[2]`); empty for the document itself.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "line {}, column {}: {}", self.line, self.column, self.message)
+        } else {
+            write!(f, "line {}, column {}: {}: {}", self.line, self.column, self.field, self.message)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed spec
+// ---------------------------------------------------------------------------------------------
+
+/// A validated sweep spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepSpec {
+    pub name: String,
+    pub dataset: DatasetSpec,
+    pub model: ModelSpec,
+    pub training: TrainingSpec,
+    pub grid: GridSpec,
+    pub resources: Resources,
+    pub retries: Retries,
+}
+
+/// Where the images come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DatasetSpec {
+    /// Class-dependent images drawn procedurally (demos and tests).
+    Synthetic { classes: u32, train_per_class: u32, val_per_class: u32, image_size: u32, seed: u64 },
+    /// `root/train/<class>/*` and `root/val/<class>/*`.
+    ImageFolder { root: String, image_size: u32 },
+    /// The official Oxford Flowers-102 layout: `jpg/`, `imagelabels.mat`, `setid.mat`.
+    Flowers102 { root: String, train_split: Vec<FlowersSplit>, val_split: Vec<FlowersSplit>, image_size: u32 },
+}
+
+impl DatasetSpec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DatasetSpec::Synthetic { .. } => "synthetic",
+            DatasetSpec::ImageFolder { .. } => "image_folder",
+            DatasetSpec::Flowers102 { .. } => "flowers102",
+        }
+    }
+
+    pub fn image_size(&self) -> u32 {
+        match self {
+            DatasetSpec::Synthetic { image_size, .. }
+            | DatasetSpec::ImageFolder { image_size, .. }
+            | DatasetSpec::Flowers102 { image_size, .. } => *image_size,
+        }
+    }
+}
+
+/// The three official Flowers-102 splits (`setid.mat`: `trnid`, `valid`, `tstid`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlowersSplit {
+    Train,
+    Val,
+    Test,
+}
+
+impl FlowersSplit {
+    pub const ALL: [(&'static str, FlowersSplit); 3] =
+        [("train", FlowersSplit::Train), ("val", FlowersSplit::Val), ("test", FlowersSplit::Test)];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowersSplit::Train => "train",
+            FlowersSplit::Val => "val",
+            FlowersSplit::Test => "test",
+        }
+    }
+}
+
+/// Which weights the backbone starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Weights {
+    /// Random initialisation.
+    None,
+    /// `<weights dir>/<backbone>.safetensors` (ImageNet weights exported from torchvision).
+    ImageNet,
+    /// One safetensors file used for every backbone of the grid.
+    File(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub weights: Weights,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingSpec {
+    pub batch_size: u32,
+    pub optimizer: Optimizer,
+    pub weight_decay: f64,
+    pub seed: u64,
+    /// Learning rate of the new layers during feature extraction.
+    pub feature_extraction_lr: f64,
+    /// Learning rate of parameters that belong to no layer group during fine-tuning.
+    pub fine_tuning_default_lr: f64,
+    /// Keep BatchNorm running statistics fixed during feature extraction (the recipe lets
+    /// them update, so the default is `false`).
+    pub freeze_bn_stats: bool,
+    pub augment: Augment,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Optimizer {
+    Adam,
+}
+
+impl Optimizer {
+    pub const ALL: [(&'static str, Optimizer); 1] = [("adam", Optimizer::Adam)];
+}
+
+/// Augmentation of training batches (validation batches are never augmented).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Augment {
+    pub hflip: bool,
+    /// Random rotation in `[-rotation_deg, rotation_deg]`.
+    pub rotation_deg: f64,
+    /// Random shear in `[-shear_deg, shear_deg]`.
+    pub shear_deg: f64,
+    /// Brightness, contrast and saturation factors drawn from `[1 - j, 1 + j]`.
+    pub color_jitter: f64,
+}
+
+impl Augment {
+    pub const NONE: Augment = Augment { hflip: false, rotation_deg: 0.0, shear_deg: 0.0, color_jitter: 0.0 };
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Augment { hflip: true, rotation_deg: 15.0, shear_deg: 10.0, color_jitter: 0.3 }
+    }
+}
+
+/// The three lists whose cross product is the set of trials.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GridSpec {
+    pub backbone: Vec<Backbone>,
+    pub lr_decay: Vec<LrDecay>,
+    /// `(feature-extraction epochs, fine-tuning epochs)`.
+    pub epoch_split: Vec<(u32, u32)>,
+}
+
+impl GridSpec {
+    pub fn trial_count(&self) -> usize {
+        self.backbone.len().saturating_mul(self.lr_decay.len()).saturating_mul(self.epoch_split.len())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    /// Devices (GPUs, or CPU slots on a CPU worker) one trial occupies.
+    pub gpus_per_trial: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retries {
+    pub max_attempts: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+
+/// Parses and validates a spec with the default options.
+pub fn parse(text: &str) -> Result<SweepSpec, SpecError> {
+    parse_with(text, ParseOptions::default())
+}
+
+/// Parses and validates a spec.
+pub fn parse_with(text: &str, options: ParseOptions) -> Result<SweepSpec, SpecError> {
+    let index = PositionIndex::build(text)?;
+    if index.is_empty() {
+        return Err(SpecError {
+            line: 1,
+            column: 1,
+            field: String::new(),
+            message: "the spec is empty: expected a mapping with `name`, `dataset` and `grid`".into(),
+        });
+    }
+    let raw: RawSpec = serde_yaml::from_str(text).map_err(|e| from_serde(&e, &index))?;
+    raw.validate(options).map_err(|(field, message)| {
+        let (line, column) = index.locate(&field);
+        SpecError { line, column, field, message }
+    })
+}
+
+/// Turns a `serde_yaml` error into a [`SpecError`], recovering the field path that serde_yaml
+/// puts in front of its message (`grid.backbone[1]: invalid type: ...`).
+fn from_serde(e: &serde_yaml::Error, index: &PositionIndex) -> SpecError {
+    let mut text = e.to_string();
+    if let Some(at) = text.rfind(" at line ") {
+        text.truncate(at);
+    }
+    let (field, message) = match text.split_once(": ") {
+        Some((head, rest)) if is_field_path(head) => (head.to_string(), rest.to_string()),
+        _ => (String::new(), text.clone()),
+    };
+    // Syntax, type and unknown-key errors come with a precise location; errors raised after a
+    // whole mapping was read (missing fields) do not, and then the field path is the best guide.
+    let (line, column) = match e.location() {
+        Some(loc) if !message.starts_with("missing field") => (loc.line(), loc.column()),
+        _ => index.locate(&field),
+    };
+    SpecError { line, column, field, message }
+}
+
+fn is_field_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']' | '-'))
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+}
+
+// ---------------------------------------------------------------------------------------------
+// Position index: field path -> (line, column), from yaml-rust2's marked events
+// ---------------------------------------------------------------------------------------------
+
+struct PositionIndex {
+    positions: BTreeMap<String, (usize, usize)>,
+    /// False when the document holds no node, or only a null scalar (`---`, `~`, comments).
+    has_content: bool,
+}
+
+enum Frame {
+    /// `fill`: the mapping's own path, to be located at its first key (a mapping with no key of
+    /// its own: the document root or a sequence item).
+    Mapping { path: String, key: Option<(String, (usize, usize))>, fill: Option<String> },
+    Sequence { path: String, next: usize },
+}
+
+struct IndexBuilder {
+    stack: Vec<Frame>,
+    index: PositionIndex,
+}
+
+impl IndexBuilder {
+    /// The path of the node that starts now and the position of its key (in a mapping), or
+    /// `None` when the node is itself a mapping key.
+    fn node_path(&mut self) -> Option<(String, Option<(usize, usize)>)> {
+        match self.stack.last_mut() {
+            None => Some((String::new(), None)),
+            Some(Frame::Mapping { key: None, .. }) => None,
+            Some(Frame::Mapping { path, key, .. }) => {
+                let (k, at) = key.take().unwrap_or_default();
+                Some((if path.is_empty() { k } else { format!("{path}.{k}") }, Some(at)))
+            }
+            Some(Frame::Sequence { path, next }) => {
+                let p = format!("{path}[{next}]");
+                *next += 1;
+                Some((p, None))
+            }
+        }
+    }
+
+    fn record(&mut self, path: String, pos: (usize, usize)) {
+        self.index.positions.entry(path).or_insert(pos);
+    }
+}
+
+impl yaml_rust2::parser::MarkedEventReceiver for IndexBuilder {
+    fn on_event(&mut self, ev: yaml_rust2::Event, mark: yaml_rust2::scanner::Marker) {
+        use yaml_rust2::Event;
+        let pos = (mark.line(), mark.col() + 1);
+        match ev {
+            Event::Scalar(value, ..) => match self.node_path() {
+                None => {
+                    if let Some(Frame::Mapping { key, fill, .. }) = self.stack.last_mut() {
+                        *key = Some((value, pos));
+                        if let Some(path) = fill.take() {
+                            self.record(path, pos);
+                        }
+                    }
+                }
+                Some((path, _)) => {
+                    if path.is_empty() && !matches!(value.as_str(), "" | "~" | "null" | "Null" | "NULL") {
+                        self.index.has_content = true;
+                    }
+                    self.record(path, pos);
+                }
+            },
+            Event::Alias(_) => {
+                if let Some((path, _)) = self.node_path() {
+                    self.record(path, pos);
+                }
+            }
+            Event::MappingStart(..) | Event::SequenceStart(..) => {
+                self.index.has_content = true;
+                // A collection used as a mapping key is unusual; index it under a dummy name.
+                let (path, key_pos) = self.node_path().unwrap_or_else(|| ("?".into(), None));
+                // The marks of block collections point past their first key, so a collection is
+                // located at its key when it has one.
+                let is_mapping = matches!(ev, Event::MappingStart(..));
+                let mut fill = None;
+                match key_pos {
+                    Some(at) => self.record(path.clone(), at),
+                    None if is_mapping => fill = Some(path.clone()),
+                    None => self.record(path.clone(), pos),
+                }
+                self.stack.push(if is_mapping {
+                    Frame::Mapping { path, key: None, fill }
+                } else {
+                    Frame::Sequence { path, next: 0 }
+                });
+            }
+            Event::MappingEnd => {
+                // An empty mapping (`{}`) with no key of its own: locate it where it started.
+                if let Some(Frame::Mapping { fill: Some(path), .. }) = self.stack.pop() {
+                    self.record(path, pos);
+                }
+            }
+            Event::SequenceEnd => {
+                self.stack.pop();
+            }
+            _ => {}
+        }
+    }
+}
+
+impl PositionIndex {
+    fn build(text: &str) -> Result<PositionIndex, SpecError> {
+        let mut builder =
+            IndexBuilder { stack: Vec::new(), index: PositionIndex { positions: BTreeMap::new(), has_content: false } };
+        let mut parser = yaml_rust2::parser::Parser::new_from_str(text);
+        match parser.load(&mut builder, false) {
+            Ok(()) => Ok(builder.index),
+            // Prefer serde_yaml's wording for syntax errors; fall back to ours if it accepts
+            // what yaml-rust2 refused.
+            Err(scan) => match serde_yaml::from_str::<serde_yaml::Value>(text) {
+                Err(e) => Err(from_serde(&e, &PositionIndex { positions: BTreeMap::new(), has_content: false })),
+                Ok(_) => Err(SpecError {
+                    line: scan.marker().line(),
+                    column: scan.marker().col() + 1,
+                    field: String::new(),
+                    message: format!("YAML syntax error: {}", scan.info()),
+                }),
+            },
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.has_content
+    }
+
+    /// Position of `path`, or of its nearest ancestor that exists in the document.
+    fn locate(&self, path: &str) -> (usize, usize) {
+        let mut p = path.to_string();
+        loop {
+            if let Some(&pos) = self.positions.get(&p) {
+                return pos;
+            }
+            match p.rfind(['.', '[']) {
+                Some(i) => p.truncate(i),
+                None if !p.is_empty() => p.clear(),
+                None => return (1, 1),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw document (what serde sees)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: String,
+    dataset: RawDataset,
+    #[serde(default)]
+    model: Option<RawModel>,
+    #[serde(default)]
+    training: Option<RawTraining>,
+    grid: RawGrid,
+    #[serde(default)]
+    resources: Option<RawResources>,
+    #[serde(default)]
+    retries: Option<RawRetries>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataset {
+    kind: String,
+    root: Option<String>,
+    image_size: Option<i64>,
+    classes: Option<i64>,
+    train_per_class: Option<i64>,
+    val_per_class: Option<i64>,
+    seed: Option<i64>,
+    train_split: Option<Vec<String>>,
+    val_split: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    weights: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTraining {
+    batch_size: Option<i64>,
+    optimizer: Option<String>,
+    weight_decay: Option<f64>,
+    seed: Option<i64>,
+    feature_extraction: Option<RawFeatureExtraction>,
+    fine_tuning: Option<RawFineTuning>,
+    freeze_bn_stats: Option<bool>,
+    augment: Option<RawAugment>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFeatureExtraction {
+    lr: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFineTuning {
+    default_lr: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAugment {
+    hflip: Option<bool>,
+    rotation_deg: Option<f64>,
+    shear_deg: Option<f64>,
+    color_jitter: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrid {
+    backbone: Vec<String>,
+    lr_decay: Vec<RawLrDecay>,
+    epoch_split: Vec<Vec<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLrDecay {
+    strategy: String,
+    head_lr: Option<f64>,
+    final_lr: Option<f64>,
+    factor: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    gpus_per_trial: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetries {
+    max_attempts: Option<i64>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation: raw -> typed. Errors are (field path, message).
+// ---------------------------------------------------------------------------------------------
+
+type Invalid = (String, String);
+
+fn err<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, Invalid> {
+    Err((field.into(), message.into()))
+}
+
+fn positive_int(field: &str, v: i64, max: i64) -> Result<u32, Invalid> {
+    if v < 1 {
+        return err(field, format!("must be a whole number of at least 1, got {v}"));
+    }
+    if v > max {
+        return err(field, format!("must be at most {max}, got {v}"));
+    }
+    Ok(v as u32)
+}
+
+fn positive_float(field: &str, v: f64) -> Result<f64, Invalid> {
+    if !v.is_finite() || v <= 0.0 {
+        return err(field, format!("must be a number greater than 0, got {v}"));
+    }
+    Ok(v)
+}
+
+fn non_negative_float(field: &str, v: f64, max: f64) -> Result<f64, Invalid> {
+    if !v.is_finite() || v < 0.0 {
+        return err(field, format!("must be a number of at least 0, got {v}"));
+    }
+    if v > max {
+        return err(field, format!("must be at most {max}, got {v}"));
+    }
+    Ok(v)
+}
+
+fn seed(field: &str, v: i64) -> Result<u64, Invalid> {
+    u64::try_from(v).or_else(|_| err(field, format!("must be 0 or a positive whole number, got {v}")))
+}
+
+fn one_of<T: Copy>(field: &str, what: &str, value: &str, choices: &[(&str, T)]) -> Result<T, Invalid> {
+    choices.iter().find(|(n, _)| *n == value).map(|(_, t)| *t).ok_or_else(|| {
+        let valid: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+        (field.to_string(), format!("unknown {what} `{value}`; valid: {}", valid.join(", ")))
+    })
+}
+
+/// Largest image side we accept; far above any backbone's training size.
+const MAX_IMAGE_SIZE: i64 = 4096;
+
+impl RawSpec {
+    fn validate(self, options: ParseOptions) -> Result<SweepSpec, Invalid> {
+        if self.name.trim().is_empty() {
+            return err("name", "must not be empty");
+        }
+        let dataset = self.dataset.validate()?;
+        let model = self.model.unwrap_or_default().validate()?;
+        let training = self.training.unwrap_or_default().validate()?;
+        let grid = self.grid.validate(options)?;
+        let resources = match self.resources {
+            Some(RawResources { gpus_per_trial: Some(n) }) => {
+                Resources { gpus_per_trial: positive_int("resources.gpus_per_trial", n, 1024)? }
+            }
+            _ => Resources { gpus_per_trial: 1 },
+        };
+        let retries = match self.retries {
+            Some(RawRetries { max_attempts: Some(n) }) => {
+                Retries { max_attempts: positive_int("retries.max_attempts", n, 1000)? }
+            }
+            _ => Retries { max_attempts: 3 },
+        };
+        if let Some(min) = grid.backbone.iter().map(|b| b.min_image_size()).max() {
+            let size = dataset.image_size();
+            if size < min {
+                let b = grid.backbone.iter().find(|b| b.min_image_size() == min).map(|b| b.name()).unwrap_or("");
+                return err("dataset.image_size", format!("{size} px is too small for {b}, which needs at least {min} px"));
+            }
+        }
+        Ok(SweepSpec { name: self.name, dataset, model, training, grid, resources, retries })
+    }
+}
+
+impl RawDataset {
+    fn validate(self) -> Result<DatasetSpec, Invalid> {
+        const KINDS: [(&str, u8); 3] = [("synthetic", 0), ("image_folder", 1), ("flowers102", 2)];
+        let kind = one_of("dataset.kind", "dataset kind", &self.kind, &KINDS)?;
+        // Which keys each kind takes; any other key given is an error.
+        let allowed: &[&str] = match kind {
+            0 => &["classes", "train_per_class", "val_per_class", "image_size", "seed"],
+            1 => &["root", "image_size"],
+            _ => &["root", "train_split", "val_split", "image_size"],
+        };
+        let given = [
+            ("root", self.root.is_some()),
+            ("image_size", self.image_size.is_some()),
+            ("classes", self.classes.is_some()),
+            ("train_per_class", self.train_per_class.is_some()),
+            ("val_per_class", self.val_per_class.is_some()),
+            ("seed", self.seed.is_some()),
+            ("train_split", self.train_split.is_some()),
+            ("val_split", self.val_split.is_some()),
+        ];
+        for (key, present) in given {
+            if present && !allowed.contains(&key) {
+                return err(
+                    format!("dataset.{key}"),
+                    format!("not a setting of dataset kind `{}`; it takes: kind, {}", self.kind, allowed.join(", ")),
+                );
+            }
+        }
+        let image_size = match self.image_size {
+            Some(v) => positive_int("dataset.image_size", v, MAX_IMAGE_SIZE)?,
+            None if kind == 0 => 32,
+            None => 224,
+        };
+        let root = |r: Option<String>| match r {
+            Some(r) if !r.trim().is_empty() => Ok(r),
+            Some(_) => err("dataset.root", "must not be empty"),
+            None => err("dataset", format!("missing field `root` (dataset kind `{}` reads its images from it)", self.kind)),
+        };
+        Ok(match kind {
+            0 => DatasetSpec::Synthetic {
+                classes: positive_int("dataset.classes", self.classes.unwrap_or(10), 100_000)?,
+                train_per_class: positive_int("dataset.train_per_class", self.train_per_class.unwrap_or(32), 1_000_000)?,
+                val_per_class: positive_int("dataset.val_per_class", self.val_per_class.unwrap_or(16), 1_000_000)?,
+                image_size,
+                seed: seed("dataset.seed", self.seed.unwrap_or(0))?,
+            },
+            1 => DatasetSpec::ImageFolder { root: root(self.root)?, image_size },
+            _ => {
+                let splits = |field: &str, v: Option<Vec<String>>, default: &[FlowersSplit]| -> Result<Vec<FlowersSplit>, Invalid> {
+                    let Some(v) = v else { return Ok(default.to_vec()) };
+                    if v.is_empty() {
+                        return err(field, "must list at least one of train, val, test");
+                    }
+                    let mut out = Vec::new();
+                    for (i, s) in v.iter().enumerate() {
+                        let f = format!("{field}[{i}]");
+                        let split = one_of(&f, "split", s, &FlowersSplit::ALL)?;
+                        if out.contains(&split) {
+                            return err(f, format!("split `{s}` is listed twice"));
+                        }
+                        out.push(split);
+                    }
+                    Ok(out)
+                };
+                // The guide's mapping: train on the 6,149-image test split, validate on the rest.
+                let train_split = splits("dataset.train_split", self.train_split, &[FlowersSplit::Test])?;
+                let val_split = splits("dataset.val_split", self.val_split, &[FlowersSplit::Train, FlowersSplit::Val])?;
+                if let Some(s) = val_split.iter().find(|s| train_split.contains(s)) {
+                    return err("dataset.val_split", format!("split `{}` is also a training split; validation must use other images", s.name()));
+                }
+                DatasetSpec::Flowers102 { root: root(self.root)?, train_split, val_split, image_size }
+            }
+        })
+    }
+}
+
+impl RawModel {
+    fn validate(self) -> Result<ModelSpec, Invalid> {
+        let weights = match self.weights.as_deref() {
+            None | Some("none") => Weights::None,
+            Some("imagenet") => Weights::ImageNet,
+            Some(path) if path.ends_with(".safetensors") && path.len() > ".safetensors".len() => Weights::File(path.to_string()),
+            Some(other) => {
+                return err("model.weights", format!("must be `none`, `imagenet` or a path to a .safetensors file, got `{other}`"));
+            }
+        };
+        Ok(ModelSpec { weights })
+    }
+}
+
+impl RawTraining {
+    fn validate(self) -> Result<TrainingSpec, Invalid> {
+        let augment = match self.augment {
+            None => Augment::default(),
+            Some(a) => {
+                let d = Augment::default();
+                Augment {
+                    hflip: a.hflip.unwrap_or(d.hflip),
+                    rotation_deg: non_negative_float("training.augment.rotation_deg", a.rotation_deg.unwrap_or(d.rotation_deg), 180.0)?,
+                    shear_deg: non_negative_float("training.augment.shear_deg", a.shear_deg.unwrap_or(d.shear_deg), 60.0)?,
+                    color_jitter: non_negative_float("training.augment.color_jitter", a.color_jitter.unwrap_or(d.color_jitter), 1.0)?,
+                }
+            }
+        };
+        Ok(TrainingSpec {
+            batch_size: positive_int("training.batch_size", self.batch_size.unwrap_or(32), 65_536)?,
+            optimizer: one_of("training.optimizer", "optimizer", self.optimizer.as_deref().unwrap_or("adam"), &Optimizer::ALL)?,
+            weight_decay: non_negative_float("training.weight_decay", self.weight_decay.unwrap_or(0.0), 1.0)?,
+            seed: seed("training.seed", self.seed.unwrap_or(0))?,
+            feature_extraction_lr: positive_float(
+                "training.feature_extraction.lr",
+                self.feature_extraction.and_then(|f| f.lr).unwrap_or(1e-3),
+            )?,
+            fine_tuning_default_lr: positive_float(
+                "training.fine_tuning.default_lr",
+                self.fine_tuning.and_then(|f| f.default_lr).unwrap_or(1e-8),
+            )?,
+            freeze_bn_stats: self.freeze_bn_stats.unwrap_or(false),
+            augment,
+        })
+    }
+}
+
+impl RawGrid {
+    fn validate(self, options: ParseOptions) -> Result<GridSpec, Invalid> {
+        for (field, len) in [
+            ("grid.backbone", self.backbone.len()),
+            ("grid.lr_decay", self.lr_decay.len()),
+            ("grid.epoch_split", self.epoch_split.len()),
+        ] {
+            if len == 0 {
+                return err(field, "must list at least one entry");
+            }
+        }
+        let mut backbones = Vec::new();
+        for (i, name) in self.backbone.iter().enumerate() {
+            let field = format!("grid.backbone[{i}]");
+            let b = Backbone::from_name(name).ok_or_else(|| {
+                (field.clone(), format!("unknown backbone `{name}`; valid: {}", backbone::names().join(", ")))
+            })?;
+            if backbones.contains(&b) {
+                return err(field, format!("backbone `{name}` is listed twice"));
+            }
+            backbones.push(b);
+        }
+        let mut decays = Vec::new();
+        for (i, raw) in self.lr_decay.into_iter().enumerate() {
+            let d = raw.validate(&format!("grid.lr_decay[{i}]"))?;
+            if decays.contains(&d) {
+                return err(format!("grid.lr_decay[{i}]"), "this strategy is listed twice");
+            }
+            decays.push(d);
+        }
+        let mut splits = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, pair) in self.epoch_split.iter().enumerate() {
+            let field = format!("grid.epoch_split[{i}]");
+            if pair.len() != 2 {
+                return err(field, format!("must be [feature-extraction epochs, fine-tuning epochs], got {} numbers", pair.len()));
+            }
+            let fe = positive_int(&format!("{field}[0]"), pair[0], 100_000)?;
+            let ft = positive_int(&format!("{field}[1]"), pair[1], 100_000)?;
+            if !seen.insert((fe, ft)) {
+                return err(field, format!("split [{fe}, {ft}] is listed twice"));
+            }
+            splits.push((fe, ft));
+        }
+        let grid = GridSpec { backbone: backbones, lr_decay: decays, epoch_split: splits };
+        let n = grid.trial_count();
+        if n > options.max_trials {
+            return err(
+                "grid",
+                format!(
+                    "{n} trials ({} backbones × {} lr_decay × {} epoch_split) is over the limit of {}",
+                    grid.backbone.len(),
+                    grid.lr_decay.len(),
+                    grid.epoch_split.len(),
+                    options.max_trials
+                ),
+            );
+        }
+        Ok(grid)
+    }
+}
+
+impl RawLrDecay {
+    fn validate(self, field: &str) -> Result<LrDecay, Invalid> {
+        const STRATEGIES: [(&str, u8); 2] = [("linear", 0), ("exponential", 1)];
+        let kind = one_of(&format!("{field}.strategy"), "strategy", &self.strategy, &STRATEGIES)?;
+        let head_lr = positive_float(&format!("{field}.head_lr"), self.head_lr.unwrap_or(1e-4))?;
+        let forbid = |key: &str, present: bool| -> Result<(), Invalid> {
+            if present {
+                return err(format!("{field}.{key}"), format!("not a setting of strategy `{}`", self.strategy));
+            }
+            Ok(())
+        };
+        match kind {
+            0 => {
+                forbid("factor", self.factor.is_some())?;
+                let final_lr = positive_float(&format!("{field}.final_lr"), self.final_lr.unwrap_or(head_lr / 1000.0))?;
+                Ok(LrDecay::Linear { head_lr, final_lr })
+            }
+            _ => {
+                forbid("final_lr", self.final_lr.is_some())?;
+                let factor = self.factor.unwrap_or(3.0);
+                if !factor.is_finite() || factor < 1.0 {
+                    return err(format!("{field}.factor"), format!("must be a number of at least 1 (the learning rate is divided by it at each layer group), got {factor}"));
+                }
+                Ok(LrDecay::Exponential { head_lr, factor })
+            }
+        }
+    }
+}

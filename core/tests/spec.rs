@@ -1,0 +1,225 @@
+//! Spec validation: every kind of bad spec gets one error with line, column and field.
+
+use sweep_core::backbone::Backbone;
+use sweep_core::lr::LrDecay;
+use sweep_core::spec::{self, DatasetSpec, FlowersSplit, ParseOptions, SpecError, Weights};
+
+const GOOD: &str = "\
+name: t
+dataset:
+  kind: synthetic
+  classes: 4
+grid:
+  backbone: [resnet18, resnet50]
+  lr_decay:
+    - { strategy: linear, head_lr: 1.0e-3, final_lr: 1.0e-6 }
+  epoch_split: [[2, 1], [1, 2]]
+";
+
+fn error(text: &str) -> SpecError {
+    match spec::parse(text) {
+        Ok(s) => panic!("spec was accepted: {s:?}\n{text}"),
+        Err(e) => e,
+    }
+}
+
+/// Asserts the error's position, field and a fragment of its message.
+fn assert_error(text: &str, line: usize, column: usize, field: &str, fragment: &str) {
+    let e = error(text);
+    assert_eq!((e.line, e.column, e.field.as_str()), (line, column, field), "{e}");
+    assert!(e.message.contains(fragment), "message `{}` lacks `{fragment}`", e.message);
+}
+
+#[test]
+fn shipped_specs_parse() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../sweeps");
+    let flowers = spec::parse(&std::fs::read_to_string(format!("{root}/flowers102.yaml")).unwrap()).unwrap();
+    assert_eq!(flowers.name, "flowers102-transfer");
+    assert_eq!(
+        flowers.dataset,
+        DatasetSpec::Flowers102 {
+            root: "/data/flowers-102".into(),
+            train_split: vec![FlowersSplit::Test],
+            val_split: vec![FlowersSplit::Train, FlowersSplit::Val],
+            image_size: 224,
+        }
+    );
+    assert_eq!(flowers.model.weights, Weights::ImageNet);
+    assert_eq!(flowers.grid.backbone, vec![Backbone::Vgg16Bn, Backbone::Resnet50, Backbone::Resnet152]);
+    assert_eq!(
+        flowers.grid.lr_decay,
+        vec![LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 }, LrDecay::Exponential { head_lr: 1e-4, factor: 3.0 }]
+    );
+    assert_eq!(flowers.grid.epoch_split, vec![(16, 8), (12, 12), (8, 16)]);
+    assert_eq!(flowers.grid.trial_count(), 18);
+    assert_eq!(flowers.training.feature_extraction_lr, 1e-3);
+    assert_eq!(flowers.training.fine_tuning_default_lr, 1e-8);
+    assert_eq!(flowers.retries.max_attempts, 3);
+
+    let quick = spec::parse(&std::fs::read_to_string(format!("{root}/quickstart.yaml")).unwrap()).unwrap();
+    assert!(quick.grid.trial_count() >= 8);
+    assert!(quick.grid.backbone.len() >= 2 && quick.grid.lr_decay.len() >= 2 && quick.grid.epoch_split.len() >= 2);
+    assert_eq!(quick.dataset.kind(), "synthetic");
+}
+
+#[test]
+fn defaults_fill_what_is_left_out() {
+    let s = spec::parse(GOOD).unwrap();
+    assert_eq!(s.training.batch_size, 32);
+    assert_eq!(s.training.seed, 0);
+    assert_eq!(s.model.weights, Weights::None);
+    assert_eq!(s.resources.gpus_per_trial, 1);
+    assert_eq!(s.retries.max_attempts, 3);
+    assert!(!s.training.freeze_bn_stats);
+    match s.dataset {
+        DatasetSpec::Synthetic { classes, image_size, .. } => assert_eq!((classes, image_size), (4, 32)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn yaml_syntax_error() {
+    assert_error("name: t\ndataset: {kind: synthetic\ngrid: []\n", 3, 5, "", "did not find expected");
+    let e = error("name: t\n  bad: indentation\n");
+    assert_eq!(e.line, 2, "{e}");
+}
+
+#[test]
+fn empty_file() {
+    assert_error("", 1, 1, "", "empty");
+    assert_error("# only a comment\n\n", 1, 1, "", "empty");
+    assert_error("---\n", 1, 1, "", "empty");
+}
+
+#[test]
+fn unknown_keys() {
+    assert_error(&format!("{GOOD}bogus: 1\n"), 10, 1, "", "unknown field `bogus`");
+    let text = GOOD.replace("  classes: 4\n", "  classes: 4\n  colour: red\n");
+    assert_error(&text, 5, 3, "dataset", "unknown field `colour`");
+    let text = GOOD.replace("head_lr: 1.0e-3,", "head_lr: 1.0e-3, warmup: 2,");
+    assert_error(&text, 8, 44, "grid.lr_decay[0]", "unknown field `warmup`");
+    // A key that exists, but not for this dataset kind.
+    let text = GOOD.replace("  classes: 4\n", "  classes: 4\n  root: /data\n");
+    assert_error(&text, 5, 9, "dataset.root", "not a setting of dataset kind `synthetic`");
+}
+
+#[test]
+fn wrong_types() {
+    assert_error(&GOOD.replace("classes: 4", "classes: four"), 4, 12, "dataset.classes", "invalid type");
+    assert_error(&GOOD.replace("backbone: [resnet18, resnet50]", "backbone: resnet18"), 6, 13, "grid.backbone", "invalid type");
+    assert_error(&GOOD.replace("head_lr: 1.0e-3", "head_lr: fast"), 8, 36, "grid.lr_decay[0].head_lr", "invalid type");
+    assert_error(&format!("{GOOD}training: {{ batch_size: 3.5 }}\n"), 10, 25, "training.batch_size", "invalid type");
+    assert_error("- a\n- b\n", 1, 1, "", "invalid type");
+}
+
+#[test]
+fn missing_fields() {
+    assert_error(&GOOD.replace("name: t\n", ""), 1, 1, "", "missing field `name`");
+    let e = error(&GOOD.replace("  epoch_split: [[2, 1], [1, 2]]\n", ""));
+    assert!(e.message.contains("missing field `epoch_split`"), "{e}");
+    assert_eq!((e.line, e.column, e.field.as_str()), (5, 1, "grid"), "{e}");
+    assert_error(
+        "name: t\ndataset:\n  kind: image_folder\ngrid: {backbone: [resnet18], lr_decay: [{strategy: linear}], epoch_split: [[1, 1]]}\n",
+        2,
+        1,
+        "dataset",
+        "missing field `root`",
+    );
+}
+
+#[test]
+fn empty_lists() {
+    assert_error(&GOOD.replace("[resnet18, resnet50]", "[]"), 6, 3, "grid.backbone", "at least one");
+    assert_error(&GOOD.replace("[[2, 1], [1, 2]]", "[]"), 9, 3, "grid.epoch_split", "at least one");
+    let text = GOOD.replace("  lr_decay:\n    - { strategy: linear, head_lr: 1.0e-3, final_lr: 1.0e-6 }\n", "  lr_decay: []\n");
+    assert_error(&text, 7, 3, "grid.lr_decay", "at least one");
+}
+
+#[test]
+fn zero_or_negative_numbers() {
+    assert_error(&GOOD.replace("[[2, 1], [1, 2]]", "[[2, 1], [0, 2]]"), 9, 26, "grid.epoch_split[1][0]", "at least 1, got 0");
+    assert_error(&GOOD.replace("[[2, 1], [1, 2]]", "[[2, -1]]"), 9, 21, "grid.epoch_split[0][1]", "at least 1, got -1");
+    assert_error(&GOOD.replace("[[2, 1], [1, 2]]", "[[2, 1, 3]]"), 9, 17, "grid.epoch_split[0]", "got 3 numbers");
+    assert_error(&format!("{GOOD}training:\n  batch_size: 0\n"), 11, 15, "training.batch_size", "at least 1, got 0");
+    assert_error(&GOOD.replace("head_lr: 1.0e-3", "head_lr: 0"), 8, 36, "grid.lr_decay[0].head_lr", "greater than 0");
+    assert_error(&GOOD.replace("final_lr: 1.0e-6", "final_lr: -1.0e-6"), 8, 54, "grid.lr_decay[0].final_lr", "greater than 0");
+    assert_error(
+        &format!("{GOOD}training:\n  feature_extraction: {{ lr: -0.1 }}\n"),
+        11,
+        29,
+        "training.feature_extraction.lr",
+        "greater than 0",
+    );
+    assert_error(
+        &format!("{GOOD}training:\n  fine_tuning: {{ default_lr: 0.0 }}\n"),
+        11,
+        30,
+        "training.fine_tuning.default_lr",
+        "greater than 0",
+    );
+    assert_error(&GOOD.replace("classes: 4", "classes: 0"), 4, 12, "dataset.classes", "at least 1");
+    assert_error(&format!("{GOOD}resources: {{ gpus_per_trial: 0 }}\n"), 10, 30, "resources.gpus_per_trial", "at least 1");
+    assert_error(&format!("{GOOD}retries: {{ max_attempts: -2 }}\n"), 10, 26, "retries.max_attempts", "at least 1");
+    assert_error(&format!("{GOOD}training: {{ weight_decay: -1 }}\n"), 10, 27, "training.weight_decay", "at least 0");
+}
+
+#[test]
+fn unknown_backbone_lists_the_valid_ones() {
+    let e = error(&GOOD.replace("[resnet18, resnet50]", "[resnet18, resnet05]"));
+    assert_eq!((e.line, e.column, e.field.as_str()), (6, 24, "grid.backbone[1]"), "{e}");
+    assert!(e.message.contains("unknown backbone `resnet05`"), "{e}");
+    for name in sweep_core::backbone::names() {
+        assert!(e.message.contains(name), "{e}");
+    }
+}
+
+#[test]
+fn unknown_strategy_lists_the_valid_ones() {
+    assert_error(&GOOD.replace("strategy: linear", "strategy: cosine"), 8, 19, "grid.lr_decay[0].strategy", "unknown strategy `cosine`; valid: linear, exponential");
+    assert_error(&GOOD.replace("final_lr: 1.0e-6", "factor: 2"), 8, 52, "grid.lr_decay[0].factor", "not a setting of strategy `linear`");
+}
+
+#[test]
+fn other_impossible_values() {
+    assert_error(&GOOD.replace("kind: synthetic", "kind: imagenet"), 3, 9, "dataset.kind", "valid: synthetic, image_folder, flowers102");
+    assert_error(&format!("{GOOD}model: {{ weights: resnet.pth }}\n"), 10, 19, "model.weights", ".safetensors");
+    assert_error(&format!("{GOOD}training: {{ optimizer: sgd }}\n"), 10, 24, "training.optimizer", "valid: adam");
+    assert_error(&GOOD.replace("[resnet18, resnet50]", "[resnet18, resnet18]"), 6, 24, "grid.backbone[1]", "listed twice");
+    assert_error(&GOOD.replace("classes: 4", "classes: 4\n  image_size: 16"), 5, 15, "dataset.image_size", "too small");
+    let flowers = "name: f\ndataset:\n  kind: flowers102\n  root: /d\n  train_split: [train]\n  val_split: [val, train]\ngrid: {backbone: [resnet18], lr_decay: [{strategy: linear}], epoch_split: [[1, 1]]}\n";
+    assert_error(flowers, 6, 3, "dataset.val_split", "also a training split");
+    assert_error(&flowers.replace("[val, train]", "[validation]"), 6, 15, "dataset.val_split[0]", "unknown split `validation`");
+}
+
+#[test]
+fn grid_over_the_limit() {
+    let text = GOOD.replace("[[2, 1], [1, 2]]", "[[1, 1], [1, 2], [1, 3]]");
+    let e = spec::parse_with(&text, ParseOptions { max_trials: 5 }).unwrap_err();
+    assert_eq!((e.line, e.column, e.field.as_str()), (5, 1, "grid"), "{e}");
+    assert!(e.message.contains("6 trials") && e.message.contains("limit of 5"), "{e}");
+    assert!(spec::parse_with(&text, ParseOptions { max_trials: 6 }).is_ok());
+
+    // The default limit is 10,000.
+    let splits: Vec<String> = (1..=2001).map(|i| format!("[{i}, 1]")).collect();
+    let big = GOOD.replace("[[2, 1], [1, 2]]", &format!("[{}]", splits.join(", ")))
+        .replace("[resnet18, resnet50]", "[resnet18, resnet50, resnet34, resnet101, resnet152]");
+    let e = error(&big);
+    assert!(e.message.contains("10005 trials") && e.message.contains("limit of 10000"), "{e}");
+}
+
+#[test]
+fn errors_display_line_column_and_field() {
+    let e = error(&GOOD.replace("classes: 4", "classes: 0"));
+    assert_eq!(e.to_string(), "line 4, column 12: dataset.classes: must be a whole number of at least 1, got 0");
+}
+
+#[test]
+fn garbage_never_panics() {
+    for text in [
+        "\0", "{", "[", "name: [", ": :", "&a [*a]", "name: &x t\ndataset: *x\n", "!!binary foo", "---\n---\n",
+        "name: t\ndataset: {kind: synthetic}\ngrid: {backbone: [resnet18], lr_decay: [{strategy: linear}], epoch_split: [[1e99, 1]]}\n",
+        "name: t\ndataset: {kind: synthetic, classes: 99999999999999999999999}\n",
+    ] {
+        assert!(spec::parse(text).is_err(), "{text:?}");
+    }
+}
