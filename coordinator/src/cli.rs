@@ -1,0 +1,245 @@
+//! The client side of the `sweep` CLI: reading specs, talking to a coordinator, printing.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use sweep_core::spec::{self, ParseOptions, SpecError};
+use sweep_proto::v1;
+use sweep_proto::v1::sweep_service_client::SweepServiceClient;
+use tonic::transport::Channel;
+
+use crate::output::{self, Format};
+use crate::server;
+
+/// Where the CLI looks for a coordinator unless told otherwise.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`), `SWEEP_LOG_FORMAT=json` for JSON lines.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = builder.try_init();
+}
+
+/// Reads a spec file, with an error that names it.
+pub fn read_spec(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read spec {}", path.display()))
+}
+
+/// `FILE:LINE:COLUMN: field: message`, the form editors and terminals link to.
+pub fn spec_error(path: &Path, e: &SpecError) -> anyhow::Error {
+    let field = if e.field.is_empty() { String::new() } else { format!("{}: ", e.field) };
+    anyhow!("{}:{}:{}: {field}{}", path.display(), e.line, e.column, e.message)
+}
+
+/// Reads and validates a spec.
+pub fn load_spec(path: &Path, options: ParseOptions) -> anyhow::Result<(String, spec::SweepSpec)> {
+    let text = read_spec(path)?;
+    let parsed = spec::parse_with(&text, options).map_err(|e| spec_error(path, &e))?;
+    Ok((text, parsed))
+}
+
+/// `sweep validate`.
+pub fn validate(path: &Path, max_trials: usize, format: Format) -> anyhow::Result<ExitCode> {
+    let (_, parsed) = load_spec(path, ParseOptions { max_trials })?;
+    let trials = sweep_core::grid::expand(&parsed.grid);
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "name": parsed.name,
+                "dataset": parsed.dataset.kind(),
+                "trial_count": trials.len(),
+                "trials": output::trials_json(&trials),
+            }))?
+        ),
+        Format::Table => {
+            println!("{}: valid; sweep `{}`, {} trials\n", path.display(), parsed.name, trials.len());
+            println!("{}", output::trials_table(&trials));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sweep coordinator`: serves until interrupted (Ctrl-C or SIGTERM).
+pub async fn coordinator(config: server::Config) -> anyhow::Result<()> {
+    let state_dir = config.state_dir.clone();
+    let running = server::start(config).await?;
+    tracing::info!(addr = %running.addr, state_dir = %state_dir.display(), "coordinator listening");
+    println!("coordinator listening on {} (state in {})", running.addr, state_dir.display());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    running.stop().await
+}
+
+/// A connected client of `SweepService`.
+pub struct Client {
+    inner: SweepServiceClient<Channel>,
+    url: String,
+}
+
+fn status_error(url: &str, s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::Unavailable => anyhow!("coordinator at {url} is unavailable: {}", s.message()),
+        _ => anyhow!("{}", s.message()),
+    }
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> anyhow::Result<Client> {
+        let endpoint = Channel::from_shared(url.to_string())
+            .map_err(|e| anyhow!("`{url}` is not a coordinator URL (expected e.g. {DEFAULT_COORDINATOR}): {e}"))?
+            .connect_timeout(Duration::from_secs(5));
+        let channel = endpoint.connect().await.map_err(|e| {
+            anyhow!(
+                "cannot reach the coordinator at {url}: {e}; start one with `sweep coordinator`, or point to it with --coordinator or SWEEP_COORDINATOR"
+            )
+        })?;
+        Ok(Client { inner: SweepServiceClient::new(channel).max_decoding_message_size(64 << 20), url: url.to_string() })
+    }
+
+    pub fn raw(&mut self) -> &mut SweepServiceClient<Channel> {
+        &mut self.inner
+    }
+
+    pub async fn submit_text(&mut self, text: String, source: String) -> anyhow::Result<v1::SubmitSweepResponse> {
+        let r = self
+            .inner
+            .submit_sweep(v1::SubmitSweepRequest { spec_yaml: text, source })
+            .await
+            .map_err(|s| status_error(&self.url, s))?;
+        Ok(r.into_inner())
+    }
+
+    /// `sweep submit`: validates locally first (same parser), then submits.
+    pub async fn submit(&mut self, path: &Path, format: Format) -> anyhow::Result<()> {
+        let (text, _) = load_spec(path, ParseOptions { max_trials: usize::MAX })?;
+        let r = self.submit_text(text, path.display().to_string()).await?;
+        match format {
+            Format::Json => {
+                println!("{}", serde_json::json!({"id": r.sweep_id, "trial_count": r.trial_count}));
+            }
+            Format::Table => {
+                println!("submitted {} with {} trials to {}", path.display(), r.trial_count, self.url);
+                println!("{}", r.sweep_id);
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn list(&mut self, format: Format) -> anyhow::Result<()> {
+        let r = self.inner.list_sweeps(v1::ListSweepsRequest {}).await.map_err(|s| status_error(&self.url, s))?;
+        let sweeps = r.into_inner().sweeps;
+        match format {
+            Format::Json => println!("{}", serde_json::to_string_pretty(&output::sweeps_json(&sweeps))?),
+            Format::Table => println!("{}", output::sweeps_table(&sweeps)),
+        }
+        Ok(())
+    }
+
+    pub async fn get_status(&mut self, id: &str) -> anyhow::Result<v1::SweepStatus> {
+        let r = self
+            .inner
+            .get_sweep(v1::GetSweepRequest { sweep_id: id.to_string() })
+            .await
+            .map_err(|s| status_error(&self.url, s))?;
+        Ok(r.into_inner())
+    }
+
+    pub async fn status(&mut self, id: &str, format: Format) -> anyhow::Result<()> {
+        let status = self.get_status(id).await?;
+        match format {
+            Format::Json => println!("{}", serde_json::to_string_pretty(&output::status_json(&status))?),
+            Format::Table => println!("{}", output::status_text(&status)),
+        }
+        Ok(())
+    }
+
+    pub async fn get_leaderboard(&mut self, id: &str) -> anyhow::Result<v1::Leaderboard> {
+        let r = self
+            .inner
+            .get_leaderboard(v1::GetLeaderboardRequest { sweep_id: id.to_string() })
+            .await
+            .map_err(|s| status_error(&self.url, s))?;
+        Ok(r.into_inner())
+    }
+
+    pub async fn leaderboard(&mut self, id: &str, format: Format) -> anyhow::Result<()> {
+        let board = self.get_leaderboard(id).await?;
+        print_leaderboard(&board, format)
+    }
+
+    pub async fn trial(&mut self, id: &str, trial: &str, format: Format) -> anyhow::Result<()> {
+        let r = self
+            .inner
+            .get_trial(v1::GetTrialRequest { sweep_id: id.to_string(), trial_id: trial.to_string() })
+            .await
+            .map_err(|s| status_error(&self.url, s))?;
+        let d = r.into_inner();
+        match format {
+            Format::Json => println!("{}", serde_json::to_string_pretty(&output::trial_detail_json(&d))?),
+            Format::Table => println!("{}", output::trial_detail_text(&d)),
+        }
+        Ok(())
+    }
+
+    pub async fn cancel(&mut self, id: &str, format: Format) -> anyhow::Result<()> {
+        let r = self
+            .inner
+            .cancel_sweep(v1::CancelSweepRequest { sweep_id: id.to_string() })
+            .await
+            .map_err(|s| status_error(&self.url, s))?
+            .into_inner();
+        match format {
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({"cancelled_pending": r.cancelled_pending, "stopping_running": r.stopping_running})
+            ),
+            Format::Table => println!(
+                "cancelled {} pending trials; asked workers to stop {} running ones",
+                r.cancelled_pending, r.stopping_running
+            ),
+        }
+        Ok(())
+    }
+
+    pub async fn workers(&mut self, format: Format) -> anyhow::Result<()> {
+        let r = self.inner.list_workers(v1::ListWorkersRequest {}).await.map_err(|s| status_error(&self.url, s))?;
+        let workers = r.into_inner().workers;
+        match format {
+            Format::Json => println!("{}", serde_json::to_string_pretty(&output::workers_json(&workers))?),
+            Format::Table => println!("{}", output::workers_table(&workers)),
+        }
+        Ok(())
+    }
+
+    /// Opens the event stream of a sweep.
+    pub async fn watch(&mut self, id: &str, after: u64) -> anyhow::Result<tonic::Streaming<v1::SweepEvent>> {
+        let r = self
+            .inner
+            .watch_sweep(v1::WatchSweepRequest { sweep_id: id.to_string(), after_sequence: after })
+            .await
+            .map_err(|s| status_error(&self.url, s))?;
+        Ok(r.into_inner())
+    }
+}
+
+pub fn print_leaderboard(board: &v1::Leaderboard, format: Format) -> anyhow::Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&output::leaderboard_json(board))?),
+        Format::Table => {
+            if board.entries.is_empty() {
+                bail!("sweep {} has no trials", board.sweep_id);
+            }
+            println!("leaderboard of {} ({})\n{}", board.sweep_id, board.sweep_state, output::leaderboard_table(board));
+        }
+    }
+    Ok(())
+}

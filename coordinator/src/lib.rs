@@ -1,0 +1,13 @@
+//! `sweep-coordinator`: the coordinator (gRPC services, scheduler, durable store) and the
+//! `sweep` CLI. Builds and runs without Python, libtorch or a GPU.
+//!
+//! * [`store`]: SQLite store (WAL); every acknowledged write is committed.
+//! * [`server`]: `SweepService` + `WorkerService`, lease reaper, event fan-out.
+//! * [`cli`], [`output`]: client commands and their table / JSON output.
+//! * [`run`]: `sweep run`, a whole sweep on one machine.
+
+pub mod cli;
+pub mod output;
+pub mod run;
+pub mod server;
+pub mod store;

@@ -1,0 +1,199 @@
+//! `sweep`: the command line of the sweep system, and the coordinator itself.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sweep_coordinator::cli::{self, Client};
+use sweep_coordinator::output::Format;
+
+const EXAMPLES: &str = "\
+Examples:
+  sweep run sweeps/quickstart.yaml --workers 2      run a whole sweep on this machine
+  sweep validate sweeps/flowers102.yaml             check a spec and list its trials
+  sweep coordinator --listen 0.0.0.0:7070 --state-dir /var/lib/sweep
+  id=$(sweep submit sweeps/flowers102.yaml | tail -n1)
+  sweep status \"$id\"
+  sweep leaderboard \"$id\" --output json";
+
+#[derive(Parser)]
+#[command(name = "sweep", version, about = "Transfer-learning hyperparameter sweeps over GPU workers", after_help = EXAMPLES)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Remote {
+    /// Coordinator to talk to.
+    #[arg(long, env = "SWEEP_COORDINATOR", default_value = cli::DEFAULT_COORDINATOR)]
+    coordinator: String,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value = "table")]
+    output: Format,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator: gRPC services over a durable state directory.
+    Coordinator {
+        /// Address to listen on.
+        #[arg(long, env = "SWEEP_LISTEN", default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+        /// Directory of the state database (created if missing).
+        #[arg(long, env = "SWEEP_STATE_DIR", default_value = ".sweep")]
+        state_dir: PathBuf,
+        /// Seconds without a heartbeat after which a worker is suspect.
+        #[arg(long, default_value_t = 10)]
+        heartbeat_ttl: u64,
+        /// Further seconds after which its lease ends and its trials are re-queued.
+        #[arg(long, default_value_t = 20)]
+        lease_grace: u64,
+        /// Largest number of trials one sweep may have.
+        #[arg(long, default_value_t = sweep_core::spec::DEFAULT_MAX_TRIALS)]
+        max_trials: usize,
+    },
+    /// Run a sweep on this machine: an embedded coordinator, N local workers, progress, the
+    /// leaderboard.
+    Run {
+        /// Sweep spec (YAML).
+        spec: PathBuf,
+        /// Worker processes to start.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// State directory (readable afterwards with `sweep coordinator --state-dir`).
+        #[arg(long, env = "SWEEP_STATE_DIR", default_value = ".sweep")]
+        state_dir: PathBuf,
+        /// Intra-op threads per worker (default: CPU cores / workers).
+        #[arg(long)]
+        threads_per_worker: Option<usize>,
+        /// The `sweep-worker` binary (default: next to `sweep`, then PATH).
+        #[arg(long, env = "SWEEP_WORKER_BIN")]
+        worker_bin: Option<PathBuf>,
+        /// Output format of the final leaderboard.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Check a spec offline: its errors, or the table of its trials.
+    Validate {
+        spec: PathBuf,
+        #[arg(long, default_value_t = sweep_core::spec::DEFAULT_MAX_TRIALS)]
+        max_trials: usize,
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Submit a spec; prints the new sweep's id alone on the last line.
+    Submit {
+        spec: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List sweeps, newest first.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// A sweep's state and its trials.
+    Status {
+        /// Sweep id (or a unique prefix of it).
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Trials ranked by best validation accuracy during fine-tuning.
+    Leaderboard {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// One trial's per-epoch metrics and attempts.
+    Trial {
+        id: String,
+        /// Trial id, e.g. t003.
+        trial: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Cancel a sweep: pending trials at once, running ones at their next heartbeat.
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Registered workers, their devices and what they run.
+    Workers {
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`sweep list | head`) like other Unix tools, instead of
+    // panicking inside println!.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(args.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Coordinator { listen, state_dir, heartbeat_ttl, lease_grace, max_trials } => {
+            cli::init_logging();
+            let mut config = sweep_coordinator::server::Config::new(listen, state_dir);
+            config.heartbeat_ttl = std::time::Duration::from_secs(heartbeat_ttl.max(1));
+            config.lease_grace = std::time::Duration::from_secs(lease_grace);
+            config.parse.max_trials = max_trials;
+            cli::coordinator(config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { spec, workers, state_dir, threads_per_worker, worker_bin, output } => {
+            let options = sweep_coordinator::run::RunOptions { spec, workers, state_dir, threads_per_worker, worker_bin, output };
+            sweep_coordinator::run::run(options).await
+        }
+        Command::Validate { spec, max_trials, output } => cli::validate(&spec, max_trials, output),
+        Command::Submit { spec, remote } => {
+            Client::connect(&remote.coordinator).await?.submit(&spec, remote.output).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List { remote } => {
+            Client::connect(&remote.coordinator).await?.list(remote.output).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { id, remote } => {
+            Client::connect(&remote.coordinator).await?.status(&id, remote.output).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Leaderboard { id, remote } => {
+            Client::connect(&remote.coordinator).await?.leaderboard(&id, remote.output).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Trial { id, trial, remote } => {
+            Client::connect(&remote.coordinator).await?.trial(&id, &trial, remote.output).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { id, remote } => {
+            Client::connect(&remote.coordinator).await?.cancel(&id, remote.output).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Workers { remote } => {
+            Client::connect(&remote.coordinator).await?.workers(remote.output).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! How the CLI shows things: tables for people, JSON for scripts.
+//!
+//! The JSON shapes are a stable interface (documented in README.md): field names only ever get
+//! added, never renamed or removed.
+
+use comfy_table::{Cell, CellAlignment, ContentArrangement, Table, presets};
+use serde_json::{Value, json};
+use sweep_core::grid::Trial;
+use sweep_proto::v1;
+
+/// `--output` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.iter().map(|h| Cell::new(h.to_uppercase())));
+    t
+}
+
+fn right(t: &mut Table, columns: &[usize]) {
+    for &c in columns {
+        if let Some(col) = t.column_mut(c) {
+            col.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+}
+
+/// `62.5%`, or `-` when there is no value.
+pub fn percent(v: Option<f64>) -> String {
+    v.map(|x| format!("{:.1}%", x * 100.0)).unwrap_or_else(|| "-".into())
+}
+
+/// `23.5M`, `850k`, `-` for 0.
+pub fn count(n: u64) -> String {
+    match n {
+        0 => "-".into(),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 10_000 => format!("{}k", n / 1000),
+        n => n.to_string(),
+    }
+}
+
+/// `42s`, `3m07s`, `1h02m`.
+pub fn duration(seconds: f64) -> String {
+    if !seconds.is_finite() || seconds <= 0.0 {
+        return "-".into();
+    }
+    let s = seconds.round() as u64;
+    match s {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn lr_label(d: Option<&v1::LrDecay>) -> String {
+    d.map(v1::LrDecay::label).unwrap_or_default()
+}
+
+fn lr_json(d: Option<&v1::LrDecay>) -> Value {
+    match d {
+        Some(d) if d.strategy == "linear" => json!({"strategy": "linear", "head_lr": d.head_lr, "final_lr": d.final_lr}),
+        Some(d) if d.strategy == "exponential" => {
+            json!({"strategy": "exponential", "head_lr": d.head_lr, "factor": d.factor})
+        }
+        Some(d) => json!({"strategy": d.strategy}),
+        None => Value::Null,
+    }
+}
+
+fn time_json(ms: i64) -> Value {
+    if ms == 0 { Value::Null } else { json!(ms) }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// `sweep validate`: the trials a spec expands to.
+pub fn trials_table(trials: &[Trial]) -> String {
+    let mut t = table(&["trial", "backbone", "lr_decay", "split", "epochs"]);
+    for trial in trials {
+        t.add_row(vec![
+            trial.id.clone(),
+            trial.backbone.name().into(),
+            trial.lr_decay.to_string(),
+            trial.split_label(),
+            trial.epochs().to_string(),
+        ]);
+    }
+    right(&mut t, &[4]);
+    t.to_string()
+}
+
+pub fn trials_json(trials: &[Trial]) -> Value {
+    Value::Array(
+        trials
+            .iter()
+            .map(|t| {
+                json!({
+                    "trial": t.id,
+                    "backbone": t.backbone.name(),
+                    "lr_decay": lr_json(Some(&v1::LrDecay::from(&t.lr_decay))),
+                    "epoch_split": [t.fe_epochs, t.ft_epochs],
+                })
+            })
+            .collect(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn counts_json(c: Option<&v1::TrialCounts>) -> Value {
+    let c = c.cloned().unwrap_or_default();
+    json!({"pending": c.pending, "running": c.running, "completed": c.completed, "failed": c.failed, "cancelled": c.cancelled})
+}
+
+/// `3/8 done, 2 running, 1 failed`.
+pub fn counts_line(s: &v1::SweepSummary) -> String {
+    let c = s.counts.clone().unwrap_or_default();
+    let mut parts = vec![format!("{}/{} completed", c.completed, s.trial_count)];
+    for (n, what) in [(c.running, "running"), (c.pending, "pending"), (c.failed, "failed"), (c.cancelled, "cancelled")] {
+        if n > 0 {
+            parts.push(format!("{n} {what}"));
+        }
+    }
+    parts.join(", ")
+}
+
+pub fn sweeps_table(sweeps: &[v1::SweepSummary]) -> String {
+    if sweeps.is_empty() {
+        return "no sweeps yet; submit one with `sweep submit SPEC`".into();
+    }
+    let mut t = table(&["sweep", "name", "state", "trials", "progress", "age"]);
+    let now = crate::store::now_ms();
+    for s in sweeps {
+        t.add_row(vec![
+            s.id.clone(),
+            s.name.clone(),
+            s.state.clone(),
+            s.trial_count.to_string(),
+            counts_line(s),
+            duration((now - s.created_at_ms) as f64 / 1000.0),
+        ]);
+    }
+    right(&mut t, &[3, 5]);
+    t.to_string()
+}
+
+pub fn sweep_json(s: &v1::SweepSummary) -> Value {
+    json!({
+        "id": s.id,
+        "name": s.name,
+        "state": s.state,
+        "trial_count": s.trial_count,
+        "counts": counts_json(s.counts.as_ref()),
+        "source": s.source,
+        "created_at_ms": s.created_at_ms,
+        "finished_at_ms": time_json(s.finished_at_ms),
+    })
+}
+
+pub fn sweeps_json(sweeps: &[v1::SweepSummary]) -> Value {
+    Value::Array(sweeps.iter().map(sweep_json).collect())
+}
+
+pub fn status_text(status: &v1::SweepStatus) -> String {
+    let Some(s) = &status.sweep else { return String::new() };
+    let mut out = format!("sweep {} ({}): {}\n{}\n\n", s.id, s.name, s.state, counts_line(s));
+    let mut t = table(&["trial", "backbone", "lr_decay", "split", "state", "epoch", "val acc", "attempts", "worker"]);
+    for trial in &status.trials {
+        t.add_row(vec![
+            trial.trial_id.clone(),
+            trial.backbone.clone(),
+            lr_label(trial.lr_decay.as_ref()),
+            format!("{}+{}", trial.fe_epochs, trial.ft_epochs),
+            trial.state.clone(),
+            format!("{}/{}", trial.epochs_done, trial.fe_epochs + trial.ft_epochs),
+            percent(trial.latest_val_accuracy),
+            trial.attempts.to_string(),
+            if trial.worker_id.is_empty() { "-".into() } else { trial.worker_id.clone() },
+        ]);
+    }
+    right(&mut t, &[5, 6, 7]);
+    out.push_str(&t.to_string());
+    let failed: Vec<_> = status.trials.iter().filter(|t| !t.error.is_empty()).collect();
+    if !failed.is_empty() {
+        out.push_str("\n\n");
+        for trial in failed {
+            out.push_str(&format!("{} ({}): {}\n", trial.trial_id, trial.state, trial.error));
+        }
+    }
+    out
+}
+
+pub fn trial_json(t: &v1::TrialSummary) -> Value {
+    json!({
+        "trial": t.trial_id,
+        "backbone": t.backbone,
+        "lr_decay": lr_json(t.lr_decay.as_ref()),
+        "epoch_split": [t.fe_epochs, t.ft_epochs],
+        "state": t.state,
+        "epochs_done": t.epochs_done,
+        "latest_val_accuracy": t.latest_val_accuracy,
+        "attempts": t.attempts,
+        "worker": if t.worker_id.is_empty() { Value::Null } else { json!(t.worker_id) },
+        "error": if t.error.is_empty() { Value::Null } else { json!(t.error) },
+        "started_at_ms": time_json(t.started_at_ms),
+        "finished_at_ms": time_json(t.finished_at_ms),
+    })
+}
+
+pub fn status_json(status: &v1::SweepStatus) -> Value {
+    let mut v = status.sweep.as_ref().map(sweep_json).unwrap_or_else(|| json!({}));
+    v["trials"] = Value::Array(status.trials.iter().map(trial_json).collect());
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub fn leaderboard_table(board: &v1::Leaderboard) -> String {
+    let mut t = table(&[
+        "rank", "trial", "backbone", "lr_decay", "split", "state", "fe acc", "best ft acc", "epoch", "params", "wall",
+    ]);
+    for e in &board.entries {
+        t.add_row(vec![
+            e.rank.to_string(),
+            e.trial_id.clone(),
+            e.backbone.clone(),
+            lr_label(e.lr_decay.as_ref()),
+            format!("{}+{}", e.fe_epochs, e.ft_epochs),
+            e.state.clone(),
+            percent(e.fe_val_accuracy),
+            percent(e.best_val_accuracy),
+            e.best_epoch.map(|x| x.to_string()).unwrap_or_else(|| "-".into()),
+            count(e.parameters),
+            duration(e.wall_seconds),
+        ]);
+    }
+    right(&mut t, &[0, 6, 7, 8, 9, 10]);
+    t.to_string()
+}
+
+pub fn leaderboard_json(board: &v1::Leaderboard) -> Value {
+    Value::Array(
+        board
+            .entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "rank": e.rank,
+                    "trial": e.trial_id,
+                    "backbone": e.backbone,
+                    "lr_decay": lr_json(e.lr_decay.as_ref()),
+                    "epoch_split": [e.fe_epochs, e.ft_epochs],
+                    "state": e.state,
+                    "fe_val_accuracy": e.fe_val_accuracy,
+                    "best_val_accuracy": e.best_val_accuracy,
+                    "best_epoch": e.best_epoch,
+                    "parameters": e.parameters,
+                    "wall_seconds": e.wall_seconds,
+                })
+            })
+            .collect(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub fn trial_detail_text(d: &v1::TrialDetail) -> String {
+    let Some(trial) = &d.trial else { return String::new() };
+    let mut out = format!(
+        "trial {}: {} {} {}+{} — {}, {} parameters\n",
+        trial.trial_id,
+        trial.backbone,
+        lr_label(trial.lr_decay.as_ref()),
+        trial.fe_epochs,
+        trial.ft_epochs,
+        trial.state,
+        count(d.parameters)
+    );
+    if !trial.error.is_empty() {
+        out.push_str(&format!("error: {}\n", trial.error));
+    }
+    out.push('\n');
+    let mut t = table(&["epoch", "phase", "train loss", "train acc", "val loss", "val acc", "seconds"]);
+    for m in &d.metrics {
+        t.add_row(vec![
+            m.epoch.to_string(),
+            m.phase.clone(),
+            format!("{:.4}", m.train_loss),
+            percent(Some(m.train_accuracy)),
+            format!("{:.4}", m.val_loss),
+            percent(Some(m.val_accuracy)),
+            format!("{:.1}", m.seconds),
+        ]);
+    }
+    right(&mut t, &[0, 2, 3, 4, 5, 6]);
+    out.push_str(&t.to_string());
+    out.push_str("\n\n");
+    let mut a = table(&["attempt", "worker", "state", "error"]);
+    for at in &d.attempts {
+        a.add_row(vec![at.attempt_id.to_string(), at.worker_id.clone(), at.state.clone(), at.error.clone()]);
+    }
+    out.push_str(&a.to_string());
+    out
+}
+
+pub fn trial_detail_json(d: &v1::TrialDetail) -> Value {
+    let mut v = d.trial.as_ref().map(trial_json).unwrap_or_else(|| json!({}));
+    v["parameters"] = json!(d.parameters);
+    v["metrics"] = Value::Array(
+        d.metrics
+            .iter()
+            .map(|m| {
+                json!({
+                    "epoch": m.epoch, "phase": m.phase, "train_loss": m.train_loss, "train_accuracy": m.train_accuracy,
+                    "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "seconds": m.seconds,
+                })
+            })
+            .collect(),
+    );
+    v["attempts"] = Value::Array(
+        d.attempts
+            .iter()
+            .map(|a| {
+                json!({
+                    "attempt": a.attempt_id, "worker": a.worker_id, "state": a.state,
+                    "started_at_ms": time_json(a.started_at_ms), "ended_at_ms": time_json(a.ended_at_ms),
+                    "error": if a.error.is_empty() { Value::Null } else { json!(a.error) },
+                })
+            })
+            .collect(),
+    );
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
+    if workers.is_empty() {
+        return "no workers registered; start one with `sweep-worker --coordinator URL`".into();
+    }
+    let mut t = table(&["worker", "name", "state", "devices", "running", "last seen"]);
+    let now = crate::store::now_ms();
+    for w in workers {
+        t.add_row(vec![
+            w.worker_id.clone(),
+            w.name.clone(),
+            w.state.clone(),
+            w.devices.iter().map(|d| d.id.clone()).collect::<Vec<_>>().join(","),
+            if w.running.is_empty() { "-".into() } else { w.running.join(",") },
+            format!("{} ago", duration(((now - w.last_seen_ms) as f64 / 1000.0).max(1.0))),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn workers_json(workers: &[v1::WorkerInfo]) -> Value {
+    Value::Array(
+        workers
+            .iter()
+            .map(|w| {
+                json!({
+                    "worker": w.worker_id,
+                    "name": w.name,
+                    "incarnation": w.incarnation,
+                    "state": w.state,
+                    "devices": w.devices.iter().map(|d| json!({"id": d.id, "kind": d.kind, "name": d.name, "memory_bytes": d.memory_bytes})).collect::<Vec<_>>(),
+                    "running": w.running,
+                    "registered_at_ms": w.registered_at_ms,
+                    "last_seen_ms": w.last_seen_ms,
+                })
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(percent(Some(0.625)), "62.5%");
+        assert_eq!(percent(None), "-");
+        assert_eq!(count(23_528_522), "23.5M");
+        assert_eq!(count(85_000), "85k");
+        assert_eq!(count(0), "-");
+        assert_eq!(duration(42.4), "42s");
+        assert_eq!(duration(187.0), "3m07s");
+        assert_eq!(duration(3720.0), "1h02m");
+    }
+}

@@ -1,0 +1,306 @@
+//! `sweep run`: a whole sweep on this machine.
+//!
+//! Starts an embedded coordinator on a loopback port over `--state-dir`, spawns N
+//! `sweep-worker` processes pointed at it, submits the spec, prints progress from the
+//! `WatchSweep` stream, prints the leaderboard when the sweep ends, and stops its workers.
+//! Everything goes through the same gRPC services a cluster uses; the state directory can be
+//! served afterwards with `sweep coordinator --state-dir`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use sweep_core::spec::ParseOptions;
+use sweep_proto::v1;
+use tokio::process::{Child, Command};
+
+use crate::cli::{self, Client};
+use crate::output::{self, Format};
+use crate::server;
+
+pub struct RunOptions {
+    pub spec: PathBuf,
+    pub workers: usize,
+    pub state_dir: PathBuf,
+    pub threads_per_worker: Option<usize>,
+    pub worker_bin: Option<PathBuf>,
+    pub output: Format,
+}
+
+/// Finds `sweep-worker`: an explicit path, next to this executable, or on PATH.
+pub fn find_worker(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        if p.is_file() {
+            return Ok(p);
+        }
+        bail!("worker binary {} does not exist", p.display());
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let sibling = exe.with_file_name("sweep-worker");
+        if sibling.is_file() {
+            return Ok(sibling);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("sweep-worker");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!("cannot find `sweep-worker` next to `sweep` or on PATH; build it with `make build`, or pass --worker-bin")
+}
+
+struct Worker {
+    n: usize,
+    child: Child,
+    log: PathBuf,
+    exited: Option<std::process::ExitStatus>,
+}
+
+async fn spawn_workers(bin: &Path, url: &str, n: usize, threads: usize, logs: &Path) -> anyhow::Result<Vec<Worker>> {
+    let mut workers = Vec::new();
+    for i in 1..=n {
+        let log = logs.join(format!("worker-{i}.log"));
+        let file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let err = file.try_clone()?;
+        let child = Command::new(bin)
+            .arg("--coordinator")
+            .arg(url)
+            .arg("--name")
+            .arg(format!("run-{i}"))
+            .arg("--threads")
+            .arg(threads.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        workers.push(Worker { n: i, child, log, exited: None });
+    }
+    Ok(workers)
+}
+
+/// Asks every worker to stop (SIGTERM), waits up to `grace`, then kills what is left.
+async fn stop_workers(workers: &mut [Worker], grace: Duration) {
+    for w in workers.iter() {
+        if w.exited.is_none()
+            && let Some(pid) = w.child.id()
+        {
+            // SAFETY: plain kill(2) on a child we spawned and have not reaped.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    for w in workers.iter_mut() {
+        if w.exited.is_some() {
+            continue;
+        }
+        match tokio::time::timeout_at(deadline, w.child.wait()).await {
+            Ok(Ok(status)) => w.exited = Some(status),
+            _ => {
+                let _ = w.child.start_kill();
+                w.exited = w.child.wait().await.ok();
+            }
+        }
+    }
+}
+
+/// Prints one line per trial change.
+struct Progress {
+    start: Instant,
+    states: HashMap<String, String>,
+}
+
+impl Progress {
+    fn line(&self, text: &str) {
+        let e = self.start.elapsed().as_secs_f64();
+        eprintln!("[{:>6}] {text}", output::duration(e.max(1.0)));
+    }
+
+    fn event(&mut self, e: &v1::TrialEvent, summary: &str) {
+        let Some(t) = &e.trial else { return };
+        let label = format!(
+            "{} {} {} {}+{}",
+            t.trial_id,
+            t.backbone,
+            t.lr_decay.as_ref().map(v1::LrDecay::label).unwrap_or_default(),
+            t.fe_epochs,
+            t.ft_epochs
+        );
+        let before = self.states.insert(t.trial_id.clone(), t.state.clone());
+        if let Some(m) = &e.metrics {
+            self.line(&format!(
+                "{}  epoch {}/{} {:<18} train loss {:.3} acc {:>6}  val loss {:.3} acc {:>6}  ({:.1}s)",
+                t.trial_id,
+                m.epoch,
+                t.fe_epochs + t.ft_epochs,
+                m.phase,
+                m.train_loss,
+                output::percent(Some(m.train_accuracy)),
+                m.val_loss,
+                output::percent(Some(m.val_accuracy)),
+                m.seconds
+            ));
+            return;
+        }
+        let changed = before.as_deref() != Some(t.state.as_str());
+        match t.state.as_str() {
+            "running" if changed => {
+                self.line(&format!("{label}  started on {} (attempt {})", t.worker_id, t.attempts))
+            }
+            "completed" => self.line(&format!("{label}  completed  [{summary}]")),
+            "failed" => self.line(&format!("{label}  FAILED: {}  [{summary}]", t.error)),
+            "cancelled" => self.line(&format!("{label}  cancelled  [{summary}]")),
+            "pending" if !t.error.is_empty() => {
+                self.line(&format!("{label}  attempt {} ended: {}; queued again", t.attempts, t.error))
+            }
+            _ => {}
+        }
+    }
+}
+
+pub async fn run(o: RunOptions) -> anyhow::Result<ExitCode> {
+    let (text, parsed) = cli::load_spec(&o.spec, ParseOptions::default())?;
+    if o.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let bin = find_worker(o.worker_bin.clone())?;
+    let threads = o.threads_per_worker.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        (cores / o.workers).max(1)
+    });
+    let logs = o.state_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+
+    let config = server::Config::new(([127, 0, 0, 1], 0).into(), o.state_dir.clone());
+    let server = server::start(config).await?;
+    let url = format!("http://{}", server.addr);
+    let mut client = Client::connect(&url).await?;
+    let submitted = client.submit_text(text, o.spec.display().to_string()).await?;
+    let sweep_id = submitted.sweep_id.clone();
+    eprintln!(
+        "sweep {sweep_id}: {} trials of `{}` on {} local workers ({} threads each)\nstate: {}   worker logs: {}",
+        submitted.trial_count,
+        parsed.name,
+        o.workers,
+        threads,
+        o.state_dir.display(),
+        logs.display()
+    );
+
+    let mut workers = spawn_workers(&bin, &url, o.workers, threads, &logs).await?;
+    let result = follow(&mut client, &sweep_id, &mut workers).await;
+    stop_workers(&mut workers, Duration::from_secs(10)).await;
+
+    let outcome = match result {
+        Ok(Follow::Ended) => {
+            let board = client.get_leaderboard(&sweep_id).await?;
+            eprintln!();
+            cli::print_leaderboard(&board, o.output)?;
+            let status = client.get_status(&sweep_id).await?;
+            let summary = status.sweep.unwrap_or_default();
+            eprintln!(
+                "\nsweep {sweep_id} {}: {}. Inspect it later with:\n  sweep coordinator --state-dir {}",
+                summary.state,
+                output::counts_line(&summary),
+                o.state_dir.display()
+            );
+            if summary.state == "completed" { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Ok(Follow::Interrupted) => {
+            eprintln!("\ninterrupted; sweep {sweep_id} is kept in {}", o.state_dir.display());
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            server.stop().await?;
+            return Err(e);
+        }
+    };
+    server.stop().await?;
+    Ok(outcome)
+}
+
+enum Follow {
+    Ended,
+    Interrupted,
+}
+
+async fn follow(client: &mut Client, sweep_id: &str, workers: &mut [Worker]) -> anyhow::Result<Follow> {
+    let mut progress = Progress { start: Instant::now(), states: HashMap::new() };
+    let mut stream = client.watch(sweep_id, 0).await?;
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    let mut summary = String::new();
+    loop {
+        tokio::select! {
+            msg = stream.message() => {
+                let event = match msg {
+                    Ok(Some(e)) => e,
+                    Ok(None) => bail!("the coordinator closed the event stream of {sweep_id} before the sweep ended"),
+                    Err(s) => bail!("event stream of {sweep_id}: {}", s.message()),
+                };
+                match event.event {
+                    Some(v1::sweep_event::Event::Snapshot(s)) => {
+                        for t in &s.trials {
+                            progress.states.insert(t.trial_id.clone(), t.state.clone());
+                        }
+                        if let Some(sw) = &s.sweep {
+                            summary = output::counts_line(sw);
+                        }
+                    }
+                    Some(v1::sweep_event::Event::Trial(t)) => {
+                        if t.metrics.is_none() {
+                            // Counts change only on state changes; refresh them then.
+                            if let Ok(s) = client.get_status(sweep_id).await
+                                && let Some(sw) = &s.sweep
+                            {
+                                summary = output::counts_line(sw);
+                            }
+                        }
+                        progress.event(&t, &summary);
+                    }
+                    Some(v1::sweep_event::Event::Ended(_)) => return Ok(Follow::Ended),
+                    None => {}
+                }
+            }
+            _ = check.tick() => {
+                let mut alive = 0;
+                for w in workers.iter_mut() {
+                    if w.exited.is_some() {
+                        continue;
+                    }
+                    match w.child.try_wait() {
+                        Ok(Some(status)) => {
+                            w.exited = Some(status);
+                            progress.line(&format!(
+                                "worker {} exited ({status}); its log: {}",
+                                w.n,
+                                w.log.display()
+                            ));
+                        }
+                        Ok(None) => alive += 1,
+                        Err(e) => return Err(anyhow!("cannot check worker {}: {e}", w.n)),
+                    }
+                }
+                if alive == 0 {
+                    let tail = workers.first().map(|w| log_tail(&w.log)).unwrap_or_default();
+                    bail!("every worker exited before the sweep ended; last lines of {}:\n{tail}",
+                        workers.first().map(|w| w.log.display().to_string()).unwrap_or_default());
+                }
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(Follow::Interrupted),
+        }
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}

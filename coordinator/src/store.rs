@@ -1,0 +1,1016 @@
+//! The coordinator's durable store: one SQLite database (`<state dir>/sweep.db`) in WAL mode
+//! with `synchronous=FULL`.
+//!
+//! **Invariant:** every method that changes state runs in one transaction and returns only after
+//! it has committed, so a reply sent to a client or worker is never ahead of what is on disk.
+//! Killing the process at any moment loses nothing that was acknowledged.
+//!
+//! Tables: `sweeps`, `trials` (one row per grid cell), `attempts` (one row per try of a trial on
+//! a worker), `metrics` (one row per trial and epoch: a later attempt's report supersedes an
+//! earlier one, never duplicates it), `workers`, and `events` (the ordered change log behind
+//! `WatchSweep`). Read models are returned as `sweep.v1` messages.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use sweep_core::grid;
+use sweep_core::leaderboard::{self, EpochMetrics, Phase};
+use sweep_core::lr::LrDecay;
+use sweep_core::spec::SweepSpec;
+use sweep_core::state::{AttemptState, SweepState, TrialState};
+use sweep_proto::v1;
+
+/// Errors of the store; `crate::error` maps them to gRPC status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    NotFound(String),
+    /// The request names something that exists but is not in a state that allows it (a stale
+    /// attempt, an unknown worker incarnation).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("state database {path}: {source}")]
+    Open { path: PathBuf, source: rusqlite::Error },
+    #[error("state database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("state database holds data this version cannot read: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sweeps (
+    id             TEXT PRIMARY KEY,
+    seq            INTEGER NOT NULL UNIQUE,
+    name           TEXT NOT NULL,
+    source         TEXT NOT NULL,
+    spec_yaml      TEXT NOT NULL,
+    trial_count    INTEGER NOT NULL,
+    max_attempts   INTEGER NOT NULL,
+    gpus_per_trial INTEGER NOT NULL,
+    cancelled      INTEGER NOT NULL DEFAULT 0,
+    created_at_ms  INTEGER NOT NULL,
+    finished_at_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS trials (
+    sweep_id        TEXT NOT NULL REFERENCES sweeps(id),
+    idx             INTEGER NOT NULL,
+    trial_id        TEXT NOT NULL,
+    backbone        TEXT NOT NULL,
+    lr_decay        BLOB NOT NULL,
+    fe_epochs       INTEGER NOT NULL,
+    ft_epochs       INTEGER NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    current_attempt INTEGER,
+    parameters      INTEGER NOT NULL DEFAULT 0,
+    wall_seconds    REAL NOT NULL DEFAULT 0,
+    error           TEXT NOT NULL DEFAULT '',
+    started_at_ms   INTEGER,
+    finished_at_ms  INTEGER,
+    PRIMARY KEY (sweep_id, idx)
+);
+CREATE INDEX IF NOT EXISTS trials_by_state ON trials(state);
+CREATE TABLE IF NOT EXISTS attempts (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    sweep_id      TEXT NOT NULL,
+    idx           INTEGER NOT NULL,
+    number        INTEGER NOT NULL,
+    worker_id     TEXT NOT NULL,
+    incarnation   INTEGER NOT NULL,
+    state         TEXT NOT NULL,
+    started_at_ms INTEGER NOT NULL,
+    ended_at_ms   INTEGER,
+    error         TEXT NOT NULL DEFAULT '',
+    FOREIGN KEY (sweep_id, idx) REFERENCES trials(sweep_id, idx)
+);
+CREATE INDEX IF NOT EXISTS attempts_by_worker ON attempts(worker_id, state);
+CREATE TABLE IF NOT EXISTS metrics (
+    sweep_id       TEXT NOT NULL,
+    idx            INTEGER NOT NULL,
+    epoch          INTEGER NOT NULL,
+    phase          TEXT NOT NULL,
+    train_loss     REAL NOT NULL,
+    train_accuracy REAL NOT NULL,
+    val_loss       REAL NOT NULL,
+    val_accuracy   REAL NOT NULL,
+    seconds        REAL NOT NULL,
+    attempt_id     INTEGER NOT NULL,
+    recorded_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (sweep_id, idx, epoch),
+    FOREIGN KEY (sweep_id, idx) REFERENCES trials(sweep_id, idx)
+);
+CREATE TABLE IF NOT EXISTS workers (
+    id               TEXT PRIMARY KEY,
+    name             TEXT NOT NULL,
+    incarnation      INTEGER NOT NULL,
+    devices          BLOB NOT NULL,
+    version          TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    registered_at_ms INTEGER NOT NULL,
+    last_seen_ms     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    sweep_id TEXT NOT NULL,
+    payload  BLOB NOT NULL,
+    at_ms    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_sweep ON events(sweep_id, seq);
+";
+
+/// Worker states as stored and shown.
+pub const WORKER_ACTIVE: &str = "active";
+pub const WORKER_GONE: &str = "gone";
+
+/// The store. Not `Sync`: the server keeps it behind a mutex and calls it off the async runtime.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// What `acquire` hands to a worker.
+pub type Assignment = v1::Assignment;
+
+impl Store {
+    /// Opens (creating if needed) `<dir>/sweep.db`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            path: dir.to_path_buf(),
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        })?;
+        let path = dir.join("sweep.db");
+        let open_err = |source| StoreError::Open { path: path.clone(), source };
+        let conn = Connection::open(&path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(open_err)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(open_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt(format!("{}: could not switch to WAL mode (got {mode})", path.display())));
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;").map_err(open_err)?;
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        let version: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .optional()
+            .map_err(open_err)?;
+        match version {
+            None => {
+                conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION])
+                    .map_err(open_err)?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(v) => {
+                return Err(StoreError::Corrupt(format!(
+                    "{} has schema version {v}; this build reads version {SCHEMA_VERSION}",
+                    path.display()
+                )));
+            }
+        }
+        Ok(Store { conn, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Sweeps
+    // -----------------------------------------------------------------------------------------
+
+    /// Stores a validated sweep and queues its trials.
+    pub fn submit(&mut self, spec_yaml: &str, source: &str, spec: &SweepSpec) -> Result<(String, u32)> {
+        let trials = grid::expand(&spec.grid);
+        let now = now_ms();
+        let tx = self.conn.transaction()?;
+        let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM sweeps", [], |r| r.get(0))?;
+        let id = new_sweep_id(&tx, &spec.name, seq)?;
+        tx.execute(
+            "INSERT INTO sweeps(id, seq, name, source, spec_yaml, trial_count, max_attempts, gpus_per_trial, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                id,
+                seq,
+                spec.name,
+                source,
+                spec_yaml,
+                trials.len() as i64,
+                spec.retries.max_attempts,
+                spec.resources.gpus_per_trial,
+                now
+            ],
+        )?;
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO trials(sweep_id, idx, trial_id, backbone, lr_decay, fe_epochs, ft_epochs, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for t in &trials {
+                insert.execute(params![
+                    id,
+                    t.index as i64,
+                    t.id,
+                    t.backbone.name(),
+                    v1::LrDecay::from(&t.lr_decay).encode_to_vec(),
+                    t.fe_epochs,
+                    t.ft_epochs,
+                    TrialState::Pending.as_str()
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok((id, trials.len() as u32))
+    }
+
+    pub fn list_sweeps(&self) -> Result<Vec<v1::SweepSummary>> {
+        let ids: Vec<String> = {
+            let mut q = self.conn.prepare("SELECT id FROM sweeps ORDER BY seq DESC")?;
+            q.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+        };
+        ids.iter().map(|id| sweep_summary(&self.conn, id)).collect()
+    }
+
+    pub fn get_sweep(&self, sweep_id: &str) -> Result<v1::SweepStatus> {
+        let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
+        let sweep = sweep_summary(&self.conn, sweep_id)?;
+        let spec_yaml: String =
+            self.conn.query_row("SELECT spec_yaml FROM sweeps WHERE id = ?1", [sweep_id], |r| r.get(0))?;
+        let trials = trial_summaries(&self.conn, sweep_id, None)?;
+        Ok(v1::SweepStatus { sweep: Some(sweep), trials, spec_yaml })
+    }
+
+    /// Cancels pending trials now; running attempts are told to stop through their next
+    /// heartbeat or report, and their trials end as cancelled when they do.
+    pub fn cancel_sweep(&mut self, sweep_id: &str) -> Result<v1::CancelSweepResponse> {
+        let tx = self.conn.transaction()?;
+        let sweep_id = &resolve_sweep(&tx, sweep_id)?;
+        tx.execute("UPDATE sweeps SET cancelled = 1 WHERE id = ?1", [sweep_id])?;
+        let pending: Vec<i64> = {
+            let mut q = tx.prepare("SELECT idx FROM trials WHERE sweep_id = ?1 AND state = 'pending' ORDER BY idx")?;
+            q.query_map([sweep_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+        };
+        let now = now_ms();
+        for idx in &pending {
+            tx.execute(
+                "UPDATE trials SET state = 'cancelled', error = 'sweep cancelled', finished_at_ms = ?3
+                 WHERE sweep_id = ?1 AND idx = ?2",
+                params![sweep_id, idx, now],
+            )?;
+            trial_event(&tx, sweep_id, *idx, None)?;
+        }
+        let running: i64 =
+            tx.query_row("SELECT COUNT(*) FROM trials WHERE sweep_id = ?1 AND state = 'running'", [sweep_id], |r| {
+                r.get(0)
+            })?;
+        finish_sweep_if_done(&tx, sweep_id)?;
+        tx.commit()?;
+        Ok(v1::CancelSweepResponse { cancelled_pending: pending.len() as u32, stopping_running: running as u32 })
+    }
+
+    pub fn leaderboard(&self, sweep_id: &str) -> Result<v1::Leaderboard> {
+        let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
+        let sweep = sweep_summary(&self.conn, sweep_id)?;
+        let trials = trial_summaries(&self.conn, sweep_id, None)?;
+        let metrics = all_metrics(&self.conn, sweep_id)?;
+        let extra: HashMap<u32, (u64, f64)> = {
+            let mut q = self.conn.prepare("SELECT idx, parameters, wall_seconds FROM trials WHERE sweep_id = ?1")?;
+            q.query_map([sweep_id], |r| Ok((r.get::<_, i64>(0)? as u32, (r.get::<_, i64>(1)? as u64, r.get(2)?))))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        let mut rows: Vec<(leaderboard::Score, v1::TrialSummary)> = trials
+            .into_iter()
+            .map(|t| {
+                let m = metrics.get(&t.index).map(Vec::as_slice).unwrap_or(&[]);
+                (leaderboard::score(t.fe_epochs, m), t)
+            })
+            .collect();
+        rows.sort_by(|a, b| leaderboard::compare(&a.0, a.1.index as usize, &b.0, b.1.index as usize));
+        let entries = rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, (score, t))| {
+                let (parameters, mut wall_seconds) = extra.get(&t.index).copied().unwrap_or((0, 0.0));
+                if t.state == TrialState::Running.as_str() {
+                    // Still running: wall-clock so far.
+                    wall_seconds = (now_ms() - t.started_at_ms).max(0) as f64 / 1000.0;
+                }
+                v1::LeaderboardEntry {
+                    rank: i as u32 + 1,
+                    trial_id: t.trial_id,
+                    backbone: t.backbone,
+                    lr_decay: t.lr_decay,
+                    fe_epochs: t.fe_epochs,
+                    ft_epochs: t.ft_epochs,
+                    state: t.state,
+                    fe_val_accuracy: score.fe_val_accuracy,
+                    best_val_accuracy: score.best_val_accuracy,
+                    best_epoch: score.best_epoch,
+                    parameters,
+                    wall_seconds,
+                }
+            })
+            .collect();
+        Ok(v1::Leaderboard { sweep_id: sweep.id, sweep_state: sweep.state, entries })
+    }
+
+    pub fn trial(&self, sweep_id: &str, trial_id: &str) -> Result<v1::TrialDetail> {
+        let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
+        let idx = grid::trial_index(trial_id)
+            .ok_or_else(|| StoreError::InvalidArgument(format!("`{trial_id}` is not a trial id (they look like t003)")))?;
+        let trial = trial_summaries(&self.conn, sweep_id, Some(idx as i64))?
+            .pop()
+            .ok_or_else(|| StoreError::NotFound(format!("sweep {sweep_id} has no trial {trial_id}")))?;
+        let metrics = all_metrics(&self.conn, sweep_id)?
+            .remove(&trial.index)
+            .unwrap_or_default()
+            .iter()
+            .map(v1::EpochMetrics::from)
+            .collect();
+        let mut q = self.conn.prepare(
+            "SELECT id, worker_id, state, started_at_ms, COALESCE(ended_at_ms, 0), error
+             FROM attempts WHERE sweep_id = ?1 AND idx = ?2 ORDER BY id",
+        )?;
+        let attempts = q
+            .query_map(params![sweep_id, idx as i64], |r| {
+                Ok(v1::AttemptInfo {
+                    attempt_id: r.get::<_, i64>(0)? as u64,
+                    worker_id: r.get(1)?,
+                    state: r.get(2)?,
+                    started_at_ms: r.get(3)?,
+                    ended_at_ms: r.get(4)?,
+                    error: r.get(5)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let parameters: i64 = self.conn.query_row(
+            "SELECT parameters FROM trials WHERE sweep_id = ?1 AND idx = ?2",
+            params![sweep_id, idx as i64],
+            |r| r.get(0),
+        )?;
+        Ok(v1::TrialDetail { trial: Some(trial), metrics, attempts, parameters: parameters as u64 })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Workers
+    // -----------------------------------------------------------------------------------------
+
+    /// Registers a worker: a new id and a new incarnation, larger than any given before.
+    pub fn register(&mut self, name: &str, devices: &[v1::Device], version: &str) -> Result<(String, u64)> {
+        if devices.is_empty() {
+            return Err(StoreError::InvalidArgument("a worker must register at least one device".into()));
+        }
+        let tx = self.conn.transaction()?;
+        let incarnation: i64 = tx.query_row(
+            "INSERT INTO meta(key, value) VALUES ('incarnation', 1)
+             ON CONFLICT(key) DO UPDATE SET value = value + 1 RETURNING value",
+            [],
+            |r| r.get(0),
+        )?;
+        let id = format!("w{incarnation}");
+        let now = now_ms();
+        let devices = v1::DeviceList { devices: devices.to_vec() }.encode_to_vec();
+        tx.execute(
+            "INSERT INTO workers(id, name, incarnation, devices, version, state, registered_at_ms, last_seen_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            params![id, name, incarnation, devices, version, WORKER_ACTIVE, now],
+        )?;
+        tx.commit()?;
+        Ok((id, incarnation as u64))
+    }
+
+    /// Records a heartbeat; returns the attempts (among `running`) the worker must stop.
+    pub fn heartbeat(&mut self, worker_id: &str, incarnation: u64, running: &[u64]) -> Result<Vec<u64>> {
+        let tx = self.conn.transaction()?;
+        check_worker(&tx, worker_id, incarnation)?;
+        tx.execute("UPDATE workers SET last_seen_ms = ?2 WHERE id = ?1", params![worker_id, now_ms()])?;
+        let mut stop = Vec::new();
+        for &attempt in running {
+            if attempt_should_stop(&tx, attempt, worker_id)? {
+                stop.push(attempt);
+            }
+        }
+        tx.commit()?;
+        Ok(stop)
+    }
+
+    pub fn workers(&self) -> Result<Vec<v1::WorkerInfo>> {
+        let mut q = self.conn.prepare(
+            "SELECT id, name, incarnation, devices, state, registered_at_ms, last_seen_ms FROM workers
+             ORDER BY registered_at_ms, id",
+        )?;
+        let rows: Vec<(String, String, i64, Vec<u8>, String, i64, i64)> = q
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut out = Vec::new();
+        for (id, name, incarnation, devices, state, registered_at_ms, last_seen_ms) in rows {
+            let devices = v1::DeviceList::decode(devices.as_slice())
+                .map_err(|e| StoreError::Corrupt(format!("devices of worker {id}: {e}")))?
+                .devices;
+            let mut q = self.conn.prepare(
+                "SELECT a.sweep_id, t.trial_id FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx
+                 WHERE a.worker_id = ?1 AND a.state = 'running' ORDER BY a.id",
+            )?;
+            let running = q
+                .query_map([&id], |r| Ok(format!("{}/{}", r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            out.push(v1::WorkerInfo {
+                worker_id: id,
+                name,
+                incarnation: incarnation as u64,
+                devices,
+                state,
+                registered_at_ms,
+                last_seen_ms,
+                running,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Ends the lease of every active worker not seen since `deadline_ms`: the worker is marked
+    /// gone and its running attempts lost; their trials go back to the queue (or fail when out
+    /// of attempts). Returns the ids of the workers expired.
+    pub fn expire_workers(&mut self, deadline_ms: i64) -> Result<Vec<String>> {
+        let tx = self.conn.transaction()?;
+        let gone: Vec<String> = {
+            let mut q = tx.prepare("SELECT id FROM workers WHERE state = ?1 AND last_seen_ms < ?2")?;
+            q.query_map(params![WORKER_ACTIVE, deadline_ms], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+        };
+        for id in &gone {
+            tx.execute("UPDATE workers SET state = ?2 WHERE id = ?1", params![id, WORKER_GONE])?;
+            let attempts: Vec<i64> = {
+                let mut q = tx.prepare("SELECT id FROM attempts WHERE worker_id = ?1 AND state = 'running'")?;
+                q.query_map([id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+            };
+            for a in attempts {
+                end_attempt(&tx, a as u64, AttemptState::Lost, &format!("worker {id} stopped sending heartbeats"), false, 0.0)?;
+            }
+        }
+        tx.commit()?;
+        Ok(gone)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Attempts
+    // -----------------------------------------------------------------------------------------
+
+    /// Hands the next pending trial that fits the worker to it, or `None`.
+    pub fn acquire(&mut self, worker_id: &str, incarnation: u64) -> Result<Option<Assignment>> {
+        let tx = self.conn.transaction()?;
+        let devices = check_worker(&tx, worker_id, incarnation)?;
+        tx.execute("UPDATE workers SET last_seen_ms = ?2 WHERE id = ?1", params![worker_id, now_ms()])?;
+        let busy: i64 =
+            tx.query_row("SELECT COUNT(*) FROM attempts WHERE worker_id = ?1 AND state = 'running'", [worker_id], |r| {
+                r.get(0)
+            })?;
+        if busy > 0 {
+            return Err(StoreError::FailedPrecondition(format!(
+                "worker {worker_id} already runs an attempt; finish it before acquiring another"
+            )));
+        }
+        let next: Option<(String, i64, i64)> = tx
+            .query_row(
+                "SELECT t.sweep_id, t.idx, s.max_attempts FROM trials t JOIN sweeps s ON s.id = t.sweep_id
+                 WHERE t.state = 'pending' AND s.cancelled = 0 AND s.gpus_per_trial <= ?1
+                 ORDER BY s.seq, t.idx LIMIT 1",
+                [devices as i64],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((sweep_id, idx, _)) = next else {
+            tx.commit()?;
+            return Ok(None);
+        };
+        let now = now_ms();
+        let number: i64 = tx.query_row(
+            "UPDATE trials SET attempts = attempts + 1 WHERE sweep_id = ?1 AND idx = ?2 RETURNING attempts",
+            params![sweep_id, idx],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "INSERT INTO attempts(sweep_id, idx, number, worker_id, incarnation, state, started_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6)",
+            params![sweep_id, idx, number, worker_id, incarnation as i64, now],
+        )?;
+        let attempt_id = tx.last_insert_rowid();
+        tx.execute(
+            "UPDATE trials SET state = 'running', current_attempt = ?3, started_at_ms = COALESCE(started_at_ms, ?4), error = ''
+             WHERE sweep_id = ?1 AND idx = ?2",
+            params![sweep_id, idx, attempt_id, now],
+        )?;
+        trial_event(&tx, &sweep_id, idx, None)?;
+        let spec_yaml: String = tx.query_row("SELECT spec_yaml FROM sweeps WHERE id = ?1", [&sweep_id], |r| r.get(0))?;
+        let t = trial_summaries(&tx, &sweep_id, Some(idx))?
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt(format!("trial {idx} of {sweep_id} vanished")))?;
+        tx.commit()?;
+        Ok(Some(v1::Assignment {
+            attempt_id: attempt_id as u64,
+            sweep_id,
+            trial_id: t.trial_id,
+            trial_index: t.index,
+            spec_yaml,
+            backbone: t.backbone,
+            lr_decay: t.lr_decay,
+            fe_epochs: t.fe_epochs,
+            ft_epochs: t.ft_epochs,
+            attempt_number: number as u32,
+        }))
+    }
+
+    /// Stores one epoch's metrics for a current attempt. Returns whether the attempt should
+    /// stop (its sweep was cancelled).
+    pub fn report_epoch(&mut self, attempt_id: u64, metrics: &EpochMetrics, parameters: u64) -> Result<bool> {
+        let tx = self.conn.transaction()?;
+        let a = current_attempt(&tx, attempt_id)?;
+        let total = a.fe_epochs + a.ft_epochs;
+        if metrics.epoch > total {
+            return Err(StoreError::InvalidArgument(format!(
+                "epoch {} is past the end of trial {} ({} epochs)",
+                metrics.epoch, a.trial_id, total
+            )));
+        }
+        let phase = Phase::of_epoch(metrics.epoch, a.fe_epochs);
+        if metrics.phase != phase {
+            return Err(StoreError::InvalidArgument(format!(
+                "epoch {} of trial {} is {}, not {}",
+                metrics.epoch,
+                a.trial_id,
+                phase.as_str(),
+                metrics.phase.as_str()
+            )));
+        }
+        let stored: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(epoch), 0) FROM metrics WHERE sweep_id = ?1 AND idx = ?2",
+            params![a.sweep_id, a.idx],
+            |r| r.get(0),
+        )?;
+        if i64::from(metrics.epoch) > stored + 1 {
+            return Err(StoreError::InvalidArgument(format!(
+                "epoch {} of trial {} reported before epoch {}; epochs are reported in order",
+                metrics.epoch,
+                a.trial_id,
+                stored + 1
+            )));
+        }
+        let now = now_ms();
+        tx.execute(
+            "INSERT INTO metrics(sweep_id, idx, epoch, phase, train_loss, train_accuracy, val_loss, val_accuracy, seconds, attempt_id, recorded_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT(sweep_id, idx, epoch) DO UPDATE SET
+               phase = excluded.phase, train_loss = excluded.train_loss, train_accuracy = excluded.train_accuracy,
+               val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy, seconds = excluded.seconds,
+               attempt_id = excluded.attempt_id, recorded_at_ms = excluded.recorded_at_ms",
+            params![
+                a.sweep_id,
+                a.idx,
+                metrics.epoch,
+                metrics.phase.as_str(),
+                metrics.train_loss,
+                metrics.train_accuracy,
+                metrics.val_loss,
+                metrics.val_accuracy,
+                metrics.seconds,
+                attempt_id as i64,
+                now
+            ],
+        )?;
+        if parameters > 0 {
+            tx.execute(
+                "UPDATE trials SET parameters = ?3 WHERE sweep_id = ?1 AND idx = ?2",
+                params![a.sweep_id, a.idx, parameters as i64],
+            )?;
+        }
+        trial_event(&tx, &a.sweep_id, a.idx, Some(v1::EpochMetrics::from(metrics)))?;
+        tx.commit()?;
+        Ok(a.cancelled)
+    }
+
+    /// Ends a current attempt with the worker's outcome.
+    pub fn finish_attempt(
+        &mut self,
+        attempt_id: u64,
+        outcome: v1::Outcome,
+        class: v1::ErrorClass,
+        message: &str,
+        wall_seconds: f64,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let a = current_attempt(&tx, attempt_id)?;
+        match outcome {
+            v1::Outcome::Succeeded => {
+                let total = a.fe_epochs + a.ft_epochs;
+                let have: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM metrics WHERE sweep_id = ?1 AND idx = ?2 AND epoch BETWEEN 1 AND ?3",
+                    params![a.sweep_id, a.idx, total],
+                    |r| r.get(0),
+                )?;
+                if have != total as i64 {
+                    return Err(StoreError::FailedPrecondition(format!(
+                        "attempt {attempt_id} reports success, but trial {} has metrics for {have} of its {total} epochs",
+                        a.trial_id
+                    )));
+                }
+                end_attempt(&tx, attempt_id, AttemptState::Succeeded, "", false, wall_seconds)?;
+            }
+            v1::Outcome::Failed => {
+                let message = if message.trim().is_empty() { "the worker gave no reason" } else { message };
+                let permanent = class == v1::ErrorClass::Permanent;
+                end_attempt(&tx, attempt_id, AttemptState::Failed, message, permanent, wall_seconds)?;
+            }
+            v1::Outcome::Cancelled => {
+                end_attempt(&tx, attempt_id, AttemptState::Cancelled, message, false, wall_seconds)?;
+            }
+            v1::Outcome::Unspecified => {
+                return Err(StoreError::InvalidArgument("outcome must be succeeded, failed or cancelled".into()));
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Events
+    // -----------------------------------------------------------------------------------------
+
+    /// Events of a sweep with a sequence number above `after`, oldest first.
+    pub fn events_after(&self, sweep_id: &str, after: u64, limit: usize) -> Result<Vec<v1::SweepEvent>> {
+        let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
+        let mut q = self
+            .conn
+            .prepare("SELECT seq, payload FROM events WHERE sweep_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")?;
+        let rows: Vec<(i64, Vec<u8>)> = q
+            .query_map(params![sweep_id, after as i64, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        rows.into_iter()
+            .map(|(seq, payload)| {
+                let mut e = v1::SweepEvent::decode(payload.as_slice())
+                    .map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
+                e.sequence = seq as u64;
+                Ok(e)
+            })
+            .collect()
+    }
+
+    /// The largest event sequence number so far (0 when there is none).
+    pub fn last_sequence(&self) -> Result<u64> {
+        Ok(self.conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Whether any trial is waiting for a worker.
+    pub fn has_pending(&self) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM trials t JOIN sweeps s ON s.id = t.sweep_id WHERE t.state = 'pending' AND s.cancelled = 0)",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers (run inside a transaction or on the connection)
+// ---------------------------------------------------------------------------------------------
+
+/// A readable, unique sweep id: the sweep's name made URL-safe, a dash, and a short suffix.
+fn new_sweep_id(tx: &Transaction<'_>, name: &str, seq: i64) -> Result<String> {
+    let mut base: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect::<String>()
+        .split('-')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("-");
+    base.truncate(40);
+    if base.is_empty() {
+        base = "sweep".into();
+    }
+    // The suffix mixes time, sequence and process id, so ids differ across state dirs too.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in now_ms().to_le_bytes().iter().chain(seq.to_le_bytes().iter()).chain(std::process::id().to_le_bytes().iter())
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    for i in 0..64u64 {
+        let id = format!("{base}-{:04x}", (h.wrapping_add(i.wrapping_mul(0x9e37_79b9)) >> 16) & 0xffff);
+        let taken: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM sweeps WHERE id = ?1)", [&id], |r| r.get(0))?;
+        if !taken {
+            return Ok(id);
+        }
+    }
+    Ok(format!("{base}-{seq}"))
+}
+
+/// The full id of the sweep named by `id`: the id itself, or a prefix of exactly one id.
+fn resolve_sweep(conn: &Connection, id: &str) -> Result<String> {
+    if id.is_empty() {
+        return Err(StoreError::InvalidArgument("no sweep id given".into()));
+    }
+    let exact: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM sweeps WHERE id = ?1)", [id], |r| r.get(0))?;
+    if exact {
+        return Ok(id.to_string());
+    }
+    let escaped: String = id.chars().flat_map(|c| if matches!(c, '%' | '_' | '\\') { vec!['\\', c] } else { vec![c] }).collect();
+    let mut q = conn.prepare("SELECT id FROM sweeps WHERE id LIKE ?1 ESCAPE '\\' ORDER BY seq LIMIT 6")?;
+    let matches: Vec<String> = q.query_map([format!("{escaped}%")], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    match matches.len() {
+        0 => Err(StoreError::NotFound(format!("no sweep with id `{id}`"))),
+        1 => Ok(matches.into_iter().next().unwrap_or_default()),
+        _ => Err(StoreError::InvalidArgument(format!(
+            "`{id}` matches several sweeps ({}); give more of the id",
+            matches.join(", ")
+        ))),
+    }
+}
+
+fn sweep_summary(conn: &Connection, sweep_id: &str) -> Result<v1::SweepSummary> {
+    let row: Option<(String, String, i64, i64, Option<i64>, String)> = conn
+        .query_row(
+            "SELECT id, name, trial_count, created_at_ms, finished_at_ms, source FROM sweeps WHERE id = ?1",
+            [sweep_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        )
+        .optional()?;
+    let Some((id, name, trial_count, created_at_ms, finished_at_ms, source)) = row else {
+        return Err(StoreError::NotFound(format!("no sweep with id `{sweep_id}`")));
+    };
+    let mut counts = v1::TrialCounts::default();
+    let mut states = Vec::new();
+    let mut q = conn.prepare("SELECT state, COUNT(*) FROM trials WHERE sweep_id = ?1 GROUP BY state")?;
+    for row in q.query_map([sweep_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let (state, n) = row?;
+        let s = TrialState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("trial state `{state}`")))?;
+        let n32 = n as u32;
+        match s {
+            TrialState::Pending => counts.pending = n32,
+            TrialState::Running => counts.running = n32,
+            TrialState::Completed => counts.completed = n32,
+            TrialState::Failed => counts.failed = n32,
+            TrialState::Cancelled => counts.cancelled = n32,
+        }
+        states.extend(std::iter::repeat_n(s, n as usize));
+    }
+    Ok(v1::SweepSummary {
+        id,
+        name,
+        state: SweepState::of(states).as_str().into(),
+        trial_count: trial_count as u32,
+        counts: Some(counts),
+        created_at_ms,
+        finished_at_ms: finished_at_ms.unwrap_or(0),
+        source,
+    })
+}
+
+fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Result<Vec<v1::TrialSummary>> {
+    let mut q = conn.prepare(
+        "SELECT t.idx, t.trial_id, t.backbone, t.lr_decay, t.fe_epochs, t.ft_epochs, t.state, t.attempts,
+                COALESCE(a.worker_id, ''), t.error, COALESCE(t.started_at_ms, 0), COALESCE(t.finished_at_ms, 0),
+                (SELECT COUNT(*) FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx),
+                (SELECT m.val_accuracy FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx ORDER BY m.epoch DESC LIMIT 1)
+         FROM trials t LEFT JOIN attempts a ON a.id = t.current_attempt AND a.state = 'running'
+         WHERE t.sweep_id = ?1 AND (?2 IS NULL OR t.idx = ?2) ORDER BY t.idx",
+    )?;
+    let rows = q.query_map(params![sweep_id, only], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, Vec<u8>>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, i64>(5)?,
+            r.get::<_, String>(6)?,
+            r.get::<_, i64>(7)?,
+            r.get::<_, String>(8)?,
+            r.get::<_, String>(9)?,
+            r.get::<_, i64>(10)?,
+            r.get::<_, i64>(11)?,
+            r.get::<_, i64>(12)?,
+            r.get::<_, Option<f64>>(13)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (idx, trial_id, backbone, lr, fe, ft, state, attempts, worker, error, started, finished, done, latest) = row?;
+        let lr_decay = v1::LrDecay::decode(lr.as_slice())
+            .map_err(|e| StoreError::Corrupt(format!("lr_decay of trial {trial_id}: {e}")))?;
+        out.push(v1::TrialSummary {
+            trial_id,
+            index: idx as u32,
+            backbone,
+            lr_decay: Some(lr_decay),
+            fe_epochs: fe as u32,
+            ft_epochs: ft as u32,
+            state,
+            attempts: attempts as u32,
+            worker_id: worker,
+            epochs_done: done as u32,
+            latest_val_accuracy: latest,
+            error,
+            started_at_ms: started,
+            finished_at_ms: finished,
+        });
+    }
+    Ok(out)
+}
+
+/// Metrics of every trial of a sweep, by trial index, in epoch order.
+fn all_metrics(conn: &Connection, sweep_id: &str) -> Result<HashMap<u32, Vec<EpochMetrics>>> {
+    let mut q = conn.prepare(
+        "SELECT idx, epoch, phase, train_loss, train_accuracy, val_loss, val_accuracy, seconds
+         FROM metrics WHERE sweep_id = ?1 ORDER BY idx, epoch",
+    )?;
+    let rows = q.query_map([sweep_id], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+            [r.get::<_, f64>(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?],
+        ))
+    })?;
+    let mut out: HashMap<u32, Vec<EpochMetrics>> = HashMap::new();
+    for row in rows {
+        let (idx, epoch, phase, [train_loss, train_accuracy, val_loss, val_accuracy, seconds]) = row?;
+        let phase = Phase::parse(&phase).ok_or_else(|| StoreError::Corrupt(format!("phase `{phase}`")))?;
+        out.entry(idx as u32).or_default().push(EpochMetrics {
+            epoch: epoch as u32,
+            phase,
+            train_loss,
+            train_accuracy,
+            val_loss,
+            val_accuracy,
+            seconds,
+        });
+    }
+    Ok(out)
+}
+
+/// Checks that the worker exists in this incarnation; returns its device count.
+fn check_worker(conn: &Connection, worker_id: &str, incarnation: u64) -> Result<usize> {
+    let row: Option<(i64, String, Vec<u8>)> = conn
+        .query_row("SELECT incarnation, state, devices FROM workers WHERE id = ?1", [worker_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    let Some((inc, state, devices)) = row else {
+        return Err(StoreError::NotFound(format!("no worker `{worker_id}`; register first")));
+    };
+    if inc as u64 != incarnation {
+        return Err(StoreError::FailedPrecondition(format!(
+            "worker {worker_id} is incarnation {inc}, not {incarnation}; register again"
+        )));
+    }
+    if state != WORKER_ACTIVE {
+        return Err(StoreError::FailedPrecondition(format!(
+            "worker {worker_id} lost its lease (missed heartbeats); register again"
+        )));
+    }
+    let devices = v1::DeviceList::decode(devices.as_slice())
+        .map_err(|e| StoreError::Corrupt(format!("devices of worker {worker_id}: {e}")))?;
+    Ok(devices.devices.len())
+}
+
+struct CurrentAttempt {
+    sweep_id: String,
+    idx: i64,
+    trial_id: String,
+    fe_epochs: u32,
+    ft_epochs: u32,
+    cancelled: bool,
+}
+
+/// The attempt, if it is the current, running attempt of its trial; otherwise the fencing
+/// error `FailedPrecondition` (or `NotFound` for an id never issued).
+fn current_attempt(conn: &Connection, attempt_id: u64) -> Result<CurrentAttempt> {
+    let row: Option<(String, i64, String, Option<i64>, String, i64, i64, i64)> = conn
+        .query_row(
+            "SELECT a.sweep_id, a.idx, a.state, t.current_attempt, t.trial_id, t.fe_epochs, t.ft_epochs, s.cancelled
+             FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx JOIN sweeps s ON s.id = a.sweep_id
+             WHERE a.id = ?1",
+            [attempt_id as i64],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)),
+        )
+        .optional()?;
+    let Some((sweep_id, idx, state, current, trial_id, fe, ft, cancelled)) = row else {
+        return Err(StoreError::NotFound(format!("no attempt {attempt_id}")));
+    };
+    if state != AttemptState::Running.as_str() || current != Some(attempt_id as i64) {
+        return Err(StoreError::FailedPrecondition(format!(
+            "attempt {attempt_id} of {sweep_id}/{trial_id} is no longer current (it is {state}); the write was refused"
+        )));
+    }
+    Ok(CurrentAttempt { sweep_id, idx, trial_id, fe_epochs: fe as u32, ft_epochs: ft as u32, cancelled: cancelled != 0 })
+}
+
+fn attempt_should_stop(conn: &Connection, attempt_id: u64, worker_id: &str) -> Result<bool> {
+    let row: Option<(String, String, Option<i64>, i64)> = conn
+        .query_row(
+            "SELECT a.worker_id, a.state, t.current_attempt, s.cancelled
+             FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx JOIN sweeps s ON s.id = a.sweep_id
+             WHERE a.id = ?1",
+            [attempt_id as i64],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    Ok(match row {
+        None => true,
+        Some((w, state, current, cancelled)) => {
+            w != worker_id || state != "running" || current != Some(attempt_id as i64) || cancelled != 0
+        }
+    })
+}
+
+/// Ends a running attempt and moves its trial on: completed, back to pending (a retryable end
+/// with attempts left), failed, or cancelled (its sweep was cancelled).
+fn end_attempt(
+    tx: &Transaction<'_>,
+    attempt_id: u64,
+    end: AttemptState,
+    message: &str,
+    permanent: bool,
+    wall_seconds: f64,
+) -> Result<()> {
+    let (sweep_id, idx, attempts, max_attempts, cancelled, started): (String, i64, i64, i64, i64, i64) = tx.query_row(
+        "SELECT a.sweep_id, a.idx, t.attempts, s.max_attempts, s.cancelled, a.started_at_ms
+         FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx JOIN sweeps s ON s.id = a.sweep_id
+         WHERE a.id = ?1",
+        [attempt_id as i64],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+    )?;
+    let now = now_ms();
+    tx.execute(
+        "UPDATE attempts SET state = ?2, ended_at_ms = ?3, error = ?4 WHERE id = ?1",
+        params![attempt_id as i64, end.as_str(), now, message],
+    )?;
+    let wall = if wall_seconds > 0.0 { wall_seconds } else { (now - started).max(0) as f64 / 1000.0 };
+    let (state, error) = match end {
+        AttemptState::Succeeded => (TrialState::Completed, String::new()),
+        _ if cancelled != 0 => (TrialState::Cancelled, "sweep cancelled".to_string()),
+        AttemptState::Cancelled => (TrialState::Pending, String::new()),
+        _ if permanent => (TrialState::Failed, message.to_string()),
+        _ if attempts >= max_attempts => {
+            (TrialState::Failed, format!("{message} (attempt {attempts} of {max_attempts}; no attempts left)"))
+        }
+        _ => (TrialState::Pending, message.to_string()),
+    };
+    let finished = state.is_terminal().then_some(now);
+    tx.execute(
+        "UPDATE trials SET state = ?3, current_attempt = NULL, error = ?4, finished_at_ms = ?5,
+                wall_seconds = CASE WHEN ?3 = 'completed' THEN ?6 ELSE wall_seconds END
+         WHERE sweep_id = ?1 AND idx = ?2",
+        params![sweep_id, idx, state.as_str(), error, finished, wall],
+    )?;
+    trial_event(tx, &sweep_id, idx, None)?;
+    finish_sweep_if_done(tx, &sweep_id)
+}
+
+/// Appends a trial event (the trial's current summary, and the epoch's metrics if any).
+fn trial_event(conn: &Connection, sweep_id: &str, idx: i64, metrics: Option<v1::EpochMetrics>) -> Result<()> {
+    let trial = trial_summaries(conn, sweep_id, Some(idx))?.pop();
+    let event = v1::SweepEvent { sequence: 0, event: Some(v1::sweep_event::Event::Trial(v1::TrialEvent { trial, metrics })) };
+    conn.execute(
+        "INSERT INTO events(sweep_id, payload, at_ms) VALUES (?1, ?2, ?3)",
+        params![sweep_id, event.encode_to_vec(), now_ms()],
+    )?;
+    Ok(())
+}
+
+/// When every trial of the sweep has ended, records the end time and an `ended` event.
+fn finish_sweep_if_done(conn: &Connection, sweep_id: &str) -> Result<()> {
+    let summary = sweep_summary(conn, sweep_id)?;
+    let state = SweepState::parse(&summary.state).unwrap_or(SweepState::Running);
+    if !state.is_terminal() || summary.finished_at_ms != 0 {
+        return Ok(());
+    }
+    let now = now_ms();
+    conn.execute("UPDATE sweeps SET finished_at_ms = ?2 WHERE id = ?1", params![sweep_id, now])?;
+    let ended = v1::SweepSummary { finished_at_ms: now, ..summary };
+    let event = v1::SweepEvent { sequence: 0, event: Some(v1::sweep_event::Event::Ended(ended)) };
+    conn.execute(
+        "INSERT INTO events(sweep_id, payload, at_ms) VALUES (?1, ?2, ?3)",
+        params![sweep_id, event.encode_to_vec(), now],
+    )?;
+    Ok(())
+}
+
+/// The domain form of a stored learning-rate strategy.
+pub fn lr_decay_of(t: &v1::TrialSummary) -> Option<LrDecay> {
+    t.lr_decay.as_ref().and_then(|d| LrDecay::try_from(d).ok())
+}

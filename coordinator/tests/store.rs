@@ -1,0 +1,285 @@
+//! The durable store: what is committed survives the process; the trial lifecycle, fencing,
+//! retries, cancellation and the leaderboard are computed from stored rows.
+
+use sweep_coordinator::store::{Store, StoreError};
+use sweep_core::leaderboard::{EpochMetrics, Phase};
+use sweep_core::spec;
+use sweep_proto::v1;
+
+const SPEC: &str = "\
+name: Store Test
+dataset: { kind: synthetic, classes: 3 }
+grid:
+  backbone: [resnet18, resnet50]
+  lr_decay: [{ strategy: linear }]
+  epoch_split: [[1, 1]]
+retries: { max_attempts: 2 }
+";
+
+fn cpu() -> Vec<v1::Device> {
+    vec![v1::Device { id: "cpu:0".into(), kind: "cpu".into(), name: "test cpu".into(), memory_bytes: 0 }]
+}
+
+fn metrics(epoch: u32, fe: u32, val: f64) -> EpochMetrics {
+    EpochMetrics {
+        epoch,
+        phase: Phase::of_epoch(epoch, fe),
+        train_loss: 1.0 / epoch as f64,
+        train_accuracy: val,
+        val_loss: 1.0,
+        val_accuracy: val,
+        seconds: 0.5,
+    }
+}
+
+fn submit(store: &mut Store) -> String {
+    let parsed = spec::parse(SPEC).unwrap();
+    let (id, n) = store.submit(SPEC, "test.yaml", &parsed).unwrap();
+    assert_eq!(n, 2);
+    id
+}
+
+/// Runs a whole attempt: acquire, report every epoch with the given accuracies, succeed.
+fn complete(store: &mut Store, worker: &str, inc: u64, accs: [f64; 2]) -> v1::Assignment {
+    let a = store.acquire(worker, inc).unwrap().expect("a trial is pending");
+    for (i, acc) in accs.iter().enumerate() {
+        store.report_epoch(a.attempt_id, &metrics(i as u32 + 1, a.fe_epochs, *acc), 1234).unwrap();
+    }
+    store.finish_attempt(a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 2.0).unwrap();
+    a
+}
+
+#[test]
+fn committed_state_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sweep, attempt) = {
+        let mut store = Store::open(dir.path()).unwrap();
+        let sweep = submit(&mut store);
+        assert!(sweep.starts_with("store-test-"), "{sweep}");
+        let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+        let a = store.acquire(&w, inc).unwrap().unwrap();
+        store.report_epoch(a.attempt_id, &metrics(1, 1, 0.4), 99).unwrap();
+        (sweep, a.attempt_id)
+        // dropped: the connection closes like a process that ends
+    };
+    let store = Store::open(dir.path()).unwrap();
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!(status.spec_yaml, SPEC);
+    assert_eq!(status.sweep.as_ref().unwrap().state, "running");
+    assert_eq!(status.trials.len(), 2);
+    assert_eq!(status.trials[0].state, "running");
+    assert_eq!(status.trials[0].epochs_done, 1);
+    let detail = store.trial(&sweep, "t000").unwrap();
+    assert_eq!(detail.metrics.len(), 1);
+    assert_eq!(detail.metrics[0].val_accuracy, 0.4);
+    assert_eq!(detail.parameters, 99);
+    assert_eq!(detail.attempts[0].attempt_id, attempt);
+    assert_eq!(store.workers().unwrap().len(), 1);
+    assert!(store.last_sequence().unwrap() > 0);
+}
+
+#[test]
+fn a_sweep_runs_to_completion_and_ranks_by_best_fine_tuning_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let sweep = submit(&mut store);
+    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    let a = complete(&mut store, &w, inc, [0.5, 0.6]);
+    assert_eq!(a.trial_id, "t000");
+    assert_eq!(a.backbone, "resnet18");
+    assert_eq!(a.spec_yaml, SPEC);
+    let b = complete(&mut store, &w, inc, [0.3, 0.9]);
+    assert_eq!(b.trial_id, "t001");
+    assert!(store.acquire(&w, inc).unwrap().is_none());
+
+    let status = store.get_sweep(&sweep).unwrap();
+    let summary = status.sweep.unwrap();
+    assert_eq!(summary.state, "completed");
+    assert_eq!(summary.counts.unwrap().completed, 2);
+    assert_ne!(summary.finished_at_ms, 0);
+
+    let board = store.leaderboard(&sweep).unwrap();
+    let order: Vec<_> = board.entries.iter().map(|e| (e.rank, e.trial_id.as_str())).collect();
+    assert_eq!(order, vec![(1, "t001"), (2, "t000")]);
+    let top = &board.entries[0];
+    assert_eq!((top.fe_val_accuracy, top.best_val_accuracy, top.best_epoch), (Some(0.3), Some(0.9), Some(2)));
+    assert_eq!(top.parameters, 1234);
+    assert_eq!(top.wall_seconds, 2.0);
+
+    // The event log ends with the sweep's end.
+    let events = store.events_after(&sweep, 0, 1000).unwrap();
+    assert!(matches!(events.last().unwrap().event, Some(v1::sweep_event::Event::Ended(_))));
+    assert!(events.windows(2).all(|w| w[0].sequence < w[1].sequence));
+}
+
+#[test]
+fn stale_attempts_are_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    submit(&mut store);
+    let (w1, i1) = store.register("w1", &cpu(), "test").unwrap();
+    let a = store.acquire(&w1, i1).unwrap().unwrap();
+    // The attempt ends (here: the worker's lease ends) and the trial goes to another worker.
+    store.expire_workers(i64::MAX).unwrap();
+    let (w2, i2) = store.register("w2", &cpu(), "test").unwrap();
+    let b = store.acquire(&w2, i2).unwrap().unwrap();
+    assert_eq!(a.trial_id, b.trial_id);
+    assert_eq!(b.attempt_number, 2);
+
+    let err = store.report_epoch(a.attempt_id, &metrics(1, 1, 0.1), 1).unwrap_err();
+    assert!(matches!(err, StoreError::FailedPrecondition(_)), "{err}");
+    let err = store
+        .finish_attempt(a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::FailedPrecondition(_)), "{err}");
+    // The lost worker's incarnation is refused too.
+    assert!(matches!(store.acquire(&w1, i1).unwrap_err(), StoreError::FailedPrecondition(_)));
+    assert!(matches!(store.heartbeat(&w1, i1, &[]).unwrap_err(), StoreError::FailedPrecondition(_)));
+    // Nothing the stale attempt sent was stored.
+    let sweep = store.list_sweeps().unwrap()[0].id.clone();
+    assert!(store.trial(&sweep, &a.trial_id).unwrap().metrics.is_empty());
+    // A heartbeat from the new owner asks it to stop the old attempt if it claims to run it.
+    assert_eq!(store.heartbeat(&w2, i2, &[a.attempt_id, b.attempt_id]).unwrap(), vec![a.attempt_id]);
+}
+
+#[test]
+fn retryable_failures_are_retried_until_max_attempts_and_permanent_ones_fail_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let sweep = submit(&mut store);
+    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+
+    let a = store.acquire(&w, inc).unwrap().unwrap();
+    store.finish_attempt(a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Retryable, "disk hiccup", 1.0).unwrap();
+    let t = &store.get_sweep(&sweep).unwrap().trials[0];
+    assert_eq!((t.state.as_str(), t.attempts, t.error.as_str()), ("pending", 1, "disk hiccup"));
+
+    let a = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!((a.trial_id.as_str(), a.attempt_number), ("t000", 2));
+    store.finish_attempt(a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Retryable, "disk hiccup", 1.0).unwrap();
+    let t = &store.get_sweep(&sweep).unwrap().trials[0];
+    assert_eq!(t.state, "failed");
+    assert!(t.error.contains("no attempts left"), "{}", t.error);
+
+    let b = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!(b.trial_id, "t001");
+    store
+        .finish_attempt(b.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Permanent, "dataset root /x does not exist", 1.0)
+        .unwrap();
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!(status.trials[1].state, "failed");
+    assert_eq!(status.trials[1].attempts, 1);
+    assert_eq!(status.sweep.unwrap().state, "failed");
+}
+
+#[test]
+fn bad_reports_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let sweep = submit(&mut store);
+    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    let a = store.acquire(&w, inc).unwrap().unwrap();
+    // Past the end, wrong phase, out of order, unknown attempt.
+    for (m, id) in [
+        (metrics(3, 1, 0.5), a.attempt_id),
+        (EpochMetrics { phase: Phase::FineTuning, ..metrics(1, 1, 0.5) }, a.attempt_id),
+        (metrics(2, 1, 0.5), a.attempt_id),
+        (metrics(1, 1, 0.5), 999_999),
+    ] {
+        assert!(store.report_epoch(id, &m, 1).is_err());
+    }
+    // Success without every epoch's metrics.
+    assert!(matches!(
+        store.finish_attempt(a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0),
+        Err(StoreError::FailedPrecondition(_))
+    ));
+    assert!(store.trial(&sweep, "t000").unwrap().metrics.is_empty());
+    assert_eq!(store.get_sweep(&sweep).unwrap().trials[0].state, "running");
+    // Unknown ids.
+    assert!(matches!(store.get_sweep("nope"), Err(StoreError::NotFound(_))));
+    assert!(matches!(store.trial(&sweep, "t999"), Err(StoreError::NotFound(_))));
+    assert!(matches!(store.trial(&sweep, "zzz"), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(store.acquire("w404", 1), Err(StoreError::NotFound(_))));
+    assert!(matches!(store.register("x", &[], "t"), Err(StoreError::InvalidArgument(_))));
+}
+
+#[test]
+fn a_resumed_epoch_supersedes_and_never_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let sweep = submit(&mut store);
+    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    let a = store.acquire(&w, inc).unwrap().unwrap();
+    store.report_epoch(a.attempt_id, &metrics(1, 1, 0.2), 1).unwrap();
+    store.finish_attempt(a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Retryable, "oom", 1.0).unwrap();
+    let b = store.acquire(&w, inc).unwrap().unwrap();
+    store.report_epoch(b.attempt_id, &metrics(1, 1, 0.25), 1).unwrap();
+    let detail = store.trial(&sweep, "t000").unwrap();
+    assert_eq!(detail.metrics.len(), 1);
+    assert_eq!(detail.metrics[0].val_accuracy, 0.25);
+}
+
+#[test]
+fn cancelling_stops_pending_trials_and_asks_running_ones_to_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let sweep = submit(&mut store);
+    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    let a = store.acquire(&w, inc).unwrap().unwrap();
+    let r = store.cancel_sweep(&sweep[..8]).unwrap();
+    assert_eq!((r.cancelled_pending, r.stopping_running), (1, 1));
+    assert_eq!(store.heartbeat(&w, inc, &[a.attempt_id]).unwrap(), vec![a.attempt_id]);
+    assert!(store.report_epoch(a.attempt_id, &metrics(1, 1, 0.3), 1).unwrap(), "report says: stop");
+    let (w2, inc2) = store.register("w2", &cpu(), "test").unwrap();
+    assert!(store.acquire(&w2, inc2).unwrap().is_none(), "nothing of a cancelled sweep is handed out");
+    store.finish_attempt(a.attempt_id, v1::Outcome::Cancelled, v1::ErrorClass::Unspecified, "stopped", 1.0).unwrap();
+    let s = store.get_sweep(&sweep).unwrap().sweep.unwrap();
+    assert_eq!(s.state, "cancelled");
+    assert_ne!(s.finished_at_ms, 0);
+}
+
+#[test]
+fn sweep_ids_accept_unique_prefixes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let a = submit(&mut store);
+    let b = submit(&mut store);
+    assert_ne!(a, b);
+    assert_eq!(store.get_sweep(&a).unwrap().sweep.unwrap().id, a);
+    assert!(matches!(store.get_sweep("store-test"), Err(StoreError::InvalidArgument(_))));
+    let listed: Vec<_> = store.list_sweeps().unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(listed, vec![b, a], "newest first");
+}
+
+#[test]
+fn gpus_per_trial_beyond_a_worker_is_not_handed_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let text = SPEC.replace("retries: { max_attempts: 2 }", "resources: { gpus_per_trial: 2 }");
+    store.submit(&text, "t", &spec::parse(&text).unwrap()).unwrap();
+    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    assert!(store.acquire(&w, inc).unwrap().is_none());
+    let two = vec![cpu()[0].clone(), v1::Device { id: "cpu:1".into(), ..cpu()[0].clone() }];
+    let (w2, inc2) = store.register("w2", &two, "test").unwrap();
+    assert!(store.acquire(&w2, inc2).unwrap().is_some());
+}
+
+#[test]
+fn a_newer_schema_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path()).unwrap());
+    let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
+    conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'", []).unwrap();
+    drop(conn);
+    let err = Store::open(dir.path()).err().expect("refused");
+    assert!(err.to_string().contains("schema version 99"), "{err}");
+}
+
+#[test]
+fn an_unusable_state_dir_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let err = Store::open(&file).err().expect("refused");
+    assert!(err.to_string().contains("not-a-dir"), "{err}");
+}
