@@ -29,6 +29,9 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// Longest an `AcquireTrial` call is held open.
 pub const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
 
+/// How long `stop` waits for in-flight calls before dropping connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -115,13 +118,21 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops serving and waits for the server task to end.
+    /// Stops serving: in-flight calls get up to [`SHUTDOWN_GRACE`] to finish, then every
+    /// connection is dropped (a client that never reads its socket cannot hold the coordinator
+    /// open). Nothing is lost either way: every acknowledged write is already committed.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         self.reaper.abort();
-        self.task.await??;
+        match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task).await {
+            Ok(joined) => joined??,
+            Err(_) => {
+                tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+                self.task.abort();
+            }
+        }
         Ok(())
     }
 

@@ -1,0 +1,44 @@
+# Two commands on a fresh machine:
+#   make demo   runs the quickstart sweep on CPU (sweeps/quickstart.yaml, 2 local workers)
+#   make test   runs every test
+# Both create the project-local Python venv (.venv, with torch 2.11 for libtorch) on first use
+# and reuse it afterwards, then build release binaries that run without environment variables.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+CARGO ?= cargo
+
+# tch builds against the venv's torch (first `python` on PATH) when LIBTORCH_USE_PYTORCH is set.
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: demo test build venv lint fmt clean
+
+demo: build
+	target/release/sweep run sweeps/quickstart.yaml --workers 2 --state-dir .sweep/quickstart
+
+test: build
+	$(CARGO) test --release --workspace
+
+build: $(STAMP)
+	$(CARGO) build --release --workspace --bins
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+lint: $(STAMP)
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf .sweep

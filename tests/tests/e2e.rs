@@ -1,0 +1,201 @@
+//! End-to-end tests with real processes: `sweep` (CLI and coordinator) and `sweep-worker`.
+
+mod util;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sweep_proto::v1;
+use sweep_proto::v1::sweep_service_client::SweepServiceClient;
+use util::*;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+async fn client(url: &str) -> SweepServiceClient<tonic::transport::Channel> {
+    SweepServiceClient::connect(url.to_string()).await.expect("connect to coordinator")
+}
+
+#[test]
+fn validate_rejects_every_kind_of_bad_spec_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = TINY_SPEC;
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("syntax", good.replace("classes: 3,", "classes: 3,,"), ":2:"),
+        ("unknown-key", format!("{good}colour: red\n"), ":12:1: unknown field `colour`"),
+        ("wrong-type", good.replace("batch_size: 8", "batch_size: eight"), ":4:15: training.batch_size: invalid type"),
+        ("empty-list", good.replace("backbone: [resnet18]", "backbone: []"), ":7:3: grid.backbone: must list at least one"),
+        ("zero-epochs", good.replace("[[1, 1], [2, 1]]", "[[1, 1], [2, 0]]"), ":10:29: grid.epoch_split[1][1]"),
+        ("negative-lr", good.replace("head_lr: 1.0e-3", "head_lr: -1.0e-3"), ":9:41: grid.lr_decay[0].head_lr"),
+        ("zero-batch", good.replace("batch_size: 8", "batch_size: 0"), ":4:15: training.batch_size"),
+        ("unknown-backbone", good.replace("[resnet18]", "[resnet19]"), "unknown backbone `resnet19`; valid: resnet18, resnet34"),
+        ("unknown-strategy", good.replace("strategy: exponential", "strategy: cosine"), "unknown strategy `cosine`"),
+        ("empty-file", String::new(), ":1:1: the spec is empty"),
+        ("missing-field", good.replace("name: tiny\n", ""), "missing field `name`"),
+    ];
+    for (name, text, want) in &cases {
+        let path = write(dir.path(), &format!("{name}.yaml"), text);
+        let out = output(sweep().arg("validate").arg(&path));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(&format!("{}", path.display())), "{name}: no file name in {err}");
+        assert!(err.contains(want), "{name}: `{want}` not in {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        assert_eq!(err.lines().count(), 1, "{name}: one message, got {err}");
+    }
+    // Over the trial limit.
+    let path = write(dir.path(), "big.yaml", good);
+    let out = output(sweep().arg("validate").arg(&path).args(["--max-trials", "1"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("2 trials") && stderr(&out).contains("limit of 1"), "{}", stderr(&out));
+    // A file that does not exist.
+    let out = output(sweep().args(["validate", "/no/such/spec.yaml"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cannot read spec /no/such/spec.yaml"), "{}", stderr(&out));
+}
+
+#[test]
+fn validate_lists_the_trials_of_the_shipped_specs() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../sweeps");
+    let out = output(sweep().args(["validate", &format!("{root}/flowers102.yaml"), "--output", "json"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["trial_count"], 18);
+    assert_eq!(v["trials"][0]["trial"], "t000");
+    assert_eq!(v["trials"][0]["backbone"], "vgg16_bn");
+    assert_eq!(v["trials"][0]["epoch_split"], serde_json::json!([16, 8]));
+    let out = output(sweep().args(["validate", &format!("{root}/quickstart.yaml")]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("t007"), "{}", stdout(&out));
+}
+
+#[test]
+fn real_processes_complete_a_sweep_and_the_leaderboard_comes_back_over_grpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let spec = write(dir.path(), "tiny.yaml", TINY_SPEC);
+    let (mut coord, url) = coordinator(&state, &[]);
+    let _worker = worker(&url, "e2e-1", &dir.path().join("worker.log"));
+
+    let out = output(sweep().args(["submit", "--coordinator", &url]).arg(&spec));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).lines().last().unwrap().trim().to_string();
+    assert!(id.starts_with("tiny-"), "last line is the id: {}", stdout(&out));
+
+    let rt = runtime();
+    let status = wait_for(Duration::from_secs(240), "the sweep to complete", || {
+        let s = rt
+            .block_on(async { client(&url).await.get_sweep(v1::GetSweepRequest { sweep_id: id.clone() }).await })
+            .unwrap()
+            .into_inner();
+        let state = s.sweep.as_ref().unwrap().state.clone();
+        assert!(state != "failed", "sweep failed: {s:?}\nworker log:\n{}", std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default());
+        (state == "completed").then_some(s)
+    });
+    assert_eq!(status.trials.len(), 2);
+    assert!(status.trials.iter().all(|t| t.epochs_done == t.fe_epochs + t.ft_epochs));
+
+    // The leaderboard over gRPC, computed from stored metrics.
+    let board = rt
+        .block_on(async { client(&url).await.get_leaderboard(v1::GetLeaderboardRequest { sweep_id: id.clone() }).await })
+        .unwrap()
+        .into_inner();
+    assert_eq!(board.entries.len(), 2);
+    for (i, e) in board.entries.iter().enumerate() {
+        assert_eq!(e.rank as usize, i + 1);
+        assert_eq!(e.state, "completed");
+        assert!(e.fe_val_accuracy.is_some() && e.best_val_accuracy.is_some(), "{e:?}");
+        assert_eq!(e.best_epoch, Some(e.fe_epochs + 1), "one fine-tuning epoch");
+        assert!(e.parameters > 11_000_000, "resnet18 with a 3-class head: {}", e.parameters);
+        assert!(e.wall_seconds > 0.0);
+    }
+    assert!(board.entries[0].best_val_accuracy >= board.entries[1].best_val_accuracy);
+    // Per-epoch metrics of one trial.
+    let trial = rt
+        .block_on(async {
+            client(&url).await.get_trial(v1::GetTrialRequest { sweep_id: id.clone(), trial_id: "t001".into() }).await
+        })
+        .unwrap()
+        .into_inner();
+    let phases: Vec<_> = trial.metrics.iter().map(|m| (m.epoch, m.phase.as_str())).collect();
+    assert_eq!(phases, vec![(1, "feature_extraction"), (2, "feature_extraction"), (3, "fine_tuning")]);
+
+    // The CLI's stable JSON.
+    let out = output(sweep().args(["leaderboard", &id, "--coordinator", &url, "--output", "json"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let first = &json[0];
+    for key in ["trial", "backbone", "lr_decay", "epoch_split", "state", "fe_val_accuracy", "best_val_accuracy", "best_epoch"] {
+        assert!(first.get(key).is_some(), "leaderboard json lacks `{key}`: {first}");
+    }
+    assert_eq!(first["lr_decay"]["strategy"], "exponential");
+    let out = output(sweep().args(["status", &id, "--coordinator", &url, "--output", "json"]));
+    let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["id"], id.as_str());
+    assert_eq!(json["state"], "completed");
+    assert_eq!(json["counts"]["completed"], 2);
+    assert_eq!(json["counts"]["pending"], 0);
+
+    // A bad spec over the wire: INVALID_ARGUMENT naming line and column.
+    let err = rt
+        .block_on(async {
+            client(&url)
+                .await
+                .submit_sweep(v1::SubmitSweepRequest { spec_yaml: TINY_SPEC.replace("[resnet18]", "[nope]"), source: "wire.yaml".into() })
+                .await
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("wire.yaml:7:14: grid.backbone[0]: unknown backbone `nope`"), "{}", err.message());
+    // Unknown ids.
+    let err = rt
+        .block_on(async { client(&url).await.get_sweep(v1::GetSweepRequest { sweep_id: "nope".into() }).await })
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // Restart the coordinator on the same state: everything is still there.
+    let before = stdout(&output(sweep().args(["leaderboard", &id, "--coordinator", &url, "--output", "json"])));
+    assert!(coord.terminate().success());
+    let (_coord, url2) = coordinator(&state, &[]);
+    let after = stdout(&output(sweep().args(["leaderboard", &id, "--coordinator", &url2, "--output", "json"])));
+    let strip = |s: &str| -> Value { serde_json::from_str(s).unwrap() };
+    assert_eq!(strip(&before), strip(&after));
+}
+
+#[test]
+fn sweep_run_finishes_with_a_leaderboard_and_leaves_a_readable_state_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let spec = write(dir.path(), "tiny.yaml", TINY_SPEC);
+    let out = output(
+        sweep().arg("run").arg(&spec).args(["--workers", "2", "--threads-per-worker", "1", "--state-dir"]).arg(&state),
+    );
+    assert!(out.status.success(), "stdout:\n{}\nstderr:\n{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("leaderboard of tiny-"), "{text}");
+    assert!(text.contains("t000") && text.contains("t001"), "{text}");
+    assert!(stderr(&out).contains("completed"), "{}", stderr(&out));
+    // Both workers were stopped.
+    let logs: Vec<_> = std::fs::read_dir(state.join("logs")).unwrap().collect();
+    assert_eq!(logs.len(), 2);
+
+    let (_coord, url) = coordinator(&state, &[]);
+    let out = output(sweep().args(["list", "--coordinator", &url, "--output", "json"]));
+    let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 1);
+    assert_eq!(json[0]["state"], "completed");
+    assert_eq!(json[0]["counts"]["completed"], 2);
+}
+
+#[test]
+fn client_commands_without_a_coordinator_say_how_to_start_one() {
+    let out = output(sweep().args(["list", "--coordinator", "http://127.0.0.1:9"]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("cannot reach the coordinator at http://127.0.0.1:9"), "{err}");
+    assert!(err.contains("sweep coordinator"), "{err}");
+    let out = output(sweep().args(["list", "--coordinator", "not a url"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not a coordinator URL"), "{}", stderr(&out));
+}

@@ -1,0 +1,151 @@
+//! Shared helpers of the end-to-end tests: finding the release binaries, starting real
+//! coordinator and worker processes, and cleaning them up.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>/`, the directory of this test binary's parent.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/e2e-xxxx -> target/<profile>
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+/// Path of a workspace binary; tells how to build it when missing.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the binaries of this profile first (`make test` does; or `cargo build --release --bins`)",
+        p.display()
+    );
+    p
+}
+
+pub fn sweep() -> Command {
+    Command::new(bin("sweep"))
+}
+
+/// Runs a command to completion.
+pub fn output(cmd: &mut Command) -> Output {
+    cmd.output().expect("command runs")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    /// SIGTERM, then wait.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc_kill(self.child.id() as i32, 15);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Starts `sweep coordinator` on a free loopback port over `state_dir`; returns it and its URL.
+pub fn coordinator(state_dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let mut child = sweep()
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state_dir)
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start coordinator");
+    let out = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line).expect("coordinator prints its address");
+    // "coordinator listening on 127.0.0.1:PORT (state in DIR)"
+    let addr = line
+        .split_whitespace()
+        .nth(3)
+        .unwrap_or_else(|| panic!("unexpected first line from the coordinator: {line:?}"))
+        .to_string();
+    (Proc { child, name: "coordinator".into() }, format!("http://{addr}"))
+}
+
+/// Starts a `sweep-worker` with one intra-op thread.
+pub fn worker(url: &str, name: &str, log: &Path) -> Proc {
+    let file = std::fs::File::create(log).expect("worker log");
+    let child = Command::new(bin("sweep-worker"))
+        .args(["--coordinator", url, "--name", name, "--threads", "1", "--poll-wait", "2"])
+        .stdout(Stdio::from(file.try_clone().expect("log")))
+        .stderr(Stdio::from(file))
+        .spawn()
+        .expect("start worker");
+    Proc { child, name: name.into() }
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A tiny sweep that trains in seconds on one CPU thread: resnet18 at 32 px, 2 trials.
+pub const TINY_SPEC: &str = "\
+name: tiny
+dataset: { kind: synthetic, classes: 3, train_per_class: 6, val_per_class: 4, image_size: 32, seed: 1 }
+training:
+  batch_size: 8
+  augment: { hflip: true, rotation_deg: 5, shear_deg: 0, color_jitter: 0.1 }
+grid:
+  backbone: [resnet18]
+  lr_decay:
+    - { strategy: exponential, head_lr: 1.0e-3, factor: 3 }
+  epoch_split: [[1, 1], [2, 1]]
+retries: { max_attempts: 2 }
+";
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write file");
+    p
+}
