@@ -1,0 +1,14 @@
+//! `sweep-worker`: the libtorch side of a sweep.
+//!
+//! The training engine: backbones with torchvision's names ([`model`]), datasets decoded once
+//! into an in-memory cache ([`data`]), batch-wise augmentation on the training device
+//! ([`augment`]), torch.optim.Adam with a learning rate per parameter ([`adam`]), and the
+//! trial loop — feature extraction, then fine-tuning with per-layer learning rates — that
+//! reports metrics after every epoch ([`train`]). All randomness comes from seeded streams
+//! ([`rng`]), so a trial is reproducible bit for bit on CPU.
+//!
+//! This is the only crate of the workspace that links libtorch.
+
+pub mod model;
+pub mod rng;
+// daemon: gRPC loop (coordinator side of the worker)
