@@ -9,6 +9,7 @@
 //!
 //! This is the only crate of the workspace that links libtorch.
 
+pub mod adam;
 pub mod model;
 pub mod rng;
 // daemon: gRPC loop (coordinator side of the worker)
