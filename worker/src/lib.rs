@@ -10,6 +10,8 @@
 //! This is the only crate of the workspace that links libtorch.
 
 pub mod adam;
+pub mod augment;
+pub mod data;
 pub mod model;
 pub mod rng;
 // daemon: gRPC loop (coordinator side of the worker)

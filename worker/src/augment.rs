@@ -1,0 +1,311 @@
+//! Batch-wise data augmentation and normalisation as tensor operations on the training device.
+//!
+//! Training batches ([`train_batch`]): uint8 `[N, 3, H, W]` → float in `[0, 1]` → per sample a
+//! horizontal flip (p = 0.5), one affine warp combining a rotation in `±rotation_deg` and an
+//! x-shear in `±shear_deg` (`affine_grid` + bilinear `grid_sample`, zeros outside, like
+//! torchvision's `RandomRotation`/`RandomAffine` with fill 0), colour jitter (brightness,
+//! contrast, saturation factors in `[1 - j, 1 + j]`, applied in that order with torchvision's
+//! formulas) → ImageNet mean/std normalisation. Validation batches ([`eval_batch`]) are only
+//! normalised: resizing and cropping happened when the dataset was cached.
+//!
+//! Every random parameter is drawn from a [`Rng`] stream (six draws per sample, whatever is
+//! enabled), so the same seed gives the same batches on any device.
+
+use sweep_core::spec::Augment;
+use tch::{Device, Kind, TchError, Tensor};
+
+use crate::rng::Rng;
+
+/// ImageNet channel means (torchvision's `Normalize`).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet channel standard deviations.
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Random parameters of one sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleParams {
+    pub flip: bool,
+    /// Radians.
+    pub rotation: f64,
+    /// Radians.
+    pub shear: f64,
+    pub brightness: f64,
+    pub contrast: f64,
+    pub saturation: f64,
+}
+
+impl SampleParams {
+    /// Draws one sample's parameters (always six draws, in a fixed order).
+    pub fn draw(aug: &Augment, rng: &mut Rng) -> SampleParams {
+        let flip = rng.bernoulli(0.5);
+        let rotation = rng
+            .uniform_in(-aug.rotation_deg, aug.rotation_deg)
+            .to_radians();
+        let shear = rng.uniform_in(-aug.shear_deg, aug.shear_deg).to_radians();
+        let j = aug.color_jitter;
+        let mut factor = || rng.uniform_in((1.0 - j).max(0.0), 1.0 + j);
+        let (brightness, contrast, saturation) = (factor(), factor(), factor());
+        SampleParams {
+            flip: aug.hflip && flip,
+            rotation,
+            shear,
+            brightness,
+            contrast,
+            saturation,
+        }
+    }
+}
+
+fn channel_tensor(v: [f32; 3], device: Device) -> Result<Tensor, TchError> {
+    Tensor::f_from_slice(&v)?
+        .f_view([1, 3, 1, 1])?
+        .f_to_device(device)
+}
+
+/// `[N]` values as a `[N, 1, 1, 1]` float tensor on `device`.
+fn per_sample(v: &[f32], device: Device) -> Result<Tensor, TchError> {
+    Tensor::f_from_slice(v)?
+        .f_view([-1, 1, 1, 1])?
+        .f_to_device(device)
+}
+
+/// uint8 images to float in `[0, 1]`.
+pub fn to_unit(images: &Tensor) -> Result<Tensor, TchError> {
+    images.f_to_kind(Kind::Float)?.f_div_scalar(255.0)
+}
+
+/// ImageNet mean/std normalisation of a float `[N, 3, H, W]` batch in `[0, 1]`.
+pub fn normalize(images: &Tensor) -> Result<Tensor, TchError> {
+    let d = images.device();
+    images
+        .f_sub(&channel_tensor(IMAGENET_MEAN, d)?)?
+        .f_div(&channel_tensor(IMAGENET_STD, d)?)
+}
+
+/// ITU-R 601-2 luma (torchvision's `rgb_to_grayscale`): `[N, 3, H, W]` → `[N, 1, H, W]`.
+fn grayscale(x: &Tensor) -> Result<Tensor, TchError> {
+    let w = Tensor::f_from_slice(&[0.299f32, 0.587, 0.114])?
+        .f_view([1, 3, 1, 1])?
+        .f_to_device(x.device())?;
+    x.f_mul(&w)?
+        .f_sum_dim_intlist([1i64].as_slice(), true, Kind::Float)
+}
+
+/// Augments a float batch in `[0, 1]` with the given per-sample parameters; the result is in
+/// `[0, 1]`. Steps whose setting is off in `aug` are skipped entirely, so [`Augment::NONE`]
+/// returns the input unchanged.
+pub fn apply(images: &Tensor, aug: &Augment, params: &[SampleParams]) -> Result<Tensor, TchError> {
+    let size = images.size();
+    if size.len() != 4 || size[0] != params.len() as i64 {
+        return Err(TchError::Shape(format!(
+            "augment: batch of shape {size:?} with {} parameter sets",
+            params.len()
+        )));
+    }
+    let d = images.device();
+    let mut x = images.shallow_clone();
+    if aug.hflip && params.iter().any(|p| p.flip) {
+        let mask: Vec<u8> = params.iter().map(|p| p.flip as u8).collect();
+        let mask = Tensor::f_from_slice(&mask)?
+            .f_view([-1, 1, 1, 1])?
+            .f_to_device(d)?
+            .f_to_kind(Kind::Bool)?;
+        x = x.f_flip([3])?.f_where_self(&mask, &x)?;
+    }
+    if aug.rotation_deg > 0.0 || aug.shear_deg > 0.0 {
+        // Output pixel (u, v) samples the input at R(rotation) · Shear_x(shear) · (u, v), in
+        // normalised coordinates (the images are square, so angles are preserved).
+        let mut theta = Vec::with_capacity(params.len() * 6);
+        for p in params {
+            let (s, c) = p.rotation.sin_cos();
+            let t = p.shear.tan();
+            theta.extend_from_slice(&[
+                c as f32,
+                (c * t - s) as f32,
+                0.0,
+                s as f32,
+                (s * t + c) as f32,
+                0.0,
+            ]);
+        }
+        let theta = Tensor::f_from_slice(&theta)?
+            .f_view([-1, 2, 3])?
+            .f_to_device(d)?;
+        let grid = Tensor::f_affine_grid_generator(&theta, size.as_slice(), false)?;
+        // interpolation 0 = bilinear, padding 0 = zeros.
+        x = x.f_grid_sampler(&grid, 0, 0, false)?;
+    }
+    if aug.color_jitter > 0.0 {
+        let b: Vec<f32> = params.iter().map(|p| p.brightness as f32).collect();
+        let c: Vec<f32> = params.iter().map(|p| p.contrast as f32).collect();
+        let s: Vec<f32> = params.iter().map(|p| p.saturation as f32).collect();
+        // Brightness: blend with black.
+        x = x.f_mul(&per_sample(&b, d)?)?.f_clamp(0.0, 1.0)?;
+        // Contrast: blend with the mean of the grayscale image.
+        let c = per_sample(&c, d)?;
+        let mean = grayscale(&x)?.f_mean_dim([1i64, 2, 3].as_slice(), true, Kind::Float)?;
+        x = x
+            .f_mul(&c)?
+            .f_add(&mean.f_mul(&c.f_neg()?.f_add_scalar(1.0)?)?)?
+            .f_clamp(0.0, 1.0)?;
+        // Saturation: blend with the grayscale image.
+        let s = per_sample(&s, d)?;
+        let gray = grayscale(&x)?;
+        x = x
+            .f_mul(&s)?
+            .f_add(&gray.f_mul(&s.f_neg()?.f_add_scalar(1.0)?)?)?
+            .f_clamp(0.0, 1.0)?;
+    }
+    Ok(x)
+}
+
+/// A training batch: uint8 `[N, 3, H, W]` → augmented, normalised float batch. Draws the
+/// parameters of every sample from `rng`.
+pub fn train_batch(images: &Tensor, aug: &Augment, rng: &mut Rng) -> Result<Tensor, TchError> {
+    let n = images.size().first().copied().unwrap_or(0).max(0) as usize;
+    let params: Vec<SampleParams> = (0..n).map(|_| SampleParams::draw(aug, rng)).collect();
+    normalize(&apply(&to_unit(images)?, aug, &params)?)
+}
+
+/// A validation batch: uint8 `[N, 3, H, W]` → normalised float batch.
+pub fn eval_batch(images: &Tensor) -> Result<Tensor, TchError> {
+    normalize(&to_unit(images)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(n: i64, s: i64) -> Tensor {
+        let mut r = Rng::new(5);
+        let v: Vec<u8> = (0..n * 3 * s * s).map(|_| r.below(256) as u8).collect();
+        Tensor::from_slice(&v).view([n, 3, s, s])
+    }
+
+    #[test]
+    fn none_is_the_identity_before_normalisation() {
+        let x = to_unit(&batch(4, 16)).unwrap();
+        let mut rng = Rng::new(1);
+        let params: Vec<_> = (0..4)
+            .map(|_| SampleParams::draw(&Augment::NONE, &mut rng))
+            .collect();
+        let y = apply(&x, &Augment::NONE, &params).unwrap();
+        assert!(y.equal(&x));
+        // And train_batch with NONE is exactly eval_batch.
+        let u = batch(4, 16);
+        assert!(
+            train_batch(&u, &Augment::NONE, &mut Rng::new(2))
+                .unwrap()
+                .equal(&eval_batch(&u).unwrap())
+        );
+    }
+
+    #[test]
+    fn flip_mirrors_exactly_the_chosen_samples() {
+        let x = to_unit(&batch(3, 8)).unwrap();
+        let aug = Augment {
+            hflip: true,
+            ..Augment::NONE
+        };
+        let p = |flip| SampleParams {
+            flip,
+            rotation: 0.0,
+            shear: 0.0,
+            brightness: 1.0,
+            contrast: 1.0,
+            saturation: 1.0,
+        };
+        let y = apply(&x, &aug, &[p(true), p(false), p(true)]).unwrap();
+        assert!(y.get(0).equal(&x.get(0).flip([2])));
+        assert!(y.get(1).equal(&x.get(1)));
+        assert!(y.get(2).equal(&x.get(2).flip([2])));
+        // Pixel by pixel: column j of the flipped image is column W-1-j of the original.
+        let a = Vec::<f32>::try_from(&y.get(0).flatten(0, -1)).unwrap();
+        let b = Vec::<f32>::try_from(&x.get(0).flatten(0, -1)).unwrap();
+        for c in 0..3 {
+            for i in 0..8 {
+                for j in 0..8 {
+                    assert_eq!(a[(c * 8 + i) * 8 + j], b[(c * 8 + i) * 8 + (7 - j)]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_angle_warp_is_close_to_identity_and_rotation_changes_pixels() {
+        let x = to_unit(&batch(2, 16)).unwrap();
+        let aug = Augment {
+            rotation_deg: 10.0,
+            ..Augment::NONE
+        };
+        let p = |rotation| SampleParams {
+            flip: false,
+            rotation,
+            shear: 0.0,
+            brightness: 1.0,
+            contrast: 1.0,
+            saturation: 1.0,
+        };
+        let y = apply(&x, &aug, &[p(0.0), p(0.3)]).unwrap();
+        let d0 = (y.get(0) - x.get(0)).abs().max().double_value(&[]);
+        assert!(d0 < 1e-5, "identity warp moved pixels by {d0}");
+        let d1 = (y.get(1) - x.get(1))
+            .abs()
+            .mean(Kind::Float)
+            .double_value(&[]);
+        assert!(d1 > 0.05, "rotation changed too little: {d1}");
+    }
+
+    #[test]
+    fn jitter_stays_in_range_and_neutral_factors_keep_the_image() {
+        let x = to_unit(&batch(2, 8)).unwrap();
+        let aug = Augment {
+            color_jitter: 0.4,
+            ..Augment::NONE
+        };
+        let neutral = SampleParams {
+            flip: false,
+            rotation: 0.0,
+            shear: 0.0,
+            brightness: 1.0,
+            contrast: 1.0,
+            saturation: 1.0,
+        };
+        let strong = SampleParams {
+            brightness: 1.4,
+            contrast: 0.6,
+            saturation: 1.4,
+            ..neutral
+        };
+        let y = apply(&x, &aug, &[neutral, strong]).unwrap();
+        assert!((y.get(0) - x.get(0)).abs().max().double_value(&[]) < 1e-6);
+        assert!(y.min().double_value(&[]) >= 0.0 && y.max().double_value(&[]) <= 1.0);
+        assert!(
+            (y.get(1) - x.get(1))
+                .abs()
+                .mean(Kind::Float)
+                .double_value(&[])
+                > 0.01
+        );
+    }
+
+    #[test]
+    fn same_seed_same_batch() {
+        let u = batch(4, 16);
+        let aug = Augment::default();
+        let a = train_batch(&u, &aug, &mut Rng::new(9)).unwrap();
+        let b = train_batch(&u, &aug, &mut Rng::new(9)).unwrap();
+        let c = train_batch(&u, &aug, &mut Rng::new(10)).unwrap();
+        assert!(a.equal(&b));
+        assert!(!a.equal(&c));
+    }
+
+    #[test]
+    fn normalisation_uses_imagenet_statistics() {
+        let x = Tensor::ones([1, 3, 2, 2], (Kind::Float, Device::Cpu)) * 0.485;
+        let y = normalize(&x).unwrap();
+        assert!(y.get(0).get(0).abs().max().double_value(&[]) < 1e-6);
+        let want = (0.485 - 0.456) / 0.224;
+        assert!((y.get(0).get(1).mean(Kind::Float).double_value(&[]) - want).abs() < 1e-5);
+    }
+}
