@@ -14,4 +14,5 @@ pub mod augment;
 pub mod data;
 pub mod model;
 pub mod rng;
+pub mod train;
 // daemon: gRPC loop (coordinator side of the worker)

@@ -1,0 +1,386 @@
+//! The trial loop end to end on tiny synthetic datasets (CPU).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use sweep_core::leaderboard::{EpochMetrics, Phase};
+use sweep_core::spec::{self, SweepSpec};
+use sweep_core::{Backbone, LrDecay, Trial, grid};
+use sweep_worker::model::Model;
+use sweep_worker::train::{self, Control, TrainError, TrainOptions, Trainer, run_trial};
+use tch::{Device, Tensor};
+
+/// A spec with one trial; `extra_training` is spliced into `training:`.
+fn spec(
+    backbone: &str,
+    classes: u32,
+    per_class: u32,
+    batch: u32,
+    split: (u32, u32),
+    extra_training: &str,
+) -> (SweepSpec, Trial) {
+    let yaml = format!(
+        "name: t
+dataset: {{ kind: synthetic, classes: {classes}, train_per_class: {per_class}, val_per_class: 4, image_size: 32, seed: 5 }}
+model: {{ weights: none }}
+training:
+  batch_size: {batch}
+  seed: 0
+  augment: {{ hflip: true, rotation_deg: 10, shear_deg: 5, color_jitter: 0.2 }}
+{extra_training}
+grid:
+  backbone: [{backbone}]
+  lr_decay: [{{ strategy: exponential, head_lr: 1.0e-3, factor: 3 }}]
+  epoch_split: [[{}, {}]]
+",
+        split.0, split.1
+    );
+    let spec = spec::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let trial = grid::expand(&spec.grid).remove(0);
+    (spec, trial)
+}
+
+fn snapshot(m: &Model) -> HashMap<String, Tensor> {
+    m.state_dict()
+        .into_iter()
+        .map(|(n, t)| (n, t.detach().copy()))
+        .collect()
+}
+
+fn without_time(m: &[EpochMetrics]) -> Vec<EpochMetrics> {
+    m.iter()
+        .map(|e| EpochMetrics { seconds: 0.0, ..*e })
+        .collect()
+}
+
+fn cpu() -> TrainOptions {
+    TrainOptions::new(Device::Cpu)
+}
+
+#[test]
+fn run_trial_is_bit_identical_across_runs() {
+    let (s, t) = spec("resnet18", 4, 8, 8, (1, 1), "");
+    let mut reports = Vec::new();
+    let a = run_trial(&s, &t, &cpu(), &mut |r| {
+        reports.push(*r);
+        Control::Continue
+    })
+    .unwrap();
+    let b = run_trial(&s, &t, &cpu(), &mut |_| Control::Continue).unwrap();
+    assert_eq!(a.metrics.len(), 2);
+    assert_eq!(
+        without_time(&a.metrics),
+        without_time(&b.metrics),
+        "two runs of one trial differ"
+    );
+    for e in &a.metrics {
+        for v in [e.train_loss, e.train_accuracy, e.val_loss, e.val_accuracy] {
+            assert!(v.is_finite(), "{e:?}");
+        }
+        assert!((0.0..=1.0).contains(&e.train_accuracy) && (0.0..=1.0).contains(&e.val_accuracy));
+    }
+    assert_eq!(
+        (a.metrics[0].epoch, a.metrics[0].phase),
+        (1, Phase::FeatureExtraction)
+    );
+    assert_eq!(
+        (a.metrics[1].epoch, a.metrics[1].phase),
+        (2, Phase::FineTuning)
+    );
+    assert_eq!(reports.len(), 2);
+    assert_eq!(reports[1].metrics, a.metrics[1]);
+    assert_eq!(reports[0].parameters, a.parameters);
+    assert_eq!(
+        a.parameters,
+        Backbone::Resnet18.imagenet_parameters() - 996 * 513
+    );
+
+    // Another seed is another run.
+    let (s2, t2) = spec("resnet18", 4, 8, 8, (1, 1), "");
+    let mut s2 = s2;
+    s2.training.seed = 1;
+    let c = run_trial(&s2, &t2, &cpu(), &mut |_| Control::Continue).unwrap();
+    assert_ne!(without_time(&a.metrics), without_time(&c.metrics));
+}
+
+#[test]
+fn feature_extraction_trains_only_the_head_then_fine_tuning_trains_everything() {
+    let (s, t) = spec("resnet18", 3, 6, 8, (1, 1), "");
+    let mut tr = Trainer::new(&s, &t, &cpu()).unwrap();
+    let before = snapshot(tr.model());
+    assert_eq!(tr.phase(), Phase::FeatureExtraction);
+    let names: Vec<&str> = tr
+        .optimizer()
+        .params()
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(names, ["fc.weight", "fc.bias"]);
+    assert!(
+        tr.optimizer()
+            .params()
+            .iter()
+            .all(|p| p.lr == s.training.feature_extraction_lr)
+    );
+
+    let m1 = tr.run_epoch().unwrap();
+    assert_eq!(m1.phase, Phase::FeatureExtraction);
+    let after_fe = snapshot(tr.model());
+    for (name, t) in tr.model().named_parameters() {
+        let same = before[name].equal(&after_fe[name]);
+        if tr.model().is_head(name) {
+            assert!(!same, "head parameter {name} did not train");
+        } else {
+            assert!(
+                same,
+                "frozen parameter {name} changed during feature extraction"
+            );
+            assert!(!t.requires_grad(), "{name} still requires grad");
+        }
+    }
+    // Train mode: BatchNorm running statistics moved.
+    assert!(!before["bn1.running_mean"].equal(&after_fe["bn1.running_mean"]));
+    assert_eq!(
+        after_fe["bn1.num_batches_tracked"].int64_value(&[]),
+        3,
+        "18 images in batches of 8 (last merged)"
+    );
+
+    let m2 = tr.run_epoch().unwrap();
+    assert_eq!(m2.phase, Phase::FineTuning);
+    let after_ft = snapshot(tr.model());
+    for name in [
+        "conv1.weight",
+        "bn1.weight",
+        "layer1.0.conv1.weight",
+        "layer4.1.bn2.bias",
+        "fc.weight",
+    ] {
+        assert!(
+            !after_fe[name].equal(&after_ft[name]),
+            "{name} did not change during fine-tuning"
+        );
+    }
+    // The fine-tuning optimizer covers every parameter with the strategy's rates.
+    let opt = tr.optimizer();
+    assert_eq!(opt.params().len(), tr.model().named_parameters().len());
+    let want = train::fine_tuning_lrs(tr.model(), &t.lr_decay, s.training.fine_tuning_default_lr);
+    let got: Vec<f64> = opt.params().iter().map(|p| p.lr).collect();
+    assert_eq!(got, want);
+    let lr = |n: &str| opt.params().iter().find(|p| p.name == n).unwrap().lr;
+    assert_eq!(lr("fc.bias"), 1e-3);
+    assert!((lr("conv1.weight") - 1e-3 / 729.0).abs() < 1e-18);
+    assert!(tr.run_epoch().is_err(), "a 1+1 trial has no third epoch");
+}
+
+#[test]
+fn fine_tuning_rates_follow_the_recipe_for_resnet50() {
+    let m = Model::build(Backbone::Resnet50, 102, Device::Cpu).unwrap();
+    let lrs = train::fine_tuning_lrs(
+        &m,
+        &LrDecay::Exponential {
+            head_lr: 1e-4,
+            factor: 3.0,
+        },
+        1e-8,
+    );
+    let by_name: HashMap<&str, f64> = m
+        .named_parameters()
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .zip(lrs)
+        .collect();
+    let want = [
+        ("fc.weight", 1e-4),
+        ("fc.bias", 1e-4),
+        ("layer4.2.conv3.weight", 3.333_333_3e-5),
+        ("layer3.0.downsample.1.weight", 1.111_111_1e-5),
+        ("layer2.3.bn2.bias", 3.703_703_7e-6),
+        ("layer1.0.conv1.weight", 1.234_567_9e-6),
+        ("bn1.weight", 4.115_226_3e-7),
+        ("conv1.weight", 1.371_742_1e-7),
+    ];
+    for (name, lr) in want {
+        assert!(
+            (by_name[name] - lr).abs() / lr < 1e-7,
+            "{name}: {} vs {lr}",
+            by_name[name]
+        );
+    }
+    // vgg16_bn, linear: the classifier at head_lr, features.0 at final_lr.
+    let v = Model::build(Backbone::Vgg16Bn, 102, Device::Cpu).unwrap();
+    let lrs = train::fine_tuning_lrs(
+        &v,
+        &LrDecay::Linear {
+            head_lr: 1e-4,
+            final_lr: 1e-7,
+        },
+        1e-8,
+    );
+    let by_name: HashMap<&str, f64> = v
+        .named_parameters()
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .zip(lrs)
+        .collect();
+    assert_eq!(by_name["classifier.0.weight"], 1e-4);
+    assert_eq!(by_name["classifier.6.bias"], 1e-4);
+    assert!((by_name["features.0.weight"] - 1e-7).abs() < 1e-18);
+    assert!((by_name["features.41.bias"] - (1e-4 + (1e-7 - 1e-4) / 44.0 * 3.0)).abs() < 1e-15);
+}
+
+#[test]
+fn freeze_bn_stats_keeps_running_statistics_during_feature_extraction() {
+    let (s, t) = spec("resnet18", 3, 4, 8, (1, 1), "  freeze_bn_stats: true");
+    assert!(s.training.freeze_bn_stats);
+    let mut tr = Trainer::new(&s, &t, &cpu()).unwrap();
+    let before = snapshot(tr.model());
+    tr.run_epoch().unwrap();
+    let after = snapshot(tr.model());
+    for (name, _) in tr.model().named_buffers() {
+        assert!(
+            before[name].equal(&after[name]),
+            "{name} changed with freeze_bn_stats"
+        );
+    }
+    assert!(!before["fc.weight"].equal(&after["fc.weight"]));
+    tr.run_epoch().unwrap();
+    assert!(
+        !after["bn1.running_var"].equal(&snapshot(tr.model())["bn1.running_var"]),
+        "fine-tuning updates them"
+    );
+}
+
+#[test]
+fn a_trailing_batch_of_one_is_merged() {
+    // 9 images in batches of 8: the last batch would hold one image (BatchNorm cannot train on
+    // it at 32 px, where layer4's output is 1×1).
+    let (s, t) = spec("resnet18", 3, 3, 8, (1, 1), "");
+    let r = run_trial(&s, &t, &cpu(), &mut |_| Control::Continue).unwrap();
+    assert_eq!(r.metrics.len(), 2);
+    // batch_size 1 everywhere is an error, not a panic.
+    let (s, t) = spec("resnet18", 2, 2, 1, (1, 1), "");
+    let e = run_trial(&s, &t, &cpu(), &mut |_| Control::Continue).unwrap_err();
+    assert!(e.is_permanent(), "{e}");
+    assert!(e.to_string().contains("training epoch 1"), "{e}");
+}
+
+#[test]
+fn stop_and_cancel_end_the_trial() {
+    let (s, t) = spec("resnet18", 2, 4, 8, (2, 1), "");
+    let mut calls = 0;
+    let e = run_trial(&s, &t, &cpu(), &mut |_| {
+        calls += 1;
+        Control::Stop
+    })
+    .unwrap_err();
+    assert_eq!(e, TrainError::Cancelled);
+    assert_eq!(calls, 1);
+    let flag = Arc::new(AtomicBool::new(true));
+    let opts = TrainOptions {
+        cancel: Some(flag),
+        ..cpu()
+    };
+    let e = run_trial(&s, &t, &opts, &mut |_| Control::Continue).unwrap_err();
+    assert_eq!(e, TrainError::Cancelled);
+}
+
+#[test]
+fn bad_settings_are_permanent_errors_that_say_what_is_wrong() {
+    let (mut s, t) = spec("resnet18", 2, 4, 8, (1, 1), "");
+    s.model.weights = sweep_core::spec::Weights::ImageNet;
+    let dir = tempfile::tempdir().unwrap();
+    let opts = TrainOptions {
+        weights_dir: Some(dir.path().to_path_buf()),
+        ..cpu()
+    };
+    let e = run_trial(&s, &t, &opts, &mut |_| Control::Continue).unwrap_err();
+    assert!(e.is_permanent());
+    let text = e.to_string();
+    assert!(
+        text.contains(
+            &dir.path()
+                .join("resnet18.safetensors")
+                .display()
+                .to_string()
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("export_torchvision_weights.py") && text.contains("non-commercial"),
+        "{text}"
+    );
+
+    // A weights file of another backbone.
+    let other = dir.path().join("r34.safetensors");
+    Model::build(Backbone::Resnet34, 10, Device::Cpu)
+        .unwrap()
+        .save_weights(&other)
+        .unwrap();
+    s.model.weights = sweep_core::spec::Weights::File(other.display().to_string());
+    let e = run_trial(&s, &t, &cpu(), &mut |_| Control::Continue).unwrap_err();
+    assert!(e.is_permanent(), "{e}");
+    assert!(
+        e.to_string().contains("r34.safetensors") && e.to_string().contains("`layer1.2."),
+        "{e}"
+    );
+
+    let (mut s, t) = spec("resnet18", 2, 4, 8, (1, 1), "");
+    s.dataset = sweep_core::spec::DatasetSpec::ImageFolder {
+        root: "/no/such/dataset".into(),
+        image_size: 32,
+    };
+    let e = run_trial(&s, &t, &cpu(), &mut |_| Control::Continue).unwrap_err();
+    assert!(e.is_permanent());
+    assert!(
+        e.to_string().contains("/no/such/dataset") && e.to_string().contains("train/<class>"),
+        "{e}"
+    );
+
+    s.dataset = sweep_core::spec::DatasetSpec::Flowers102 {
+        root: "/data".into(),
+        train_split: vec![],
+        val_split: vec![],
+        image_size: 32,
+    };
+    let e = run_trial(&s, &t, &cpu(), &mut |_| Control::Continue).unwrap_err();
+    assert!(
+        e.is_permanent()
+            && e.to_string()
+                .contains("flowers102 is not supported by this worker yet"),
+        "{e}"
+    );
+}
+
+#[test]
+fn weights_are_loaded_except_the_head() {
+    // A resnet18 "pretrained" on another task: its weights (but not its head) become the
+    // trial's starting point.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pre.safetensors");
+    let pre = Model::build_seeded(Backbone::Resnet18, 1000, Device::Cpu, 42).unwrap();
+    pre.save_weights(&file).unwrap();
+    let (mut s, t) = spec("resnet18", 3, 4, 8, (1, 1), "");
+    s.model.weights = sweep_core::spec::Weights::File(file.display().to_string());
+    let tr = Trainer::new(&s, &t, &cpu()).unwrap();
+    let loaded = snapshot(tr.model());
+    let pre = snapshot(&pre);
+    assert!(loaded["layer3.1.conv2.weight"].equal(&pre["layer3.1.conv2.weight"]));
+    assert_eq!(loaded["fc.weight"].size(), vec![3, 512]);
+}
+
+#[test]
+fn vgg16_bn_feature_extraction_epoch() {
+    let (s, t) = spec("vgg16_bn", 2, 3, 4, (1, 1), "");
+    let mut tr = Trainer::new(&s, &t, &cpu()).unwrap();
+    let before = snapshot(tr.model());
+    let m = tr.run_epoch().unwrap();
+    assert!(m.train_loss.is_finite() && m.val_loss.is_finite());
+    let after = snapshot(tr.model());
+    assert!(
+        before["classifier.3.weight"].equal(&after["classifier.3.weight"]),
+        "old classifier layers are frozen"
+    );
+    assert!(!before["classifier.6.weight"].equal(&after["classifier.6.weight"]));
+}
