@@ -11,8 +11,8 @@
 
 pub mod adam;
 pub mod augment;
+pub mod daemon;
 pub mod data;
 pub mod model;
 pub mod rng;
 pub mod train;
-// daemon: gRPC loop (coordinator side of the worker)

@@ -1,0 +1,532 @@
+//! The worker daemon: registers with a coordinator, pulls trials, trains them with
+//! [`crate::train`], reports every epoch, and finishes each attempt with a classified outcome.
+//!
+//! Threads: the gRPC client runs on tokio; training runs on a blocking thread and reports each
+//! epoch synchronously through the runtime handle, so the next epoch starts only after the
+//! coordinator has committed the previous one. A heartbeat task runs beside it and raises the
+//! attempt's cancel flag when the coordinator asks (sweep cancelled, attempt no longer
+//! current) or when the coordinator has been unreachable for a whole heartbeat TTL.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use sweep_core::spec::{self, ParseOptions};
+use sweep_proto::v1;
+use sweep_proto::v1::worker_service_client::WorkerServiceClient;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::train::{self, Control, EpochReport, TrainError, TrainOptions};
+
+/// How the daemon runs.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub coordinator: String,
+    pub name: String,
+    pub device: tch::Device,
+    /// Devices announced to the coordinator.
+    pub devices: Vec<v1::Device>,
+    pub weights_dir: Option<PathBuf>,
+    /// How long one `AcquireTrial` long poll may wait.
+    pub poll_wait: Duration,
+}
+
+/// The devices of this machine as the coordinator sees them: every CUDA device libtorch can
+/// use, or one CPU device.
+pub fn inventory() -> Vec<v1::Device> {
+    let cuda = tch::Cuda::device_count().max(0) as usize;
+    if cuda > 0 {
+        return (0..cuda)
+            .map(|i| v1::Device {
+                id: format!("cuda:{i}"),
+                kind: "cuda".into(),
+                name: format!("CUDA device {i}"),
+                memory_bytes: 0,
+            })
+            .collect();
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0);
+    vec![v1::Device {
+        id: "cpu:0".into(),
+        kind: "cpu".into(),
+        name: format!("{model} ({cores} cores)"),
+        memory_bytes: memory,
+    }]
+}
+
+/// The training device: `cuda:0` when CUDA is usable, else the CPU.
+pub fn default_device() -> tch::Device {
+    if tch::Cuda::is_available() {
+        tch::Device::Cuda(0)
+    } else {
+        tch::Device::Cpu
+    }
+}
+
+/// Parses `cpu` or `cuda:N`.
+pub fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
+    match s {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => Ok(tch::Device::Cuda(0)),
+        _ => {
+            let n = s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| anyhow!("device `{s}` is neither `cpu` nor `cuda:N`"))?;
+            let count = tch::Cuda::device_count().max(0) as usize;
+            if n >= count {
+                anyhow::bail!(
+                    "device {s} does not exist: this machine has {count} CUDA devices visible to libtorch"
+                );
+            }
+            Ok(tch::Device::Cuda(n))
+        }
+    }
+}
+
+struct Session {
+    client: WorkerServiceClient<Channel>,
+    worker_id: String,
+    incarnation: u64,
+    ttl: Duration,
+}
+
+/// Attempts this process runs, with their cancel flags.
+type Running = Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>>;
+
+/// Runs until `shutdown` resolves (then stops the running attempt, hands it back as retryable,
+/// and returns).
+pub async fn run(
+    options: DaemonOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let channel = Channel::from_shared(options.coordinator.clone())
+        .map_err(|e| anyhow!("`{}` is not a coordinator URL: {e}", options.coordinator))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect_lazy();
+    let client = WorkerServiceClient::new(channel);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let running: Running = Arc::default();
+    tokio::pin!(shutdown);
+
+    let mut session = tokio::select! {
+        s = register(client.clone(), &options) => s?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    let mut heartbeat = tokio::spawn(heartbeat_loop(
+        client.clone(),
+        session.worker_id.clone(),
+        session.incarnation,
+        session.ttl,
+        running.clone(),
+    ));
+
+    loop {
+        let acquire = session.client.acquire_trial(v1::AcquireTrialRequest {
+            worker_id: session.worker_id.clone(),
+            incarnation: session.incarnation,
+            wait_ms: options.poll_wait.as_millis() as u64,
+        });
+        let reply = tokio::select! {
+            r = acquire => r,
+            _ = &mut shutdown => break,
+        };
+        let assignment = match reply {
+            Ok(r) => r.into_inner().assignment,
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+                tracing::warn!(reason = %s.message(), "coordinator no longer knows this worker; registering again");
+                heartbeat.abort();
+                session = register(client.clone(), &options).await?;
+                heartbeat = tokio::spawn(heartbeat_loop(
+                    client.clone(),
+                    session.worker_id.clone(),
+                    session.incarnation,
+                    session.ttl,
+                    running.clone(),
+                ));
+                continue;
+            }
+            Err(s) => {
+                tracing::warn!(code = ?s.code(), reason = %s.message(), "acquire failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                    _ = &mut shutdown => break,
+                }
+            }
+        };
+        let Some(assignment) = assignment else {
+            continue;
+        };
+        let attempt = run_attempt(
+            &session,
+            &options,
+            assignment,
+            running.clone(),
+            stopping.clone(),
+        );
+        tokio::pin!(attempt);
+        tokio::select! {
+            r = &mut attempt => r?,
+            _ = &mut shutdown => {
+                tracing::info!("shutting down: stopping the running attempt");
+                stopping.store(true, Ordering::SeqCst);
+                for flag in running.lock().unwrap_or_else(|p| p.into_inner()).values() {
+                    flag.store(true, Ordering::SeqCst);
+                }
+                attempt.await?;
+                break;
+            }
+        }
+    }
+    heartbeat.abort();
+    Ok(())
+}
+
+async fn register(
+    mut client: WorkerServiceClient<Channel>,
+    options: &DaemonOptions,
+) -> anyhow::Result<Session> {
+    let mut delay = Duration::from_millis(200);
+    let started = Instant::now();
+    loop {
+        let request = v1::RegisterRequest {
+            name: options.name.clone(),
+            devices: options.devices.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        match client.register(request).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                tracing::info!(worker_id = %r.worker_id, incarnation = r.incarnation, coordinator = %options.coordinator, "registered");
+                return Ok(Session {
+                    client,
+                    worker_id: r.worker_id,
+                    incarnation: r.incarnation,
+                    ttl: Duration::from_millis(r.heartbeat_ttl_ms.max(1000)),
+                });
+            }
+            Err(s) if s.code() == Code::InvalidArgument => {
+                return Err(anyhow!(
+                    "the coordinator refused this worker: {}",
+                    s.message()
+                ));
+            }
+            Err(s) => {
+                if started.elapsed() > Duration::from_secs(5) {
+                    tracing::warn!(coordinator = %options.coordinator, reason = %s.message(), "cannot register yet; retrying");
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Beats every TTL/3. Raises the cancel flag of attempts the coordinator wants stopped, and of
+/// every attempt once the coordinator has been unreachable for a whole TTL (it will have given
+/// the trial to another worker by the time the lease ends).
+async fn heartbeat_loop(
+    mut client: WorkerServiceClient<Channel>,
+    worker_id: String,
+    incarnation: u64,
+    ttl: Duration,
+    running: Running,
+) {
+    let mut last_ok = Instant::now();
+    let mut tick = tokio::time::interval(ttl / 3);
+    loop {
+        tick.tick().await;
+        let ids: Vec<u64> = running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        let request = v1::HeartbeatRequest {
+            worker_id: worker_id.clone(),
+            incarnation,
+            running_attempt_ids: ids,
+        };
+        let stop: Vec<u64> = match client.heartbeat(request).await {
+            Ok(r) => {
+                last_ok = Instant::now();
+                r.into_inner().cancel_attempt_ids
+            }
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+                tracing::warn!(reason = %s.message(), "lease lost; stopping running attempts");
+                running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keys()
+                    .copied()
+                    .collect()
+            }
+            Err(s) => {
+                if last_ok.elapsed() >= ttl {
+                    tracing::warn!(reason = %s.message(), "coordinator unreachable for a whole heartbeat TTL; stopping running attempts");
+                    running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .keys()
+                        .copied()
+                        .collect()
+                } else {
+                    Vec::new()
+                }
+            }
+        };
+        let map = running.lock().unwrap_or_else(|p| p.into_inner());
+        for id in stop {
+            if let Some(flag) = map.get(&id) {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Why a report did not go through.
+enum ReportError {
+    /// The attempt is no longer current; stop without finishing it.
+    Fenced(String),
+    /// The coordinator refused the data (a bug on one side): fail the attempt.
+    Refused(String),
+    /// The coordinator stayed unreachable for a whole heartbeat TTL.
+    Unreachable(String),
+}
+
+/// Calls `f` until it succeeds, retrying transport errors for up to `ttl`.
+async fn with_retries<T, F, Fut>(ttl: Duration, mut f: F) -> Result<T, ReportError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+                return Err(ReportError::Fenced(s.message().to_string()));
+            }
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted
+                ) =>
+            {
+                return Err(ReportError::Refused(s.message().to_string()));
+            }
+            Err(s) => {
+                if started.elapsed() >= ttl {
+                    return Err(ReportError::Unreachable(s.message().to_string()));
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn run_attempt(
+    session: &Session,
+    options: &DaemonOptions,
+    a: v1::Assignment,
+    running: Running,
+    stopping: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let attempt_id = a.attempt_id;
+    tracing::info!(sweep = %a.sweep_id, trial = %a.trial_id, attempt = attempt_id, backbone = %a.backbone, "attempt started");
+    let cancel = Arc::new(AtomicBool::new(false));
+    running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(attempt_id, cancel.clone());
+
+    let handle = tokio::runtime::Handle::current();
+    let client = session.client.clone();
+    let ttl = session.ttl;
+    let train_options = TrainOptions {
+        device: options.device,
+        weights_dir: options.weights_dir.clone(),
+        cancel: Some(cancel.clone()),
+    };
+    let assignment = a.clone();
+    // What stopped the trial from the reporting side, if anything.
+    let report_failure: Arc<Mutex<Option<ReportError>>> = Arc::default();
+    let failure = report_failure.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let (spec, trial) = resolve(&assignment).map_err(TrainError::Permanent)?;
+        let mut on_epoch = |r: &EpochReport| -> Control {
+            let request = v1::ReportEpochRequest {
+                attempt_id,
+                metrics: Some(v1::EpochMetrics::from(&r.metrics)),
+                parameters: r.parameters,
+            };
+            let reply = handle.block_on(with_retries(ttl, || {
+                let mut c = client.clone();
+                let req = request.clone();
+                async move { c.report_epoch(req).await }
+            }));
+            match reply {
+                Ok(r) if r.get_ref().cancel => Control::Stop,
+                Ok(_) => Control::Continue,
+                Err(e) => {
+                    *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    Control::Stop
+                }
+            }
+        };
+        train::run_trial(&spec, &trial, &train_options, &mut on_epoch)
+    })
+    .await;
+    running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&attempt_id);
+
+    let wall_seconds = started.elapsed().as_secs_f64();
+    let report_failure = report_failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let (outcome, class, message) = match (result, report_failure) {
+        (_, Some(ReportError::Fenced(m))) => {
+            tracing::warn!(attempt = attempt_id, reason = %m, "attempt is no longer ours; dropped");
+            return Ok(());
+        }
+        (_, Some(ReportError::Unreachable(m))) => {
+            tracing::warn!(attempt = attempt_id, reason = %m, "coordinator unreachable; attempt abandoned");
+            return Ok(());
+        }
+        (_, Some(ReportError::Refused(m))) => (
+            v1::Outcome::Failed,
+            v1::ErrorClass::Permanent,
+            format!("coordinator refused a report: {m}"),
+        ),
+        (Ok(Ok(_)), None) => (
+            v1::Outcome::Succeeded,
+            v1::ErrorClass::Unspecified,
+            String::new(),
+        ),
+        (Ok(Err(TrainError::Cancelled)), None) if stopping.load(Ordering::SeqCst) => (
+            v1::Outcome::Failed,
+            v1::ErrorClass::Retryable,
+            "the worker was shut down".to_string(),
+        ),
+        (Ok(Err(TrainError::Cancelled)), None) => (
+            v1::Outcome::Cancelled,
+            v1::ErrorClass::Unspecified,
+            "stopped on request".to_string(),
+        ),
+        (Ok(Err(TrainError::Permanent(m))), None) => {
+            (v1::Outcome::Failed, v1::ErrorClass::Permanent, m)
+        }
+        (Ok(Err(TrainError::Retryable(m))), None) => {
+            (v1::Outcome::Failed, v1::ErrorClass::Retryable, m)
+        }
+        (Err(join), None) => (
+            v1::Outcome::Failed,
+            v1::ErrorClass::Retryable,
+            format!("the training thread crashed: {join}"),
+        ),
+    };
+    if outcome == v1::Outcome::Failed {
+        tracing::warn!(attempt = attempt_id, class = class.as_str_name(), %message, "attempt failed");
+    } else {
+        tracing::info!(
+            attempt = attempt_id,
+            outcome = outcome.as_str_name(),
+            seconds = wall_seconds,
+            "attempt finished"
+        );
+    }
+    let request = v1::FinishAttemptRequest {
+        attempt_id,
+        outcome: outcome as i32,
+        error_class: class as i32,
+        message,
+        wall_seconds,
+    };
+    match with_retries(ttl, || {
+        let mut c = session.client.clone();
+        let req = request.clone();
+        async move { c.finish_attempt(req).await }
+    })
+    .await
+    {
+        Ok(_) => {}
+        Err(ReportError::Fenced(m)) | Err(ReportError::Unreachable(m)) => {
+            tracing::warn!(attempt = attempt_id, reason = %m, "could not finish the attempt; the coordinator will re-queue it");
+        }
+        Err(ReportError::Refused(m)) => {
+            return Err(anyhow!(
+                "the coordinator refused to finish attempt {attempt_id}: {m}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The spec and trial an assignment names, checked against each other.
+fn resolve(a: &v1::Assignment) -> Result<(spec::SweepSpec, sweep_core::Trial), String> {
+    let spec = spec::parse_with(
+        &a.spec_yaml,
+        ParseOptions {
+            max_trials: usize::MAX,
+        },
+    )
+    .map_err(|e| format!("the sweep spec does not parse on this worker: {e}"))?;
+    let trial = sweep_core::grid::expand(&spec.grid)
+        .into_iter()
+        .nth(a.trial_index as usize)
+        .ok_or_else(|| format!("the spec has no trial {}", a.trial_index))?;
+    if trial.id != a.trial_id
+        || trial.backbone.name() != a.backbone
+        || trial.fe_epochs != a.fe_epochs
+        || trial.ft_epochs != a.ft_epochs
+    {
+        return Err(format!(
+            "assignment {} ({} {} {}+{}) does not match trial {} of its spec; coordinator and worker disagree on the grid",
+            a.trial_id, a.backbone, a.trial_index, a.fe_epochs, a.ft_epochs, trial.id
+        ));
+    }
+    Ok((spec, trial))
+}
+
+/// One line describing the daemon, for its start-up log.
+pub fn describe(options: &DaemonOptions) -> String {
+    let devices: Vec<&str> = options.devices.iter().map(|d| d.id.as_str()).collect();
+    format!(
+        "worker `{}` for {}: trains on {:?}, announces {}",
+        options.name,
+        options.coordinator,
+        options.device,
+        devices.join(",")
+    )
+}
