@@ -163,7 +163,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { spec, workers, state_dir, threads_per_worker, worker_bin, output } => {
-            let options = sweep_coordinator::run::RunOptions { spec, workers, state_dir, threads_per_worker, worker_bin, output };
+            let options =
+                sweep_coordinator::run::RunOptions { spec, workers, state_dir, threads_per_worker, worker_bin, output };
             sweep_coordinator::run::run(options).await
         }
         Command::Validate { spec, max_trials, output } => cli::validate(&spec, max_trials, output),

@@ -65,7 +65,9 @@ fn lr_label(d: Option<&v1::LrDecay>) -> String {
 
 fn lr_json(d: Option<&v1::LrDecay>) -> Value {
     match d {
-        Some(d) if d.strategy == "linear" => json!({"strategy": "linear", "head_lr": d.head_lr, "final_lr": d.final_lr}),
+        Some(d) if d.strategy == "linear" => {
+            json!({"strategy": "linear", "head_lr": d.head_lr, "final_lr": d.final_lr})
+        }
         Some(d) if d.strategy == "exponential" => {
             json!({"strategy": "exponential", "head_lr": d.head_lr, "factor": d.factor})
         }
@@ -121,9 +123,10 @@ fn counts_json(c: Option<&v1::TrialCounts>) -> Value {
 
 /// `3/8 done, 2 running, 1 failed`.
 pub fn counts_line(s: &v1::SweepSummary) -> String {
-    let c = s.counts.clone().unwrap_or_default();
+    let c = s.counts.unwrap_or_default();
     let mut parts = vec![format!("{}/{} completed", c.completed, s.trial_count)];
-    for (n, what) in [(c.running, "running"), (c.pending, "pending"), (c.failed, "failed"), (c.cancelled, "cancelled")] {
+    for (n, what) in [(c.running, "running"), (c.pending, "pending"), (c.failed, "failed"), (c.cancelled, "cancelled")]
+    {
         if n > 0 {
             parts.push(format!("{n} {what}"));
         }
@@ -224,7 +227,17 @@ pub fn status_json(status: &v1::SweepStatus) -> Value {
 
 pub fn leaderboard_table(board: &v1::Leaderboard) -> String {
     let mut t = table(&[
-        "rank", "trial", "backbone", "lr_decay", "split", "state", "fe acc", "best ft acc", "epoch", "params", "wall",
+        "rank",
+        "trial",
+        "backbone",
+        "lr_decay",
+        "split",
+        "state",
+        "fe acc",
+        "best ft acc",
+        "epoch",
+        "params",
+        "wall",
     ]);
     for e in &board.entries {
         t.add_row(vec![

@@ -152,9 +152,7 @@ impl Progress {
         }
         let changed = before.as_deref() != Some(t.state.as_str());
         match t.state.as_str() {
-            "running" if changed => {
-                self.line(&format!("{label}  started on {} (attempt {})", t.worker_id, t.attempts))
-            }
+            "running" if changed => self.line(&format!("{label}  started on {} (attempt {})", t.worker_id, t.attempts)),
             "completed" => self.line(&format!("{label}  completed  [{summary}]")),
             "failed" => self.line(&format!("{label}  FAILED: {}  [{summary}]", t.error)),
             "cancelled" => self.line(&format!("{label}  cancelled  [{summary}]")),

@@ -214,8 +214,9 @@ impl SweepService for SweepApi {
             )));
         }
         let source = if req.source.is_empty() { "spec".to_string() } else { req.source };
-        let parsed = spec::parse_with(&req.spec_yaml, self.0.config.parse)
-            .map_err(|e| Status::invalid_argument(format!("{source}:{}:{}: {}", e.line, e.column, field_message(&e))))?;
+        let parsed = spec::parse_with(&req.spec_yaml, self.0.config.parse).map_err(|e| {
+            Status::invalid_argument(format!("{source}:{}:{}: {}", e.line, e.column, field_message(&e)))
+        })?;
         let (sweep_id, trial_count) = self.0.write(true, move |s| s.submit(&req.spec_yaml, &source, &parsed)).await?;
         tracing::info!(%sweep_id, trial_count, "sweep submitted");
         Ok(Response::new(v1::SubmitSweepResponse { sweep_id, trial_count }))
@@ -348,10 +349,8 @@ impl WorkerService for WorkerApi {
         request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let req = request.into_inner();
-        let cancel = self
-            .0
-            .call(move |s| s.heartbeat(&req.worker_id, req.incarnation, &req.running_attempt_ids))
-            .await?;
+        let cancel =
+            self.0.call(move |s| s.heartbeat(&req.worker_id, req.incarnation, &req.running_attempt_ids)).await?;
         Ok(Response::new(v1::HeartbeatResponse { cancel_attempt_ids: cancel }))
     }
 
@@ -406,9 +405,7 @@ impl WorkerService for WorkerApi {
         }
         let message: String = req.message.chars().take(4000).collect();
         let attempt = req.attempt_id;
-        self.0
-            .write(true, move |s| s.finish_attempt(attempt, outcome, class, &message, req.wall_seconds))
-            .await?;
+        self.0.write(true, move |s| s.finish_attempt(attempt, outcome, class, &message, req.wall_seconds)).await?;
         tracing::info!(attempt, outcome = outcome.as_str_name(), "attempt finished");
         Ok(Response::new(v1::FinishAttemptResponse {}))
     }

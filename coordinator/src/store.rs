@@ -331,8 +331,9 @@ impl Store {
 
     pub fn trial(&self, sweep_id: &str, trial_id: &str) -> Result<v1::TrialDetail> {
         let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
-        let idx = grid::trial_index(trial_id)
-            .ok_or_else(|| StoreError::InvalidArgument(format!("`{trial_id}` is not a trial id (they look like t003)")))?;
+        let idx = grid::trial_index(trial_id).ok_or_else(|| {
+            StoreError::InvalidArgument(format!("`{trial_id}` is not a trial id (they look like t003)"))
+        })?;
         let trial = trial_summaries(&self.conn, sweep_id, Some(idx as i64))?
             .pop()
             .ok_or_else(|| StoreError::NotFound(format!("sweep {sweep_id} has no trial {trial_id}")))?;
@@ -414,31 +415,34 @@ impl Store {
             "SELECT id, name, incarnation, devices, state, registered_at_ms, last_seen_ms FROM workers
              ORDER BY registered_at_ms, id",
         )?;
-        let rows: Vec<(String, String, i64, Vec<u8>, String, i64, i64)> = q
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))?
+        // Devices stay encoded until the rows are read, so a decode error can be a StoreError.
+        let rows: Vec<(v1::WorkerInfo, Vec<u8>)> = q
+            .query_map([], |r| {
+                let info = v1::WorkerInfo {
+                    worker_id: r.get(0)?,
+                    name: r.get(1)?,
+                    incarnation: r.get::<_, i64>(2)? as u64,
+                    state: r.get(4)?,
+                    registered_at_ms: r.get(5)?,
+                    last_seen_ms: r.get(6)?,
+                    ..Default::default()
+                };
+                Ok((info, r.get(3)?))
+            })?
             .collect::<rusqlite::Result<_>>()?;
+        let mut running = self.conn.prepare(
+            "SELECT a.sweep_id, t.trial_id FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx
+             WHERE a.worker_id = ?1 AND a.state = 'running' ORDER BY a.id",
+        )?;
         let mut out = Vec::new();
-        for (id, name, incarnation, devices, state, registered_at_ms, last_seen_ms) in rows {
-            let devices = v1::DeviceList::decode(devices.as_slice())
-                .map_err(|e| StoreError::Corrupt(format!("devices of worker {id}: {e}")))?
+        for (mut info, devices) in rows {
+            info.devices = v1::DeviceList::decode(devices.as_slice())
+                .map_err(|e| StoreError::Corrupt(format!("devices of worker {}: {e}", info.worker_id)))?
                 .devices;
-            let mut q = self.conn.prepare(
-                "SELECT a.sweep_id, t.trial_id FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx
-                 WHERE a.worker_id = ?1 AND a.state = 'running' ORDER BY a.id",
-            )?;
-            let running = q
-                .query_map([&id], |r| Ok(format!("{}/{}", r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            info.running = running
+                .query_map([&info.worker_id], |r| Ok(format!("{}/{}", r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
                 .collect::<rusqlite::Result<_>>()?;
-            out.push(v1::WorkerInfo {
-                worker_id: id,
-                name,
-                incarnation: incarnation as u64,
-                devices,
-                state,
-                registered_at_ms,
-                last_seen_ms,
-                running,
-            });
+            out.push(info);
         }
         Ok(out)
     }
@@ -459,7 +463,14 @@ impl Store {
                 q.query_map([id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
             };
             for a in attempts {
-                end_attempt(&tx, a as u64, AttemptState::Lost, &format!("worker {id} stopped sending heartbeats"), false, 0.0)?;
+                end_attempt(
+                    &tx,
+                    a as u64,
+                    AttemptState::Lost,
+                    &format!("worker {id} stopped sending heartbeats"),
+                    false,
+                    0.0,
+                )?;
             }
         }
         tx.commit()?;
@@ -475,10 +486,11 @@ impl Store {
         let tx = self.conn.transaction()?;
         let devices = check_worker(&tx, worker_id, incarnation)?;
         tx.execute("UPDATE workers SET last_seen_ms = ?2 WHERE id = ?1", params![worker_id, now_ms()])?;
-        let busy: i64 =
-            tx.query_row("SELECT COUNT(*) FROM attempts WHERE worker_id = ?1 AND state = 'running'", [worker_id], |r| {
-                r.get(0)
-            })?;
+        let busy: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM attempts WHERE worker_id = ?1 AND state = 'running'",
+            [worker_id],
+            |r| r.get(0),
+        )?;
         if busy > 0 {
             return Err(StoreError::FailedPrecondition(format!(
                 "worker {worker_id} already runs an attempt; finish it before acquiring another"
@@ -515,7 +527,8 @@ impl Store {
             params![sweep_id, idx, attempt_id, now],
         )?;
         trial_event(&tx, &sweep_id, idx, None)?;
-        let spec_yaml: String = tx.query_row("SELECT spec_yaml FROM sweeps WHERE id = ?1", [&sweep_id], |r| r.get(0))?;
+        let spec_yaml: String =
+            tx.query_row("SELECT spec_yaml FROM sweeps WHERE id = ?1", [&sweep_id], |r| r.get(0))?;
         let t = trial_summaries(&tx, &sweep_id, Some(idx))?
             .pop()
             .ok_or_else(|| StoreError::Corrupt(format!("trial {idx} of {sweep_id} vanished")))?;
@@ -703,7 +716,8 @@ fn new_sweep_id(tx: &Transaction<'_>, name: &str, seq: i64) -> Result<String> {
     }
     // The suffix mixes time, sequence and process id, so ids differ across state dirs too.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in now_ms().to_le_bytes().iter().chain(seq.to_le_bytes().iter()).chain(std::process::id().to_le_bytes().iter())
+    for b in
+        now_ms().to_le_bytes().iter().chain(seq.to_le_bytes().iter()).chain(std::process::id().to_le_bytes().iter())
     {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
@@ -727,7 +741,8 @@ fn resolve_sweep(conn: &Connection, id: &str) -> Result<String> {
     if exact {
         return Ok(id.to_string());
     }
-    let escaped: String = id.chars().flat_map(|c| if matches!(c, '%' | '_' | '\\') { vec!['\\', c] } else { vec![c] }).collect();
+    let escaped: String =
+        id.chars().flat_map(|c| if matches!(c, '%' | '_' | '\\') { vec!['\\', c] } else { vec![c] }).collect();
     let mut q = conn.prepare("SELECT id FROM sweeps WHERE id LIKE ?1 ESCAPE '\\' ORDER BY seq LIMIT 6")?;
     let matches: Vec<String> = q.query_map([format!("{escaped}%")], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
     match matches.len() {
@@ -808,7 +823,8 @@ fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Resu
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (idx, trial_id, backbone, lr, fe, ft, state, attempts, worker, error, started, finished, done, latest) = row?;
+        let (idx, trial_id, backbone, lr, fe, ft, state, attempts, worker, error, started, finished, done, latest) =
+            row?;
         let lr_decay = v1::LrDecay::decode(lr.as_slice())
             .map_err(|e| StoreError::Corrupt(format!("lr_decay of trial {trial_id}: {e}")))?;
         out.push(v1::TrialSummary {
@@ -899,24 +915,35 @@ struct CurrentAttempt {
 /// The attempt, if it is the current, running attempt of its trial; otherwise the fencing
 /// error `FailedPrecondition` (or `NotFound` for an id never issued).
 fn current_attempt(conn: &Connection, attempt_id: u64) -> Result<CurrentAttempt> {
-    let row: Option<(String, i64, String, Option<i64>, String, i64, i64, i64)> = conn
+    let row = conn
         .query_row(
             "SELECT a.sweep_id, a.idx, a.state, t.current_attempt, t.trial_id, t.fe_epochs, t.ft_epochs, s.cancelled
              FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx JOIN sweeps s ON s.id = a.sweep_id
              WHERE a.id = ?1",
             [attempt_id as i64],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)),
+            |r| {
+                let attempt = CurrentAttempt {
+                    sweep_id: r.get(0)?,
+                    idx: r.get(1)?,
+                    trial_id: r.get(4)?,
+                    fe_epochs: r.get(5)?,
+                    ft_epochs: r.get(6)?,
+                    cancelled: r.get::<_, i64>(7)? != 0,
+                };
+                Ok((attempt, r.get::<_, String>(2)?, r.get::<_, Option<i64>>(3)?))
+            },
         )
         .optional()?;
-    let Some((sweep_id, idx, state, current, trial_id, fe, ft, cancelled)) = row else {
+    let Some((attempt, state, current)) = row else {
         return Err(StoreError::NotFound(format!("no attempt {attempt_id}")));
     };
     if state != AttemptState::Running.as_str() || current != Some(attempt_id as i64) {
         return Err(StoreError::FailedPrecondition(format!(
-            "attempt {attempt_id} of {sweep_id}/{trial_id} is no longer current (it is {state}); the write was refused"
+            "attempt {attempt_id} of {}/{} is no longer current (it is {state}); the write was refused",
+            attempt.sweep_id, attempt.trial_id
         )));
     }
-    Ok(CurrentAttempt { sweep_id, idx, trial_id, fe_epochs: fe as u32, ft_epochs: ft as u32, cancelled: cancelled != 0 })
+    Ok(attempt)
 }
 
 fn attempt_should_stop(conn: &Connection, attempt_id: u64, worker_id: &str) -> Result<bool> {
@@ -984,7 +1011,8 @@ fn end_attempt(
 /// Appends a trial event (the trial's current summary, and the epoch's metrics if any).
 fn trial_event(conn: &Connection, sweep_id: &str, idx: i64, metrics: Option<v1::EpochMetrics>) -> Result<()> {
     let trial = trial_summaries(conn, sweep_id, Some(idx))?.pop();
-    let event = v1::SweepEvent { sequence: 0, event: Some(v1::sweep_event::Event::Trial(v1::TrialEvent { trial, metrics })) };
+    let event =
+        v1::SweepEvent { sequence: 0, event: Some(v1::sweep_event::Event::Trial(v1::TrialEvent { trial, metrics })) };
     conn.execute(
         "INSERT INTO events(sweep_id, payload, at_ms) VALUES (?1, ?2, ?3)",
         params![sweep_id, event.encode_to_vec(), now_ms()],

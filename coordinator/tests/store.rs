@@ -128,9 +128,8 @@ fn stale_attempts_are_fenced() {
 
     let err = store.report_epoch(a.attempt_id, &metrics(1, 1, 0.1), 1).unwrap_err();
     assert!(matches!(err, StoreError::FailedPrecondition(_)), "{err}");
-    let err = store
-        .finish_attempt(a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0)
-        .unwrap_err();
+    let err =
+        store.finish_attempt(a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0).unwrap_err();
     assert!(matches!(err, StoreError::FailedPrecondition(_)), "{err}");
     // The lost worker's incarnation is refused too.
     assert!(matches!(store.acquire(&w1, i1).unwrap_err(), StoreError::FailedPrecondition(_)));
@@ -164,7 +163,13 @@ fn retryable_failures_are_retried_until_max_attempts_and_permanent_ones_fail_at_
     let b = store.acquire(&w, inc).unwrap().unwrap();
     assert_eq!(b.trial_id, "t001");
     store
-        .finish_attempt(b.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Permanent, "dataset root /x does not exist", 1.0)
+        .finish_attempt(
+            b.attempt_id,
+            v1::Outcome::Failed,
+            v1::ErrorClass::Permanent,
+            "dataset root /x does not exist",
+            1.0,
+        )
         .unwrap();
     let status = store.get_sweep(&sweep).unwrap();
     assert_eq!(status.trials[1].state, "failed");

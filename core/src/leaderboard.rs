@@ -135,7 +135,7 @@ mod tests {
         assert_eq!(compare(&a, 0, &b, 1), Ordering::Greater);
         assert_eq!(compare(&b, 1, &c, 2), Ordering::Less);
         assert_eq!(compare(&c, 2, &c, 3), Ordering::Less);
-        let mut v = vec![(c, 0), (a, 1), (b, 2)];
+        let mut v = [(c, 0), (a, 1), (b, 2)];
         v.sort_by(|x, y| compare(&x.0, x.1, &y.0, y.1));
         assert_eq!(v.iter().map(|x| x.1).collect::<Vec<_>>(), vec![2, 1, 0]);
     }

@@ -43,9 +43,7 @@ impl LrDecay {
         match *self {
             LrDecay::Linear { head_lr, final_lr } => {
                 let step = if below == 0 { 0.0 } else { (final_lr - head_lr) / below as f64 };
-                (0..groups)
-                    .map(|i| if i == below { head_lr } else { head_lr + step * (below - i) as f64 })
-                    .collect()
+                (0..groups).map(|i| if i == below { head_lr } else { head_lr + step * (below - i) as f64 }).collect()
             }
             LrDecay::Exponential { head_lr, factor } => {
                 (0..groups).map(|i| head_lr / factor.powi((below - i) as i32)).collect()
@@ -78,8 +76,8 @@ mod tests {
         let lrs = LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 }.group_lrs(45);
         let step = (1e-7 - 1e-4) / 44.0;
         assert_eq!(lrs[44], 1e-4, "classifier");
-        for i in 0..44 {
-            assert!(close(lrs[i], 1e-4 + step * (44 - i) as f64), "features[{i}]");
+        for (i, lr) in lrs.iter().enumerate().take(44) {
+            assert!(close(*lr, 1e-4 + step * (44 - i) as f64), "features[{i}]");
         }
         assert!(close(lrs[43], 9.772_954_545_454_5e-5), "features[43] = {}", lrs[43]);
         assert!(close(lrs[0], 1e-7), "features[0] = {}", lrs[0]);

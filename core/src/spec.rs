@@ -275,8 +275,15 @@ struct PositionIndex {
 enum Frame {
     /// `fill`: the mapping's own path, to be located at its first key (a mapping with no key of
     /// its own: the document root or a sequence item).
-    Mapping { path: String, key: Option<(String, (usize, usize))>, fill: Option<String> },
-    Sequence { path: String, next: usize },
+    Mapping {
+        path: String,
+        key: Option<(String, (usize, usize))>,
+        fill: Option<String>,
+    },
+    Sequence {
+        path: String,
+        next: usize,
+    },
 }
 
 struct IndexBuilder {
@@ -587,7 +594,10 @@ impl RawSpec {
             let size = dataset.image_size();
             if size < min {
                 let b = grid.backbone.iter().find(|b| b.min_image_size() == min).map(|b| b.name()).unwrap_or("");
-                return err("dataset.image_size", format!("{size} px is too small for {b}, which needs at least {min} px"));
+                return err(
+                    "dataset.image_size",
+                    format!("{size} px is too small for {b}, which needs at least {min} px"),
+                );
             }
         }
         Ok(SweepSpec { name: self.name, dataset, model, training, grid, resources, retries })
@@ -630,19 +640,28 @@ impl RawDataset {
         let root = |r: Option<String>| match r {
             Some(r) if !r.trim().is_empty() => Ok(r),
             Some(_) => err("dataset.root", "must not be empty"),
-            None => err("dataset", format!("missing field `root` (dataset kind `{}` reads its images from it)", self.kind)),
+            None => {
+                err("dataset", format!("missing field `root` (dataset kind `{}` reads its images from it)", self.kind))
+            }
         };
         Ok(match kind {
             0 => DatasetSpec::Synthetic {
                 classes: positive_int("dataset.classes", self.classes.unwrap_or(10), 100_000)?,
-                train_per_class: positive_int("dataset.train_per_class", self.train_per_class.unwrap_or(32), 1_000_000)?,
+                train_per_class: positive_int(
+                    "dataset.train_per_class",
+                    self.train_per_class.unwrap_or(32),
+                    1_000_000,
+                )?,
                 val_per_class: positive_int("dataset.val_per_class", self.val_per_class.unwrap_or(16), 1_000_000)?,
                 image_size,
                 seed: seed("dataset.seed", self.seed.unwrap_or(0))?,
             },
             1 => DatasetSpec::ImageFolder { root: root(self.root)?, image_size },
             _ => {
-                let splits = |field: &str, v: Option<Vec<String>>, default: &[FlowersSplit]| -> Result<Vec<FlowersSplit>, Invalid> {
+                let splits = |field: &str,
+                              v: Option<Vec<String>>,
+                              default: &[FlowersSplit]|
+                 -> Result<Vec<FlowersSplit>, Invalid> {
                     let Some(v) = v else { return Ok(default.to_vec()) };
                     if v.is_empty() {
                         return err(field, "must list at least one of train, val, test");
@@ -662,7 +681,10 @@ impl RawDataset {
                 let train_split = splits("dataset.train_split", self.train_split, &[FlowersSplit::Test])?;
                 let val_split = splits("dataset.val_split", self.val_split, &[FlowersSplit::Train, FlowersSplit::Val])?;
                 if let Some(s) = val_split.iter().find(|s| train_split.contains(s)) {
-                    return err("dataset.val_split", format!("split `{}` is also a training split; validation must use other images", s.name()));
+                    return err(
+                        "dataset.val_split",
+                        format!("split `{}` is also a training split; validation must use other images", s.name()),
+                    );
                 }
                 DatasetSpec::Flowers102 { root: root(self.root)?, train_split, val_split, image_size }
             }
@@ -675,9 +697,14 @@ impl RawModel {
         let weights = match self.weights.as_deref() {
             None | Some("none") => Weights::None,
             Some("imagenet") => Weights::ImageNet,
-            Some(path) if path.ends_with(".safetensors") && path.len() > ".safetensors".len() => Weights::File(path.to_string()),
+            Some(path) if path.ends_with(".safetensors") && path.len() > ".safetensors".len() => {
+                Weights::File(path.to_string())
+            }
             Some(other) => {
-                return err("model.weights", format!("must be `none`, `imagenet` or a path to a .safetensors file, got `{other}`"));
+                return err(
+                    "model.weights",
+                    format!("must be `none`, `imagenet` or a path to a .safetensors file, got `{other}`"),
+                );
             }
         };
         Ok(ModelSpec { weights })
@@ -692,15 +719,32 @@ impl RawTraining {
                 let d = Augment::default();
                 Augment {
                     hflip: a.hflip.unwrap_or(d.hflip),
-                    rotation_deg: non_negative_float("training.augment.rotation_deg", a.rotation_deg.unwrap_or(d.rotation_deg), 180.0)?,
-                    shear_deg: non_negative_float("training.augment.shear_deg", a.shear_deg.unwrap_or(d.shear_deg), 60.0)?,
-                    color_jitter: non_negative_float("training.augment.color_jitter", a.color_jitter.unwrap_or(d.color_jitter), 1.0)?,
+                    rotation_deg: non_negative_float(
+                        "training.augment.rotation_deg",
+                        a.rotation_deg.unwrap_or(d.rotation_deg),
+                        180.0,
+                    )?,
+                    shear_deg: non_negative_float(
+                        "training.augment.shear_deg",
+                        a.shear_deg.unwrap_or(d.shear_deg),
+                        60.0,
+                    )?,
+                    color_jitter: non_negative_float(
+                        "training.augment.color_jitter",
+                        a.color_jitter.unwrap_or(d.color_jitter),
+                        1.0,
+                    )?,
                 }
             }
         };
         Ok(TrainingSpec {
             batch_size: positive_int("training.batch_size", self.batch_size.unwrap_or(32), 65_536)?,
-            optimizer: one_of("training.optimizer", "optimizer", self.optimizer.as_deref().unwrap_or("adam"), &Optimizer::ALL)?,
+            optimizer: one_of(
+                "training.optimizer",
+                "optimizer",
+                self.optimizer.as_deref().unwrap_or("adam"),
+                &Optimizer::ALL,
+            )?,
             weight_decay: non_negative_float("training.weight_decay", self.weight_decay.unwrap_or(0.0), 1.0)?,
             seed: seed("training.seed", self.seed.unwrap_or(0))?,
             feature_extraction_lr: positive_float(
@@ -752,7 +796,10 @@ impl RawGrid {
         for (i, pair) in self.epoch_split.iter().enumerate() {
             let field = format!("grid.epoch_split[{i}]");
             if pair.len() != 2 {
-                return err(field, format!("must be [feature-extraction epochs, fine-tuning epochs], got {} numbers", pair.len()));
+                return err(
+                    field,
+                    format!("must be [feature-extraction epochs, fine-tuning epochs], got {} numbers", pair.len()),
+                );
             }
             let fe = positive_int(&format!("{field}[0]"), pair[0], 100_000)?;
             let ft = positive_int(&format!("{field}[1]"), pair[1], 100_000)?;
@@ -800,7 +847,12 @@ impl RawLrDecay {
                 forbid("final_lr", self.final_lr.is_some())?;
                 let factor = self.factor.unwrap_or(3.0);
                 if !factor.is_finite() || factor < 1.0 {
-                    return err(format!("{field}.factor"), format!("must be a number of at least 1 (the learning rate is divided by it at each layer group), got {factor}"));
+                    return err(
+                        format!("{field}.factor"),
+                        format!(
+                            "must be a number of at least 1 (the learning rate is divided by it at each layer group), got {factor}"
+                        ),
+                    );
                 }
                 Ok(LrDecay::Exponential { head_lr, factor })
             }

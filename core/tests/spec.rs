@@ -106,7 +106,13 @@ fn unknown_keys() {
 #[test]
 fn wrong_types() {
     assert_error(&GOOD.replace("classes: 4", "classes: four"), 4, 12, "dataset.classes", "invalid type");
-    assert_error(&GOOD.replace("backbone: [resnet18, resnet50]", "backbone: resnet18"), 6, 13, "grid.backbone", "invalid type");
+    assert_error(
+        &GOOD.replace("backbone: [resnet18, resnet50]", "backbone: resnet18"),
+        6,
+        13,
+        "grid.backbone",
+        "invalid type",
+    );
     assert_error(&GOOD.replace("head_lr: 1.0e-3", "head_lr: fast"), 8, 36, "grid.lr_decay[0].head_lr", "invalid type");
     assert_error(&format!("{GOOD}training: {{ batch_size: 3.5 }}\n"), 10, 25, "training.batch_size", "invalid type");
     assert_error("- a\n- b\n", 1, 1, "", "invalid type");
@@ -131,18 +137,31 @@ fn missing_fields() {
 fn empty_lists() {
     assert_error(&GOOD.replace("[resnet18, resnet50]", "[]"), 6, 3, "grid.backbone", "at least one");
     assert_error(&GOOD.replace("[[2, 1], [1, 2]]", "[]"), 9, 3, "grid.epoch_split", "at least one");
-    let text = GOOD.replace("  lr_decay:\n    - { strategy: linear, head_lr: 1.0e-3, final_lr: 1.0e-6 }\n", "  lr_decay: []\n");
+    let text = GOOD
+        .replace("  lr_decay:\n    - { strategy: linear, head_lr: 1.0e-3, final_lr: 1.0e-6 }\n", "  lr_decay: []\n");
     assert_error(&text, 7, 3, "grid.lr_decay", "at least one");
 }
 
 #[test]
 fn zero_or_negative_numbers() {
-    assert_error(&GOOD.replace("[[2, 1], [1, 2]]", "[[2, 1], [0, 2]]"), 9, 26, "grid.epoch_split[1][0]", "at least 1, got 0");
+    assert_error(
+        &GOOD.replace("[[2, 1], [1, 2]]", "[[2, 1], [0, 2]]"),
+        9,
+        26,
+        "grid.epoch_split[1][0]",
+        "at least 1, got 0",
+    );
     assert_error(&GOOD.replace("[[2, 1], [1, 2]]", "[[2, -1]]"), 9, 21, "grid.epoch_split[0][1]", "at least 1, got -1");
     assert_error(&GOOD.replace("[[2, 1], [1, 2]]", "[[2, 1, 3]]"), 9, 17, "grid.epoch_split[0]", "got 3 numbers");
     assert_error(&format!("{GOOD}training:\n  batch_size: 0\n"), 11, 15, "training.batch_size", "at least 1, got 0");
     assert_error(&GOOD.replace("head_lr: 1.0e-3", "head_lr: 0"), 8, 36, "grid.lr_decay[0].head_lr", "greater than 0");
-    assert_error(&GOOD.replace("final_lr: 1.0e-6", "final_lr: -1.0e-6"), 8, 54, "grid.lr_decay[0].final_lr", "greater than 0");
+    assert_error(
+        &GOOD.replace("final_lr: 1.0e-6", "final_lr: -1.0e-6"),
+        8,
+        54,
+        "grid.lr_decay[0].final_lr",
+        "greater than 0",
+    );
     assert_error(
         &format!("{GOOD}training:\n  feature_extraction: {{ lr: -0.1 }}\n"),
         11,
@@ -158,7 +177,13 @@ fn zero_or_negative_numbers() {
         "greater than 0",
     );
     assert_error(&GOOD.replace("classes: 4", "classes: 0"), 4, 12, "dataset.classes", "at least 1");
-    assert_error(&format!("{GOOD}resources: {{ gpus_per_trial: 0 }}\n"), 10, 30, "resources.gpus_per_trial", "at least 1");
+    assert_error(
+        &format!("{GOOD}resources: {{ gpus_per_trial: 0 }}\n"),
+        10,
+        30,
+        "resources.gpus_per_trial",
+        "at least 1",
+    );
     assert_error(&format!("{GOOD}retries: {{ max_attempts: -2 }}\n"), 10, 26, "retries.max_attempts", "at least 1");
     assert_error(&format!("{GOOD}training: {{ weight_decay: -1 }}\n"), 10, 27, "training.weight_decay", "at least 0");
 }
@@ -175,20 +200,50 @@ fn unknown_backbone_lists_the_valid_ones() {
 
 #[test]
 fn unknown_strategy_lists_the_valid_ones() {
-    assert_error(&GOOD.replace("strategy: linear", "strategy: cosine"), 8, 19, "grid.lr_decay[0].strategy", "unknown strategy `cosine`; valid: linear, exponential");
-    assert_error(&GOOD.replace("final_lr: 1.0e-6", "factor: 2"), 8, 52, "grid.lr_decay[0].factor", "not a setting of strategy `linear`");
+    assert_error(
+        &GOOD.replace("strategy: linear", "strategy: cosine"),
+        8,
+        19,
+        "grid.lr_decay[0].strategy",
+        "unknown strategy `cosine`; valid: linear, exponential",
+    );
+    assert_error(
+        &GOOD.replace("final_lr: 1.0e-6", "factor: 2"),
+        8,
+        52,
+        "grid.lr_decay[0].factor",
+        "not a setting of strategy `linear`",
+    );
 }
 
 #[test]
 fn other_impossible_values() {
-    assert_error(&GOOD.replace("kind: synthetic", "kind: imagenet"), 3, 9, "dataset.kind", "valid: synthetic, image_folder, flowers102");
+    assert_error(
+        &GOOD.replace("kind: synthetic", "kind: imagenet"),
+        3,
+        9,
+        "dataset.kind",
+        "valid: synthetic, image_folder, flowers102",
+    );
     assert_error(&format!("{GOOD}model: {{ weights: resnet.pth }}\n"), 10, 19, "model.weights", ".safetensors");
     assert_error(&format!("{GOOD}training: {{ optimizer: sgd }}\n"), 10, 24, "training.optimizer", "valid: adam");
-    assert_error(&GOOD.replace("[resnet18, resnet50]", "[resnet18, resnet18]"), 6, 24, "grid.backbone[1]", "listed twice");
+    assert_error(
+        &GOOD.replace("[resnet18, resnet50]", "[resnet18, resnet18]"),
+        6,
+        24,
+        "grid.backbone[1]",
+        "listed twice",
+    );
     assert_error(&GOOD.replace("classes: 4", "classes: 4\n  image_size: 16"), 5, 15, "dataset.image_size", "too small");
     let flowers = "name: f\ndataset:\n  kind: flowers102\n  root: /d\n  train_split: [train]\n  val_split: [val, train]\ngrid: {backbone: [resnet18], lr_decay: [{strategy: linear}], epoch_split: [[1, 1]]}\n";
     assert_error(flowers, 6, 3, "dataset.val_split", "also a training split");
-    assert_error(&flowers.replace("[val, train]", "[validation]"), 6, 15, "dataset.val_split[0]", "unknown split `validation`");
+    assert_error(
+        &flowers.replace("[val, train]", "[validation]"),
+        6,
+        15,
+        "dataset.val_split[0]",
+        "unknown split `validation`",
+    );
 }
 
 #[test]
@@ -201,7 +256,8 @@ fn grid_over_the_limit() {
 
     // The default limit is 10,000.
     let splits: Vec<String> = (1..=2001).map(|i| format!("[{i}, 1]")).collect();
-    let big = GOOD.replace("[[2, 1], [1, 2]]", &format!("[{}]", splits.join(", ")))
+    let big = GOOD
+        .replace("[[2, 1], [1, 2]]", &format!("[{}]", splits.join(", ")))
         .replace("[resnet18, resnet50]", "[resnet18, resnet50, resnet34, resnet101, resnet152]");
     let e = error(&big);
     assert!(e.message.contains("10005 trials") && e.message.contains("limit of 10000"), "{e}");
@@ -216,7 +272,15 @@ fn errors_display_line_column_and_field() {
 #[test]
 fn garbage_never_panics() {
     for text in [
-        "\0", "{", "[", "name: [", ": :", "&a [*a]", "name: &x t\ndataset: *x\n", "!!binary foo", "---\n---\n",
+        "\0",
+        "{",
+        "[",
+        "name: [",
+        ": :",
+        "&a [*a]",
+        "name: &x t\ndataset: *x\n",
+        "!!binary foo",
+        "---\n---\n",
         "name: t\ndataset: {kind: synthetic}\ngrid: {backbone: [resnet18], lr_decay: [{strategy: linear}], epoch_split: [[1e99, 1]]}\n",
         "name: t\ndataset: {kind: synthetic, classes: 99999999999999999999999}\n",
     ] {

@@ -100,7 +100,9 @@ mod tests {
 
     #[test]
     fn lr_decay_round_trips() {
-        for d in [LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 }, LrDecay::Exponential { head_lr: 1e-4, factor: 3.0 }] {
+        for d in
+            [LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 }, LrDecay::Exponential { head_lr: 1e-4, factor: 3.0 }]
+        {
             assert_eq!(LrDecay::try_from(&v1::LrDecay::from(&d)), Ok(d));
         }
         let bad = v1::LrDecay { strategy: "cosine".into(), ..Default::default() };

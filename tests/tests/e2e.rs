@@ -25,11 +25,19 @@ fn validate_rejects_every_kind_of_bad_spec_with_file_line_and_column() {
         ("syntax", good.replace("classes: 3,", "classes: 3,,"), ":2:"),
         ("unknown-key", format!("{good}colour: red\n"), ":12:1: unknown field `colour`"),
         ("wrong-type", good.replace("batch_size: 8", "batch_size: eight"), ":4:15: training.batch_size: invalid type"),
-        ("empty-list", good.replace("backbone: [resnet18]", "backbone: []"), ":7:3: grid.backbone: must list at least one"),
+        (
+            "empty-list",
+            good.replace("backbone: [resnet18]", "backbone: []"),
+            ":7:3: grid.backbone: must list at least one",
+        ),
         ("zero-epochs", good.replace("[[1, 1], [2, 1]]", "[[1, 1], [2, 0]]"), ":10:29: grid.epoch_split[1][1]"),
         ("negative-lr", good.replace("head_lr: 1.0e-3", "head_lr: -1.0e-3"), ":9:41: grid.lr_decay[0].head_lr"),
         ("zero-batch", good.replace("batch_size: 8", "batch_size: 0"), ":4:15: training.batch_size"),
-        ("unknown-backbone", good.replace("[resnet18]", "[resnet19]"), "unknown backbone `resnet19`; valid: resnet18, resnet34"),
+        (
+            "unknown-backbone",
+            good.replace("[resnet18]", "[resnet19]"),
+            "unknown backbone `resnet19`; valid: resnet18, resnet34",
+        ),
         ("unknown-strategy", good.replace("strategy: exponential", "strategy: cosine"), "unknown strategy `cosine`"),
         ("empty-file", String::new(), ":1:1: the spec is empty"),
         ("missing-field", good.replace("name: tiny\n", ""), "missing field `name`"),
@@ -90,7 +98,11 @@ fn real_processes_complete_a_sweep_and_the_leaderboard_comes_back_over_grpc() {
             .unwrap()
             .into_inner();
         let state = s.sweep.as_ref().unwrap().state.clone();
-        assert!(state != "failed", "sweep failed: {s:?}\nworker log:\n{}", std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default());
+        assert!(
+            state != "failed",
+            "sweep failed: {s:?}\nworker log:\n{}",
+            std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default()
+        );
         (state == "completed").then_some(s)
     });
     assert_eq!(status.trials.len(), 2);
@@ -98,7 +110,9 @@ fn real_processes_complete_a_sweep_and_the_leaderboard_comes_back_over_grpc() {
 
     // The leaderboard over gRPC, computed from stored metrics.
     let board = rt
-        .block_on(async { client(&url).await.get_leaderboard(v1::GetLeaderboardRequest { sweep_id: id.clone() }).await })
+        .block_on(async {
+            client(&url).await.get_leaderboard(v1::GetLeaderboardRequest { sweep_id: id.clone() }).await
+        })
         .unwrap()
         .into_inner();
     assert_eq!(board.entries.len(), 2);
@@ -126,7 +140,9 @@ fn real_processes_complete_a_sweep_and_the_leaderboard_comes_back_over_grpc() {
     assert!(out.status.success(), "{}", stderr(&out));
     let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
     let first = &json[0];
-    for key in ["trial", "backbone", "lr_decay", "epoch_split", "state", "fe_val_accuracy", "best_val_accuracy", "best_epoch"] {
+    for key in
+        ["trial", "backbone", "lr_decay", "epoch_split", "state", "fe_val_accuracy", "best_val_accuracy", "best_epoch"]
+    {
         assert!(first.get(key).is_some(), "leaderboard json lacks `{key}`: {first}");
     }
     assert_eq!(first["lr_decay"]["strategy"], "exponential");
@@ -142,12 +158,19 @@ fn real_processes_complete_a_sweep_and_the_leaderboard_comes_back_over_grpc() {
         .block_on(async {
             client(&url)
                 .await
-                .submit_sweep(v1::SubmitSweepRequest { spec_yaml: TINY_SPEC.replace("[resnet18]", "[nope]"), source: "wire.yaml".into() })
+                .submit_sweep(v1::SubmitSweepRequest {
+                    spec_yaml: TINY_SPEC.replace("[resnet18]", "[nope]"),
+                    source: "wire.yaml".into(),
+                })
                 .await
         })
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().starts_with("wire.yaml:7:14: grid.backbone[0]: unknown backbone `nope`"), "{}", err.message());
+    assert!(
+        err.message().starts_with("wire.yaml:7:14: grid.backbone[0]: unknown backbone `nope`"),
+        "{}",
+        err.message()
+    );
     // Unknown ids.
     let err = rt
         .block_on(async { client(&url).await.get_sweep(v1::GetSweepRequest { sweep_id: "nope".into() }).await })

@@ -49,10 +49,7 @@ fn main() -> ExitCode {
     }
     let device = tch::Device::cuda_if_available();
     let options = TrainOptions::new(device);
-    println!(
-        "device {device:?}, {} intra-op thread(s)",
-        tch::get_num_threads()
-    );
+    println!("device {device:?}, {} intra-op thread(s)", tch::get_num_threads());
     let start = std::time::Instant::now();
     let mut failed = false;
     for trial in grid::expand(&spec.grid) {
@@ -60,13 +57,7 @@ fn main() -> ExitCode {
             continue;
         }
         let t0 = std::time::Instant::now();
-        println!(
-            "{} {} {} {}",
-            trial.id,
-            trial.backbone.name(),
-            trial.lr_decay,
-            trial.split_label()
-        );
+        println!("{} {} {} {}", trial.id, trial.backbone.name(), trial.lr_decay, trial.split_label());
         let result = train::run_trial(&spec, &trial, &options, &mut |r| {
             let m = r.metrics;
             println!(
@@ -82,28 +73,13 @@ fn main() -> ExitCode {
             Control::Continue
         });
         match result {
-            Ok(s) => println!(
-                "  done in {:.1}s, {} parameters",
-                t0.elapsed().as_secs_f64(),
-                s.parameters
-            ),
+            Ok(s) => println!("  done in {:.1}s, {} parameters", t0.elapsed().as_secs_f64(), s.parameters),
             Err(e) => {
                 failed = true;
-                println!(
-                    "  failed ({}): {e}",
-                    if e.is_permanent() {
-                        "permanent"
-                    } else {
-                        "retryable"
-                    }
-                );
+                println!("  failed ({}): {e}", if e.is_permanent() { "permanent" } else { "retryable" });
             }
         }
     }
     println!("total {:.1}s", start.elapsed().as_secs_f64());
-    if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }

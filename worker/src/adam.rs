@@ -37,12 +37,7 @@ pub struct AdamConfig {
 impl Default for AdamConfig {
     /// PyTorch's defaults: betas (0.9, 0.999), eps 1e-8, no weight decay.
     fn default() -> Self {
-        AdamConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
+        AdamConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
     }
 }
 
@@ -79,18 +74,10 @@ pub struct Adam {
 
 impl Adam {
     /// An optimiser over `(name, parameter, learning rate)` triples.
-    pub fn new(
-        params: impl IntoIterator<Item = (String, Tensor, f64)>,
-        config: AdamConfig,
-    ) -> Adam {
+    pub fn new(params: impl IntoIterator<Item = (String, Tensor, f64)>, config: AdamConfig) -> Adam {
         let params = params
             .into_iter()
-            .map(|(name, tensor, lr)| AdamParam {
-                name,
-                tensor: tensor.shallow_clone(),
-                lr,
-                state: None,
-            })
+            .map(|(name, tensor, lr)| AdamParam { name, tensor: tensor.shallow_clone(), lr, state: None })
             .collect();
         Adam { config, params }
     }
@@ -119,12 +106,7 @@ impl Adam {
 
     /// One Adam update of every parameter that has a gradient.
     pub fn step(&mut self) -> Result<(), TchError> {
-        let AdamConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.config;
+        let AdamConfig { beta1, beta2, eps, weight_decay } = self.config;
         tch::no_grad(|| {
             for p in &mut self.params {
                 let grad = p.tensor.grad();
@@ -140,17 +122,11 @@ impl Adam {
                     }),
                 };
                 state.step += 1;
-                let grad = if weight_decay != 0.0 {
-                    grad.f_add(&p.tensor.f_mul_scalar(weight_decay)?)?
-                } else {
-                    grad
-                };
+                let grad = if weight_decay != 0.0 { grad.f_add(&p.tensor.f_mul_scalar(weight_decay)?)? } else { grad };
                 let _ = state.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
                 // addcmul_(grad, grad, value=v) computes self + (v * grad) * grad.
                 let _ = state.exp_avg_sq.f_mul_scalar_(beta2)?;
-                let _ = state
-                    .exp_avg_sq
-                    .f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
+                let _ = state.exp_avg_sq.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
                 let step = state.step as f64;
                 let bias_correction1 = 1.0 - beta1.powf(step);
                 let bias_correction2 = 1.0 - beta2.powf(step);
@@ -160,9 +136,7 @@ impl Adam {
                 let _ = denom.f_div_scalar_(bias_correction2_sqrt)?;
                 let _ = denom.f_add_scalar_(eps)?;
                 // addcdiv_(exp_avg, denom, value=-s) computes self + (-s * exp_avg) / denom.
-                let _ = p
-                    .tensor
-                    .f_addcdiv_(&state.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
+                let _ = p.tensor.f_addcdiv_(&state.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
             }
             Ok(())
         })
@@ -178,13 +152,8 @@ mod tests {
     fn run(lr: f64, weight_decay: f64) -> Vec<Vec<f32>> {
         let w = Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0]).set_requires_grad(true);
         let c = Tensor::from_slice(&[0.5f32, 1.5, 2.0, 0.1]);
-        let mut opt = Adam::new(
-            [("w".to_string(), w.shallow_clone(), lr)],
-            AdamConfig {
-                weight_decay,
-                ..Default::default()
-            },
-        );
+        let mut opt =
+            Adam::new([("w".to_string(), w.shallow_clone(), lr)], AdamConfig { weight_decay, ..Default::default() });
         let mut out = Vec::new();
         for _ in 0..3 {
             opt.zero_grad();
@@ -207,46 +176,16 @@ mod tests {
     // LR = 0.1, WD = 0.0 (the digits are the exact float32 values, as Python printed them):
     #[allow(clippy::excessive_precision)]
     const TORCH_LR_0_1: [[f32; 4]; 3] = [
-        [
-            0.9000000357627869,
-            -1.899999976158142,
-            0.4000000059604645,
-            2.9000000953674316,
-        ],
-        [
-            0.8001665472984314,
-            -1.8002089262008667,
-            0.30062559247016907,
-            2.800034761428833,
-        ],
-        [
-            0.7006234526634216,
-            -1.7007863521575928,
-            0.20245665311813354,
-            2.7001280784606934,
-        ],
+        [0.9000000357627869, -1.899999976158142, 0.4000000059604645, 2.9000000953674316],
+        [0.8001665472984314, -1.8002089262008667, 0.30062559247016907, 2.800034761428833],
+        [0.7006234526634216, -1.7007863521575928, 0.20245665311813354, 2.7001280784606934],
     ];
     // LR = 0.01, WD = 0.1:
     #[allow(clippy::excessive_precision)]
     const TORCH_LR_0_01_WD: [[f32; 4]; 3] = [
-        [
-            0.9900000095367432,
-            -1.9900000095367432,
-            0.49000000953674316,
-            2.990000009536743,
-        ],
-        [
-            0.9800013899803162,
-            -1.9800015687942505,
-            0.4800037741661072,
-            2.9800004959106445,
-        ],
-        [
-            0.9700051546096802,
-            -1.9700058698654175,
-            0.4700138568878174,
-            2.970001697540283,
-        ],
+        [0.9900000095367432, -1.9900000095367432, 0.49000000953674316, 2.990000009536743],
+        [0.9800013899803162, -1.9800015687942505, 0.4800037741661072, 2.9800004959106445],
+        [0.9700051546096802, -1.9700058698654175, 0.4700138568878174, 2.970001697540283],
     ];
 
     fn assert_matches(got: &[Vec<f32>], want: &[[f32; 4]; 3]) {
@@ -279,25 +218,16 @@ mod tests {
         let a = Tensor::from_slice(&[1.0f32, -1.0]).set_requires_grad(true);
         let b = Tensor::from_slice(&[5.0f32]).set_requires_grad(true);
         let mut opt = Adam::new(
-            [
-                ("a".to_string(), a.shallow_clone(), 0.5),
-                ("b".to_string(), b.shallow_clone(), 0.5),
-            ],
+            [("a".to_string(), a.shallow_clone(), 0.5), ("b".to_string(), b.shallow_clone(), 0.5)],
             AdamConfig::default(),
         );
         (&a * 3.0).sum(Kind::Float).backward();
         opt.step().unwrap();
         let got = Vec::<f32>::try_from(&a.detach()).unwrap();
-        assert!(
-            (got[0] - 0.5).abs() < 1e-6 && (got[1] + 1.5).abs() < 1e-6,
-            "{got:?}"
-        );
+        assert!((got[0] - 0.5).abs() < 1e-6 && (got[1] + 1.5).abs() < 1e-6, "{got:?}");
         assert_eq!(Vec::<f32>::try_from(&b.detach()).unwrap(), vec![5.0]);
         assert_eq!(opt.params()[0].state.as_ref().map(|s| s.step), Some(1));
         assert!(opt.params()[1].state.is_none());
-        assert_eq!(
-            opt.params()[0].state.as_ref().unwrap().exp_avg.device(),
-            Device::Cpu
-        );
+        assert_eq!(opt.params()[0].state.as_ref().unwrap().exp_avg.device(), Device::Cpu);
     }
 }

@@ -38,35 +38,22 @@ impl SampleParams {
     /// Draws one sample's parameters (always six draws, in a fixed order).
     pub fn draw(aug: &Augment, rng: &mut Rng) -> SampleParams {
         let flip = rng.bernoulli(0.5);
-        let rotation = rng
-            .uniform_in(-aug.rotation_deg, aug.rotation_deg)
-            .to_radians();
+        let rotation = rng.uniform_in(-aug.rotation_deg, aug.rotation_deg).to_radians();
         let shear = rng.uniform_in(-aug.shear_deg, aug.shear_deg).to_radians();
         let j = aug.color_jitter;
         let mut factor = || rng.uniform_in((1.0 - j).max(0.0), 1.0 + j);
         let (brightness, contrast, saturation) = (factor(), factor(), factor());
-        SampleParams {
-            flip: aug.hflip && flip,
-            rotation,
-            shear,
-            brightness,
-            contrast,
-            saturation,
-        }
+        SampleParams { flip: aug.hflip && flip, rotation, shear, brightness, contrast, saturation }
     }
 }
 
 fn channel_tensor(v: [f32; 3], device: Device) -> Result<Tensor, TchError> {
-    Tensor::f_from_slice(&v)?
-        .f_view([1, 3, 1, 1])?
-        .f_to_device(device)
+    Tensor::f_from_slice(&v)?.f_view([1, 3, 1, 1])?.f_to_device(device)
 }
 
 /// `[N]` values as a `[N, 1, 1, 1]` float tensor on `device`.
 fn per_sample(v: &[f32], device: Device) -> Result<Tensor, TchError> {
-    Tensor::f_from_slice(v)?
-        .f_view([-1, 1, 1, 1])?
-        .f_to_device(device)
+    Tensor::f_from_slice(v)?.f_view([-1, 1, 1, 1])?.f_to_device(device)
 }
 
 /// uint8 images to float in `[0, 1]`.
@@ -77,18 +64,13 @@ pub fn to_unit(images: &Tensor) -> Result<Tensor, TchError> {
 /// ImageNet mean/std normalisation of a float `[N, 3, H, W]` batch in `[0, 1]`.
 pub fn normalize(images: &Tensor) -> Result<Tensor, TchError> {
     let d = images.device();
-    images
-        .f_sub(&channel_tensor(IMAGENET_MEAN, d)?)?
-        .f_div(&channel_tensor(IMAGENET_STD, d)?)
+    images.f_sub(&channel_tensor(IMAGENET_MEAN, d)?)?.f_div(&channel_tensor(IMAGENET_STD, d)?)
 }
 
 /// ITU-R 601-2 luma (torchvision's `rgb_to_grayscale`): `[N, 3, H, W]` → `[N, 1, H, W]`.
 fn grayscale(x: &Tensor) -> Result<Tensor, TchError> {
-    let w = Tensor::f_from_slice(&[0.299f32, 0.587, 0.114])?
-        .f_view([1, 3, 1, 1])?
-        .f_to_device(x.device())?;
-    x.f_mul(&w)?
-        .f_sum_dim_intlist([1i64].as_slice(), true, Kind::Float)
+    let w = Tensor::f_from_slice(&[0.299f32, 0.587, 0.114])?.f_view([1, 3, 1, 1])?.f_to_device(x.device())?;
+    x.f_mul(&w)?.f_sum_dim_intlist([1i64].as_slice(), true, Kind::Float)
 }
 
 /// Augments a float batch in `[0, 1]` with the given per-sample parameters; the result is in
@@ -97,19 +79,13 @@ fn grayscale(x: &Tensor) -> Result<Tensor, TchError> {
 pub fn apply(images: &Tensor, aug: &Augment, params: &[SampleParams]) -> Result<Tensor, TchError> {
     let size = images.size();
     if size.len() != 4 || size[0] != params.len() as i64 {
-        return Err(TchError::Shape(format!(
-            "augment: batch of shape {size:?} with {} parameter sets",
-            params.len()
-        )));
+        return Err(TchError::Shape(format!("augment: batch of shape {size:?} with {} parameter sets", params.len())));
     }
     let d = images.device();
     let mut x = images.shallow_clone();
     if aug.hflip && params.iter().any(|p| p.flip) {
         let mask: Vec<u8> = params.iter().map(|p| p.flip as u8).collect();
-        let mask = Tensor::f_from_slice(&mask)?
-            .f_view([-1, 1, 1, 1])?
-            .f_to_device(d)?
-            .f_to_kind(Kind::Bool)?;
+        let mask = Tensor::f_from_slice(&mask)?.f_view([-1, 1, 1, 1])?.f_to_device(d)?.f_to_kind(Kind::Bool)?;
         x = x.f_flip([3])?.f_where_self(&mask, &x)?;
     }
     if aug.rotation_deg > 0.0 || aug.shear_deg > 0.0 {
@@ -119,18 +95,9 @@ pub fn apply(images: &Tensor, aug: &Augment, params: &[SampleParams]) -> Result<
         for p in params {
             let (s, c) = p.rotation.sin_cos();
             let t = p.shear.tan();
-            theta.extend_from_slice(&[
-                c as f32,
-                (c * t - s) as f32,
-                0.0,
-                s as f32,
-                (s * t + c) as f32,
-                0.0,
-            ]);
+            theta.extend_from_slice(&[c as f32, (c * t - s) as f32, 0.0, s as f32, (s * t + c) as f32, 0.0]);
         }
-        let theta = Tensor::f_from_slice(&theta)?
-            .f_view([-1, 2, 3])?
-            .f_to_device(d)?;
+        let theta = Tensor::f_from_slice(&theta)?.f_view([-1, 2, 3])?.f_to_device(d)?;
         let grid = Tensor::f_affine_grid_generator(&theta, size.as_slice(), false)?;
         // interpolation 0 = bilinear, padding 0 = zeros.
         x = x.f_grid_sampler(&grid, 0, 0, false)?;
@@ -144,17 +111,11 @@ pub fn apply(images: &Tensor, aug: &Augment, params: &[SampleParams]) -> Result<
         // Contrast: blend with the mean of the grayscale image.
         let c = per_sample(&c, d)?;
         let mean = grayscale(&x)?.f_mean_dim([1i64, 2, 3].as_slice(), true, Kind::Float)?;
-        x = x
-            .f_mul(&c)?
-            .f_add(&mean.f_mul(&c.f_neg()?.f_add_scalar(1.0)?)?)?
-            .f_clamp(0.0, 1.0)?;
+        x = x.f_mul(&c)?.f_add(&mean.f_mul(&c.f_neg()?.f_add_scalar(1.0)?)?)?.f_clamp(0.0, 1.0)?;
         // Saturation: blend with the grayscale image.
         let s = per_sample(&s, d)?;
         let gray = grayscale(&x)?;
-        x = x
-            .f_mul(&s)?
-            .f_add(&gray.f_mul(&s.f_neg()?.f_add_scalar(1.0)?)?)?
-            .f_clamp(0.0, 1.0)?;
+        x = x.f_mul(&s)?.f_add(&gray.f_mul(&s.f_neg()?.f_add_scalar(1.0)?)?)?.f_clamp(0.0, 1.0)?;
     }
     Ok(x)
 }
@@ -186,35 +147,20 @@ mod tests {
     fn none_is_the_identity_before_normalisation() {
         let x = to_unit(&batch(4, 16)).unwrap();
         let mut rng = Rng::new(1);
-        let params: Vec<_> = (0..4)
-            .map(|_| SampleParams::draw(&Augment::NONE, &mut rng))
-            .collect();
+        let params: Vec<_> = (0..4).map(|_| SampleParams::draw(&Augment::NONE, &mut rng)).collect();
         let y = apply(&x, &Augment::NONE, &params).unwrap();
         assert!(y.equal(&x));
         // And train_batch with NONE is exactly eval_batch.
         let u = batch(4, 16);
-        assert!(
-            train_batch(&u, &Augment::NONE, &mut Rng::new(2))
-                .unwrap()
-                .equal(&eval_batch(&u).unwrap())
-        );
+        assert!(train_batch(&u, &Augment::NONE, &mut Rng::new(2)).unwrap().equal(&eval_batch(&u).unwrap()));
     }
 
     #[test]
     fn flip_mirrors_exactly_the_chosen_samples() {
         let x = to_unit(&batch(3, 8)).unwrap();
-        let aug = Augment {
-            hflip: true,
-            ..Augment::NONE
-        };
-        let p = |flip| SampleParams {
-            flip,
-            rotation: 0.0,
-            shear: 0.0,
-            brightness: 1.0,
-            contrast: 1.0,
-            saturation: 1.0,
-        };
+        let aug = Augment { hflip: true, ..Augment::NONE };
+        let p =
+            |flip| SampleParams { flip, rotation: 0.0, shear: 0.0, brightness: 1.0, contrast: 1.0, saturation: 1.0 };
         let y = apply(&x, &aug, &[p(true), p(false), p(true)]).unwrap();
         assert!(y.get(0).equal(&x.get(0).flip([2])));
         assert!(y.get(1).equal(&x.get(1)));
@@ -234,10 +180,7 @@ mod tests {
     #[test]
     fn zero_angle_warp_is_close_to_identity_and_rotation_changes_pixels() {
         let x = to_unit(&batch(2, 16)).unwrap();
-        let aug = Augment {
-            rotation_deg: 10.0,
-            ..Augment::NONE
-        };
+        let aug = Augment { rotation_deg: 10.0, ..Augment::NONE };
         let p = |rotation| SampleParams {
             flip: false,
             rotation,
@@ -249,44 +192,21 @@ mod tests {
         let y = apply(&x, &aug, &[p(0.0), p(0.3)]).unwrap();
         let d0 = (y.get(0) - x.get(0)).abs().max().double_value(&[]);
         assert!(d0 < 1e-5, "identity warp moved pixels by {d0}");
-        let d1 = (y.get(1) - x.get(1))
-            .abs()
-            .mean(Kind::Float)
-            .double_value(&[]);
+        let d1 = (y.get(1) - x.get(1)).abs().mean(Kind::Float).double_value(&[]);
         assert!(d1 > 0.05, "rotation changed too little: {d1}");
     }
 
     #[test]
     fn jitter_stays_in_range_and_neutral_factors_keep_the_image() {
         let x = to_unit(&batch(2, 8)).unwrap();
-        let aug = Augment {
-            color_jitter: 0.4,
-            ..Augment::NONE
-        };
-        let neutral = SampleParams {
-            flip: false,
-            rotation: 0.0,
-            shear: 0.0,
-            brightness: 1.0,
-            contrast: 1.0,
-            saturation: 1.0,
-        };
-        let strong = SampleParams {
-            brightness: 1.4,
-            contrast: 0.6,
-            saturation: 1.4,
-            ..neutral
-        };
+        let aug = Augment { color_jitter: 0.4, ..Augment::NONE };
+        let neutral =
+            SampleParams { flip: false, rotation: 0.0, shear: 0.0, brightness: 1.0, contrast: 1.0, saturation: 1.0 };
+        let strong = SampleParams { brightness: 1.4, contrast: 0.6, saturation: 1.4, ..neutral };
         let y = apply(&x, &aug, &[neutral, strong]).unwrap();
         assert!((y.get(0) - x.get(0)).abs().max().double_value(&[]) < 1e-6);
         assert!(y.min().double_value(&[]) >= 0.0 && y.max().double_value(&[]) <= 1.0);
-        assert!(
-            (y.get(1) - x.get(1))
-                .abs()
-                .mean(Kind::Float)
-                .double_value(&[])
-                > 0.01
-        );
+        assert!((y.get(1) - x.get(1)).abs().mean(Kind::Float).double_value(&[]) > 0.01);
     }
 
     #[test]

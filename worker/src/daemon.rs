@@ -52,15 +52,9 @@ pub fn inventory() -> Vec<v1::Device> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .and_then(|r| r.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
         .unwrap_or_else(|| "CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let memory = meminfo
         .lines()
@@ -78,11 +72,7 @@ pub fn inventory() -> Vec<v1::Device> {
 
 /// The training device: `cuda:0` when CUDA is usable, else the CPU.
 pub fn default_device() -> tch::Device {
-    if tch::Cuda::is_available() {
-        tch::Device::Cuda(0)
-    } else {
-        tch::Device::Cpu
-    }
+    if tch::Cuda::is_available() { tch::Device::Cuda(0) } else { tch::Device::Cpu }
 }
 
 /// Parses `cpu` or `cuda:N`.
@@ -97,9 +87,7 @@ pub fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
                 .ok_or_else(|| anyhow!("device `{s}` is neither `cpu` nor `cuda:N`"))?;
             let count = tch::Cuda::device_count().max(0) as usize;
             if n >= count {
-                anyhow::bail!(
-                    "device {s} does not exist: this machine has {count} CUDA devices visible to libtorch"
-                );
+                anyhow::bail!("device {s} does not exist: this machine has {count} CUDA devices visible to libtorch");
             }
             Ok(tch::Device::Cuda(n))
         }
@@ -118,10 +106,7 @@ type Running = Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>>;
 
 /// Runs until `shutdown` resolves (then stops the running attempt, hands it back as retryable,
 /// and returns).
-pub async fn run(
-    options: DaemonOptions,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn run(options: DaemonOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let channel = Channel::from_shared(options.coordinator.clone())
         .map_err(|e| anyhow!("`{}` is not a coordinator URL: {e}", options.coordinator))?
         .connect_timeout(Duration::from_secs(5))
@@ -182,13 +167,7 @@ pub async fn run(
         let Some(assignment) = assignment else {
             continue;
         };
-        let attempt = run_attempt(
-            &session,
-            &options,
-            assignment,
-            running.clone(),
-            stopping.clone(),
-        );
+        let attempt = run_attempt(&session, &options, assignment, running.clone(), stopping.clone());
         tokio::pin!(attempt);
         tokio::select! {
             r = &mut attempt => r?,
@@ -207,10 +186,7 @@ pub async fn run(
     Ok(())
 }
 
-async fn register(
-    mut client: WorkerServiceClient<Channel>,
-    options: &DaemonOptions,
-) -> anyhow::Result<Session> {
+async fn register(mut client: WorkerServiceClient<Channel>, options: &DaemonOptions) -> anyhow::Result<Session> {
     let mut delay = Duration::from_millis(200);
     let started = Instant::now();
     loop {
@@ -231,10 +207,7 @@ async fn register(
                 });
             }
             Err(s) if s.code() == Code::InvalidArgument => {
-                return Err(anyhow!(
-                    "the coordinator refused this worker: {}",
-                    s.message()
-                ));
+                return Err(anyhow!("the coordinator refused this worker: {}", s.message()));
             }
             Err(s) => {
                 if started.elapsed() > Duration::from_secs(5) {
@@ -261,17 +234,8 @@ async fn heartbeat_loop(
     let mut tick = tokio::time::interval(ttl / 3);
     loop {
         tick.tick().await;
-        let ids: Vec<u64> = running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .copied()
-            .collect();
-        let request = v1::HeartbeatRequest {
-            worker_id: worker_id.clone(),
-            incarnation,
-            running_attempt_ids: ids,
-        };
+        let ids: Vec<u64> = running.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        let request = v1::HeartbeatRequest { worker_id: worker_id.clone(), incarnation, running_attempt_ids: ids };
         let stop: Vec<u64> = match client.heartbeat(request).await {
             Ok(r) => {
                 last_ok = Instant::now();
@@ -279,22 +243,12 @@ async fn heartbeat_loop(
             }
             Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
                 tracing::warn!(reason = %s.message(), "lease lost; stopping running attempts");
-                running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .keys()
-                    .copied()
-                    .collect()
+                running.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
             }
             Err(s) => {
                 if last_ok.elapsed() >= ttl {
                     tracing::warn!(reason = %s.message(), "coordinator unreachable for a whole heartbeat TTL; stopping running attempts");
-                    running
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .keys()
-                        .copied()
-                        .collect()
+                    running.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
                 } else {
                     Vec::new()
                 }
@@ -333,12 +287,7 @@ where
             Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
                 return Err(ReportError::Fenced(s.message().to_string()));
             }
-            Err(s)
-                if matches!(
-                    s.code(),
-                    Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted
-                ) =>
-            {
+            Err(s) if matches!(s.code(), Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted) => {
                 return Err(ReportError::Refused(s.message().to_string()));
             }
             Err(s) => {
@@ -363,19 +312,13 @@ async fn run_attempt(
     let attempt_id = a.attempt_id;
     tracing::info!(sweep = %a.sweep_id, trial = %a.trial_id, attempt = attempt_id, backbone = %a.backbone, "attempt started");
     let cancel = Arc::new(AtomicBool::new(false));
-    running
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(attempt_id, cancel.clone());
+    running.lock().unwrap_or_else(|p| p.into_inner()).insert(attempt_id, cancel.clone());
 
     let handle = tokio::runtime::Handle::current();
     let client = session.client.clone();
     let ttl = session.ttl;
-    let train_options = TrainOptions {
-        device: options.device,
-        weights_dir: options.weights_dir.clone(),
-        cancel: Some(cancel.clone()),
-    };
+    let train_options =
+        TrainOptions { device: options.device, weights_dir: options.weights_dir.clone(), cancel: Some(cancel.clone()) };
     let assignment = a.clone();
     // What stopped the trial from the reporting side, if anything.
     let report_failure: Arc<Mutex<Option<ReportError>>> = Arc::default();
@@ -405,16 +348,10 @@ async fn run_attempt(
         train::run_trial(&spec, &trial, &train_options, &mut on_epoch)
     })
     .await;
-    running
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&attempt_id);
+    running.lock().unwrap_or_else(|p| p.into_inner()).remove(&attempt_id);
 
     let wall_seconds = started.elapsed().as_secs_f64();
-    let report_failure = report_failure
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
+    let report_failure = report_failure.lock().unwrap_or_else(|p| p.into_inner()).take();
     let (outcome, class, message) = match (result, report_failure) {
         (_, Some(ReportError::Fenced(m))) => {
             tracing::warn!(attempt = attempt_id, reason = %m, "attempt is no longer ours; dropped");
@@ -424,37 +361,21 @@ async fn run_attempt(
             tracing::warn!(attempt = attempt_id, reason = %m, "coordinator unreachable; attempt abandoned");
             return Ok(());
         }
-        (_, Some(ReportError::Refused(m))) => (
-            v1::Outcome::Failed,
-            v1::ErrorClass::Permanent,
-            format!("coordinator refused a report: {m}"),
-        ),
-        (Ok(Ok(_)), None) => (
-            v1::Outcome::Succeeded,
-            v1::ErrorClass::Unspecified,
-            String::new(),
-        ),
-        (Ok(Err(TrainError::Cancelled)), None) if stopping.load(Ordering::SeqCst) => (
-            v1::Outcome::Failed,
-            v1::ErrorClass::Retryable,
-            "the worker was shut down".to_string(),
-        ),
-        (Ok(Err(TrainError::Cancelled)), None) => (
-            v1::Outcome::Cancelled,
-            v1::ErrorClass::Unspecified,
-            "stopped on request".to_string(),
-        ),
-        (Ok(Err(TrainError::Permanent(m))), None) => {
-            (v1::Outcome::Failed, v1::ErrorClass::Permanent, m)
+        (_, Some(ReportError::Refused(m))) => {
+            (v1::Outcome::Failed, v1::ErrorClass::Permanent, format!("coordinator refused a report: {m}"))
         }
-        (Ok(Err(TrainError::Retryable(m))), None) => {
-            (v1::Outcome::Failed, v1::ErrorClass::Retryable, m)
+        (Ok(Ok(_)), None) => (v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, String::new()),
+        (Ok(Err(TrainError::Cancelled)), None) if stopping.load(Ordering::SeqCst) => {
+            (v1::Outcome::Failed, v1::ErrorClass::Retryable, "the worker was shut down".to_string())
         }
-        (Err(join), None) => (
-            v1::Outcome::Failed,
-            v1::ErrorClass::Retryable,
-            format!("the training thread crashed: {join}"),
-        ),
+        (Ok(Err(TrainError::Cancelled)), None) => {
+            (v1::Outcome::Cancelled, v1::ErrorClass::Unspecified, "stopped on request".to_string())
+        }
+        (Ok(Err(TrainError::Permanent(m))), None) => (v1::Outcome::Failed, v1::ErrorClass::Permanent, m),
+        (Ok(Err(TrainError::Retryable(m))), None) => (v1::Outcome::Failed, v1::ErrorClass::Retryable, m),
+        (Err(join), None) => {
+            (v1::Outcome::Failed, v1::ErrorClass::Retryable, format!("the training thread crashed: {join}"))
+        }
     };
     if outcome == v1::Outcome::Failed {
         tracing::warn!(attempt = attempt_id, class = class.as_str_name(), %message, "attempt failed");
@@ -485,9 +406,7 @@ async fn run_attempt(
             tracing::warn!(attempt = attempt_id, reason = %m, "could not finish the attempt; the coordinator will re-queue it");
         }
         Err(ReportError::Refused(m)) => {
-            return Err(anyhow!(
-                "the coordinator refused to finish attempt {attempt_id}: {m}"
-            ));
+            return Err(anyhow!("the coordinator refused to finish attempt {attempt_id}: {m}"));
         }
     }
     Ok(())
@@ -495,13 +414,8 @@ async fn run_attempt(
 
 /// The spec and trial an assignment names, checked against each other.
 fn resolve(a: &v1::Assignment) -> Result<(spec::SweepSpec, sweep_core::Trial), String> {
-    let spec = spec::parse_with(
-        &a.spec_yaml,
-        ParseOptions {
-            max_trials: usize::MAX,
-        },
-    )
-    .map_err(|e| format!("the sweep spec does not parse on this worker: {e}"))?;
+    let spec = spec::parse_with(&a.spec_yaml, ParseOptions { max_trials: usize::MAX })
+        .map_err(|e| format!("the sweep spec does not parse on this worker: {e}"))?;
     let trial = sweep_core::grid::expand(&spec.grid)
         .into_iter()
         .nth(a.trial_index as usize)

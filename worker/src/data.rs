@@ -96,12 +96,8 @@ impl Split {
     /// `device`.
     pub fn to_tensors(&self, device: Device) -> Result<(Tensor, Tensor), TchError> {
         let s = self.image_size as i64;
-        let images = Tensor::f_from_slice(&self.images)?
-            .f_view([self.len() as i64, 3, s, s])?
-            .f_to_device(device)?;
-        let labels = Tensor::f_from_slice(&self.labels)?
-            .f_to_device(device)?
-            .f_to_kind(Kind::Int64)?;
+        let images = Tensor::f_from_slice(&self.images)?.f_view([self.len() as i64, 3, s, s])?.f_to_device(device)?;
+        let labels = Tensor::f_from_slice(&self.labels)?.f_to_device(device)?.f_to_kind(Kind::Int64)?;
         Ok((images, labels))
     }
 }
@@ -175,31 +171,19 @@ pub fn clear_cache() {
 /// Builds the dataset of `spec` without the cache.
 pub fn build(spec: &DatasetSpec) -> Result<Dataset, DataError> {
     match spec {
-        DatasetSpec::Synthetic {
-            classes,
-            train_per_class,
-            val_per_class,
-            image_size,
-            seed,
-        } => synthetic(
-            *classes,
-            *train_per_class,
-            *val_per_class,
-            *image_size,
-            *seed,
-        ),
+        DatasetSpec::Synthetic { classes, train_per_class, val_per_class, image_size, seed } => {
+            synthetic(*classes, *train_per_class, *val_per_class, *image_size, *seed)
+        }
         DatasetSpec::ImageFolder { root, image_size } => image_folder(Path::new(root), *image_size),
-        DatasetSpec::Flowers102 { .. } => Err(DataError::Unsupported(
-            "dataset kind flowers102 is not supported by this worker yet".into(),
-        )),
+        DatasetSpec::Flowers102 { .. } => {
+            Err(DataError::Unsupported("dataset kind flowers102 is not supported by this worker yet".into()))
+        }
     }
 }
 
 fn check_size(image_size: u32) -> Result<(), DataError> {
     if image_size == 0 {
-        return Err(DataError::Unsupported(
-            "image_size must be at least 1 px".into(),
-        ));
+        return Err(DataError::Unsupported("image_size must be at least 1 px".into()));
     }
     Ok(())
 }
@@ -225,25 +209,12 @@ const SPLIT_VAL: u64 = 2;
 
 fn class_style(seed: u64, class: u32, classes: u32) -> ClassStyle {
     let mut r = Rng::derive(seed, &[STREAM_SYNTHETIC, 0, class as u64]);
-    let mut colour = || {
-        [
-            r.uniform_in(0.1, 0.9),
-            r.uniform_in(0.1, 0.9),
-            r.uniform_in(0.1, 0.9),
-        ]
-    };
+    let mut colour = || [r.uniform_in(0.1, 0.9), r.uniform_in(0.1, 0.9), r.uniform_in(0.1, 0.9)];
     let (colour_a, colour_b) = (colour(), colour());
     // Orientations spread evenly over half a turn, with a little per-class offset.
-    let angle =
-        (class as f64 + r.uniform_in(0.0, 0.5)) * std::f64::consts::PI / classes.max(1) as f64;
+    let angle = (class as f64 + r.uniform_in(0.0, 0.5)) * std::f64::consts::PI / classes.max(1) as f64;
     let frequency = r.uniform_in(1.5, 4.5);
-    ClassStyle {
-        colour_a,
-        colour_b,
-        pattern: class % 3,
-        angle,
-        frequency,
-    }
+    ClassStyle { colour_a, colour_b, pattern: class % 3, angle, frequency }
 }
 
 /// Draws one image of `style` into `out` (CHW, `3 × s × s`).
@@ -256,11 +227,7 @@ fn draw_image(style: &ClassStyle, s: usize, r: &mut Rng, out: &mut [u8]) {
     let angle = style.angle + r.uniform_in(-0.2, 0.2);
     let freq = style.frequency * r.uniform_in(0.8, 1.25);
     let brightness = r.uniform_in(0.7, 1.3);
-    let cast = [
-        r.uniform_in(-0.12, 0.12),
-        r.uniform_in(-0.12, 0.12),
-        r.uniform_in(-0.12, 0.12),
-    ];
+    let cast = [r.uniform_in(-0.12, 0.12), r.uniform_in(-0.12, 0.12), r.uniform_in(-0.12, 0.12)];
     let noise = r.uniform_in(0.04, 0.12);
     let occ_w = r.uniform_in(0.1, 0.4);
     let occ_h = r.uniform_in(0.1, 0.4);
@@ -296,31 +263,18 @@ fn draw_image(style: &ClassStyle, s: usize, r: &mut Rng, out: &mut [u8]) {
     }
 }
 
-fn synthetic_split(
-    seed: u64,
-    split: u64,
-    styles: &[ClassStyle],
-    per_class: u32,
-    s: usize,
-) -> Split {
+fn synthetic_split(seed: u64, split: u64, styles: &[ClassStyle], per_class: u32, s: usize) -> Split {
     let per_class = per_class as usize;
     let n = styles.len() * per_class;
     let bytes = 3 * s * s;
     let mut images = vec![0u8; n * bytes];
-    images
-        .par_chunks_mut(bytes.max(1))
-        .enumerate()
-        .for_each(|(i, out)| {
-            let (class, k) = (i / per_class, i % per_class);
-            let mut r = Rng::derive(seed, &[STREAM_SYNTHETIC, split, class as u64, k as u64]);
-            draw_image(&styles[class], s, &mut r, out);
-        });
+    images.par_chunks_mut(bytes.max(1)).enumerate().for_each(|(i, out)| {
+        let (class, k) = (i / per_class, i % per_class);
+        let mut r = Rng::derive(seed, &[STREAM_SYNTHETIC, split, class as u64, k as u64]);
+        draw_image(&styles[class], s, &mut r, out);
+    });
     let labels = (0..n).map(|i| (i / per_class) as i64).collect();
-    Split {
-        images,
-        labels,
-        image_size: s as u32,
-    }
+    Split { images, labels, image_size: s as u32 }
 }
 
 /// A procedurally drawn dataset: `classes` classes, each a pair of colours and a pattern
@@ -342,19 +296,11 @@ pub fn synthetic(
         ));
     }
     let s = image_size as usize;
-    let bytes = (classes as u128)
-        * (train_per_class as u128 + val_per_class as u128)
-        * 3
-        * (s as u128)
-        * (s as u128);
+    let bytes = (classes as u128) * (train_per_class as u128 + val_per_class as u128) * 3 * (s as u128) * (s as u128);
     if bytes > (isize::MAX as u128) / 2 {
-        return Err(DataError::Unsupported(format!(
-            "a synthetic dataset of {bytes} bytes does not fit in memory"
-        )));
+        return Err(DataError::Unsupported(format!("a synthetic dataset of {bytes} bytes does not fit in memory")));
     }
-    let styles: Vec<ClassStyle> = (0..classes)
-        .map(|c| class_style(seed, c, classes))
-        .collect();
+    let styles: Vec<ClassStyle> = (0..classes).map(|c| class_style(seed, c, classes)).collect();
     Ok(Dataset {
         classes: (0..classes).map(|c| format!("class{c:03}")).collect(),
         image_size,
@@ -368,17 +314,11 @@ pub fn synthetic(
 // ---------------------------------------------------------------------------------------------
 
 fn not_found(path: &Path) -> DataError {
-    DataError::NotFound {
-        path: path.to_path_buf(),
-        expected: IMAGE_FOLDER_LAYOUT.into(),
-    }
+    DataError::NotFound { path: path.to_path_buf(), expected: IMAGE_FOLDER_LAYOUT.into() }
 }
 
 fn unreadable(path: &Path, e: impl std::fmt::Display) -> DataError {
-    DataError::Unreadable {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    }
+    DataError::Unreadable { path: path.to_path_buf(), message: e.to_string() }
 }
 
 /// Sorted names of the subdirectories of `dir` (hidden ones skipped).
@@ -394,10 +334,7 @@ fn class_dirs(dir: &Path) -> Result<Vec<String>, DataError> {
             continue;
         }
         let name = entry.file_name().into_string().map_err(|n| {
-            DataError::Layout(format!(
-                "class directory name {n:?} in {} is not valid UTF-8",
-                dir.display()
-            ))
+            DataError::Layout(format!("class directory name {n:?} in {} is not valid UTF-8", dir.display()))
         })?;
         if !name.starts_with('.') {
             names.push(name);
@@ -447,18 +384,9 @@ pub fn decode_image(path: &Path, image_size: u32) -> Result<Vec<u8>, DataError> 
     }
     let short_target = resize_side(image_size).max(image_size);
     let (short, long) = (w.min(h), w.max(h));
-    let long_target =
-        ((short_target as u64 * long as u64) / short as u64).max(short_target as u64) as u32;
-    let (nw, nh) = if w <= h {
-        (short_target, long_target)
-    } else {
-        (long_target, short_target)
-    };
-    let resized = if (nw, nh) == (w, h) {
-        img
-    } else {
-        image::imageops::resize(&img, nw, nh, FilterType::Triangle)
-    };
+    let long_target = ((short_target as u64 * long as u64) / short as u64).max(short_target as u64) as u32;
+    let (nw, nh) = if w <= h { (short_target, long_target) } else { (long_target, short_target) };
+    let resized = if (nw, nh) == (w, h) { img } else { image::imageops::resize(&img, nw, nh, FilterType::Triangle) };
     let top = ((nh - image_size) as f64 / 2.0).round_ties_even() as u32;
     let left = ((nw - image_size) as f64 / 2.0).round_ties_even() as u32;
     let s = image_size as usize;
@@ -474,12 +402,7 @@ pub fn decode_image(path: &Path, image_size: u32) -> Result<Vec<u8>, DataError> 
     Ok(out)
 }
 
-fn folder_split(
-    dir: &Path,
-    classes: &[String],
-    image_size: u32,
-    split: &str,
-) -> Result<Split, DataError> {
+fn folder_split(dir: &Path, classes: &[String], image_size: u32, split: &str) -> Result<Split, DataError> {
     let mut items: Vec<(PathBuf, i64)> = Vec::new();
     for (label, class) in classes.iter().enumerate() {
         let files = image_files(&dir.join(class))?;
@@ -493,20 +416,11 @@ fn folder_split(
         items.extend(files.into_iter().map(|f| (f, label as i64)));
     }
     if items.is_empty() {
-        return Err(DataError::Layout(format!(
-            "{} holds no image in any class directory",
-            dir.display()
-        )));
+        return Err(DataError::Layout(format!("{} holds no image in any class directory", dir.display())));
     }
-    let decoded: Vec<Vec<u8>> = items
-        .par_iter()
-        .map(|(path, _)| decode_image(path, image_size))
-        .collect::<Result<_, _>>()?;
-    Ok(Split {
-        images: decoded.concat(),
-        labels: items.iter().map(|(_, l)| *l).collect(),
-        image_size,
-    })
+    let decoded: Vec<Vec<u8>> =
+        items.par_iter().map(|(path, _)| decode_image(path, image_size)).collect::<Result<_, _>>()?;
+    Ok(Split { images: decoded.concat(), labels: items.iter().map(|(_, l)| *l).collect(), image_size })
 }
 
 /// `root/train/<class>/*` and `root/val/<class>/*`: the classes are the sorted subdirectory
@@ -528,8 +442,7 @@ pub fn image_folder(root: &Path, image_size: u32) -> Result<Dataset, DataError> 
     }
     let val_classes = class_dirs(&val_dir)?;
     if val_classes != classes {
-        let (t, v): (BTreeSet<_>, BTreeSet<_>) =
-            (classes.iter().collect(), val_classes.iter().collect());
+        let (t, v): (BTreeSet<_>, BTreeSet<_>) = (classes.iter().collect(), val_classes.iter().collect());
         let only_train: Vec<_> = t.difference(&v).map(|s| s.as_str()).collect();
         let only_val: Vec<_> = v.difference(&t).map(|s| s.as_str()).collect();
         return Err(DataError::Layout(format!(
@@ -542,12 +455,7 @@ pub fn image_folder(root: &Path, image_size: u32) -> Result<Dataset, DataError> 
     }
     let train = folder_split(&train_dir, &classes, image_size, "train")?;
     let val = folder_split(&val_dir, &classes, image_size, "val")?;
-    Ok(Dataset {
-        classes,
-        image_size,
-        train,
-        val,
-    })
+    Ok(Dataset { classes, image_size, train, val })
 }
 
 #[cfg(test)]
@@ -577,13 +485,7 @@ mod tests {
         let mean = |i: usize| -> [f64; 3] {
             let img = d.train.image(i);
             let p = img.len() / 3;
-            [0, 1, 2].map(|c| {
-                img[c * p..(c + 1) * p]
-                    .iter()
-                    .map(|&v| v as f64)
-                    .sum::<f64>()
-                    / p as f64
-            })
+            [0, 1, 2].map(|c| img[c * p..(c + 1) * p].iter().map(|&v| v as f64).sum::<f64>() / p as f64)
         };
         let means: Vec<[f64; 3]> = (0..d.train.len()).map(mean).collect();
         let class_mean = |c: usize| -> [f64; 3] {
@@ -591,19 +493,13 @@ mod tests {
             [0, 1, 2].map(|k| m.iter().map(|x| x[k]).sum::<f64>() / 16.0)
         };
         let centres: Vec<_> = (0..4).map(class_mean).collect();
-        let dist =
-            |a: &[f64; 3], b: &[f64; 3]| (0..3).map(|k| (a[k] - b[k]).powi(2)).sum::<f64>().sqrt();
+        let dist = |a: &[f64; 3], b: &[f64; 3]| (0..3).map(|k| (a[k] - b[k]).powi(2)).sum::<f64>().sqrt();
         let mut correct = 0;
         for (i, m) in means.iter().enumerate() {
-            let nearest = (0..4)
-                .min_by(|&a, &b| dist(m, &centres[a]).total_cmp(&dist(m, &centres[b])))
-                .unwrap();
+            let nearest = (0..4).min_by(|&a, &b| dist(m, &centres[a]).total_cmp(&dist(m, &centres[b]))).unwrap();
             correct += (nearest == i / 16) as usize;
         }
-        assert!(
-            correct > 16,
-            "nearest-class-mean accuracy {correct}/64 is at chance"
-        );
+        assert!(correct > 16, "nearest-class-mean accuracy {correct}/64 is at chance");
     }
 
     #[test]
@@ -616,21 +512,12 @@ mod tests {
         };
         let e = build(&spec).unwrap_err();
         assert!(e.is_permanent());
-        assert_eq!(
-            e.to_string(),
-            "dataset kind flowers102 is not supported by this worker yet"
-        );
+        assert_eq!(e.to_string(), "dataset kind flowers102 is not supported by this worker yet");
     }
 
     #[test]
     fn cache_returns_the_same_dataset() {
-        let spec = DatasetSpec::Synthetic {
-            classes: 2,
-            train_per_class: 2,
-            val_per_class: 1,
-            image_size: 8,
-            seed: 99,
-        };
+        let spec = DatasetSpec::Synthetic { classes: 2, train_per_class: 2, val_per_class: 1, image_size: 8, seed: 99 };
         let a = load(&spec).unwrap();
         let b = load(&spec).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
@@ -650,9 +537,6 @@ mod tests {
         assert_eq!(x.size(), vec![6, 3, 16, 16]);
         assert_eq!(x.kind(), Kind::Uint8);
         assert_eq!(y.kind(), Kind::Int64);
-        assert_eq!(
-            Vec::<u8>::try_from(&x.get(4).flatten(0, -1)).unwrap(),
-            d.train.image(4)
-        );
+        assert_eq!(Vec::<u8>::try_from(&x.get(4).flatten(0, -1)).unwrap(), d.train.image(4));
     }
 }

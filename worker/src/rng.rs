@@ -49,11 +49,7 @@ fn ziggurat() -> &'static Ziggurat {
         let mut dn = ZIGGURAT_R;
         let mut tn = dn;
         let q = v / (-0.5 * dn * dn).exp();
-        let mut z = Ziggurat {
-            k: [0; 128],
-            w: [0.0; 128],
-            f: [0.0; 128],
-        };
+        let mut z = Ziggurat { k: [0; 128], w: [0.0; 128], f: [0.0; 128] };
         z.k[0] = ((dn / q) * m1) as u32;
         z.k[1] = 0;
         z.w[0] = q / m1;
@@ -81,12 +77,7 @@ impl Rng {
     /// A generator seeded from one 64-bit seed.
     pub fn new(seed: u64) -> Rng {
         let mut sm = seed;
-        let s = [
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-        ];
+        let s = [splitmix64(&mut sm), splitmix64(&mut sm), splitmix64(&mut sm), splitmix64(&mut sm)];
         Rng { s }
     }
 
@@ -173,11 +164,7 @@ impl Rng {
                     let x = -self.uniform_open0().ln() / ZIGGURAT_R;
                     let y = -self.uniform_open0().ln();
                     if y + y >= x * x {
-                        return if hz > 0 {
-                            ZIGGURAT_R + x
-                        } else {
-                            -ZIGGURAT_R - x
-                        };
+                        return if hz > 0 { ZIGGURAT_R + x } else { -ZIGGURAT_R - x };
                     }
                 }
             }
@@ -242,11 +229,7 @@ mod tests {
         let var = sum2 / n as f64 - mean * mean;
         assert!(mean.abs() < 0.02, "mean {mean}");
         assert!((var - 1.0).abs() < 0.02, "var {var}");
-        assert!(
-            (sum4 / n as f64 - 3.0).abs() < 0.1,
-            "kurtosis {}",
-            sum4 / n as f64
-        );
+        assert!((sum4 / n as f64 - 3.0).abs() < 0.1, "kurtosis {}", sum4 / n as f64);
         // P(|x| > 3) = 0.0027.
         assert!((200..340).contains(&tail), "tail {tail}");
         let u: f64 = (0..n).map(|_| r.uniform()).sum::<f64>() / n as f64;
@@ -255,10 +238,7 @@ mod tests {
         for _ in 0..30_000 {
             counts[r.below(3) as usize] += 1;
         }
-        assert!(
-            counts.iter().all(|&c| (9_000..11_000).contains(&c)),
-            "{counts:?}"
-        );
+        assert!(counts.iter().all(|&c| (9_000..11_000).contains(&c)), "{counts:?}");
     }
 
     #[test]

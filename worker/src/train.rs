@@ -66,22 +66,10 @@ impl TrainError {
             TchError::Torch(s) => s,
             other => other.to_string(),
         };
-        let text = text
-            .split("\nException raised from")
-            .next()
-            .unwrap_or_default()
-            .trim_end();
+        let text = text.split("\nException raised from").next().unwrap_or_default().trim_end();
         let message = format!("{context}: {text}");
         let lower = message.to_lowercase();
-        let transient = [
-            "out of memory",
-            "cuda",
-            "cudnn",
-            "cublas",
-            "nccl",
-            "device-side",
-            "hip error",
-        ];
+        let transient = ["out of memory", "cuda", "cudnn", "cublas", "nccl", "device-side", "hip error"];
         if transient.iter().any(|t| lower.contains(t)) {
             TrainError::Retryable(message)
         } else {
@@ -142,23 +130,15 @@ impl TrainOptions {
     /// Options for `device`, no weights directory (the environment variable applies), no
     /// cancel flag.
     pub fn new(device: Device) -> TrainOptions {
-        TrainOptions {
-            device,
-            weights_dir: None,
-            cancel: None,
-        }
+        TrainOptions { device, weights_dir: None, cancel: None }
     }
 
     fn weights_dir(&self) -> Option<PathBuf> {
-        self.weights_dir
-            .clone()
-            .or_else(|| std::env::var_os(WEIGHTS_DIR_ENV).map(PathBuf::from))
+        self.weights_dir.clone().or_else(|| std::env::var_os(WEIGHTS_DIR_ENV).map(PathBuf::from))
     }
 
     fn cancelled(&self) -> bool {
-        self.cancel
-            .as_ref()
-            .is_some_and(|c| c.load(Ordering::Relaxed))
+        self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
     }
 }
 
@@ -224,11 +204,7 @@ pub fn weights_file(
 /// for parameters in no group.
 pub fn fine_tuning_lrs(model: &Model, decay: &LrDecay, default_lr: f64) -> Vec<f64> {
     let lrs = decay.group_lrs(model.backbone().layer_groups().len());
-    model
-        .parameter_groups()
-        .into_iter()
-        .map(|g| g.and_then(|i| lrs.get(i).copied()).unwrap_or(default_lr))
-        .collect()
+    model.parameter_groups().into_iter().map(|g| g.and_then(|i| lrs.get(i).copied()).unwrap_or(default_lr)).collect()
 }
 
 /// Indices of the batches of one pass over `order`: chunks of `batch_size`, the last one merged
@@ -281,11 +257,7 @@ fn torch(context: &'static str) -> impl FnOnce(TchError) -> TrainError {
 impl Trainer {
     /// Prepares trial `trial` of `spec`: dataset (from the process cache), model with a new
     /// head, weights, data on the device, and the feature-extraction optimizer.
-    pub fn new(
-        spec: &SweepSpec,
-        trial: &Trial,
-        options: &TrainOptions,
-    ) -> Result<Trainer, TrainError> {
+    pub fn new(spec: &SweepSpec, trial: &Trial, options: &TrainOptions) -> Result<Trainer, TrainError> {
         let training = spec.training.clone();
         let backbone = trial.backbone;
         let image_size = spec.dataset.image_size();
@@ -304,49 +276,26 @@ impl Trainer {
             )));
         }
         if dataset.val.is_empty() {
-            return Err(TrainError::Permanent(
-                "the validation split has no image".into(),
-            ));
+            return Err(TrainError::Permanent("the validation split has no image".into()));
         }
-        let model = Model::build_seeded(
-            backbone,
-            dataset.classes.len() as i64,
-            options.device,
-            training.seed,
-        )?;
-        if let Some(path) = weights_file(
-            &spec.model.weights,
-            backbone,
-            options.weights_dir().as_deref(),
-        )? {
+        let model = Model::build_seeded(backbone, dataset.classes.len() as i64, options.device, training.seed)?;
+        if let Some(path) = weights_file(&spec.model.weights, backbone, options.weights_dir().as_deref())? {
             let loaded = model.load_weights(&path)?;
             tracing::info!(file = %path.display(), tensors = loaded.loaded, "loaded weights");
         }
-        let (train_x, train_y) = dataset
-            .train
-            .to_tensors(options.device)
-            .map_err(torch("copying the training set to the device"))?;
-        let (val_x, val_y) = dataset
-            .val
-            .to_tensors(options.device)
-            .map_err(torch("copying the validation set to the device"))?;
+        let (train_x, train_y) =
+            dataset.train.to_tensors(options.device).map_err(torch("copying the training set to the device"))?;
+        let (val_x, val_y) =
+            dataset.val.to_tensors(options.device).map_err(torch("copying the validation set to the device"))?;
         // Feature extraction: only the new head trains.
-        model
-            .set_trainable(|n| model.is_head(n))
-            .map_err(torch("freezing the backbone"))?;
+        model.set_trainable(|n| model.is_head(n)).map_err(torch("freezing the backbone"))?;
         let head: Vec<_> = model
             .named_parameters()
             .iter()
             .filter(|(n, _)| model.is_head(n))
             .map(|(n, t)| (n.clone(), t.shallow_clone(), training.feature_extraction_lr))
             .collect();
-        let optimizer = Adam::new(
-            head,
-            AdamConfig {
-                weight_decay: training.weight_decay,
-                ..AdamConfig::default()
-            },
-        );
+        let optimizer = Adam::new(head, AdamConfig { weight_decay: training.weight_decay, ..AdamConfig::default() });
         Ok(Trainer {
             training,
             lr_decay: trial.lr_decay,
@@ -392,27 +341,12 @@ impl Trainer {
     /// come from the trial's decay strategy. Called by [`Trainer::run_epoch`] at the first
     /// fine-tuning epoch.
     fn start_fine_tuning(&mut self) -> Result<(), TrainError> {
-        self.model
-            .set_trainable(|_| true)
-            .map_err(torch("unfreezing the backbone"))?;
-        let lrs = fine_tuning_lrs(
-            &self.model,
-            &self.lr_decay,
-            self.training.fine_tuning_default_lr,
-        );
-        let params = self
-            .model
-            .named_parameters()
-            .iter()
-            .zip(lrs)
-            .map(|((n, t), lr)| (n.clone(), t.shallow_clone(), lr));
-        self.optimizer = Adam::new(
-            params,
-            AdamConfig {
-                weight_decay: self.training.weight_decay,
-                ..AdamConfig::default()
-            },
-        );
+        self.model.set_trainable(|_| true).map_err(torch("unfreezing the backbone"))?;
+        let lrs = fine_tuning_lrs(&self.model, &self.lr_decay, self.training.fine_tuning_default_lr);
+        let params =
+            self.model.named_parameters().iter().zip(lrs).map(|((n, t), lr)| (n.clone(), t.shallow_clone(), lr));
+        self.optimizer =
+            Adam::new(params, AdamConfig { weight_decay: self.training.weight_decay, ..AdamConfig::default() });
         Ok(())
     }
 
@@ -420,10 +354,7 @@ impl Trainer {
     pub fn run_epoch(&mut self) -> Result<EpochMetrics, TrainError> {
         let epoch = self.epochs_done + 1;
         if epoch > self.total_epochs() {
-            return Err(TrainError::Permanent(format!(
-                "the trial has only {} epochs",
-                self.total_epochs()
-            )));
+            return Err(TrainError::Permanent(format!("the trial has only {} epochs", self.total_epochs())));
         }
         let phase = Phase::of_epoch(epoch, self.fe_epochs);
         if phase == Phase::FineTuning && epoch == self.fe_epochs + 1 {
@@ -445,11 +376,7 @@ impl Trainer {
     }
 
     fn check_cancel(&self) -> Result<(), TrainError> {
-        if self.options.cancelled() {
-            Err(TrainError::Cancelled)
-        } else {
-            Ok(())
-        }
+        if self.options.cancelled() { Err(TrainError::Cancelled) } else { Ok(()) }
     }
 
     fn train_pass(&mut self, epoch: u32, phase: Phase) -> Result<(f64, f64), TrainError> {
@@ -475,24 +402,18 @@ impl Trainer {
             let y = this.train_y.f_index_select(0, &idx)?;
             let x = augment::train_batch(&x, &aug, &mut aug_rng)?;
             let logits = this.model.forward(&x, mode)?;
-            let loss =
-                logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
+            let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
             this.optimizer.zero_grad();
             loss.f_backward()?;
             this.optimizer.step()?;
             tch::no_grad(|| {
                 let b = idx.size()[0] as f64;
-                let loss_sum =
-                    loss_sum.f_add(&loss.f_detach()?.f_to_kind(Kind::Double)?.f_mul_scalar(b)?)?;
-                let hits = logits
-                    .f_argmax(1, false)?
-                    .f_eq_tensor(&y)?
-                    .f_sum(Kind::Int64)?;
+                let loss_sum = loss_sum.f_add(&loss.f_detach()?.f_to_kind(Kind::Double)?.f_mul_scalar(b)?)?;
+                let hits = logits.f_argmax(1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?;
                 Ok((loss_sum, correct.f_add(&hits)?))
             })
         };
-        let mut loss_sum =
-            Tensor::f_zeros([], (Kind::Double, device)).map_err(torch("training"))?;
+        let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device)).map_err(torch("training"))?;
         let mut correct = Tensor::f_zeros([], (Kind::Int64, device)).map_err(torch("training"))?;
         for idx in batches(&order, self.training.batch_size as usize) {
             self.check_cancel()?;
@@ -520,20 +441,9 @@ impl Trainer {
                     let x = augment::eval_batch(&self.val_x.f_narrow(0, start, len)?)?;
                     let y = self.val_y.f_narrow(0, start, len)?;
                     let logits = self.model.forward(&x, ForwardMode::EVAL)?;
-                    let loss = logits.f_cross_entropy_loss::<Tensor>(
-                        &y,
-                        None,
-                        Reduction::Sum,
-                        -100,
-                        0.0,
-                    )?;
+                    let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0)?;
                     loss_sum = loss_sum.f_add(&loss.f_to_kind(Kind::Double)?)?;
-                    correct = correct.f_add(
-                        &logits
-                            .f_argmax(1, false)?
-                            .f_eq_tensor(&y)?
-                            .f_sum(Kind::Int64)?,
-                    )?;
+                    correct = correct.f_add(&logits.f_argmax(1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?)?;
                 }
                 Ok((loss_sum.f_double_value(&[])?, correct.f_int64_value(&[])?))
             };
@@ -562,18 +472,11 @@ pub fn run_trial(
     while trainer.epochs_done() < trainer.total_epochs() {
         let m = trainer.run_epoch()?;
         metrics.push(m);
-        if on_epoch(&EpochReport {
-            metrics: m,
-            parameters,
-        }) == Control::Stop
-        {
+        if on_epoch(&EpochReport { metrics: m, parameters }) == Control::Stop {
             return Err(TrainError::Cancelled);
         }
     }
-    Ok(TrialSummary {
-        metrics,
-        parameters,
-    })
+    Ok(TrialSummary { metrics, parameters })
 }
 
 #[cfg(test)]
@@ -596,44 +499,30 @@ mod tests {
 
     #[test]
     fn torch_errors_are_classified() {
-        let oom = TrainError::from_torch(
-            "step",
-            TchError::Torch("CUDA out of memory. Tried to allocate".into()),
-        );
+        let oom = TrainError::from_torch("step", TchError::Torch("CUDA out of memory. Tried to allocate".into()));
         assert!(matches!(oom, TrainError::Retryable(_)));
-        let shape = TchError::Torch("mat1 and mat2 shapes cannot be multiplied\nException raised from check at x.cpp:1\nframe #0: ...".into());
-        let e = TrainError::from_torch("step", shape);
-        assert_eq!(
-            e,
-            TrainError::Permanent("step: mat1 and mat2 shapes cannot be multiplied".into())
+        let shape = TchError::Torch(
+            "mat1 and mat2 shapes cannot be multiplied\nException raised from check at x.cpp:1\nframe #0: ...".into(),
         );
+        let e = TrainError::from_torch("step", shape);
+        assert_eq!(e, TrainError::Permanent("step: mat1 and mat2 shapes cannot be multiplied".into()));
     }
 
     #[test]
     fn weights_files_are_resolved_with_clear_errors() {
-        assert_eq!(
-            weights_file(&Weights::None, Backbone::Resnet18, None),
-            Ok(None)
-        );
+        assert_eq!(weights_file(&Weights::None, Backbone::Resnet18, None), Ok(None));
         let e = weights_file(&Weights::ImageNet, Backbone::Resnet50, None).unwrap_err();
         assert!(e.is_permanent());
         assert!(e.to_string().contains(WEIGHTS_DIR_ENV), "{e}");
         let dir = tempfile::tempdir().unwrap();
-        let e = weights_file(&Weights::ImageNet, Backbone::Resnet50, Some(dir.path()))
-            .unwrap_err()
-            .to_string();
+        let e = weights_file(&Weights::ImageNet, Backbone::Resnet50, Some(dir.path())).unwrap_err().to_string();
         assert!(e.contains("resnet50.safetensors"), "{e}");
         assert!(e.contains("tools/export_torchvision_weights.py"), "{e}");
         assert!(e.contains("non-commercial"), "{e}");
         std::fs::write(dir.path().join("resnet50.safetensors"), b"x").unwrap();
         let p = weights_file(&Weights::ImageNet, Backbone::Resnet50, Some(dir.path())).unwrap();
         assert_eq!(p, Some(dir.path().join("resnet50.safetensors")));
-        let e = weights_file(
-            &Weights::File("/no/such.safetensors".into()),
-            Backbone::Resnet18,
-            None,
-        )
-        .unwrap_err();
+        let e = weights_file(&Weights::File("/no/such.safetensors".into()), Backbone::Resnet18, None).unwrap_err();
         assert!(e.to_string().contains("/no/such.safetensors"));
     }
 }

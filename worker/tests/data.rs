@@ -57,10 +57,7 @@ fn image_folder_decodes_resizes_and_crops() {
     assert_eq!(pixel(&d.train, 0, 2, 0), BLUE);
     assert_eq!(pixel(&d.train, 0, 29, 31), RED);
     // Through the spec and the cache.
-    let spec = DatasetSpec::ImageFolder {
-        root: dir.path().display().to_string(),
-        image_size: 32,
-    };
+    let spec = DatasetSpec::ImageFolder { root: dir.path().display().to_string(), image_size: 32 };
     assert_eq!(*data::load(&spec).unwrap(), d);
 }
 
@@ -72,10 +69,7 @@ fn an_unreadable_image_is_an_error_naming_it() {
     std::fs::write(&bad, b"\xff\xd8\xff garbage, not a JPEG").unwrap();
     let e = data::image_folder(dir.path(), 32).unwrap_err();
     assert!(e.is_permanent());
-    assert!(
-        matches!(&e, DataError::Unreadable { path, .. } if *path == bad),
-        "{e}"
-    );
+    assert!(matches!(&e, DataError::Unreadable { path, .. } if *path == bad), "{e}");
     assert!(e.to_string().contains(&bad.display().to_string()), "{e}");
 }
 
@@ -84,48 +78,29 @@ fn layout_errors_name_the_directory_and_the_expected_layout() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope");
     let e = data::image_folder(&missing, 32).unwrap_err();
-    assert!(
-        matches!(&e, DataError::NotFound { path, .. } if *path == missing),
-        "{e}"
-    );
+    assert!(matches!(&e, DataError::NotFound { path, .. } if *path == missing), "{e}");
     assert!(e.to_string().contains("<root>/train/<class>/"), "{e}");
 
     // No val/.
     save(&dir.path().join("train/a/1.png"), &halves(8, 8, RED, RED));
     let e = data::image_folder(dir.path(), 32).unwrap_err();
-    assert!(
-        e.to_string()
-            .contains(&dir.path().join("val").display().to_string()),
-        "{e}"
-    );
+    assert!(e.to_string().contains(&dir.path().join("val").display().to_string()), "{e}");
 
     // val/ with other classes.
     save(&dir.path().join("val/b/1.png"), &halves(8, 8, RED, RED));
     let e = data::image_folder(dir.path(), 32).unwrap_err().to_string();
-    assert!(
-        e.contains("only in train: [a]") && e.contains("only in val: [b]"),
-        "{e}"
-    );
+    assert!(e.contains("only in train: [a]") && e.contains("only in val: [b]"), "{e}");
 
     // A training class without images.
     std::fs::create_dir_all(dir.path().join("train/b")).unwrap();
     std::fs::create_dir_all(dir.path().join("val/a")).unwrap();
     let e = data::image_folder(dir.path(), 32).unwrap_err().to_string();
-    assert!(
-        e.contains(&dir.path().join("train/b").display().to_string()) && e.contains("no image"),
-        "{e}"
-    );
+    assert!(e.contains(&dir.path().join("train/b").display().to_string()) && e.contains("no image"), "{e}");
 }
 
 #[test]
 fn synthetic_spec_goes_through_the_cache() {
-    let spec = DatasetSpec::Synthetic {
-        classes: 3,
-        train_per_class: 2,
-        val_per_class: 2,
-        image_size: 16,
-        seed: 4,
-    };
+    let spec = DatasetSpec::Synthetic { classes: 3, train_per_class: 2, val_per_class: 2, image_size: 16, seed: 4 };
     let a = data::load(&spec).unwrap();
     assert_eq!(a.classes.len(), 3);
     assert_eq!(*a, data::build(&spec).unwrap());

@@ -42,16 +42,11 @@ grid:
 }
 
 fn snapshot(m: &Model) -> HashMap<String, Tensor> {
-    m.state_dict()
-        .into_iter()
-        .map(|(n, t)| (n, t.detach().copy()))
-        .collect()
+    m.state_dict().into_iter().map(|(n, t)| (n, t.detach().copy())).collect()
 }
 
 fn without_time(m: &[EpochMetrics]) -> Vec<EpochMetrics> {
-    m.iter()
-        .map(|e| EpochMetrics { seconds: 0.0, ..*e })
-        .collect()
+    m.iter().map(|e| EpochMetrics { seconds: 0.0, ..*e }).collect()
 }
 
 fn cpu() -> TrainOptions {
@@ -69,32 +64,19 @@ fn run_trial_is_bit_identical_across_runs() {
     .unwrap();
     let b = run_trial(&s, &t, &cpu(), &mut |_| Control::Continue).unwrap();
     assert_eq!(a.metrics.len(), 2);
-    assert_eq!(
-        without_time(&a.metrics),
-        without_time(&b.metrics),
-        "two runs of one trial differ"
-    );
+    assert_eq!(without_time(&a.metrics), without_time(&b.metrics), "two runs of one trial differ");
     for e in &a.metrics {
         for v in [e.train_loss, e.train_accuracy, e.val_loss, e.val_accuracy] {
             assert!(v.is_finite(), "{e:?}");
         }
         assert!((0.0..=1.0).contains(&e.train_accuracy) && (0.0..=1.0).contains(&e.val_accuracy));
     }
-    assert_eq!(
-        (a.metrics[0].epoch, a.metrics[0].phase),
-        (1, Phase::FeatureExtraction)
-    );
-    assert_eq!(
-        (a.metrics[1].epoch, a.metrics[1].phase),
-        (2, Phase::FineTuning)
-    );
+    assert_eq!((a.metrics[0].epoch, a.metrics[0].phase), (1, Phase::FeatureExtraction));
+    assert_eq!((a.metrics[1].epoch, a.metrics[1].phase), (2, Phase::FineTuning));
     assert_eq!(reports.len(), 2);
     assert_eq!(reports[1].metrics, a.metrics[1]);
     assert_eq!(reports[0].parameters, a.parameters);
-    assert_eq!(
-        a.parameters,
-        Backbone::Resnet18.imagenet_parameters() - 996 * 513
-    );
+    assert_eq!(a.parameters, Backbone::Resnet18.imagenet_parameters() - 996 * 513);
 
     // Another seed is another run.
     let (s2, t2) = spec("resnet18", 4, 8, 8, (1, 1), "");
@@ -110,19 +92,9 @@ fn feature_extraction_trains_only_the_head_then_fine_tuning_trains_everything() 
     let mut tr = Trainer::new(&s, &t, &cpu()).unwrap();
     let before = snapshot(tr.model());
     assert_eq!(tr.phase(), Phase::FeatureExtraction);
-    let names: Vec<&str> = tr
-        .optimizer()
-        .params()
-        .iter()
-        .map(|p| p.name.as_str())
-        .collect();
+    let names: Vec<&str> = tr.optimizer().params().iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["fc.weight", "fc.bias"]);
-    assert!(
-        tr.optimizer()
-            .params()
-            .iter()
-            .all(|p| p.lr == s.training.feature_extraction_lr)
-    );
+    assert!(tr.optimizer().params().iter().all(|p| p.lr == s.training.feature_extraction_lr));
 
     let m1 = tr.run_epoch().unwrap();
     assert_eq!(m1.phase, Phase::FeatureExtraction);
@@ -132,35 +104,19 @@ fn feature_extraction_trains_only_the_head_then_fine_tuning_trains_everything() 
         if tr.model().is_head(name) {
             assert!(!same, "head parameter {name} did not train");
         } else {
-            assert!(
-                same,
-                "frozen parameter {name} changed during feature extraction"
-            );
+            assert!(same, "frozen parameter {name} changed during feature extraction");
             assert!(!t.requires_grad(), "{name} still requires grad");
         }
     }
     // Train mode: BatchNorm running statistics moved.
     assert!(!before["bn1.running_mean"].equal(&after_fe["bn1.running_mean"]));
-    assert_eq!(
-        after_fe["bn1.num_batches_tracked"].int64_value(&[]),
-        3,
-        "18 images in batches of 8 (last merged)"
-    );
+    assert_eq!(after_fe["bn1.num_batches_tracked"].int64_value(&[]), 3, "18 images in batches of 8 (last merged)");
 
     let m2 = tr.run_epoch().unwrap();
     assert_eq!(m2.phase, Phase::FineTuning);
     let after_ft = snapshot(tr.model());
-    for name in [
-        "conv1.weight",
-        "bn1.weight",
-        "layer1.0.conv1.weight",
-        "layer4.1.bn2.bias",
-        "fc.weight",
-    ] {
-        assert!(
-            !after_fe[name].equal(&after_ft[name]),
-            "{name} did not change during fine-tuning"
-        );
+    for name in ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer4.1.bn2.bias", "fc.weight"] {
+        assert!(!after_fe[name].equal(&after_ft[name]), "{name} did not change during fine-tuning");
     }
     // The fine-tuning optimizer covers every parameter with the strategy's rates.
     let opt = tr.optimizer();
@@ -177,20 +133,8 @@ fn feature_extraction_trains_only_the_head_then_fine_tuning_trains_everything() 
 #[test]
 fn fine_tuning_rates_follow_the_recipe_for_resnet50() {
     let m = Model::build(Backbone::Resnet50, 102, Device::Cpu).unwrap();
-    let lrs = train::fine_tuning_lrs(
-        &m,
-        &LrDecay::Exponential {
-            head_lr: 1e-4,
-            factor: 3.0,
-        },
-        1e-8,
-    );
-    let by_name: HashMap<&str, f64> = m
-        .named_parameters()
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .zip(lrs)
-        .collect();
+    let lrs = train::fine_tuning_lrs(&m, &LrDecay::Exponential { head_lr: 1e-4, factor: 3.0 }, 1e-8);
+    let by_name: HashMap<&str, f64> = m.named_parameters().iter().map(|(n, _)| n.as_str()).zip(lrs).collect();
     let want = [
         ("fc.weight", 1e-4),
         ("fc.bias", 1e-4),
@@ -202,28 +146,12 @@ fn fine_tuning_rates_follow_the_recipe_for_resnet50() {
         ("conv1.weight", 1.371_742_1e-7),
     ];
     for (name, lr) in want {
-        assert!(
-            (by_name[name] - lr).abs() / lr < 1e-7,
-            "{name}: {} vs {lr}",
-            by_name[name]
-        );
+        assert!((by_name[name] - lr).abs() / lr < 1e-7, "{name}: {} vs {lr}", by_name[name]);
     }
     // vgg16_bn, linear: the classifier at head_lr, features.0 at final_lr.
     let v = Model::build(Backbone::Vgg16Bn, 102, Device::Cpu).unwrap();
-    let lrs = train::fine_tuning_lrs(
-        &v,
-        &LrDecay::Linear {
-            head_lr: 1e-4,
-            final_lr: 1e-7,
-        },
-        1e-8,
-    );
-    let by_name: HashMap<&str, f64> = v
-        .named_parameters()
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .zip(lrs)
-        .collect();
+    let lrs = train::fine_tuning_lrs(&v, &LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 }, 1e-8);
+    let by_name: HashMap<&str, f64> = v.named_parameters().iter().map(|(n, _)| n.as_str()).zip(lrs).collect();
     assert_eq!(by_name["classifier.0.weight"], 1e-4);
     assert_eq!(by_name["classifier.6.bias"], 1e-4);
     assert!((by_name["features.0.weight"] - 1e-7).abs() < 1e-18);
@@ -239,17 +167,11 @@ fn freeze_bn_stats_keeps_running_statistics_during_feature_extraction() {
     tr.run_epoch().unwrap();
     let after = snapshot(tr.model());
     for (name, _) in tr.model().named_buffers() {
-        assert!(
-            before[name].equal(&after[name]),
-            "{name} changed with freeze_bn_stats"
-        );
+        assert!(before[name].equal(&after[name]), "{name} changed with freeze_bn_stats");
     }
     assert!(!before["fc.weight"].equal(&after["fc.weight"]));
     tr.run_epoch().unwrap();
-    assert!(
-        !after["bn1.running_var"].equal(&snapshot(tr.model())["bn1.running_var"]),
-        "fine-tuning updates them"
-    );
+    assert!(!after["bn1.running_var"].equal(&snapshot(tr.model())["bn1.running_var"]), "fine-tuning updates them");
 }
 
 #[test]
@@ -278,10 +200,7 @@ fn stop_and_cancel_end_the_trial() {
     assert_eq!(e, TrainError::Cancelled);
     assert_eq!(calls, 1);
     let flag = Arc::new(AtomicBool::new(true));
-    let opts = TrainOptions {
-        cancel: Some(flag),
-        ..cpu()
-    };
+    let opts = TrainOptions { cancel: Some(flag), ..cpu() };
     let e = run_trial(&s, &t, &opts, &mut |_| Control::Continue).unwrap_err();
     assert_eq!(e, TrainError::Cancelled);
 }
@@ -291,52 +210,26 @@ fn bad_settings_are_permanent_errors_that_say_what_is_wrong() {
     let (mut s, t) = spec("resnet18", 2, 4, 8, (1, 1), "");
     s.model.weights = sweep_core::spec::Weights::ImageNet;
     let dir = tempfile::tempdir().unwrap();
-    let opts = TrainOptions {
-        weights_dir: Some(dir.path().to_path_buf()),
-        ..cpu()
-    };
+    let opts = TrainOptions { weights_dir: Some(dir.path().to_path_buf()), ..cpu() };
     let e = run_trial(&s, &t, &opts, &mut |_| Control::Continue).unwrap_err();
     assert!(e.is_permanent());
     let text = e.to_string();
-    assert!(
-        text.contains(
-            &dir.path()
-                .join("resnet18.safetensors")
-                .display()
-                .to_string()
-        ),
-        "{text}"
-    );
-    assert!(
-        text.contains("export_torchvision_weights.py") && text.contains("non-commercial"),
-        "{text}"
-    );
+    assert!(text.contains(&dir.path().join("resnet18.safetensors").display().to_string()), "{text}");
+    assert!(text.contains("export_torchvision_weights.py") && text.contains("non-commercial"), "{text}");
 
     // A weights file of another backbone.
     let other = dir.path().join("r34.safetensors");
-    Model::build(Backbone::Resnet34, 10, Device::Cpu)
-        .unwrap()
-        .save_weights(&other)
-        .unwrap();
+    Model::build(Backbone::Resnet34, 10, Device::Cpu).unwrap().save_weights(&other).unwrap();
     s.model.weights = sweep_core::spec::Weights::File(other.display().to_string());
     let e = run_trial(&s, &t, &cpu(), &mut |_| Control::Continue).unwrap_err();
     assert!(e.is_permanent(), "{e}");
-    assert!(
-        e.to_string().contains("r34.safetensors") && e.to_string().contains("`layer1.2."),
-        "{e}"
-    );
+    assert!(e.to_string().contains("r34.safetensors") && e.to_string().contains("`layer1.2."), "{e}");
 
     let (mut s, t) = spec("resnet18", 2, 4, 8, (1, 1), "");
-    s.dataset = sweep_core::spec::DatasetSpec::ImageFolder {
-        root: "/no/such/dataset".into(),
-        image_size: 32,
-    };
+    s.dataset = sweep_core::spec::DatasetSpec::ImageFolder { root: "/no/such/dataset".into(), image_size: 32 };
     let e = run_trial(&s, &t, &cpu(), &mut |_| Control::Continue).unwrap_err();
     assert!(e.is_permanent());
-    assert!(
-        e.to_string().contains("/no/such/dataset") && e.to_string().contains("train/<class>"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("/no/such/dataset") && e.to_string().contains("train/<class>"), "{e}");
 
     s.dataset = sweep_core::spec::DatasetSpec::Flowers102 {
         root: "/data".into(),
@@ -345,12 +238,7 @@ fn bad_settings_are_permanent_errors_that_say_what_is_wrong() {
         image_size: 32,
     };
     let e = run_trial(&s, &t, &cpu(), &mut |_| Control::Continue).unwrap_err();
-    assert!(
-        e.is_permanent()
-            && e.to_string()
-                .contains("flowers102 is not supported by this worker yet"),
-        "{e}"
-    );
+    assert!(e.is_permanent() && e.to_string().contains("flowers102 is not supported by this worker yet"), "{e}");
 }
 
 #[test]
@@ -378,9 +266,6 @@ fn vgg16_bn_feature_extraction_epoch() {
     let m = tr.run_epoch().unwrap();
     assert!(m.train_loss.is_finite() && m.val_loss.is_finite());
     let after = snapshot(tr.model());
-    assert!(
-        before["classifier.3.weight"].equal(&after["classifier.3.weight"]),
-        "old classifier layers are frozen"
-    );
+    assert!(before["classifier.3.weight"].equal(&after["classifier.3.weight"]), "old classifier layers are frozen");
     assert!(!before["classifier.6.weight"].equal(&after["classifier.6.weight"]));
 }

@@ -49,20 +49,11 @@ pub struct ForwardMode {
 
 impl ForwardMode {
     /// `model.train()`: dropout on, BatchNorm in training mode.
-    pub const TRAIN: ForwardMode = ForwardMode {
-        train: true,
-        bn_train: true,
-    };
+    pub const TRAIN: ForwardMode = ForwardMode { train: true, bn_train: true };
     /// `model.eval()`: dropout off, BatchNorm uses its running statistics.
-    pub const EVAL: ForwardMode = ForwardMode {
-        train: false,
-        bn_train: false,
-    };
+    pub const EVAL: ForwardMode = ForwardMode { train: false, bn_train: false };
     /// Training with BatchNorm layers held in evaluation mode (`freeze_bn_stats`).
-    pub const TRAIN_FROZEN_BN: ForwardMode = ForwardMode {
-        train: true,
-        bn_train: false,
-    };
+    pub const TRAIN_FROZEN_BN: ForwardMode = ForwardMode { train: true, bn_train: false };
 }
 
 /// Why a model could not be built or loaded.
@@ -78,33 +69,15 @@ pub enum ModelError {
     #[error(
         "weights file {path} has no tensor `{name}`: it must hold {backbone}'s torchvision state_dict (tensor names such as `{example}`)"
     )]
-    MissingTensor {
-        path: PathBuf,
-        name: String,
-        backbone: &'static str,
-        example: String,
-    },
+    MissingTensor { path: PathBuf, name: String, backbone: &'static str, example: String },
     /// A tensor of the weights file has another shape than the backbone's.
-    #[error(
-        "weights file {path}: tensor `{name}` has shape {found:?}, but {backbone} needs {expected:?}"
-    )]
-    ShapeMismatch {
-        path: PathBuf,
-        name: String,
-        backbone: &'static str,
-        found: Vec<i64>,
-        expected: Vec<i64>,
-    },
+    #[error("weights file {path}: tensor `{name}` has shape {found:?}, but {backbone} needs {expected:?}")]
+    ShapeMismatch { path: PathBuf, name: String, backbone: &'static str, found: Vec<i64>, expected: Vec<i64> },
     /// The weights file holds tensors the backbone does not have (probably another backbone).
     #[error(
         "weights file {path} holds {count} tensor(s) that {backbone} does not have (is it another backbone's file?): {names}"
     )]
-    UnexpectedTensors {
-        path: PathBuf,
-        backbone: &'static str,
-        count: usize,
-        names: String,
-    },
+    UnexpectedTensors { path: PathBuf, backbone: &'static str, count: usize, names: String },
     /// libtorch refused an operation (out of memory, a device error, …).
     #[error("libtorch: {0}")]
     Torch(#[from] TchError),
@@ -153,15 +126,11 @@ impl Builder {
         let n = shape.iter().product::<i64>().max(0) as usize;
         let fill = |f: &(dyn Fn(&mut Rng, &mut [f32]) + Sync)| -> Result<Tensor, TchError> {
             let mut v = vec![0f32; n];
-            v.par_chunks_mut(INIT_CHUNK)
-                .enumerate()
-                .for_each(|(i, chunk)| {
-                    let mut r = Rng::derive(seed, &[i as u64]);
-                    f(&mut r, chunk);
-                });
-            Tensor::f_from_slice(&v)?
-                .f_view(shape)?
-                .f_to_device(self.device)
+            v.par_chunks_mut(INIT_CHUNK).enumerate().for_each(|(i, chunk)| {
+                let mut r = Rng::derive(seed, &[i as u64]);
+                f(&mut r, chunk);
+            });
+            Tensor::f_from_slice(&v)?.f_view(shape)?.f_to_device(self.device)
         };
         match init {
             Init::Zeros => Tensor::f_zeros(shape, opts),
@@ -179,13 +148,7 @@ impl Builder {
         }
     }
 
-    fn param(
-        &mut self,
-        p: &nn::Path,
-        name: &str,
-        shape: &[i64],
-        init: Init,
-    ) -> Result<Tensor, TchError> {
+    fn param(&mut self, p: &nn::Path, name: &str, shape: &[i64], init: Init) -> Result<Tensor, TchError> {
         let t = self.tensor(shape, init)?;
         let full = p.path(name);
         let t = p.add(name, t, true);
@@ -226,28 +189,12 @@ impl Conv2d {
     ) -> Result<Conv2d, TchError> {
         let std = (2.0 / (cout * k * k) as f64).sqrt();
         let weight = b.param(p, "weight", &[cout, cin, k, k], Init::Normal(std))?;
-        let bias = if bias {
-            Some(b.param(p, "bias", &[cout], Init::Zeros)?)
-        } else {
-            None
-        };
-        Ok(Conv2d {
-            weight,
-            bias,
-            stride,
-            padding,
-        })
+        let bias = if bias { Some(b.param(p, "bias", &[cout], Init::Zeros)?) } else { None };
+        Ok(Conv2d { weight, bias, stride, padding })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
-        x.f_conv2d(
-            &self.weight,
-            self.bias.as_ref(),
-            [self.stride; 2],
-            [self.padding; 2],
-            [1, 1],
-            1,
-        )
+        x.f_conv2d(&self.weight, self.bias.as_ref(), [self.stride; 2], [self.padding; 2], [1, 1], 1)
     }
 }
 
@@ -265,28 +212,10 @@ impl BatchNorm2d {
     fn new(b: &mut Builder, p: &nn::Path, c: i64) -> Result<BatchNorm2d, TchError> {
         let weight = b.param(p, "weight", &[c], Init::Ones)?;
         let bias = b.param(p, "bias", &[c], Init::Zeros)?;
-        let running_mean = b.buffer(
-            p,
-            "running_mean",
-            Tensor::f_zeros([c], (Kind::Float, b.device))?,
-        );
-        let running_var = b.buffer(
-            p,
-            "running_var",
-            Tensor::f_ones([c], (Kind::Float, b.device))?,
-        );
-        let nbt = b.buffer(
-            p,
-            "num_batches_tracked",
-            Tensor::f_zeros([] as [i64; 0], (Kind::Int64, b.device))?,
-        );
-        Ok(BatchNorm2d {
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            num_batches_tracked: nbt,
-        })
+        let running_mean = b.buffer(p, "running_mean", Tensor::f_zeros([c], (Kind::Float, b.device))?);
+        let running_var = b.buffer(p, "running_var", Tensor::f_ones([c], (Kind::Float, b.device))?);
+        let nbt = b.buffer(p, "num_batches_tracked", Tensor::f_zeros([] as [i64; 0], (Kind::Int64, b.device))?);
+        Ok(BatchNorm2d { weight, bias, running_mean, running_var, num_batches_tracked: nbt })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, TchError> {
@@ -294,12 +223,7 @@ impl BatchNorm2d {
             // libtorch would silently produce a zero variance and NaN running statistics;
             // PyTorch's Python layer refuses, and so do we.
             let size = x.size();
-            let per_channel: i64 = size
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != 1)
-                .map(|(_, d)| *d)
-                .product();
+            let per_channel: i64 = size.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, d)| *d).product();
             if per_channel <= 1 {
                 return Err(TchError::Shape(format!(
                     "BatchNorm needs more than 1 value per channel when training, got input of size {size:?} (a batch of one image is too small at this image size)"
@@ -342,13 +266,7 @@ impl Linear {
     }
 
     /// Weight normal(0, std), zero bias (torchvision's vgg classifier).
-    fn new_normal(
-        b: &mut Builder,
-        p: &nn::Path,
-        cin: i64,
-        cout: i64,
-        std: f64,
-    ) -> Result<Linear, TchError> {
+    fn new_normal(b: &mut Builder, p: &nn::Path, cin: i64, cout: i64, std: f64) -> Result<Linear, TchError> {
         let weight = b.param(p, "weight", &[cout, cin], Init::Normal(std))?;
         let bias = b.param(p, "bias", &[cout], Init::Zeros)?;
         Ok(Linear { weight, bias })
@@ -367,13 +285,9 @@ fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor, TchError> {
     let keep = 1.0 - p;
     let scale = if keep > 0.0 { (1.0 / keep) as f32 } else { 0.0 };
     let n = x.numel();
-    let mask: Vec<f32> = (0..n)
-        .map(|_| if rng.uniform() < keep { scale } else { 0.0 })
-        .collect();
-    let mask = Tensor::f_from_slice(&mask)?
-        .f_view(x.size().as_slice())?
-        .f_to_device(x.device())?
-        .f_to_kind(x.kind())?;
+    let mask: Vec<f32> = (0..n).map(|_| if rng.uniform() < keep { scale } else { 0.0 }).collect();
+    let mask =
+        Tensor::f_from_slice(&mask)?.f_view(x.size().as_slice())?.f_to_device(x.device())?.f_to_kind(x.kind())?;
     x.f_mul(&mask)
 }
 
@@ -413,51 +327,25 @@ impl std::fmt::Debug for Model {
 impl Model {
     /// Builds `backbone` with a new head of `num_classes` outputs on `device`, randomly
     /// initialised from seed 0. See [`Model::build_seeded`].
-    pub fn build(
-        backbone: Backbone,
-        num_classes: i64,
-        device: Device,
-    ) -> Result<Model, ModelError> {
+    pub fn build(backbone: Backbone, num_classes: i64, device: Device) -> Result<Model, ModelError> {
         Model::build_seeded(backbone, num_classes, device, 0)
     }
 
     /// Builds `backbone` with a new head of `num_classes` outputs on `device`; every random
     /// initial value comes from `seed`, so equal arguments give bit-identical models.
-    pub fn build_seeded(
-        backbone: Backbone,
-        num_classes: i64,
-        device: Device,
-        seed: u64,
-    ) -> Result<Model, ModelError> {
+    pub fn build_seeded(backbone: Backbone, num_classes: i64, device: Device, seed: u64) -> Result<Model, ModelError> {
         if num_classes < 1 {
-            return Err(ModelError::Config(format!(
-                "the head needs at least 1 output class, got {num_classes}"
-            )));
+            return Err(ModelError::Config(format!("the head needs at least 1 output class, got {num_classes}")));
         }
         let vs = nn::VarStore::new(device);
-        let mut b = Builder {
-            rng: Rng::derive(seed, &[STREAM_INIT]),
-            device,
-            params: Vec::new(),
-            buffers: Vec::new(),
-        };
+        let mut b = Builder { rng: Rng::derive(seed, &[STREAM_INIT]), device, params: Vec::new(), buffers: Vec::new() };
         let root = vs.root();
         let arch = match backbone {
             Backbone::Vgg16Bn => Arch::Vgg(vgg::Vgg::new(&mut b, &root, num_classes)?),
             _ => Arch::ResNet(resnet::ResNet::new(&mut b, &root, backbone, num_classes)?),
         };
-        let Builder {
-            params, buffers, ..
-        } = b;
-        Ok(Model {
-            backbone,
-            num_classes,
-            vs,
-            arch,
-            params,
-            buffers,
-            dropout_rng: RefCell::new(Rng::new(seed)),
-        })
+        let Builder { params, buffers, .. } = b;
+        Ok(Model { backbone, num_classes, vs, arch, params, buffers, dropout_rng: RefCell::new(Rng::new(seed)) })
     }
 
     /// The architecture.
@@ -498,11 +386,7 @@ impl Model {
 
     /// Parameters then buffers: the names and tensors of torchvision's `state_dict`.
     pub fn state_dict(&self) -> Vec<(String, Tensor)> {
-        self.params
-            .iter()
-            .chain(&self.buffers)
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect()
+        self.params.iter().chain(&self.buffers).map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
     }
 
     /// Number of scalar parameters (buffers excluded).
@@ -519,10 +403,7 @@ impl Model {
     /// `Backbone::layer_groups()`, or `None` when it lies in no group.
     pub fn parameter_groups(&self) -> Vec<Option<usize>> {
         let groups = self.backbone.layer_groups();
-        self.params
-            .iter()
-            .map(|(n, _)| group_of(&groups, n))
-            .collect()
+        self.params.iter().map(|(n, _)| group_of(&groups, n)).collect()
     }
 
     /// Sets `requires_grad` of every parameter to `trainable(name)`.
@@ -540,14 +421,7 @@ impl Model {
 
     /// Forward pass in training (`train = true`) or evaluation mode.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor, TchError> {
-        self.forward(
-            xs,
-            if train {
-                ForwardMode::TRAIN
-            } else {
-                ForwardMode::EVAL
-            },
-        )
+        self.forward(xs, if train { ForwardMode::TRAIN } else { ForwardMode::EVAL })
     }
 
     /// Forward pass: `xs` is a float `[N, 3, H, W]` batch (normalised), the result the
@@ -555,9 +429,7 @@ impl Model {
     pub fn forward(&self, xs: &Tensor, mode: ForwardMode) -> Result<Tensor, TchError> {
         let size = xs.size();
         if size.len() != 4 || size[1] != 3 {
-            return Err(TchError::Shape(format!(
-                "expected a [N, 3, H, W] image batch, got {size:?}"
-            )));
+            return Err(TchError::Shape(format!("expected a [N, 3, H, W] image batch, got {size:?}")));
         }
         match &self.arch {
             Arch::ResNet(r) => r.forward(xs, mode),
@@ -573,21 +445,13 @@ impl Model {
     /// model's dtype and device.
     pub fn load_weights(&self, path: &Path) -> Result<LoadedWeights, ModelError> {
         let backbone = self.backbone.name();
-        let file_err = |message: String| ModelError::WeightsFile {
-            path: path.to_path_buf(),
-            message,
-        };
+        let file_err = |message: String| ModelError::WeightsFile { path: path.to_path_buf(), message };
         if !path.is_file() {
-            return Err(file_err(if path.exists() {
-                "not a regular file".into()
-            } else {
-                "no such file".into()
-            }));
+            return Err(file_err(if path.exists() { "not a regular file".into() } else { "no such file".into() }));
         }
         let tensors = Tensor::read_safetensors(path).map_err(|e| file_err(e.to_string()))?;
         let mut file: HashMap<String, Tensor> = tensors.into_iter().collect();
-        let mut ignored_head: Vec<String> =
-            file.keys().filter(|n| self.is_head(n)).cloned().collect();
+        let mut ignored_head: Vec<String> = file.keys().filter(|n| self.is_head(n)).cloned().collect();
         ignored_head.sort();
         for n in &ignored_head {
             file.remove(n);
@@ -602,11 +466,7 @@ impl Model {
                     path: path.to_path_buf(),
                     name: name.clone(),
                     backbone,
-                    example: self
-                        .params
-                        .first()
-                        .map(|(n, _)| n.clone())
-                        .unwrap_or_default(),
+                    example: self.params.first().map(|(n, _)| n.clone()).unwrap_or_default(),
                 });
             };
             if src.size() != dst.size() {
@@ -624,21 +484,11 @@ impl Model {
             let mut extra: Vec<String> = file.into_keys().collect();
             extra.sort();
             let count = extra.len();
-            let mut names = extra
-                .iter()
-                .take(5)
-                .map(|n| format!("`{n}`"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let mut names = extra.iter().take(5).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
             if count > 5 {
                 names.push_str(", …");
             }
-            return Err(ModelError::UnexpectedTensors {
-                path: path.to_path_buf(),
-                backbone,
-                count,
-                names,
-            });
+            return Err(ModelError::UnexpectedTensors { path: path.to_path_buf(), backbone, count, names });
         }
         let loaded = plan.len();
         tch::no_grad(|| -> Result<(), TchError> {
@@ -649,10 +499,7 @@ impl Model {
             }
             Ok(())
         })?;
-        Ok(LoadedWeights {
-            loaded,
-            ignored_head,
-        })
+        Ok(LoadedWeights { loaded, ignored_head })
     }
 
     /// Saves every parameter and buffer (head included) to a `.safetensors` file under its

@@ -84,14 +84,7 @@ impl Block {
         } else {
             None
         };
-        Ok(Block {
-            conv1,
-            bn1,
-            conv2,
-            bn2,
-            conv3,
-            downsample,
-        })
+        Ok(Block { conv1, bn1, conv2, bn2, conv3, downsample })
     }
 
     fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor, TchError> {
@@ -125,8 +118,8 @@ impl ResNet {
         backbone: Backbone,
         num_classes: i64,
     ) -> Result<ResNet, TchError> {
-        let (kind, blocks) = config(backbone)
-            .ok_or_else(|| TchError::Kind(format!("{} is not a ResNet", backbone.name())))?;
+        let (kind, blocks) =
+            config(backbone).ok_or_else(|| TchError::Kind(format!("{} is not a ResNet", backbone.name())))?;
         let conv1 = Conv2d::new(b, &(root / "conv1"), 3, 64, 7, 2, 3, false)?;
         let bn1 = BatchNorm2d::new(b, &(root / "bn1"), 64)?;
         let mut inplanes = 64;
@@ -144,19 +137,11 @@ impl ResNet {
             layers.push(layer);
         }
         let fc = Linear::new_default(b, &(root / "fc"), inplanes, num_classes)?;
-        Ok(ResNet {
-            conv1,
-            bn1,
-            layers,
-            fc,
-        })
+        Ok(ResNet { conv1, bn1, layers, fc })
     }
 
     pub(super) fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor, TchError> {
-        let mut y = self
-            .bn1
-            .forward(&self.conv1.forward(x)?, mode.bn_train)?
-            .f_relu()?;
+        let mut y = self.bn1.forward(&self.conv1.forward(x)?, mode.bn_train)?.f_relu()?;
         y = y.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?;
         for layer in &self.layers {
             for block in layer {

@@ -7,18 +7,11 @@
 use super::*;
 
 fn shape_of(m: &Model, name: &str) -> Option<Vec<i64>> {
-    m.state_dict()
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, t)| t.size())
+    m.state_dict().into_iter().find(|(n, _)| n == name).map(|(_, t)| t.size())
 }
 
 fn tensor(m: &Model, name: &str) -> Tensor {
-    m.state_dict()
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, t)| t.detach().copy())
-        .unwrap()
+    m.state_dict().into_iter().find(|(n, _)| n == name).map(|(_, t)| t.detach().copy()).unwrap()
 }
 
 #[test]
@@ -71,19 +64,13 @@ fn names_shapes_and_counts_match_torchvision() {
             Backbone::Resnet101,
             314,
             312,
-            &[
-                ("layer3.22.conv1.weight", &[256, 1024, 1, 1]),
-                ("layer4.0.downsample.1.bias", &[2048]),
-            ],
+            &[("layer3.22.conv1.weight", &[256, 1024, 1, 1]), ("layer4.0.downsample.1.bias", &[2048])],
         ),
         (
             Backbone::Resnet152,
             467,
             465,
-            &[
-                ("layer2.7.bn3.running_mean", &[512]),
-                ("layer3.35.conv3.weight", &[1024, 256, 1, 1]),
-            ],
+            &[("layer2.7.bn3.running_mean", &[512]), ("layer3.35.conv3.weight", &[1024, 256, 1, 1])],
         ),
         (
             Backbone::Vgg16Bn,
@@ -107,17 +94,9 @@ fn names_shapes_and_counts_match_torchvision() {
     for (backbone, n_params, n_buffers, names) in cases {
         let m = Model::build(backbone, 1000, Device::Cpu).unwrap();
         let b = backbone.name();
-        assert_eq!(
-            m.named_parameters().len(),
-            n_params,
-            "{b} parameter tensors"
-        );
+        assert_eq!(m.named_parameters().len(), n_params, "{b} parameter tensors");
         assert_eq!(m.named_buffers().len(), n_buffers, "{b} buffer tensors");
-        assert_eq!(
-            m.parameter_count(),
-            backbone.imagenet_parameters(),
-            "{b} parameters"
-        );
+        assert_eq!(m.parameter_count(), backbone.imagenet_parameters(), "{b} parameters");
         assert_eq!(
             m.var_store().len(),
             n_params + n_buffers,
@@ -131,10 +110,7 @@ fn names_shapes_and_counts_match_torchvision() {
             if let Some(module) = name.strip_suffix(".num_batches_tracked") {
                 assert_eq!((t.kind(), t.size()), (Kind::Int64, vec![]), "{name}");
                 for s in ["weight", "bias", "running_mean", "running_var"] {
-                    assert!(
-                        shape_of(&m, &format!("{module}.{s}")).is_some(),
-                        "{b} {module}.{s}"
-                    );
+                    assert!(shape_of(&m, &format!("{module}.{s}")).is_some(), "{b} {module}.{s}");
                 }
             } else {
                 assert_eq!(t.kind(), Kind::Float, "{name}");
@@ -156,10 +132,7 @@ fn resnet18_has_no_downsample_in_layer1_and_vgg_params_sit_at_torchvision_indice
         .filter_map(|(n, _)| n.strip_prefix("features.")?.split('.').next()?.parse().ok())
         .collect();
     idx.dedup();
-    let want = [
-        0, 1, 3, 4, 7, 8, 10, 11, 14, 15, 17, 18, 20, 21, 24, 25, 27, 28, 30, 31, 34, 35, 37, 38,
-        40, 41,
-    ];
+    let want = [0, 1, 3, 4, 7, 8, 10, 11, 14, 15, 17, 18, 20, 21, 24, 25, 27, 28, 30, 31, 34, 35, 37, 38, 40, 41];
     assert_eq!(idx, want);
 }
 
@@ -172,41 +145,18 @@ fn layer_groups_cover_every_parameter() {
         assert_eq!(assigned.len(), m.named_parameters().len());
         for ((name, _), g) in m.named_parameters().iter().zip(&assigned) {
             let g = g.unwrap_or_else(|| panic!("{}: {name} is in no layer group", backbone.name()));
-            assert!(
-                name == &groups[g] || name.starts_with(&format!("{}.", groups[g])),
-                "{name} in {}",
-                groups[g]
-            );
+            assert!(name == &groups[g] || name.starts_with(&format!("{}.", groups[g])), "{name} in {}", groups[g]);
             if m.is_head(name) {
                 assert_eq!(g, groups.len() - 1, "the head is in the last group");
             }
         }
     }
     let m = Model::build(Backbone::Vgg16Bn, 3, Device::Cpu).unwrap();
-    let names: Vec<&str> = m
-        .named_parameters()
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .collect();
+    let names: Vec<&str> = m.named_parameters().iter().map(|(n, _)| n.as_str()).collect();
     let g = m.parameter_groups();
-    assert_eq!(
-        g[names
-            .iter()
-            .position(|n| *n == "features.0.weight")
-            .unwrap()],
-        Some(0)
-    );
-    assert_eq!(
-        g[names.iter().position(|n| *n == "features.41.bias").unwrap()],
-        Some(41)
-    );
-    assert_eq!(
-        g[names
-            .iter()
-            .position(|n| *n == "classifier.0.weight")
-            .unwrap()],
-        Some(44)
-    );
+    assert_eq!(g[names.iter().position(|n| *n == "features.0.weight").unwrap()], Some(0));
+    assert_eq!(g[names.iter().position(|n| *n == "features.41.bias").unwrap()], Some(41));
+    assert_eq!(g[names.iter().position(|n| *n == "classifier.0.weight").unwrap()], Some(44));
 }
 
 #[test]
@@ -229,42 +179,19 @@ fn vgg16_bn_forward_at_32_and_64_px() {
 fn resnet_forward_and_bad_input_shapes() {
     for backbone in [Backbone::Resnet18, Backbone::Resnet50] {
         let m = Model::build(backbone, 4, Device::Cpu).unwrap();
-        let y = tch::no_grad(|| {
-            m.forward_t(
-                &Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu)),
-                false,
-            )
-        })
-        .unwrap();
+        let y =
+            tch::no_grad(|| m.forward_t(&Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu)), false)).unwrap();
         assert_eq!(y.size(), vec![3, 4]);
-        assert!(
-            m.forward_t(
-                &Tensor::zeros([3, 1, 32, 32], (Kind::Float, Device::Cpu)),
-                false
-            )
-            .is_err()
-        );
-        assert!(
-            m.forward_t(
-                &Tensor::zeros([3, 32, 32], (Kind::Float, Device::Cpu)),
-                false
-            )
-            .is_err()
-        );
+        assert!(m.forward_t(&Tensor::zeros([3, 1, 32, 32], (Kind::Float, Device::Cpu)), false).is_err());
+        assert!(m.forward_t(&Tensor::zeros([3, 32, 32], (Kind::Float, Device::Cpu)), false).is_err());
     }
-    assert!(matches!(
-        Model::build(Backbone::Resnet18, 0, Device::Cpu),
-        Err(ModelError::Config(_))
-    ));
+    assert!(matches!(Model::build(Backbone::Resnet18, 0, Device::Cpu), Err(ModelError::Config(_))));
     // One image at 32 px leaves one value per channel in layer4: BatchNorm cannot train on it
     // (libtorch alone would return NaN statistics), but evaluation works.
     let m = Model::build(Backbone::Resnet18, 4, Device::Cpu).unwrap();
     let one = Tensor::randn([1, 3, 32, 32], (Kind::Float, Device::Cpu));
     let e = tch::no_grad(|| m.forward(&one, ForwardMode::TRAIN)).unwrap_err();
-    assert!(
-        e.to_string().contains("more than 1 value per channel"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("more than 1 value per channel"), "{e}");
     assert!(tch::no_grad(|| m.forward(&one, ForwardMode::EVAL)).is_ok());
 }
 
@@ -292,17 +219,9 @@ fn initialisation_is_seeded_and_follows_torchvision() {
     assert!(fc.abs().max().double_value(&[]) > 0.9 * bound);
     // vgg: normal(0, 0.01) linear layers with zero bias.
     let v = Model::build(Backbone::Vgg16Bn, 10, Device::Cpu).unwrap();
-    let std = tensor(&v, "classifier.3.weight")
-        .std(true)
-        .double_value(&[]);
+    let std = tensor(&v, "classifier.3.weight").std(true).double_value(&[]);
     assert!((std - 0.01).abs() < 1e-4, "{std}");
-    assert!(
-        tensor(&v, "classifier.0.bias")
-            .eq(0.0)
-            .all()
-            .int64_value(&[])
-            == 1
-    );
+    assert!(tensor(&v, "classifier.0.bias").eq(0.0).all().int64_value(&[]) == 1);
     assert!(tensor(&v, "features.3.bias").eq(0.0).all().int64_value(&[]) == 1);
 }
 
@@ -313,18 +232,12 @@ fn batchnorm_statistics_follow_the_mode() {
     let before = tensor(&m, "bn1.running_mean");
     for mode in [ForwardMode::EVAL, ForwardMode::TRAIN_FROZEN_BN] {
         let _ = tch::no_grad(|| m.forward(&x, mode)).unwrap();
-        assert!(
-            tensor(&m, "bn1.running_mean").equal(&before),
-            "{mode:?} changed running stats"
-        );
+        assert!(tensor(&m, "bn1.running_mean").equal(&before), "{mode:?} changed running stats");
         assert_eq!(tensor(&m, "bn1.num_batches_tracked").int64_value(&[]), 0);
     }
     let _ = tch::no_grad(|| m.forward(&x, ForwardMode::TRAIN)).unwrap();
     assert!(!tensor(&m, "bn1.running_mean").equal(&before));
-    assert_eq!(
-        tensor(&m, "layer4.1.bn2.num_batches_tracked").int64_value(&[]),
-        1
-    );
+    assert_eq!(tensor(&m, "layer4.1.bn2.num_batches_tracked").int64_value(&[]), 1);
 }
 
 #[test]
@@ -350,13 +263,9 @@ fn load_weights_keeps_the_new_head_and_names_bad_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let src = Model::build_seeded(Backbone::Resnet18, 10, Device::Cpu, 1).unwrap();
     // Make the buffers non-trivial too.
-    let _ = tch::no_grad(|| {
-        src.forward(
-            &Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu)),
-            ForwardMode::TRAIN,
-        )
-    })
-    .unwrap();
+    let _ =
+        tch::no_grad(|| src.forward(&Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu)), ForwardMode::TRAIN))
+            .unwrap();
     let path = dir.path().join("r18.safetensors");
     src.save_weights(&path).unwrap();
 
@@ -364,19 +273,13 @@ fn load_weights_keeps_the_new_head_and_names_bad_tensors() {
     let head_before = tensor(&dst, "fc.weight");
     let loaded = dst.load_weights(&path).unwrap();
     assert_eq!(loaded.loaded, 120);
-    assert_eq!(
-        loaded.ignored_head,
-        vec!["fc.bias".to_string(), "fc.weight".to_string()]
-    );
+    assert_eq!(loaded.ignored_head, vec!["fc.bias".to_string(), "fc.weight".to_string()]);
     for ((n, a), (_, b)) in src.state_dict().iter().zip(dst.state_dict()) {
         if !dst.is_head(n) {
             assert!(a.equal(&b), "{n} not loaded");
         }
     }
-    assert!(
-        tensor(&dst, "fc.weight").equal(&head_before),
-        "the new head must keep its random values"
-    );
+    assert!(tensor(&dst, "fc.weight").equal(&head_before), "the new head must keep its random values");
     assert_eq!(tensor(&dst, "bn1.num_batches_tracked").int64_value(&[]), 1);
 
     let full = src.state_dict();
@@ -392,26 +295,16 @@ fn load_weights_keeps_the_new_head_and_names_bad_tensors() {
             .collect::<Vec<_>>(),
     );
     let e = fresh().load_weights(&p).unwrap_err();
-    assert!(
-        matches!(&e, ModelError::MissingTensor { name, .. } if name == "layer1.0.bn1.running_var"),
-        "{e}"
-    );
+    assert!(matches!(&e, ModelError::MissingTensor { name, .. } if name == "layer1.0.bn1.running_var"), "{e}");
 
     let p = dir.path().join("shape.safetensors");
-    let mut bad: Vec<_> = full
-        .iter()
-        .map(|(n, t)| (n.clone(), t.shallow_clone()))
-        .collect();
+    let mut bad: Vec<_> = full.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
     bad[0].1 = Tensor::zeros([64, 3, 3, 3], (Kind::Float, Device::Cpu));
     write(&p, &bad);
     let m = fresh();
     let conv1 = tensor(&m, "conv1.weight");
     let e = m.load_weights(&p).unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("`conv1.weight` has shape [64, 3, 3, 3]"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("`conv1.weight` has shape [64, 3, 3, 3]"), "{e}");
     assert!(
         tensor(&m, "layer4.1.conv2.weight").equal(&tensor(&fresh(), "layer4.1.conv2.weight")),
         "a refused file changes nothing"
@@ -419,39 +312,21 @@ fn load_weights_keeps_the_new_head_and_names_bad_tensors() {
     assert!(tensor(&m, "conv1.weight").equal(&conv1));
 
     let p = dir.path().join("extra.safetensors");
-    let mut extra: Vec<_> = full
-        .iter()
-        .map(|(n, t)| (n.clone(), t.shallow_clone()))
-        .collect();
-    extra.push((
-        "extra.weight".into(),
-        Tensor::zeros([1], (Kind::Float, Device::Cpu)),
-    ));
+    let mut extra: Vec<_> = full.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    extra.push(("extra.weight".into(), Tensor::zeros([1], (Kind::Float, Device::Cpu))));
     write(&p, &extra);
     let e = fresh().load_weights(&p).unwrap_err();
     assert!(
-        matches!(&e, ModelError::UnexpectedTensors { count: 1, .. })
-            && e.to_string().contains("`extra.weight`"),
+        matches!(&e, ModelError::UnexpectedTensors { count: 1, .. }) && e.to_string().contains("`extra.weight`"),
         "{e}"
     );
 
     // Another backbone's file.
-    let e = Model::build(Backbone::Resnet34, 5, Device::Cpu)
-        .unwrap()
-        .load_weights(&path)
-        .unwrap_err();
-    assert!(
-        matches!(&e, ModelError::MissingTensor { name, .. } if name == "layer1.2.conv1.weight"),
-        "{e}"
-    );
+    let e = Model::build(Backbone::Resnet34, 5, Device::Cpu).unwrap().load_weights(&path).unwrap_err();
+    assert!(matches!(&e, ModelError::MissingTensor { name, .. } if name == "layer1.2.conv1.weight"), "{e}");
 
-    let e = fresh()
-        .load_weights(&dir.path().join("nope.safetensors"))
-        .unwrap_err();
-    assert!(
-        e.to_string().contains("nope.safetensors") && e.to_string().contains("no such file"),
-        "{e}"
-    );
+    let e = fresh().load_weights(&dir.path().join("nope.safetensors")).unwrap_err();
+    assert!(e.to_string().contains("nope.safetensors") && e.to_string().contains("no such file"), "{e}");
     let junk = dir.path().join("junk.safetensors");
     std::fs::write(&junk, b"not a safetensors file").unwrap();
     let e = fresh().load_weights(&junk).unwrap_err();

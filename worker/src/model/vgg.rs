@@ -13,9 +13,7 @@ use super::{BatchNorm2d, Builder, Conv2d, ForwardMode, Linear, VGG_DROPOUT, drop
 use crate::rng::Rng;
 
 /// Configuration "D": output channels of each 3×3 convolution, 0 for a max-pool.
-const CFG_D: [i64; 18] = [
-    64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0,
-];
+const CFG_D: [i64; 18] = [64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0];
 
 #[derive(Debug)]
 enum Feature {
@@ -45,16 +43,7 @@ impl Vgg {
                 continue;
             }
             let i = features.len();
-            features.push(Feature::Conv(Conv2d::new(
-                b,
-                &(&fp / i),
-                cin,
-                c,
-                3,
-                1,
-                1,
-                true,
-            )?));
+            features.push(Feature::Conv(Conv2d::new(b, &(&fp / i), cin, c, 3, 1, 1, true)?));
             features.push(Feature::Bn(BatchNorm2d::new(b, &(&fp / (i + 1)), c)?));
             features.push(Feature::Relu);
             cin = c;
@@ -64,20 +53,10 @@ impl Vgg {
         let fc0 = Linear::new_normal(b, &(&cp / 0), 512 * 7 * 7, 4096, 0.01)?;
         let fc3 = Linear::new_normal(b, &(&cp / 3), 4096, 4096, 0.01)?;
         let fc6 = Linear::new_default(b, &(&cp / 6), 4096, num_classes)?;
-        Ok(Vgg {
-            features,
-            fc0,
-            fc3,
-            fc6,
-        })
+        Ok(Vgg { features, fc0, fc3, fc6 })
     }
 
-    pub(super) fn forward(
-        &self,
-        x: &Tensor,
-        mode: ForwardMode,
-        rng: &mut Rng,
-    ) -> Result<Tensor, TchError> {
+    pub(super) fn forward(&self, x: &Tensor, mode: ForwardMode, rng: &mut Rng) -> Result<Tensor, TchError> {
         let mut y = x.shallow_clone();
         for f in &self.features {
             y = match f {
