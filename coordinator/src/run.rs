@@ -184,11 +184,12 @@ pub async fn run(o: RunOptions) -> anyhow::Result<ExitCode> {
     let submitted = client.submit_text(text, o.spec.display().to_string()).await?;
     let sweep_id = submitted.sweep_id.clone();
     eprintln!(
-        "sweep {sweep_id}: {} trials of `{}` on {} local workers ({} threads each)\nstate: {}   worker logs: {}",
+        "sweep {sweep_id}: {} trials of `{}` on {} local worker{} ({threads} thread{} each)\nstate: {}   worker logs: {}",
         submitted.trial_count,
         parsed.name,
         o.workers,
-        threads,
+        if o.workers == 1 { "" } else { "s" },
+        if threads == 1 { "" } else { "s" },
         o.state_dir.display(),
         logs.display()
     );
