@@ -76,9 +76,15 @@ pub enum DatasetSpec {
     /// Class-dependent images drawn procedurally (demos and tests).
     Synthetic { classes: u32, train_per_class: u32, val_per_class: u32, image_size: u32, seed: u64 },
     /// `root/train/<class>/*` and `root/val/<class>/*`.
-    ImageFolder { root: String, image_size: u32 },
+    ImageFolder { root: String, image_size: u32, skip_corrupt: bool },
     /// The official Oxford Flowers-102 layout: `jpg/`, `imagelabels.mat`, `setid.mat`.
-    Flowers102 { root: String, train_split: Vec<FlowersSplit>, val_split: Vec<FlowersSplit>, image_size: u32 },
+    Flowers102 {
+        root: String,
+        train_split: Vec<FlowersSplit>,
+        val_split: Vec<FlowersSplit>,
+        image_size: u32,
+        skip_corrupt: bool,
+    },
 }
 
 impl DatasetSpec {
@@ -87,6 +93,16 @@ impl DatasetSpec {
             DatasetSpec::Synthetic { .. } => "synthetic",
             DatasetSpec::ImageFolder { .. } => "image_folder",
             DatasetSpec::Flowers102 { .. } => "flowers102",
+        }
+    }
+
+    /// Whether unreadable images are skipped (and counted) instead of failing the trial.
+    pub fn skip_corrupt(&self) -> bool {
+        match self {
+            DatasetSpec::Synthetic { .. } => false,
+            DatasetSpec::ImageFolder { skip_corrupt, .. } | DatasetSpec::Flowers102 { skip_corrupt, .. } => {
+                *skip_corrupt
+            }
         }
     }
 
@@ -447,6 +463,7 @@ struct RawDataset {
     seed: Option<i64>,
     train_split: Option<Vec<String>>,
     val_split: Option<Vec<String>>,
+    skip_corrupt: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -611,8 +628,8 @@ impl RawDataset {
         // Which keys each kind takes; any other key given is an error.
         let allowed: &[&str] = match kind {
             0 => &["classes", "train_per_class", "val_per_class", "image_size", "seed"],
-            1 => &["root", "image_size"],
-            _ => &["root", "train_split", "val_split", "image_size"],
+            1 => &["root", "image_size", "skip_corrupt"],
+            _ => &["root", "train_split", "val_split", "image_size", "skip_corrupt"],
         };
         let given = [
             ("root", self.root.is_some()),
@@ -623,6 +640,7 @@ impl RawDataset {
             ("seed", self.seed.is_some()),
             ("train_split", self.train_split.is_some()),
             ("val_split", self.val_split.is_some()),
+            ("skip_corrupt", self.skip_corrupt.is_some()),
         ];
         for (key, present) in given {
             if present && !allowed.contains(&key) {
@@ -656,7 +674,11 @@ impl RawDataset {
                 image_size,
                 seed: seed("dataset.seed", self.seed.unwrap_or(0))?,
             },
-            1 => DatasetSpec::ImageFolder { root: root(self.root)?, image_size },
+            1 => DatasetSpec::ImageFolder {
+                root: root(self.root)?,
+                image_size,
+                skip_corrupt: self.skip_corrupt.unwrap_or(false),
+            },
             _ => {
                 let splits = |field: &str,
                               v: Option<Vec<String>>,
@@ -686,7 +708,13 @@ impl RawDataset {
                         format!("split `{}` is also a training split; validation must use other images", s.name()),
                     );
                 }
-                DatasetSpec::Flowers102 { root: root(self.root)?, train_split, val_split, image_size }
+                DatasetSpec::Flowers102 {
+                    root: root(self.root)?,
+                    train_split,
+                    val_split,
+                    image_size,
+                    skip_corrupt: self.skip_corrupt.unwrap_or(false),
+                }
             }
         })
     }

@@ -42,6 +42,7 @@ fn shipped_specs_parse() {
             train_split: vec![FlowersSplit::Test],
             val_split: vec![FlowersSplit::Train, FlowersSplit::Val],
             image_size: 224,
+            skip_corrupt: false,
         }
     );
     assert_eq!(flowers.model.weights, Weights::ImageNet);

@@ -174,7 +174,7 @@ pub fn build(spec: &DatasetSpec) -> Result<Dataset, DataError> {
         DatasetSpec::Synthetic { classes, train_per_class, val_per_class, image_size, seed } => {
             synthetic(*classes, *train_per_class, *val_per_class, *image_size, *seed)
         }
-        DatasetSpec::ImageFolder { root, image_size } => image_folder(Path::new(root), *image_size),
+        DatasetSpec::ImageFolder { root, image_size, .. } => image_folder(Path::new(root), *image_size),
         DatasetSpec::Flowers102 { .. } => {
             Err(DataError::Unsupported("dataset kind flowers102 is not supported by this worker yet".into()))
         }
@@ -509,6 +509,7 @@ mod tests {
             train_split: vec![],
             val_split: vec![],
             image_size: 224,
+            skip_corrupt: false,
         };
         let e = build(&spec).unwrap_err();
         assert!(e.is_permanent());

@@ -57,7 +57,7 @@ fn image_folder_decodes_resizes_and_crops() {
     assert_eq!(pixel(&d.train, 0, 2, 0), BLUE);
     assert_eq!(pixel(&d.train, 0, 29, 31), RED);
     // Through the spec and the cache.
-    let spec = DatasetSpec::ImageFolder { root: dir.path().display().to_string(), image_size: 32 };
+    let spec = DatasetSpec::ImageFolder { root: dir.path().display().to_string(), image_size: 32, skip_corrupt: false };
     assert_eq!(*data::load(&spec).unwrap(), d);
 }
 

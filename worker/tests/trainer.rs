@@ -226,7 +226,11 @@ fn bad_settings_are_permanent_errors_that_say_what_is_wrong() {
     assert!(e.to_string().contains("r34.safetensors") && e.to_string().contains("`layer1.2."), "{e}");
 
     let (mut s, t) = spec("resnet18", 2, 4, 8, (1, 1), "");
-    s.dataset = sweep_core::spec::DatasetSpec::ImageFolder { root: "/no/such/dataset".into(), image_size: 32 };
+    s.dataset = sweep_core::spec::DatasetSpec::ImageFolder {
+        root: "/no/such/dataset".into(),
+        image_size: 32,
+        skip_corrupt: false,
+    };
     let e = run_trial(&s, &t, &cpu(), &mut |_| Control::Continue).unwrap_err();
     assert!(e.is_permanent());
     assert!(e.to_string().contains("/no/such/dataset") && e.to_string().contains("train/<class>"), "{e}");
@@ -236,6 +240,7 @@ fn bad_settings_are_permanent_errors_that_say_what_is_wrong() {
         train_split: vec![],
         val_split: vec![],
         image_size: 32,
+        skip_corrupt: false,
     };
     let e = run_trial(&s, &t, &cpu(), &mut |_| Control::Continue).unwrap_err();
     assert!(e.is_permanent() && e.to_string().contains("flowers102 is not supported by this worker yet"), "{e}");
