@@ -3,13 +3,18 @@
 //! A [`Dataset`] holds a training and a validation [`Split`]: images as one contiguous
 //! `N × 3 × S × S` uint8 buffer (NCHW, RGB, `S` = the spec's `image_size`) and their labels.
 //! Images are resized and centre-cropped when the dataset is built, so a training step only
-//! gathers a batch, augments it on the device and normalises it.
+//! gathers a batch, augments it on the device and normalises it ([`prefetch`] assembles the
+//! next batch while the model trains on the current one).
 //!
 //! Kinds:
 //! * `synthetic`: procedurally drawn class-dependent images (see [`synthetic`]);
 //! * `image_folder`: `root/train/<class>/*.{jpg,jpeg,png}` and `root/val/<class>/*`, decoded in
 //!   parallel (see [`image_folder`]);
-//! * `flowers102`: not supported yet (a clear, permanent error).
+//! * `flowers102`: the official Oxford Flowers-102 files, `root/jpg/image_NNNNN.jpg`,
+//!   `root/imagelabels.mat` and `root/setid.mat` (see [`flowers102()`]).
+//!
+//! An image that cannot be read or decoded fails the build with an error naming the file, unless
+//! the spec sets `skip_corrupt`: then it is left out and listed in [`Dataset::skipped`].
 //!
 //! [`load`] keeps the most recently used datasets of the process (key: the dataset spec), so
 //! several trials in one worker decode a dataset once. Every [`DataError`] is permanent: a
@@ -25,6 +30,11 @@ use sweep_core::spec::DatasetSpec;
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::rng::{Rng, STREAM_SYNTHETIC};
+
+pub mod flowers;
+pub mod prefetch;
+
+pub use flowers::{FLOWERS102_CLASSES, flowers102};
 
 /// File extensions `image_folder` reads (case-insensitive); other files are ignored.
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
@@ -47,6 +57,10 @@ pub enum DataError {
     /// The files do not have the layout the dataset kind needs.
     #[error("{0}")]
     Layout(String),
+    /// A file can be read but its content is not what the dataset needs (a `.mat` variable
+    /// missing, of the wrong shape, or with values out of range).
+    #[error("{path}: {message}")]
+    BadContent { path: PathBuf, message: String },
     /// A setting the worker cannot honour (an unsupported kind, an impossible size).
     #[error("{0}")]
     Unsupported(String),
@@ -102,6 +116,15 @@ impl Split {
     }
 }
 
+/// An image left out of a dataset because it could not be read (`skip_corrupt: true`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The image file.
+    pub path: PathBuf,
+    /// Why it could not be read (the decoder's or the file system's message).
+    pub reason: String,
+}
+
 /// A decoded dataset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dataset {
@@ -109,8 +132,25 @@ pub struct Dataset {
     pub classes: Vec<String>,
     /// Side of the square images.
     pub image_size: u32,
+    /// The training split.
     pub train: Split,
+    /// The validation split.
     pub val: Split,
+    /// Images left out because they could not be read (only with `skip_corrupt: true`;
+    /// otherwise such an image is an error): training images first, each split in its order.
+    pub skipped: Vec<Skipped>,
+}
+
+impl Dataset {
+    /// The images left out because they could not be read (see [`Dataset::skipped`]).
+    pub fn skipped(&self) -> &[Skipped] {
+        &self.skipped
+    }
+
+    /// How many images were left out because they could not be read.
+    pub fn skipped_count(&self) -> usize {
+        self.skipped.len()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -168,17 +208,24 @@ pub fn clear_cache() {
     CACHE.lock().unwrap_or_else(PoisonError::into_inner).clear();
 }
 
-/// Builds the dataset of `spec` without the cache.
+/// Builds the dataset of `spec` without the cache. Skipped unreadable images are logged (one
+/// warning each) and listed in [`Dataset::skipped`].
 pub fn build(spec: &DatasetSpec) -> Result<Dataset, DataError> {
-    match spec {
+    let dataset = match spec {
         DatasetSpec::Synthetic { classes, train_per_class, val_per_class, image_size, seed } => {
             synthetic(*classes, *train_per_class, *val_per_class, *image_size, *seed)
         }
-        DatasetSpec::ImageFolder { root, image_size, .. } => image_folder(Path::new(root), *image_size),
-        DatasetSpec::Flowers102 { .. } => {
-            Err(DataError::Unsupported("dataset kind flowers102 is not supported by this worker yet".into()))
+        DatasetSpec::ImageFolder { root, image_size, skip_corrupt } => {
+            image_folder(Path::new(root), *image_size, *skip_corrupt)
         }
+        DatasetSpec::Flowers102 { root, train_split, val_split, image_size, skip_corrupt } => {
+            flowers102(Path::new(root), train_split, val_split, *image_size, *skip_corrupt)
+        }
+    }?;
+    for s in &dataset.skipped {
+        tracing::warn!(file = %s.path.display(), reason = %s.reason, "skipped an unreadable image (skip_corrupt)");
     }
+    Ok(dataset)
 }
 
 fn check_size(image_size: u32) -> Result<(), DataError> {
@@ -306,6 +353,7 @@ pub fn synthetic(
         image_size,
         train: synthetic_split(seed, SPLIT_TRAIN, &styles, train_per_class, s),
         val: synthetic_split(seed, SPLIT_VAL, &styles, val_per_class, s),
+        skipped: Vec::new(),
     })
 }
 
@@ -371,6 +419,22 @@ pub fn resize_side(image_size: u32) -> u32 {
 /// antialiasing, long side as torchvision computes it), centre-crops `image_size` and returns
 /// its CHW RGB bytes.
 pub fn decode_image(path: &Path, image_size: u32) -> Result<Vec<u8>, DataError> {
+    let s = image_size as usize;
+    let mut out = vec![0u8; 3 * s * s];
+    decode_image_into(path, image_size, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode_image`] into `out`, which must hold `3 × image_size²` bytes.
+pub fn decode_image_into(path: &Path, image_size: u32, out: &mut [u8]) -> Result<(), DataError> {
+    let s = image_size as usize;
+    if out.len() != 3 * s * s {
+        return Err(DataError::Unsupported(format!(
+            "decode_image_into: a buffer of {} bytes for {image_size} px images (want {})",
+            out.len(),
+            3 * s * s
+        )));
+    }
     let img = image::ImageReader::open(path)
         .map_err(|e| unreadable(path, e))?
         .with_guessed_format()
@@ -389,8 +453,6 @@ pub fn decode_image(path: &Path, image_size: u32) -> Result<Vec<u8>, DataError> 
     let resized = if (nw, nh) == (w, h) { img } else { image::imageops::resize(&img, nw, nh, FilterType::Triangle) };
     let top = ((nh - image_size) as f64 / 2.0).round_ties_even() as u32;
     let left = ((nw - image_size) as f64 / 2.0).round_ties_even() as u32;
-    let s = image_size as usize;
-    let mut out = vec![0u8; 3 * s * s];
     for y in 0..s {
         for x in 0..s {
             let p = resized.get_pixel(left + x as u32, top + y as u32).0;
@@ -399,10 +461,75 @@ pub fn decode_image(path: &Path, image_size: u32) -> Result<Vec<u8>, DataError> 
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
-fn folder_split(dir: &Path, classes: &[String], image_size: u32, split: &str) -> Result<Split, DataError> {
+/// Decodes `items` (image file, label) in parallel into one split, in order. An image that
+/// cannot be read is an error naming it (the first such image in `items` order, whatever the
+/// decoding order), unless `skip_corrupt`: then it is left out and appended to `skipped`.
+/// Decoding writes straight into the split's buffer, so the peak memory is the split itself.
+pub fn decode_split(
+    items: &[(PathBuf, i64)],
+    image_size: u32,
+    skip_corrupt: bool,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Split, DataError> {
+    check_size(image_size)?;
+    let bytes = 3 * image_size as usize * image_size as usize;
+    let total = items.len().checked_mul(bytes).filter(|&t| t <= isize::MAX as usize / 2).ok_or_else(|| {
+        DataError::Unsupported(format!("{} images of {image_size} px do not fit in memory", items.len()))
+    })?;
+    let mut images = vec![0u8; total];
+    let results: Vec<Result<(), DataError>> = images
+        .par_chunks_mut(bytes)
+        .zip(items.par_iter())
+        .map(|(out, (path, _))| decode_image_into(path, image_size, out))
+        .collect();
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    let mut labels = Vec::with_capacity(items.len());
+    let mut kept = 0;
+    for (i, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(()) => {
+                if kept != i {
+                    images.copy_within(i * bytes..(i + 1) * bytes, kept * bytes);
+                }
+                labels.push(items[i].1);
+                kept += 1;
+            }
+            Err(e) if skip_corrupt => {
+                let reason = match e {
+                    DataError::Unreadable { message, .. } => message,
+                    other => other.to_string(),
+                };
+                skipped.push(Skipped { path: items[i].0.clone(), reason });
+            }
+            Err(DataError::Unreadable { path, message }) => {
+                let others = match failed - 1 {
+                    0 => String::new(),
+                    1 => "; 1 more image of the split is unreadable".into(),
+                    n => format!("; {n} more images of the split are unreadable"),
+                };
+                return Err(DataError::Unreadable {
+                    path,
+                    message: format!("{message}{others} (set dataset.skip_corrupt: true to skip unreadable images)"),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    images.truncate(kept * bytes);
+    Ok(Split { images, labels, image_size })
+}
+
+fn folder_split(
+    dir: &Path,
+    classes: &[String],
+    image_size: u32,
+    split: &str,
+    skip_corrupt: bool,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Split, DataError> {
     let mut items: Vec<(PathBuf, i64)> = Vec::new();
     for (label, class) in classes.iter().enumerate() {
         let files = image_files(&dir.join(class))?;
@@ -418,16 +545,24 @@ fn folder_split(dir: &Path, classes: &[String], image_size: u32, split: &str) ->
     if items.is_empty() {
         return Err(DataError::Layout(format!("{} holds no image in any class directory", dir.display())));
     }
-    let decoded: Vec<Vec<u8>> =
-        items.par_iter().map(|(path, _)| decode_image(path, image_size)).collect::<Result<_, _>>()?;
-    Ok(Split { images: decoded.concat(), labels: items.iter().map(|(_, l)| *l).collect(), image_size })
+    let before = skipped.len();
+    let split_data = decode_split(&items, image_size, skip_corrupt, skipped)?;
+    if split_data.is_empty() {
+        return Err(DataError::Layout(format!(
+            "every image of {} is unreadable ({} skipped)",
+            dir.display(),
+            skipped.len() - before
+        )));
+    }
+    Ok(split_data)
 }
 
 /// `root/train/<class>/*` and `root/val/<class>/*`: the classes are the sorted subdirectory
 /// names of `train/` (hidden ones skipped), and `val/` must have the same set. Files with an
-/// extension of [`IMAGE_EXTENSIONS`] are decoded in parallel (see [`decode_image`]); every
-/// training class needs at least one image.
-pub fn image_folder(root: &Path, image_size: u32) -> Result<Dataset, DataError> {
+/// extension of [`IMAGE_EXTENSIONS`] are decoded in parallel (see [`decode_split`]); every
+/// training class needs at least one image file. With `skip_corrupt`, unreadable images are
+/// left out and listed in [`Dataset::skipped`] instead of failing the build.
+pub fn image_folder(root: &Path, image_size: u32, skip_corrupt: bool) -> Result<Dataset, DataError> {
     check_size(image_size)?;
     if !root.is_dir() {
         return Err(not_found(root));
@@ -453,9 +588,10 @@ pub fn image_folder(root: &Path, image_size: u32) -> Result<Dataset, DataError> 
             only_val.join(", ")
         )));
     }
-    let train = folder_split(&train_dir, &classes, image_size, "train")?;
-    let val = folder_split(&val_dir, &classes, image_size, "val")?;
-    Ok(Dataset { classes, image_size, train, val })
+    let mut skipped = Vec::new();
+    let train = folder_split(&train_dir, &classes, image_size, "train", skip_corrupt, &mut skipped)?;
+    let val = folder_split(&val_dir, &classes, image_size, "val", skip_corrupt, &mut skipped)?;
+    Ok(Dataset { classes, image_size, train, val, skipped })
 }
 
 #[cfg(test)]
@@ -500,20 +636,6 @@ mod tests {
             correct += (nearest == i / 16) as usize;
         }
         assert!(correct > 16, "nearest-class-mean accuracy {correct}/64 is at chance");
-    }
-
-    #[test]
-    fn flowers102_is_a_clear_permanent_error() {
-        let spec = DatasetSpec::Flowers102 {
-            root: "/nowhere".into(),
-            train_split: vec![],
-            val_split: vec![],
-            image_size: 224,
-            skip_corrupt: false,
-        };
-        let e = build(&spec).unwrap_err();
-        assert!(e.is_permanent());
-        assert_eq!(e.to_string(), "dataset kind flowers102 is not supported by this worker yet");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod adam;
 pub mod augment;
 pub mod daemon;
 pub mod data;
+pub mod mat;
 pub mod model;
 pub mod rng;
 pub mod train;

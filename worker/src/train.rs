@@ -29,6 +29,7 @@ use tch::{Device, Kind, Reduction, TchError, Tensor};
 
 use crate::adam::{Adam, AdamConfig};
 use crate::augment;
+use crate::data::prefetch::{self, Batch, TrainBatches};
 use crate::data::{self, DataError};
 use crate::model::{ForwardMode, Model, ModelError};
 use crate::rng::{Rng, STREAM_AUGMENT, STREAM_SHUFFLE};
@@ -383,7 +384,7 @@ impl Trainer {
         let seed = self.training.seed;
         let n = self.train_y.size()[0] as usize;
         let order = Rng::derive(seed, &[STREAM_SHUFFLE, epoch as u64]).permutation(n);
-        let mut aug_rng = Rng::derive(seed, &[STREAM_AUGMENT, epoch as u64]);
+        let aug_rng = Rng::derive(seed, &[STREAM_AUGMENT, epoch as u64]);
         self.model.set_dropout_seed(seed, epoch as u64);
         let mode = if phase == Phase::FeatureExtraction && self.training.freeze_bn_stats {
             ForwardMode::TRAIN_FROZEN_BN
@@ -391,23 +392,31 @@ impl Trainer {
             ForwardMode::TRAIN
         };
         let device = self.options.device;
-        let aug = self.training.augment;
-        let mut step = |this: &mut Trainer,
-                        idx: &[i64],
-                        loss_sum: &Tensor,
-                        correct: &Tensor|
+        // Batches are gathered and augmented ahead of the model (data::prefetch); the producer
+        // draws from `aug_rng` in batch order, so the batches do not depend on its timing.
+        let batch_list: Vec<Vec<i64>> =
+            batches(&order, self.training.batch_size as usize).into_iter().map(<[i64]>::to_vec).collect();
+        let producer = TrainBatches::new(
+            &self.train_x,
+            &self.train_y,
+            batch_list,
+            self.training.augment,
+            aug_rng,
+            prefetch::prefetch_depth(),
+        );
+        let step = |this: &mut Trainer,
+                    batch: Batch,
+                    loss_sum: &Tensor,
+                    correct: &Tensor|
          -> Result<(Tensor, Tensor), TchError> {
-            let idx = Tensor::f_from_slice(idx)?.f_to_device(device)?;
-            let x = this.train_x.f_index_select(0, &idx)?;
-            let y = this.train_y.f_index_select(0, &idx)?;
-            let x = augment::train_batch(&x, &aug, &mut aug_rng)?;
+            let (x, y) = (batch.images, batch.labels);
             let logits = this.model.forward(&x, mode)?;
             let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
             this.optimizer.zero_grad();
             loss.f_backward()?;
             this.optimizer.step()?;
             tch::no_grad(|| {
-                let b = idx.size()[0] as f64;
+                let b = batch.len as f64;
                 let loss_sum = loss_sum.f_add(&loss.f_detach()?.f_to_kind(Kind::Double)?.f_mul_scalar(b)?)?;
                 let hits = logits.f_argmax(1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?;
                 Ok((loss_sum, correct.f_add(&hits)?))
@@ -415,10 +424,12 @@ impl Trainer {
         };
         let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device)).map_err(torch("training"))?;
         let mut correct = Tensor::f_zeros([], (Kind::Int64, device)).map_err(torch("training"))?;
-        for idx in batches(&order, self.training.batch_size as usize) {
+        let context = format!("training epoch {epoch}");
+        for batch in producer {
             self.check_cancel()?;
-            (loss_sum, correct) = step(self, idx, &loss_sum, &correct)
-                .map_err(|e| TrainError::from_torch(&format!("training epoch {epoch}"), e))?;
+            let batch = batch.map_err(|e| TrainError::from_torch(&context, e))?;
+            (loss_sum, correct) =
+                step(self, batch, &loss_sum, &correct).map_err(|e| TrainError::from_torch(&context, e))?;
         }
         let loss = loss_sum.f_double_value(&[]).map_err(torch("training"))?;
         let hits = correct.f_int64_value(&[]).map_err(torch("training"))?;

@@ -40,7 +40,7 @@ fn pixel(split: &data::Split, i: usize, x: usize, y: usize) -> [u8; 3] {
 fn image_folder_decodes_resizes_and_crops() {
     let dir = tempfile::tempdir().unwrap();
     fixture(dir.path());
-    let d = data::image_folder(dir.path(), 32).unwrap();
+    let d = data::image_folder(dir.path(), 32, false).unwrap();
     assert_eq!(d.classes, ["cat", "dog"]);
     assert_eq!(d.image_size, 32);
     // Sorted by class, then by file name.
@@ -67,7 +67,7 @@ fn an_unreadable_image_is_an_error_naming_it() {
     fixture(dir.path());
     let bad = dir.path().join("train/cat/broken.jpg");
     std::fs::write(&bad, b"\xff\xd8\xff garbage, not a JPEG").unwrap();
-    let e = data::image_folder(dir.path(), 32).unwrap_err();
+    let e = data::image_folder(dir.path(), 32, false).unwrap_err();
     assert!(e.is_permanent());
     assert!(matches!(&e, DataError::Unreadable { path, .. } if *path == bad), "{e}");
     assert!(e.to_string().contains(&bad.display().to_string()), "{e}");
@@ -77,24 +77,24 @@ fn an_unreadable_image_is_an_error_naming_it() {
 fn layout_errors_name_the_directory_and_the_expected_layout() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope");
-    let e = data::image_folder(&missing, 32).unwrap_err();
+    let e = data::image_folder(&missing, 32, false).unwrap_err();
     assert!(matches!(&e, DataError::NotFound { path, .. } if *path == missing), "{e}");
     assert!(e.to_string().contains("<root>/train/<class>/"), "{e}");
 
     // No val/.
     save(&dir.path().join("train/a/1.png"), &halves(8, 8, RED, RED));
-    let e = data::image_folder(dir.path(), 32).unwrap_err();
+    let e = data::image_folder(dir.path(), 32, false).unwrap_err();
     assert!(e.to_string().contains(&dir.path().join("val").display().to_string()), "{e}");
 
     // val/ with other classes.
     save(&dir.path().join("val/b/1.png"), &halves(8, 8, RED, RED));
-    let e = data::image_folder(dir.path(), 32).unwrap_err().to_string();
+    let e = data::image_folder(dir.path(), 32, false).unwrap_err().to_string();
     assert!(e.contains("only in train: [a]") && e.contains("only in val: [b]"), "{e}");
 
     // A training class without images.
     std::fs::create_dir_all(dir.path().join("train/b")).unwrap();
     std::fs::create_dir_all(dir.path().join("val/a")).unwrap();
-    let e = data::image_folder(dir.path(), 32).unwrap_err().to_string();
+    let e = data::image_folder(dir.path(), 32, false).unwrap_err().to_string();
     assert!(e.contains(&dir.path().join("train/b").display().to_string()) && e.contains("no image"), "{e}");
 }
 

@@ -236,14 +236,15 @@ fn bad_settings_are_permanent_errors_that_say_what_is_wrong() {
     assert!(e.to_string().contains("/no/such/dataset") && e.to_string().contains("train/<class>"), "{e}");
 
     s.dataset = sweep_core::spec::DatasetSpec::Flowers102 {
-        root: "/data".into(),
-        train_split: vec![],
-        val_split: vec![],
+        root: "/no/such/flowers".into(),
+        train_split: vec![sweep_core::spec::FlowersSplit::Test],
+        val_split: vec![sweep_core::spec::FlowersSplit::Train],
         image_size: 32,
         skip_corrupt: false,
     };
     let e = run_trial(&s, &t, &cpu(), &mut |_| Control::Continue).unwrap_err();
-    assert!(e.is_permanent() && e.to_string().contains("flowers102 is not supported by this worker yet"), "{e}");
+    assert!(e.is_permanent(), "{e}");
+    assert!(e.to_string().contains("/no/such/flowers") && e.to_string().contains("imagelabels.mat"), "{e}");
 }
 
 #[test]
