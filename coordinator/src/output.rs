@@ -76,6 +76,13 @@ fn lr_json(d: Option<&v1::LrDecay>) -> Value {
     }
 }
 
+fn checkpoint_json(c: Option<&v1::CheckpointRef>) -> Value {
+    match c {
+        Some(c) => json!({"uri": c.uri, "epoch": c.epoch, "sha256": c.sha256, "bytes": c.bytes}),
+        None => Value::Null,
+    }
+}
+
 fn time_json(ms: i64) -> Value {
     if ms == 0 { Value::Null } else { json!(ms) }
 }
@@ -276,6 +283,11 @@ pub fn leaderboard_json(board: &v1::Leaderboard) -> Value {
                     "best_epoch": e.best_epoch,
                     "parameters": e.parameters,
                     "wall_seconds": e.wall_seconds,
+                    "checkpoints": {
+                        "best": checkpoint_json(e.best_checkpoint.as_ref()),
+                        "last": checkpoint_json(e.last_checkpoint.as_ref()),
+                    },
+                    "skipped_images": e.skipped_images,
                 })
             })
             .collect(),
@@ -298,6 +310,14 @@ pub fn trial_detail_text(d: &v1::TrialDetail) -> String {
     );
     if !trial.error.is_empty() {
         out.push_str(&format!("error: {}\n", trial.error));
+    }
+    for (what, c) in [("best", &d.best_checkpoint), ("last", &d.last_checkpoint)] {
+        if let Some(c) = c {
+            out.push_str(&format!("{what} checkpoint: {} (epoch {})\n", c.uri, c.epoch));
+        }
+    }
+    if d.skipped_images > 0 {
+        out.push_str(&format!("skipped {} unreadable images (skip_corrupt)\n", d.skipped_images));
     }
     out.push('\n');
     let mut t = table(&["epoch", "phase", "train loss", "train acc", "val loss", "val acc", "seconds"]);
@@ -326,6 +346,8 @@ pub fn trial_detail_text(d: &v1::TrialDetail) -> String {
 pub fn trial_detail_json(d: &v1::TrialDetail) -> Value {
     let mut v = d.trial.as_ref().map(trial_json).unwrap_or_else(|| json!({}));
     v["parameters"] = json!(d.parameters);
+    v["checkpoints"] = json!({"best": checkpoint_json(d.best_checkpoint.as_ref()), "last": checkpoint_json(d.last_checkpoint.as_ref())});
+    v["skipped_images"] = json!(d.skipped_images);
     v["metrics"] = Value::Array(
         d.metrics
             .iter()

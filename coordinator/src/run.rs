@@ -61,7 +61,15 @@ struct Worker {
     exited: Option<std::process::ExitStatus>,
 }
 
-async fn spawn_workers(bin: &Path, url: &str, n: usize, threads: usize, logs: &Path) -> anyhow::Result<Vec<Worker>> {
+async fn spawn_workers(
+    bin: &Path,
+    url: &str,
+    n: usize,
+    threads: usize,
+    state_dir: &Path,
+    logs: &Path,
+) -> anyhow::Result<Vec<Worker>> {
+    let artifacts = std::path::absolute(state_dir.join("artifacts"))?;
     let mut workers = Vec::new();
     for i in 1..=n {
         let log = logs.join(format!("worker-{i}.log"));
@@ -74,6 +82,8 @@ async fn spawn_workers(bin: &Path, url: &str, n: usize, threads: usize, logs: &P
             .arg(format!("run-{i}"))
             .arg("--threads")
             .arg(threads.to_string())
+            .arg("--artifacts")
+            .arg(&artifacts)
             .stdin(Stdio::null())
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(err))
@@ -194,7 +204,7 @@ pub async fn run(o: RunOptions) -> anyhow::Result<ExitCode> {
         logs.display()
     );
 
-    let mut workers = spawn_workers(&bin, &url, o.workers, threads, &logs).await?;
+    let mut workers = spawn_workers(&bin, &url, o.workers, threads, &o.state_dir, &logs).await?;
     let result = follow(&mut client, &sweep_id, &mut workers).await;
     stop_workers(&mut workers, Duration::from_secs(10)).await;
 

@@ -20,7 +20,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::store::{Store, StoreError, now_ms};
+use crate::store::{ReportExtras, Store, StoreError, now_ms};
 
 /// Largest spec accepted by `SubmitSweep`.
 pub const MAX_SPEC_BYTES: usize = 1 << 20;
@@ -387,7 +387,13 @@ impl WorkerService for WorkerApi {
         let wire = req.metrics.ok_or_else(|| Status::invalid_argument("ReportEpoch needs metrics"))?;
         let metrics = sweep_core::leaderboard::EpochMetrics::try_from(&wire)
             .map_err(|e| Status::invalid_argument(format!("metrics of epoch {}: {e}", wire.epoch)))?;
-        let cancel = self.0.write(false, move |s| s.report_epoch(req.attempt_id, &metrics, req.parameters)).await?;
+        let extras = ReportExtras {
+            parameters: req.parameters,
+            last_checkpoint: req.last_checkpoint,
+            best_checkpoint: req.best_checkpoint,
+            skipped_images: req.skipped_images,
+        };
+        let cancel = self.0.write(false, move |s| s.report_epoch(req.attempt_id, &metrics, &extras)).await?;
         Ok(Response::new(v1::ReportEpochResponse { cancel }))
     }
 

@@ -49,7 +49,15 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Statements that bring a database of version `n - 1` to version `n` (index `n - 2`).
+const MIGRATIONS: &[&str] = &[
+    // 2: checkpoints and skipped images per trial.
+    "ALTER TABLE trials ADD COLUMN best_checkpoint BLOB;
+     ALTER TABLE trials ADD COLUMN last_checkpoint BLOB;
+     ALTER TABLE trials ADD COLUMN skipped_images INTEGER NOT NULL DEFAULT 0;",
+];
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -85,6 +93,9 @@ CREATE TABLE IF NOT EXISTS trials (
     error           TEXT NOT NULL DEFAULT '',
     started_at_ms   INTEGER,
     finished_at_ms  INTEGER,
+    best_checkpoint BLOB,
+    last_checkpoint BLOB,
+    skipped_images  INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (sweep_id, idx)
 );
 CREATE INDEX IF NOT EXISTS trials_by_state ON trials(state);
@@ -149,6 +160,15 @@ pub struct Store {
 /// What `acquire` hands to a worker.
 pub type Assignment = v1::Assignment;
 
+/// What a report carries besides the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct ReportExtras {
+    pub parameters: u64,
+    pub last_checkpoint: Option<v1::CheckpointRef>,
+    pub best_checkpoint: Option<v1::CheckpointRef>,
+    pub skipped_images: u32,
+}
+
 impl Store {
     /// Opens (creating if needed) `<dir>/sweep.db`.
     pub fn open(dir: &Path) -> Result<Store> {
@@ -165,22 +185,41 @@ impl Store {
             return Err(StoreError::Corrupt(format!("{}: could not switch to WAL mode (got {mode})", path.display())));
         }
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;").map_err(open_err)?;
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
-        let version: Option<i64> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
-            .optional()
+        let has_meta: bool = conn
+            .query_row("SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')", [], |r| {
+                r.get(0)
+            })
             .map_err(open_err)?;
+        let version: Option<i64> = if has_meta {
+            conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+                .optional()
+                .map_err(open_err)?
+        } else {
+            None
+        };
         match version {
             None => {
-                conn.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION])
+                let tx = conn.unchecked_transaction().map_err(open_err)?;
+                tx.execute_batch(SCHEMA).map_err(open_err)?;
+                tx.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION])
                     .map_err(open_err)?;
+                tx.commit().map_err(open_err)?;
             }
-            Some(SCHEMA_VERSION) => {}
-            Some(v) => {
+            Some(v) if !(1..=SCHEMA_VERSION).contains(&v) => {
                 return Err(StoreError::Corrupt(format!(
-                    "{} has schema version {v}; this build reads version {SCHEMA_VERSION}",
+                    "{} has schema version {v}; this build reads versions 1 to {SCHEMA_VERSION}",
                     path.display()
                 )));
+            }
+            Some(v) => {
+                // Upgrade in one transaction: all steps or none.
+                let tx = conn.unchecked_transaction().map_err(open_err)?;
+                for step in &MIGRATIONS[(v - 1) as usize..] {
+                    tx.execute_batch(step).map_err(open_err)?;
+                }
+                tx.execute("UPDATE meta SET value = ?1 WHERE key = 'schema_version'", [SCHEMA_VERSION])
+                    .map_err(open_err)?;
+                tx.commit().map_err(open_err)?;
             }
         }
         Ok(Store { conn, path })
@@ -288,9 +327,9 @@ impl Store {
         let sweep = sweep_summary(&self.conn, sweep_id)?;
         let trials = trial_summaries(&self.conn, sweep_id, None)?;
         let metrics = all_metrics(&self.conn, sweep_id)?;
-        let extra: HashMap<u32, (u64, f64)> = {
-            let mut q = self.conn.prepare("SELECT idx, parameters, wall_seconds FROM trials WHERE sweep_id = ?1")?;
-            q.query_map([sweep_id], |r| Ok((r.get::<_, i64>(0)? as u32, (r.get::<_, i64>(1)? as u64, r.get(2)?))))?
+        let mut extra: HashMap<u32, TrialExtras> = {
+            let mut q = self.conn.prepare(&format!("SELECT idx, {TRIAL_EXTRAS} FROM trials WHERE sweep_id = ?1"))?;
+            q.query_map([sweep_id], |r| Ok((r.get::<_, i64>(0)? as u32, trial_extras(r, 1)?)))?
                 .collect::<rusqlite::Result<_>>()?
         };
         let mut rows: Vec<(leaderboard::Score, v1::TrialSummary)> = trials
@@ -305,7 +344,8 @@ impl Store {
             .into_iter()
             .enumerate()
             .map(|(i, (score, t))| {
-                let (parameters, mut wall_seconds) = extra.get(&t.index).copied().unwrap_or((0, 0.0));
+                let x = extra.remove(&t.index).unwrap_or_default();
+                let mut wall_seconds = x.wall_seconds;
                 if t.state == TrialState::Running.as_str() {
                     // Still running: wall-clock so far.
                     wall_seconds = (now_ms() - t.started_at_ms).max(0) as f64 / 1000.0;
@@ -321,8 +361,11 @@ impl Store {
                     fe_val_accuracy: score.fe_val_accuracy,
                     best_val_accuracy: score.best_val_accuracy,
                     best_epoch: score.best_epoch,
-                    parameters,
+                    parameters: x.parameters,
                     wall_seconds,
+                    best_checkpoint: x.best_checkpoint,
+                    last_checkpoint: x.last_checkpoint,
+                    skipped_images: x.skipped_images,
                 }
             })
             .collect();
@@ -359,12 +402,20 @@ impl Store {
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
-        let parameters: i64 = self.conn.query_row(
-            "SELECT parameters FROM trials WHERE sweep_id = ?1 AND idx = ?2",
+        let x = self.conn.query_row(
+            &format!("SELECT {TRIAL_EXTRAS} FROM trials WHERE sweep_id = ?1 AND idx = ?2"),
             params![sweep_id, idx as i64],
-            |r| r.get(0),
+            |r| trial_extras(r, 0),
         )?;
-        Ok(v1::TrialDetail { trial: Some(trial), metrics, attempts, parameters: parameters as u64 })
+        Ok(v1::TrialDetail {
+            trial: Some(trial),
+            metrics,
+            attempts,
+            parameters: x.parameters,
+            best_checkpoint: x.best_checkpoint,
+            last_checkpoint: x.last_checkpoint,
+            skipped_images: x.skipped_images,
+        })
     }
 
     // -----------------------------------------------------------------------------------------
@@ -549,7 +600,7 @@ impl Store {
 
     /// Stores one epoch's metrics for a current attempt. Returns whether the attempt should
     /// stop (its sweep was cancelled).
-    pub fn report_epoch(&mut self, attempt_id: u64, metrics: &EpochMetrics, parameters: u64) -> Result<bool> {
+    pub fn report_epoch(&mut self, attempt_id: u64, metrics: &EpochMetrics, extras: &ReportExtras) -> Result<bool> {
         let tx = self.conn.transaction()?;
         let a = current_attempt(&tx, attempt_id)?;
         let total = a.fe_epochs + a.ft_epochs;
@@ -604,12 +655,32 @@ impl Store {
                 now
             ],
         )?;
-        if parameters > 0 {
+        if extras.parameters > 0 {
             tx.execute(
                 "UPDATE trials SET parameters = ?3 WHERE sweep_id = ?1 AND idx = ?2",
-                params![a.sweep_id, a.idx, parameters as i64],
+                params![a.sweep_id, a.idx, extras.parameters as i64],
             )?;
         }
+        for (column, checkpoint) in
+            [("last_checkpoint", &extras.last_checkpoint), ("best_checkpoint", &extras.best_checkpoint)]
+        {
+            if let Some(c) = checkpoint {
+                if c.uri.is_empty() || c.epoch != metrics.epoch {
+                    return Err(StoreError::InvalidArgument(format!(
+                        "{column} of epoch {} must name a file and hold that epoch (got uri `{}`, epoch {})",
+                        metrics.epoch, c.uri, c.epoch
+                    )));
+                }
+                tx.execute(
+                    &format!("UPDATE trials SET {column} = ?3 WHERE sweep_id = ?1 AND idx = ?2"),
+                    params![a.sweep_id, a.idx, c.encode_to_vec()],
+                )?;
+            }
+        }
+        tx.execute(
+            "UPDATE trials SET skipped_images = ?3 WHERE sweep_id = ?1 AND idx = ?2",
+            params![a.sweep_id, a.idx, extras.skipped_images],
+        )?;
         trial_event(&tx, &a.sweep_id, a.idx, Some(v1::EpochMetrics::from(metrics)))?;
         tx.commit()?;
         Ok(a.cancelled)
@@ -845,6 +916,38 @@ fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Resu
         });
     }
     Ok(out)
+}
+
+/// Per-trial results kept beside the metrics.
+#[derive(Debug, Default)]
+struct TrialExtras {
+    parameters: u64,
+    wall_seconds: f64,
+    best_checkpoint: Option<v1::CheckpointRef>,
+    last_checkpoint: Option<v1::CheckpointRef>,
+    skipped_images: u32,
+}
+
+/// The columns [`trial_extras`] reads, in order.
+const TRIAL_EXTRAS: &str = "parameters, wall_seconds, best_checkpoint, last_checkpoint, skipped_images";
+
+fn trial_extras(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<TrialExtras> {
+    let checkpoint = |i: usize| -> rusqlite::Result<Option<v1::CheckpointRef>> {
+        let blob: Option<Vec<u8>> = r.get(first + i)?;
+        blob.map(|b| {
+            v1::CheckpointRef::decode(b.as_slice()).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(first + i, rusqlite::types::Type::Blob, Box::new(e))
+            })
+        })
+        .transpose()
+    };
+    Ok(TrialExtras {
+        parameters: r.get::<_, i64>(first)? as u64,
+        wall_seconds: r.get(first + 1)?,
+        best_checkpoint: checkpoint(2)?,
+        last_checkpoint: checkpoint(3)?,
+        skipped_images: r.get::<_, i64>(first + 4)? as u32,
+    })
 }
 
 /// Metrics of every trial of a sweep, by trial index, in epoch order.

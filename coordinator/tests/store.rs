@@ -1,7 +1,7 @@
 //! The durable store: what is committed survives the process; the trial lifecycle, fencing,
 //! retries, cancellation and the leaderboard are computed from stored rows.
 
-use sweep_coordinator::store::{Store, StoreError};
+use sweep_coordinator::store::{ReportExtras, Store, StoreError};
 use sweep_core::leaderboard::{EpochMetrics, Phase};
 use sweep_core::spec;
 use sweep_proto::v1;
@@ -32,6 +32,10 @@ fn metrics(epoch: u32, fe: u32, val: f64) -> EpochMetrics {
     }
 }
 
+fn extras(parameters: u64) -> ReportExtras {
+    ReportExtras { parameters, ..Default::default() }
+}
+
 fn submit(store: &mut Store) -> String {
     let parsed = spec::parse(SPEC).unwrap();
     let (id, n) = store.submit(SPEC, "test.yaml", &parsed).unwrap();
@@ -43,7 +47,7 @@ fn submit(store: &mut Store) -> String {
 fn complete(store: &mut Store, worker: &str, inc: u64, accs: [f64; 2]) -> v1::Assignment {
     let a = store.acquire(worker, inc).unwrap().expect("a trial is pending");
     for (i, acc) in accs.iter().enumerate() {
-        store.report_epoch(a.attempt_id, &metrics(i as u32 + 1, a.fe_epochs, *acc), 1234).unwrap();
+        store.report_epoch(a.attempt_id, &metrics(i as u32 + 1, a.fe_epochs, *acc), &extras(1234)).unwrap();
     }
     store.finish_attempt(a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 2.0).unwrap();
     a
@@ -58,7 +62,7 @@ fn committed_state_survives_reopening() {
         assert!(sweep.starts_with("store-test-"), "{sweep}");
         let (w, inc) = store.register("w", &cpu(), "test").unwrap();
         let a = store.acquire(&w, inc).unwrap().unwrap();
-        store.report_epoch(a.attempt_id, &metrics(1, 1, 0.4), 99).unwrap();
+        store.report_epoch(a.attempt_id, &metrics(1, 1, 0.4), &extras(99)).unwrap();
         (sweep, a.attempt_id)
         // dropped: the connection closes like a process that ends
     };
@@ -126,7 +130,7 @@ fn stale_attempts_are_fenced() {
     assert_eq!(a.trial_id, b.trial_id);
     assert_eq!(b.attempt_number, 2);
 
-    let err = store.report_epoch(a.attempt_id, &metrics(1, 1, 0.1), 1).unwrap_err();
+    let err = store.report_epoch(a.attempt_id, &metrics(1, 1, 0.1), &extras(1)).unwrap_err();
     assert!(matches!(err, StoreError::FailedPrecondition(_)), "{err}");
     let err =
         store.finish_attempt(a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0).unwrap_err();
@@ -191,7 +195,7 @@ fn bad_reports_are_refused_and_change_nothing() {
         (metrics(2, 1, 0.5), a.attempt_id),
         (metrics(1, 1, 0.5), 999_999),
     ] {
-        assert!(store.report_epoch(id, &m, 1).is_err());
+        assert!(store.report_epoch(id, &m, &extras(1)).is_err());
     }
     // Success without every epoch's metrics.
     assert!(matches!(
@@ -215,10 +219,10 @@ fn a_resumed_epoch_supersedes_and_never_duplicates() {
     let sweep = submit(&mut store);
     let (w, inc) = store.register("w", &cpu(), "test").unwrap();
     let a = store.acquire(&w, inc).unwrap().unwrap();
-    store.report_epoch(a.attempt_id, &metrics(1, 1, 0.2), 1).unwrap();
+    store.report_epoch(a.attempt_id, &metrics(1, 1, 0.2), &extras(1)).unwrap();
     store.finish_attempt(a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Retryable, "oom", 1.0).unwrap();
     let b = store.acquire(&w, inc).unwrap().unwrap();
-    store.report_epoch(b.attempt_id, &metrics(1, 1, 0.25), 1).unwrap();
+    store.report_epoch(b.attempt_id, &metrics(1, 1, 0.25), &extras(1)).unwrap();
     let detail = store.trial(&sweep, "t000").unwrap();
     assert_eq!(detail.metrics.len(), 1);
     assert_eq!(detail.metrics[0].val_accuracy, 0.25);
@@ -234,7 +238,7 @@ fn cancelling_stops_pending_trials_and_asks_running_ones_to_stop() {
     let r = store.cancel_sweep(&sweep[..8]).unwrap();
     assert_eq!((r.cancelled_pending, r.stopping_running), (1, 1));
     assert_eq!(store.heartbeat(&w, inc, &[a.attempt_id]).unwrap(), vec![a.attempt_id]);
-    assert!(store.report_epoch(a.attempt_id, &metrics(1, 1, 0.3), 1).unwrap(), "report says: stop");
+    assert!(store.report_epoch(a.attempt_id, &metrics(1, 1, 0.3), &extras(1)).unwrap(), "report says: stop");
     let (w2, inc2) = store.register("w2", &cpu(), "test").unwrap();
     assert!(store.acquire(&w2, inc2).unwrap().is_none(), "nothing of a cancelled sweep is handed out");
     store.finish_attempt(a.attempt_id, v1::Outcome::Cancelled, v1::ErrorClass::Unspecified, "stopped", 1.0).unwrap();
@@ -287,4 +291,66 @@ fn an_unusable_state_dir_is_an_error_naming_it() {
     std::fs::write(&file, "x").unwrap();
     let err = Store::open(&file).err().expect("refused");
     assert!(err.to_string().contains("not-a-dir"), "{err}");
+}
+
+#[test]
+fn checkpoints_and_skipped_images_are_stored_and_ranked_with_their_trial() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let sweep = submit(&mut store);
+    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    let a = store.acquire(&w, inc).unwrap().unwrap();
+    let ckpt = |name: &str, epoch| v1::CheckpointRef {
+        uri: format!("/a/{name}.safetensors"),
+        sha256: "ab".into(),
+        bytes: 7,
+        epoch,
+    };
+    let first = ReportExtras {
+        parameters: 5,
+        last_checkpoint: Some(ckpt("last", 1)),
+        best_checkpoint: Some(ckpt("best", 1)),
+        skipped_images: 2,
+    };
+    store.report_epoch(a.attempt_id, &metrics(1, 1, 0.6), &first).unwrap();
+    // Epoch 2 is worse: only the last checkpoint moves.
+    let second = ReportExtras { last_checkpoint: Some(ckpt("last", 2)), best_checkpoint: None, ..first.clone() };
+    store.report_epoch(a.attempt_id, &metrics(2, 1, 0.5), &second).unwrap();
+    // A checkpoint that claims another epoch is refused, and the whole report with it.
+    let bad = ReportExtras { last_checkpoint: Some(ckpt("last", 1)), ..second.clone() };
+    assert!(matches!(store.report_epoch(a.attempt_id, &metrics(2, 1, 0.9), &bad), Err(StoreError::InvalidArgument(_))));
+    assert_eq!(store.trial(&sweep, "t000").unwrap().metrics[1].val_accuracy, 0.5);
+
+    let board = store.leaderboard(&sweep).unwrap();
+    let e = board.entries.iter().find(|e| e.trial_id == "t000").unwrap();
+    assert_eq!(e.best_checkpoint.as_ref().map(|c| (c.uri.as_str(), c.epoch)), Some(("/a/best.safetensors", 1)));
+    assert_eq!(e.last_checkpoint.as_ref().map(|c| (c.uri.as_str(), c.epoch)), Some(("/a/last.safetensors", 2)));
+    assert_eq!(e.skipped_images, 2);
+    let d = store.trial(&sweep, "t000").unwrap();
+    assert_eq!(d.best_checkpoint.unwrap().sha256, "ab");
+    assert_eq!(d.skipped_images, 2);
+}
+
+#[test]
+fn a_version_1_database_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = {
+        let mut store = Store::open(dir.path()).unwrap();
+        submit(&mut store)
+    };
+    // Turn it back into a version-1 database: the columns version 2 added, gone.
+    let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
+    conn.execute_batch(
+        "ALTER TABLE trials DROP COLUMN best_checkpoint; ALTER TABLE trials DROP COLUMN last_checkpoint;
+         ALTER TABLE trials DROP COLUMN skipped_images; UPDATE meta SET value = 1 WHERE key = 'schema_version';",
+    )
+    .unwrap();
+    drop(conn);
+    let store = Store::open(dir.path()).unwrap();
+    let board = store.leaderboard(&sweep).unwrap();
+    assert_eq!(board.entries.len(), 2);
+    assert!(board.entries[0].best_checkpoint.is_none());
+    let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
+    let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).unwrap();
+    assert_eq!(v, 2);
 }

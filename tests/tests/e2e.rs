@@ -84,7 +84,7 @@ fn real_processes_complete_a_sweep_and_the_leaderboard_comes_back_over_grpc() {
     let state = dir.path().join("state");
     let spec = write(dir.path(), "tiny.yaml", TINY_SPEC);
     let (mut coord, url) = coordinator(&state, &[]);
-    let _worker = worker(&url, "e2e-1", &dir.path().join("worker.log"));
+    let _worker = worker(&url, "e2e-1", dir.path());
 
     let out = output(sweep().args(["submit", "--coordinator", &url]).arg(&spec));
     assert!(out.status.success(), "{}", stderr(&out));
@@ -101,7 +101,7 @@ fn real_processes_complete_a_sweep_and_the_leaderboard_comes_back_over_grpc() {
         assert!(
             state != "failed",
             "sweep failed: {s:?}\nworker log:\n{}",
-            std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default()
+            std::fs::read_to_string(dir.path().join("e2e-1.log")).unwrap_or_default()
         );
         (state == "completed").then_some(s)
     });
@@ -146,6 +146,17 @@ fn real_processes_complete_a_sweep_and_the_leaderboard_comes_back_over_grpc() {
         assert!(first.get(key).is_some(), "leaderboard json lacks `{key}`: {first}");
     }
     assert_eq!(first["lr_decay"]["strategy"], "exponential");
+    // Its checkpoints are where the leaderboard says, with their metadata beside them.
+    let best = first["checkpoints"]["best"]["uri"].as_str().expect("a best checkpoint");
+    assert!(best.starts_with(&dir.path().join("artifacts").display().to_string()), "{best}");
+    assert!(std::path::Path::new(best).is_file(), "{best}");
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(std::path::Path::new(best).with_extension("json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["trial"], first["trial"]);
+    assert_eq!(meta["epoch"], first["checkpoints"]["best"]["epoch"]);
+    let last = first["checkpoints"]["last"]["epoch"].as_u64().unwrap();
+    assert_eq!(last, first["epoch_split"][0].as_u64().unwrap() + 1, "the last checkpoint holds the last epoch");
     let out = output(sweep().args(["status", &id, "--coordinator", &url, "--output", "json"]));
     let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(json["id"], id.as_str());

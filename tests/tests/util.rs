@@ -105,11 +105,13 @@ pub fn coordinator(state_dir: &Path, extra: &[&str]) -> (Proc, String) {
     (Proc { child, name: "coordinator".into() }, format!("http://{addr}"))
 }
 
-/// Starts a `sweep-worker` with one intra-op thread.
-pub fn worker(url: &str, name: &str, log: &Path) -> Proc {
-    let file = std::fs::File::create(log).expect("worker log");
+/// Starts a `sweep-worker` with one intra-op thread, logging to `<dir>/<name>.log` and
+/// writing checkpoints under `<dir>/artifacts`.
+pub fn worker(url: &str, name: &str, dir: &Path) -> Proc {
+    let file = std::fs::File::create(dir.join(format!("{name}.log"))).expect("worker log");
     let child = Command::new(bin("sweep-worker"))
-        .args(["--coordinator", url, "--name", name, "--threads", "1", "--poll-wait", "2"])
+        .args(["--coordinator", url, "--name", name, "--threads", "1", "--poll-wait", "2", "--artifacts"])
+        .arg(dir.join("artifacts"))
         .stdout(Stdio::from(file.try_clone().expect("log")))
         .stderr(Stdio::from(file))
         .spawn()

@@ -8,7 +8,7 @@
 //! current) or when the coordinator has been unreachable for a whole heartbeat TTL.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +20,9 @@ use sweep_proto::v1::worker_service_client::WorkerServiceClient;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::train::{self, Control, EpochReport, TrainError, TrainOptions};
+use crate::checkpoint::{self, TrialCheckpoints};
+use crate::data;
+use crate::train::{Control, TrainError, TrainOptions, Trainer};
 
 /// How the daemon runs.
 #[derive(Debug, Clone)]
@@ -31,6 +33,8 @@ pub struct DaemonOptions {
     /// Devices announced to the coordinator.
     pub devices: Vec<v1::Device>,
     pub weights_dir: Option<PathBuf>,
+    /// Where checkpoints are written: `<artifacts>/<sweep>/<trial>/{best,last}.safetensors`.
+    pub artifacts: PathBuf,
     /// How long one `AcquireTrial` long poll may wait.
     pub poll_wait: Duration,
 }
@@ -323,14 +327,10 @@ async fn run_attempt(
     // What stopped the trial from the reporting side, if anything.
     let report_failure: Arc<Mutex<Option<ReportError>>> = Arc::default();
     let failure = report_failure.clone();
+
+    let artifacts = options.artifacts.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let (spec, trial) = resolve(&assignment).map_err(TrainError::Permanent)?;
-        let mut on_epoch = |r: &EpochReport| -> Control {
-            let request = v1::ReportEpochRequest {
-                attempt_id,
-                metrics: Some(v1::EpochMetrics::from(&r.metrics)),
-                parameters: r.parameters,
-            };
+        let mut report = |request: v1::ReportEpochRequest| -> Control {
             let reply = handle.block_on(with_retries(ttl, || {
                 let mut c = client.clone();
                 let req = request.clone();
@@ -345,7 +345,7 @@ async fn run_attempt(
                 }
             }
         };
-        train::run_trial(&spec, &trial, &train_options, &mut on_epoch)
+        train_attempt(&assignment, &train_options, &artifacts, &mut report)
     })
     .await;
     running.lock().unwrap_or_else(|p| p.into_inner()).remove(&attempt_id);
@@ -407,6 +407,56 @@ async fn run_attempt(
         }
         Err(ReportError::Refused(m)) => {
             return Err(anyhow!("the coordinator refused to finish attempt {attempt_id}: {m}"));
+        }
+    }
+    Ok(())
+}
+
+/// Trains the trial of an assignment: after every epoch, writes the checkpoints (`last`, and
+/// `best` when the validation accuracy improved) and hands `report` the epoch's report, which
+/// says whether to go on. Returns when the trial is done, stopped, or failed.
+pub fn train_attempt(
+    a: &v1::Assignment,
+    options: &TrainOptions,
+    artifacts: &Path,
+    report: &mut dyn FnMut(v1::ReportEpochRequest) -> Control,
+) -> Result<(), TrainError> {
+    let (spec, trial) = resolve(a).map_err(TrainError::Permanent)?;
+    let mut trainer = Trainer::new(&spec, &trial, options)?;
+    // Already decoded by the trainer: this is the process cache.
+    let dataset = data::load(&spec.dataset)?;
+    let identity = checkpoint::Identity {
+        sweep: a.sweep_id.clone(),
+        trial: a.trial_id.clone(),
+        attempt: a.attempt_id,
+        backbone: trial.backbone.name().into(),
+        classes: dataset.classes.clone(),
+        image_size: dataset.image_size,
+        spec_yaml: a.spec_yaml.clone(),
+    };
+    let mut checkpoints =
+        TrialCheckpoints::new(artifacts, identity).map_err(|e| TrainError::Retryable(e.to_string()))?;
+    let parameters = trainer.model().parameter_count();
+    while trainer.epochs_done() < trainer.total_epochs() {
+        let metrics = trainer.run_epoch()?;
+        let (last, best) =
+            checkpoints.after_epoch(trainer.model(), &metrics).map_err(|e| TrainError::Retryable(e.to_string()))?;
+        let reference = |s: checkpoint::Saved| v1::CheckpointRef {
+            uri: s.path.display().to_string(),
+            sha256: s.sha256,
+            bytes: s.bytes,
+            epoch: s.epoch,
+        };
+        let request = v1::ReportEpochRequest {
+            attempt_id: a.attempt_id,
+            metrics: Some(v1::EpochMetrics::from(&metrics)),
+            parameters,
+            last_checkpoint: Some(reference(last)),
+            best_checkpoint: best.map(reference),
+            skipped_images: dataset.skipped.len() as u32,
+        };
+        if report(request) == Control::Stop {
+            return Err(TrainError::Cancelled);
         }
     }
     Ok(())

@@ -11,6 +11,7 @@
 
 pub mod adam;
 pub mod augment;
+pub mod checkpoint;
 pub mod daemon;
 pub mod data;
 pub mod mat;

@@ -32,6 +32,9 @@ struct Args {
     /// Directory of ImageNet weights, `<backbone>.safetensors`.
     #[arg(long, env = train::WEIGHTS_DIR_ENV)]
     weights_dir: Option<PathBuf>,
+    /// Where checkpoints are written (`<dir>/<sweep>/<trial>/{best,last}.safetensors`).
+    #[arg(long, env = "SWEEP_ARTIFACTS_DIR", default_value = ".sweep/artifacts")]
+    artifacts: PathBuf,
     /// Longest wait of one request for work, in seconds.
     #[arg(long, default_value_t = 20)]
     poll_wait: u64,
@@ -84,6 +87,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         device,
         devices,
         weights_dir: args.weights_dir,
+        // Checkpoint paths go to the coordinator and are read by other processes.
+        artifacts: std::path::absolute(&args.artifacts)?,
         poll_wait: Duration::from_secs(args.poll_wait.clamp(1, 30)),
     };
     tracing::info!("{}", daemon::describe(&options));

@@ -1,0 +1,293 @@
+//! Trial checkpoints: the model's `state_dict` as `.safetensors` (torchvision names, loadable
+//! by `safetensors.torch.load_file` + `model.load_state_dict`), with a JSON metadata file beside
+//! it (same stem, `.json`): the spec, the trial, the epoch and its metrics, the class names and
+//! the image size — everything `sweep-worker predict` needs to use the weights.
+//!
+//! Layout under the artifact directory: `<sweep>/<trial>/last.safetensors` (after every epoch)
+//! and `<sweep>/<trial>/best.safetensors` (at the best validation accuracy so far). Files are
+//! written to a temporary name and renamed, so a reader never sees half a checkpoint.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sweep_core::leaderboard::EpochMetrics;
+
+use crate::model::Model;
+
+/// Format tag of the metadata file.
+pub const FORMAT: &str = "sweep-checkpoint/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("checkpoint {path}: {message}")]
+    Torch { path: PathBuf, message: String },
+    #[error("checkpoint metadata {path}: {message}")]
+    Metadata { path: PathBuf, message: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+}
+
+/// The metrics of the epoch a checkpoint holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsJson {
+    pub phase: String,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub val_loss: f64,
+    pub val_accuracy: f64,
+    pub seconds: f64,
+}
+
+/// The JSON file beside a checkpoint's weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub format: String,
+    pub sweep: String,
+    pub trial: String,
+    pub attempt: u64,
+    pub backbone: String,
+    /// Class names; output `i` of the head is `classes[i]`.
+    pub classes: Vec<String>,
+    /// Side of the square validation crop the model was trained on.
+    pub image_size: u32,
+    pub epoch: u32,
+    pub metrics: MetricsJson,
+    /// SHA-256 of the weights file, lower-case hex.
+    pub sha256: String,
+    pub bytes: u64,
+    pub created_at_ms: i64,
+    /// The sweep spec, as submitted.
+    pub spec_yaml: String,
+}
+
+/// A checkpoint on disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Saved {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+    pub epoch: u32,
+}
+
+/// SHA-256 of a file, lower-case hex, and its size.
+pub fn sha256_file(path: &Path) -> Result<(String, u64), CheckpointError> {
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((hasher.finalize().iter().map(|b| format!("{b:02x}")).collect(), bytes))
+}
+
+/// Where a checkpoint's metadata lives: `x.safetensors` → `x.json`.
+pub fn metadata_path(weights: &Path) -> PathBuf {
+    weights.with_extension("json")
+}
+
+/// Reads the metadata beside `weights`, if there is any.
+pub fn read_metadata(weights: &Path) -> Result<Option<Metadata>, CheckpointError> {
+    let path = metadata_path(weights);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(CheckpointError::Io { path, source: e }),
+    };
+    let meta: Metadata = serde_json::from_str(&text)
+        .map_err(|e| CheckpointError::Metadata { path: path.clone(), message: e.to_string() })?;
+    if meta.format != FORMAT {
+        return Err(CheckpointError::Metadata { path, message: format!("format `{}` is not `{FORMAT}`", meta.format) });
+    }
+    Ok(Some(meta))
+}
+
+fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp-{}",
+        path.extension().and_then(|e| e.to_str()).unwrap_or(""),
+        std::process::id()
+    ));
+    write(&tmp)?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// What every checkpoint of one attempt says about where it comes from.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub sweep: String,
+    pub trial: String,
+    pub attempt: u64,
+    pub backbone: String,
+    pub classes: Vec<String>,
+    pub image_size: u32,
+    pub spec_yaml: String,
+}
+
+/// The checkpoints of one trial attempt.
+pub struct TrialCheckpoints {
+    dir: PathBuf,
+    base: Metadata,
+    best_val: Option<f64>,
+}
+
+impl TrialCheckpoints {
+    /// Checkpoints of `id.trial` of `id.sweep` under `<artifacts>/<sweep>/<trial>/`.
+    pub fn new(artifacts: &Path, id: Identity) -> Result<TrialCheckpoints, CheckpointError> {
+        let dir = artifacts.join(&id.sweep).join(&id.trial);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let base = Metadata {
+            format: FORMAT.into(),
+            sweep: id.sweep,
+            trial: id.trial,
+            attempt: id.attempt,
+            backbone: id.backbone,
+            classes: id.classes,
+            image_size: id.image_size,
+            epoch: 0,
+            metrics: MetricsJson {
+                phase: String::new(),
+                train_loss: 0.0,
+                train_accuracy: 0.0,
+                val_loss: 0.0,
+                val_accuracy: 0.0,
+                seconds: 0.0,
+            },
+            sha256: String::new(),
+            bytes: 0,
+            created_at_ms: 0,
+            spec_yaml: id.spec_yaml,
+        };
+        Ok(TrialCheckpoints { dir, base, best_val: None })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes `last` after an epoch, and `best` when the epoch's validation accuracy beats every
+    /// earlier epoch of this attempt.
+    pub fn after_epoch(&mut self, model: &Model, m: &EpochMetrics) -> Result<(Saved, Option<Saved>), CheckpointError> {
+        let last_path = self.dir.join("last.safetensors");
+        write_atomically(&last_path, |tmp| {
+            model
+                .save_weights(tmp)
+                .map_err(|e| CheckpointError::Torch { path: last_path.clone(), message: e.to_string() })
+        })?;
+        let (sha256, bytes) = sha256_file(&last_path)?;
+        let meta = Metadata {
+            epoch: m.epoch,
+            metrics: MetricsJson {
+                phase: m.phase.as_str().into(),
+                train_loss: m.train_loss,
+                train_accuracy: m.train_accuracy,
+                val_loss: m.val_loss,
+                val_accuracy: m.val_accuracy,
+                seconds: m.seconds,
+            },
+            sha256: sha256.clone(),
+            bytes,
+            created_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+            ..self.base.clone()
+        };
+        write_metadata(&last_path, &meta)?;
+        let last = Saved { path: last_path.clone(), sha256: sha256.clone(), bytes, epoch: m.epoch };
+
+        let better = self.best_val.is_none_or(|b| m.val_accuracy > b);
+        if !better {
+            return Ok((last, None));
+        }
+        self.best_val = Some(m.val_accuracy);
+        let best_path = self.dir.join("best.safetensors");
+        write_atomically(&best_path, |tmp| std::fs::copy(&last_path, tmp).map(|_| ()).map_err(io(tmp)))?;
+        write_metadata(&best_path, &meta)?;
+        Ok((last, Some(Saved { path: best_path, sha256, bytes, epoch: m.epoch })))
+    }
+}
+
+fn write_metadata(weights: &Path, meta: &Metadata) -> Result<(), CheckpointError> {
+    let path = metadata_path(weights);
+    let text = serde_json::to_string_pretty(meta)
+        .map_err(|e| CheckpointError::Metadata { path: path.clone(), message: e.to_string() })?;
+    write_atomically(&path, |tmp| {
+        let mut f = std::fs::File::create(tmp).map_err(io(tmp))?;
+        f.write_all(text.as_bytes()).map_err(io(tmp))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sweep_core::Backbone;
+    use sweep_core::leaderboard::Phase;
+
+    fn metrics(epoch: u32, val: f64) -> EpochMetrics {
+        EpochMetrics {
+            epoch,
+            phase: Phase::FeatureExtraction,
+            train_loss: 1.0,
+            train_accuracy: 0.5,
+            val_loss: 1.0,
+            val_accuracy: val,
+            seconds: 0.1,
+        }
+    }
+
+    #[test]
+    fn last_after_every_epoch_best_only_when_better() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = Model::build_seeded(Backbone::Resnet18, 3, tch::Device::Cpu, 1).unwrap();
+        let classes = vec!["a".to_string(), "b".into(), "c".into()];
+        let mut c =
+            TrialCheckpoints::new(dir.path(), "s-1", "t000", 7, "resnet18", classes.clone(), 32, "name: x\n").unwrap();
+        let (last, best) = c.after_epoch(&model, &metrics(1, 0.5)).unwrap();
+        assert_eq!(last.path, dir.path().join("s-1/t000/last.safetensors"));
+        let best = best.expect("the first epoch is the best so far");
+        assert_eq!((best.epoch, best.sha256.as_str()), (1, last.sha256.as_str()));
+        let (_, best2) = c.after_epoch(&model, &metrics(2, 0.4)).unwrap();
+        assert!(best2.is_none());
+        let (last3, best3) = c.after_epoch(&model, &metrics(3, 0.6)).unwrap();
+        assert_eq!(best3.unwrap().epoch, 3);
+
+        let meta = read_metadata(&last3.path).unwrap().unwrap();
+        assert_eq!((meta.trial.as_str(), meta.epoch, meta.attempt), ("t000", 3, 7));
+        assert_eq!(meta.classes, classes);
+        assert_eq!(meta.sha256, sha256_file(&last3.path).unwrap().0);
+        assert_eq!(meta.spec_yaml, "name: x\n");
+        // The weights load back into the same architecture, head included.
+        let other = Model::build_seeded(Backbone::Resnet18, 3, tch::Device::Cpu, 2).unwrap();
+        other.load_state(&last3.path, true).unwrap();
+        // No temporary files are left behind.
+        let names: Vec<_> =
+            std::fs::read_dir(dir.path().join("s-1/t000")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 4, "{names:?}");
+    }
+
+    #[test]
+    fn metadata_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().join("m.safetensors");
+        assert!(read_metadata(&w).unwrap().is_none());
+        std::fs::write(dir.path().join("m.json"), "{not json").unwrap();
+        let e = read_metadata(&w).unwrap_err();
+        assert!(e.to_string().contains("m.json"), "{e}");
+    }
+}
