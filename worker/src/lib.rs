@@ -17,4 +17,5 @@ pub mod data;
 pub mod mat;
 pub mod model;
 pub mod rng;
+pub mod tools;
 pub mod train;

@@ -4,19 +4,26 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use anyhow::bail;
+use clap::{Parser, Subcommand, ValueEnum};
+use sweep_core::Backbone;
+use sweep_core::lr::LrDecay;
 use sweep_worker::daemon::{self, DaemonOptions};
-use sweep_worker::train;
+use sweep_worker::{tools, train};
 
 const EXAMPLES: &str = "\
 Examples:
   sweep-worker --coordinator http://coordinator:7070
   sweep-worker --coordinator http://127.0.0.1:7070 --device cpu --threads 4
-  SWEEP_WEIGHTS_DIR=/models sweep-worker      # ImageNet weights as <backbone>.safetensors";
+  SWEEP_WEIGHTS_DIR=/models sweep-worker      # ImageNet weights as <backbone>.safetensors
+  sweep-worker inspect --backbone vgg16_bn --lr-decay linear --head-lr 1e-4 --final-lr 1e-7
+  sweep-worker predict --backbone resnet50 --weights .sweep/artifacts/<sweep>/t003/best.safetensors rose.jpg";
 
 #[derive(Parser)]
 #[command(name = "sweep-worker", version, about = "Trains the trials of sweeps with libtorch and reports to a coordinator", after_help = EXAMPLES)]
 struct Args {
+    #[command(subcommand)]
+    tool: Option<Tool>,
     /// Coordinator URL.
     #[arg(long, env = "SWEEP_COORDINATOR", default_value = "http://127.0.0.1:7070")]
     coordinator: String,
@@ -24,10 +31,10 @@ struct Args {
     #[arg(long, env = "SWEEP_WORKER_NAME")]
     name: Option<String>,
     /// Training device: `cpu` or `cuda:N` (default: cuda:0 when CUDA is usable, else cpu).
-    #[arg(long, env = "SWEEP_DEVICE")]
+    #[arg(long, env = "SWEEP_DEVICE", global = true)]
     device: Option<String>,
     /// Threads libtorch may use inside one operation (default: all cores).
-    #[arg(long, env = "SWEEP_THREADS")]
+    #[arg(long, env = "SWEEP_THREADS", global = true)]
     threads: Option<usize>,
     /// Directory of ImageNet weights, `<backbone>.safetensors`.
     #[arg(long, env = train::WEIGHTS_DIR_ENV)]
@@ -43,6 +50,73 @@ struct Args {
     list_devices: bool,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Strategy {
+    Linear,
+    Exponential,
+}
+
+#[derive(Subcommand)]
+enum Tool {
+    /// Show a backbone's parameters, head, and layer groups with their fine-tuning learning
+    /// rates (the recipe's exploratory model analysis).
+    Inspect {
+        /// Backbone name (see `sweep validate` for the list).
+        #[arg(long)]
+        backbone: String,
+        /// Learning-rate decay strategy to apply to the groups.
+        #[arg(long, value_enum)]
+        lr_decay: Option<Strategy>,
+        /// Learning rate of the head group [default: 1e-4].
+        #[arg(long)]
+        head_lr: Option<f64>,
+        /// linear: learning rate of the group at the input [default: head_lr / 1000].
+        #[arg(long)]
+        final_lr: Option<f64>,
+        /// exponential: divisor from one group to the next towards the input [default: 3].
+        #[arg(long)]
+        factor: Option<f64>,
+        /// Learning rate of parameters in no group.
+        #[arg(long, default_value_t = 1e-8)]
+        default_lr: f64,
+        /// Outputs of the head.
+        #[arg(long, default_value_t = 1000)]
+        num_classes: i64,
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Classify images with trained weights (the validation transforms: resize, centre crop,
+    /// ImageNet normalisation).
+    Predict {
+        #[arg(long)]
+        backbone: String,
+        /// A `.safetensors` state dict, e.g. a trial's best.safetensors (its .json metadata
+        /// supplies class names and image size).
+        #[arg(long)]
+        weights: PathBuf,
+        /// Outputs of the head [default: from the metadata or the weights].
+        #[arg(long)]
+        num_classes: Option<i64>,
+        /// Crop size [default: from the metadata, else 224].
+        #[arg(long)]
+        image_size: Option<u32>,
+        /// How many classes to show per image.
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+        /// Images to classify.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -50,6 +124,11 @@ fn host_name() -> String {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: restoring the default SIGPIPE disposition before any thread starts, so that
+    // `sweep-worker inspect | head` ends quietly.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -63,17 +142,57 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    let devices = daemon::inventory();
-    if args.list_devices {
-        for d in &devices {
-            println!("{}\t{}\t{}", d.id, d.name, d.memory_bytes);
-        }
-        return Ok(());
+fn backbone(name: &str) -> anyhow::Result<Backbone> {
+    Backbone::from_name(name).ok_or_else(|| {
+        anyhow::anyhow!("unknown backbone `{name}`; valid: {}", sweep_core::backbone::names().join(", "))
+    })
+}
+
+fn positive(flag: &str, v: f64) -> anyhow::Result<f64> {
+    if !v.is_finite() || v <= 0.0 {
+        bail!("{flag} must be a number greater than 0, got {v}");
     }
+    Ok(v)
+}
+
+fn decay(
+    strategy: Option<Strategy>,
+    head_lr: Option<f64>,
+    final_lr: Option<f64>,
+    factor: Option<f64>,
+) -> anyhow::Result<Option<LrDecay>> {
+    let head = positive("--head-lr", head_lr.unwrap_or(1e-4))?;
+    match strategy {
+        None => {
+            if head_lr.is_some() || final_lr.is_some() || factor.is_some() {
+                bail!("--head-lr, --final-lr and --factor need --lr-decay linear|exponential");
+            }
+            Ok(None)
+        }
+        Some(Strategy::Linear) => {
+            if factor.is_some() {
+                bail!("--factor is a setting of --lr-decay exponential, not linear");
+            }
+            let final_lr = positive("--final-lr", final_lr.unwrap_or(head / 1000.0))?;
+            Ok(Some(LrDecay::Linear { head_lr: head, final_lr }))
+        }
+        Some(Strategy::Exponential) => {
+            if final_lr.is_some() {
+                bail!("--final-lr is a setting of --lr-decay linear, not exponential");
+            }
+            let factor = factor.unwrap_or(3.0);
+            if !factor.is_finite() || factor < 1.0 {
+                bail!("--factor must be a number of at least 1, got {factor}");
+            }
+            Ok(Some(LrDecay::Exponential { head_lr: head, factor }))
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     if let Some(n) = args.threads {
         if n == 0 {
-            anyhow::bail!("--threads must be at least 1");
+            bail!("--threads must be at least 1");
         }
         train::set_intra_op_threads(n);
     }
@@ -81,6 +200,45 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(d) => daemon::parse_device(d)?,
         None => daemon::default_device(),
     };
+    match args.tool {
+        Some(Tool::Inspect { backbone: b, lr_decay, head_lr, final_lr, factor, default_lr, num_classes, output }) => {
+            let decay = decay(lr_decay, head_lr, final_lr, factor)?;
+            if num_classes < 1 {
+                bail!("--num-classes must be at least 1");
+            }
+            let report =
+                tools::inspect(backbone(&b)?, num_classes, decay.as_ref(), positive("--default-lr", default_lr)?)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Table => print!("{}", tools::inspection_text(&report)),
+            }
+            return Ok(());
+        }
+        Some(Tool::Predict { backbone: b, weights, num_classes, image_size, top, output, images }) => {
+            let predictor = tools::Predictor::load(&tools::PredictOptions {
+                backbone: backbone(&b)?,
+                weights,
+                num_classes,
+                image_size,
+                top,
+                device,
+            })?;
+            let all = images.iter().map(|i| predictor.predict(i)).collect::<anyhow::Result<Vec<_>>>()?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&all)?),
+                Output::Table => print!("{}", tools::predictions_text(&all)),
+            }
+            return Ok(());
+        }
+        None => {}
+    }
+    let devices = daemon::inventory();
+    if args.list_devices {
+        for d in &devices {
+            println!("{}\t{}\t{}", d.id, d.name, d.memory_bytes);
+        }
+        return Ok(());
+    }
     let options = DaemonOptions {
         coordinator: args.coordinator,
         name: args.name.unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id())),

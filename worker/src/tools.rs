@@ -1,0 +1,293 @@
+//! The worker's offline tools: `sweep-worker inspect` (the recipe's exploratory model analysis:
+//! parameters, head, layer groups and their fine-tuning learning rates) and `sweep-worker
+//! predict` (top-K classes of images with trained weights, using the validation transforms).
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sweep_core::Backbone;
+use sweep_core::lr::LrDecay;
+use tch::{Device, Kind, Tensor};
+
+use crate::augment;
+use crate::checkpoint::{self, Metadata};
+use crate::data;
+use crate::model::{ForwardMode, Model};
+
+/// One layer group of an inspected backbone.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GroupReport {
+    pub name: String,
+    /// Parameter names in the group (empty for modules without parameters, e.g. a ReLU).
+    pub params: Vec<String>,
+    /// Fine-tuning learning rate of the group; `None` when no strategy was given.
+    pub lr: Option<f64>,
+    /// Scalars in the group's parameters.
+    pub parameters: u64,
+}
+
+/// `sweep-worker inspect --output json`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Inspection {
+    pub backbone: String,
+    pub parameters: u64,
+    /// The module replaced by the new head (the recipe's `new_layers`).
+    pub head: String,
+    /// The whole old classifier (the recipe's `classifier_layers`).
+    pub classifier: String,
+    pub num_classes: i64,
+    /// Layer groups from the input to the head.
+    pub groups: Vec<GroupReport>,
+    /// Parameters in no group; they train at `default_lr`.
+    pub ungrouped: Vec<String>,
+    pub default_lr: f64,
+}
+
+/// Builds `backbone` with a `num_classes` head and reports its groups with the learning rates
+/// `decay` gives them.
+pub fn inspect(
+    backbone: Backbone,
+    num_classes: i64,
+    decay: Option<&LrDecay>,
+    default_lr: f64,
+) -> anyhow::Result<Inspection> {
+    let model = Model::build_seeded(backbone, num_classes, Device::Cpu, 0)?;
+    let names = backbone.layer_groups();
+    let lrs = decay.map(|d| d.group_lrs(names.len()));
+    let mut groups: Vec<GroupReport> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| GroupReport {
+            name: n.clone(),
+            params: Vec::new(),
+            lr: lrs.as_ref().map(|l| l[i]),
+            parameters: 0,
+        })
+        .collect();
+    let mut ungrouped = Vec::new();
+    for ((name, tensor), group) in model.named_parameters().iter().zip(model.parameter_groups()) {
+        match group {
+            Some(g) => {
+                groups[g].params.push(name.clone());
+                groups[g].parameters += tensor.numel() as u64;
+            }
+            None => ungrouped.push(name.clone()),
+        }
+    }
+    Ok(Inspection {
+        backbone: backbone.name().into(),
+        parameters: model.parameter_count(),
+        head: backbone.head().into(),
+        classifier: backbone.classifier().into(),
+        num_classes,
+        groups,
+        ungrouped,
+        default_lr,
+    })
+}
+
+/// The people's view of [`Inspection`].
+pub fn inspection_text(i: &Inspection) -> String {
+    let mut out = format!(
+        "{}: {} parameters with a {}-class head\nhead (new layers): {}\nclassifier layers: {}\n\n",
+        i.backbone,
+        group_digits(i.parameters),
+        i.num_classes,
+        i.head,
+        i.classifier
+    );
+    let width = i.groups.iter().map(|g| g.name.len()).max().unwrap_or(5).max(11);
+    out.push_str(&format!("{:<width$}  {:>10}  {:>7}  {:>11}  names\n", "group", "lr", "tensors", "parameters"));
+    for g in &i.groups {
+        let lr = g.lr.map(|l| format!("{l:.3e}")).unwrap_or_else(|| "-".into());
+        // Long groups (a resnet stage) show their first and last tensor; --output json has all.
+        let names = match g.params.as_slice() {
+            [] => "(no parameters)".to_string(),
+            [one] => one.clone(),
+            [first, second] => format!("{first}, {second}"),
+            [first, .., last] => format!("{first} … {last}"),
+        };
+        out.push_str(&format!(
+            "{:<width$}  {lr:>10}  {:>7}  {:>11}  {names}\n",
+            g.name,
+            g.params.len(),
+            group_digits(g.parameters)
+        ));
+    }
+    if !i.ungrouped.is_empty() {
+        out.push_str(&format!(
+            "{:<width$}  {:>10.3e}  {:>7}  {:>11}  {}\n",
+            "(ungrouped)",
+            i.default_lr,
+            i.ungrouped.len(),
+            "",
+            i.ungrouped.join(", ")
+        ));
+    }
+    out
+}
+
+fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// One predicted class.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    pub index: i64,
+    pub class: String,
+    pub probability: f64,
+}
+
+/// Predictions for one image.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ImagePredictions {
+    pub image: String,
+    pub predictions: Vec<Prediction>,
+}
+
+/// What `predict` needs to know besides the weights.
+#[derive(Debug, Clone)]
+pub struct PredictOptions {
+    pub backbone: Backbone,
+    pub weights: PathBuf,
+    /// Number of outputs of the head; default: the checkpoint metadata's class count, else the
+    /// head's shape in the weights file.
+    pub num_classes: Option<i64>,
+    /// Validation crop size; default: the checkpoint metadata's, else 224.
+    pub image_size: Option<u32>,
+    pub top: usize,
+    pub device: Device,
+}
+
+/// Reads the shape of tensor `name` from a safetensors header, without loading the file.
+pub fn safetensors_shape(path: &Path, name: &str) -> anyhow::Result<Option<Vec<i64>>> {
+    use std::io::Read;
+    let mut f =
+        std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open weights {}: {e}", path.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|_| anyhow::anyhow!("{} is not a safetensors file (too short)", path.display()))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        anyhow::bail!("{} is not a safetensors file (header of {len} bytes)", path.display());
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|_| anyhow::anyhow!("{} is truncated", path.display()))?;
+    let json: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| anyhow::anyhow!("{} is not a safetensors file: {e}", path.display()))?;
+    Ok(json
+        .get(name)
+        .and_then(|t| t.get("shape"))
+        .and_then(|s| s.as_array())
+        .map(|dims| dims.iter().filter_map(|d| d.as_i64()).collect()))
+}
+
+/// A model with trained weights, ready to classify images.
+pub struct Predictor {
+    model: Model,
+    classes: Vec<String>,
+    image_size: u32,
+    top: usize,
+}
+
+impl Predictor {
+    pub fn load(o: &PredictOptions) -> anyhow::Result<Predictor> {
+        if o.top == 0 {
+            anyhow::bail!("--top must be at least 1");
+        }
+        let meta: Option<Metadata> = checkpoint::read_metadata(&o.weights)?;
+        if let Some(m) = &meta
+            && m.backbone != o.backbone.name()
+        {
+            anyhow::bail!(
+                "{} holds {} weights (see {}), not {}",
+                o.weights.display(),
+                m.backbone,
+                checkpoint::metadata_path(&o.weights).display(),
+                o.backbone.name()
+            );
+        }
+        let head_weight = format!("{}.weight", o.backbone.head());
+        let num_classes = match (o.num_classes, &meta) {
+            (Some(n), _) => n,
+            (None, Some(m)) => m.classes.len() as i64,
+            (None, None) => match safetensors_shape(&o.weights, &head_weight)? {
+                Some(shape) if !shape.is_empty() => shape[0],
+                _ => anyhow::bail!(
+                    "{} has no tensor {head_weight}; is it {} weights? Pass --num-classes if it is",
+                    o.weights.display(),
+                    o.backbone.name()
+                ),
+            },
+        };
+        let classes = match &meta {
+            Some(m) if m.classes.len() as i64 == num_classes => m.classes.clone(),
+            _ => (0..num_classes).map(|i| i.to_string()).collect(),
+        };
+        let image_size = o.image_size.or(meta.as_ref().map(|m| m.image_size)).unwrap_or(224);
+        let model = Model::build_seeded(o.backbone, num_classes, o.device, 0)?;
+        model.load_state(&o.weights, true)?;
+        Ok(Predictor { model, classes, image_size, top: o.top.min(num_classes as usize) })
+    }
+
+    pub fn image_size(&self) -> u32 {
+        self.image_size
+    }
+
+    /// Class probabilities of one image (validation transforms: resize, centre crop,
+    /// ImageNet normalisation), highest first, `top` of them.
+    pub fn predict(&self, image: &Path) -> anyhow::Result<ImagePredictions> {
+        let s = self.image_size as i64;
+        let pixels = data::decode_image(image, self.image_size)?;
+        let probs = tch::no_grad(|| -> Result<Tensor, tch::TchError> {
+            let x = Tensor::f_from_slice(&pixels)?.f_view([1, 3, s, s])?.f_to_device(self.model.device())?;
+            let logits = self.model.forward(&augment::eval_batch(&x)?, ForwardMode::EVAL)?;
+            logits.f_softmax(1, Kind::Float)?.f_to_device(Device::Cpu)?.f_view([-1])
+        })
+        .map_err(|e| anyhow::anyhow!("classifying {}: {e}", image.display()))?;
+        let probs: Vec<f32> =
+            Vec::<f32>::try_from(&probs).map_err(|e| anyhow::anyhow!("reading probabilities: {e}"))?;
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        let predictions = order
+            .into_iter()
+            .take(self.top)
+            .map(|i| Prediction { index: i as i64, class: self.classes[i].clone(), probability: f64::from(probs[i]) })
+            .collect();
+        Ok(ImagePredictions { image: image.display().to_string(), predictions })
+    }
+}
+
+/// The people's view of predictions.
+pub fn predictions_text(all: &[ImagePredictions]) -> String {
+    let mut out = String::new();
+    for p in all {
+        out.push_str(&format!("{}\n", p.image));
+        for (rank, q) in p.predictions.iter().enumerate() {
+            out.push_str(&format!("  {:>2}. {:<24} {:>7.3}%\n", rank + 1, q.class, q.probability * 100.0));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digits_are_grouped() {
+        assert_eq!(group_digits(138_365_992), "138,365,992");
+        assert_eq!(group_digits(999), "999");
+        assert_eq!(group_digits(1000), "1,000");
+    }
+}
