@@ -70,6 +70,7 @@ async fn spawn_workers(
     logs: &Path,
 ) -> anyhow::Result<Vec<Worker>> {
     let artifacts = std::path::absolute(state_dir.join("artifacts"))?;
+    let cache = std::path::absolute(state_dir.join("cache"))?;
     let mut workers = Vec::new();
     for i in 1..=n {
         let log = logs.join(format!("worker-{i}.log"));
@@ -84,6 +85,8 @@ async fn spawn_workers(
             .arg(threads.to_string())
             .arg("--artifacts")
             .arg(&artifacts)
+            .arg("--cache-dir")
+            .arg(&cache)
             .stdin(Stdio::null())
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(err))

@@ -68,6 +68,21 @@ pub struct SweepSpec {
     pub grid: GridSpec,
     pub resources: Resources,
     pub retries: Retries,
+    /// Pretrain each backbone from scratch on a dataset first, and run the sweep from those
+    /// weights (the guide's way around ImageNet's licence).
+    pub pretrain: Option<PretrainSpec>,
+}
+
+/// Pretraining from random weights: every layer trains with Adam at `lr` for `epochs` on
+/// `dataset` (with the sweep's augmentation). The result is cached by the content of this
+/// section, the backbone and the augmentation, so later trials and sweeps reuse it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PretrainSpec {
+    pub dataset: DatasetSpec,
+    pub epochs: u32,
+    pub lr: f64,
+    pub batch_size: u32,
+    pub seed: u64,
 }
 
 /// Where the images come from.
@@ -449,6 +464,18 @@ struct RawSpec {
     resources: Option<RawResources>,
     #[serde(default)]
     retries: Option<RawRetries>,
+    #[serde(default)]
+    pretrain: Option<RawPretrain>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPretrain {
+    dataset: RawDataset,
+    epochs: i64,
+    lr: Option<f64>,
+    batch_size: Option<i64>,
+    seed: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -591,7 +618,7 @@ impl RawSpec {
         if self.name.trim().is_empty() {
             return err("name", "must not be empty");
         }
-        let dataset = self.dataset.validate()?;
+        let dataset = self.dataset.validate("dataset")?;
         let model = self.model.unwrap_or_default().validate()?;
         let training = self.training.unwrap_or_default().validate()?;
         let grid = self.grid.validate(options)?;
@@ -617,14 +644,52 @@ impl RawSpec {
                 );
             }
         }
-        Ok(SweepSpec { name: self.name, dataset, model, training, grid, resources, retries })
+        let pretrain = match self.pretrain {
+            None => None,
+            Some(p) => {
+                if model.weights != Weights::None {
+                    return err(
+                        "model.weights",
+                        "a spec with `pretrain` starts from the weights its pretraining produces; remove model.weights (or pretrain)",
+                    );
+                }
+                let dataset = p.dataset.validate("pretrain.dataset")?;
+                if let Some(b) = grid.backbone.iter().find(|b| dataset.image_size() < b.min_image_size()) {
+                    return err(
+                        "pretrain.dataset.image_size",
+                        format!(
+                            "{} px is too small for {}, which needs at least {} px",
+                            dataset.image_size(),
+                            b.name(),
+                            b.min_image_size()
+                        ),
+                    );
+                }
+                Some(PretrainSpec {
+                    dataset,
+                    epochs: positive_int("pretrain.epochs", p.epochs, 100_000)?,
+                    lr: positive_float("pretrain.lr", p.lr.unwrap_or(1e-3))?,
+                    batch_size: match p.batch_size {
+                        Some(b) => positive_int("pretrain.batch_size", b, 65_536)?,
+                        None => training.batch_size,
+                    },
+                    seed: match p.seed {
+                        Some(v) => seed("pretrain.seed", v)?,
+                        None => training.seed,
+                    },
+                })
+            }
+        };
+        Ok(SweepSpec { name: self.name, dataset, model, training, grid, resources, retries, pretrain })
     }
 }
 
 impl RawDataset {
-    fn validate(self) -> Result<DatasetSpec, Invalid> {
+    /// Validates a dataset mapping found at field path `at` (`dataset`, `pretrain.dataset`).
+    fn validate(self, at: &str) -> Result<DatasetSpec, Invalid> {
+        let f = |key: &str| format!("{at}.{key}");
         const KINDS: [(&str, u8); 3] = [("synthetic", 0), ("image_folder", 1), ("flowers102", 2)];
-        let kind = one_of("dataset.kind", "dataset kind", &self.kind, &KINDS)?;
+        let kind = one_of(&f("kind"), "dataset kind", &self.kind, &KINDS)?;
         // Which keys each kind takes; any other key given is an error.
         let allowed: &[&str] = match kind {
             0 => &["classes", "train_per_class", "val_per_class", "image_size", "seed"],
@@ -645,34 +710,28 @@ impl RawDataset {
         for (key, present) in given {
             if present && !allowed.contains(&key) {
                 return err(
-                    format!("dataset.{key}"),
+                    f(key),
                     format!("not a setting of dataset kind `{}`; it takes: kind, {}", self.kind, allowed.join(", ")),
                 );
             }
         }
         let image_size = match self.image_size {
-            Some(v) => positive_int("dataset.image_size", v, MAX_IMAGE_SIZE)?,
+            Some(v) => positive_int(&f("image_size"), v, MAX_IMAGE_SIZE)?,
             None if kind == 0 => 32,
             None => 224,
         };
         let root = |r: Option<String>| match r {
             Some(r) if !r.trim().is_empty() => Ok(r),
-            Some(_) => err("dataset.root", "must not be empty"),
-            None => {
-                err("dataset", format!("missing field `root` (dataset kind `{}` reads its images from it)", self.kind))
-            }
+            Some(_) => err(f("root"), "must not be empty"),
+            None => err(at, format!("missing field `root` (dataset kind `{}` reads its images from it)", self.kind)),
         };
         Ok(match kind {
             0 => DatasetSpec::Synthetic {
-                classes: positive_int("dataset.classes", self.classes.unwrap_or(10), 100_000)?,
-                train_per_class: positive_int(
-                    "dataset.train_per_class",
-                    self.train_per_class.unwrap_or(32),
-                    1_000_000,
-                )?,
-                val_per_class: positive_int("dataset.val_per_class", self.val_per_class.unwrap_or(16), 1_000_000)?,
+                classes: positive_int(&f("classes"), self.classes.unwrap_or(10), 100_000)?,
+                train_per_class: positive_int(&f("train_per_class"), self.train_per_class.unwrap_or(32), 1_000_000)?,
+                val_per_class: positive_int(&f("val_per_class"), self.val_per_class.unwrap_or(16), 1_000_000)?,
                 image_size,
-                seed: seed("dataset.seed", self.seed.unwrap_or(0))?,
+                seed: seed(&f("seed"), self.seed.unwrap_or(0))?,
             },
             1 => DatasetSpec::ImageFolder {
                 root: root(self.root)?,
@@ -700,11 +759,11 @@ impl RawDataset {
                     Ok(out)
                 };
                 // The guide's mapping: train on the 6,149-image test split, validate on the rest.
-                let train_split = splits("dataset.train_split", self.train_split, &[FlowersSplit::Test])?;
-                let val_split = splits("dataset.val_split", self.val_split, &[FlowersSplit::Train, FlowersSplit::Val])?;
+                let train_split = splits(&f("train_split"), self.train_split, &[FlowersSplit::Test])?;
+                let val_split = splits(&f("val_split"), self.val_split, &[FlowersSplit::Train, FlowersSplit::Val])?;
                 if let Some(s) = val_split.iter().find(|s| train_split.contains(s)) {
                     return err(
-                        "dataset.val_split",
+                        f("val_split"),
                         format!("split `{}` is also a training split; validation must use other images", s.name()),
                     );
                 }

@@ -288,3 +288,30 @@ fn garbage_never_panics() {
         assert!(spec::parse(text).is_err(), "{text:?}");
     }
 }
+
+#[test]
+fn pretraining_section() {
+    let text = format!(
+        "{GOOD}training: {{ batch_size: 16, seed: 4 }}\npretrain:\n  dataset: {{ kind: synthetic, classes: 20, seed: 9 }}\n  epochs: 3\n"
+    );
+    let s = spec::parse(&text).unwrap();
+    let p = s.pretrain.expect("pretrain");
+    assert_eq!((p.epochs, p.lr, p.batch_size, p.seed), (3, 1e-3, 16, 4), "defaults from training");
+    match p.dataset {
+        DatasetSpec::Synthetic { classes, seed, .. } => assert_eq!((classes, seed), (20, 9)),
+        other => panic!("{other:?}"),
+    }
+    assert!(spec::parse(GOOD).unwrap().pretrain.is_none());
+
+    // Errors inside the pretraining dataset name their own path.
+    let bad = text.replace("classes: 20", "classes: 0");
+    assert_error(&bad, 12, 40, "pretrain.dataset.classes", "at least 1");
+    let bad = text.replace("kind: synthetic, classes: 20, seed: 9", "kind: image_folder");
+    assert_error(&bad, 12, 3, "pretrain.dataset", "missing field `root`");
+    assert_error(&text.replace("epochs: 3", "epochs: 0"), 13, 11, "pretrain.epochs", "at least 1");
+    assert_error(&text.replace("  epochs: 3\n", ""), 11, 1, "pretrain", "missing field `epochs`");
+    assert_error(&format!("{text}  warmup: 2\n"), 14, 3, "pretrain", "unknown field `warmup`");
+    // Pretraining and given weights exclude each other.
+    let both = format!("{text}model: {{ weights: imagenet }}\n");
+    assert_error(&both, 14, 19, "model.weights", "pretrain");
+}

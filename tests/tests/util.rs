@@ -112,6 +112,8 @@ pub fn worker(url: &str, name: &str, dir: &Path) -> Proc {
     let child = Command::new(bin("sweep-worker"))
         .args(["--coordinator", url, "--name", name, "--threads", "1", "--poll-wait", "2", "--artifacts"])
         .arg(dir.join("artifacts"))
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
         .stdout(Stdio::from(file.try_clone().expect("log")))
         .stderr(Stdio::from(file))
         .spawn()

@@ -22,6 +22,7 @@ use tonic::{Code, Status};
 
 use crate::checkpoint::{self, TrialCheckpoints};
 use crate::data;
+use crate::pretrain;
 use crate::train::{Control, TrainError, TrainOptions, Trainer};
 
 /// How the daemon runs.
@@ -35,6 +36,8 @@ pub struct DaemonOptions {
     pub weights_dir: Option<PathBuf>,
     /// Where checkpoints are written: `<artifacts>/<sweep>/<trial>/{best,last}.safetensors`.
     pub artifacts: PathBuf,
+    /// Where pretrained weights are cached (shared by the workers of a machine or a volume).
+    pub cache_dir: PathBuf,
     /// How long one `AcquireTrial` long poll may wait.
     pub poll_wait: Duration,
 }
@@ -329,6 +332,7 @@ async fn run_attempt(
     let failure = report_failure.clone();
 
     let artifacts = options.artifacts.clone();
+    let cache_dir = options.cache_dir.clone();
     let result = tokio::task::spawn_blocking(move || {
         let mut report = |request: v1::ReportEpochRequest| -> Control {
             let reply = handle.block_on(with_retries(ttl, || {
@@ -345,7 +349,7 @@ async fn run_attempt(
                 }
             }
         };
-        train_attempt(&assignment, &train_options, &artifacts, &mut report)
+        train_attempt(&assignment, &train_options, &artifacts, &cache_dir, &mut report)
     })
     .await;
     running.lock().unwrap_or_else(|p| p.into_inner()).remove(&attempt_id);
@@ -415,13 +419,21 @@ async fn run_attempt(
 /// Trains the trial of an assignment: after every epoch, writes the checkpoints (`last`, and
 /// `best` when the validation accuracy improved) and hands `report` the epoch's report, which
 /// says whether to go on. Returns when the trial is done, stopped, or failed.
+///
+/// A spec with `pretrain` first gets the backbone's pretrained weights from `cache_dir`
+/// (pretraining them there if no worker has yet) and starts the trial from them.
 pub fn train_attempt(
     a: &v1::Assignment,
     options: &TrainOptions,
     artifacts: &Path,
+    cache_dir: &Path,
     report: &mut dyn FnMut(v1::ReportEpochRequest) -> Control,
 ) -> Result<(), TrainError> {
-    let (spec, trial) = resolve(a).map_err(TrainError::Permanent)?;
+    let (mut spec, trial) = resolve(a).map_err(TrainError::Permanent)?;
+    if spec.pretrain.is_some() {
+        let weights = pretrain::ensure(&spec, trial.backbone, cache_dir, options)?;
+        spec.model.weights = sweep_core::spec::Weights::File(weights.display().to_string());
+    }
     let mut trainer = Trainer::new(&spec, &trial, options)?;
     // Already decoded by the trainer: this is the process cache.
     let dataset = data::load(&spec.dataset)?;

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod data;
 pub mod mat;
 pub mod model;
+pub mod pretrain;
 pub mod rng;
 pub mod tools;
 pub mod train;

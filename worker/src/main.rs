@@ -42,6 +42,9 @@ struct Args {
     /// Where checkpoints are written (`<dir>/<sweep>/<trial>/{best,last}.safetensors`).
     #[arg(long, env = "SWEEP_ARTIFACTS_DIR", default_value = ".sweep/artifacts")]
     artifacts: PathBuf,
+    /// Where pretrained weights are cached (share it between the workers of a machine).
+    #[arg(long, env = "SWEEP_CACHE_DIR", default_value = ".sweep/cache")]
+    cache_dir: PathBuf,
     /// Longest wait of one request for work, in seconds.
     #[arg(long, default_value_t = 20)]
     poll_wait: u64,
@@ -247,6 +250,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         weights_dir: args.weights_dir,
         // Checkpoint paths go to the coordinator and are read by other processes.
         artifacts: std::path::absolute(&args.artifacts)?,
+        cache_dir: std::path::absolute(&args.cache_dir)?,
         poll_wait: Duration::from_secs(args.poll_wait.clamp(1, 30)),
     };
     tracing::info!("{}", daemon::describe(&options));

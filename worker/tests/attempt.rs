@@ -39,7 +39,7 @@ fn every_epoch_is_reported_with_its_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let a = assignment(SPEC);
     let mut reports = Vec::new();
-    train_attempt(&a, &TrainOptions::new(tch::Device::Cpu), dir.path(), &mut |r| {
+    train_attempt(&a, &TrainOptions::new(tch::Device::Cpu), dir.path(), &dir.path().join("cache"), &mut |r| {
         reports.push(r);
         Control::Continue
     })
@@ -69,10 +69,16 @@ fn every_epoch_is_reported_with_its_checkpoints() {
 fn a_stop_from_the_coordinator_cancels_after_the_current_epoch() {
     let dir = tempfile::tempdir().unwrap();
     let mut n = 0;
-    let e = train_attempt(&assignment(SPEC), &TrainOptions::new(tch::Device::Cpu), dir.path(), &mut |_| {
-        n += 1;
-        Control::Stop
-    })
+    let e = train_attempt(
+        &assignment(SPEC),
+        &TrainOptions::new(tch::Device::Cpu),
+        dir.path(),
+        &dir.path().join("cache"),
+        &mut |_| {
+            n += 1;
+            Control::Stop
+        },
+    )
     .unwrap_err();
     assert_eq!((e, n), (TrainError::Cancelled, 1));
 }
@@ -82,12 +88,16 @@ fn an_assignment_that_disagrees_with_its_spec_is_a_permanent_error() {
     let dir = tempfile::tempdir().unwrap();
     let mut a = assignment(SPEC);
     a.backbone = "resnet50".into();
-    let e =
-        train_attempt(&a, &TrainOptions::new(tch::Device::Cpu), dir.path(), &mut |_| Control::Continue).unwrap_err();
+    let e = train_attempt(&a, &TrainOptions::new(tch::Device::Cpu), dir.path(), &dir.path().join("cache"), &mut |_| {
+        Control::Continue
+    })
+    .unwrap_err();
     assert!(e.is_permanent() && e.to_string().contains("does not match"), "{e}");
     let mut a = assignment(SPEC);
     a.spec_yaml = "name: [".into();
-    let e =
-        train_attempt(&a, &TrainOptions::new(tch::Device::Cpu), dir.path(), &mut |_| Control::Continue).unwrap_err();
+    let e = train_attempt(&a, &TrainOptions::new(tch::Device::Cpu), dir.path(), &dir.path().join("cache"), &mut |_| {
+        Control::Continue
+    })
+    .unwrap_err();
     assert!(e.is_permanent() && e.to_string().contains("does not parse"), "{e}");
 }

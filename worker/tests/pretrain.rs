@@ -1,0 +1,153 @@
+//! Pretraining on one's own data: cached by content, done once, and the trials start from it.
+
+use std::path::Path;
+
+use sweep_core::Backbone;
+use sweep_core::spec;
+use sweep_proto::v1;
+use sweep_worker::daemon::train_attempt;
+use sweep_worker::pretrain;
+use sweep_worker::train::{Control, TrainOptions};
+use tch::Tensor;
+
+const SPEC: &str = "\
+name: pre
+dataset: { kind: synthetic, classes: 3, train_per_class: 4, val_per_class: 2, image_size: 32, seed: 3 }
+training: { batch_size: 6, augment: { hflip: false, rotation_deg: 0, shear_deg: 0, color_jitter: 0 } }
+grid:
+  backbone: [resnet18]
+  lr_decay: [{ strategy: linear, head_lr: 1.0e-3, final_lr: 1.0e-5 }]
+  epoch_split: [[1, 1]]
+pretrain:
+  dataset: { kind: synthetic, classes: 4, train_per_class: 4, val_per_class: 2, image_size: 32, seed: 11 }
+  epochs: 1
+";
+
+fn cpu() -> TrainOptions {
+    TrainOptions::new(tch::Device::Cpu)
+}
+
+fn tensors(path: &Path) -> Vec<(String, Tensor)> {
+    Tensor::read_safetensors(path).unwrap()
+}
+
+fn tensor(path: &Path, name: &str) -> Tensor {
+    tensors(path).into_iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} in {}", path.display())).1
+}
+
+#[test]
+fn pretrained_weights_are_made_once_and_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec::parse(SPEC).unwrap();
+    let first = pretrain::ensure(&s, Backbone::Resnet18, dir.path(), &cpu()).unwrap();
+    assert!(first.starts_with(dir.path().join("pretrain")));
+    let record = pretrain::read_record(&first).unwrap();
+    assert_eq!((record.backbone.as_str(), record.epochs), ("resnet18", 1));
+    assert_eq!(record.key, pretrain::cache_key(s.pretrain.as_ref().unwrap(), Backbone::Resnet18, &s.training.augment));
+    // The head has the pretraining dataset's 4 classes.
+    assert_eq!(tensor(&first, "fc.weight").size(), vec![4, 512]);
+    let written = std::fs::metadata(&first).unwrap().modified().unwrap();
+    let again = pretrain::ensure(&s, Backbone::Resnet18, dir.path(), &cpu()).unwrap();
+    assert_eq!(again, first);
+    assert_eq!(std::fs::metadata(&again).unwrap().modified().unwrap(), written, "reused, not retrained");
+    // No lock or temporary file is left.
+    let names: Vec<_> =
+        std::fs::read_dir(dir.path().join("pretrain")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+#[test]
+fn the_cache_key_follows_every_setting_that_changes_the_weights() {
+    let s = spec::parse(SPEC).unwrap();
+    let p = s.pretrain.clone().unwrap();
+    let key = pretrain::cache_key(&p, Backbone::Resnet18, &s.training.augment);
+    assert_eq!(key, pretrain::cache_key(&p.clone(), Backbone::Resnet18, &s.training.augment));
+    assert_ne!(key, pretrain::cache_key(&p, Backbone::Resnet50, &s.training.augment));
+    assert_ne!(
+        key,
+        pretrain::cache_key(
+            &sweep_core::spec::PretrainSpec { epochs: 2, ..p.clone() },
+            Backbone::Resnet18,
+            &s.training.augment
+        )
+    );
+    assert_ne!(
+        key,
+        pretrain::cache_key(
+            &sweep_core::spec::PretrainSpec { lr: 2e-3, ..p.clone() },
+            Backbone::Resnet18,
+            &s.training.augment
+        )
+    );
+    let mut aug = s.training.augment;
+    aug.hflip = true;
+    assert_ne!(key, pretrain::cache_key(&p, Backbone::Resnet18, &aug));
+}
+
+#[test]
+fn a_live_lock_is_waited_for_and_a_dead_one_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec::parse(SPEC).unwrap();
+    let key = pretrain::cache_key(s.pretrain.as_ref().unwrap(), Backbone::Resnet18, &s.training.augment);
+    let cache = dir.path().join("pretrain");
+    std::fs::create_dir_all(&cache).unwrap();
+    let weights = cache.join(format!("resnet18-{}.safetensors", &key[..16]));
+    let lock = weights.with_extension("lock");
+
+    // Someone alive (this process) holds the lock; their weights arrive a moment later.
+    std::fs::write(&lock, format!("{}\n", std::process::id())).unwrap();
+    let (w, l) = (weights.clone(), lock.clone());
+    let other = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        std::fs::write(&w, b"weights of the other worker").unwrap();
+        std::fs::remove_file(&l).unwrap();
+    });
+    let got = pretrain::ensure(&s, Backbone::Resnet18, dir.path(), &cpu()).unwrap();
+    other.join().unwrap();
+    assert_eq!(got, weights);
+    assert_eq!(std::fs::read(&got).unwrap(), b"weights of the other worker", "waited instead of pretraining");
+
+    // A lock left by a process that is gone is taken over.
+    std::fs::remove_file(&weights).unwrap();
+    std::fs::write(&lock, "4194305\n").unwrap();
+    let got = pretrain::ensure(&s, Backbone::Resnet18, dir.path(), &cpu()).unwrap();
+    assert!(pretrain::read_record(&got).is_some());
+    assert!(!lock.exists());
+}
+
+#[test]
+fn trials_start_from_the_pretrained_backbone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec::parse(SPEC).unwrap();
+    let t = sweep_core::grid::expand(&s.grid).remove(0);
+    let a = v1::Assignment {
+        attempt_id: 1,
+        sweep_id: "pre-0001".into(),
+        trial_id: t.id.clone(),
+        trial_index: 0,
+        spec_yaml: SPEC.into(),
+        backbone: t.backbone.name().into(),
+        lr_decay: Some(v1::LrDecay::from(&t.lr_decay)),
+        fe_epochs: 1,
+        ft_epochs: 1,
+        attempt_number: 1,
+    };
+    let cache = dir.path().join("cache");
+    // `last` is rewritten every epoch: keep a copy of the one after feature extraction.
+    let after_fe = dir.path().join("after-fe.safetensors");
+    train_attempt(&a, &cpu(), &dir.path().join("artifacts"), &cache, &mut |r| {
+        if r.metrics.unwrap().epoch == 1 {
+            std::fs::copy(r.last_checkpoint.unwrap().uri, &after_fe).unwrap();
+        }
+        Control::Continue
+    })
+    .unwrap();
+    let pretrained = pretrain::ensure(&s, Backbone::Resnet18, &cache, &cpu()).unwrap();
+    // After feature extraction (epoch 1) every backbone tensor is the pretrained one; the head
+    // is new (3 classes, not the pretraining's 4).
+    let after_fe = after_fe.as_path();
+    for name in ["conv1.weight", "layer1.0.conv1.weight", "layer4.1.bn2.weight"] {
+        assert!(tensor(after_fe, name).equal(&tensor(&pretrained, name)), "{name}");
+    }
+    assert_eq!(tensor(after_fe, "fc.weight").size(), vec![3, 512]);
+}
