@@ -56,15 +56,27 @@ fn per_sample(v: &[f32], device: Device) -> Result<Tensor, TchError> {
     Tensor::f_from_slice(v)?.f_view([-1, 1, 1, 1])?.f_to_device(device)
 }
 
-/// uint8 images to float in `[0, 1]`.
+/// uint8 images to float in `[0, 1]` (a new tensor).
 pub fn to_unit(images: &Tensor) -> Result<Tensor, TchError> {
-    images.f_to_kind(Kind::Float)?.f_div_scalar(255.0)
+    let mut x = images.f_to_dtype(Kind::Float, false, true)?;
+    x.f_div_scalar_(255.0)?;
+    Ok(x)
 }
 
 /// ImageNet mean/std normalisation of a float `[N, 3, H, W]` batch in `[0, 1]`.
 pub fn normalize(images: &Tensor) -> Result<Tensor, TchError> {
     let d = images.device();
-    images.f_sub(&channel_tensor(IMAGENET_MEAN, d)?)?.f_div(&channel_tensor(IMAGENET_STD, d)?)
+    let mut x = images.f_sub(&channel_tensor(IMAGENET_MEAN, d)?)?;
+    x.f_div_(&channel_tensor(IMAGENET_STD, d)?)?;
+    Ok(x)
+}
+
+/// [`normalize`] in place, on a tensor this module owns.
+fn normalize_in_place(mut x: Tensor) -> Result<Tensor, TchError> {
+    let d = x.device();
+    x.f_sub_(&channel_tensor(IMAGENET_MEAN, d)?)?;
+    x.f_div_(&channel_tensor(IMAGENET_STD, d)?)?;
+    Ok(x)
 }
 
 /// ITU-R 601-2 luma (torchvision's `rgb_to_grayscale`): `[N, 3, H, W]` → `[N, 1, H, W]`.
@@ -75,18 +87,31 @@ fn grayscale(x: &Tensor) -> Result<Tensor, TchError> {
 
 /// Augments a float batch in `[0, 1]` with the given per-sample parameters; the result is in
 /// `[0, 1]`. Steps whose setting is off in `aug` are skipped entirely, so [`Augment::NONE`]
-/// returns the input unchanged.
+/// returns the input unchanged. `images` itself is never modified.
 pub fn apply(images: &Tensor, aug: &Augment, params: &[SampleParams]) -> Result<Tensor, TchError> {
-    let size = images.size();
+    apply_owned(images.shallow_clone(), false, aug, params)
+}
+
+/// [`apply`] on `x`, modifying it in place when `owned` (its storage belongs to the caller's
+/// temporary, as in [`train_batch`]); otherwise the first step that changes pixels copies.
+/// In-place steps compute exactly what their out-of-place forms do (the same operations in the
+/// same order), but save a fresh allocation — and its page faults — per step.
+fn apply_owned(mut x: Tensor, mut owned: bool, aug: &Augment, params: &[SampleParams]) -> Result<Tensor, TchError> {
+    let size = x.size();
     if size.len() != 4 || size[0] != params.len() as i64 {
         return Err(TchError::Shape(format!("augment: batch of shape {size:?} with {} parameter sets", params.len())));
     }
-    let d = images.device();
-    let mut x = images.shallow_clone();
-    if aug.hflip && params.iter().any(|p| p.flip) {
-        let mask: Vec<u8> = params.iter().map(|p| p.flip as u8).collect();
-        let mask = Tensor::f_from_slice(&mask)?.f_view([-1, 1, 1, 1])?.f_to_device(d)?.f_to_kind(Kind::Bool)?;
-        x = x.f_flip([3])?.f_where_self(&mask, &x)?;
+    let d = x.device();
+    let flipped: Vec<i64> = params.iter().enumerate().filter(|(_, p)| p.flip).map(|(i, _)| i as i64).collect();
+    if aug.hflip && !flipped.is_empty() {
+        // Mirror only the chosen samples.
+        if !owned {
+            x = x.f_detach_copy()?;
+            owned = true;
+        }
+        let idx = Tensor::f_from_slice(&flipped)?.f_to_device(d)?;
+        let mirrored = x.f_index_select(0, &idx)?.f_flip([3])?;
+        x.f_index_copy_(0, &idx, &mirrored)?;
     }
     if aug.rotation_deg > 0.0 || aug.shear_deg > 0.0 {
         // Output pixel (u, v) samples the input at R(rotation) · Shear_x(shear) · (u, v), in
@@ -101,21 +126,32 @@ pub fn apply(images: &Tensor, aug: &Augment, params: &[SampleParams]) -> Result<
         let grid = Tensor::f_affine_grid_generator(&theta, size.as_slice(), false)?;
         // interpolation 0 = bilinear, padding 0 = zeros.
         x = x.f_grid_sampler(&grid, 0, 0, false)?;
+        owned = true;
     }
     if aug.color_jitter > 0.0 {
+        if !owned {
+            x = x.f_detach_copy()?;
+        }
         let b: Vec<f32> = params.iter().map(|p| p.brightness as f32).collect();
         let c: Vec<f32> = params.iter().map(|p| p.contrast as f32).collect();
         let s: Vec<f32> = params.iter().map(|p| p.saturation as f32).collect();
         // Brightness: blend with black.
-        x = x.f_mul(&per_sample(&b, d)?)?.f_clamp(0.0, 1.0)?;
+        x.f_mul_(&per_sample(&b, d)?)?;
+        x.f_clamp_(0.0, 1.0)?;
         // Contrast: blend with the mean of the grayscale image.
         let c = per_sample(&c, d)?;
         let mean = grayscale(&x)?.f_mean_dim([1i64, 2, 3].as_slice(), true, Kind::Float)?;
-        x = x.f_mul(&c)?.f_add(&mean.f_mul(&c.f_neg()?.f_add_scalar(1.0)?)?)?.f_clamp(0.0, 1.0)?;
+        let mean_part = mean.f_mul(&c.f_neg()?.f_add_scalar(1.0)?)?;
+        x.f_mul_(&c)?;
+        x.f_add_(&mean_part)?;
+        x.f_clamp_(0.0, 1.0)?;
         // Saturation: blend with the grayscale image.
         let s = per_sample(&s, d)?;
-        let gray = grayscale(&x)?;
-        x = x.f_mul(&s)?.f_add(&gray.f_mul(&s.f_neg()?.f_add_scalar(1.0)?)?)?.f_clamp(0.0, 1.0)?;
+        let mut gray_part = grayscale(&x)?;
+        gray_part.f_mul_(&s.f_neg()?.f_add_scalar(1.0)?)?;
+        x.f_mul_(&s)?;
+        x.f_add_(&gray_part)?;
+        x.f_clamp_(0.0, 1.0)?;
     }
     Ok(x)
 }
@@ -125,12 +161,12 @@ pub fn apply(images: &Tensor, aug: &Augment, params: &[SampleParams]) -> Result<
 pub fn train_batch(images: &Tensor, aug: &Augment, rng: &mut Rng) -> Result<Tensor, TchError> {
     let n = images.size().first().copied().unwrap_or(0).max(0) as usize;
     let params: Vec<SampleParams> = (0..n).map(|_| SampleParams::draw(aug, rng)).collect();
-    normalize(&apply(&to_unit(images)?, aug, &params)?)
+    normalize_in_place(apply_owned(to_unit(images)?, true, aug, &params)?)
 }
 
 /// A validation batch: uint8 `[N, 3, H, W]` → normalised float batch.
 pub fn eval_batch(images: &Tensor) -> Result<Tensor, TchError> {
-    normalize(&to_unit(images)?)
+    normalize_in_place(to_unit(images)?)
 }
 
 #[cfg(test)]

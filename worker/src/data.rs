@@ -24,7 +24,6 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
-use image::imageops::FilterType;
 use rayon::prelude::*;
 use sweep_core::spec::DatasetSpec;
 use tch::{Device, Kind, TchError, Tensor};
@@ -441,7 +440,7 @@ pub fn decode_image_into(path: &Path, image_size: u32, out: &mut [u8]) -> Result
         .map_err(|e| unreadable(path, e))?
         .decode()
         .map_err(|e| unreadable(path, e))?
-        .to_rgb8();
+        .into_rgb8();
     let (w, h) = img.dimensions();
     if w == 0 || h == 0 {
         return Err(unreadable(path, "the image is empty"));
@@ -450,18 +449,36 @@ pub fn decode_image_into(path: &Path, image_size: u32, out: &mut [u8]) -> Result
     let (short, long) = (w.min(h), w.max(h));
     let long_target = ((short_target as u64 * long as u64) / short as u64).max(short_target as u64) as u32;
     let (nw, nh) = if w <= h { (short_target, long_target) } else { (long_target, short_target) };
-    let resized = if (nw, nh) == (w, h) { img } else { image::imageops::resize(&img, nw, nh, FilterType::Triangle) };
-    let top = ((nh - image_size) as f64 / 2.0).round_ties_even() as u32;
-    let left = ((nw - image_size) as f64 / 2.0).round_ties_even() as u32;
+    let resized = if (nw, nh) == (w, h) { img.into_raw() } else { resize_rgb(img.into_raw(), (w, h), (nw, nh), path)? };
+    let top = ((nh - image_size) as f64 / 2.0).round_ties_even() as usize;
+    let left = ((nw - image_size) as f64 / 2.0).round_ties_even() as usize;
+    let nw = nw as usize;
     for y in 0..s {
-        for x in 0..s {
-            let p = resized.get_pixel(left + x as u32, top + y as u32).0;
+        let row = &resized[((top + y) * nw + left) * 3..((top + y) * nw + left + s) * 3];
+        for (x, p) in row.chunks_exact(3).enumerate() {
             for c in 0..3 {
                 out[c * s * s + y * s + x] = p[c];
             }
         }
     }
     Ok(())
+}
+
+/// Resizes packed RGB bytes from `from` to `to` (width, height) with an antialiased bilinear
+/// (triangle) filter whose support grows with the reduction, as PIL's and torchvision's
+/// `Resize(antialias=True)` do; SIMD through `fast_image_resize`.
+fn resize_rgb(rgb: Vec<u8>, from: (u32, u32), to: (u32, u32), path: &Path) -> Result<Vec<u8>, DataError> {
+    use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image};
+    thread_local! {
+        static RESIZER: std::cell::RefCell<Resizer> = std::cell::RefCell::new(Resizer::new());
+    }
+    let src = Image::from_vec_u8(from.0, from.1, rgb, PixelType::U8x3).map_err(|e| unreadable(path, e))?;
+    let mut dst = Image::new(to.0, to.1, PixelType::U8x3);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    RESIZER
+        .with(|r| r.borrow_mut().resize(&src, &mut dst, &options))
+        .map_err(|e| unreadable(path, format!("resizing to {}×{}: {e}", to.0, to.1)))?;
+    Ok(dst.into_vec())
 }
 
 /// Decodes `items` (image file, label) in parallel into one split, in order. An image that

@@ -547,3 +547,252 @@ fn numbers(el: &Element<'_>, numel: usize, big_endian: bool) -> Result<Vec<f64>,
         _ => conv!(u64, 8),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 128-byte header: text padded with spaces, 8 bytes of subsystem offset, version and
+    /// endian indicator.
+    fn header(big_endian: bool) -> Vec<u8> {
+        let mut h = b"MATLAB 5.0 MAT-file, Platform: GLNXA64, Created on: Thu Feb 19 15:43:33 2009".to_vec();
+        h.resize(116, b' ');
+        h.extend_from_slice(&[0; 8]);
+        if big_endian {
+            h.extend_from_slice(&[0x01, 0x00, b'M', b'I']);
+        } else {
+            h.extend_from_slice(&[0x00, 0x01, b'I', b'M']);
+        }
+        assert_eq!(h.len(), 128);
+        h
+    }
+
+    /// A little-endian file written byte by byte from the specification: `labels` (double,
+    /// 1×3, stored as miUINT8 in a small data element, as MATLAB stores small integers),
+    /// `ids` (double 1×4 stored as miUINT16, with a small-element name) and `note` (char).
+    fn little_endian_fixture() -> Vec<u8> {
+        let mut f = header(false);
+        #[rustfmt::skip]
+        let body: [u8; 8 + 56 + 8 + 56 + 8 + 48] = [
+            // labels: miMATRIX, 56 bytes.
+            0x0e, 0, 0, 0, 0x38, 0, 0, 0,
+            //   array flags: miUINT32, 8 bytes: class 6 (double), no flag; nzmax 0.
+            0x06, 0, 0, 0, 0x08, 0, 0, 0, 0x06, 0, 0, 0, 0, 0, 0, 0,
+            //   dimensions: miINT32, 8 bytes: 1 × 3.
+            0x05, 0, 0, 0, 0x08, 0, 0, 0, 0x01, 0, 0, 0, 0x03, 0, 0, 0,
+            //   name: miINT8, 6 bytes, "labels", 2 bytes of padding.
+            0x01, 0, 0, 0, 0x06, 0, 0, 0, b'l', b'a', b'b', b'e', b'l', b's', 0, 0,
+            //   real part: small data element, miUINT8, 3 bytes: 1, 102, 7.
+            0x02, 0, 0x03, 0, 0x01, 0x66, 0x07, 0,
+            // ids: miMATRIX, 56 bytes.
+            0x0e, 0, 0, 0, 0x38, 0, 0, 0,
+            0x06, 0, 0, 0, 0x08, 0, 0, 0, 0x06, 0, 0, 0, 0, 0, 0, 0,
+            0x05, 0, 0, 0, 0x08, 0, 0, 0, 0x01, 0, 0, 0, 0x04, 0, 0, 0,
+            //   name: small data element, miINT8, 3 bytes "ids".
+            0x01, 0, 0x03, 0, b'i', b'd', b's', 0,
+            //   real part: miUINT16, 8 bytes: 1, 2, 3, 8189.
+            0x04, 0, 0, 0, 0x08, 0, 0, 0, 0x01, 0, 0x02, 0, 0x03, 0, 0xfd, 0x1f,
+            // note: miMATRIX, 48 bytes; class 4 (char), 1 × 2, "hi" as miUINT16.
+            0x0e, 0, 0, 0, 0x30, 0, 0, 0,
+            0x06, 0, 0, 0, 0x08, 0, 0, 0, 0x04, 0, 0, 0, 0, 0, 0, 0,
+            0x05, 0, 0, 0, 0x08, 0, 0, 0, 0x01, 0, 0, 0, 0x02, 0, 0, 0,
+            0x01, 0, 0x04, 0, b'n', b'o', b't', b'e',
+            0x04, 0, 0x04, 0, b'h', 0, b'i', 0,
+        ];
+        f.extend_from_slice(&body);
+        f
+    }
+
+    /// A big-endian file: `trnid` (double 1×2 as miDOUBLE: 3, 1) and `x` (int8 1×1: -5, all
+    /// small data elements).
+    fn big_endian_fixture() -> Vec<u8> {
+        let mut f = header(true);
+        #[rustfmt::skip]
+        let body: [u8; 8 + 72 + 8 + 48] = [
+            0, 0, 0, 0x0e, 0, 0, 0, 0x48,
+            0, 0, 0, 0x06, 0, 0, 0, 0x08, 0, 0, 0, 0x06, 0, 0, 0, 0,
+            0, 0, 0, 0x05, 0, 0, 0, 0x08, 0, 0, 0, 0x01, 0, 0, 0, 0x02,
+            0, 0, 0, 0x01, 0, 0, 0, 0x05, b't', b'r', b'n', b'i', b'd', 0, 0, 0,
+            0, 0, 0, 0x09, 0, 0, 0, 0x10,
+            0x40, 0x08, 0, 0, 0, 0, 0, 0, // 3.0
+            0x3f, 0xf0, 0, 0, 0, 0, 0, 0, // 1.0
+            0, 0, 0, 0x0e, 0, 0, 0, 0x30,
+            0, 0, 0, 0x06, 0, 0, 0, 0x08, 0, 0, 0, 0x08, 0, 0, 0, 0,
+            0, 0, 0, 0x05, 0, 0, 0, 0x08, 0, 0, 0, 0x01, 0, 0, 0, 0x01,
+            // Small elements, big-endian: size in the first two bytes, type in the next two.
+            0, 0x01, 0, 0x01, b'x', 0, 0, 0,
+            0, 0x01, 0, 0x01, 0xfb, 0, 0, 0,
+        ];
+        f.extend_from_slice(&body);
+        f
+    }
+
+    /// RFC 1950 zlib stream holding `data` in one stored (uncompressed) deflate block.
+    fn zlib_stored(data: &[u8]) -> Vec<u8> {
+        assert!(data.len() < 65536);
+        let mut z = vec![0x78, 0x01, 0x01];
+        let len = data.len() as u16;
+        z.extend_from_slice(&len.to_le_bytes());
+        z.extend_from_slice(&(!len).to_le_bytes());
+        z.extend_from_slice(data);
+        let (mut a, mut b) = (1u32, 0u32);
+        for &x in data {
+            a = (a + x as u32) % 65521;
+            b = (b + a) % 65521;
+        }
+        z.extend_from_slice(&((b << 16) | a).to_be_bytes());
+        z
+    }
+
+    #[test]
+    fn reads_a_hand_written_little_endian_file() {
+        let m = MatFile::parse(&little_endian_fixture()).unwrap();
+        assert!(!m.big_endian);
+        assert!(m.description.starts_with("MATLAB 5.0 MAT-file, Platform: GLNXA64"));
+        let names: Vec<&str> = m.variables.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["labels", "ids", "note"]);
+        let labels = m.variable("labels").unwrap();
+        assert_eq!((labels.class, labels.dims.clone(), labels.shape()), (Class::Double, vec![1, 3], "1×3".into()));
+        assert_eq!(labels.vector().unwrap(), [1.0, 102.0, 7.0]);
+        assert_eq!(m.variable("ids").unwrap().vector().unwrap(), [1.0, 2.0, 3.0, 8189.0]);
+        let note = m.variable("note").unwrap();
+        assert_eq!((note.class, note.real.as_ref()), (Class::Char, None));
+        let e = note.vector().unwrap_err().to_string();
+        assert_eq!(e, "variable `note` is a 1×2 char array, not a numeric vector");
+        let e = m.variable("valid").unwrap_err().to_string();
+        assert_eq!(e, "no variable `valid` (the file holds: labels, ids, note)");
+    }
+
+    #[test]
+    fn reads_a_hand_written_big_endian_file() {
+        let m = MatFile::parse(&big_endian_fixture()).unwrap();
+        assert!(m.big_endian);
+        assert_eq!(m.variable("trnid").unwrap().vector().unwrap(), [3.0, 1.0]);
+        let x = m.variable("x").unwrap();
+        assert_eq!((x.class, x.vector().unwrap()), (Class::Int8, [-5.0].as_slice()));
+    }
+
+    #[test]
+    fn reads_compressed_variables() {
+        // The little-endian fixture with each variable wrapped in miCOMPRESSED (a stored
+        // deflate block, written by hand, and not padded: top-level elements are not).
+        let plain = little_endian_fixture();
+        let mut f = header(false);
+        let mut pos = 128;
+        while pos < plain.len() {
+            let n = u32::from_le_bytes(plain[pos + 4..pos + 8].try_into().unwrap()) as usize;
+            let z = zlib_stored(&plain[pos..pos + 8 + n]);
+            f.extend_from_slice(&15u32.to_le_bytes());
+            f.extend_from_slice(&(z.len() as u32).to_le_bytes());
+            f.extend_from_slice(&z);
+            pos += 8 + n;
+        }
+        assert_ne!(f.len() % 8, 0, "the test wants unpadded elements");
+        let m = MatFile::parse(&f).unwrap();
+        assert_eq!(m.variables, MatFile::parse(&plain).unwrap().variables);
+        // flate2's compressed stream of the same variable reads the same.
+        let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut enc, &plain[128..128 + 64]).unwrap();
+        let z = enc.finish().unwrap();
+        let mut g = header(false);
+        g.extend_from_slice(&15u32.to_le_bytes());
+        g.extend_from_slice(&(z.len() as u32).to_le_bytes());
+        g.extend_from_slice(&z);
+        assert_eq!(MatFile::parse(&g).unwrap().variable("labels").unwrap().vector().unwrap(), [1.0, 102.0, 7.0]);
+        // A damaged stream is an error that says so.
+        let last = g.len() - 3;
+        g[last] ^= 0xff;
+        let e = MatFile::parse(&g).unwrap_err().to_string();
+        assert!(e.contains("compressed variable does not decompress"), "{e}");
+    }
+
+    #[test]
+    fn rejects_files_that_are_not_level_5() {
+        let e = MatFile::parse(b"hello").unwrap_err().to_string();
+        assert_eq!(e, "not a MATLAB level-5 MAT-file: the file has 5 bytes, fewer than the 128-byte header");
+        let e = MatFile::parse(&[b'x'; 200]).unwrap_err().to_string();
+        assert!(e.contains("no `MATLAB 5.0 MAT-file` header"), "{e}");
+        let mut v73 = header(false);
+        v73[124] = 0x00;
+        v73[125] = 0x02;
+        let e = MatFile::parse(&v73).unwrap_err().to_string();
+        assert!(e.contains("v7.3 (HDF5)"), "{e}");
+        let mut hdf5 = header(false);
+        hdf5[126] = 0;
+        hdf5.resize(512, 0);
+        hdf5.extend_from_slice(b"\x89HDF\r\n\x1a\n");
+        let e = MatFile::parse(&hdf5).unwrap_err().to_string();
+        assert!(e.contains("HDF5"), "{e}");
+        let mut bad = header(false);
+        bad[126..128].copy_from_slice(b"XX");
+        let e = MatFile::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("bad endian indicator"), "{e}");
+        // A header alone is an empty file.
+        assert!(MatFile::parse(&header(false)).unwrap().variables.is_empty());
+    }
+
+    #[test]
+    fn malformed_elements_are_errors() {
+        let good = little_endian_fixture();
+        // Truncated in the middle of the first variable.
+        let e = MatFile::parse(&good[..150]).unwrap_err().to_string();
+        assert!(e.starts_with("malformed MAT-file at byte 128: truncated"), "{e}");
+        // The real part does not match the dimensions (1×4 with 3 values).
+        let mut f = good.clone();
+        f[128 + 8 + 16 + 12] = 4;
+        let e = MatFile::parse(&f).unwrap_err().to_string();
+        assert!(e.contains("variable `labels`: real part holds 3 bytes of type 2"), "{e}");
+        // A small data element claiming 5 bytes.
+        let mut f = good.clone();
+        f[128 + 8 + 48 + 2] = 5;
+        let e = MatFile::parse(&f).unwrap_err().to_string();
+        assert!(e.contains("small data element of 5 bytes"), "{e}");
+        // An unknown top-level element.
+        let mut f = good.clone();
+        f[128] = 3;
+        let e = MatFile::parse(&f).unwrap_err().to_string();
+        assert!(e.contains("type 3 at the top level"), "{e}");
+        // Negative dimension.
+        let mut f = good.clone();
+        f[128 + 8 + 16 + 8..128 + 8 + 16 + 12].copy_from_slice(&(-1i32).to_le_bytes());
+        let e = MatFile::parse(&f).unwrap_err().to_string();
+        assert!(e.contains("negative dimension -1"), "{e}");
+    }
+
+    #[test]
+    fn never_panics_on_truncated_or_corrupted_bytes() {
+        for fixture in [little_endian_fixture(), big_endian_fixture()] {
+            for n in 0..fixture.len() {
+                let _ = MatFile::parse(&fixture[..n]);
+            }
+            for i in 0..fixture.len() {
+                for v in [0x00, 0x01, 0x7f, 0x80, 0xff] {
+                    let mut f = fixture.clone();
+                    f[i] = v;
+                    let _ = MatFile::parse(&f);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn vector_accepts_rows_columns_and_rejects_matrices() {
+        let a = |dims: Vec<usize>, complex| Array {
+            name: "v".into(),
+            class: Class::Double,
+            real: Some(vec![0.0; dims.iter().product()]),
+            dims,
+            complex,
+            logical: false,
+        };
+        assert_eq!(a(vec![1, 3], false).vector().unwrap().len(), 3);
+        assert_eq!(a(vec![3, 1], false).vector().unwrap().len(), 3);
+        assert_eq!(a(vec![1, 1, 3], false).vector().unwrap().len(), 3);
+        assert_eq!(a(vec![1, 0], false).vector().unwrap().len(), 0);
+        assert_eq!(
+            a(vec![2, 3], false).vector().unwrap_err().to_string(),
+            "variable `v` is a 2×3 matrix, not a vector"
+        );
+        assert!(a(vec![1, 3], true).vector().unwrap_err().to_string().contains("complex"));
+    }
+}

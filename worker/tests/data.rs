@@ -105,3 +105,75 @@ fn synthetic_spec_goes_through_the_cache() {
     assert_eq!(a.classes.len(), 3);
     assert_eq!(*a, data::build(&spec).unwrap());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Prefetching batch producer
+// ---------------------------------------------------------------------------------------------
+
+use sweep_core::spec::Augment;
+use sweep_worker::augment;
+use sweep_worker::data::prefetch::TrainBatches;
+use sweep_worker::rng::{Rng, STREAM_AUGMENT};
+use tch::{Device, Tensor};
+
+fn pass(x: &Tensor, y: &Tensor, batches: &[Vec<i64>], depth: usize) -> Vec<(Tensor, Tensor)> {
+    let rng = Rng::derive(3, &[STREAM_AUGMENT, 1]);
+    let producer = TrainBatches::new(x, y, batches.to_vec(), Augment::default(), rng, depth);
+    assert_eq!(producer.is_prefetching(), depth > 0 && batches.len() > 1);
+    producer
+        .map(|b| {
+            let b = b.unwrap();
+            assert_eq!(b.len as i64, b.images.size()[0]);
+            (b.images, b.labels)
+        })
+        .collect()
+}
+
+#[test]
+fn prefetching_gives_the_same_batches_bit_for_bit() {
+    let d = data::synthetic(3, 10, 1, 32, 7).unwrap();
+    let (x, y) = d.train.to_tensors(Device::Cpu).unwrap();
+    let order = Rng::new(1).permutation(30);
+    let batches: Vec<Vec<i64>> = order.chunks(8).map(|c| c.to_vec()).collect();
+    // The reference: gather and augment inline, drawing from one stream in batch order.
+    let mut rng = Rng::derive(3, &[STREAM_AUGMENT, 1]);
+    let want: Vec<(Tensor, Tensor)> = batches
+        .iter()
+        .map(|idx| {
+            let t = Tensor::from_slice(idx);
+            (
+                augment::train_batch(&x.index_select(0, &t), &Augment::default(), &mut rng).unwrap(),
+                y.index_select(0, &t),
+            )
+        })
+        .collect();
+    for depth in [0, 1, 2, 8] {
+        let got = pass(&x, &y, &batches, depth);
+        assert_eq!(got.len(), want.len());
+        for ((a, la), (b, lb)) in got.iter().zip(&want) {
+            assert!(a.equal(b) && la.equal(lb), "depth {depth}: a batch differs");
+        }
+    }
+}
+
+#[test]
+fn a_producer_dropped_early_or_failing_ends_cleanly() {
+    let d = data::synthetic(2, 8, 1, 32, 1).unwrap();
+    let (x, y) = d.train.to_tensors(Device::Cpu).unwrap();
+    let batches: Vec<Vec<i64>> = (0..16).map(|i| vec![i, (i + 1) % 16]).collect();
+    // Dropped after one batch while the thread is blocked on the full channel: no hang.
+    let mut p = TrainBatches::new(&x, &y, batches.clone(), Augment::default(), Rng::new(0), 1);
+    assert!(p.next().unwrap().is_ok());
+    assert_eq!(p.remaining(), 15);
+    drop(p);
+    // An index out of range is an error, and the pass ends there.
+    for depth in [0, 2] {
+        let mut bad = batches.clone();
+        bad[2] = vec![0, 99];
+        let results: Vec<_> = TrainBatches::new(&x, &y, bad, Augment::default(), Rng::new(0), depth).collect();
+        assert_eq!(results.len(), 3, "depth {depth}");
+        assert!(results[0].is_ok() && results[1].is_ok());
+        let e = results[2].as_ref().unwrap_err().to_string();
+        assert!(e.contains("out of range") || e.contains("index"), "{e}");
+    }
+}
