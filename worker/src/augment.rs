@@ -59,7 +59,7 @@ fn per_sample(v: &[f32], device: Device) -> Result<Tensor, TchError> {
 /// uint8 images to float in `[0, 1]` (a new tensor).
 pub fn to_unit(images: &Tensor) -> Result<Tensor, TchError> {
     let mut x = images.f_to_dtype(Kind::Float, false, true)?;
-    x.f_div_scalar_(255.0)?;
+    x = x.f_div_scalar_(255.0)?;
     Ok(x)
 }
 
@@ -67,15 +67,15 @@ pub fn to_unit(images: &Tensor) -> Result<Tensor, TchError> {
 pub fn normalize(images: &Tensor) -> Result<Tensor, TchError> {
     let d = images.device();
     let mut x = images.f_sub(&channel_tensor(IMAGENET_MEAN, d)?)?;
-    x.f_div_(&channel_tensor(IMAGENET_STD, d)?)?;
+    x = x.f_div_(&channel_tensor(IMAGENET_STD, d)?)?;
     Ok(x)
 }
 
 /// [`normalize`] in place, on a tensor this module owns.
 fn normalize_in_place(mut x: Tensor) -> Result<Tensor, TchError> {
     let d = x.device();
-    x.f_sub_(&channel_tensor(IMAGENET_MEAN, d)?)?;
-    x.f_div_(&channel_tensor(IMAGENET_STD, d)?)?;
+    x = x.f_sub_(&channel_tensor(IMAGENET_MEAN, d)?)?;
+    x = x.f_div_(&channel_tensor(IMAGENET_STD, d)?)?;
     Ok(x)
 }
 
@@ -111,7 +111,7 @@ fn apply_owned(mut x: Tensor, mut owned: bool, aug: &Augment, params: &[SamplePa
         }
         let idx = Tensor::f_from_slice(&flipped)?.f_to_device(d)?;
         let mirrored = x.f_index_select(0, &idx)?.f_flip([3])?;
-        x.f_index_copy_(0, &idx, &mirrored)?;
+        x = x.f_index_copy_(0, &idx, &mirrored)?;
     }
     if aug.rotation_deg > 0.0 || aug.shear_deg > 0.0 {
         // Output pixel (u, v) samples the input at R(rotation) · Shear_x(shear) · (u, v), in
@@ -136,22 +136,22 @@ fn apply_owned(mut x: Tensor, mut owned: bool, aug: &Augment, params: &[SamplePa
         let c: Vec<f32> = params.iter().map(|p| p.contrast as f32).collect();
         let s: Vec<f32> = params.iter().map(|p| p.saturation as f32).collect();
         // Brightness: blend with black.
-        x.f_mul_(&per_sample(&b, d)?)?;
-        x.f_clamp_(0.0, 1.0)?;
+        x = x.f_mul_(&per_sample(&b, d)?)?;
+        x = x.f_clamp_(0.0, 1.0)?;
         // Contrast: blend with the mean of the grayscale image.
         let c = per_sample(&c, d)?;
         let mean = grayscale(&x)?.f_mean_dim([1i64, 2, 3].as_slice(), true, Kind::Float)?;
         let mean_part = mean.f_mul(&c.f_neg()?.f_add_scalar(1.0)?)?;
-        x.f_mul_(&c)?;
-        x.f_add_(&mean_part)?;
-        x.f_clamp_(0.0, 1.0)?;
+        x = x.f_mul_(&c)?;
+        x = x.f_add_(&mean_part)?;
+        x = x.f_clamp_(0.0, 1.0)?;
         // Saturation: blend with the grayscale image.
         let s = per_sample(&s, d)?;
         let mut gray_part = grayscale(&x)?;
-        gray_part.f_mul_(&s.f_neg()?.f_add_scalar(1.0)?)?;
-        x.f_mul_(&s)?;
-        x.f_add_(&gray_part)?;
-        x.f_clamp_(0.0, 1.0)?;
+        gray_part = gray_part.f_mul_(&s.f_neg()?.f_add_scalar(1.0)?)?;
+        x = x.f_mul_(&s)?;
+        x = x.f_add_(&gray_part)?;
+        x = x.f_clamp_(0.0, 1.0)?;
     }
     Ok(x)
 }
