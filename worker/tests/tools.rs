@@ -39,8 +39,8 @@ fn inspect_gives_the_recipes_resnet50_exponential_rates() {
 
 #[test]
 fn inspect_gives_the_recipes_vgg16_bn_linear_rates_as_json() {
-    let i = tools::inspect(Backbone::Vgg16Bn, 102, Some(&LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 }), 1e-8)
-        .unwrap();
+    let i =
+        tools::inspect(Backbone::Vgg16Bn, 102, Some(&LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 }), 1e-8).unwrap();
     let json: serde_json::Value = serde_json::to_value(&i).unwrap();
     assert_eq!(json["backbone"], "vgg16_bn");
     assert_eq!(json["default_lr"], 1e-8);
