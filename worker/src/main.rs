@@ -65,8 +65,33 @@ enum Strategy {
     Exponential,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Precision {
+    Fp32,
+    Fp16,
+}
+
 #[derive(Subcommand)]
 enum Tool {
+    /// Measure training throughput (images/s) of a backbone on random images: forward,
+    /// cross-entropy, backward and Adam over every parameter; compare with
+    /// tools/bench_torch_train.py (PyTorch eager, same work).
+    Bench {
+        #[arg(long, default_value = "resnet50")]
+        backbone: String,
+        #[arg(long, default_value_t = 64)]
+        batch: i64,
+        #[arg(long, default_value_t = 224)]
+        image_size: i64,
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        #[arg(long, value_enum, default_value = "fp32")]
+        precision: Precision,
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Show a backbone's parameters, head, and layer groups with their fine-tuning learning
     /// rates (the recipe's exploratory model analysis).
     Inspect {
@@ -214,6 +239,25 @@ fn run(args: Args) -> anyhow::Result<()> {
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Output::Table => print!("{}", tools::inspection_text(&report)),
+            }
+            return Ok(());
+        }
+        Some(Tool::Bench { backbone: b, batch, image_size, steps, warmup, precision, output }) => {
+            let r = tools::bench_training(&tools::BenchOptions {
+                backbone: backbone(&b)?,
+                batch,
+                image_size,
+                steps,
+                warmup,
+                fp16: precision == Precision::Fp16,
+                device,
+            })?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string(&r)?),
+                Output::Table => println!(
+                    "{} {} batch {} at {} px on {}: {:.1} images/s ({} steps in {:.2}s)",
+                    r.backbone, r.precision, r.batch, r.image_size, r.device, r.images_per_second, r.steps, r.seconds
+                ),
             }
             return Ok(());
         }

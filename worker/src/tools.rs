@@ -291,3 +291,93 @@ mod tests {
         assert_eq!(group_digits(1000), "1,000");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+
+/// `sweep-worker bench`: training throughput of a backbone on random images.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub backbone: Backbone,
+    pub batch: i64,
+    pub image_size: i64,
+    pub steps: usize,
+    pub warmup: usize,
+    /// Forward and loss under fp16 autocast (fp32 master weights), as `torch.autocast`.
+    pub fp16: bool,
+    pub device: Device,
+}
+
+/// What `sweep-worker bench` measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchResult {
+    pub implementation: String,
+    pub device: String,
+    pub backbone: String,
+    pub precision: String,
+    pub batch: i64,
+    pub image_size: i64,
+    pub steps: usize,
+    pub seconds: f64,
+    pub images_per_second: f64,
+}
+
+/// Times `steps` full training steps (forward in train mode, cross-entropy, backward, the
+/// worker's Adam over every parameter) after `warmup` untimed ones, with a 1000-class head.
+/// The same work as `tools/bench_torch_train.py` does in PyTorch eager.
+pub fn bench_training(o: &BenchOptions) -> anyhow::Result<BenchResult> {
+    use crate::adam::{Adam, AdamConfig};
+    if o.batch < 2 || o.image_size < 32 || o.steps == 0 {
+        anyhow::bail!("bench needs --batch ≥ 2, --image-size ≥ 32 and --steps ≥ 1");
+    }
+    if o.fp16 && o.device == Device::Cpu {
+        anyhow::bail!("fp16 autocast is a CUDA feature here; use --device cuda:N or --precision fp32");
+    }
+    if let Device::Cuda(_) = o.device {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+    let model = Model::build_seeded(o.backbone, 1000, o.device, 0)?;
+    let params = model.named_parameters().iter().map(|(n, t)| (n.clone(), t.shallow_clone(), 1e-4));
+    let mut adam = Adam::new(params, AdamConfig::default());
+    let x = Tensor::f_randn([o.batch, 3, o.image_size, o.image_size], (Kind::Float, o.device))?;
+    let y = Tensor::f_randint(1000, [o.batch], (Kind::Int64, o.device))?;
+    let mut step = || -> Result<(), tch::TchError> {
+        let loss = tch::autocast(o.fp16, || -> Result<Tensor, tch::TchError> {
+            model.forward(&x, ForwardMode::TRAIN)?.f_cross_entropy_loss::<Tensor>(
+                &y,
+                None,
+                tch::Reduction::Mean,
+                -100,
+                0.0,
+            )
+        })?;
+        adam.zero_grad();
+        loss.f_backward()?;
+        adam.step()
+    };
+    let sync = || {
+        if let Device::Cuda(i) = o.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    for _ in 0..o.warmup {
+        step()?;
+    }
+    sync();
+    let start = std::time::Instant::now();
+    for _ in 0..o.steps {
+        step()?;
+    }
+    sync();
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(BenchResult {
+        implementation: "sweep-worker (tch)".into(),
+        device: format!("{:?}", o.device),
+        backbone: o.backbone.name().into(),
+        precision: if o.fp16 { "fp16".into() } else { "fp32".into() },
+        batch: o.batch,
+        image_size: o.image_size,
+        steps: o.steps,
+        seconds,
+        images_per_second: (o.batch as f64) * (o.steps as f64) / seconds,
+    })
+}
