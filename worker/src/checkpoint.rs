@@ -256,8 +256,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let model = Model::build_seeded(Backbone::Resnet18, 3, tch::Device::Cpu, 1).unwrap();
         let classes = vec!["a".to_string(), "b".into(), "c".into()];
-        let mut c =
-            TrialCheckpoints::new(dir.path(), "s-1", "t000", 7, "resnet18", classes.clone(), 32, "name: x\n").unwrap();
+        let id = Identity {
+            sweep: "s-1".into(),
+            trial: "t000".into(),
+            attempt: 7,
+            backbone: "resnet18".into(),
+            classes: classes.clone(),
+            image_size: 32,
+            spec_yaml: "name: x\n".into(),
+        };
+        let mut c = TrialCheckpoints::new(dir.path(), id).unwrap();
         let (last, best) = c.after_epoch(&model, &metrics(1, 0.5)).unwrap();
         assert_eq!(last.path, dir.path().join("s-1/t000/last.safetensors"));
         let best = best.expect("the first epoch is the best so far");
