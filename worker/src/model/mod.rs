@@ -1,22 +1,35 @@
 //! The backbones, built from tch primitives with torchvision's exact `state_dict` names.
 //!
-//! A [`Model`] is a torchvision classification network (resnet18/34/50/101/152, vgg16_bn) whose
-//! classification head has been replaced by a new, randomly initialised one with the task's
-//! number of classes (the recipe's step 1). Every parameter and buffer lives in one
-//! [`tch::nn::VarStore`] under torchvision's name (`layer1.0.downsample.0.weight`,
-//! `bn1.num_batches_tracked`, `classifier.6.bias`, …), so a torchvision `state_dict` exported to
-//! `.safetensors` loads by name ([`Model::load_weights`]) and the backbone's layer groups
-//! (`sweep_core::Backbone::layer_groups`) select parameters by name prefix.
+//! A [`Model`] is a torchvision classification network (resnet18/34/50/101/152, vgg16_bn,
+//! efficientnet_b0, mobilenet_v2, densenet121) whose classification head has been replaced by a
+//! new, randomly initialised one with the task's number of classes (the recipe's step 1). Every
+//! parameter and buffer lives in one [`tch::nn::VarStore`] under torchvision's name
+//! (`layer1.0.downsample.0.weight`, `bn1.num_batches_tracked`, `classifier.6.bias`, …), so a
+//! torchvision `state_dict` exported to `.safetensors` loads by name ([`Model::load_weights`])
+//! and the backbone's layer groups (`sweep_core::Backbone::layer_groups`) select parameters by
+//! name prefix.
 //!
-//! Initialisation follows torchvision (kaiming-normal `fan_out` convolutions, BatchNorm weight 1
-//! and bias 0; vgg's linear layers normal(0, 0.01) with zero bias), except that the new head is
-//! initialised like a freshly constructed `nn.Linear` (PyTorch's default), which is what the
-//! recipe's `model.fc = nn.Linear(…)` does. Random values come from [`crate::rng`] streams derived
-//! from a seed, never from libtorch's global generator, so building a model is deterministic even
-//! while other threads use libtorch.
+//! Initialisation follows torchvision (kaiming-normal convolutions over the fan-out — the fan-in
+//! for densenet — BatchNorm weight 1 and bias 0; vgg's linear layers normal(0, 0.01) with zero
+//! bias), except that the new head is initialised like a freshly constructed `nn.Linear`
+//! (PyTorch's default), which is what the recipe's `model.fc = nn.Linear(…)` does. Random values
+//! come from [`crate::rng`] streams derived from a seed, never from libtorch's global generator,
+//! so building a model is deterministic even while other threads use libtorch. Training-mode
+//! randomness — dropout in the vgg16_bn, mobilenet_v2 and efficientnet_b0 classifiers and
+//! efficientnet_b0's stochastic depth — draws from a stream reseeded by
+//! [`Model::set_dropout_seed`].
+//!
+//! `worker/tests/parity.rs` proves every backbone equal to torchvision's: the same `state_dict`
+//! names, shapes and order, and the same logits and BatchNorm statistics on the same weights.
 
+mod densenet;
+mod efficientnet;
+mod mobilenet;
 mod resnet;
 mod vgg;
+
+pub use efficientnet::{EFFICIENTNET_B0_DROPOUT, EFFICIENTNET_STOCHASTIC_DEPTH};
+pub use mobilenet::MOBILENET_V2_DROPOUT;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -83,12 +96,13 @@ pub enum ModelError {
     Torch(#[from] TchError),
 }
 
-/// What [`Model::load_weights`] did.
+/// What [`Model::load_weights`] or [`Model::load_state`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadedWeights {
     /// Tensors copied from the file (parameters and buffers).
     pub loaded: usize,
-    /// Head tensors of the file that were ignored (the new head keeps its random values).
+    /// Head tensors of the file that were ignored (the new head keeps its random values);
+    /// always empty when the head was loaded too.
     pub ignored_head: Vec<String>,
 }
 
@@ -164,13 +178,41 @@ impl Builder {
     }
 }
 
-/// `nn.Conv2d` (square kernel, no dilation, no groups).
+/// How a convolution's weight is initialised: torchvision's `kaiming_normal_` with the ReLU
+/// gain (std `sqrt(2 / fan)`), over the fan-out (resnet, vgg, mobilenet_v2, efficientnet) or
+/// the fan-in (densenet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fan {
+    Out,
+    In,
+}
+
+/// Options of [`Conv2d::build`] besides the channel counts and kernel size.
+#[derive(Debug, Clone, Copy)]
+struct ConvOpts {
+    stride: i64,
+    padding: i64,
+    groups: i64,
+    bias: bool,
+    fan: Fan,
+}
+
+impl ConvOpts {
+    /// Stride 1, "same" padding for an odd kernel `k` (`(k - 1) / 2`, as torchvision's
+    /// `Conv2dNormActivation`), no groups, no bias, fan-out initialisation.
+    fn same(k: i64) -> ConvOpts {
+        ConvOpts { stride: 1, padding: (k - 1) / 2, groups: 1, bias: false, fan: Fan::Out }
+    }
+}
+
+/// `nn.Conv2d` (square kernel, no dilation).
 #[derive(Debug)]
 struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     stride: i64,
     padding: i64,
+    groups: i64,
 }
 
 impl Conv2d {
@@ -187,14 +229,27 @@ impl Conv2d {
         padding: i64,
         bias: bool,
     ) -> Result<Conv2d, TchError> {
-        let std = (2.0 / (cout * k * k) as f64).sqrt();
-        let weight = b.param(p, "weight", &[cout, cin, k, k], Init::Normal(std))?;
-        let bias = if bias { Some(b.param(p, "bias", &[cout], Init::Zeros)?) } else { None };
-        Ok(Conv2d { weight, bias, stride, padding })
+        Conv2d::build(b, p, cin, cout, k, ConvOpts { stride, padding, groups: 1, bias, fan: Fan::Out })
+    }
+
+    /// A convolution with weight `[cout, cin / groups, k, k]`, kaiming-normal over `opts.fan`
+    /// (PyTorch's fans: fan-in `cin / groups · k²`, fan-out `cout · k²`), zero bias.
+    fn build(b: &mut Builder, p: &nn::Path, cin: i64, cout: i64, k: i64, opts: ConvOpts) -> Result<Conv2d, TchError> {
+        if opts.groups < 1 || cin % opts.groups != 0 || cout % opts.groups != 0 {
+            return Err(TchError::Shape(format!("{cin} -> {cout} channels cannot form {} groups", opts.groups)));
+        }
+        let fan = match opts.fan {
+            Fan::Out => cout * k * k,
+            Fan::In => cin / opts.groups * k * k,
+        };
+        let std = (2.0 / fan as f64).sqrt();
+        let weight = b.param(p, "weight", &[cout, cin / opts.groups, k, k], Init::Normal(std))?;
+        let bias = if opts.bias { Some(b.param(p, "bias", &[cout], Init::Zeros)?) } else { None };
+        Ok(Conv2d { weight, bias, stride: opts.stride, padding: opts.padding, groups: opts.groups })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
-        x.f_conv2d(&self.weight, self.bias.as_ref(), [self.stride; 2], [self.padding; 2], [1, 1], 1)
+        x.f_conv2d(&self.weight, self.bias.as_ref(), [self.stride; 2], [self.padding; 2], [1, 1], self.groups)
     }
 }
 
@@ -277,6 +332,91 @@ impl Linear {
     }
 }
 
+/// The activation that ends a [`ConvBnAct`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Act {
+    /// No activation (a projection).
+    None,
+    /// `nn.ReLU6`: `min(max(x, 0), 6)`.
+    Relu6,
+    /// `nn.SiLU`: `x · sigmoid(x)`.
+    Silu,
+}
+
+impl Act {
+    fn apply(self, x: Tensor) -> Result<Tensor, TchError> {
+        match self {
+            Act::None => Ok(x),
+            Act::Relu6 => x.f_relu6(),
+            Act::Silu => x.f_silu(),
+        }
+    }
+}
+
+/// torchvision's `Conv2dNormActivation`: a bias-free convolution at `<path>.0`, BatchNorm at
+/// `<path>.1`, then an activation (which owns no tensors).
+#[derive(Debug)]
+struct ConvBnAct {
+    conv: Conv2d,
+    bn: BatchNorm2d,
+    act: Act,
+}
+
+impl ConvBnAct {
+    /// `Conv2dNormActivation(cin, cout, kernel_size=k, stride, groups)` with "same" padding and
+    /// fan-out initialisation.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        b: &mut Builder,
+        p: &nn::Path,
+        cin: i64,
+        cout: i64,
+        k: i64,
+        stride: i64,
+        groups: i64,
+        act: Act,
+    ) -> Result<ConvBnAct, TchError> {
+        let conv = Conv2d::build(b, &(p / 0), cin, cout, k, ConvOpts { stride, groups, ..ConvOpts::same(k) })?;
+        let bn = BatchNorm2d::new(b, &(p / 1), cout)?;
+        Ok(ConvBnAct { conv, bn, act })
+    }
+
+    fn forward(&self, x: &Tensor, bn_train: bool) -> Result<Tensor, TchError> {
+        self.act.apply(self.bn.forward(&self.conv.forward(x)?, bn_train)?)
+    }
+}
+
+/// torchvision's `_make_divisible(v, divisor)`: `v` rounded to the nearest multiple of
+/// `divisor` (at least `divisor`), but not more than 10% below `v`.
+fn make_divisible(v: f64, divisor: i64) -> i64 {
+    let d = divisor as f64;
+    let mut new_v = divisor.max(((v + d / 2.0) as i64) / divisor * divisor);
+    if (new_v as f64) < 0.9 * v {
+        new_v += divisor;
+    }
+    new_v
+}
+
+/// torchvision's `stochastic_depth(x, p, "row")` in training mode: each sample (row of the
+/// batch) of a residual branch is kept with probability `1 - p` and then scaled by
+/// `1 / (1 - p)`, or zeroed; the choices come from `rng`.
+fn stochastic_depth(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor, TchError> {
+    if p <= 0.0 {
+        return Ok(x.shallow_clone());
+    }
+    let survival = 1.0 - p;
+    let scale = if survival > 0.0 { (1.0 / survival) as f32 } else { 0.0 };
+    let size = x.size();
+    let rows = size.first().copied().unwrap_or(0);
+    let mask: Vec<f32> = (0..rows).map(|_| if rng.uniform() < survival { scale } else { 0.0 }).collect();
+    let mut shape = vec![1i64; size.len()];
+    if let Some(first) = shape.first_mut() {
+        *first = rows;
+    }
+    let mask = Tensor::f_from_slice(&mask)?.f_view(shape.as_slice())?.f_to_device(x.device())?.f_to_kind(x.kind())?;
+    x.f_mul(&mask)
+}
+
 /// Inverted dropout with a mask drawn from `rng` (`x * mask / (1 - p)`).
 fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor, TchError> {
     if p <= 0.0 {
@@ -299,6 +439,9 @@ fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor, TchError> {
 enum Arch {
     ResNet(resnet::ResNet),
     Vgg(vgg::Vgg),
+    EfficientNet(efficientnet::EfficientNetB0),
+    MobileNet(mobilenet::MobileNetV2),
+    DenseNet(densenet::DenseNet121),
 }
 
 /// A backbone with a new classification head, ready to train.
@@ -309,7 +452,7 @@ pub struct Model {
     arch: Arch,
     params: Vec<(String, Tensor)>,
     buffers: Vec<(String, Tensor)>,
-    /// Dropout masks (vgg16_bn's classifier); reseeded by [`Model::set_dropout_seed`].
+    /// Dropout masks and stochastic-depth choices; reseeded by [`Model::set_dropout_seed`].
     dropout_rng: RefCell<Rng>,
 }
 
@@ -342,7 +485,16 @@ impl Model {
         let root = vs.root();
         let arch = match backbone {
             Backbone::Vgg16Bn => Arch::Vgg(vgg::Vgg::new(&mut b, &root, num_classes)?),
-            _ => Arch::ResNet(resnet::ResNet::new(&mut b, &root, backbone, num_classes)?),
+            Backbone::EfficientnetB0 => {
+                Arch::EfficientNet(efficientnet::EfficientNetB0::new(&mut b, &root, num_classes)?)
+            }
+            Backbone::MobilenetV2 => Arch::MobileNet(mobilenet::MobileNetV2::new(&mut b, &root, num_classes)?),
+            Backbone::Densenet121 => Arch::DenseNet(densenet::DenseNet121::new(&mut b, &root, num_classes)?),
+            Backbone::Resnet18
+            | Backbone::Resnet34
+            | Backbone::Resnet50
+            | Backbone::Resnet101
+            | Backbone::Resnet152 => Arch::ResNet(resnet::ResNet::new(&mut b, &root, backbone, num_classes)?),
         };
         let Builder { params, buffers, .. } = b;
         Ok(Model { backbone, num_classes, vs, arch, params, buffers, dropout_rng: RefCell::new(Rng::new(seed)) })
@@ -414,7 +566,8 @@ impl Model {
         Ok(())
     }
 
-    /// Reseeds the dropout masks (the trainer does so at the start of every epoch).
+    /// Reseeds the dropout masks and stochastic-depth choices (the trainer does so at the start
+    /// of every epoch).
     pub fn set_dropout_seed(&self, seed: u64, epoch: u64) {
         *self.dropout_rng.borrow_mut() = Rng::derive(seed, &[STREAM_DROPOUT, epoch]);
     }
@@ -434,6 +587,9 @@ impl Model {
         match &self.arch {
             Arch::ResNet(r) => r.forward(xs, mode),
             Arch::Vgg(v) => v.forward(xs, mode, &mut self.dropout_rng.borrow_mut()),
+            Arch::EfficientNet(e) => e.forward(xs, mode, &mut self.dropout_rng.borrow_mut()),
+            Arch::MobileNet(m) => m.forward(xs, mode, &mut self.dropout_rng.borrow_mut()),
+            Arch::DenseNet(d) => d.forward(xs, mode),
         }
     }
 
@@ -444,6 +600,14 @@ impl Model {
     /// copied, so a refused file leaves the model unchanged. Values are converted to the
     /// model's dtype and device.
     pub fn load_weights(&self, path: &Path) -> Result<LoadedWeights, ModelError> {
+        self.load_state(path, false)
+    }
+
+    /// Loads a `.safetensors` `state_dict` like [`Model::load_weights`]; with `include_head`
+    /// the head is loaded too (its tensors must then be in the file with the new head's shape,
+    /// `[num_classes, in_features]` — a checkpoint of this model, or a reference model with the
+    /// same number of classes), otherwise it keeps its values whatever the file holds for it.
+    pub fn load_state(&self, path: &Path, include_head: bool) -> Result<LoadedWeights, ModelError> {
         let backbone = self.backbone.name();
         let file_err = |message: String| ModelError::WeightsFile { path: path.to_path_buf(), message };
         if !path.is_file() {
@@ -451,14 +615,15 @@ impl Model {
         }
         let tensors = Tensor::read_safetensors(path).map_err(|e| file_err(e.to_string()))?;
         let mut file: HashMap<String, Tensor> = tensors.into_iter().collect();
-        let mut ignored_head: Vec<String> = file.keys().filter(|n| self.is_head(n)).cloned().collect();
+        let mut ignored_head: Vec<String> =
+            if include_head { Vec::new() } else { file.keys().filter(|n| self.is_head(n)).cloned().collect() };
         ignored_head.sort();
         for n in &ignored_head {
             file.remove(n);
         }
         let mut plan = Vec::new();
         for (name, dst) in self.params.iter().chain(&self.buffers) {
-            if self.is_head(name) {
+            if !include_head && self.is_head(name) {
                 continue;
             }
             let Some(src) = file.remove(name) else {

@@ -33,7 +33,7 @@ fn config(backbone: Backbone) -> Option<(Kind, [usize; 4])> {
         Backbone::Resnet50 => (Kind::Bottleneck, [3, 4, 6, 3]),
         Backbone::Resnet101 => (Kind::Bottleneck, [3, 4, 23, 3]),
         Backbone::Resnet152 => (Kind::Bottleneck, [3, 8, 36, 3]),
-        Backbone::Vgg16Bn => return None,
+        Backbone::Vgg16Bn | Backbone::EfficientnetB0 | Backbone::MobilenetV2 | Backbone::Densenet121 => return None,
     })
 }
 

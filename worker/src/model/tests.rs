@@ -1,8 +1,7 @@
 //! Model tests. The expected names, shapes and counts are torchvision 0.26's `state_dict()`;
-//! they were checked once in full (every name, shape, dtype and the parameter order of all six
-//! backbones, and bit-identical eval/train logits for resnet18/50 and vgg16_bn on torchvision
-//! weights) with the repository's venv. The tests below keep the counts and the names that cover
-//! every naming pattern.
+//! `worker/tests/parity.rs` checks every name, the order and the logits against torchvision
+//! itself (with the repository's venv). The tests below keep the counts and the names that cover
+//! every naming pattern, and need no Python.
 
 use super::*;
 
@@ -18,7 +17,7 @@ fn tensor(m: &Model, name: &str) -> Tensor {
 fn names_shapes_and_counts_match_torchvision() {
     // (backbone, parameter tensors, buffer tensors, names with their shapes)
     #[allow(clippy::type_complexity)]
-    let cases: [(Backbone, usize, usize, &[(&str, &[i64])]); 6] = [
+    let cases: [(Backbone, usize, usize, &[(&str, &[i64])]); 9] = [
         (
             Backbone::Resnet18,
             62,
@@ -88,6 +87,56 @@ fn names_shapes_and_counts_match_torchvision() {
                 ("classifier.0.weight", &[4096, 25088]),
                 ("classifier.3.bias", &[4096]),
                 ("classifier.6.weight", &[1000, 4096]),
+            ],
+        ),
+        (
+            Backbone::EfficientnetB0,
+            213,
+            147,
+            &[
+                ("features.0.0.weight", &[32, 3, 3, 3]),
+                ("features.1.0.block.0.0.weight", &[32, 1, 3, 3]),
+                ("features.1.0.block.1.fc1.weight", &[8, 32, 1, 1]),
+                ("features.1.0.block.1.fc1.bias", &[8]),
+                ("features.1.0.block.2.1.running_var", &[16]),
+                ("features.2.0.block.0.1.num_batches_tracked", &[]),
+                ("features.2.0.block.1.0.weight", &[96, 1, 3, 3]),
+                ("features.2.0.block.2.fc2.weight", &[96, 4, 1, 1]),
+                ("features.6.3.block.3.0.weight", &[192, 1152, 1, 1]),
+                ("features.8.0.weight", &[1280, 320, 1, 1]),
+                ("classifier.1.weight", &[1000, 1280]),
+            ],
+        ),
+        (
+            Backbone::MobilenetV2,
+            158,
+            156,
+            &[
+                ("features.0.0.weight", &[32, 3, 3, 3]),
+                ("features.1.conv.0.0.weight", &[32, 1, 3, 3]),
+                ("features.1.conv.1.weight", &[16, 32, 1, 1]),
+                ("features.1.conv.2.running_mean", &[16]),
+                ("features.2.conv.1.0.weight", &[96, 1, 3, 3]),
+                ("features.2.conv.3.num_batches_tracked", &[]),
+                ("features.17.conv.2.weight", &[320, 960, 1, 1]),
+                ("features.18.0.weight", &[1280, 320, 1, 1]),
+                ("classifier.1.weight", &[1000, 1280]),
+            ],
+        ),
+        (
+            Backbone::Densenet121,
+            364,
+            363,
+            &[
+                ("features.conv0.weight", &[64, 3, 7, 7]),
+                ("features.norm0.running_mean", &[64]),
+                ("features.denseblock1.denselayer1.norm1.weight", &[64]),
+                ("features.denseblock1.denselayer6.conv1.weight", &[128, 224, 1, 1]),
+                ("features.denseblock3.denselayer24.conv2.weight", &[32, 128, 3, 3]),
+                ("features.transition3.conv.weight", &[512, 1024, 1, 1]),
+                ("features.denseblock4.denselayer16.norm2.num_batches_tracked", &[]),
+                ("features.norm5.weight", &[1024]),
+                ("classifier.weight", &[1000, 1024]),
             ],
         ),
     ];
@@ -344,5 +393,89 @@ fn var_store_load_reads_safetensors_by_torchvision_name() {
     dst.var_store_mut().load(&path).unwrap();
     for ((n, a), (_, b)) in src.state_dict().iter().zip(dst.state_dict()) {
         assert!(a.equal(&b), "{n}");
+    }
+}
+
+#[test]
+fn new_families_forward_at_the_minimum_size_in_both_modes() {
+    for backbone in [Backbone::EfficientnetB0, Backbone::MobilenetV2, Backbone::Densenet121] {
+        let m = Model::build(backbone, 7, Device::Cpu).unwrap();
+        let s = backbone.min_image_size() as i64;
+        let x = Tensor::randn([2, 3, s, s], (Kind::Float, Device::Cpu));
+        for mode in [ForwardMode::TRAIN, ForwardMode::EVAL, ForwardMode::TRAIN_FROZEN_BN] {
+            let y = tch::no_grad(|| m.forward(&x, mode)).unwrap();
+            assert_eq!(y.size(), vec![2, 7], "{}", backbone.name());
+            assert!(bool::try_from(y.isfinite().all()).unwrap());
+        }
+    }
+}
+
+#[test]
+fn initialisation_of_the_new_families_follows_torchvision() {
+    // Depthwise convolutions: kaiming normal over PyTorch's fan-out (cout · k²), not the group's.
+    let e = Model::build_seeded(Backbone::EfficientnetB0, 10, Device::Cpu, 1).unwrap();
+    let w = tensor(&e, "features.6.0.block.1.0.weight"); // [672, 1, 5, 5]
+    let std = w.std(true).double_value(&[]);
+    let want = (2.0f64 / (672.0 * 25.0)).sqrt();
+    assert!((std / want - 1.0).abs() < 0.05, "std {std} vs {want}");
+    assert!(tensor(&e, "features.1.0.block.1.fc1.bias").eq(0.0).all().int64_value(&[]) == 1);
+    // densenet: kaiming normal over the fan-in.
+    let d = Model::build_seeded(Backbone::Densenet121, 10, Device::Cpu, 1).unwrap();
+    let w = tensor(&d, "features.transition3.conv.weight"); // [512, 1024, 1, 1]
+    let std = w.std(true).double_value(&[]);
+    let want = (2.0f64 / 1024.0).sqrt();
+    assert!((std / want - 1.0).abs() < 0.01, "std {std} vs {want}");
+    // New heads: PyTorch's default nn.Linear.
+    for (m, head, fan_in) in [(&e, "classifier.1.weight", 1280f64), (&d, "classifier.weight", 1024f64)] {
+        let h = tensor(m, head);
+        assert_eq!(h.size()[0], 10);
+        assert!(h.abs().max().double_value(&[]) <= 1.0 / fan_in.sqrt());
+    }
+}
+
+#[test]
+fn stochastic_depth_and_dropout_are_seeded_and_only_in_training() {
+    for backbone in [Backbone::EfficientnetB0, Backbone::MobilenetV2] {
+        let m = Model::build(backbone, 3, Device::Cpu).unwrap();
+        let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let run = |mode, seed| {
+            m.set_dropout_seed(seed, 1);
+            tch::no_grad(|| m.forward(&x, mode)).unwrap()
+        };
+        let b = backbone.name();
+        // Training-mode BatchNorm normalises with batch statistics, so the output depends on the
+        // masks only (with running statistics 0 and 1 these freshly built deep networks pass
+        // almost no signal in evaluation mode, and dropout would not show).
+        assert!(run(ForwardMode::TRAIN, 1).equal(&run(ForwardMode::TRAIN, 1)), "{b}");
+        assert!(!run(ForwardMode::TRAIN, 1).equal(&run(ForwardMode::TRAIN, 2)), "{b}");
+        assert!(run(ForwardMode::EVAL, 1).equal(&run(ForwardMode::EVAL, 2)), "{b}");
+    }
+}
+
+#[test]
+fn stochastic_depth_drops_whole_rows() {
+    let x = Tensor::ones([1000, 2, 3, 3], (Kind::Float, Device::Cpu));
+    let mut rng = Rng::new(5);
+    let y = stochastic_depth(&x, 0.25, &mut rng).unwrap();
+    // Every row is all zeros or all 1 / 0.75.
+    let per_row = y.view([1000, 18]);
+    let kept = per_row.sum_dim_intlist(1, false, Kind::Float).divide_scalar(18.0);
+    let scale = (1.0 / 0.75f32) as f64;
+    let mut n_kept = 0;
+    for i in 0..1000 {
+        let v = kept.double_value(&[i]);
+        assert!(v == 0.0 || (v - scale).abs() < 1e-6, "row {i}: {v}");
+        n_kept += (v > 0.0) as i32;
+    }
+    assert!((700..800).contains(&n_kept), "{n_kept} of 1000 rows kept at p = 0.25");
+    assert!(stochastic_depth(&x, 0.0, &mut rng).unwrap().equal(&x));
+}
+
+#[test]
+fn make_divisible_matches_torchvision() {
+    // torchvision's _make_divisible(v, 8).
+    for (v, want) in [(32.0, 32), (16.0 * 6.0, 96), (3.0, 8), (12.0, 16), (36.0, 40), (1280.0 * 1.0, 1280), (20.0, 24)]
+    {
+        assert_eq!(make_divisible(v, 8), want, "{v}");
     }
 }
