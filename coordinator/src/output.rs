@@ -125,7 +125,14 @@ pub fn trials_json(trials: &[Trial]) -> Value {
 
 fn counts_json(c: Option<&v1::TrialCounts>) -> Value {
     let c = c.cloned().unwrap_or_default();
-    json!({"pending": c.pending, "running": c.running, "completed": c.completed, "failed": c.failed, "cancelled": c.cancelled})
+    json!({
+        "pending": c.pending,
+        "unschedulable": c.unschedulable,
+        "running": c.running,
+        "completed": c.completed,
+        "failed": c.failed,
+        "cancelled": c.cancelled,
+    })
 }
 
 /// `3/8 done, 2 running, 1 failed`.
@@ -192,7 +199,11 @@ pub fn status_text(status: &v1::SweepStatus) -> String {
             format!("{}/{}", trial.epochs_done, trial.fe_epochs + trial.ft_epochs),
             percent(trial.latest_val_accuracy),
             trial.attempts.to_string(),
-            if trial.worker_id.is_empty() { "-".into() } else { trial.worker_id.clone() },
+            if trial.worker_id.is_empty() {
+                "-".into()
+            } else {
+                format!("{} ({})", trial.worker_id, trial.devices.join(","))
+            },
         ]);
     }
     right(&mut t, &[5, 6, 7]);
@@ -218,6 +229,7 @@ pub fn trial_json(t: &v1::TrialSummary) -> Value {
         "latest_val_accuracy": t.latest_val_accuracy,
         "attempts": t.attempts,
         "worker": if t.worker_id.is_empty() { Value::Null } else { json!(t.worker_id) },
+        "devices": t.devices,
         "error": if t.error.is_empty() { Value::Null } else { json!(t.error) },
         "started_at_ms": time_json(t.started_at_ms),
         "finished_at_ms": time_json(t.finished_at_ms),
@@ -380,17 +392,33 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
     if workers.is_empty() {
         return "no workers registered; start one with `sweep-worker --coordinator URL`".into();
     }
-    let mut t = table(&["worker", "name", "state", "devices", "running", "last seen"]);
+    let mut t = table(&["worker", "name", "state", "device", "model", "memory", "busy with", "last seen"]);
     let now = crate::store::now_ms();
     for w in workers {
-        t.add_row(vec![
-            w.worker_id.clone(),
-            w.name.clone(),
-            w.state.clone(),
-            w.devices.iter().map(|d| d.id.clone()).collect::<Vec<_>>().join(","),
-            if w.running.is_empty() { "-".into() } else { w.running.join(",") },
-            format!("{} ago", duration(((now - w.last_seen_ms) as f64 / 1000.0).max(1.0))),
-        ]);
+        // One row per device: which are free and which run what.
+        for (i, d) in w.devices.iter().enumerate() {
+            let busy: Vec<String> =
+                w.busy.iter().filter(|u| u.device == d.id).map(|u| format!("{}/{}", u.sweep_id, u.trial_id)).collect();
+            let first = i == 0;
+            t.add_row(vec![
+                if first { w.worker_id.clone() } else { String::new() },
+                if first { w.name.clone() } else { String::new() },
+                if first { w.state.clone() } else { String::new() },
+                d.id.clone(),
+                d.name.clone(),
+                if d.memory_bytes == 0 {
+                    "-".into()
+                } else {
+                    format!("{:.0} GiB", d.memory_bytes as f64 / (1u64 << 30) as f64)
+                },
+                if busy.is_empty() { "free".into() } else { busy.join(",") },
+                if first {
+                    format!("{} ago", duration(((now - w.last_seen_ms) as f64 / 1000.0).max(1.0)))
+                } else {
+                    String::new()
+                },
+            ]);
+        }
     }
     t.to_string()
 }
@@ -407,6 +435,7 @@ pub fn workers_json(workers: &[v1::WorkerInfo]) -> Value {
                     "state": w.state,
                     "devices": w.devices.iter().map(|d| json!({"id": d.id, "kind": d.kind, "name": d.name, "memory_bytes": d.memory_bytes})).collect::<Vec<_>>(),
                     "running": w.running,
+                    "busy": w.busy.iter().map(|u| json!({"device": u.device, "sweep": u.sweep_id, "trial": u.trial_id, "attempt": u.attempt_id})).collect::<Vec<_>>(),
                     "registered_at_ms": w.registered_at_ms,
                     "last_seen_ms": w.last_seen_ms,
                 })

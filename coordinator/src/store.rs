@@ -49,7 +49,7 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Statements that bring a database of version `n - 1` to version `n` (index `n - 2`).
 const MIGRATIONS: &[&str] = &[
@@ -57,6 +57,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE trials ADD COLUMN best_checkpoint BLOB;
      ALTER TABLE trials ADD COLUMN last_checkpoint BLOB;
      ALTER TABLE trials ADD COLUMN skipped_images INTEGER NOT NULL DEFAULT 0;",
+    // 3: the devices each attempt holds.
+    "ALTER TABLE attempts ADD COLUMN devices TEXT NOT NULL DEFAULT '';",
 ];
 
 const SCHEMA: &str = "
@@ -110,6 +112,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     started_at_ms INTEGER NOT NULL,
     ended_at_ms   INTEGER,
     error         TEXT NOT NULL DEFAULT '',
+    devices       TEXT NOT NULL DEFAULT '',
     FOREIGN KEY (sweep_id, idx) REFERENCES trials(sweep_id, idx)
 );
 CREATE INDEX IF NOT EXISTS attempts_by_worker ON attempts(worker_id, state);
@@ -273,6 +276,7 @@ impl Store {
                 ])?;
             }
         }
+        reconcile_schedulability(&tx)?;
         tx.commit()?;
         Ok((id, trials.len() as u32))
     }
@@ -301,7 +305,9 @@ impl Store {
         let sweep_id = &resolve_sweep(&tx, sweep_id)?;
         tx.execute("UPDATE sweeps SET cancelled = 1 WHERE id = ?1", [sweep_id])?;
         let pending: Vec<i64> = {
-            let mut q = tx.prepare("SELECT idx FROM trials WHERE sweep_id = ?1 AND state = 'pending' ORDER BY idx")?;
+            let mut q = tx.prepare(
+                "SELECT idx FROM trials WHERE sweep_id = ?1 AND state IN ('pending', 'unschedulable') ORDER BY idx",
+            )?;
             q.query_map([sweep_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
         };
         let now = now_ms();
@@ -427,6 +433,18 @@ impl Store {
         if devices.is_empty() {
             return Err(StoreError::InvalidArgument("a worker must register at least one device".into()));
         }
+        let mut seen = std::collections::HashSet::new();
+        for d in devices {
+            if d.id.is_empty() || d.id.contains(',') || d.id.len() > 64 {
+                return Err(StoreError::InvalidArgument(format!(
+                    "device id `{}` must be 1-64 characters without commas",
+                    d.id
+                )));
+            }
+            if !seen.insert(d.id.as_str()) {
+                return Err(StoreError::InvalidArgument(format!("device `{}` is listed twice", d.id)));
+            }
+        }
         let tx = self.conn.transaction()?;
         let incarnation: i64 = tx.query_row(
             "INSERT INTO meta(key, value) VALUES ('incarnation', 1)
@@ -442,6 +460,7 @@ impl Store {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
             params![id, name, incarnation, devices, version, WORKER_ACTIVE, now],
         )?;
+        reconcile_schedulability(&tx)?;
         tx.commit()?;
         Ok((id, incarnation as u64))
     }
@@ -482,7 +501,7 @@ impl Store {
             })?
             .collect::<rusqlite::Result<_>>()?;
         let mut running = self.conn.prepare(
-            "SELECT a.sweep_id, t.trial_id FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx
+            "SELECT a.sweep_id, t.trial_id, a.id, a.devices FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx
              WHERE a.worker_id = ?1 AND a.state = 'running' ORDER BY a.id",
         )?;
         let mut out = Vec::new();
@@ -490,9 +509,20 @@ impl Store {
             info.devices = v1::DeviceList::decode(devices.as_slice())
                 .map_err(|e| StoreError::Corrupt(format!("devices of worker {}: {e}", info.worker_id)))?
                 .devices;
-            info.running = running
-                .query_map([&info.worker_id], |r| Ok(format!("{}/{}", r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            let attempts: Vec<(String, String, i64, String)> = running
+                .query_map([&info.worker_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                 .collect::<rusqlite::Result<_>>()?;
+            for (sweep_id, trial_id, attempt, devices) in attempts {
+                info.running.push(format!("{sweep_id}/{trial_id}"));
+                for device in devices.split(',').filter(|d| !d.is_empty()) {
+                    info.busy.push(v1::DeviceUse {
+                        device: device.to_string(),
+                        sweep_id: sweep_id.clone(),
+                        trial_id: trial_id.clone(),
+                        attempt_id: attempt as u64,
+                    });
+                }
+            }
             out.push(info);
         }
         Ok(out)
@@ -524,6 +554,9 @@ impl Store {
                 )?;
             }
         }
+        if !gone.is_empty() {
+            reconcile_schedulability(&tx)?;
+        }
         tx.commit()?;
         Ok(gone)
     }
@@ -537,29 +570,31 @@ impl Store {
         let tx = self.conn.transaction()?;
         let devices = check_worker(&tx, worker_id, incarnation)?;
         tx.execute("UPDATE workers SET last_seen_ms = ?2 WHERE id = ?1", params![worker_id, now_ms()])?;
-        let busy: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM attempts WHERE worker_id = ?1 AND state = 'running'",
-            [worker_id],
-            |r| r.get(0),
-        )?;
-        if busy > 0 {
-            return Err(StoreError::FailedPrecondition(format!(
-                "worker {worker_id} already runs an attempt; finish it before acquiring another"
-            )));
+        // The worker's devices not held by one of its running attempts, in its own order.
+        let busy: std::collections::HashSet<String> = {
+            let mut q = tx.prepare("SELECT devices FROM attempts WHERE worker_id = ?1 AND state = 'running'")?;
+            let rows: Vec<String> = q.query_map([worker_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            rows.iter().flat_map(|d| d.split(',').filter(|x| !x.is_empty()).map(str::to_string)).collect()
+        };
+        let free: Vec<String> = devices.iter().map(|d| d.id.clone()).filter(|d| !busy.contains(d)).collect();
+        if free.is_empty() {
+            tx.commit()?;
+            return Ok(None);
         }
         let next: Option<(String, i64, i64)> = tx
             .query_row(
-                "SELECT t.sweep_id, t.idx, s.max_attempts FROM trials t JOIN sweeps s ON s.id = t.sweep_id
+                "SELECT t.sweep_id, t.idx, s.gpus_per_trial FROM trials t JOIN sweeps s ON s.id = t.sweep_id
                  WHERE t.state = 'pending' AND s.cancelled = 0 AND s.gpus_per_trial <= ?1
                  ORDER BY s.seq, t.idx LIMIT 1",
-                [devices as i64],
+                [free.len() as i64],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        let Some((sweep_id, idx, _)) = next else {
+        let Some((sweep_id, idx, need)) = next else {
             tx.commit()?;
             return Ok(None);
         };
+        let held: Vec<String> = free.into_iter().take(need as usize).collect();
         let now = now_ms();
         let number: i64 = tx.query_row(
             "UPDATE trials SET attempts = attempts + 1 WHERE sweep_id = ?1 AND idx = ?2 RETURNING attempts",
@@ -567,9 +602,9 @@ impl Store {
             |r| r.get(0),
         )?;
         tx.execute(
-            "INSERT INTO attempts(sweep_id, idx, number, worker_id, incarnation, state, started_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6)",
-            params![sweep_id, idx, number, worker_id, incarnation as i64, now],
+            "INSERT INTO attempts(sweep_id, idx, number, worker_id, incarnation, state, started_at_ms, devices)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7)",
+            params![sweep_id, idx, number, worker_id, incarnation as i64, now, held.join(",")],
         )?;
         let attempt_id = tx.last_insert_rowid();
         tx.execute(
@@ -595,6 +630,7 @@ impl Store {
             fe_epochs: t.fe_epochs,
             ft_epochs: t.ft_epochs,
             attempt_number: number as u32,
+            devices: held,
         }))
     }
 
@@ -850,6 +886,7 @@ fn sweep_summary(conn: &Connection, sweep_id: &str) -> Result<v1::SweepSummary> 
             TrialState::Completed => counts.completed = n32,
             TrialState::Failed => counts.failed = n32,
             TrialState::Cancelled => counts.cancelled = n32,
+            TrialState::Unschedulable => counts.unschedulable = n32,
         }
         states.extend(std::iter::repeat_n(s, n as usize));
     }
@@ -867,55 +904,47 @@ fn sweep_summary(conn: &Connection, sweep_id: &str) -> Result<v1::SweepSummary> 
 
 fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Result<Vec<v1::TrialSummary>> {
     let mut q = conn.prepare(
-        "SELECT t.idx, t.trial_id, t.backbone, t.lr_decay, t.fe_epochs, t.ft_epochs, t.state, t.attempts,
+        "SELECT t.idx, t.trial_id, t.backbone, t.fe_epochs, t.ft_epochs, t.state, t.attempts,
                 COALESCE(a.worker_id, ''), t.error, COALESCE(t.started_at_ms, 0), COALESCE(t.finished_at_ms, 0),
+                COALESCE(a.devices, ''),
                 (SELECT COUNT(*) FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx),
-                (SELECT m.val_accuracy FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx ORDER BY m.epoch DESC LIMIT 1)
+                (SELECT m.val_accuracy FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx ORDER BY m.epoch DESC LIMIT 1),
+                t.lr_decay
          FROM trials t LEFT JOIN attempts a ON a.id = t.current_attempt AND a.state = 'running'
          WHERE t.sweep_id = ?1 AND (?2 IS NULL OR t.idx = ?2) ORDER BY t.idx",
     )?;
-    let rows = q.query_map(params![sweep_id, only], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, Vec<u8>>(3)?,
-            r.get::<_, i64>(4)?,
-            r.get::<_, i64>(5)?,
-            r.get::<_, String>(6)?,
-            r.get::<_, i64>(7)?,
-            r.get::<_, String>(8)?,
-            r.get::<_, String>(9)?,
-            r.get::<_, i64>(10)?,
-            r.get::<_, i64>(11)?,
-            r.get::<_, i64>(12)?,
-            r.get::<_, Option<f64>>(13)?,
-        ))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (idx, trial_id, backbone, lr, fe, ft, state, attempts, worker, error, started, finished, done, latest) =
-            row?;
-        let lr_decay = v1::LrDecay::decode(lr.as_slice())
-            .map_err(|e| StoreError::Corrupt(format!("lr_decay of trial {trial_id}: {e}")))?;
-        out.push(v1::TrialSummary {
-            trial_id,
-            index: idx as u32,
-            backbone,
-            lr_decay: Some(lr_decay),
-            fe_epochs: fe as u32,
-            ft_epochs: ft as u32,
-            state,
-            attempts: attempts as u32,
-            worker_id: worker,
-            epochs_done: done as u32,
-            latest_val_accuracy: latest,
-            error,
-            started_at_ms: started,
-            finished_at_ms: finished,
-        });
-    }
-    Ok(out)
+    // The strategy stays encoded until the rows are read, so a decode error can be a StoreError.
+    let rows: Vec<(v1::TrialSummary, Vec<u8>)> = q
+        .query_map(params![sweep_id, only], |r| {
+            let devices: String = r.get(11)?;
+            let summary = v1::TrialSummary {
+                index: r.get::<_, i64>(0)? as u32,
+                trial_id: r.get(1)?,
+                backbone: r.get(2)?,
+                fe_epochs: r.get(3)?,
+                ft_epochs: r.get(4)?,
+                state: r.get(5)?,
+                attempts: r.get(6)?,
+                worker_id: r.get(7)?,
+                error: r.get(8)?,
+                started_at_ms: r.get(9)?,
+                finished_at_ms: r.get(10)?,
+                devices: devices.split(',').filter(|d| !d.is_empty()).map(str::to_string).collect(),
+                epochs_done: r.get(12)?,
+                latest_val_accuracy: r.get(13)?,
+                lr_decay: None,
+            };
+            Ok((summary, r.get(14)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    rows.into_iter()
+        .map(|(mut t, lr)| {
+            let decay = v1::LrDecay::decode(lr.as_slice())
+                .map_err(|e| StoreError::Corrupt(format!("lr_decay of trial {}: {e}", t.trial_id)))?;
+            t.lr_decay = Some(decay);
+            Ok(t)
+        })
+        .collect()
 }
 
 /// Per-trial results kept beside the metrics.
@@ -981,8 +1010,8 @@ fn all_metrics(conn: &Connection, sweep_id: &str) -> Result<HashMap<u32, Vec<Epo
     Ok(out)
 }
 
-/// Checks that the worker exists in this incarnation; returns its device count.
-fn check_worker(conn: &Connection, worker_id: &str, incarnation: u64) -> Result<usize> {
+/// Checks that the worker exists in this incarnation; returns its devices.
+fn check_worker(conn: &Connection, worker_id: &str, incarnation: u64) -> Result<Vec<v1::Device>> {
     let row: Option<(i64, String, Vec<u8>)> = conn
         .query_row("SELECT incarnation, state, devices FROM workers WHERE id = ?1", [worker_id], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -1003,7 +1032,7 @@ fn check_worker(conn: &Connection, worker_id: &str, incarnation: u64) -> Result<
     }
     let devices = v1::DeviceList::decode(devices.as_slice())
         .map_err(|e| StoreError::Corrupt(format!("devices of worker {worker_id}: {e}")))?;
-    Ok(devices.devices.len())
+    Ok(devices.devices)
 }
 
 struct CurrentAttempt {
@@ -1109,6 +1138,55 @@ fn end_attempt(
     )?;
     trial_event(tx, &sweep_id, idx, None)?;
     finish_sweep_if_done(tx, &sweep_id)
+}
+
+/// Marks waiting trials that no registered worker can ever hold `unschedulable` (with the
+/// reason), and makes them `pending` again once a worker large enough is registered. With no
+/// active worker at all, trials simply wait: that is a missing worker, not an impossible trial.
+fn reconcile_schedulability(tx: &Connection) -> Result<()> {
+    let workers: Vec<(String, Vec<u8>)> = {
+        let mut q = tx.prepare("SELECT id, devices FROM workers WHERE state = ?1 ORDER BY id")?;
+        q.query_map([WORKER_ACTIVE], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?
+    };
+    let mut largest: Option<(String, usize)> = None;
+    for (id, devices) in workers {
+        let n = v1::DeviceList::decode(devices.as_slice())
+            .map_err(|e| StoreError::Corrupt(format!("devices of worker {id}: {e}")))?
+            .devices
+            .len();
+        if largest.as_ref().is_none_or(|(_, m)| n > *m) {
+            largest = Some((id, n));
+        }
+    }
+    let Some((worker, capacity)) = largest else { return Ok(()) };
+    let waiting: Vec<(String, i64, String, i64)> = {
+        let mut q = tx.prepare(
+            "SELECT t.sweep_id, t.idx, t.state, s.gpus_per_trial FROM trials t JOIN sweeps s ON s.id = t.sweep_id
+             WHERE t.state IN ('pending', 'unschedulable') AND s.cancelled = 0",
+        )?;
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect::<rusqlite::Result<_>>()?
+    };
+    for (sweep_id, idx, state, need) in waiting {
+        let fits = need as usize <= capacity;
+        let change = match (state.as_str(), fits) {
+            ("pending", false) => Some((
+                TrialState::Unschedulable,
+                format!(
+                    "needs {need} devices (resources.gpus_per_trial); the largest registered worker, {worker}, has {capacity}"
+                ),
+            )),
+            ("unschedulable", true) => Some((TrialState::Pending, String::new())),
+            _ => None,
+        };
+        if let Some((to, reason)) = change {
+            tx.execute(
+                "UPDATE trials SET state = ?3, error = ?4 WHERE sweep_id = ?1 AND idx = ?2",
+                params![sweep_id, idx, to.as_str(), reason],
+            )?;
+            trial_event(tx, &sweep_id, idx, None)?;
+        }
+    }
+    Ok(())
 }
 
 /// Appends a trial event (the trial's current summary, and the epoch's metrics if any).

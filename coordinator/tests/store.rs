@@ -342,7 +342,8 @@ fn a_version_1_database_is_upgraded_in_place() {
     let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
     conn.execute_batch(
         "ALTER TABLE trials DROP COLUMN best_checkpoint; ALTER TABLE trials DROP COLUMN last_checkpoint;
-         ALTER TABLE trials DROP COLUMN skipped_images; UPDATE meta SET value = 1 WHERE key = 'schema_version';",
+         ALTER TABLE trials DROP COLUMN skipped_images; ALTER TABLE attempts DROP COLUMN devices;
+         UPDATE meta SET value = 1 WHERE key = 'schema_version';",
     )
     .unwrap();
     drop(conn);
@@ -352,5 +353,116 @@ fn a_version_1_database_is_upgraded_in_place() {
     assert!(board.entries[0].best_checkpoint.is_none());
     let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
     let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 2);
+    assert_eq!(v, 3);
+}
+
+fn devices(kind: &str, n: usize) -> Vec<v1::Device> {
+    (0..n)
+        .map(|i| v1::Device {
+            id: format!("{kind}:{i}"),
+            kind: kind.into(),
+            name: format!("fake {kind} {i}"),
+            memory_bytes: 0,
+        })
+        .collect()
+}
+
+fn spec_with(gpus: u32, splits: usize) -> String {
+    let list: Vec<String> = (1..=splits).map(|i| format!("[{i}, 1]")).collect();
+    format!(
+        "name: placement\ndataset: {{ kind: synthetic }}\ngrid:\n  backbone: [resnet18]\n  lr_decay: [{{ strategy: linear }}]\n  epoch_split: [{}]\nresources: {{ gpus_per_trial: {gpus} }}\n",
+        list.join(", ")
+    )
+}
+
+fn submit_text(store: &mut Store, text: &str) -> String {
+    store.submit(text, "t", &spec::parse(text).unwrap()).unwrap().0
+}
+
+#[test]
+fn a_worker_runs_several_trials_at_once_on_disjoint_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let sweep = submit_text(&mut store, &spec_with(2, 3));
+    let (w, inc) = store.register("eight", &devices("cuda", 4), "test").unwrap();
+    let a = store.acquire(&w, inc).unwrap().unwrap();
+    let b = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!(a.devices, vec!["cuda:0", "cuda:1"]);
+    assert_eq!(b.devices, vec!["cuda:2", "cuda:3"]);
+    assert!(store.acquire(&w, inc).unwrap().is_none(), "every device is busy");
+    // `sweep workers` shows which devices are busy with what.
+    let info = store.workers().unwrap().remove(0);
+    let busy: Vec<_> = info.busy.iter().map(|u| (u.device.as_str(), u.trial_id.as_str())).collect();
+    assert_eq!(busy, vec![("cuda:0", "t000"), ("cuda:1", "t000"), ("cuda:2", "t001"), ("cuda:3", "t001")]);
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!(status.trials[1].devices, vec!["cuda:2", "cuda:3"]);
+    // Finishing one frees its devices for the next trial.
+    store.finish_attempt(a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Permanent, "x", 1.0).unwrap();
+    let c = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!((c.trial_id.as_str(), c.devices.clone()), ("t002", vec!["cuda:0".to_string(), "cuda:1".to_string()]));
+}
+
+#[test]
+fn one_device_trials_fill_every_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    submit_text(&mut store, &spec_with(1, 10));
+    let (w, inc) = store.register("eight", &devices("cuda", 8), "test").unwrap();
+    let got: Vec<String> = (0..8).map(|_| store.acquire(&w, inc).unwrap().unwrap().devices.join(",")).collect();
+    assert_eq!(got, (0..8).map(|i| format!("cuda:{i}")).collect::<Vec<_>>());
+    assert!(store.acquire(&w, inc).unwrap().is_none());
+}
+
+#[test]
+fn a_trial_no_worker_can_hold_is_unschedulable_until_one_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let sweep = submit_text(&mut store, &spec_with(4, 2));
+    // No worker yet: the trials wait for one; that is not infeasible.
+    assert_eq!(store.get_sweep(&sweep).unwrap().trials[0].state, "pending");
+
+    let (small, small_inc) = store.register("small", &devices("cuda", 2), "test").unwrap();
+    let status = store.get_sweep(&sweep).unwrap();
+    let t = &status.trials[0];
+    assert_eq!(t.state, "unschedulable");
+    assert!(t.error.contains("needs 4 devices") && t.error.contains(&format!("{small}, has 2")), "{}", t.error);
+    assert_eq!(status.sweep.unwrap().counts.unwrap().unschedulable, 2);
+    assert!(store.acquire(&small, small_inc).unwrap().is_none());
+
+    let (big, big_inc) = store.register("big", &devices("cuda", 4), "test").unwrap();
+    let t = &store.get_sweep(&sweep).unwrap().trials[0];
+    assert_eq!((t.state.as_str(), t.error.as_str()), ("pending", ""));
+    let a = store.acquire(&big, big_inc).unwrap().unwrap();
+    assert_eq!(a.devices.len(), 4);
+
+    // The big worker goes away: what is left waiting becomes unschedulable again.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    store.heartbeat(&small, small_inc, &[]).unwrap();
+    store.expire_workers(now_before(&store, &big)).unwrap();
+    assert_eq!(store.workers().unwrap().iter().filter(|w| w.state == "active").count(), 1);
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!(status.trials[1].state, "unschedulable");
+    // Its running attempt was lost; with attempts left the trial waits, unschedulable too.
+    assert_eq!(status.trials[0].state, "unschedulable");
+    // Cancelling the sweep cancels unschedulable trials.
+    let r = store.cancel_sweep(&sweep).unwrap();
+    assert_eq!(r.cancelled_pending, 2);
+}
+
+/// A deadline that expires `worker` but not the others (seen later).
+fn now_before(store: &Store, worker: &str) -> i64 {
+    let w = store.workers().unwrap().into_iter().find(|w| w.worker_id == worker).unwrap();
+    w.last_seen_ms + 1
+}
+
+#[test]
+fn bad_device_lists_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let mut twice = devices("cpu", 2);
+    twice[1].id = "cpu:0".into();
+    assert!(matches!(store.register("w", &twice, "t"), Err(StoreError::InvalidArgument(_))));
+    let mut comma = devices("cpu", 1);
+    comma[0].id = "cpu:0,cpu:1".into();
+    assert!(matches!(store.register("w", &comma, "t"), Err(StoreError::InvalidArgument(_))));
 }

@@ -31,6 +31,8 @@ string_enum! {
     /// A trial waits in the queue, runs on a worker, or has ended.
     TrialState {
         Pending => "pending",
+        // No registered worker has enough devices for it; waits for one that has.
+        Unschedulable => "unschedulable",
         Running => "running",
         Completed => "completed",
         Failed => "failed",
@@ -45,7 +47,8 @@ impl TrialState {
 }
 
 string_enum! {
-    /// A sweep's state follows from its trials' states (see [`SweepState::of`]).
+    /// A sweep's state follows from its trials' states (see [`SweepState::of`]); unschedulable
+    /// trials count as waiting.
     SweepState {
         Pending => "pending",
         Running => "running",
@@ -60,11 +63,12 @@ impl SweepState {
     /// until every trial has ended, then completed (all completed), cancelled (any cancelled)
     /// or failed (any failed).
     pub fn of(states: impl IntoIterator<Item = TrialState>) -> SweepState {
-        let mut n = [0usize; 5];
+        let mut n = [0usize; 6];
         for s in states {
             n[s as usize] += 1;
         }
-        let [pending, running, completed, failed, cancelled] = n;
+        let [waiting, unschedulable, running, completed, failed, cancelled] = n;
+        let pending = waiting + unschedulable;
         if running > 0 || (pending > 0 && completed + failed + cancelled > 0) {
             SweepState::Running
         } else if pending > 0 {
@@ -107,6 +111,9 @@ mod tests {
         assert_eq!(SweepState::of([Completed, Completed]), SweepState::Completed);
         assert_eq!(SweepState::of([Completed, Failed]), SweepState::Failed);
         assert_eq!(SweepState::of([Cancelled, Failed, Completed]), SweepState::Cancelled);
+        assert_eq!(SweepState::of([Unschedulable, Pending]), SweepState::Pending);
+        assert_eq!(SweepState::of([Unschedulable, Completed]), SweepState::Running);
+        assert!(!Unschedulable.is_terminal());
     }
 
     #[test]

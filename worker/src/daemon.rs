@@ -101,6 +101,7 @@ pub fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
     }
 }
 
+#[derive(Clone)]
 struct Session {
     client: WorkerServiceClient<Channel>,
     worker_id: String,
@@ -138,7 +139,14 @@ pub async fn run(options: DaemonOptions, shutdown: impl std::future::Future<Outp
         running.clone(),
     ));
 
+    // Attempts run concurrently, each on the devices the coordinator gave it; one AcquireTrial
+    // call stays open meanwhile (the coordinator only hands out devices that are free).
+    let mut attempts: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
+    let options = Arc::new(options);
     loop {
+        while let Some(done) = attempts.try_join_next() {
+            report_attempt_end(done);
+        }
         let acquire = session.client.acquire_trial(v1::AcquireTrialRequest {
             worker_id: session.worker_id.clone(),
             incarnation: session.incarnation,
@@ -174,23 +182,42 @@ pub async fn run(options: DaemonOptions, shutdown: impl std::future::Future<Outp
         let Some(assignment) = assignment else {
             continue;
         };
-        let attempt = run_attempt(&session, &options, assignment, running.clone(), stopping.clone());
-        tokio::pin!(attempt);
-        tokio::select! {
-            r = &mut attempt => r?,
-            _ = &mut shutdown => {
-                tracing::info!("shutting down: stopping the running attempt");
-                stopping.store(true, Ordering::SeqCst);
-                for flag in running.lock().unwrap_or_else(|p| p.into_inner()).values() {
-                    flag.store(true, Ordering::SeqCst);
-                }
-                attempt.await?;
-                break;
-            }
+        attempts.spawn(run_attempt(session.clone(), options.clone(), assignment, running.clone(), stopping.clone()));
+    }
+    if !attempts.is_empty() {
+        tracing::info!(attempts = attempts.len(), "shutting down: stopping running attempts");
+        stopping.store(true, Ordering::SeqCst);
+        for flag in running.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            flag.store(true, Ordering::SeqCst);
+        }
+        while let Some(done) = attempts.join_next().await {
+            report_attempt_end(done);
         }
     }
     heartbeat.abort();
     Ok(())
+}
+
+fn report_attempt_end(done: Result<anyhow::Result<()>, tokio::task::JoinError>) {
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "attempt ended with an error"),
+        Err(e) => tracing::error!(error = %e, "attempt task crashed"),
+    }
+}
+
+/// The libtorch devices of an assignment's device ids (`cuda:N`, `cpu:N`).
+pub fn training_devices(ids: &[String]) -> Result<Vec<tch::Device>, String> {
+    ids.iter()
+        .map(|id| match id.split_once(':') {
+            Some(("cuda", n)) => {
+                n.parse().map(tch::Device::Cuda).map_err(|_| format!("device id `{id}` is not cuda:N"))
+            }
+            Some(("cpu", n)) if n.parse::<usize>().is_ok() => Ok(tch::Device::Cpu),
+            _ if id == "cpu" => Ok(tch::Device::Cpu),
+            _ => Err(format!("device id `{id}` is neither cpu:N nor cuda:N")),
+        })
+        .collect()
 }
 
 async fn register(mut client: WorkerServiceClient<Channel>, options: &DaemonOptions) -> anyhow::Result<Session> {
@@ -309,8 +336,8 @@ where
 }
 
 async fn run_attempt(
-    session: &Session,
-    options: &DaemonOptions,
+    session: Session,
+    options: Arc<DaemonOptions>,
     a: v1::Assignment,
     running: Running,
     stopping: Arc<AtomicBool>,
@@ -324,8 +351,13 @@ async fn run_attempt(
     let handle = tokio::runtime::Handle::current();
     let client = session.client.clone();
     let ttl = session.ttl;
-    let train_options =
-        TrainOptions { device: options.device, weights_dir: options.weights_dir.clone(), cancel: Some(cancel.clone()) };
+    // The devices the coordinator gave this attempt (an old coordinator gives none: use ours).
+    let devices = if a.devices.is_empty() { Ok(vec![options.device]) } else { training_devices(&a.devices) };
+    let train_options = devices.map(|d| TrainOptions {
+        device: d[0],
+        weights_dir: options.weights_dir.clone(),
+        cancel: Some(cancel.clone()),
+    });
     let assignment = a.clone();
     // What stopped the trial from the reporting side, if anything.
     let report_failure: Arc<Mutex<Option<ReportError>>> = Arc::default();
@@ -349,6 +381,8 @@ async fn run_attempt(
                 }
             }
         };
+        // A device id this worker cannot use: another worker may (retryable).
+        let train_options = train_options.map_err(TrainError::Retryable)?;
         train_attempt(&assignment, &train_options, &artifacts, &cache_dir, &mut report)
     })
     .await;
