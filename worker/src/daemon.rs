@@ -344,7 +344,14 @@ async fn run_attempt(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let attempt_id = a.attempt_id;
-    tracing::info!(sweep = %a.sweep_id, trial = %a.trial_id, attempt = attempt_id, backbone = %a.backbone, "attempt started");
+    tracing::info!(
+        sweep = %a.sweep_id,
+        trial = %a.trial_id,
+        attempt = attempt_id,
+        backbone = %a.backbone,
+        devices = %a.devices.join(","),
+        "attempt started"
+    );
     let cancel = Arc::new(AtomicBool::new(false));
     running.lock().unwrap_or_else(|p| p.into_inner()).insert(attempt_id, cancel.clone());
 
