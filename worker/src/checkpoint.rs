@@ -44,26 +44,19 @@ pub struct MetricsJson {
     pub seconds: f64,
 }
 
-/// The JSON file beside a checkpoint's weights.
+/// The JSON file beside a checkpoint's weights: where it comes from (flattened [`Identity`]
+/// fields), the epoch and its metrics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metadata {
     pub format: String,
-    pub sweep: String,
-    pub trial: String,
-    pub attempt: u64,
-    pub backbone: String,
-    /// Class names; output `i` of the head is `classes[i]`.
-    pub classes: Vec<String>,
-    /// Side of the square validation crop the model was trained on.
-    pub image_size: u32,
+    #[serde(flatten)]
+    pub id: Identity,
     pub epoch: u32,
     pub metrics: MetricsJson,
     /// SHA-256 of the weights file, lower-case hex.
     pub sha256: String,
     pub bytes: u64,
     pub created_at_ms: i64,
-    /// The sweep spec, as submitted.
-    pub spec_yaml: String,
 }
 
 /// A checkpoint on disk.
@@ -128,14 +121,17 @@ fn write_atomically(
 }
 
 /// What every checkpoint of one attempt says about where it comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Identity {
     pub sweep: String,
     pub trial: String,
     pub attempt: u64,
     pub backbone: String,
+    /// Class names; output `i` of the head is `classes[i]`.
     pub classes: Vec<String>,
+    /// Side of the square validation crop the model was trained on.
     pub image_size: u32,
+    /// The sweep spec, as submitted.
     pub spec_yaml: String,
 }
 
@@ -153,12 +149,7 @@ impl TrialCheckpoints {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let base = Metadata {
             format: FORMAT.into(),
-            sweep: id.sweep,
-            trial: id.trial,
-            attempt: id.attempt,
-            backbone: id.backbone,
-            classes: id.classes,
-            image_size: id.image_size,
+            id,
             epoch: 0,
             metrics: MetricsJson {
                 phase: String::new(),
@@ -171,7 +162,6 @@ impl TrialCheckpoints {
             sha256: String::new(),
             bytes: 0,
             created_at_ms: 0,
-            spec_yaml: id.spec_yaml,
         };
         Ok(TrialCheckpoints { dir, base, best_val: None })
     }
@@ -276,10 +266,10 @@ mod tests {
         assert_eq!(best3.unwrap().epoch, 3);
 
         let meta = read_metadata(&last3.path).unwrap().unwrap();
-        assert_eq!((meta.trial.as_str(), meta.epoch, meta.attempt), ("t000", 3, 7));
-        assert_eq!(meta.classes, classes);
+        assert_eq!((meta.id.trial.as_str(), meta.epoch, meta.id.attempt), ("t000", 3, 7));
+        assert_eq!(meta.id.classes, classes);
         assert_eq!(meta.sha256, sha256_file(&last3.path).unwrap().0);
-        assert_eq!(meta.spec_yaml, "name: x\n");
+        assert_eq!(meta.id.spec_yaml, "name: x\n");
         // The weights load back into the same architecture, head included.
         let other = Model::build_seeded(Backbone::Resnet18, 3, tch::Device::Cpu, 2).unwrap();
         other.load_state(&last3.path, true).unwrap();

@@ -207,12 +207,12 @@ impl Predictor {
         }
         let meta: Option<Metadata> = checkpoint::read_metadata(&o.weights)?;
         if let Some(m) = &meta
-            && m.backbone != o.backbone.name()
+            && m.id.backbone != o.backbone.name()
         {
             anyhow::bail!(
                 "{} holds {} weights (see {}), not {}",
                 o.weights.display(),
-                m.backbone,
+                m.id.backbone,
                 checkpoint::metadata_path(&o.weights).display(),
                 o.backbone.name()
             );
@@ -220,7 +220,7 @@ impl Predictor {
         let head_weight = format!("{}.weight", o.backbone.head());
         let num_classes = match (o.num_classes, &meta) {
             (Some(n), _) => n,
-            (None, Some(m)) => m.classes.len() as i64,
+            (None, Some(m)) => m.id.classes.len() as i64,
             (None, None) => match safetensors_shape(&o.weights, &head_weight)? {
                 Some(shape) if !shape.is_empty() => shape[0],
                 _ => anyhow::bail!(
@@ -231,10 +231,10 @@ impl Predictor {
             },
         };
         let classes = match &meta {
-            Some(m) if m.classes.len() as i64 == num_classes => m.classes.clone(),
+            Some(m) if m.id.classes.len() as i64 == num_classes => m.id.classes.clone(),
             _ => (0..num_classes).map(|i| i.to_string()).collect(),
         };
-        let image_size = o.image_size.or(meta.as_ref().map(|m| m.image_size)).unwrap_or(224);
+        let image_size = o.image_size.or(meta.as_ref().map(|m| m.id.image_size)).unwrap_or(224);
         let model = Model::build_seeded(o.backbone, num_classes, o.device, 0)?;
         model.load_state(&o.weights, true)?;
         Ok(Predictor { model, classes, image_size, top: o.top.min(num_classes as usize) })

@@ -1,7 +1,7 @@
 //! One attempt as the daemon runs it: training, checkpoints after every epoch, reports.
 
-use sweep_core::grid;
-use sweep_core::spec;
+mod common;
+
 use sweep_proto::v1;
 use sweep_worker::checkpoint;
 use sweep_worker::daemon::train_attempt;
@@ -18,20 +18,7 @@ grid:
 ";
 
 fn assignment(spec_yaml: &str) -> v1::Assignment {
-    let parsed = spec::parse(spec_yaml).unwrap();
-    let t = grid::expand(&parsed.grid).remove(0);
-    v1::Assignment {
-        attempt_id: 41,
-        sweep_id: "attempt-0001".into(),
-        trial_id: t.id.clone(),
-        trial_index: 0,
-        spec_yaml: spec_yaml.into(),
-        backbone: t.backbone.name().into(),
-        lr_decay: Some(v1::LrDecay::from(&t.lr_decay)),
-        fe_epochs: t.fe_epochs,
-        ft_epochs: t.ft_epochs,
-        attempt_number: 1,
-    }
+    common::assignment(spec_yaml, "attempt-0001", 41)
 }
 
 #[test]
@@ -60,7 +47,7 @@ fn every_epoch_is_reported_with_its_checkpoints() {
     }
     let last = std::path::PathBuf::from(&reports[2].last_checkpoint.as_ref().unwrap().uri);
     let meta = checkpoint::read_metadata(&last).unwrap().unwrap();
-    assert_eq!((meta.epoch, meta.backbone.as_str(), meta.classes.len()), (3, "resnet18", 3));
+    assert_eq!((meta.epoch, meta.id.backbone.as_str(), meta.id.classes.len()), (3, "resnet18", 3));
     assert_eq!(meta.sha256, reports[2].last_checkpoint.as_ref().unwrap().sha256);
     assert_eq!(meta.metrics.phase, "fine_tuning");
 }

@@ -1,10 +1,11 @@
 //! Pretraining on one's own data: cached by content, done once, and the trials start from it.
 
+mod common;
+
 use std::path::Path;
 
 use sweep_core::Backbone;
 use sweep_core::spec;
-use sweep_proto::v1;
 use sweep_worker::daemon::train_attempt;
 use sweep_worker::pretrain;
 use sweep_worker::train::{Control, TrainOptions};
@@ -119,19 +120,7 @@ fn a_live_lock_is_waited_for_and_a_dead_one_taken_over() {
 fn trials_start_from_the_pretrained_backbone() {
     let dir = tempfile::tempdir().unwrap();
     let s = spec::parse(SPEC).unwrap();
-    let t = sweep_core::grid::expand(&s.grid).remove(0);
-    let a = v1::Assignment {
-        attempt_id: 1,
-        sweep_id: "pre-0001".into(),
-        trial_id: t.id.clone(),
-        trial_index: 0,
-        spec_yaml: SPEC.into(),
-        backbone: t.backbone.name().into(),
-        lr_decay: Some(v1::LrDecay::from(&t.lr_decay)),
-        fe_epochs: 1,
-        ft_epochs: 1,
-        attempt_number: 1,
-    };
+    let a = common::assignment(SPEC, "pre-0001", 1);
     let cache = dir.path().join("cache");
     // `last` is rewritten every epoch: keep a copy of the one after feature extraction.
     let after_fe = dir.path().join("after-fe.safetensors");
