@@ -161,7 +161,16 @@ fn apply_owned(mut x: Tensor, mut owned: bool, aug: &Augment, params: &[SamplePa
 pub fn train_batch(images: &Tensor, aug: &Augment, rng: &mut Rng) -> Result<Tensor, TchError> {
     let n = images.size().first().copied().unwrap_or(0).max(0) as usize;
     let params: Vec<SampleParams> = (0..n).map(|_| SampleParams::draw(aug, rng)).collect();
-    normalize_in_place(apply_owned(to_unit(images)?, true, aug, &params)?)
+    train_batch_with(images, aug, &params)
+}
+
+/// A training batch with given per-sample parameters (one per image, drawn by the caller):
+/// uint8 `[N, 3, H, W]` → augmented, normalised float batch. [`train_batch`] is this with
+/// parameters drawn from its stream; a data-parallel replica draws those of the whole global
+/// batch and passes its shard's, so a sample is augmented the same way whatever the number of
+/// replicas.
+pub fn train_batch_with(images: &Tensor, aug: &Augment, params: &[SampleParams]) -> Result<Tensor, TchError> {
+    normalize_in_place(apply_owned(to_unit(images)?, true, aug, params)?)
 }
 
 /// A validation batch: uint8 `[N, 3, H, W]` → normalised float batch.

@@ -43,16 +43,24 @@ pub struct DaemonOptions {
 }
 
 /// The devices of this machine as the coordinator sees them: every CUDA device libtorch can
-/// use, or one CPU device.
+/// use (named, with its memory, as the CUDA driver reports them; `CUDA device N` and 0 bytes
+/// when the driver cannot be asked), or one CPU device.
 pub fn inventory() -> Vec<v1::Device> {
     let cuda = tch::Cuda::device_count().max(0) as usize;
     if cuda > 0 {
+        let driver = crate::devices::cuda_devices().unwrap_or_else(|why| {
+            tracing::warn!(%why, "cannot ask the CUDA driver for device names and memory");
+            Vec::new()
+        });
         return (0..cuda)
-            .map(|i| v1::Device {
-                id: format!("cuda:{i}"),
-                kind: "cuda".into(),
-                name: format!("CUDA device {i}"),
-                memory_bytes: 0,
+            .map(|i| {
+                let info = driver.iter().find(|d| d.index == i);
+                v1::Device {
+                    id: format!("cuda:{i}"),
+                    kind: "cuda".into(),
+                    name: info.map_or_else(|| format!("CUDA device {i}"), |d| d.name.clone()),
+                    memory_bytes: info.map_or(0, |d| d.memory_bytes),
+                }
             })
             .collect();
     }
@@ -361,7 +369,7 @@ async fn run_attempt(
     // The devices the coordinator gave this attempt (an old coordinator gives none: use ours).
     let devices = if a.devices.is_empty() { Ok(vec![options.device]) } else { training_devices(&a.devices) };
     let train_options = devices.map(|d| TrainOptions {
-        device: d[0],
+        devices: d,
         weights_dir: options.weights_dir.clone(),
         cancel: Some(cancel.clone()),
     });

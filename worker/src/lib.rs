@@ -4,8 +4,10 @@
 //! into an in-memory cache ([`data`]), batch-wise augmentation on the training device
 //! ([`augment`]), torch.optim.Adam with a learning rate per parameter ([`adam`]), and the
 //! trial loop — feature extraction, then fine-tuning with per-layer learning rates — that
-//! reports metrics after every epoch ([`train`]). All randomness comes from seeded streams
-//! ([`rng`]), so a trial is reproducible bit for bit on CPU.
+//! reports metrics after every epoch ([`train`]), on one device or data-parallel over several
+//! ([`dist`]: all-reduce over threads or NCCL; [`devices`]: device lists and the CUDA
+//! inventory). All randomness comes from seeded streams ([`rng`]), so a trial is reproducible
+//! bit for bit on CPU.
 //!
 //! This is the only crate of the workspace that links libtorch.
 
@@ -14,6 +16,8 @@ pub mod augment;
 pub mod checkpoint;
 pub mod daemon;
 pub mod data;
+pub mod devices;
+pub mod dist;
 pub mod mat;
 pub mod model;
 pub mod pretrain;

@@ -16,10 +16,17 @@
 //! — never from the trial's position in the grid — so equal trials are comparable, an epoch does
 //! not depend on how many epochs follow it, and on CPU a trial's metrics are bit-identical from
 //! run to run.
+//!
+//! With several devices ([`TrainOptions::devices`]) the trial trains data-parallel: one replica
+//! per device, gradients summed with [`crate::dist`]; see [`Trainer`]. One device trains
+//! exactly as without data parallelism, bit for bit.
 
+use std::ops::Range;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use sweep_core::leaderboard::{EpochMetrics, Phase};
@@ -29,8 +36,9 @@ use tch::{Device, Kind, Reduction, TchError, Tensor};
 
 use crate::adam::{Adam, AdamConfig};
 use crate::augment;
-use crate::data::prefetch::{self, Batch, TrainBatches};
+use crate::data::prefetch::{self, Batch, Shard, TrainBatches};
 use crate::data::{self, DataError};
+use crate::dist::{self, AbortHandle, AllReduce, BUCKET_BYTES, DistError, all_reduce_gradients, broadcast_tensors};
 use crate::model::{ForwardMode, Model, ModelError};
 use crate::rng::{Rng, STREAM_AUGMENT, STREAM_SHUFFLE};
 
@@ -117,8 +125,11 @@ pub struct EpochReport {
 /// How and where to train.
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
-    /// Training device (`Device::Cpu`, `Device::Cuda(i)`).
-    pub device: Device,
+    /// Training devices, one replica of the model on each: `[Device::Cpu]`,
+    /// `[Device::Cuda(0)]`, or several for data-parallel training — CPU slots
+    /// (`[Device::Cpu, Device::Cpu]`) or distinct CUDA devices. The global batch is
+    /// `training.batch_size` × the number of devices.
+    pub devices: Vec<Device>,
     /// Directory of `<backbone>.safetensors` ImageNet weights; when `None`, the
     /// [`WEIGHTS_DIR_ENV`] environment variable.
     pub weights_dir: Option<PathBuf>,
@@ -128,19 +139,24 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    /// Options for `device`, no weights directory (the environment variable applies), no
+    /// Options for one `device`, no weights directory (the environment variable applies), no
     /// cancel flag.
     pub fn new(device: Device) -> TrainOptions {
-        TrainOptions { device, weights_dir: None, cancel: None }
+        TrainOptions::data_parallel(vec![device])
+    }
+
+    /// Options for one replica on each of `devices` (see [`TrainOptions::devices`]).
+    pub fn data_parallel(devices: Vec<Device>) -> TrainOptions {
+        TrainOptions { devices, weights_dir: None, cancel: None }
     }
 
     fn weights_dir(&self) -> Option<PathBuf> {
         self.weights_dir.clone().or_else(|| std::env::var_os(WEIGHTS_DIR_ENV).map(PathBuf::from))
     }
+}
 
-    fn cancelled(&self) -> bool {
-        self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
-    }
+fn cancelled(cancel: &Option<Arc<AtomicBool>>) -> bool {
+    cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
 }
 
 /// A completed trial.
@@ -223,27 +239,594 @@ pub fn batches(order: &[i64], batch_size: usize) -> Vec<&[i64]> {
     out
 }
 
-/// A trial being trained, one epoch at a time. [`run_trial`] is the usual entry point; this
-/// type exists for callers that need to act between epochs (checkpoints, shared stages).
-pub struct Trainer {
+/// The parts of a global batch of `len` samples that `world` replicas train on, in rank
+/// order: contiguous, sizes differing by at most one, and never a single sample (BatchNorm in
+/// training mode cannot normalise one). So when `len < 2 · world` only `max(1, len / 2)`
+/// replicas get samples and the others an empty part (`len..len`); with one replica the part
+/// is the whole batch.
+pub fn shard_ranges(len: usize, world: usize) -> Vec<Range<usize>> {
+    let world = world.max(1);
+    let used = if len >= 2 * world { world } else { (len / 2).max(1) };
+    let mut out = split_evenly(len, used);
+    out.resize(world, len..len);
+    out
+}
+
+/// `len` items cut into `parts` contiguous ranges in order, sizes differing by at most one
+/// (the first `len % parts` one larger). How validation is shared between replicas.
+pub fn split_evenly(len: usize, parts: usize) -> Vec<Range<usize>> {
+    let parts = parts.max(1);
+    let (base, extra) = (len / parts, len % parts);
+    let mut start = 0;
+    (0..parts)
+        .map(|i| {
+            let n = base + usize::from(i < extra);
+            let r = start..start + n;
+            start += n;
+            r
+        })
+        .collect()
+}
+
+/// Seed-derivation tag of the dropout streams of replicas other than rank 0 (rank 0 keeps the
+/// single-replica stream, so one replica trains exactly as before data parallelism).
+const STREAM_REPLICA: u64 = 0x7265_706c; // "repl"
+
+/// A failure injected into one replica, to test how the others stop (see
+/// [`Trainer::inject_fault`]). Never set by the worker.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// The replica that fails.
+    pub rank: usize,
+    /// Before which training step (0-based) of the next epoch.
+    pub step: usize,
+    /// Panic instead of returning an error.
+    pub panic: bool,
+}
+
+/// What every replica needs to build itself.
+#[derive(Clone)]
+struct ReplicaSetup {
     training: TrainingSpec,
     lr_decay: LrDecay,
-    fe_epochs: u32,
-    ft_epochs: u32,
-    options: TrainOptions,
-    model: Model,
+    backbone: Backbone,
+    classes: i64,
+    cancel: Option<Arc<AtomicBool>>,
+}
+
+/// The dataset's tensors on one device (replicas on the same device share them).
+struct DeviceData {
     train_x: Tensor,
     train_y: Tensor,
     val_x: Tensor,
     val_y: Tensor,
+}
+
+impl DeviceData {
+    fn shallow_clone(&self) -> DeviceData {
+        DeviceData {
+            train_x: self.train_x.shallow_clone(),
+            train_y: self.train_y.shallow_clone(),
+            val_x: self.val_x.shallow_clone(),
+            val_y: self.val_y.shallow_clone(),
+        }
+    }
+}
+
+/// The work of one epoch, the same for every replica.
+#[derive(Debug, Clone, Copy)]
+struct EpochPlan {
+    epoch: u32,
+    start_fine_tuning: bool,
+    mode: ForwardMode,
+    fault: Option<Fault>,
+}
+
+/// Why a replica stopped.
+#[derive(Debug, Clone)]
+enum ReplicaError {
+    /// Its own failure, or the trial was cancelled.
+    Train(TrainError),
+    /// Its group was aborted because another replica stopped.
+    Aborted(String),
+}
+
+impl From<TrainError> for ReplicaError {
+    fn from(e: TrainError) -> Self {
+        ReplicaError::Train(e)
+    }
+}
+
+impl ReplicaError {
+    fn into_train(self) -> TrainError {
+        match self {
+            ReplicaError::Train(e) => e,
+            ReplicaError::Aborted(r) => TrainError::Retryable(format!("data-parallel training stopped: {r}")),
+        }
+    }
+}
+
+/// A collective's error, in the words of `context`.
+fn dist_error(context: &str) -> impl FnOnce(DistError) -> ReplicaError + '_ {
+    move |e| match e {
+        DistError::Aborted(r) => ReplicaError::Aborted(r),
+        DistError::Torch(t) => ReplicaError::Train(TrainError::from_torch(context, TchError::Torch(t))),
+        other => ReplicaError::Train(TrainError::Retryable(format!("{context}: {other}"))),
+    }
+}
+
+/// Loss and accuracy of a pass.
+type PassMetrics = (f64, f64);
+
+/// One replica of the model: its optimizer, its copy of the data, and its rank's handle on the
+/// group (none when training alone).
+struct Replica {
+    rank: usize,
+    setup: ReplicaSetup,
+    model: Model,
     optimizer: Adam,
+    /// The optimised parameters (handles sharing the model's storage): those whose gradients
+    /// are summed over the replicas.
+    trained: Vec<Tensor>,
+    data: DeviceData,
+    comm: Option<Box<dyn AllReduce>>,
+}
+
+impl Replica {
+    /// Builds the model on `device`; rank 0 loads `weights`; then rank 0's parameters and
+    /// buffers are broadcast to every replica; then the feature-extraction optimizer.
+    fn new(
+        rank: usize,
+        setup: ReplicaSetup,
+        device: Device,
+        data: DeviceData,
+        mut comm: Option<Box<dyn AllReduce>>,
+        weights: Option<&Path>,
+    ) -> Result<Replica, ReplicaError> {
+        let model = Model::build_seeded(setup.backbone, setup.classes, device, setup.training.seed)
+            .map_err(TrainError::from)?;
+        if let Some(path) = weights {
+            let loaded = model.load_weights(path).map_err(TrainError::from)?;
+            tracing::info!(file = %path.display(), tensors = loaded.loaded, "loaded weights");
+        }
+        if let Some(c) = comm.as_deref_mut() {
+            let state: Vec<Tensor> = model.state_dict().into_iter().map(|(_, t)| t).collect();
+            broadcast_tensors(c, &state, 0, BUCKET_BYTES).map_err(dist_error("copying the model to every replica"))?;
+        }
+        // Feature extraction: only the new head trains.
+        model.set_trainable(|n| model.is_head(n)).map_err(torch("freezing the backbone"))?;
+        let head: Vec<_> = model
+            .named_parameters()
+            .iter()
+            .filter(|(n, _)| model.is_head(n))
+            .map(|(n, t)| (n.clone(), t.shallow_clone(), setup.training.feature_extraction_lr))
+            .collect();
+        let optimizer =
+            Adam::new(head, AdamConfig { weight_decay: setup.training.weight_decay, ..AdamConfig::default() });
+        let trained = optimizer.params().iter().map(|p| p.tensor.shallow_clone()).collect();
+        Ok(Replica { rank, setup, model, optimizer, trained, data, comm })
+    }
+
+    fn world(&self) -> usize {
+        self.comm.as_ref().map_or(1, |c| c.world_size())
+    }
+
+    /// Switches to fine-tuning: every parameter trains, with a new Adam whose learning rates
+    /// come from the trial's decay strategy.
+    fn start_fine_tuning(&mut self) -> Result<(), TrainError> {
+        self.model.set_trainable(|_| true).map_err(torch("unfreezing the backbone"))?;
+        let lrs = fine_tuning_lrs(&self.model, &self.setup.lr_decay, self.setup.training.fine_tuning_default_lr);
+        let params =
+            self.model.named_parameters().iter().zip(lrs).map(|((n, t), lr)| (n.clone(), t.shallow_clone(), lr));
+        self.optimizer =
+            Adam::new(params, AdamConfig { weight_decay: self.setup.training.weight_decay, ..AdamConfig::default() });
+        self.trained = self.optimizer.params().iter().map(|p| p.tensor.shallow_clone()).collect();
+        Ok(())
+    }
+
+    /// Rank 0 draws dropout masks from the single-replica stream; the others from streams of
+    /// their own, so that replicas do not drop the same units of different samples.
+    fn dropout_seed(&self) -> u64 {
+        let seed = self.setup.training.seed;
+        if self.rank == 0 { seed } else { Rng::derive(seed, &[STREAM_REPLICA, self.rank as u64]).next_u64() }
+    }
+
+    fn check_cancel(&self) -> Result<(), TrainError> {
+        if cancelled(&self.setup.cancel) { Err(TrainError::Cancelled) } else { Ok(()) }
+    }
+
+    fn run_epoch(&mut self, plan: &EpochPlan) -> Result<(PassMetrics, PassMetrics), ReplicaError> {
+        if plan.start_fine_tuning {
+            self.start_fine_tuning()?;
+        }
+        let train = self.train_pass(plan)?;
+        if let Some(c) = self.comm.as_deref_mut() {
+            // BatchNorm statistics moved on each replica: everyone continues from rank 0's.
+            let buffers: Vec<Tensor> = self.model.named_buffers().iter().map(|(_, t)| t.shallow_clone()).collect();
+            broadcast_tensors(c, &buffers, 0, BUCKET_BYTES).map_err(dist_error("copying BatchNorm statistics"))?;
+        }
+        let val = self.validate()?;
+        Ok((train, val))
+    }
+
+    /// One training step alone (one replica): the batch's mean loss.
+    fn step_alone(
+        &mut self,
+        batch: Batch,
+        mode: ForwardMode,
+        loss_sum: &Tensor,
+        correct: &Tensor,
+    ) -> Result<(Tensor, Tensor), TchError> {
+        let (x, y) = (batch.images, batch.labels);
+        let logits = self.model.forward(&x, mode)?;
+        let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
+        self.optimizer.zero_grad();
+        loss.f_backward()?;
+        self.optimizer.step()?;
+        tch::no_grad(|| {
+            let b = batch.len as f64;
+            let loss_sum = loss_sum.f_add(&loss.f_detach()?.f_to_kind(Kind::Double)?.f_mul_scalar(b)?)?;
+            let hits = logits.f_argmax(1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?;
+            Ok((loss_sum, correct.f_add(&hits)?))
+        })
+    }
+
+    /// One data-parallel training step on this replica's shard: rank 0's BatchNorm buffers
+    /// first (when BatchNorm trains), then the shard's summed loss divided by the *global*
+    /// batch size, so that the gradients summed over the replicas are exactly those of the
+    /// global batch's mean loss; then this replica's Adam step on the summed gradients.
+    fn step_shared(
+        &mut self,
+        batch: Batch,
+        mode: ForwardMode,
+        buffers: &[Tensor],
+        loss_sum: &Tensor,
+        correct: &Tensor,
+        context: &str,
+    ) -> Result<(Tensor, Tensor), ReplicaError> {
+        let torch_err = |e: TchError| ReplicaError::Train(TrainError::from_torch(context, e));
+        let Some(comm) = self.comm.as_deref_mut() else {
+            return Err(ReplicaError::Train(TrainError::Retryable(format!("{context}: no group"))));
+        };
+        if mode.bn_train {
+            broadcast_tensors(comm, buffers, 0, BUCKET_BYTES).map_err(dist_error(context))?;
+        }
+        self.optimizer.zero_grad();
+        let mut shard = None;
+        if batch.len > 0 {
+            let (x, y) = (&batch.images, &batch.labels);
+            let logits = self.model.forward(x, mode).map_err(torch_err)?;
+            let sum = logits.f_cross_entropy_loss::<Tensor>(y, None, Reduction::Sum, -100, 0.0).map_err(torch_err)?;
+            sum.f_mul_scalar(1.0 / batch.global_len as f64).and_then(|l| l.f_backward()).map_err(torch_err)?;
+            shard = Some((sum, logits));
+        }
+        all_reduce_gradients(comm, &self.trained, BUCKET_BYTES).map_err(dist_error(context))?;
+        self.optimizer.step().map_err(torch_err)?;
+        let Some((sum, logits)) = shard else {
+            return Ok((loss_sum.shallow_clone(), correct.shallow_clone()));
+        };
+        tch::no_grad(|| -> Result<(Tensor, Tensor), TchError> {
+            let loss_sum = loss_sum.f_add(&sum.f_detach()?.f_to_kind(Kind::Double)?)?;
+            let hits = logits.f_argmax(1, false)?.f_eq_tensor(&batch.labels)?.f_sum(Kind::Int64)?;
+            Ok((loss_sum, correct.f_add(&hits)?))
+        })
+        .map_err(torch_err)
+    }
+
+    /// Loss and hit sums of every replica added up (the same on every rank).
+    fn global_sums(&mut self, loss_sum: &Tensor, correct: &Tensor, context: &str) -> Result<(f64, f64), ReplicaError> {
+        let torch_err = |e: TchError| ReplicaError::Train(TrainError::from_torch(context, e));
+        let mut totals = correct
+            .f_to_kind(Kind::Double)
+            .and_then(|c| Tensor::f_stack(&[loss_sum.shallow_clone(), c], 0))
+            .map_err(torch_err)?;
+        if let Some(c) = self.comm.as_deref_mut() {
+            c.all_reduce_sum(&mut totals).map_err(dist_error(context))?;
+        }
+        let loss = totals.f_double_value(&[0]).map_err(torch_err)?;
+        let hits = totals.f_double_value(&[1]).map_err(torch_err)?;
+        Ok((loss, hits))
+    }
+
+    fn train_pass(&mut self, plan: &EpochPlan) -> Result<PassMetrics, ReplicaError> {
+        let epoch = plan.epoch;
+        let seed = self.setup.training.seed;
+        let n = self.data.train_y.size()[0] as usize;
+        let order = Rng::derive(seed, &[STREAM_SHUFFLE, epoch as u64]).permutation(n);
+        let aug_rng = Rng::derive(seed, &[STREAM_AUGMENT, epoch as u64]);
+        self.model.set_dropout_seed(self.dropout_seed(), epoch as u64);
+        let mode = plan.mode;
+        let device = self.model.device();
+        let world = self.world();
+        // Batches are gathered and augmented ahead of the model (data::prefetch); the producer
+        // draws from `aug_rng` in batch order, so the batches do not depend on its timing.
+        // With several replicas each global batch is `world` per-replica batches, and each
+        // replica gets its part of it.
+        let global = self.setup.training.batch_size as usize * world;
+        let shards: Vec<Shard> = batches(&order, global)
+            .into_iter()
+            .map(|b| Shard { global: b.to_vec(), part: shard_ranges(b.len(), world)[self.rank].clone() })
+            .collect();
+        let producer = TrainBatches::sharded(
+            &self.data.train_x,
+            &self.data.train_y,
+            shards,
+            self.setup.training.augment,
+            aug_rng,
+            prefetch::prefetch_depth(),
+        );
+        let buffers: Vec<Tensor> = self.model.named_buffers().iter().map(|(_, t)| t.shallow_clone()).collect();
+        let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device)).map_err(torch("training"))?;
+        let mut correct = Tensor::f_zeros([], (Kind::Int64, device)).map_err(torch("training"))?;
+        let context = format!("training epoch {epoch}");
+        for (step, batch) in producer.enumerate() {
+            self.check_cancel()?;
+            if let Some(f) = plan.fault
+                && f.rank == self.rank
+                && f.step == step
+            {
+                if f.panic {
+                    panic!("injected panic in replica {} before step {step}", self.rank);
+                }
+                return Err(ReplicaError::Train(TrainError::Retryable(format!(
+                    "injected fault in replica {} before step {step}",
+                    self.rank
+                ))));
+            }
+            let batch = batch.map_err(|e| TrainError::from_torch(&context, e))?;
+            (loss_sum, correct) = if self.comm.is_none() {
+                self.step_alone(batch, mode, &loss_sum, &correct).map_err(|e| TrainError::from_torch(&context, e))?
+            } else {
+                self.step_shared(batch, mode, &buffers, &loss_sum, &correct, &context)?
+            };
+        }
+        if self.comm.is_none() {
+            let loss = loss_sum.f_double_value(&[]).map_err(torch("training"))?;
+            let hits = correct.f_int64_value(&[]).map_err(torch("training"))?;
+            return Ok((loss / n as f64, hits as f64 / n as f64));
+        }
+        let (loss, hits) = self.global_sums(&loss_sum, &correct, &context)?;
+        Ok((loss / n as f64, hits / n as f64))
+    }
+
+    /// Validation in evaluation mode; with several replicas each takes a contiguous part of
+    /// the validation set and the sums are added up, so every sample counts once.
+    fn validate(&mut self) -> Result<PassMetrics, ReplicaError> {
+        let n = self.data.val_y.size()[0] as usize;
+        let part = split_evenly(n, self.world())[self.rank].clone();
+        let order: Vec<i64> = (part.start as i64..part.end as i64).collect();
+        let device = self.model.device();
+        let (model, data, cancel) = (&self.model, &self.data, &self.setup.cancel);
+        let batch_size = self.setup.training.batch_size.max(1) as usize;
+        let (loss_sum, correct) = tch::no_grad(|| {
+            let run = || -> Result<(Tensor, Tensor), TchError> {
+                let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device))?;
+                let mut correct = Tensor::f_zeros([], (Kind::Int64, device))?;
+                for idx in order.chunks(batch_size) {
+                    if cancelled(cancel) {
+                        break;
+                    }
+                    let (start, len) = (idx[0], idx.len() as i64);
+                    let x = augment::eval_batch(&data.val_x.f_narrow(0, start, len)?)?;
+                    let y = data.val_y.f_narrow(0, start, len)?;
+                    let logits = model.forward(&x, ForwardMode::EVAL)?;
+                    let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0)?;
+                    loss_sum = loss_sum.f_add(&loss.f_to_kind(Kind::Double)?)?;
+                    correct = correct.f_add(&logits.f_argmax(1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?)?;
+                }
+                Ok((loss_sum, correct))
+            };
+            run().map_err(torch("validation"))
+        })?;
+        let (loss, hits) = if self.comm.is_none() {
+            let loss = loss_sum.f_double_value(&[]).map_err(torch("validation"))?;
+            let hits = correct.f_int64_value(&[]).map_err(torch("validation"))?;
+            (loss, hits as f64)
+        } else {
+            self.global_sums(&loss_sum, &correct, "validation")?
+        };
+        self.check_cancel()?;
+        Ok((loss / n as f64, hits / n as f64))
+    }
+}
+
+/// What the trainer asks a replica thread to do.
+#[derive(Debug, Clone, Copy)]
+enum Command {
+    Epoch(EpochPlan),
+    Validate,
+}
+
+/// What a replica thread answers.
+enum Reply {
+    /// Built and synchronised with rank 0.
+    Ready,
+    Epoch((PassMetrics, PassMetrics)),
+    Validated(PassMetrics),
+}
+
+/// A replica (rank ≥ 1) on its own thread.
+struct Peer {
+    rank: usize,
+    /// Closed to make the thread end.
+    commands: Option<mpsc::Sender<Command>>,
+    replies: mpsc::Receiver<Result<Reply, ReplicaError>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".into())
+}
+
+/// Runs a replica's work; a failure (an error or a panic, not an abort caused by another
+/// replica) aborts the group so that no replica waits for this one.
+fn guarded<T>(
+    rank: usize,
+    abort: &AbortHandle,
+    f: impl FnOnce() -> Result<T, ReplicaError>,
+) -> Result<T, ReplicaError> {
+    let result = match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => Err(ReplicaError::Train(TrainError::Retryable(format!(
+            "replica {rank} panicked: {}",
+            panic_message(panic.as_ref())
+        )))),
+    };
+    if let Err(ReplicaError::Train(e)) = &result {
+        abort.abort(&format!("replica {rank} stopped: {e}"));
+    }
+    result
+}
+
+impl Peer {
+    fn spawn(
+        rank: usize,
+        setup: ReplicaSetup,
+        device: Device,
+        data: DeviceData,
+        comm: Box<dyn AllReduce>,
+        abort: AbortHandle,
+    ) -> std::io::Result<Peer> {
+        let (commands, inbox) = mpsc::channel::<Command>();
+        let (outbox, replies) = mpsc::channel::<Result<Reply, ReplicaError>>();
+        let handle = std::thread::Builder::new().name(format!("sweep-replica-{rank}")).spawn(move || {
+            let built = guarded(rank, &abort, move || Replica::new(rank, setup, device, data, Some(comm), None));
+            let mut replica = match built {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = outbox.send(Err(e));
+                    return;
+                }
+            };
+            if outbox.send(Ok(Reply::Ready)).is_err() {
+                return;
+            }
+            for command in inbox {
+                let reply = guarded(rank, &abort, || match command {
+                    Command::Epoch(plan) => replica.run_epoch(&plan).map(Reply::Epoch),
+                    Command::Validate => replica.validate().map(Reply::Validated),
+                });
+                if outbox.send(reply).is_err() {
+                    break;
+                }
+            }
+        })?;
+        Ok(Peer { rank, commands: Some(commands), replies, handle: Some(handle) })
+    }
+
+    /// The thread's answer to the last command.
+    fn reply(&self) -> Result<Reply, ReplicaError> {
+        self.replies.recv().unwrap_or_else(|_| {
+            Err(ReplicaError::Train(TrainError::Retryable(format!("replica {} stopped unexpectedly", self.rank))))
+        })
+    }
+}
+
+/// Closes the peers' command channels (they leave their loops and drop their replicas),
+/// drops `lead_comm` meanwhile, and joins them.
+fn shut_down(peers: &mut Vec<Peer>, lead_comm: Option<Box<dyn AllReduce>>) {
+    for p in peers.iter_mut() {
+        p.commands.take();
+    }
+    drop(lead_comm);
+    for p in peers.iter_mut() {
+        if let Some(h) = p.handle.take() {
+            let _ = h.join();
+        }
+    }
+    peers.clear();
+}
+
+/// The outcome of one piece of work on every replica (rank order): every value, or the error
+/// that explains the failure best — a replica's own error (the lowest rank's), else
+/// cancellation, else the abort.
+fn combine<T>(results: Vec<(usize, Result<T, ReplicaError>)>, devices: &[Device]) -> Result<Vec<T>, TrainError> {
+    let mut values = Vec::with_capacity(results.len());
+    let (mut own, mut cancel, mut aborted) = (None, false, None);
+    for (rank, r) in results {
+        match r {
+            Ok(v) => values.push(v),
+            Err(ReplicaError::Train(TrainError::Cancelled)) => cancel = true,
+            Err(ReplicaError::Train(e)) if own.is_none() => {
+                own = Some(if rank == 0 {
+                    e
+                } else {
+                    let at = format!("replica {rank} on {}", dist::device_name(devices[rank]));
+                    match e {
+                        TrainError::Permanent(m) => TrainError::Permanent(format!("{at}: {m}")),
+                        TrainError::Retryable(m) => TrainError::Retryable(format!("{at}: {m}")),
+                        TrainError::Cancelled => TrainError::Cancelled,
+                    }
+                });
+            }
+            Err(ReplicaError::Train(_)) => {}
+            Err(ReplicaError::Aborted(r)) => {
+                aborted.get_or_insert(r);
+            }
+        }
+    }
+    if let Some(e) = own {
+        return Err(e);
+    }
+    if cancel {
+        return Err(TrainError::Cancelled);
+    }
+    if let Some(r) = aborted {
+        return Err(ReplicaError::Aborted(r).into_train());
+    }
+    Ok(values)
+}
+
+/// A trial being trained, one epoch at a time. [`run_trial`] is the usual entry point; this
+/// type exists for callers that need to act between epochs (checkpoints, shared stages).
+///
+/// **Data parallel.** With several [`TrainOptions::devices`] the trainer holds one replica per
+/// device: rank 0 on the calling thread (the one [`Trainer::model`] shows and checkpoints
+/// save), the others on threads of their own, each with its model, optimizer and copy of the
+/// uint8 dataset on its device. At the start rank 0's parameters and buffers (after weight
+/// loading) are broadcast to all. Each step's global batch — `training.batch_size` × replicas,
+/// cut from the same seeded epoch order as with one replica — is split into contiguous shards
+/// ([`shard_ranges`]); augmentation parameters are drawn per sample for the whole global batch,
+/// so a sample is augmented the same way whatever the number of replicas. Before each step in
+/// which BatchNorm trains, rank 0's buffers are broadcast (PyTorch DDP's `broadcast_buffers`).
+/// Each replica divides its shard's summed loss by the global batch size, gradients are summed
+/// in ~25 MB buckets ([`dist`]), and each replica steps its own Adam, so the replicas stay
+/// identical and — with BatchNorm frozen and no dropout — train as one replica on the global
+/// batch (up to floating-point summation order). Train and validation metrics are sums over
+/// all replicas; validation is split between them. Dropout masks come from per-replica streams
+/// and BatchNorm normalises each shard with its own statistics (as DDP without SyncBatchNorm),
+/// so with those the result depends on the number of replicas.
+///
+/// If any replica fails, is cancelled or panics, the group is aborted, every replica stops at
+/// its next collective, and the epoch returns the most telling error; the trainer then refuses
+/// further epochs.
+pub struct Trainer {
+    fe_epochs: u32,
+    ft_epochs: u32,
+    freeze_bn_stats: bool,
+    devices: Vec<Device>,
+    lead: Replica,
+    peers: Vec<Peer>,
+    abort: Option<AbortHandle>,
     epochs_done: u32,
+    /// Set when an epoch failed with several replicas (they may no longer agree).
+    failed: Option<TrainError>,
+    /// Work was handed to the peers and not collected yet.
+    busy: bool,
+    mode_override: Option<ForwardMode>,
+    fault: Option<Fault>,
 }
 
 impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trainer")
-            .field("model", &self.model)
+            .field("model", &self.lead.model)
+            .field("devices", &self.devices)
             .field("epochs_done", &self.epochs_done)
             .field("fe_epochs", &self.fe_epochs)
             .field("ft_epochs", &self.ft_epochs)
@@ -257,7 +840,8 @@ fn torch(context: &'static str) -> impl FnOnce(TchError) -> TrainError {
 
 impl Trainer {
     /// Prepares trial `trial` of `spec`: dataset (from the process cache), model with a new
-    /// head, weights, data on the device, and the feature-extraction optimizer.
+    /// head, weights, data on the device(s), the feature-extraction optimizer, and with
+    /// several devices the replicas and their group.
     pub fn new(spec: &SweepSpec, trial: &Trial, options: &TrainOptions) -> Result<Trainer, TrainError> {
         let training = spec.training.clone();
         let backbone = trial.backbone;
@@ -267,6 +851,17 @@ impl Trainer {
                 "dataset.image_size {image_size} px is too small for {}, which needs at least {} px",
                 backbone.name(),
                 backbone.min_image_size()
+            )));
+        }
+        let devices = options.devices.clone();
+        dist::backend_for(&devices).map_err(|e| TrainError::Retryable(format!("training devices: {e}")))?;
+        let cuda_count = devices.iter().any(|d| d.is_cuda()).then(|| tch::Cuda::device_count().max(0) as usize);
+        if let Some(&Device::Cuda(missing)) =
+            devices.iter().find(|d| matches!(d, Device::Cuda(i) if *i >= cuda_count.unwrap_or(0)))
+        {
+            return Err(TrainError::Retryable(format!(
+                "training devices: cuda:{missing} is not on this machine, which has {} CUDA device(s)",
+                cuda_count.unwrap_or(0)
             )));
         }
         let dataset = data::load(&spec.dataset)?;
@@ -279,48 +874,114 @@ impl Trainer {
         if dataset.val.is_empty() {
             return Err(TrainError::Permanent("the validation split has no image".into()));
         }
-        let model = Model::build_seeded(backbone, dataset.classes.len() as i64, options.device, training.seed)?;
-        if let Some(path) = weights_file(&spec.model.weights, backbone, options.weights_dir().as_deref())? {
-            let loaded = model.load_weights(&path)?;
-            tracing::info!(file = %path.display(), tensors = loaded.loaded, "loaded weights");
-        }
-        let (train_x, train_y) =
-            dataset.train.to_tensors(options.device).map_err(torch("copying the training set to the device"))?;
-        let (val_x, val_y) =
-            dataset.val.to_tensors(options.device).map_err(torch("copying the validation set to the device"))?;
-        // Feature extraction: only the new head trains.
-        model.set_trainable(|n| model.is_head(n)).map_err(torch("freezing the backbone"))?;
-        let head: Vec<_> = model
-            .named_parameters()
-            .iter()
-            .filter(|(n, _)| model.is_head(n))
-            .map(|(n, t)| (n.clone(), t.shallow_clone(), training.feature_extraction_lr))
-            .collect();
-        let optimizer = Adam::new(head, AdamConfig { weight_decay: training.weight_decay, ..AdamConfig::default() });
-        Ok(Trainer {
+        let weights = weights_file(&spec.model.weights, backbone, options.weights_dir().as_deref())?;
+        let freeze_bn_stats = training.freeze_bn_stats;
+        let setup = ReplicaSetup {
             training,
             lr_decay: trial.lr_decay,
+            backbone,
+            classes: dataset.classes.len() as i64,
+            cancel: options.cancel.clone(),
+        };
+        // The dataset on each distinct device (CPU replicas share one copy).
+        let mut on_device: Vec<(Device, DeviceData)> = Vec::new();
+        for &d in &devices {
+            if on_device.iter().any(|(x, _)| *x == d) {
+                continue;
+            }
+            let (train_x, train_y) =
+                dataset.train.to_tensors(d).map_err(torch("copying the training set to the device"))?;
+            let (val_x, val_y) =
+                dataset.val.to_tensors(d).map_err(torch("copying the validation set to the device"))?;
+            on_device.push((d, DeviceData { train_x, train_y, val_x, val_y }));
+        }
+        let data_on = |d: Device| {
+            on_device
+                .iter()
+                .find(|(x, _)| *x == d)
+                .map(|(_, data)| data.shallow_clone())
+                .ok_or_else(|| TrainError::Retryable(format!("no data on {}", dist::device_name(d))))
+        };
+        let trainer = |lead: Replica, peers: Vec<Peer>, abort: Option<AbortHandle>| Trainer {
             fe_epochs: trial.fe_epochs,
             ft_epochs: trial.ft_epochs,
-            options: options.clone(),
-            model,
-            train_x,
-            train_y,
-            val_x,
-            val_y,
-            optimizer,
+            freeze_bn_stats,
+            devices: devices.clone(),
+            lead,
+            peers,
+            abort,
             epochs_done: 0,
-        })
+            failed: None,
+            busy: false,
+            mode_override: None,
+            fault: None,
+        };
+        if devices.len() == 1 {
+            let lead = Replica::new(0, setup, devices[0], data_on(devices[0])?, None, weights.as_deref())
+                .map_err(ReplicaError::into_train)?;
+            return Ok(trainer(lead, Vec::new(), None));
+        }
+
+        let comms = dist::group(&devices).map_err(|e| {
+            TrainError::Retryable(format!("cannot train on {} in data parallel: {e}", dist::describe_devices(&devices)))
+        })?;
+        let abort = comms[0].abort_handle();
+        let mut comms = comms.into_iter();
+        let lead_comm = comms.next();
+        let mut peers = Vec::with_capacity(devices.len() - 1);
+        for (i, comm) in comms.enumerate() {
+            let rank = i + 1;
+            let spawned = data_on(devices[rank]).and_then(|data| {
+                Peer::spawn(rank, setup.clone(), devices[rank], data, comm, abort.clone())
+                    .map_err(|e| TrainError::Retryable(format!("cannot start the thread of replica {rank}: {e}")))
+            });
+            if let Err(e) = spawned.map(|p| peers.push(p)) {
+                abort.abort(&e.to_string());
+                shut_down(&mut peers, lead_comm);
+                return Err(e);
+            }
+        }
+        let lead = guarded(0, &abort, || {
+            Replica::new(0, setup, devices[0], data_on(devices[0])?, lead_comm, weights.as_deref())
+        });
+        let mut results: Vec<(usize, Result<(), ReplicaError>)> =
+            vec![(0, lead.as_ref().map(|_| ()).map_err(Clone::clone))];
+        for p in &peers {
+            results.push((p.rank, p.reply().map(|_| ())));
+        }
+        match (combine(results, &devices), lead) {
+            (Ok(_), Ok(lead)) => Ok(trainer(lead, peers, Some(abort))),
+            (Err(e), lead) => {
+                abort.abort(&e.to_string());
+                shut_down(&mut peers, lead.ok().and_then(|mut l| l.comm.take()));
+                Err(e)
+            }
+            (Ok(_), Err(e)) => {
+                abort.abort("replica 0 failed");
+                shut_down(&mut peers, None);
+                Err(e.into_train())
+            }
+        }
     }
 
-    /// The model being trained.
+    /// The model being trained (rank 0's replica).
     pub fn model(&self) -> &Model {
-        &self.model
+        &self.lead.model
     }
 
-    /// The optimizer of the current phase.
+    /// The optimizer of the current phase (rank 0's).
     pub fn optimizer(&self) -> &Adam {
-        &self.optimizer
+        &self.lead.optimizer
+    }
+
+    /// The training devices, one replica each.
+    pub fn devices(&self) -> &[Device] {
+        &self.devices
+    }
+
+    /// Number of replicas.
+    pub fn world_size(&self) -> usize {
+        self.devices.len()
     }
 
     /// Epochs completed so far.
@@ -338,17 +999,63 @@ impl Trainer {
         Phase::of_epoch(self.epochs_done + 1, self.fe_epochs)
     }
 
-    /// Switches to fine-tuning: every parameter trains, with a new Adam whose learning rates
-    /// come from the trial's decay strategy. Called by [`Trainer::run_epoch`] at the first
-    /// fine-tuning epoch.
-    fn start_fine_tuning(&mut self) -> Result<(), TrainError> {
-        self.model.set_trainable(|_| true).map_err(torch("unfreezing the backbone"))?;
-        let lrs = fine_tuning_lrs(&self.model, &self.lr_decay, self.training.fine_tuning_default_lr);
-        let params =
-            self.model.named_parameters().iter().zip(lrs).map(|((n, t), lr)| (n.clone(), t.shallow_clone(), lr));
-        self.optimizer =
-            Adam::new(params, AdamConfig { weight_decay: self.training.weight_decay, ..AdamConfig::default() });
-        Ok(())
+    /// Forces the forward mode of the training passes from the next epoch on (`None`: the
+    /// recipe's — training mode, BatchNorm frozen during feature extraction with
+    /// `freeze_bn_stats`). For experiments and tests, e.g. BatchNorm frozen in every phase
+    /// (`ForwardMode::TRAIN_FROZEN_BN`); trials never set it.
+    pub fn set_forward_mode_override(&mut self, mode: Option<ForwardMode>) {
+        self.mode_override = mode;
+    }
+
+    /// Makes one replica fail (or panic) before a step of the next epoch, to test that the
+    /// others stop. Never used by the worker.
+    #[doc(hidden)]
+    pub fn inject_fault(&mut self, fault: Fault) {
+        self.fault = Some(fault);
+    }
+
+    /// Runs `lead` on rank 0 and `command` on every other replica, and collects the outcome.
+    fn on_all<T>(
+        &mut self,
+        command: Command,
+        lead: impl FnOnce(&mut Replica) -> Result<T, ReplicaError>,
+        unpack: impl Fn(Reply) -> Option<T>,
+    ) -> Result<T, TrainError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let Some(abort) = self.abort.clone() else {
+            // One replica: on this thread, nothing else.
+            return lead(&mut self.lead).map_err(ReplicaError::into_train);
+        };
+        self.busy = true;
+        let sent: Vec<bool> =
+            self.peers.iter().map(|p| p.commands.as_ref().is_some_and(|c| c.send(command).is_ok())).collect();
+        if let Some(i) = sent.iter().position(|s| !s) {
+            abort.abort(&format!("replica {} is gone", self.peers[i].rank));
+        }
+        let mut results = vec![(0, guarded(0, &abort, || lead(&mut self.lead)))];
+        for (p, sent) in self.peers.iter().zip(sent) {
+            let r = if sent {
+                p.reply().and_then(|reply| {
+                    unpack(reply).ok_or_else(|| {
+                        ReplicaError::Train(TrainError::Retryable(format!("replica {} answered out of turn", p.rank)))
+                    })
+                })
+            } else {
+                Err(ReplicaError::Train(TrainError::Retryable(format!("replica {} is gone", p.rank))))
+            };
+            results.push((p.rank, r));
+        }
+        self.busy = false;
+        match combine(results, &self.devices) {
+            Ok(mut values) => Ok(values.swap_remove(0)),
+            Err(e) => {
+                abort.abort(&e.to_string());
+                self.failed = Some(e.clone());
+                Err(e)
+            }
+        }
     }
 
     /// Trains and validates the next epoch and returns its metrics.
@@ -358,12 +1065,26 @@ impl Trainer {
             return Err(TrainError::Permanent(format!("the trial has only {} epochs", self.total_epochs())));
         }
         let phase = Phase::of_epoch(epoch, self.fe_epochs);
-        if phase == Phase::FineTuning && epoch == self.fe_epochs + 1 {
-            self.start_fine_tuning()?;
-        }
+        let mode = self.mode_override.unwrap_or(if phase == Phase::FeatureExtraction && self.freeze_bn_stats {
+            ForwardMode::TRAIN_FROZEN_BN
+        } else {
+            ForwardMode::TRAIN
+        });
+        let plan = EpochPlan {
+            epoch,
+            start_fine_tuning: phase == Phase::FineTuning && epoch == self.fe_epochs + 1,
+            mode,
+            fault: self.fault.take(),
+        };
         let start = Instant::now();
-        let (train_loss, train_accuracy) = self.train_pass(epoch, phase)?;
-        let (val_loss, val_accuracy) = self.validate()?;
+        let ((train_loss, train_accuracy), (val_loss, val_accuracy)) = self.on_all(
+            Command::Epoch(plan),
+            |r| r.run_epoch(&plan),
+            |reply| match reply {
+                Reply::Epoch(m) => Some(m),
+                _ => None,
+            },
+        )?;
         self.epochs_done = epoch;
         Ok(EpochMetrics {
             epoch,
@@ -376,92 +1097,33 @@ impl Trainer {
         })
     }
 
-    fn check_cancel(&self) -> Result<(), TrainError> {
-        if self.options.cancelled() { Err(TrainError::Cancelled) } else { Ok(()) }
+    /// Validation loss and accuracy of the current weights (what [`Trainer::run_epoch`]
+    /// reports after training), shared between the replicas.
+    pub fn validate(&mut self) -> Result<(f64, f64), TrainError> {
+        self.on_all(
+            Command::Validate,
+            |r| r.validate(),
+            |reply| match reply {
+                Reply::Validated(m) => Some(m),
+                _ => None,
+            },
+        )
     }
+}
 
-    fn train_pass(&mut self, epoch: u32, phase: Phase) -> Result<(f64, f64), TrainError> {
-        let seed = self.training.seed;
-        let n = self.train_y.size()[0] as usize;
-        let order = Rng::derive(seed, &[STREAM_SHUFFLE, epoch as u64]).permutation(n);
-        let aug_rng = Rng::derive(seed, &[STREAM_AUGMENT, epoch as u64]);
-        self.model.set_dropout_seed(seed, epoch as u64);
-        let mode = if phase == Phase::FeatureExtraction && self.training.freeze_bn_stats {
-            ForwardMode::TRAIN_FROZEN_BN
-        } else {
-            ForwardMode::TRAIN
-        };
-        let device = self.options.device;
-        // Batches are gathered and augmented ahead of the model (data::prefetch); the producer
-        // draws from `aug_rng` in batch order, so the batches do not depend on its timing.
-        let batch_list: Vec<Vec<i64>> =
-            batches(&order, self.training.batch_size as usize).into_iter().map(<[i64]>::to_vec).collect();
-        let producer = TrainBatches::new(
-            &self.train_x,
-            &self.train_y,
-            batch_list,
-            self.training.augment,
-            aug_rng,
-            prefetch::prefetch_depth(),
-        );
-        let step = |this: &mut Trainer,
-                    batch: Batch,
-                    loss_sum: &Tensor,
-                    correct: &Tensor|
-         -> Result<(Tensor, Tensor), TchError> {
-            let (x, y) = (batch.images, batch.labels);
-            let logits = this.model.forward(&x, mode)?;
-            let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
-            this.optimizer.zero_grad();
-            loss.f_backward()?;
-            this.optimizer.step()?;
-            tch::no_grad(|| {
-                let b = batch.len as f64;
-                let loss_sum = loss_sum.f_add(&loss.f_detach()?.f_to_kind(Kind::Double)?.f_mul_scalar(b)?)?;
-                let hits = logits.f_argmax(1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?;
-                Ok((loss_sum, correct.f_add(&hits)?))
-            })
-        };
-        let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device)).map_err(torch("training"))?;
-        let mut correct = Tensor::f_zeros([], (Kind::Int64, device)).map_err(torch("training"))?;
-        let context = format!("training epoch {epoch}");
-        for batch in producer {
-            self.check_cancel()?;
-            let batch = batch.map_err(|e| TrainError::from_torch(&context, e))?;
-            (loss_sum, correct) =
-                step(self, batch, &loss_sum, &correct).map_err(|e| TrainError::from_torch(&context, e))?;
+impl Drop for Trainer {
+    fn drop(&mut self) {
+        if self.peers.is_empty() {
+            return;
         }
-        let loss = loss_sum.f_double_value(&[]).map_err(torch("training"))?;
-        let hits = correct.f_int64_value(&[]).map_err(torch("training"))?;
-        Ok((loss / n as f64, hits as f64 / n as f64))
-    }
-
-    fn validate(&self) -> Result<(f64, f64), TrainError> {
-        let n = self.val_y.size()[0] as usize;
-        let order: Vec<i64> = (0..n as i64).collect();
-        let device = self.options.device;
-        tch::no_grad(|| {
-            let run = || -> Result<(f64, i64), TchError> {
-                let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device))?;
-                let mut correct = Tensor::f_zeros([], (Kind::Int64, device))?;
-                for idx in order.chunks(self.training.batch_size.max(1) as usize) {
-                    if self.options.cancelled() {
-                        break;
-                    }
-                    let (start, len) = (idx[0], idx.len() as i64);
-                    let x = augment::eval_batch(&self.val_x.f_narrow(0, start, len)?)?;
-                    let y = self.val_y.f_narrow(0, start, len)?;
-                    let logits = self.model.forward(&x, ForwardMode::EVAL)?;
-                    let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0)?;
-                    loss_sum = loss_sum.f_add(&loss.f_to_kind(Kind::Double)?)?;
-                    correct = correct.f_add(&logits.f_argmax(1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?)?;
-                }
-                Ok((loss_sum.f_double_value(&[])?, correct.f_int64_value(&[])?))
-            };
-            let (loss, hits) = run().map_err(torch("validation"))?;
-            self.check_cancel()?;
-            Ok((loss / n as f64, hits as f64 / n as f64))
-        })
+        if self.busy
+            && let Some(a) = &self.abort
+        {
+            // Unwinding out of an epoch: the peers may be waiting for rank 0.
+            a.abort("the trainer was dropped during an epoch");
+        }
+        let lead_comm = self.lead.comm.take();
+        shut_down(&mut self.peers, lead_comm);
     }
 }
 

@@ -25,16 +25,23 @@
 //! would stall the trainer's kernel launches once per copy; in the producer thread the trainer
 //! keeps enqueueing while the producer waits.
 //!
+//! **Data parallel.** A replica's batches are [`Shard`]s: its contiguous part of each global
+//! batch. The producer still draws the parameters of *every* sample of the global batch, in
+//! order, and keeps those of its part, so each replica's stream stays in step with the others'
+//! and a sample gets the same augmentation whatever the number of replicas. A replica whose
+//! part of a (short, last) global batch is empty gets an empty [`Batch`] (`len` 0).
+//!
 //! Dropping a [`TrainBatches`] early (an error, a cancelled trial) closes the channel and joins
 //! the producer, which stops after the batch it is assembling.
 
+use std::ops::Range;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 use sweep_core::spec::Augment;
 use tch::{TchError, Tensor};
 
-use crate::augment;
+use crate::augment::{self, SampleParams};
 use crate::rng::Rng;
 
 /// Environment variable overriding the prefetch depth of training passes (`0` produces
@@ -57,8 +64,28 @@ pub struct Batch {
     pub images: Tensor,
     /// Class indices `[N]` (int64) on the training device.
     pub labels: Tensor,
-    /// `N`.
+    /// `N` (0 for a replica whose shard of a short global batch is empty).
     pub len: usize,
+    /// Samples in the whole global batch this one is a shard of (`len` without data
+    /// parallelism).
+    pub global_len: usize,
+}
+
+/// One replica's part of one global batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    /// Sample indices of the whole global batch, in order.
+    pub global: Vec<i64>,
+    /// The replica's contiguous part of `global`.
+    pub part: Range<usize>,
+}
+
+impl Shard {
+    /// The whole batch `indices` (one replica).
+    pub fn whole(indices: Vec<i64>) -> Shard {
+        let part = 0..indices.len();
+        Shard { global: indices, part }
+    }
 }
 
 /// Assembles batches from the cached split, in order.
@@ -67,19 +94,34 @@ struct Producer {
     labels: Tensor,
     augment: Augment,
     rng: Rng,
-    batches: std::vec::IntoIter<Vec<i64>>,
+    batches: std::vec::IntoIter<Shard>,
 }
 
 impl Producer {
     fn next_batch(&mut self) -> Option<Result<Batch, TchError>> {
-        let idx = self.batches.next()?;
+        let shard = self.batches.next()?;
+        // Every sample of the global batch draws its parameters, in order.
+        let params: Vec<SampleParams> =
+            shard.global.iter().map(|_| SampleParams::draw(&self.augment, &mut self.rng)).collect();
         let make = || -> Result<Batch, TchError> {
+            let global_len = shard.global.len();
+            let part = shard.part.start.min(global_len)..shard.part.end.min(global_len);
+            let idx = &shard.global[part.clone()];
             let device = self.images.device();
-            let t = Tensor::f_from_slice(&idx)?.f_to_device(device)?;
+            if idx.is_empty() {
+                let mut shape = self.images.size();
+                if let Some(first) = shape.first_mut() {
+                    *first = 0;
+                }
+                let images = Tensor::f_zeros(shape.as_slice(), (tch::Kind::Float, device))?;
+                let labels = Tensor::f_zeros([0], (tch::Kind::Int64, device))?;
+                return Ok(Batch { images, labels, len: 0, global_len });
+            }
+            let t = Tensor::f_from_slice(idx)?.f_to_device(device)?;
             let x = self.images.f_index_select(0, &t)?;
             let labels = self.labels.f_index_select(0, &t)?;
-            let images = augment::train_batch(&x, &self.augment, &mut self.rng)?;
-            Ok(Batch { images, labels, len: idx.len() })
+            let images = augment::train_batch_with(&x, &self.augment, &params[part])?;
+            Ok(Batch { images, labels, len: idx.len(), global_len })
         };
         Some(tch::no_grad(make))
     }
@@ -120,8 +162,22 @@ impl TrainBatches {
         rng: Rng,
         depth: usize,
     ) -> TrainBatches {
+        TrainBatches::sharded(images, labels, batches.into_iter().map(Shard::whole).collect(), augment, rng, depth)
+    }
+
+    /// The batches of one replica of a data-parallel pass: for each global batch, its part
+    /// `shard.part` (see the module documentation). [`TrainBatches::new`] is this with whole
+    /// batches.
+    pub fn sharded(
+        images: &Tensor,
+        labels: &Tensor,
+        batches: Vec<Shard>,
+        augment: Augment,
+        rng: Rng,
+        depth: usize,
+    ) -> TrainBatches {
         let remaining = batches.len();
-        let make = |batches: Vec<Vec<i64>>, rng: Rng| Producer {
+        let make = |batches: Vec<Shard>, rng: Rng| Producer {
             images: images.shallow_clone(),
             labels: labels.shallow_clone(),
             augment,
