@@ -139,8 +139,13 @@ fn counts_json(c: Option<&v1::TrialCounts>) -> Value {
 pub fn counts_line(s: &v1::SweepSummary) -> String {
     let c = s.counts.unwrap_or_default();
     let mut parts = vec![format!("{}/{} completed", c.completed, s.trial_count)];
-    for (n, what) in [(c.running, "running"), (c.pending, "pending"), (c.failed, "failed"), (c.cancelled, "cancelled")]
-    {
+    for (n, what) in [
+        (c.running, "running"),
+        (c.pending, "pending"),
+        (c.unschedulable, "unschedulable"),
+        (c.failed, "failed"),
+        (c.cancelled, "cancelled"),
+    ] {
         if n > 0 {
             parts.push(format!("{n} {what}"));
         }

@@ -49,7 +49,7 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Statements that bring a database of version `n - 1` to version `n` (index `n - 2`).
 const MIGRATIONS: &[&str] = &[
@@ -59,6 +59,8 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE trials ADD COLUMN skipped_images INTEGER NOT NULL DEFAULT 0;",
     // 3: the devices each attempt holds.
     "ALTER TABLE attempts ADD COLUMN devices TEXT NOT NULL DEFAULT '';",
+    // 4: attempts looked up by trial (where an ended trial last ran).
+    "CREATE INDEX IF NOT EXISTS attempts_by_trial ON attempts(sweep_id, idx);",
 ];
 
 const SCHEMA: &str = "
@@ -116,6 +118,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     FOREIGN KEY (sweep_id, idx) REFERENCES trials(sweep_id, idx)
 );
 CREATE INDEX IF NOT EXISTS attempts_by_worker ON attempts(worker_id, state);
+CREATE INDEX IF NOT EXISTS attempts_by_trial ON attempts(sweep_id, idx);
 CREATE TABLE IF NOT EXISTS metrics (
     sweep_id       TEXT NOT NULL,
     idx            INTEGER NOT NULL,
@@ -910,7 +913,11 @@ fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Resu
                 (SELECT COUNT(*) FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx),
                 (SELECT m.val_accuracy FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx ORDER BY m.epoch DESC LIMIT 1),
                 t.lr_decay
-         FROM trials t LEFT JOIN attempts a ON a.id = t.current_attempt AND a.state = 'running'
+         FROM trials t LEFT JOIN attempts a ON a.id = CASE
+                WHEN t.state = 'running' THEN t.current_attempt
+                WHEN t.state IN ('completed', 'failed', 'cancelled') THEN
+                    (SELECT MAX(x.id) FROM attempts x WHERE x.sweep_id = t.sweep_id AND x.idx = t.idx)
+             END
          WHERE t.sweep_id = ?1 AND (?2 IS NULL OR t.idx = ?2) ORDER BY t.idx",
     )?;
     // The strategy stays encoded until the rows are read, so a decode error can be a StoreError.

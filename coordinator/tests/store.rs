@@ -353,7 +353,7 @@ fn a_version_1_database_is_upgraded_in_place() {
     assert!(board.entries[0].best_checkpoint.is_none());
     let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
     let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 3);
+    assert_eq!(v, 4);
 }
 
 fn devices(kind: &str, n: usize) -> Vec<v1::Device> {

@@ -233,3 +233,147 @@ fn client_commands_without_a_coordinator_say_how_to_start_one() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("not a coordinator URL"), "{}", stderr(&out));
 }
+
+/// A spec of `trials` tiny trials (epoch splits 1+1, 1+2, …), each needing `devices` devices.
+fn placement_spec(name: &str, trials: u32, devices: u32) -> String {
+    let splits: Vec<String> = (1..=trials).map(|i| format!("[1, {i}]")).collect();
+    format!(
+        "name: {name}
+dataset: {{ kind: synthetic, classes: 3, train_per_class: 6, val_per_class: 4, image_size: 32, seed: 1 }}
+training: {{ batch_size: 4 }}
+resources: {{ gpus_per_trial: {devices} }}
+grid:
+  backbone: [resnet18]
+  lr_decay: [{{ strategy: exponential, head_lr: 1.0e-3, factor: 3 }}]
+  epoch_split: [{}]
+",
+        splits.join(", ")
+    )
+}
+
+fn submit(url: &str, dir: &std::path::Path, file: &str, yaml: &str) -> String {
+    let spec = write(dir, file, yaml);
+    let out = output(sweep().args(["submit", "--coordinator", url]).arg(&spec));
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).lines().last().unwrap().trim().to_string()
+}
+
+fn status_json(url: &str, id: &str) -> Value {
+    let out = output(sweep().args(["status", id, "--coordinator", url, "--output", "json"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+fn wait_completed(url: &str, id: &str, dir: &std::path::Path, logs: &[&str]) -> Value {
+    wait_for(Duration::from_secs(300), &format!("sweep {id} to complete"), || {
+        let s = status_json(url, id);
+        if s["state"] == "failed" {
+            let logs: Vec<String> = logs
+                .iter()
+                .map(|l| std::fs::read_to_string(dir.join(format!("{l}.log"))).unwrap_or_default())
+                .collect();
+            panic!("sweep failed: {s:#}\nworker logs:\n{}", logs.join("\n"));
+        }
+        (s["state"] == "completed").then_some(s)
+    })
+}
+
+#[test]
+fn trials_run_on_disjoint_devices_and_a_trial_too_large_for_every_worker_is_unschedulable_until_one_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
+    // A worker with two CPU slots (a fake two-device machine).
+    let _two = worker_with(&url, "two", dir.path(), &["--devices", "cpu:0,cpu:1"]);
+    let workers = wait_for(Duration::from_secs(30), "the worker to register", || {
+        let out = output(sweep().args(["workers", "--coordinator", &url, "--output", "json"]));
+        let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        (v.as_array().unwrap().len() == 1).then_some(v)
+    });
+    let ids: Vec<&str> = workers[0]["devices"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["cpu:0", "cpu:1"]);
+
+    // Two one-device trials run at once, one per slot.
+    let one = submit(&url, dir.path(), "one.yaml", &placement_spec("one", 2, 1));
+    let s = wait_completed(&url, &one, dir.path(), &["two"]);
+    let trials = s["trials"].as_array().unwrap();
+    let devices: Vec<&Value> = trials.iter().map(|t| &t["devices"]).collect();
+    assert_eq!(devices.len(), 2);
+    assert!(devices.iter().all(|d| d.as_array().unwrap().len() == 1), "{devices:?}");
+    assert_ne!(devices[0], devices[1], "the two trials share a device: {s:#}");
+    let span = |t: &Value| (t["started_at_ms"].as_i64().unwrap(), t["finished_at_ms"].as_i64().unwrap());
+    let ((a0, a1), (b0, b1)) = (span(&trials[0]), span(&trials[1]));
+    assert!(a0 < b1 && b0 < a1, "the trials did not overlap in time: {s:#}");
+
+    // A two-device trial trains data-parallel over both slots.
+    let pair = submit(&url, dir.path(), "pair.yaml", &placement_spec("pair", 1, 2));
+    let s = wait_completed(&url, &pair, dir.path(), &["two"]);
+    assert_eq!(s["trials"][0]["devices"], serde_json::json!(["cpu:0", "cpu:1"]), "{s:#}");
+    let board = output(sweep().args(["leaderboard", &pair, "--coordinator", &url, "--output", "json"]));
+    let board: Value = serde_json::from_str(&stdout(&board)).unwrap();
+    assert!(board[0]["best_val_accuracy"].as_f64().is_some(), "{board:#}");
+
+    // Three devices: no registered worker can ever hold it — said, not waited on silently.
+    let big = submit(&url, dir.path(), "big.yaml", &placement_spec("big", 1, 3));
+    let s = status_json(&url, &big);
+    assert_eq!(s["counts"]["unschedulable"], 1, "{s:#}");
+    let t = &s["trials"][0];
+    assert_eq!(t["state"], "unschedulable");
+    let reason = t["error"].as_str().unwrap();
+    assert!(reason.contains("needs 3 devices") && reason.contains("has 2"), "{reason}");
+    let table = stdout(&output(sweep().args(["status", &big, "--coordinator", &url])));
+    assert!(table.contains("1 unschedulable") && table.contains("needs 3 devices"), "{table}");
+
+    // A worker large enough registers: the trial becomes schedulable and runs there.
+    let _three = worker_with(&url, "three", dir.path(), &["--devices", "cpu:0,cpu:1,cpu:2"]);
+    let s = wait_completed(&url, &big, dir.path(), &["two", "three"]);
+    let t = &s["trials"][0];
+    assert_eq!(t["devices"], serde_json::json!(["cpu:0", "cpu:1", "cpu:2"]), "{s:#}");
+    assert!(t["error"].is_null(), "{s:#}");
+    let out = output(sweep().args(["workers", "--coordinator", &url, "--output", "json"]));
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let by_name = |n: &str| v.as_array().unwrap().iter().find(|w| w["name"] == n).unwrap()["worker"].clone();
+    assert_eq!(t["worker"], by_name("three"));
+}
+
+#[test]
+fn worker_device_lists_and_the_allreduce_check_from_the_command_line() {
+    let worker = || std::process::Command::new(bin("sweep-worker"));
+    let out = output(worker().args(["--devices", "cpu:0,cpu:1", "--list-devices"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let ids: Vec<&str> = text.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    assert_eq!(ids, ["cpu:0", "cpu:1"]);
+    for (list, says) in [
+        ("gpu:0", "device `gpu:0` is not one of `cpu`, `cpu:N`, `cuda:N`"),
+        ("cpu:0,cpu:0", "device `cpu:0` is listed twice"),
+        ("cuda:7", "device `cuda:7` does not exist"),
+    ] {
+        let out = output(worker().args(["--devices", list, "--list-devices"]));
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(&format!("--devices {list}: {says}")), "{}", stderr(&out));
+    }
+    // The in-process backend through the training code path: exact, with the ids as given.
+    let out = output(worker().args([
+        "allreduce-check",
+        "--devices",
+        "cpu:0,cpu:1,cpu:2",
+        "--repetitions",
+        "2",
+        "-o",
+        "json",
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (r["backend"].as_str(), r["world_size"].as_u64(), r["ok"].as_bool()),
+        (Some("cpu"), Some(3), Some(true))
+    );
+    assert_eq!(r["devices"], serde_json::json!(["cpu:0", "cpu:1", "cpu:2"]));
+    assert!(r["buckets"].as_u64().unwrap() >= 2, "{r}");
+    // No CUDA here: a clear error, not a panic.
+    if !std::path::Path::new("/dev/nvidia0").exists() {
+        let out = output(worker().args(["allreduce-check"]));
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains("no CUDA device"), "{}", stderr(&out));
+    }
+}

@@ -108,12 +108,18 @@ pub fn coordinator(state_dir: &Path, extra: &[&str]) -> (Proc, String) {
 /// Starts a `sweep-worker` with one intra-op thread, logging to `<dir>/<name>.log` and
 /// writing checkpoints under `<dir>/artifacts`.
 pub fn worker(url: &str, name: &str, dir: &Path) -> Proc {
+    worker_with(url, name, dir, &[])
+}
+
+/// [`worker`] with extra arguments (`--devices cpu:0,cpu:1`).
+pub fn worker_with(url: &str, name: &str, dir: &Path, extra: &[&str]) -> Proc {
     let file = std::fs::File::create(dir.join(format!("{name}.log"))).expect("worker log");
     let child = Command::new(bin("sweep-worker"))
         .args(["--coordinator", url, "--name", name, "--threads", "1", "--poll-wait", "2", "--artifacts"])
         .arg(dir.join("artifacts"))
         .arg("--cache-dir")
         .arg(dir.join("cache"))
+        .args(extra)
         .stdout(Stdio::from(file.try_clone().expect("log")))
         .stderr(Stdio::from(file))
         .spawn()

@@ -30,6 +30,7 @@ use crate::train::{Control, TrainError, TrainOptions, Trainer};
 pub struct DaemonOptions {
     pub coordinator: String,
     pub name: String,
+    /// Where to train when the coordinator names no devices (one older than placement).
     pub device: tch::Device,
     /// Devices announced to the coordinator.
     pub devices: Vec<v1::Device>,
@@ -42,28 +43,59 @@ pub struct DaemonOptions {
     pub poll_wait: Duration,
 }
 
-/// The devices of this machine as the coordinator sees them: every CUDA device libtorch can
-/// use (named, with its memory, as the CUDA driver reports them; `CUDA device N` and 0 bytes
-/// when the driver cannot be asked), or one CPU device.
-pub fn inventory() -> Vec<v1::Device> {
-    let cuda = tch::Cuda::device_count().max(0) as usize;
-    if cuda > 0 {
-        let driver = crate::devices::cuda_devices().unwrap_or_else(|why| {
+/// The devices this worker announces to the coordinator: those of `selected` (a parsed
+/// `--devices` list), or by default every CUDA device libtorch can use, or one CPU slot.
+/// CUDA devices are named, with their memory, as the CUDA driver reports them (`CUDA device N`
+/// and 0 bytes when the driver cannot be asked); `k` CPU slots share the machine's cores and
+/// memory, each announced with `1/k` of the memory.
+pub fn inventory(selected: Option<&[(String, tch::Device)]>) -> Vec<v1::Device> {
+    let default: Vec<(String, tch::Device)>;
+    let selected = match selected {
+        Some(s) => s,
+        None => {
+            let cuda = tch::Cuda::device_count().max(0) as usize;
+            default = if cuda > 0 {
+                (0..cuda).map(|i| (format!("cuda:{i}"), tch::Device::Cuda(i))).collect()
+            } else {
+                vec![("cpu:0".to_string(), tch::Device::Cpu)]
+            };
+            &default
+        }
+    };
+    let driver = if selected.iter().any(|(_, d)| d.is_cuda()) {
+        crate::devices::cuda_devices().unwrap_or_else(|why| {
             tracing::warn!(%why, "cannot ask the CUDA driver for device names and memory");
             Vec::new()
-        });
-        return (0..cuda)
-            .map(|i| {
-                let info = driver.iter().find(|d| d.index == i);
+        })
+    } else {
+        Vec::new()
+    };
+    let slots = selected.iter().filter(|(_, d)| *d == tch::Device::Cpu).count().max(1) as u64;
+    let (cpu_name, cpu_memory) = cpu_description();
+    selected
+        .iter()
+        .map(|(id, d)| match d {
+            tch::Device::Cuda(i) => {
+                let info = driver.iter().find(|x| x.index == *i);
                 v1::Device {
-                    id: format!("cuda:{i}"),
+                    id: id.clone(),
                     kind: "cuda".into(),
-                    name: info.map_or_else(|| format!("CUDA device {i}"), |d| d.name.clone()),
-                    memory_bytes: info.map_or(0, |d| d.memory_bytes),
+                    name: info.map_or_else(|| format!("CUDA device {i}"), |x| x.name.clone()),
+                    memory_bytes: info.map_or(0, |x| x.memory_bytes),
                 }
-            })
-            .collect();
-    }
+            }
+            _ => v1::Device {
+                id: id.clone(),
+                kind: "cpu".into(),
+                name: if slots > 1 { format!("{cpu_name}, 1 of {slots} slots") } else { cpu_name.clone() },
+                memory_bytes: cpu_memory / slots,
+            },
+        })
+        .collect()
+}
+
+/// `<model name> (<N> cores)` and total memory in bytes, from /proc.
+fn cpu_description() -> (String, u64) {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -77,36 +109,12 @@ pub fn inventory() -> Vec<v1::Device> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
         .unwrap_or(0);
-    vec![v1::Device {
-        id: "cpu:0".into(),
-        kind: "cpu".into(),
-        name: format!("{model} ({cores} cores)"),
-        memory_bytes: memory,
-    }]
+    (format!("{model} ({cores} cores)"), memory)
 }
 
 /// The training device: `cuda:0` when CUDA is usable, else the CPU.
 pub fn default_device() -> tch::Device {
     if tch::Cuda::is_available() { tch::Device::Cuda(0) } else { tch::Device::Cpu }
-}
-
-/// Parses `cpu` or `cuda:N`.
-pub fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
-    match s {
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => Ok(tch::Device::Cuda(0)),
-        _ => {
-            let n = s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse::<usize>().ok())
-                .ok_or_else(|| anyhow!("device `{s}` is neither `cpu` nor `cuda:N`"))?;
-            let count = tch::Cuda::device_count().max(0) as usize;
-            if n >= count {
-                anyhow::bail!("device {s} does not exist: this machine has {count} CUDA devices visible to libtorch");
-            }
-            Ok(tch::Device::Cuda(n))
-        }
-    }
 }
 
 #[derive(Clone)]

@@ -9,12 +9,14 @@ use clap::{Parser, Subcommand, ValueEnum};
 use sweep_core::Backbone;
 use sweep_core::lr::LrDecay;
 use sweep_worker::daemon::{self, DaemonOptions};
-use sweep_worker::{tools, train};
+use sweep_worker::{devices, dist, tools, train};
 
 const EXAMPLES: &str = "\
 Examples:
   sweep-worker --coordinator http://coordinator:7070
-  sweep-worker --coordinator http://127.0.0.1:7070 --device cpu --threads 4
+  sweep-worker --coordinator http://127.0.0.1:7070 --devices cpu --threads 4
+  sweep-worker --coordinator http://coordinator:7070 --devices cuda:0,cuda:1
+  sweep-worker allreduce-check --devices cuda:0,cuda:1     # NCCL on this machine, verified and timed
   SWEEP_WEIGHTS_DIR=/models sweep-worker      # ImageNet weights as <backbone>.safetensors
   sweep-worker inspect --backbone vgg16_bn --lr-decay linear --head-lr 1e-4 --final-lr 1e-7
   sweep-worker predict --backbone resnet50 --weights .sweep/artifacts/<sweep>/t003/best.safetensors rose.jpg";
@@ -30,9 +32,11 @@ struct Args {
     /// Name shown in `sweep workers` (default: host name and process id).
     #[arg(long, env = "SWEEP_WORKER_NAME")]
     name: Option<String>,
-    /// Training device: `cpu` or `cuda:N` (default: cuda:0 when CUDA is usable, else cpu).
-    #[arg(long, env = "SWEEP_DEVICE", global = true)]
-    device: Option<String>,
+    /// Devices to announce and train on: `cpu`, CPU slots `cpu:0,cpu:1` (one trial each, or
+    /// one trial data-parallel over them), or `cuda:0,cuda:1` [default: every CUDA device
+    /// libtorch sees, else cpu]. The tools use the first.
+    #[arg(long, visible_alias = "device", env = "SWEEP_DEVICES", global = true, value_name = "LIST")]
+    devices: Option<String>,
     /// Threads libtorch may use inside one operation (default: all cores).
     #[arg(long, env = "SWEEP_THREADS", global = true)]
     threads: Option<usize>,
@@ -73,6 +77,18 @@ enum Precision {
 
 #[derive(Subcommand)]
 enum Tool {
+    /// Check the data-parallel collectives on --devices [default: every CUDA device]: build
+    /// the group training builds (NCCL for CUDA devices, in-process for CPU slots),
+    /// all-reduce known gradients through the training code path (25 MB buckets), broadcast
+    /// parameters, verify every element, and time the gradient all-reduce. Fails when a
+    /// result is wrong or the backend is missing.
+    AllreduceCheck {
+        /// Timed gradient all-reduces (after one untimed).
+        #[arg(long, default_value_t = 20)]
+        repetitions: usize,
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Measure training throughput (images/s) of a backbone on random images: forward,
     /// cross-entropy, backward and Adam over every parameter; compare with
     /// tools/bench_torch_train.py (PyTorch eager, same work).
@@ -226,10 +242,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         train::set_intra_op_threads(n);
     }
-    let device = match &args.device {
-        Some(d) => daemon::parse_device(d)?,
-        None => daemon::default_device(),
+    let selected = match &args.devices {
+        Some(list) => Some(devices::parse_devices(list).map_err(|e| anyhow::anyhow!("--devices {list}: {e}"))?),
+        None => None,
     };
+    let device = selected.as_ref().map_or_else(daemon::default_device, |s| s[0].1);
     match args.tool {
         Some(Tool::Inspect { backbone: b, lr_decay, head_lr, final_lr, factor, default_lr, num_classes, output }) => {
             let decay = decay(lr_decay, head_lr, final_lr, factor)?;
@@ -279,9 +296,37 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        Some(Tool::AllreduceCheck { repetitions, output }) => {
+            let report = match &selected {
+                Some(s) => dist::check::allreduce_check(&s.iter().map(|(_, d)| *d).collect::<Vec<_>>(), repetitions),
+                None => dist::check::allreduce_check_visible(repetitions).map_err(|e| {
+                    dist::DistError::Unavailable(format!("{e}; give --devices cpu:0,cpu:1 to check the CPU backend"))
+                }),
+            }
+            .map_err(|e| anyhow::anyhow!("all-reduce check: {e}"))?;
+            let mut report = report;
+            if let Some(s) = &selected {
+                // The ids as given (`cpu:0`, `cpu:1`), not the libtorch device (`cpu`, `cpu`).
+                report.devices = s.iter().map(|(id, _)| id.clone()).collect();
+            }
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Table => print!("{}", dist::check::report_text(&report)),
+            }
+            if !report.ok {
+                bail!("all-reduce check: wrong results (see above)");
+            }
+            return Ok(());
+        }
         None => {}
     }
-    let devices = daemon::inventory();
+    let cpu_slots = selected.as_ref().map_or(0, |s| s.iter().filter(|(_, d)| *d == tch::Device::Cpu).count());
+    if cpu_slots > 1 && args.threads.is_none() {
+        // Trials on different slots run at once: share the cores instead of oversubscribing.
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        train::set_intra_op_threads((cores / cpu_slots).max(1));
+    }
+    let devices = daemon::inventory(selected.as_deref());
     if args.list_devices {
         for d in &devices {
             println!("{}\t{}\t{}", d.id, d.name, d.memory_bytes);

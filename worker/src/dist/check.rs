@@ -111,6 +111,34 @@ pub fn allreduce_check_visible(repetitions: usize) -> Result<AllReduceReport, Di
     allreduce_check(&(0..n).map(Device::Cuda).collect::<Vec<_>>(), repetitions)
 }
 
+/// The report as a few lines for a terminal.
+pub fn report_text(r: &AllReduceReport) -> String {
+    let mut out = format!("backend      {} (world size {}: {})\n", r.backend, r.world_size, r.devices.join(", "));
+    if let Some(lib) = &r.nccl_library {
+        out += &format!("NCCL         {} ({})\n", r.nccl_version.as_deref().unwrap_or("version unknown"), lib);
+    }
+    out += &format!(
+        "gradients    {} tensors, {} elements ({:.1} MB) in {} bucket(s)\n",
+        r.tensors,
+        r.elements,
+        r.bytes as f64 / 1e6,
+        r.buckets
+    );
+    out += &format!(
+        "all-reduce   {:.3} ms per gradient all-reduce over {} repetitions ({:.2} GB/s of gradients)\n",
+        r.seconds * 1e3,
+        r.repetitions,
+        if r.seconds > 0.0 { r.bytes as f64 / r.seconds / 1e9 } else { 0.0 }
+    );
+    out += &format!(
+        "result       {} (largest error: all-reduce {:e}, broadcast {:e})\n",
+        if r.ok { "exact" } else { "WRONG" },
+        r.max_abs_error,
+        r.broadcast_max_abs_error
+    );
+    out
+}
+
 fn synchronize(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
