@@ -125,6 +125,18 @@ if [ "$GPUS" -ge 2 ]; then
     else
         fail "NCCL all-reduce, world size $GPUS: $(tail -3 "$OUT_DIR/allreduce-n.log")"
     fi
+    sed 's/^training: .*/training: { batch_size: 32 }\nresources: { gpus_per_trial: 2 }/; s/^name: .*/name: gpu-check-dp/' \
+        "$OUT_DIR/cuda-trial.yaml" >"$OUT_DIR/dp-trial.yaml"
+    rm -rf "$OUT_DIR/state"
+    if "$BIN/sweep" run "$OUT_DIR/dp-trial.yaml" --workers 1 --state-dir "$OUT_DIR/state" --output json \
+        >"$OUT_DIR/dp-trial.json" 2>"$OUT_DIR/dp-trial.log" \
+        && grep -q 'devices=cuda:0,cuda:1' "$OUT_DIR"/state/logs/worker-1.log; then
+        pass "resnet50 trial data-parallel on cuda:0,cuda:1 (NCCL): $(head -c 400 "$OUT_DIR/dp-trial.json")"
+    else
+        fail "data-parallel trial on 2 GPUs: $(tail -5 "$OUT_DIR/dp-trial.log")"
+    fi
+    cp "$OUT_DIR/state/logs/worker-1.log" "$OUT_DIR/dp-trial-worker.log" 2>/dev/null
+    rm -rf "$OUT_DIR/state"
 else
     say "- (one GPU: the multi-GPU all-reduce and data-parallel checks do not apply)"
 fi
