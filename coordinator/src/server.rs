@@ -1,11 +1,17 @@
 //! The coordinator server: `SweepService` and `WorkerService` over one [`Store`].
 //!
-//! Store calls are synchronous SQLite transactions; handlers run them on tokio's blocking pool
-//! behind one mutex, so writes are serialised and each reply goes out after its commit.
-//! Two in-memory signals wake waiters: `work` (a trial may have become available: long-polling
-//! `AcquireTrial` calls re-check) and `events` (the last event sequence: `WatchSweep` streams
-//! read the new events from the store).
+//! Store calls are synchronous SQLite transactions. Handlers queue them to one store thread,
+//! which runs the calls queued together as one batch: each call in its own savepoint, then one
+//! commit (one sync of the write-ahead log) for the batch, and only then the replies (group
+//! commit: the disk syncs per second, not the calls, bound the throughput, and every reply
+//! still goes out after its commit).
+//! In-memory signals wake waiters: `work` (a trial became pending: long-polling `AcquireTrial`
+//! calls of workers with a free device re-check), one `freed` signal per waiting worker (one of
+//! its attempts ended: its own long poll re-checks; a worker whose devices are all busy waits
+//! for nothing else, so an ending attempt wakes one call, not every call of the fleet), and
+//! `events` (the last event sequence: `WatchSweep` streams read the new events from the store).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -28,6 +34,11 @@ pub const MAX_SPEC_BYTES: usize = 1 << 20;
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// Longest an `AcquireTrial` call is held open.
 pub const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
+
+/// Concurrent calls (HTTP/2 streams) one connection may have open. hyper's default is 200; a
+/// client that multiplexes many workers over one connection (`sweep simulate-workers`, a
+/// sidecar) needs more: each worker keeps up to three calls open.
+pub const MAX_CONCURRENT_STREAMS: u32 = 4096;
 
 /// How long `stop` waits for in-flight calls before dropping connections.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -58,43 +69,125 @@ impl Config {
 
 /// State shared by every handler.
 pub struct Shared {
-    store: Mutex<Store>,
+    /// Calls for the store thread.
+    store: std::sync::mpsc::Sender<StoreJob>,
     work: Notify,
+    /// Per worker with an `AcquireTrial` call open: one of its attempts ended.
+    freed: Mutex<HashMap<String, Arc<Notify>>>,
     events: watch::Sender<u64>,
     config: Config,
 }
 
+/// A store call: runs on the store thread inside a batch and returns what answers its caller
+/// once the batch has committed (or failed to).
+type StoreJob = Box<dyn FnOnce(&mut Store) -> Box<dyn FnOnce(&Result<(), String>) + Send> + Send>;
+
+/// Most calls in one batch.
+const MAX_BATCH: usize = 1024;
+
+/// The store thread: runs queued calls in batches until every sender is gone.
+fn store_thread(mut store: Store, jobs: std::sync::mpsc::Receiver<StoreJob>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // Without a batch transaction each call commits on its own: slower, still correct.
+        let batched = store.begin_batch().map_err(|e| tracing::error!(error = %e, "cannot start a batch")).is_ok();
+        let replies: Vec<_> = batch.into_iter().map(|job| job(&mut store)).collect();
+        let committed = if batched { store.commit_batch().map_err(|e| e.to_string()) } else { Ok(()) };
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, calls = replies.len(), "batch commit failed; its calls were refused");
+        }
+        for reply in replies {
+            reply(&committed);
+        }
+    }
+}
+
+/// A worker's `freed` signal, held by its waiting `AcquireTrial` call; the last holder removes
+/// it from the map.
+struct FreedSignal<'a> {
+    shared: &'a Shared,
+    worker_id: String,
+    notify: Arc<Notify>,
+}
+
+impl Drop for FreedSignal<'_> {
+    fn drop(&mut self) {
+        let mut map = self.shared.freed.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&self.worker_id).is_some_and(|n| Arc::ptr_eq(n, &self.notify))
+            && Arc::strong_count(&self.notify) == 2
+        {
+            map.remove(&self.worker_id);
+        }
+    }
+}
+
 impl Shared {
-    /// Runs `f` on the store, off the async runtime.
+    /// Runs `f` on the store thread; the result comes back once its batch has committed.
     async fn call<T, F>(self: &Arc<Self>, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
     {
-        let shared = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            let mut store = shared.store.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            f(&mut store)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("store task failed: {e}")))?
-        .map_err(Status::from)
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: StoreJob = Box::new(move |store: &mut Store| {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store)));
+            Box::new(move |committed: &Result<(), String>| {
+                let reply = match (committed, result) {
+                    (Err(e), _) => Err(Status::unavailable(format!("state database: commit failed: {e}"))),
+                    (Ok(()), Ok(r)) => r.map_err(Status::from),
+                    (Ok(()), Err(_)) => Err(Status::internal("store call panicked")),
+                };
+                let _ = tx.send(reply);
+            })
+        });
+        self.store.send(job).map_err(|_| Status::unavailable("the state database is closed"))?;
+        rx.await.map_err(|_| Status::internal("store task failed"))?
     }
 
-    /// Runs a write and then wakes watchers (and, if `work`, long-polling workers).
+    /// Runs a write and then wakes watchers (and, if `work` and a trial is pending, the
+    /// long-polling workers that have a free device).
     async fn write<T, F>(self: &Arc<Self>, work: bool, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
     {
-        let result = self.call(f).await;
-        if let Ok(seq) = self.call(|s| s.last_sequence()).await {
+        // One trip to the store: the write, then what the wake-ups need.
+        let (result, seq, pending) = self
+            .call(move |s| {
+                let result = f(s);
+                let seq = s.last_sequence().ok();
+                let pending = work && s.has_pending().unwrap_or(true);
+                Ok((result, seq, pending))
+            })
+            .await?;
+        if let Some(seq) = seq {
             self.events.send_replace(seq);
         }
-        if work {
+        if pending {
             self.work.notify_waiters();
         }
-        result
+        result.map_err(Status::from)
+    }
+
+    /// The `freed` signal of a worker, registered while the returned guard lives.
+    fn freed_signal(&self, worker_id: &str) -> FreedSignal<'_> {
+        let mut map = self.freed.lock().unwrap_or_else(|p| p.into_inner());
+        let notify = map.entry(worker_id.to_string()).or_default().clone();
+        FreedSignal { shared: self, worker_id: worker_id.to_string(), notify }
+    }
+
+    /// Wakes the waiting `AcquireTrial` call of a worker, if it has one.
+    fn wake_worker(&self, worker_id: &str) {
+        let map = self.freed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get(worker_id) {
+            n.notify_waiters();
+        }
     }
 }
 
@@ -149,7 +242,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let store = Store::open(&config.state_dir)?;
     let last = store.last_sequence()?;
     let (events, _) = watch::channel(last);
-    let shared = Arc::new(Shared { store: Mutex::new(store), work: Notify::new(), events, config: config.clone() });
+    let (jobs, queue) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("sweep-store".into())
+        .spawn(move || store_thread(store, queue))
+        .context("cannot start the store thread")?;
+    let shared =
+        Arc::new(Shared { store: jobs, work: Notify::new(), freed: Mutex::default(), events, config: config.clone() });
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -166,6 +265,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
             .add_service(sweeps)
             .add_service(workers)
             .serve_with_incoming_shutdown(incoming, async {
@@ -184,8 +284,22 @@ async fn reap_leases(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let deadline = now_ms() - limit.as_millis() as i64;
-        match shared.write(true, move |s| s.expire_workers(deadline)).await {
-            Ok(gone) if !gone.is_empty() => tracing::warn!(workers = ?gone, "leases ended: no heartbeat"),
+        // Wakes waiting workers only when leases ended (their trials may be pending again).
+        let expire = move |s: &mut Store| {
+            let gone = s.expire_workers(deadline)?;
+            let pending = !gone.is_empty() && s.has_pending()?;
+            Ok((gone, pending))
+        };
+        match shared.write(false, expire).await {
+            Ok((gone, pending)) if !gone.is_empty() => {
+                tracing::warn!(workers = ?gone, "leases ended: no heartbeat");
+                for w in &gone {
+                    shared.wake_worker(w);
+                }
+                if pending {
+                    shared.work.notify_waiters();
+                }
+            }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "lease check failed"),
         }
@@ -361,19 +475,43 @@ impl WorkerService for WorkerApi {
         let req = request.into_inner();
         let wait = Duration::from_millis(req.wait_ms).min(MAX_ACQUIRE_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
+        let freed = self.0.freed_signal(&req.worker_id);
         loop {
-            // Register interest before checking, so a submit between the check and the wait
-            // still wakes this call.
-            let notified = self.0.work.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+            // Register interest before checking, so a submit or a finished attempt between the
+            // check and the wait still wakes this call.
+            let pending = self.0.work.notified();
+            tokio::pin!(pending);
+            pending.as_mut().enable();
+            let own = freed.notify.notified();
+            tokio::pin!(own);
+            own.as_mut().enable();
             let (id, inc) = (req.worker_id.clone(), req.incarnation);
-            let assignment = self.0.write(false, move |s| s.acquire(&id, inc)).await?;
+            let (assignment, free) = self
+                .0
+                .write(false, move |s| {
+                    let a = s.acquire(&id, inc)?;
+                    let free = if a.is_none() { s.free_device_count(&id)? } else { 0 };
+                    Ok((a, free))
+                })
+                .await?;
             if let Some(a) = assignment {
                 tracing::info!(worker = %req.worker_id, sweep = %a.sweep_id, trial = %a.trial_id, attempt = a.attempt_id, "trial assigned");
                 return Ok(Response::new(v1::AcquireTrialResponse { assignment: Some(a) }));
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            // Every device busy: only the end of one of this worker's attempts can change that.
+            // A free device and nothing (fitting) pending: a newly pending trial can, too.
+            let woken = tokio::time::timeout_at(deadline, async {
+                if free == 0 {
+                    own.as_mut().await;
+                } else {
+                    tokio::select! {
+                        _ = pending.as_mut() => {}
+                        _ = own.as_mut() => {}
+                    }
+                }
+            })
+            .await;
+            if woken.is_err() {
                 return Ok(Response::new(v1::AcquireTrialResponse { assignment: None }));
             }
         }
@@ -392,6 +530,9 @@ impl WorkerService for WorkerApi {
             last_checkpoint: req.last_checkpoint,
             best_checkpoint: req.best_checkpoint,
             skipped_images: req.skipped_images,
+            resume_checkpoint: req.resume_checkpoint,
+            resumed_from_epoch: req.resumed_from_epoch,
+            note: req.note,
         };
         let cancel = self.0.write(false, move |s| s.report_epoch(req.attempt_id, &metrics, &extras)).await?;
         Ok(Response::new(v1::ReportEpochResponse { cancel }))
@@ -411,7 +552,18 @@ impl WorkerService for WorkerApi {
         }
         let message: String = req.message.chars().take(4000).collect();
         let attempt = req.attempt_id;
-        self.0.write(true, move |s| s.finish_attempt(attempt, outcome, class, &message, req.wall_seconds)).await?;
+        let worker = self
+            .0
+            .write(true, move |s| {
+                let worker = s.attempt_worker(attempt)?;
+                s.finish_attempt(attempt, outcome, class, &message, req.wall_seconds)?;
+                Ok(worker)
+            })
+            .await?;
+        // Its devices are free: the worker's waiting AcquireTrial call re-checks.
+        if let Some(w) = worker {
+            self.0.wake_worker(&w);
+        }
         tracing::info!(attempt, outcome = outcome.as_str_name(), "attempt finished");
         Ok(Response::new(v1::FinishAttemptResponse {}))
     }

@@ -5,6 +5,11 @@
 //! it has committed, so a reply sent to a client or worker is never ahead of what is on disk.
 //! Killing the process at any moment loses nothing that was acknowledged.
 //!
+//! Each method's transaction is a savepoint, so calls can also run inside a batch
+//! ([`Store::begin_batch`] … [`Store::commit_batch`]): a failing call rolls back its own
+//! changes only, and the batch commits (one sync) before any of its callers is answered. The
+//! server batches the calls that arrive together this way (group commit).
+//!
 //! Tables: `sweeps`, `trials` (one row per grid cell), `attempts` (one row per try of a trial on
 //! a worker), `metrics` (one row per trial and epoch: a later attempt's report supersedes an
 //! earlier one, never duplicates it), `workers`, and `events` (the ordered change log behind
@@ -15,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use sweep_core::grid;
 use sweep_core::leaderboard::{self, EpochMetrics, Phase};
 use sweep_core::lr::LrDecay;
@@ -49,7 +54,7 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Statements that bring a database of version `n - 1` to version `n` (index `n - 2`).
 const MIGRATIONS: &[&str] = &[
@@ -61,6 +66,10 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE attempts ADD COLUMN devices TEXT NOT NULL DEFAULT '';",
     // 4: attempts looked up by trial (where an ended trial last ran).
     "CREATE INDEX IF NOT EXISTS attempts_by_trial ON attempts(sweep_id, idx);",
+    // 5: resume points, and how each attempt started.
+    "ALTER TABLE trials ADD COLUMN resume_checkpoint BLOB;
+     ALTER TABLE attempts ADD COLUMN resumed_from_epoch INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE attempts ADD COLUMN note TEXT NOT NULL DEFAULT '';",
 ];
 
 const SCHEMA: &str = "
@@ -99,6 +108,7 @@ CREATE TABLE IF NOT EXISTS trials (
     finished_at_ms  INTEGER,
     best_checkpoint BLOB,
     last_checkpoint BLOB,
+    resume_checkpoint BLOB,
     skipped_images  INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (sweep_id, idx)
 );
@@ -115,6 +125,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     ended_at_ms   INTEGER,
     error         TEXT NOT NULL DEFAULT '',
     devices       TEXT NOT NULL DEFAULT '',
+    resumed_from_epoch INTEGER NOT NULL DEFAULT 0,
+    note          TEXT NOT NULL DEFAULT '',
     FOREIGN KEY (sweep_id, idx) REFERENCES trials(sweep_id, idx)
 );
 CREATE INDEX IF NOT EXISTS attempts_by_worker ON attempts(worker_id, state);
@@ -153,6 +165,12 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_sweep ON events(sweep_id, seq);
 ";
 
+/// Indexes for the scheduler's hot queries: the oldest pending trial of a sweep, and whether a
+/// sweep still has waiting or running trials, without scanning the sweep.
+const QUERY_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS trials_by_state_sweep ON trials(state, sweep_id, idx);
+";
+
 /// Worker states as stored and shown.
 pub const WORKER_ACTIVE: &str = "active";
 pub const WORKER_GONE: &str = "gone";
@@ -173,6 +191,10 @@ pub struct ReportExtras {
     pub last_checkpoint: Option<v1::CheckpointRef>,
     pub best_checkpoint: Option<v1::CheckpointRef>,
     pub skipped_images: u32,
+    pub resume_checkpoint: Option<v1::CheckpointRef>,
+    /// First report of an attempt: how it started.
+    pub resumed_from_epoch: u32,
+    pub note: String,
 }
 
 impl Store {
@@ -228,11 +250,32 @@ impl Store {
                 tx.commit().map_err(open_err)?;
             }
         }
+        // Indexes that only speed queries up are created at every open: they need no schema
+        // version (an older build keeps them up to date and ignores them).
+        conn.execute_batch(QUERY_INDEXES).map_err(open_err)?;
+        // The hot paths run the same statements thousands of times a second; parsing them
+        // again each time was most of their cost.
+        conn.set_prepared_statement_cache_capacity(64);
         Ok(Store { conn, path })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Starts a batch: the calls until [`Store::commit_batch`] nest their transactions in one
+    /// transaction, and nothing is committed before it.
+    pub fn begin_batch(&mut self) -> Result<()> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(())
+    }
+
+    /// Commits a batch (one sync for all its calls); on failure rolls all of it back.
+    pub fn commit_batch(&mut self) -> Result<()> {
+        self.conn.execute_batch("COMMIT").map_err(|e| {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            StoreError::from(e)
+        })
     }
 
     // -----------------------------------------------------------------------------------------
@@ -243,7 +286,7 @@ impl Store {
     pub fn submit(&mut self, spec_yaml: &str, source: &str, spec: &SweepSpec) -> Result<(String, u32)> {
         let trials = grid::expand(&spec.grid);
         let now = now_ms();
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM sweeps", [], |r| r.get(0))?;
         let id = new_sweep_id(&tx, &spec.name, seq)?;
         tx.execute(
@@ -304,7 +347,7 @@ impl Store {
     /// Cancels pending trials now; running attempts are told to stop through their next
     /// heartbeat or report, and their trials end as cancelled when they do.
     pub fn cancel_sweep(&mut self, sweep_id: &str) -> Result<v1::CancelSweepResponse> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let sweep_id = &resolve_sweep(&tx, sweep_id)?;
         tx.execute("UPDATE sweeps SET cancelled = 1 WHERE id = ?1", [sweep_id])?;
         let pending: Vec<i64> = {
@@ -389,14 +432,22 @@ impl Store {
         let trial = trial_summaries(&self.conn, sweep_id, Some(idx as i64))?
             .pop()
             .ok_or_else(|| StoreError::NotFound(format!("sweep {sweep_id} has no trial {trial_id}")))?;
+        let by_epoch: HashMap<u32, u64> = {
+            let mut q = self.conn.prepare("SELECT epoch, attempt_id FROM metrics WHERE sweep_id = ?1 AND idx = ?2")?;
+            q.query_map(params![sweep_id, idx as i64], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64)))?
+                .collect::<rusqlite::Result<_>>()?
+        };
         let metrics = all_metrics(&self.conn, sweep_id)?
             .remove(&trial.index)
             .unwrap_or_default()
             .iter()
-            .map(v1::EpochMetrics::from)
+            .map(|m| v1::EpochMetrics {
+                attempt_id: by_epoch.get(&m.epoch).copied().unwrap_or(0),
+                ..v1::EpochMetrics::from(m)
+            })
             .collect();
         let mut q = self.conn.prepare(
-            "SELECT id, worker_id, state, started_at_ms, COALESCE(ended_at_ms, 0), error
+            "SELECT id, worker_id, state, started_at_ms, COALESCE(ended_at_ms, 0), error, note, resumed_from_epoch
              FROM attempts WHERE sweep_id = ?1 AND idx = ?2 ORDER BY id",
         )?;
         let attempts = q
@@ -408,6 +459,8 @@ impl Store {
                     started_at_ms: r.get(3)?,
                     ended_at_ms: r.get(4)?,
                     error: r.get(5)?,
+                    note: r.get(6)?,
+                    resumed_from_epoch: r.get(7)?,
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
@@ -448,7 +501,7 @@ impl Store {
                 return Err(StoreError::InvalidArgument(format!("device `{}` is listed twice", d.id)));
             }
         }
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let incarnation: i64 = tx.query_row(
             "INSERT INTO meta(key, value) VALUES ('incarnation', 1)
              ON CONFLICT(key) DO UPDATE SET value = value + 1 RETURNING value",
@@ -470,9 +523,10 @@ impl Store {
 
     /// Records a heartbeat; returns the attempts (among `running`) the worker must stop.
     pub fn heartbeat(&mut self, worker_id: &str, incarnation: u64, running: &[u64]) -> Result<Vec<u64>> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         check_worker(&tx, worker_id, incarnation)?;
-        tx.execute("UPDATE workers SET last_seen_ms = ?2 WHERE id = ?1", params![worker_id, now_ms()])?;
+        tx.prepare_cached("UPDATE workers SET last_seen_ms = ?2 WHERE id = ?1")?
+            .execute(params![worker_id, now_ms()])?;
         let mut stop = Vec::new();
         for &attempt in running {
             if attempt_should_stop(&tx, attempt, worker_id)? {
@@ -535,7 +589,7 @@ impl Store {
     /// gone and its running attempts lost; their trials go back to the queue (or fail when out
     /// of attempts). Returns the ids of the workers expired.
     pub fn expire_workers(&mut self, deadline_ms: i64) -> Result<Vec<String>> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let gone: Vec<String> = {
             let mut q = tx.prepare("SELECT id FROM workers WHERE state = ?1 AND last_seen_ms < ?2")?;
             q.query_map(params![WORKER_ACTIVE, deadline_ms], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
@@ -570,54 +624,60 @@ impl Store {
 
     /// Hands the next pending trial that fits the worker to it, or `None`.
     pub fn acquire(&mut self, worker_id: &str, incarnation: u64) -> Result<Option<Assignment>> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let devices = check_worker(&tx, worker_id, incarnation)?;
-        tx.execute("UPDATE workers SET last_seen_ms = ?2 WHERE id = ?1", params![worker_id, now_ms()])?;
-        // The worker's devices not held by one of its running attempts, in its own order.
-        let busy: std::collections::HashSet<String> = {
-            let mut q = tx.prepare("SELECT devices FROM attempts WHERE worker_id = ?1 AND state = 'running'")?;
-            let rows: Vec<String> = q.query_map([worker_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-            rows.iter().flat_map(|d| d.split(',').filter(|x| !x.is_empty()).map(str::to_string)).collect()
-        };
-        let free: Vec<String> = devices.iter().map(|d| d.id.clone()).filter(|d| !busy.contains(d)).collect();
+        let free = free_devices(&tx, worker_id, &devices)?;
         if free.is_empty() {
             tx.commit()?;
             return Ok(None);
         }
+        // The oldest pending trial (by sweep, then index) that fits: one index lookup per open
+        // sweep, no sort of the pending trials.
         let next: Option<(String, i64, i64)> = tx
-            .query_row(
-                "SELECT t.sweep_id, t.idx, s.gpus_per_trial FROM trials t JOIN sweeps s ON s.id = t.sweep_id
-                 WHERE t.state = 'pending' AND s.cancelled = 0 AND s.gpus_per_trial <= ?1
-                 ORDER BY s.seq, t.idx LIMIT 1",
-                [free.len() as i64],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
+            .prepare_cached(
+                "SELECT s.id, (SELECT t.idx FROM trials t WHERE t.state = 'pending' AND t.sweep_id = s.id
+                               ORDER BY t.idx LIMIT 1) AS first, s.gpus_per_trial
+                 FROM sweeps s WHERE s.cancelled = 0 AND s.finished_at_ms IS NULL AND s.gpus_per_trial <= ?1
+                   AND first IS NOT NULL
+                 ORDER BY s.seq LIMIT 1",
+            )?
+            .query_row([free.len() as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
+        // Nothing to hand out: a read-only transaction (no disk write, no sync). Heartbeats keep
+        // the worker's last-seen time.
         let Some((sweep_id, idx, need)) = next else {
             tx.commit()?;
             return Ok(None);
         };
         let held: Vec<String> = free.into_iter().take(need as usize).collect();
         let now = now_ms();
-        let number: i64 = tx.query_row(
-            "UPDATE trials SET attempts = attempts + 1 WHERE sweep_id = ?1 AND idx = ?2 RETURNING attempts",
-            params![sweep_id, idx],
-            |r| r.get(0),
-        )?;
-        tx.execute(
+        tx.prepare_cached("UPDATE workers SET last_seen_ms = ?2 WHERE id = ?1")?.execute(params![worker_id, now])?;
+        let number: i64 = tx
+            .prepare_cached(
+                "UPDATE trials SET attempts = attempts + 1 WHERE sweep_id = ?1 AND idx = ?2 RETURNING attempts",
+            )?
+            .query_row(params![sweep_id, idx], |r| r.get(0))?;
+        tx.prepare_cached(
             "INSERT INTO attempts(sweep_id, idx, number, worker_id, incarnation, state, started_at_ms, devices)
              VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7)",
-            params![sweep_id, idx, number, worker_id, incarnation as i64, now, held.join(",")],
-        )?;
+        )?
+        .execute(params![sweep_id, idx, number, worker_id, incarnation as i64, now, held.join(",")])?;
         let attempt_id = tx.last_insert_rowid();
-        tx.execute(
-            "UPDATE trials SET state = 'running', current_attempt = ?3, started_at_ms = COALESCE(started_at_ms, ?4), error = ''
-             WHERE sweep_id = ?1 AND idx = ?2",
-            params![sweep_id, idx, attempt_id, now],
+        tx.prepare_cached("UPDATE trials SET state = 'running', current_attempt = ?3, started_at_ms = COALESCE(started_at_ms, ?4), error = ''
+             WHERE sweep_id = ?1 AND idx = ?2")?.execute(params![sweep_id, idx, attempt_id, now],
         )?;
         trial_event(&tx, &sweep_id, idx, None)?;
         let spec_yaml: String =
-            tx.query_row("SELECT spec_yaml FROM sweeps WHERE id = ?1", [&sweep_id], |r| r.get(0))?;
+            tx.prepare_cached("SELECT spec_yaml FROM sweeps WHERE id = ?1")?.query_row([&sweep_id], |r| r.get(0))?;
+        let resume: Option<Vec<u8>> = tx.query_row(
+            "SELECT resume_checkpoint FROM trials WHERE sweep_id = ?1 AND idx = ?2",
+            params![sweep_id, idx],
+            |r| r.get(0),
+        )?;
+        let resume = resume
+            .map(|b| v1::CheckpointRef::decode(b.as_slice()))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("resume point of trial {idx} of {sweep_id}: {e}")))?;
         let t = trial_summaries(&tx, &sweep_id, Some(idx))?
             .pop()
             .ok_or_else(|| StoreError::Corrupt(format!("trial {idx} of {sweep_id} vanished")))?;
@@ -634,13 +694,14 @@ impl Store {
             ft_epochs: t.ft_epochs,
             attempt_number: number as u32,
             devices: held,
+            resume,
         }))
     }
 
     /// Stores one epoch's metrics for a current attempt. Returns whether the attempt should
     /// stop (its sweep was cancelled).
     pub fn report_epoch(&mut self, attempt_id: u64, metrics: &EpochMetrics, extras: &ReportExtras) -> Result<bool> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let a = current_attempt(&tx, attempt_id)?;
         let total = a.fe_epochs + a.ft_epochs;
         if metrics.epoch > total {
@@ -659,11 +720,9 @@ impl Store {
                 metrics.phase.as_str()
             )));
         }
-        let stored: i64 = tx.query_row(
-            "SELECT COALESCE(MAX(epoch), 0) FROM metrics WHERE sweep_id = ?1 AND idx = ?2",
-            params![a.sweep_id, a.idx],
-            |r| r.get(0),
-        )?;
+        let stored: i64 = tx
+            .prepare_cached("SELECT COALESCE(MAX(epoch), 0) FROM metrics WHERE sweep_id = ?1 AND idx = ?2")?
+            .query_row(params![a.sweep_id, a.idx], |r| r.get(0))?;
         if i64::from(metrics.epoch) > stored + 1 {
             return Err(StoreError::InvalidArgument(format!(
                 "epoch {} of trial {} reported before epoch {}; epochs are reported in order",
@@ -673,14 +732,12 @@ impl Store {
             )));
         }
         let now = now_ms();
-        tx.execute(
-            "INSERT INTO metrics(sweep_id, idx, epoch, phase, train_loss, train_accuracy, val_loss, val_accuracy, seconds, attempt_id, recorded_at_ms)
+        tx.prepare_cached("INSERT INTO metrics(sweep_id, idx, epoch, phase, train_loss, train_accuracy, val_loss, val_accuracy, seconds, attempt_id, recorded_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT(sweep_id, idx, epoch) DO UPDATE SET
                phase = excluded.phase, train_loss = excluded.train_loss, train_accuracy = excluded.train_accuracy,
                val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy, seconds = excluded.seconds,
-               attempt_id = excluded.attempt_id, recorded_at_ms = excluded.recorded_at_ms",
-            params![
+               attempt_id = excluded.attempt_id, recorded_at_ms = excluded.recorded_at_ms")?.execute(params![
                 a.sweep_id,
                 a.idx,
                 metrics.epoch,
@@ -695,14 +752,14 @@ impl Store {
             ],
         )?;
         if extras.parameters > 0 {
-            tx.execute(
-                "UPDATE trials SET parameters = ?3 WHERE sweep_id = ?1 AND idx = ?2",
-                params![a.sweep_id, a.idx, extras.parameters as i64],
-            )?;
+            tx.prepare_cached("UPDATE trials SET parameters = ?3 WHERE sweep_id = ?1 AND idx = ?2")?
+                .execute(params![a.sweep_id, a.idx, extras.parameters as i64])?;
         }
-        for (column, checkpoint) in
-            [("last_checkpoint", &extras.last_checkpoint), ("best_checkpoint", &extras.best_checkpoint)]
-        {
+        for (column, checkpoint) in [
+            ("last_checkpoint", &extras.last_checkpoint),
+            ("best_checkpoint", &extras.best_checkpoint),
+            ("resume_checkpoint", &extras.resume_checkpoint),
+        ] {
             if let Some(c) = checkpoint {
                 if c.uri.is_empty() || c.epoch != metrics.epoch {
                     return Err(StoreError::InvalidArgument(format!(
@@ -710,17 +767,19 @@ impl Store {
                         metrics.epoch, c.uri, c.epoch
                     )));
                 }
-                tx.execute(
-                    &format!("UPDATE trials SET {column} = ?3 WHERE sweep_id = ?1 AND idx = ?2"),
-                    params![a.sweep_id, a.idx, c.encode_to_vec()],
-                )?;
+                tx.prepare_cached(&format!("UPDATE trials SET {column} = ?3 WHERE sweep_id = ?1 AND idx = ?2"))?
+                    .execute(params![a.sweep_id, a.idx, c.encode_to_vec()])?;
             }
         }
-        tx.execute(
-            "UPDATE trials SET skipped_images = ?3 WHERE sweep_id = ?1 AND idx = ?2",
-            params![a.sweep_id, a.idx, extras.skipped_images],
-        )?;
-        trial_event(&tx, &a.sweep_id, a.idx, Some(v1::EpochMetrics::from(metrics)))?;
+        tx.prepare_cached("UPDATE trials SET skipped_images = ?3 WHERE sweep_id = ?1 AND idx = ?2")?
+            .execute(params![a.sweep_id, a.idx, extras.skipped_images])?;
+        if extras.resumed_from_epoch > 0 || !extras.note.is_empty() {
+            tx.execute(
+                "UPDATE attempts SET resumed_from_epoch = ?2, note = ?3 WHERE id = ?1",
+                params![attempt_id as i64, extras.resumed_from_epoch, extras.note],
+            )?;
+        }
+        trial_event_noted(&tx, &a.sweep_id, a.idx, Some(v1::EpochMetrics::from(metrics)), &extras.note)?;
         tx.commit()?;
         Ok(a.cancelled)
     }
@@ -734,16 +793,16 @@ impl Store {
         message: &str,
         wall_seconds: f64,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let a = current_attempt(&tx, attempt_id)?;
         match outcome {
             v1::Outcome::Succeeded => {
                 let total = a.fe_epochs + a.ft_epochs;
-                let have: i64 = tx.query_row(
-                    "SELECT COUNT(*) FROM metrics WHERE sweep_id = ?1 AND idx = ?2 AND epoch BETWEEN 1 AND ?3",
-                    params![a.sweep_id, a.idx, total],
-                    |r| r.get(0),
-                )?;
+                let have: i64 = tx
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM metrics WHERE sweep_id = ?1 AND idx = ?2 AND epoch BETWEEN 1 AND ?3",
+                    )?
+                    .query_row(params![a.sweep_id, a.idx, total], |r| r.get(0))?;
                 if have != total as i64 {
                     return Err(StoreError::FailedPrecondition(format!(
                         "attempt {attempt_id} reports success, but trial {} has metrics for {have} of its {total} epochs",
@@ -793,14 +852,38 @@ impl Store {
 
     /// The largest event sequence number so far (0 when there is none).
     pub fn last_sequence(&self) -> Result<u64> {
-        Ok(self.conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events")?
+            .query_row([], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// How many of the worker's devices no running attempt holds (0 for an unknown worker).
+    pub fn free_device_count(&self, worker_id: &str) -> Result<usize> {
+        let devices: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT devices FROM workers WHERE id = ?1")?
+            .query_row([worker_id], |r| r.get(0))
+            .optional()?;
+        let Some(devices) = devices else { return Ok(0) };
+        let devices = v1::DeviceList::decode(devices.as_slice())
+            .map_err(|e| StoreError::Corrupt(format!("devices of worker {worker_id}: {e}")))?
+            .devices;
+        Ok(free_devices(&self.conn, worker_id, &devices)?.len())
+    }
+
+    /// The worker an attempt was handed to, if the attempt exists.
+    pub fn attempt_worker(&self, attempt_id: u64) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT worker_id FROM attempts WHERE id = ?1")?
+            .query_row([attempt_id as i64], |r| r.get(0))
+            .optional()?)
     }
 
     /// Whether any trial is waiting for a worker.
     pub fn has_pending(&self) -> Result<bool> {
-        Ok(self.conn.query_row(
-            "SELECT EXISTS(SELECT 1 FROM trials t JOIN sweeps s ON s.id = t.sweep_id WHERE t.state = 'pending' AND s.cancelled = 0)",
-            [],
+        Ok(self.conn.prepare_cached("SELECT EXISTS(SELECT 1 FROM trials t JOIN sweeps s ON s.id = t.sweep_id WHERE t.state = 'pending' AND s.cancelled = 0)")?.query_row([],
             |r| r.get(0),
         )?)
     }
@@ -811,7 +894,7 @@ impl Store {
 // ---------------------------------------------------------------------------------------------
 
 /// A readable, unique sweep id: the sweep's name made URL-safe, a dash, and a short suffix.
-fn new_sweep_id(tx: &Transaction<'_>, name: &str, seq: i64) -> Result<String> {
+fn new_sweep_id(tx: &Connection, name: &str, seq: i64) -> Result<String> {
     let mut base: String = name
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
@@ -906,7 +989,9 @@ fn sweep_summary(conn: &Connection, sweep_id: &str) -> Result<v1::SweepSummary> 
 }
 
 fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Result<Vec<v1::TrialSummary>> {
-    let mut q = conn.prepare(
+    // One trial is looked up by its key (`?2 IS NULL OR t.idx = ?2` would scan the sweep).
+    let only_sql = if only.is_some() { "AND t.idx = ?2" } else { "AND ?2 IS NULL" };
+    let mut q = conn.prepare_cached(&format!(
         "SELECT t.idx, t.trial_id, t.backbone, t.fe_epochs, t.ft_epochs, t.state, t.attempts,
                 COALESCE(a.worker_id, ''), t.error, COALESCE(t.started_at_ms, 0), COALESCE(t.finished_at_ms, 0),
                 COALESCE(a.devices, ''),
@@ -918,8 +1003,8 @@ fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Resu
                 WHEN t.state IN ('completed', 'failed', 'cancelled') THEN
                     (SELECT MAX(x.id) FROM attempts x WHERE x.sweep_id = t.sweep_id AND x.idx = t.idx)
              END
-         WHERE t.sweep_id = ?1 AND (?2 IS NULL OR t.idx = ?2) ORDER BY t.idx",
-    )?;
+         WHERE t.sweep_id = ?1 {only_sql} ORDER BY t.idx"
+    ))?;
     // The strategy stays encoded until the rows are read, so a decode error can be a StoreError.
     let rows: Vec<(v1::TrialSummary, Vec<u8>)> = q
         .query_map(params![sweep_id, only], |r| {
@@ -1017,12 +1102,21 @@ fn all_metrics(conn: &Connection, sweep_id: &str) -> Result<HashMap<u32, Vec<Epo
     Ok(out)
 }
 
+/// The worker's devices that none of its running attempts holds, in its own order.
+fn free_devices(conn: &Connection, worker_id: &str, devices: &[v1::Device]) -> Result<Vec<String>> {
+    let busy: std::collections::HashSet<String> = {
+        let mut q = conn.prepare_cached("SELECT devices FROM attempts WHERE worker_id = ?1 AND state = 'running'")?;
+        let rows: Vec<String> = q.query_map([worker_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        rows.iter().flat_map(|d| d.split(',').filter(|x| !x.is_empty()).map(str::to_string)).collect()
+    };
+    Ok(devices.iter().map(|d| d.id.clone()).filter(|d| !busy.contains(d)).collect())
+}
+
 /// Checks that the worker exists in this incarnation; returns its devices.
 fn check_worker(conn: &Connection, worker_id: &str, incarnation: u64) -> Result<Vec<v1::Device>> {
     let row: Option<(i64, String, Vec<u8>)> = conn
-        .query_row("SELECT incarnation, state, devices FROM workers WHERE id = ?1", [worker_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .prepare_cached("SELECT incarnation, state, devices FROM workers WHERE id = ?1")?
+        .query_row([worker_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let Some((inc, state, devices)) = row else {
         return Err(StoreError::NotFound(format!("no worker `{worker_id}`; register first")));
@@ -1055,11 +1149,9 @@ struct CurrentAttempt {
 /// error `FailedPrecondition` (or `NotFound` for an id never issued).
 fn current_attempt(conn: &Connection, attempt_id: u64) -> Result<CurrentAttempt> {
     let row = conn
-        .query_row(
-            "SELECT a.sweep_id, a.idx, a.state, t.current_attempt, t.trial_id, t.fe_epochs, t.ft_epochs, s.cancelled
+        .prepare_cached("SELECT a.sweep_id, a.idx, a.state, t.current_attempt, t.trial_id, t.fe_epochs, t.ft_epochs, s.cancelled
              FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx JOIN sweeps s ON s.id = a.sweep_id
-             WHERE a.id = ?1",
-            [attempt_id as i64],
+             WHERE a.id = ?1")?.query_row([attempt_id as i64],
             |r| {
                 let attempt = CurrentAttempt {
                     sweep_id: r.get(0)?,
@@ -1087,11 +1179,9 @@ fn current_attempt(conn: &Connection, attempt_id: u64) -> Result<CurrentAttempt>
 
 fn attempt_should_stop(conn: &Connection, attempt_id: u64, worker_id: &str) -> Result<bool> {
     let row: Option<(String, String, Option<i64>, i64)> = conn
-        .query_row(
-            "SELECT a.worker_id, a.state, t.current_attempt, s.cancelled
+        .prepare_cached("SELECT a.worker_id, a.state, t.current_attempt, s.cancelled
              FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx JOIN sweeps s ON s.id = a.sweep_id
-             WHERE a.id = ?1",
-            [attempt_id as i64],
+             WHERE a.id = ?1")?.query_row([attempt_id as i64],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .optional()?;
@@ -1106,25 +1196,23 @@ fn attempt_should_stop(conn: &Connection, attempt_id: u64, worker_id: &str) -> R
 /// Ends a running attempt and moves its trial on: completed, back to pending (a retryable end
 /// with attempts left), failed, or cancelled (its sweep was cancelled).
 fn end_attempt(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     attempt_id: u64,
     end: AttemptState,
     message: &str,
     permanent: bool,
     wall_seconds: f64,
 ) -> Result<()> {
-    let (sweep_id, idx, attempts, max_attempts, cancelled, started): (String, i64, i64, i64, i64, i64) = tx.query_row(
-        "SELECT a.sweep_id, a.idx, t.attempts, s.max_attempts, s.cancelled, a.started_at_ms
+    let (sweep_id, idx, attempts, max_attempts, cancelled, started): (String, i64, i64, i64, i64, i64) = tx
+        .prepare_cached(
+            "SELECT a.sweep_id, a.idx, t.attempts, s.max_attempts, s.cancelled, a.started_at_ms
          FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx JOIN sweeps s ON s.id = a.sweep_id
          WHERE a.id = ?1",
-        [attempt_id as i64],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
-    )?;
+        )?
+        .query_row([attempt_id as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?;
     let now = now_ms();
-    tx.execute(
-        "UPDATE attempts SET state = ?2, ended_at_ms = ?3, error = ?4 WHERE id = ?1",
-        params![attempt_id as i64, end.as_str(), now, message],
-    )?;
+    tx.prepare_cached("UPDATE attempts SET state = ?2, ended_at_ms = ?3, error = ?4 WHERE id = ?1")?
+        .execute(params![attempt_id as i64, end.as_str(), now, message])?;
     let wall = if wall_seconds > 0.0 { wall_seconds } else { (now - started).max(0) as f64 / 1000.0 };
     let (state, error) = match end {
         AttemptState::Succeeded => (TrialState::Completed, String::new()),
@@ -1137,12 +1225,12 @@ fn end_attempt(
         _ => (TrialState::Pending, message.to_string()),
     };
     let finished = state.is_terminal().then_some(now);
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE trials SET state = ?3, current_attempt = NULL, error = ?4, finished_at_ms = ?5,
                 wall_seconds = CASE WHEN ?3 = 'completed' THEN ?6 ELSE wall_seconds END
          WHERE sweep_id = ?1 AND idx = ?2",
-        params![sweep_id, idx, state.as_str(), error, finished, wall],
-    )?;
+    )?
+    .execute(params![sweep_id, idx, state.as_str(), error, finished, wall])?;
     trial_event(tx, &sweep_id, idx, None)?;
     finish_sweep_if_done(tx, &sweep_id)
 }
@@ -1166,26 +1254,31 @@ fn reconcile_schedulability(tx: &Connection) -> Result<()> {
         }
     }
     let Some((worker, capacity)) = largest else { return Ok(()) };
-    let waiting: Vec<(String, i64, String, i64)> = {
+    // Per open sweep, only the trials that change are read (an index lookup each): pending ones
+    // when the sweep's trials no longer fit, unschedulable ones when they fit again.
+    let sweeps: Vec<(String, i64)> = {
         let mut q = tx.prepare(
-            "SELECT t.sweep_id, t.idx, t.state, s.gpus_per_trial FROM trials t JOIN sweeps s ON s.id = t.sweep_id
-             WHERE t.state IN ('pending', 'unschedulable') AND s.cancelled = 0",
+            "SELECT id, gpus_per_trial FROM sweeps WHERE cancelled = 0 AND finished_at_ms IS NULL ORDER BY seq",
         )?;
-        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect::<rusqlite::Result<_>>()?
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?
     };
-    for (sweep_id, idx, state, need) in waiting {
-        let fits = need as usize <= capacity;
-        let change = match (state.as_str(), fits) {
-            ("pending", false) => Some((
+    for (sweep_id, need) in sweeps {
+        let (from, to, reason) = if need as usize <= capacity {
+            (TrialState::Unschedulable, TrialState::Pending, String::new())
+        } else {
+            (
+                TrialState::Pending,
                 TrialState::Unschedulable,
                 format!(
                     "needs {need} devices (resources.gpus_per_trial); the largest registered worker, {worker}, has {capacity}"
                 ),
-            )),
-            ("unschedulable", true) => Some((TrialState::Pending, String::new())),
-            _ => None,
+            )
         };
-        if let Some((to, reason)) = change {
+        let changing: Vec<i64> = {
+            let mut q = tx.prepare("SELECT idx FROM trials WHERE state = ?2 AND sweep_id = ?1 ORDER BY idx")?;
+            q.query_map(params![sweep_id, from.as_str()], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+        };
+        for idx in changing {
             tx.execute(
                 "UPDATE trials SET state = ?3, error = ?4 WHERE sweep_id = ?1 AND idx = ?2",
                 params![sweep_id, idx, to.as_str(), reason],
@@ -1198,31 +1291,53 @@ fn reconcile_schedulability(tx: &Connection) -> Result<()> {
 
 /// Appends a trial event (the trial's current summary, and the epoch's metrics if any).
 fn trial_event(conn: &Connection, sweep_id: &str, idx: i64, metrics: Option<v1::EpochMetrics>) -> Result<()> {
+    trial_event_noted(conn, sweep_id, idx, metrics, "")
+}
+
+/// [`trial_event`] with a note for the event log.
+fn trial_event_noted(
+    conn: &Connection,
+    sweep_id: &str,
+    idx: i64,
+    metrics: Option<v1::EpochMetrics>,
+    note: &str,
+) -> Result<()> {
     let trial = trial_summaries(conn, sweep_id, Some(idx))?.pop();
-    let event =
-        v1::SweepEvent { sequence: 0, event: Some(v1::sweep_event::Event::Trial(v1::TrialEvent { trial, metrics })) };
-    conn.execute(
-        "INSERT INTO events(sweep_id, payload, at_ms) VALUES (?1, ?2, ?3)",
-        params![sweep_id, event.encode_to_vec(), now_ms()],
-    )?;
+    let event = v1::SweepEvent {
+        sequence: 0,
+        event: Some(v1::sweep_event::Event::Trial(v1::TrialEvent { trial, metrics, note: note.to_string() })),
+    };
+    conn.prepare_cached("INSERT INTO events(sweep_id, payload, at_ms) VALUES (?1, ?2, ?3)")?.execute(params![
+        sweep_id,
+        event.encode_to_vec(),
+        now_ms()
+    ])?;
     Ok(())
 }
 
 /// When every trial of the sweep has ended, records the end time and an `ended` event.
 fn finish_sweep_if_done(conn: &Connection, sweep_id: &str) -> Result<()> {
+    // Cheap test first (an index lookup): a sweep with a waiting or running trial goes on.
+    let open: bool = conn.prepare_cached("SELECT EXISTS(SELECT 1 FROM trials WHERE state IN ('pending', 'unschedulable', 'running') AND sweep_id = ?1)")?.query_row([sweep_id],
+        |r| r.get(0),
+    )?;
+    if open {
+        return Ok(());
+    }
     let summary = sweep_summary(conn, sweep_id)?;
     let state = SweepState::parse(&summary.state).unwrap_or(SweepState::Running);
     if !state.is_terminal() || summary.finished_at_ms != 0 {
         return Ok(());
     }
     let now = now_ms();
-    conn.execute("UPDATE sweeps SET finished_at_ms = ?2 WHERE id = ?1", params![sweep_id, now])?;
+    conn.prepare_cached("UPDATE sweeps SET finished_at_ms = ?2 WHERE id = ?1")?.execute(params![sweep_id, now])?;
     let ended = v1::SweepSummary { finished_at_ms: now, ..summary };
     let event = v1::SweepEvent { sequence: 0, event: Some(v1::sweep_event::Event::Ended(ended)) };
-    conn.execute(
-        "INSERT INTO events(sweep_id, payload, at_ms) VALUES (?1, ?2, ?3)",
-        params![sweep_id, event.encode_to_vec(), now],
-    )?;
+    conn.prepare_cached("INSERT INTO events(sweep_id, payload, at_ms) VALUES (?1, ?2, ?3)")?.execute(params![
+        sweep_id,
+        event.encode_to_vec(),
+        now
+    ])?;
     Ok(())
 }
 

@@ -311,6 +311,7 @@ fn checkpoints_and_skipped_images_are_stored_and_ranked_with_their_trial() {
         last_checkpoint: Some(ckpt("last", 1)),
         best_checkpoint: Some(ckpt("best", 1)),
         skipped_images: 2,
+        ..Default::default()
     };
     store.report_epoch(a.attempt_id, &metrics(1, 1, 0.6), &first).unwrap();
     // Epoch 2 is worse: only the last checkpoint moves.
@@ -353,7 +354,7 @@ fn a_version_1_database_is_upgraded_in_place() {
     assert!(board.entries[0].best_checkpoint.is_none());
     let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
     let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 4);
+    assert_eq!(v, 5);
 }
 
 fn devices(kind: &str, n: usize) -> Vec<v1::Device> {

@@ -54,6 +54,7 @@ impl From<&EpochMetrics> for v1::EpochMetrics {
             val_loss: m.val_loss,
             val_accuracy: m.val_accuracy,
             seconds: m.seconds,
+            attempt_id: 0,
         }
     }
 }

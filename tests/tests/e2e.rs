@@ -1,5 +1,6 @@
 //! End-to-end tests with real processes: `sweep` (CLI and coordinator) and `sweep-worker`.
 
+mod kill;
 mod util;
 
 use std::time::Duration;

@@ -106,7 +106,7 @@ pub fn read_metadata(weights: &Path) -> Result<Option<Metadata>, CheckpointError
     Ok(Some(meta))
 }
 
-fn write_atomically(
+pub(crate) fn write_atomically(
     path: &Path,
     write: impl FnOnce(&Path) -> Result<(), CheckpointError>,
 ) -> Result<(), CheckpointError> {
@@ -164,6 +164,12 @@ impl TrialCheckpoints {
             created_at_ms: 0,
         };
         Ok(TrialCheckpoints { dir, base, best_val: None })
+    }
+
+    /// The best validation accuracy of earlier attempts (from a resume point): `best` is
+    /// written only when an epoch beats it.
+    pub fn set_best(&mut self, accuracy: f64) {
+        self.best_val = Some(accuracy);
     }
 
     pub fn dir(&self) -> &Path {

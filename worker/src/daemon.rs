@@ -23,6 +23,7 @@ use tonic::{Code, Status};
 use crate::checkpoint::{self, TrialCheckpoints};
 use crate::data;
 use crate::pretrain;
+use crate::resume::{self, StateMetadata, TrainingState};
 use crate::train::{Control, TrainError, TrainOptions, Trainer};
 
 /// How the daemon runs.
@@ -380,6 +381,7 @@ async fn run_attempt(
         devices: d,
         weights_dir: options.weights_dir.clone(),
         cancel: Some(cancel.clone()),
+        resume: None,
     });
     let assignment = a.clone();
     // What stopped the trial from the reporting side, if anything.
@@ -491,7 +493,30 @@ pub fn train_attempt(
         let weights = pretrain::ensure(&spec, trial.backbone, cache_dir, options)?;
         spec.model.weights = sweep_core::spec::Weights::File(weights.display().to_string());
     }
-    let mut trainer = Trainer::new(&spec, &trial, options)?;
+    let trial_dir = artifacts.join(&a.sweep_id).join(&a.trial_id);
+    let (resumed, mut note) = resume_point(a, &trial_dir);
+    let (mut trainer, resumed) = match resumed {
+        Some((state, meta)) => {
+            let epoch = state.epochs_done;
+            let opts = TrainOptions { resume: Some(Arc::new(Mutex::new(state))), ..options.clone() };
+            match Trainer::new(&spec, &trial, &opts) {
+                Ok(t) => {
+                    tracing::info!(trial = %a.trial_id, epoch, "resuming after epoch {epoch}");
+                    (t, Some(meta))
+                }
+                // The point does not fit this trial's model: start over rather than fail forever.
+                Err(TrainError::Retryable(m)) if m.starts_with("resume point:") => {
+                    note = join_note(note, format!("{m}; started from the beginning"));
+                    (Trainer::new(&spec, &trial, options)?, None)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        None => (Trainer::new(&spec, &trial, options)?, None),
+    };
+    if !note.is_empty() {
+        tracing::warn!(trial = %a.trial_id, %note, "resume");
+    }
     // Already decoded by the trainer: this is the process cache.
     let dataset = data::load(&spec.dataset)?;
     let identity = checkpoint::Identity {
@@ -505,11 +530,38 @@ pub fn train_attempt(
     };
     let mut checkpoints =
         TrialCheckpoints::new(artifacts, identity).map_err(|e| TrainError::Retryable(e.to_string()))?;
+    let mut best = resumed.as_ref().and_then(|m| m.best_val_accuracy.zip(m.best_epoch));
+    if let Some((accuracy, _)) = best {
+        checkpoints.set_best(accuracy);
+    }
+    let resumed_from_epoch = trainer.epochs_done();
     let parameters = trainer.model().parameter_count();
+    let mut first = true;
     while trainer.epochs_done() < trainer.total_epochs() {
         let metrics = trainer.run_epoch()?;
-        let (last, best) =
+        let (last, new_best) =
             checkpoints.after_epoch(trainer.model(), &metrics).map_err(|e| TrainError::Retryable(e.to_string()))?;
+        if new_best.is_some() {
+            best = Some((metrics.val_accuracy, metrics.epoch));
+        }
+        let state = trainer
+            .training_state()?
+            .save(
+                &trial_dir,
+                StateMetadata {
+                    format: String::new(),
+                    sweep: a.sweep_id.clone(),
+                    trial: a.trial_id.clone(),
+                    backbone: trial.backbone.name().into(),
+                    epoch: metrics.epoch,
+                    best_val_accuracy: best.map(|b| b.0),
+                    best_epoch: best.map(|b| b.1),
+                    sha256: String::new(),
+                    bytes: 0,
+                    created_at_ms: 0,
+                },
+            )
+            .map_err(|e| TrainError::Retryable(e.to_string()))?;
         let reference = |s: checkpoint::Saved| v1::CheckpointRef {
             uri: s.path.display().to_string(),
             sha256: s.sha256,
@@ -521,14 +573,51 @@ pub fn train_attempt(
             metrics: Some(v1::EpochMetrics::from(&metrics)),
             parameters,
             last_checkpoint: Some(reference(last)),
-            best_checkpoint: best.map(reference),
+            best_checkpoint: new_best.map(reference),
             skipped_images: dataset.skipped.len() as u32,
+            resume_checkpoint: Some(v1::CheckpointRef {
+                uri: state.path.display().to_string(),
+                sha256: state.meta.sha256,
+                bytes: state.meta.bytes,
+                epoch: state.meta.epoch,
+            }),
+            resumed_from_epoch: if first { resumed_from_epoch } else { 0 },
+            note: if first { std::mem::take(&mut note) } else { String::new() },
         };
+        first = false;
         if report(request) == Control::Stop {
             return Err(TrainError::Cancelled);
         }
     }
     Ok(())
+}
+
+fn join_note(note: String, more: String) -> String {
+    if note.is_empty() { more } else { format!("{note}; {more}") }
+}
+
+/// The resume point to continue `a` from: the coordinator's newest one when it verifies, else
+/// the newest older one in the trial's directory that verifies (never a newer one: its metrics
+/// were not acknowledged), else none. The note says what was wrong with those passed over.
+fn resume_point(a: &v1::Assignment, trial_dir: &Path) -> (Option<(TrainingState, StateMetadata)>, String) {
+    let Some(r) = a.resume.as_ref().filter(|r| r.epoch > 0 && !r.uri.is_empty()) else {
+        return (None, String::new());
+    };
+    let mut note = String::new();
+    match TrainingState::load(Path::new(&r.uri), Some(&r.sha256)) {
+        Ok(found) => return (Some(found), note),
+        Err(e) => note = format!("resume point of epoch {} unusable: {e}", r.epoch),
+    }
+    for (epoch, path) in resume::list(trial_dir).into_iter().filter(|(e, _)| *e < r.epoch) {
+        match TrainingState::load(&path, None) {
+            Ok(found) => {
+                note = format!("{note}; resumed from the older point of epoch {epoch}");
+                return (Some(found), note);
+            }
+            Err(e) => note = format!("{note}; resume point of epoch {epoch} unusable: {e}"),
+        }
+    }
+    (None, format!("{note}; started from the beginning"))
 }
 
 /// The spec and trial an assignment names, checked against each other.

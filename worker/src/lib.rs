@@ -21,6 +21,7 @@ pub mod dist;
 pub mod mat;
 pub mod model;
 pub mod pretrain;
+pub mod resume;
 pub mod rng;
 pub mod tools;
 pub mod train;

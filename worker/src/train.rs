@@ -21,11 +21,12 @@
 //! per device, gradients summed with [`crate::dist`]; see [`Trainer`]. One device trains
 //! exactly as without data parallelism, bit for bit.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -34,12 +35,13 @@ use sweep_core::spec::{SweepSpec, TrainingSpec, Weights};
 use sweep_core::{Backbone, LrDecay, Trial};
 use tch::{Device, Kind, Reduction, TchError, Tensor};
 
-use crate::adam::{Adam, AdamConfig};
+use crate::adam::{Adam, AdamConfig, AdamState};
 use crate::augment;
 use crate::data::prefetch::{self, Batch, Shard, TrainBatches};
 use crate::data::{self, DataError};
 use crate::dist::{self, AbortHandle, AllReduce, BUCKET_BYTES, DistError, all_reduce_gradients, broadcast_tensors};
 use crate::model::{ForwardMode, Model, ModelError};
+use crate::resume::{OptimizerEntry, TrainingState};
 use crate::rng::{Rng, STREAM_AUGMENT, STREAM_SHUFFLE};
 
 /// Environment variable naming the directory of `<backbone>.safetensors` ImageNet weights,
@@ -136,6 +138,11 @@ pub struct TrainOptions {
     /// Checked before every batch: when set, the trial stops with [`TrainError::Cancelled`]
     /// (how a daemon stops a trial between epoch reports).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Continue from this state (a [`crate::resume`] point) instead of starting from the
+    /// initial weights: the next epoch is `epochs_done + 1`, and the run goes on exactly as
+    /// if it had never stopped.
+    /// (In a mutex only because tensors are not `Sync`; every replica reads it.)
+    pub resume: Option<Arc<Mutex<TrainingState>>>,
 }
 
 impl TrainOptions {
@@ -147,7 +154,7 @@ impl TrainOptions {
 
     /// Options for one replica on each of `devices` (see [`TrainOptions::devices`]).
     pub fn data_parallel(devices: Vec<Device>) -> TrainOptions {
-        TrainOptions { devices, weights_dir: None, cancel: None }
+        TrainOptions { devices, weights_dir: None, cancel: None, resume: None }
     }
 
     fn weights_dir(&self) -> Option<PathBuf> {
@@ -293,6 +300,8 @@ struct ReplicaSetup {
     backbone: Backbone,
     classes: i64,
     cancel: Option<Arc<AtomicBool>>,
+    fe_epochs: u32,
+    resume: Option<Arc<Mutex<TrainingState>>>,
 }
 
 /// The dataset's tensors on one device (replicas on the same device share them).
@@ -359,6 +368,57 @@ fn dist_error(context: &str) -> impl FnOnce(DistError) -> ReplicaError + '_ {
 /// Loss and accuracy of a pass.
 type PassMetrics = (f64, f64);
 
+/// An unusable resume point: retryable, so that the daemon can fall back to an older one.
+fn bad_state(message: String) -> ReplicaError {
+    ReplicaError::Train(TrainError::Retryable(format!("resume point: {message}")))
+}
+
+/// Copies a resume point's state dict into `model`: every tensor, same names and shapes.
+fn restore_model(model: &Model, state: &TrainingState) -> Result<(), ReplicaError> {
+    let saved: HashMap<&str, &Tensor> = state.model.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let own = model.state_dict();
+    if own.len() != saved.len() {
+        return Err(bad_state(format!("{} tensors, the model has {}", saved.len(), own.len())));
+    }
+    tch::no_grad(|| {
+        for (name, mut t) in own {
+            let src = saved.get(name.as_str()).ok_or_else(|| bad_state(format!("no tensor `{name}`")))?;
+            if src.size() != t.size() {
+                return Err(bad_state(format!("`{name}` has shape {:?}, the model {:?}", src.size(), t.size())));
+            }
+            t.f_copy_(src).map_err(|e| bad_state(format!("`{name}`: {e}")))?;
+        }
+        Ok(())
+    })
+}
+
+/// Restores the optimizer state of every parameter the resume point has one for; a saved state
+/// for a parameter this optimizer does not train is an error (the phases disagree).
+fn restore_optimizer(optimizer: &mut Adam, state: &TrainingState, device: Device) -> Result<(), ReplicaError> {
+    let mut used = 0;
+    for p in optimizer.params_mut() {
+        let Some(e) = state.optimizer.get(&p.name) else { continue };
+        if e.exp_avg.size() != p.tensor.size() || e.exp_avg_sq.size() != p.tensor.size() {
+            return Err(bad_state(format!("optimizer state of `{}` does not fit the parameter", p.name)));
+        }
+        let copy = |t: &Tensor| t.f_to_device(device).map(|t| t.copy());
+        p.state = Some(AdamState {
+            step: e.step,
+            exp_avg: copy(&e.exp_avg).map_err(|x| bad_state(x.to_string()))?,
+            exp_avg_sq: copy(&e.exp_avg_sq).map_err(|x| bad_state(x.to_string()))?,
+        });
+        used += 1;
+    }
+    if used != state.optimizer.len() {
+        return Err(bad_state(format!(
+            "optimizer state for {} parameters, {} of them trained in this phase",
+            state.optimizer.len(),
+            used
+        )));
+    }
+    Ok(())
+}
+
 /// One replica of the model: its optimizer, its copy of the data, and its rank's handle on the
 /// group (none when training alone).
 struct Replica {
@@ -386,7 +446,9 @@ impl Replica {
     ) -> Result<Replica, ReplicaError> {
         let model = Model::build_seeded(setup.backbone, setup.classes, device, setup.training.seed)
             .map_err(TrainError::from)?;
-        if let Some(path) = weights {
+        if let Some(state) = &setup.resume {
+            restore_model(&model, &state.lock().unwrap_or_else(|p| p.into_inner()))?;
+        } else if let Some(path) = weights {
             let loaded = model.load_weights(path).map_err(TrainError::from)?;
             tracing::info!(file = %path.display(), tensors = loaded.loaded, "loaded weights");
         }
@@ -405,7 +467,41 @@ impl Replica {
         let optimizer =
             Adam::new(head, AdamConfig { weight_decay: setup.training.weight_decay, ..AdamConfig::default() });
         let trained = optimizer.params().iter().map(|p| p.tensor.shallow_clone()).collect();
-        Ok(Replica { rank, setup, model, optimizer, trained, data, comm })
+        let mut replica = Replica { rank, setup, model, optimizer, trained, data, comm };
+        if let Some(shared) = replica.setup.resume.clone() {
+            let state = shared.lock().unwrap_or_else(|p| p.into_inner());
+            // The optimizer of the phase the state was taken in (at the end of feature
+            // extraction the next epoch starts fine-tuning with a fresh one anyway).
+            if state.epochs_done > replica.setup.fe_epochs {
+                replica.start_fine_tuning()?;
+            }
+            restore_optimizer(&mut replica.optimizer, &state, device)?;
+        }
+        Ok(replica)
+    }
+
+    /// This replica's model and optimizer state, on the CPU.
+    fn training_state(&self, epochs_done: u32) -> Result<TrainingState, TchError> {
+        let model = self
+            .model
+            .state_dict()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.f_to_device(Device::Cpu)?.f_contiguous()?)))
+            .collect::<Result<Vec<_>, TchError>>()?;
+        let mut optimizer = HashMap::new();
+        for p in self.optimizer.params() {
+            if let Some(st) = &p.state {
+                optimizer.insert(
+                    p.name.clone(),
+                    OptimizerEntry {
+                        step: st.step,
+                        exp_avg: st.exp_avg.f_to_device(Device::Cpu)?.f_contiguous()?,
+                        exp_avg_sq: st.exp_avg_sq.f_to_device(Device::Cpu)?.f_contiguous()?,
+                    },
+                );
+            }
+        }
+        Ok(TrainingState { epochs_done, model, optimizer })
     }
 
     fn world(&self) -> usize {
@@ -874,7 +970,20 @@ impl Trainer {
         if dataset.val.is_empty() {
             return Err(TrainError::Permanent("the validation split has no image".into()));
         }
-        let weights = weights_file(&spec.model.weights, backbone, options.weights_dir().as_deref())?;
+        let total = trial.fe_epochs + trial.ft_epochs;
+        let epochs_done = match options.resume.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).epochs_done)
+        {
+            Some(done) if done > total => {
+                return Err(TrainError::Retryable(format!("resume point: {done} epochs done, the trial has {total}")));
+            }
+            Some(done) => done,
+            None => 0,
+        };
+        // A resume point replaces the initial weights: they are not even looked for.
+        let weights = match options.resume {
+            Some(_) => None,
+            None => weights_file(&spec.model.weights, backbone, options.weights_dir().as_deref())?,
+        };
         let freeze_bn_stats = training.freeze_bn_stats;
         let setup = ReplicaSetup {
             training,
@@ -882,6 +991,8 @@ impl Trainer {
             backbone,
             classes: dataset.classes.len() as i64,
             cancel: options.cancel.clone(),
+            fe_epochs: trial.fe_epochs,
+            resume: options.resume.clone(),
         };
         // The dataset on each distinct device (CPU replicas share one copy).
         let mut on_device: Vec<(Device, DeviceData)> = Vec::new();
@@ -910,7 +1021,7 @@ impl Trainer {
             lead,
             peers,
             abort,
-            epochs_done: 0,
+            epochs_done,
             failed: None,
             busy: false,
             mode_override: None,
@@ -1056,6 +1167,15 @@ impl Trainer {
                 Err(e)
             }
         }
+    }
+
+    /// The state to resume this trial from after the epochs done so far (rank 0's model and
+    /// optimizer, on the CPU; every replica holds the same).
+    pub fn training_state(&self) -> Result<TrainingState, TrainError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        self.lead.training_state(self.epochs_done).map_err(torch("copying the training state"))
     }
 
     /// Trains and validates the next epoch and returns its metrics.

@@ -21,5 +21,6 @@ pub fn assignment(spec_yaml: &str, sweep_id: &str, attempt_id: u64) -> v1::Assig
         ft_epochs: t.ft_epochs,
         attempt_number: 1,
         devices: vec!["cpu:0".into()],
+        resume: None,
     }
 }

@@ -1,0 +1,107 @@
+//! Machines dying: workers killed with SIGKILL mid-trial, the coordinator killed and restarted.
+//! Real processes, real training, short leases.
+
+use std::time::Duration;
+
+use sweep_proto::v1;
+
+use super::util::*;
+use super::{client, runtime};
+
+/// One trial of 3 + 3 epochs, each a second or two on one CPU thread.
+const SLOW_SPEC: &str = "\
+name: kill
+dataset: { kind: synthetic, classes: 4, train_per_class: 24, val_per_class: 4, image_size: 32, seed: 3 }
+training:
+  batch_size: 8
+  augment: { hflip: true, rotation_deg: 5, shear_deg: 0, color_jitter: 0.1 }
+grid:
+  backbone: [resnet18]
+  lr_decay: [{ strategy: exponential, head_lr: 1.0e-3, factor: 3 }]
+  epoch_split: [[3, 3]]
+retries: { max_attempts: 5 }
+";
+
+fn submit(url: &str, dir: &std::path::Path, yaml: &str) -> String {
+    let spec = write(dir, "spec.yaml", yaml);
+    let out = output(sweep().args(["submit", "--coordinator", url]).arg(&spec));
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).lines().last().unwrap().trim().to_string()
+}
+
+fn trial(url: &str, sweep: &str) -> v1::TrialDetail {
+    let rt = runtime();
+    rt.block_on(async {
+        client(url).await.get_trial(v1::GetTrialRequest { sweep_id: sweep.into(), trial_id: "t000".into() }).await
+    })
+    .expect("get trial")
+    .into_inner()
+}
+
+fn epochs(t: &v1::TrialDetail) -> Vec<u32> {
+    t.metrics.iter().map(|m| m.epoch).collect()
+}
+
+/// Waits until trial t000 has at least `n` stored epochs; returns how many.
+fn wait_epochs(url: &str, sweep: &str, n: usize, logs: &[&std::path::Path]) -> usize {
+    wait_for(Duration::from_secs(240), &format!("{n} epochs stored"), || {
+        let t = trial(url, sweep);
+        let state = t.trial.as_ref().map(|s| s.state.clone()).unwrap_or_default();
+        assert!(
+            state != "failed",
+            "trial failed: {t:?}\n{}",
+            logs.iter().map(|l| std::fs::read_to_string(l).unwrap_or_default()).collect::<Vec<_>>().join("\n")
+        );
+        (t.metrics.len() >= n).then_some(t.metrics.len())
+    })
+}
+
+fn kill9(p: &mut Proc) {
+    p.child.kill().expect("SIGKILL");
+    p.child.wait().expect("reaped");
+}
+
+#[test]
+fn a_trial_whose_worker_is_killed_resumes_on_another_from_its_last_checkpoint_in_either_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, url) = coordinator(&dir.path().join("state"), &["--heartbeat-ttl", "1", "--lease-grace", "1"]);
+    let sweep = submit(&url, dir.path(), SLOW_SPEC);
+    let log = |n: &str| dir.path().join(format!("{n}.log"));
+
+    // Feature extraction: kill the worker once the first epoch is stored.
+    let mut a = worker(&url, "a", dir.path());
+    wait_epochs(&url, &sweep, 1, &[&log("a")]);
+    kill9(&mut a);
+    let at_first_kill = trial(&url, &sweep).metrics.len() as u32;
+    assert!(at_first_kill < 3, "the first kill should land in feature extraction ({at_first_kill} epochs done)");
+
+    // Fine-tuning: the next worker resumes, and is killed after the first fine-tuning epoch.
+    let mut b = worker(&url, "b", dir.path());
+    wait_epochs(&url, &sweep, 4, &[&log("a"), &log("b")]);
+    kill9(&mut b);
+    let at_second_kill = trial(&url, &sweep).metrics.len() as u32;
+    assert!((4..6).contains(&at_second_kill), "the second kill should land in fine-tuning ({at_second_kill})");
+
+    let _c = worker(&url, "c", dir.path());
+    let done = wait_for(Duration::from_secs(240), "the trial to complete", || {
+        let t = trial(&url, &sweep);
+        (t.trial.as_ref().unwrap().state == "completed").then_some(t)
+    });
+    assert_eq!(epochs(&done), [1, 2, 3, 4, 5, 6], "every epoch once, in order");
+    let attempts = &done.attempts;
+    assert_eq!(attempts.len(), 3, "{attempts:?}");
+    assert_eq!(attempts[0].state, "lost");
+    assert_eq!(attempts[1].state, "lost");
+    assert_eq!(attempts[2].state, "succeeded");
+    // Each attempt continued exactly where the acknowledged epochs ended: at most the epoch in
+    // progress was trained again.
+    assert_eq!(attempts[0].resumed_from_epoch, 0);
+    assert_eq!(attempts[1].resumed_from_epoch, at_first_kill, "{attempts:?}");
+    assert_eq!(attempts[2].resumed_from_epoch, at_second_kill, "{attempts:?}");
+    assert!(attempts.iter().all(|x| x.note.is_empty()), "{attempts:?}");
+    // The epochs each attempt stored.
+    let by = |id: u64| done.metrics.iter().filter(|m| m.attempt_id == id).map(|m| m.epoch).collect::<Vec<_>>();
+    assert_eq!(by(attempts[0].attempt_id), (1..=at_first_kill).collect::<Vec<_>>());
+    assert_eq!(by(attempts[1].attempt_id), (at_first_kill + 1..=at_second_kill).collect::<Vec<_>>());
+    assert_eq!(by(attempts[2].attempt_id), (at_second_kill + 1..=6).collect::<Vec<_>>());
+}

@@ -1,0 +1,174 @@
+//! Resume points: a trial stopped after any epoch and continued from its resume point ends
+//! bit-identical to one that never stopped (CPU), alone and data-parallel; an attempt handed a
+//! resume point continues after it, and one handed a corrupt point falls back to the previous
+//! good one, or to the start, and says so.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use sweep_core::leaderboard::EpochMetrics;
+use sweep_core::spec::{self, SweepSpec};
+use sweep_core::{Trial, grid};
+use sweep_proto::v1;
+use sweep_worker::daemon::train_attempt;
+use sweep_worker::resume::{self, StateMetadata, TrainingState};
+use sweep_worker::train::{Control, TrainOptions, Trainer};
+use tch::{Device, Tensor};
+
+const SPEC: &str = "name: resume
+dataset: { kind: synthetic, classes: 3, train_per_class: 6, val_per_class: 3, image_size: 32, seed: 2 }
+model: { weights: none }
+training:
+  batch_size: 4
+  seed: 9
+  augment: { hflip: true, rotation_deg: 10, shear_deg: 5, color_jitter: 0.2 }
+grid:
+  backbone: [resnet18]
+  lr_decay: [{ strategy: exponential, head_lr: 1.0e-3, factor: 3 }]
+  epoch_split: [[2, 2]]
+";
+
+fn spec() -> (SweepSpec, Trial) {
+    let s = spec::parse(SPEC).unwrap();
+    let t = grid::expand(&s.grid).remove(0);
+    (s, t)
+}
+
+fn zero_time(m: EpochMetrics) -> EpochMetrics {
+    EpochMetrics { seconds: 0.0, ..m }
+}
+
+fn state_dict(tr: &Trainer) -> Vec<(String, Tensor)> {
+    tr.model().state_dict().into_iter().map(|(n, t)| (n, t.detach().copy())).collect()
+}
+
+fn meta(epoch: u32) -> StateMetadata {
+    StateMetadata {
+        format: String::new(),
+        sweep: "s".into(),
+        trial: "t000".into(),
+        backbone: "resnet18".into(),
+        epoch,
+        best_val_accuracy: None,
+        best_epoch: None,
+        sha256: String::new(),
+        bytes: 0,
+        created_at_ms: 0,
+    }
+}
+
+/// Every epoch without a stop, then for each stop point: train to it, save, load from the file,
+/// continue in a new trainer; metrics and final weights must be identical bit for bit.
+fn check_every_stop_point(devices: Vec<Device>) {
+    let (s, t) = spec();
+    let opts = TrainOptions::data_parallel(devices);
+    let mut whole = Trainer::new(&s, &t, &opts).unwrap();
+    let mut expected = Vec::new();
+    while whole.epochs_done() < whole.total_epochs() {
+        expected.push(zero_time(whole.run_epoch().unwrap()));
+    }
+    let final_weights = state_dict(&whole);
+    drop(whole);
+
+    for stop in 1..t.fe_epochs + t.ft_epochs {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = Trainer::new(&s, &t, &opts).unwrap();
+        for _ in 0..stop {
+            first.run_epoch().unwrap();
+        }
+        let saved = first.training_state().unwrap().save(dir.path(), meta(stop)).unwrap();
+        drop(first);
+        let (state, m) = TrainingState::load(&saved.path, Some(&saved.meta.sha256)).unwrap();
+        assert_eq!((state.epochs_done, m.epoch), (stop, stop));
+        let resumed_opts = TrainOptions { resume: Some(Arc::new(Mutex::new(state))), ..opts.clone() };
+        let mut second = Trainer::new(&s, &t, &resumed_opts).unwrap();
+        assert_eq!(second.epochs_done(), stop);
+        let mut got = Vec::new();
+        while second.epochs_done() < second.total_epochs() {
+            got.push(zero_time(second.run_epoch().unwrap()));
+        }
+        assert_eq!(got, expected[stop as usize..], "metrics after resuming at epoch {stop}");
+        for ((name, a), (_, b)) in state_dict(&second).iter().zip(&final_weights) {
+            assert!(a.equal(b), "{name} differs after resuming at epoch {stop}");
+        }
+    }
+}
+
+#[test]
+fn resuming_after_any_epoch_is_bit_identical_to_never_stopping() {
+    check_every_stop_point(vec![Device::Cpu]);
+}
+
+#[test]
+fn data_parallel_resume_is_bit_identical_too() {
+    check_every_stop_point(vec![Device::Cpu, Device::Cpu]);
+}
+
+fn run(a: &v1::Assignment, artifacts: &std::path::Path) -> Vec<v1::ReportEpochRequest> {
+    let mut reports = Vec::new();
+    train_attempt(a, &TrainOptions::new(Device::Cpu), artifacts, &artifacts.join("cache"), &mut |r| {
+        reports.push(r);
+        Control::Continue
+    })
+    .unwrap();
+    reports
+}
+
+#[test]
+fn an_attempt_continues_from_its_resume_point_or_the_previous_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = common::assignment(SPEC, "resume-0001", 1);
+    let reports = run(&first, dir.path());
+    assert_eq!(reports.len(), 4);
+    assert!(reports.iter().all(|r| r.resumed_from_epoch == 0 && r.note.is_empty()));
+    let points: Vec<v1::CheckpointRef> = reports.iter().map(|r| r.resume_checkpoint.clone().unwrap()).collect();
+    assert_eq!(points.iter().map(|p| p.epoch).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    // Only the two newest stay on disk.
+    let kept: Vec<u32> = resume::list(&dir.path().join("resume-0001/t000")).into_iter().map(|(e, _)| e).collect();
+    assert_eq!(kept, [4, 3]);
+    let val = |r: &[v1::ReportEpochRequest]| -> Vec<f64> {
+        r.iter().map(|x| x.metrics.as_ref().unwrap().val_accuracy).collect()
+    };
+
+    // A second attempt handed the point after epoch 3 trains epoch 4 only, with the same result.
+    let second = v1::Assignment { attempt_id: 2, resume: Some(points[2].clone()), ..first.clone() };
+    let again = run(&second, dir.path());
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].metrics.as_ref().unwrap().epoch, again[0].resumed_from_epoch), (4, 3));
+    assert!(again[0].note.is_empty(), "{}", again[0].note);
+    assert_eq!(val(&again), val(&reports[3..]));
+    let m = |r: &v1::ReportEpochRequest| {
+        let x = r.metrics.clone().unwrap();
+        (x.train_loss, x.val_loss)
+    };
+    assert_eq!(m(&again[0]), m(&reports[3]));
+
+    // The newest point (epoch 4 now) is truncated: the attempt falls back to epoch 3's and says so.
+    let newest = again[0].resume_checkpoint.clone().unwrap();
+    let bytes = std::fs::read(&newest.uri).unwrap();
+    std::fs::write(&newest.uri, &bytes[..bytes.len() / 3]).unwrap();
+    let third = v1::Assignment { attempt_id: 3, resume: Some(newest.clone()), ..first.clone() };
+    let fallback = run(&third, dir.path());
+    assert_eq!(fallback.len(), 1);
+    assert_eq!(fallback[0].resumed_from_epoch, 3);
+    let note = &fallback[0].note;
+    assert!(note.contains("resume point of epoch 4 unusable") && note.contains("truncated"), "{note}");
+    assert!(note.contains("resumed from the older point of epoch 3"), "{note}");
+    assert_eq!(val(&fallback), val(&reports[3..]));
+
+    // Every point altered: from the start, said so, and all four epochs reported again.
+    for (_, path) in resume::list(&dir.path().join("resume-0001/t000")) {
+        let mut b = std::fs::read(&path).unwrap();
+        let last = b.len() - 1;
+        b[last] ^= 0xff;
+        std::fs::write(&path, b).unwrap();
+    }
+    let newest = fallback[0].resume_checkpoint.clone().unwrap();
+    let fourth = v1::Assignment { attempt_id: 4, resume: Some(newest), ..first.clone() };
+    let fresh = run(&fourth, dir.path());
+    assert_eq!(fresh.len(), 4);
+    assert_eq!(fresh[0].resumed_from_epoch, 0);
+    assert!(fresh[0].note.contains("started from the beginning"), "{}", fresh[0].note);
+    assert_eq!(val(&fresh), val(&reports));
+}
