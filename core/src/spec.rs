@@ -297,6 +297,9 @@ fn is_field_path(s: &str) -> bool {
 // Position index: field path -> (line, column), from yaml-rust2's marked events
 // ---------------------------------------------------------------------------------------------
 
+/// Deepest nesting of collections accepted; a spec needs four levels.
+const MAX_DEPTH: usize = 64;
+
 struct PositionIndex {
     positions: BTreeMap<String, (usize, usize)>,
     /// False when the document holds no node, or only a null scalar (`---`, `~`, comments).
@@ -407,11 +410,39 @@ impl yaml_rust2::parser::MarkedEventReceiver for IndexBuilder {
 
 impl PositionIndex {
     fn build(text: &str) -> Result<PositionIndex, SpecError> {
+        use yaml_rust2::Event;
+        use yaml_rust2::parser::MarkedEventReceiver;
         let mut builder =
             IndexBuilder { stack: Vec::new(), index: PositionIndex { positions: BTreeMap::new(), has_content: false } };
         let mut parser = yaml_rust2::parser::Parser::new_from_str(text);
-        match parser.load(&mut builder, false) {
+        // The events of the first document, read in a loop: `Parser::load` recurses once per
+        // level of nesting, and a few thousand levels (`- - - …`, 20 KB) overflowed a 2 MiB
+        // thread stack, an abort that took the whole process down.
+        let too_deep = |line: usize, col: usize| SpecError {
+            line,
+            column: col + 1,
+            field: String::new(),
+            message: format!("the document is nested more than {MAX_DEPTH} levels deep"),
+        };
+        let scanned = loop {
+            match parser.next_token() {
+                Ok((Event::StreamEnd | Event::DocumentEnd, _)) => break Ok(()),
+                Ok((ev, mark)) => {
+                    builder.on_event(ev, mark);
+                    if builder.stack.len() > MAX_DEPTH {
+                        return Err(too_deep(mark.line(), mark.col()));
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match scanned {
             Ok(()) => Ok(builder.index),
+            // The scanner reads ahead, so `[[[[…` hits its own limit of 255 flow levels before
+            // the events reach ours; serde_yaml would take seconds to say the same.
+            Err(scan) if scan.info() == "recursion limit exceeded" => {
+                Err(too_deep(scan.marker().line(), scan.marker().col()))
+            }
             // Prefer serde_yaml's wording for syntax errors; fall back to ours if it accepts
             // what yaml-rust2 refused.
             Err(scan) => match serde_yaml::from_str::<serde_yaml::Value>(text) {
