@@ -281,8 +281,15 @@ async fn reap_leases(shared: Arc<Shared>) {
     let ttl = shared.config.heartbeat_ttl;
     let limit = ttl + shared.config.lease_grace;
     let mut tick = tokio::time::interval((ttl / 2).max(Duration::from_millis(100)));
+    // Failover grace: a coordinator that just started (after a crash or an upgrade) has not
+    // heard from anyone yet. Workers get a whole lease period from its start to heartbeat
+    // again; their running attempts are then reattached, not re-run.
+    let started = now_ms();
     loop {
         tick.tick().await;
+        if now_ms() - started < limit.as_millis() as i64 {
+            continue;
+        }
         let deadline = now_ms() - limit.as_millis() as i64;
         // Wakes waiting workers only when leases ended (their trials may be pending again).
         let expire = move |s: &mut Store| {

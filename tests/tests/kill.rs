@@ -105,3 +105,39 @@ fn a_trial_whose_worker_is_killed_resumes_on_another_from_its_last_checkpoint_in
     assert_eq!(by(attempts[1].attempt_id), (at_first_kill + 1..=at_second_kill).collect::<Vec<_>>());
     assert_eq!(by(attempts[2].attempt_id), (at_second_kill + 1..=6).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_coordinator_killed_mid_sweep_comes_back_with_every_acknowledged_epoch_and_reattaches_the_running_trial() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let lease = ["--heartbeat-ttl", "3", "--lease-grace", "3"];
+    let (mut coord, url) = coordinator_at(&state, &listen, &lease);
+    let sweep = submit(&url, dir.path(), SLOW_SPEC);
+    let log = dir.path().join("w.log");
+    let _w = worker(&url, "w", dir.path());
+    wait_epochs(&url, &sweep, 2, &[&log]);
+    let before = trial(&url, &sweep);
+    kill9(&mut coord);
+
+    // Down for a moment (the worker's reports wait and retry), then back on the same state.
+    std::thread::sleep(Duration::from_secs(2));
+    let (_coord, url2) = coordinator_at(&state, &listen, &lease);
+    assert_eq!(url2, url);
+    let after = trial(&url, &sweep);
+    // Everything acknowledged before the kill is there, unchanged.
+    assert!(after.metrics.len() >= before.metrics.len());
+    assert_eq!(after.metrics[..before.metrics.len()], before.metrics[..], "acknowledged epochs changed");
+
+    let done = wait_for(Duration::from_secs(240), "the trial to complete", || {
+        let t = trial(&url, &sweep);
+        let s = t.trial.as_ref().unwrap().state.clone();
+        assert_ne!(s, "failed", "{t:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        (s == "completed").then_some(t)
+    });
+    // The running attempt was reattached, not re-run: one attempt, every epoch once.
+    assert_eq!(done.attempts.len(), 1, "{:?}\n{}", done.attempts, std::fs::read_to_string(&log).unwrap_or_default());
+    assert_eq!(done.attempts[0].state, "succeeded");
+    assert_eq!(epochs(&done), [1, 2, 3, 4, 5, 6]);
+    assert!(done.metrics.iter().all(|m| m.attempt_id == done.attempts[0].attempt_id));
+}

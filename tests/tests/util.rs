@@ -84,8 +84,13 @@ unsafe extern "C" {
 
 /// Starts `sweep coordinator` on a free loopback port over `state_dir`; returns it and its URL.
 pub fn coordinator(state_dir: &Path, extra: &[&str]) -> (Proc, String) {
+    coordinator_at(state_dir, "127.0.0.1:0", extra)
+}
+
+/// [`coordinator`] listening on `listen`.
+pub fn coordinator_at(state_dir: &Path, listen: &str, extra: &[&str]) -> (Proc, String) {
     let mut child = sweep()
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--state-dir"])
+        .args(["coordinator", "--listen", listen, "--state-dir"])
         .arg(state_dir)
         .args(extra)
         .env("RUST_LOG", "warn")
@@ -103,6 +108,11 @@ pub fn coordinator(state_dir: &Path, extra: &[&str]) -> (Proc, String) {
         .unwrap_or_else(|| panic!("unexpected first line from the coordinator: {line:?}"))
         .to_string();
     (Proc { child, name: "coordinator".into() }, format!("http://{addr}"))
+}
+
+/// A loopback port free right now (for a coordinator that must come back on the same address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// Starts a `sweep-worker` with one intra-op thread, logging to `<dir>/<name>.log` and
