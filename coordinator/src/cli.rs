@@ -212,6 +212,21 @@ impl Client {
         Ok(())
     }
 
+    pub async fn retry(&mut self, id: &str, trial_ids: Vec<String>, format: Format) -> anyhow::Result<()> {
+        let r = self
+            .inner
+            .retry_sweep(v1::RetrySweepRequest { sweep_id: id.to_string(), trial_ids })
+            .await
+            .map_err(|s| status_error(&self.url, s))?
+            .into_inner();
+        match format {
+            Format::Json => println!("{}", serde_json::json!({ "requeued": r.trial_ids })),
+            Format::Table if r.trial_ids.is_empty() => println!("no failed trials to retry"),
+            Format::Table => println!("re-queued {} trial(s): {}", r.trial_ids.len(), r.trial_ids.join(", ")),
+        }
+        Ok(())
+    }
+
     pub async fn workers(&mut self, format: Format) -> anyhow::Result<()> {
         let r = self.inner.list_workers(v1::ListWorkersRequest {}).await.map_err(|s| status_error(&self.url, s))?;
         let workers = r.into_inner().workers;

@@ -425,7 +425,11 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
             ]);
         }
     }
-    t.to_string()
+    let mut out = t.to_string();
+    for w in workers.iter().filter(|w| !w.note.is_empty()) {
+        out.push_str(&format!("\n{} ({}): {}", w.worker_id, w.name, w.note));
+    }
+    out
 }
 
 pub fn workers_json(workers: &[v1::WorkerInfo]) -> Value {
@@ -441,6 +445,7 @@ pub fn workers_json(workers: &[v1::WorkerInfo]) -> Value {
                     "devices": w.devices.iter().map(|d| json!({"id": d.id, "kind": d.kind, "name": d.name, "memory_bytes": d.memory_bytes})).collect::<Vec<_>>(),
                     "running": w.running,
                     "busy": w.busy.iter().map(|u| json!({"device": u.device, "sweep": u.sweep_id, "trial": u.trial_id, "attempt": u.attempt_id})).collect::<Vec<_>>(),
+                    "note": if w.note.is_empty() { Value::Null } else { json!(w.note) },
                     "registered_at_ms": w.registered_at_ms,
                     "last_seen_ms": w.last_seen_ms,
                 })

@@ -52,6 +52,8 @@ pub struct Config {
     pub heartbeat_ttl: Duration,
     /// …and after this much longer its lease ends: its attempts are lost and re-queued.
     pub lease_grace: Duration,
+    /// Failed attempts in a row after which a worker is quarantined (0: never).
+    pub quarantine_after: u32,
     pub parse: ParseOptions,
 }
 
@@ -62,6 +64,7 @@ impl Config {
             state_dir,
             heartbeat_ttl: Duration::from_secs(10),
             lease_grace: Duration::from_secs(20),
+            quarantine_after: crate::store::DEFAULT_QUARANTINE_AFTER,
             parse: ParseOptions::default(),
         }
     }
@@ -239,7 +242,8 @@ impl Running {
 /// Opens the store and starts serving on `config.listen` (port 0 picks a free port).
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     use anyhow::Context;
-    let store = Store::open(&config.state_dir)?;
+    let mut store = Store::open(&config.state_dir)?;
+    store.set_quarantine_after(config.quarantine_after)?;
     let last = store.last_sequence()?;
     let (events, _) = watch::channel(last);
     let (jobs, queue) = std::sync::mpsc::channel();
@@ -362,6 +366,15 @@ impl SweepService for SweepApi {
     ) -> Result<Response<v1::CancelSweepResponse>, Status> {
         let id = request.into_inner().sweep_id;
         Ok(Response::new(self.0.write(false, move |s| s.cancel_sweep(&id)).await?))
+    }
+
+    async fn retry_sweep(
+        &self,
+        request: Request<v1::RetrySweepRequest>,
+    ) -> Result<Response<v1::RetrySweepResponse>, Status> {
+        let r = request.into_inner();
+        let trial_ids = self.0.write(true, move |s| s.retry_sweep(&r.sweep_id, &r.trial_ids)).await?;
+        Ok(Response::new(v1::RetrySweepResponse { trial_ids }))
     }
 
     async fn get_leaderboard(

@@ -54,7 +54,7 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// Statements that bring a database of version `n - 1` to version `n` (index `n - 2`).
 const MIGRATIONS: &[&str] = &[
@@ -70,6 +70,11 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE trials ADD COLUMN resume_checkpoint BLOB;
      ALTER TABLE attempts ADD COLUMN resumed_from_epoch INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE attempts ADD COLUMN note TEXT NOT NULL DEFAULT '';",
+    // 6: `sweep retry` (attempts before the retry do not count against the budget) and
+    // quarantine of workers that keep failing.
+    "ALTER TABLE trials ADD COLUMN retry_base INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE workers ADD COLUMN consecutive_failures INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE workers ADD COLUMN note TEXT NOT NULL DEFAULT '';",
 ];
 
 const SCHEMA: &str = "
@@ -109,6 +114,7 @@ CREATE TABLE IF NOT EXISTS trials (
     best_checkpoint BLOB,
     last_checkpoint BLOB,
     resume_checkpoint BLOB,
+    retry_base     INTEGER NOT NULL DEFAULT 0,
     skipped_images  INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (sweep_id, idx)
 );
@@ -154,7 +160,9 @@ CREATE TABLE IF NOT EXISTS workers (
     version          TEXT NOT NULL,
     state            TEXT NOT NULL,
     registered_at_ms INTEGER NOT NULL,
-    last_seen_ms     INTEGER NOT NULL
+    last_seen_ms     INTEGER NOT NULL,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    note             TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS events (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -174,6 +182,12 @@ CREATE INDEX IF NOT EXISTS trials_by_state_sweep ON trials(state, sweep_id, idx)
 /// Worker states as stored and shown.
 pub const WORKER_ACTIVE: &str = "active";
 pub const WORKER_GONE: &str = "gone";
+/// A worker whose attempts kept failing: it keeps its lease (heartbeats) but gets no trials
+/// until it registers again (a restarted daemon is a new worker).
+pub const WORKER_QUARANTINED: &str = "quarantined";
+
+/// Failed attempts in a row after which a worker is quarantined, by default.
+pub const DEFAULT_QUARANTINE_AFTER: u32 = 3;
 
 /// The store. Not `Sync`: the server keeps it behind a mutex and calls it off the async runtime.
 pub struct Store {
@@ -254,8 +268,11 @@ impl Store {
         // version (an older build keeps them up to date and ignores them).
         conn.execute_batch(QUERY_INDEXES).map_err(open_err)?;
         // The hot paths run the same statements thousands of times a second; parsing them
-        // again each time was most of their cost.
+        // again each time was most of their cost. Cached statements keep their plan when new
+        // values are bound (the query planner stability guarantee): without it SQLite
+        // re-prepares a statement whenever a rebound parameter might change its plan.
         conn.set_prepared_statement_cache_capacity(64);
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(open_err)?;
         Ok(Store { conn, path })
     }
 
@@ -374,6 +391,71 @@ impl Store {
         Ok(v1::CancelSweepResponse { cancelled_pending: pending.len() as u32, stopping_running: running as u32 })
     }
 
+    /// Failed attempts in a row after which a worker is quarantined (0: never).
+    pub fn set_quarantine_after(&mut self, n: u32) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('quarantine_after', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [i64::from(n)],
+        )?;
+        Ok(())
+    }
+
+    /// Re-queues the failed trials of a sweep (all, or those of `trial_ids`) with a fresh
+    /// attempt budget; their metrics and resume points stay, so they continue where they
+    /// stopped. Returns the trial ids re-queued.
+    pub fn retry_sweep(&mut self, sweep_id: &str, trial_ids: &[String]) -> Result<Vec<String>> {
+        let tx = self.conn.savepoint()?;
+        let sweep_id = &resolve_sweep(&tx, sweep_id)?;
+        let cancelled: bool =
+            tx.query_row("SELECT cancelled != 0 FROM sweeps WHERE id = ?1", [sweep_id], |r| r.get(0))?;
+        if cancelled {
+            return Err(StoreError::FailedPrecondition(format!(
+                "sweep {sweep_id} was cancelled; submit its spec again to run it"
+            )));
+        }
+        let failed: Vec<(i64, String)> = {
+            let mut q =
+                tx.prepare("SELECT idx, trial_id FROM trials WHERE sweep_id = ?1 AND state = 'failed' ORDER BY idx")?;
+            q.query_map([sweep_id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?
+        };
+        for id in trial_ids {
+            let state: Option<String> = tx
+                .query_row(
+                    "SELECT state FROM trials WHERE sweep_id = ?1 AND trial_id = ?2",
+                    params![sweep_id, id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match state {
+                None => return Err(StoreError::NotFound(format!("sweep {sweep_id} has no trial `{id}`"))),
+                Some(s) if s != "failed" => {
+                    return Err(StoreError::FailedPrecondition(format!(
+                        "trial {id} of {sweep_id} is {s}; only failed trials are retried"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        let chosen: Vec<(i64, String)> =
+            failed.into_iter().filter(|(_, id)| trial_ids.is_empty() || trial_ids.contains(id)).collect();
+        for (idx, _) in &chosen {
+            tx.execute(
+                "UPDATE trials SET state = 'pending', error = '', finished_at_ms = NULL, retry_base = attempts
+                 WHERE sweep_id = ?1 AND idx = ?2",
+                params![sweep_id, idx],
+            )?;
+            trial_event_noted(&tx, sweep_id, *idx, None, "re-queued by `sweep retry`")?;
+        }
+        if !chosen.is_empty() {
+            // The sweep is open again; it ends (with a new `ended` event) when these do.
+            tx.execute("UPDATE sweeps SET finished_at_ms = NULL WHERE id = ?1", [sweep_id])?;
+            reconcile_schedulability(&tx)?;
+        }
+        tx.commit()?;
+        Ok(chosen.into_iter().map(|(_, id)| id).collect())
+    }
+
     pub fn leaderboard(&self, sweep_id: &str) -> Result<v1::Leaderboard> {
         let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
         let sweep = sweep_summary(&self.conn, sweep_id)?;
@@ -437,7 +519,7 @@ impl Store {
             q.query_map(params![sweep_id, idx as i64], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64)))?
                 .collect::<rusqlite::Result<_>>()?
         };
-        let metrics = all_metrics(&self.conn, sweep_id)?
+        let metrics = metrics_of(&self.conn, sweep_id, Some(idx as i64))?
             .remove(&trial.index)
             .unwrap_or_default()
             .iter()
@@ -539,7 +621,7 @@ impl Store {
 
     pub fn workers(&self) -> Result<Vec<v1::WorkerInfo>> {
         let mut q = self.conn.prepare(
-            "SELECT id, name, incarnation, devices, state, registered_at_ms, last_seen_ms FROM workers
+            "SELECT id, name, incarnation, devices, state, registered_at_ms, last_seen_ms, note FROM workers
              ORDER BY registered_at_ms, id",
         )?;
         // Devices stay encoded until the rows are read, so a decode error can be a StoreError.
@@ -552,6 +634,7 @@ impl Store {
                     state: r.get(4)?,
                     registered_at_ms: r.get(5)?,
                     last_seen_ms: r.get(6)?,
+                    note: r.get(7)?,
                     ..Default::default()
                 };
                 Ok((info, r.get(3)?))
@@ -591,8 +674,9 @@ impl Store {
     pub fn expire_workers(&mut self, deadline_ms: i64) -> Result<Vec<String>> {
         let tx = self.conn.savepoint()?;
         let gone: Vec<String> = {
-            let mut q = tx.prepare("SELECT id FROM workers WHERE state = ?1 AND last_seen_ms < ?2")?;
-            q.query_map(params![WORKER_ACTIVE, deadline_ms], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+            let mut q = tx.prepare("SELECT id FROM workers WHERE state IN (?1, ?3) AND last_seen_ms < ?2")?;
+            q.query_map(params![WORKER_ACTIVE, deadline_ms, WORKER_QUARANTINED], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
         };
         for id in &gone {
             tx.execute("UPDATE workers SET state = ?2 WHERE id = ?1", params![id, WORKER_GONE])?;
@@ -626,6 +710,13 @@ impl Store {
     pub fn acquire(&mut self, worker_id: &str, incarnation: u64) -> Result<Option<Assignment>> {
         let tx = self.conn.savepoint()?;
         let devices = check_worker(&tx, worker_id, incarnation)?;
+        let quarantined: bool = tx
+            .prepare_cached("SELECT state = ?2 FROM workers WHERE id = ?1")?
+            .query_row(params![worker_id, WORKER_QUARANTINED], |r| r.get(0))?;
+        if quarantined {
+            tx.commit()?;
+            return Ok(None);
+        }
         let free = free_devices(&tx, worker_id, &devices)?;
         if free.is_empty() {
             tx.commit()?;
@@ -1073,11 +1164,18 @@ fn trial_extras(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<TrialEx
 
 /// Metrics of every trial of a sweep, by trial index, in epoch order.
 fn all_metrics(conn: &Connection, sweep_id: &str) -> Result<HashMap<u32, Vec<EpochMetrics>>> {
-    let mut q = conn.prepare(
+    metrics_of(conn, sweep_id, None)
+}
+
+/// Metrics of every trial of a sweep, or of trial `only`, by trial index, in epoch order.
+fn metrics_of(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Result<HashMap<u32, Vec<EpochMetrics>>> {
+    // One trial is read by its key, not by scanning the sweep's metrics.
+    let only_sql = if only.is_some() { "AND idx = ?2" } else { "AND ?2 IS NULL" };
+    let mut q = conn.prepare_cached(&format!(
         "SELECT idx, epoch, phase, train_loss, train_accuracy, val_loss, val_accuracy, seconds
-         FROM metrics WHERE sweep_id = ?1 ORDER BY idx, epoch",
-    )?;
-    let rows = q.query_map([sweep_id], |r| {
+         FROM metrics WHERE sweep_id = ?1 {only_sql} ORDER BY idx, epoch"
+    ))?;
+    let rows = q.query_map(params![sweep_id, only], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, i64>(1)?,
@@ -1126,7 +1224,7 @@ fn check_worker(conn: &Connection, worker_id: &str, incarnation: u64) -> Result<
             "worker {worker_id} is incarnation {inc}, not {incarnation}; register again"
         )));
     }
-    if state != WORKER_ACTIVE {
+    if state != WORKER_ACTIVE && state != WORKER_QUARANTINED {
         return Err(StoreError::FailedPrecondition(format!(
             "worker {worker_id} lost its lease (missed heartbeats); register again"
         )));
@@ -1203,13 +1301,26 @@ fn end_attempt(
     permanent: bool,
     wall_seconds: f64,
 ) -> Result<()> {
-    let (sweep_id, idx, attempts, max_attempts, cancelled, started): (String, i64, i64, i64, i64, i64) = tx
+    let (sweep_id, idx, all_attempts, max_attempts, cancelled, started, retry_base, worker_id): (
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        String,
+    ) = tx
         .prepare_cached(
-            "SELECT a.sweep_id, a.idx, t.attempts, s.max_attempts, s.cancelled, a.started_at_ms
+            "SELECT a.sweep_id, a.idx, t.attempts, s.max_attempts, s.cancelled, a.started_at_ms, t.retry_base, a.worker_id
          FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx JOIN sweeps s ON s.id = a.sweep_id
          WHERE a.id = ?1",
         )?
-        .query_row([attempt_id as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?;
+        .query_row([attempt_id as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+        })?;
+    // Attempts made before a `sweep retry` do not count against the budget.
+    let attempts = all_attempts - retry_base;
     let now = now_ms();
     tx.prepare_cached("UPDATE attempts SET state = ?2, ended_at_ms = ?3, error = ?4 WHERE id = ?1")?
         .execute(params![attempt_id as i64, end.as_str(), now, message])?;
@@ -1232,7 +1343,41 @@ fn end_attempt(
     )?
     .execute(params![sweep_id, idx, state.as_str(), error, finished, wall])?;
     trial_event(tx, &sweep_id, idx, None)?;
+    match end {
+        AttemptState::Succeeded => {
+            tx.prepare_cached("UPDATE workers SET consecutive_failures = 0 WHERE id = ?1")?.execute([&worker_id])?;
+        }
+        AttemptState::Failed => {
+            let failures: i64 = tx
+                .prepare_cached(
+                    "UPDATE workers SET consecutive_failures = consecutive_failures + 1 WHERE id = ?1
+                     RETURNING consecutive_failures",
+                )?
+                .query_row([&worker_id], |r| r.get(0))?;
+            let limit = quarantine_after(tx)?;
+            if limit > 0 && failures >= limit {
+                let note = format!("quarantined: {failures} attempts failed in a row; the last: {message}");
+                let changed = tx
+                    .prepare_cached("UPDATE workers SET state = ?2, note = ?3 WHERE id = ?1 AND state = ?4")?
+                    .execute(params![worker_id, WORKER_QUARANTINED, note, WORKER_ACTIVE])?;
+                if changed > 0 {
+                    // Trials only this worker could hold are unschedulable now.
+                    reconcile_schedulability(tx)?;
+                }
+            }
+        }
+        _ => {}
+    }
     finish_sweep_if_done(tx, &sweep_id)
+}
+
+/// The `quarantine_after` setting (0: never), stored in `meta` by [`Store::set_quarantine_after`].
+fn quarantine_after(conn: &Connection) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'quarantine_after'")?
+        .query_row([], |r| r.get::<_, i64>(0))
+        .optional()?
+        .unwrap_or(i64::from(DEFAULT_QUARANTINE_AFTER)))
 }
 
 /// Marks waiting trials that no registered worker can ever hold `unschedulable` (with the

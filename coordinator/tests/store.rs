@@ -339,11 +339,15 @@ fn a_version_1_database_is_upgraded_in_place() {
         let mut store = Store::open(dir.path()).unwrap();
         submit(&mut store)
     };
-    // Turn it back into a version-1 database: the columns version 2 added, gone.
+    // Turn it back into a version-1 database: the columns and indexes later versions added, gone.
     let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
     conn.execute_batch(
         "ALTER TABLE trials DROP COLUMN best_checkpoint; ALTER TABLE trials DROP COLUMN last_checkpoint;
          ALTER TABLE trials DROP COLUMN skipped_images; ALTER TABLE attempts DROP COLUMN devices;
+         DROP INDEX attempts_by_trial;
+         ALTER TABLE trials DROP COLUMN resume_checkpoint; ALTER TABLE attempts DROP COLUMN resumed_from_epoch;
+         ALTER TABLE attempts DROP COLUMN note; ALTER TABLE trials DROP COLUMN retry_base;
+         ALTER TABLE workers DROP COLUMN consecutive_failures; ALTER TABLE workers DROP COLUMN note;
          UPDATE meta SET value = 1 WHERE key = 'schema_version';",
     )
     .unwrap();
@@ -354,7 +358,7 @@ fn a_version_1_database_is_upgraded_in_place() {
     assert!(board.entries[0].best_checkpoint.is_none());
     let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
     let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 5);
+    assert_eq!(v, 6);
 }
 
 fn devices(kind: &str, n: usize) -> Vec<v1::Device> {
@@ -466,4 +470,89 @@ fn bad_device_lists_are_refused() {
     let mut comma = devices("cpu", 1);
     comma[0].id = "cpu:0,cpu:1".into();
     assert!(matches!(store.register("w", &comma, "t"), Err(StoreError::InvalidArgument(_))));
+}
+
+fn fail(store: &mut Store, worker: &str, inc: u64, permanent: bool) -> v1::Assignment {
+    let a = store.acquire(worker, inc).unwrap().expect("a trial is pending");
+    let class = if permanent { v1::ErrorClass::Permanent } else { v1::ErrorClass::Retryable };
+    store.finish_attempt(a.attempt_id, v1::Outcome::Failed, class, "no such file /data/x", 1.0).unwrap();
+    a
+}
+
+#[test]
+fn a_worker_failing_attempts_in_a_row_is_quarantined_and_gets_no_more_trials() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    store.set_quarantine_after(2).unwrap();
+    let sweep = submit_text(&mut store, &spec_with(1, 4).replace("max_attempts: 2", "max_attempts: 5"));
+    let (bad, bad_inc) = store.register("bad", &cpu(), "test").unwrap();
+    let (good, good_inc) = store.register("good", &cpu(), "test").unwrap();
+    // A success resets the count: fail, succeed, fail — still active.
+    fail(&mut store, &bad, bad_inc, false);
+    let a = store.acquire(&bad, bad_inc).unwrap().unwrap();
+    for e in 1..=a.fe_epochs + a.ft_epochs {
+        store.report_epoch(a.attempt_id, &metrics(e, a.fe_epochs, 0.5), &extras(1)).unwrap();
+    }
+    store.finish_attempt(a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0).unwrap();
+    fail(&mut store, &bad, bad_inc, true);
+    let state = |store: &Store, id: &str| {
+        store.workers().unwrap().into_iter().find(|w| w.worker_id == id).map(|w| (w.state, w.note)).unwrap()
+    };
+    assert_eq!(state(&store, &bad).0, "active");
+    // A second failure in a row: quarantined, with the reason.
+    fail(&mut store, &bad, bad_inc, false);
+    let (s, note) = state(&store, &bad);
+    assert_eq!(s, "quarantined");
+    assert!(note.contains("2 attempts failed in a row") && note.contains("no such file /data/x"), "{note}");
+    // It keeps its lease but gets nothing; the healthy worker takes the work.
+    assert!(store.heartbeat(&bad, bad_inc, &[]).is_ok());
+    assert!(store.acquire(&bad, bad_inc).unwrap().is_none());
+    assert!(store.acquire(&good, good_inc).unwrap().is_some());
+    assert_eq!(state(&store, &good).0, "active");
+    // Registering again (a restarted daemon) is a new, active worker.
+    let (again, _) = store.register("bad", &cpu(), "test").unwrap();
+    assert_eq!(state(&store, &again).0, "active");
+    let _ = sweep;
+}
+
+#[test]
+fn retry_requeues_failed_trials_with_a_fresh_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    store.set_quarantine_after(0).unwrap();
+    let sweep = submit(&mut store);
+    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    // t000 fails for good (permanent); t001 uses up its 2 attempts.
+    fail(&mut store, &w, inc, true);
+    fail(&mut store, &w, inc, false);
+    fail(&mut store, &w, inc, false);
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!(status.sweep.as_ref().unwrap().state, "failed");
+    assert!(status.trials.iter().all(|t| t.state == "failed"));
+
+    // Bad requests change nothing.
+    assert!(matches!(store.retry_sweep(&sweep, &["t009".into()]), Err(StoreError::NotFound(_))));
+    assert!(matches!(store.retry_sweep("nope", &[]), Err(StoreError::NotFound(_))));
+    assert_eq!(store.retry_sweep(&sweep, &["t001".into()]).unwrap(), ["t001"]);
+    let e = store.retry_sweep(&sweep, &["t001".into()]).unwrap_err();
+    assert!(e.to_string().contains("t001") && e.to_string().contains("pending"), "{e}");
+    assert_eq!(store.retry_sweep(&sweep, &[]).unwrap(), ["t000"]);
+    let status = store.get_sweep(&sweep).unwrap();
+    let summary = status.sweep.as_ref().unwrap();
+    assert_eq!((summary.state.as_str(), summary.finished_at_ms), ("pending", 0));
+    assert!(status.trials.iter().all(|t| t.state == "pending" && t.error.is_empty()));
+    // A fresh budget: each may fail once more and still be retried, then completes.
+    fail(&mut store, &w, inc, false);
+    assert!(store.get_sweep(&sweep).unwrap().trials.iter().any(|t| t.state == "pending"));
+    complete(&mut store, &w, inc, [0.5, 0.6]);
+    complete(&mut store, &w, inc, [0.5, 0.7]);
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!(status.sweep.as_ref().unwrap().state, "completed");
+    assert_eq!(store.retry_sweep(&sweep, &[]).unwrap(), Vec::<String>::new());
+
+    // A cancelled sweep is not retried.
+    let other = submit(&mut store);
+    store.cancel_sweep(&other).unwrap();
+    let e = store.retry_sweep(&other, &[]).unwrap_err();
+    assert!(matches!(e, StoreError::FailedPrecondition(_)), "{e}");
 }

@@ -141,3 +141,67 @@ fn a_coordinator_killed_mid_sweep_comes_back_with_every_acknowledged_epoch_and_r
     assert_eq!(epochs(&done), [1, 2, 3, 4, 5, 6]);
     assert!(done.metrics.iter().all(|m| m.attempt_id == done.attempts[0].attempt_id));
 }
+
+#[test]
+fn a_broken_worker_is_quarantined_and_retry_requeues_the_failed_trials_for_a_healthy_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, url) = coordinator(&dir.path().join("state"), &["--quarantine-after", "2"]);
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = output(sweep().args(args).args(["--coordinator", &url, "--output", "json"]));
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        serde_json::from_str(&stdout(&out)).unwrap()
+    };
+    let wait_state = |id: &str, want: &str| {
+        wait_for(Duration::from_secs(240), &format!("sweep {id} to be {want}"), || {
+            let s = json(&["status", id]);
+            (s["state"] == want).then_some(s)
+        })
+    };
+    // A first sweep gives us a weights file (a trained checkpoint).
+    let mut a = worker(&url, "a", dir.path());
+    let warm = submit(&url, dir.path(), &TINY_SPEC.replace("[[1, 1], [2, 1]]", "[[1, 1]]"));
+    wait_state(&warm, "completed");
+    let board = json(&["leaderboard", &warm]);
+    let trained = board[0]["checkpoints"]["best"]["uri"].as_str().unwrap().to_string();
+
+    // Two trials that need a weights file that is not there: each fails at once (permanent),
+    // and after two failures in a row the worker is quarantined.
+    let weights = dir.path().join("weights").join("resnet18-flowers.safetensors");
+    let broken_spec =
+        TINY_SPEC.replace("training:", &format!("model: {{ weights: {} }}\ntraining:", weights.display()));
+    let broken = submit(&url, dir.path(), &broken_spec);
+    let s = wait_state(&broken, "failed");
+    for t in s["trials"].as_array().unwrap() {
+        assert_eq!(t["state"], "failed");
+        assert!(t["error"].as_str().unwrap().contains("resnet18-flowers.safetensors"), "{t}");
+    }
+    let workers = json(&["workers"]);
+    let wa = &workers[0];
+    assert_eq!(wa["state"], "quarantined", "{workers:#}");
+    assert!(wa["note"].as_str().unwrap().contains("2 attempts failed in a row"), "{workers:#}");
+    let table = stdout(&output(sweep().args(["workers", "--coordinator", &url])));
+    assert!(table.contains("quarantined"), "{table}");
+
+    // Fix the cause, retry: the trials are pending again, but not for the quarantined worker.
+    std::fs::create_dir_all(weights.parent().unwrap()).unwrap();
+    std::fs::copy(&trained, &weights).unwrap();
+    let out = output(sweep().args(["retry", &broken, "--coordinator", &url]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("re-queued 2 trial(s): t000, t001"), "{}", stdout(&out));
+    std::thread::sleep(Duration::from_secs(3));
+    let s = json(&["status", &broken]);
+    assert_eq!(s["counts"]["pending"], 2, "{s:#}");
+    // Retrying what is not failed is refused, with the reason.
+    let out = output(sweep().args(["retry", &broken, "--trial", "t000", "--coordinator", &url]));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("t000") && stderr(&out).contains("only failed trials"), "{}", stderr(&out));
+
+    let _b = worker(&url, "b", dir.path());
+    let s = wait_state(&broken, "completed");
+    let b_id = json(&["workers"]).as_array().unwrap().iter().find(|w| w["name"] == "b").unwrap()["worker"].clone();
+    for t in s["trials"].as_array().unwrap() {
+        assert_eq!(t["worker"], b_id, "{t}");
+        assert_eq!(t["attempts"], 2, "{t}");
+    }
+    a.terminate();
+}
