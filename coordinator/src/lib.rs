@@ -5,8 +5,11 @@
 //! * [`server`]: `SweepService` + `WorkerService`, lease reaper, event fan-out.
 //! * [`cli`], [`output`]: client commands and their table / JSON output.
 //! * [`run`]: `sweep run`, a whole sweep on one machine.
+//! * [`history`]: checks a state database's history against the store's invariants
+//!   (`sweep check-state`).
 
 pub mod cli;
+pub mod history;
 pub mod output;
 pub mod run;
 pub mod server;

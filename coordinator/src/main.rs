@@ -125,6 +125,15 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Check a state directory's history against the coordinator's invariants (read-only; a
+    /// coordinator may be running on it). Exits 1 if any is broken, 2 if it cannot be read.
+    CheckState {
+        /// Directory of the state database.
+        #[arg(long, env = "SWEEP_STATE_DIR", default_value = ".sweep")]
+        state_dir: PathBuf,
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Format,
+    },
 }
 
 fn main() -> ExitCode {
@@ -196,5 +205,6 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Client::connect(&remote.coordinator).await?.workers(remote.output).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::CheckState { state_dir, output } => Ok(sweep_coordinator::history::command(&state_dir, output)),
     }
 }
