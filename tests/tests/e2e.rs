@@ -196,6 +196,7 @@ fn real_processes_complete_a_sweep_and_the_leaderboard_comes_back_over_grpc() {
     let after = stdout(&output(sweep().args(["leaderboard", &id, "--coordinator", &url2, "--output", "json"])));
     let strip = |s: &str| -> Value { serde_json::from_str(s).unwrap() };
     assert_eq!(strip(&before), strip(&after));
+    assert_history_clean(&state);
 }
 
 #[test]
@@ -221,6 +222,7 @@ fn sweep_run_finishes_with_a_leaderboard_and_leaves_a_readable_state_dir() {
     assert_eq!(json.as_array().unwrap().len(), 1);
     assert_eq!(json[0]["state"], "completed");
     assert_eq!(json[0]["counts"]["completed"], 2);
+    assert_history_clean(&state);
 }
 
 #[test]
@@ -334,6 +336,7 @@ fn trials_run_on_disjoint_devices_and_a_trial_too_large_for_every_worker_is_unsc
     let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
     let by_name = |n: &str| v.as_array().unwrap().iter().find(|w| w["name"] == n).unwrap()["worker"].clone();
     assert_eq!(t["worker"], by_name("three"));
+    assert_history_clean(&dir.path().join("state"));
 }
 
 #[test]

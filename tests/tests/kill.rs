@@ -104,6 +104,7 @@ fn a_trial_whose_worker_is_killed_resumes_on_another_from_its_last_checkpoint_in
     assert_eq!(by(attempts[0].attempt_id), (1..=at_first_kill).collect::<Vec<_>>());
     assert_eq!(by(attempts[1].attempt_id), (at_first_kill + 1..=at_second_kill).collect::<Vec<_>>());
     assert_eq!(by(attempts[2].attempt_id), (at_second_kill + 1..=6).collect::<Vec<_>>());
+    assert_history_clean(&dir.path().join("state"));
 }
 
 #[test]
@@ -140,6 +141,7 @@ fn a_coordinator_killed_mid_sweep_comes_back_with_every_acknowledged_epoch_and_r
     assert_eq!(done.attempts[0].state, "succeeded");
     assert_eq!(epochs(&done), [1, 2, 3, 4, 5, 6]);
     assert!(done.metrics.iter().all(|m| m.attempt_id == done.attempts[0].attempt_id));
+    assert_history_clean(&state);
 }
 
 #[test]
@@ -204,4 +206,5 @@ fn a_broken_worker_is_quarantined_and_retry_requeues_the_failed_trials_for_a_hea
         assert_eq!(t["attempts"], 2, "{t}");
     }
     a.terminate();
+    assert_history_clean(&dir.path().join("state"));
 }

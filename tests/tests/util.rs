@@ -169,3 +169,10 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&p, text).expect("write file");
     p
 }
+
+/// Asserts that a coordinator's state directory keeps the store's invariants (what
+/// `sweep check-state` checks); the coordinator may still be running on it.
+pub fn assert_history_clean(state_dir: &Path) {
+    let report = sweep_coordinator::history::check_state_dir(state_dir).expect("the state directory is readable");
+    assert!(report.is_clean(), "{report}");
+}
