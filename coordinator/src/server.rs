@@ -32,6 +32,13 @@ use crate::store::{ReportExtras, Store, StoreError, now_ms};
 pub const MAX_SPEC_BYTES: usize = 1 << 20;
 /// Largest gRPC message the server decodes.
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// Longest free text kept from a worker (attempt messages, resume notes) or a client (a spec's
+/// source); longer text is cut.
+pub const MAX_TEXT_CHARS: usize = 4000;
+/// Longest checkpoint reference (`uri`) accepted in a report.
+pub const MAX_URI_BYTES: usize = 4096;
+/// Most devices a worker may register, and so most attempts it can run at once.
+pub const MAX_DEVICES: usize = 1024;
 /// Longest an `AcquireTrial` call is held open.
 pub const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
 
@@ -267,6 +274,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let workers = WorkerServiceServer::new(WorkerApi(Arc::clone(&shared))).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let task = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(refused_request_status))
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
@@ -278,6 +286,36 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     let reaper = tokio::spawn(reap_leases(Arc::clone(&shared)));
     Ok(Running { addr, shutdown: Some(tx), task, reaper })
+}
+
+/// How tonic words the errors of a request body that is not a well-formed request message: bad
+/// protobuf, bad gRPC framing, a body that ends early or holds no message.
+const MALFORMED_REQUEST: [&str; 4] = [
+    "failed to decode Protobuf message",
+    "protocol error:",
+    "Unexpected EOF decoding stream",
+    "Missing request message",
+];
+
+/// The status of a request refused before any handler saw it, as gRPC names it: a message over
+/// [`MAX_MESSAGE_BYTES`] is RESOURCE_EXHAUSTED (tonic says OUT_OF_RANGE), and a body that is not
+/// a well-formed request message is INVALID_ARGUMENT (tonic says INTERNAL, which reads as a
+/// fault of the server and invites retries). Every other response passes unchanged.
+fn refused_request_status(
+    mut response: tonic::codegen::http::Response<tonic::body::Body>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    let Some(status) = Status::from_header_map(response.headers()) else { return response };
+    let code = match status.code() {
+        tonic::Code::OutOfRange if status.message().starts_with("Error, decoded message length too large") => {
+            tonic::Code::ResourceExhausted
+        }
+        tonic::Code::Internal if MALFORMED_REQUEST.iter().any(|m| status.message().starts_with(m)) => {
+            tonic::Code::InvalidArgument
+        }
+        _ => return response,
+    };
+    let _ = Status::new(code, format!("request refused: {}", status.message())).add_header(response.headers_mut());
+    response
 }
 
 /// Ends the leases of workers that stopped sending heartbeats.
@@ -334,11 +372,11 @@ impl SweepService for SweepApi {
         let req = request.into_inner();
         if req.spec_yaml.len() > MAX_SPEC_BYTES {
             return Err(Status::invalid_argument(format!(
-                "spec is {} bytes; the limit is {MAX_SPEC_BYTES}",
+                "spec_yaml is {} bytes; the limit is {MAX_SPEC_BYTES}",
                 req.spec_yaml.len()
             )));
         }
-        let source = if req.source.is_empty() { "spec".to_string() } else { req.source };
+        let source = if req.source.is_empty() { "spec".to_string() } else { cut(&req.source, 1024) };
         let parsed = spec::parse_with(&req.spec_yaml, self.0.config.parse).map_err(|e| {
             Status::invalid_argument(format!("{source}:{}:{}: {}", e.line, e.column, field_message(&e)))
         })?;
@@ -463,13 +501,23 @@ pub struct WorkerApi(Arc<Shared>);
 impl WorkerService for WorkerApi {
     async fn register(&self, request: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
         let req = request.into_inner();
-        if req.devices.len() > 1024 {
-            return Err(Status::invalid_argument("a worker may register at most 1024 devices"));
+        if req.devices.len() > MAX_DEVICES {
+            return Err(Status::invalid_argument(format!("a worker may register at most {MAX_DEVICES} devices")));
         }
-        let name = if req.name.is_empty() { "worker".to_string() } else { req.name.chars().take(200).collect() };
+        for (i, d) in req.devices.iter().enumerate() {
+            if !matches!(d.kind.as_str(), "cpu" | "cuda") {
+                return Err(Status::invalid_argument(format!(
+                    "devices[{i}].kind must be `cpu` or `cuda`, got `{}`",
+                    cut(&d.kind, 64)
+                )));
+            }
+        }
+        let name = if req.name.is_empty() { "worker".to_string() } else { cut(&req.name, 200) };
+        let devices: Vec<v1::Device> =
+            req.devices.into_iter().map(|d| v1::Device { name: cut(&d.name, 200), ..d }).collect();
+        let version = cut(&req.version, 200);
         let log_name = name.clone();
-        let (worker_id, incarnation) =
-            self.0.write(true, move |s| s.register(&name, &req.devices, &req.version)).await?;
+        let (worker_id, incarnation) = self.0.write(true, move |s| s.register(&name, &devices, &version)).await?;
         tracing::info!(%worker_id, name = %log_name, "worker registered");
         Ok(Response::new(v1::RegisterResponse {
             worker_id,
@@ -483,6 +531,13 @@ impl WorkerService for WorkerApi {
         request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let req = request.into_inner();
+        need_worker_id(&req.worker_id)?;
+        if req.running_attempt_ids.len() > MAX_DEVICES {
+            return Err(Status::invalid_argument(format!(
+                "running_attempt_ids lists {} attempts; a worker runs at most {MAX_DEVICES}",
+                req.running_attempt_ids.len()
+            )));
+        }
         let cancel =
             self.0.call(move |s| s.heartbeat(&req.worker_id, req.incarnation, &req.running_attempt_ids)).await?;
         Ok(Response::new(v1::HeartbeatResponse { cancel_attempt_ids: cancel }))
@@ -493,6 +548,7 @@ impl WorkerService for WorkerApi {
         request: Request<v1::AcquireTrialRequest>,
     ) -> Result<Response<v1::AcquireTrialResponse>, Status> {
         let req = request.into_inner();
+        need_worker_id(&req.worker_id)?;
         let wait = Duration::from_millis(req.wait_ms).min(MAX_ACQUIRE_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
         let freed = self.0.freed_signal(&req.worker_id);
@@ -542,6 +598,7 @@ impl WorkerService for WorkerApi {
         request: Request<v1::ReportEpochRequest>,
     ) -> Result<Response<v1::ReportEpochResponse>, Status> {
         let req = request.into_inner();
+        need_attempt_id(req.attempt_id)?;
         let wire = req.metrics.ok_or_else(|| Status::invalid_argument("ReportEpoch needs metrics"))?;
         let metrics = sweep_core::leaderboard::EpochMetrics::try_from(&wire)
             .map_err(|e| Status::invalid_argument(format!("metrics of epoch {}: {e}", wire.epoch)))?;
@@ -552,8 +609,23 @@ impl WorkerService for WorkerApi {
             skipped_images: req.skipped_images,
             resume_checkpoint: req.resume_checkpoint,
             resumed_from_epoch: req.resumed_from_epoch,
-            note: req.note,
+            note: cut(&req.note, MAX_TEXT_CHARS),
         };
+        for (field, c) in [
+            ("last_checkpoint", &extras.last_checkpoint),
+            ("best_checkpoint", &extras.best_checkpoint),
+            ("resume_checkpoint", &extras.resume_checkpoint),
+        ] {
+            if let Some(c) = c
+                && (c.uri.len() > MAX_URI_BYTES || c.sha256.len() > 128)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "{field}: uri ({} bytes) or sha256 ({} bytes) is too long; the limits are {MAX_URI_BYTES} and 128",
+                    c.uri.len(),
+                    c.sha256.len()
+                )));
+            }
+        }
         let cancel = self.0.write(false, move |s| s.report_epoch(req.attempt_id, &metrics, &extras)).await?;
         Ok(Response::new(v1::ReportEpochResponse { cancel }))
     }
@@ -563,6 +635,7 @@ impl WorkerService for WorkerApi {
         request: Request<v1::FinishAttemptRequest>,
     ) -> Result<Response<v1::FinishAttemptResponse>, Status> {
         let req = request.into_inner();
+        need_attempt_id(req.attempt_id)?;
         let outcome = v1::Outcome::try_from(req.outcome)
             .map_err(|_| Status::invalid_argument(format!("unknown outcome {}", req.outcome)))?;
         let class = v1::ErrorClass::try_from(req.error_class)
@@ -570,7 +643,7 @@ impl WorkerService for WorkerApi {
         if !req.wall_seconds.is_finite() || req.wall_seconds < 0.0 {
             return Err(Status::invalid_argument("wall_seconds must be a non-negative number"));
         }
-        let message: String = req.message.chars().take(4000).collect();
+        let message = cut(&req.message, MAX_TEXT_CHARS);
         let attempt = req.attempt_id;
         let worker = self
             .0
@@ -587,4 +660,24 @@ impl WorkerService for WorkerApi {
         tracing::info!(attempt, outcome = outcome.as_str_name(), "attempt finished");
         Ok(Response::new(v1::FinishAttemptResponse {}))
     }
+}
+
+/// At most `max` characters of `text`.
+fn cut(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
+}
+
+fn need_worker_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("worker_id must not be empty; register first"));
+    }
+    Ok(())
+}
+
+/// Attempt ids start at 1; 0 is a field left unset.
+fn need_attempt_id(id: u64) -> Result<(), Status> {
+    if id == 0 {
+        return Err(Status::invalid_argument("attempt_id must be set (attempt ids start at 1)"));
+    }
+    Ok(())
 }
