@@ -208,3 +208,95 @@ fn a_broken_worker_is_quarantined_and_retry_requeues_the_failed_trials_for_a_hea
     a.terminate();
     assert_history_clean(&dir.path().join("state"));
 }
+
+#[test]
+fn a_partitioned_worker_stops_its_attempt_and_its_stale_writes_are_refused_when_it_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, url) = coordinator(&dir.path().join("state"), &["--heartbeat-ttl", "2", "--lease-grace", "2"]);
+    let sweep = submit(&url, dir.path(), SLOW_SPEC);
+    let proxy = Proxy::start(&url);
+    let log_a = dir.path().join("a.log");
+    let _a = worker(&proxy.url, "a", dir.path());
+    wait_epochs(&url, &sweep, 1, &[&log_a]);
+    let before = trial(&url, &sweep);
+    let stale = before.attempts[0].clone();
+    let rt = runtime();
+    let workers = rt
+        .block_on(async { client(&url).await.list_workers(v1::ListWorkersRequest {}).await })
+        .unwrap()
+        .into_inner()
+        .workers;
+    let (old_id, old_incarnation) = (workers[0].worker_id.clone(), workers[0].incarnation);
+
+    // Partition past TTL + grace: the worker stops its own attempt, the coordinator ends its
+    // lease and re-queues the trial.
+    proxy.set_cut(true);
+    let lost = wait_for(Duration::from_secs(60), "the lease to end", || {
+        let t = trial(&url, &sweep);
+        (t.attempts[0].state == "lost").then_some(t)
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log_a).unwrap().contains("stopping running attempts") {
+        let log = std::fs::read_to_string(&log_a).unwrap();
+        assert!(std::time::Instant::now() < deadline, "the worker did not stop its attempt:\n{log}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Nothing it trained after the partition was stored.
+    let stored_by_a = lost.metrics.iter().filter(|m| m.attempt_id == stale.attempt_id).count();
+
+    // Another worker resumes the trial; then the partition heals.
+    let log_b = dir.path().join("b.log");
+    let _b = worker(&url, "b", dir.path());
+    let n = trial(&url, &sweep).metrics.len();
+    wait_epochs(&url, &sweep, n + 1, &[&log_a, &log_b]);
+    proxy.set_cut(false);
+
+    // Writes in the name of the lost lease and attempt are refused and change nothing.
+    let (report, heartbeat, finish) = rt.block_on(async {
+        let mut w = sweep_proto::v1::worker_service_client::WorkerServiceClient::connect(url.clone()).await.unwrap();
+        let metrics = v1::EpochMetrics { epoch: 2, phase: "feature_extraction".into(), ..Default::default() };
+        let report = w
+            .report_epoch(v1::ReportEpochRequest {
+                attempt_id: stale.attempt_id,
+                metrics: Some(metrics),
+                ..Default::default()
+            })
+            .await;
+        let heartbeat = w
+            .heartbeat(v1::HeartbeatRequest {
+                worker_id: old_id.clone(),
+                incarnation: old_incarnation,
+                running_attempt_ids: vec![stale.attempt_id],
+            })
+            .await;
+        let finish = w
+            .finish_attempt(v1::FinishAttemptRequest {
+                attempt_id: stale.attempt_id,
+                outcome: v1::Outcome::Succeeded as i32,
+                ..Default::default()
+            })
+            .await;
+        (report, heartbeat, finish)
+    });
+    for (what, r) in [("report", report.err()), ("heartbeat", heartbeat.err()), ("finish", finish.err())] {
+        let s = r.unwrap_or_else(|| panic!("a stale {what} was accepted"));
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{what}: {s:?}");
+    }
+    // The worker comes back as a new registration and may take new work.
+    wait_for(Duration::from_secs(60), "the partitioned worker to register again", || {
+        let w = rt
+            .block_on(async { client(&url).await.list_workers(v1::ListWorkersRequest {}).await })
+            .unwrap()
+            .into_inner()
+            .workers;
+        w.iter().any(|x| x.name == "a" && x.state == "active" && x.worker_id != old_id).then_some(())
+    });
+
+    let done = wait_for(Duration::from_secs(240), "the trial to complete", || {
+        let t = trial(&url, &sweep);
+        (t.trial.as_ref().unwrap().state == "completed").then_some(t)
+    });
+    assert_eq!(epochs(&done), [1, 2, 3, 4, 5, 6]);
+    let kept = done.metrics.iter().filter(|m| m.attempt_id == stale.attempt_id).count();
+    assert!(kept <= stored_by_a, "the lost attempt stored more after its lease ended");
+}

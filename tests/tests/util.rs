@@ -176,3 +176,67 @@ pub fn assert_history_clean(state_dir: &Path) {
     let report = sweep_coordinator::history::check_state_dir(state_dir).expect("the state directory is readable");
     assert!(report.is_clean(), "{report}");
 }
+
+/// A loopback TCP proxy that can partition its clients from the server: while cut, every
+/// connection through it is closed and new ones are refused (closed on accept).
+pub struct Proxy {
+    pub url: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    /// Forwards `127.0.0.1:<new port>` to `target` (`http://host:port`).
+    pub fn start(target: &str) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let target = target.trim_start_matches("http://").to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if flag.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(&target) else { continue };
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || pump(from, to, &flag));
+                }
+            }
+        });
+        Proxy { url, cut }
+    }
+
+    /// Partitions (`true`) or heals (`false`).
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, cut: &std::sync::atomic::AtomicBool) {
+    use std::io::{Read, Write};
+    let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if cut.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}

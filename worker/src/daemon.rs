@@ -169,6 +169,13 @@ pub async fn run(options: DaemonOptions, shutdown: impl std::future::Future<Outp
             incarnation: session.incarnation,
             wait_ms: options.poll_wait.as_millis() as u64,
         });
+        // The long poll, bounded: a call lost in a partition must not wait forever.
+        let bound = options.poll_wait + session.ttl;
+        let acquire = async move {
+            tokio::time::timeout(bound, acquire)
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("no reply to AcquireTrial")))
+        };
         let reply = tokio::select! {
             r = acquire => r,
             _ = &mut shutdown => break,
@@ -287,7 +294,11 @@ async fn heartbeat_loop(
         tick.tick().await;
         let ids: Vec<u64> = running.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         let request = v1::HeartbeatRequest { worker_id: worker_id.clone(), incarnation, running_attempt_ids: ids };
-        let stop: Vec<u64> = match client.heartbeat(request).await {
+        // A partition that swallows packets must not hold the loop past the TTL.
+        let reply = tokio::time::timeout(ttl / 2, client.heartbeat(request))
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no heartbeat reply within half the TTL")));
+        let stop: Vec<u64> = match reply {
             Ok(r) => {
                 last_ok = Instant::now();
                 r.into_inner().cancel_attempt_ids
@@ -333,7 +344,10 @@ where
     let started = Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
-        match f().await {
+        let reply = tokio::time::timeout(ttl, f())
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no reply from the coordinator within the TTL")));
+        match reply {
             Ok(v) => return Ok(v),
             Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
                 return Err(ReportError::Fenced(s.message().to_string()));
