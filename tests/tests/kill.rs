@@ -299,4 +299,5 @@ fn a_partitioned_worker_stops_its_attempt_and_its_stale_writes_are_refused_when_
     assert_eq!(epochs(&done), [1, 2, 3, 4, 5, 6]);
     let kept = done.metrics.iter().filter(|m| m.attempt_id == stale.attempt_id).count();
     assert!(kept <= stored_by_a, "the lost attempt stored more after its lease ended");
+    assert_history_clean(&dir.path().join("state"));
 }
