@@ -7,10 +7,12 @@
 //! * [`run`]: `sweep run`, a whole sweep on one machine.
 //! * [`history`]: checks a state database's history against the store's invariants
 //!   (`sweep check-state`).
+//! * [`sim`]: simulated workers for load tests (`sweep simulate-workers`, `benches/load.rs`).
 
 pub mod cli;
 pub mod history;
 pub mod output;
 pub mod run;
 pub mod server;
+pub mod sim;
 pub mod store;

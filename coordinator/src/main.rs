@@ -16,6 +16,21 @@ Examples:
   sweep status \"$id\"
   sweep leaderboard \"$id\" --output json";
 
+const SIMULATE_EXAMPLES: &str = "\
+Each simulated worker is a real WorkerService client that does what sweep-worker does (register,
+heartbeat, long-poll AcquireTrial, ReportEpoch after every epoch, FinishAttempt), but an epoch is
+a sleep of --epoch-ms. Submit sweeps with enough trials first; the simulated workers run them.
+
+Scheduling latency: per assignment, from the moment the worker had a free device and was asking
+for work (the later of sending the AcquireTrial and sending the FinishAttempt that freed the
+device) to the arrival of the assignment. Lost reports: acknowledged ReportEpoch calls whose
+metrics GetTrial does not return afterwards (the exit status is 1 if there is any).
+
+Example:
+  sweep coordinator --state-dir /tmp/load &
+  sweep submit big-sweep.yaml
+  sweep simulate-workers --coordinator http://127.0.0.1:7070 --count 1000 --epoch-ms 1000 --duration 120";
+
 #[derive(Parser)]
 #[command(name = "sweep", version, about = "Transfer-learning hyperparameter sweeps over GPU workers", after_help = EXAMPLES)]
 struct Args {
@@ -134,6 +149,41 @@ enum Command {
         #[arg(long, short, value_enum, default_value = "table")]
         output: Format,
     },
+    /// Load-test a coordinator with simulated workers (fake devices and trials, no training);
+    /// prints reports/s, scheduling latency and lost reports.
+    #[command(after_help = SIMULATE_EXAMPLES)]
+    SimulateWorkers {
+        /// Coordinator to load.
+        #[arg(long, env = "SWEEP_COORDINATOR", default_value = cli::DEFAULT_COORDINATOR)]
+        coordinator: String,
+        /// Simulated workers to run.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        count: u64,
+        /// Fake devices each worker announces.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        devices_per_worker: u64,
+        /// Kind of the fake devices: cpu slots (cpu:0, …) or GPUs (cuda:0, …).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device_kind: sweep_coordinator::sim::DeviceKind,
+        /// Milliseconds one simulated epoch takes.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+        epoch_ms: u64,
+        /// Seconds to run; without it, runs until Ctrl-C.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+        duration: Option<u64>,
+        /// Workers sharing one HTTP/2 connection.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=sweep_coordinator::sim::MAX_WORKERS_PER_CONNECTION as u64))]
+        workers_per_connection: u64,
+        /// Workers are named NAME-1, NAME-2, …
+        #[arg(long, default_value = "sim")]
+        name: String,
+        /// Do not check afterwards that every acknowledged report is stored.
+        #[arg(long)]
+        no_verify: bool,
+        /// Output format of the figures.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Format,
+    },
 }
 
 fn main() -> ExitCode {
@@ -206,5 +256,26 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckState { state_dir, output } => Ok(sweep_coordinator::history::command(&state_dir, output)),
+        Command::SimulateWorkers {
+            coordinator,
+            count,
+            devices_per_worker,
+            device_kind,
+            epoch_ms,
+            duration,
+            workers_per_connection,
+            name,
+            no_verify,
+            output,
+        } => {
+            let mut options = sweep_coordinator::sim::SimOptions::new(&coordinator, count as usize);
+            options.devices_per_worker = devices_per_worker as usize;
+            options.device_kind = device_kind;
+            options.epoch = std::time::Duration::from_millis(epoch_ms);
+            options.workers_per_connection = workers_per_connection as usize;
+            options.name = name;
+            let duration = duration.map(std::time::Duration::from_secs);
+            sweep_coordinator::sim::command(options, duration, !no_verify, output).await
+        }
     }
 }

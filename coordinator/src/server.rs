@@ -246,9 +246,35 @@ impl Running {
     }
 }
 
+/// Raises this process's limit of open files to its hard limit: every worker keeps a connection
+/// (a socket) to the coordinator, and the usual soft limit of 1024 would refuse connections
+/// beyond about a thousand workers. Returns the limit in force.
+fn raise_fd_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Some(raised.rlim_cur);
+        }
+    }
+    Some(limit.rlim_cur)
+}
+
 /// Opens the store and starts serving on `config.listen` (port 0 picks a free port).
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     use anyhow::Context;
+    match raise_fd_limit() {
+        Some(n) if n < 4096 => {
+            tracing::warn!(limit = n, "open-file limit is low: at most about this many workers can connect")
+        }
+        Some(n) => tracing::debug!(limit = n, "open-file limit"),
+        None => {}
+    }
     let mut store = Store::open(&config.state_dir)?;
     store.set_quarantine_after(config.quarantine_after)?;
     let last = store.last_sequence()?;
@@ -265,7 +291,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // No Nagle delay: a reply is several small writes (headers, data, trailers), and waiting
+    // for the peer's delayed ACK between them added ~40 ms to calls.
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |conn| {
+        if let Ok(c) = &conn {
+            let _ = c.set_nodelay(true);
+        }
+        conn
+    });
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
 
     let sweeps = SweepServiceServer::new(SweepApi(Arc::clone(&shared)))

@@ -723,7 +723,8 @@ impl Store {
             return Ok(None);
         }
         // The oldest pending trial (by sweep, then index) that fits: one index lookup per open
-        // sweep, no sort of the pending trials.
+        // sweep, no sort of the pending trials. An ended sweep has no pending trial (a sweep
+        // ends when none waits, and `retry_sweep` reopens it), so only open ones are looked at.
         let next: Option<(String, i64, i64)> = tx
             .prepare_cached(
                 "SELECT s.id, (SELECT t.idx FROM trials t WHERE t.state = 'pending' AND t.sweep_id = s.id
@@ -1399,12 +1400,10 @@ fn reconcile_schedulability(tx: &Connection) -> Result<()> {
         }
     }
     let Some((worker, capacity)) = largest else { return Ok(()) };
-    // Per open sweep, only the trials that change are read (an index lookup each): pending ones
-    // when the sweep's trials no longer fit, unschedulable ones when they fit again.
+    // Per sweep, only the trials that change are read (an index lookup each): pending ones when
+    // the sweep's trials no longer fit, unschedulable ones when they fit again.
     let sweeps: Vec<(String, i64)> = {
-        let mut q = tx.prepare(
-            "SELECT id, gpus_per_trial FROM sweeps WHERE cancelled = 0 AND finished_at_ms IS NULL ORDER BY seq",
-        )?;
+        let mut q = tx.prepare("SELECT id, gpus_per_trial FROM sweeps WHERE cancelled = 0 ORDER BY seq")?;
         q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?
     };
     for (sweep_id, need) in sweeps {

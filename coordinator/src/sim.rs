@@ -1,0 +1,1110 @@
+//! Simulated workers, for load tests of a coordinator (`sweep simulate-workers`, the `load`
+//! benchmark): real `WorkerService` clients that do what `sweep-worker` does, with fake devices
+//! and fake trials, so no libtorch work.
+//!
+//! Each simulated worker registers with fake devices (`cpu:0…` or `cuda:0…`), heartbeats every
+//! third of the TTL the coordinator returns (naming its running attempts), keeps one
+//! `AcquireTrial` long poll open, and runs every assignment as an attempt whose epochs are
+//! sleeps: after each epoch it calls `ReportEpoch` with metrics computed from the sweep, trial
+//! and epoch ([`fake_metrics`]) and a checkpoint reference that names no file, and waits for the
+//! reply before the next epoch; then `FinishAttempt`. Cancellation (heartbeat or report reply),
+//! fencing, re-registering after a lost lease, retrying transport errors for up to a TTL and
+//! the outcome of an attempt stopped by shut-down (failed, retryable) follow
+//! `worker/src/daemon.rs`. Unlike `sweep-worker` it trusts the assignment's epoch counts instead
+//! of re-expanding the grid from the spec.
+//!
+//! **Connections.** Workers share HTTP/2 connections: `workers_per_connection` workers (50 by
+//! default) use one tonic `Channel`. A worker has at most three calls open at once (heartbeat,
+//! the acquire long poll, a report or finish), so 50 workers need at most 150 concurrent
+//! streams on a connection: under hyper's default of 200, and far under the coordinator's
+//! [`crate::server::MAX_CONCURRENT_STREAMS`]. 1,000 workers thus take 20 sockets; [`run`]
+//! checks (and if needed raises) the file-descriptor limit before it connects.
+//!
+//! **What is recorded**, per worker, then merged into a [`SimReport`]:
+//! * every acknowledged `ReportEpoch`: sweep, trial, epoch, attempt and the values sent
+//!   ([`AckedReport`]); [`lost_in_database`] and [`lost_via_rpc`] look each one up in the
+//!   coordinator's store afterwards;
+//! * **scheduling latency**, one sample per assignment: from the moment the worker had a free
+//!   device and was asking for work to the arrival of the assignment. That moment is the later
+//!   of sending the `AcquireTrial` call that returned the assignment and the moment the device
+//!   became free: sending the `FinishAttempt` that released it, or, for a worker's first
+//!   assignments, its registration. (Free moments queue per worker, oldest first, one per
+//!   device.) The sample thus includes the `FinishAttempt` round trip, the wake-up of the long
+//!   poll and the acquire transaction; it includes waiting for work too, so it measures
+//!   scheduling only while trials are pending (the benchmark keeps them pending). Assignments
+//!   of devices free since registration are kept apart ([`SimReport::first_latencies`]): when
+//!   a whole fleet starts at once they measure the start-up storm, not steady scheduling;
+//! * the round trip of every acknowledged `ReportEpoch`;
+//! * errors: every call that failed, by RPC and status code (retried or not).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use sweep_core::leaderboard::Phase;
+use sweep_proto::v1;
+use sweep_proto::v1::sweep_service_client::SweepServiceClient;
+use sweep_proto::v1::worker_service_client::WorkerServiceClient;
+use tokio::sync::{Notify, watch};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Kind of the fake devices a simulated worker announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceKind {
+    /// CPU slots `cpu:0`, `cpu:1`, …
+    Cpu,
+    /// GPUs `cuda:0`, `cuda:1`, … (named `Simulated GPU`, 80 GiB).
+    Cuda,
+}
+
+/// How simulated workers run.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub coordinator: String,
+    /// Number of simulated workers.
+    pub count: usize,
+    /// Fake devices each worker announces.
+    pub devices_per_worker: usize,
+    pub device_kind: DeviceKind,
+    /// How long one simulated epoch takes.
+    pub epoch: Duration,
+    /// How long one `AcquireTrial` long poll may wait (the coordinator caps it at 30 s).
+    pub poll_wait: Duration,
+    /// Workers sharing one HTTP/2 connection.
+    pub workers_per_connection: usize,
+    /// Workers are named `<name>-<n>`.
+    pub name: String,
+}
+
+/// Most simulated workers on one connection (each keeps up to three calls open).
+pub const MAX_WORKERS_PER_CONNECTION: usize = 256;
+
+impl SimOptions {
+    pub fn new(coordinator: &str, count: usize) -> SimOptions {
+        SimOptions {
+            coordinator: coordinator.to_string(),
+            count,
+            devices_per_worker: 1,
+            device_kind: DeviceKind::Cpu,
+            epoch: Duration::from_secs(1),
+            poll_wait: Duration::from_secs(30),
+            workers_per_connection: 50,
+            name: "sim".into(),
+        }
+    }
+
+    /// Connections the workers share.
+    pub fn connections(&self) -> usize {
+        self.count.div_ceil(self.workers_per_connection.max(1))
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.count == 0 {
+            bail!("the number of simulated workers must be at least 1");
+        }
+        if !(1..=1024).contains(&self.devices_per_worker) {
+            bail!("devices per worker must be 1 to 1024, got {}", self.devices_per_worker);
+        }
+        if !(1..=MAX_WORKERS_PER_CONNECTION).contains(&self.workers_per_connection) {
+            bail!(
+                "workers per connection must be 1 to {MAX_WORKERS_PER_CONNECTION}, got {}",
+                self.workers_per_connection
+            );
+        }
+        if self.poll_wait.is_zero() {
+            bail!("the acquire long poll must wait more than 0 s");
+        }
+        Ok(())
+    }
+
+    /// The fake devices a worker announces.
+    pub fn devices(&self) -> Vec<v1::Device> {
+        (0..self.devices_per_worker)
+            .map(|i| match self.device_kind {
+                DeviceKind::Cpu => v1::Device {
+                    id: format!("cpu:{i}"),
+                    kind: "cpu".into(),
+                    name: "Simulated CPU slot".into(),
+                    memory_bytes: 8 << 30,
+                },
+                DeviceKind::Cuda => v1::Device {
+                    id: format!("cuda:{i}"),
+                    kind: "cuda".into(),
+                    name: "Simulated GPU".into(),
+                    memory_bytes: 80 << 30,
+                },
+            })
+            .collect()
+    }
+}
+
+/// One `ReportEpoch` the coordinator acknowledged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AckedReport {
+    pub sweep_id: Arc<str>,
+    pub trial_id: Arc<str>,
+    pub epoch: u32,
+    pub attempt_id: u64,
+    /// train_loss, train_accuracy, val_loss, val_accuracy, seconds, as sent.
+    pub values: [f64; 5],
+}
+
+/// What a run of simulated workers did.
+#[derive(Debug, Default)]
+pub struct SimReport {
+    pub workers: usize,
+    /// Workers that registered at least once.
+    pub registered: usize,
+    pub connections: usize,
+    /// From the start of the run (before registration) to the stop signal.
+    pub elapsed: Duration,
+    pub reports: Vec<AckedReport>,
+    /// Scheduling latency of every assignment of a device that an attempt had freed (see the
+    /// module documentation).
+    pub latencies: Vec<Duration>,
+    /// Scheduling latency of the first assignments of each worker, counted from its
+    /// registration (all workers start at once: this is the start-up storm).
+    pub first_latencies: Vec<Duration>,
+    /// Round trip of every acknowledged `ReportEpoch`.
+    pub report_round_trips: Vec<Duration>,
+    pub attempts_started: u64,
+    /// Attempts finished as succeeded (every epoch reported).
+    pub attempts_succeeded: u64,
+    /// Attempts stopped at the end of the run (finished as failed, retryable).
+    pub attempts_interrupted: u64,
+    /// Attempts that ended otherwise: cancelled, fenced, refused, coordinator unreachable.
+    pub attempts_other: u64,
+    /// Failed calls, by `Rpc: code`.
+    pub errors: BTreeMap<String, u64>,
+    /// A few error messages, for the report.
+    pub error_samples: Vec<String>,
+}
+
+impl SimReport {
+    /// Acknowledged reports per second over [`SimReport::elapsed`].
+    pub fn reports_per_second(&self) -> f64 {
+        self.reports.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// The `q` quantile (0 to 1) of the scheduling latency; `None` without assignments.
+    pub fn latency(&self, q: f64) -> Option<Duration> {
+        quantile(&self.latencies, q)
+    }
+
+    /// The `q` quantile of the scheduling latency of the workers' first assignments.
+    pub fn first_latency(&self, q: f64) -> Option<Duration> {
+        quantile(&self.first_latencies, q)
+    }
+
+    /// Assignments received.
+    pub fn assignments(&self) -> usize {
+        self.latencies.len() + self.first_latencies.len()
+    }
+
+    /// The `q` quantile of the `ReportEpoch` round trip.
+    pub fn report_round_trip(&self, q: f64) -> Option<Duration> {
+        quantile(&self.report_round_trips, q)
+    }
+
+    fn absorb(&mut self, t: Tally) {
+        self.registered += usize::from(t.registered);
+        self.reports.extend(t.reports);
+        self.latencies.extend(t.latencies);
+        self.first_latencies.extend(t.first_latencies);
+        self.report_round_trips.extend(t.report_round_trips);
+        self.attempts_started += t.attempts_started;
+        self.attempts_succeeded += t.attempts_succeeded;
+        self.attempts_interrupted += t.attempts_interrupted;
+        self.attempts_other += t.attempts_other;
+        for (k, v) in t.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        for s in t.error_samples {
+            if self.error_samples.len() < 10 {
+                self.error_samples.push(s);
+            }
+        }
+    }
+}
+
+/// The `q` quantile (nearest rank) of unsorted samples.
+pub fn quantile(samples: &[Duration], q: f64) -> Option<Duration> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let rank = ((q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+/// Metrics of a simulated epoch: plausible, and the same for the same sweep, trial and epoch
+/// (only `seconds`, the simulated epoch duration, comes from the caller).
+pub fn fake_metrics(sweep_id: &str, trial_id: &str, epoch: u32, fe_epochs: u32, seconds: f64) -> v1::EpochMetrics {
+    let h = fnv1a(format!("{sweep_id}/{trial_id}").as_bytes());
+    // Each trial approaches its own ceiling; fine-tuning climbs a little higher.
+    let ceiling = 0.55 + 0.4 * ((h >> 11) as f64 / (1u64 << 53) as f64);
+    let progress = 1.0 - (-f64::from(epoch) / 2.5).exp();
+    let phase = Phase::of_epoch(epoch, fe_epochs);
+    let boost = if phase == Phase::FineTuning { 1.04 } else { 1.0 };
+    let val_accuracy = (ceiling * progress * boost).min(0.99);
+    let train_accuracy = (val_accuracy * 1.03).min(1.0);
+    let train_loss = 2.3 * (1.0 - progress) + 0.05 + 0.01 * (h % 7) as f64;
+    v1::EpochMetrics {
+        epoch,
+        phase: phase.as_str().into(),
+        train_loss,
+        train_accuracy,
+        val_loss: train_loss * 1.15,
+        val_accuracy,
+        seconds,
+        attempt_id: 0,
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A spec for load tests: every backbone × epoch splits `[1..3, 1..3]` (4 epochs per trial on
+/// average) × `lr_decays` exponential strategies, that is `81 × lr_decays` trials (keep it at
+/// most 123 for the default limit of 10,000 trials per sweep). Simulated workers ignore the
+/// dataset; real ones would train 3 synthetic classes.
+pub fn load_spec(name: &str, lr_decays: usize) -> String {
+    let mut s = format!("name: {name}\ndataset: {{ kind: synthetic, classes: 3 }}\ngrid:\n  backbone: [");
+    s.push_str(&sweep_core::backbone::names().join(", "));
+    s.push_str("]\n  lr_decay:\n");
+    for i in 0..lr_decays.max(1) {
+        s.push_str(&format!(
+            "    - {{ strategy: exponential, head_lr: 1.0e-3, factor: {} }}\n",
+            1.0 + i as f64 / 100.0
+        ));
+    }
+    s.push_str("  epoch_split: [[1, 1], [1, 2], [1, 3], [2, 1], [2, 2], [2, 3], [3, 1], [3, 2], [3, 3]]\n");
+    s.push_str("retries: { max_attempts: 3 }\n");
+    s
+}
+
+/// Trials per `lr_decay` entry in [`load_spec`].
+pub const LOAD_SPEC_TRIALS_PER_DECAY: usize = 81;
+
+// ---------------------------------------------------------------------------------------------
+// File descriptors
+// ---------------------------------------------------------------------------------------------
+
+/// Makes sure this process can open `more` file descriptors beside those it has open, raising
+/// the soft limit (up to the hard one) if needed; returns the limit in force.
+pub fn ensure_fd_headroom(more: u64) -> anyhow::Result<u64> {
+    let open = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(16);
+    let needed = open + more + 32;
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Ok(needed); // cannot tell: try anyway
+    }
+    if limit.rlim_cur >= needed {
+        return Ok(limit.rlim_cur);
+    }
+    if limit.rlim_max >= needed {
+        let raised = libc::rlimit { rlim_cur: needed.max(limit.rlim_cur), rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Ok(raised.rlim_cur);
+        }
+    }
+    bail!(
+        "this needs about {needed} file descriptors ({open} open, {more} more); the limit is {} (hard limit {}): raise it \
+         (`ulimit -n`) or put more simulated workers on each connection (--workers-per-connection)",
+        limit.rlim_cur,
+        limit.rlim_max
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running
+// ---------------------------------------------------------------------------------------------
+
+/// Live totals of a run, for progress lines.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub registered: AtomicU64,
+    pub reports: AtomicU64,
+    pub assignments: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// Runs `options.count` simulated workers until `stop` resolves, then stops them the way
+/// `sweep-worker` stops on SIGTERM: running attempts end at once and are handed back as failed
+/// (retryable). Returns what they did.
+pub async fn run(options: SimOptions, stop: impl Future<Output = ()>) -> anyhow::Result<SimReport> {
+    run_counting(options, Arc::default(), stop).await
+}
+
+/// [`run`], keeping `counters` up to date meanwhile.
+pub async fn run_counting(
+    options: SimOptions,
+    counters: Arc<Counters>,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<SimReport> {
+    options.check()?;
+    let connections = options.connections();
+    ensure_fd_headroom(connections as u64)?;
+    let url = options.coordinator.clone();
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| anyhow!("`{url}` is not a coordinator URL (expected e.g. http://127.0.0.1:7070): {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    let mut channels = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let channel = endpoint.connect().await.map_err(|e| anyhow!("cannot reach the coordinator at {url}: {e}"))?;
+        channels.push(channel);
+    }
+
+    let started = Instant::now();
+    let options = Arc::new(options);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..options.count {
+        let client = WorkerServiceClient::new(channels[n / options.workers_per_connection].clone());
+        let tally = Arc::new(Mutex::new(Tally { counters: counters.clone(), ..Tally::default() }));
+        tasks.spawn(worker(n + 1, client, options.clone(), tally, stop_rx.clone()));
+    }
+    stop.await;
+    let elapsed = started.elapsed();
+    let _ = stop_tx.send(true);
+
+    let mut report = SimReport { workers: options.count, connections, elapsed, ..SimReport::default() };
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(tally) => report.absorb(tally),
+            Err(e) => {
+                *report.errors.entry("task: panicked".into()).or_default() += 1;
+                report.error_samples.push(format!("a simulated worker crashed: {e}"));
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// What one simulated worker saw.
+#[derive(Default)]
+struct Tally {
+    registered: bool,
+    reports: Vec<AckedReport>,
+    latencies: Vec<Duration>,
+    first_latencies: Vec<Duration>,
+    report_round_trips: Vec<Duration>,
+    attempts_started: u64,
+    attempts_succeeded: u64,
+    attempts_interrupted: u64,
+    attempts_other: u64,
+    errors: BTreeMap<String, u64>,
+    error_samples: Vec<String>,
+    /// When each free device became free, oldest first.
+    free_since: VecDeque<Freed>,
+    counters: Arc<Counters>,
+}
+
+/// When a device became free.
+#[derive(Debug, Clone, Copy)]
+struct Freed {
+    at: Instant,
+    /// Free since the worker registered (not since an attempt ended).
+    at_registration: bool,
+}
+
+impl Tally {
+    /// `devices` devices became free now (an attempt ended).
+    fn freed(&mut self, devices: usize) {
+        let now = Freed { at: Instant::now(), at_registration: false };
+        self.free_since.extend(std::iter::repeat_n(now, devices.max(1)));
+    }
+
+    fn error(&mut self, rpc: &str, s: &Status) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        *self.errors.entry(format!("{rpc}: {:?}", s.code())).or_default() += 1;
+        if self.error_samples.len() < 2 {
+            self.error_samples.push(format!("{rpc}: {:?}: {}", s.code(), s.message()));
+        }
+    }
+}
+
+type Shared = Arc<Mutex<Tally>>;
+
+fn lock(t: &Shared) -> std::sync::MutexGuard<'_, Tally> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A raised-once stop flag that can be awaited.
+#[derive(Default)]
+struct Cancel {
+    raised: AtomicBool,
+    notify: Notify,
+}
+
+impl Cancel {
+    fn raise(&self) {
+        self.raised.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::SeqCst)
+    }
+
+    async fn raised(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_raised() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Attempts a worker runs, with their stop flags.
+type Running = Arc<Mutex<HashMap<u64, Arc<Cancel>>>>;
+
+fn raise_all(running: &Running) {
+    for c in running.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        c.raise();
+    }
+}
+
+#[derive(Clone)]
+struct Session {
+    client: WorkerServiceClient<Channel>,
+    worker_id: String,
+    incarnation: u64,
+    ttl: Duration,
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn worker(
+    n: usize,
+    client: WorkerServiceClient<Channel>,
+    options: Arc<SimOptions>,
+    tally: Shared,
+    mut stop: watch::Receiver<bool>,
+) -> Tally {
+    let running: Running = Arc::default();
+    let name = format!("{}-{n}", options.name);
+    let devices = options.devices();
+    let Some(mut session) = register(&client, &name, &devices, &tally, &mut stop).await else {
+        return std::mem::take(&mut *lock(&tally));
+    };
+    let mut heartbeat = tokio::spawn(heartbeat_loop(session.clone(), running.clone(), tally.clone()));
+    let mut attempts = tokio::task::JoinSet::new();
+    loop {
+        while attempts.try_join_next().is_some() {}
+        let sent = Instant::now();
+        let mut c = session.client.clone();
+        let request = v1::AcquireTrialRequest {
+            worker_id: session.worker_id.clone(),
+            incarnation: session.incarnation,
+            wait_ms: options.poll_wait.as_millis() as u64,
+        };
+        let reply = tokio::select! {
+            r = c.acquire_trial(request) => r,
+            _ = stopped(&mut stop) => break,
+        };
+        let assignment = match reply {
+            Ok(r) => r.into_inner().assignment,
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+                // The coordinator no longer knows this worker (lease lost): register again.
+                lock(&tally).error("AcquireTrial", &s);
+                heartbeat.abort();
+                raise_all(&running);
+                let Some(s) = register(&client, &name, &devices, &tally, &mut stop).await else { break };
+                session = s;
+                heartbeat = tokio::spawn(heartbeat_loop(session.clone(), running.clone(), tally.clone()));
+                continue;
+            }
+            Err(s) => {
+                lock(&tally).error("AcquireTrial", &s);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                    _ = stopped(&mut stop) => break,
+                }
+            }
+        };
+        let Some(a) = assignment else { continue };
+        let now = Instant::now();
+        {
+            let mut t = lock(&tally);
+            let mut became_free: Option<Instant> = None;
+            let mut first = false;
+            for _ in 0..a.devices.len().max(1) {
+                if let Some(f) = t.free_since.pop_front() {
+                    became_free = Some(became_free.map_or(f.at, |b| b.min(f.at)));
+                    first |= f.at_registration;
+                }
+            }
+            let ready = became_free.map_or(sent, |f| f.max(sent));
+            let latency = now.saturating_duration_since(ready);
+            if first {
+                t.first_latencies.push(latency);
+            } else {
+                t.latencies.push(latency);
+            }
+            t.attempts_started += 1;
+            t.counters.assignments.fetch_add(1, Ordering::Relaxed);
+        }
+        let cancel = Arc::new(Cancel::default());
+        running.lock().unwrap_or_else(|p| p.into_inner()).insert(a.attempt_id, cancel.clone());
+        attempts.spawn(attempt(
+            session.clone(),
+            a,
+            cancel,
+            options.clone(),
+            tally.clone(),
+            running.clone(),
+            stop.clone(),
+        ));
+    }
+    // Shut down like sweep-worker on SIGTERM: stop the running attempts, hand them back.
+    raise_all(&running);
+    while attempts.join_next().await.is_some() {}
+    heartbeat.abort();
+    std::mem::take(&mut *lock(&tally))
+}
+
+async fn register(
+    client: &WorkerServiceClient<Channel>,
+    name: &str,
+    devices: &[v1::Device],
+    tally: &Shared,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Session> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let request = v1::RegisterRequest {
+            name: name.to_string(),
+            devices: devices.to_vec(),
+            version: concat!(env!("CARGO_PKG_VERSION"), "-sim").into(),
+        };
+        let mut c = client.clone();
+        let reply = tokio::select! {
+            r = c.register(request) => r,
+            _ = stopped(stop) => return None,
+        };
+        match reply {
+            Ok(r) => {
+                let r = r.into_inner();
+                let mut t = lock(tally);
+                if !t.registered {
+                    t.counters.registered.fetch_add(1, Ordering::Relaxed);
+                }
+                t.registered = true;
+                let now = Instant::now();
+                t.free_since = std::iter::repeat_n(Freed { at: now, at_registration: true }, devices.len()).collect();
+                return Some(Session {
+                    client: client.clone(),
+                    worker_id: r.worker_id,
+                    incarnation: r.incarnation,
+                    ttl: Duration::from_millis(r.heartbeat_ttl_ms.max(1000)),
+                });
+            }
+            Err(s) => {
+                lock(tally).error("Register", &s);
+                if s.code() == Code::InvalidArgument {
+                    return None;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stopped(stop) => return None,
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Beats every TTL/3, as `sweep-worker` does; stops attempts the coordinator names, and every
+/// attempt once the lease is lost or the coordinator was unreachable for a whole TTL.
+async fn heartbeat_loop(session: Session, running: Running, tally: Shared) {
+    let mut client = session.client.clone();
+    let mut last_ok = Instant::now();
+    let mut tick = tokio::time::interval(session.ttl / 3);
+    loop {
+        tick.tick().await;
+        let ids: Vec<u64> = running.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        let request = v1::HeartbeatRequest {
+            worker_id: session.worker_id.clone(),
+            incarnation: session.incarnation,
+            running_attempt_ids: ids.clone(),
+        };
+        let stop: Vec<u64> = match client.heartbeat(request).await {
+            Ok(r) => {
+                last_ok = Instant::now();
+                r.into_inner().cancel_attempt_ids
+            }
+            Err(s) => {
+                lock(&tally).error("Heartbeat", &s);
+                if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) || last_ok.elapsed() >= session.ttl {
+                    ids
+                } else {
+                    Vec::new()
+                }
+            }
+        };
+        let map = running.lock().unwrap_or_else(|p| p.into_inner());
+        for id in stop {
+            if let Some(c) = map.get(&id) {
+                c.raise();
+            }
+        }
+    }
+}
+
+/// Why a write did not go through (as in `sweep-worker`).
+enum WriteError {
+    /// The attempt is no longer current.
+    Fenced,
+    /// The coordinator refused the data.
+    Refused(String),
+    /// The coordinator stayed unreachable for a whole TTL.
+    Unreachable,
+}
+
+/// Calls `f` until it succeeds, retrying transport errors for up to `ttl`.
+async fn with_retries<T, F, Fut>(ttl: Duration, rpc: &str, tally: &Shared, mut f: F) -> Result<T, WriteError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(s) => {
+                lock(tally).error(rpc, &s);
+                match s.code() {
+                    Code::FailedPrecondition | Code::NotFound => return Err(WriteError::Fenced),
+                    Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted => {
+                        return Err(WriteError::Refused(s.message().to_string()));
+                    }
+                    _ if started.elapsed() >= ttl => return Err(WriteError::Unreachable),
+                    _ => {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn attempt(
+    session: Session,
+    a: v1::Assignment,
+    cancel: Arc<Cancel>,
+    options: Arc<SimOptions>,
+    tally: Shared,
+    running: Running,
+    stopping: watch::Receiver<bool>,
+) {
+    let started = Instant::now();
+    let sweep_id: Arc<str> = a.sweep_id.as_str().into();
+    let trial_id: Arc<str> = a.trial_id.as_str().into();
+    let seconds = options.epoch.as_secs_f64();
+    let mut best = f64::NEG_INFINITY;
+    let mut cancelled = false;
+    let mut failure = None;
+    for epoch in 1..=a.fe_epochs + a.ft_epochs {
+        tokio::select! {
+            _ = tokio::time::sleep(options.epoch) => {}
+            _ = cancel.raised() => {}
+        }
+        if cancel.is_raised() {
+            cancelled = true;
+            break;
+        }
+        let metrics = fake_metrics(&sweep_id, &trial_id, epoch, a.fe_epochs, seconds);
+        let checkpoint = |kind: &str| v1::CheckpointRef {
+            uri: format!("sim://{sweep_id}/{trial_id}/{kind}.safetensors"),
+            sha256: format!("{:016x}", fnv1a(format!("{sweep_id}/{trial_id}/{epoch}").as_bytes())),
+            bytes: 0,
+            epoch,
+        };
+        let improved = metrics.val_accuracy > best;
+        best = best.max(metrics.val_accuracy);
+        let values =
+            [metrics.train_loss, metrics.train_accuracy, metrics.val_loss, metrics.val_accuracy, metrics.seconds];
+        let request = v1::ReportEpochRequest {
+            attempt_id: a.attempt_id,
+            metrics: Some(metrics),
+            parameters: 11_000_000 + u64::from(a.trial_index),
+            last_checkpoint: Some(checkpoint("last")),
+            best_checkpoint: improved.then(|| checkpoint("best")),
+            ..Default::default()
+        };
+        let sent = Instant::now();
+        let reply = with_retries(session.ttl, "ReportEpoch", &tally, || {
+            let mut c = session.client.clone();
+            let r = request.clone();
+            async move { c.report_epoch(r).await }
+        })
+        .await;
+        match reply {
+            Ok(r) => {
+                let round_trip = sent.elapsed();
+                let mut t = lock(&tally);
+                t.reports.push(AckedReport {
+                    sweep_id: sweep_id.clone(),
+                    trial_id: trial_id.clone(),
+                    epoch,
+                    attempt_id: a.attempt_id,
+                    values,
+                });
+                t.report_round_trips.push(round_trip);
+                t.counters.reports.fetch_add(1, Ordering::Relaxed);
+                if r.into_inner().cancel {
+                    cancelled = true;
+                    break;
+                }
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    running.lock().unwrap_or_else(|p| p.into_inner()).remove(&a.attempt_id);
+    let shutting_down = cancelled && *stopping.borrow();
+    let (outcome, class, message) = match (failure, cancelled) {
+        (Some(WriteError::Fenced | WriteError::Unreachable), _) => {
+            // Not ours any more, or the coordinator will re-queue it: nothing to finish.
+            let mut t = lock(&tally);
+            t.attempts_other += 1;
+            t.freed(a.devices.len());
+            return;
+        }
+        (Some(WriteError::Refused(m)), _) => {
+            (v1::Outcome::Failed, v1::ErrorClass::Permanent, format!("coordinator refused a report: {m}"))
+        }
+        (None, true) if shutting_down => {
+            (v1::Outcome::Failed, v1::ErrorClass::Retryable, "the worker was shut down".to_string())
+        }
+        (None, true) => (v1::Outcome::Cancelled, v1::ErrorClass::Unspecified, "stopped on request".to_string()),
+        (None, false) => (v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, String::new()),
+    };
+    {
+        let mut t = lock(&tally);
+        match outcome {
+            v1::Outcome::Succeeded => t.attempts_succeeded += 1,
+            _ if shutting_down => t.attempts_interrupted += 1,
+            _ => t.attempts_other += 1,
+        }
+        // The device is free from the moment the coordinator hears of it.
+        t.freed(a.devices.len());
+    }
+    let request = v1::FinishAttemptRequest {
+        attempt_id: a.attempt_id,
+        outcome: outcome as i32,
+        error_class: class as i32,
+        message,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
+    let _ = with_retries(session.ttl, "FinishAttempt", &tally, || {
+        let mut c = session.client.clone();
+        let r = request.clone();
+        async move { c.finish_attempt(r).await }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checking what was acknowledged
+// ---------------------------------------------------------------------------------------------
+
+/// Stored values of one `(sweep, trial, epoch)`.
+type StoredMetrics = HashMap<(String, String, u32), [f64; 5]>;
+
+fn missing(acked: &[AckedReport], stored: &StoredMetrics) -> Vec<AckedReport> {
+    acked
+        .iter()
+        .filter(|r| {
+            let key = (r.sweep_id.to_string(), r.trial_id.to_string(), r.epoch);
+            // A later attempt may have superseded the row; its values are the same (they depend
+            // only on sweep, trial and epoch, and the epoch duration of this run).
+            stored.get(&key) != Some(&r.values)
+        })
+        .cloned()
+        .collect()
+}
+
+/// The acknowledged reports that the state database `db` (a coordinator's `sweep.db`, read
+/// only; best after the coordinator has stopped) does not hold with the values sent.
+pub fn lost_in_database(db: &Path, acked: &[AckedReport]) -> anyhow::Result<Vec<AckedReport>> {
+    use rusqlite::{Connection, OpenFlags};
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .with_context(|| format!("cannot open {} read-only", db.display()))?;
+    let mut q = conn.prepare(
+        "SELECT m.sweep_id, t.trial_id, m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.seconds
+         FROM metrics m JOIN trials t ON t.sweep_id = m.sweep_id AND t.idx = m.idx",
+    )?;
+    let mut stored = StoredMetrics::new();
+    let rows = q.query_map([], |r| {
+        Ok((
+            (r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?),
+            [r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?],
+        ))
+    })?;
+    for row in rows {
+        let (k, v) = row.with_context(|| format!("reading metrics from {}", db.display()))?;
+        stored.insert(k, v);
+    }
+    Ok(missing(acked, &stored))
+}
+
+/// The acknowledged reports that the coordinator at `url` does not hold with the values sent,
+/// asked with `GetTrial` (once per trial, 32 calls at a time).
+pub async fn lost_via_rpc(url: &str, acked: &[AckedReport]) -> anyhow::Result<Vec<AckedReport>> {
+    let channel = Endpoint::from_shared(url.to_string())
+        .map_err(|e| anyhow!("`{url}` is not a coordinator URL: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| anyhow!("cannot reach the coordinator at {url}: {e}"))?;
+    let client = SweepServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let trials: HashSet<(Arc<str>, Arc<str>)> =
+        acked.iter().map(|r| (r.sweep_id.clone(), r.trial_id.clone())).collect();
+    let mut pending = trials.into_iter();
+    let mut calls = tokio::task::JoinSet::new();
+    let mut stored = StoredMetrics::new();
+    loop {
+        while calls.len() < 32 {
+            let Some((sweep, trial)) = pending.next() else { break };
+            let mut c = client.clone();
+            calls.spawn(async move {
+                let request = v1::GetTrialRequest { sweep_id: sweep.to_string(), trial_id: trial.to_string() };
+                (sweep, trial, c.get_trial(request).await)
+            });
+        }
+        let Some(done) = calls.join_next().await else { break };
+        let (sweep, trial, reply) = done?;
+        let detail = reply.map_err(|s| anyhow!("GetTrial {sweep}/{trial}: {}", s.message()))?.into_inner();
+        for m in detail.metrics {
+            stored.insert(
+                (sweep.to_string(), trial.to_string(), m.epoch),
+                [m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.seconds],
+            );
+        }
+    }
+    Ok(missing(acked, &stored))
+}
+
+// ---------------------------------------------------------------------------------------------
+// `sweep simulate-workers`
+// ---------------------------------------------------------------------------------------------
+
+/// `sweep simulate-workers`: runs the workers for `duration` (or until Ctrl-C / SIGTERM), prints
+/// progress every 10 s on stderr and then the figures; with `verify`, looks every acknowledged
+/// report up with `GetTrial`. Fails when a report was lost or no worker could register.
+pub async fn command(
+    options: SimOptions,
+    duration: Option<Duration>,
+    verify: bool,
+    format: crate::output::Format,
+) -> anyhow::Result<std::process::ExitCode> {
+    let url = options.coordinator.clone();
+    let counters = Arc::new(Counters::default());
+    let started = Instant::now();
+    eprintln!(
+        "simulating {} workers ({} {} device{} each, {} per connection) against {url}{}",
+        options.count,
+        options.devices_per_worker,
+        match options.device_kind {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        },
+        if options.devices_per_worker == 1 { "" } else { "s" },
+        options.workers_per_connection,
+        duration.map(|d| format!(" for {} s", d.as_secs())).unwrap_or_else(|| "; Ctrl-C stops".into()),
+    );
+    let progress = {
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let s = started.elapsed().as_secs_f64();
+                let reports = counters.reports.load(Ordering::Relaxed);
+                eprintln!(
+                    "[{s:>5.0}s] {} registered, {} assignments, {reports} reports ({:.1}/s), {} errors",
+                    counters.registered.load(Ordering::Relaxed),
+                    counters.assignments.load(Ordering::Relaxed),
+                    reports as f64 / s,
+                    counters.errors.load(Ordering::Relaxed),
+                );
+            }
+        })
+    };
+    let stop = async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let limit = async {
+            match duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = limit => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+    };
+    let report = run_counting(options, counters, stop).await;
+    progress.abort();
+    let report = report?;
+    if report.registered == 0 {
+        bail!("no simulated worker could register with {url}: {}", report.error_samples.join("; "));
+    }
+    let lost = if verify {
+        eprintln!("checking {} acknowledged reports with GetTrial…", report.reports.len());
+        Some(lost_via_rpc(&url, &report.reports).await?)
+    } else {
+        None
+    };
+    print_report(&report, lost.as_deref(), format)?;
+    Ok(if lost.is_some_and(|l| !l.is_empty()) {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    })
+}
+
+fn ms(d: Option<Duration>) -> Option<f64> {
+    d.map(|d| d.as_secs_f64() * 1000.0)
+}
+
+fn ms_text(d: Option<Duration>) -> String {
+    ms(d).map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "-".into())
+}
+
+/// The figures of a run, as a table or JSON; `lost` when the reports were checked.
+pub fn print_report(r: &SimReport, lost: Option<&[AckedReport]>, format: crate::output::Format) -> anyhow::Result<()> {
+    match format {
+        crate::output::Format::Json => {
+            let v = serde_json::json!({
+                "workers": r.workers,
+                "registered": r.registered,
+                "connections": r.connections,
+                "seconds": r.elapsed.as_secs_f64(),
+                "reports": r.reports.len(),
+                "reports_per_second": r.reports_per_second(),
+                "assignments": r.assignments(),
+                "scheduling_latency_ms": {
+                    "p50": ms(r.latency(0.5)), "p99": ms(r.latency(0.99)), "max": ms(r.latency(1.0)),
+                    "samples": r.latencies.len(),
+                },
+                "first_assignment_latency_ms": {
+                    "p50": ms(r.first_latency(0.5)), "p99": ms(r.first_latency(0.99)),
+                    "max": ms(r.first_latency(1.0)), "samples": r.first_latencies.len(),
+                },
+                "report_round_trip_ms": {
+                    "p50": ms(r.report_round_trip(0.5)), "p99": ms(r.report_round_trip(0.99)),
+                    "max": ms(r.report_round_trip(1.0)),
+                },
+                "attempts": {
+                    "started": r.attempts_started, "succeeded": r.attempts_succeeded,
+                    "interrupted": r.attempts_interrupted, "other": r.attempts_other,
+                },
+                "errors": r.errors,
+                "lost_reports": lost.map(<[AckedReport]>::len),
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        crate::output::Format::Table => {
+            for line in report_lines(r, lost) {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The figures of a run as `label  value` lines.
+pub fn report_lines(r: &SimReport, lost: Option<&[AckedReport]>) -> Vec<String> {
+    let mut lines = vec![
+        format!("workers                  {} ({} registered, {} connections)", r.workers, r.registered, r.connections),
+        format!("duration                 {:.1} s", r.elapsed.as_secs_f64()),
+        format!("reports acknowledged     {} ({:.1}/s)", r.reports.len(), r.reports_per_second()),
+        format!(
+            "scheduling latency       p50 {}, p99 {}, max {} ({} assignments after an attempt ended)",
+            ms_text(r.latency(0.5)),
+            ms_text(r.latency(0.99)),
+            ms_text(r.latency(1.0)),
+            r.latencies.len()
+        ),
+        format!(
+            "  first assignments      p50 {}, p99 {}, max {} ({}, from registration: the start-up storm)",
+            ms_text(r.first_latency(0.5)),
+            ms_text(r.first_latency(0.99)),
+            ms_text(r.first_latency(1.0)),
+            r.first_latencies.len()
+        ),
+        format!(
+            "ReportEpoch round trip   p50 {}, p99 {}, max {}",
+            ms_text(r.report_round_trip(0.5)),
+            ms_text(r.report_round_trip(0.99)),
+            ms_text(r.report_round_trip(1.0))
+        ),
+        format!(
+            "attempts                 {} started, {} succeeded, {} stopped at the end, {} other",
+            r.attempts_started, r.attempts_succeeded, r.attempts_interrupted, r.attempts_other
+        ),
+    ];
+    if r.errors.is_empty() {
+        lines.push("errors                   0".into());
+    } else {
+        let by_kind: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
+        lines.push(format!("errors                   {} ({})", r.error_count(), by_kind.join(", ")));
+        for s in &r.error_samples {
+            lines.push(format!("  e.g. {s}"));
+        }
+    }
+    match lost {
+        Some(l) => {
+            lines.push(format!("lost reports             {} (of {} acknowledged)", l.len(), r.reports.len()));
+            for x in l.iter().take(5) {
+                lines.push(format!("  {}/{} epoch {} (attempt {})", x.sweep_id, x.trial_id, x.epoch, x.attempt_id));
+            }
+        }
+        None => lines.push("lost reports             not checked".into()),
+    }
+    lines
+}

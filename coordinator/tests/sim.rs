@@ -1,0 +1,101 @@
+//! Simulated workers against an in-process coordinator: every trial of a sweep runs to the end
+//! through the real gRPC services, every acknowledged report is in the store, and every
+//! trial's epochs are stored complete and in order. No timing assertions.
+
+use std::time::Duration;
+
+use sweep_coordinator::cli::Client;
+use sweep_coordinator::server::{self, Config};
+use sweep_coordinator::sim::{self, SimOptions};
+use sweep_coordinator::store::Store;
+
+const WORKERS: usize = 50;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_workers_complete_a_sweep_and_lose_no_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = server::start(Config::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())).await.unwrap();
+    let url = format!("http://{}", running.addr);
+
+    // 2 × 81 = 162 trials of 2 to 6 epochs: about three rounds of 50 workers.
+    let spec = sim::load_spec("sim-test", 2);
+    let submitted = Client::connect(&url).await.unwrap().submit_text(spec, "sim-test.yaml".into()).await.unwrap();
+    assert_eq!(submitted.trial_count as usize, 2 * sim::LOAD_SPEC_TRIALS_PER_DECAY);
+    let sweep_id = submitted.sweep_id.clone();
+
+    let mut options = SimOptions::new(&url, WORKERS);
+    options.epoch = Duration::from_millis(40);
+    options.workers_per_connection = 10;
+    // Stop once the sweep has ended (a generous bound only guards against a hang).
+    let done = {
+        let url = url.clone();
+        let sweep_id = sweep_id.clone();
+        async move {
+            let mut client = Client::connect(&url).await.unwrap();
+            for _ in 0..1200 {
+                let status = client.get_status(&sweep_id).await.unwrap();
+                if status.sweep.as_ref().is_some_and(|s| s.finished_at_ms != 0) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("the sweep did not end within two minutes");
+        }
+    };
+    let report = sim::run(options, done).await.unwrap();
+    running.stop().await.unwrap();
+
+    assert_eq!(report.registered, WORKERS);
+    assert_eq!(report.error_count(), 0, "errors: {:?} {:?}", report.errors, report.error_samples);
+    assert_eq!(report.attempts_succeeded as u32, submitted.trial_count);
+    assert_eq!(report.assignments() as u32, submitted.trial_count);
+    let lost = sim::lost_in_database(&dir.path().join("sweep.db"), &report.reports).unwrap();
+    assert!(lost.is_empty(), "{} acknowledged reports are not stored, e.g. {:?}", lost.len(), lost.first());
+
+    let store = Store::open(dir.path()).unwrap();
+    let status = store.get_sweep(&sweep_id).unwrap();
+    assert_eq!(status.sweep.as_ref().unwrap().state, "completed");
+    let mut epochs = 0;
+    for t in &status.trials {
+        assert_eq!(t.state, "completed", "{}", t.trial_id);
+        let total = t.fe_epochs + t.ft_epochs;
+        assert_eq!(t.epochs_done, total, "{}", t.trial_id);
+        let detail = store.trial(&sweep_id, &t.trial_id).unwrap();
+        let stored: Vec<u32> = detail.metrics.iter().map(|m| m.epoch).collect();
+        assert_eq!(stored, (1..=total).collect::<Vec<_>>(), "epochs of {}", t.trial_id);
+        epochs += total as usize;
+    }
+    // One acknowledged report per stored epoch: no attempt was repeated.
+    assert_eq!(report.reports.len(), epochs);
+}
+
+#[tokio::test]
+async fn bad_options_and_unreachable_coordinators_are_errors() {
+    let mut options = SimOptions::new("http://127.0.0.1:1", 0);
+    let e = sim::run(options.clone(), async {}).await.unwrap_err();
+    assert!(e.to_string().contains("at least 1"), "{e}");
+    options.count = 1;
+    options.workers_per_connection = 0;
+    let e = sim::run(options.clone(), async {}).await.unwrap_err();
+    assert!(e.to_string().contains("workers per connection"), "{e}");
+    options.workers_per_connection = 1;
+    let e = sim::run(options.clone(), async {}).await.unwrap_err();
+    assert!(e.to_string().contains("cannot reach the coordinator at http://127.0.0.1:1"), "{e}");
+    options.coordinator = "not a url".into();
+    let e = sim::run(options, async {}).await.unwrap_err();
+    assert!(e.to_string().contains("is not a coordinator URL"), "{e}");
+}
+
+#[test]
+fn fake_metrics_are_deterministic_and_valid() {
+    for epoch in 1..=6 {
+        let a = sim::fake_metrics("s-1234", "t007", epoch, 3, 1.0);
+        assert_eq!(a, sim::fake_metrics("s-1234", "t007", epoch, 3, 1.0));
+        let m = sweep_core::leaderboard::EpochMetrics::try_from(&a).expect("valid metrics");
+        assert_eq!(m.phase, sweep_core::leaderboard::Phase::of_epoch(epoch, 3));
+    }
+    assert_ne!(sim::fake_metrics("s-1234", "t007", 2, 3, 1.0), sim::fake_metrics("s-1234", "t008", 2, 3, 1.0));
+    let spec = sweep_core::spec::parse(&sim::load_spec("load", 123)).expect("the load spec parses");
+    assert_eq!(spec.grid.trial_count(), 123 * sim::LOAD_SPEC_TRIALS_PER_DECAY);
+    assert!(spec.grid.trial_count() <= sweep_core::spec::DEFAULT_MAX_TRIALS);
+}
