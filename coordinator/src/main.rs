@@ -64,6 +64,9 @@ enum Command {
         /// Further seconds after which its lease ends and its trials are re-queued.
         #[arg(long, default_value_t = 20)]
         lease_grace: u64,
+        /// Failed attempts in a row after which a worker gets no more trials (0: never).
+        #[arg(long, default_value_t = sweep_coordinator::store::DEFAULT_QUARANTINE_AFTER)]
+        quarantine_after: u32,
         /// Largest number of trials one sweep may have.
         #[arg(long, default_value_t = sweep_core::spec::DEFAULT_MAX_TRIALS)]
         max_trials: usize,
@@ -135,6 +138,16 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Re-queue a sweep's failed trials with a fresh attempt budget (they resume from their
+    /// last checkpoint).
+    Retry {
+        id: String,
+        /// Only these trials (repeatable) [default: every failed trial].
+        #[arg(long = "trial", value_name = "TRIAL")]
+        trials: Vec<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Registered workers, their devices and what they run.
     Workers {
         #[command(flatten)]
@@ -187,13 +200,18 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // Die quietly on a closed pipe (`sweep list | head`) like other Unix tools, instead of
-    // panicking inside println!.
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let args = Args::parse();
+    // Client commands die quietly on a closed pipe (`sweep list | head`) like other Unix
+    // tools, instead of panicking inside println!. Servers must not: a peer that goes away
+    // mid-write (a vectored socket write raises SIGPIPE) would kill them.
+    let serves =
+        matches!(args.command, Command::Coordinator { .. } | Command::Run { .. } | Command::SimulateWorkers { .. });
+    if !serves {
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -212,11 +230,12 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Coordinator { listen, state_dir, heartbeat_ttl, lease_grace, max_trials } => {
+        Command::Coordinator { listen, state_dir, heartbeat_ttl, lease_grace, quarantine_after, max_trials } => {
             cli::init_logging();
             let mut config = sweep_coordinator::server::Config::new(listen, state_dir);
             config.heartbeat_ttl = std::time::Duration::from_secs(heartbeat_ttl.max(1));
             config.lease_grace = std::time::Duration::from_secs(lease_grace);
+            config.quarantine_after = quarantine_after;
             config.parse.max_trials = max_trials;
             cli::coordinator(config).await?;
             Ok(ExitCode::SUCCESS)
@@ -249,6 +268,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Cancel { id, remote } => {
             Client::connect(&remote.coordinator).await?.cancel(&id, remote.output).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Retry { id, trials, remote } => {
+            Client::connect(&remote.coordinator).await?.retry(&id, trials, remote.output).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Workers { remote } => {
