@@ -40,6 +40,10 @@ pub struct OptimizerEntry {
     pub exp_avg_sq: Tensor,
 }
 
+/// The pieces of one parameter's optimizer state found so far while reading a file: step,
+/// first and second moments.
+type PartialEntry = (Option<u64>, Option<Tensor>, Option<Tensor>);
+
 /// A trial's state after `epochs_done` epochs (tensors on the CPU).
 #[derive(Debug)]
 pub struct TrainingState {
@@ -149,7 +153,7 @@ impl TrainingState {
         let tensors = Tensor::read_safetensors(path).map_err(torch_err(path))?;
         let mut state = TrainingState { epochs_done: 0, model: Vec::new(), optimizer: HashMap::new() };
         let mut epochs = None;
-        let mut parts: HashMap<String, (Option<u64>, Option<Tensor>, Option<Tensor>)> = HashMap::new();
+        let mut parts: HashMap<String, PartialEntry> = HashMap::new();
         let int = |t: &Tensor, name: &str| -> Result<i64, CheckpointError> {
             if t.numel() != 1 || t.kind() != Kind::Int64 {
                 return Err(bad(format!("`{name}` is not one int64")));
@@ -223,7 +227,7 @@ pub fn list(dir: &Path) -> Vec<(u32, PathBuf)> {
             Some((epoch, e.path()))
         })
         .collect();
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|(epoch, _)| std::cmp::Reverse(*epoch));
     found
 }
 
