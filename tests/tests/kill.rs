@@ -301,3 +301,25 @@ fn a_partitioned_worker_stops_its_attempt_and_its_stale_writes_are_refused_when_
     assert!(kept <= stored_by_a, "the lost attempt stored more after its lease ended");
     assert_history_clean(&dir.path().join("state"));
 }
+
+#[test]
+fn cancel_stops_a_running_attempt_at_its_next_heartbeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, url) = coordinator(&dir.path().join("state"), &["--heartbeat-ttl", "3"]);
+    let id = submit(&url, dir.path(), &SLOW_SPEC.replace("[[3, 3]]", "[[3, 30]]"));
+    let log = dir.path().join("w.log");
+    let _w = worker(&url, "w", dir.path());
+    wait_epochs(&url, &id, 1, &[&log]);
+    let out = output(sweep().args(["cancel", &id, "--coordinator", &url]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("asked workers to stop 1 running"), "{}", stdout(&out));
+    let t = wait_for(Duration::from_secs(60), "the attempt to stop", || {
+        let t = trial(&url, &id);
+        (t.trial.as_ref().unwrap().state == "cancelled").then_some(t)
+    });
+    // Stopped long before its 33 epochs; the worker is free again.
+    assert!(t.metrics.len() < 10, "{} epochs ran", t.metrics.len());
+    assert_eq!(t.attempts[0].state, "cancelled", "{:?}", t.attempts);
+    assert!(std::fs::read_to_string(&log).unwrap().contains("attempt finished"));
+    assert_history_clean(&dir.path().join("state"));
+}
