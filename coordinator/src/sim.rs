@@ -8,9 +8,9 @@
 //! sleeps: after each epoch it calls `ReportEpoch` with metrics computed from the sweep, trial
 //! and epoch ([`fake_metrics`]) and a checkpoint reference that names no file, and waits for the
 //! reply before the next epoch; then `FinishAttempt`. Cancellation (heartbeat or report reply),
-//! fencing, re-registering after a lost lease, retrying transport errors for up to a TTL and
-//! the outcome of an attempt stopped by shut-down (failed, retryable) follow
-//! `worker/src/daemon.rs`. Unlike `sweep-worker` it trusts the assignment's epoch counts instead
+//! fencing, re-registering after a lost lease, bounding every call (long poll: wait + TTL,
+//! heartbeat: TTL/2, writes: TTL), retrying transport errors for up to a TTL and the outcome
+//! of an attempt stopped by shut-down (failed, retryable) follow `worker/src/daemon.rs`. Unlike `sweep-worker` it trusts the assignment's epoch counts instead
 //! of re-expanding the grid from the spec.
 //!
 //! **Connections.** Workers share HTTP/2 connections: `workers_per_connection` workers (50 by
@@ -526,8 +526,15 @@ async fn worker(
             incarnation: session.incarnation,
             wait_ms: options.poll_wait.as_millis() as u64,
         };
+        // Bounded like sweep-worker's: a call lost in a partition must not wait forever.
+        let bound = options.poll_wait + session.ttl;
+        let acquire = async move {
+            tokio::time::timeout(bound, c.acquire_trial(request))
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("no reply to AcquireTrial")))
+        };
         let reply = tokio::select! {
-            r = c.acquire_trial(request) => r,
+            r = acquire => r,
             _ = stopped(&mut stop) => break,
         };
         let assignment = match reply {
@@ -536,7 +543,6 @@ async fn worker(
                 // The coordinator no longer knows this worker (lease lost): register again.
                 lock(&tally).error("AcquireTrial", &s);
                 heartbeat.abort();
-                raise_all(&running);
                 let Some(s) = register(&client, &name, &devices, &tally, &mut stop).await else { break };
                 session = s;
                 heartbeat = tokio::spawn(heartbeat_loop(session.clone(), running.clone(), tally.clone()));
@@ -642,8 +648,9 @@ async fn register(
     }
 }
 
-/// Beats every TTL/3, as `sweep-worker` does; stops attempts the coordinator names, and every
-/// attempt once the lease is lost or the coordinator was unreachable for a whole TTL.
+/// Beats every TTL/3 (each call bounded by TTL/2), as `sweep-worker` does; stops attempts the
+/// coordinator names, and every attempt once the lease is lost or the coordinator was
+/// unreachable for a whole TTL.
 async fn heartbeat_loop(session: Session, running: Running, tally: Shared) {
     let mut client = session.client.clone();
     let mut last_ok = Instant::now();
@@ -656,7 +663,10 @@ async fn heartbeat_loop(session: Session, running: Running, tally: Shared) {
             incarnation: session.incarnation,
             running_attempt_ids: ids.clone(),
         };
-        let stop: Vec<u64> = match client.heartbeat(request).await {
+        let reply = tokio::time::timeout(session.ttl / 2, client.heartbeat(request))
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no heartbeat reply within half the TTL")));
+        let stop: Vec<u64> = match reply {
             Ok(r) => {
                 last_ok = Instant::now();
                 r.into_inner().cancel_attempt_ids
@@ -689,7 +699,8 @@ enum WriteError {
     Unreachable,
 }
 
-/// Calls `f` until it succeeds, retrying transport errors for up to `ttl`.
+/// Calls `f` (each call bounded by `ttl`) until it succeeds, retrying transport errors for up to
+/// `ttl`.
 async fn with_retries<T, F, Fut>(ttl: Duration, rpc: &str, tally: &Shared, mut f: F) -> Result<T, WriteError>
 where
     F: FnMut() -> Fut,
@@ -698,7 +709,10 @@ where
     let started = Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
-        match f().await {
+        let reply = tokio::time::timeout(ttl, f())
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no reply from the coordinator within the TTL")));
+        match reply {
             Ok(v) => return Ok(v),
             Err(s) => {
                 lock(tally).error(rpc, &s);
