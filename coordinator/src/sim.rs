@@ -338,6 +338,32 @@ pub fn ensure_fd_headroom(more: u64) -> anyhow::Result<u64> {
 // Running
 // ---------------------------------------------------------------------------------------------
 
+/// The endpoint of a coordinator URL (`http://HOST:PORT` or `https://…`).
+fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+    let bad = |why: String| anyhow!("`{url}` is not a coordinator URL (expected e.g. http://127.0.0.1:7070): {why}");
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(bad("it must start with http:// or https://".into()));
+    }
+    Endpoint::from_shared(url.to_string()).map_err(|e| bad(e.to_string()))
+}
+
+/// "cannot reach the coordinator at URL: transport error: the cause (its cause …)".
+fn unreachable(url: &str, e: &tonic::transport::Error) -> anyhow::Error {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    let mut last = String::new();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if part != last {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        last = part;
+        source = s.source();
+    }
+    anyhow!("cannot reach the coordinator at {url}: {text}")
+}
+
 /// Live totals of a run, for progress lines.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -364,15 +390,14 @@ pub async fn run_counting(
     let connections = options.connections();
     ensure_fd_headroom(connections as u64)?;
     let url = options.coordinator.clone();
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| anyhow!("`{url}` is not a coordinator URL (expected e.g. http://127.0.0.1:7070): {e}"))?
+    let endpoint = endpoint(&url)?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
-        let channel = endpoint.connect().await.map_err(|e| anyhow!("cannot reach the coordinator at {url}: {e}"))?;
+        let channel = endpoint.connect().await.map_err(|e| unreachable(&url, &e))?;
         channels.push(channel);
     }
 
@@ -898,12 +923,8 @@ pub fn lost_in_database(db: &Path, acked: &[AckedReport]) -> anyhow::Result<Vec<
 /// The acknowledged reports that the coordinator at `url` does not hold with the values sent,
 /// asked with `GetTrial` (once per trial, 32 calls at a time).
 pub async fn lost_via_rpc(url: &str, acked: &[AckedReport]) -> anyhow::Result<Vec<AckedReport>> {
-    let channel = Endpoint::from_shared(url.to_string())
-        .map_err(|e| anyhow!("`{url}` is not a coordinator URL: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| anyhow!("cannot reach the coordinator at {url}: {e}"))?;
+    let channel =
+        endpoint(url)?.connect_timeout(Duration::from_secs(5)).connect().await.map_err(|e| unreachable(url, &e))?;
     let client = SweepServiceClient::new(channel).max_decoding_message_size(64 << 20);
     let trials: HashSet<(Arc<str>, Arc<str>)> =
         acked.iter().map(|r| (r.sweep_id.clone(), r.trial_id.clone())).collect();

@@ -81,9 +81,9 @@ async fn bad_options_and_unreachable_coordinators_are_errors() {
     options.workers_per_connection = 1;
     let e = sim::run(options.clone(), async {}).await.unwrap_err();
     assert!(e.to_string().contains("cannot reach the coordinator at http://127.0.0.1:1"), "{e}");
-    options.coordinator = "not a url".into();
+    options.coordinator = "127.0.0.1:7070".into();
     let e = sim::run(options, async {}).await.unwrap_err();
-    assert!(e.to_string().contains("is not a coordinator URL"), "{e}");
+    assert!(e.to_string().contains("is not a coordinator URL") && e.to_string().contains("http://"), "{e}");
 }
 
 #[test]
