@@ -177,7 +177,8 @@ impl Shared {
             })
             .await?;
         if let Some(seq) = seq {
-            self.events.send_replace(seq);
+            // Watchers wake only when there are new events (not on every acquire poll).
+            self.events.send_if_modified(|last| std::mem::replace(last, seq) != seq);
         }
         if pending {
             self.work.notify_waiters();

@@ -8,6 +8,7 @@ use sweep_coordinator::cli::Client;
 use sweep_coordinator::server::{self, Config};
 use sweep_coordinator::sim::{self, SimOptions};
 use sweep_coordinator::store::Store;
+use sweep_proto::v1;
 
 const WORKERS: usize = 50;
 
@@ -22,6 +23,19 @@ async fn simulated_workers_complete_a_sweep_and_lose_no_report() {
     let submitted = Client::connect(&url).await.unwrap().submit_text(spec, "sim-test.yaml".into()).await.unwrap();
     assert_eq!(submitted.trial_count as usize, 2 * sim::LOAD_SPEC_TRIALS_PER_DECAY);
     let sweep_id = submitted.sweep_id.clone();
+    // A watcher follows the sweep meanwhile: it must see every epoch and the end.
+    let mut events = Client::connect(&url).await.unwrap().watch(&sweep_id, 0).await.unwrap();
+    let watcher = tokio::spawn(async move {
+        let (mut epochs, mut ended) = (0usize, false);
+        while let Some(event) = events.message().await.unwrap() {
+            match event.event {
+                Some(v1::sweep_event::Event::Trial(t)) if t.metrics.is_some() => epochs += 1,
+                Some(v1::sweep_event::Event::Ended(_)) => ended = true,
+                _ => {}
+            }
+        }
+        (epochs, ended)
+    });
 
     let mut options = SimOptions::new(&url, WORKERS);
     options.epoch = Duration::from_millis(40);
@@ -67,6 +81,9 @@ async fn simulated_workers_complete_a_sweep_and_lose_no_report() {
     }
     // One acknowledged report per stored epoch: no attempt was repeated.
     assert_eq!(report.reports.len(), epochs);
+    let (watched, ended) = watcher.await.unwrap();
+    assert!(ended, "the watcher saw the sweep end");
+    assert_eq!(watched, epochs, "the watcher saw every epoch");
 }
 
 #[tokio::test]
