@@ -48,7 +48,8 @@ type PartialEntry = (Option<u64>, Option<Tensor>, Option<Tensor>);
 #[derive(Debug)]
 pub struct TrainingState {
     pub epochs_done: u32,
-    /// The model's state dict: parameters, then buffers.
+    /// The model's state dict (parameters and buffers; after [`TrainingState::load`] in no
+    /// particular order: restoring goes by name).
     pub model: Vec<(String, Tensor)>,
     /// The optimizer's state by parameter name (parameters never stepped are absent).
     pub optimizer: HashMap<String, OptimizerEntry>,
@@ -289,7 +290,11 @@ mod tests {
         let (s, m) = TrainingState::load(&saved, None).unwrap();
         assert_eq!((s.epochs_done, m.epoch, m.best_epoch), (3, 3, Some(1)));
         assert_eq!(s.model.len(), 2);
-        assert!(s.model[0].1.equal(&Tensor::from_slice(&[1f32, 2.])));
+        // (The file does not keep the order of the tensors: look them up by name.)
+        let fc = s.model.iter().find(|(n, _)| n == "fc.weight").unwrap();
+        assert!(fc.1.equal(&Tensor::from_slice(&[1f32, 2.])));
+        let bn = s.model.iter().find(|(n, _)| n == "bn.num_batches_tracked").unwrap();
+        assert!(bn.1.equal(&Tensor::from_slice(&[4i64])));
         let o = &s.optimizer["fc.weight"];
         assert_eq!(o.step, 7);
         assert!(o.exp_avg_sq.equal(&Tensor::from_slice(&[2f32, 3.])));
