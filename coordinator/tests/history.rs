@@ -270,7 +270,9 @@ fn the_check_state_command_prints_violations_and_exits_1() {
     assert!(stdout.contains("0 violations in 2 sweeps"), "{stdout}");
 
     let conn = Connection::open(dir.path().join("sweep.db")).unwrap();
-    conn.execute("UPDATE attempts SET devices = 'cpu:1' WHERE id = ?1", params![ids.a1 as i64]).unwrap();
+    // One violation whatever the clock did: the attempt holds its own device twice (moving it
+    // onto a2's device overlaps a2 only if their times differ by a millisecond or more).
+    conn.execute("UPDATE attempts SET devices = 'cpu:0,cpu:0' WHERE id = ?1", params![ids.a1 as i64]).unwrap();
     drop(conn);
     let out = std::process::Command::new(sweep).arg("check-state").arg("--state-dir").arg(dir.path()).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
