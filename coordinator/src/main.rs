@@ -88,6 +88,10 @@ enum Command {
         /// The `sweep-worker` binary (default: next to `sweep`, then PATH).
         #[arg(long, env = "SWEEP_WORKER_BIN")]
         worker_bin: Option<PathBuf>,
+        /// The workers' artifact store: a directory, or `s3://bucket/prefix` (AWS_* variables
+        /// configure it) [default: <state-dir>/artifacts].
+        #[arg(long, env = "SWEEP_ARTIFACTS", value_name = "DIR|URL")]
+        artifacts: Option<String>,
         /// Output format of the final leaderboard.
         #[arg(long, short, value_enum, default_value = "table")]
         output: Format,
@@ -240,9 +244,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             cli::coordinator(config).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { spec, workers, state_dir, threads_per_worker, worker_bin, output } => {
-            let options =
-                sweep_coordinator::run::RunOptions { spec, workers, state_dir, threads_per_worker, worker_bin, output };
+        Command::Run { spec, workers, state_dir, threads_per_worker, worker_bin, artifacts, output } => {
+            let options = sweep_coordinator::run::RunOptions {
+                spec,
+                workers,
+                state_dir,
+                threads_per_worker,
+                worker_bin,
+                artifacts,
+                output,
+            };
             sweep_coordinator::run::run(options).await
         }
         Command::Validate { spec, max_trials, output } => cli::validate(&spec, max_trials, output),

@@ -26,6 +26,9 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     pub threads_per_worker: Option<usize>,
     pub worker_bin: Option<PathBuf>,
+    /// The workers' artifact store (a directory or `s3://bucket/prefix`) [default:
+    /// `<state_dir>/artifacts`].
+    pub artifacts: Option<String>,
     pub output: Format,
 }
 
@@ -67,9 +70,13 @@ async fn spawn_workers(
     n: usize,
     threads: usize,
     state_dir: &Path,
+    artifacts: Option<&str>,
     logs: &Path,
 ) -> anyhow::Result<Vec<Worker>> {
-    let artifacts = std::path::absolute(state_dir.join("artifacts"))?;
+    let artifacts = match artifacts {
+        Some(a) => a.to_string(),
+        None => std::path::absolute(state_dir.join("artifacts"))?.display().to_string(),
+    };
     let cache = std::path::absolute(state_dir.join("cache"))?;
     let mut workers = Vec::new();
     for i in 1..=n {
@@ -207,7 +214,8 @@ pub async fn run(o: RunOptions) -> anyhow::Result<ExitCode> {
         logs.display()
     );
 
-    let mut workers = spawn_workers(&bin, &url, o.workers, threads, &o.state_dir, &logs).await?;
+    let mut workers =
+        spawn_workers(&bin, &url, o.workers, threads, &o.state_dir, o.artifacts.as_deref(), &logs).await?;
     let result = follow(&mut client, &sweep_id, &mut workers).await;
     stop_workers(&mut workers, Duration::from_secs(10)).await;
 

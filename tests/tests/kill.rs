@@ -323,3 +323,98 @@ fn cancel_stops_a_running_attempt_at_its_next_heartbeat() {
     assert!(std::fs::read_to_string(&log).unwrap().contains("attempt finished"));
     assert_history_clean(&dir.path().join("state"));
 }
+
+#[test]
+fn with_an_s3_artifact_store_a_killed_workers_trial_resumes_on_a_worker_that_shares_no_filesystem_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(dir.path(), "sweep-artifacts");
+    let store = "s3://sweep-artifacts/runs/one";
+    let (_coord, url) = coordinator(&dir.path().join("state"), &["--heartbeat-ttl", "1", "--lease-grace", "1"]);
+    let sweep = submit(&url, dir.path(), SLOW_SPEC);
+    let log = |n: &str| dir.path().join(format!("{n}.log"));
+    // Each worker has its own local directories: the store is all they share.
+    let start = |name: &str| worker_in(&url, name, dir.path(), store, &dir.path().join(name), &[], &s3.env());
+
+    let mut a = start("a");
+    wait_epochs(&url, &sweep, 4, &[&log("a")]);
+    kill9(&mut a);
+    let at_kill = trial(&url, &sweep).metrics.len() as u32;
+    assert!((4..6).contains(&at_kill), "the kill should land in fine-tuning ({at_kill} epochs done)");
+
+    let _b = start("b");
+    let done = wait_for(Duration::from_secs(240), "the trial to complete", || {
+        let t = trial(&url, &sweep);
+        let s = t.trial.as_ref().unwrap().state.clone();
+        assert_ne!(s, "failed", "{t:?}\n{}", std::fs::read_to_string(log("b")).unwrap_or_default());
+        (s == "completed").then_some(t)
+    });
+    assert_eq!(epochs(&done), [1, 2, 3, 4, 5, 6]);
+    let attempts = &done.attempts;
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[1].resumed_from_epoch, at_kill, "{attempts:?}");
+    assert!(attempts[1].note.is_empty(), "the resume point from S3 verified: {attempts:?}");
+
+    // The references are S3 URLs, and a client that is not ours finds the objects there.
+    let prefix = format!("runs/one/{sweep}/t000/");
+    let best = done.best_checkpoint.as_ref().expect("a best checkpoint");
+    assert!(best.uri.starts_with(&format!("s3://sweep-artifacts/{prefix}")), "{}", best.uri);
+    let objects = s3.objects();
+    let names: Vec<&str> = objects.iter().filter_map(|(k, _)| k.strip_prefix(&prefix)).collect();
+    assert_eq!(
+        names,
+        [
+            "best.json",
+            "best.safetensors",
+            "last.json",
+            "last.safetensors",
+            "state-e0005.json",
+            "state-e0005.safetensors",
+            "state-e0006.json",
+            "state-e0006.safetensors"
+        ],
+        "{objects:?}"
+    );
+    let size = |name: &str| objects.iter().find(|(k, _)| k == &format!("{prefix}{name}")).unwrap().1;
+    assert_eq!(size("best.safetensors"), best.bytes);
+    assert!(size("state-e0006.safetensors") > size("last.safetensors"), "a resume point holds the optimizer too");
+    // The worker that finished left no local copies behind.
+    let scratch = dir.path().join("b/scratch");
+    let left: Vec<_> = walk(&scratch);
+    assert!(left.is_empty(), "{left:?}");
+    assert_history_clean(&dir.path().join("state"));
+}
+
+/// Every file below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() { found.extend(walk(&p)) } else { found.push(p) }
+    }
+    found
+}
+
+#[test]
+fn a_worker_whose_artifact_store_does_not_answer_stops_at_start_up_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(dir.path(), "exists");
+    let run = |artifacts: &str| {
+        output(
+            std::process::Command::new(bin("sweep-worker"))
+                .args(["--coordinator", "http://127.0.0.1:9", "--artifacts", artifacts, "--cache-dir"])
+                .arg(dir.path().join("cache"))
+                .envs(s3.env()),
+        )
+    };
+    let out = run("s3://no-such-bucket/p");
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("s3://no-such-bucket/p") && e.contains("NoSuchBucket"), "{e}");
+    let out = run("gs://bucket");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("scheme `gs` is not supported"), "{}", stderr(&out));
+    let file = write(dir.path(), "a-file", "x");
+    let out = run(file.join("sub").to_str().unwrap());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cannot create"), "{}", stderr(&out));
+}

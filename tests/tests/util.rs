@@ -123,18 +123,110 @@ pub fn worker(url: &str, name: &str, dir: &Path) -> Proc {
 
 /// [`worker`] with extra arguments (`--devices cpu:0,cpu:1`).
 pub fn worker_with(url: &str, name: &str, dir: &Path, extra: &[&str]) -> Proc {
+    let artifacts = dir.join("artifacts");
+    worker_in(url, name, dir, artifacts.to_str().expect("utf-8 path"), &dir.join("cache"), extra, &[])
+}
+
+/// A `sweep-worker` with its own artifact store location, cache directory and environment,
+/// logging to `<dir>/<name>.log`.
+pub fn worker_in(
+    url: &str,
+    name: &str,
+    dir: &Path,
+    artifacts: &str,
+    cache: &Path,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> Proc {
     let file = std::fs::File::create(dir.join(format!("{name}.log"))).expect("worker log");
     let child = Command::new(bin("sweep-worker"))
-        .args(["--coordinator", url, "--name", name, "--threads", "1", "--poll-wait", "2", "--artifacts"])
-        .arg(dir.join("artifacts"))
+        .args(["--coordinator", url, "--name", name, "--threads", "1", "--poll-wait", "2", "--artifacts", artifacts])
         .arg("--cache-dir")
-        .arg(dir.join("cache"))
+        .arg(cache)
         .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::from(file.try_clone().expect("log")))
         .stderr(Stdio::from(file))
         .spawn()
         .expect("start worker");
     Proc { child, name: name.into() }
+}
+
+/// A local S3-compatible server (moto, from the project's `.venv`) on a free loopback port,
+/// with one bucket.
+pub struct S3Server {
+    _proc: Proc,
+    pub endpoint: String,
+    pub bucket: String,
+}
+
+/// The project's venv `bin/` (created by `make`).
+pub fn venv_bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin").join(name);
+    assert!(p.is_file(), "{} is missing: `make test` installs requirements.txt into .venv", p.display());
+    p
+}
+
+impl S3Server {
+    /// Starts the server (its log in `<dir>/s3.log`) and creates `bucket`.
+    pub fn start(dir: &Path, bucket: &str) -> S3Server {
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("s3.log")).expect("s3 log");
+        let child = Command::new(venv_bin("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start moto_server");
+        let proc = Proc { child, name: "s3".into() };
+        wait_for(Duration::from_secs(60), "the S3 server to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        let s3 = S3Server { _proc: proc, endpoint: format!("http://127.0.0.1:{port}"), bucket: bucket.into() };
+        s3.python(&format!("s3.create_bucket(Bucket='{bucket}')"));
+        s3
+    }
+
+    /// What a worker needs in its environment to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", self.endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "sweep-test"),
+            ("AWS_SECRET_ACCESS_KEY", "sweep-test-secret"),
+            ("AWS_DEFAULT_REGION", "us-east-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Runs Python with a boto3 client `s3` of this server (a client that is not ours) and
+    /// returns what it printed.
+    pub fn python(&self, code: &str) -> String {
+        let script = format!(
+            "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='sweep-test', \
+             aws_secret_access_key='sweep-test-secret', region_name='us-east-1')\n{code}\n",
+            self.endpoint
+        );
+        let out = output(Command::new(venv_bin("python")).arg("-c").arg(script));
+        assert!(out.status.success(), "python against the S3 server failed: {}", stderr(&out));
+        stdout(&out)
+    }
+
+    /// Every key in the bucket, sorted, with its size.
+    pub fn objects(&self) -> Vec<(String, u64)> {
+        let listing = self.python(&format!(
+            "for o in s3.list_objects_v2(Bucket='{}').get('Contents', []): print(o['Key'], o['Size'])",
+            self.bucket
+        ));
+        let mut found: Vec<(String, u64)> = listing
+            .lines()
+            .filter_map(|l| l.rsplit_once(' ').map(|(k, n)| (k.to_string(), n.parse().unwrap_or(0))))
+            .collect();
+        found.sort();
+        found
+    }
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.

@@ -3,17 +3,19 @@
 //! it (same stem, `.json`): the spec, the trial, the epoch and its metrics, the class names and
 //! the image size — everything `sweep-worker predict` needs to use the weights.
 //!
-//! Layout under the artifact directory: `<sweep>/<trial>/last.safetensors` (after every epoch)
-//! and `<sweep>/<trial>/best.safetensors` (at the best validation accuracy so far). Files are
-//! written to a temporary name and renamed, so a reader never sees half a checkpoint.
+//! Layout in the artifact store ([`crate::artifacts`]): `<sweep>/<trial>/last.safetensors`
+//! (after every epoch) and `<sweep>/<trial>/best.safetensors` (at the best validation accuracy
+//! so far). The weights are written to a local scratch file, uploaded, then the JSON; the store
+//! makes an object visible only whole, so a reader never sees half a checkpoint.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sweep_core::leaderboard::EpochMetrics;
 
+use crate::artifacts::{ArtifactError, ArtifactStore, ScratchDir};
 use crate::model::Model;
 
 /// Format tag of the metadata file.
@@ -27,6 +29,8 @@ pub enum CheckpointError {
     Torch { path: PathBuf, message: String },
     #[error("checkpoint metadata {path}: {message}")]
     Metadata { path: PathBuf, message: String },
+    #[error(transparent)]
+    Store(#[from] ArtifactError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -59,10 +63,11 @@ pub struct Metadata {
     pub created_at_ms: i64,
 }
 
-/// A checkpoint on disk.
+/// A checkpoint in the artifact store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Saved {
-    pub path: PathBuf,
+    /// Its reference ([`ArtifactStore::uri`]).
+    pub uri: String,
     pub sha256: String,
     pub bytes: u64,
     pub epoch: u32,
@@ -82,7 +87,7 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64), CheckpointError> {
         bytes += n as u64;
         hasher.update(&buf[..n]);
     }
-    Ok((hasher.finalize().iter().map(|b| format!("{b:02x}")).collect(), bytes))
+    Ok((crate::artifacts::hex(&hasher.finalize()), bytes))
 }
 
 /// Where a checkpoint's metadata lives: `x.safetensors` → `x.json`.
@@ -106,20 +111,6 @@ pub fn read_metadata(weights: &Path) -> Result<Option<Metadata>, CheckpointError
     Ok(Some(meta))
 }
 
-pub(crate) fn write_atomically(
-    path: &Path,
-    write: impl FnOnce(&Path) -> Result<(), CheckpointError>,
-) -> Result<(), CheckpointError> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp-{}",
-        path.extension().and_then(|e| e.to_str()).unwrap_or(""),
-        std::process::id()
-    ));
-    write(&tmp)?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
-}
-
 /// What every checkpoint of one attempt says about where it comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Identity {
@@ -137,16 +128,20 @@ pub struct Identity {
 
 /// The checkpoints of one trial attempt.
 pub struct TrialCheckpoints {
-    dir: PathBuf,
+    store: ArtifactStore,
+    /// `<sweep>/<trial>`: the folder of the trial in the store.
+    prefix: String,
+    scratch: ScratchDir,
     base: Metadata,
     best_val: Option<f64>,
 }
 
 impl TrialCheckpoints {
-    /// Checkpoints of `id.trial` of `id.sweep` under `<artifacts>/<sweep>/<trial>/`.
-    pub fn new(artifacts: &Path, id: Identity) -> Result<TrialCheckpoints, CheckpointError> {
-        let dir = artifacts.join(&id.sweep).join(&id.trial);
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    /// Checkpoints of `id.trial` of `id.sweep` under `<sweep>/<trial>/` in `store`; local
+    /// copies go to a scratch folder of this attempt, removed when this value is dropped.
+    pub fn new(store: &ArtifactStore, id: Identity) -> Result<TrialCheckpoints, CheckpointError> {
+        let prefix = format!("{}/{}", id.sweep, id.trial);
+        let scratch = store.scratch_dir(&format!("{}-{}-a{}", id.sweep, id.trial, id.attempt))?;
         let base = Metadata {
             format: FORMAT.into(),
             id,
@@ -163,7 +158,7 @@ impl TrialCheckpoints {
             bytes: 0,
             created_at_ms: 0,
         };
-        Ok(TrialCheckpoints { dir, base, best_val: None })
+        Ok(TrialCheckpoints { store: store.clone(), prefix, scratch, base, best_val: None })
     }
 
     /// The best validation accuracy of earlier attempts (from a resume point): `best` is
@@ -172,20 +167,27 @@ impl TrialCheckpoints {
         self.best_val = Some(accuracy);
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The trial's folder in the store (`<sweep>/<trial>`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// This attempt's local scratch folder.
+    pub fn scratch(&self) -> &Path {
+        self.scratch.path()
     }
 
     /// Writes `last` after an epoch, and `best` when the epoch's validation accuracy beats every
-    /// earlier epoch of this attempt.
+    /// earlier epoch of this attempt (a copy inside the store).
     pub fn after_epoch(&mut self, model: &Model, m: &EpochMetrics) -> Result<(Saved, Option<Saved>), CheckpointError> {
-        let last_path = self.dir.join("last.safetensors");
-        write_atomically(&last_path, |tmp| {
-            model
-                .save_weights(tmp)
-                .map_err(|e| CheckpointError::Torch { path: last_path.clone(), message: e.to_string() })
-        })?;
-        let (sha256, bytes) = sha256_file(&last_path)?;
+        let local = self.scratch.path().join("last.safetensors");
+        model
+            .save_weights(&local)
+            .map_err(|e| CheckpointError::Torch { path: local.clone(), message: e.to_string() })?;
+        let (sha256, bytes) = sha256_file(&local)?;
+        let last_key = format!("{}/last.safetensors", self.prefix);
+        self.store.put_file_blocking(&last_key, &local)?;
+        let _ = std::fs::remove_file(&local);
         let meta = Metadata {
             epoch: m.epoch,
             metrics: MetricsJson {
@@ -198,35 +200,41 @@ impl TrialCheckpoints {
             },
             sha256: sha256.clone(),
             bytes,
-            created_at_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0),
+            created_at_ms: now_ms(),
             ..self.base.clone()
         };
-        write_metadata(&last_path, &meta)?;
-        let last = Saved { path: last_path.clone(), sha256: sha256.clone(), bytes, epoch: m.epoch };
+        self.put_metadata(&last_key, &meta)?;
+        let last = Saved { uri: self.store.uri(&last_key), sha256: sha256.clone(), bytes, epoch: m.epoch };
 
         let better = self.best_val.is_none_or(|b| m.val_accuracy > b);
         if !better {
             return Ok((last, None));
         }
         self.best_val = Some(m.val_accuracy);
-        let best_path = self.dir.join("best.safetensors");
-        write_atomically(&best_path, |tmp| std::fs::copy(&last_path, tmp).map(|_| ()).map_err(io(tmp)))?;
-        write_metadata(&best_path, &meta)?;
-        Ok((last, Some(Saved { path: best_path, sha256, bytes, epoch: m.epoch })))
+        let best_key = format!("{}/best.safetensors", self.prefix);
+        self.store.copy_blocking(&last_key, &best_key)?;
+        self.put_metadata(&best_key, &meta)?;
+        Ok((last, Some(Saved { uri: self.store.uri(&best_key), sha256, bytes, epoch: m.epoch })))
+    }
+
+    fn put_metadata(&self, weights_key: &str, meta: &Metadata) -> Result<(), CheckpointError> {
+        let key = json_key(weights_key);
+        let text = serde_json::to_vec_pretty(meta).map_err(|e| CheckpointError::Metadata {
+            path: PathBuf::from(self.store.uri(&key)),
+            message: e.to_string(),
+        })?;
+        Ok(self.store.put_bytes_blocking(&key, text)?)
     }
 }
 
-fn write_metadata(weights: &Path, meta: &Metadata) -> Result<(), CheckpointError> {
-    let path = metadata_path(weights);
-    let text = serde_json::to_string_pretty(meta)
-        .map_err(|e| CheckpointError::Metadata { path: path.clone(), message: e.to_string() })?;
-    write_atomically(&path, |tmp| {
-        let mut f = std::fs::File::create(tmp).map_err(io(tmp))?;
-        f.write_all(text.as_bytes()).map_err(io(tmp))
-    })
+/// The key of the JSON beside an object: `x.safetensors` → `x.json`.
+pub fn json_key(weights_key: &str) -> String {
+    format!("{}.json", weights_key.strip_suffix(".safetensors").unwrap_or(weights_key))
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -249,7 +257,11 @@ mod tests {
 
     #[test]
     fn last_after_every_epoch_best_only_when_better() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("artifacts");
+        let store =
+            ArtifactStore::open(root.to_str().unwrap(), &dir.path().join("scratch"), rt.handle().clone()).unwrap();
         let model = Model::build_seeded(Backbone::Resnet18, 3, tch::Device::Cpu, 1).unwrap();
         let classes = vec!["a".to_string(), "b".into(), "c".into()];
         let id = Identity {
@@ -261,28 +273,35 @@ mod tests {
             image_size: 32,
             spec_yaml: "name: x\n".into(),
         };
-        let mut c = TrialCheckpoints::new(dir.path(), id).unwrap();
+        let mut c = TrialCheckpoints::new(&store, id).unwrap();
+        let scratch = c.scratch().to_path_buf();
+        assert!(scratch.is_dir());
         let (last, best) = c.after_epoch(&model, &metrics(1, 0.5)).unwrap();
-        assert_eq!(last.path, dir.path().join("s-1/t000/last.safetensors"));
+        let root = root.canonicalize().unwrap();
+        assert_eq!(PathBuf::from(&last.uri), root.join("s-1/t000/last.safetensors"));
         let best = best.expect("the first epoch is the best so far");
         assert_eq!((best.epoch, best.sha256.as_str()), (1, last.sha256.as_str()));
         let (_, best2) = c.after_epoch(&model, &metrics(2, 0.4)).unwrap();
         assert!(best2.is_none());
         let (last3, best3) = c.after_epoch(&model, &metrics(3, 0.6)).unwrap();
-        assert_eq!(best3.unwrap().epoch, 3);
+        let best3 = best3.unwrap();
+        assert_eq!(best3.epoch, 3);
 
-        let meta = read_metadata(&last3.path).unwrap().unwrap();
+        let last3_path = PathBuf::from(&last3.uri);
+        let meta = read_metadata(&last3_path).unwrap().unwrap();
         assert_eq!((meta.id.trial.as_str(), meta.epoch, meta.id.attempt), ("t000", 3, 7));
         assert_eq!(meta.id.classes, classes);
-        assert_eq!(meta.sha256, sha256_file(&last3.path).unwrap().0);
+        assert_eq!(meta.sha256, sha256_file(&last3_path).unwrap().0);
+        assert_eq!(meta.sha256, sha256_file(Path::new(&best3.uri)).unwrap().0);
         assert_eq!(meta.id.spec_yaml, "name: x\n");
         // The weights load back into the same architecture, head included.
         let other = Model::build_seeded(Backbone::Resnet18, 3, tch::Device::Cpu, 2).unwrap();
-        other.load_state(&last3.path, true).unwrap();
-        // No temporary files are left behind.
-        let names: Vec<_> =
-            std::fs::read_dir(dir.path().join("s-1/t000")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        other.load_state(&last3_path, true).unwrap();
+        // No temporary files are left behind, and the scratch folder goes with the attempt.
+        let names: Vec<_> = std::fs::read_dir(root.join("s-1/t000")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 4, "{names:?}");
+        drop(c);
+        assert!(!scratch.exists());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use sweep_proto::v1::worker_service_client::WorkerServiceClient;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::artifacts::ArtifactStore;
 use crate::checkpoint::{self, TrialCheckpoints};
 use crate::data;
 use crate::pretrain;
@@ -36,8 +37,8 @@ pub struct DaemonOptions {
     /// Devices announced to the coordinator.
     pub devices: Vec<v1::Device>,
     pub weights_dir: Option<PathBuf>,
-    /// Where checkpoints are written: `<artifacts>/<sweep>/<trial>/{best,last}.safetensors`.
-    pub artifacts: PathBuf,
+    /// Where checkpoints and resume points are written: `<sweep>/<trial>/…` in this store.
+    pub artifacts: ArtifactStore,
     /// Where pretrained weights are cached (shared by the workers of a machine or a volume).
     pub cache_dir: PathBuf,
     /// How long one `AcquireTrial` long poll may wait.
@@ -490,15 +491,16 @@ async fn run_attempt(
 }
 
 /// Trains the trial of an assignment: after every epoch, writes the checkpoints (`last`, and
-/// `best` when the validation accuracy improved) and hands `report` the epoch's report, which
-/// says whether to go on. Returns when the trial is done, stopped, or failed.
+/// `best` when the validation accuracy improved) and the resume point to `artifacts`, and
+/// hands `report` the epoch's report, which says whether to go on. Returns when the trial is
+/// done, stopped, or failed.
 ///
 /// A spec with `pretrain` first gets the backbone's pretrained weights from `cache_dir`
 /// (pretraining them there if no worker has yet) and starts the trial from them.
 pub fn train_attempt(
     a: &v1::Assignment,
     options: &TrainOptions,
-    artifacts: &Path,
+    artifacts: &ArtifactStore,
     cache_dir: &Path,
     report: &mut dyn FnMut(v1::ReportEpochRequest) -> Control,
 ) -> Result<(), TrainError> {
@@ -507,8 +509,21 @@ pub fn train_attempt(
         let weights = pretrain::ensure(&spec, trial.backbone, cache_dir, options)?;
         spec.model.weights = sweep_core::spec::Weights::File(weights.display().to_string());
     }
-    let trial_dir = artifacts.join(&a.sweep_id).join(&a.trial_id);
-    let (resumed, mut note) = resume_point(a, &trial_dir);
+    // Already decoded by the trainer below (the process cache); needed for the checkpoints'
+    // class names, and its scratch folder for the resume point's download.
+    let dataset = data::load(&spec.dataset)?;
+    let identity = checkpoint::Identity {
+        sweep: a.sweep_id.clone(),
+        trial: a.trial_id.clone(),
+        attempt: a.attempt_id,
+        backbone: trial.backbone.name().into(),
+        classes: dataset.classes.clone(),
+        image_size: dataset.image_size,
+        spec_yaml: a.spec_yaml.clone(),
+    };
+    let mut checkpoints =
+        TrialCheckpoints::new(artifacts, identity).map_err(|e| TrainError::Retryable(e.to_string()))?;
+    let (resumed, mut note) = resume_point(a, artifacts, checkpoints.prefix(), checkpoints.scratch());
     let (mut trainer, resumed) = match resumed {
         Some((state, meta)) => {
             let epoch = state.epochs_done;
@@ -531,19 +546,6 @@ pub fn train_attempt(
     if !note.is_empty() {
         tracing::warn!(trial = %a.trial_id, %note, "resume");
     }
-    // Already decoded by the trainer: this is the process cache.
-    let dataset = data::load(&spec.dataset)?;
-    let identity = checkpoint::Identity {
-        sweep: a.sweep_id.clone(),
-        trial: a.trial_id.clone(),
-        attempt: a.attempt_id,
-        backbone: trial.backbone.name().into(),
-        classes: dataset.classes.clone(),
-        image_size: dataset.image_size,
-        spec_yaml: a.spec_yaml.clone(),
-    };
-    let mut checkpoints =
-        TrialCheckpoints::new(artifacts, identity).map_err(|e| TrainError::Retryable(e.to_string()))?;
     let mut best = resumed.as_ref().and_then(|m| m.best_val_accuracy.zip(m.best_epoch));
     if let Some((accuracy, _)) = best {
         checkpoints.set_best(accuracy);
@@ -561,7 +563,9 @@ pub fn train_attempt(
         let state = trainer
             .training_state()?
             .save(
-                &trial_dir,
+                artifacts,
+                checkpoints.prefix(),
+                checkpoints.scratch(),
                 StateMetadata {
                     format: String::new(),
                     sweep: a.sweep_id.clone(),
@@ -576,12 +580,8 @@ pub fn train_attempt(
                 },
             )
             .map_err(|e| TrainError::Retryable(e.to_string()))?;
-        let reference = |s: checkpoint::Saved| v1::CheckpointRef {
-            uri: s.path.display().to_string(),
-            sha256: s.sha256,
-            bytes: s.bytes,
-            epoch: s.epoch,
-        };
+        let reference =
+            |s: checkpoint::Saved| v1::CheckpointRef { uri: s.uri, sha256: s.sha256, bytes: s.bytes, epoch: s.epoch };
         let request = v1::ReportEpochRequest {
             attempt_id: a.attempt_id,
             metrics: Some(v1::EpochMetrics::from(&metrics)),
@@ -590,7 +590,7 @@ pub fn train_attempt(
             best_checkpoint: new_best.map(reference),
             skipped_images: dataset.skipped.len() as u32,
             resume_checkpoint: Some(v1::CheckpointRef {
-                uri: state.path.display().to_string(),
+                uri: state.uri,
                 sha256: state.meta.sha256,
                 bytes: state.meta.bytes,
                 epoch: state.meta.epoch,
@@ -611,19 +611,29 @@ fn join_note(note: String, more: String) -> String {
 }
 
 /// The resume point to continue `a` from: the coordinator's newest one when it verifies, else
-/// the newest older one in the trial's directory that verifies (never a newer one: its metrics
-/// were not acknowledged), else none. The note says what was wrong with those passed over.
-fn resume_point(a: &v1::Assignment, trial_dir: &Path) -> (Option<(TrainingState, StateMetadata)>, String) {
+/// the newest older one in the trial's folder `prefix` of the store that verifies (never a
+/// newer one: its metrics were not acknowledged), else none. The note says what was wrong
+/// with those passed over.
+fn resume_point(
+    a: &v1::Assignment,
+    store: &ArtifactStore,
+    prefix: &str,
+    scratch: &Path,
+) -> (Option<(TrainingState, StateMetadata)>, String) {
     let Some(r) = a.resume.as_ref().filter(|r| r.epoch > 0 && !r.uri.is_empty()) else {
         return (None, String::new());
     };
     let mut note = String::new();
-    match TrainingState::load(Path::new(&r.uri), Some(&r.sha256)) {
+    let found = store
+        .key_of(&r.uri)
+        .map_err(|e| e.to_string())
+        .and_then(|key| TrainingState::fetch(store, &key, scratch, Some(&r.sha256)).map_err(|e| e.to_string()));
+    match found {
         Ok(found) => return (Some(found), note),
         Err(e) => note = format!("resume point of epoch {} unusable: {e}", r.epoch),
     }
-    for (epoch, path) in resume::list(trial_dir).into_iter().filter(|(e, _)| *e < r.epoch) {
-        match TrainingState::load(&path, None) {
+    for (epoch, key) in resume::list(store, prefix).into_iter().filter(|(e, _)| *e < r.epoch) {
+        match TrainingState::fetch(store, &key, scratch, None) {
             Ok(found) => {
                 note = format!("{note}; resumed from the older point of epoch {epoch}");
                 return (Some(found), note);
@@ -659,10 +669,11 @@ fn resolve(a: &v1::Assignment) -> Result<(spec::SweepSpec, sweep_core::Trial), S
 pub fn describe(options: &DaemonOptions) -> String {
     let devices: Vec<&str> = options.devices.iter().map(|d| d.id.as_str()).collect();
     format!(
-        "worker `{}` for {}: trains on {:?}, announces {}",
+        "worker `{}` for {}: trains on {:?}, announces {}, artifacts in {}",
         options.name,
         options.coordinator,
         options.device,
-        devices.join(",")
+        devices.join(","),
+        options.artifacts.location()
     )
 }

@@ -6,12 +6,14 @@
 //! trial loop — feature extraction, then fine-tuning with per-layer learning rates — that
 //! reports metrics after every epoch ([`train`]), on one device or data-parallel over several
 //! ([`dist`]: all-reduce over threads or NCCL; [`devices`]: device lists and the CUDA
-//! inventory). All randomness comes from seeded streams ([`rng`]), so a trial is reproducible
+//! inventory), checkpoints and resume points in an artifact store ([`artifacts`]: a local
+//! directory or S3 through `object_store`). All randomness comes from seeded streams ([`rng`]), so a trial is reproducible
 //! bit for bit on CPU.
 //!
 //! This is the only crate of the workspace that links libtorch.
 
 pub mod adam;
+pub mod artifacts;
 pub mod augment;
 pub mod checkpoint;
 pub mod daemon;

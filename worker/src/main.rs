@@ -8,6 +8,7 @@ use anyhow::bail;
 use clap::{Parser, Subcommand, ValueEnum};
 use sweep_core::Backbone;
 use sweep_core::lr::LrDecay;
+use sweep_worker::artifacts::ArtifactStore;
 use sweep_worker::daemon::{self, DaemonOptions};
 use sweep_worker::{devices, dist, tools, train};
 
@@ -43,10 +44,14 @@ struct Args {
     /// Directory of ImageNet weights, `<backbone>.safetensors`.
     #[arg(long, env = train::WEIGHTS_DIR_ENV)]
     weights_dir: Option<PathBuf>,
-    /// Where checkpoints are written (`<dir>/<sweep>/<trial>/{best,last}.safetensors`).
-    #[arg(long, env = "SWEEP_ARTIFACTS_DIR", default_value = ".sweep/artifacts")]
-    artifacts: PathBuf,
-    /// Where pretrained weights are cached (share it between the workers of a machine).
+    /// The artifact store for checkpoints and resume points (`<sweep>/<trial>/…`): a
+    /// directory, or `s3://bucket/prefix` on an S3-compatible store configured by the usual
+    /// AWS_* variables (AWS_ENDPOINT for MinIO and others). Every worker of a sweep must use
+    /// the same one.
+    #[arg(long, env = "SWEEP_ARTIFACTS", default_value = ".sweep/artifacts", value_name = "DIR|URL")]
+    artifacts: String,
+    /// Where pretrained weights are cached (share it between the workers of a machine); local
+    /// copies of artifacts pass through `<dir>/scratch`.
     #[arg(long, env = "SWEEP_CACHE_DIR", default_value = ".sweep/cache")]
     cache_dir: PathBuf,
     /// Longest wait of one request for work, in seconds.
@@ -141,9 +146,10 @@ enum Tool {
         #[arg(long)]
         backbone: String,
         /// A `.safetensors` state dict, e.g. a trial's best.safetensors (its .json metadata
-        /// supplies class names and image size).
-        #[arg(long)]
-        weights: PathBuf,
+        /// supplies class names and image size): a path, or `s3://bucket/key` as `sweep trial`
+        /// shows it.
+        #[arg(long, value_name = "PATH|URL")]
+        weights: String,
         /// Outputs of the head [default: from the metadata or the weights].
         #[arg(long)]
         num_classes: Option<i64>,
@@ -285,6 +291,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Tool::Predict { backbone: b, weights, num_classes, image_size, top, output, images }) => {
+            let download = tempfile::tempdir()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+            let weights = sweep_worker::artifacts::fetch_url(&weights, download.path(), rt.handle())?;
             let predictor = tools::Predictor::load(&tools::PredictOptions {
                 backbone: backbone(&b)?,
                 weights,
@@ -337,19 +346,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let cache_dir = std::path::absolute(&args.cache_dir)?;
+    let artifacts = ArtifactStore::open(&args.artifacts, &cache_dir.join("scratch"), runtime.handle().clone())?;
+    // A store that does not answer stops start-up, not every trial later.
+    runtime.block_on(artifacts.check())?;
+    artifacts.clean_stale_scratch();
     let options = DaemonOptions {
         coordinator: args.coordinator,
         name: args.name.unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id())),
         device,
         devices,
         weights_dir: args.weights_dir,
-        // Checkpoint paths go to the coordinator and are read by other processes.
-        artifacts: std::path::absolute(&args.artifacts)?,
-        cache_dir: std::path::absolute(&args.cache_dir)?,
+        artifacts,
+        cache_dir,
         poll_wait: Duration::from_secs(args.poll_wait.clamp(1, 30)),
     };
     tracing::info!("{}", daemon::describe(&options));
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let shutdown = async move {

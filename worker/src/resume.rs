@@ -14,22 +14,25 @@
 //!
 //! Beside it a JSON file (same stem, `.json`) records the format, the epoch, the file's SHA-256
 //! and size, and the best validation accuracy so far (for the `best` checkpoint), so that a
-//! truncated or altered file is detected before it is trusted. Files are written under a
-//! temporary name, synced and renamed; a trial directory keeps the two newest resume points
-//! (`state-e<epoch>.safetensors`), so a corrupt newest one still leaves the previous epoch.
+//! truncated or altered file is detected before it is trusted. Both go to the trial's folder of
+//! the artifact store ([`crate::artifacts`]: written locally, uploaded, visible only whole);
+//! the folder keeps the two newest resume points (`state-e<epoch>.safetensors`), so a corrupt
+//! newest one still leaves the previous epoch. A resume point is read by downloading it to a
+//! local scratch folder and checking it there.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{CheckpointError, sha256_file, write_atomically};
+use crate::artifacts::ArtifactStore;
+use crate::checkpoint::{CheckpointError, json_key, now_ms, sha256_file};
 
 /// Format tag of the JSON file beside a resume point.
 pub const STATE_FORMAT: &str = "sweep-state/1";
 
-/// How many resume points a trial directory keeps.
+/// How many resume points a trial folder keeps.
 pub const KEEP: usize = 2;
 
 /// The optimizer state of one parameter.
@@ -72,10 +75,11 @@ pub struct StateMetadata {
     pub created_at_ms: i64,
 }
 
-/// A resume point on disk.
+/// A resume point in the artifact store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SavedState {
-    pub path: PathBuf,
+    /// Its reference ([`ArtifactStore::uri`]).
+    pub uri: String,
     pub meta: StateMetadata,
 }
 
@@ -93,11 +97,18 @@ fn scalar(v: i64) -> Tensor {
 }
 
 impl TrainingState {
-    /// Writes the state as `<dir>/state-e<epoch>.safetensors` with its JSON, then removes all but
-    /// the [`KEEP`] newest resume points of `dir`.
-    pub fn save(&self, dir: &Path, mut meta: StateMetadata) -> Result<SavedState, CheckpointError> {
-        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })?;
-        let path = dir.join(file_name(self.epochs_done));
+    /// Writes the state as `<prefix>/state-e<epoch>.safetensors` with its JSON in `store`
+    /// (through a local file in `scratch`), then removes all but the [`KEEP`] newest resume
+    /// points of `prefix`.
+    pub fn save(
+        &self,
+        store: &ArtifactStore,
+        prefix: &str,
+        scratch: &Path,
+        mut meta: StateMetadata,
+    ) -> Result<SavedState, CheckpointError> {
+        let name = file_name(self.epochs_done);
+        let local = scratch.join(&name);
         let mut named: Vec<(String, Tensor)> = Vec::with_capacity(self.model.len() + 3 * self.optimizer.len() + 1);
         for (n, t) in &self.model {
             named.push((format!("model/{n}"), t.shallow_clone()));
@@ -111,25 +122,51 @@ impl TrainingState {
             named.push((format!("adam/{n}/step"), scalar(e.step as i64)));
         }
         named.push(("trainer/epochs_done".into(), scalar(self.epochs_done as i64)));
-        write_atomically(&path, |tmp| Tensor::write_safetensors(&named, tmp).map_err(torch_err(tmp)))?;
-        let (sha256, bytes) = sha256_file(&path)?;
+        Tensor::write_safetensors(&named, &local).map_err(torch_err(&local))?;
+        let (sha256, bytes) = sha256_file(&local)?;
+        let key = format!("{prefix}/{name}");
+        let uploaded = store.put_file_blocking(&key, &local);
+        let _ = std::fs::remove_file(&local);
+        uploaded?;
         meta.format = STATE_FORMAT.into();
         meta.epoch = self.epochs_done;
         meta.sha256 = sha256;
         meta.bytes = bytes;
-        meta.created_at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let json_path = path.with_extension("json");
-        let text = serde_json::to_string_pretty(&meta)
-            .map_err(|e| CheckpointError::Metadata { path: json_path.clone(), message: e.to_string() })?;
-        write_atomically(&json_path, |tmp| {
-            std::fs::write(tmp, text.as_bytes())
-                .map_err(|source| CheckpointError::Io { path: tmp.to_path_buf(), source })
-        })?;
-        prune(dir);
-        Ok(SavedState { path, meta })
+        meta.created_at_ms = now_ms();
+        let json = json_key(&key);
+        let text = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| CheckpointError::Metadata { path: store.uri(&json).into(), message: e.to_string() })?;
+        store.put_bytes_blocking(&json, text)?;
+        prune(store, prefix);
+        Ok(SavedState { uri: store.uri(&key), meta })
+    }
+
+    /// Downloads the resume point `key` of `store` (and its JSON) into `scratch` and reads it
+    /// as [`TrainingState::load`] does; the local copies are removed.
+    pub fn fetch(
+        store: &ArtifactStore,
+        key: &str,
+        scratch: &Path,
+        expected_sha256: Option<&str>,
+    ) -> Result<(TrainingState, StateMetadata), CheckpointError> {
+        let name = key.rsplit('/').next().unwrap_or(key);
+        let local = scratch.join(name);
+        let json = local.with_extension("json");
+        let result = (|| {
+            store.get_file_blocking(&json_key(key), &json)?;
+            store.get_file_blocking(key, &local)?;
+            TrainingState::load(&local, expected_sha256)
+        })();
+        let _ = std::fs::remove_file(&local);
+        let _ = std::fs::remove_file(&json);
+        // Errors name the object, not the local copy.
+        result.map_err(|e| match e {
+            CheckpointError::Metadata { message, .. } => {
+                CheckpointError::Metadata { path: store.uri(key).into(), message }
+            }
+            CheckpointError::Torch { message, .. } => CheckpointError::Torch { path: store.uri(key).into(), message },
+            e => e,
+        })
     }
 
     /// Reads a resume point after checking it against `expected_sha256` (when given) and against
@@ -216,26 +253,32 @@ pub fn read_state_metadata(path: &Path) -> Result<StateMetadata, CheckpointError
     Ok(meta)
 }
 
-/// The resume points of a trial directory, newest epoch first.
-pub fn list(dir: &Path) -> Vec<(u32, PathBuf)> {
-    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
+/// The resume points in the trial folder `prefix` of `store`, newest epoch first, by key (a
+/// folder the store cannot list has none).
+pub fn list(store: &ArtifactStore, prefix: &str) -> Vec<(u32, String)> {
+    let listed = store.list_blocking(prefix).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot list resume points");
+        Vec::new()
+    });
+    let mut found: Vec<(u32, String)> = listed
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
+        .filter_map(|l| {
+            let name = l.key.rsplit('/').next()?;
             let epoch = name.strip_prefix("state-e")?.strip_suffix(".safetensors")?.parse().ok()?;
-            Some((epoch, e.path()))
+            Some((epoch, l.key))
         })
         .collect();
     found.sort_by_key(|(epoch, _)| std::cmp::Reverse(*epoch));
     found
 }
 
-fn prune(dir: &Path) {
-    for (_, path) in list(dir).into_iter().skip(KEEP) {
-        let _ = std::fs::remove_file(path.with_extension("json"));
-        let _ = std::fs::remove_file(&path);
+fn prune(store: &ArtifactStore, prefix: &str) {
+    for (_, key) in list(store, prefix).into_iter().skip(KEEP) {
+        for k in [json_key(&key), key] {
+            if let Err(e) = store.delete_blocking(&k) {
+                tracing::warn!(error = %e, "cannot remove an old resume point");
+            }
+        }
     }
 }
 
@@ -278,16 +321,31 @@ mod tests {
         }
     }
 
+    fn store(dir: &Path, rt: &tokio::runtime::Runtime) -> ArtifactStore {
+        ArtifactStore::open(dir.join("store").to_str().unwrap(), &dir.join("scratch"), rt.handle().clone()).unwrap()
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+    }
+
     #[test]
     fn a_state_round_trips_and_only_the_newest_two_are_kept() {
+        let rt = runtime();
         let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), &rt);
+        let scratch = tempfile::tempdir().unwrap();
         for e in 1..=3 {
-            state(e).save(dir.path(), meta()).unwrap();
+            let saved = state(e).save(&store, "s/t000", scratch.path(), meta()).unwrap();
+            assert_eq!(saved.uri, store.uri(&format!("s/t000/{}", file_name(e))));
         }
-        let kept: Vec<u32> = list(dir.path()).into_iter().map(|(e, _)| e).collect();
+        let kept: Vec<u32> = list(&store, "s/t000").into_iter().map(|(e, _)| e).collect();
         assert_eq!(kept, [3, 2]);
-        let saved = dir.path().join(file_name(3));
-        let (s, m) = TrainingState::load(&saved, None).unwrap();
+        // Only the resume points and their JSON are in the store; nothing stays in scratch.
+        assert_eq!(store.list_blocking("s/t000").unwrap().len(), 4);
+        assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+        let key = format!("s/t000/{}", file_name(3));
+        let (s, m) = TrainingState::fetch(&store, &key, scratch.path(), None).unwrap();
         assert_eq!((s.epochs_done, m.epoch, m.best_epoch), (3, 3, Some(1)));
         assert_eq!(s.model.len(), 2);
         // (The file does not keep the order of the tensors: look them up by name.)
@@ -298,26 +356,36 @@ mod tests {
         let o = &s.optimizer["fc.weight"];
         assert_eq!(o.step, 7);
         assert!(o.exp_avg_sq.equal(&Tensor::from_slice(&[2f32, 3.])));
-        TrainingState::load(&saved, Some(&m.sha256)).unwrap();
+        TrainingState::fetch(&store, &key, scratch.path(), Some(&m.sha256)).unwrap();
+        assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
     }
 
     #[test]
-    fn truncated_altered_or_unexpected_files_are_refused_with_the_reason() {
+    fn truncated_altered_missing_or_unexpected_points_are_refused_with_the_reason() {
+        let rt = runtime();
         let dir = tempfile::tempdir().unwrap();
-        let saved = state(2).save(dir.path(), meta()).unwrap();
-        let err = |p: &Path, sha: Option<&str>| TrainingState::load(p, sha).unwrap_err().to_string();
-        let e = err(&saved.path, Some("00ff"));
+        let store = store(dir.path(), &rt);
+        let scratch = tempfile::tempdir().unwrap();
+        let saved = state(2).save(&store, "s/t000", scratch.path(), meta()).unwrap();
+        let key = store.key_of(&saved.uri).unwrap();
+        let err = |sha: Option<&str>| TrainingState::fetch(&store, &key, scratch.path(), sha).unwrap_err().to_string();
+        let e = err(Some("00ff"));
         assert!(e.contains("not the 00ff the coordinator recorded"), "{e}");
-        let bytes = std::fs::read(&saved.path).unwrap();
-        std::fs::write(&saved.path, &bytes[..bytes.len() / 2]).unwrap();
-        let e = err(&saved.path, None);
+        // The error names the object in the store, not the local copy.
+        assert!(e.contains(&saved.uri), "{e}");
+        let path = Path::new(&saved.uri);
+        let bytes = std::fs::read(path).unwrap();
+        std::fs::write(path, &bytes[..bytes.len() / 2]).unwrap();
+        let e = err(None);
         assert!(e.contains("truncated or replaced") && e.contains("state-e0002"), "{e}");
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x55;
-        std::fs::write(&saved.path, &flipped).unwrap();
-        assert!(err(&saved.path, None).contains("does not match the recorded"));
-        std::fs::remove_file(saved.path.with_extension("json")).unwrap();
-        assert!(err(&saved.path, None).contains("state-e0002.json"));
+        std::fs::write(path, &flipped).unwrap();
+        assert!(err(None).contains("does not match the recorded"));
+        std::fs::remove_file(path.with_extension("json")).unwrap();
+        let e = err(None);
+        assert!(e.contains("state-e0002.json") && e.contains("not found"), "{e}");
+        assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
     }
 }

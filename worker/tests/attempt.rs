@@ -26,10 +26,16 @@ fn every_epoch_is_reported_with_its_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let a = assignment(SPEC);
     let mut reports = Vec::new();
-    train_attempt(&a, &TrainOptions::new(tch::Device::Cpu), dir.path(), &dir.path().join("cache"), &mut |r| {
-        reports.push(r);
-        Control::Continue
-    })
+    train_attempt(
+        &a,
+        &TrainOptions::new(tch::Device::Cpu),
+        &common::local_store(dir.path()),
+        &dir.path().join("cache"),
+        &mut |r| {
+            reports.push(r);
+            Control::Continue
+        },
+    )
     .unwrap();
     assert_eq!(reports.len(), 3);
     let mut best_val = f64::MIN;
@@ -59,7 +65,7 @@ fn a_stop_from_the_coordinator_cancels_after_the_current_epoch() {
     let e = train_attempt(
         &assignment(SPEC),
         &TrainOptions::new(tch::Device::Cpu),
-        dir.path(),
+        &common::local_store(dir.path()),
         &dir.path().join("cache"),
         &mut |_| {
             n += 1;
@@ -75,16 +81,24 @@ fn an_assignment_that_disagrees_with_its_spec_is_a_permanent_error() {
     let dir = tempfile::tempdir().unwrap();
     let mut a = assignment(SPEC);
     a.backbone = "resnet50".into();
-    let e = train_attempt(&a, &TrainOptions::new(tch::Device::Cpu), dir.path(), &dir.path().join("cache"), &mut |_| {
-        Control::Continue
-    })
+    let e = train_attempt(
+        &a,
+        &TrainOptions::new(tch::Device::Cpu),
+        &common::local_store(dir.path()),
+        &dir.path().join("cache"),
+        &mut |_| Control::Continue,
+    )
     .unwrap_err();
     assert!(e.is_permanent() && e.to_string().contains("does not match"), "{e}");
     let mut a = assignment(SPEC);
     a.spec_yaml = "name: [".into();
-    let e = train_attempt(&a, &TrainOptions::new(tch::Device::Cpu), dir.path(), &dir.path().join("cache"), &mut |_| {
-        Control::Continue
-    })
+    let e = train_attempt(
+        &a,
+        &TrainOptions::new(tch::Device::Cpu),
+        &common::local_store(dir.path()),
+        &dir.path().join("cache"),
+        &mut |_| Control::Continue,
+    )
     .unwrap_err();
     assert!(e.is_permanent() && e.to_string().contains("does not parse"), "{e}");
 }

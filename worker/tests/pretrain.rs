@@ -124,7 +124,7 @@ fn trials_start_from_the_pretrained_backbone() {
     let cache = dir.path().join("cache");
     // `last` is rewritten every epoch: keep a copy of the one after feature extraction.
     let after_fe = dir.path().join("after-fe.safetensors");
-    train_attempt(&a, &cpu(), &dir.path().join("artifacts"), &cache, &mut |r| {
+    train_attempt(&a, &cpu(), &common::local_store(&dir.path().join("artifacts")), &cache, &mut |r| {
         if r.metrics.unwrap().epoch == 1 {
             std::fs::copy(r.last_checkpoint.unwrap().uri, &after_fe).unwrap();
         }

@@ -77,9 +77,11 @@ fn check_every_stop_point(devices: Vec<Device>) {
         for _ in 0..stop {
             first.run_epoch().unwrap();
         }
-        let saved = first.training_state().unwrap().save(dir.path(), meta(stop)).unwrap();
+        let store = common::local_store(dir.path());
+        let saved = first.training_state().unwrap().save(&store, "s/t000", dir.path(), meta(stop)).unwrap();
         drop(first);
-        let (state, m) = TrainingState::load(&saved.path, Some(&saved.meta.sha256)).unwrap();
+        let key = store.key_of(&saved.uri).unwrap();
+        let (state, m) = TrainingState::fetch(&store, &key, dir.path(), Some(&saved.meta.sha256)).unwrap();
         assert_eq!((state.epochs_done, m.epoch), (stop, stop));
         let resumed_opts = TrainOptions { resume: Some(Arc::new(Mutex::new(state))), ..opts.clone() };
         let mut second = Trainer::new(&s, &t, &resumed_opts).unwrap();
@@ -107,7 +109,8 @@ fn data_parallel_resume_is_bit_identical_too() {
 
 fn run(a: &v1::Assignment, artifacts: &std::path::Path) -> Vec<v1::ReportEpochRequest> {
     let mut reports = Vec::new();
-    train_attempt(a, &TrainOptions::new(Device::Cpu), artifacts, &artifacts.join("cache"), &mut |r| {
+    let store = common::local_store(artifacts);
+    train_attempt(a, &TrainOptions::new(Device::Cpu), &store, &artifacts.join("cache"), &mut |r| {
         reports.push(r);
         Control::Continue
     })
@@ -125,7 +128,8 @@ fn an_attempt_continues_from_its_resume_point_or_the_previous_good_one() {
     let points: Vec<v1::CheckpointRef> = reports.iter().map(|r| r.resume_checkpoint.clone().unwrap()).collect();
     assert_eq!(points.iter().map(|p| p.epoch).collect::<Vec<_>>(), [1, 2, 3, 4]);
     // Only the two newest stay on disk.
-    let kept: Vec<u32> = resume::list(&dir.path().join("resume-0001/t000")).into_iter().map(|(e, _)| e).collect();
+    let store = common::local_store(dir.path());
+    let kept: Vec<u32> = resume::list(&store, "resume-0001/t000").into_iter().map(|(e, _)| e).collect();
     assert_eq!(kept, [4, 3]);
     let val = |r: &[v1::ReportEpochRequest]| -> Vec<f64> {
         r.iter().map(|x| x.metrics.as_ref().unwrap().val_accuracy).collect()
@@ -158,7 +162,8 @@ fn an_attempt_continues_from_its_resume_point_or_the_previous_good_one() {
     assert_eq!(val(&fallback), val(&reports[3..]));
 
     // Every point altered: from the start, said so, and all four epochs reported again.
-    for (_, path) in resume::list(&dir.path().join("resume-0001/t000")) {
+    for (_, key) in resume::list(&store, "resume-0001/t000") {
+        let path = store.uri(&key);
         let mut b = std::fs::read(&path).unwrap();
         let last = b.len() - 1;
         b[last] ^= 0xff;

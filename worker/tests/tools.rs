@@ -1,5 +1,7 @@
 //! `sweep-worker inspect` and `sweep-worker predict`.
 
+mod common;
+
 use sweep_core::Backbone;
 use sweep_core::lr::LrDecay;
 use sweep_worker::checkpoint::{Identity, TrialCheckpoints};
@@ -93,13 +95,15 @@ fn predict_uses_the_checkpoint_metadata_and_the_validation_transforms() {
         val_accuracy: 0.5,
         seconds: 1.0,
     };
-    let (last, _) = TrialCheckpoints::new(dir.path(), id).unwrap().after_epoch(&model, &metrics).unwrap();
+    let store = common::local_store(dir.path());
+    let (last, _) = TrialCheckpoints::new(&store, id).unwrap().after_epoch(&model, &metrics).unwrap();
+    let last_path = std::path::PathBuf::from(&last.uri);
     let a = png(dir.path(), "a.png", [200, 30, 30]);
     let b = png(dir.path(), "b.png", [20, 30, 220]);
 
     let options = PredictOptions {
         backbone: Backbone::Resnet18,
-        weights: last.path.clone(),
+        weights: last_path.clone(),
         num_classes: None,
         image_size: None,
         top: 3,
@@ -127,7 +131,7 @@ fn predict_uses_the_checkpoint_metadata_and_the_validation_transforms() {
     }
 
     // Without metadata: the class count comes from the head's shape, names are indices.
-    std::fs::remove_file(last.path.with_extension("json")).unwrap();
+    std::fs::remove_file(last_path.with_extension("json")).unwrap();
     let p = Predictor::load(&PredictOptions { top: 2, ..options.clone() }).unwrap();
     assert_eq!(p.image_size(), 224);
     let got = p.predict(&a).unwrap();

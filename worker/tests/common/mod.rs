@@ -24,3 +24,29 @@ pub fn assignment(spec_yaml: &str, sweep_id: &str, attempt_id: u64) -> v1::Assig
         resume: None,
     }
 }
+
+/// A local artifact store rooted at a directory, with the runtime its calls run on.
+pub struct TestStore {
+    pub store: sweep_worker::artifacts::ArtifactStore,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl std::ops::Deref for TestStore {
+    type Target = sweep_worker::artifacts::ArtifactStore;
+    fn deref(&self) -> &Self::Target {
+        &self.store
+    }
+}
+
+/// The artifact store a worker started with `--artifacts DIR` would use (scratch copies under
+/// `DIR/.scratch`).
+pub fn local_store(dir: &std::path::Path) -> TestStore {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let store = sweep_worker::artifacts::ArtifactStore::open(
+        dir.to_str().expect("utf-8 path"),
+        &dir.join(".scratch"),
+        rt.handle().clone(),
+    )
+    .expect("local artifact store");
+    TestStore { store, _rt: rt }
+}
