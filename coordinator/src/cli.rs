@@ -10,8 +10,8 @@ use sweep_proto::v1;
 use sweep_proto::v1::sweep_service_client::SweepServiceClient;
 use tonic::transport::Channel;
 
-use crate::output::{self, Format};
-use crate::server;
+use crate::output::{self, Format, TableFormat};
+use crate::{server, watch};
 
 /// Where the CLI looks for a coordinator unless told otherwise.
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
@@ -120,8 +120,8 @@ impl Client {
         Ok(r.into_inner())
     }
 
-    /// `sweep submit`: validates locally first (same parser), then submits.
-    pub async fn submit(&mut self, path: &Path, format: Format) -> anyhow::Result<()> {
+    /// `sweep submit`: validates locally first (same parser), then submits; returns the id.
+    pub async fn submit(&mut self, path: &Path, format: Format) -> anyhow::Result<String> {
         let (text, _) = load_spec(path, ParseOptions { max_trials: usize::MAX })?;
         let r = self.submit_text(text, path.display().to_string()).await?;
         match format {
@@ -133,7 +133,7 @@ impl Client {
                 println!("{}", r.sweep_id);
             }
         }
-        Ok(())
+        Ok(r.sweep_id)
     }
 
     pub async fn list(&mut self, format: Format) -> anyhow::Result<()> {
@@ -173,18 +173,114 @@ impl Client {
         Ok(r.into_inner())
     }
 
-    pub async fn leaderboard(&mut self, id: &str, format: Format) -> anyhow::Result<()> {
+    pub async fn leaderboard(&mut self, id: &str, by: By, format: TableFormat) -> anyhow::Result<()> {
         let board = self.get_leaderboard(id).await?;
-        print_leaderboard(&board, format)
+        match by {
+            By::Trial => print_leaderboard(&board, format),
+            By::Backbone => {
+                let ranks = output::by_backbone(&board);
+                match format {
+                    TableFormat::Json => println!("{}", serde_json::to_string_pretty(&output::backbone_json(&ranks))?),
+                    TableFormat::Csv => print!("{}", output::backbone_csv(&ranks)),
+                    TableFormat::Table => {
+                        if ranks.is_empty() {
+                            bail!("sweep {} has no trials", board.sweep_id);
+                        }
+                        println!(
+                            "backbones of {} ({}), each by its best trial\n{}",
+                            board.sweep_id,
+                            board.sweep_state,
+                            output::backbone_table(&ranks)
+                        );
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
-    pub async fn trial(&mut self, id: &str, trial: &str, format: Format) -> anyhow::Result<()> {
+    pub async fn get_trial(&mut self, id: &str, trial: &str) -> anyhow::Result<v1::TrialDetail> {
         let r = self
             .inner
             .get_trial(v1::GetTrialRequest { sweep_id: id.to_string(), trial_id: trial.to_string() })
             .await
             .map_err(|s| status_error(&self.url, s))?;
-        let d = r.into_inner();
+        Ok(r.into_inner())
+    }
+
+    /// The sweep and every trial's detail (metrics and attempts), in trial order.
+    pub async fn all_trials(&mut self, id: &str) -> anyhow::Result<(v1::SweepStatus, Vec<v1::TrialDetail>)> {
+        let status = self.get_status(id).await?;
+        let full_id = status.sweep.as_ref().map(|s| s.id.clone()).unwrap_or_else(|| id.to_string());
+        let mut details = Vec::with_capacity(status.trials.len());
+        for t in &status.trials {
+            details.push(self.get_trial(&full_id, &t.trial_id).await?);
+        }
+        Ok((status, details))
+    }
+
+    /// `sweep export`: every per-epoch metric, to stdout or `out`.
+    pub async fn export(&mut self, id: &str, format: ExportFormat, out: Option<&Path>) -> anyhow::Result<()> {
+        let (status, details) = self.all_trials(id).await?;
+        let full_id = status.sweep.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+        let text = match format {
+            ExportFormat::Csv => output::export_csv(&full_id, &details),
+            ExportFormat::Json => {
+                format!("{}\n", serde_json::to_string_pretty(&output::export_json(&status, &details))?)
+            }
+        };
+        match out {
+            None => print!("{text}"),
+            Some(path) => {
+                write_new(path, text.as_bytes())?;
+                let rows: usize = details.iter().map(|d| d.metrics.len()).sum();
+                eprintln!("wrote {} epochs of {} trials to {}", rows, details.len(), path.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// `sweep plot`: the figures of a sweep as PNG files in `dir`.
+    pub async fn plot(&mut self, id: &str, dir: &Path, format: Format) -> anyhow::Result<()> {
+        let (status, details) = self.all_trials(id).await?;
+        let full_id = status.sweep.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+        let board = self.get_leaderboard(&full_id).await?;
+        let trials: Vec<(v1::TrialSummary, Vec<v1::EpochMetrics>)> =
+            details.into_iter().filter_map(|d| Some((d.trial?, d.metrics))).collect();
+        if trials.iter().all(|(_, m)| m.is_empty()) {
+            bail!("sweep {full_id} has no finished epochs yet: nothing to plot");
+        }
+        let dir = dir.to_path_buf();
+        let written = tokio::task::spawn_blocking(move || crate::plot::write_all(&dir, &board, &trials)).await??;
+        match format {
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({"files": written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>()})
+            ),
+            Format::Table => {
+                for p in &written {
+                    println!("{}", p.display());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `sweep watch`: follows the sweep until it ends; exit status 0 when it completed, 1 when
+    /// it failed or was cancelled. JSON: one object per event, a line each.
+    pub async fn watch_sweep(&mut self, id: &str, format: Format) -> anyhow::Result<ExitCode> {
+        let status = self.get_status(id).await?;
+        let full_id = status.sweep.map(|s| s.id).unwrap_or_else(|| id.to_string());
+        let mut view = match format {
+            Format::Json => watch::View::json(),
+            Format::Table => watch::View::new(watch::Stream::Stdout, true),
+        };
+        let summary = watch::follow(self, &full_id, &mut view, |_| Ok(())).await?;
+        Ok(if summary.state == "completed" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    }
+
+    pub async fn trial(&mut self, id: &str, trial: &str, format: Format) -> anyhow::Result<()> {
+        let d = self.get_trial(id, trial).await?;
         match format {
             Format::Json => println!("{}", serde_json::to_string_pretty(&output::trial_detail_json(&d))?),
             Format::Table => println!("{}", output::trial_detail_text(&d)),
@@ -248,10 +344,35 @@ impl Client {
     }
 }
 
-pub fn print_leaderboard(board: &v1::Leaderboard, format: Format) -> anyhow::Result<()> {
+/// `leaderboard --by`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum By {
+    /// One row per trial.
+    Trial,
+    /// One row per backbone: its best trial, and what all its trials cost.
+    Backbone,
+}
+
+/// `export --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Csv,
+    Json,
+}
+
+/// Writes `bytes` to `path` (through a temporary file and a rename, so that an interrupted
+/// write never leaves half a file where a whole one was).
+pub fn write_new(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("part");
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn print_leaderboard(board: &v1::Leaderboard, format: TableFormat) -> anyhow::Result<()> {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&output::leaderboard_json(board))?),
-        Format::Table => {
+        TableFormat::Json => println!("{}", serde_json::to_string_pretty(&output::leaderboard_json(board))?),
+        TableFormat::Csv => print!("{}", output::leaderboard_csv(board)),
+        TableFormat::Table => {
             if board.entries.is_empty() {
                 bail!("sweep {} has no trials", board.sweep_id);
             }

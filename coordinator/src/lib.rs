@@ -3,16 +3,20 @@
 //!
 //! * [`store`]: SQLite store (WAL); every acknowledged write is committed.
 //! * [`server`]: `SweepService` + `WorkerService`, lease reaper, event fan-out.
-//! * [`cli`], [`output`]: client commands and their table / JSON output.
+//! * [`cli`], [`output`]: client commands and their table / JSON / CSV output; [`config`]: the
+//!   config file; [`watch`]: following a sweep live; [`plot`]: the PNG figures.
 //! * [`run`]: `sweep run`, a whole sweep on one machine.
 //! * [`history`]: checks a state database's history against the store's invariants
 //!   (`sweep check-state`).
 //! * [`sim`]: simulated workers for load tests (`sweep simulate-workers`, `benches/load.rs`).
 
 pub mod cli;
+pub mod config;
 pub mod history;
 pub mod output;
+pub mod plot;
 pub mod run;
 pub mod server;
 pub mod sim;
 pub mod store;
+pub mod watch;

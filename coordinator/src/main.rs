@@ -5,16 +5,61 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sweep_coordinator::cli::{self, Client};
-use sweep_coordinator::output::Format;
+use sweep_coordinator::output::{Format, TableFormat};
 
 const EXAMPLES: &str = "\
 Examples:
   sweep run sweeps/quickstart.yaml --workers 2      run a whole sweep on this machine
   sweep validate sweeps/flowers102.yaml             check a spec and list its trials
   sweep coordinator --listen 0.0.0.0:7070 --state-dir /var/lib/sweep
+  sweep submit sweeps/flowers102.yaml --watch       submit, then follow it live
   id=$(sweep submit sweeps/flowers102.yaml | tail -n1)
-  sweep status \"$id\"
-  sweep leaderboard \"$id\" --output json";
+  sweep watch \"$id\"
+  sweep leaderboard \"$id\" --by backbone
+  sweep export \"$id\" --format csv > epochs.csv
+  sweep plot \"$id\" --out plots/
+
+Settings come from flags, then SWEEP_* environment variables, then the config file
+(--config FILE, $SWEEP_CONFIG, or ~/.config/sweep/config.toml), e.g.:
+  coordinator = \"http://coordinator:7070\"
+  output = \"table\"";
+
+const WATCH_EXAMPLES: &str = "\
+On a terminal: a progress bar per running trial (phase, epoch, latest validation accuracy) under
+the sweep's counts, elapsed time and ETA. Elsewhere (a pipe, a file, CI): one line per change.
+Exits when the sweep ends: status 0 if it completed, 1 if it failed or was cancelled. A broken
+connection is retried from the last event seen.
+
+Examples:
+  sweep watch quickstart-b630
+  sweep watch quick                      # any unique prefix of the id
+  sweep watch quick --output json | jq -c 'select(.type == \"epoch\")'";
+
+const LEADERBOARD_EXAMPLES: &str = "\
+Examples:
+  sweep leaderboard quick                          ranked trials
+  sweep leaderboard quick --by backbone            each backbone by its best trial, with its cost
+  sweep leaderboard quick --output csv > board.csv";
+
+const EXPORT_EXAMPLES: &str = "\
+Examples:
+  sweep export quick --format csv > epochs.csv     one row per trial and epoch
+  sweep export quick --format json --out quick.json";
+
+const PLOT_EXAMPLES: &str = "\
+Writes <trial>.png for every trial with finished epochs (training and validation loss and
+accuracy per epoch, a red line at the switch from feature extraction to fine-tuning) and
+backbones.png (each backbone's accuracy after feature extraction and its best during
+fine-tuning). Prints the files written.
+
+Example:
+  sweep plot quick --out plots/";
+
+const COMPLETIONS_EXAMPLES: &str = "\
+Examples:
+  sweep completions bash > ~/.local/share/bash-completion/completions/sweep
+  sweep completions zsh > ~/.zfunc/_sweep
+  sweep completions fish > ~/.config/fish/completions/sweep.fish";
 
 const SIMULATE_EXAMPLES: &str = "\
 Each simulated worker is a real WorkerService client that does what sweep-worker does (register,
@@ -34,6 +79,9 @@ Example:
 #[derive(Parser)]
 #[command(name = "sweep", version, about = "Transfer-learning hyperparameter sweeps over GPU workers", after_help = EXAMPLES)]
 struct Args {
+    /// Config file of default settings [default: $SWEEP_CONFIG, else ~/.config/sweep/config.toml].
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,7 +92,7 @@ struct Remote {
     #[arg(long, env = "SWEEP_COORDINATOR", default_value = cli::DEFAULT_COORDINATOR)]
     coordinator: String,
     /// Output format.
-    #[arg(long, short, value_enum, default_value = "table")]
+    #[arg(long, short, value_enum, env = "SWEEP_OUTPUT", default_value = "table")]
     output: Format,
 }
 
@@ -94,7 +142,7 @@ enum Command {
         artifacts: Option<String>,
         /// Output format of the final leaderboard.
         #[arg(long, short, value_enum, default_value = "table")]
-        output: Format,
+        output: TableFormat,
     },
     /// Check a spec offline: its errors, or the table of its trials.
     Validate {
@@ -107,6 +155,17 @@ enum Command {
     /// Submit a spec; prints the new sweep's id alone on the last line.
     Submit {
         spec: PathBuf,
+        /// Then follow the sweep as `sweep watch` does, until it ends.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Follow a sweep live until it ends.
+    #[command(after_help = WATCH_EXAMPLES)]
+    Watch {
+        /// Sweep id (or a unique prefix of it).
+        id: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -123,11 +182,45 @@ enum Command {
         remote: Remote,
     },
     /// Trials ranked by best validation accuracy during fine-tuning.
+    #[command(after_help = LEADERBOARD_EXAMPLES)]
     Leaderboard {
         id: String,
+        /// Rank trials, or backbones by their best trial.
+        #[arg(long, value_enum, default_value = "trial")]
+        by: cli::By,
+        /// Coordinator to talk to.
+        #[arg(long, env = "SWEEP_COORDINATOR", default_value = cli::DEFAULT_COORDINATOR)]
+        coordinator: String,
+        /// Output format.
+        #[arg(long, short, value_enum, env = "SWEEP_OUTPUT", default_value = "table")]
+        output: TableFormat,
+    },
+    /// Every per-epoch metric of every trial of a sweep.
+    #[command(after_help = EXPORT_EXAMPLES)]
+    Export {
+        id: String,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: cli::ExportFormat,
+        /// Write to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Coordinator to talk to.
+        #[arg(long, env = "SWEEP_COORDINATOR", default_value = cli::DEFAULT_COORDINATOR)]
+        coordinator: String,
+    },
+    /// PNG figures of a sweep: per-trial loss and accuracy curves, per-backbone accuracy.
+    #[command(after_help = PLOT_EXAMPLES)]
+    Plot {
+        id: String,
+        /// Directory to write the PNG files into (created).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
         #[command(flatten)]
         remote: Remote,
     },
+    /// Shell completion script for bash, zsh, fish, elvish or PowerShell.
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions { shell: clap_complete::Shell },
     /// One trial's per-epoch metrics and attempts.
     Trial {
         id: String,
@@ -204,6 +297,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The config file supplies defaults to the parse (as SWEEP_* variables that are not set).
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(e) = sweep_coordinator::config::apply(sweep_coordinator::config::explicit_path(&raw).as_deref()) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
     let args = Args::parse();
     // Client commands die quietly on a closed pipe (`sweep list | head`) like other Unix
     // tools, instead of panicking inside println!. Servers must not: a peer that goes away
@@ -257,36 +356,62 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             sweep_coordinator::run::run(options).await
         }
         Command::Validate { spec, max_trials, output } => cli::validate(&spec, max_trials, output),
-        Command::Submit { spec, remote } => {
-            Client::connect(&remote.coordinator).await?.submit(&spec, remote.output).await?;
-            Ok(ExitCode::SUCCESS)
+        Command::Submit { spec, watch, remote } => {
+            let format = remote.output;
+            let mut client = Client::connect(&remote.coordinator).await?;
+            let id = client.submit(&spec, format).await?;
+            if watch { client.watch_sweep(&id, format).await } else { Ok(ExitCode::SUCCESS) }
+        }
+        Command::Watch { id, remote } => {
+            let format = remote.output;
+            Client::connect(&remote.coordinator).await?.watch_sweep(&id, format).await
         }
         Command::List { remote } => {
-            Client::connect(&remote.coordinator).await?.list(remote.output).await?;
+            let format = remote.output;
+            Client::connect(&remote.coordinator).await?.list(format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { id, remote } => {
-            Client::connect(&remote.coordinator).await?.status(&id, remote.output).await?;
+            let format = remote.output;
+            Client::connect(&remote.coordinator).await?.status(&id, format).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Leaderboard { id, remote } => {
-            Client::connect(&remote.coordinator).await?.leaderboard(&id, remote.output).await?;
+        Command::Leaderboard { id, by, coordinator, output } => {
+            Client::connect(&coordinator).await?.leaderboard(&id, by, output).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { id, format, out, coordinator } => {
+            Client::connect(&coordinator).await?.export(&id, format, out.as_deref()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plot { id, out, remote } => {
+            let format = remote.output;
+            Client::connect(&remote.coordinator).await?.plot(&id, &out, format).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Args::command(), "sweep", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
         Command::Trial { id, trial, remote } => {
-            Client::connect(&remote.coordinator).await?.trial(&id, &trial, remote.output).await?;
+            let format = remote.output;
+            Client::connect(&remote.coordinator).await?.trial(&id, &trial, format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { id, remote } => {
-            Client::connect(&remote.coordinator).await?.cancel(&id, remote.output).await?;
+            let format = remote.output;
+            Client::connect(&remote.coordinator).await?.cancel(&id, format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Retry { id, trials, remote } => {
-            Client::connect(&remote.coordinator).await?.retry(&id, trials, remote.output).await?;
+            let format = remote.output;
+            Client::connect(&remote.coordinator).await?.retry(&id, trials, format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Workers { remote } => {
-            Client::connect(&remote.coordinator).await?.workers(remote.output).await?;
+            let format = remote.output;
+            Client::connect(&remote.coordinator).await?.workers(format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckState { state_dir, output } => Ok(sweep_coordinator::history::command(&state_dir, output)),

@@ -15,6 +15,48 @@ pub enum Format {
     Json,
 }
 
+/// `--output` choices of the commands that also print CSV (`leaderboard`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TableFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+/// One CSV field: quoted when it holds a comma, a quote or a line break (RFC 4180).
+pub fn csv_field(v: &str) -> String {
+    if v.contains([',', '"', '\n', '\r']) { format!("\"{}\"", v.replace('"', "\"\"")) } else { v.to_string() }
+}
+
+/// Rows as CSV text, header first, `\n` line ends.
+pub fn csv(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut out = header.join(",");
+    out.push('\n');
+    for r in rows {
+        out.push_str(&r.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map(|x| x.to_string()).unwrap_or_default()
+}
+
+/// Strategy, head lr, final lr, factor as CSV fields (empty where they do not apply).
+fn lr_fields(d: Option<&v1::LrDecay>) -> [String; 4] {
+    match d {
+        Some(d) if d.strategy == "linear" => {
+            [d.strategy.clone(), d.head_lr.to_string(), d.final_lr.to_string(), String::new()]
+        }
+        Some(d) if d.strategy == "exponential" => {
+            [d.strategy.clone(), d.head_lr.to_string(), String::new(), d.factor.to_string()]
+        }
+        Some(d) => [d.strategy.clone(), String::new(), String::new(), String::new()],
+        None => Default::default(),
+    }
+}
+
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING)
@@ -311,6 +353,258 @@ pub fn leaderboard_json(board: &v1::Leaderboard) -> Value {
     )
 }
 
+/// `leaderboard --output csv`: one row per trial, best first.
+pub fn leaderboard_csv(board: &v1::Leaderboard) -> String {
+    let rows: Vec<Vec<String>> = board
+        .entries
+        .iter()
+        .map(|e| {
+            let [strategy, head, fin, factor] = lr_fields(e.lr_decay.as_ref());
+            vec![
+                e.rank.to_string(),
+                e.trial_id.clone(),
+                e.backbone.clone(),
+                strategy,
+                head,
+                fin,
+                factor,
+                e.fe_epochs.to_string(),
+                e.ft_epochs.to_string(),
+                e.state.clone(),
+                opt(e.fe_val_accuracy),
+                opt(e.best_val_accuracy),
+                opt(e.best_epoch),
+                e.parameters.to_string(),
+                e.wall_seconds.to_string(),
+                e.best_checkpoint.as_ref().map(|c| c.uri.clone()).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    csv(
+        &[
+            "rank",
+            "trial",
+            "backbone",
+            "lr_strategy",
+            "head_lr",
+            "final_lr",
+            "factor",
+            "fe_epochs",
+            "ft_epochs",
+            "state",
+            "fe_val_accuracy",
+            "best_val_accuracy",
+            "best_epoch",
+            "parameters",
+            "wall_seconds",
+            "best_checkpoint",
+        ],
+        &rows,
+    )
+}
+
+/// One backbone of `leaderboard --by backbone`: its best trial (the first of its entries in the
+/// leaderboard's order) and what all its trials cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackboneRank<'a> {
+    pub rank: u32,
+    pub backbone: &'a str,
+    pub trials: u32,
+    pub completed: u32,
+    pub best: &'a v1::LeaderboardEntry,
+    /// Wall-clock seconds of all its trials together.
+    pub wall_seconds: f64,
+}
+
+/// The leaderboard grouped by backbone, best backbone first.
+pub fn by_backbone(board: &v1::Leaderboard) -> Vec<BackboneRank<'_>> {
+    let mut out: Vec<BackboneRank> = Vec::new();
+    for e in &board.entries {
+        match out.iter_mut().find(|b| b.backbone == e.backbone) {
+            Some(b) => {
+                b.trials += 1;
+                b.completed += (e.state == "completed") as u32;
+                b.wall_seconds += e.wall_seconds;
+            }
+            None => out.push(BackboneRank {
+                rank: out.len() as u32 + 1,
+                backbone: &e.backbone,
+                trials: 1,
+                completed: (e.state == "completed") as u32,
+                best: e,
+                wall_seconds: e.wall_seconds,
+            }),
+        }
+    }
+    out
+}
+
+pub fn backbone_table(ranks: &[BackboneRank]) -> String {
+    let mut t = table(&[
+        "rank",
+        "backbone",
+        "trials",
+        "done",
+        "best trial",
+        "lr_decay",
+        "split",
+        "fe acc",
+        "best ft acc",
+        "params",
+        "wall (all)",
+    ]);
+    for b in ranks {
+        t.add_row(vec![
+            b.rank.to_string(),
+            b.backbone.to_string(),
+            b.trials.to_string(),
+            b.completed.to_string(),
+            b.best.trial_id.clone(),
+            lr_label(b.best.lr_decay.as_ref()),
+            format!("{}+{}", b.best.fe_epochs, b.best.ft_epochs),
+            percent(b.best.fe_val_accuracy),
+            percent(b.best.best_val_accuracy),
+            count(b.best.parameters),
+            duration(b.wall_seconds),
+        ]);
+    }
+    right(&mut t, &[0, 2, 3, 7, 8, 9, 10]);
+    t.to_string()
+}
+
+pub fn backbone_json(ranks: &[BackboneRank]) -> Value {
+    Value::Array(
+        ranks
+            .iter()
+            .map(|b| {
+                json!({
+                    "rank": b.rank,
+                    "backbone": b.backbone,
+                    "trials": b.trials,
+                    "completed": b.completed,
+                    "best_trial": b.best.trial_id,
+                    "lr_decay": lr_json(b.best.lr_decay.as_ref()),
+                    "epoch_split": [b.best.fe_epochs, b.best.ft_epochs],
+                    "fe_val_accuracy": b.best.fe_val_accuracy,
+                    "best_val_accuracy": b.best.best_val_accuracy,
+                    "best_epoch": b.best.best_epoch,
+                    "parameters": b.best.parameters,
+                    "wall_seconds": b.wall_seconds,
+                })
+            })
+            .collect(),
+    )
+}
+
+pub fn backbone_csv(ranks: &[BackboneRank]) -> String {
+    let rows: Vec<Vec<String>> = ranks
+        .iter()
+        .map(|b| {
+            let [strategy, head, fin, factor] = lr_fields(b.best.lr_decay.as_ref());
+            vec![
+                b.rank.to_string(),
+                b.backbone.to_string(),
+                b.trials.to_string(),
+                b.completed.to_string(),
+                b.best.trial_id.clone(),
+                strategy,
+                head,
+                fin,
+                factor,
+                b.best.fe_epochs.to_string(),
+                b.best.ft_epochs.to_string(),
+                opt(b.best.fe_val_accuracy),
+                opt(b.best.best_val_accuracy),
+                opt(b.best.best_epoch),
+                b.best.parameters.to_string(),
+                b.wall_seconds.to_string(),
+            ]
+        })
+        .collect();
+    csv(
+        &[
+            "rank",
+            "backbone",
+            "trials",
+            "completed",
+            "best_trial",
+            "lr_strategy",
+            "head_lr",
+            "final_lr",
+            "factor",
+            "fe_epochs",
+            "ft_epochs",
+            "fe_val_accuracy",
+            "best_val_accuracy",
+            "best_epoch",
+            "parameters",
+            "wall_seconds",
+        ],
+        &rows,
+    )
+}
+
+/// `sweep export --format csv`: every stored epoch of every trial, one row each, in trial and
+/// epoch order.
+pub fn export_csv(sweep_id: &str, trials: &[v1::TrialDetail]) -> String {
+    let mut rows = Vec::new();
+    for d in trials {
+        let Some(t) = &d.trial else { continue };
+        let [strategy, head, fin, factor] = lr_fields(t.lr_decay.as_ref());
+        for m in &d.metrics {
+            rows.push(vec![
+                sweep_id.to_string(),
+                t.trial_id.clone(),
+                t.backbone.clone(),
+                strategy.clone(),
+                head.clone(),
+                fin.clone(),
+                factor.clone(),
+                t.fe_epochs.to_string(),
+                t.ft_epochs.to_string(),
+                m.epoch.to_string(),
+                m.phase.clone(),
+                m.train_loss.to_string(),
+                m.train_accuracy.to_string(),
+                m.val_loss.to_string(),
+                m.val_accuracy.to_string(),
+                m.seconds.to_string(),
+                m.attempt_id.to_string(),
+            ]);
+        }
+    }
+    csv(
+        &[
+            "sweep",
+            "trial",
+            "backbone",
+            "lr_strategy",
+            "head_lr",
+            "final_lr",
+            "factor",
+            "fe_epochs",
+            "ft_epochs",
+            "epoch",
+            "phase",
+            "train_loss",
+            "train_accuracy",
+            "val_loss",
+            "val_accuracy",
+            "seconds",
+            "attempt",
+        ],
+        &rows,
+    )
+}
+
+/// `sweep export --format json`: the sweep and every trial as `sweep trial --output json` shows
+/// it (metrics and attempts included).
+pub fn export_json(status: &v1::SweepStatus, trials: &[v1::TrialDetail]) -> Value {
+    let mut v = status.sweep.as_ref().map(sweep_json).unwrap_or_else(|| json!({}));
+    v["trials"] = Value::Array(trials.iter().map(trial_detail_json).collect());
+    v
+}
+
 // ---------------------------------------------------------------------------------------------
 
 pub fn trial_detail_text(d: &v1::TrialDetail) -> String {
@@ -365,17 +659,7 @@ pub fn trial_detail_json(d: &v1::TrialDetail) -> Value {
     v["parameters"] = json!(d.parameters);
     v["checkpoints"] = json!({"best": checkpoint_json(d.best_checkpoint.as_ref()), "last": checkpoint_json(d.last_checkpoint.as_ref())});
     v["skipped_images"] = json!(d.skipped_images);
-    v["metrics"] = Value::Array(
-        d.metrics
-            .iter()
-            .map(|m| {
-                json!({
-                    "epoch": m.epoch, "phase": m.phase, "train_loss": m.train_loss, "train_accuracy": m.train_accuracy,
-                    "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "seconds": m.seconds,
-                })
-            })
-            .collect(),
-    );
+    v["metrics"] = Value::Array(d.metrics.iter().map(metrics_json).collect());
     v["attempts"] = Value::Array(
         d.attempts
             .iter()
@@ -389,6 +673,30 @@ pub fn trial_detail_json(d: &v1::TrialDetail) -> Value {
             .collect(),
     );
     v
+}
+
+pub fn metrics_json(m: &v1::EpochMetrics) -> Value {
+    json!({
+        "epoch": m.epoch, "phase": m.phase, "train_loss": m.train_loss, "train_accuracy": m.train_accuracy,
+        "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "seconds": m.seconds,
+    })
+}
+
+/// `sweep watch --output json`: one event, as one line.
+pub fn event_json(e: &v1::SweepEvent) -> Value {
+    use v1::sweep_event::Event;
+    match &e.event {
+        Some(Event::Snapshot(s)) => json!({"sequence": e.sequence, "type": "snapshot", "sweep": status_json(s)}),
+        Some(Event::Trial(t)) => json!({
+            "sequence": e.sequence,
+            "type": if t.metrics.is_some() { "epoch" } else { "trial" },
+            "trial": t.trial.as_ref().map(trial_json),
+            "metrics": t.metrics.as_ref().map(metrics_json),
+            "note": if t.note.is_empty() { Value::Null } else { json!(t.note) },
+        }),
+        Some(Event::Ended(s)) => json!({"sequence": e.sequence, "type": "ended", "sweep": sweep_json(s)}),
+        None => json!({"sequence": e.sequence, "type": "unknown"}),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -457,6 +765,41 @@ pub fn workers_json(workers: &[v1::WorkerInfo]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn csv_quotes_only_what_needs_it() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv(&["a", "b"], &[vec!["1".into(), "x\ny".into()]]), "a,b\n1,\"x\ny\"\n");
+    }
+
+    #[test]
+    fn backbones_are_ranked_by_their_best_trial_and_cost_all_their_trials() {
+        let e = |rank, trial: &str, backbone: &str, state: &str, wall| v1::LeaderboardEntry {
+            rank,
+            trial_id: trial.into(),
+            backbone: backbone.into(),
+            state: state.into(),
+            wall_seconds: wall,
+            ..Default::default()
+        };
+        let board = v1::Leaderboard {
+            sweep_id: "s".into(),
+            sweep_state: "running".into(),
+            entries: vec![
+                e(1, "t002", "resnet50", "completed", 10.0),
+                e(2, "t000", "resnet18", "completed", 5.0),
+                e(3, "t003", "resnet50", "running", 7.0),
+            ],
+        };
+        let ranks = by_backbone(&board);
+        let got: Vec<_> = ranks
+            .iter()
+            .map(|b| (b.rank, b.backbone, b.trials, b.completed, b.best.trial_id.as_str(), b.wall_seconds))
+            .collect();
+        assert_eq!(got, [(1, "resnet50", 2, 1, "t002", 17.0), (2, "resnet18", 1, 1, "t000", 5.0)]);
+    }
 
     #[test]
     fn formats() {

@@ -6,19 +6,18 @@
 //! Everything goes through the same gRPC services a cluster uses; the state directory can be
 //! served afterwards with `sweep coordinator --state-dir`.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use sweep_core::spec::ParseOptions;
-use sweep_proto::v1;
 use tokio::process::{Child, Command};
 
 use crate::cli::{self, Client};
-use crate::output::{self, Format};
+use crate::output::{self, TableFormat};
 use crate::server;
+use crate::watch::{self, Stream, View};
 
 pub struct RunOptions {
     pub spec: PathBuf,
@@ -29,7 +28,7 @@ pub struct RunOptions {
     /// The workers' artifact store (a directory or `s3://bucket/prefix`) [default:
     /// `<state_dir>/artifacts`].
     pub artifacts: Option<String>,
-    pub output: Format,
+    pub output: TableFormat,
 }
 
 /// Finds `sweep-worker`: an explicit path, next to this executable, or on PATH.
@@ -132,58 +131,6 @@ async fn stop_workers(workers: &mut [Worker], grace: Duration) {
     }
 }
 
-/// Prints one line per trial change.
-struct Progress {
-    start: Instant,
-    states: HashMap<String, String>,
-}
-
-impl Progress {
-    fn line(&self, text: &str) {
-        let e = self.start.elapsed().as_secs_f64();
-        eprintln!("[{:>6}] {text}", output::duration(e.max(1.0)));
-    }
-
-    fn event(&mut self, e: &v1::TrialEvent, summary: &str) {
-        let Some(t) = &e.trial else { return };
-        let label = format!(
-            "{} {} {} {}+{}",
-            t.trial_id,
-            t.backbone,
-            t.lr_decay.as_ref().map(v1::LrDecay::label).unwrap_or_default(),
-            t.fe_epochs,
-            t.ft_epochs
-        );
-        let before = self.states.insert(t.trial_id.clone(), t.state.clone());
-        if let Some(m) = &e.metrics {
-            self.line(&format!(
-                "{}  epoch {}/{} {:<18} train loss {:.3} acc {:>6}  val loss {:.3} acc {:>6}  ({:.1}s)",
-                t.trial_id,
-                m.epoch,
-                t.fe_epochs + t.ft_epochs,
-                m.phase,
-                m.train_loss,
-                output::percent(Some(m.train_accuracy)),
-                m.val_loss,
-                output::percent(Some(m.val_accuracy)),
-                m.seconds
-            ));
-            return;
-        }
-        let changed = before.as_deref() != Some(t.state.as_str());
-        match t.state.as_str() {
-            "running" if changed => self.line(&format!("{label}  started on {} (attempt {})", t.worker_id, t.attempts)),
-            "completed" => self.line(&format!("{label}  completed  [{summary}]")),
-            "failed" => self.line(&format!("{label}  FAILED: {}  [{summary}]", t.error)),
-            "cancelled" => self.line(&format!("{label}  cancelled  [{summary}]")),
-            "pending" if !t.error.is_empty() => {
-                self.line(&format!("{label}  attempt {} ended: {}; queued again", t.attempts, t.error))
-            }
-            _ => {}
-        }
-    }
-}
-
 pub async fn run(o: RunOptions) -> anyhow::Result<ExitCode> {
     let (text, parsed) = cli::load_spec(&o.spec, ParseOptions::default())?;
     if o.workers == 0 {
@@ -252,70 +199,38 @@ enum Follow {
     Interrupted,
 }
 
+/// Follows the sweep (live bars on a terminal, lines otherwise, on stderr: the leaderboard goes
+/// to stdout) while checking that the local workers are alive.
 async fn follow(client: &mut Client, sweep_id: &str, workers: &mut [Worker]) -> anyhow::Result<Follow> {
-    let mut progress = Progress { start: Instant::now(), states: HashMap::new() };
-    let mut stream = client.watch(sweep_id, 0).await?;
-    let mut check = tokio::time::interval(Duration::from_secs(1));
-    let mut summary = String::new();
-    loop {
-        tokio::select! {
-            msg = stream.message() => {
-                let event = match msg {
-                    Ok(Some(e)) => e,
-                    Ok(None) => bail!("the coordinator closed the event stream of {sweep_id} before the sweep ended"),
-                    Err(s) => bail!("event stream of {sweep_id}: {}", s.message()),
-                };
-                match event.event {
-                    Some(v1::sweep_event::Event::Snapshot(s)) => {
-                        for t in &s.trials {
-                            progress.states.insert(t.trial_id.clone(), t.state.clone());
-                        }
-                        if let Some(sw) = &s.sweep {
-                            summary = output::counts_line(sw);
-                        }
-                    }
-                    Some(v1::sweep_event::Event::Trial(t)) => {
-                        if t.metrics.is_none() {
-                            // Counts change only on state changes; refresh them then.
-                            if let Ok(s) = client.get_status(sweep_id).await
-                                && let Some(sw) = &s.sweep
-                            {
-                                summary = output::counts_line(sw);
-                            }
-                        }
-                        progress.event(&t, &summary);
-                    }
-                    Some(v1::sweep_event::Event::Ended(_)) => return Ok(Follow::Ended),
-                    None => {}
-                }
+    let mut view = View::new(Stream::Stderr, true);
+    let check_workers = |view: &View| -> anyhow::Result<()> {
+        let mut alive = 0;
+        for w in workers.iter_mut() {
+            if w.exited.is_some() {
+                continue;
             }
-            _ = check.tick() => {
-                let mut alive = 0;
-                for w in workers.iter_mut() {
-                    if w.exited.is_some() {
-                        continue;
-                    }
-                    match w.child.try_wait() {
-                        Ok(Some(status)) => {
-                            w.exited = Some(status);
-                            progress.line(&format!(
-                                "worker {} exited ({status}); its log: {}",
-                                w.n,
-                                w.log.display()
-                            ));
-                        }
-                        Ok(None) => alive += 1,
-                        Err(e) => return Err(anyhow!("cannot check worker {}: {e}", w.n)),
-                    }
+            match w.child.try_wait() {
+                Ok(Some(status)) => {
+                    w.exited = Some(status);
+                    view.say(&format!("worker {} exited ({status}); its log: {}", w.n, w.log.display()));
                 }
-                if alive == 0 {
-                    let tail = workers.first().map(|w| log_tail(&w.log)).unwrap_or_default();
-                    bail!("every worker exited before the sweep ended; last lines of {}:\n{tail}",
-                        workers.first().map(|w| w.log.display().to_string()).unwrap_or_default());
-                }
+                Ok(None) => alive += 1,
+                Err(e) => return Err(anyhow!("cannot check worker {}: {e}", w.n)),
             }
-            _ = tokio::signal::ctrl_c() => return Ok(Follow::Interrupted),
         }
+        if alive == 0 {
+            let first = workers.first().map(|w| w.log.clone()).unwrap_or_default();
+            bail!(
+                "every worker exited before the sweep ended; last lines of {}:\n{}",
+                first.display(),
+                log_tail(&first)
+            );
+        }
+        Ok(())
+    };
+    tokio::select! {
+        r = watch::follow(client, sweep_id, &mut view, check_workers) => r.map(|_| Follow::Ended),
+        _ = tokio::signal::ctrl_c() => Ok(Follow::Interrupted),
     }
 }
 

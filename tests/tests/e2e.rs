@@ -1,5 +1,6 @@
 //! End-to-end tests with real processes: `sweep` (CLI and coordinator) and `sweep-worker`.
 
+mod cli;
 mod kill;
 mod util;
 

@@ -332,3 +332,87 @@ fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, cut: &std::s
     let _ = from.shutdown(std::net::Shutdown::Both);
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
+
+/// A worker written into the test: registers with `url` and runs up to `max_trials` trials,
+/// reporting deterministic metrics (they depend only on the trial index and the epoch: val
+/// accuracy `0.30 + 0.08 × epoch + 0.01 × index`, a second per epoch, 10 s per attempt) so that
+/// what the CLI prints can be compared with stored snapshots. Returns the trials it ran.
+pub fn scripted_worker(url: &str, name: &str, max_trials: usize) -> Vec<String> {
+    use sweep_proto::v1;
+    use sweep_proto::v1::worker_service_client::WorkerServiceClient;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let mut c = WorkerServiceClient::connect(url.to_string()).await.expect("connect");
+        let reg = c
+            .register(v1::RegisterRequest {
+                name: name.into(),
+                devices: vec![v1::Device {
+                    id: "cpu:0".into(),
+                    kind: "cpu".into(),
+                    name: "test CPU".into(),
+                    memory_bytes: 1 << 30,
+                }],
+                version: "test".into(),
+            })
+            .await
+            .expect("register")
+            .into_inner();
+        let mut ran = Vec::new();
+        while ran.len() < max_trials {
+            let got = c
+                .acquire_trial(v1::AcquireTrialRequest {
+                    worker_id: reg.worker_id.clone(),
+                    incarnation: reg.incarnation,
+                    wait_ms: 500,
+                })
+                .await
+                .expect("acquire")
+                .into_inner();
+            let Some(a) = got.assignment else { break };
+            let epochs = a.fe_epochs + a.ft_epochs;
+            for epoch in 1..=epochs {
+                let val = 0.30 + 0.08 * epoch as f64 + 0.01 * a.trial_index as f64;
+                let phase = if epoch <= a.fe_epochs { "feature_extraction" } else { "fine_tuning" };
+                let reference = |what: &str| v1::CheckpointRef {
+                    uri: format!("/artifacts/{}/{}/{what}.safetensors", a.sweep_id, a.trial_id),
+                    sha256: "00".repeat(32),
+                    bytes: 1000,
+                    epoch,
+                };
+                c.report_epoch(v1::ReportEpochRequest {
+                    attempt_id: a.attempt_id,
+                    metrics: Some(v1::EpochMetrics {
+                        epoch,
+                        phase: phase.into(),
+                        train_loss: 2.0 / epoch as f64,
+                        train_accuracy: val + 0.02,
+                        val_loss: 2.2 / epoch as f64,
+                        val_accuracy: val,
+                        seconds: 1.0,
+                        attempt_id: 0,
+                    }),
+                    parameters: 11_000_000 + a.trial_index as u64,
+                    last_checkpoint: Some(reference("last")),
+                    best_checkpoint: Some(reference("best")),
+                    skipped_images: 0,
+                    resume_checkpoint: Some(reference(&format!("state-e{epoch:04}"))),
+                    resumed_from_epoch: 0,
+                    note: String::new(),
+                })
+                .await
+                .expect("report");
+            }
+            c.finish_attempt(v1::FinishAttemptRequest {
+                attempt_id: a.attempt_id,
+                outcome: v1::Outcome::Succeeded as i32,
+                error_class: v1::ErrorClass::Unspecified as i32,
+                message: String::new(),
+                wall_seconds: 10.0,
+            })
+            .await
+            .expect("finish");
+            ran.push(a.trial_id);
+        }
+        ran
+    })
+}

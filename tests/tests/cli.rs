@@ -1,0 +1,257 @@
+//! The CLI against a running coordinator: snapshots of what each command prints, `watch` live
+//! and over a coordinator restart, `plot`, `export`, the config file, completions.
+//!
+//! The sweeps here are run by [`scripted_worker`], whose metrics depend only on the trial and
+//! the epoch, so the output is the same every run but for sweep ids and clocks, which the
+//! snapshots redact.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::util::*;
+
+/// 2 backbones × 1 strategy × 2 splits: 4 trials of 2 and 3 epochs.
+const CLI_SPEC: &str = "\
+name: cli
+dataset: { kind: synthetic, classes: 3, train_per_class: 6, val_per_class: 4, image_size: 32, seed: 1 }
+grid:
+  backbone: [resnet18, resnet50]
+  lr_decay: [{ strategy: exponential, head_lr: 1.0e-3, factor: 3 }]
+  epoch_split: [[1, 1], [2, 1]]
+";
+
+/// Sweep ids (`cli-` and four hex digits, widths kept) and elapsed-time stamps.
+fn settings() -> insta::Settings {
+    let mut s = insta::Settings::clone_current();
+    s.add_filter(r"cli-[0-9a-f]{4}", "cli-XXXX");
+    s.add_filter(r"\[\s*\d+[hms0-9]*\] ", "[T] ");
+    s.add_filter(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT");
+    s.set_prepend_module_to_snapshot(false);
+    s
+}
+
+fn run_ok(args: &[&str], url: &str) -> String {
+    let out = output(sweep().args(args).env("SWEEP_COORDINATOR", url));
+    assert!(out.status.success(), "sweep {args:?} failed: {}", stderr(&out));
+    stdout(&out)
+}
+
+fn submit(url: &str, dir: &Path) -> String {
+    let spec = write(dir, "cli.yaml", CLI_SPEC);
+    let out = run_ok(&["submit", spec.to_str().unwrap()], url);
+    out.lines().last().unwrap().trim().to_string()
+}
+
+#[test]
+fn every_report_command_prints_what_the_snapshots_show() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
+    let id = submit(&url, dir.path());
+    assert_eq!(scripted_worker(&url, "w", 10).len(), 4);
+
+    let s = settings();
+    s.bind(|| {
+        insta::assert_snapshot!("status", run_ok(&["status", &id], &url));
+        insta::assert_snapshot!("leaderboard", run_ok(&["leaderboard", &id], &url));
+        insta::assert_snapshot!("leaderboard_by_backbone", run_ok(&["leaderboard", &id, "--by", "backbone"], &url));
+        insta::assert_snapshot!("leaderboard_csv", run_ok(&["leaderboard", &id, "--output", "csv"], &url));
+        insta::assert_snapshot!(
+            "leaderboard_by_backbone_csv",
+            run_ok(&["leaderboard", &id, "--by", "backbone", "-o", "csv"], &url)
+        );
+        insta::assert_snapshot!("trial", run_ok(&["trial", &id, "t003"], &url));
+        insta::assert_snapshot!("export_csv", run_ok(&["export", &id, "--format", "csv"], &url));
+        // A sweep that has ended: watch shows where it stands and exits at once.
+        insta::assert_snapshot!("watch_ended", run_ok(&["watch", &id], &url));
+    });
+
+    // JSON forms parse and agree with the tables.
+    let v: serde_json::Value =
+        serde_json::from_str(&run_ok(&["leaderboard", &id, "--by", "backbone", "-o", "json"], &url)).unwrap();
+    assert_eq!(v[0]["backbone"], "resnet50");
+    assert_eq!(v[0]["trials"], 2);
+    assert_eq!(v[0]["wall_seconds"], 20.0);
+    let export: serde_json::Value = serde_json::from_str(&run_ok(&["export", &id, "--format", "json"], &url)).unwrap();
+    let epochs: usize =
+        export["trials"].as_array().unwrap().iter().map(|t| t["metrics"].as_array().unwrap().len()).sum();
+    assert_eq!(epochs, 2 + 3 + 2 + 3);
+    // --out writes the file and says so on stderr, not stdout.
+    let file = dir.path().join("epochs.csv");
+    let out = output(sweep().args(["export", &id, "--out"]).arg(&file).env("SWEEP_COORDINATOR", &url));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).is_empty());
+    assert!(stderr(&out).contains("wrote 10 epochs of 4 trials"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 11);
+
+    // A format a command does not have is refused by the parser, naming the choices.
+    let out = output(sweep().args(["status", &id, "--output", "csv"]).env("SWEEP_COORDINATOR", &url));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("possible values: table, json"), "{}", stderr(&out));
+    // Unknown sweeps are errors that say so.
+    for cmd in [&["watch", "nope"][..], &["export", "nope"], &["plot", "nope", "--out", "x"]] {
+        let out = output(sweep().args(cmd).env("SWEEP_COORDINATOR", &url));
+        assert!(!out.status.success(), "{cmd:?}");
+        assert!(stderr(&out).contains("nope"), "{cmd:?}: {}", stderr(&out));
+    }
+    assert_history_clean(&dir.path().join("state"));
+}
+
+/// PNG width and height from the IHDR chunk.
+fn png_size(path: &Path) -> (u32, u32) {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{} is not a PNG", path.display());
+    let be = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    (be(16), be(20))
+}
+
+#[test]
+fn plot_writes_a_figure_per_trial_and_one_per_backbone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
+    let id = submit(&url, dir.path());
+    // Before any epoch there is nothing to draw.
+    let out = output(sweep().args(["plot", &id, "--out"]).arg(dir.path().join("p")).env("SWEEP_COORDINATOR", &url));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no finished epochs yet"), "{}", stderr(&out));
+    scripted_worker(&url, "w", 10);
+    let plots = dir.path().join("plots");
+    let listed = run_ok(&["plot", &id, "--out", plots.to_str().unwrap()], &url);
+    let files: Vec<&str> = listed.lines().collect();
+    assert_eq!(files.len(), 5, "{listed}");
+    for t in ["t000", "t001", "t002", "t003"] {
+        assert_eq!(png_size(&plots.join(format!("{t}.png"))), (1200, 480));
+    }
+    let (w, h) = png_size(&plots.join("backbones.png"));
+    assert!(w >= 640 && h == 520, "{w}x{h}");
+}
+
+#[test]
+fn watch_follows_a_sweep_to_its_end_across_a_coordinator_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (mut coord, url) = coordinator_at(&state, &listen, &["--heartbeat-ttl", "2", "--lease-grace", "2"]);
+    let id = submit(&url, dir.path());
+    let log = dir.path().join("watch.log");
+    let mut watch = Command::new(bin("sweep"))
+        .args(["watch", &id, "--coordinator", &url])
+        .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let seen = |what: &str| std::fs::read_to_string(&log).unwrap_or_default().contains(what);
+    wait_for(Duration::from_secs(20), "watch to connect", || seen("following sweep").then_some(()));
+    assert_eq!(scripted_worker(&url, "a", 2).len(), 2);
+    wait_for(Duration::from_secs(20), "watch to show the first two trials", || {
+        seen("[2/4 completed, 2 pending]").then_some(())
+    });
+    coord.child.kill().unwrap();
+    coord.child.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let (_coord, url2) = coordinator_at(&state, &listen, &["--heartbeat-ttl", "2", "--lease-grace", "2"]);
+    assert_eq!(url2, url);
+    assert_eq!(scripted_worker(&url, "b", 10).len(), 2);
+    let status = wait_for(Duration::from_secs(60), "watch to exit", || watch.try_wait().unwrap());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert!(text.contains("reconnect"), "{text}");
+    // Every epoch of every trial exactly once, though the stream broke in between.
+    for (t, n) in [("t000", 2), ("t001", 3), ("t002", 2), ("t003", 3)] {
+        for e in 1..=n {
+            let line = format!("{t}  epoch {e}/{n} ");
+            assert_eq!(text.matches(&line).count(), 1, "{line:?} in\n{text}");
+        }
+    }
+    assert!(text.trim_end().ends_with("completed: 4/4 completed"), "{text}");
+}
+
+#[test]
+fn on_a_terminal_watch_draws_progress_bars_and_submit_watch_follows_what_it_submitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
+    let spec = write(dir.path(), "cli.yaml", CLI_SPEC);
+    // `script` gives the command a pseudo-terminal and records what it drew.
+    let typescript = dir.path().join("tty.log");
+    let command = format!("{} submit {} --watch --coordinator {url}", bin("sweep").display(), spec.display());
+    let mut tty = Command::new("script")
+        .args(["-qfec", &command])
+        .arg(&typescript)
+        .env("COLUMNS", "140")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("script(1) from util-linux");
+    let id = wait_for(Duration::from_secs(20), "the sweep to be submitted", || {
+        let text = std::fs::read_to_string(&typescript).unwrap_or_default();
+        text.split_whitespace().find(|w| w.starts_with("cli-")).map(str::to_string)
+    });
+    scripted_worker(&url, "w", 10);
+    let status = wait_for(Duration::from_secs(60), "submit --watch to exit", || tty.try_wait().unwrap());
+    let drawn = std::fs::read_to_string(&typescript).unwrap();
+    assert!(status.success(), "{drawn}");
+    assert!(drawn.contains(&format!("sweep {id} ·")), "the header: {drawn}");
+    assert!(drawn.contains("epochs"), "the sweep's bar: {drawn}");
+    assert!(drawn.contains("\u{1b}["), "terminal control sequences: {drawn}");
+    assert!(drawn.contains(&format!("sweep {id} completed: 4/4 completed")), "{drawn}");
+}
+
+#[test]
+fn settings_come_from_flags_then_the_environment_then_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
+    let id = submit(&url, dir.path());
+    let config = write(dir.path(), "config.toml", &format!("coordinator = \"{url}\"\noutput = \"json\"\n"));
+    let bad = "http://127.0.0.1:9";
+    let list = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut c = sweep();
+        c.arg("list").args(extra).env_remove("SWEEP_COORDINATOR").env_remove("SWEEP_OUTPUT");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        output(&mut c)
+    };
+    let cfg = config.to_str().unwrap();
+    // The file alone: its coordinator, its output format.
+    let out = list(&["--config", cfg], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v[0]["id"], id.as_str());
+    // $SWEEP_CONFIG finds it too; the environment beats it; a flag beats the environment.
+    let out = list(&[], &[("SWEEP_CONFIG", cfg), ("SWEEP_OUTPUT", "table")]);
+    assert!(stdout(&out).contains("SWEEP") && stdout(&out).contains(&id), "{}", stdout(&out));
+    let out = list(&[], &[("SWEEP_CONFIG", cfg), ("SWEEP_COORDINATOR", bad)]);
+    assert!(!out.status.success() && stderr(&out).contains("127.0.0.1:9"), "{}", stderr(&out));
+    let out = list(&["--coordinator", &url], &[("SWEEP_CONFIG", cfg), ("SWEEP_COORDINATOR", bad)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Mistakes in the file stop the command before it does anything, naming file, line, key.
+    let typo = write(dir.path(), "typo.toml", "output = \"json\"\ncoordnator = \"x\"\n");
+    let out = list(&["--config", typo.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = stderr(&out);
+    assert!(e.contains("typo.toml:2:1") && e.contains("unknown key `coordnator`"), "{e}");
+    let out = list(&["--config", dir.path().join("missing.toml").to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("missing.toml"), "{}", stderr(&out));
+}
+
+#[test]
+fn completions_and_help_examples() {
+    let out = output(sweep().args(["completions", "bash"]));
+    assert!(out.status.success());
+    let bash = stdout(&out);
+    assert!(bash.contains("complete -F") && bash.contains("leaderboard") && bash.contains("--by"), "{bash}");
+    let zsh = stdout(&output(sweep().args(["completions", "zsh"])));
+    assert!(zsh.starts_with("#compdef sweep"), "{zsh}");
+    assert!(stdout(&output(sweep().args(["completions", "fish"]))).contains("complete -c sweep"));
+    let out = output(sweep().args(["completions", "tcsh"]));
+    assert!(!out.status.success() && stderr(&out).contains("possible values"), "{}", stderr(&out));
+    for cmd in ["watch", "leaderboard", "export", "plot", "completions"] {
+        let help = stdout(&output(sweep().args([cmd, "--help"])));
+        assert!(help.contains("Example"), "sweep {cmd} --help has no examples:\n{help}");
+    }
+    let help = stdout(&output(sweep().arg("--help")));
+    for word in ["submit", "watch", "leaderboard", "export", "plot", "completions", "config"] {
+        assert!(help.contains(word), "sweep --help does not mention {word}:\n{help}");
+    }
+}
