@@ -14,13 +14,14 @@ CARGO ?= cargo
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test build venv lint fmt clean
+.PHONY: demo test build venv lint fmt clean manifests
 
 demo: build
 	target/release/sweep run sweeps/quickstart.yaml --workers 2 --state-dir .sweep/quickstart
 
 test: build
 	$(CARGO) test --release --workspace
+	bash scripts/check-manifests.sh
 
 build: $(STAMP)
 	$(CARGO) build --release --workspace --bins
@@ -31,6 +32,9 @@ $(STAMP): requirements.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check -r requirements.txt
 	@touch $@
+
+manifests: $(STAMP)
+	bash scripts/check-manifests.sh
 
 lint: $(STAMP)
 	$(CARGO) fmt --all -- --check

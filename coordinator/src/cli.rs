@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use sweep_core::spec::{self, ParseOptions, SpecError};
+use sweep_proto::connect::{BearerToken, ClientSecurity};
 use sweep_proto::v1;
 use sweep_proto::v1::sweep_service_client::SweepServiceClient;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::output::{self, Format, TableFormat};
 use crate::{server, watch};
@@ -22,8 +23,12 @@ pub fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: logs in files stay greppable.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    let _ = builder.try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("SWEEP_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        let _ = builder.json().with_current_span(false).try_init();
+    } else {
+        let _ = builder.with_ansi(ansi).try_init();
+    }
 }
 
 /// Reads a spec file, with an error that names it.
@@ -81,6 +86,8 @@ pub async fn coordinator(config: server::Config) -> anyhow::Result<()> {
     running.stop().await
 }
 
+type Channel = InterceptedService<tonic::transport::Channel, BearerToken>;
+
 /// A connected client of `SweepService`.
 pub struct Client {
     inner: SweepServiceClient<Channel>,
@@ -88,23 +95,46 @@ pub struct Client {
 }
 
 fn status_error(url: &str, s: tonic::Status) -> anyhow::Error {
+    // A transport failure (a TLS handshake the server ended, a reset) says only "transport
+    // error"; its causes say what happened.
+    let mut causes = String::new();
+    let mut source = std::error::Error::source(&s);
+    while let Some(e) = source {
+        causes.push_str(&format!(": {e}"));
+        source = e.source();
+    }
+    if !causes.is_empty() {
+        return anyhow!("the call to {url} failed: {}{causes}", s.message());
+    }
     match s.code() {
         tonic::Code::Unavailable => anyhow!("coordinator at {url} is unavailable: {}", s.message()),
+        tonic::Code::Unauthenticated => anyhow!("{url} refused the call: {}", s.message()),
+        tonic::Code::PermissionDenied => anyhow!("{url} refused the call: {}", s.message()),
         _ => anyhow!("{}", s.message()),
     }
 }
 
 impl Client {
+    /// Connects without TLS settings or a token (a loopback coordinator).
     pub async fn connect(url: &str) -> anyhow::Result<Client> {
-        let endpoint = Channel::from_shared(url.to_string())
-            .map_err(|e| anyhow!("`{url}` is not a coordinator URL (expected e.g. {DEFAULT_COORDINATOR}): {e}"))?
-            .connect_timeout(Duration::from_secs(5));
+        Client::connect_with(url, &ClientSecurity::default()).await
+    }
+
+    /// Connects with TLS (for `https://`) and the bearer token of `security`.
+    pub async fn connect_with(url: &str, security: &ClientSecurity) -> anyhow::Result<Client> {
+        let endpoint = security.endpoint(url)?.connect_timeout(Duration::from_secs(5));
         let channel = endpoint.connect().await.map_err(|e| {
-            anyhow!(
-                "cannot reach the coordinator at {url}: {e}; start one with `sweep coordinator`, or point to it with --coordinator or SWEEP_COORDINATOR"
-            )
+            let cause = std::error::Error::source(&e).map(|s| format!(" ({s})")).unwrap_or_default();
+            let hint = if cause.contains("certificate") {
+                "give --ca-cert with the CA that signed the coordinator's certificate (and --client-cert and --client-key if it asks for one)"
+            } else {
+                "start one with `sweep coordinator`, or point to it with --coordinator or SWEEP_COORDINATOR"
+            };
+            anyhow!("cannot reach the coordinator at {url}: {e}{cause}; {hint}")
         })?;
-        Ok(Client { inner: SweepServiceClient::new(channel).max_decoding_message_size(64 << 20), url: url.to_string() })
+        let inner =
+            SweepServiceClient::with_interceptor(channel, security.interceptor()).max_decoding_message_size(64 << 20);
+        Ok(Client { inner, url: url.to_string() })
     }
 
     pub fn raw(&mut self) -> &mut SweepServiceClient<Channel> {

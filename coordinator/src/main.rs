@@ -86,11 +86,43 @@ struct Args {
     command: Command,
 }
 
+/// Where the coordinator is and how to prove who we are.
 #[derive(clap::Args, Clone)]
-struct Remote {
-    /// Coordinator to talk to.
+struct Conn {
+    /// Coordinator to talk to (`https://` for TLS).
     #[arg(long, env = "SWEEP_COORDINATOR", default_value = cli::DEFAULT_COORDINATOR)]
     coordinator: String,
+    /// File holding the bearer token (a `client`, `viewer` or `admin` token).
+    #[arg(long, env = "SWEEP_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the coordinator's certificate [default: system roots].
+    #[arg(long, env = "SWEEP_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM), for a coordinator that requires one.
+    #[arg(long, env = "SWEEP_CLIENT_CERT", value_name = "FILE", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Key of the client certificate (PEM).
+    #[arg(long, env = "SWEEP_CLIENT_KEY", value_name = "FILE", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+}
+
+impl Conn {
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let security = sweep_proto::connect::ClientSecurity::load(&sweep_proto::connect::ClientFiles {
+            token_file: self.token_file.clone(),
+            token: std::env::var("SWEEP_TOKEN").ok(),
+            ca_cert: self.ca_cert.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        })?;
+        Client::connect_with(&self.coordinator, &security).await
+    }
+}
+
+#[derive(clap::Args, Clone)]
+struct Remote {
+    #[command(flatten)]
+    conn: Conn,
     /// Output format.
     #[arg(long, short, value_enum, env = "SWEEP_OUTPUT", default_value = "table")]
     output: Format,
@@ -107,17 +139,37 @@ enum Command {
         #[arg(long, env = "SWEEP_STATE_DIR", default_value = ".sweep")]
         state_dir: PathBuf,
         /// Seconds without a heartbeat after which a worker is suspect.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, env = "SWEEP_HEARTBEAT_TTL", default_value_t = 10)]
         heartbeat_ttl: u64,
         /// Further seconds after which its lease ends and its trials are re-queued.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, env = "SWEEP_LEASE_GRACE", default_value_t = 20)]
         lease_grace: u64,
         /// Failed attempts in a row after which a worker gets no more trials (0: never).
-        #[arg(long, default_value_t = sweep_coordinator::store::DEFAULT_QUARANTINE_AFTER)]
+        #[arg(long, env = "SWEEP_QUARANTINE_AFTER", default_value_t = sweep_coordinator::store::DEFAULT_QUARANTINE_AFTER)]
         quarantine_after: u32,
         /// Largest number of trials one sweep may have.
         #[arg(long, default_value_t = sweep_core::spec::DEFAULT_MAX_TRIALS)]
         max_trials: usize,
+        /// Also serve `grpc.health.v1` alone, in plaintext, here (for probes that cannot
+        /// speak TLS).
+        #[arg(long, env = "SWEEP_HEALTH_LISTEN", value_name = "ADDR")]
+        health_listen: Option<std::net::SocketAddr>,
+        /// Serve Prometheus `/metrics` and `/healthz` over HTTP here.
+        #[arg(long, env = "SWEEP_METRICS_LISTEN", value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
+        /// TLS certificate (PEM, with its chain) of the gRPC port.
+        #[arg(long, env = "SWEEP_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS key (PEM).
+        #[arg(long, env = "SWEEP_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Require client certificates signed by this CA (PEM): mutual TLS.
+        #[arg(long, env = "SWEEP_CLIENT_CA", value_name = "FILE", requires = "tls_cert")]
+        client_ca: Option<PathBuf>,
+        /// Bearer tokens with roles, `ROLE TOKEN [NAME]` per line (roles: admin, client,
+        /// viewer, worker); without it every call is allowed.
+        #[arg(long, env = "SWEEP_TOKENS", value_name = "FILE")]
+        tokens: Option<PathBuf>,
     },
     /// Run a sweep on this machine: an embedded coordinator, N local workers, progress, the
     /// leaderboard.
@@ -188,9 +240,8 @@ enum Command {
         /// Rank trials, or backbones by their best trial.
         #[arg(long, value_enum, default_value = "trial")]
         by: cli::By,
-        /// Coordinator to talk to.
-        #[arg(long, env = "SWEEP_COORDINATOR", default_value = cli::DEFAULT_COORDINATOR)]
-        coordinator: String,
+        #[command(flatten)]
+        conn: Conn,
         /// Output format.
         #[arg(long, short, value_enum, env = "SWEEP_OUTPUT", default_value = "table")]
         output: TableFormat,
@@ -204,9 +255,8 @@ enum Command {
         /// Write to this file instead of standard output.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
-        /// Coordinator to talk to.
-        #[arg(long, env = "SWEEP_COORDINATOR", default_value = cli::DEFAULT_COORDINATOR)]
-        coordinator: String,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// PNG figures of a sweep: per-trial loss and accuracy curves, per-backbone accuracy.
     #[command(after_help = PLOT_EXAMPLES)]
@@ -333,9 +383,30 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Coordinator { listen, state_dir, heartbeat_ttl, lease_grace, quarantine_after, max_trials } => {
+        Command::Coordinator {
+            listen,
+            state_dir,
+            heartbeat_ttl,
+            lease_grace,
+            quarantine_after,
+            max_trials,
+            health_listen,
+            metrics_listen,
+            tls_cert,
+            tls_key,
+            client_ca,
+            tokens,
+        } => {
             cli::init_logging();
             let mut config = sweep_coordinator::server::Config::new(listen, state_dir);
+            config.health_listen = health_listen;
+            config.metrics_listen = metrics_listen;
+            if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
+                config.tls = Some(sweep_coordinator::server::TlsFiles { cert, key, client_ca });
+            }
+            if let Some(path) = tokens {
+                config.tokens = Some(std::sync::Arc::new(sweep_coordinator::auth::Tokens::load(&path)?));
+            }
             config.heartbeat_ttl = std::time::Duration::from_secs(heartbeat_ttl.max(1));
             config.lease_grace = std::time::Duration::from_secs(lease_grace);
             config.quarantine_after = quarantine_after;
@@ -358,35 +429,35 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Validate { spec, max_trials, output } => cli::validate(&spec, max_trials, output),
         Command::Submit { spec, watch, remote } => {
             let format = remote.output;
-            let mut client = Client::connect(&remote.coordinator).await?;
+            let mut client = remote.conn.connect().await?;
             let id = client.submit(&spec, format).await?;
             if watch { client.watch_sweep(&id, format).await } else { Ok(ExitCode::SUCCESS) }
         }
         Command::Watch { id, remote } => {
             let format = remote.output;
-            Client::connect(&remote.coordinator).await?.watch_sweep(&id, format).await
+            remote.conn.connect().await?.watch_sweep(&id, format).await
         }
         Command::List { remote } => {
             let format = remote.output;
-            Client::connect(&remote.coordinator).await?.list(format).await?;
+            remote.conn.connect().await?.list(format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { id, remote } => {
             let format = remote.output;
-            Client::connect(&remote.coordinator).await?.status(&id, format).await?;
+            remote.conn.connect().await?.status(&id, format).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Leaderboard { id, by, coordinator, output } => {
-            Client::connect(&coordinator).await?.leaderboard(&id, by, output).await?;
+        Command::Leaderboard { id, by, conn, output } => {
+            conn.connect().await?.leaderboard(&id, by, output).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Export { id, format, out, coordinator } => {
-            Client::connect(&coordinator).await?.export(&id, format, out.as_deref()).await?;
+        Command::Export { id, format, out, conn } => {
+            conn.connect().await?.export(&id, format, out.as_deref()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plot { id, out, remote } => {
             let format = remote.output;
-            Client::connect(&remote.coordinator).await?.plot(&id, &out, format).await?;
+            remote.conn.connect().await?.plot(&id, &out, format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {
@@ -396,22 +467,22 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Trial { id, trial, remote } => {
             let format = remote.output;
-            Client::connect(&remote.coordinator).await?.trial(&id, &trial, format).await?;
+            remote.conn.connect().await?.trial(&id, &trial, format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { id, remote } => {
             let format = remote.output;
-            Client::connect(&remote.coordinator).await?.cancel(&id, format).await?;
+            remote.conn.connect().await?.cancel(&id, format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Retry { id, trials, remote } => {
             let format = remote.output;
-            Client::connect(&remote.coordinator).await?.retry(&id, trials, format).await?;
+            remote.conn.connect().await?.retry(&id, trials, format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Workers { remote } => {
             let format = remote.output;
-            Client::connect(&remote.coordinator).await?.workers(format).await?;
+            remote.conn.connect().await?.workers(format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckState { state_dir, output } => Ok(sweep_coordinator::history::command(&state_dir, output)),

@@ -62,6 +62,62 @@ pub struct Config {
     /// Failed attempts in a row after which a worker is quarantined (0: never).
     pub quarantine_after: u32,
     pub parse: ParseOptions,
+    /// TLS on the gRPC port, and client certificates when a client CA is given.
+    pub tls: Option<TlsFiles>,
+    /// Bearer tokens and their roles; `None` lets every call through.
+    pub tokens: Option<Arc<crate::auth::Tokens>>,
+    /// A plaintext port serving only `grpc.health.v1` (for probes that cannot speak TLS).
+    pub health_listen: Option<SocketAddr>,
+    /// HTTP `/metrics` (Prometheus) and `/healthz`.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Certificate files of the gRPC port (PEM).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Require client certificates signed by this CA (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Reads the files; an unreadable one is an error naming it.
+    fn server_config(&self) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+        use anyhow::Context;
+        let read =
+            |what: &str, p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {what} {}", p.display()));
+        let identity =
+            tonic::transport::Identity::from_pem(read("TLS certificate", &self.cert)?, read("TLS key", &self.key)?);
+        let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca {
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(read("client CA", ca)?));
+        }
+        Ok(config)
+    }
+}
+
+/// What the coordinator counts for `/metrics`.
+#[derive(Debug)]
+pub struct CoordinatorMetrics {
+    /// Acknowledged `ReportEpoch` calls.
+    pub reports: sweep_proto::metrics::Counter,
+    /// From the moment a worker with a free device asked (or was woken by new work) to its
+    /// committed assignment.
+    pub scheduling: sweep_proto::metrics::Histogram,
+    /// One store batch: its calls and its commit.
+    pub store_write: sweep_proto::metrics::Histogram,
+}
+
+impl Default for CoordinatorMetrics {
+    fn default() -> Self {
+        use sweep_proto::metrics::{Counter, Histogram, LATENCY_BOUNDS};
+        CoordinatorMetrics {
+            reports: Counter::default(),
+            scheduling: Histogram::new(LATENCY_BOUNDS),
+            store_write: Histogram::new(LATENCY_BOUNDS),
+        }
+    }
 }
 
 impl Config {
@@ -73,6 +129,10 @@ impl Config {
             lease_grace: Duration::from_secs(20),
             quarantine_after: crate::store::DEFAULT_QUARANTINE_AFTER,
             parse: ParseOptions::default(),
+            tls: None,
+            tokens: None,
+            health_listen: None,
+            metrics_listen: None,
         }
     }
 }
@@ -86,6 +146,7 @@ pub struct Shared {
     freed: Mutex<HashMap<String, Arc<Notify>>>,
     events: watch::Sender<u64>,
     config: Config,
+    pub(crate) metrics: Arc<CoordinatorMetrics>,
 }
 
 /// A store call: runs on the store thread inside a batch and returns what answers its caller
@@ -96,8 +157,9 @@ type StoreJob = Box<dyn FnOnce(&mut Store) -> Box<dyn FnOnce(&Result<(), String>
 const MAX_BATCH: usize = 1024;
 
 /// The store thread: runs queued calls in batches until every sender is gone.
-fn store_thread(mut store: Store, jobs: std::sync::mpsc::Receiver<StoreJob>) {
+fn store_thread(mut store: Store, jobs: std::sync::mpsc::Receiver<StoreJob>, metrics: Arc<CoordinatorMetrics>) {
     while let Ok(first) = jobs.recv() {
+        let started = std::time::Instant::now();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
@@ -112,6 +174,7 @@ fn store_thread(mut store: Store, jobs: std::sync::mpsc::Receiver<StoreJob>) {
         if let Err(e) = &committed {
             tracing::error!(error = %e, calls = replies.len(), "batch commit failed; its calls were refused");
         }
+        metrics.store_write.observe(started.elapsed().as_secs_f64());
         for reply in replies {
             reply(&committed);
         }
@@ -139,7 +202,7 @@ impl Drop for FreedSignal<'_> {
 
 impl Shared {
     /// Runs `f` on the store thread; the result comes back once its batch has committed.
-    async fn call<T, F>(self: &Arc<Self>, f: F) -> Result<T, Status>
+    pub(crate) async fn call<T, F>(self: &Arc<Self>, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
@@ -216,9 +279,16 @@ impl From<StoreError> for Status {
 /// Handle to a running coordinator.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The plaintext health port, when one was asked for.
+    pub health_addr: Option<SocketAddr>,
+    /// The HTTP metrics port, when one was asked for.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     reaper: tokio::task::JoinHandle<()>,
+    /// Health server and metrics endpoint.
+    side: Vec<tokio::task::JoinHandle<()>>,
+    health: tonic_health::server::HealthReporter,
 }
 
 impl Running {
@@ -226,10 +296,15 @@ impl Running {
     /// connection is dropped (a client that never reads its socket cannot hold the coordinator
     /// open). Nothing is lost either way: every acknowledged write is already committed.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        self.health.set_not_serving::<SweepServiceServer<SweepApi>>().await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         self.reaper.abort();
+        for t in &self.side {
+            t.abort();
+        }
         match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task).await {
             Ok(joined) => joined??,
             Err(_) => {
@@ -276,17 +351,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Some(n) => tracing::debug!(limit = n, "open-file limit"),
         None => {}
     }
+    // Certificates first: a bad file must stop start-up before anything is opened.
+    let tls = config.tls.as_ref().map(TlsFiles::server_config).transpose()?;
     let mut store = Store::open(&config.state_dir)?;
     store.set_quarantine_after(config.quarantine_after)?;
     let last = store.last_sequence()?;
     let (events, _) = watch::channel(last);
     let (jobs, queue) = std::sync::mpsc::channel();
+    let metrics = Arc::new(CoordinatorMetrics::default());
+    let store_metrics = Arc::clone(&metrics);
     std::thread::Builder::new()
         .name("sweep-store".into())
-        .spawn(move || store_thread(store, queue))
+        .spawn(move || store_thread(store, queue, store_metrics))
         .context("cannot start the store thread")?;
-    let shared =
-        Arc::new(Shared { store: jobs, work: Notify::new(), freed: Mutex::default(), events, config: config.clone() });
+    let shared = Arc::new(Shared {
+        store: jobs,
+        work: Notify::new(),
+        freed: Mutex::default(),
+        events,
+        config: config.clone(),
+        metrics,
+    });
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -302,24 +387,71 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
 
+    // Health: "" is the process, `sweep.v1.SweepService` and `sweep.v1.WorkerService` are
+    // ready once the store is open (it is, here).
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<SweepServiceServer<SweepApi>>().await;
+    health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sweep_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // v1 and the older v1alpha, which many stock tools still ask for.
+    let reflection_v1 = reflection().build_v1().context("cannot build the reflection service")?;
+    let reflection_v1alpha = reflection().build_v1alpha().context("cannot build the reflection service")?;
+
     let sweeps = SweepServiceServer::new(SweepApi(Arc::clone(&shared)))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(64 << 20);
     let workers = WorkerServiceServer::new(WorkerApi(Arc::clone(&shared))).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("TLS configuration")?;
+    }
     let task = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .layer(tower::util::MapResponseLayer::new(refused_request_status))
+            .layer(crate::auth::AuthLayer(config.tokens.clone()))
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
             .add_service(sweeps)
             .add_service(workers)
+            .add_service(health_service.clone())
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
             }),
     );
+    let mut side = Vec::new();
+    let mut health_addr = None;
+    if let Some(listen) = config.health_listen {
+        let l = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} (health)"))?;
+        health_addr = Some(l.local_addr()?);
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+        side.push(tokio::spawn(async move {
+            let served =
+                tonic::transport::Server::builder().add_service(health_service).serve_with_incoming(incoming).await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "health server ended");
+            }
+        }));
+    }
+    let mut metrics_addr = None;
+    if let Some(listen) = config.metrics_listen {
+        let handler = crate::metrics::handler(Arc::clone(&shared));
+        let (bound, t) = sweep_proto::httpd::serve(listen, handler)
+            .await
+            .with_context(|| format!("cannot listen on {listen} (metrics)"))?;
+        metrics_addr = Some(bound);
+        side.push(t);
+    }
     let reaper = tokio::spawn(reap_leases(Arc::clone(&shared)));
-    Ok(Running { addr, shutdown: Some(tx), task, reaper })
+    Ok(Running { addr, health_addr, metrics_addr, shutdown: Some(tx), task, reaper, side, health })
 }
 
 /// How tonic words the errors of a request body that is not a well-formed request message: bad
@@ -587,6 +719,7 @@ impl WorkerService for WorkerApi {
         let deadline = tokio::time::Instant::now() + wait;
         let freed = self.0.freed_signal(&req.worker_id);
         loop {
+            let asked = std::time::Instant::now();
             // Register interest before checking, so a submit or a finished attempt between the
             // check and the wait still wakes this call.
             let pending = self.0.work.notified();
@@ -605,6 +738,7 @@ impl WorkerService for WorkerApi {
                 })
                 .await?;
             if let Some(a) = assignment {
+                self.0.metrics.scheduling.observe(asked.elapsed().as_secs_f64());
                 tracing::info!(worker = %req.worker_id, sweep = %a.sweep_id, trial = %a.trial_id, attempt = a.attempt_id, "trial assigned");
                 return Ok(Response::new(v1::AcquireTrialResponse { assignment: Some(a) }));
             }
@@ -661,6 +795,7 @@ impl WorkerService for WorkerApi {
             }
         }
         let cancel = self.0.write(false, move |s| s.report_epoch(req.attempt_id, &metrics, &extras)).await?;
+        self.0.metrics.reports.inc();
         Ok(Response::new(v1::ReportEpochResponse { cancel }))
     }
 

@@ -6,6 +6,10 @@ pub mod v1 {
     tonic::include_proto!("sweep.v1");
 }
 
+pub mod connect;
+pub mod httpd;
+pub mod metrics;
+
 /// Encoded `FileDescriptorSet` of `sweep.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sweep_v1_descriptor.bin"));
 

@@ -2,6 +2,7 @@
 
 mod cli;
 mod kill;
+mod security;
 mod util;
 
 use std::time::Duration;

@@ -338,11 +338,25 @@ fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, cut: &std::s
 /// accuracy `0.30 + 0.08 × epoch + 0.01 × index`, a second per epoch, 10 s per attempt) so that
 /// what the CLI prints can be compared with stored snapshots. Returns the trials it ran.
 pub fn scripted_worker(url: &str, name: &str, max_trials: usize) -> Vec<String> {
+    scripted_worker_with(url, name, max_trials, None)
+}
+
+/// [`scripted_worker`] whose calls carry the bearer token `token`.
+pub fn scripted_worker_with(url: &str, name: &str, max_trials: usize, token: Option<&str>) -> Vec<String> {
     use sweep_proto::v1;
     use sweep_proto::v1::worker_service_client::WorkerServiceClient;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+        token.map(|t| format!("Bearer {t}").parse().expect("token header"));
     rt.block_on(async {
-        let mut c = WorkerServiceClient::connect(url.to_string()).await.expect("connect");
+        let channel =
+            tonic::transport::Channel::from_shared(url.to_string()).expect("url").connect().await.expect("connect");
+        let mut c = WorkerServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            if let Some(h) = &header {
+                r.metadata_mut().insert("authorization", h.clone());
+            }
+            Ok(r)
+        });
         let reg = c
             .register(v1::RegisterRequest {
                 name: name.into(),
@@ -415,4 +429,17 @@ pub fn scripted_worker(url: &str, name: &str, max_trials: usize) -> Vec<String> 
         }
         ran
     })
+}
+
+/// The body of `GET http://ADDR/PATH`, with the status code.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("read");
+    let status = out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
 }

@@ -15,9 +15,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use sweep_core::spec::{self, ParseOptions};
+use sweep_proto::connect::{BearerToken, ClientSecurity};
 use sweep_proto::v1;
 use sweep_proto::v1::worker_service_client::WorkerServiceClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// The worker's client of `WorkerService`: every call carries its bearer token.
+type Wire = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
 use tonic::{Code, Status};
 
 use crate::artifacts::ArtifactStore;
@@ -43,6 +48,8 @@ pub struct DaemonOptions {
     pub cache_dir: PathBuf,
     /// How long one `AcquireTrial` long poll may wait.
     pub poll_wait: Duration,
+    /// TLS settings and the bearer token for the coordinator.
+    pub security: ClientSecurity,
 }
 
 /// The devices this worker announces to the coordinator: those of `selected` (a parsed
@@ -114,6 +121,23 @@ fn cpu_description() -> (String, u64) {
     (format!("{model} ({cores} cores)"), memory)
 }
 
+/// The coordinator connection's settings: the token from `token_file` (else `SWEEP_TOKEN`),
+/// TLS files; every file is read now.
+pub fn client_security(
+    token_file: Option<PathBuf>,
+    ca_cert: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+) -> anyhow::Result<ClientSecurity> {
+    Ok(ClientSecurity::load(&sweep_proto::connect::ClientFiles {
+        token_file,
+        token: std::env::var("SWEEP_TOKEN").ok(),
+        ca_cert,
+        client_cert,
+        client_key,
+    })?)
+}
+
 /// The training device: `cuda:0` when CUDA is usable, else the CPU.
 pub fn default_device() -> tch::Device {
     if tch::Cuda::is_available() { tch::Device::Cuda(0) } else { tch::Device::Cpu }
@@ -121,7 +145,7 @@ pub fn default_device() -> tch::Device {
 
 #[derive(Clone)]
 struct Session {
-    client: WorkerServiceClient<Channel>,
+    client: Wire,
     worker_id: String,
     incarnation: u64,
     ttl: Duration,
@@ -133,14 +157,8 @@ type Running = Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>>;
 /// Runs until `shutdown` resolves (then stops the running attempt, hands it back as retryable,
 /// and returns).
 pub async fn run(options: DaemonOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(options.coordinator.clone())
-        .map_err(|e| anyhow!("`{}` is not a coordinator URL: {e}", options.coordinator))?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .connect_lazy();
-    let client = WorkerServiceClient::new(channel);
+    let channel = sweep_proto::connect::with_keepalive(options.security.endpoint(&options.coordinator)?).connect_lazy();
+    let client = WorkerServiceClient::with_interceptor(channel, options.security.interceptor());
     let stopping = Arc::new(AtomicBool::new(false));
     let running: Running = Arc::default();
     tokio::pin!(shutdown);
@@ -220,6 +238,7 @@ pub async fn run(options: DaemonOptions, shutdown: impl std::future::Future<Outp
         }
     }
     heartbeat.abort();
+    crate::metrics::global().up.store(false, Ordering::Relaxed);
     Ok(())
 }
 
@@ -245,7 +264,7 @@ pub fn training_devices(ids: &[String]) -> Result<Vec<tch::Device>, String> {
         .collect()
 }
 
-async fn register(mut client: WorkerServiceClient<Channel>, options: &DaemonOptions) -> anyhow::Result<Session> {
+async fn register(mut client: Wire, options: &DaemonOptions) -> anyhow::Result<Session> {
     let mut delay = Duration::from_millis(200);
     let started = Instant::now();
     loop {
@@ -265,7 +284,7 @@ async fn register(mut client: WorkerServiceClient<Channel>, options: &DaemonOpti
                     ttl: Duration::from_millis(r.heartbeat_ttl_ms.max(1000)),
                 });
             }
-            Err(s) if s.code() == Code::InvalidArgument => {
+            Err(s) if matches!(s.code(), Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied) => {
                 return Err(anyhow!("the coordinator refused this worker: {}", s.message()));
             }
             Err(s) => {
@@ -282,13 +301,7 @@ async fn register(mut client: WorkerServiceClient<Channel>, options: &DaemonOpti
 /// Beats every TTL/3. Raises the cancel flag of attempts the coordinator wants stopped, and of
 /// every attempt once the coordinator has been unreachable for a whole TTL (it will have given
 /// the trial to another worker by the time the lease ends).
-async fn heartbeat_loop(
-    mut client: WorkerServiceClient<Channel>,
-    worker_id: String,
-    incarnation: u64,
-    ttl: Duration,
-    running: Running,
-) {
+async fn heartbeat_loop(mut client: Wire, worker_id: String, incarnation: u64, ttl: Duration, running: Running) {
     let mut last_ok = Instant::now();
     let mut tick = tokio::time::interval(ttl / 3);
     loop {
@@ -386,6 +399,7 @@ async fn run_attempt(
     );
     let cancel = Arc::new(AtomicBool::new(false));
     running.lock().unwrap_or_else(|p| p.into_inner()).insert(attempt_id, cancel.clone());
+    crate::metrics::global().running.fetch_add(1, Ordering::Relaxed);
 
     let handle = tokio::runtime::Handle::current();
     let client = session.client.clone();
@@ -427,6 +441,7 @@ async fn run_attempt(
     })
     .await;
     running.lock().unwrap_or_else(|p| p.into_inner()).remove(&attempt_id);
+    crate::metrics::global().running.fetch_sub(1, Ordering::Relaxed);
 
     let wall_seconds = started.elapsed().as_secs_f64();
     let report_failure = report_failure.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -555,6 +570,7 @@ pub fn train_attempt(
     let mut first = true;
     while trainer.epochs_done() < trainer.total_epochs() {
         let metrics = trainer.run_epoch()?;
+        crate::metrics::global().epoch(dataset.train.len(), metrics.seconds);
         let (last, new_best) =
             checkpoints.after_epoch(trainer.model(), &metrics).map_err(|e| TrainError::Retryable(e.to_string()))?;
         if new_best.is_some() {

@@ -21,6 +21,7 @@ pub mod data;
 pub mod devices;
 pub mod dist;
 pub mod mat;
+pub mod metrics;
 pub mod model;
 pub mod pretrain;
 pub mod resume;

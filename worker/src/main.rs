@@ -54,6 +54,22 @@ struct Args {
     /// copies of artifacts pass through `<dir>/scratch`.
     #[arg(long, env = "SWEEP_CACHE_DIR", default_value = ".sweep/cache")]
     cache_dir: PathBuf,
+    /// File holding this worker's bearer token (a `worker` token of the coordinator).
+    #[arg(long, env = "SWEEP_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the coordinator's certificate (for https://) [default:
+    /// the system's roots].
+    #[arg(long, env = "SWEEP_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM), for a coordinator that requires one (mutual TLS).
+    #[arg(long, env = "SWEEP_CLIENT_CERT", value_name = "FILE", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Key of the client certificate (PEM).
+    #[arg(long, env = "SWEEP_CLIENT_KEY", value_name = "FILE", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Serve Prometheus `/metrics` and `/healthz` over HTTP here (e.g. 0.0.0.0:9091).
+    #[arg(long, env = "SWEEP_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Longest wait of one request for work, in seconds.
     #[arg(long, default_value_t = 20)]
     poll_wait: u64,
@@ -188,7 +204,12 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: logs in files stay greppable.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("SWEEP_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().with_current_span(false).init();
+    } else {
+        builder.with_ansi(ansi).init();
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -352,6 +373,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     // A store that does not answer stops start-up, not every trial later.
     runtime.block_on(artifacts.check())?;
     artifacts.clean_stale_scratch();
+    // Unreadable token or certificate files stop start-up here, naming the file.
+    let security = sweep_worker::daemon::client_security(
+        args.token_file.clone(),
+        args.ca_cert.clone(),
+        args.client_cert.clone(),
+        args.client_key.clone(),
+    )?;
     let options = DaemonOptions {
         coordinator: args.coordinator,
         name: args.name.unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id())),
@@ -361,9 +389,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         artifacts,
         cache_dir,
         poll_wait: Duration::from_secs(args.poll_wait.clamp(1, 30)),
+        security,
     };
     tracing::info!("{}", daemon::describe(&options));
+    let metrics_devices = std::sync::Arc::new(options.devices.clone());
     runtime.block_on(async move {
+        if let Some(listen) = args.metrics_listen {
+            let (bound, _task) = sweep_proto::httpd::serve(listen, sweep_worker::metrics::handler(metrics_devices))
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (metrics): {e}"))?;
+            tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let shutdown = async move {
             tokio::select! {
