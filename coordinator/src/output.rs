@@ -101,6 +101,11 @@ pub fn duration(seconds: f64) -> String {
     }
 }
 
+/// `t003 resnet50 exponential(1e-4/3) 16+8`.
+pub fn trial_label(t: &v1::TrialSummary) -> String {
+    format!("{} {} {} {}+{}", t.trial_id, t.backbone, lr_label(t.lr_decay.as_ref()), t.fe_epochs, t.ft_epochs)
+}
+
 fn lr_label(d: Option<&v1::LrDecay>) -> String {
     d.map(v1::LrDecay::label).unwrap_or_default()
 }

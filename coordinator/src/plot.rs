@@ -63,14 +63,7 @@ pub fn trial_figure(path: &Path, c: &TrialCurves) -> anyhow::Result<()> {
     let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
     let err = draw_err(path);
     root.fill(&WHITE).map_err(&err)?;
-    let title = format!(
-        "{} {} {} {}+{}",
-        t.trial_id,
-        t.backbone,
-        t.lr_decay.as_ref().map(v1::LrDecay::label).unwrap_or_default(),
-        t.fe_epochs,
-        t.ft_epochs
-    );
+    let title = crate::output::trial_label(t);
     let root = root.titled(&title, (FAMILY, 24)).map_err(&err)?;
     let (left, right) = root.split_horizontally(600);
     let max_loss =
@@ -94,6 +87,7 @@ pub fn trial_figure(path: &Path, c: &TrialCurves) -> anyhow::Result<()> {
             .y_desc(what)
             .x_labels((epochs as usize).min(24))
             .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| if top >= 100.0 { format!("{y:.0}") } else { format!("{y:.1}") })
             .label_style((FAMILY, 14))
             .draw()
             .map_err(&err)?;

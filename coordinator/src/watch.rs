@@ -63,17 +63,6 @@ pub fn is_final(state: &str) -> bool {
     matches!(state, "completed" | "failed" | "cancelled")
 }
 
-fn trial_label(t: &v1::TrialSummary) -> String {
-    format!(
-        "{} {} {} {}+{}",
-        t.trial_id,
-        t.backbone,
-        t.lr_decay.as_ref().map(v1::LrDecay::label).unwrap_or_default(),
-        t.fe_epochs,
-        t.ft_epochs
-    )
-}
-
 impl View {
     /// A view on `stream`: live when it is a terminal (and `live` is allowed), else lines.
     pub fn new(stream: Stream, live: bool) -> View {
@@ -222,7 +211,7 @@ impl View {
             );
             b
         });
-        bar.set_prefix(trial_label(t));
+        bar.set_prefix(output::trial_label(t));
         bar.set_length((t.fe_epochs + t.ft_epochs) as u64);
         bar.set_position(t.epochs_done as u64);
         let phase = if t.epochs_done < t.fe_epochs { "feature_extraction" } else { "fine_tuning" };
@@ -257,7 +246,7 @@ impl View {
     pub fn trial(&mut self, e: &v1::TrialEvent) {
         let Some(t) = &e.trial else { return };
         let before = self.trials.insert(t.trial_id.clone(), t.clone()).map(|b| b.state);
-        let label = trial_label(t);
+        let label = output::trial_label(t);
         if !e.note.is_empty() {
             self.say(&format!("{}  note: {}", t.trial_id, e.note));
         }

@@ -5,9 +5,11 @@
 //! The result is cached by content: the file name carries a SHA-256 of everything that
 //! determines the weights (the pretraining section, the backbone, the augmentation and a format
 //! version), so a second trial, sweep or run reuses it. Several workers sharing the cache
-//! directory pretrain a backbone once: the first takes a lock file (created exclusively, holding
-//! its process id), the others wait for the weights, and a lock whose process is gone is taken
-//! over.
+//! directory pretrain a backbone once: the first takes an advisory lock (`flock`) on a lock
+//! file, the others wait for the weights. The kernel releases the lock when its holder dies
+//! (SIGKILL, the OOM killer), so a lock is never left held: no process id to check, which
+//! would fail in containers (every worker is PID 1 there, so a restarted one would wait for its
+//! dead predecessor forever) and on a cache volume several hosts share.
 //!
 //! Pretraining reuses the trial loop: it is a "trial" with no feature-extraction epoch whose
 //! fine-tuning gives every layer group the same learning rate (exponential decay with factor 1).
@@ -66,15 +68,16 @@ fn pretraining_run(spec: &SweepSpec, p: &PretrainSpec, backbone: Backbone) -> (S
     (s, trial)
 }
 
-fn lock_holder_alive(lock: &Path) -> bool {
-    match std::fs::read_to_string(lock) {
-        Ok(text) => match text.trim().parse::<u32>() {
-            Ok(pid) => Path::new(&format!("/proc/{pid}")).exists(),
-            // Being written right now.
-            Err(_) => true,
-        },
-        Err(_) => false,
+/// Takes the lock on `lock` if no other process holds it (`None` if one does).
+fn try_lock(lock: &Path) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(lock)?;
+    // SAFETY: flock(2) on a descriptor we own; the lock goes with the descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(f));
     }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(None) } else { Err(e) }
 }
 
 /// Makes sure the pretrained weights of `backbone` exist in `cache_dir` and returns their path,
@@ -99,28 +102,27 @@ pub fn ensure(
             tracing::info!(file = %weights.display(), "reusing pretrained weights");
             return Ok(weights);
         }
-        match std::fs::OpenOptions::new().write(true).create_new(true).open(&lock) {
-            Ok(mut f) => {
-                use std::io::Write;
-                let _ = writeln!(f, "{}", std::process::id());
-                drop(f);
-                let result = pretrain(spec, p, backbone, &key, &weights, options);
-                let _ = std::fs::remove_file(&lock);
-                return result.map(|_| weights);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                if !lock_holder_alive(&lock) {
-                    tracing::warn!(lock = %lock.display(), "taking over the lock of a pretraining whose process is gone");
-                    let _ = std::fs::remove_file(&lock);
+        match try_lock(&lock) {
+            Ok(Some(held)) => {
+                // Whoever held the lock before may have finished meanwhile.
+                if weights.is_file() {
                     continue;
                 }
+                let result = pretrain(spec, p, backbone, &key, &weights, options);
+                // Safe to remove: whoever takes a lock (this file's or a new one's) looks for
+                // the weights first.
+                let _ = std::fs::remove_file(&lock);
+                drop(held);
+                return result.map(|_| weights);
+            }
+            Ok(None) => {
                 if options.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
                     return Err(TrainError::Cancelled);
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
             Err(e) => {
-                return Err(TrainError::Retryable(format!("cannot create the lock {}: {e}", lock.display())));
+                return Err(TrainError::Retryable(format!("cannot lock {}: {e}", lock.display())));
             }
         }
     }

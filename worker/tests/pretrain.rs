@@ -95,22 +95,26 @@ fn a_live_lock_is_waited_for_and_a_dead_one_taken_over() {
     let weights = cache.join(format!("resnet18-{}.safetensors", &key[..16]));
     let lock = weights.with_extension("lock");
 
-    // Someone alive (this process) holds the lock; their weights arrive a moment later.
-    std::fs::write(&lock, format!("{}\n", std::process::id())).unwrap();
+    // Another worker holds the lock (an flock on the file); its weights arrive a moment later.
+    let held = std::fs::File::create(&lock).unwrap();
+    // SAFETY: flock(2) on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) }, 0);
     let (w, l) = (weights.clone(), lock.clone());
     let other = std::thread::spawn(move || {
         std::thread::sleep(std::time::Duration::from_millis(700));
         std::fs::write(&w, b"weights of the other worker").unwrap();
         std::fs::remove_file(&l).unwrap();
+        drop(held);
     });
     let got = pretrain::ensure(&s, Backbone::Resnet18, dir.path(), &cpu()).unwrap();
     other.join().unwrap();
     assert_eq!(got, weights);
     assert_eq!(std::fs::read(&got).unwrap(), b"weights of the other worker", "waited instead of pretraining");
 
-    // A lock left by a process that is gone is taken over.
+    // A lock file its holder left behind when it died (the kernel released its lock; in a
+    // container a restarted worker has the same process id, 1, as the dead one) is taken over.
     std::fs::remove_file(&weights).unwrap();
-    std::fs::write(&lock, "4194305\n").unwrap();
+    std::fs::write(&lock, "1\n").unwrap();
     let got = pretrain::ensure(&s, Backbone::Resnet18, dir.path(), &cpu()).unwrap();
     assert!(pretrain::read_record(&got).is_some());
     assert!(!lock.exists());
