@@ -359,3 +359,27 @@ fn stock_clients_see_health_reflection_and_prometheus_metrics() {
     assert_eq!(http_get(&metrics, "/healthz"), (200, "ok\n".into()));
     assert_eq!(http_get(&metrics, "/nope").0, 404);
 }
+
+#[test]
+fn logs_are_json_lines_on_request() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = sweep()
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .env("SWEEP_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(v["level"], "INFO", "{v}");
+    assert_eq!(v["fields"]["message"], "coordinator listening", "{v}");
+    assert!(v["fields"]["addr"].as_str().unwrap().starts_with("127.0.0.1:"), "{v}");
+    assert!(v["timestamp"].is_string(), "{v}");
+}
