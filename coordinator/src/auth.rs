@@ -91,7 +91,13 @@ impl Tokens {
     pub fn parse(text: &str) -> anyhow::Result<Tokens> {
         let mut entries: Vec<Entry> = Vec::new();
         for (i, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or_default().trim();
+            // `#` starts a comment at the start of a line or after white space; inside a token
+            // it is part of the token.
+            let cut = line
+                .char_indices()
+                .find(|&(i, c)| c == '#' && (i == 0 || line[..i].ends_with(char::is_whitespace)))
+                .map_or(line.len(), |(i, _)| i);
+            let line = line[..cut].trim();
             if line.is_empty() {
                 continue;
             }
@@ -284,6 +290,7 @@ worker wwwwwwwwwwwwwwwwwwww  gpu-pool   # the DaemonSet
             ("client short\n", "1: a token must be at least 16"),
             ("client aaaaaaaaaaaaaaaaaaaa\nworker aaaaaaaaaaaaaaaaaaaa\n", "2: this token is listed twice"),
             ("# nothing\n", "no tokens"),
+            ("client abcdefghijklmno#xyz\nclient abcdefghijklmno#xyz\n", "2: this token is listed twice"),
         ] {
             let e = Tokens::parse(text).err().unwrap().to_string();
             assert!(e.contains(want), "{text:?}: {e}");

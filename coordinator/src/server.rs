@@ -298,6 +298,7 @@ impl Running {
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         self.health.set_not_serving::<SweepServiceServer<SweepApi>>().await;
+        self.health.set_not_serving::<WorkerServiceServer<WorkerApi>>().await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

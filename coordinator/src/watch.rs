@@ -348,6 +348,10 @@ pub async fn follow(
     let mut broken_since: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
+        if broken_since.is_some() {
+            // Never a tight loop: a stream that keeps breaking is retried once a second.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         let mut stream = match client.watch(id, last).await {
             Ok(s) => s,
             Err(e) => {
@@ -355,7 +359,6 @@ pub async fn follow(
                 if last == 0 || since.elapsed() > RECONNECT_FOR {
                     return Err(e);
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
@@ -367,7 +370,12 @@ pub async fn follow(
             tokio::select! {
                 msg = stream.message() => match msg {
                     Ok(Some(event)) => {
-                        last = last.max(event.sequence);
+                        // A snapshot's sequence is the newest in the store, not the last event
+                        // shown: a stream that breaks during the replay after it must resume
+                        // from the last event actually seen.
+                        if !matches!(event.event, Some(v1::sweep_event::Event::Snapshot(_))) {
+                            last = last.max(event.sequence);
+                        }
                         view.apply(&event, resumed);
                         if let Some(s) = view.ended() {
                             return Ok(s.clone());
@@ -379,7 +387,13 @@ pub async fn follow(
                         break;
                     }
                     Err(s) => {
-                        if s.code() == tonic::Code::NotFound {
+                        if matches!(
+                            s.code(),
+                            tonic::Code::NotFound
+                                | tonic::Code::Unauthenticated
+                                | tonic::Code::PermissionDenied
+                                | tonic::Code::InvalidArgument
+                        ) {
                             bail!("{}", s.message());
                         }
                         view.say(&format!("event stream broken ({}); reconnecting", s.message()));

@@ -28,11 +28,22 @@ pub enum ConnectError {
 }
 
 /// TLS and token settings of a client, with the files already read.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ClientSecurity {
     token: Option<MetadataValue<Ascii>>,
     ca_pem: Option<Vec<u8>>,
     identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ClientSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token or the key.
+        f.debug_struct("ClientSecurity")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("ca", &self.ca_pem.as_ref().map(|_| "<set>"))
+            .field("client_certificate", &self.identity.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, ConnectError> {
@@ -129,7 +140,10 @@ fn bearer(token: &str) -> Result<MetadataValue<Ascii>, ()> {
     if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(());
     }
-    format!("Bearer {token}").parse().map_err(|_| ())
+    let mut v: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| ())?;
+    // Not to be indexed by HTTP/2 header compression.
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 /// Adds `authorization: Bearer <token>` to every request (nothing when no token is set).

@@ -30,18 +30,32 @@ pub type Handler = Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Reply> + Se
 
 /// Largest request head read.
 const MAX_HEAD: usize = 8 << 10;
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Binds `addr` and serves `handler` until the returned task is aborted; returns the bound
 /// address (port 0 picks a free one) and the task.
 pub async fn serve(addr: SocketAddr, handler: Handler) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let task = tokio::spawn(async move {
         loop {
-            let Ok((conn, _)) = listener.accept().await else { continue };
+            // At most MAX_CONNECTIONS at once: idle connections cannot use up the process's
+            // file descriptors (the gRPC port shares them).
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
+            let conn = match listener.accept().await {
+                Ok((conn, _)) => conn,
+                Err(_) => {
+                    // Out of descriptors, or a connection reset before it was accepted: no spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let h = handler.clone();
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(10), answer(conn, h)).await;
+                drop(slot);
             });
         }
     });

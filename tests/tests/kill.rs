@@ -377,9 +377,10 @@ fn with_an_s3_artifact_store_a_killed_workers_trial_resumes_on_a_worker_that_sha
     let size = |name: &str| objects.iter().find(|(k, _)| k == &format!("{prefix}{name}")).unwrap().1;
     assert_eq!(size("best.safetensors"), best.bytes);
     assert!(size("state-e0006.safetensors") > size("last.safetensors"), "a resume point holds the optimizer too");
-    // The worker that finished left no local copies behind.
+    // The worker that finished left no local copies behind (only the lock of its scratch
+    // folder, which says the folder is in use while it runs).
     let scratch = dir.path().join("b/scratch");
-    let left: Vec<_> = walk(&scratch);
+    let left: Vec<_> = walk(&scratch).into_iter().filter(|p| !p.ends_with(".lock")).collect();
     assert!(left.is_empty(), "{left:?}");
     assert_history_clean(&dir.path().join("state"));
 }

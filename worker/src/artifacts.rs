@@ -74,6 +74,8 @@ pub struct ArtifactStore {
     location: String,
     scratch: PathBuf,
     rt: Handle,
+    /// This process's scratch folder and the lock that marks it as in use.
+    mine: Arc<std::sync::OnceLock<(PathBuf, std::fs::File)>>,
 }
 
 impl std::fmt::Debug for ArtifactStore {
@@ -123,7 +125,8 @@ impl ArtifactStore {
                     .with_bucket_name(bucket)
                     .build()
                     .map_err(|e| location_error(location, e.to_string()))?;
-                (Arc::new(s3), Base::Url { root: format!("s3://{bucket}"), prefix })
+                let scheme = trimmed.split_once("://").map_or("s3", |(s, _)| s);
+                (Arc::new(s3), Base::Url { root: format!("{scheme}://{bucket}"), prefix })
             }
             Some((scheme, _)) => {
                 return Err(location_error(
@@ -132,7 +135,14 @@ impl ArtifactStore {
                 ));
             }
         };
-        Ok(ArtifactStore { store, base, location: trimmed.to_string(), scratch: scratch.to_path_buf(), rt })
+        Ok(ArtifactStore {
+            store,
+            base,
+            location: trimmed.to_string(),
+            scratch: scratch.to_path_buf(),
+            rt,
+            mine: Arc::default(),
+        })
     }
 
     /// The location as given.
@@ -334,6 +344,19 @@ impl ArtifactStore {
     /// Copies `from` to `to` inside the store (server-side on S3).
     pub async fn copy(&self, from: &str, to: &str) -> Result<(), ArtifactError> {
         let (f, t) = (self.object_key(from)?, self.object_key(to)?);
+        if let Base::Local(dir) = &self.base {
+            // object_store's local copy is a hard link, which network and FUSE file systems
+            // (SMB, gcsfuse, s3fs) refuse: copy the bytes, then rename into place.
+            let (src, dst) = (dir.join(from), dir.join(to));
+            let tmp = dst.with_extension(format!("copy-{}", std::process::id()));
+            let local = |path: &Path| {
+                let path = path.to_path_buf();
+                move |source| ArtifactError::Local { path, source }
+            };
+            std::fs::copy(&src, &tmp).map_err(local(&src))?;
+            std::fs::rename(&tmp, &dst).map_err(local(&dst))?;
+            return self.sync(to);
+        }
         self.store.copy(&f, &t).await.map_err(|e| self.store_error(from, e))
     }
 
@@ -402,25 +425,65 @@ impl ArtifactStore {
         self.rt.block_on(self.check())
     }
 
+    /// This process's scratch folder, `<scratch>/<pid>-<start>`, created on first use and held
+    /// by an `flock` on its `.lock` file for the life of the process.
+    fn my_scratch(&self) -> Result<&Path, ArtifactError> {
+        if let Some((path, _)) = self.mine.get() {
+            return Ok(path);
+        }
+        let started =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let path = self.scratch.join(format!("{}-{started}", std::process::id()));
+        let local = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ArtifactError::Local { path, source }
+        };
+        std::fs::create_dir_all(&path).map_err(local(&path))?;
+        let lock_path = path.join(".lock");
+        let lock = std::fs::File::create(&lock_path).map_err(local(&lock_path))?;
+        flock(&lock, true).map_err(local(&lock_path))?;
+        let _ = self.mine.set((path, lock));
+        Ok(&self.mine.get().expect("just set").0)
+    }
+
     /// A fresh local directory for one attempt's copies, removed when the guard is dropped.
     pub fn scratch_dir(&self, name: &str) -> Result<ScratchDir, ArtifactError> {
-        let path = self.scratch.join(format!("{}", std::process::id())).join(name);
+        let path = self.my_scratch()?.join(name);
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).map_err(|source| ArtifactError::Local { path: path.clone(), source })?;
         Ok(ScratchDir { path })
     }
 
-    /// Removes the scratch folders of processes that no longer run (a worker killed with
-    /// SIGKILL leaves its copies behind).
+    /// Removes the scratch folders no running process holds (a worker killed with SIGKILL
+    /// leaves its copies behind). A folder is in use while its `.lock` is locked: the kernel
+    /// releases that lock when its process dies, so workers in other containers sharing the
+    /// cache, whose process ids this one cannot see, keep theirs.
     pub fn clean_stale_scratch(&self) {
         let Ok(entries) = std::fs::read_dir(&self.scratch) else { return };
+        let mine = self.mine.get().map(|(p, _)| p.clone());
         for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_dir_all(entry.path());
+            let path = entry.path();
+            if !path.is_dir() || Some(&path) == mine.as_ref() {
+                continue;
+            }
+            let free = match std::fs::OpenOptions::new().write(true).open(path.join(".lock")) {
+                Ok(f) => flock(&f, false).is_ok(),
+                // A folder without a lock file is from before locks, or half made: not in use.
+                Err(_) => true,
+            };
+            if free {
+                let _ = std::fs::remove_dir_all(&path);
             }
         }
     }
+}
+
+/// An exclusive `flock` on `f`, waiting for it when `wait`.
+fn flock(f: &std::fs::File, wait: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let op = if wait { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
+    // SAFETY: flock(2) on a descriptor the caller owns.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// A local copy of the object at `uri` (`s3://bucket/key`) and of the JSON beside it, if there
@@ -527,6 +590,37 @@ mod tests {
     }
 
     #[test]
+    fn scratch_folders_of_dead_processes_are_removed_and_live_ones_kept() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let scratch = dir.path().join("scratch");
+        let open =
+            || ArtifactStore::open(dir.path().join("a").to_str().unwrap(), &scratch, rt.handle().clone()).unwrap();
+        let store = open();
+        let attempt = store.scratch_dir("s-t000-a1").unwrap();
+        // Left by a process that died (its lock released), and by one from before locks.
+        let dead = scratch.join("1-1");
+        std::fs::create_dir_all(&dead).unwrap();
+        std::fs::write(dead.join(".lock"), "").unwrap();
+        std::fs::write(dead.join("state-e0001.safetensors"), "x").unwrap();
+        std::fs::create_dir_all(scratch.join("77")).unwrap();
+        // Held by a live process in another container (same pid as the dead one, 1).
+        let live = scratch.join("1-2");
+        std::fs::create_dir_all(&live).unwrap();
+        let held = std::fs::File::create(live.join(".lock")).unwrap();
+        flock(&held, true).unwrap();
+        // Another store of this process (or another worker) cleans up.
+        let other = open();
+        other.clean_stale_scratch();
+        assert!(!dead.exists() && !scratch.join("77").exists());
+        assert!(live.exists(), "a held folder is kept");
+        assert!(attempt.path().exists(), "the first store's folder is held too");
+        drop(held);
+        other.clean_stale_scratch();
+        assert!(!live.exists());
+    }
+
+    #[test]
     fn references_outside_the_store_and_bad_locations_are_refused_with_the_reason() {
         let rt = runtime();
         let dir = tempfile::tempdir().unwrap();
@@ -554,5 +648,7 @@ mod tests {
         assert_eq!(s3.key_of("s3://bucket/runs/a/sw/t000/x.bin").unwrap(), "sw/t000/x.bin");
         assert!(s3.key_of("s3://bucket/runs/b/sw/t000/x.bin").is_err());
         assert!(s3.key_of("s3://other/runs/a/sw/t000/x.bin").is_err());
+        let s3a = ArtifactStore::open("s3a://bucket/p", dir.path(), rt.handle().clone()).unwrap();
+        assert_eq!(s3a.key_of("s3a://bucket/p/sw/x").unwrap(), "sw/x");
     }
 }

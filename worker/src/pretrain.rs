@@ -109,9 +109,8 @@ pub fn ensure(
                     continue;
                 }
                 let result = pretrain(spec, p, backbone, &key, &weights, options);
-                // Safe to remove: whoever takes a lock (this file's or a new one's) looks for
-                // the weights first.
-                let _ = std::fs::remove_file(&lock);
+                // The lock file stays: unlinking it while another process waits on it would let
+                // a third lock a new file at the same path, and both pretrain if this one failed.
                 drop(held);
                 return result.map(|_| weights);
             }
@@ -153,7 +152,9 @@ fn pretrain(
         );
         last = Some(m);
     }
-    let tmp = weights.with_extension(format!("safetensors.tmp-{}", std::process::id()));
+    // Unique per process and moment: in containers every worker may be PID 1.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let tmp = weights.with_extension(format!("safetensors.tmp-{}-{nanos}", std::process::id()));
     trainer
         .model()
         .save_weights(&tmp)

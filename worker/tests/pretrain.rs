@@ -51,10 +51,18 @@ fn pretrained_weights_are_made_once_and_reused() {
     let again = pretrain::ensure(&s, Backbone::Resnet18, dir.path(), &cpu()).unwrap();
     assert_eq!(again, first);
     assert_eq!(std::fs::metadata(&again).unwrap().modified().unwrap(), written, "reused, not retrained");
-    // No lock or temporary file is left.
-    let names: Vec<_> =
-        std::fs::read_dir(dir.path().join("pretrain")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    // No temporary file is left; the lock file stays, unlocked (unlinking it could let two
+    // processes lock different files of the same name).
+    let mut names: Vec<String> = std::fs::read_dir(dir.path().join("pretrain"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(
+        names[0].ends_with(".json") && names[1].ends_with(".lock") && names[2].ends_with(".safetensors"),
+        "{names:?}"
+    );
 }
 
 #[test]
@@ -117,7 +125,10 @@ fn a_live_lock_is_waited_for_and_a_dead_one_taken_over() {
     std::fs::write(&lock, "1\n").unwrap();
     let got = pretrain::ensure(&s, Backbone::Resnet18, dir.path(), &cpu()).unwrap();
     assert!(pretrain::read_record(&got).is_some());
-    assert!(!lock.exists());
+    // Not held any more: anyone can take it.
+    let f = std::fs::OpenOptions::new().write(true).open(&lock).unwrap();
+    // SAFETY: flock(2) on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) }, 0);
 }
 
 #[test]
