@@ -264,7 +264,9 @@ fn mutual_tls_and_tokens_from_the_cli_to_a_training_worker_and_its_metrics() {
         assert!(!out.status.success(), "{what}: {}", stdout(&out));
         let e = stderr(&out);
         println!("{what}: {e}");
-        assert!(e.contains("cannot reach the coordinator") || e.contains("failed: transport error"), "{what}: {e}");
+        // Refused in the handshake; how the refusal reads depends on timing (the server's
+        // alert, or a connection closed before it was read), never on a reply.
+        assert!(e.contains("cannot reach the coordinator") || e.contains("transport error"), "{what}: {e}");
     }
     let out = output(sweep().args([
         "list",
