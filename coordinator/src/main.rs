@@ -354,17 +354,10 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let args = Args::parse();
-    // Client commands die quietly on a closed pipe (`sweep list | head`) like other Unix
-    // tools, instead of panicking inside println!. Servers must not: a peer that goes away
-    // mid-write (a vectored socket write raises SIGPIPE) would kill them.
-    let serves =
-        matches!(args.command, Command::Coordinator { .. } | Command::Run { .. } | Command::SimulateWorkers { .. });
-    if !serves {
-        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
+    // Client commands end quietly on a closed pipe (`sweep list | head`). SIGPIPE stays
+    // ignored everywhere: a coordinator that closes a connection while a client (or a server)
+    // writes to it must give an error message, not kill the process without one.
+    sweep_proto::exit_quietly_on_closed_stdout();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

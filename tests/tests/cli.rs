@@ -250,6 +250,24 @@ fn completions_and_help_examples() {
         let help = stdout(&output(sweep().args([cmd, "--help"])));
         assert!(help.contains("Example"), "sweep {cmd} --help has no examples:\n{help}");
     }
+    // A closed pipe ends a printing command quietly, as SIGPIPE would (`sweep … | head`):
+    // `validate` of a spec of 1,000 trials prints more than a pipe holds.
+    let dir = tempfile::tempdir().unwrap();
+    let lrs: Vec<String> =
+        (1..=100).map(|i| format!("    - {{ strategy: exponential, head_lr: {i}.0e-4, factor: 3 }}")).collect();
+    let big = CLI_SPEC
+        .replace(
+            "  lr_decay: [{ strategy: exponential, head_lr: 1.0e-3, factor: 3 }]\n",
+            &format!("  lr_decay:\n{}\n", lrs.join("\n")),
+        )
+        .replace("[[1, 1], [2, 1]]", "[[1, 1], [2, 1], [3, 1], [1, 2], [2, 2]]");
+    let spec = write(dir.path(), "big.yaml", &big);
+    let out = output(Command::new("bash").args([
+        "-c",
+        &format!("set -o pipefail; {} validate {} | head -n 1 >/dev/null", bin("sweep").display(), spec.display()),
+    ]));
+    assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "no panic message: {}", stderr(&out));
     let help = stdout(&output(sweep().arg("--help")));
     for word in ["submit", "watch", "leaderboard", "export", "plot", "completions", "config"] {
         assert!(help.contains(word), "sweep --help does not mention {word}:\n{help}");

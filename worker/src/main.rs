@@ -191,15 +191,9 @@ fn host_name() -> String {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // The tools end quietly on a closed pipe (`sweep-worker inspect | head`). The daemon must
-    // not: a coordinator connection that breaks mid-write (a vectored socket write raises
-    // SIGPIPE) would kill it silently.
-    if args.tool.is_some() {
-        // SAFETY: restoring the default SIGPIPE disposition before any thread starts.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
+    // The tools end quietly on a closed pipe (`sweep-worker inspect | head`); SIGPIPE stays
+    // ignored, so that a connection that breaks mid-write is an error, never a silent death.
+    sweep_proto::exit_quietly_on_closed_stdout();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: logs in files stay greppable.
