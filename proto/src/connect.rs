@@ -97,11 +97,6 @@ impl ClientSecurity {
         Ok(ClientSecurity { token, ca_pem, identity })
     }
 
-    /// Whether a token is set.
-    pub fn has_token(&self) -> bool {
-        self.token.is_some()
-    }
-
     /// An endpoint for `url`: TLS for `https://` URLs (verified against the CA given, else the
     /// system's roots; with the client certificate if one is given), plain HTTP/2 otherwise.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, ConnectError> {

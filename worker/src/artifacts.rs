@@ -155,14 +155,6 @@ impl ArtifactStore {
         &self.scratch
     }
 
-    /// The root directory when the store is a local one.
-    pub fn local_root(&self) -> Option<&Path> {
-        match &self.base {
-            Base::Local(dir) => Some(dir),
-            Base::Url { .. } => None,
-        }
-    }
-
     fn object_key(&self, key: &str) -> Result<Key, ArtifactError> {
         let full = match &self.base {
             Base::Url { prefix, .. } if !prefix.is_empty() => format!("{prefix}/{key}"),
