@@ -201,7 +201,7 @@ async fn bench(s: Settings) -> anyhow::Result<ExitCode> {
     let workers_cpu = own_cpu_seconds() - own_before;
     let pending: u32 = client
         .raw()
-        .list_sweeps(sweep_proto::v1::ListSweepsRequest {})
+        .list_sweeps(sweep_proto::v1::ListSweepsRequest::default())
         .await
         .map_err(|e| anyhow!("ListSweeps: {}", e.message()))?
         .into_inner()

@@ -62,6 +62,27 @@ struct Entry {
     name: String,
 }
 
+impl Entry {
+    /// The identity a call with this token acts as: its name and the first 16 hex digits of the
+    /// token's SHA-256 (two tokens with one name are still two identities; the token itself is
+    /// never shown).
+    fn identity(&self) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(&self.token);
+        let fingerprint: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        format!("token:{}/{fingerprint}", self.name)
+    }
+}
+
+/// Who a call authenticated as, put into the request's extensions by [`AuthLayer`] for the
+/// handlers (a worker is bound to the identity that registered it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    pub role: Role,
+    /// `token:<name>/<fingerprint>`.
+    pub identity: String,
+}
+
 /// The tokens a coordinator accepts.
 #[derive(Clone, Default)]
 pub struct Tokens {
@@ -150,12 +171,12 @@ impl Tokens {
     }
 
     /// Whether a call of `path` (`/package.Service/Method`) with the `authorization` header
-    /// `header` may go on.
-    pub fn check(&self, path: &str, header: Option<&str>) -> Result<(), Status> {
+    /// `header` may go on, and who it authenticated as (`None` for the open health service).
+    pub fn check(&self, path: &str, header: Option<&str>) -> Result<Option<Authenticated>, Status> {
         let service = path.trim_start_matches('/').split('/').next().unwrap_or_default();
         let method = path.rsplit('/').next().unwrap_or_default();
         if service == "grpc.health.v1.Health" {
-            return Ok(());
+            return Ok(None);
         }
         let Some(header) = header else {
             return Err(Status::unauthenticated(format!(
@@ -175,7 +196,7 @@ impl Tokens {
             _ => false,
         };
         if allowed {
-            Ok(())
+            Ok(Some(Authenticated { role: entry.role, identity: entry.identity() }))
         } else {
             Err(Status::permission_denied(format!(
                 "a {} token ({}) may not call {path}",
@@ -227,12 +248,20 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // Whatever a client sends, only this layer says who a call is.
+        request.extensions_mut().remove::<Authenticated>();
         if let Some(tokens) = &self.tokens {
             let header = request.headers().get("authorization").and_then(|v| v.to_str().ok());
-            if let Err(status) = tokens.check(request.uri().path(), header) {
-                tracing::warn!(path = %request.uri().path(), code = ?status.code(), "refused: {}", status.message());
-                return Box::pin(async move { Ok(status.into_http()) });
+            match tokens.check(request.uri().path(), header) {
+                Ok(Some(who)) => {
+                    request.extensions_mut().insert(who);
+                }
+                Ok(None) => {}
+                Err(status) => {
+                    tracing::warn!(path = %request.uri().path(), code = ?status.code(), "refused: {}", status.message());
+                    return Box::pin(async move { Ok(status.into_http()) });
+                }
             }
         }
         Box::pin(self.inner.call(request))
@@ -255,7 +284,8 @@ worker wwwwwwwwwwwwwwwwwwww  gpu-pool   # the DaemonSet
     fn roles_decide_what_each_token_may_call() {
         let t = Tokens::parse(FILE).unwrap();
         assert_eq!(t.len(), 4);
-        let call = |path: &str, token: &str| t.check(path, Some(&format!("Bearer {token}"))).map_err(|s| s.code());
+        let call =
+            |path: &str, token: &str| t.check(path, Some(&format!("Bearer {token}"))).map(|_| ()).map_err(|s| s.code());
         let (a, c, v, w) = ("a".repeat(20), "c".repeat(20), "v".repeat(20), "w".repeat(20));
         use tonic::Code::{PermissionDenied, Unauthenticated};
         for p in ["/sweep.v1.SweepService/SubmitSweep", "/sweep.v1.WorkerService/Register"] {
@@ -272,7 +302,15 @@ worker wwwwwwwwwwwwwwwwwwww  gpu-pool   # the DaemonSet
         assert_eq!(call("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", &w), Ok(()));
         assert_eq!(call("/sweep.v1.SweepService/ListSweeps", &"x".repeat(20)), Err(Unauthenticated));
         assert_eq!(t.check("/sweep.v1.SweepService/ListSweeps", None).map_err(|s| s.code()), Err(Unauthenticated));
-        assert_eq!(t.check("/grpc.health.v1.Health/Check", None).map_err(|s| s.code()), Ok(()));
+        assert_eq!(t.check("/grpc.health.v1.Health/Check", None).map_err(|s| s.code()), Ok(None));
+        // A token names one identity: its name and a fingerprint, never the token itself.
+        let who = t.check("/sweep.v1.WorkerService/Register", Some(&format!("Bearer {w}"))).unwrap().unwrap();
+        assert_eq!(who.role, Role::Worker);
+        assert!(who.identity.starts_with("token:gpu-pool/") && who.identity.len() == "token:gpu-pool/".len() + 16);
+        assert!(!who.identity.contains(&w));
+        let other = Tokens::parse(&format!("worker {} gpu-pool\n", "z".repeat(20))).unwrap();
+        let z = other.check("/sweep.v1.WorkerService/Register", Some(&format!("Bearer {}", "z".repeat(20))));
+        assert_ne!(z.unwrap().unwrap().identity, who.identity, "same name, another token: another identity");
         let e = t.check("/sweep.v1.SweepService/SubmitSweep", Some(&format!("Bearer {w}"))).unwrap_err();
         assert!(
             e.message().contains("a worker token (gpu-pool) may not call /sweep.v1.SweepService/SubmitSweep"),

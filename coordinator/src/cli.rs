@@ -64,8 +64,13 @@ pub fn validate(path: &Path, max_trials: usize, format: Format) -> anyhow::Resul
             }))?
         ),
         Format::Table => {
-            println!("{}: valid; sweep `{}`, {} trials\n", path.display(), parsed.name, trials.len());
-            println!("{}", output::trials_table(&trials));
+            output::print(&format!(
+                "{}: valid; sweep `{}`, {} trials\n\n{}",
+                path.display(),
+                parsed.name,
+                trials.len(),
+                output::trials_table(&trials)
+            ));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -87,6 +92,9 @@ pub async fn coordinator(config: server::Config) -> anyhow::Result<()> {
 }
 
 type Channel = InterceptedService<tonic::transport::Channel, BearerToken>;
+
+/// Rows asked for per page of `ListSweeps` and `ListWorkers`.
+const PAGE: u32 = 500;
 
 /// A connected client of `SweepService`.
 pub struct Client {
@@ -159,19 +167,38 @@ impl Client {
                 println!("{}", serde_json::json!({"id": r.sweep_id, "trial_count": r.trial_count}));
             }
             Format::Table => {
-                println!("submitted {} with {} trials to {}", path.display(), r.trial_count, self.url);
-                println!("{}", r.sweep_id);
+                output::print(&format!("submitted {} with {} trials to {}", path.display(), r.trial_count, self.url));
+                output::print(&r.sweep_id);
             }
         }
         Ok(r.sweep_id)
     }
 
-    pub async fn list(&mut self, format: Format) -> anyhow::Result<()> {
-        let r = self.inner.list_sweeps(v1::ListSweepsRequest {}).await.map_err(|s| status_error(&self.url, s))?;
-        let sweeps = r.into_inner().sweeps;
+    /// Every sweep, newest first, read a page at a time (or the newest `limit`).
+    pub async fn list_all(&mut self, limit: Option<usize>) -> anyhow::Result<Vec<v1::SweepSummary>> {
+        let mut sweeps = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page_size = limit.map_or(PAGE, |l| (l - sweeps.len()).min(PAGE as usize) as u32);
+            let r = self
+                .inner
+                .list_sweeps(v1::ListSweepsRequest { page_size, page_token: token })
+                .await
+                .map_err(|s| status_error(&self.url, s))?
+                .into_inner();
+            sweeps.extend(r.sweeps);
+            if r.next_page_token.is_empty() || limit.is_some_and(|l| sweeps.len() >= l) {
+                return Ok(sweeps);
+            }
+            token = r.next_page_token;
+        }
+    }
+
+    pub async fn list(&mut self, format: Format, limit: Option<usize>) -> anyhow::Result<()> {
+        let sweeps = self.list_all(limit).await?;
         match format {
             Format::Json => println!("{}", serde_json::to_string_pretty(&output::sweeps_json(&sweeps))?),
-            Format::Table => println!("{}", output::sweeps_table(&sweeps)),
+            Format::Table => output::print(&output::sweeps_table(&sweeps)),
         }
         Ok(())
     }
@@ -189,7 +216,7 @@ impl Client {
         let status = self.get_status(id).await?;
         match format {
             Format::Json => println!("{}", serde_json::to_string_pretty(&output::status_json(&status))?),
-            Format::Table => println!("{}", output::status_text(&status)),
+            Format::Table => output::print(&output::status_text(&status)),
         }
         Ok(())
     }
@@ -216,12 +243,12 @@ impl Client {
                         if ranks.is_empty() {
                             bail!("sweep {} has no trials", board.sweep_id);
                         }
-                        println!(
+                        output::print(&format!(
                             "backbones of {} ({}), each by its best trial\n{}",
                             board.sweep_id,
                             board.sweep_state,
                             output::backbone_table(&ranks)
-                        );
+                        ));
                     }
                 }
                 Ok(())
@@ -264,7 +291,7 @@ impl Client {
             Some(path) => {
                 write_new(path, text.as_bytes())?;
                 let rows: usize = details.iter().map(|d| d.metrics.len()).sum();
-                eprintln!("wrote {} epochs of {} trials to {}", rows, details.len(), path.display());
+                output::eprint(&format!("wrote {} epochs of {} trials to {}", rows, details.len(), path.display()));
             }
         }
         Ok(())
@@ -289,7 +316,7 @@ impl Client {
             ),
             Format::Table => {
                 for p in &written {
-                    println!("{}", p.display());
+                    output::print(&p.display().to_string());
                 }
             }
         }
@@ -313,7 +340,7 @@ impl Client {
         let d = self.get_trial(id, trial).await?;
         match format {
             Format::Json => println!("{}", serde_json::to_string_pretty(&output::trial_detail_json(&d))?),
-            Format::Table => println!("{}", output::trial_detail_text(&d)),
+            Format::Table => output::print(&output::trial_detail_text(&d)),
         }
         Ok(())
     }
@@ -348,17 +375,37 @@ impl Client {
         match format {
             Format::Json => println!("{}", serde_json::json!({ "requeued": r.trial_ids })),
             Format::Table if r.trial_ids.is_empty() => println!("no failed trials to retry"),
-            Format::Table => println!("re-queued {} trial(s): {}", r.trial_ids.len(), r.trial_ids.join(", ")),
+            Format::Table => {
+                output::print(&format!("re-queued {} trial(s): {}", r.trial_ids.len(), r.trial_ids.join(", ")))
+            }
         }
         Ok(())
     }
 
+    /// Every registered worker, read a page at a time.
+    pub async fn workers_all(&mut self) -> anyhow::Result<Vec<v1::WorkerInfo>> {
+        let mut workers = Vec::new();
+        let mut token = String::new();
+        loop {
+            let r = self
+                .inner
+                .list_workers(v1::ListWorkersRequest { page_size: PAGE, page_token: token })
+                .await
+                .map_err(|s| status_error(&self.url, s))?
+                .into_inner();
+            workers.extend(r.workers);
+            if r.next_page_token.is_empty() {
+                return Ok(workers);
+            }
+            token = r.next_page_token;
+        }
+    }
+
     pub async fn workers(&mut self, format: Format) -> anyhow::Result<()> {
-        let r = self.inner.list_workers(v1::ListWorkersRequest {}).await.map_err(|s| status_error(&self.url, s))?;
-        let workers = r.into_inner().workers;
+        let workers = self.workers_all().await?;
         match format {
             Format::Json => println!("{}", serde_json::to_string_pretty(&output::workers_json(&workers))?),
-            Format::Table => println!("{}", output::workers_table(&workers)),
+            Format::Table => output::print(&output::workers_table(&workers)),
         }
         Ok(())
     }
@@ -406,7 +453,12 @@ pub fn print_leaderboard(board: &v1::Leaderboard, format: TableFormat) -> anyhow
             if board.entries.is_empty() {
                 bail!("sweep {} has no trials", board.sweep_id);
             }
-            println!("leaderboard of {} ({})\n{}", board.sweep_id, board.sweep_state, output::leaderboard_table(board));
+            output::print(&format!(
+                "leaderboard of {} ({})\n{}",
+                board.sweep_id,
+                board.sweep_state,
+                output::leaderboard_table(board)
+            ));
         }
     }
     Ok(())

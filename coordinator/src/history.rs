@@ -17,6 +17,13 @@
 //!   an attempt that is not running has ended.
 //! * `device-overlap`: the attempts of one worker never hold the same device at the same time,
 //!   and hold only devices the worker announced.
+//! * `events`: every event decodes and matches the checksum stored with it (a flipped byte in
+//!   a stored blob is seen, not served).
+//! * `checkpoints`: every checkpoint reference a trial holds (best, last, resume point) decodes,
+//!   holds an epoch the trial has metrics for, carries a SHA-256, and names the trial's own
+//!   file (`…/<sweep>/<trial>/<file>`): a resume point of another sweep is seen.
+//! * `grid`: every trial row is the grid cell its sweep's spec gives that index (backbone,
+//!   strategy, epoch split), and a sweep has as many trials as its grid.
 //!
 //! Times are the coordinator's wall clock in milliseconds: a clock stepped backwards while it
 //! ran can show up as an overlap.
@@ -32,8 +39,7 @@ use sweep_proto::v1;
 
 use crate::store::StoreError;
 
-/// The name of the state database inside a state directory.
-pub const DB_FILE: &str = "sweep.db";
+pub use crate::store::DB_FILE;
 
 /// One broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +114,62 @@ pub fn check_db(path: &Path) -> Result<Report, StoreError> {
     check(&conn)
 }
 
+/// Writes a consistent copy of a state directory's database to `out` (a new file) while a
+/// coordinator may be writing to it: SQLite's `VACUUM INTO` reads one snapshot, the write-ahead
+/// log included, through a read-only connection. The copy is written under a temporary name,
+/// checked with [`check_db`], then renamed to `out`; returns the copy's report.
+pub fn backup(dir: &Path, out: &Path) -> Result<Report, StoreError> {
+    let path = dir.join(DB_FILE);
+    if out.exists() {
+        return Err(StoreError::Damaged(format!("{} already exists; a backup never overwrites a file", out.display())));
+    }
+    let mut partial = out.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    let _ = std::fs::remove_file(&partial);
+    let open_err = |source| StoreError::Open { path: path.clone(), source };
+    if !path.is_file() {
+        return Err(StoreError::Damaged(format!("{} does not exist (not a state directory?)", path.display())));
+    }
+    let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(open_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(open_err)?;
+    let target = partial
+        .to_str()
+        .ok_or_else(|| StoreError::Damaged(format!("{}: the backup's path must be valid UTF-8", out.display())))?;
+    let copied = conn.execute("VACUUM INTO ?1", [target]).map(|_| ()).and_then(|()| {
+        std::fs::File::open(&partial)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+    });
+    let checked = copied.map_err(StoreError::from).and_then(|()| check_db(&partial));
+    match checked {
+        Ok(report) => {
+            std::fs::rename(&partial, out)
+                .map_err(|e| StoreError::Damaged(format!("cannot rename the backup to {}: {e}", out.display())))?;
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e)
+        }
+    }
+}
+
+/// `sweep backup`: copies the state, prints what the copy holds and whether its history is clean.
+pub fn backup_command(state_dir: &Path, out: &Path) -> std::process::ExitCode {
+    match backup(state_dir, out) {
+        Ok(report) => {
+            println!("backed up {} to {}: {report}", state_dir.join(DB_FILE).display(), out.display());
+            if report.is_clean() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::from(1) }
+        }
+        Err(e) => {
+            eprintln!("error: cannot back up {}: {e}", state_dir.display());
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 /// Checks the state on an open connection, in one read transaction.
 pub fn check(conn: &Connection) -> Result<Report, StoreError> {
     conn.execute_batch("BEGIN")?;
@@ -161,6 +223,10 @@ struct Trial {
     ft_epochs: u32,
     state: String,
     current_attempt: Option<i64>,
+    backbone: String,
+    lr_decay: Vec<u8>,
+    /// `(column, blob)` of each checkpoint reference held.
+    checkpoints: Vec<(&'static str, Vec<u8>)>,
 }
 
 struct Attempt {
@@ -188,6 +254,8 @@ struct State {
     metrics: Vec<Metric>,
     /// `(seq, sweep, decoded event or why not)`.
     events: Vec<(i64, String, Result<v1::SweepEvent, String>)>,
+    /// Each sweep's spec.
+    specs: BTreeMap<String, String>,
     /// Announced devices per worker.
     workers: HashMap<String, Option<HashSet<String>>>,
 }
@@ -199,11 +267,25 @@ fn read(conn: &Connection) -> Result<State, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("not a coordinator state database: {e}")))?;
     let version = version.ok_or_else(|| StoreError::Corrupt("no schema version".into()))?;
     let sweeps: i64 = conn.query_row("SELECT COUNT(*) FROM sweeps", [], |r| r.get(0))?;
+    // Checkpoint references exist from schema version 2 on, resume points from 5 on.
+    let (best, last, resume) = match version {
+        v if v >= 5 => ("best_checkpoint", "last_checkpoint", "resume_checkpoint"),
+        v if v >= 2 => ("best_checkpoint", "last_checkpoint", "NULL"),
+        _ => ("NULL", "NULL", "NULL"),
+    };
     let trials = {
-        let mut q = conn.prepare(
-            "SELECT sweep_id, idx, trial_id, fe_epochs, ft_epochs, state, current_attempt FROM trials ORDER BY sweep_id, idx",
-        )?;
+        let mut q = conn.prepare(&format!(
+            "SELECT sweep_id, idx, trial_id, fe_epochs, ft_epochs, state, current_attempt, backbone, lr_decay,
+                    {best}, {last}, {resume}
+             FROM trials ORDER BY sweep_id, idx"
+        ))?;
         q.query_map([], |r| {
+            let mut checkpoints = Vec::new();
+            for (i, column) in [(9, "best_checkpoint"), (10, "last_checkpoint"), (11, "resume_checkpoint")] {
+                if let Some(blob) = r.get::<_, Option<Vec<u8>>>(i)? {
+                    checkpoints.push((column, blob));
+                }
+            }
             Ok((
                 (r.get(0)?, r.get(1)?),
                 Trial {
@@ -212,10 +294,17 @@ fn read(conn: &Connection) -> Result<State, StoreError> {
                     ft_epochs: r.get(4)?,
                     state: r.get(5)?,
                     current_attempt: r.get(6)?,
+                    backbone: r.get(7)?,
+                    lr_decay: r.get(8)?,
+                    checkpoints,
                 },
             ))
         })?
         .collect::<rusqlite::Result<BTreeMap<_, _>>>()?
+    };
+    let specs = {
+        let mut q = conn.prepare("SELECT id, spec_yaml FROM sweeps")?;
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<BTreeMap<_, _>>>()?
     };
     // Devices per attempt exist from schema version 3 on.
     let devices = if version >= 3 { "devices" } else { "''" };
@@ -252,11 +341,22 @@ fn read(conn: &Connection) -> Result<State, StoreError> {
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?
     };
+    // Events carry a checksum from schema version 7 on.
+    let checksum = if version >= 7 { "checksum" } else { "NULL" };
     let events = {
-        let mut q = conn.prepare("SELECT seq, sweep_id, payload FROM events ORDER BY seq")?;
+        let mut q = conn.prepare(&format!("SELECT seq, sweep_id, payload, {checksum} FROM events ORDER BY seq"))?;
         q.query_map([], |r| {
+            let (seq, sweep): (i64, String) = (r.get(0)?, r.get(1)?);
             let payload: Vec<u8> = r.get(2)?;
-            Ok((r.get(0)?, r.get(1)?, v1::SweepEvent::decode(payload.as_slice()).map_err(|e| e.to_string())))
+            let stored: Option<i64> = r.get(3)?;
+            let decoded = match stored {
+                Some(sum) if sum != crate::store::event_checksum(&sweep, &payload) => {
+                    Err("its bytes do not match the checksum stored with it (damaged)".to_string())
+                }
+                None if version >= 7 => Err("it has no checksum".to_string()),
+                _ => v1::SweepEvent::decode(payload.as_slice()).map_err(|e| format!("cannot be decoded: {e}")),
+            };
+            Ok((seq, sweep, decoded))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?
     };
@@ -270,7 +370,7 @@ fn read(conn: &Connection) -> Result<State, StoreError> {
         })?
         .collect::<rusqlite::Result<HashMap<_, _>>>()?
     };
-    Ok(State { sweeps: sweeps as usize, trials, attempts, metrics, events, workers })
+    Ok(State { sweeps: sweeps as usize, trials, attempts, metrics, events, specs, workers })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -366,7 +466,7 @@ impl State {
             let event = match event {
                 Ok(e) => e,
                 Err(e) => {
-                    violation("events", format!("event {seq}"), format!("cannot be decoded: {e}"));
+                    violation("events", format!("event {seq} of {sweep}"), e.clone());
                     continue;
                 }
             };
@@ -444,6 +544,82 @@ impl State {
                     subject(key),
                     format!("completed with metrics for epochs {have:?} of its {total}"),
                 );
+            }
+        }
+
+        // checkpoints: each reference is the trial's own, of an epoch it has metrics for.
+        for (key, t) in &self.trials {
+            let stored = epochs.get(key).map_or(0, |rows| rows.len() as u32);
+            for (column, blob) in &t.checkpoints {
+                let c = match v1::CheckpointRef::decode(blob.as_slice()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        violation("checkpoints", subject(key), format!("{column} cannot be decoded: {e}"));
+                        continue;
+                    }
+                };
+                let file = match *column {
+                    "best_checkpoint" => "best.safetensors".to_string(),
+                    "last_checkpoint" => "last.safetensors".to_string(),
+                    _ => format!("state-e{:04}.safetensors", c.epoch),
+                };
+                if let Err(why) = crate::store::check_checkpoint_ref(&c, &key.0, &t.trial_id, &file) {
+                    violation("checkpoints", subject(key), format!("{column}: {why}"));
+                }
+                if c.epoch == 0 || c.epoch > stored {
+                    violation(
+                        "checkpoints",
+                        subject(key),
+                        format!("{column} holds epoch {}, but the trial has metrics for {stored} epochs", c.epoch),
+                    );
+                }
+            }
+        }
+
+        // grid: the trial rows are the grid of the sweep's spec.
+        let mut per_sweep: BTreeMap<&str, usize> = BTreeMap::new();
+        for key in self.trials.keys() {
+            *per_sweep.entry(key.0.as_str()).or_default() += 1;
+        }
+        for (sweep, yaml) in &self.specs {
+            let parsed =
+                match sweep_core::spec::parse_with(yaml, sweep_core::spec::ParseOptions { max_trials: usize::MAX }) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        violation("grid", format!("sweep {sweep}"), format!("its stored spec does not parse: {e}"));
+                        continue;
+                    }
+                };
+            let cells = sweep_core::grid::expand(&parsed.grid);
+            let have = per_sweep.get(sweep.as_str()).copied().unwrap_or(0);
+            if have != cells.len() {
+                violation("grid", format!("sweep {sweep}"), format!("{have} trial rows for a grid of {}", cells.len()));
+            }
+            for cell in cells {
+                let key = (sweep.clone(), cell.index as i64);
+                let Some(t) = self.trials.get(&key) else { continue };
+                let decay = v1::LrDecay::decode(t.lr_decay.as_slice()).ok();
+                let want = (cell.id.as_str(), cell.backbone.name(), cell.fe_epochs, cell.ft_epochs);
+                let got = (t.trial_id.as_str(), t.backbone.as_str(), t.fe_epochs, t.ft_epochs);
+                if want != got || decay != Some(v1::LrDecay::from(&cell.lr_decay)) {
+                    violation(
+                        "grid",
+                        subject(&key),
+                        format!(
+                            "row {} {} {} {}+{} is not the spec's cell {} {} {} {}+{}",
+                            got.0,
+                            got.1,
+                            decay.map(|d| d.label()).unwrap_or_else(|| "(undecodable strategy)".into()),
+                            got.2,
+                            got.3,
+                            want.0,
+                            want.1,
+                            cell.lr_decay,
+                            want.2,
+                            want.3
+                        ),
+                    );
+                }
             }
         }
 

@@ -223,6 +223,9 @@ enum Command {
     },
     /// List sweeps, newest first.
     List {
+        /// Only the newest N.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -309,6 +312,19 @@ enum Command {
         #[arg(long, short, value_enum, default_value = "table")]
         output: Format,
     },
+    /// Copy a state directory's database to a new file, consistently, while a coordinator may
+    /// be writing to it (the copy holds what the write-ahead log held too); then check the copy.
+    /// Exits 1 if the copy's history breaks an invariant, 2 if no copy was made.
+    #[command(
+        after_help = "Examples:\n  sweep backup --state-dir /var/lib/sweep /var/lib/sweep/backup/sweep-$(date -u +%Y%m%dT%H%M%SZ).db\n\nRestore (coordinator stopped): move sweep.db, sweep.db-wal and sweep.db-shm aside, copy the\nbackup to sweep.db, run `sweep check-state`, start the coordinator."
+    )]
+    Backup {
+        /// Directory of the state database.
+        #[arg(long, env = "SWEEP_STATE_DIR", default_value = ".sweep")]
+        state_dir: PathBuf,
+        /// The file to write (must not exist).
+        out: PathBuf,
+    },
     /// Load-test a coordinator with simulated workers (fake devices and trials, no training);
     /// prints reports/s, scheduling latency and lost reports.
     #[command(after_help = SIMULATE_EXAMPLES)]
@@ -368,7 +384,8 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(args.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors quote names and messages from the coordinator and from files.
+            sweep_coordinator::output::eprint(&format!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -430,9 +447,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let format = remote.output;
             remote.conn.connect().await?.watch_sweep(&id, format).await
         }
-        Command::List { remote } => {
+        Command::List { limit, remote } => {
             let format = remote.output;
-            remote.conn.connect().await?.list(format).await?;
+            remote.conn.connect().await?.list(format, limit.filter(|&n| n > 0)).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { id, remote } => {
@@ -479,6 +496,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckState { state_dir, output } => Ok(sweep_coordinator::history::command(&state_dir, output)),
+        Command::Backup { state_dir, out } => Ok(sweep_coordinator::history::backup_command(&state_dir, &out)),
         Command::SimulateWorkers {
             coordinator,
             count,

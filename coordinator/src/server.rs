@@ -26,7 +26,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::store::{ReportExtras, Store, StoreError, now_ms};
+use crate::store::{Caller, ReportExtras, Store, StoreError, now_ms};
 
 /// Largest spec accepted by `SubmitSweep`.
 pub const MAX_SPEC_BYTES: usize = 1 << 20;
@@ -140,7 +140,7 @@ impl Config {
 /// State shared by every handler.
 pub struct Shared {
     /// Calls for the store thread.
-    store: std::sync::mpsc::Sender<StoreJob>,
+    store: std::sync::mpsc::Sender<StoreMessage>,
     work: Notify,
     /// Per worker with an `AcquireTrial` call open: one of its attempts ended.
     freed: Mutex<HashMap<String, Arc<Notify>>>,
@@ -153,31 +153,61 @@ pub struct Shared {
 /// once the batch has committed (or failed to).
 type StoreJob = Box<dyn FnOnce(&mut Store) -> Box<dyn FnOnce(&Result<(), String>) + Send> + Send>;
 
+/// What the store thread is sent: calls, and at the end the order to close.
+enum StoreMessage {
+    Call(StoreJob),
+    /// Checkpoint the write-ahead log into `sweep.db`, close the database (releasing the state
+    /// directory's lock) and end; the reply says whether the checkpoint worked.
+    Close(tokio::sync::oneshot::Sender<Result<(), String>>),
+}
+
 /// Most calls in one batch.
 const MAX_BATCH: usize = 1024;
 
-/// The store thread: runs queued calls in batches until every sender is gone.
-fn store_thread(mut store: Store, jobs: std::sync::mpsc::Receiver<StoreJob>, metrics: Arc<CoordinatorMetrics>) {
+/// The store thread: runs queued calls in batches until told to close or every sender is gone.
+fn store_thread(mut store: Store, jobs: std::sync::mpsc::Receiver<StoreMessage>, metrics: Arc<CoordinatorMetrics>) {
+    let mut closing = None;
     while let Ok(first) = jobs.recv() {
         let started = std::time::Instant::now();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+        let mut batch = Vec::new();
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                StoreMessage::Call(job) => batch.push(job),
+                StoreMessage::Close(reply) => {
+                    closing = Some(reply);
+                    break;
+                }
+            }
+            if batch.len() < MAX_BATCH {
+                next = jobs.try_recv().ok();
             }
         }
-        // Without a batch transaction each call commits on its own: slower, still correct.
-        let batched = store.begin_batch().map_err(|e| tracing::error!(error = %e, "cannot start a batch")).is_ok();
-        let replies: Vec<_> = batch.into_iter().map(|job| job(&mut store)).collect();
-        let committed = if batched { store.commit_batch().map_err(|e| e.to_string()) } else { Ok(()) };
-        if let Err(e) = &committed {
-            tracing::error!(error = %e, calls = replies.len(), "batch commit failed; its calls were refused");
+        if !batch.is_empty() {
+            // Without a batch transaction each call commits on its own: slower, still correct.
+            let batched = store.begin_batch().map_err(|e| tracing::error!(error = %e, "cannot start a batch")).is_ok();
+            let replies: Vec<_> = batch.into_iter().map(|job| job(&mut store)).collect();
+            let committed = if batched { store.commit_batch().map_err(|e| e.to_string()) } else { Ok(()) };
+            if let Err(e) = &committed {
+                tracing::error!(error = %e, calls = replies.len(), "batch commit failed; its calls were refused");
+            }
+            metrics.store_write.observe(started.elapsed().as_secs_f64());
+            for reply in replies {
+                reply(&committed);
+            }
         }
-        metrics.store_write.observe(started.elapsed().as_secs_f64());
-        for reply in replies {
-            reply(&committed);
+        if closing.is_some() {
+            break;
         }
+    }
+    // A clean end leaves the whole state in sweep.db (a copy of the .db alone is then whole).
+    let checkpointed = store.checkpoint().map_err(|e| e.to_string());
+    if let Err(e) = &checkpointed {
+        tracing::warn!(error = %e, "could not checkpoint the write-ahead log at shutdown (nothing is lost: it is replayed at the next start)");
+    }
+    drop(store);
+    if let Some(reply) = closing {
+        let _ = reply.send(checkpointed);
     }
 }
 
@@ -219,7 +249,7 @@ impl Shared {
                 let _ = tx.send(reply);
             })
         });
-        self.store.send(job).map_err(|_| Status::unavailable("the state database is closed"))?;
+        self.store.send(StoreMessage::Call(job)).map_err(|_| Status::unavailable("the state database is closed"))?;
         rx.await.map_err(|_| Status::internal("store task failed"))?
     }
 
@@ -271,6 +301,7 @@ impl From<StoreError> for Status {
             StoreError::NotFound(m) => Status::not_found(m),
             StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
             StoreError::InvalidArgument(m) => Status::invalid_argument(m),
+            StoreError::PermissionDenied(m) => Status::permission_denied(m),
             other => Status::internal(other.to_string()),
         }
     }
@@ -289,6 +320,8 @@ pub struct Running {
     /// Health server and metrics endpoint.
     side: Vec<tokio::task::JoinHandle<()>>,
     health: tonic_health::server::HealthReporter,
+    /// To close the store once serving has stopped.
+    store: std::sync::mpsc::Sender<StoreMessage>,
 }
 
 impl Running {
@@ -306,14 +339,21 @@ impl Running {
         for t in &self.side {
             t.abort();
         }
-        match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task).await {
-            Ok(joined) => joined??,
+        let served = match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task).await {
+            Ok(joined) => joined.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)),
             Err(_) => {
                 tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
                 self.task.abort();
+                Ok(())
             }
+        };
+        // Calls still queued are answered first; then the log is checkpointed into sweep.db and
+        // the database closed (and the state directory unlocked) before this returns.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.store.send(StoreMessage::Close(tx)).is_ok() {
+            let _ = rx.await;
         }
-        Ok(())
+        served
     }
 
     /// Waits until the server ends (on error; it runs until stopped otherwise).
@@ -358,7 +398,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     store.set_quarantine_after(config.quarantine_after)?;
     let last = store.last_sequence()?;
     let (events, _) = watch::channel(last);
-    let (jobs, queue) = std::sync::mpsc::channel();
+    let (jobs, queue) = std::sync::mpsc::channel::<StoreMessage>();
     let metrics = Arc::new(CoordinatorMetrics::default());
     let store_metrics = Arc::clone(&metrics);
     std::thread::Builder::new()
@@ -366,7 +406,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .spawn(move || store_thread(store, queue, store_metrics))
         .context("cannot start the store thread")?;
     let shared = Arc::new(Shared {
-        store: jobs,
+        store: jobs.clone(),
         work: Notify::new(),
         freed: Mutex::default(),
         events,
@@ -452,7 +492,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         side.push(t);
     }
     let reaper = tokio::spawn(reap_leases(Arc::clone(&shared)));
-    Ok(Running { addr, health_addr, metrics_addr, shutdown: Some(tx), task, reaper, side, health })
+    Ok(Running { addr, health_addr, metrics_addr, shutdown: Some(tx), task, reaper, side, health, store: jobs })
 }
 
 /// How tonic words the errors of a request body that is not a well-formed request message: bad
@@ -559,10 +599,12 @@ impl SweepService for SweepApi {
 
     async fn list_sweeps(
         &self,
-        _request: Request<v1::ListSweepsRequest>,
+        request: Request<v1::ListSweepsRequest>,
     ) -> Result<Response<v1::ListSweepsResponse>, Status> {
-        let sweeps = self.0.call(|s| s.list_sweeps()).await?;
-        Ok(Response::new(v1::ListSweepsResponse { sweeps }))
+        let req = request.into_inner();
+        let size = page_size(req.page_size);
+        let (sweeps, next_page_token) = self.0.call(move |s| s.list_sweeps_page(size, &req.page_token)).await?;
+        Ok(Response::new(v1::ListSweepsResponse { sweeps, next_page_token }))
     }
 
     async fn cancel_sweep(
@@ -597,10 +639,12 @@ impl SweepService for SweepApi {
 
     async fn list_workers(
         &self,
-        _request: Request<v1::ListWorkersRequest>,
+        request: Request<v1::ListWorkersRequest>,
     ) -> Result<Response<v1::ListWorkersResponse>, Status> {
-        let workers = self.0.call(|s| s.workers()).await?;
-        Ok(Response::new(v1::ListWorkersResponse { workers }))
+        let req = request.into_inner();
+        let size = page_size(req.page_size);
+        let (workers, next_page_token) = self.0.call(move |s| s.workers_page(size, &req.page_token)).await?;
+        Ok(Response::new(v1::ListWorkersResponse { workers, next_page_token }))
     }
 
     type WatchSweepStream = EventStream;
@@ -653,6 +697,11 @@ impl SweepService for SweepApi {
     }
 }
 
+/// Rows per page of a list: 100 unless asked, at most [`crate::store::MAX_PAGE`].
+fn page_size(asked: u32) -> usize {
+    if asked == 0 { 100 } else { (asked as usize).min(crate::store::MAX_PAGE) }
+}
+
 /// `field: message`, or the message alone for document-level errors.
 fn field_message(e: &spec::SpecError) -> String {
     if e.field.is_empty() { e.message.clone() } else { format!("{}: {}", e.field, e.message) }
@@ -667,6 +716,7 @@ pub struct WorkerApi(Arc<Shared>);
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
     async fn register(&self, request: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
+        let owner = owner_of(&request);
         let req = request.into_inner();
         if req.devices.len() > MAX_DEVICES {
             return Err(Status::invalid_argument(format!("a worker may register at most {MAX_DEVICES} devices")));
@@ -684,12 +734,13 @@ impl WorkerService for WorkerApi {
             req.devices.into_iter().map(|d| v1::Device { name: cut(&d.name, 200), ..d }).collect();
         let version = cut(&req.version, 200);
         let log_name = name.clone();
-        let (worker_id, incarnation) = self.0.write(true, move |s| s.register(&name, &devices, &version)).await?;
-        tracing::info!(%worker_id, name = %log_name, "worker registered");
+        let registered = self.0.write(true, move |s| s.register(&name, &devices, &version, &owner)).await?;
+        tracing::info!(worker_id = %registered.worker_id, name = %log_name, "worker registered");
         Ok(Response::new(v1::RegisterResponse {
-            worker_id,
-            incarnation,
+            worker_id: registered.worker_id,
+            incarnation: registered.incarnation,
             heartbeat_ttl_ms: self.0.config.heartbeat_ttl.as_millis() as u64,
+            session: registered.session,
         }))
     }
 
@@ -697,16 +748,16 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let owner = owner_of(&request);
         let req = request.into_inner();
-        need_worker_id(&req.worker_id)?;
+        let caller = caller(&req.worker_id, &req.session, owner)?;
         if req.running_attempt_ids.len() > MAX_DEVICES {
             return Err(Status::invalid_argument(format!(
                 "running_attempt_ids lists {} attempts; a worker runs at most {MAX_DEVICES}",
                 req.running_attempt_ids.len()
             )));
         }
-        let cancel =
-            self.0.call(move |s| s.heartbeat(&req.worker_id, req.incarnation, &req.running_attempt_ids)).await?;
+        let cancel = self.0.call(move |s| s.heartbeat(&caller, req.incarnation, &req.running_attempt_ids)).await?;
         Ok(Response::new(v1::HeartbeatResponse { cancel_attempt_ids: cancel }))
     }
 
@@ -714,8 +765,9 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<v1::AcquireTrialRequest>,
     ) -> Result<Response<v1::AcquireTrialResponse>, Status> {
+        let owner = owner_of(&request);
         let req = request.into_inner();
-        need_worker_id(&req.worker_id)?;
+        let caller = caller(&req.worker_id, &req.session, owner)?;
         let wait = Duration::from_millis(req.wait_ms).min(MAX_ACQUIRE_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
         let freed = self.0.freed_signal(&req.worker_id);
@@ -729,12 +781,12 @@ impl WorkerService for WorkerApi {
             let own = freed.notify.notified();
             tokio::pin!(own);
             own.as_mut().enable();
-            let (id, inc) = (req.worker_id.clone(), req.incarnation);
+            let (who, inc) = (caller.clone(), req.incarnation);
             let (assignment, free) = self
                 .0
                 .write(false, move |s| {
-                    let a = s.acquire(&id, inc)?;
-                    let free = if a.is_none() { s.free_device_count(&id)? } else { 0 };
+                    let a = s.acquire(&who, inc)?;
+                    let free = if a.is_none() { s.free_device_count(&who.worker_id)? } else { 0 };
                     Ok((a, free))
                 })
                 .await?;
@@ -766,8 +818,10 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<v1::ReportEpochRequest>,
     ) -> Result<Response<v1::ReportEpochResponse>, Status> {
+        let owner = owner_of(&request);
         let req = request.into_inner();
         need_attempt_id(req.attempt_id)?;
+        let caller = caller(&req.worker_id, &req.session, owner)?;
         let wire = req.metrics.ok_or_else(|| Status::invalid_argument("ReportEpoch needs metrics"))?;
         let metrics = sweep_core::leaderboard::EpochMetrics::try_from(&wire)
             .map_err(|e| Status::invalid_argument(format!("metrics of epoch {}: {e}", wire.epoch)))?;
@@ -795,7 +849,7 @@ impl WorkerService for WorkerApi {
                 )));
             }
         }
-        let cancel = self.0.write(false, move |s| s.report_epoch(req.attempt_id, &metrics, &extras)).await?;
+        let cancel = self.0.write(false, move |s| s.report_epoch(&caller, req.attempt_id, &metrics, &extras)).await?;
         self.0.metrics.reports.inc();
         Ok(Response::new(v1::ReportEpochResponse { cancel }))
     }
@@ -804,8 +858,10 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<v1::FinishAttemptRequest>,
     ) -> Result<Response<v1::FinishAttemptResponse>, Status> {
+        let owner = owner_of(&request);
         let req = request.into_inner();
         need_attempt_id(req.attempt_id)?;
+        let caller = caller(&req.worker_id, &req.session, owner)?;
         let outcome = v1::Outcome::try_from(req.outcome)
             .map_err(|_| Status::invalid_argument(format!("unknown outcome {}", req.outcome)))?;
         let class = v1::ErrorClass::try_from(req.error_class)
@@ -818,9 +874,8 @@ impl WorkerService for WorkerApi {
         let worker = self
             .0
             .write(true, move |s| {
-                let worker = s.attempt_worker(attempt)?;
-                s.finish_attempt(attempt, outcome, class, &message, req.wall_seconds)?;
-                Ok(worker)
+                s.finish_attempt(&caller, attempt, outcome, class, &message, req.wall_seconds)?;
+                Ok(Some(caller.worker_id))
             })
             .await?;
         // Its devices are free: the worker's waiting AcquireTrial call re-checks.
@@ -837,11 +892,35 @@ fn cut(text: &str, max: usize) -> String {
     text.chars().take(max).collect()
 }
 
-fn need_worker_id(id: &str) -> Result<(), Status> {
-    if id.is_empty() {
+/// The worker a call names, with its session and the identity the transport proved.
+fn caller(worker_id: &str, session: &str, owner: String) -> Result<Caller, Status> {
+    if worker_id.is_empty() {
         return Err(Status::invalid_argument("worker_id must not be empty; register first"));
     }
-    Ok(())
+    if worker_id.len() > 64 {
+        return Err(Status::invalid_argument("worker_id is longer than 64 bytes; no worker has such an id"));
+    }
+    if session.len() != 64 || !session.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Status::invalid_argument(
+            "session must be the 64 hex digits Register answered (a worker older than this coordinator sends none: upgrade it)",
+        ));
+    }
+    Ok(Caller { worker_id: worker_id.to_string(), session: session.to_string(), owner })
+}
+
+/// Who the transport says a call comes from: the bearer token the auth layer accepted, and the
+/// client certificate of a mutual-TLS connection (its SHA-256); empty when neither is checked.
+fn owner_of<T>(request: &Request<T>) -> String {
+    use sha2::Digest;
+    let mut parts = Vec::new();
+    if let Some(who) = request.extensions().get::<crate::auth::Authenticated>() {
+        parts.push(who.identity.clone());
+    }
+    if let Some(cert) = request.peer_certs().as_ref().and_then(|c| c.first().cloned()) {
+        let digest = sha2::Sha256::digest(cert.as_ref());
+        parts.push(format!("cert:{}", digest.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>()));
+    }
+    parts.join("+")
 }
 
 /// Attempt ids start at 1; 0 is a field left unset.

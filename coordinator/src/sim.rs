@@ -520,6 +520,8 @@ struct Session {
     client: WorkerServiceClient<Channel>,
     worker_id: String,
     incarnation: u64,
+    /// The registration's secret, carried by every later call.
+    secret: String,
     ttl: Duration,
 }
 
@@ -550,6 +552,7 @@ async fn worker(
             worker_id: session.worker_id.clone(),
             incarnation: session.incarnation,
             wait_ms: options.poll_wait.as_millis() as u64,
+            session: session.secret.clone(),
         };
         // Bounded like sweep-worker's: a call lost in a partition must not wait forever.
         let bound = options.poll_wait + session.ttl;
@@ -564,8 +567,9 @@ async fn worker(
         };
         let assignment = match reply {
             Ok(r) => r.into_inner().assignment,
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
-                // The coordinator no longer knows this worker (lease lost): register again.
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied) => {
+                // The coordinator no longer knows this worker (lease lost), or not this session:
+                // register again.
                 lock(&tally).error("AcquireTrial", &s);
                 heartbeat.abort();
                 let Some(s) = register(&client, &name, &devices, &tally, &mut stop).await else { break };
@@ -655,6 +659,7 @@ async fn register(
                     client: client.clone(),
                     worker_id: r.worker_id,
                     incarnation: r.incarnation,
+                    secret: r.session,
                     ttl: Duration::from_millis(r.heartbeat_ttl_ms.max(1000)),
                 });
             }
@@ -687,6 +692,7 @@ async fn heartbeat_loop(session: Session, running: Running, tally: Shared) {
             worker_id: session.worker_id.clone(),
             incarnation: session.incarnation,
             running_attempt_ids: ids.clone(),
+            session: session.secret.clone(),
         };
         let reply = tokio::time::timeout(session.ttl / 2, client.heartbeat(request))
             .await
@@ -698,11 +704,8 @@ async fn heartbeat_loop(session: Session, running: Running, tally: Shared) {
             }
             Err(s) => {
                 lock(&tally).error("Heartbeat", &s);
-                if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) || last_ok.elapsed() >= session.ttl {
-                    ids
-                } else {
-                    Vec::new()
-                }
+                let lost = matches!(s.code(), Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied);
+                if lost || last_ok.elapsed() >= session.ttl { ids } else { Vec::new() }
             }
         };
         let map = running.lock().unwrap_or_else(|p| p.into_inner());
@@ -742,7 +745,9 @@ where
             Err(s) => {
                 lock(tally).error(rpc, &s);
                 match s.code() {
-                    Code::FailedPrecondition | Code::NotFound => return Err(WriteError::Fenced),
+                    Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied => {
+                        return Err(WriteError::Fenced);
+                    }
                     Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted => {
                         return Err(WriteError::Refused(s.message().to_string()));
                     }
@@ -783,10 +788,13 @@ async fn attempt(
             break;
         }
         let metrics = fake_metrics(&sweep_id, &trial_id, epoch, a.fe_epochs, seconds);
+        // References shaped like a real store's (the coordinator checks whose they are).
         let checkpoint = |kind: &str| v1::CheckpointRef {
-            uri: format!("sim://{sweep_id}/{trial_id}/{kind}.safetensors"),
-            sha256: format!("{:016x}", fnv1a(format!("{sweep_id}/{trial_id}/{epoch}").as_bytes())),
-            bytes: 0,
+            uri: format!("sim://sim/{sweep_id}/{trial_id}/{kind}.safetensors"),
+            sha256: (0..4u8)
+                .map(|i| format!("{:016x}", fnv1a(format!("{sweep_id}/{trial_id}/{epoch}/{kind}/{i}").as_bytes())))
+                .collect(),
+            bytes: 1,
             epoch,
         };
         let improved = metrics.val_accuracy > best;
@@ -799,6 +807,8 @@ async fn attempt(
             parameters: 11_000_000 + u64::from(a.trial_index),
             last_checkpoint: Some(checkpoint("last")),
             best_checkpoint: improved.then(|| checkpoint("best")),
+            worker_id: session.worker_id.clone(),
+            session: session.secret.clone(),
             ..Default::default()
         };
         let sent = Instant::now();
@@ -867,6 +877,8 @@ async fn attempt(
         error_class: class as i32,
         message,
         wall_seconds: started.elapsed().as_secs_f64(),
+        worker_id: session.worker_id.clone(),
+        session: session.secret.clone(),
     };
     let _ = with_retries(session.ttl, "FinishAttempt", &tally, || {
         let mut c = session.client.clone();

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use sweep_core::grid;
 use sweep_core::leaderboard::{self, EpochMetrics, Phase};
 use sweep_core::lr::LrDecay;
@@ -39,12 +39,19 @@ pub enum StoreError {
     FailedPrecondition(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// The caller is not who may do this (another worker's session, attempt or identity).
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("state database {path}: {source}")]
     Open { path: PathBuf, source: rusqlite::Error },
     #[error("state database: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("state database holds data this version cannot read: {0}")]
     Corrupt(String),
+    /// The state directory is damaged, not a sweep state directory, or in use: nothing was
+    /// opened or changed.
+    #[error("{0}")]
+    Damaged(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -54,7 +61,7 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// Statements that bring a database of version `n - 1` to version `n` (index `n - 2`).
 const MIGRATIONS: &[&str] = &[
@@ -75,6 +82,11 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE trials ADD COLUMN retry_base INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE workers ADD COLUMN consecutive_failures INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE workers ADD COLUMN note TEXT NOT NULL DEFAULT '';",
+    // 7: worker identity (the hash of each registration's session secret, and who registered
+    // it), and a checksum per event (filled in for older events by `fill_event_checksums`).
+    "ALTER TABLE workers ADD COLUMN session_hash TEXT NOT NULL DEFAULT '';
+     ALTER TABLE workers ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+     ALTER TABLE events ADD COLUMN checksum INTEGER;",
 ];
 
 const SCHEMA: &str = "
@@ -162,13 +174,16 @@ CREATE TABLE IF NOT EXISTS workers (
     registered_at_ms INTEGER NOT NULL,
     last_seen_ms     INTEGER NOT NULL,
     consecutive_failures INTEGER NOT NULL DEFAULT 0,
-    note             TEXT NOT NULL DEFAULT ''
+    note             TEXT NOT NULL DEFAULT '',
+    session_hash     TEXT NOT NULL DEFAULT '',
+    owner            TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS events (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
     sweep_id TEXT NOT NULL,
     payload  BLOB NOT NULL,
-    at_ms    INTEGER NOT NULL
+    at_ms    INTEGER NOT NULL,
+    checksum INTEGER
 );
 CREATE INDEX IF NOT EXISTS events_by_sweep ON events(sweep_id, seq);
 ";
@@ -193,10 +208,33 @@ pub const DEFAULT_QUARANTINE_AFTER: u32 = 3;
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// The state directory's lock, held while the store is open.
+    _lock: StateLock,
 }
 
 /// What `acquire` hands to a worker.
 pub type Assignment = v1::Assignment;
+
+/// Who makes a worker call: the worker it names, the session secret its registration was
+/// given, and who it authenticated as.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller {
+    pub worker_id: String,
+    pub session: String,
+    /// The identity the transport proved: `token:<name>/<fingerprint>` for a bearer token,
+    /// `cert:<fingerprint>` for a client certificate, both joined by `+`; empty when the
+    /// coordinator checks neither.
+    pub owner: String,
+}
+
+/// What [`Store::register`] gives a new worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub worker_id: String,
+    pub incarnation: u64,
+    /// The secret of this registration (64 hex digits); only its hash is stored.
+    pub session: String,
+}
 
 /// What a report carries besides the metrics.
 #[derive(Debug, Clone, Default)]
@@ -212,57 +250,81 @@ pub struct ReportExtras {
 }
 
 impl Store {
-    /// Opens (creating if needed) `<dir>/sweep.db`.
+    /// Opens `<dir>/sweep.db`, creating the directory and a new database when the directory
+    /// holds neither a database nor a write-ahead log. Holds `<dir>/sweep.lock` for the life of
+    /// the store: a second coordinator on the same directory is refused.
+    ///
+    /// A state directory that is damaged is refused before anything in it is written: a
+    /// `sweep.db` of 0 bytes, one that is not an SQLite database or not a sweep state database,
+    /// a `sweep.db-wal` (or `-journal`) without its `sweep.db`. The error names the file.
     pub fn open(dir: &Path) -> Result<Store> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
-            path: dir.to_path_buf(),
-            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-        })?;
-        let path = dir.join("sweep.db");
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Damaged(format!("cannot create {}: {e}", dir.display())))?;
+        let lock = StateLock::acquire(dir)?;
+        let path = dir.join(DB_FILE);
         let open_err = |source| StoreError::Open { path: path.clone(), source };
-        let conn = Connection::open(&path).map_err(open_err)?;
+        if inspect(&path)? == Found::Nothing {
+            create(&path)?;
+        }
+        // Never created here: the file exists and was checked (a missing one is an error, not an
+        // empty database).
+        let conn =
+            Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(open_err)?;
+        let has_meta: bool = conn
+            .query_row("SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| {
+                StoreError::Damaged(format!("{}: cannot be read as an SQLite database: {e}", path.display()))
+            })?;
+        if !has_meta {
+            let tables: Vec<String> = conn
+                .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                .and_then(|mut q| q.query_map([], |r| r.get(0))?.collect())
+                .unwrap_or_default();
+            return Err(StoreError::Damaged(format!(
+                "{} is an SQLite database, but not a sweep state database (no `meta` table; {}); refusing to \
+                 add tables to it: give --state-dir a directory of its own",
+                path.display(),
+                if tables.is_empty() {
+                    "no tables at all".to_string()
+                } else {
+                    format!("tables: {}", tables.join(", "))
+                }
+            )));
+        }
+        let version: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .optional()
+            .map_err(open_err)?;
+        let Some(version) = version else {
+            return Err(StoreError::Damaged(format!("{} has a `meta` table without a schema version", path.display())));
+        };
+        if !(1..=SCHEMA_VERSION).contains(&version) {
+            return Err(StoreError::Corrupt(format!(
+                "{} has schema version {version}; this build reads versions 1 to {SCHEMA_VERSION}",
+                path.display()
+            )));
+        }
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(open_err)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Corrupt(format!("{}: could not switch to WAL mode (got {mode})", path.display())));
         }
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;").map_err(open_err)?;
-        let has_meta: bool = conn
-            .query_row("SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')", [], |r| {
-                r.get(0)
-            })
-            .map_err(open_err)?;
-        let version: Option<i64> = if has_meta {
-            conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
-                .optional()
-                .map_err(open_err)?
-        } else {
-            None
-        };
-        match version {
-            None => {
-                let tx = conn.unchecked_transaction().map_err(open_err)?;
-                tx.execute_batch(SCHEMA).map_err(open_err)?;
-                tx.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION])
-                    .map_err(open_err)?;
-                tx.commit().map_err(open_err)?;
+        if version < SCHEMA_VERSION {
+            // Upgrade in one transaction: all steps or none.
+            let tx = conn.unchecked_transaction().map_err(open_err)?;
+            for step in &MIGRATIONS[(version - 1) as usize..] {
+                tx.execute_batch(step).map_err(open_err)?;
             }
-            Some(v) if !(1..=SCHEMA_VERSION).contains(&v) => {
-                return Err(StoreError::Corrupt(format!(
-                    "{} has schema version {v}; this build reads versions 1 to {SCHEMA_VERSION}",
-                    path.display()
-                )));
+            if version < 7 {
+                fill_event_checksums(&tx)?;
             }
-            Some(v) => {
-                // Upgrade in one transaction: all steps or none.
-                let tx = conn.unchecked_transaction().map_err(open_err)?;
-                for step in &MIGRATIONS[(v - 1) as usize..] {
-                    tx.execute_batch(step).map_err(open_err)?;
-                }
-                tx.execute("UPDATE meta SET value = ?1 WHERE key = 'schema_version'", [SCHEMA_VERSION])
-                    .map_err(open_err)?;
-                tx.commit().map_err(open_err)?;
-            }
+            tx.execute("UPDATE meta SET value = ?1 WHERE key = 'schema_version'", [SCHEMA_VERSION])
+                .map_err(open_err)?;
+            tx.commit().map_err(open_err)?;
         }
         // Indexes that only speed queries up are created at every open: they need no schema
         // version (an older build keeps them up to date and ignores them).
@@ -273,11 +335,25 @@ impl Store {
         // re-prepares a statement whenever a rebound parameter might change its plan.
         conn.set_prepared_statement_cache_capacity(64);
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(open_err)?;
-        Ok(Store { conn, path })
+        Ok(Store { conn, path, _lock: lock })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Moves everything in the write-ahead log into `sweep.db` and empties the log, so that the
+    /// database file alone holds the whole state (a clean shutdown does this last).
+    pub fn checkpoint(&mut self) -> Result<()> {
+        let (busy, _, _): (i64, i64, i64) =
+            self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        if busy != 0 {
+            return Err(StoreError::Corrupt(format!(
+                "{}: the write-ahead log could not be checkpointed (a reader held it)",
+                self.path.display()
+            )));
+        }
+        Ok(())
     }
 
     /// Starts a batch: the calls until [`Store::commit_batch`] nest their transactions in one
@@ -342,6 +418,24 @@ impl Store {
         reconcile_schedulability(&tx)?;
         tx.commit()?;
         Ok((id, trials.len() as u32))
+    }
+
+    /// One page of sweeps, newest first: at most `page_size` (1 to [`MAX_PAGE`]) of those
+    /// older than the page `token` names (empty: from the newest); returns them and the token
+    /// of the next page (empty after the last).
+    pub fn list_sweeps_page(&self, page_size: usize, token: &str) -> Result<(Vec<v1::SweepSummary>, String)> {
+        let before = parse_page_token(token, 's')?.unwrap_or(i64::MAX);
+        let size = page_size.clamp(1, MAX_PAGE);
+        let rows: Vec<(String, i64)> = {
+            let mut q = self.conn.prepare("SELECT id, seq FROM sweeps WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2")?;
+            q.query_map(params![before, size as i64 + 1], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        let more = rows.len() > size;
+        let rows = &rows[..rows.len().min(size)];
+        let next = if more { rows.last().map(|(_, seq)| format!("s{seq}")).unwrap_or_default() } else { String::new() };
+        let sweeps = rows.iter().map(|(id, _)| sweep_summary(&self.conn, id)).collect::<Result<_>>()?;
+        Ok((sweeps, next))
     }
 
     pub fn list_sweeps(&self) -> Result<Vec<v1::SweepSummary>> {
@@ -566,8 +660,10 @@ impl Store {
     // Workers
     // -----------------------------------------------------------------------------------------
 
-    /// Registers a worker: a new id and a new incarnation, larger than any given before.
-    pub fn register(&mut self, name: &str, devices: &[v1::Device], version: &str) -> Result<(String, u64)> {
+    /// Registers a worker: a new id, a new incarnation (larger than any given before) and a new
+    /// session secret, which every later call in the worker's name must carry (only its SHA-256
+    /// is stored). `owner` is who registered it (see [`Caller::owner`]).
+    pub fn register(&mut self, name: &str, devices: &[v1::Device], version: &str, owner: &str) -> Result<Registration> {
         if devices.is_empty() {
             return Err(StoreError::InvalidArgument("a worker must register at least one device".into()));
         }
@@ -592,21 +688,24 @@ impl Store {
         )?;
         let id = format!("w{incarnation}");
         let now = now_ms();
+        let session = new_session_secret()?;
         let devices = v1::DeviceList { devices: devices.to_vec() }.encode_to_vec();
         tx.execute(
-            "INSERT INTO workers(id, name, incarnation, devices, version, state, registered_at_ms, last_seen_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-            params![id, name, incarnation, devices, version, WORKER_ACTIVE, now],
+            "INSERT INTO workers(id, name, incarnation, devices, version, state, registered_at_ms, last_seen_ms,
+                                 session_hash, owner)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)",
+            params![id, name, incarnation, devices, version, WORKER_ACTIVE, now, session_hash(&session), owner],
         )?;
         reconcile_schedulability(&tx)?;
         tx.commit()?;
-        Ok((id, incarnation as u64))
+        Ok(Registration { worker_id: id, incarnation: incarnation as u64, session })
     }
 
     /// Records a heartbeat; returns the attempts (among `running`) the worker must stop.
-    pub fn heartbeat(&mut self, worker_id: &str, incarnation: u64, running: &[u64]) -> Result<Vec<u64>> {
+    pub fn heartbeat(&mut self, caller: &Caller, incarnation: u64, running: &[u64]) -> Result<Vec<u64>> {
+        let worker_id = caller.worker_id.as_str();
         let tx = self.conn.savepoint()?;
-        check_worker(&tx, worker_id, incarnation)?;
+        check_worker(&tx, caller, incarnation)?;
         tx.prepare_cached("UPDATE workers SET last_seen_ms = ?2 WHERE id = ?1")?
             .execute(params![worker_id, now_ms()])?;
         let mut stop = Vec::new();
@@ -619,14 +718,24 @@ impl Store {
         Ok(stop)
     }
 
+    /// Every worker, in the order they registered.
     pub fn workers(&self) -> Result<Vec<v1::WorkerInfo>> {
+        Ok(self.workers_page(usize::MAX, "")?.0)
+    }
+
+    /// One page of workers in the order they registered: at most `page_size` after the page
+    /// `token` names (empty: from the first); returns them and the next page's token.
+    pub fn workers_page(&self, page_size: usize, token: &str) -> Result<(Vec<v1::WorkerInfo>, String)> {
+        let after = parse_page_token(token, 'w')?.unwrap_or(0);
+        let size = page_size.max(1);
         let mut q = self.conn.prepare(
-            "SELECT id, name, incarnation, devices, state, registered_at_ms, last_seen_ms, note FROM workers
-             ORDER BY registered_at_ms, id",
+            "SELECT id, name, incarnation, devices, state, registered_at_ms, last_seen_ms, note, rowid FROM workers
+             WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
         )?;
+        let mut last_row = 0i64;
         // Devices stay encoded until the rows are read, so a decode error can be a StoreError.
-        let rows: Vec<(v1::WorkerInfo, Vec<u8>)> = q
-            .query_map([], |r| {
+        let rows: Vec<(v1::WorkerInfo, Vec<u8>, i64)> = q
+            .query_map(params![after, size.saturating_add(1).min(i64::MAX as usize) as i64], |r| {
                 let info = v1::WorkerInfo {
                     worker_id: r.get(0)?,
                     name: r.get(1)?,
@@ -637,15 +746,26 @@ impl Store {
                     note: r.get(7)?,
                     ..Default::default()
                 };
-                Ok((info, r.get(3)?))
+                Ok((info, r.get(3)?, r.get(8)?))
             })?
             .collect::<rusqlite::Result<_>>()?;
+        let more = rows.len() > size;
         let mut running = self.conn.prepare(
             "SELECT a.sweep_id, t.trial_id, a.id, a.devices FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx
              WHERE a.worker_id = ?1 AND a.state = 'running' ORDER BY a.id",
         )?;
         let mut out = Vec::new();
-        for (mut info, devices) in rows {
+        let mut bytes = 0usize;
+        let mut more = more;
+        for (i, (mut info, devices, row)) in rows.into_iter().take(size).enumerate() {
+            // A page also ends before it grows past MAX_PAGE_BYTES (a worker may announce a
+            // thousand devices); it always holds at least one worker.
+            if i > 0 && bytes + devices.len() + 1024 > MAX_PAGE_BYTES {
+                more = true;
+                break;
+            }
+            bytes += devices.len() + 1024;
+            last_row = row;
             info.devices = v1::DeviceList::decode(devices.as_slice())
                 .map_err(|e| StoreError::Corrupt(format!("devices of worker {}: {e}", info.worker_id)))?
                 .devices;
@@ -665,7 +785,20 @@ impl Store {
             }
             out.push(info);
         }
-        Ok(out)
+        Ok((out, if more { format!("w{last_row}") } else { String::new() }))
+    }
+
+    /// Forgets workers that have been gone since before `deadline_ms` and hold no running
+    /// attempt: their rows go (attempts keep the worker's id). Returns how many.
+    pub fn forget_workers(&mut self, deadline_ms: i64) -> Result<usize> {
+        let tx = self.conn.savepoint()?;
+        let n = tx.execute(
+            "DELETE FROM workers WHERE state = ?1 AND last_seen_ms < ?2
+             AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.worker_id = workers.id AND a.state = 'running')",
+            params![WORKER_GONE, deadline_ms],
+        )?;
+        tx.commit()?;
+        Ok(n)
     }
 
     /// Ends the lease of every active worker not seen since `deadline_ms`: the worker is marked
@@ -707,9 +840,10 @@ impl Store {
     // -----------------------------------------------------------------------------------------
 
     /// Hands the next pending trial that fits the worker to it, or `None`.
-    pub fn acquire(&mut self, worker_id: &str, incarnation: u64) -> Result<Option<Assignment>> {
+    pub fn acquire(&mut self, caller: &Caller, incarnation: u64) -> Result<Option<Assignment>> {
+        let worker_id = caller.worker_id.as_str();
         let tx = self.conn.savepoint()?;
-        let devices = check_worker(&tx, worker_id, incarnation)?;
+        let devices = check_worker(&tx, caller, incarnation)?;
         let quarantined: bool = tx
             .prepare_cached("SELECT state = ?2 FROM workers WHERE id = ?1")?
             .query_row(params![worker_id, WORKER_QUARANTINED], |r| r.get(0))?;
@@ -792,8 +926,15 @@ impl Store {
 
     /// Stores one epoch's metrics for a current attempt. Returns whether the attempt should
     /// stop (its sweep was cancelled).
-    pub fn report_epoch(&mut self, attempt_id: u64, metrics: &EpochMetrics, extras: &ReportExtras) -> Result<bool> {
+    pub fn report_epoch(
+        &mut self,
+        caller: &Caller,
+        attempt_id: u64,
+        metrics: &EpochMetrics,
+        extras: &ReportExtras,
+    ) -> Result<bool> {
         let tx = self.conn.savepoint()?;
+        check_attempt_owner(&tx, caller, attempt_id)?;
         let a = current_attempt(&tx, attempt_id)?;
         let total = a.fe_epochs + a.ft_epochs;
         if metrics.epoch > total {
@@ -856,9 +997,19 @@ impl Store {
                 if c.uri.is_empty() || c.epoch != metrics.epoch {
                     return Err(StoreError::InvalidArgument(format!(
                         "{column} of epoch {} must name a file and hold that epoch (got uri `{}`, epoch {})",
-                        metrics.epoch, c.uri, c.epoch
+                        metrics.epoch,
+                        crate::output::escape(&c.uri),
+                        c.epoch
                     )));
                 }
+                let file = match column {
+                    "last_checkpoint" => "last.safetensors".to_string(),
+                    "best_checkpoint" => "best.safetensors".to_string(),
+                    _ => format!("state-e{:04}.safetensors", c.epoch),
+                };
+                check_checkpoint_ref(c, &a.sweep_id, &a.trial_id, &file).map_err(|why| {
+                    StoreError::InvalidArgument(format!("{column} of epoch {}: {why}", metrics.epoch))
+                })?;
                 tx.prepare_cached(&format!("UPDATE trials SET {column} = ?3 WHERE sweep_id = ?1 AND idx = ?2"))?
                     .execute(params![a.sweep_id, a.idx, c.encode_to_vec()])?;
             }
@@ -879,6 +1030,7 @@ impl Store {
     /// Ends a current attempt with the worker's outcome.
     pub fn finish_attempt(
         &mut self,
+        caller: &Caller,
         attempt_id: u64,
         outcome: v1::Outcome,
         class: v1::ErrorClass,
@@ -886,6 +1038,7 @@ impl Store {
         wall_seconds: f64,
     ) -> Result<()> {
         let tx = self.conn.savepoint()?;
+        check_attempt_owner(&tx, caller, attempt_id)?;
         let a = current_attempt(&tx, attempt_id)?;
         match outcome {
             v1::Outcome::Succeeded => {
@@ -926,14 +1079,20 @@ impl Store {
     /// Events of a sweep with a sequence number above `after`, oldest first.
     pub fn events_after(&self, sweep_id: &str, after: u64, limit: usize) -> Result<Vec<v1::SweepEvent>> {
         let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
-        let mut q = self
-            .conn
-            .prepare("SELECT seq, payload FROM events WHERE sweep_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")?;
-        let rows: Vec<(i64, Vec<u8>)> = q
-            .query_map(params![sweep_id, after as i64, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        let mut q = self.conn.prepare(
+            "SELECT seq, payload, checksum FROM events WHERE sweep_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows: Vec<(i64, Vec<u8>, Option<i64>)> = q
+            .query_map(params![sweep_id, after as i64, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<rusqlite::Result<_>>()?;
         rows.into_iter()
-            .map(|(seq, payload)| {
+            .map(|(seq, payload, checksum)| {
+                if checksum != Some(event_checksum(sweep_id, &payload)) {
+                    return Err(StoreError::Corrupt(format!(
+                        "event {seq} of sweep {sweep_id} does not match its checksum (damaged state database; \
+                         `sweep check-state` lists what else is)"
+                    )));
+                }
                 let mut e = v1::SweepEvent::decode(payload.as_slice())
                     .map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
                 e.sequence = seq as u64;
@@ -979,6 +1138,170 @@ impl Store {
             |r| r.get(0),
         )?)
     }
+}
+
+/// Most rows one page of a list holds.
+pub const MAX_PAGE: usize = 1000;
+/// About the most bytes one page of workers holds (a client decodes 4 MiB by default).
+pub const MAX_PAGE_BYTES: usize = 2 << 20;
+
+/// The number in a page token `<kind><number>` (`None` for an empty token).
+fn parse_page_token(token: &str, kind: char) -> Result<Option<i64>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token.strip_prefix(kind).and_then(|n| n.parse::<i64>().ok()).filter(|n| *n >= 0).map(Some).ok_or_else(|| {
+        StoreError::InvalidArgument(format!(
+            "page_token `{}` is not one this coordinator gave",
+            crate::output::escape(&token.chars().take(40).collect::<String>())
+        ))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The state directory: its lock, and what is found in it before opening
+// ---------------------------------------------------------------------------------------------
+
+/// The name of the state database inside a state directory.
+pub const DB_FILE: &str = "sweep.db";
+/// The lock file of a state directory.
+pub const LOCK_FILE: &str = "sweep.lock";
+
+/// An exclusive `flock` on `<dir>/sweep.lock`, released by the kernel when the holder closes it
+/// or dies; the file says who holds it.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+impl StateLock {
+    pub fn acquire(dir: &Path) -> Result<StateLock> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        let path = dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| StoreError::Damaged(format!("cannot open the lock file {}: {e}", path.display())))?;
+        // SAFETY: flock(2) on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder: String = holder.trim().chars().take(200).collect();
+                return Err(StoreError::Damaged(format!(
+                    "state directory {} is in use by another coordinator ({}); one coordinator serves a state \
+                     directory at a time: stop it, or use another --state-dir",
+                    dir.display(),
+                    if holder.is_empty() { "its lock file is empty".to_string() } else { holder }
+                )));
+            }
+            return Err(StoreError::Damaged(format!("cannot lock {}: {err}", path.display())));
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let who = format!("pid {} on {}, since {} ms after the epoch\n", std::process::id(), host.trim(), now_ms());
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = file.write_all(who.as_bytes());
+        let _ = file.sync_all();
+        Ok(StateLock { _file: file })
+    }
+}
+
+/// What a state directory holds where its database should be.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// No database and no log: a new state directory.
+    Nothing,
+    /// A file that starts like an SQLite database.
+    Database,
+}
+
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// Looks at `sweep.db` and the files beside it without opening them as a database (SQLite would
+/// create a missing database and throw away a log that does not belong to it).
+fn inspect(path: &Path) -> Result<Found> {
+    use std::io::Read;
+    let beside = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).ok();
+    let refuse = |what: String| {
+        StoreError::Damaged(format!(
+            "{what}; refusing to start, nothing was changed (docs/operations.md: damaged state directory)"
+        ))
+    };
+    let Some(bytes) = size(path) else {
+        for suffix in ["-wal", "-journal"] {
+            let log = beside(suffix);
+            if let Some(n) = size(&log) {
+                return Err(refuse(format!(
+                    "{} is missing but {} ({n} bytes) is there: that log belongs to a database that is gone; \
+                     restore {} from a backup",
+                    path.display(),
+                    log.display(),
+                    DB_FILE
+                )));
+            }
+        }
+        return Ok(Found::Nothing);
+    };
+    if !std::fs::metadata(path).map(|m| m.is_file()).unwrap_or(false) {
+        return Err(refuse(format!("{} is not a regular file", path.display())));
+    }
+    let wal = size(&beside("-wal")).map(|n| format!(" (beside a {n}-byte {DB_FILE}-wal)")).unwrap_or_default();
+    if bytes == 0 {
+        return Err(refuse(format!("{} is empty (0 bytes){wal}: truncated or damaged", path.display())));
+    }
+    let mut head = [0u8; 16];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head));
+    if let Err(e) = read {
+        return Err(refuse(format!("{} ({bytes} bytes) cannot be read as a database: {e}", path.display())));
+    }
+    if &head != SQLITE_MAGIC {
+        return Err(refuse(format!("{} ({bytes} bytes) is not an SQLite database{wal}", path.display())));
+    }
+    Ok(Found::Database)
+}
+
+/// Creates a new state database at `path`: built under a temporary name with its whole schema,
+/// synced, then renamed into place, so that `sweep.db` never exists half made (an empty
+/// `sweep.db` is always damage, never a start interrupted).
+fn create(path: &Path) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        StoreError::Damaged(format!("cannot create the state database {}: {what}: {e}", path.display()))
+    };
+    for suffix in ["", "-journal", "-wal", "-shm"] {
+        let mut p = tmp.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
+    {
+        let conn = Connection::open(&tmp).map_err(|e| fail("open", &e))?;
+        conn.execute_batch("PRAGMA journal_mode=DELETE; PRAGMA synchronous=FULL;").map_err(|e| fail("settings", &e))?;
+        let tx = conn.unchecked_transaction().map_err(|e| fail("begin", &e))?;
+        tx.execute_batch(SCHEMA).map_err(|e| fail("schema", &e))?;
+        tx.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION])
+            .map_err(|e| fail("schema", &e))?;
+        tx.commit().map_err(|e| fail("commit", &e))?;
+        conn.close().map_err(|(_, e)| fail("close", &e))?;
+    }
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| fail("sync", &e))?;
+    std::fs::rename(&tmp, path).map_err(|e| fail("rename", &e))?;
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1211,15 +1534,11 @@ fn free_devices(conn: &Connection, worker_id: &str, devices: &[v1::Device]) -> R
     Ok(devices.iter().map(|d| d.id.clone()).filter(|d| !busy.contains(d)).collect())
 }
 
-/// Checks that the worker exists in this incarnation; returns its devices.
-fn check_worker(conn: &Connection, worker_id: &str, incarnation: u64) -> Result<Vec<v1::Device>> {
-    let row: Option<(i64, String, Vec<u8>)> = conn
-        .prepare_cached("SELECT incarnation, state, devices FROM workers WHERE id = ?1")?
-        .query_row([worker_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    let Some((inc, state, devices)) = row else {
-        return Err(StoreError::NotFound(format!("no worker `{worker_id}`; register first")));
-    };
+/// Checks that the caller is the worker it names (its session, and who registered it) and that
+/// the worker exists in this incarnation with its lease; returns its devices.
+fn check_worker(conn: &Connection, caller: &Caller, incarnation: u64) -> Result<Vec<v1::Device>> {
+    let worker_id = caller.worker_id.as_str();
+    let (inc, state, devices) = check_identity(conn, caller)?;
     if inc as u64 != incarnation {
         return Err(StoreError::FailedPrecondition(format!(
             "worker {worker_id} is incarnation {inc}, not {incarnation}; register again"
@@ -1233,6 +1552,158 @@ fn check_worker(conn: &Connection, worker_id: &str, incarnation: u64) -> Result<
     let devices = v1::DeviceList::decode(devices.as_slice())
         .map_err(|e| StoreError::Corrupt(format!("devices of worker {worker_id}: {e}")))?;
     Ok(devices.devices)
+}
+
+/// The worker row of the caller, once its session and owner match: `(incarnation, state,
+/// devices)`. An unknown worker is `NotFound` (register first); a session or an identity that
+/// is not the registration's is `PermissionDenied`.
+fn check_identity(conn: &Connection, caller: &Caller) -> Result<(i64, String, Vec<u8>)> {
+    let worker_id = caller.worker_id.as_str();
+    let row: Option<(i64, String, Vec<u8>, String, String)> = conn
+        .prepare_cached("SELECT incarnation, state, devices, session_hash, owner FROM workers WHERE id = ?1")?
+        .query_row([worker_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        .optional()?;
+    let Some((inc, state, devices, hash, owner)) = row else {
+        return Err(StoreError::NotFound(format!("no worker `{worker_id}`; register first")));
+    };
+    if hash.is_empty() {
+        // Registered by a version without sessions: it must register again.
+        return Err(StoreError::FailedPrecondition(format!(
+            "worker {worker_id} registered before sessions existed; register again"
+        )));
+    }
+    if !constant_time_eq(session_hash(&caller.session).as_bytes(), hash.as_bytes()) {
+        return Err(StoreError::PermissionDenied(format!(
+            "the session does not match worker {worker_id}'s registration; a worker may only call in its own name"
+        )));
+    }
+    if owner != caller.owner {
+        return Err(StoreError::PermissionDenied(format!(
+            "worker {worker_id} was registered by another identity ({}); this call comes from {}",
+            describe_owner(&owner),
+            describe_owner(&caller.owner)
+        )));
+    }
+    Ok((inc, state, devices))
+}
+
+/// Why a checkpoint reference is not the trial's own `file`, if it is not: its path must end in
+/// `/<sweep>/<trial>/<file>` with no `.` or `..` segment and no control character, and it must
+/// carry the SHA-256 (64 lower-case hex digits) and size of what it names. (Where the store is
+/// — a directory, a bucket — is the workers' business; whose trial it belongs to is checked
+/// here and again by the worker that resumes from it.)
+pub fn check_checkpoint_ref(
+    c: &v1::CheckpointRef,
+    sweep_id: &str,
+    trial_id: &str,
+    file: &str,
+) -> std::result::Result<(), String> {
+    let shown = || crate::output::escape(&c.uri);
+    if c.uri.chars().any(char::is_control) {
+        return Err(format!("uri `{}` has control characters", shown()));
+    }
+    let path = c.uri.split_once("://").map_or(c.uri.as_str(), |(_, rest)| rest);
+    let segments: Vec<&str> = path.split('/').collect();
+    if segments.iter().any(|s| *s == "." || *s == "..") {
+        return Err(format!("uri `{}` has a `.` or `..` segment", shown()));
+    }
+    let tail = &segments[segments.len().saturating_sub(3)..];
+    if tail != [sweep_id, trial_id, file] {
+        return Err(format!(
+            "uri `{}` is not this trial's own: it must end in `{sweep_id}/{trial_id}/{file}`",
+            shown()
+        ));
+    }
+    if c.sha256.len() != 64 || !c.sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(format!("sha256 must be 64 lower-case hex digits (got {} characters)", c.sha256.len()));
+    }
+    if c.bytes == 0 {
+        return Err("bytes must be the size of the file (got 0)".into());
+    }
+    Ok(())
+}
+
+/// Checks that the caller is the worker the attempt was handed to.
+fn check_attempt_owner(conn: &Connection, caller: &Caller, attempt_id: u64) -> Result<()> {
+    check_identity(conn, caller)?;
+    let holder: Option<String> = conn
+        .prepare_cached("SELECT worker_id FROM attempts WHERE id = ?1")?
+        .query_row([attempt_id as i64], |r| r.get(0))
+        .optional()?;
+    match holder {
+        None => Err(StoreError::NotFound(format!("no attempt {attempt_id}"))),
+        Some(w) if w != caller.worker_id => Err(StoreError::PermissionDenied(format!(
+            "attempt {attempt_id} was handed to another worker, not {}; a worker may only write for its own attempts",
+            caller.worker_id
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+fn describe_owner(owner: &str) -> String {
+    if owner.is_empty() { "no token or certificate".into() } else { owner.to_string() }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff));
+    }
+    diff == 0
+}
+
+/// A new session secret: 32 bytes from the kernel's random source, as 64 hex digits.
+fn new_session_secret() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        // SAFETY: getrandom(2) writes at most the given length into the buffer we own.
+        let n = unsafe { libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(StoreError::Corrupt(format!("no random bytes for a session secret: {e}")));
+        }
+        filled += n as usize;
+    }
+    Ok(hex(&bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How a session secret is stored: its SHA-256, hex.
+fn session_hash(session: &str) -> String {
+    use sha2::Digest;
+    hex(&sha2::Sha256::digest(session.as_bytes()))
+}
+
+/// The checksum stored with an event: the first 8 bytes of SHA-256 over its sweep id and
+/// payload, so a flipped byte, or an event moved to another sweep, is seen.
+pub fn event_checksum(sweep_id: &str, payload: &[u8]) -> i64 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(sweep_id.as_bytes());
+    h.update([0u8]);
+    h.update(payload);
+    let d = h.finalize();
+    i64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+/// Computes the checksums of events stored before events had one (schema 7).
+fn fill_event_checksums(tx: &Connection) -> Result<()> {
+    let rows: Vec<(i64, String, Vec<u8>)> = {
+        let mut q = tx.prepare("SELECT seq, sweep_id, payload FROM events WHERE checksum IS NULL")?;
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<rusqlite::Result<_>>()?
+    };
+    let mut update = tx.prepare("UPDATE events SET checksum = ?2 WHERE seq = ?1")?;
+    for (seq, sweep_id, payload) in rows {
+        update.execute(params![seq, event_checksum(&sweep_id, &payload)])?;
+    }
+    Ok(())
 }
 
 struct CurrentAttempt {
@@ -1323,6 +1794,17 @@ fn end_attempt(
     // Attempts made before a `sweep retry` do not count against the budget.
     let attempts = all_attempts - retry_base;
     let now = now_ms();
+    // Every epoch is stored (the worker was stopped, failed or lost after its last report,
+    // before it could say it succeeded): the trial's result is whole, and it stays.
+    let (end, message) = if end != AttemptState::Succeeded && has_every_epoch(tx, &sweep_id, idx)? {
+        (
+            AttemptState::Succeeded,
+            format!("{} after every epoch was reported; the result is kept: {message}", end.as_str()),
+        )
+    } else {
+        (end, message.to_string())
+    };
+    let message = message.as_str();
     tx.prepare_cached("UPDATE attempts SET state = ?2, ended_at_ms = ?3, error = ?4 WHERE id = ?1")?
         .execute(params![attempt_id as i64, end.as_str(), now, message])?;
     let wall = if wall_seconds > 0.0 { wall_seconds } else { (now - started).max(0) as f64 / 1000.0 };
@@ -1348,7 +1830,10 @@ fn end_attempt(
         AttemptState::Succeeded => {
             tx.prepare_cached("UPDATE workers SET consecutive_failures = 0 WHERE id = ?1")?.execute([&worker_id])?;
         }
-        AttemptState::Failed => {
+        // A permanent failure says the trial cannot run anywhere (a missing dataset, a spec the
+        // backbone cannot take): it says nothing about the worker, and a bad spec must not
+        // quarantine the fleet. Only failures that may be the worker's own count.
+        AttemptState::Failed if !permanent => {
             let failures: i64 = tx
                 .prepare_cached(
                     "UPDATE workers SET consecutive_failures = consecutive_failures + 1 WHERE id = ?1
@@ -1370,6 +1855,17 @@ fn end_attempt(
         _ => {}
     }
     finish_sweep_if_done(tx, &sweep_id)
+}
+
+/// Whether a trial has metrics for every one of its epochs.
+fn has_every_epoch(conn: &Connection, sweep_id: &str, idx: i64) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT (SELECT COUNT(*) FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx
+                       AND m.epoch BETWEEN 1 AND t.fe_epochs + t.ft_epochs) = t.fe_epochs + t.ft_epochs
+             FROM trials t WHERE t.sweep_id = ?1 AND t.idx = ?2",
+        )?
+        .query_row(params![sweep_id, idx], |r| r.get(0))?)
 }
 
 /// The `quarantine_after` setting (0: never), stored in `meta` by [`Store::set_quarantine_after`].
@@ -1451,11 +1947,9 @@ fn trial_event_noted(
         sequence: 0,
         event: Some(v1::sweep_event::Event::Trial(v1::TrialEvent { trial, metrics, note: note.to_string() })),
     };
-    conn.prepare_cached("INSERT INTO events(sweep_id, payload, at_ms) VALUES (?1, ?2, ?3)")?.execute(params![
-        sweep_id,
-        event.encode_to_vec(),
-        now_ms()
-    ])?;
+    let payload = event.encode_to_vec();
+    conn.prepare_cached("INSERT INTO events(sweep_id, payload, at_ms, checksum) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![sweep_id, payload, now_ms(), event_checksum(sweep_id, &payload)])?;
     Ok(())
 }
 
@@ -1477,11 +1971,9 @@ fn finish_sweep_if_done(conn: &Connection, sweep_id: &str) -> Result<()> {
     conn.prepare_cached("UPDATE sweeps SET finished_at_ms = ?2 WHERE id = ?1")?.execute(params![sweep_id, now])?;
     let ended = v1::SweepSummary { finished_at_ms: now, ..summary };
     let event = v1::SweepEvent { sequence: 0, event: Some(v1::sweep_event::Event::Ended(ended)) };
-    conn.prepare_cached("INSERT INTO events(sweep_id, payload, at_ms) VALUES (?1, ?2, ?3)")?.execute(params![
-        sweep_id,
-        event.encode_to_vec(),
-        now
-    ])?;
+    let payload = event.encode_to_vec();
+    conn.prepare_cached("INSERT INTO events(sweep_id, payload, at_ms, checksum) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![sweep_id, payload, now, event_checksum(sweep_id, &payload)])?;
     Ok(())
 }
 

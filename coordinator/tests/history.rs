@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, params};
 use sweep_coordinator::history::{self, Report};
-use sweep_coordinator::store::{ReportExtras, Store};
+use sweep_coordinator::store::{Caller, ReportExtras, Store};
 use sweep_core::leaderboard::{EpochMetrics, Phase};
 use sweep_core::spec;
 use sweep_proto::v1;
@@ -42,12 +42,17 @@ fn metrics(epoch: u32, fe: u32) -> EpochMetrics {
     }
 }
 
-fn report(store: &mut Store, a: &v1::Assignment, epoch: u32) {
-    store.report_epoch(a.attempt_id, &metrics(epoch, a.fe_epochs), &ReportExtras::default()).unwrap();
+fn register(store: &mut Store, name: &str, devices: &[v1::Device]) -> (Caller, u64) {
+    let r = store.register(name, devices, "test", "").unwrap();
+    (Caller { worker_id: r.worker_id, session: r.session, owner: String::new() }, r.incarnation)
 }
 
-fn finish(store: &mut Store, a: &v1::Assignment, outcome: v1::Outcome) {
-    store.finish_attempt(a.attempt_id, outcome, v1::ErrorClass::Retryable, "x", 1.0).unwrap();
+fn report(store: &mut Store, w: &Caller, a: &v1::Assignment, epoch: u32) {
+    store.report_epoch(w, a.attempt_id, &metrics(epoch, a.fe_epochs), &ReportExtras::default()).unwrap();
+}
+
+fn finish(store: &mut Store, w: &Caller, a: &v1::Assignment, outcome: v1::Outcome) {
+    store.finish_attempt(w, a.attempt_id, outcome, v1::ErrorClass::Retryable, "x", 1.0).unwrap();
 }
 
 /// Attempt ids of the clean state.
@@ -67,29 +72,29 @@ struct Ids {
 fn clean_state(dir: &Path) -> Ids {
     let mut store = Store::open(dir).unwrap();
     let (sweep, _) = store.submit(SPEC, "h.yaml", &spec::parse(SPEC).unwrap()).unwrap();
-    let (w1, i1) = store.register("w1", &devices(&["cpu:0", "cpu:1"]), "test").unwrap();
+    let (w1, i1) = register(&mut store, "w1", &devices(&["cpu:0", "cpu:1"]));
     let a1 = store.acquire(&w1, i1).unwrap().unwrap();
     let a2 = store.acquire(&w1, i1).unwrap().unwrap();
     assert_eq!((a1.trial_id.as_str(), a2.trial_id.as_str()), ("t000", "t001"));
     assert_ne!(a1.devices, a2.devices);
-    report(&mut store, &a1, 1);
-    finish(&mut store, &a1, v1::Outcome::Failed);
-    report(&mut store, &a2, 1);
-    report(&mut store, &a2, 2);
-    finish(&mut store, &a2, v1::Outcome::Succeeded);
+    report(&mut store, &w1, &a1, 1);
+    finish(&mut store, &w1, &a1, v1::Outcome::Failed);
+    report(&mut store, &w1, &a2, 1);
+    report(&mut store, &w1, &a2, 2);
+    finish(&mut store, &w1, &a2, v1::Outcome::Succeeded);
     let a3 = store.acquire(&w1, i1).unwrap().unwrap();
     assert_eq!(a3.trial_id, "t000");
-    report(&mut store, &a3, 2);
-    finish(&mut store, &a3, v1::Outcome::Succeeded);
+    report(&mut store, &w1, &a3, 2);
+    finish(&mut store, &w1, &a3, v1::Outcome::Succeeded);
 
     store.submit(ONE, "one.yaml", &spec::parse(ONE).unwrap()).unwrap();
-    let (w2, i2) = store.register("w2", &devices(&["cpu:0"]), "test").unwrap();
+    let (w2, i2) = register(&mut store, "w2", &devices(&["cpu:0"]));
     let lost = store.acquire(&w2, i2).unwrap().unwrap();
-    report(&mut store, &lost, 1);
+    report(&mut store, &w2, &lost, 1);
     store.expire_workers(i64::MAX).unwrap();
-    let (w3, i3) = store.register("w3", &devices(&["cpu:0"]), "test").unwrap();
+    let (w3, i3) = register(&mut store, "w3", &devices(&["cpu:0"]));
     let running = store.acquire(&w3, i3).unwrap().unwrap();
-    report(&mut store, &running, 2);
+    report(&mut store, &w3, &running, 2);
     Ids { sweep, a1: a1.attempt_id, a2: a2.attempt_id, a3: a3.attempt_id, running: running.attempt_id }
 }
 
@@ -177,7 +182,8 @@ fn a_completed_trial_without_a_succeeded_attempt_is_found() {
 fn a_trial_completed_twice_is_found_in_the_event_log() {
     // The sweep's event log replayed: each trial runs and completes a second time.
     let r = broken(
-        "INSERT INTO events(sweep_id, payload, at_ms) SELECT sweep_id, payload, at_ms FROM events WHERE sweep_id = ?5 ORDER BY seq",
+        "INSERT INTO events(sweep_id, payload, at_ms, checksum)
+         SELECT sweep_id, payload, at_ms, checksum FROM events WHERE sweep_id = ?5 ORDER BY seq",
     );
     assert_found(&r, "completed-twice", "/t001: the event log has it completing 2 times");
     assert_found(&r, "completed-twice", "/t000: the event log has it completing 2 times");
@@ -256,7 +262,114 @@ fn devices_held_twice_at_once_are_found() {
 #[test]
 fn an_undecodable_event_is_reported_not_fatal() {
     let r = broken("INSERT INTO events(sweep_id, payload, at_ms) VALUES (?5, X'FFFFFFFF', 0)");
-    assert_found(&r, "events", "cannot be decoded");
+    assert_found(&r, "events", "it has no checksum");
+    // Undecodable bytes that even carry their checksum.
+    let dir = tempfile::tempdir().unwrap();
+    let ids = clean_state(dir.path());
+    let conn = Connection::open(dir.path().join("sweep.db")).unwrap();
+    let sum = sweep_coordinator::store::event_checksum(&ids.sweep, &[0xff, 0xff, 0xff, 0xff]);
+    conn.execute(
+        "INSERT INTO events(sweep_id, payload, at_ms, checksum) VALUES (?1, X'FFFFFFFF', 0, ?2)",
+        params![ids.sweep, sum],
+    )
+    .unwrap();
+    drop(conn);
+    assert_found(&check(dir.path()), "events", "cannot be decoded");
+}
+
+#[test]
+fn a_flipped_byte_in_a_stored_event_is_found_and_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = clean_state(dir.path());
+    let conn = Connection::open(dir.path().join("sweep.db")).unwrap();
+    // The last event of t001 still decodes with one byte changed (inside a string): only the
+    // checksum can tell.
+    let (seq, mut payload): (i64, Vec<u8>) = conn
+        .query_row("SELECT seq, payload FROM events WHERE sweep_id = ?1 ORDER BY seq DESC LIMIT 1", [&ids.sweep], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    let at = payload.iter().rposition(|b| b.is_ascii_lowercase()).expect("a letter to change");
+    payload[at] ^= 0x01;
+    conn.execute("UPDATE events SET payload = ?2 WHERE seq = ?1", params![seq, payload]).unwrap();
+    drop(conn);
+    let r = check(dir.path());
+    assert_found(&r, "events", &format!("event {seq} of {}: its bytes do not match the checksum", ids.sweep));
+    assert_eq!(r.violations.len(), 1, "{r}");
+    // The store refuses to serve it to a watcher.
+    let store = Store::open(dir.path()).unwrap();
+    let err = store.events_after(&ids.sweep, 0, 10_000).unwrap_err().to_string();
+    assert!(err.contains(&format!("event {seq}")) && err.contains("checksum"), "{err}");
+    // An event moved to another sweep is seen too.
+    drop(store);
+    let r = broken("UPDATE events SET sweep_id = 'elsewhere-0000' WHERE seq = (SELECT MIN(seq) FROM events)");
+    assert_found(&r, "events", "of elsewhere-0000: its bytes do not match the checksum");
+}
+
+#[test]
+fn a_checkpoint_reference_that_is_not_the_trials_own_is_found() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let ids = clean_state(dir.path());
+    let conn = Connection::open(dir.path().join("sweep.db")).unwrap();
+    let reference = |uri: &str, sha: &str, epoch: u32| {
+        v1::CheckpointRef { uri: uri.into(), sha256: sha.into(), bytes: 10, epoch }.encode_to_vec()
+    };
+    let good = "ab".repeat(32);
+    let own = format!("/artifacts/{}/t000/state-e0001.safetensors", ids.sweep);
+    let cases: [(&str, Vec<u8>, &str); 6] = [
+        ("resume_checkpoint", reference(&own, &good, 1), ""),
+        (
+            "resume_checkpoint",
+            reference("/artifacts/other-0001/t000/state-e0001.safetensors", &good, 1),
+            "is not this trial's own",
+        ),
+        ("resume_checkpoint", reference(&own, "", 1), "sha256 must be 64"),
+        (
+            "resume_checkpoint",
+            reference(&format!("/artifacts/{}/t000/../../x/t000/state-e0001.safetensors", ids.sweep), &good, 1),
+            "`..` segment",
+        ),
+        ("best_checkpoint", reference(&own, &good, 1), "must end in"),
+        ("last_checkpoint", vec![0xff, 0xff], "cannot be decoded"),
+    ];
+    for (column, blob, fragment) in cases {
+        conn.execute(
+            &format!("UPDATE trials SET {column} = ?2 WHERE sweep_id = ?1 AND idx = 0"),
+            params![ids.sweep, blob],
+        )
+        .unwrap();
+        let r = check(dir.path());
+        if fragment.is_empty() {
+            assert!(r.is_clean(), "{r}");
+        } else {
+            assert_found(&r, "checkpoints", &format!("/t000: {column}"));
+            assert_found(&r, "checkpoints", fragment);
+        }
+        conn.execute(&format!("UPDATE trials SET {column} = NULL WHERE sweep_id = ?1"), params![ids.sweep]).unwrap();
+    }
+    // An epoch the trial has no metrics for.
+    conn.execute(
+        "UPDATE trials SET resume_checkpoint = ?2 WHERE sweep_id = ?1 AND idx = 0",
+        params![ids.sweep, reference(&own.replace("e0001", "e0002"), &good, 2)],
+    )
+    .unwrap();
+    conn.execute("DELETE FROM metrics WHERE sweep_id = ?1 AND idx = 0 AND epoch = 2", params![ids.sweep]).unwrap();
+    assert_found(&check(dir.path()), "checkpoints", "holds epoch 2, but the trial has metrics for 1 epochs");
+}
+
+#[test]
+fn a_trial_row_that_is_not_its_grid_cell_is_found() {
+    let r = broken("UPDATE trials SET backbone = 'resnet152' WHERE sweep_id = ?5 AND idx = 0");
+    assert_found(&r, "grid", "/t000: row t000 resnet152");
+    let r = broken("UPDATE trials SET lr_decay = X'0A0B6578706F6E656E7469616C' WHERE sweep_id = ?5 AND idx = 1");
+    assert_found(&r, "grid", "/t001: row t001 resnet50 exponential");
+    let r = broken(
+        "INSERT INTO trials(sweep_id, idx, trial_id, backbone, lr_decay, fe_epochs, ft_epochs, state)
+         SELECT sweep_id, 2, 't002', backbone, lr_decay, fe_epochs, ft_epochs, 'pending' FROM trials
+         WHERE sweep_id = ?5 AND idx = 1",
+    );
+    assert_found(&r, "grid", "3 trial rows for a grid of 2");
 }
 
 #[test]

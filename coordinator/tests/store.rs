@@ -1,7 +1,7 @@
 //! The durable store: what is committed survives the process; the trial lifecycle, fencing,
 //! retries, cancellation and the leaderboard are computed from stored rows.
 
-use sweep_coordinator::store::{ReportExtras, Store, StoreError};
+use sweep_coordinator::store::{Caller, ReportExtras, Store, StoreError};
 use sweep_core::leaderboard::{EpochMetrics, Phase};
 use sweep_core::spec;
 use sweep_proto::v1;
@@ -32,6 +32,13 @@ fn metrics(epoch: u32, fe: u32, val: f64) -> EpochMetrics {
     }
 }
 
+/// Registers a worker without a token (as on a coordinator without `--tokens`): the caller
+/// its later calls name, and its incarnation.
+fn register(store: &mut Store, name: &str, devices: &[v1::Device]) -> (Caller, u64) {
+    let r = store.register(name, devices, "test", "").unwrap();
+    (Caller { worker_id: r.worker_id, session: r.session, owner: String::new() }, r.incarnation)
+}
+
 fn extras(parameters: u64) -> ReportExtras {
     ReportExtras { parameters, ..Default::default() }
 }
@@ -44,12 +51,12 @@ fn submit(store: &mut Store) -> String {
 }
 
 /// Runs a whole attempt: acquire, report every epoch with the given accuracies, succeed.
-fn complete(store: &mut Store, worker: &str, inc: u64, accs: [f64; 2]) -> v1::Assignment {
+fn complete(store: &mut Store, worker: &Caller, inc: u64, accs: [f64; 2]) -> v1::Assignment {
     let a = store.acquire(worker, inc).unwrap().expect("a trial is pending");
     for (i, acc) in accs.iter().enumerate() {
-        store.report_epoch(a.attempt_id, &metrics(i as u32 + 1, a.fe_epochs, *acc), &extras(1234)).unwrap();
+        store.report_epoch(worker, a.attempt_id, &metrics(i as u32 + 1, a.fe_epochs, *acc), &extras(1234)).unwrap();
     }
-    store.finish_attempt(a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 2.0).unwrap();
+    store.finish_attempt(worker, a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 2.0).unwrap();
     a
 }
 
@@ -60,9 +67,9 @@ fn committed_state_survives_reopening() {
         let mut store = Store::open(dir.path()).unwrap();
         let sweep = submit(&mut store);
         assert!(sweep.starts_with("store-test-"), "{sweep}");
-        let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+        let (w, inc) = register(&mut store, "w", &cpu());
         let a = store.acquire(&w, inc).unwrap().unwrap();
-        store.report_epoch(a.attempt_id, &metrics(1, 1, 0.4), &extras(99)).unwrap();
+        store.report_epoch(&w, a.attempt_id, &metrics(1, 1, 0.4), &extras(99)).unwrap();
         (sweep, a.attempt_id)
         // dropped: the connection closes like a process that ends
     };
@@ -87,7 +94,7 @@ fn a_sweep_runs_to_completion_and_ranks_by_best_fine_tuning_accuracy() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path()).unwrap();
     let sweep = submit(&mut store);
-    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    let (w, inc) = register(&mut store, "w", &cpu());
     let a = complete(&mut store, &w, inc, [0.5, 0.6]);
     assert_eq!(a.trial_id, "t000");
     assert_eq!(a.backbone, "resnet18");
@@ -121,19 +128,20 @@ fn stale_attempts_are_fenced() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path()).unwrap();
     submit(&mut store);
-    let (w1, i1) = store.register("w1", &cpu(), "test").unwrap();
+    let (w1, i1) = register(&mut store, "w1", &cpu());
     let a = store.acquire(&w1, i1).unwrap().unwrap();
     // The attempt ends (here: the worker's lease ends) and the trial goes to another worker.
     store.expire_workers(i64::MAX).unwrap();
-    let (w2, i2) = store.register("w2", &cpu(), "test").unwrap();
+    let (w2, i2) = register(&mut store, "w2", &cpu());
     let b = store.acquire(&w2, i2).unwrap().unwrap();
     assert_eq!(a.trial_id, b.trial_id);
     assert_eq!(b.attempt_number, 2);
 
-    let err = store.report_epoch(a.attempt_id, &metrics(1, 1, 0.1), &extras(1)).unwrap_err();
+    let err = store.report_epoch(&w1, a.attempt_id, &metrics(1, 1, 0.1), &extras(1)).unwrap_err();
     assert!(matches!(err, StoreError::FailedPrecondition(_)), "{err}");
-    let err =
-        store.finish_attempt(a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0).unwrap_err();
+    let err = store
+        .finish_attempt(&w1, a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0)
+        .unwrap_err();
     assert!(matches!(err, StoreError::FailedPrecondition(_)), "{err}");
     // The lost worker's incarnation is refused too.
     assert!(matches!(store.acquire(&w1, i1).unwrap_err(), StoreError::FailedPrecondition(_)));
@@ -150,16 +158,16 @@ fn retryable_failures_are_retried_until_max_attempts_and_permanent_ones_fail_at_
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path()).unwrap();
     let sweep = submit(&mut store);
-    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    let (w, inc) = register(&mut store, "w", &cpu());
 
     let a = store.acquire(&w, inc).unwrap().unwrap();
-    store.finish_attempt(a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Retryable, "disk hiccup", 1.0).unwrap();
+    store.finish_attempt(&w, a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Retryable, "disk hiccup", 1.0).unwrap();
     let t = &store.get_sweep(&sweep).unwrap().trials[0];
     assert_eq!((t.state.as_str(), t.attempts, t.error.as_str()), ("pending", 1, "disk hiccup"));
 
     let a = store.acquire(&w, inc).unwrap().unwrap();
     assert_eq!((a.trial_id.as_str(), a.attempt_number), ("t000", 2));
-    store.finish_attempt(a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Retryable, "disk hiccup", 1.0).unwrap();
+    store.finish_attempt(&w, a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Retryable, "disk hiccup", 1.0).unwrap();
     let t = &store.get_sweep(&sweep).unwrap().trials[0];
     assert_eq!(t.state, "failed");
     assert!(t.error.contains("no attempts left"), "{}", t.error);
@@ -168,6 +176,7 @@ fn retryable_failures_are_retried_until_max_attempts_and_permanent_ones_fail_at_
     assert_eq!(b.trial_id, "t001");
     store
         .finish_attempt(
+            &w,
             b.attempt_id,
             v1::Outcome::Failed,
             v1::ErrorClass::Permanent,
@@ -186,7 +195,7 @@ fn bad_reports_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path()).unwrap();
     let sweep = submit(&mut store);
-    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    let (w, inc) = register(&mut store, "w", &cpu());
     let a = store.acquire(&w, inc).unwrap().unwrap();
     // Past the end, wrong phase, out of order, unknown attempt.
     for (m, id) in [
@@ -195,11 +204,11 @@ fn bad_reports_are_refused_and_change_nothing() {
         (metrics(2, 1, 0.5), a.attempt_id),
         (metrics(1, 1, 0.5), 999_999),
     ] {
-        assert!(store.report_epoch(id, &m, &extras(1)).is_err());
+        assert!(store.report_epoch(&w, id, &m, &extras(1)).is_err());
     }
     // Success without every epoch's metrics.
     assert!(matches!(
-        store.finish_attempt(a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0),
+        store.finish_attempt(&w, a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0),
         Err(StoreError::FailedPrecondition(_))
     ));
     assert!(store.trial(&sweep, "t000").unwrap().metrics.is_empty());
@@ -208,8 +217,9 @@ fn bad_reports_are_refused_and_change_nothing() {
     assert!(matches!(store.get_sweep("nope"), Err(StoreError::NotFound(_))));
     assert!(matches!(store.trial(&sweep, "t999"), Err(StoreError::NotFound(_))));
     assert!(matches!(store.trial(&sweep, "zzz"), Err(StoreError::InvalidArgument(_))));
-    assert!(matches!(store.acquire("w404", 1), Err(StoreError::NotFound(_))));
-    assert!(matches!(store.register("x", &[], "t"), Err(StoreError::InvalidArgument(_))));
+    let stranger = Caller { worker_id: "w404".into(), session: "0".repeat(64), owner: String::new() };
+    assert!(matches!(store.acquire(&stranger, 1), Err(StoreError::NotFound(_))));
+    assert!(matches!(store.register("x", &[], "t", ""), Err(StoreError::InvalidArgument(_))));
 }
 
 #[test]
@@ -217,12 +227,12 @@ fn a_resumed_epoch_supersedes_and_never_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path()).unwrap();
     let sweep = submit(&mut store);
-    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    let (w, inc) = register(&mut store, "w", &cpu());
     let a = store.acquire(&w, inc).unwrap().unwrap();
-    store.report_epoch(a.attempt_id, &metrics(1, 1, 0.2), &extras(1)).unwrap();
-    store.finish_attempt(a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Retryable, "oom", 1.0).unwrap();
+    store.report_epoch(&w, a.attempt_id, &metrics(1, 1, 0.2), &extras(1)).unwrap();
+    store.finish_attempt(&w, a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Retryable, "oom", 1.0).unwrap();
     let b = store.acquire(&w, inc).unwrap().unwrap();
-    store.report_epoch(b.attempt_id, &metrics(1, 1, 0.25), &extras(1)).unwrap();
+    store.report_epoch(&w, b.attempt_id, &metrics(1, 1, 0.25), &extras(1)).unwrap();
     let detail = store.trial(&sweep, "t000").unwrap();
     assert_eq!(detail.metrics.len(), 1);
     assert_eq!(detail.metrics[0].val_accuracy, 0.25);
@@ -233,15 +243,17 @@ fn cancelling_stops_pending_trials_and_asks_running_ones_to_stop() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path()).unwrap();
     let sweep = submit(&mut store);
-    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    let (w, inc) = register(&mut store, "w", &cpu());
     let a = store.acquire(&w, inc).unwrap().unwrap();
     let r = store.cancel_sweep(&sweep[..8]).unwrap();
     assert_eq!((r.cancelled_pending, r.stopping_running), (1, 1));
     assert_eq!(store.heartbeat(&w, inc, &[a.attempt_id]).unwrap(), vec![a.attempt_id]);
-    assert!(store.report_epoch(a.attempt_id, &metrics(1, 1, 0.3), &extras(1)).unwrap(), "report says: stop");
-    let (w2, inc2) = store.register("w2", &cpu(), "test").unwrap();
+    assert!(store.report_epoch(&w, a.attempt_id, &metrics(1, 1, 0.3), &extras(1)).unwrap(), "report says: stop");
+    let (w2, inc2) = register(&mut store, "w2", &cpu());
     assert!(store.acquire(&w2, inc2).unwrap().is_none(), "nothing of a cancelled sweep is handed out");
-    store.finish_attempt(a.attempt_id, v1::Outcome::Cancelled, v1::ErrorClass::Unspecified, "stopped", 1.0).unwrap();
+    store
+        .finish_attempt(&w, a.attempt_id, v1::Outcome::Cancelled, v1::ErrorClass::Unspecified, "stopped", 1.0)
+        .unwrap();
     let s = store.get_sweep(&sweep).unwrap().sweep.unwrap();
     assert_eq!(s.state, "cancelled");
     assert_ne!(s.finished_at_ms, 0);
@@ -266,10 +278,10 @@ fn gpus_per_trial_beyond_a_worker_is_not_handed_to_it() {
     let mut store = Store::open(dir.path()).unwrap();
     let text = SPEC.replace("retries: { max_attempts: 2 }", "resources: { gpus_per_trial: 2 }");
     store.submit(&text, "t", &spec::parse(&text).unwrap()).unwrap();
-    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    let (w, inc) = register(&mut store, "w", &cpu());
     assert!(store.acquire(&w, inc).unwrap().is_none());
     let two = vec![cpu()[0].clone(), v1::Device { id: "cpu:1".into(), ..cpu()[0].clone() }];
-    let (w2, inc2) = store.register("w2", &two, "test").unwrap();
+    let (w2, inc2) = register(&mut store, "w2", &two);
     assert!(store.acquire(&w2, inc2).unwrap().is_some());
 }
 
@@ -298,11 +310,12 @@ fn checkpoints_and_skipped_images_are_stored_and_ranked_with_their_trial() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path()).unwrap();
     let sweep = submit(&mut store);
-    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    let (w, inc) = register(&mut store, "w", &cpu());
     let a = store.acquire(&w, inc).unwrap().unwrap();
+    let own = format!("/a/{sweep}/t000");
     let ckpt = |name: &str, epoch| v1::CheckpointRef {
-        uri: format!("/a/{name}.safetensors"),
-        sha256: "ab".into(),
+        uri: format!("{own}/{name}.safetensors"),
+        sha256: "ab".repeat(32),
         bytes: 7,
         epoch,
     };
@@ -313,22 +326,48 @@ fn checkpoints_and_skipped_images_are_stored_and_ranked_with_their_trial() {
         skipped_images: 2,
         ..Default::default()
     };
-    store.report_epoch(a.attempt_id, &metrics(1, 1, 0.6), &first).unwrap();
+    store.report_epoch(&w, a.attempt_id, &metrics(1, 1, 0.6), &first).unwrap();
     // Epoch 2 is worse: only the last checkpoint moves.
     let second = ReportExtras { last_checkpoint: Some(ckpt("last", 2)), best_checkpoint: None, ..first.clone() };
-    store.report_epoch(a.attempt_id, &metrics(2, 1, 0.5), &second).unwrap();
+    store.report_epoch(&w, a.attempt_id, &metrics(2, 1, 0.5), &second).unwrap();
     // A checkpoint that claims another epoch is refused, and the whole report with it.
     let bad = ReportExtras { last_checkpoint: Some(ckpt("last", 1)), ..second.clone() };
-    assert!(matches!(store.report_epoch(a.attempt_id, &metrics(2, 1, 0.9), &bad), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(
+        store.report_epoch(&w, a.attempt_id, &metrics(2, 1, 0.9), &bad),
+        Err(StoreError::InvalidArgument(_))
+    ));
+    // References that are not this trial's own, or unverifiable, are refused with the report.
+    let foreign = |uri: String, sha256: String| ReportExtras {
+        resume_checkpoint: Some(v1::CheckpointRef { uri, sha256, bytes: 7, epoch: 2 }),
+        ..second.clone()
+    };
+    for (extras, fragment) in [
+        (foreign("/a/other-sweep-0001/t000/state-e0002.safetensors".into(), "ab".repeat(32)), "not this trial's own"),
+        (foreign(format!("{own}/../../other-0001/t000/state-e0002.safetensors"), "ab".repeat(32)), "`..` segment"),
+        (foreign(format!("{own}/state-e0001.safetensors"), "ab".repeat(32)), "must end in"),
+        (foreign(format!("{own}/state-e0002.safetensors"), String::new()), "sha256 must be 64"),
+        (foreign(format!("{own}/state-e0002.safetensors"), "AB".repeat(32)), "sha256 must be 64"),
+        (foreign(format!("{own}/state-e0002.safetensors\u{1b}[2J"), "ab".repeat(32)), "control characters"),
+        (ReportExtras { best_checkpoint: Some(ckpt("last", 2)), ..second.clone() }, "best.safetensors"),
+    ] {
+        let e = store.report_epoch(&w, a.attempt_id, &metrics(2, 1, 0.9), &extras).unwrap_err();
+        assert!(matches!(e, StoreError::InvalidArgument(_)) && e.to_string().contains(fragment), "{fragment}: {e}");
+    }
     assert_eq!(store.trial(&sweep, "t000").unwrap().metrics[1].val_accuracy, 0.5);
 
     let board = store.leaderboard(&sweep).unwrap();
     let e = board.entries.iter().find(|e| e.trial_id == "t000").unwrap();
-    assert_eq!(e.best_checkpoint.as_ref().map(|c| (c.uri.as_str(), c.epoch)), Some(("/a/best.safetensors", 1)));
-    assert_eq!(e.last_checkpoint.as_ref().map(|c| (c.uri.as_str(), c.epoch)), Some(("/a/last.safetensors", 2)));
+    assert_eq!(
+        e.best_checkpoint.as_ref().map(|c| (c.uri.as_str(), c.epoch)),
+        Some((format!("{own}/best.safetensors").as_str(), 1))
+    );
+    assert_eq!(
+        e.last_checkpoint.as_ref().map(|c| (c.uri.as_str(), c.epoch)),
+        Some((format!("{own}/last.safetensors").as_str(), 2))
+    );
     assert_eq!(e.skipped_images, 2);
     let d = store.trial(&sweep, "t000").unwrap();
-    assert_eq!(d.best_checkpoint.unwrap().sha256, "ab");
+    assert_eq!(d.best_checkpoint.unwrap().sha256, "ab".repeat(32));
     assert_eq!(d.skipped_images, 2);
 }
 
@@ -337,7 +376,11 @@ fn a_version_1_database_is_upgraded_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let sweep = {
         let mut store = Store::open(dir.path()).unwrap();
-        submit(&mut store)
+        let sweep = submit(&mut store);
+        // An attempt, so that there are events.
+        let (w, inc) = register(&mut store, "w", &cpu());
+        store.acquire(&w, inc).unwrap().unwrap();
+        sweep
     };
     // Turn it back into a version-1 database: the columns and indexes later versions added, gone.
     let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
@@ -348,6 +391,8 @@ fn a_version_1_database_is_upgraded_in_place() {
          ALTER TABLE trials DROP COLUMN resume_checkpoint; ALTER TABLE attempts DROP COLUMN resumed_from_epoch;
          ALTER TABLE attempts DROP COLUMN note; ALTER TABLE trials DROP COLUMN retry_base;
          ALTER TABLE workers DROP COLUMN consecutive_failures; ALTER TABLE workers DROP COLUMN note;
+         ALTER TABLE workers DROP COLUMN session_hash; ALTER TABLE workers DROP COLUMN owner;
+         ALTER TABLE events DROP COLUMN checksum;
          UPDATE meta SET value = 1 WHERE key = 'schema_version';",
     )
     .unwrap();
@@ -356,9 +401,14 @@ fn a_version_1_database_is_upgraded_in_place() {
     let board = store.leaderboard(&sweep).unwrap();
     assert_eq!(board.entries.len(), 2);
     assert!(board.entries[0].best_checkpoint.is_none());
+    // The events written before checksums existed got theirs, and are served.
+    assert!(!store.events_after(&sweep, 0, 100).unwrap().is_empty());
+    drop(store);
+    let report = sweep_coordinator::history::check_state_dir(dir.path()).unwrap();
+    assert!(report.is_clean(), "{report}");
     let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
     let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 6);
+    assert_eq!(v, 7);
 }
 
 fn devices(kind: &str, n: usize) -> Vec<v1::Device> {
@@ -389,7 +439,7 @@ fn a_worker_runs_several_trials_at_once_on_disjoint_devices() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path()).unwrap();
     let sweep = submit_text(&mut store, &spec_with(2, 3));
-    let (w, inc) = store.register("eight", &devices("cuda", 4), "test").unwrap();
+    let (w, inc) = register(&mut store, "eight", &devices("cuda", 4));
     let a = store.acquire(&w, inc).unwrap().unwrap();
     let b = store.acquire(&w, inc).unwrap().unwrap();
     assert_eq!(a.devices, vec!["cuda:0", "cuda:1"]);
@@ -402,7 +452,7 @@ fn a_worker_runs_several_trials_at_once_on_disjoint_devices() {
     let status = store.get_sweep(&sweep).unwrap();
     assert_eq!(status.trials[1].devices, vec!["cuda:2", "cuda:3"]);
     // Finishing one frees its devices for the next trial.
-    store.finish_attempt(a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Permanent, "x", 1.0).unwrap();
+    store.finish_attempt(&w, a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Permanent, "x", 1.0).unwrap();
     let c = store.acquire(&w, inc).unwrap().unwrap();
     assert_eq!((c.trial_id.as_str(), c.devices.clone()), ("t002", vec!["cuda:0".to_string(), "cuda:1".to_string()]));
 }
@@ -412,7 +462,7 @@ fn one_device_trials_fill_every_device() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path()).unwrap();
     submit_text(&mut store, &spec_with(1, 10));
-    let (w, inc) = store.register("eight", &devices("cuda", 8), "test").unwrap();
+    let (w, inc) = register(&mut store, "eight", &devices("cuda", 8));
     let got: Vec<String> = (0..8).map(|_| store.acquire(&w, inc).unwrap().unwrap().devices.join(",")).collect();
     assert_eq!(got, (0..8).map(|i| format!("cuda:{i}")).collect::<Vec<_>>());
     assert!(store.acquire(&w, inc).unwrap().is_none());
@@ -426,15 +476,19 @@ fn a_trial_no_worker_can_hold_is_unschedulable_until_one_can() {
     // No worker yet: the trials wait for one; that is not infeasible.
     assert_eq!(store.get_sweep(&sweep).unwrap().trials[0].state, "pending");
 
-    let (small, small_inc) = store.register("small", &devices("cuda", 2), "test").unwrap();
+    let (small, small_inc) = register(&mut store, "small", &devices("cuda", 2));
     let status = store.get_sweep(&sweep).unwrap();
     let t = &status.trials[0];
     assert_eq!(t.state, "unschedulable");
-    assert!(t.error.contains("needs 4 devices") && t.error.contains(&format!("{small}, has 2")), "{}", t.error);
+    assert!(
+        t.error.contains("needs 4 devices") && t.error.contains(&format!("{}, has 2", small.worker_id)),
+        "{}",
+        t.error
+    );
     assert_eq!(status.sweep.unwrap().counts.unwrap().unschedulable, 2);
     assert!(store.acquire(&small, small_inc).unwrap().is_none());
 
-    let (big, big_inc) = store.register("big", &devices("cuda", 4), "test").unwrap();
+    let (big, big_inc) = register(&mut store, "big", &devices("cuda", 4));
     let t = &store.get_sweep(&sweep).unwrap().trials[0];
     assert_eq!((t.state.as_str(), t.error.as_str()), ("pending", ""));
     let a = store.acquire(&big, big_inc).unwrap().unwrap();
@@ -443,7 +497,7 @@ fn a_trial_no_worker_can_hold_is_unschedulable_until_one_can() {
     // The big worker goes away: what is left waiting becomes unschedulable again.
     std::thread::sleep(std::time::Duration::from_millis(5));
     store.heartbeat(&small, small_inc, &[]).unwrap();
-    store.expire_workers(now_before(&store, &big)).unwrap();
+    store.expire_workers(now_before(&store, &big.worker_id)).unwrap();
     assert_eq!(store.workers().unwrap().iter().filter(|w| w.state == "active").count(), 1);
     let status = store.get_sweep(&sweep).unwrap();
     assert_eq!(status.trials[1].state, "unschedulable");
@@ -466,16 +520,16 @@ fn bad_device_lists_are_refused() {
     let mut store = Store::open(dir.path()).unwrap();
     let mut twice = devices("cpu", 2);
     twice[1].id = "cpu:0".into();
-    assert!(matches!(store.register("w", &twice, "t"), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(store.register("w", &twice, "t", ""), Err(StoreError::InvalidArgument(_))));
     let mut comma = devices("cpu", 1);
     comma[0].id = "cpu:0,cpu:1".into();
-    assert!(matches!(store.register("w", &comma, "t"), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(store.register("w", &comma, "t", ""), Err(StoreError::InvalidArgument(_))));
 }
 
-fn fail(store: &mut Store, worker: &str, inc: u64, permanent: bool) -> v1::Assignment {
+fn fail(store: &mut Store, worker: &Caller, inc: u64, permanent: bool) -> v1::Assignment {
     let a = store.acquire(worker, inc).unwrap().expect("a trial is pending");
     let class = if permanent { v1::ErrorClass::Permanent } else { v1::ErrorClass::Retryable };
-    store.finish_attempt(a.attempt_id, v1::Outcome::Failed, class, "no such file /data/x", 1.0).unwrap();
+    store.finish_attempt(worker, a.attempt_id, v1::Outcome::Failed, class, "no such file /data/x", 1.0).unwrap();
     a
 }
 
@@ -485,33 +539,36 @@ fn a_worker_failing_attempts_in_a_row_is_quarantined_and_gets_no_more_trials() {
     let mut store = Store::open(dir.path()).unwrap();
     store.set_quarantine_after(2).unwrap();
     let sweep = submit_text(&mut store, &spec_with(1, 4).replace("max_attempts: 2", "max_attempts: 5"));
-    let (bad, bad_inc) = store.register("bad", &cpu(), "test").unwrap();
-    let (good, good_inc) = store.register("good", &cpu(), "test").unwrap();
-    // A success resets the count: fail, succeed, fail — still active.
+    let (bad, bad_inc) = register(&mut store, "bad", &cpu());
+    let (good, good_inc) = register(&mut store, "good", &cpu());
+    // A success resets the count: fail, succeed, fail — still active. Permanent failures (a bad
+    // spec: nothing about the worker) never count, however many.
     fail(&mut store, &bad, bad_inc, false);
     let a = store.acquire(&bad, bad_inc).unwrap().unwrap();
     for e in 1..=a.fe_epochs + a.ft_epochs {
-        store.report_epoch(a.attempt_id, &metrics(e, a.fe_epochs, 0.5), &extras(1)).unwrap();
+        store.report_epoch(&bad, a.attempt_id, &metrics(e, a.fe_epochs, 0.5), &extras(1)).unwrap();
     }
-    store.finish_attempt(a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0).unwrap();
+    store.finish_attempt(&bad, a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0).unwrap();
+    fail(&mut store, &bad, bad_inc, false);
+    fail(&mut store, &bad, bad_inc, true);
     fail(&mut store, &bad, bad_inc, true);
     let state = |store: &Store, id: &str| {
         store.workers().unwrap().into_iter().find(|w| w.worker_id == id).map(|w| (w.state, w.note)).unwrap()
     };
-    assert_eq!(state(&store, &bad).0, "active");
+    assert_eq!(state(&store, &bad.worker_id).0, "active");
     // A second failure in a row: quarantined, with the reason.
     fail(&mut store, &bad, bad_inc, false);
-    let (s, note) = state(&store, &bad);
+    let (s, note) = state(&store, &bad.worker_id);
     assert_eq!(s, "quarantined");
     assert!(note.contains("2 attempts failed in a row") && note.contains("no such file /data/x"), "{note}");
     // It keeps its lease but gets nothing; the healthy worker takes the work.
     assert!(store.heartbeat(&bad, bad_inc, &[]).is_ok());
     assert!(store.acquire(&bad, bad_inc).unwrap().is_none());
     assert!(store.acquire(&good, good_inc).unwrap().is_some());
-    assert_eq!(state(&store, &good).0, "active");
+    assert_eq!(state(&store, &good.worker_id).0, "active");
     // Registering again (a restarted daemon) is a new, active worker.
-    let (again, _) = store.register("bad", &cpu(), "test").unwrap();
-    assert_eq!(state(&store, &again).0, "active");
+    let (again, _) = register(&mut store, "bad", &cpu());
+    assert_eq!(state(&store, &again.worker_id).0, "active");
     let _ = sweep;
 }
 
@@ -521,7 +578,7 @@ fn retry_requeues_failed_trials_with_a_fresh_budget() {
     let mut store = Store::open(dir.path()).unwrap();
     store.set_quarantine_after(0).unwrap();
     let sweep = submit(&mut store);
-    let (w, inc) = store.register("w", &cpu(), "test").unwrap();
+    let (w, inc) = register(&mut store, "w", &cpu());
     // t000 fails for good (permanent); t001 uses up its 2 attempts.
     fail(&mut store, &w, inc, true);
     fail(&mut store, &w, inc, false);

@@ -39,12 +39,26 @@ fn metrics(epoch: u32, phase: &str) -> v1::EpochMetrics {
     }
 }
 
-fn report(attempt_id: u64, m: v1::EpochMetrics) -> v1::ReportEpochRequest {
-    v1::ReportEpochRequest { attempt_id, metrics: Some(m), ..Default::default() }
+/// A report of `w` (worker id and session) for `attempt_id`.
+fn report(w: &v1::RegisterResponse, attempt_id: u64, m: v1::EpochMetrics) -> v1::ReportEpochRequest {
+    v1::ReportEpochRequest {
+        attempt_id,
+        metrics: Some(m),
+        worker_id: w.worker_id.clone(),
+        session: w.session.clone(),
+        ..Default::default()
+    }
 }
 
-fn finish(attempt_id: u64, outcome: v1::Outcome) -> v1::FinishAttemptRequest {
-    v1::FinishAttemptRequest { attempt_id, outcome: outcome as i32, wall_seconds: 1.0, ..Default::default() }
+fn finish(w: &v1::RegisterResponse, attempt_id: u64, outcome: v1::Outcome) -> v1::FinishAttemptRequest {
+    v1::FinishAttemptRequest {
+        attempt_id,
+        outcome: outcome as i32,
+        wall_seconds: 1.0,
+        worker_id: w.worker_id.clone(),
+        session: w.session.clone(),
+        ..Default::default()
+    }
 }
 
 /// What is stored, as the read RPCs show it (the running trial's wall-clock time, which grows
@@ -63,8 +77,8 @@ async fn snapshot(url: &str, sweep: &str) -> String {
         let req = v1::GetTrialRequest { sweep_id: sweep.into(), trial_id: t.into() };
         trials.push(c.get_trial(req).await.unwrap().into_inner());
     }
-    let sweeps = c.list_sweeps(v1::ListSweepsRequest {}).await.unwrap().into_inner();
-    let workers = c.list_workers(v1::ListWorkersRequest {}).await.unwrap().into_inner();
+    let sweeps = c.list_sweeps(v1::ListSweepsRequest::default()).await.unwrap().into_inner();
+    let workers = c.list_workers(v1::ListWorkersRequest::default()).await.unwrap().into_inner();
     // The first message of a watch carries the last event's sequence number.
     let mut watch =
         c.watch_sweep(v1::WatchSweepRequest { sweep_id: sweep.into(), after_sequence: 0 }).await.unwrap().into_inner();
@@ -202,14 +216,19 @@ async fn bad_requests_are_refused_with_their_reason_and_change_nothing() {
         .await
         .unwrap()
         .into_inner();
-    let acquire = v1::AcquireTrialRequest { worker_id: w.worker_id.clone(), incarnation: w.incarnation, wait_ms: 0 };
+    let acquire = v1::AcquireTrialRequest {
+        worker_id: w.worker_id.clone(),
+        incarnation: w.incarnation,
+        wait_ms: 0,
+        session: w.session.clone(),
+    };
     let done = workers.acquire_trial(acquire.clone()).await.unwrap().into_inner().assignment.unwrap();
-    workers.report_epoch(report(done.attempt_id, metrics(1, "feature_extraction"))).await.unwrap();
-    workers.report_epoch(report(done.attempt_id, metrics(2, "fine_tuning"))).await.unwrap();
-    workers.finish_attempt(finish(done.attempt_id, v1::Outcome::Succeeded)).await.unwrap();
+    workers.report_epoch(report(&w, done.attempt_id, metrics(1, "feature_extraction"))).await.unwrap();
+    workers.report_epoch(report(&w, done.attempt_id, metrics(2, "fine_tuning"))).await.unwrap();
+    workers.finish_attempt(finish(&w, done.attempt_id, v1::Outcome::Succeeded)).await.unwrap();
     let live = workers.acquire_trial(acquire.clone()).await.unwrap().into_inner().assignment.unwrap();
     assert_eq!((done.trial_id.as_str(), live.trial_id.as_str()), ("t000", "t001"));
-    workers.report_epoch(report(live.attempt_id, metrics(1, "feature_extraction"))).await.unwrap();
+    workers.report_epoch(report(&w, live.attempt_id, metrics(1, "feature_extraction"))).await.unwrap();
     let before = snapshot(&url, &sweep).await;
 
     // Unknown ids, on every call that takes one: NOT_FOUND.
@@ -234,18 +253,20 @@ async fn bad_requests_are_refused_with_their_reason_and_change_nothing() {
         worker_id: worker_id.into(),
         incarnation,
         running_attempt_ids: vec![],
+        session: w.session.clone(),
     };
     refused("Heartbeat", workers.heartbeat(heartbeat("w999", 1)).await, nf, "w999");
     let acquire_as = |worker_id: &str, incarnation: u64| v1::AcquireTrialRequest {
         worker_id: worker_id.into(),
         incarnation,
         wait_ms: 0,
+        session: w.session.clone(),
     };
     refused("AcquireTrial", workers.acquire_trial(acquire_as("w999", 1)).await, nf, "w999");
     let epoch2 = || metrics(2, "fine_tuning");
-    refused("ReportEpoch", workers.report_epoch(report(987_654, epoch2())).await, nf, "987654");
+    refused("ReportEpoch", workers.report_epoch(report(&w, 987_654, epoch2())).await, nf, "987654");
     let outcome = v1::Outcome::Succeeded;
-    refused("FinishAttempt", workers.finish_attempt(finish(987_654, outcome)).await, nf, "987654");
+    refused("FinishAttempt", workers.finish_attempt(finish(&w, 987_654, outcome)).await, nf, "987654");
 
     // Stale incarnations and attempts that are no longer current: FAILED_PRECONDITION.
     let fp = Code::FailedPrecondition;
@@ -253,10 +274,10 @@ async fn bad_requests_are_refused_with_their_reason_and_change_nothing() {
     refused("Heartbeat stale", workers.heartbeat(heartbeat(&w.worker_id, stale)).await, fp, "incarnation");
     refused("Acquire stale", workers.acquire_trial(acquire_as(&w.worker_id, stale)).await, fp, "incarnation");
     let old = done.attempt_id;
-    refused("ReportEpoch ended", workers.report_epoch(report(old, epoch2())).await, fp, "no longer current");
+    refused("ReportEpoch ended", workers.report_epoch(report(&w, old, epoch2())).await, fp, "no longer current");
     let failed = v1::Outcome::Failed;
-    refused("FinishAttempt ended", workers.finish_attempt(finish(old, failed)).await, fp, "no longer current");
-    refused("Finish early", workers.finish_attempt(finish(live.attempt_id, outcome)).await, fp, "1 of its 2");
+    refused("FinishAttempt ended", workers.finish_attempt(finish(&w, old, failed)).await, fp, "no longer current");
+    refused("Finish early", workers.finish_attempt(finish(&w, live.attempt_id, outcome)).await, fp, "1 of its 2");
     refused("RetrySweep completed", sweeps.retry_sweep(retry(&sweep, &["t000"])).await, fp, "only failed");
 
     // Oversized messages: over the spec limit, INVALID_ARGUMENT; over the message limit,
@@ -268,11 +289,11 @@ async fn bad_requests_are_refused_with_their_reason_and_change_nothing() {
     refused("big spec", sweeps.submit_sweep(spec(MAX_SPEC_BYTES + 1)).await, Code::InvalidArgument, "spec_yaml is");
     let huge = MAX_MESSAGE_BYTES + 1;
     refused("huge spec", sweeps.submit_sweep(spec(huge)).await, Code::ResourceExhausted, "message length too large");
-    let huge_note = v1::ReportEpochRequest { note: "n".repeat(huge), ..report(live.attempt_id, epoch2()) };
+    let huge_note = v1::ReportEpochRequest { note: "n".repeat(huge), ..report(&w, live.attempt_id, epoch2()) };
     refused("huge report", workers.report_epoch(huge_note).await, Code::ResourceExhausted, "message length too large");
     let long_uri = v1::ReportEpochRequest {
         last_checkpoint: Some(v1::CheckpointRef { uri: "u".repeat(100_000), epoch: 2, ..Default::default() }),
-        ..report(live.attempt_id, epoch2())
+        ..report(&w, live.attempt_id, epoch2())
     };
     refused("long uri", workers.report_epoch(long_uri).await, Code::InvalidArgument, "last_checkpoint");
     let many =
@@ -298,34 +319,33 @@ async fn bad_requests_are_refused_with_their_reason_and_change_nothing() {
         ("unknown phase", metrics(2, "warmup"), "phase `warmup`"),
         ("empty phase", metrics(2, ""), "phase"),
     ] {
-        refused(what, workers.report_epoch(report(a, m)).await, ia, fragment);
+        refused(what, workers.report_epoch(report(&w, a, m)).await, ia, fragment);
     }
-    let no_metrics = v1::ReportEpochRequest { attempt_id: a, ..Default::default() };
+    let no_metrics = v1::ReportEpochRequest { metrics: None, ..report(&w, a, epoch2()) };
     refused("no metrics", workers.report_epoch(no_metrics).await, ia, "metrics");
-    refused("attempt 0", workers.report_epoch(report(0, epoch2())).await, ia, "attempt_id");
+    refused("attempt 0", workers.report_epoch(report(&w, 0, epoch2())).await, ia, "attempt_id");
     let empty_uri = v1::ReportEpochRequest {
         best_checkpoint: Some(v1::CheckpointRef { uri: String::new(), epoch: 2, ..Default::default() }),
-        ..report(a, epoch2())
+        ..report(&w, a, epoch2())
     };
     refused("empty uri", workers.report_epoch(empty_uri).await, ia, "best_checkpoint");
     let other_epoch = v1::ReportEpochRequest {
         last_checkpoint: Some(v1::CheckpointRef { uri: "x".into(), epoch: 1, ..Default::default() }),
-        ..report(a, epoch2())
+        ..report(&w, a, epoch2())
     };
     refused("checkpoint of another epoch", workers.report_epoch(other_epoch).await, ia, "last_checkpoint");
     let f = |outcome: i32, error_class: i32, wall_seconds: f64| v1::FinishAttemptRequest {
-        attempt_id: a,
         outcome,
         error_class,
         wall_seconds,
-        message: String::new(),
+        ..finish(&w, a, v1::Outcome::Failed)
     };
     refused("outcome 99", workers.finish_attempt(f(99, 0, 1.0)).await, ia, "outcome");
     refused("no outcome", workers.finish_attempt(f(0, 0, 1.0)).await, ia, "outcome");
     refused("error class 42", workers.finish_attempt(f(2, 42, 1.0)).await, ia, "error class");
     refused("NaN wall", workers.finish_attempt(f(2, 1, f64::NAN)).await, ia, "wall_seconds");
     refused("negative wall", workers.finish_attempt(f(2, 1, -3.0)).await, ia, "wall_seconds");
-    refused("finish attempt 0", workers.finish_attempt(finish(0, failed)).await, ia, "attempt_id");
+    refused("finish attempt 0", workers.finish_attempt(finish(&w, 0, failed)).await, ia, "attempt_id");
     refused("empty worker", workers.heartbeat(heartbeat("", 1)).await, ia, "worker_id");
     refused("acquire empty", workers.acquire_trial(acquire_as("", 1)).await, ia, "worker_id");
     let register = |devices: Vec<v1::Device>| v1::RegisterRequest { name: "r".into(), devices, version: "t".into() };
@@ -402,8 +422,8 @@ async fn bad_requests_are_refused_with_their_reason_and_change_nothing() {
     assert_eq!(snapshot(&url, &sweep).await, before);
     let hb = workers.heartbeat(heartbeat(&w.worker_id, w.incarnation)).await.unwrap().into_inner();
     assert!(hb.cancel_attempt_ids.is_empty());
-    workers.report_epoch(report(live.attempt_id, epoch2())).await.unwrap();
-    workers.finish_attempt(finish(live.attempt_id, outcome)).await.unwrap();
+    workers.report_epoch(report(&w, live.attempt_id, epoch2())).await.unwrap();
+    workers.finish_attempt(finish(&w, live.attempt_id, outcome)).await.unwrap();
     let status = sweeps.get_sweep(v1::GetSweepRequest { sweep_id: sweep.clone() }).await.unwrap().into_inner();
     assert_eq!(status.sweep.unwrap().state, "completed");
     let second = sweeps.submit_sweep(submit(SPEC.to_string())).await.unwrap().into_inner();

@@ -111,6 +111,21 @@ impl DatasetSpec {
         }
     }
 
+    /// Bytes the decoded images take in a worker's memory (3 × size² per image), where the spec
+    /// alone tells (a synthetic dataset); `None` for datasets read from files.
+    pub fn estimated_bytes(&self) -> Option<u128> {
+        match self {
+            DatasetSpec::Synthetic { classes, train_per_class, val_per_class, image_size, .. } => Some(
+                u128::from(*classes)
+                    * (u128::from(*train_per_class) + u128::from(*val_per_class))
+                    * 3
+                    * u128::from(*image_size)
+                    * u128::from(*image_size),
+            ),
+            _ => None,
+        }
+    }
+
     /// Whether unreadable images are skipped (and counted) instead of failing the trial.
     pub fn skip_corrupt(&self) -> bool {
         match self {
@@ -251,7 +266,19 @@ pub fn parse(text: &str) -> Result<SweepSpec, SpecError> {
 
 /// Parses and validates a spec.
 pub fn parse_with(text: &str, options: ParseOptions) -> Result<SweepSpec, SpecError> {
+    // A byte-order mark (editors on Windows write one) is not part of the document.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let index = PositionIndex::build(text)?;
+    if let Some((field, (line, column))) = &index.duplicate {
+        let key = field.rsplit('.').next().unwrap_or(field);
+        return Err(SpecError {
+            line: *line,
+            column: *column,
+            // A key that is not a field name (`<<`, punctuation) makes no field path.
+            field: if is_field_path(field) { field.clone() } else { String::new() },
+            message: format!("`{key}` is given twice in one mapping; keep one"),
+        });
+    }
     if index.is_empty() {
         return Err(SpecError {
             line: 1,
@@ -302,6 +329,8 @@ const MAX_DEPTH: usize = 64;
 
 struct PositionIndex {
     positions: BTreeMap<String, (usize, usize)>,
+    /// The first key given twice in one mapping: its path and the position of its second use.
+    duplicate: Option<(String, (usize, usize))>,
     /// False when the document holds no node, or only a null scalar (`---`, `~`, comments).
     has_content: bool,
 }
@@ -313,6 +342,8 @@ enum Frame {
         path: String,
         key: Option<(String, (usize, usize))>,
         fill: Option<String>,
+        /// The keys seen so far (a key given twice is an error at its second place).
+        seen: std::collections::HashSet<String>,
     },
     Sequence {
         path: String,
@@ -356,7 +387,11 @@ impl yaml_rust2::parser::MarkedEventReceiver for IndexBuilder {
         match ev {
             Event::Scalar(value, ..) => match self.node_path() {
                 None => {
-                    if let Some(Frame::Mapping { key, fill, .. }) = self.stack.last_mut() {
+                    if let Some(Frame::Mapping { path, key, fill, seen }) = self.stack.last_mut() {
+                        if !seen.insert(value.clone()) && self.index.duplicate.is_none() {
+                            let at = if path.is_empty() { value.clone() } else { format!("{path}.{value}") };
+                            self.index.duplicate = Some((at, pos));
+                        }
                         *key = Some((value, pos));
                         if let Some(path) = fill.take() {
                             self.record(path, pos);
@@ -389,7 +424,7 @@ impl yaml_rust2::parser::MarkedEventReceiver for IndexBuilder {
                     None => self.record(path.clone(), pos),
                 }
                 self.stack.push(if is_mapping {
-                    Frame::Mapping { path, key: None, fill }
+                    Frame::Mapping { path, key: None, fill, seen: Default::default() }
                 } else {
                     Frame::Sequence { path, next: 0 }
                 });
@@ -412,8 +447,10 @@ impl PositionIndex {
     fn build(text: &str) -> Result<PositionIndex, SpecError> {
         use yaml_rust2::Event;
         use yaml_rust2::parser::MarkedEventReceiver;
-        let mut builder =
-            IndexBuilder { stack: Vec::new(), index: PositionIndex { positions: BTreeMap::new(), has_content: false } };
+        let mut builder = IndexBuilder {
+            stack: Vec::new(),
+            index: PositionIndex { positions: BTreeMap::new(), duplicate: None, has_content: false },
+        };
         let mut parser = yaml_rust2::parser::Parser::new_from_str(text);
         // The events of the first document, read in a loop: `Parser::load` recurses once per
         // level of nesting, and a few thousand levels (`- - - …`, 20 KB) overflowed a 2 MiB
@@ -446,7 +483,10 @@ impl PositionIndex {
             // Prefer serde_yaml's wording for syntax errors; fall back to ours if it accepts
             // what yaml-rust2 refused.
             Err(scan) => match serde_yaml::from_str::<serde_yaml::Value>(text) {
-                Err(e) => Err(from_serde(&e, &PositionIndex { positions: BTreeMap::new(), has_content: false })),
+                Err(e) => Err(from_serde(
+                    &e,
+                    &PositionIndex { positions: BTreeMap::new(), duplicate: None, has_content: false },
+                )),
                 Ok(_) => Err(SpecError {
                     line: scan.marker().line(),
                     column: scan.marker().col() + 1,
@@ -641,6 +681,12 @@ fn one_of<T: Copy>(field: &str, what: &str, value: &str, choices: &[(&str, T)]) 
     })
 }
 
+/// Most memory a synthetic dataset's decoded images may take (a worker holds them all).
+pub const MAX_SYNTHETIC_BYTES: u128 = 64 << 30;
+
+/// Longest sweep name accepted (it is shown in every list and table).
+pub const MAX_NAME_CHARS: usize = 200;
+
 /// Largest image side we accept; far above any backbone's training size.
 const MAX_IMAGE_SIZE: i64 = 4096;
 
@@ -648,6 +694,13 @@ impl RawSpec {
     fn validate(self, options: ParseOptions) -> Result<SweepSpec, Invalid> {
         if self.name.trim().is_empty() {
             return err("name", "must not be empty");
+        }
+        let chars = self.name.chars().count();
+        if chars > MAX_NAME_CHARS {
+            return err("name", format!("is {chars} characters long; at most {MAX_NAME_CHARS}"));
+        }
+        if self.name.chars().any(char::is_control) {
+            return err("name", "must not contain control characters (line breaks, escapes)");
         }
         let dataset = self.dataset.validate("dataset")?;
         let model = self.model.unwrap_or_default().validate()?;
@@ -757,13 +810,34 @@ impl RawDataset {
             None => err(at, format!("missing field `root` (dataset kind `{}` reads its images from it)", self.kind)),
         };
         Ok(match kind {
-            0 => DatasetSpec::Synthetic {
-                classes: positive_int(&f("classes"), self.classes.unwrap_or(10), 100_000)?,
-                train_per_class: positive_int(&f("train_per_class"), self.train_per_class.unwrap_or(32), 1_000_000)?,
-                val_per_class: positive_int(&f("val_per_class"), self.val_per_class.unwrap_or(16), 1_000_000)?,
-                image_size,
-                seed: seed(&f("seed"), self.seed.unwrap_or(0))?,
-            },
+            0 => {
+                let dataset = DatasetSpec::Synthetic {
+                    classes: positive_int(&f("classes"), self.classes.unwrap_or(10), 100_000)?,
+                    train_per_class: positive_int(
+                        &f("train_per_class"),
+                        self.train_per_class.unwrap_or(32),
+                        1_000_000,
+                    )?,
+                    val_per_class: positive_int(&f("val_per_class"), self.val_per_class.unwrap_or(16), 1_000_000)?,
+                    image_size,
+                    seed: seed(&f("seed"), self.seed.unwrap_or(0))?,
+                };
+                // Every worker that takes a trial decodes the whole set into memory.
+                if let Some(bytes) = dataset.estimated_bytes()
+                    && bytes > MAX_SYNTHETIC_BYTES
+                {
+                    return err(
+                        at,
+                        format!(
+                            "the synthetic images would take {:.1} GiB of every worker's memory; at most {} GiB \
+                             (fewer classes, images per class or pixels)",
+                            bytes as f64 / (1u64 << 30) as f64,
+                            MAX_SYNTHETIC_BYTES >> 30
+                        ),
+                    );
+                }
+                dataset
+            }
             1 => DatasetSpec::ImageFolder {
                 root: root(self.root)?,
                 image_size,

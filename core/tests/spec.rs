@@ -315,3 +315,52 @@ fn pretraining_section() {
     let both = format!("{text}model: {{ weights: imagenet }}\n");
     assert_error(&both, 14, 19, "model.weights", "pretrain");
 }
+
+#[test]
+fn a_byte_order_mark_is_not_part_of_the_document() {
+    let with_bom = format!("\u{feff}{GOOD}");
+    assert_eq!(spec::parse(&with_bom).unwrap(), spec::parse(GOOD).unwrap());
+    // The first key right after the mark (it was read as a key "\u{feff}name" before).
+    let first = "\u{feff}dataset: { kind: synthetic }\nname: t\ngrid:\n  backbone: [resnet18]\n  lr_decay: [{ strategy: linear }]\n  epoch_split: [[1, 1]]\n";
+    assert!(spec::parse(first).is_ok(), "{:?}", spec::parse(first).err());
+}
+
+#[test]
+fn a_key_given_twice_is_reported_where_it_is_given_the_second_time() {
+    assert_error(&format!("{GOOD}name: other\n"), 10, 1, "name", "`name` is given twice");
+    let nested = GOOD.replace("  classes: 4\n", "  classes: 4\n  classes: 5\n");
+    assert_error(&nested, 5, 3, "dataset.classes", "`classes` is given twice");
+    let flow =
+        GOOD.replace("dataset:\n  kind: synthetic\n  classes: 4\n", "dataset: { kind: synthetic, kind: synthetic }\n");
+    let e = error(&flow);
+    assert_eq!((e.line, e.field.as_str()), (2, "dataset.kind"), "{e}");
+    assert!(e.column > 20, "the second `kind`, not the mapping: {e}");
+    let grid = GOOD.replace("  backbone: [resnet18, resnet50]\n", "  backbone: [resnet18]\n  backbone: [resnet50]\n");
+    assert_error(&grid, 7, 3, "grid.backbone", "given twice");
+    // The same key in two different mappings is fine.
+    assert!(spec::parse(&GOOD.replace("[[2, 1], [1, 2]]", "[[2, 1]]")).is_ok());
+}
+
+#[test]
+fn names_are_bounded_and_printable() {
+    let long = GOOD.replace("name: t", &format!("name: {}", "n".repeat(201)));
+    assert_error(&long, 1, 7, "name", "201 characters long; at most 200");
+    assert!(spec::parse(&GOOD.replace("name: t", &format!("name: {}", "n".repeat(200)))).is_ok());
+    let escape = GOOD.replace("name: t", "name: \"red\\e[31m\"");
+    assert_error(&escape, 1, 7, "name", "control characters");
+    assert!(spec::parse(&GOOD.replace("name: t", "name: Blüten 花")).is_ok());
+}
+
+#[test]
+fn a_synthetic_dataset_too_large_for_any_worker_is_refused_with_its_size() {
+    // 100,000 classes × 1,000,016 images of 32 px: about 286 TiB.
+    let huge = GOOD.replace("  classes: 4\n", "  classes: 100000\n  train_per_class: 1000000\n");
+    let e = error(&huge);
+    assert_eq!((e.line, e.field.as_str()), (2, "dataset"), "{e}");
+    assert!(e.message.contains("GiB of every worker's memory; at most 64 GiB"), "{e}");
+    assert!(e.message.contains("286106.9 GiB"), "{e}");
+    // The default pretraining set is checked the same way.
+    let big = GOOD.replace("  classes: 4\n", "  classes: 4\n  image_size: 4096\n  train_per_class: 1000000\n");
+    assert!(error(&big).message.contains("at most 64 GiB"));
+    assert!(spec::parse(&GOOD.replace("  classes: 4\n", "  classes: 100\n  train_per_class: 1000\n")).is_ok());
+}

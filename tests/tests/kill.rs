@@ -222,7 +222,7 @@ fn a_partitioned_worker_stops_its_attempt_and_its_stale_writes_are_refused_when_
     let stale = before.attempts[0].clone();
     let rt = runtime();
     let workers = rt
-        .block_on(async { client(&url).await.list_workers(v1::ListWorkersRequest {}).await })
+        .block_on(async { client(&url).await.list_workers(v1::ListWorkersRequest::default()).await })
         .unwrap()
         .into_inner()
         .workers;
@@ -251,7 +251,10 @@ fn a_partitioned_worker_stops_its_attempt_and_its_stale_writes_are_refused_when_
     wait_epochs(&url, &sweep, n + 1, &[&log_a, &log_b]);
     proxy.set_cut(false);
 
-    // Writes in the name of the lost lease and attempt are refused and change nothing.
+    // Writes in the name of the lost lease and attempt, by anyone who does not hold the worker's
+    // session (the worker's own, with it, are fenced: the store and wire tests show that), are
+    // refused and change nothing.
+    let forged = "0".repeat(64);
     let (report, heartbeat, finish) = rt.block_on(async {
         let mut w = sweep_proto::v1::worker_service_client::WorkerServiceClient::connect(url.clone()).await.unwrap();
         let metrics = v1::EpochMetrics { epoch: 2, phase: "feature_extraction".into(), ..Default::default() };
@@ -259,6 +262,8 @@ fn a_partitioned_worker_stops_its_attempt_and_its_stale_writes_are_refused_when_
             .report_epoch(v1::ReportEpochRequest {
                 attempt_id: stale.attempt_id,
                 metrics: Some(metrics),
+                worker_id: old_id.clone(),
+                session: forged.clone(),
                 ..Default::default()
             })
             .await;
@@ -267,25 +272,32 @@ fn a_partitioned_worker_stops_its_attempt_and_its_stale_writes_are_refused_when_
                 worker_id: old_id.clone(),
                 incarnation: old_incarnation,
                 running_attempt_ids: vec![stale.attempt_id],
+                session: forged.clone(),
             })
             .await;
         let finish = w
             .finish_attempt(v1::FinishAttemptRequest {
                 attempt_id: stale.attempt_id,
                 outcome: v1::Outcome::Succeeded as i32,
+                worker_id: old_id.clone(),
+                session: String::new(),
                 ..Default::default()
             })
             .await;
         (report, heartbeat, finish)
     });
-    for (what, r) in [("report", report.err()), ("heartbeat", heartbeat.err()), ("finish", finish.err())] {
+    for (what, r, code) in [
+        ("report", report.err(), tonic::Code::PermissionDenied),
+        ("heartbeat", heartbeat.err(), tonic::Code::PermissionDenied),
+        ("finish", finish.err(), tonic::Code::InvalidArgument),
+    ] {
         let s = r.unwrap_or_else(|| panic!("a stale {what} was accepted"));
-        assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{what}: {s:?}");
+        assert_eq!(s.code(), code, "{what}: {s:?}");
     }
     // The worker comes back as a new registration and may take new work.
     wait_for(Duration::from_secs(60), "the partitioned worker to register again", || {
         let w = rt
-            .block_on(async { client(&url).await.list_workers(v1::ListWorkersRequest {}).await })
+            .block_on(async { client(&url).await.list_workers(v1::ListWorkersRequest::default()).await })
             .unwrap()
             .into_inner()
             .workers;

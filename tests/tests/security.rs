@@ -74,7 +74,7 @@ fn tokens_decide_who_may_call_what() {
     };
 
     // No token, or one the file does not hold: UNAUTHENTICATED, and nothing happens.
-    assert_eq!(code_of(rt.block_on(sweeps(None).list_sweeps(v1::ListSweepsRequest {}))), Code::Unauthenticated);
+    assert_eq!(code_of(rt.block_on(sweeps(None).list_sweeps(v1::ListSweepsRequest::default()))), Code::Unauthenticated);
     assert_eq!(
         code_of(rt.block_on(sweeps(Some("not-a-token-of-this-file")).submit_sweep(submit.clone()))),
         Code::Unauthenticated
@@ -96,7 +96,8 @@ fn tokens_decide_who_may_call_what() {
     assert_eq!(code_of(rt.block_on(sweeps(Some(ADMIN)).get_sweep(get.clone()))), Code::Ok);
     assert_eq!(code_of(rt.block_on(workers(Some(WORKER)).register(register.clone()))), Code::Ok);
     // Nothing a refused call asked for happened: one sweep, not cancelled.
-    let listed = rt.block_on(sweeps(Some(VIEWER)).list_sweeps(v1::ListSweepsRequest {})).unwrap().into_inner().sweeps;
+    let listed =
+        rt.block_on(sweeps(Some(VIEWER)).list_sweeps(v1::ListSweepsRequest::default())).unwrap().into_inner().sweeps;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].counts.unwrap().cancelled, 0);
     assert_ne!(listed[0].state, "cancelled");

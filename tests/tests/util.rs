@@ -378,6 +378,7 @@ pub fn scripted_worker_with(url: &str, name: &str, max_trials: usize, token: Opt
                     worker_id: reg.worker_id.clone(),
                     incarnation: reg.incarnation,
                     wait_ms: 500,
+                    session: reg.session.clone(),
                 })
                 .await
                 .expect("acquire")
@@ -412,6 +413,8 @@ pub fn scripted_worker_with(url: &str, name: &str, max_trials: usize, token: Opt
                     resume_checkpoint: Some(reference(&format!("state-e{epoch:04}"))),
                     resumed_from_epoch: 0,
                     note: String::new(),
+                    worker_id: reg.worker_id.clone(),
+                    session: reg.session.clone(),
                 })
                 .await
                 .expect("report");
@@ -422,6 +425,8 @@ pub fn scripted_worker_with(url: &str, name: &str, max_trials: usize, token: Opt
                 error_class: v1::ErrorClass::Unspecified as i32,
                 message: String::new(),
                 wall_seconds: 10.0,
+                worker_id: reg.worker_id.clone(),
+                session: reg.session.clone(),
             })
             .await
             .expect("finish");

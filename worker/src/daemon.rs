@@ -148,6 +148,8 @@ struct Session {
     client: Wire,
     worker_id: String,
     incarnation: u64,
+    /// The registration's secret: every call in this worker's name carries it.
+    secret: String,
     ttl: Duration,
 }
 
@@ -167,13 +169,7 @@ pub async fn run(options: DaemonOptions, shutdown: impl std::future::Future<Outp
         s = register(client.clone(), &options) => s?,
         _ = &mut shutdown => return Ok(()),
     };
-    let mut heartbeat = tokio::spawn(heartbeat_loop(
-        client.clone(),
-        session.worker_id.clone(),
-        session.incarnation,
-        session.ttl,
-        running.clone(),
-    ));
+    let mut heartbeat = tokio::spawn(heartbeat_loop(session.clone(), running.clone()));
 
     // Attempts run concurrently, each on the devices the coordinator gave it; one AcquireTrial
     // call stays open meanwhile (the coordinator only hands out devices that are free).
@@ -187,6 +183,7 @@ pub async fn run(options: DaemonOptions, shutdown: impl std::future::Future<Outp
             worker_id: session.worker_id.clone(),
             incarnation: session.incarnation,
             wait_ms: options.poll_wait.as_millis() as u64,
+            session: session.secret.clone(),
         });
         // The long poll, bounded: a call lost in a partition must not wait forever.
         let bound = options.poll_wait + session.ttl;
@@ -201,17 +198,13 @@ pub async fn run(options: DaemonOptions, shutdown: impl std::future::Future<Outp
         };
         let assignment = match reply {
             Ok(r) => r.into_inner().assignment,
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+            // Lease lost, worker forgotten, or a session the coordinator does not know (its state
+            // restored from a backup): a new registration.
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied) => {
                 tracing::warn!(reason = %s.message(), "coordinator no longer knows this worker; registering again");
                 heartbeat.abort();
                 session = register(client.clone(), &options).await?;
-                heartbeat = tokio::spawn(heartbeat_loop(
-                    client.clone(),
-                    session.worker_id.clone(),
-                    session.incarnation,
-                    session.ttl,
-                    running.clone(),
-                ));
+                heartbeat = tokio::spawn(heartbeat_loop(session.clone(), running.clone()));
                 continue;
             }
             Err(s) => {
@@ -281,6 +274,7 @@ async fn register(mut client: Wire, options: &DaemonOptions) -> anyhow::Result<S
                     client,
                     worker_id: r.worker_id,
                     incarnation: r.incarnation,
+                    secret: r.session,
                     ttl: Duration::from_millis(r.heartbeat_ttl_ms.max(1000)),
                 });
             }
@@ -301,13 +295,19 @@ async fn register(mut client: Wire, options: &DaemonOptions) -> anyhow::Result<S
 /// Beats every TTL/3. Raises the cancel flag of attempts the coordinator wants stopped, and of
 /// every attempt once the coordinator has been unreachable for a whole TTL (it will have given
 /// the trial to another worker by the time the lease ends).
-async fn heartbeat_loop(mut client: Wire, worker_id: String, incarnation: u64, ttl: Duration, running: Running) {
+async fn heartbeat_loop(session: Session, running: Running) {
+    let Session { mut client, worker_id, incarnation, secret, ttl } = session;
     let mut last_ok = Instant::now();
     let mut tick = tokio::time::interval(ttl / 3);
     loop {
         tick.tick().await;
         let ids: Vec<u64> = running.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
-        let request = v1::HeartbeatRequest { worker_id: worker_id.clone(), incarnation, running_attempt_ids: ids };
+        let request = v1::HeartbeatRequest {
+            worker_id: worker_id.clone(),
+            incarnation,
+            running_attempt_ids: ids,
+            session: secret.clone(),
+        };
         // A partition that swallows packets must not hold the loop past the TTL.
         let reply = tokio::time::timeout(ttl / 2, client.heartbeat(request))
             .await
@@ -317,7 +317,7 @@ async fn heartbeat_loop(mut client: Wire, worker_id: String, incarnation: u64, t
                 last_ok = Instant::now();
                 r.into_inner().cancel_attempt_ids
             }
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied) => {
                 tracing::warn!(reason = %s.message(), "lease lost; stopping running attempts");
                 running.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
             }
@@ -363,7 +363,8 @@ where
             .unwrap_or_else(|_| Err(Status::deadline_exceeded("no reply from the coordinator within the TTL")));
         match reply {
             Ok(v) => return Ok(v),
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+            // Not current any more, or not ours (a session the coordinator does not know).
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied) => {
                 return Err(ReportError::Fenced(s.message().to_string()));
             }
             Err(s) if matches!(s.code(), Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted) => {
@@ -404,6 +405,7 @@ async fn run_attempt(
     let handle = tokio::runtime::Handle::current();
     let client = session.client.clone();
     let ttl = session.ttl;
+    let (worker_id, secret) = (session.worker_id.clone(), session.secret.clone());
     // The devices the coordinator gave this attempt (an old coordinator gives none: use ours).
     let devices = if a.devices.is_empty() { Ok(vec![options.device]) } else { training_devices(&a.devices) };
     let train_options = devices.map(|d| TrainOptions {
@@ -420,7 +422,9 @@ async fn run_attempt(
     let artifacts = options.artifacts.clone();
     let cache_dir = options.cache_dir.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let mut report = |request: v1::ReportEpochRequest| -> Control {
+        let mut report = |mut request: v1::ReportEpochRequest| -> Control {
+            request.worker_id = worker_id.clone();
+            request.session = secret.clone();
             let reply = handle.block_on(with_retries(ttl, || {
                 let mut c = client.clone();
                 let req = request.clone();
@@ -486,6 +490,8 @@ async fn run_attempt(
         error_class: class as i32,
         message,
         wall_seconds,
+        worker_id: session.worker_id.clone(),
+        session: session.secret.clone(),
     };
     match with_retries(ttl, || {
         let mut c = session.client.clone();
@@ -613,9 +619,14 @@ pub fn train_attempt(
             }),
             resumed_from_epoch: if first { resumed_from_epoch } else { 0 },
             note: if first { std::mem::take(&mut note) } else { String::new() },
+            // Filled in by `report` (the daemon knows who it is).
+            worker_id: String::new(),
+            session: String::new(),
         };
         first = false;
-        if report(request) == Control::Stop {
+        // A stop after the last epoch's report changes nothing: the trial is done (its result
+        // must not be thrown away as cancelled).
+        if report(request) == Control::Stop && trainer.epochs_done() < trainer.total_epochs() {
             return Err(TrainError::Cancelled);
         }
     }
@@ -630,6 +641,12 @@ fn join_note(note: String, more: String) -> String {
 /// the newest older one in the trial's folder `prefix` of the store that verifies (never a
 /// newer one: its metrics were not acknowledged), else none. The note says what was wrong
 /// with those passed over.
+///
+/// A point verifies when it is this trial's own — its key is `<prefix>/state-e<epoch>` of
+/// this store, and the sweep, trial, backbone and epoch its JSON records are the
+/// assignment's — and its file has the SHA-256 recorded for it (by the coordinator, which
+/// must give one, and by its JSON). A reference to anywhere else (another sweep's weights, a
+/// path outside the store) is never loaded.
 fn resume_point(
     a: &v1::Assignment,
     store: &ArtifactStore,
@@ -640,16 +657,16 @@ fn resume_point(
         return (None, String::new());
     };
     let mut note = String::new();
-    let found = store
-        .key_of(&r.uri)
-        .map_err(|e| e.to_string())
-        .and_then(|key| TrainingState::fetch(store, &key, scratch, Some(&r.sha256)).map_err(|e| e.to_string()));
+    let found = coordinator_point(a, r, store, prefix, scratch);
     match found {
         Ok(found) => return (Some(found), note),
         Err(e) => note = format!("resume point of epoch {} unusable: {e}", r.epoch),
     }
     for (epoch, key) in resume::list(store, prefix).into_iter().filter(|(e, _)| *e < r.epoch) {
-        match TrainingState::fetch(store, &key, scratch, None) {
+        let found = TrainingState::fetch(store, &key, scratch, None)
+            .map_err(|e| e.to_string())
+            .and_then(|(state, meta)| owned_by(a, &meta, epoch).map(|()| (state, meta)));
+        match found {
             Ok(found) => {
                 note = format!("{note}; resumed from the older point of epoch {epoch}");
                 return (Some(found), note);
@@ -658,6 +675,41 @@ fn resume_point(
         }
     }
     (None, format!("{note}; started from the beginning"))
+}
+
+/// The resume point the coordinator handed over, once it is shown to be the trial's own.
+fn coordinator_point(
+    a: &v1::Assignment,
+    r: &v1::CheckpointRef,
+    store: &ArtifactStore,
+    prefix: &str,
+    scratch: &Path,
+) -> Result<(TrainingState, StateMetadata), String> {
+    if r.sha256.len() != 64 || !r.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("the coordinator's record of it has no SHA-256; an unverifiable point is not trusted".into());
+    }
+    let key = store.key_of(&r.uri)?;
+    let own = format!("{prefix}/{}", resume::file_name(r.epoch));
+    if key != own {
+        return Err(format!("{} is not this trial's own resume point ({})", r.uri, store.uri(&own)));
+    }
+    let (state, meta) = TrainingState::fetch(store, &key, scratch, Some(&r.sha256)).map_err(|e| e.to_string())?;
+    owned_by(a, &meta, r.epoch)?;
+    Ok((state, meta))
+}
+
+/// Whether a resume point's metadata is of the assignment's sweep, trial and backbone, after
+/// `epoch`.
+fn owned_by(a: &v1::Assignment, meta: &StateMetadata, epoch: u32) -> Result<(), String> {
+    let want = (a.sweep_id.as_str(), a.trial_id.as_str(), a.backbone.as_str(), epoch);
+    let got = (meta.sweep.as_str(), meta.trial.as_str(), meta.backbone.as_str(), meta.epoch);
+    if want != got {
+        return Err(format!(
+            "it holds {}/{} ({}) after epoch {}, not {}/{} ({}) after epoch {epoch}",
+            got.0, got.1, got.2, got.3, want.0, want.1, want.2
+        ));
+    }
+    Ok(())
 }
 
 /// The spec and trial an assignment names, checked against each other.

@@ -63,6 +63,10 @@ pub enum DataError {
     /// A setting the worker cannot honour (an unsupported kind, an impossible size).
     #[error("{0}")]
     Unsupported(String),
+    /// The decoded images would not fit in this worker's memory (checked before anything is
+    /// allocated; an allocation that fails anyway says so too, instead of aborting).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl DataError {
@@ -227,6 +231,50 @@ pub fn build(spec: &DatasetSpec) -> Result<Dataset, DataError> {
     Ok(dataset)
 }
 
+/// The memory this process may use: the machine's total, or its control group's limit when
+/// that is lower (a container). `None` when neither can be read.
+pub fn memory_limit() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    let cgroup = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .min();
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    }
+}
+
+fn gib(bytes: u128) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// A zeroed buffer of `bytes` for the decoded images of `what`, or an error when it cannot fit:
+/// more than this worker's memory (checked first), or an allocation the system refuses.
+/// Never aborts the process (`vec![0; n]` does, on a refused allocation).
+fn image_buffer(bytes: u128, what: &str) -> Result<Vec<u8>, DataError> {
+    let too_large = |why: String| DataError::TooLarge(format!("{what}: {} of decoded images {why}", gib(bytes)));
+    if let Some(limit) = memory_limit()
+        && bytes > u128::from(limit)
+    {
+        return Err(too_large(format!("do not fit in this worker's {} of memory", gib(limit.into()))));
+    }
+    let n = usize::try_from(bytes)
+        .ok()
+        .filter(|&n| n <= isize::MAX as usize)
+        .ok_or_else(|| too_large("cannot be addressed".into()))?;
+    let mut buffer = Vec::new();
+    buffer.try_reserve_exact(n).map_err(|e| too_large(format!("could not be allocated ({e})")))?;
+    buffer.resize(n, 0);
+    Ok(buffer)
+}
+
 fn check_size(image_size: u32) -> Result<(), DataError> {
     if image_size == 0 {
         return Err(DataError::Unsupported("image_size must be at least 1 px".into()));
@@ -309,18 +357,19 @@ fn draw_image(style: &ClassStyle, s: usize, r: &mut Rng, out: &mut [u8]) {
     }
 }
 
-fn synthetic_split(seed: u64, split: u64, styles: &[ClassStyle], per_class: u32, s: usize) -> Split {
+fn synthetic_split(seed: u64, split: u64, styles: &[ClassStyle], per_class: u32, s: usize) -> Result<Split, DataError> {
     let per_class = per_class as usize;
     let n = styles.len() * per_class;
     let bytes = 3 * s * s;
-    let mut images = vec![0u8; n * bytes];
+    let what = if split == SPLIT_TRAIN { "the synthetic training split" } else { "the synthetic validation split" };
+    let mut images = image_buffer(n as u128 * bytes as u128, what)?;
     images.par_chunks_mut(bytes.max(1)).enumerate().for_each(|(i, out)| {
         let (class, k) = (i / per_class, i % per_class);
         let mut r = Rng::derive(seed, &[STREAM_SYNTHETIC, split, class as u64, k as u64]);
         draw_image(&styles[class], s, &mut r, out);
     });
     let labels = (0..n).map(|i| (i / per_class) as i64).collect();
-    Split { images, labels, image_size: s as u32 }
+    Ok(Split { images, labels, image_size: s as u32 })
 }
 
 /// A procedurally drawn dataset: `classes` classes, each a pair of colours and a pattern
@@ -342,16 +391,24 @@ pub fn synthetic(
         ));
     }
     let s = image_size as usize;
+    // Both splits, checked before either is allocated.
     let bytes = (classes as u128) * (train_per_class as u128 + val_per_class as u128) * 3 * (s as u128) * (s as u128);
-    if bytes > (isize::MAX as u128) / 2 {
-        return Err(DataError::Unsupported(format!("a synthetic dataset of {bytes} bytes does not fit in memory")));
+    if let Some(limit) = memory_limit()
+        && bytes > u128::from(limit)
+    {
+        return Err(DataError::TooLarge(format!(
+            "the synthetic dataset ({classes} classes × {} images of {s} px) needs {} of memory; this worker has {}",
+            train_per_class as u64 + val_per_class as u64,
+            gib(bytes),
+            gib(limit.into())
+        )));
     }
     let styles: Vec<ClassStyle> = (0..classes).map(|c| class_style(seed, c, classes)).collect();
     Ok(Dataset {
         classes: (0..classes).map(|c| format!("class{c:03}")).collect(),
         image_size,
-        train: synthetic_split(seed, SPLIT_TRAIN, &styles, train_per_class, s),
-        val: synthetic_split(seed, SPLIT_VAL, &styles, val_per_class, s),
+        train: synthetic_split(seed, SPLIT_TRAIN, &styles, train_per_class, s)?,
+        val: synthetic_split(seed, SPLIT_VAL, &styles, val_per_class, s)?,
         skipped: Vec::new(),
     })
 }
@@ -493,10 +550,8 @@ pub fn decode_split(
 ) -> Result<Split, DataError> {
     check_size(image_size)?;
     let bytes = 3 * image_size as usize * image_size as usize;
-    let total = items.len().checked_mul(bytes).filter(|&t| t <= isize::MAX as usize / 2).ok_or_else(|| {
-        DataError::Unsupported(format!("{} images of {image_size} px do not fit in memory", items.len()))
-    })?;
-    let mut images = vec![0u8; total];
+    let mut images =
+        image_buffer(items.len() as u128 * bytes as u128, &format!("{} images of {image_size} px", items.len()))?;
     let results: Vec<Result<(), DataError>> = images
         .par_chunks_mut(bytes)
         .zip(items.par_iter())

@@ -183,9 +183,11 @@ impl TrainingState {
             return Err(bad(format!("SHA-256 {sha256} does not match the recorded {}", meta.sha256)));
         }
         if let Some(want) = expected_sha256
-            && !want.is_empty()
             && want != sha256
         {
+            if want.is_empty() {
+                return Err(bad("no SHA-256 was recorded for it; an unverifiable point is not trusted".into()));
+            }
             return Err(bad(format!("SHA-256 {sha256} is not the {want} the coordinator recorded")));
         }
         let tensors = Tensor::read_safetensors(path).map_err(torch_err(path))?;

@@ -177,3 +177,61 @@ fn an_attempt_continues_from_its_resume_point_or_the_previous_good_one() {
     assert!(fresh[0].note.contains("started from the beginning"), "{}", fresh[0].note);
     assert_eq!(val(&fresh), val(&reports));
 }
+
+/// Runs `a`, stopping after `epochs` reports.
+fn run_until(a: &v1::Assignment, artifacts: &std::path::Path, epochs: usize) -> Vec<v1::ReportEpochRequest> {
+    let mut reports = Vec::new();
+    let store = common::local_store(artifacts);
+    let _ = train_attempt(a, &TrainOptions::new(Device::Cpu), &store, &artifacts.join("cache"), &mut |r| {
+        reports.push(r);
+        if reports.len() >= epochs { Control::Stop } else { Control::Continue }
+    });
+    reports
+}
+
+#[test]
+fn a_resume_point_that_is_not_the_trials_own_is_never_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    // Another sweep's trial, finished: its newest point is after epoch 4.
+    let theirs = run(&common::assignment(SPEC, "theirs-0001", 1), dir.path());
+    let foreign = theirs[3].resume_checkpoint.clone().unwrap();
+    // Our trial stopped after epoch 2.
+    let first = common::assignment(SPEC, "mine-0001", 7);
+    let mine = run_until(&first, dir.path(), 2);
+    assert_eq!(mine.len(), 2);
+
+    // Handed the other sweep's point (with its true hash): refused, ours of epoch 2 used.
+    let a = v1::Assignment { attempt_id: 8, resume: Some(foreign.clone()), ..first.clone() };
+    let r = run_until(&a, dir.path(), 1);
+    assert_eq!(r[0].resumed_from_epoch, 2, "{}", r[0].note);
+    assert!(r[0].note.contains("is not this trial's own resume point"), "{}", r[0].note);
+    assert!(r[0].note.contains("resumed from the older point of epoch 2"), "{}", r[0].note);
+
+    // The other sweep's file planted in our folder under our name (its hash matching): its JSON
+    // says whose it is.
+    let store = common::local_store(dir.path());
+    let planted_key = format!("mine-0001/t000/{}", resume::file_name(4));
+    for (from, to) in [(foreign.uri.clone(), store.uri(&planted_key))] {
+        std::fs::copy(&from, &to).unwrap();
+        std::fs::copy(
+            std::path::Path::new(&from).with_extension("json"),
+            std::path::Path::new(&to).with_extension("json"),
+        )
+        .unwrap();
+    }
+    let planted = v1::CheckpointRef { uri: store.uri(&planted_key), ..foreign.clone() };
+    let a = v1::Assignment { attempt_id: 9, resume: Some(planted.clone()), ..first.clone() };
+    let r = run_until(&a, dir.path(), 1);
+    assert!(r[0].resumed_from_epoch < 4, "{}", r[0].note);
+    assert!(r[0].note.contains("holds theirs-0001/t000 (resnet18) after epoch 4"), "{}", r[0].note);
+
+    // A reference without a SHA-256, or outside the store, is not trusted either.
+    let unhashed = v1::CheckpointRef { sha256: String::new(), ..planted };
+    let a = v1::Assignment { attempt_id: 10, resume: Some(unhashed), ..first.clone() };
+    let r = run_until(&a, dir.path(), 1);
+    assert!(r[0].note.contains("no SHA-256"), "{}", r[0].note);
+    let outside = v1::CheckpointRef { uri: "/etc/passwd".into(), ..foreign };
+    let a = v1::Assignment { attempt_id: 11, resume: Some(outside), ..first };
+    let r = run_until(&a, dir.path(), 1);
+    assert!(r[0].note.contains("is not in this worker's artifact store"), "{}", r[0].note);
+}
