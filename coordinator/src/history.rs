@@ -160,11 +160,15 @@ pub fn backup(dir: &Path, out: &Path) -> Result<Report, StoreError> {
 pub fn backup_command(state_dir: &Path, out: &Path) -> std::process::ExitCode {
     match backup(state_dir, out) {
         Ok(report) => {
-            println!("backed up {} to {}: {report}", state_dir.join(DB_FILE).display(), out.display());
+            crate::output::print(&format!(
+                "backed up {} to {}: {report}",
+                state_dir.join(DB_FILE).display(),
+                out.display()
+            ));
             if report.is_clean() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::from(1) }
         }
         Err(e) => {
-            eprintln!("error: cannot back up {}: {e}", state_dir.display());
+            crate::output::eprint(&format!("error: cannot back up {}: {e}", state_dir.display()));
             std::process::ExitCode::from(2)
         }
     }
@@ -184,12 +188,12 @@ pub fn command(state_dir: &Path, format: crate::output::Format) -> std::process:
     let report = match check_state_dir(state_dir) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot check {}: {e}", state_dir.display());
+            crate::output::eprint(&format!("error: cannot check {}: {e}", state_dir.display()));
             return std::process::ExitCode::from(2);
         }
     };
     match format {
-        crate::output::Format::Table => println!("{report}"),
+        crate::output::Format::Table => crate::output::print(&report.to_string()),
         crate::output::Format::Json => {
             let violations: Vec<_> = report
                 .violations

@@ -147,6 +147,9 @@ enum Command {
         /// Failed attempts in a row after which a worker gets no more trials (0: never).
         #[arg(long, env = "SWEEP_QUARANTINE_AFTER", default_value_t = sweep_coordinator::store::DEFAULT_QUARANTINE_AFTER)]
         quarantine_after: u32,
+        /// Hours after which a worker that is gone (lease ended) is forgotten.
+        #[arg(long, env = "SWEEP_FORGET_WORKERS_AFTER", default_value_t = 24, value_name = "HOURS")]
+        forget_workers_after: u64,
         /// Largest number of trials one sweep may have.
         #[arg(long, default_value_t = sweep_core::spec::DEFAULT_MAX_TRIALS)]
         max_trials: usize,
@@ -399,6 +402,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             heartbeat_ttl,
             lease_grace,
             quarantine_after,
+            forget_workers_after,
             max_trials,
             health_listen,
             metrics_listen,
@@ -420,6 +424,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             config.heartbeat_ttl = std::time::Duration::from_secs(heartbeat_ttl.max(1));
             config.lease_grace = std::time::Duration::from_secs(lease_grace);
             config.quarantine_after = quarantine_after;
+            config.forget_workers_after = std::time::Duration::from_secs(forget_workers_after.saturating_mul(3600));
             config.parse.max_trials = max_trials;
             cli::coordinator(config).await?;
             Ok(ExitCode::SUCCESS)

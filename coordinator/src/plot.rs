@@ -16,6 +16,8 @@ use plotters::style::FontStyle;
 use sweep_proto::v1;
 
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+/// Largest loss an axis reaches; anything above is drawn at the top.
+const MAX_AXIS: f64 = 1e12;
 const FAMILY: &str = "sans-serif";
 const TRAIN: RGBColor = RGBColor(31, 119, 180);
 const VAL: RGBColor = RGBColor(255, 127, 14);
@@ -59,15 +61,23 @@ pub struct BackboneBars {
 pub fn trial_figure(path: &Path, c: &TrialCurves) -> anyhow::Result<()> {
     register_font();
     let t = c.trial;
-    let epochs = (t.fe_epochs + t.ft_epochs).max(c.metrics.iter().map(|m| m.epoch).max().unwrap_or(1));
+    let epochs = (t.fe_epochs + t.ft_epochs).max(c.metrics.iter().map(|m| m.epoch).max().unwrap_or(1)).max(1);
     let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
     let err = draw_err(path);
     root.fill(&WHITE).map_err(&err)?;
     let title = crate::output::trial_label(t);
     let root = root.titled(&title, (FAMILY, 24)).map_err(&err)?;
     let (left, right) = root.split_horizontally(600);
-    let max_loss =
-        c.metrics.iter().flat_map(|m| [m.train_loss, m.val_loss]).filter(|v| v.is_finite()).fold(0.0, f64::max);
+    // Whatever is stored (a state written before reports were checked may hold infinite or
+    // absurd values): the axis is finite and bounded, and values beyond it are drawn at its
+    // edge, so ticks are always computed over a finite range.
+    let max_loss = c
+        .metrics
+        .iter()
+        .flat_map(|m| [m.train_loss, m.val_loss])
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .fold(0.0, f64::max)
+        .min(MAX_AXIS);
     let loss_top = if max_loss > 0.0 { max_loss * 1.1 } else { 1.0 };
     let switch = t.fe_epochs as f64 + 0.5;
     let panels: [(&DrawingArea<_, _>, &str, f64, f64, Pick); 2] = [
@@ -99,7 +109,8 @@ pub fn trial_figure(path: &Path, c: &TrialCurves) -> anyhow::Result<()> {
                     let (a, b) = pick(m);
                     (m.epoch as f64, if second { b } else { a } * scale)
                 })
-                .filter(|(_, y)| y.is_finite())
+                .filter(|(_, y)| !y.is_nan())
+                .map(|(x, y)| (x, y.clamp(0.0, top)))
                 .collect();
             chart
                 .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
@@ -170,8 +181,13 @@ pub fn backbone_figure(path: &Path, sweep_id: &str, bars: &[BackboneBars]) -> an
         ("best during fine-tuning", FT_BAR, 0.2, |b| b.best_ft_accuracy),
     ];
     for (label, color, offset, pick) in kinds {
-        let values: Vec<(f64, f64)> =
-            bars.iter().enumerate().filter_map(|(i, b)| pick(b).map(|v| (i as f64 + offset, v * 100.0))).collect();
+        let values: Vec<(f64, f64)> = bars
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                pick(b).filter(|v| !v.is_nan()).map(|v| (i as f64 + offset, (v * 100.0).clamp(0.0, 100.0)))
+            })
+            .collect();
         chart
             .draw_series(values.iter().map(|&(x, v)| Rectangle::new([(x - 0.18, 0.0), (x + 0.18, v)], color.filled())))
             .map_err(&err)?
@@ -226,6 +242,13 @@ pub fn write_all(
     for (trial, metrics) in trials {
         if metrics.is_empty() {
             continue;
+        }
+        // The id becomes a file name: only an id of the shape the coordinator gives (`t003`).
+        if sweep_core::grid::trial_index(&trial.trial_id).is_none() {
+            anyhow::bail!(
+                "the coordinator sent a trial id `{}` that is not one (they look like t003); nothing was written for it",
+                crate::output::escape(&trial.trial_id)
+            );
         }
         let path = dir.join(format!("{}.png", trial.trial_id));
         trial_figure(&path, &TrialCurves { trial, metrics })?;
@@ -319,6 +342,55 @@ mod tests {
         let ft = count(&path, FT_BAR);
         // Bars are ~0.36 of a slot wide and as tall as their accuracy: two FE bars, one FT bar.
         assert!(fe > 2 * ft / 2 && ft > 5_000, "fe {fe} ft {ft}");
+    }
+
+    /// Runs `f` on a thread; fails the test if it does not return within a minute (plotting an
+    /// infinite axis used to loop forever).
+    fn returns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(60)).expect("plotting did not return")
+    }
+
+    #[test]
+    fn any_stored_value_plots_in_bounded_time() {
+        for bad in [f64::INFINITY, f64::NEG_INFINITY, f64::NAN, 1.7e308, f64::MAX, -1.0, 1e20] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t001.png");
+            let mut m = metrics();
+            m[1].train_loss = bad;
+            m[2].val_loss = bad;
+            m[3].val_accuracy = bad;
+            m[4].train_accuracy = bad;
+            let p = path.clone();
+            returns(move || trial_figure(&p, &TrialCurves { trial: &trial(), metrics: &m })).unwrap();
+            assert!(count(&path, VAL) > 100, "{bad}: the finite values are still drawn");
+            let bars = vec![BackboneBars {
+                backbone: "resnet50".into(),
+                trial: "t001".into(),
+                fe_accuracy: Some(bad),
+                best_ft_accuracy: Some(0.5),
+            }];
+            let p = dir.path().join("backbones.png");
+            returns(move || backbone_figure(&p, "s", &bars)).unwrap();
+        }
+    }
+
+    #[test]
+    fn trial_ids_that_are_not_ids_never_become_file_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("plots");
+        let board = v1::Leaderboard { sweep_id: "s".into(), ..Default::default() };
+        for bad in ["../escaped", "/tmp/x", "t001/../../y", "t\u{1b}[31m"] {
+            let t = v1::TrialSummary { trial_id: bad.into(), ..trial() };
+            let e = write_all(&out, &board, &[(t, metrics())]).unwrap_err().to_string();
+            assert!(e.contains("not one (they look like t003)"), "{e}");
+            assert!(!e.contains('\u{1b}'), "the error is safe to print: {e:?}");
+        }
+        assert!(!dir.path().join("escaped.png").exists());
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "nothing was written");
     }
 
     #[test]

@@ -78,11 +78,13 @@ async fn spawn_workers(
     };
     let cache = std::path::absolute(state_dir.join("cache"))?;
     let mut workers = Vec::new();
+    let parent = std::process::id() as libc::pid_t;
     for i in 1..=n {
         let log = logs.join(format!("worker-{i}.log"));
         let file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let err = file.try_clone()?;
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        command
             .arg("--coordinator")
             .arg(url)
             .arg("--name")
@@ -96,9 +98,23 @@ async fn spawn_workers(
             .stdin(Stdio::null())
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(err))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
+            .kill_on_drop(true);
+        // The workers end with this process, however it ends (a closed pipe, a kill, a
+        // panic): the kernel sends them SIGTERM when their parent goes. Spawned from the
+        // thread that lives as long as the process (the death signal follows the spawning
+        // thread, not the process).
+        // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0);
+                // The parent may have died before the line above: then nobody stops this one.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
         workers.push(Worker { n: i, child, log, exited: None });
     }
     Ok(workers)
@@ -150,7 +166,7 @@ pub async fn run(o: RunOptions) -> anyhow::Result<ExitCode> {
     let mut client = Client::connect(&url).await?;
     let submitted = client.submit_text(text, o.spec.display().to_string()).await?;
     let sweep_id = submitted.sweep_id.clone();
-    eprintln!(
+    output::eprint(&format!(
         "sweep {sweep_id}: {} trials of `{}` on {} local worker{} ({threads} thread{} each)\nstate: {}   worker logs: {}",
         submitted.trial_count,
         parsed.name,
@@ -159,7 +175,7 @@ pub async fn run(o: RunOptions) -> anyhow::Result<ExitCode> {
         if threads == 1 { "" } else { "s" },
         o.state_dir.display(),
         logs.display()
-    );
+    ));
 
     let mut workers =
         spawn_workers(&bin, &url, o.workers, threads, &o.state_dir, o.artifacts.as_deref(), &logs).await?;

@@ -61,6 +61,9 @@ pub struct Config {
     pub lease_grace: Duration,
     /// Failed attempts in a row after which a worker is quarantined (0: never).
     pub quarantine_after: u32,
+    /// A worker gone (its lease ended) for this long is forgotten: its row goes, so lists of
+    /// workers do not grow without bound (its attempts keep its id).
+    pub forget_workers_after: Duration,
     pub parse: ParseOptions,
     /// TLS on the gRPC port, and client certificates when a client CA is given.
     pub tls: Option<TlsFiles>,
@@ -128,6 +131,7 @@ impl Config {
             heartbeat_ttl: Duration::from_secs(10),
             lease_grace: Duration::from_secs(20),
             quarantine_after: crate::store::DEFAULT_QUARANTINE_AFTER,
+            forget_workers_after: Duration::from_secs(24 * 3600),
             parse: ParseOptions::default(),
             tls: None,
             tokens: None,
@@ -540,9 +544,14 @@ async fn reap_leases(shared: Arc<Shared>) {
             continue;
         }
         let deadline = now_ms() - limit.as_millis() as i64;
+        let forget = now_ms() - shared.config.forget_workers_after.as_millis() as i64;
         // Wakes waiting workers only when leases ended (their trials may be pending again).
         let expire = move |s: &mut Store| {
             let gone = s.expire_workers(deadline)?;
+            let forgotten = s.forget_workers(forget)?;
+            if forgotten > 0 {
+                tracing::info!(workers = forgotten, "forgot workers gone for long");
+            }
             let pending = !gone.is_empty() && s.has_pending()?;
             Ok((gone, pending))
         };

@@ -112,7 +112,9 @@ impl View {
     /// Prints a line (above the bars when live), stamped with the time since the view began.
     pub fn say(&self, text: &str) {
         let e = self.start.elapsed().as_secs_f64();
-        let line = format!("[{:>6}] {text}", output::duration(e.max(1.0)));
+        // Names, errors and notes come from the coordinator: nothing in them may steer the
+        // terminal.
+        let line = format!("[{:>6}] {}", output::duration(e.max(1.0)), output::terminal(text));
         if self.json {
             eprintln!("{line}");
             return;
@@ -187,7 +189,7 @@ impl View {
         };
         l.header.set_message(format!(
             "sweep {} · {} · {} elapsed · {eta}",
-            self.sweep_id,
+            output::escape(&self.sweep_id),
             self.counts_line(),
             output::duration(self.start.elapsed().as_secs_f64().max(1.0))
         ));
@@ -211,14 +213,14 @@ impl View {
             );
             b
         });
-        bar.set_prefix(output::trial_label(t));
+        bar.set_prefix(output::escape(&output::trial_label(t)));
         bar.set_length((t.fe_epochs + t.ft_epochs) as u64);
         bar.set_position(t.epochs_done as u64);
         let phase = if t.epochs_done < t.fe_epochs { "feature_extraction" } else { "fine_tuning" };
         bar.set_message(format!(
             "{phase:<18} val {:>6}  on {}",
             output::percent(t.latest_val_accuracy),
-            if t.worker_id.is_empty() { "-".to_string() } else { t.worker_id.clone() }
+            if t.worker_id.is_empty() { "-".to_string() } else { output::escape(&t.worker_id) }
         ));
     }
 

@@ -613,3 +613,111 @@ fn retry_requeues_failed_trials_with_a_fresh_budget() {
     let e = store.retry_sweep(&other, &[]).unwrap_err();
     assert!(matches!(e, StoreError::FailedPrecondition(_)), "{e}");
 }
+
+#[test]
+fn lists_come_in_bounded_pages_and_workers_gone_for_long_are_forgotten() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..250 {
+        ids.push(submit(&mut store));
+    }
+    ids.reverse();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let (page, next) = store.list_sweeps_page(100, &token).unwrap();
+        assert!(page.len() <= 100);
+        seen.extend(page.into_iter().map(|s| s.id));
+        pages += 1;
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    assert_eq!((pages, &seen), (3, &ids), "every sweep once, newest first");
+    for bad in ["x", "s-1", "w5", "s1; DROP TABLE sweeps"] {
+        assert!(matches!(store.list_sweeps_page(10, bad), Err(StoreError::InvalidArgument(_))), "{bad}");
+    }
+
+    // Workers with a thousand devices of long names: a page stays near 2 MiB, whatever was asked.
+    let big: Vec<v1::Device> = (0..1024)
+        .map(|i| v1::Device { id: format!("cuda:{i}"), kind: "cuda".into(), name: "n".repeat(200), memory_bytes: 1 })
+        .collect();
+    let mut workers = Vec::new();
+    for i in 0..30 {
+        workers.push(register(&mut store, &format!("big-{i}"), &big).0);
+    }
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (page, next) = store.workers_page(1000, &token).unwrap();
+        let bytes: usize = page.iter().map(|w| w.encoded_len()).sum();
+        assert!(!page.is_empty() && bytes < 3 << 20, "a page of {} workers is {bytes} bytes", page.len());
+        listed.extend(page.into_iter().map(|w| w.worker_id));
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    assert_eq!(listed.len(), 30);
+    // Gone workers are forgotten after a while; active ones are kept.
+    store.expire_workers(i64::MAX).unwrap();
+    let (running, inc) = register(&mut store, "busy", &cpu());
+    store.acquire(&running, inc).unwrap().unwrap();
+    assert_eq!(store.forget_workers(0).unwrap(), 0, "not gone for long yet");
+    assert_eq!(store.forget_workers(i64::MAX).unwrap(), 30);
+    let left: Vec<String> = store.workers().unwrap().into_iter().map(|w| w.worker_id).collect();
+    assert_eq!(left, vec![running.worker_id.clone()]);
+    // Its attempts keep its id.
+    let sweep = store.list_sweeps().unwrap().pop().unwrap().id;
+    let _ = store.trial(&sweep, "t000").unwrap();
+}
+
+#[test]
+fn a_trial_whose_every_epoch_is_stored_completes_whatever_ends_its_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let sweep = submit(&mut store);
+    let (w, inc) = register(&mut store, "w", &cpu());
+    // t000: both epochs reported, then the sweep is cancelled before the worker says it
+    // succeeded; the stop comes back with its last report and it finishes as cancelled.
+    let a = store.acquire(&w, inc).unwrap().unwrap();
+    store.report_epoch(&w, a.attempt_id, &metrics(1, 1, 0.5), &extras(1)).unwrap();
+    // t001 runs on a second worker, which will be lost after its last report.
+    let (w2, inc2) = register(&mut store, "w2", &cpu());
+    let b = store.acquire(&w2, inc2).unwrap().unwrap();
+    store.report_epoch(&w2, b.attempt_id, &metrics(1, 1, 0.4), &extras(1)).unwrap();
+    store.report_epoch(&w2, b.attempt_id, &metrics(2, 1, 0.7), &extras(1)).unwrap();
+    store.cancel_sweep(&sweep).unwrap();
+    assert!(store.report_epoch(&w, a.attempt_id, &metrics(2, 1, 0.6), &extras(1)).unwrap(), "says: stop");
+    store
+        .finish_attempt(&w, a.attempt_id, v1::Outcome::Cancelled, v1::ErrorClass::Unspecified, "stopped", 1.0)
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    store.heartbeat(&w, inc, &[]).unwrap();
+    store.expire_workers(now_before(&store, &w2.worker_id)).unwrap();
+    let status = store.get_sweep(&sweep).unwrap();
+    let states: Vec<&str> = status.trials.iter().map(|t| t.state.as_str()).collect();
+    assert_eq!(states, ["completed", "completed"], "a finished result is kept");
+    let board = store.leaderboard(&sweep).unwrap();
+    assert!(board.entries.iter().all(|e| e.best_val_accuracy.is_some()));
+    let d = store.trial(&sweep, "t000").unwrap();
+    assert_eq!(d.attempts[0].state, "succeeded");
+    assert!(d.attempts[0].error.contains("cancelled after every epoch was reported"), "{}", d.attempts[0].error);
+    assert!(store.trial(&sweep, "t001").unwrap().attempts[0].error.contains("lost after every epoch"));
+    // A trial stopped before its last epoch is still cancelled.
+    let other = submit(&mut store);
+    let c = store.acquire(&w, inc).unwrap().unwrap();
+    store.report_epoch(&w, c.attempt_id, &metrics(1, 1, 0.5), &extras(1)).unwrap();
+    store.cancel_sweep(&other).unwrap();
+    store
+        .finish_attempt(&w, c.attempt_id, v1::Outcome::Cancelled, v1::ErrorClass::Unspecified, "stopped", 1.0)
+        .unwrap();
+    assert!(store.get_sweep(&other).unwrap().trials.iter().all(|t| t.state == "cancelled"));
+    drop(store);
+    let report = sweep_coordinator::history::check_state_dir(dir.path()).unwrap();
+    assert!(report.is_clean(), "{report}");
+}

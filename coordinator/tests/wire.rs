@@ -311,6 +311,10 @@ async fn bad_requests_are_refused_with_their_reason_and_change_nothing() {
         ("negative seconds", v1::EpochMetrics { seconds: -1.0, ..epoch2() }, "seconds"),
         ("accuracy over 1", v1::EpochMetrics { val_accuracy: 1.5, ..epoch2() }, "val_accuracy"),
         ("infinite accuracy", v1::EpochMetrics { train_accuracy: f64::INFINITY, ..epoch2() }, "train_accuracy"),
+        ("infinite loss", v1::EpochMetrics { train_loss: f64::INFINITY, ..epoch2() }, "train_loss must be a finite"),
+        ("absurd loss", v1::EpochMetrics { val_loss: 1.7e308, ..epoch2() }, "val_loss is 1.7e308; no epoch measures"),
+        ("infinite seconds", v1::EpochMetrics { seconds: f64::INFINITY, ..epoch2() }, "seconds must be a finite"),
+        ("absurd seconds", v1::EpochMetrics { seconds: 1e300, ..epoch2() }, "seconds is 1e300"),
         ("negative loss", v1::EpochMetrics { val_loss: -0.1, ..epoch2() }, "val_loss"),
         ("epoch 0", v1::EpochMetrics { epoch: 0, ..epoch2() }, "epoch"),
         ("epoch past the end", metrics(3, "fine_tuning"), "past the end"),
@@ -359,6 +363,11 @@ async fn bad_requests_are_refused_with_their_reason_and_change_nothing() {
     let submit = |yaml: String| v1::SubmitSweepRequest { spec_yaml: yaml, source: "bad.yaml".into() };
     refused("bad spec", sweeps.submit_sweep(submit(SPEC.replace("resnet50", "resnet51"))).await, ia, "bad.yaml:4:");
     refused("empty spec", sweeps.submit_sweep(submit(String::new())).await, ia, "bad.yaml:1:1: the spec is empty");
+    // A name of a megabyte (66 of them made every later ListSweeps too large to decode).
+    let long_name = SPEC.replace("name: wire", &format!("name: {}", "n".repeat(1_000_000)));
+    refused("long name", sweeps.submit_sweep(submit(long_name)).await, ia, "name: is 1000000 characters long");
+    let page = v1::ListSweepsRequest { page_size: 10, page_token: "nonsense".into() };
+    refused("bad page token", sweeps.list_sweeps(page).await, ia, "page_token");
     // Deep enough to overflow the stack of the parser's thread before the spec parser was fixed.
     let deep = format!("{}x\n", "- ".repeat(200_000));
     refused("deep spec", sweeps.submit_sweep(submit(deep)).await, ia, "nested more than 64 levels");

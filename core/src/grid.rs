@@ -43,6 +43,15 @@ pub fn trial_index(id: &str) -> Option<usize> {
     digits.parse().ok()
 }
 
+/// Whether `id` has the shape of a sweep id: 1 to 64 characters of `a-z`, `0-9` and `-`,
+/// starting with a letter or digit (`quickstart-6b7c`). Ids become parts of paths and object
+/// keys on workers, so one that comes off the wire is checked with this before any use.
+pub fn is_sweep_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+}
+
 /// Expands the grid. The same grid always gives the same trials, ids and order.
 pub fn expand(grid: &GridSpec) -> Vec<Trial> {
     let mut trials = Vec::with_capacity(grid.trial_count());
@@ -60,6 +69,20 @@ pub fn expand(grid: &GridSpec) -> Vec<Trial> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_that_could_be_paths_are_not_ids() {
+        for good in ["quickstart-6b7c", "sweep-12", "a"] {
+            assert!(is_sweep_id(good), "{good}");
+        }
+        for bad in ["", "../../etc", "a/b", "-x", "UPPER", "a b", ".", "..", &"a".repeat(65), "x\u{0}"] {
+            assert!(!is_sweep_id(bad), "{bad:?}");
+        }
+        assert_eq!(trial_index("t003"), Some(3));
+        for bad in ["t03", "../t003", "t003/..", "t00a", "x003", "t0003\n"] {
+            assert_eq!(trial_index(bad), None, "{bad:?}");
+        }
+    }
 
     fn grid() -> GridSpec {
         GridSpec {

@@ -30,20 +30,34 @@ pub type Handler = Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Reply> + Se
 
 /// Largest request head read.
 const MAX_HEAD: usize = 8 << 10;
-/// Connections served at once.
-const MAX_CONNECTIONS: usize = 64;
+/// Connections that have not yet sent their whole request head, at most. When one more
+/// arrives, the one that has waited longest is closed: idle or slow connections (slowloris)
+/// cannot keep a probe out, because a probe sends its request at once.
+const MAX_WAITING: usize = 64;
+/// Connections whose request is being answered, at most (answers are quick).
+const MAX_ANSWERING: usize = 64;
+/// How long a connection may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may take in all.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connections still sending their request head, oldest first, each with its abort
+/// handle. Entries of connections that already moved on are dropped when met.
+#[derive(Default)]
+struct Waiting {
+    next: u64,
+    queue: std::collections::VecDeque<(u64, tokio::task::AbortHandle)>,
+}
 
 /// Binds `addr` and serves `handler` until the returned task is aborted; returns the bound
 /// address (port 0 picks a free one) and the task.
 pub async fn serve(addr: SocketAddr, handler: Handler) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let answering = Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERING));
+    let waiting = Arc::new(std::sync::Mutex::new(Waiting::default()));
     let task = tokio::spawn(async move {
         loop {
-            // At most MAX_CONNECTIONS at once: idle connections cannot use up the process's
-            // file descriptors (the gRPC port shares them).
-            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
             let conn = match listener.accept().await {
                 Ok((conn, _)) => conn,
                 Err(_) => {
@@ -52,14 +66,36 @@ pub async fn serve(addr: SocketAddr, handler: Handler) -> std::io::Result<(Socke
                     continue;
                 }
             };
-            let h = handler.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(10), answer(conn, h)).await;
-                drop(slot);
+            let id = {
+                let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
+                // Room for this one: the longest-waiting connections go first (at most
+                // MAX_WAITING wait at once, so descriptors stay bounded too).
+                while w.queue.len() >= MAX_WAITING {
+                    if let Some((_, oldest)) = w.queue.pop_front() {
+                        oldest.abort();
+                    }
+                }
+                w.next += 1;
+                w.next
+            };
+            let (h, answering, w) = (handler.clone(), Arc::clone(&answering), Arc::clone(&waiting));
+            let served = tokio::spawn(async move {
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, answer(conn, h, id, &w, &answering)).await;
+                done_waiting(&w, id);
             });
+            let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
+            if !served.is_finished() {
+                w.queue.push_back((id, served.abort_handle()));
+            }
         }
     });
     Ok((bound, task))
+}
+
+/// Takes connection `id` off the waiting queue (its head came, or it ended).
+fn done_waiting(waiting: &std::sync::Mutex<Waiting>, id: u64) {
+    let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
+    w.queue.retain(|(i, handle)| *i != id && !handle.is_finished());
 }
 
 fn reason(status: u16) -> &'static str {
@@ -74,11 +110,19 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-async fn answer(mut conn: TcpStream, handler: Handler) -> std::io::Result<()> {
+async fn answer(
+    mut conn: TcpStream,
+    handler: Handler,
+    id: u64,
+    waiting: &std::sync::Mutex<Waiting>,
+    answering: &tokio::sync::Semaphore,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         if head.len() > MAX_HEAD {
+            done_waiting(waiting, id);
             write(&mut conn, Reply::text(431, "request head too large\n"), false).await?;
             // Read what the client still sends, so that closing does not reset the connection
             // (and discard the reply) while its data is unread.
@@ -88,12 +132,19 @@ async fn answer(mut conn: TcpStream, handler: Handler) -> std::io::Result<()> {
             .await;
             return Ok(());
         }
-        let n = conn.read(&mut buf).await?;
+        let n = match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Ok(read) => read?,
+            // Too slow to ask: closed without an answer.
+            Err(_) => return Ok(()),
+        };
         if n == 0 {
             return Ok(());
         }
         head.extend_from_slice(&buf[..n]);
     }
+    // Asked: no longer one of the waiting connections that a newcomer may push out.
+    done_waiting(waiting, id);
+    let Ok(_slot) = answering.acquire().await else { return Ok(()) };
     let text = String::from_utf8_lossy(&head);
     let mut parts = text.lines().next().unwrap_or_default().split_whitespace();
     let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
@@ -160,6 +211,40 @@ mod tests {
         assert!(get(addr, "garbage\r\n\r\n").await.starts_with("HTTP/1.1 400"));
         let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
         assert!(get(addr, &huge).await.starts_with("HTTP/1.1 431"));
+        task.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_and_slow_connections_never_keep_a_probe_out() {
+        let handler: Handler = Arc::new(|_path: String| Box::pin(async { Reply::text(200, "ok\n") }));
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), handler).await.unwrap();
+        // Slowloris: many connections that never finish their request (some send half a line).
+        let mut idle = Vec::new();
+        for i in 0..3 * MAX_WAITING {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            if i % 2 == 0 {
+                c.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: ").await.unwrap();
+            }
+            idle.push(c);
+        }
+        // A probe still gets its answer at once, again and again.
+        for _ in 0..5 {
+            let started = std::time::Instant::now();
+            let reply = tokio::time::timeout(Duration::from_secs(2), get(addr, "GET /healthz HTTP/1.1\r\n\r\n"))
+                .await
+                .expect("the probe was kept out");
+            assert!(reply.starts_with("HTTP/1.1 200") && reply.ends_with("ok\n"), "{reply}");
+            assert!(started.elapsed() < Duration::from_secs(2));
+        }
+        // The oldest idle connections were closed to make room: reading them ends.
+        let mut closed = 0;
+        for c in idle.iter_mut().take(MAX_WAITING) {
+            let mut b = [0u8; 16];
+            if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_secs(1), c.read(&mut b)).await {
+                closed += 1;
+            }
+        }
+        assert!(closed >= MAX_WAITING / 2, "only {closed} of the oldest idle connections were closed");
         task.abort();
     }
 }

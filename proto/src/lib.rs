@@ -86,6 +86,12 @@ impl From<&EpochMetrics> for v1::EpochMetrics {
     }
 }
 
+/// Largest loss a report may carry: a training that has diverged past it has nothing to
+/// report (the worker fails the trial instead).
+pub const MAX_LOSS: f64 = 1e12;
+/// Longest an epoch may be said to have taken: about 116 days.
+pub const MAX_EPOCH_SECONDS: f64 = 1e7;
+
 impl TryFrom<&v1::EpochMetrics> for EpochMetrics {
     type Error = String;
 
@@ -94,15 +100,18 @@ impl TryFrom<&v1::EpochMetrics> for EpochMetrics {
         if m.epoch == 0 {
             return Err("epoch numbers start at 1".into());
         }
-        for (name, v) in [
-            ("train_loss", m.train_loss),
-            ("train_accuracy", m.train_accuracy),
-            ("val_loss", m.val_loss),
-            ("val_accuracy", m.val_accuracy),
-            ("seconds", m.seconds),
+        for (name, v, max) in [
+            ("train_loss", m.train_loss, MAX_LOSS),
+            ("train_accuracy", m.train_accuracy, 1.0),
+            ("val_loss", m.val_loss, MAX_LOSS),
+            ("val_accuracy", m.val_accuracy, 1.0),
+            ("seconds", m.seconds, MAX_EPOCH_SECONDS),
         ] {
-            if v.is_nan() || v < 0.0 {
-                return Err(format!("{name} must be a non-negative number, got {v}"));
+            if !v.is_finite() || v < 0.0 {
+                return Err(format!("{name} must be a finite, non-negative number, got {v}"));
+            }
+            if v > max && max > 1.0 {
+                return Err(format!("{name} is {v:e}; no epoch measures that (at most {max:e})"));
             }
         }
         for (name, v) in [("train_accuracy", m.train_accuracy), ("val_accuracy", m.val_accuracy)] {
@@ -155,6 +164,13 @@ mod tests {
         assert!(EpochMetrics::try_from(&w).is_err());
         w.val_accuracy = f64::NAN;
         assert!(EpochMetrics::try_from(&w).is_err());
+        for (loss, seconds) in [(f64::INFINITY, 1.0), (1.7e308, 1.0), (0.5, f64::INFINITY), (0.5, 1e300)] {
+            let w = v1::EpochMetrics { train_loss: loss, seconds, ..v1::EpochMetrics::from(&m) };
+            let e = EpochMetrics::try_from(&w).unwrap_err();
+            assert!(e.contains("finite") || e.contains("no epoch measures"), "{e}");
+        }
+        let w = v1::EpochMetrics { val_loss: 1e11, seconds: 86_400.0, ..v1::EpochMetrics::from(&m) };
+        assert!(EpochMetrics::try_from(&w).is_ok(), "large but possible values pass");
         let mut w = v1::EpochMetrics::from(&m);
         w.phase = "warmup".into();
         assert!(EpochMetrics::try_from(&w).is_err());

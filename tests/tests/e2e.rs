@@ -1,6 +1,7 @@
 //! End-to-end tests with real processes: `sweep` (CLI and coordinator) and `sweep-worker`.
 
 mod cli;
+mod integrity;
 mod kill;
 mod security;
 mod util;

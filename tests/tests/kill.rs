@@ -166,8 +166,8 @@ fn a_broken_worker_is_quarantined_and_retry_requeues_the_failed_trials_for_a_hea
     let board = json(&["leaderboard", &warm]);
     let trained = board[0]["checkpoints"]["best"]["uri"].as_str().unwrap().to_string();
 
-    // Two trials that need a weights file that is not there: each fails at once (permanent),
-    // and after two failures in a row the worker is quarantined.
+    // Two trials that need a weights file that is not there: each fails at once, permanently:
+    // the spec's fault, not the worker's, so the worker is not quarantined for it.
     let weights = dir.path().join("weights").join("resnet18-flowers.safetensors");
     let broken_spec =
         TINY_SPEC.replace("training:", &format!("model: {{ weights: {} }}\ntraining:", weights.display()));
@@ -177,10 +177,18 @@ fn a_broken_worker_is_quarantined_and_retry_requeues_the_failed_trials_for_a_hea
         assert_eq!(t["state"], "failed");
         assert!(t["error"].as_str().unwrap().contains("resnet18-flowers.safetensors"), "{t}");
     }
+    assert_eq!(json(&["workers"])[0]["state"], "active", "a bad spec quarantined a worker");
+    a.terminate();
+
+    // A worker whose attempts keep failing for reasons of its own (a device that errors):
+    // after two in a row it is quarantined, with the reason.
+    let flaky = submit(&url, dir.path(), &TINY_SPEC.replace("name: tiny", "name: flaky"));
+    let bad = failing_worker(&url, "bad", 2, "CUDA error: an illegal memory access was encountered");
     let workers = json(&["workers"]);
-    let wa = &workers[0];
-    assert_eq!(wa["state"], "quarantined", "{workers:#}");
-    assert!(wa["note"].as_str().unwrap().contains("2 attempts failed in a row"), "{workers:#}");
+    let wb = workers.as_array().unwrap().iter().find(|w| w["worker"] == bad.as_str()).unwrap().clone();
+    assert_eq!(wb["state"], "quarantined", "{workers:#}");
+    assert!(wb["note"].as_str().unwrap().contains("2 attempts failed in a row"), "{workers:#}");
+    assert!(wb["note"].as_str().unwrap().contains("illegal memory access"), "{workers:#}");
     let table = stdout(&output(sweep().args(["workers", "--coordinator", &url])));
     assert!(table.contains("quarantined"), "{table}");
 
@@ -190,6 +198,8 @@ fn a_broken_worker_is_quarantined_and_retry_requeues_the_failed_trials_for_a_hea
     let out = output(sweep().args(["retry", &broken, "--coordinator", &url]));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("re-queued 2 trial(s): t000, t001"), "{}", stdout(&out));
+    let out = output(sweep().args(["retry", &flaky, "--coordinator", &url]));
+    assert!(out.status.success() && stdout(&out).contains("re-queued 1 trial(s): t000"), "{}", stdout(&out));
     std::thread::sleep(Duration::from_secs(3));
     let s = json(&["status", &broken]);
     assert_eq!(s["counts"]["pending"], 2, "{s:#}");
@@ -205,7 +215,8 @@ fn a_broken_worker_is_quarantined_and_retry_requeues_the_failed_trials_for_a_hea
         assert_eq!(t["worker"], b_id, "{t}");
         assert_eq!(t["attempts"], 2, "{t}");
     }
-    a.terminate();
+    let s = wait_state(&flaky, "completed");
+    assert!(s["trials"].as_array().unwrap().iter().all(|t| t["worker"] == b_id), "{s:#}");
     assert_history_clean(&dir.path().join("state"));
 }
 

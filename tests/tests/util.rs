@@ -436,6 +436,51 @@ pub fn scripted_worker_with(url: &str, name: &str, max_trials: usize, token: Opt
     })
 }
 
+/// A worker written into the test whose attempts all fail, retryably, with `message` (a worker
+/// with a bad device): registers as `name`, takes and fails `failures` attempts, and returns its
+/// worker id. It sends no heartbeats afterwards.
+pub fn failing_worker(url: &str, name: &str, failures: usize, message: &str) -> String {
+    use sweep_proto::v1;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let mut c = sweep_proto::v1::worker_service_client::WorkerServiceClient::connect(url.to_string())
+            .await
+            .expect("connect");
+        let device = v1::Device { id: "cpu:0".into(), kind: "cpu".into(), name: "test CPU".into(), memory_bytes: 0 };
+        let reg = c
+            .register(v1::RegisterRequest { name: name.into(), devices: vec![device], version: "test".into() })
+            .await
+            .expect("register")
+            .into_inner();
+        for _ in 0..failures {
+            let a = c
+                .acquire_trial(v1::AcquireTrialRequest {
+                    worker_id: reg.worker_id.clone(),
+                    incarnation: reg.incarnation,
+                    wait_ms: 5000,
+                    session: reg.session.clone(),
+                })
+                .await
+                .expect("acquire")
+                .into_inner()
+                .assignment
+                .expect("a trial to fail");
+            c.finish_attempt(v1::FinishAttemptRequest {
+                attempt_id: a.attempt_id,
+                outcome: v1::Outcome::Failed as i32,
+                error_class: v1::ErrorClass::Retryable as i32,
+                message: message.into(),
+                wall_seconds: 1.0,
+                worker_id: reg.worker_id.clone(),
+                session: reg.session.clone(),
+            })
+            .await
+            .expect("finish");
+        }
+        reg.worker_id
+    })
+}
+
 /// The body of `GET http://ADDR/PATH`, with the status code.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};

@@ -440,6 +440,14 @@ impl ArtifactStore {
 
     /// A fresh local directory for one attempt's copies, removed when the guard is dropped.
     pub fn scratch_dir(&self, name: &str) -> Result<ScratchDir, ArtifactError> {
+        // One plain name inside this process's folder: never a path that leads out of it (it is
+        // removed first).
+        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']) {
+            return Err(ArtifactError::Local {
+                path: self.scratch.join(name),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a plain folder name"),
+            });
+        }
         let path = self.my_scratch()?.join(name);
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).map_err(|source| ArtifactError::Local { path: path.clone(), source })?;

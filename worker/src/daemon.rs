@@ -576,6 +576,16 @@ pub fn train_attempt(
     let mut first = true;
     while trainer.epochs_done() < trainer.total_epochs() {
         let metrics = trainer.run_epoch()?;
+        // A diverged training has nothing to report: say so, once, instead of a report the
+        // coordinator must refuse. It fails the same way anywhere (a learning rate too high).
+        for (what, v) in [("train loss", metrics.train_loss), ("validation loss", metrics.val_loss)] {
+            if !v.is_finite() || v > sweep_proto::MAX_LOSS {
+                return Err(TrainError::Permanent(format!(
+                    "training diverged: the {what} of epoch {} is {v} (a lower learning rate may help)",
+                    metrics.epoch
+                )));
+            }
+        }
         crate::metrics::global().epoch(dataset.train.len(), metrics.seconds);
         let (last, new_best) =
             checkpoints.after_epoch(trainer.model(), &metrics).map_err(|e| TrainError::Retryable(e.to_string()))?;
@@ -712,8 +722,18 @@ fn owned_by(a: &v1::Assignment, meta: &StateMetadata, epoch: u32) -> Result<(), 
     Ok(())
 }
 
-/// The spec and trial an assignment names, checked against each other.
+/// The spec and trial an assignment names, checked against each other. The sweep and trial ids
+/// become parts of paths and object keys here, so ids that are not ids (`../..`, a `/`) are
+/// refused before anything is built from them, whoever sent them.
 fn resolve(a: &v1::Assignment) -> Result<(spec::SweepSpec, sweep_core::Trial), String> {
+    if !sweep_core::grid::is_sweep_id(&a.sweep_id) || sweep_core::grid::trial_index(&a.trial_id).is_none() {
+        return Err(format!(
+            "the assignment names sweep `{}` and trial `{}`, which are not ids (the coordinator, or whoever \
+             answers in its name, sent something no coordinator makes); nothing was written",
+            a.sweep_id.escape_debug(),
+            a.trial_id.escape_debug()
+        ));
+    }
     let spec = spec::parse_with(&a.spec_yaml, ParseOptions { max_trials: usize::MAX })
         .map_err(|e| format!("the sweep spec does not parse on this worker: {e}"))?;
     let trial = sweep_core::grid::expand(&spec.grid)

@@ -231,9 +231,25 @@ pub fn build(spec: &DatasetSpec) -> Result<Dataset, DataError> {
     Ok(dataset)
 }
 
-/// The memory this process may use: the machine's total, or its control group's limit when
-/// that is lower (a container). `None` when neither can be read.
+/// The limit set by [`set_memory_limit`] (0: none).
+static MEMORY_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Caps the memory this process may fill with decoded images (`sweep-worker --memory-limit`).
+pub fn set_memory_limit(bytes: u64) {
+    MEMORY_LIMIT.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The memory this process may use for decoded images: the limit set with
+/// [`set_memory_limit`], else the machine's total, or its control group's limit when that is
+/// lower (a container). `None` when none can be read.
 pub fn memory_limit() -> Option<u64> {
+    match MEMORY_LIMIT.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => system_memory(),
+        set => Some(set),
+    }
+}
+
+fn system_memory() -> Option<u64> {
     let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))
@@ -251,8 +267,14 @@ pub fn memory_limit() -> Option<u64> {
     }
 }
 
+/// `1.5 MiB`, `28.6 GiB`, `286106.9 GiB`.
 fn gib(bytes: u128) -> String {
-    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    let b = bytes as f64;
+    match bytes {
+        n if n < 1 << 20 => format!("{:.1} KiB", b / 1024.0),
+        n if n < 1 << 30 => format!("{:.1} MiB", b / (1u64 << 20) as f64),
+        _ => format!("{:.1} GiB", b / (1u64 << 30) as f64),
+    }
 }
 
 /// A zeroed buffer of `bytes` for the decoded images of `what`, or an error when it cannot fit:

@@ -70,6 +70,11 @@ struct Args {
     /// Serve Prometheus `/metrics` and `/healthz` over HTTP here (e.g. 0.0.0.0:9091).
     #[arg(long, env = "SWEEP_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Memory this worker may fill with decoded images (`16G`, `512M`, or bytes) [default: the
+    /// machine's memory, or its container's limit]. A trial whose dataset needs more fails at
+    /// once, saying how much it needs, instead of exhausting the machine.
+    #[arg(long, env = "SWEEP_MEMORY_LIMIT", value_name = "SIZE", value_parser = parse_size)]
+    memory_limit: Option<u64>,
     /// Longest wait of one request for work, in seconds.
     #[arg(long, default_value_t = 20)]
     poll_wait: u64,
@@ -354,6 +359,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         train::set_intra_op_threads((cores / cpu_slots).max(1));
     }
+    if let Some(limit) = args.memory_limit {
+        sweep_worker::data::set_memory_limit(limit);
+    }
     let devices = daemon::inventory(selected.as_deref());
     if args.list_devices {
         for d in &devices {
@@ -403,4 +411,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         daemon::run(options, shutdown).await
     })
+}
+
+/// A size in bytes, with an optional `K`, `M`, `G` or `T` suffix (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("`{text}` is not a size (bytes, or a number with K, M, G or T)"))
 }

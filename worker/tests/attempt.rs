@@ -102,3 +102,23 @@ fn an_assignment_that_disagrees_with_its_spec_is_a_permanent_error() {
     .unwrap_err();
     assert!(e.is_permanent() && e.to_string().contains("does not parse"), "{e}");
 }
+
+#[test]
+fn a_stop_that_comes_with_the_last_epochs_report_keeps_the_finished_trial() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    // The sweep is cancelled while the last epoch trains: its report says "stop", but every
+    // epoch is done and reported, so the attempt succeeds (its result must not be thrown away).
+    train_attempt(
+        &assignment(SPEC),
+        &TrainOptions::new(tch::Device::Cpu),
+        &common::local_store(dir.path()),
+        &dir.path().join("cache"),
+        &mut |_| {
+            n += 1;
+            if n == 3 { Control::Stop } else { Control::Continue }
+        },
+    )
+    .unwrap();
+    assert_eq!(n, 3);
+}

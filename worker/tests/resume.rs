@@ -211,14 +211,10 @@ fn a_resume_point_that_is_not_the_trials_own_is_never_loaded() {
     // says whose it is.
     let store = common::local_store(dir.path());
     let planted_key = format!("mine-0001/t000/{}", resume::file_name(4));
-    for (from, to) in [(foreign.uri.clone(), store.uri(&planted_key))] {
-        std::fs::copy(&from, &to).unwrap();
-        std::fs::copy(
-            std::path::Path::new(&from).with_extension("json"),
-            std::path::Path::new(&to).with_extension("json"),
-        )
-        .unwrap();
-    }
+    let (from, to) = (foreign.uri.clone(), store.uri(&planted_key));
+    std::fs::copy(&from, &to).unwrap();
+    let json = |p: &str| std::path::Path::new(p).with_extension("json");
+    std::fs::copy(json(&from), json(&to)).unwrap();
     let planted = v1::CheckpointRef { uri: store.uri(&planted_key), ..foreign.clone() };
     let a = v1::Assignment { attempt_id: 9, resume: Some(planted.clone()), ..first.clone() };
     let r = run_until(&a, dir.path(), 1);
