@@ -63,14 +63,13 @@ struct Entry {
 }
 
 impl Entry {
-    /// The identity a call with this token acts as: its name and the first 16 hex digits of the
-    /// token's SHA-256 (two tokens with one name are still two identities; the token itself is
-    /// never shown).
+    /// The identity a call with this token acts as: the token's SHA-256, hex. Only the token
+    /// decides it — renaming the token, or moving its line in the file, keeps every worker it
+    /// registered bound to it; another token (same name or not) is another identity.
     fn identity(&self) -> String {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(&self.token);
-        let fingerprint: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        format!("token:{}/{fingerprint}", self.name)
+        format!("token:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
     }
 }
 
@@ -79,7 +78,7 @@ impl Entry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Authenticated {
     pub role: Role,
-    /// `token:<name>/<fingerprint>`.
+    /// `token:<SHA-256 of the token>`.
     pub identity: String,
 }
 
@@ -306,11 +305,15 @@ worker wwwwwwwwwwwwwwwwwwww  gpu-pool   # the DaemonSet
         // A token names one identity: its name and a fingerprint, never the token itself.
         let who = t.check("/sweep.v1.WorkerService/Register", Some(&format!("Bearer {w}"))).unwrap().unwrap();
         assert_eq!(who.role, Role::Worker);
-        assert!(who.identity.starts_with("token:gpu-pool/") && who.identity.len() == "token:gpu-pool/".len() + 16);
+        assert!(who.identity.starts_with("token:") && who.identity.len() == "token:".len() + 64);
         assert!(!who.identity.contains(&w));
         let other = Tokens::parse(&format!("worker {} gpu-pool\n", "z".repeat(20))).unwrap();
         let z = other.check("/sweep.v1.WorkerService/Register", Some(&format!("Bearer {}", "z".repeat(20))));
         assert_ne!(z.unwrap().unwrap().identity, who.identity, "same name, another token: another identity");
+        // The same token renamed, on another line: the same identity.
+        let moved = Tokens::parse(&format!("# rotated\nadmin {}\nworker {w} renamed\n", "q".repeat(20))).unwrap();
+        let again = moved.check("/sweep.v1.WorkerService/Register", Some(&format!("Bearer {w}"))).unwrap().unwrap();
+        assert_eq!(again.identity, who.identity);
         let e = t.check("/sweep.v1.SweepService/SubmitSweep", Some(&format!("Bearer {w}"))).unwrap_err();
         assert!(
             e.message().contains("a worker token (gpu-pool) may not call /sweep.v1.SweepService/SubmitSweep"),

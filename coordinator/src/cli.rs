@@ -51,7 +51,7 @@ pub fn load_spec(path: &Path, options: ParseOptions) -> anyhow::Result<(String, 
 
 /// `sweep validate`.
 pub fn validate(path: &Path, max_trials: usize, format: Format) -> anyhow::Result<ExitCode> {
-    let (_, parsed) = load_spec(path, ParseOptions { max_trials })?;
+    let (_, parsed) = load_spec(path, ParseOptions::with_max_trials(max_trials))?;
     let trials = sweep_core::grid::expand(&parsed.grid);
     match format {
         Format::Json => println!(
@@ -95,6 +95,8 @@ type Channel = InterceptedService<tonic::transport::Channel, BearerToken>;
 
 /// Rows asked for per page of `ListSweeps` and `ListWorkers`.
 const PAGE: u32 = 500;
+/// Most rows a list command reads in all (a server that pages on forever is not followed).
+const MAX_LISTED: usize = 1_000_000;
 
 /// A connected client of `SweepService`.
 pub struct Client {
@@ -160,7 +162,7 @@ impl Client {
 
     /// `sweep submit`: validates locally first (same parser), then submits; returns the id.
     pub async fn submit(&mut self, path: &Path, format: Format) -> anyhow::Result<String> {
-        let (text, _) = load_spec(path, ParseOptions { max_trials: usize::MAX })?;
+        let (text, _) = load_spec(path, ParseOptions::with_max_trials(usize::MAX))?;
         let r = self.submit_text(text, path.display().to_string()).await?;
         match format {
             Format::Json => {
@@ -182,13 +184,18 @@ impl Client {
             let page_size = limit.map_or(PAGE, |l| (l - sweeps.len()).min(PAGE as usize) as u32);
             let r = self
                 .inner
-                .list_sweeps(v1::ListSweepsRequest { page_size, page_token: token })
+                .list_sweeps(v1::ListSweepsRequest { page_size, page_token: token.clone() })
                 .await
                 .map_err(|s| status_error(&self.url, s))?
                 .into_inner();
+            let empty = r.sweeps.is_empty();
             sweeps.extend(r.sweeps);
             if r.next_page_token.is_empty() || limit.is_some_and(|l| sweeps.len() >= l) {
                 return Ok(sweeps);
+            }
+            // A server that keeps answering with more pages, but nothing new in them: not followed.
+            if empty || r.next_page_token == token || sweeps.len() > MAX_LISTED {
+                bail!("{} answered a page of sweeps that does not lead on; stopped after {}", self.url, sweeps.len());
             }
             token = r.next_page_token;
         }
@@ -389,13 +396,17 @@ impl Client {
         loop {
             let r = self
                 .inner
-                .list_workers(v1::ListWorkersRequest { page_size: PAGE, page_token: token })
+                .list_workers(v1::ListWorkersRequest { page_size: PAGE, page_token: token.clone() })
                 .await
                 .map_err(|s| status_error(&self.url, s))?
                 .into_inner();
+            let empty = r.workers.is_empty();
             workers.extend(r.workers);
             if r.next_page_token.is_empty() {
                 return Ok(workers);
+            }
+            if empty || r.next_page_token == token || workers.len() > MAX_LISTED {
+                bail!("{} answered a page of workers that does not lead on; stopped after {}", self.url, workers.len());
             }
             token = r.next_page_token;
         }

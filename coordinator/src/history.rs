@@ -24,6 +24,7 @@
 //!   file (`…/<sweep>/<trial>/<file>`): a resume point of another sweep is seen.
 //! * `grid`: every trial row is the grid cell its sweep's spec gives that index (backbone,
 //!   strategy, epoch split), and a sweep has as many trials as its grid.
+//! * `metric-values`: every stored metric is finite and within what a report may carry.
 //!
 //! Times are the coordinator's wall clock in milliseconds: a clock stepped backwards while it
 //! ran can show up as an overlap.
@@ -123,10 +124,10 @@ pub fn backup(dir: &Path, out: &Path) -> Result<Report, StoreError> {
     if out.exists() {
         return Err(StoreError::Damaged(format!("{} already exists; a backup never overwrites a file", out.display())));
     }
+    // A name of this process's own beside the target (never someone else's file).
     let mut partial = out.as_os_str().to_owned();
-    partial.push(".partial");
+    partial.push(format!(".partial-{}-{}", std::process::id(), crate::store::now_ms()));
     let partial = std::path::PathBuf::from(partial);
-    let _ = std::fs::remove_file(&partial);
     let open_err = |source| StoreError::Open { path: path.clone(), source };
     if !path.is_file() {
         return Err(StoreError::Damaged(format!("{} does not exist (not a state directory?)", path.display())));
@@ -145,8 +146,10 @@ pub fn backup(dir: &Path, out: &Path) -> Result<Report, StoreError> {
     let checked = copied.map_err(StoreError::from).and_then(|()| check_db(&partial));
     match checked {
         Ok(report) => {
-            std::fs::rename(&partial, out)
-                .map_err(|e| StoreError::Damaged(format!("cannot rename the backup to {}: {e}", out.display())))?;
+            // A hard link never replaces a file that appeared meanwhile (a rename would).
+            let linked = std::fs::hard_link(&partial, out);
+            let _ = std::fs::remove_file(&partial);
+            linked.map_err(|e| StoreError::Damaged(format!("cannot write the backup {}: {e}", out.display())))?;
             Ok(report)
         }
         Err(e) => {
@@ -249,6 +252,8 @@ struct Metric {
     phase: String,
     attempt_id: i64,
     recorded_at_ms: i64,
+    /// train loss, train accuracy, validation loss, validation accuracy, seconds.
+    values: [f64; 5],
 }
 
 struct State {
@@ -332,7 +337,9 @@ fn read(conn: &Connection) -> Result<State, StoreError> {
     };
     let metrics = {
         let mut q = conn.prepare(
-            "SELECT sweep_id, idx, epoch, phase, attempt_id, recorded_at_ms FROM metrics ORDER BY sweep_id, idx, epoch",
+            "SELECT sweep_id, idx, epoch, phase, attempt_id, recorded_at_ms,
+                    train_loss, train_accuracy, val_loss, val_accuracy, seconds
+             FROM metrics ORDER BY sweep_id, idx, epoch",
         )?;
         q.query_map([], |r| {
             Ok(Metric {
@@ -341,6 +348,7 @@ fn read(conn: &Connection) -> Result<State, StoreError> {
                 phase: r.get(3)?,
                 attempt_id: r.get(4)?,
                 recorded_at_ms: r.get(5)?,
+                values: [r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?],
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?
@@ -497,6 +505,23 @@ impl State {
         let mut epochs: BTreeMap<&TrialKey, Vec<&Metric>> = BTreeMap::new();
         for m in &self.metrics {
             epochs.entry(&m.trial).or_default().push(m);
+            // metric-values: what a report may carry (a state written before reports were
+            // checked may hold infinite or absurd values).
+            let names = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"];
+            let limits = [sweep_proto::MAX_LOSS, 1.0, sweep_proto::MAX_LOSS, 1.0, sweep_proto::MAX_EPOCH_SECONDS];
+            for ((name, v), max) in names.iter().zip(m.values).zip(limits) {
+                if !v.is_finite() || !(0.0..=max).contains(&v) {
+                    violation(
+                        "metric-values",
+                        subject(&m.trial),
+                        format!(
+                            "epoch {} has {name} {}, outside 0 to {max:e}",
+                            m.epoch,
+                            if v.is_finite() && v.abs() >= 1e6 { format!("{v:e}") } else { v.to_string() }
+                        ),
+                    );
+                }
+            }
             let at = format!("epoch {} (recorded at {})", m.epoch, m.recorded_at_ms);
             match attempts.get(&m.attempt_id) {
                 None => violation(
@@ -586,14 +611,13 @@ impl State {
             *per_sweep.entry(key.0.as_str()).or_default() += 1;
         }
         for (sweep, yaml) in &self.specs {
-            let parsed =
-                match sweep_core::spec::parse_with(yaml, sweep_core::spec::ParseOptions { max_trials: usize::MAX }) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        violation("grid", format!("sweep {sweep}"), format!("its stored spec does not parse: {e}"));
-                        continue;
-                    }
-                };
+            let parsed = match sweep_core::spec::parse_with(yaml, sweep_core::spec::ParseOptions::stored()) {
+                Ok(p) => p,
+                Err(e) => {
+                    violation("grid", format!("sweep {sweep}"), format!("its stored spec does not parse: {e}"));
+                    continue;
+                }
+            };
             let cells = sweep_core::grid::expand(&parsed.grid);
             let have = per_sweep.get(sweep.as_str()).copied().unwrap_or(0);
             if have != cells.len() {

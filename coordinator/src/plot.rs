@@ -237,18 +237,19 @@ pub fn write_all(
     board: &v1::Leaderboard,
     trials: &[(v1::TrialSummary, Vec<v1::EpochMetrics>)],
 ) -> anyhow::Result<Vec<PathBuf>> {
+    // Ids become file names: only ids of the shape the coordinator gives (`t003`), all checked
+    // before anything is written.
+    if let Some((t, _)) = trials.iter().find(|(t, _)| sweep_core::grid::trial_index(&t.trial_id).is_none()) {
+        anyhow::bail!(
+            "the coordinator sent a trial id `{}` that is not one (they look like t003); nothing was written",
+            crate::output::escape(&t.trial_id)
+        );
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut written = Vec::new();
     for (trial, metrics) in trials {
         if metrics.is_empty() {
             continue;
-        }
-        // The id becomes a file name: only an id of the shape the coordinator gives (`t003`).
-        if sweep_core::grid::trial_index(&trial.trial_id).is_none() {
-            anyhow::bail!(
-                "the coordinator sent a trial id `{}` that is not one (they look like t003); nothing was written for it",
-                crate::output::escape(&trial.trial_id)
-            );
         }
         let path = dir.join(format!("{}.png", trial.trial_id));
         trial_figure(&path, &TrialCurves { trial, metrics })?;
@@ -385,12 +386,13 @@ mod tests {
         let board = v1::Leaderboard { sweep_id: "s".into(), ..Default::default() };
         for bad in ["../escaped", "/tmp/x", "t001/../../y", "t\u{1b}[31m"] {
             let t = v1::TrialSummary { trial_id: bad.into(), ..trial() };
-            let e = write_all(&out, &board, &[(t, metrics())]).unwrap_err().to_string();
+            // After a good trial: still nothing written.
+            let e = write_all(&out, &board, &[(trial(), metrics()), (t, metrics())]).unwrap_err().to_string();
             assert!(e.contains("not one (they look like t003)"), "{e}");
             assert!(!e.contains('\u{1b}'), "the error is safe to print: {e:?}");
         }
         assert!(!dir.path().join("escaped.png").exists());
-        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "nothing was written");
+        assert!(!out.exists(), "nothing was written");
     }
 
     #[test]

@@ -157,11 +157,15 @@ pub async fn run(o: RunOptions) -> anyhow::Result<ExitCode> {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         (cores / o.workers).max(1)
     });
-    let logs = o.state_dir.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-
+    // The coordinator first: it locks and checks the state directory before anything is
+    // written into it.
     let config = server::Config::new(([127, 0, 0, 1], 0).into(), o.state_dir.clone());
     let server = server::start(config).await?;
+    let logs = o.state_dir.join("logs");
+    if let Err(e) = std::fs::create_dir_all(&logs) {
+        server.stop().await?;
+        bail!("cannot create {}: {e}", logs.display());
+    }
     let url = format!("http://{}", server.addr);
     let mut client = Client::connect(&url).await?;
     let submitted = client.submit_text(text, o.spec.display().to_string()).await?;

@@ -306,6 +306,8 @@ impl From<StoreError> for Status {
             StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
             StoreError::InvalidArgument(m) => Status::invalid_argument(m),
             StoreError::PermissionDenied(m) => Status::permission_denied(m),
+            // Stored data that does not read back as written: not a fault retrying can fix.
+            e @ StoreError::Corrupt(_) => Status::data_loss(e.to_string()),
             other => Status::internal(other.to_string()),
         }
     }
@@ -544,7 +546,8 @@ async fn reap_leases(shared: Arc<Shared>) {
             continue;
         }
         let deadline = now_ms() - limit.as_millis() as i64;
-        let forget = now_ms() - shared.config.forget_workers_after.as_millis() as i64;
+        let forget =
+            now_ms().saturating_sub(i64::try_from(shared.config.forget_workers_after.as_millis()).unwrap_or(i64::MAX));
         // Wakes waiting workers only when leases ended (their trials may be pending again).
         let expire = move |s: &mut Store| {
             let gone = s.expire_workers(deadline)?;
@@ -909,10 +912,16 @@ fn caller(worker_id: &str, session: &str, owner: String) -> Result<Caller, Statu
     if worker_id.len() > 64 {
         return Err(Status::invalid_argument("worker_id is longer than 64 bytes; no worker has such an id"));
     }
+    if session.is_empty() {
+        // Registered with a coordinator older than sessions (a rolling upgrade): a new
+        // registration gives it one.
+        return Err(Status::failed_precondition(format!(
+            "worker {} has no session (registered before this coordinator gave them); register again",
+            crate::output::escape(worker_id)
+        )));
+    }
     if session.len() != 64 || !session.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Status::invalid_argument(
-            "session must be the 64 hex digits Register answered (a worker older than this coordinator sends none: upgrade it)",
-        ));
+        return Err(Status::invalid_argument("session must be the 64 hex digits Register answered"));
     }
     Ok(Caller { worker_id: worker_id.to_string(), session: session.to_string(), owner })
 }
@@ -927,7 +936,7 @@ fn owner_of<T>(request: &Request<T>) -> String {
     }
     if let Some(cert) = request.peer_certs().as_ref().and_then(|c| c.first().cloned()) {
         let digest = sha2::Sha256::digest(cert.as_ref());
-        parts.push(format!("cert:{}", digest.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>()));
+        parts.push(format!("cert:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()));
     }
     parts.join("+")
 }

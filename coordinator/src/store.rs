@@ -221,8 +221,8 @@ pub type Assignment = v1::Assignment;
 pub struct Caller {
     pub worker_id: String,
     pub session: String,
-    /// The identity the transport proved: `token:<name>/<fingerprint>` for a bearer token,
-    /// `cert:<fingerprint>` for a client certificate, both joined by `+`; empty when the
+    /// The identity the transport proved: `token:<SHA-256 of the token>` for a bearer token,
+    /// `cert:<SHA-256 of the certificate>` for a client certificate, both joined by `+`; empty when the
     /// coordinator checks neither.
     pub owner: String,
 }
@@ -718,9 +718,18 @@ impl Store {
         Ok(stop)
     }
 
-    /// Every worker, in the order they registered.
+    /// Every worker, in the order they registered (every page).
     pub fn workers(&self) -> Result<Vec<v1::WorkerInfo>> {
-        Ok(self.workers_page(usize::MAX, "")?.0)
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (page, next) = self.workers_page(usize::MAX, &token)?;
+            all.extend(page);
+            if next.is_empty() {
+                return Ok(all);
+            }
+            token = next;
+        }
     }
 
     /// One page of workers in the order they registered: at most `page_size` after the page
@@ -1121,15 +1130,6 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(format!("devices of worker {worker_id}: {e}")))?
             .devices;
         Ok(free_devices(&self.conn, worker_id, &devices)?.len())
-    }
-
-    /// The worker an attempt was handed to, if the attempt exists.
-    pub fn attempt_worker(&self, attempt_id: u64) -> Result<Option<String>> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT worker_id FROM attempts WHERE id = ?1")?
-            .query_row([attempt_id as i64], |r| r.get(0))
-            .optional()?)
     }
 
     /// Whether any trial is waiting for a worker.
@@ -1577,11 +1577,10 @@ fn check_identity(conn: &Connection, caller: &Caller) -> Result<(i64, String, Ve
             "the session does not match worker {worker_id}'s registration; a worker may only call in its own name"
         )));
     }
-    if owner != caller.owner {
+    if !constant_time_eq(owner.as_bytes(), caller.owner.as_bytes()) {
+        // Which token or certificate registered it is not told: a fingerprint helps guessing.
         return Err(StoreError::PermissionDenied(format!(
-            "worker {worker_id} was registered by another identity ({}); this call comes from {}",
-            describe_owner(&owner),
-            describe_owner(&caller.owner)
+            "worker {worker_id} was registered by another identity (another token or client certificate); a worker may only call in its own name"
         )));
     }
     Ok((inc, state, devices))
@@ -1640,10 +1639,6 @@ fn check_attempt_owner(conn: &Connection, caller: &Caller, attempt_id: u64) -> R
     }
 }
 
-fn describe_owner(owner: &str) -> String {
-    if owner.is_empty() { "no token or certificate".into() } else { owner.to_string() }
-}
-
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let mut diff = a.len() ^ b.len();
     for i in 0..a.len().max(b.len()) {
@@ -1695,15 +1690,21 @@ pub fn event_checksum(sweep_id: &str, payload: &[u8]) -> i64 {
 
 /// Computes the checksums of events stored before events had one (schema 7).
 fn fill_event_checksums(tx: &Connection) -> Result<()> {
-    let rows: Vec<(i64, String, Vec<u8>)> = {
-        let mut q = tx.prepare("SELECT seq, sweep_id, payload FROM events WHERE checksum IS NULL")?;
-        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<rusqlite::Result<_>>()?
-    };
+    // In batches by sequence number: a long-lived state has millions of events.
+    let mut after = 0i64;
+    let mut select = tx.prepare(
+        "SELECT seq, sweep_id, payload FROM events WHERE checksum IS NULL AND seq > ?1 ORDER BY seq LIMIT 10000",
+    )?;
     let mut update = tx.prepare("UPDATE events SET checksum = ?2 WHERE seq = ?1")?;
-    for (seq, sweep_id, payload) in rows {
-        update.execute(params![seq, event_checksum(&sweep_id, &payload)])?;
+    loop {
+        let rows: Vec<(i64, String, Vec<u8>)> =
+            select.query_map([after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<rusqlite::Result<_>>()?;
+        let Some(last) = rows.last().map(|r| r.0) else { return Ok(()) };
+        for (seq, sweep_id, payload) in rows {
+            update.execute(params![seq, event_checksum(&sweep_id, &payload)])?;
+        }
+        after = last;
     }
-    Ok(())
 }
 
 struct CurrentAttempt {
@@ -1832,8 +1833,10 @@ fn end_attempt(
         }
         // A permanent failure says the trial cannot run anywhere (a missing dataset, a spec the
         // backbone cannot take): it says nothing about the worker, and a bad spec must not
-        // quarantine the fleet. Only failures that may be the worker's own count.
-        AttemptState::Failed if !permanent => {
+        // quarantine the fleet — unless other workers did run that sweep (reported epochs of
+        // it): then the worker is the odd one out (a dataset mount missing on its node, too
+        // little memory) and it counts. Retryable failures always count.
+        AttemptState::Failed if !permanent || others_ran(tx, &sweep_id, &worker_id)? => {
             let failures: i64 = tx
                 .prepare_cached(
                     "UPDATE workers SET consecutive_failures = consecutive_failures + 1 WHERE id = ?1
@@ -1855,6 +1858,16 @@ fn end_attempt(
         _ => {}
     }
     finish_sweep_if_done(tx, &sweep_id)
+}
+
+/// Whether a worker other than `worker_id` stored an epoch of the sweep.
+fn others_ran(conn: &Connection, sweep_id: &str, worker_id: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT EXISTS(SELECT 1 FROM metrics m JOIN attempts a ON a.id = m.attempt_id
+                           WHERE m.sweep_id = ?1 AND a.worker_id != ?2)",
+        )?
+        .query_row(params![sweep_id, worker_id], |r| r.get(0))?)
 }
 
 /// Whether a trial has metrics for every one of its epochs.

@@ -395,6 +395,8 @@ pub async fn follow(
                                 | tonic::Code::Unauthenticated
                                 | tonic::Code::PermissionDenied
                                 | tonic::Code::InvalidArgument
+                                // A damaged state: asking again gives the same answer.
+                                | tonic::Code::DataLoss
                         ) {
                             bail!("{}", s.message());
                         }

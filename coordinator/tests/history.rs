@@ -359,6 +359,15 @@ fn a_checkpoint_reference_that_is_not_the_trials_own_is_found() {
 }
 
 #[test]
+fn metric_values_no_report_may_carry_are_found() {
+    let r = broken("UPDATE metrics SET train_loss = 9e999 WHERE attempt_id = ?2 AND epoch = 1");
+    assert_found(&r, "metric-values", "/t001: epoch 1 has train_loss inf");
+    let r = broken("UPDATE metrics SET val_accuracy = 1.5, seconds = -1 WHERE attempt_id = ?2 AND epoch = 2");
+    assert_found(&r, "metric-values", "val_accuracy 1.5");
+    assert_found(&r, "metric-values", "seconds -1");
+}
+
+#[test]
 fn a_trial_row_that_is_not_its_grid_cell_is_found() {
     let r = broken("UPDATE trials SET backbone = 'resnet152' WHERE sweep_id = ?5 AND idx = 0");
     assert_found(&r, "grid", "/t000: row t000 resnet152");

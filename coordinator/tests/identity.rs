@@ -197,10 +197,15 @@ async fn attack(tokens: Option<Tokens>, honest_token: Option<&str>, mallory_toke
         let r = as_admin.finish_attempt(finish(&h, a.attempt_id, v1::Outcome::Failed)).await;
         denied("finish with its leaked session and an admin token", r, "registered by another identity");
     }
-    // A session that is not hex, or missing (an older worker): refused before any lookup.
-    let empty = v1::RegisterResponse { session: String::new(), ..h.clone() };
-    let s = mallory.heartbeat(heartbeat(&empty, vec![])).await.unwrap_err();
+    // A session that is not hex: refused before any lookup; none at all (a worker registered
+    // with an older coordinator): told to register again.
+    let garbled = v1::RegisterResponse { session: "zz".repeat(32), ..h.clone() };
+    let s = mallory.heartbeat(heartbeat(&garbled, vec![])).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    let empty = v1::RegisterResponse { session: String::new(), ..h.clone() };
+    let s = mallory.report_epoch(report(&empty, a.attempt_id, fake.clone())).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(s.message().contains("register again"), "{s:?}");
     assert_eq!(snapshot(&channel, &sweep).await, before, "a refused call changed what is stored");
 
     // The honest worker goes on as if nothing happened, and gets the credit.

@@ -721,3 +721,31 @@ fn a_trial_whose_every_epoch_is_stored_completes_whatever_ends_its_attempt() {
     let report = sweep_coordinator::history::check_state_dir(dir.path()).unwrap();
     assert!(report.is_clean(), "{report}");
 }
+
+#[test]
+fn permanent_failures_count_toward_quarantine_only_where_other_workers_ran_the_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    store.set_quarantine_after(2).unwrap();
+    let state =
+        |store: &Store, id: &str| store.workers().unwrap().into_iter().find(|w| w.worker_id == id).unwrap().state;
+    // A spec nobody can run (a typo in its dataset root): its permanent failures never count.
+    let typo = submit_text(&mut store, &spec_with(1, 3));
+    let (a, a_inc) = register(&mut store, "a", &cpu());
+    for _ in 0..3 {
+        fail(&mut store, &a, a_inc, true);
+    }
+    assert_eq!(store.get_sweep(&typo).unwrap().sweep.unwrap().state, "failed");
+    assert_eq!(state(&store, &a.worker_id), "active");
+    // A sweep that another worker runs fine: failing it permanently on this one (its node lacks
+    // the dataset's mount) is this worker's problem, and it counts.
+    let good = submit_text(&mut store, &spec_with(1, 4));
+    let (b, b_inc) = register(&mut store, "b", &cpu());
+    let ran = store.acquire(&b, b_inc).unwrap().unwrap();
+    store.report_epoch(&b, ran.attempt_id, &metrics(1, ran.fe_epochs, 0.5), &extras(1)).unwrap();
+    fail(&mut store, &a, a_inc, true);
+    assert_eq!(state(&store, &a.worker_id), "active");
+    fail(&mut store, &a, a_inc, true);
+    assert_eq!(state(&store, &a.worker_id), "quarantined");
+    let _ = good;
+}

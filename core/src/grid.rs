@@ -52,6 +52,20 @@ pub fn is_sweep_id(id: &str) -> bool {
         && !id.starts_with('-')
 }
 
+/// Trial `index` of the grid, as [`expand`] would give it, without expanding the rest (a grid
+/// from the wire may be very large).
+pub fn cell(grid: &GridSpec, index: usize) -> Option<Trial> {
+    let (l, e) = (grid.lr_decay.len(), grid.epoch_split.len());
+    let per_backbone = l.checked_mul(e)?;
+    if per_backbone == 0 {
+        return None;
+    }
+    let backbone = *grid.backbone.get(index / per_backbone)?;
+    let lr_decay = grid.lr_decay[(index % per_backbone) / e];
+    let (fe_epochs, ft_epochs) = grid.epoch_split[index % e];
+    Some(Trial { index, id: trial_id(index), backbone, lr_decay, fe_epochs, ft_epochs })
+}
+
 /// Expands the grid. The same grid always gives the same trials, ids and order.
 pub fn expand(grid: &GridSpec) -> Vec<Trial> {
     let mut trials = Vec::with_capacity(grid.trial_count());
@@ -69,6 +83,21 @@ pub fn expand(grid: &GridSpec) -> Vec<Trial> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_cell_is_the_cell_expand_gives() {
+        let spec = crate::spec::parse(
+            "name: g\ndataset: { kind: synthetic }\ngrid:\n  backbone: [resnet18, resnet50, vgg16_bn]\n  \
+             lr_decay: [{ strategy: linear }, { strategy: exponential }]\n  epoch_split: [[1, 2], [2, 1], [3, 3]]\n",
+        )
+        .unwrap();
+        let all = expand(&spec.grid);
+        for (i, t) in all.iter().enumerate() {
+            assert_eq!(cell(&spec.grid, i).as_ref(), Some(t));
+        }
+        assert_eq!(cell(&spec.grid, all.len()), None);
+        assert_eq!(cell(&spec.grid, usize::MAX), None);
+    }
 
     #[test]
     fn ids_that_could_be_paths_are_not_ids() {

@@ -26,11 +26,28 @@ pub const DEFAULT_MAX_TRIALS: usize = 10_000;
 pub struct ParseOptions {
     /// A grid with more trials than this is refused.
     pub max_trials: usize,
+    /// The spec was accepted and stored by a coordinator before (a worker reading its
+    /// assignment, the history checker): the limits that guard new submissions only — the
+    /// grid's size, the name's length and characters, a synthetic set's memory — are not
+    /// applied again, so that a sweep accepted by an older version still runs.
+    pub stored: bool,
 }
 
 impl Default for ParseOptions {
     fn default() -> Self {
-        ParseOptions { max_trials: DEFAULT_MAX_TRIALS }
+        ParseOptions { max_trials: DEFAULT_MAX_TRIALS, stored: false }
+    }
+}
+
+impl ParseOptions {
+    /// A new submission with at most `max_trials` trials.
+    pub fn with_max_trials(max_trials: usize) -> Self {
+        ParseOptions { max_trials, ..ParseOptions::default() }
+    }
+
+    /// A spec a coordinator accepted and stored.
+    pub fn stored() -> Self {
+        ParseOptions { max_trials: usize::MAX, stored: true }
     }
 }
 
@@ -353,6 +370,8 @@ enum Frame {
 
 struct IndexBuilder {
     stack: Vec<Frame>,
+    /// Per open collection: whether it is itself a mapping key.
+    key_collections: Vec<bool>,
     index: PositionIndex,
 }
 
@@ -377,6 +396,14 @@ impl IndexBuilder {
 
     fn record(&mut self, path: String, pos: (usize, usize)) {
         self.index.positions.entry(path).or_insert(pos);
+    }
+
+    /// The current mapping's key was a node without a plain name (an alias, a collection): its
+    /// value follows, and the key takes part in no duplicate check.
+    fn key_without_name(&mut self, pos: (usize, usize)) {
+        if let Some(Frame::Mapping { key, .. }) = self.stack.last_mut() {
+            *key = Some(("?".into(), pos));
+        }
     }
 }
 
@@ -405,15 +432,17 @@ impl yaml_rust2::parser::MarkedEventReceiver for IndexBuilder {
                     self.record(path, pos);
                 }
             },
-            Event::Alias(_) => {
-                if let Some((path, _)) = self.node_path() {
-                    self.record(path, pos);
-                }
-            }
+            Event::Alias(_) => match self.node_path() {
+                Some((path, _)) => self.record(path, pos),
+                // An alias used as a key: a key of its own (what it names is not compared).
+                None => self.key_without_name(pos),
+            },
             Event::MappingStart(..) | Event::SequenceStart(..) => {
                 self.index.has_content = true;
                 // A collection used as a mapping key is unusual; index it under a dummy name.
-                let (path, key_pos) = self.node_path().unwrap_or_else(|| ("?".into(), None));
+                let node = self.node_path();
+                self.key_collections.push(node.is_none());
+                let (path, key_pos) = node.unwrap_or_else(|| ("?".into(), None));
                 // The marks of block collections point past their first key, so a collection is
                 // located at its key when it has one.
                 let is_mapping = matches!(ev, Event::MappingStart(..));
@@ -434,9 +463,15 @@ impl yaml_rust2::parser::MarkedEventReceiver for IndexBuilder {
                 if let Some(Frame::Mapping { fill: Some(path), .. }) = self.stack.pop() {
                     self.record(path, pos);
                 }
+                if self.key_collections.pop() == Some(true) {
+                    self.key_without_name(pos);
+                }
             }
             Event::SequenceEnd => {
                 self.stack.pop();
+                if self.key_collections.pop() == Some(true) {
+                    self.key_without_name(pos);
+                }
             }
             _ => {}
         }
@@ -449,6 +484,7 @@ impl PositionIndex {
         use yaml_rust2::parser::MarkedEventReceiver;
         let mut builder = IndexBuilder {
             stack: Vec::new(),
+            key_collections: Vec::new(),
             index: PositionIndex { positions: BTreeMap::new(), duplicate: None, has_content: false },
         };
         let mut parser = yaml_rust2::parser::Parser::new_from_str(text);
@@ -696,13 +732,13 @@ impl RawSpec {
             return err("name", "must not be empty");
         }
         let chars = self.name.chars().count();
-        if chars > MAX_NAME_CHARS {
+        if chars > MAX_NAME_CHARS && !options.stored {
             return err("name", format!("is {chars} characters long; at most {MAX_NAME_CHARS}"));
         }
-        if self.name.chars().any(char::is_control) {
+        if self.name.chars().any(char::is_control) && !options.stored {
             return err("name", "must not contain control characters (line breaks, escapes)");
         }
-        let dataset = self.dataset.validate("dataset")?;
+        let dataset = self.dataset.validate("dataset", options)?;
         let model = self.model.unwrap_or_default().validate()?;
         let training = self.training.unwrap_or_default().validate()?;
         let grid = self.grid.validate(options)?;
@@ -737,7 +773,7 @@ impl RawSpec {
                         "a spec with `pretrain` starts from the weights its pretraining produces; remove model.weights (or pretrain)",
                     );
                 }
-                let dataset = p.dataset.validate("pretrain.dataset")?;
+                let dataset = p.dataset.validate("pretrain.dataset", options)?;
                 if let Some(b) = grid.backbone.iter().find(|b| dataset.image_size() < b.min_image_size()) {
                     return err(
                         "pretrain.dataset.image_size",
@@ -770,7 +806,7 @@ impl RawSpec {
 
 impl RawDataset {
     /// Validates a dataset mapping found at field path `at` (`dataset`, `pretrain.dataset`).
-    fn validate(self, at: &str) -> Result<DatasetSpec, Invalid> {
+    fn validate(self, at: &str, options: ParseOptions) -> Result<DatasetSpec, Invalid> {
         let f = |key: &str| format!("{at}.{key}");
         const KINDS: [(&str, u8); 3] = [("synthetic", 0), ("image_folder", 1), ("flowers102", 2)];
         let kind = one_of(&f("kind"), "dataset kind", &self.kind, &KINDS)?;
@@ -825,6 +861,7 @@ impl RawDataset {
                 // Every worker that takes a trial decodes the whole set into memory.
                 if let Some(bytes) = dataset.estimated_bytes()
                     && bytes > MAX_SYNTHETIC_BYTES
+                    && !options.stored
                 {
                     return err(
                         at,

@@ -250,10 +250,10 @@ fn other_impossible_values() {
 #[test]
 fn grid_over_the_limit() {
     let text = GOOD.replace("[[2, 1], [1, 2]]", "[[1, 1], [1, 2], [1, 3]]");
-    let e = spec::parse_with(&text, ParseOptions { max_trials: 5 }).unwrap_err();
+    let e = spec::parse_with(&text, ParseOptions::with_max_trials(5)).unwrap_err();
     assert_eq!((e.line, e.column, e.field.as_str()), (5, 1, "grid"), "{e}");
     assert!(e.message.contains("6 trials") && e.message.contains("limit of 5"), "{e}");
-    assert!(spec::parse_with(&text, ParseOptions { max_trials: 6 }).is_ok());
+    assert!(spec::parse_with(&text, ParseOptions::with_max_trials(6)).is_ok());
 
     // The default limit is 10,000.
     let splits: Vec<String> = (1..=2001).map(|i| format!("[{i}, 1]")).collect();
@@ -339,6 +339,12 @@ fn a_key_given_twice_is_reported_where_it_is_given_the_second_time() {
     assert_error(&grid, 7, 3, "grid.backbone", "given twice");
     // The same key in two different mappings is fine.
     assert!(spec::parse(&GOOD.replace("[[2, 1], [1, 2]]", "[[2, 1]]")).is_ok());
+    // Keys that are aliases or collections are not mistaken for their values.
+    for odd in ["x: &a 1\n*a : 2\n*a : 2\n", "x: { [a]: 1, [b]: 1 }\n"] {
+        let e = error(&format!("{GOOD}{odd}"));
+        assert!(!e.message.contains("given twice") || e.message.contains("`?`"), "{e}");
+        assert!(!e.message.contains("`1` is given twice") && !e.message.contains("`2` is given twice"), "{e}");
+    }
 }
 
 #[test]
@@ -349,6 +355,9 @@ fn names_are_bounded_and_printable() {
     let escape = GOOD.replace("name: t", "name: \"red\\e[31m\"");
     assert_error(&escape, 1, 7, "name", "control characters");
     assert!(spec::parse(&GOOD.replace("name: t", "name: Blüten 花")).is_ok());
+    // A spec an older coordinator accepted and stored still reads (a worker running it).
+    assert!(spec::parse_with(&long, ParseOptions::stored()).is_ok());
+    assert!(spec::parse_with(&escape, ParseOptions::stored()).is_ok());
 }
 
 #[test]
@@ -363,4 +372,5 @@ fn a_synthetic_dataset_too_large_for_any_worker_is_refused_with_its_size() {
     let big = GOOD.replace("  classes: 4\n", "  classes: 4\n  image_size: 4096\n  train_per_class: 1000000\n");
     assert!(error(&big).message.contains("at most 64 GiB"));
     assert!(spec::parse(&GOOD.replace("  classes: 4\n", "  classes: 100\n  train_per_class: 1000\n")).is_ok());
+    assert!(spec::parse_with(&huge, ParseOptions::stored()).is_ok(), "the worker checks its own memory");
 }

@@ -35,7 +35,7 @@ fn config(cases: u32) -> Config {
 
 /// Parses `text` with a trial limit of `max_trials` and checks every property.
 fn check(text: &str, max_trials: usize) -> Result<(), TestCaseError> {
-    let options = ParseOptions { max_trials };
+    let options = ParseOptions::with_max_trials(max_trials);
     let first = spec::parse_with(text, options);
     match &first {
         Err(e) => check_error(text, e)?,
@@ -809,7 +809,7 @@ fn the_unmutated_shipped_specs_pass_the_properties() {
         assert!(spec::parse(text).is_ok());
         check(text, DEFAULT_MAX_TRIALS).unwrap();
         check(text, 1).unwrap();
-        assert!(spec::parse_with(text, ParseOptions { max_trials: 1 }).is_err());
+        assert!(spec::parse_with(text, ParseOptions::with_max_trials(1)).is_err());
     }
 }
 

@@ -30,19 +30,20 @@ pub type Handler = Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Reply> + Se
 
 /// Largest request head read.
 const MAX_HEAD: usize = 8 << 10;
-/// Connections that have not yet sent their whole request head, at most. When one more
-/// arrives, the one that has waited longest is closed: idle or slow connections (slowloris)
-/// cannot keep a probe out, because a probe sends its request at once.
+/// Connections waiting — for their whole request head, or for a turn to be answered — at most.
+/// When one more arrives, the one that has waited longest is closed: idle or slow connections
+/// (slowloris) cannot keep a probe out, because a probe sends its request at once and is
+/// answered in a moment.
 const MAX_WAITING: usize = 64;
-/// Connections whose request is being answered, at most (answers are quick).
+/// Connections being answered at once, at most (answers are quick). With [`MAX_WAITING`], this
+/// bounds the descriptors the endpoint holds.
 const MAX_ANSWERING: usize = 64;
 /// How long a connection may take to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one connection may take in all.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The connections still sending their request head, oldest first, each with its abort
-/// handle. Entries of connections that already moved on are dropped when met.
+/// The waiting connections, oldest first, each with its abort handle.
 #[derive(Default)]
 struct Waiting {
     next: u64,
@@ -79,23 +80,26 @@ pub async fn serve(addr: SocketAddr, handler: Handler) -> std::io::Result<(Socke
                 w.next
             };
             let (h, answering, w) = (handler.clone(), Arc::clone(&answering), Arc::clone(&waiting));
+            // The connection is queued before it runs, so it can never leave the queue before
+            // it entered it.
+            let (start, started) = tokio::sync::oneshot::channel::<()>();
             let served = tokio::spawn(async move {
-                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, answer(conn, h, id, &w, &answering)).await;
+                if started.await.is_ok() {
+                    let _ = tokio::time::timeout(CONNECTION_TIMEOUT, answer(conn, h, id, &w, &answering)).await;
+                }
                 done_waiting(&w, id);
             });
-            let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
-            if !served.is_finished() {
-                w.queue.push_back((id, served.abort_handle()));
-            }
+            waiting.lock().unwrap_or_else(|p| p.into_inner()).queue.push_back((id, served.abort_handle()));
+            let _ = start.send(());
         }
     });
     Ok((bound, task))
 }
 
-/// Takes connection `id` off the waiting queue (its head came, or it ended).
+/// Takes connection `id` off the waiting queue (it is being answered, or it ended).
 fn done_waiting(waiting: &std::sync::Mutex<Waiting>, id: u64) {
     let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
-    w.queue.retain(|(i, handle)| *i != id && !handle.is_finished());
+    w.queue.retain(|(i, _)| *i != id);
 }
 
 fn reason(status: u16) -> &'static str {
@@ -122,7 +126,7 @@ async fn answer(
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         if head.len() > MAX_HEAD {
-            done_waiting(waiting, id);
+            // Still one of the waiting (evictable) connections while it drains.
             write(&mut conn, Reply::text(431, "request head too large\n"), false).await?;
             // Read what the client still sends, so that closing does not reset the connection
             // (and discard the reply) while its data is unread.
@@ -142,9 +146,10 @@ async fn answer(
         }
         head.extend_from_slice(&buf[..n]);
     }
-    // Asked: no longer one of the waiting connections that a newcomer may push out.
-    done_waiting(waiting, id);
+    // Its turn (it stays evictable while it waits for one), then it is no longer one of the
+    // waiting connections a newcomer may push out.
     let Ok(_slot) = answering.acquire().await else { return Ok(()) };
+    done_waiting(waiting, id);
     let text = String::from_utf8_lossy(&head);
     let mut parts = text.lines().next().unwrap_or_default().split_whitespace();
     let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());

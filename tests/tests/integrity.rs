@@ -593,3 +593,107 @@ fn many_workers_with_many_long_named_devices_still_list_in_pages() {
     assert_eq!(json(&["list"], &url).as_array().unwrap().len(), 3);
     assert_eq!(json(&["list", "--limit", "2"], &url).as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn absurd_metrics_are_refused_and_plotting_never_spins_on_what_an_older_state_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (mut coord, url) = coordinator(&state, &[]);
+    let id = submit(&url, dir.path(), "tiny.yaml", TINY_SPEC);
+    assert_eq!(scripted_worker(&url, "w", 10).len(), 2);
+    // On the wire: an infinite or absurd loss is refused.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let other = submit(&url, dir.path(), "other.yaml", TINY_SPEC);
+    let refused: Vec<tonic::Code> = rt.block_on(async {
+        let mut c = v1::worker_service_client::WorkerServiceClient::connect(url.clone()).await.unwrap();
+        let device = v1::Device { id: "cpu:0".into(), kind: "cpu".into(), name: "t".into(), memory_bytes: 0 };
+        let reg = c
+            .register(v1::RegisterRequest { name: "w2".into(), devices: vec![device], version: "t".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let a = c
+            .acquire_trial(v1::AcquireTrialRequest {
+                worker_id: reg.worker_id.clone(),
+                incarnation: reg.incarnation,
+                wait_ms: 1000,
+                session: reg.session.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .assignment
+            .unwrap();
+        let mut codes = Vec::new();
+        for (train_loss, seconds) in [(f64::INFINITY, 1.0), (1.7e308, 1.0), (0.5, f64::INFINITY)] {
+            let m = v1::EpochMetrics {
+                epoch: 1,
+                phase: "feature_extraction".into(),
+                train_loss,
+                val_loss: 0.5,
+                seconds,
+                ..Default::default()
+            };
+            let r = c
+                .report_epoch(v1::ReportEpochRequest {
+                    attempt_id: a.attempt_id,
+                    metrics: Some(m),
+                    worker_id: reg.worker_id.clone(),
+                    session: reg.session.clone(),
+                    ..Default::default()
+                })
+                .await;
+            codes.push(r.err().map(|s| s.code()).unwrap_or(tonic::Code::Ok));
+        }
+        codes
+    });
+    assert_eq!(refused, [tonic::Code::InvalidArgument; 3]);
+    assert_eq!(json(&["trial", &other, "t000"], &url)["metrics"].as_array().unwrap().len(), 0);
+
+    // A state written before reports were checked holds such values: every command still
+    // answers, and `plot` returns (it spun forever on an infinite axis).
+    assert!(coord.terminate().success());
+    let python = Command::new(venv_bin("python"))
+        .arg("-c")
+        .arg(
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
+             c.execute('update metrics set train_loss = 1.7e308, val_loss = 9e999 where epoch = 1'); \
+             c.execute('update metrics set val_accuracy = 9e999 where epoch = 2'); c.commit()",
+        )
+        .arg(state.join("sweep.db"))
+        .status()
+        .unwrap();
+    assert!(python.success());
+    let (_coord, url) = coordinator(&state, &[]);
+    let plots = dir.path().join("plots");
+    let mut plot = sweep()
+        .args(["plot", &id, "--out"])
+        .arg(&plots)
+        .env("SWEEP_COORDINATOR", &url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = plot.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = plot.kill();
+            panic!("sweep plot did not return on stored infinite values");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success());
+    for f in ["t000.png", "t001.png", "backbones.png"] {
+        assert!(size(&plots.join(f)).unwrap_or(0) > 1000, "{f}");
+    }
+    for args in [vec!["status", id.as_str()], vec!["leaderboard", id.as_str()], vec!["export", id.as_str()]] {
+        run_ok(&args, &url);
+    }
+    // And check-state says what is wrong with it.
+    let out = output(sweep().args(["check-state", "--state-dir"]).arg(&state));
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stdout(&out).contains("metric-values") && stdout(&out).contains("train_loss 1.7e308"), "{}", stdout(&out));
+}

@@ -300,7 +300,7 @@ fn a_partitioned_worker_stops_its_attempt_and_its_stale_writes_are_refused_when_
     for (what, r, code) in [
         ("report", report.err(), tonic::Code::PermissionDenied),
         ("heartbeat", heartbeat.err(), tonic::Code::PermissionDenied),
-        ("finish", finish.err(), tonic::Code::InvalidArgument),
+        ("finish", finish.err(), tonic::Code::FailedPrecondition),
     ] {
         let s = r.unwrap_or_else(|| panic!("a stale {what} was accepted"));
         assert_eq!(s.code(), code, "{what}: {s:?}");

@@ -189,6 +189,9 @@ struct Pki {
     server_key: PathBuf,
     client_cert: PathBuf,
     client_key: PathBuf,
+    /// A second client certificate of the same CA (another node).
+    other_cert: PathBuf,
+    other_key: PathBuf,
 }
 
 fn pki(dir: &Path) -> Pki {
@@ -206,12 +209,15 @@ fn pki(dir: &Path) -> Pki {
     };
     let (sc, sk) = leaf(vec!["localhost".into(), "127.0.0.1".into()], "sweep coordinator");
     let (cc, ck) = leaf(vec!["worker.sweep.test".into()], "sweep worker");
+    let (oc, ok) = leaf(vec!["other.sweep.test".into()], "another sweep worker");
     Pki {
         ca: write(dir, "ca.pem", &ca.pem()),
         server_cert: write(dir, "server.pem", &sc),
         server_key: write(dir, "server.key", &sk),
         client_cert: write(dir, "client.pem", &cc),
         client_key: write(dir, "client.key", &ck),
+        other_cert: write(dir, "other.pem", &oc),
+        other_key: write(dir, "other.key", &ok),
     }
 }
 
@@ -317,6 +323,48 @@ fn mutual_tls_and_tokens_from_the_cli_to_a_training_worker_and_its_metrics() {
     assert!(body.contains("# TYPE sweep_worker_epoch_seconds histogram"), "{body}");
     assert!(body.contains("sweep_worker_images_per_second "), "{body}");
     assert_eq!(http_get(&metrics, "/healthz"), (200, "ok\n".into()));
+
+    // A worker is bound to the client certificate it registered with: the same token and its
+    // own session, over a connection with another node's certificate, is refused.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let connect = |cert: &PathBuf, key: &PathBuf| {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(&p.ca).unwrap()))
+            .identity(tonic::transport::Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()))
+            .domain_name("localhost");
+        let channel = rt
+            .block_on(tonic::transport::Channel::from_shared(url.clone()).unwrap().tls_config(tls).unwrap().connect());
+        let header: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {WORKER}").parse().unwrap();
+        v1::worker_service_client::WorkerServiceClient::with_interceptor(
+            channel.unwrap(),
+            move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", header.clone());
+                Ok(r)
+            },
+        )
+    };
+    let mut mine = connect(&p.client_cert, &p.client_key);
+    let mut other = connect(&p.other_cert, &p.other_key);
+    let device = v1::Device { id: "cpu:0".into(), kind: "cpu".into(), name: "t".into(), memory_bytes: 0 };
+    let reg = rt
+        .block_on(mine.register(v1::RegisterRequest {
+            name: "bound".into(),
+            devices: vec![device],
+            version: "t".into(),
+        }))
+        .unwrap()
+        .into_inner();
+    let beat = v1::HeartbeatRequest {
+        worker_id: reg.worker_id.clone(),
+        incarnation: reg.incarnation,
+        running_attempt_ids: vec![],
+        session: reg.session.clone(),
+    };
+    let refused = rt.block_on(other.heartbeat(beat.clone())).unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("another identity"), "{refused:?}");
+    assert!(rt.block_on(mine.heartbeat(beat)).is_ok());
     assert_history_clean(&dir.path().join("state"));
 }
 

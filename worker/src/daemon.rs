@@ -734,11 +734,9 @@ fn resolve(a: &v1::Assignment) -> Result<(spec::SweepSpec, sweep_core::Trial), S
             a.trial_id.escape_debug()
         ));
     }
-    let spec = spec::parse_with(&a.spec_yaml, ParseOptions { max_trials: usize::MAX })
+    let spec = spec::parse_with(&a.spec_yaml, ParseOptions::stored())
         .map_err(|e| format!("the sweep spec does not parse on this worker: {e}"))?;
-    let trial = sweep_core::grid::expand(&spec.grid)
-        .into_iter()
-        .nth(a.trial_index as usize)
+    let trial = sweep_core::grid::cell(&spec.grid, a.trial_index as usize)
         .ok_or_else(|| format!("the spec has no trial {}", a.trial_index))?;
     if trial.id != a.trial_id
         || trial.backbone.name() != a.backbone

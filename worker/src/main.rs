@@ -212,7 +212,8 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors quote the coordinator's messages and files' names.
+            eprintln!("error: {}", sweep_core::text::terminal(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -287,7 +288,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 tools::inspect(backbone(&b)?, num_classes, decay.as_ref(), positive("--default-lr", default_lr)?)?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-                Output::Table => print!("{}", tools::inspection_text(&report)),
+                Output::Table => print!("{}", sweep_core::text::terminal(&tools::inspection_text(&report))),
             }
             return Ok(());
         }
@@ -325,7 +326,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             let all = images.iter().map(|i| predictor.predict(i)).collect::<anyhow::Result<Vec<_>>>()?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&all)?),
-                Output::Table => print!("{}", tools::predictions_text(&all)),
+                Output::Table => print!("{}", sweep_core::text::terminal(&tools::predictions_text(&all))),
             }
             return Ok(());
         }
