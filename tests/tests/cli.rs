@@ -251,10 +251,10 @@ fn completions_and_help_examples() {
         assert!(help.contains("Example"), "sweep {cmd} --help has no examples:\n{help}");
     }
     // A closed pipe ends a printing command quietly, as SIGPIPE would (`sweep … | head`):
-    // `validate` of a spec of 1,000 trials prints more than a pipe holds.
+    // `validate` of a spec of 2,000 trials prints about twice what a pipe holds (64 KiB).
     let dir = tempfile::tempdir().unwrap();
     let lrs: Vec<String> =
-        (1..=100).map(|i| format!("    - {{ strategy: exponential, head_lr: {i}.0e-4, factor: 3 }}")).collect();
+        (1..=200).map(|i| format!("    - {{ strategy: exponential, head_lr: {i}.0e-4, factor: 3 }}")).collect();
     let big = CLI_SPEC
         .replace(
             "  lr_decay: [{ strategy: exponential, head_lr: 1.0e-3, factor: 3 }]\n",

@@ -304,39 +304,9 @@ fn names_and_messages_that_would_steer_a_terminal_are_printed_escaped() {
     // A worker named with escapes (colour, a window title, a bidi override) fails a trial
     // with a message full of them.
     let evil = "\u{1b}[31mred\u{1b}]0;pwned\u{7}\u{202e}";
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let mut c = v1::worker_service_client::WorkerServiceClient::connect(url.clone()).await.unwrap();
-        let device = v1::Device { id: "cpu:0".into(), kind: "cpu".into(), name: evil.into(), memory_bytes: 0 };
-        let reg = c
-            .register(v1::RegisterRequest { name: evil.into(), devices: vec![device], version: evil.into() })
-            .await
-            .unwrap()
-            .into_inner();
-        let a = c
-            .acquire_trial(v1::AcquireTrialRequest {
-                worker_id: reg.worker_id.clone(),
-                incarnation: reg.incarnation,
-                wait_ms: 1000,
-                session: reg.session.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .assignment
-            .unwrap();
-        c.finish_attempt(v1::FinishAttemptRequest {
-            attempt_id: a.attempt_id,
-            outcome: v1::Outcome::Failed as i32,
-            error_class: v1::ErrorClass::Permanent as i32,
-            message: format!("boom {evil}\nsecond line"),
-            wall_seconds: 1.0,
-            worker_id: reg.worker_id.clone(),
-            session: reg.session.clone(),
-        })
-        .await
-        .unwrap();
-    });
+    let mut w = TestWorker::register(&url, evil, evil, evil);
+    let a = w.acquire(1000).unwrap();
+    w.fail(a.attempt_id, v1::ErrorClass::Permanent, &format!("boom {evil}\nsecond line"));
     for args in [vec!["workers"], vec!["status", &id], vec!["trial", &id, "t000"]] {
         let out = run_ok(&args, &url);
         assert!(!out.contains('\u{1b}') && !out.contains('\u{7}') && !out.contains('\u{202e}'), "{args:?}: {out:?}");
@@ -602,30 +572,12 @@ fn absurd_metrics_are_refused_and_plotting_never_spins_on_what_an_older_state_ho
     let id = submit(&url, dir.path(), "tiny.yaml", TINY_SPEC);
     assert_eq!(scripted_worker(&url, "w", 10).len(), 2);
     // On the wire: an infinite or absurd loss is refused.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let other = submit(&url, dir.path(), "other.yaml", TINY_SPEC);
-    let refused: Vec<tonic::Code> = rt.block_on(async {
-        let mut c = v1::worker_service_client::WorkerServiceClient::connect(url.clone()).await.unwrap();
-        let device = v1::Device { id: "cpu:0".into(), kind: "cpu".into(), name: "t".into(), memory_bytes: 0 };
-        let reg = c
-            .register(v1::RegisterRequest { name: "w2".into(), devices: vec![device], version: "t".into() })
-            .await
-            .unwrap()
-            .into_inner();
-        let a = c
-            .acquire_trial(v1::AcquireTrialRequest {
-                worker_id: reg.worker_id.clone(),
-                incarnation: reg.incarnation,
-                wait_ms: 1000,
-                session: reg.session.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .assignment
-            .unwrap();
-        let mut codes = Vec::new();
-        for (train_loss, seconds) in [(f64::INFINITY, 1.0), (1.7e308, 1.0), (0.5, f64::INFINITY)] {
+    let mut w = TestWorker::register(&url, "w2", "t", "t");
+    let a = w.acquire(1000).unwrap();
+    let refused: Vec<tonic::Code> = [(f64::INFINITY, 1.0), (1.7e308, 1.0), (0.5, f64::INFINITY)]
+        .into_iter()
+        .map(|(train_loss, seconds)| {
             let m = v1::EpochMetrics {
                 epoch: 1,
                 phase: "feature_extraction".into(),
@@ -634,19 +586,9 @@ fn absurd_metrics_are_refused_and_plotting_never_spins_on_what_an_older_state_ho
                 seconds,
                 ..Default::default()
             };
-            let r = c
-                .report_epoch(v1::ReportEpochRequest {
-                    attempt_id: a.attempt_id,
-                    metrics: Some(m),
-                    worker_id: reg.worker_id.clone(),
-                    session: reg.session.clone(),
-                    ..Default::default()
-                })
-                .await;
-            codes.push(r.err().map(|s| s.code()).unwrap_or(tonic::Code::Ok));
-        }
-        codes
-    });
+            w.report(a.attempt_id, m)
+        })
+        .collect();
     assert_eq!(refused, [tonic::Code::InvalidArgument; 3]);
     assert_eq!(json(&["trial", &other, "t000"], &url)["metrics"].as_array().unwrap().len(), 0);
 

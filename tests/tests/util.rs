@@ -436,49 +436,75 @@ pub fn scripted_worker_with(url: &str, name: &str, max_trials: usize, token: Opt
     })
 }
 
+/// A WorkerService client written into the test, registered with one CPU device: calls the
+/// coordinator as a worker would, in its own name (worker id and session).
+pub struct TestWorker {
+    rt: tokio::runtime::Runtime,
+    client: sweep_proto::v1::worker_service_client::WorkerServiceClient<tonic::transport::Channel>,
+    pub reg: sweep_proto::v1::RegisterResponse,
+}
+
+impl TestWorker {
+    /// Registers as `name`, its device named `device`, its version `version`.
+    pub fn register(url: &str, name: &str, device: &str, version: &str) -> TestWorker {
+        use sweep_proto::v1;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let mut client =
+            rt.block_on(v1::worker_service_client::WorkerServiceClient::connect(url.to_string())).expect("connect");
+        let device = v1::Device { id: "cpu:0".into(), kind: "cpu".into(), name: device.into(), memory_bytes: 0 };
+        let request = v1::RegisterRequest { name: name.into(), devices: vec![device], version: version.into() };
+        let reg = rt.block_on(client.register(request)).expect("register").into_inner();
+        TestWorker { rt, client, reg }
+    }
+
+    /// The next trial, waiting up to `wait_ms` for one.
+    pub fn acquire(&mut self, wait_ms: u64) -> Option<sweep_proto::v1::Assignment> {
+        let request = sweep_proto::v1::AcquireTrialRequest {
+            worker_id: self.reg.worker_id.clone(),
+            incarnation: self.reg.incarnation,
+            wait_ms,
+            session: self.reg.session.clone(),
+        };
+        self.rt.block_on(self.client.acquire_trial(request)).expect("acquire").into_inner().assignment
+    }
+
+    /// Reports `metrics` for `attempt_id`; the status code of the answer.
+    pub fn report(&mut self, attempt_id: u64, metrics: sweep_proto::v1::EpochMetrics) -> tonic::Code {
+        let request = sweep_proto::v1::ReportEpochRequest {
+            attempt_id,
+            metrics: Some(metrics),
+            worker_id: self.reg.worker_id.clone(),
+            session: self.reg.session.clone(),
+            ..Default::default()
+        };
+        self.rt.block_on(self.client.report_epoch(request)).err().map_or(tonic::Code::Ok, |s| s.code())
+    }
+
+    /// Ends `attempt_id` as failed with `class` and `message`.
+    pub fn fail(&mut self, attempt_id: u64, class: sweep_proto::v1::ErrorClass, message: &str) {
+        let request = sweep_proto::v1::FinishAttemptRequest {
+            attempt_id,
+            outcome: sweep_proto::v1::Outcome::Failed as i32,
+            error_class: class as i32,
+            message: message.into(),
+            wall_seconds: 1.0,
+            worker_id: self.reg.worker_id.clone(),
+            session: self.reg.session.clone(),
+        };
+        self.rt.block_on(self.client.finish_attempt(request)).expect("finish");
+    }
+}
+
 /// A worker written into the test whose attempts all fail, retryably, with `message` (a worker
 /// with a bad device): registers as `name`, takes and fails `failures` attempts, and returns its
 /// worker id. It sends no heartbeats afterwards.
 pub fn failing_worker(url: &str, name: &str, failures: usize, message: &str) -> String {
-    use sweep_proto::v1;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(async {
-        let mut c = sweep_proto::v1::worker_service_client::WorkerServiceClient::connect(url.to_string())
-            .await
-            .expect("connect");
-        let device = v1::Device { id: "cpu:0".into(), kind: "cpu".into(), name: "test CPU".into(), memory_bytes: 0 };
-        let reg = c
-            .register(v1::RegisterRequest { name: name.into(), devices: vec![device], version: "test".into() })
-            .await
-            .expect("register")
-            .into_inner();
-        for _ in 0..failures {
-            let a = c
-                .acquire_trial(v1::AcquireTrialRequest {
-                    worker_id: reg.worker_id.clone(),
-                    incarnation: reg.incarnation,
-                    wait_ms: 5000,
-                    session: reg.session.clone(),
-                })
-                .await
-                .expect("acquire")
-                .into_inner()
-                .assignment
-                .expect("a trial to fail");
-            c.finish_attempt(v1::FinishAttemptRequest {
-                attempt_id: a.attempt_id,
-                outcome: v1::Outcome::Failed as i32,
-                error_class: v1::ErrorClass::Retryable as i32,
-                message: message.into(),
-                wall_seconds: 1.0,
-                worker_id: reg.worker_id.clone(),
-                session: reg.session.clone(),
-            })
-            .await
-            .expect("finish");
-        }
-        reg.worker_id
-    })
+    let mut w = TestWorker::register(url, name, "test CPU", "test");
+    for _ in 0..failures {
+        let a = w.acquire(5000).expect("a trial to fail");
+        w.fail(a.attempt_id, sweep_proto::v1::ErrorClass::Retryable, message);
+    }
+    w.reg.worker_id.clone()
 }
 
 /// The body of `GET http://ADDR/PATH`, with the status code.
