@@ -549,6 +549,19 @@ fn many_workers_with_many_long_named_devices_still_list_in_pages() {
             c.register(v1::RegisterRequest { name, devices, version: "v".repeat(1000) }).await.unwrap();
         }
     });
+    // One reply holds a bounded page (it held all of them: at 240 such workers, more than any
+    // client decodes), and says where to go on.
+    let page = rt.block_on(async {
+        let mut c = v1::sweep_service_client::SweepServiceClient::connect(url.clone()).await.unwrap();
+        c.max_decoding_message_size(usize::MAX)
+            .list_workers(v1::ListWorkersRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    use prost::Message;
+    assert!(page.encoded_len() < 3 << 20, "one reply of {} bytes", page.encoded_len());
+    assert!(!page.next_page_token.is_empty() && page.workers.len() < 60, "{} workers", page.workers.len());
     let workers = json(&["workers"], &url);
     let workers = workers.as_array().unwrap();
     assert_eq!(workers.len(), 60);
