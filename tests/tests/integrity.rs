@@ -552,7 +552,7 @@ fn many_workers_with_many_long_named_devices_still_list_in_pages() {
     // One reply holds a bounded page (it held all of them: at 240 such workers, more than any
     // client decodes), and says where to go on.
     let page = rt.block_on(async {
-        let mut c = v1::sweep_service_client::SweepServiceClient::connect(url.clone()).await.unwrap();
+        let c = v1::sweep_service_client::SweepServiceClient::connect(url.clone()).await.unwrap();
         c.max_decoding_message_size(usize::MAX)
             .list_workers(v1::ListWorkersRequest::default())
             .await
