@@ -107,15 +107,19 @@ struct Conn {
 }
 
 impl Conn {
-    async fn connect(&self) -> anyhow::Result<Client> {
-        let security = sweep_proto::connect::ClientSecurity::load(&sweep_proto::connect::ClientFiles {
+    /// The TLS and token settings, every file read now.
+    fn security(&self) -> anyhow::Result<sweep_proto::connect::ClientSecurity> {
+        Ok(sweep_proto::connect::ClientSecurity::load(&sweep_proto::connect::ClientFiles {
             token_file: self.token_file.clone(),
             token: std::env::var("SWEEP_TOKEN").ok(),
             ca_cert: self.ca_cert.clone(),
             client_cert: self.client_cert.clone(),
             client_key: self.client_key.clone(),
-        })?;
-        Client::connect_with(&self.coordinator, &security).await
+        })?)
+    }
+
+    async fn connect(&self) -> anyhow::Result<Client> {
+        Client::connect_with(&self.coordinator, &self.security()?).await
     }
 }
 
@@ -332,9 +336,11 @@ enum Command {
     /// prints reports/s, scheduling latency and lost reports.
     #[command(after_help = SIMULATE_EXAMPLES)]
     SimulateWorkers {
-        /// Coordinator to load.
-        #[arg(long, env = "SWEEP_COORDINATOR", default_value = cli::DEFAULT_COORDINATOR)]
-        coordinator: String,
+        /// The coordinator to load, and how to reach it: TLS, client certificates and a token,
+        /// as `sweep-worker` takes them (a `worker` token; with `--no-verify` unset it must
+        /// also be allowed to read: an `admin` token, or none on a coordinator without tokens).
+        #[command(flatten)]
+        conn: Conn,
         /// Simulated workers to run.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
         count: u64,
@@ -503,7 +509,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::CheckState { state_dir, output } => Ok(sweep_coordinator::history::command(&state_dir, output)),
         Command::Backup { state_dir, out } => Ok(sweep_coordinator::history::backup_command(&state_dir, &out)),
         Command::SimulateWorkers {
-            coordinator,
+            conn,
             count,
             devices_per_worker,
             device_kind,
@@ -514,7 +520,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             no_verify,
             output,
         } => {
-            let mut options = sweep_coordinator::sim::SimOptions::new(&coordinator, count as usize);
+            let mut options = sweep_coordinator::sim::SimOptions::new(&conn.coordinator, count as usize);
+            options.security = conn.security()?;
             options.devices_per_worker = devices_per_worker as usize;
             options.device_kind = device_kind;
             options.epoch = std::time::Duration::from_millis(epoch_ms);

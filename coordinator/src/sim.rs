@@ -40,18 +40,19 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use sweep_core::leaderboard::Phase;
+use sweep_proto::connect::ClientSecurity;
 use sweep_proto::v1;
 use sweep_proto::v1::sweep_service_client::SweepServiceClient;
 use sweep_proto::v1::worker_service_client::WorkerServiceClient;
-use tokio::sync::{Notify, watch};
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use tokio::sync::watch;
+use tonic::Status;
+use tonic::transport::Endpoint;
 
 /// Kind of the fake devices a simulated worker announces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -79,6 +80,8 @@ pub struct SimOptions {
     pub workers_per_connection: usize,
     /// Workers are named `<name>-<n>`.
     pub name: String,
+    /// TLS and the bearer token (a `worker` token) for the coordinator, as `sweep-worker` has.
+    pub security: sweep_proto::connect::ClientSecurity,
 }
 
 /// Most simulated workers on one connection (each keeps up to three calls open).
@@ -95,6 +98,7 @@ impl SimOptions {
             poll_wait: Duration::from_secs(30),
             workers_per_connection: 50,
             name: "sim".into(),
+            security: sweep_proto::connect::ClientSecurity::default(),
         }
     }
 
@@ -338,13 +342,9 @@ pub fn ensure_fd_headroom(more: u64) -> anyhow::Result<u64> {
 // Running
 // ---------------------------------------------------------------------------------------------
 
-/// The endpoint of a coordinator URL (`http://HOST:PORT` or `https://…`).
-fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
-    let bad = |why: String| anyhow!("`{url}` is not a coordinator URL (expected e.g. http://127.0.0.1:7070): {why}");
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(bad("it must start with http:// or https://".into()));
-    }
-    Endpoint::from_shared(url.to_string()).map_err(|e| bad(e.to_string()))
+/// The endpoint of a coordinator URL (`http://HOST:PORT`, or `https://…` with `security`'s TLS).
+fn endpoint(url: &str, security: &ClientSecurity) -> anyhow::Result<Endpoint> {
+    Ok(security.endpoint(url)?)
 }
 
 /// "cannot reach the coordinator at URL: transport error: the cause (its cause …)".
@@ -390,11 +390,7 @@ pub async fn run_counting(
     let connections = options.connections();
     ensure_fd_headroom(connections as u64)?;
     let url = options.coordinator.clone();
-    let endpoint = endpoint(&url)?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
+    let endpoint = sweep_proto::connect::with_keepalive(endpoint(&url, &options.security)?);
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
         let channel = endpoint.connect().await.map_err(|e| unreachable(&url, &e))?;
@@ -406,23 +402,34 @@ pub async fn run_counting(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..options.count {
-        let client = WorkerServiceClient::new(channels[n / options.workers_per_connection].clone());
+        let channel = channels[n / options.workers_per_connection].clone();
+        let client = WorkerServiceClient::with_interceptor(channel, options.security.interceptor());
         let tally = Arc::new(Mutex::new(Tally { counters: counters.clone(), ..Tally::default() }));
         tasks.spawn(worker(n + 1, client, options.clone(), tally, stop_rx.clone()));
     }
-    stop.await;
-    let elapsed = started.elapsed();
-    let _ = stop_tx.send(true);
-
-    let mut report = SimReport { workers: options.count, connections, elapsed, ..SimReport::default() };
-    while let Some(done) = tasks.join_next().await {
-        match done {
-            Ok(tally) => report.absorb(tally),
-            Err(e) => {
-                *report.errors.entry("task: panicked".into()).or_default() += 1;
-                report.error_samples.push(format!("a simulated worker crashed: {e}"));
-            }
+    let mut report = SimReport { workers: options.count, connections, ..SimReport::default() };
+    let absorb = |report: &mut SimReport, done: Result<Tally, tokio::task::JoinError>| match done {
+        Ok(tally) => report.absorb(tally),
+        Err(e) => {
+            *report.errors.entry("task: panicked".into()).or_default() += 1;
+            report.error_samples.push(format!("a simulated worker crashed: {e}"));
         }
+    };
+    // Until the stop signal, or until every worker has ended by itself (refused, say).
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            done = tasks.join_next() => match done {
+                Some(done) => absorb(&mut report, done),
+                None => break,
+            },
+        }
+    }
+    report.elapsed = started.elapsed();
+    let _ = stop_tx.send(true);
+    while let Some(done) = tasks.join_next().await {
+        absorb(&mut report, done);
     }
     Ok(report)
 }
@@ -476,416 +483,167 @@ fn lock(t: &Shared) -> std::sync::MutexGuard<'_, Tally> {
     t.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A raised-once stop flag that can be awaited.
-#[derive(Default)]
-struct Cancel {
-    raised: AtomicBool,
-    notify: Notify,
-}
-
-impl Cancel {
-    fn raise(&self) {
-        self.raised.store(true, Ordering::SeqCst);
-        self.notify.notify_waiters();
-    }
-
-    fn is_raised(&self) -> bool {
-        self.raised.load(Ordering::SeqCst)
-    }
-
-    async fn raised(&self) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_raised() {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// Attempts a worker runs, with their stop flags.
-type Running = Arc<Mutex<HashMap<u64, Arc<Cancel>>>>;
-
-fn raise_all(running: &Running) {
-    for c in running.lock().unwrap_or_else(|p| p.into_inner()).values() {
-        c.raise();
-    }
-}
-
-#[derive(Clone)]
-struct Session {
-    client: WorkerServiceClient<Channel>,
-    worker_id: String,
-    incarnation: u64,
-    /// The registration's secret, carried by every later call.
-    secret: String,
-    ttl: Duration,
-}
-
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// One simulated worker: the worker protocol is [`sweep_session`]'s, as `sweep-worker`'s is;
+/// attempts are sleeps; what happens goes into its tally.
 async fn worker(
     n: usize,
-    client: WorkerServiceClient<Channel>,
+    client: sweep_session::Wire,
     options: Arc<SimOptions>,
     tally: Shared,
     mut stop: watch::Receiver<bool>,
 ) -> Tally {
-    let running: Running = Arc::default();
-    let name = format!("{}-{n}", options.name);
-    let devices = options.devices();
-    let Some(mut session) = register(&client, &name, &devices, &tally, &mut stop).await else {
-        return std::mem::take(&mut *lock(&tally));
+    let worker = sweep_session::Worker {
+        name: format!("{}-{n}", options.name),
+        devices: options.devices(),
+        version: concat!(env!("CARGO_PKG_VERSION"), "-sim").into(),
+        poll_wait: options.poll_wait,
     };
-    let mut heartbeat = tokio::spawn(heartbeat_loop(session.clone(), running.clone(), tally.clone()));
-    let mut attempts = tokio::task::JoinSet::new();
-    loop {
-        while attempts.try_join_next().is_some() {}
-        let sent = Instant::now();
-        let mut c = session.client.clone();
-        let request = v1::AcquireTrialRequest {
-            worker_id: session.worker_id.clone(),
-            incarnation: session.incarnation,
-            wait_ms: options.poll_wait.as_millis() as u64,
-            session: session.secret.clone(),
-        };
-        // Bounded like sweep-worker's: a call lost in a partition must not wait forever.
-        let bound = options.poll_wait + session.ttl;
-        let acquire = async move {
-            tokio::time::timeout(bound, c.acquire_trial(request))
-                .await
-                .unwrap_or_else(|_| Err(Status::deadline_exceeded("no reply to AcquireTrial")))
-        };
-        let reply = tokio::select! {
-            r = acquire => r,
-            _ = stopped(&mut stop) => break,
-        };
-        let assignment = match reply {
-            Ok(r) => r.into_inner().assignment,
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied) => {
-                // The coordinator no longer knows this worker (lease lost), or not this session:
-                // register again.
-                lock(&tally).error("AcquireTrial", &s);
-                heartbeat.abort();
-                let Some(s) = register(&client, &name, &devices, &tally, &mut stop).await else { break };
-                session = s;
-                heartbeat = tokio::spawn(heartbeat_loop(session.clone(), running.clone(), tally.clone()));
-                continue;
-            }
-            Err(s) => {
-                lock(&tally).error("AcquireTrial", &s);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
-                    _ = stopped(&mut stop) => break,
-                }
-            }
-        };
-        let Some(a) = assignment else { continue };
-        let now = Instant::now();
-        {
-            let mut t = lock(&tally);
-            let mut became_free: Option<Instant> = None;
-            let mut first = false;
-            for _ in 0..a.devices.len().max(1) {
-                if let Some(f) = t.free_since.pop_front() {
-                    became_free = Some(became_free.map_or(f.at, |b| b.min(f.at)));
-                    first |= f.at_registration;
-                }
-            }
-            let ready = became_free.map_or(sent, |f| f.max(sent));
-            let latency = now.saturating_duration_since(ready);
-            if first {
-                t.first_latencies.push(latency);
-            } else {
-                t.latencies.push(latency);
-            }
-            t.attempts_started += 1;
-            t.counters.assignments.fetch_add(1, Ordering::Relaxed);
+    let sim = Arc::new(SimWorker { options, tally: tally.clone() });
+    let ended = sweep_session::run(client, worker, sim.clone(), sim, async move { stopped(&mut stop).await }).await;
+    if let Err(e) = ended {
+        let mut t = lock(&tally);
+        *t.errors.entry("Register: refused".into()).or_default() += 1;
+        if t.error_samples.len() < 2 {
+            t.error_samples.push(e.to_string());
         }
-        let cancel = Arc::new(Cancel::default());
-        running.lock().unwrap_or_else(|p| p.into_inner()).insert(a.attempt_id, cancel.clone());
-        attempts.spawn(attempt(
-            session.clone(),
-            a,
-            cancel,
-            options.clone(),
-            tally.clone(),
-            running.clone(),
-            stop.clone(),
-        ));
     }
-    // Shut down like sweep-worker on SIGTERM: stop the running attempts, hand them back.
-    raise_all(&running);
-    while attempts.join_next().await.is_some() {}
-    heartbeat.abort();
     std::mem::take(&mut *lock(&tally))
 }
 
-async fn register(
-    client: &WorkerServiceClient<Channel>,
-    name: &str,
-    devices: &[v1::Device],
-    tally: &Shared,
-    stop: &mut watch::Receiver<bool>,
-) -> Option<Session> {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        let request = v1::RegisterRequest {
-            name: name.to_string(),
-            devices: devices.to_vec(),
-            version: concat!(env!("CARGO_PKG_VERSION"), "-sim").into(),
-        };
-        let mut c = client.clone();
-        let reply = tokio::select! {
-            r = c.register(request) => r,
-            _ = stopped(stop) => return None,
-        };
-        match reply {
-            Ok(r) => {
-                let r = r.into_inner();
-                let mut t = lock(tally);
-                if !t.registered {
-                    t.counters.registered.fetch_add(1, Ordering::Relaxed);
-                }
-                t.registered = true;
-                let now = Instant::now();
-                t.free_since = std::iter::repeat_n(Freed { at: now, at_registration: true }, devices.len()).collect();
-                return Some(Session {
-                    client: client.clone(),
-                    worker_id: r.worker_id,
-                    incarnation: r.incarnation,
-                    secret: r.session,
-                    ttl: Duration::from_millis(r.heartbeat_ttl_ms.max(1000)),
-                });
-            }
-            Err(s) => {
-                lock(tally).error("Register", &s);
-                if s.code() == Code::InvalidArgument {
-                    return None;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stopped(stop) => return None,
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-/// Beats every TTL/3 (each call bounded by TTL/2), as `sweep-worker` does; stops attempts the
-/// coordinator names, and every attempt once the lease is lost or the coordinator was
-/// unreachable for a whole TTL.
-async fn heartbeat_loop(session: Session, running: Running, tally: Shared) {
-    let mut client = session.client.clone();
-    let mut last_ok = Instant::now();
-    let mut tick = tokio::time::interval(session.ttl / 3);
-    loop {
-        tick.tick().await;
-        let ids: Vec<u64> = running.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
-        let request = v1::HeartbeatRequest {
-            worker_id: session.worker_id.clone(),
-            incarnation: session.incarnation,
-            running_attempt_ids: ids.clone(),
-            session: session.secret.clone(),
-        };
-        let reply = tokio::time::timeout(session.ttl / 2, client.heartbeat(request))
-            .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no heartbeat reply within half the TTL")));
-        let stop: Vec<u64> = match reply {
-            Ok(r) => {
-                last_ok = Instant::now();
-                r.into_inner().cancel_attempt_ids
-            }
-            Err(s) => {
-                lock(&tally).error("Heartbeat", &s);
-                let lost = matches!(s.code(), Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied);
-                if lost || last_ok.elapsed() >= session.ttl { ids } else { Vec::new() }
-            }
-        };
-        let map = running.lock().unwrap_or_else(|p| p.into_inner());
-        for id in stop {
-            if let Some(c) = map.get(&id) {
-                c.raise();
-            }
-        }
-    }
-}
-
-/// Why a write did not go through (as in `sweep-worker`).
-enum WriteError {
-    /// The attempt is no longer current.
-    Fenced,
-    /// The coordinator refused the data.
-    Refused(String),
-    /// The coordinator stayed unreachable for a whole TTL.
-    Unreachable,
-}
-
-/// Calls `f` (each call bounded by `ttl`) until it succeeds, retrying transport errors for up to
-/// `ttl`.
-async fn with_retries<T, F, Fut>(ttl: Duration, rpc: &str, tally: &Shared, mut f: F) -> Result<T, WriteError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, Status>>,
-{
-    let started = Instant::now();
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let reply = tokio::time::timeout(ttl, f())
-            .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no reply from the coordinator within the TTL")));
-        match reply {
-            Ok(v) => return Ok(v),
-            Err(s) => {
-                lock(tally).error(rpc, &s);
-                match s.code() {
-                    Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied => {
-                        return Err(WriteError::Fenced);
-                    }
-                    Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted => {
-                        return Err(WriteError::Refused(s.message().to_string()));
-                    }
-                    _ if started.elapsed() >= ttl => return Err(WriteError::Unreachable),
-                    _ => {
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(2));
-                    }
-                }
-            }
-        }
-    }
-}
-
-async fn attempt(
-    session: Session,
-    a: v1::Assignment,
-    cancel: Arc<Cancel>,
+/// A simulated worker's executor (epochs are sleeps) and observer (its tally).
+struct SimWorker {
     options: Arc<SimOptions>,
     tally: Shared,
-    running: Running,
-    stopping: watch::Receiver<bool>,
-) {
-    let started = Instant::now();
-    let sweep_id: Arc<str> = a.sweep_id.as_str().into();
-    let trial_id: Arc<str> = a.trial_id.as_str().into();
-    let seconds = options.epoch.as_secs_f64();
-    let mut best = f64::NEG_INFINITY;
-    let mut cancelled = false;
-    let mut failure = None;
-    for epoch in 1..=a.fe_epochs + a.ft_epochs {
-        tokio::select! {
-            _ = tokio::time::sleep(options.epoch) => {}
-            _ = cancel.raised() => {}
-        }
-        if cancel.is_raised() {
-            cancelled = true;
-            break;
-        }
-        let metrics = fake_metrics(&sweep_id, &trial_id, epoch, a.fe_epochs, seconds);
-        // References shaped like a real store's (the coordinator checks whose they are).
-        let checkpoint = |kind: &str| v1::CheckpointRef {
-            uri: format!("sim://sim/{sweep_id}/{trial_id}/{kind}.safetensors"),
-            sha256: (0..4u8)
-                .map(|i| format!("{:016x}", fnv1a(format!("{sweep_id}/{trial_id}/{epoch}/{kind}/{i}").as_bytes())))
-                .collect(),
-            bytes: 1,
-            epoch,
-        };
-        let improved = metrics.val_accuracy > best;
-        best = best.max(metrics.val_accuracy);
-        let values =
-            [metrics.train_loss, metrics.train_accuracy, metrics.val_loss, metrics.val_accuracy, metrics.seconds];
-        let request = v1::ReportEpochRequest {
-            attempt_id: a.attempt_id,
-            metrics: Some(metrics),
-            parameters: 11_000_000 + u64::from(a.trial_index),
-            last_checkpoint: Some(checkpoint("last")),
-            best_checkpoint: improved.then(|| checkpoint("best")),
-            worker_id: session.worker_id.clone(),
-            session: session.secret.clone(),
-            ..Default::default()
-        };
-        let sent = Instant::now();
-        let reply = with_retries(session.ttl, "ReportEpoch", &tally, || {
-            let mut c = session.client.clone();
-            let r = request.clone();
-            async move { c.report_epoch(r).await }
-        })
-        .await;
-        match reply {
-            Ok(r) => {
-                let round_trip = sent.elapsed();
-                let mut t = lock(&tally);
-                t.reports.push(AckedReport {
-                    sweep_id: sweep_id.clone(),
-                    trial_id: trial_id.clone(),
-                    epoch,
-                    attempt_id: a.attempt_id,
-                    values,
-                });
-                t.report_round_trips.push(round_trip);
-                t.counters.reports.fetch_add(1, Ordering::Relaxed);
-                if r.into_inner().cancel {
-                    cancelled = true;
-                    break;
-                }
-            }
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
-        }
+}
+
+impl sweep_session::Observer for SimWorker {
+    fn error(&self, rpc: &'static str, status: &Status) {
+        lock(&self.tally).error(rpc, status);
     }
-    running.lock().unwrap_or_else(|p| p.into_inner()).remove(&a.attempt_id);
-    let shutting_down = cancelled && *stopping.borrow();
-    let (outcome, class, message) = match (failure, cancelled) {
-        (Some(WriteError::Fenced | WriteError::Unreachable), _) => {
-            // Not ours any more, or the coordinator will re-queue it: nothing to finish.
-            let mut t = lock(&tally);
-            t.attempts_other += 1;
-            t.freed(a.devices.len());
-            return;
+
+    fn registered(&self, _session: &sweep_session::Session) {
+        let mut t = lock(&self.tally);
+        if !t.registered {
+            t.counters.registered.fetch_add(1, Ordering::Relaxed);
         }
-        (Some(WriteError::Refused(m)), _) => {
-            (v1::Outcome::Failed, v1::ErrorClass::Permanent, format!("coordinator refused a report: {m}"))
+        t.registered = true;
+        let now = Instant::now();
+        t.free_since =
+            std::iter::repeat_n(Freed { at: now, at_registration: true }, self.options.devices_per_worker).collect();
+    }
+
+    fn assigned(&self, asked: tokio::time::Instant, a: &v1::Assignment) {
+        let sent = asked.into_std();
+        let now = Instant::now();
+        let mut t = lock(&self.tally);
+        let mut became_free: Option<Instant> = None;
+        let mut first = false;
+        for _ in 0..a.devices.len().max(1) {
+            if let Some(f) = t.free_since.pop_front() {
+                became_free = Some(became_free.map_or(f.at, |b| b.min(f.at)));
+                first |= f.at_registration;
+            }
         }
-        (None, true) if shutting_down => {
-            (v1::Outcome::Failed, v1::ErrorClass::Retryable, "the worker was shut down".to_string())
+        let ready = became_free.map_or(sent, |f| f.max(sent));
+        let latency = now.saturating_duration_since(ready);
+        if first {
+            t.first_latencies.push(latency);
+        } else {
+            t.latencies.push(latency);
         }
-        (None, true) => (v1::Outcome::Cancelled, v1::ErrorClass::Unspecified, "stopped on request".to_string()),
-        (None, false) => (v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, String::new()),
-    };
-    {
-        let mut t = lock(&tally);
-        match outcome {
-            v1::Outcome::Succeeded => t.attempts_succeeded += 1,
-            _ if shutting_down => t.attempts_interrupted += 1,
+        t.attempts_started += 1;
+        t.counters.assignments.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn ended(&self, a: &v1::Assignment, end: &sweep_session::End) {
+        let mut t = lock(&self.tally);
+        match end {
+            sweep_session::End::Finished { outcome: v1::Outcome::Succeeded, .. } => t.attempts_succeeded += 1,
+            sweep_session::End::Finished { shutting_down: true, .. } => t.attempts_interrupted += 1,
             _ => t.attempts_other += 1,
         }
         // The device is free from the moment the coordinator hears of it.
         t.freed(a.devices.len());
     }
-    let request = v1::FinishAttemptRequest {
-        attempt_id: a.attempt_id,
-        outcome: outcome as i32,
-        error_class: class as i32,
-        message,
-        wall_seconds: started.elapsed().as_secs_f64(),
-        worker_id: session.worker_id.clone(),
-        session: session.secret.clone(),
-    };
-    let _ = with_retries(session.ttl, "FinishAttempt", &tally, || {
-        let mut c = session.client.clone();
-        let r = request.clone();
-        async move { c.finish_attempt(r).await }
-    })
-    .await;
+}
+
+impl sweep_session::Executor for SimWorker {
+    fn run(
+        &self,
+        attempt: sweep_session::Attempt,
+    ) -> std::pin::Pin<Box<dyn Future<Output = sweep_session::Outcome> + Send>> {
+        let (options, tally) = (self.options.clone(), self.tally.clone());
+        Box::pin(async move {
+            let sweep_session::Attempt { assignment: a, reporter, cancel } = attempt;
+            let sweep_id: Arc<str> = a.sweep_id.as_str().into();
+            let trial_id: Arc<str> = a.trial_id.as_str().into();
+            let seconds = options.epoch.as_secs_f64();
+            let mut best = f64::NEG_INFINITY;
+            for epoch in 1..=a.fe_epochs + a.ft_epochs {
+                tokio::select! {
+                    _ = tokio::time::sleep(options.epoch) => {}
+                    _ = cancel.raised() => {}
+                }
+                if cancel.is_raised() {
+                    return sweep_session::Outcome::Stopped;
+                }
+                let metrics = fake_metrics(&sweep_id, &trial_id, epoch, a.fe_epochs, seconds);
+                // References shaped like a real store's (the coordinator checks whose they are).
+                let checkpoint = |kind: &str| v1::CheckpointRef {
+                    uri: format!("sim://sim/{sweep_id}/{trial_id}/{kind}.safetensors"),
+                    sha256: (0..4u8)
+                        .map(|i| {
+                            format!("{:016x}", fnv1a(format!("{sweep_id}/{trial_id}/{epoch}/{kind}/{i}").as_bytes()))
+                        })
+                        .collect(),
+                    bytes: 1,
+                    epoch,
+                };
+                let improved = metrics.val_accuracy > best;
+                best = best.max(metrics.val_accuracy);
+                let values = [
+                    metrics.train_loss,
+                    metrics.train_accuracy,
+                    metrics.val_loss,
+                    metrics.val_accuracy,
+                    metrics.seconds,
+                ];
+                let request = v1::ReportEpochRequest {
+                    metrics: Some(metrics),
+                    parameters: 11_000_000 + u64::from(a.trial_index),
+                    last_checkpoint: Some(checkpoint("last")),
+                    best_checkpoint: improved.then(|| checkpoint("best")),
+                    ..Default::default()
+                };
+                let sent = Instant::now();
+                match reporter.report(request).await {
+                    Ok(stop) => {
+                        let round_trip = sent.elapsed();
+                        let mut t = lock(&tally);
+                        t.reports.push(AckedReport {
+                            sweep_id: sweep_id.clone(),
+                            trial_id: trial_id.clone(),
+                            epoch,
+                            attempt_id: a.attempt_id,
+                            values,
+                        });
+                        t.report_round_trips.push(round_trip);
+                        t.counters.reports.fetch_add(1, Ordering::Relaxed);
+                        if stop {
+                            return sweep_session::Outcome::Stopped;
+                        }
+                    }
+                    // The session ends the attempt on what went wrong.
+                    Err(_) => return sweep_session::Outcome::Stopped,
+                }
+            }
+            sweep_session::Outcome::Succeeded
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -933,11 +691,20 @@ pub fn lost_in_database(db: &Path, acked: &[AckedReport]) -> anyhow::Result<Vec<
 }
 
 /// The acknowledged reports that the coordinator at `url` does not hold with the values sent,
-/// asked with `GetTrial` (once per trial, 32 calls at a time).
-pub async fn lost_via_rpc(url: &str, acked: &[AckedReport]) -> anyhow::Result<Vec<AckedReport>> {
-    let channel =
-        endpoint(url)?.connect_timeout(Duration::from_secs(5)).connect().await.map_err(|e| unreachable(url, &e))?;
-    let client = SweepServiceClient::new(channel).max_decoding_message_size(64 << 20);
+/// asked with `GetTrial` (once per trial, 32 calls at a time), over `security`'s TLS and token
+/// (one that may read: `viewer` or more).
+pub async fn lost_via_rpc(
+    url: &str,
+    security: &ClientSecurity,
+    acked: &[AckedReport],
+) -> anyhow::Result<Vec<AckedReport>> {
+    let channel = endpoint(url, security)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| unreachable(url, &e))?;
+    let client =
+        SweepServiceClient::with_interceptor(channel, security.interceptor()).max_decoding_message_size(64 << 20);
     let trials: HashSet<(Arc<str>, Arc<str>)> =
         acked.iter().map(|r| (r.sweep_id.clone(), r.trial_id.clone())).collect();
     let mut pending = trials.into_iter();
@@ -979,6 +746,7 @@ pub async fn command(
     format: crate::output::Format,
 ) -> anyhow::Result<std::process::ExitCode> {
     let url = options.coordinator.clone();
+    let security = options.security.clone();
     let counters = Arc::new(Counters::default());
     let started = Instant::now();
     eprintln!(
@@ -1042,7 +810,7 @@ pub async fn command(
     }
     let lost = if verify {
         eprintln!("checking {} acknowledged reports with GetTrial…", report.reports.len());
-        Some(lost_via_rpc(&url, &report.reports).await?)
+        Some(lost_via_rpc(&url, &security, &report.reports).await?)
     } else {
         None
     };

@@ -116,3 +116,44 @@ fn fake_metrics_are_deterministic_and_valid() {
     assert_eq!(spec.grid.trial_count(), 123 * sim::LOAD_SPEC_TRIALS_PER_DECAY);
     assert!(spec.grid.trial_count() <= sweep_core::spec::DEFAULT_MAX_TRIALS);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_workers_carry_a_token_and_without_one_are_refused_at_once() {
+    use sweep_proto::connect::{ClientFiles, ClientSecurity};
+    let dir = tempfile::tempdir().unwrap();
+    let worker = "worker-token-0123456789abcdef";
+    let admin = "admin-token-0123456789abcdef";
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf());
+    config.tokens = Some(std::sync::Arc::new(
+        sweep_coordinator::auth::Tokens::parse(&format!("worker {worker} sim\nadmin {admin} ops\n")).unwrap(),
+    ));
+    let running = server::start(config).await.unwrap();
+    let url = format!("http://{}", running.addr);
+    let with = |token: &str| {
+        ClientSecurity::load(&ClientFiles { token: Some(token.to_string()), ..ClientFiles::default() }).unwrap()
+    };
+    let mut client = Client::connect_with(&url, &with(admin)).await.unwrap();
+    let spec = sim::load_spec("sim-tokens", 1);
+    let sweep_id = client.submit_text(spec, "t.yaml".into()).await.unwrap().sweep_id;
+
+    // With the worker token: they register and report.
+    let mut options = SimOptions::new(&url, 4);
+    options.epoch = Duration::from_millis(20);
+    options.security = with(worker);
+    let report = sim::run(options.clone(), tokio::time::sleep(Duration::from_secs(2))).await.unwrap();
+    assert_eq!(report.registered, 4, "{:?} {:?}", report.errors, report.error_samples);
+    assert!(!report.reports.is_empty());
+    assert_eq!(report.error_count(), 0, "{:?} {:?}", report.errors, report.error_samples);
+    let lost = sim::lost_via_rpc(&url, &with(admin), &report.reports).await.unwrap();
+    assert!(lost.is_empty());
+    assert!(client.get_status(&sweep_id).await.unwrap().trials.iter().any(|t| t.epochs_done > 0));
+
+    // Without a token: refused, and the run ends long before its 60 s (it retried forever).
+    options.security = ClientSecurity::default();
+    let started = std::time::Instant::now();
+    let report = sim::run(options, tokio::time::sleep(Duration::from_secs(60))).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    assert_eq!(report.registered, 0);
+    assert!(report.error_samples.iter().any(|e| e.contains("needs a bearer token")), "{:?}", report.error_samples);
+    running.stop().await.unwrap();
+}

@@ -1,29 +1,22 @@
-//! The worker daemon: registers with a coordinator, pulls trials, trains them with
-//! [`crate::train`], reports every epoch, and finishes each attempt with a classified outcome.
+//! The worker daemon: the worker protocol of [`sweep_session`] (register, heartbeat, long poll,
+//! fenced reports and finishes) with an executor that trains with [`crate::train`].
 //!
 //! Threads: the gRPC client runs on tokio; training runs on a blocking thread and reports each
 //! epoch synchronously through the runtime handle, so the next epoch starts only after the
-//! coordinator has committed the previous one. A heartbeat task runs beside it and raises the
+//! coordinator has committed the previous one. The session's heartbeat task raises the
 //! attempt's cancel flag when the coordinator asks (sweep cancelled, attempt no longer
 //! current) or when the coordinator has been unreachable for a whole heartbeat TTL.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::anyhow;
 use sweep_core::spec::{self, ParseOptions};
-use sweep_proto::connect::{BearerToken, ClientSecurity};
+use sweep_proto::connect::ClientSecurity;
 use sweep_proto::v1;
 use sweep_proto::v1::worker_service_client::WorkerServiceClient;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-
-/// The worker's client of `WorkerService`: every call carries its bearer token.
-type Wire = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
-use tonic::{Code, Status};
+use sweep_session::Outcome;
 
 use crate::artifacts::ArtifactStore;
 use crate::checkpoint::{self, TrialCheckpoints};
@@ -143,103 +136,83 @@ pub fn default_device() -> tch::Device {
     if tch::Cuda::is_available() { tch::Device::Cuda(0) } else { tch::Device::Cpu }
 }
 
-#[derive(Clone)]
-struct Session {
-    client: Wire,
-    worker_id: String,
-    incarnation: u64,
-    /// The registration's secret: every call in this worker's name carries it.
-    secret: String,
-    ttl: Duration,
-}
-
-/// Attempts this process runs, with their cancel flags.
-type Running = Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>>;
-
-/// Runs until `shutdown` resolves (then stops the running attempt, hands it back as retryable,
-/// and returns).
+/// Runs until `shutdown` resolves (then stops the running attempts, hands them back as
+/// retryable, and returns). The protocol — registration, heartbeats, the long poll, fenced
+/// reports and finishes — is [`sweep_session`]'s; this worker brings the training.
 pub async fn run(options: DaemonOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let channel = sweep_proto::connect::with_keepalive(options.security.endpoint(&options.coordinator)?).connect_lazy();
     let client = WorkerServiceClient::with_interceptor(channel, options.security.interceptor());
-    let stopping = Arc::new(AtomicBool::new(false));
-    let running: Running = Arc::default();
-    tokio::pin!(shutdown);
-
-    let mut session = tokio::select! {
-        s = register(client.clone(), &options) => s?,
-        _ = &mut shutdown => return Ok(()),
+    let worker = sweep_session::Worker {
+        name: options.name.clone(),
+        devices: options.devices.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        poll_wait: options.poll_wait,
     };
-    let mut heartbeat = tokio::spawn(heartbeat_loop(session.clone(), running.clone()));
-
-    // Attempts run concurrently, each on the devices the coordinator gave it; one AcquireTrial
-    // call stays open meanwhile (the coordinator only hands out devices that are free).
-    let mut attempts: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
-    let options = Arc::new(options);
-    loop {
-        while let Some(done) = attempts.try_join_next() {
-            report_attempt_end(done);
-        }
-        let acquire = session.client.acquire_trial(v1::AcquireTrialRequest {
-            worker_id: session.worker_id.clone(),
-            incarnation: session.incarnation,
-            wait_ms: options.poll_wait.as_millis() as u64,
-            session: session.secret.clone(),
-        });
-        // The long poll, bounded: a call lost in a partition must not wait forever.
-        let bound = options.poll_wait + session.ttl;
-        let acquire = async move {
-            tokio::time::timeout(bound, acquire)
-                .await
-                .unwrap_or_else(|_| Err(Status::deadline_exceeded("no reply to AcquireTrial")))
-        };
-        let reply = tokio::select! {
-            r = acquire => r,
-            _ = &mut shutdown => break,
-        };
-        let assignment = match reply {
-            Ok(r) => r.into_inner().assignment,
-            // Lease lost, worker forgotten, or a session the coordinator does not know (its state
-            // restored from a backup): a new registration.
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied) => {
-                tracing::warn!(reason = %s.message(), "coordinator no longer knows this worker; registering again");
-                heartbeat.abort();
-                session = register(client.clone(), &options).await?;
-                heartbeat = tokio::spawn(heartbeat_loop(session.clone(), running.clone()));
-                continue;
-            }
-            Err(s) => {
-                tracing::warn!(code = ?s.code(), reason = %s.message(), "acquire failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
-                    _ = &mut shutdown => break,
-                }
-            }
-        };
-        let Some(assignment) = assignment else {
-            continue;
-        };
-        attempts.spawn(run_attempt(session.clone(), options.clone(), assignment, running.clone(), stopping.clone()));
-    }
-    if !attempts.is_empty() {
-        tracing::info!(attempts = attempts.len(), "shutting down: stopping running attempts");
-        stopping.store(true, Ordering::SeqCst);
-        for flag in running.lock().unwrap_or_else(|p| p.into_inner()).values() {
-            flag.store(true, Ordering::SeqCst);
-        }
-        while let Some(done) = attempts.join_next().await {
-            report_attempt_end(done);
-        }
-    }
-    heartbeat.abort();
+    let executor = Arc::new(TchExecutor { options: Arc::new(options) });
+    let ended = sweep_session::run(client, worker, executor, Arc::new(sweep_session::Unobserved), shutdown).await;
     crate::metrics::global().up.store(false, Ordering::Relaxed);
-    Ok(())
+    Ok(ended?)
 }
 
-fn report_attempt_end(done: Result<anyhow::Result<()>, tokio::task::JoinError>) {
-    match done {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "attempt ended with an error"),
-        Err(e) => tracing::error!(error = %e, "attempt task crashed"),
+/// Trains attempts with libtorch, on a blocking thread each, reporting every epoch through the
+/// session's reporter (the next epoch starts only after the coordinator has committed the
+/// previous one).
+struct TchExecutor {
+    options: Arc<DaemonOptions>,
+}
+
+impl sweep_session::Executor for TchExecutor {
+    fn run(
+        &self,
+        attempt: sweep_session::Attempt,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>> {
+        let options = self.options.clone();
+        Box::pin(async move {
+            let sweep_session::Attempt { assignment: a, reporter, cancel } = attempt;
+            tracing::info!(
+                sweep = %a.sweep_id,
+                trial = %a.trial_id,
+                attempt = a.attempt_id,
+                backbone = %a.backbone,
+                devices = %a.devices.join(","),
+                "attempt started"
+            );
+            crate::metrics::global().running.fetch_add(1, Ordering::Relaxed);
+            // The devices the coordinator gave this attempt (an old coordinator gives none: use ours).
+            let devices = if a.devices.is_empty() { Ok(vec![options.device]) } else { training_devices(&a.devices) };
+            let train_options = devices.map(|d| TrainOptions {
+                devices: d,
+                weights_dir: options.weights_dir.clone(),
+                cancel: Some(cancel.flag()),
+                resume: None,
+            });
+            let handle = tokio::runtime::Handle::current();
+            let (artifacts, cache_dir) = (options.artifacts.clone(), options.cache_dir.clone());
+            let result = tokio::task::spawn_blocking(move || {
+                let mut report = |request: v1::ReportEpochRequest| -> Control {
+                    match reporter.report_blocking(&handle, request) {
+                        Ok(false) => Control::Continue,
+                        // Stopped by the coordinator, or the report did not go through (the
+                        // session decides how the attempt ends).
+                        Ok(true) | Err(_) => Control::Stop,
+                    }
+                };
+                // A device id this worker cannot use: another worker may (retryable).
+                let train_options = train_options.map_err(TrainError::Retryable)?;
+                train_attempt(&a, &train_options, &artifacts, &cache_dir, &mut report)
+            })
+            .await;
+            crate::metrics::global().running.fetch_sub(1, Ordering::Relaxed);
+            match result {
+                Ok(Ok(())) => Outcome::Succeeded,
+                Ok(Err(TrainError::Cancelled)) => Outcome::Stopped,
+                Ok(Err(TrainError::Permanent(message))) => Outcome::Failed { permanent: true, message },
+                Ok(Err(TrainError::Retryable(message))) => Outcome::Failed { permanent: false, message },
+                Err(join) => {
+                    Outcome::Failed { permanent: false, message: format!("the training thread crashed: {join}") }
+                }
+            }
+        })
     }
 }
 
@@ -255,260 +228,6 @@ pub fn training_devices(ids: &[String]) -> Result<Vec<tch::Device>, String> {
             _ => Err(format!("device id `{id}` is neither cpu:N nor cuda:N")),
         })
         .collect()
-}
-
-async fn register(mut client: Wire, options: &DaemonOptions) -> anyhow::Result<Session> {
-    let mut delay = Duration::from_millis(200);
-    let started = Instant::now();
-    loop {
-        let request = v1::RegisterRequest {
-            name: options.name.clone(),
-            devices: options.devices.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        };
-        match client.register(request).await {
-            Ok(r) => {
-                let r = r.into_inner();
-                tracing::info!(worker_id = %r.worker_id, incarnation = r.incarnation, coordinator = %options.coordinator, "registered");
-                return Ok(Session {
-                    client,
-                    worker_id: r.worker_id,
-                    incarnation: r.incarnation,
-                    secret: r.session,
-                    ttl: Duration::from_millis(r.heartbeat_ttl_ms.max(1000)),
-                });
-            }
-            Err(s) if matches!(s.code(), Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied) => {
-                return Err(anyhow!("the coordinator refused this worker: {}", s.message()));
-            }
-            Err(s) => {
-                if started.elapsed() > Duration::from_secs(5) {
-                    tracing::warn!(coordinator = %options.coordinator, reason = %s.message(), "cannot register yet; retrying");
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-/// Beats every TTL/3. Raises the cancel flag of attempts the coordinator wants stopped, and of
-/// every attempt once the coordinator has been unreachable for a whole TTL (it will have given
-/// the trial to another worker by the time the lease ends).
-async fn heartbeat_loop(session: Session, running: Running) {
-    let Session { mut client, worker_id, incarnation, secret, ttl } = session;
-    let mut last_ok = Instant::now();
-    let mut tick = tokio::time::interval(ttl / 3);
-    loop {
-        tick.tick().await;
-        let ids: Vec<u64> = running.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
-        let request = v1::HeartbeatRequest {
-            worker_id: worker_id.clone(),
-            incarnation,
-            running_attempt_ids: ids,
-            session: secret.clone(),
-        };
-        // A partition that swallows packets must not hold the loop past the TTL.
-        let reply = tokio::time::timeout(ttl / 2, client.heartbeat(request))
-            .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no heartbeat reply within half the TTL")));
-        let stop: Vec<u64> = match reply {
-            Ok(r) => {
-                last_ok = Instant::now();
-                r.into_inner().cancel_attempt_ids
-            }
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied) => {
-                tracing::warn!(reason = %s.message(), "lease lost; stopping running attempts");
-                running.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
-            }
-            Err(s) => {
-                if last_ok.elapsed() >= ttl {
-                    tracing::warn!(reason = %s.message(), "coordinator unreachable for a whole heartbeat TTL; stopping running attempts");
-                    running.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
-                } else {
-                    Vec::new()
-                }
-            }
-        };
-        let map = running.lock().unwrap_or_else(|p| p.into_inner());
-        for id in stop {
-            if let Some(flag) = map.get(&id) {
-                flag.store(true, Ordering::SeqCst);
-            }
-        }
-    }
-}
-
-/// Why a report did not go through.
-enum ReportError {
-    /// The attempt is no longer current; stop without finishing it.
-    Fenced(String),
-    /// The coordinator refused the data (a bug on one side): fail the attempt.
-    Refused(String),
-    /// The coordinator stayed unreachable for a whole heartbeat TTL.
-    Unreachable(String),
-}
-
-/// Calls `f` until it succeeds, retrying transport errors for up to `ttl`.
-async fn with_retries<T, F, Fut>(ttl: Duration, mut f: F) -> Result<T, ReportError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, Status>>,
-{
-    let started = Instant::now();
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let reply = tokio::time::timeout(ttl, f())
-            .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no reply from the coordinator within the TTL")));
-        match reply {
-            Ok(v) => return Ok(v),
-            // Not current any more, or not ours (a session the coordinator does not know).
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound | Code::PermissionDenied) => {
-                return Err(ReportError::Fenced(s.message().to_string()));
-            }
-            Err(s) if matches!(s.code(), Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted) => {
-                return Err(ReportError::Refused(s.message().to_string()));
-            }
-            Err(s) => {
-                if started.elapsed() >= ttl {
-                    return Err(ReportError::Unreachable(s.message().to_string()));
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
-}
-
-async fn run_attempt(
-    session: Session,
-    options: Arc<DaemonOptions>,
-    a: v1::Assignment,
-    running: Running,
-    stopping: Arc<AtomicBool>,
-) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let attempt_id = a.attempt_id;
-    tracing::info!(
-        sweep = %a.sweep_id,
-        trial = %a.trial_id,
-        attempt = attempt_id,
-        backbone = %a.backbone,
-        devices = %a.devices.join(","),
-        "attempt started"
-    );
-    let cancel = Arc::new(AtomicBool::new(false));
-    running.lock().unwrap_or_else(|p| p.into_inner()).insert(attempt_id, cancel.clone());
-    crate::metrics::global().running.fetch_add(1, Ordering::Relaxed);
-
-    let handle = tokio::runtime::Handle::current();
-    let client = session.client.clone();
-    let ttl = session.ttl;
-    let (worker_id, secret) = (session.worker_id.clone(), session.secret.clone());
-    // The devices the coordinator gave this attempt (an old coordinator gives none: use ours).
-    let devices = if a.devices.is_empty() { Ok(vec![options.device]) } else { training_devices(&a.devices) };
-    let train_options = devices.map(|d| TrainOptions {
-        devices: d,
-        weights_dir: options.weights_dir.clone(),
-        cancel: Some(cancel.clone()),
-        resume: None,
-    });
-    let assignment = a.clone();
-    // What stopped the trial from the reporting side, if anything.
-    let report_failure: Arc<Mutex<Option<ReportError>>> = Arc::default();
-    let failure = report_failure.clone();
-
-    let artifacts = options.artifacts.clone();
-    let cache_dir = options.cache_dir.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let mut report = |mut request: v1::ReportEpochRequest| -> Control {
-            request.worker_id = worker_id.clone();
-            request.session = secret.clone();
-            let reply = handle.block_on(with_retries(ttl, || {
-                let mut c = client.clone();
-                let req = request.clone();
-                async move { c.report_epoch(req).await }
-            }));
-            match reply {
-                Ok(r) if r.get_ref().cancel => Control::Stop,
-                Ok(_) => Control::Continue,
-                Err(e) => {
-                    *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                    Control::Stop
-                }
-            }
-        };
-        // A device id this worker cannot use: another worker may (retryable).
-        let train_options = train_options.map_err(TrainError::Retryable)?;
-        train_attempt(&assignment, &train_options, &artifacts, &cache_dir, &mut report)
-    })
-    .await;
-    running.lock().unwrap_or_else(|p| p.into_inner()).remove(&attempt_id);
-    crate::metrics::global().running.fetch_sub(1, Ordering::Relaxed);
-
-    let wall_seconds = started.elapsed().as_secs_f64();
-    let report_failure = report_failure.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let (outcome, class, message) = match (result, report_failure) {
-        (_, Some(ReportError::Fenced(m))) => {
-            tracing::warn!(attempt = attempt_id, reason = %m, "attempt is no longer ours; dropped");
-            return Ok(());
-        }
-        (_, Some(ReportError::Unreachable(m))) => {
-            tracing::warn!(attempt = attempt_id, reason = %m, "coordinator unreachable; attempt abandoned");
-            return Ok(());
-        }
-        (_, Some(ReportError::Refused(m))) => {
-            (v1::Outcome::Failed, v1::ErrorClass::Permanent, format!("coordinator refused a report: {m}"))
-        }
-        (Ok(Ok(_)), None) => (v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, String::new()),
-        (Ok(Err(TrainError::Cancelled)), None) if stopping.load(Ordering::SeqCst) => {
-            (v1::Outcome::Failed, v1::ErrorClass::Retryable, "the worker was shut down".to_string())
-        }
-        (Ok(Err(TrainError::Cancelled)), None) => {
-            (v1::Outcome::Cancelled, v1::ErrorClass::Unspecified, "stopped on request".to_string())
-        }
-        (Ok(Err(TrainError::Permanent(m))), None) => (v1::Outcome::Failed, v1::ErrorClass::Permanent, m),
-        (Ok(Err(TrainError::Retryable(m))), None) => (v1::Outcome::Failed, v1::ErrorClass::Retryable, m),
-        (Err(join), None) => {
-            (v1::Outcome::Failed, v1::ErrorClass::Retryable, format!("the training thread crashed: {join}"))
-        }
-    };
-    if outcome == v1::Outcome::Failed {
-        tracing::warn!(attempt = attempt_id, class = class.as_str_name(), %message, "attempt failed");
-    } else {
-        tracing::info!(
-            attempt = attempt_id,
-            outcome = outcome.as_str_name(),
-            seconds = wall_seconds,
-            "attempt finished"
-        );
-    }
-    let request = v1::FinishAttemptRequest {
-        attempt_id,
-        outcome: outcome as i32,
-        error_class: class as i32,
-        message,
-        wall_seconds,
-        worker_id: session.worker_id.clone(),
-        session: session.secret.clone(),
-    };
-    match with_retries(ttl, || {
-        let mut c = session.client.clone();
-        let req = request.clone();
-        async move { c.finish_attempt(req).await }
-    })
-    .await
-    {
-        Ok(_) => {}
-        Err(ReportError::Fenced(m)) | Err(ReportError::Unreachable(m)) => {
-            tracing::warn!(attempt = attempt_id, reason = %m, "could not finish the attempt; the coordinator will re-queue it");
-        }
-        Err(ReportError::Refused(m)) => {
-            return Err(anyhow!("the coordinator refused to finish attempt {attempt_id}: {m}"));
-        }
-    }
-    Ok(())
 }
 
 /// Trains the trial of an assignment: after every epoch, writes the checkpoints (`last`, and
