@@ -17,6 +17,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Every workspace member must be copied into both images: cargo reads every member's manifest
+# even to build one package (there is no Docker engine here to find out by building).
+members=$(sed -n 's/^members = \[\(.*\)\]/\1/p' Cargo.toml | tr -d '" ' | tr ',' ' ')
+for dockerfile in deploy/docker/*.Dockerfile; do
+    for m in $members; do
+        if ! grep -qE "^COPY $m $m\$" "$dockerfile"; then
+            echo "FAIL $dockerfile: the workspace member $m is not copied (COPY $m $m)" >&2
+            exit 1
+        fi
+    done
+done
+echo "ok   deploy/docker: every workspace member ($members) is copied into each image"
+
 K8S_VERSION=${K8S_VERSION:-1.32}
 
 if [[ -n ${KUBERNETES_VALIDATE:-} ]]; then

@@ -159,24 +159,6 @@ pub fn backup(dir: &Path, out: &Path) -> Result<Report, StoreError> {
     }
 }
 
-/// `sweep backup`: copies the state, prints what the copy holds and whether its history is clean.
-pub fn backup_command(state_dir: &Path, out: &Path) -> std::process::ExitCode {
-    match backup(state_dir, out) {
-        Ok(report) => {
-            crate::output::print(&format!(
-                "backed up {} to {}: {report}",
-                state_dir.join(DB_FILE).display(),
-                out.display()
-            ));
-            if report.is_clean() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::from(1) }
-        }
-        Err(e) => {
-            crate::output::eprint(&format!("error: cannot back up {}: {e}", state_dir.display()));
-            std::process::ExitCode::from(2)
-        }
-    }
-}
-
 /// Checks the state on an open connection, in one read transaction.
 pub fn check(conn: &Connection) -> Result<Report, StoreError> {
     conn.execute_batch("BEGIN")?;
@@ -185,37 +167,28 @@ pub fn check(conn: &Connection) -> Result<Report, StoreError> {
     result
 }
 
-/// `sweep check-state`: prints the report (a table of violations, or JSON) and exits 0 when the
-/// history is clean, 1 when it is not, 2 when the state cannot be read.
-pub fn command(state_dir: &Path, format: crate::output::Format) -> std::process::ExitCode {
-    let report = match check_state_dir(state_dir) {
-        Ok(r) => r,
-        Err(e) => {
-            crate::output::eprint(&format!("error: cannot check {}: {e}", state_dir.display()));
-            return std::process::ExitCode::from(2);
-        }
-    };
-    match format {
-        crate::output::Format::Table => crate::output::print(&report.to_string()),
-        crate::output::Format::Json => {
-            let violations: Vec<_> = report
-                .violations
-                .iter()
-                .map(|v| serde_json::json!({ "rule": v.rule, "subject": v.subject, "message": v.message }))
-                .collect();
-            let json = serde_json::json!({
-                "state_dir": state_dir.display().to_string(),
-                "sweeps": report.sweeps,
-                "trials": report.trials,
-                "attempts": report.attempts,
-                "metrics": report.metrics,
-                "events": report.events,
-                "violations": violations,
-            });
-            println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
-        }
-    }
-    if report.is_clean() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::from(1) }
+/// `(sweep, trial id, epoch)` → train loss, train accuracy, validation loss, validation accuracy,
+/// seconds.
+pub type StoredMetrics = HashMap<(String, String, u32), [f64; 5]>;
+
+/// Every stored metric of a state database, read-only: `(sweep, trial id, epoch)` → train loss,
+/// train accuracy, validation loss, validation accuracy, seconds (the simulator's check that no
+/// acknowledged report was lost).
+pub fn stored_metrics(db: &Path) -> Result<StoredMetrics, StoreError> {
+    let open_err = |source| StoreError::Open { path: db.to_path_buf(), source };
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(open_err)?;
+    let mut q = conn.prepare(
+        "SELECT m.sweep_id, t.trial_id, m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.seconds
+         FROM metrics m JOIN trials t ON t.sweep_id = m.sweep_id AND t.idx = m.idx",
+    )?;
+    let rows = q.query_map([], |r| {
+        Ok((
+            (r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?),
+            [r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?],
+        ))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 // ---------------------------------------------------------------------------------------------

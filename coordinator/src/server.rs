@@ -917,7 +917,7 @@ fn caller(worker_id: &str, session: &str, owner: String) -> Result<Caller, Statu
         // registration gives it one.
         return Err(Status::failed_precondition(format!(
             "worker {} has no session (registered before this coordinator gave them); register again",
-            crate::output::escape(worker_id)
+            sweep_core::text::escape(worker_id)
         )));
     }
     if session.len() != 64 || !session.bytes().all(|b| b.is_ascii_hexdigit()) {

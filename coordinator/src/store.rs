@@ -1007,7 +1007,7 @@ impl Store {
                     return Err(StoreError::InvalidArgument(format!(
                         "{column} of epoch {} must name a file and hold that epoch (got uri `{}`, epoch {})",
                         metrics.epoch,
-                        crate::output::escape(&c.uri),
+                        sweep_core::text::escape(&c.uri),
                         c.epoch
                     )));
                 }
@@ -1153,7 +1153,7 @@ fn parse_page_token(token: &str, kind: char) -> Result<Option<i64>> {
     token.strip_prefix(kind).and_then(|n| n.parse::<i64>().ok()).filter(|n| *n >= 0).map(Some).ok_or_else(|| {
         StoreError::InvalidArgument(format!(
             "page_token `{}` is not one this coordinator gave",
-            crate::output::escape(&token.chars().take(40).collect::<String>())
+            sweep_core::text::escape(&token.chars().take(40).collect::<String>())
         ))
     })
 }
@@ -1597,7 +1597,7 @@ pub fn check_checkpoint_ref(
     trial_id: &str,
     file: &str,
 ) -> std::result::Result<(), String> {
-    let shown = || crate::output::escape(&c.uri);
+    let shown = || sweep_core::text::escape(&c.uri);
     if c.uri.chars().any(char::is_control) {
         return Err(format!("uri `{}` has control characters", shown()));
     }

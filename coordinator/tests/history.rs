@@ -380,38 +380,3 @@ fn a_trial_row_that_is_not_its_grid_cell_is_found() {
     );
     assert_found(&r, "grid", "3 trial rows for a grid of 2");
 }
-
-#[test]
-fn the_check_state_command_prints_violations_and_exits_1() {
-    let sweep = env!("CARGO_BIN_EXE_sweep");
-    let dir = tempfile::tempdir().unwrap();
-    let ids = clean_state(dir.path());
-    let out = std::process::Command::new(sweep).arg("check-state").arg("--state-dir").arg(dir.path()).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("0 violations in 2 sweeps"), "{stdout}");
-
-    let conn = Connection::open(dir.path().join("sweep.db")).unwrap();
-    // One violation whatever the clock did: the attempt holds its own device twice (moving it
-    // onto a2's device overlaps a2 only if their times differ by a millisecond or more).
-    conn.execute("UPDATE attempts SET devices = 'cpu:0,cpu:0' WHERE id = ?1", params![ids.a1 as i64]).unwrap();
-    drop(conn);
-    let out = std::process::Command::new(sweep).arg("check-state").arg("--state-dir").arg(dir.path()).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("1 violation in") && stdout.contains("device-overlap: worker w1"), "{stdout}");
-    let out = std::process::Command::new(sweep)
-        .args(["check-state", "--output", "json", "--state-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(json["violations"][0]["rule"], "device-overlap");
-    assert_eq!(json["attempts"], 5);
-
-    let out = std::process::Command::new(sweep).args(["check-state", "--state-dir", "/no/such/dir"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "an unreadable state is neither clean nor broken");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/dir/sweep.db"));
-    assert!(!Path::new("/no/such/dir").exists());
-}

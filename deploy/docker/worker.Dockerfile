@@ -45,7 +45,10 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY core core
 COPY proto proto
+COPY session session
 COPY coordinator coordinator
+COPY cli cli
+COPY sweep sweep
 COPY worker worker
 COPY tests tests
 COPY sweeps sweeps

@@ -273,3 +273,45 @@ fn completions_and_help_examples() {
         assert!(help.contains(word), "sweep --help does not mention {word}:\n{help}");
     }
 }
+
+#[test]
+fn check_state_prints_violations_and_exits_1_and_2_for_an_unreadable_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_coord, url) = coordinator(&state, &[]);
+    submit(&url, dir.path());
+    assert_eq!(scripted_worker(&url, "w", 10).len(), 4);
+    let check = |extra: &[&str]| output(sweep().args(["check-state", "--state-dir"]).arg(&state).args(extra));
+    let out = check(&[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("0 violations in 1 sweeps, 4 trials, 4 attempts"), "{}", stdout(&out));
+
+    // One violation whatever the clock did: an attempt holds its own device twice.
+    let python = Command::new(venv_bin("python"))
+        .arg("-c")
+        .arg(
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
+             c.execute(\"update attempts set devices = 'cpu:0,cpu:0' where id = (select min(id) from attempts)\"); c.commit()",
+        )
+        .arg(state.join("sweep.db"))
+        .status()
+        .unwrap();
+    assert!(python.success());
+    let out = check(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("1 violation in") && stdout(&out).contains("device-overlap: worker w1"),
+        "{}",
+        stdout(&out)
+    );
+    let out = check(&["--output", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["violations"][0]["rule"], "device-overlap");
+    assert_eq!(json["attempts"], 4);
+
+    let out = output(sweep().args(["check-state", "--state-dir", "/no/such/dir"]));
+    assert_eq!(out.status.code(), Some(2), "an unreadable state is neither clean nor broken");
+    assert!(stderr(&out).contains("/no/such/dir/sweep.db"));
+    assert!(!Path::new("/no/such/dir").exists());
+}

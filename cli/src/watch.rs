@@ -19,7 +19,7 @@ use anyhow::bail;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sweep_proto::v1;
 
-use crate::cli::Client;
+use crate::client::Client;
 use crate::output;
 
 /// Where a view writes.

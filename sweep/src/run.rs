@@ -14,10 +14,10 @@ use anyhow::{Context, anyhow, bail};
 use sweep_core::spec::ParseOptions;
 use tokio::process::{Child, Command};
 
-use crate::cli::{self, Client};
-use crate::output::{self, TableFormat};
-use crate::server;
-use crate::watch::{self, Stream, View};
+use sweep_cli::client::{self as cli, Client};
+use sweep_cli::output::{self, TableFormat};
+use sweep_cli::watch::{self, Stream, View};
+use sweep_coordinator::server;
 
 pub struct RunOptions {
     pub spec: PathBuf,

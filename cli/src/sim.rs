@@ -17,12 +17,12 @@
 //! default) use one tonic `Channel`. A worker has at most three calls open at once (heartbeat,
 //! the acquire long poll, a report or finish), so 50 workers need at most 150 concurrent
 //! streams on a connection: under hyper's default of 200, and far under the coordinator's
-//! [`crate::server::MAX_CONCURRENT_STREAMS`]. 1,000 workers thus take 20 sockets; [`run`]
+//! concurrent-stream limit (4096). 1,000 workers thus take 20 sockets; [`run`]
 //! checks (and if needed raises) the file-descriptor limit before it connects.
 //!
 //! **What is recorded**, per worker, then merged into a [`SimReport`]:
 //! * every acknowledged `ReportEpoch`: sweep, trial, epoch, attempt and the values sent
-//!   ([`AckedReport`]); [`lost_in_database`] and [`lost_via_rpc`] look each one up in the
+//!   ([`AckedReport`]); [`lost_in`] and [`lost_via_rpc`] look each one up in the
 //!   coordinator's store afterwards;
 //! * **scheduling latency**, one sample per assignment: from the moment the worker had a free
 //!   device and was asking for work to the arrival of the assignment. That moment is the later
@@ -39,12 +39,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 use sweep_core::leaderboard::Phase;
 use sweep_proto::connect::ClientSecurity;
 use sweep_proto::v1;
@@ -651,7 +650,7 @@ impl sweep_session::Executor for SimWorker {
 // ---------------------------------------------------------------------------------------------
 
 /// Stored values of one `(sweep, trial, epoch)`.
-type StoredMetrics = HashMap<(String, String, u32), [f64; 5]>;
+pub type StoredMetrics = HashMap<(String, String, u32), [f64; 5]>;
 
 fn missing(acked: &[AckedReport], stored: &StoredMetrics) -> Vec<AckedReport> {
     acked
@@ -666,28 +665,11 @@ fn missing(acked: &[AckedReport], stored: &StoredMetrics) -> Vec<AckedReport> {
         .collect()
 }
 
-/// The acknowledged reports that the state database `db` (a coordinator's `sweep.db`, read
-/// only; best after the coordinator has stopped) does not hold with the values sent.
-pub fn lost_in_database(db: &Path, acked: &[AckedReport]) -> anyhow::Result<Vec<AckedReport>> {
-    use rusqlite::{Connection, OpenFlags};
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .with_context(|| format!("cannot open {} read-only", db.display()))?;
-    let mut q = conn.prepare(
-        "SELECT m.sweep_id, t.trial_id, m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.seconds
-         FROM metrics m JOIN trials t ON t.sweep_id = m.sweep_id AND t.idx = m.idx",
-    )?;
-    let mut stored = StoredMetrics::new();
-    let rows = q.query_map([], |r| {
-        Ok((
-            (r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?),
-            [r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?],
-        ))
-    })?;
-    for row in rows {
-        let (k, v) = row.with_context(|| format!("reading metrics from {}", db.display()))?;
-        stored.insert(k, v);
-    }
-    Ok(missing(acked, &stored))
+/// The acknowledged reports that `stored` (what a coordinator's store holds: `(sweep, trial,
+/// epoch)` → values; `sweep_coordinator::history::stored_metrics` reads it from a `sweep.db`)
+/// does not hold with the values sent.
+pub fn lost_in(stored: &StoredMetrics, acked: &[AckedReport]) -> Vec<AckedReport> {
+    missing(acked, stored)
 }
 
 /// The acknowledged reports that the coordinator at `url` does not hold with the values sent,

@@ -25,6 +25,11 @@ pub enum TableFormat {
 
 pub use sweep_core::text::{escape, terminal};
 
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 /// Prints a human text on standard output, through [`terminal`].
 pub fn print(text: &str) {
     println!("{}", terminal(text));
@@ -217,7 +222,7 @@ pub fn sweeps_table(sweeps: &[v1::SweepSummary]) -> String {
         return "no sweeps yet; submit one with `sweep submit SPEC`".into();
     }
     let mut t = table(&["sweep", "name", "state", "trials", "progress", "age"]);
-    let now = crate::store::now_ms();
+    let now = now_ms();
     for s in sweeps {
         t.add_row(vec![
             s.id.clone(),
@@ -723,7 +728,7 @@ pub fn workers_table(workers: &[v1::WorkerInfo]) -> String {
         return "no workers registered; start one with `sweep-worker --coordinator URL`".into();
     }
     let mut t = table(&["worker", "name", "state", "device", "model", "memory", "busy with", "last seen"]);
-    let now = crate::store::now_ms();
+    let now = now_ms();
     for w in workers {
         // One row per device: which are free and which run what.
         for (i, d) in w.devices.iter().enumerate() {

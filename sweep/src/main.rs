@@ -1,11 +1,15 @@
-//! `sweep`: the command line of the sweep system, and the coordinator itself.
+//! `sweep`: the command line of the sweep system, and the coordinator itself (`sweep
+//! coordinator`, `sweep run`): `sweep-cli`'s commands and `sweep-coordinator`'s server in one
+//! binary.
 
-use std::path::PathBuf;
+mod run;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sweep_coordinator::cli::{self, Client};
-use sweep_coordinator::output::{Format, TableFormat};
+use sweep_cli::client::{self as cli, Client};
+use sweep_cli::output::{Format, TableFormat};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -349,7 +353,7 @@ enum Command {
         devices_per_worker: u64,
         /// Kind of the fake devices: cpu slots (cpu:0, …) or GPUs (cuda:0, …).
         #[arg(long, value_enum, default_value = "cpu")]
-        device_kind: sweep_coordinator::sim::DeviceKind,
+        device_kind: sweep_cli::sim::DeviceKind,
         /// Milliseconds one simulated epoch takes.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
         epoch_ms: u64,
@@ -357,7 +361,7 @@ enum Command {
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
         duration: Option<u64>,
         /// Workers sharing one HTTP/2 connection.
-        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=sweep_coordinator::sim::MAX_WORKERS_PER_CONNECTION as u64))]
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=sweep_cli::sim::MAX_WORKERS_PER_CONNECTION as u64))]
         workers_per_connection: u64,
         /// Workers are named NAME-1, NAME-2, …
         #[arg(long, default_value = "sim")]
@@ -374,7 +378,7 @@ enum Command {
 fn main() -> ExitCode {
     // The config file supplies defaults to the parse (as SWEEP_* variables that are not set).
     let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if let Err(e) = sweep_coordinator::config::apply(sweep_coordinator::config::explicit_path(&raw).as_deref()) {
+    if let Err(e) = sweep_cli::config::apply(sweep_cli::config::explicit_path(&raw).as_deref()) {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
@@ -394,7 +398,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // Errors quote names and messages from the coordinator and from files.
-            sweep_coordinator::output::eprint(&format!("error: {e:#}"));
+            sweep_cli::output::eprint(&format!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -417,7 +421,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             client_ca,
             tokens,
         } => {
-            cli::init_logging();
+            init_logging();
             let mut config = sweep_coordinator::server::Config::new(listen, state_dir);
             config.health_listen = health_listen;
             config.metrics_listen = metrics_listen;
@@ -432,20 +436,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             config.quarantine_after = quarantine_after;
             config.forget_workers_after = std::time::Duration::from_secs(forget_workers_after.saturating_mul(3600));
             config.parse.max_trials = max_trials;
-            cli::coordinator(config).await?;
+            coordinator(config).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { spec, workers, state_dir, threads_per_worker, worker_bin, artifacts, output } => {
-            let options = sweep_coordinator::run::RunOptions {
-                spec,
-                workers,
-                state_dir,
-                threads_per_worker,
-                worker_bin,
-                artifacts,
-                output,
-            };
-            sweep_coordinator::run::run(options).await
+            let options =
+                run::RunOptions { spec, workers, state_dir, threads_per_worker, worker_bin, artifacts, output };
+            run::run(options).await
         }
         Command::Validate { spec, max_trials, output } => cli::validate(&spec, max_trials, output),
         Command::Submit { spec, watch, remote } => {
@@ -506,8 +503,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote.conn.connect().await?.workers(format).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckState { state_dir, output } => Ok(sweep_coordinator::history::command(&state_dir, output)),
-        Command::Backup { state_dir, out } => Ok(sweep_coordinator::history::backup_command(&state_dir, &out)),
+        Command::CheckState { state_dir, output } => Ok(check_state(&state_dir, output)),
+        Command::Backup { state_dir, out } => Ok(backup(&state_dir, &out)),
         Command::SimulateWorkers {
             conn,
             count,
@@ -520,7 +517,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             no_verify,
             output,
         } => {
-            let mut options = sweep_coordinator::sim::SimOptions::new(&conn.coordinator, count as usize);
+            let mut options = sweep_cli::sim::SimOptions::new(&conn.coordinator, count as usize);
             options.security = conn.security()?;
             options.devices_per_worker = devices_per_worker as usize;
             options.device_kind = device_kind;
@@ -528,7 +525,87 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             options.workers_per_connection = workers_per_connection as usize;
             options.name = name;
             let duration = duration.map(std::time::Duration::from_secs);
-            sweep_coordinator::sim::command(options, duration, !no_verify, output).await
+            sweep_cli::sim::command(options, duration, !no_verify, output).await
         }
     }
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`), `SWEEP_LOG_FORMAT=json` for JSON lines.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: logs in files stay greppable.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("SWEEP_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        let _ = builder.json().with_current_span(false).try_init();
+    } else {
+        let _ = builder.with_ansi(ansi).try_init();
+    }
+}
+
+/// `sweep coordinator`: serves until interrupted (Ctrl-C or SIGTERM).
+async fn coordinator(config: sweep_coordinator::server::Config) -> anyhow::Result<()> {
+    let state_dir = config.state_dir.clone();
+    let running = sweep_coordinator::server::start(config).await?;
+    tracing::info!(addr = %running.addr, state_dir = %state_dir.display(), "coordinator listening");
+    println!("coordinator listening on {} (state in {})", running.addr, state_dir.display());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    running.stop().await
+}
+
+/// `sweep backup`: copies the state, prints what the copy holds and whether its history is clean.
+fn backup(state_dir: &Path, out: &Path) -> std::process::ExitCode {
+    match sweep_coordinator::history::backup(state_dir, out) {
+        Ok(report) => {
+            sweep_cli::output::print(&format!(
+                "backed up {} to {}: {report}",
+                state_dir.join(sweep_coordinator::history::DB_FILE).display(),
+                out.display()
+            ));
+            if report.is_clean() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::from(1) }
+        }
+        Err(e) => {
+            sweep_cli::output::eprint(&format!("error: cannot back up {}: {e}", state_dir.display()));
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// `sweep check-state`: prints the report (a table of violations, or JSON) and exits 0 when the
+/// history is clean, 1 when it is not, 2 when the state cannot be read.
+fn check_state(state_dir: &Path, format: sweep_cli::output::Format) -> std::process::ExitCode {
+    let report = match sweep_coordinator::history::check_state_dir(state_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            sweep_cli::output::eprint(&format!("error: cannot check {}: {e}", state_dir.display()));
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match format {
+        sweep_cli::output::Format::Table => sweep_cli::output::print(&report.to_string()),
+        sweep_cli::output::Format::Json => {
+            let violations: Vec<_> = report
+                .violations
+                .iter()
+                .map(|v| serde_json::json!({ "rule": v.rule, "subject": v.subject, "message": v.message }))
+                .collect();
+            let json = serde_json::json!({
+                "state_dir": state_dir.display().to_string(),
+                "sweeps": report.sweeps,
+                "trials": report.trials,
+                "attempts": report.attempts,
+                "metrics": report.metrics,
+                "events": report.events,
+                "violations": violations,
+            });
+            println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
+        }
+    }
+    if report.is_clean() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::from(1) }
 }

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use sweep_coordinator::cli::Client;
+use sweep_cli::client::Client;
+use sweep_cli::sim::{self, SimOptions};
 use sweep_coordinator::server::{self, Config};
-use sweep_coordinator::sim::{self, SimOptions};
 use sweep_coordinator::store::Store;
 use sweep_proto::v1;
 
@@ -63,7 +63,8 @@ async fn simulated_workers_complete_a_sweep_and_lose_no_report() {
     assert_eq!(report.error_count(), 0, "errors: {:?} {:?}", report.errors, report.error_samples);
     assert_eq!(report.attempts_succeeded as u32, submitted.trial_count);
     assert_eq!(report.assignments() as u32, submitted.trial_count);
-    let lost = sim::lost_in_database(&dir.path().join("sweep.db"), &report.reports).unwrap();
+    let stored = sweep_coordinator::history::stored_metrics(&dir.path().join("sweep.db")).unwrap();
+    let lost = sim::lost_in(&stored, &report.reports);
     assert!(lost.is_empty(), "{} acknowledged reports are not stored, e.g. {:?}", lost.len(), lost.first());
 
     let store = Store::open(dir.path()).unwrap();

@@ -12,24 +12,10 @@ use sweep_proto::v1::sweep_service_client::SweepServiceClient;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::output::{self, Format, TableFormat};
-use crate::{server, watch};
+use crate::watch;
 
 /// Where the CLI looks for a coordinator unless told otherwise.
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
-
-/// Logs to stderr; `RUST_LOG` filters (default `info`), `SWEEP_LOG_FORMAT=json` for JSON lines.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: logs in files stay greppable.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if std::env::var("SWEEP_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        let _ = builder.json().with_current_span(false).try_init();
-    } else {
-        let _ = builder.with_ansi(ansi).try_init();
-    }
-}
 
 /// Reads a spec file, with an error that names it.
 pub fn read_spec(path: &Path) -> anyhow::Result<String> {
@@ -74,21 +60,6 @@ pub fn validate(path: &Path, max_trials: usize, format: Format) -> anyhow::Resul
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `sweep coordinator`: serves until interrupted (Ctrl-C or SIGTERM).
-pub async fn coordinator(config: server::Config) -> anyhow::Result<()> {
-    let state_dir = config.state_dir.clone();
-    let running = server::start(config).await?;
-    tracing::info!(addr = %running.addr, state_dir = %state_dir.display(), "coordinator listening");
-    println!("coordinator listening on {} (state in {})", running.addr, state_dir.display());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
-    running.stop().await
 }
 
 type Channel = InterceptedService<tonic::transport::Channel, BearerToken>;

@@ -1,8 +1,8 @@
-//! Load benchmark: simulated workers (`sweep_coordinator::sim`) against one real coordinator.
+//! Load benchmark: simulated workers (`sweep_cli::sim`) against one real coordinator.
 //!
 //! ```sh
-//! cargo bench -p sweep-coordinator --bench load
-//! SWEEP_LOAD_WORKERS=200 SWEEP_LOAD_SECONDS=30 cargo bench -p sweep-coordinator --bench load
+//! cargo bench -p sweep --bench load
+//! SWEEP_LOAD_WORKERS=200 SWEEP_LOAD_SECONDS=30 cargo bench -p sweep --bench load
 //! ```
 //!
 //! Starts the `sweep coordinator` binary of this build as a child process on a temporary state
@@ -25,8 +25,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use sweep_coordinator::cli::Client;
-use sweep_coordinator::sim::{self, Counters, SimOptions};
+use sweep_cli::client::Client;
+use sweep_cli::sim::{self, Counters, SimOptions};
 
 struct Settings {
     workers: usize,
@@ -226,7 +226,8 @@ async fn bench(s: Settings) -> anyhow::Result<ExitCode> {
         tokio::time::timeout(Duration::from_secs(30), stopped).await.context("the coordinator did not stop")??;
     drop(coordinator);
     let exit = exit?;
-    let lost = sim::lost_in_database(&state.join("sweep.db"), &report.reports)?;
+    let stored = sweep_coordinator::history::stored_metrics(&state.join("sweep.db"))?;
+    let lost = sim::lost_in(&stored, &report.reports);
 
     let mut lines = sim::report_lines(&report, Some(&lost));
     let last = lines.pop().unwrap_or_default();
