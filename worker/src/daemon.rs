@@ -208,6 +208,7 @@ impl sweep_session::Executor for TchExecutor {
                 Ok(Err(TrainError::Cancelled)) => Outcome::Stopped,
                 Ok(Err(TrainError::Permanent(message))) => Outcome::Failed { permanent: true, message },
                 Ok(Err(TrainError::Retryable(message))) => Outcome::Failed { permanent: false, message },
+                Ok(Err(e @ TrainError::ResumePoint(_))) => Outcome::Failed { permanent: false, message: e.to_string() },
                 Err(join) => {
                     Outcome::Failed { permanent: false, message: format!("the training thread crashed: {join}") }
                 }
@@ -274,8 +275,8 @@ pub fn train_attempt(
                     (t, Some(meta))
                 }
                 // The point does not fit this trial's model: start over rather than fail forever.
-                Err(TrainError::Retryable(m)) if m.starts_with("resume point:") => {
-                    note = join_note(note, format!("{m}; started from the beginning"));
+                Err(e @ TrainError::ResumePoint(_)) => {
+                    note = join_note(note, format!("{e}; started from the beginning"));
                     (Trainer::new(&spec, &trial, options)?, None)
                 }
                 Err(e) => return Err(e),

@@ -61,6 +61,10 @@ pub enum TrainError {
     /// Stopped on request (the callback returned [`Control::Stop`], or the cancel flag was set).
     #[error("cancelled")]
     Cancelled,
+    /// The resume point handed to the trainer does not fit the trial (other shapes or names, more
+    /// epochs than the trial has): the attempt can start from the beginning instead. Retryable.
+    #[error("resume point: {0}")]
+    ResumePoint(String),
 }
 
 impl TrainError {
@@ -368,9 +372,9 @@ fn dist_error(context: &str) -> impl FnOnce(DistError) -> ReplicaError + '_ {
 /// Loss and accuracy of a pass.
 type PassMetrics = (f64, f64);
 
-/// An unusable resume point: retryable, so that the daemon can fall back to an older one.
+/// An unusable resume point: the daemon starts the trial over instead.
 fn bad_state(message: String) -> ReplicaError {
-    ReplicaError::Train(TrainError::Retryable(format!("resume point: {message}")))
+    ReplicaError::Train(TrainError::ResumePoint(message))
 }
 
 /// Copies a resume point's state dict into `model`: every tensor, same names and shapes.
@@ -856,6 +860,7 @@ fn combine<T>(results: Vec<(usize, Result<T, ReplicaError>)>, devices: &[Device]
                     match e {
                         TrainError::Permanent(m) => TrainError::Permanent(format!("{at}: {m}")),
                         TrainError::Retryable(m) => TrainError::Retryable(format!("{at}: {m}")),
+                        TrainError::ResumePoint(m) => TrainError::ResumePoint(format!("{at}: {m}")),
                         TrainError::Cancelled => TrainError::Cancelled,
                     }
                 });
@@ -974,7 +979,7 @@ impl Trainer {
         let epochs_done = match options.resume.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).epochs_done)
         {
             Some(done) if done > total => {
-                return Err(TrainError::Retryable(format!("resume point: {done} epochs done, the trial has {total}")));
+                return Err(TrainError::ResumePoint(format!("{done} epochs done, the trial has {total}")));
             }
             Some(done) => done,
             None => 0,

@@ -231,3 +231,26 @@ fn a_resume_point_that_is_not_the_trials_own_is_never_loaded() {
     let r = run_until(&a, dir.path(), 1);
     assert!(r[0].note.contains("is not in this worker's artifact store"), "{}", r[0].note);
 }
+
+#[test]
+fn a_resume_point_that_does_not_fit_the_trial_is_its_own_error_class() {
+    use sweep_worker::train::TrainError;
+    let (s, t) = spec();
+    let opts = |state: TrainingState| TrainOptions {
+        resume: Some(Arc::new(Mutex::new(state))),
+        ..TrainOptions::new(Device::Cpu)
+    };
+    let empty = |epochs_done| TrainingState { epochs_done, model: Vec::new(), optimizer: Default::default() };
+    // More epochs than the trial has, or a model with none of the trial's tensors: the daemon
+    // starts over on this class (it matched a message prefix before).
+    for (state, fragment) in [(empty(99), "99 epochs done, the trial has 4"), (empty(1), "0 tensors, the model has")] {
+        match Trainer::new(&s, &t, &opts(state)) {
+            Err(e @ TrainError::ResumePoint(_)) => {
+                assert!(!e.is_permanent());
+                assert!(e.to_string().starts_with("resume point: ") && e.to_string().contains(fragment), "{e}");
+            }
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("a resume point that does not fit was taken"),
+        }
+    }
+}
