@@ -24,6 +24,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use sweep_core::grid;
 use sweep_core::leaderboard::{self, EpochMetrics, Phase};
 use sweep_core::lr::LrDecay;
+use sweep_core::schedule;
 use sweep_core::spec::SweepSpec;
 use sweep_core::state::{AttemptState, SweepState, TrialState};
 use sweep_proto::v1;
@@ -865,25 +866,31 @@ impl Store {
             tx.commit()?;
             return Ok(None);
         }
-        // The oldest pending trial (by sweep, then index) that fits: one index lookup per open
-        // sweep, no sort of the pending trials. An ended sweep has no pending trial (a sweep
-        // ends when none waits, and `retry_sweep` reopens it), so only open ones are looked at.
-        let next: Option<(String, i64, i64)> = tx
+        // Every open sweep with a waiting trial (its first, by index: one index lookup per open
+        // sweep, no sort of the pending trials; an ended sweep has none, since a sweep ends when
+        // none waits and `retry_sweep` reopens it); the policy picks (`core::schedule`).
+        let candidates: Vec<schedule::Candidate<String>> = tx
             .prepare_cached(
-                "SELECT s.id, (SELECT t.idx FROM trials t WHERE t.state = 'pending' AND t.sweep_id = s.id
+                "SELECT s.id, s.seq, (SELECT t.idx FROM trials t WHERE t.state = 'pending' AND t.sweep_id = s.id
                                ORDER BY t.idx LIMIT 1) AS first, s.gpus_per_trial
-                 FROM sweeps s WHERE s.cancelled = 0 AND s.finished_at_ms IS NULL AND s.gpus_per_trial <= ?1
-                   AND first IS NOT NULL
-                 ORDER BY s.seq LIMIT 1",
+                 FROM sweeps s WHERE s.cancelled = 0 AND s.finished_at_ms IS NULL AND first IS NOT NULL",
             )?
-            .query_row([free.len() as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
+            .query_map([], |r| {
+                Ok(schedule::Candidate {
+                    sweep: r.get(0)?,
+                    order: r.get(1)?,
+                    trial: r.get::<_, i64>(2)? as u32,
+                    devices: r.get::<_, i64>(3)?.clamp(0, i64::from(u32::MAX)) as u32,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
         // Nothing to hand out: a read-only transaction (no disk write, no sync). Heartbeats keep
         // the worker's last-seen time.
-        let Some((sweep_id, idx, need)) = next else {
+        let Some(decision) = schedule::next(&candidates, free.len()) else {
             tx.commit()?;
             return Ok(None);
         };
+        let (sweep_id, idx, need) = (decision.sweep, i64::from(decision.trial), i64::from(decision.devices));
         let held: Vec<String> = free.into_iter().take(need as usize).collect();
         let now = now_ms();
         tx.prepare_cached("UPDATE workers SET last_seen_ms = ?2 WHERE id = ?1")?.execute(params![worker_id, now])?;
