@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use sweep_core::spec::{self, ParseOptions, SpecError};
-use sweep_proto::connect::{BearerToken, ClientSecurity};
 use sweep_proto::v1;
 use sweep_proto::v1::sweep_service_client::SweepServiceClient;
+use sweep_session::connect::{BearerToken, ClientSecurity};
 use tonic::service::interceptor::InterceptedService;
 
 use crate::output::{self, Format, TableFormat};

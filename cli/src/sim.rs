@@ -45,10 +45,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
 use sweep_core::leaderboard::Phase;
-use sweep_proto::connect::ClientSecurity;
 use sweep_proto::v1;
 use sweep_proto::v1::sweep_service_client::SweepServiceClient;
 use sweep_proto::v1::worker_service_client::WorkerServiceClient;
+use sweep_session::connect::ClientSecurity;
 use tokio::sync::watch;
 use tonic::Status;
 use tonic::transport::Endpoint;
@@ -80,7 +80,7 @@ pub struct SimOptions {
     /// Workers are named `<name>-<n>`.
     pub name: String,
     /// TLS and the bearer token (a `worker` token) for the coordinator, as `sweep-worker` has.
-    pub security: sweep_proto::connect::ClientSecurity,
+    pub security: sweep_session::connect::ClientSecurity,
 }
 
 /// Most simulated workers on one connection (each keeps up to three calls open).
@@ -97,7 +97,7 @@ impl SimOptions {
             poll_wait: Duration::from_secs(30),
             workers_per_connection: 50,
             name: "sim".into(),
-            security: sweep_proto::connect::ClientSecurity::default(),
+            security: sweep_session::connect::ClientSecurity::default(),
         }
     }
 
@@ -389,7 +389,7 @@ pub async fn run_counting(
     let connections = options.connections();
     ensure_fd_headroom(connections as u64)?;
     let url = options.coordinator.clone();
-    let endpoint = sweep_proto::connect::with_keepalive(endpoint(&url, &options.security)?);
+    let endpoint = sweep_session::connect::with_keepalive(endpoint(&url, &options.security)?);
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
         let channel = endpoint.connect().await.map_err(|e| unreachable(&url, &e))?;

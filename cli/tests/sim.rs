@@ -120,7 +120,7 @@ fn fake_metrics_are_deterministic_and_valid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_workers_carry_a_token_and_without_one_are_refused_at_once() {
-    use sweep_proto::connect::{ClientFiles, ClientSecurity};
+    use sweep_session::connect::{ClientFiles, ClientSecurity};
     let dir = tempfile::tempdir().unwrap();
     let worker = "worker-token-0123456789abcdef";
     let admin = "admin-token-0123456789abcdef";

@@ -5,12 +5,12 @@
 //! * [`store`]: SQLite store (WAL); every acknowledged write is committed; the state
 //!   directory's lock and checks.
 //! * [`server`]: `SweepService` + `WorkerService` (plus `grpc.health.v1` and reflection), TLS,
-//!   lease reaper, event fan-out; [`auth`]: bearer tokens with roles; [`metrics`]: `/metrics`.
+//!   lease reaper, event fan-out; [`auth`]: bearer tokens with roles; [`http`]: `/metrics` and `/healthz` (axum), where pages go.
 //! * [`history`]: checks a state database's history against the store's invariants
 //!   (`sweep check-state`), and copies a live one (`sweep backup`).
 
 pub mod auth;
 pub mod history;
-pub mod metrics;
+pub mod http;
 pub mod server;
 pub mod store;

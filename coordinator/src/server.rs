@@ -100,28 +100,7 @@ impl TlsFiles {
     }
 }
 
-/// What the coordinator counts for `/metrics`.
-#[derive(Debug)]
-pub struct CoordinatorMetrics {
-    /// Acknowledged `ReportEpoch` calls.
-    pub reports: sweep_proto::metrics::Counter,
-    /// From the moment a worker with a free device asked (or was woken by new work) to its
-    /// committed assignment.
-    pub scheduling: sweep_proto::metrics::Histogram,
-    /// One store batch: its calls and its commit.
-    pub store_write: sweep_proto::metrics::Histogram,
-}
-
-impl Default for CoordinatorMetrics {
-    fn default() -> Self {
-        use sweep_proto::metrics::{Counter, Histogram, LATENCY_BOUNDS};
-        CoordinatorMetrics {
-            reports: Counter::default(),
-            scheduling: Histogram::new(LATENCY_BOUNDS),
-            store_write: Histogram::new(LATENCY_BOUNDS),
-        }
-    }
-}
+pub use crate::http::CoordinatorMetrics;
 
 impl Config {
     pub fn new(listen: SocketAddr, state_dir: PathBuf) -> Config {
@@ -490,8 +469,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let mut metrics_addr = None;
     if let Some(listen) = config.metrics_listen {
-        let handler = crate::metrics::handler(Arc::clone(&shared));
-        let (bound, t) = sweep_proto::httpd::serve(listen, handler)
+        let (bound, t) = sweep_session::http::serve(listen, crate::http::router(Arc::clone(&shared)))
             .await
             .with_context(|| format!("cannot listen on {listen} (metrics)"))?;
         metrics_addr = Some(bound);

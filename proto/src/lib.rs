@@ -6,33 +6,6 @@ pub mod v1 {
     tonic::include_proto!("sweep.v1");
 }
 
-/// Makes a printing command end quietly, with status 141 as if killed by SIGPIPE, when its
-/// standard output is closed (`sweep list | head`): Rust ignores SIGPIPE, so `println!` then
-/// panics with "Broken pipe". SIGPIPE itself stays ignored in every program: a socket whose
-/// peer vanished mid-write (vectored writes raise SIGPIPE) must give an error, never a silent
-/// death. Call once at the start of `main`.
-pub fn exit_quietly_on_closed_stdout() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let message = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or_default();
-        // `println!` ("failed printing to stdout: Broken pipe"), clap_complete ("failed to
-        // write completion file: … BrokenPipe …"): a closed output, not a bug.
-        if message.contains("Broken pipe") {
-            std::process::exit(141);
-        }
-        default(info);
-    }));
-}
-
-pub mod connect;
-pub mod httpd;
-pub mod metrics;
-
 /// Encoded `FileDescriptorSet` of `sweep.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sweep_v1_descriptor.bin"));
 

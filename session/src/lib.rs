@@ -12,6 +12,10 @@
 //! coordinator to re-queue. Every retried call goes through [`retry::retry`] (backoff with
 //! jitter, a permanent-error predicate).
 //!
+//! [`connect`] is how every client reaches a coordinator (TLS, client certificates, a bearer
+//! token, and the flags that name them), shared with the `sweep` CLI; [`http`] serves the
+//! HTTP endpoints of the coordinator and the worker (axum routes behind bounded connections).
+//!
 //! Attempts stop (their [`Cancel`] is raised) when the coordinator says so in a heartbeat or a
 //! report reply, when the lease is lost, when the coordinator has been unreachable for a whole
 //! TTL, and at shutdown (then they are handed back as failed, retryable).
@@ -19,6 +23,8 @@
 //! An [`Observer`] sees what happens (errors by call, registrations, assignments, ends of
 //! attempts), for the simulator's figures; the worker daemon logs instead.
 
+pub mod connect;
+pub mod http;
 pub mod retry;
 
 use std::collections::HashMap;
@@ -28,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sweep_proto::connect::BearerToken;
+use crate::connect::BearerToken;
 use sweep_proto::v1;
 use sweep_proto::v1::worker_service_client::WorkerServiceClient;
 use tokio::sync::Notify;
@@ -570,4 +576,27 @@ async fn attempt(
     }
     observer.ended(&a, &end);
     session.finish(attempt_id, &end, started.elapsed().as_secs_f64(), &observer).await;
+}
+
+/// Makes a printing command end quietly, with status 141 as if killed by SIGPIPE, when its
+/// standard output is closed (`sweep list | head`): Rust ignores SIGPIPE, so `println!` then
+/// panics with "Broken pipe". SIGPIPE itself stays ignored in every program: a socket whose
+/// peer vanished mid-write (vectored writes raise SIGPIPE) must give an error, never a silent
+/// death. Call once at the start of `main`.
+pub fn exit_quietly_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        // `println!` ("failed printing to stdout: Broken pipe"), clap_complete ("failed to
+        // write completion file: … BrokenPipe …"): a closed output, not a bug.
+        if message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }

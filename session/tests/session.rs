@@ -157,7 +157,7 @@ async fn run_until(
     let channel = tonic::transport::Endpoint::from_shared(url).unwrap().connect_lazy();
     let client = v1::worker_service_client::WorkerServiceClient::with_interceptor(
         channel,
-        sweep_proto::connect::BearerToken::default(),
+        sweep_session::connect::BearerToken::default(),
     );
     let worker = Worker {
         name: "test".into(),

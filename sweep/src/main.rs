@@ -96,30 +96,14 @@ struct Conn {
     /// Coordinator to talk to (`https://` for TLS).
     #[arg(long, env = "SWEEP_COORDINATOR", default_value = cli::DEFAULT_COORDINATOR)]
     coordinator: String,
-    /// File holding the bearer token (a `client`, `viewer` or `admin` token).
-    #[arg(long, env = "SWEEP_TOKEN_FILE", value_name = "FILE")]
-    token_file: Option<PathBuf>,
-    /// CA certificate (PEM) that signed the coordinator's certificate [default: system roots].
-    #[arg(long, env = "SWEEP_CA_CERT", value_name = "FILE")]
-    ca_cert: Option<PathBuf>,
-    /// Client certificate (PEM), for a coordinator that requires one.
-    #[arg(long, env = "SWEEP_CLIENT_CERT", value_name = "FILE", requires = "client_key")]
-    client_cert: Option<PathBuf>,
-    /// Key of the client certificate (PEM).
-    #[arg(long, env = "SWEEP_CLIENT_KEY", value_name = "FILE", requires = "client_cert")]
-    client_key: Option<PathBuf>,
+    #[command(flatten)]
+    client: sweep_session::connect::ClientArgs,
 }
 
 impl Conn {
     /// The TLS and token settings, every file read now.
-    fn security(&self) -> anyhow::Result<sweep_proto::connect::ClientSecurity> {
-        Ok(sweep_proto::connect::ClientSecurity::load(&sweep_proto::connect::ClientFiles {
-            token_file: self.token_file.clone(),
-            token: std::env::var("SWEEP_TOKEN").ok(),
-            ca_cert: self.ca_cert.clone(),
-            client_cert: self.client_cert.clone(),
-            client_key: self.client_key.clone(),
-        })?)
+    fn security(&self) -> anyhow::Result<sweep_session::connect::ClientSecurity> {
+        Ok(self.client.security()?)
     }
 
     async fn connect(&self) -> anyhow::Result<Client> {
@@ -386,7 +370,7 @@ fn main() -> ExitCode {
     // Client commands end quietly on a closed pipe (`sweep list | head`). SIGPIPE stays
     // ignored everywhere: a coordinator that closes a connection while a client (or a server)
     // writes to it must give an error message, not kill the process without one.
-    sweep_proto::exit_quietly_on_closed_stdout();
+    sweep_session::exit_quietly_on_closed_stdout();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

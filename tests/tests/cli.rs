@@ -45,6 +45,7 @@ fn submit(url: &str, dir: &Path) -> String {
 
 #[test]
 fn every_report_command_prints_what_the_snapshots_show() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
     let id = submit(&url, dir.path());
@@ -107,6 +108,7 @@ fn png_size(path: &Path) -> (u32, u32) {
 
 #[test]
 fn plot_writes_a_figure_per_trial_and_one_per_backbone() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
     let id = submit(&url, dir.path());
@@ -128,6 +130,7 @@ fn plot_writes_a_figure_per_trial_and_one_per_backbone() {
 
 #[test]
 fn watch_follows_a_sweep_to_its_end_across_a_coordinator_restart() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let listen = format!("127.0.0.1:{}", free_port());
@@ -168,6 +171,7 @@ fn watch_follows_a_sweep_to_its_end_across_a_coordinator_restart() {
 
 #[test]
 fn on_a_terminal_watch_draws_progress_bars_and_submit_watch_follows_what_it_submitted() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
     let spec = write(dir.path(), "cli.yaml", CLI_SPEC);
@@ -197,6 +201,7 @@ fn on_a_terminal_watch_draws_progress_bars_and_submit_watch_follows_what_it_subm
 
 #[test]
 fn settings_come_from_flags_then_the_environment_then_the_config_file() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
     let id = submit(&url, dir.path());
@@ -237,6 +242,7 @@ fn settings_come_from_flags_then_the_environment_then_the_config_file() {
 
 #[test]
 fn completions_and_help_examples() {
+    let _bound = sweep_tests::bound(300);
     let out = output(sweep().args(["completions", "bash"]));
     assert!(out.status.success());
     let bash = stdout(&out);
@@ -276,6 +282,7 @@ fn completions_and_help_examples() {
 
 #[test]
 fn check_state_prints_violations_and_exits_1_and_2_for_an_unreadable_state() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (_coord, url) = coordinator(&state, &[]);

@@ -23,6 +23,7 @@ async fn client(url: &str) -> SweepServiceClient<tonic::transport::Channel> {
 
 #[test]
 fn validate_rejects_every_kind_of_bad_spec_with_file_line_and_column() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let good = TINY_SPEC;
     let cases: Vec<(&str, String, &str)> = vec![
@@ -69,6 +70,7 @@ fn validate_rejects_every_kind_of_bad_spec_with_file_line_and_column() {
 
 #[test]
 fn validate_lists_the_trials_of_the_shipped_specs() {
+    let _bound = sweep_tests::bound(300);
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../sweeps");
     let out = output(sweep().args(["validate", &format!("{root}/flowers102.yaml"), "--output", "json"]));
     assert!(out.status.success(), "{}", stderr(&out));
@@ -84,6 +86,7 @@ fn validate_lists_the_trials_of_the_shipped_specs() {
 
 #[test]
 fn real_processes_complete_a_sweep_and_the_leaderboard_comes_back_over_grpc() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let spec = write(dir.path(), "tiny.yaml", TINY_SPEC);
@@ -204,6 +207,7 @@ fn real_processes_complete_a_sweep_and_the_leaderboard_comes_back_over_grpc() {
 
 #[test]
 fn sweep_run_finishes_with_a_leaderboard_and_leaves_a_readable_state_dir() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let spec = write(dir.path(), "tiny.yaml", TINY_SPEC);
@@ -230,6 +234,7 @@ fn sweep_run_finishes_with_a_leaderboard_and_leaves_a_readable_state_dir() {
 
 #[test]
 fn client_commands_without_a_coordinator_say_how_to_start_one() {
+    let _bound = sweep_tests::bound(300);
     let out = output(sweep().args(["list", "--coordinator", "http://127.0.0.1:9"]));
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
@@ -286,6 +291,7 @@ fn wait_completed(url: &str, id: &str, dir: &std::path::Path, logs: &[&str]) -> 
 
 #[test]
 fn trials_run_on_disjoint_devices_and_a_trial_too_large_for_every_worker_is_unschedulable_until_one_fits() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
     // A worker with two CPU slots (a fake two-device machine).
@@ -344,6 +350,7 @@ fn trials_run_on_disjoint_devices_and_a_trial_too_large_for_every_worker_is_unsc
 
 #[test]
 fn worker_device_lists_and_the_allreduce_check_from_the_command_line() {
+    let _bound = sweep_tests::bound(300);
     let worker = || std::process::Command::new(bin("sweep-worker"));
     let out = output(worker().args(["--devices", "cpu:0,cpu:1", "--list-devices"]));
     assert!(out.status.success(), "{}", stderr(&out));

@@ -75,6 +75,7 @@ fn refused_start(state: &Path, extra: &[&str]) -> String {
 
 #[test]
 fn a_damaged_state_directory_stops_the_coordinator_naming_the_file_and_keeping_the_log() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (mut coord, url) = coordinator(&state, &[]);
@@ -128,6 +129,7 @@ fn a_damaged_state_directory_stops_the_coordinator_naming_the_file_and_keeping_t
 
 #[test]
 fn one_coordinator_serves_a_state_directory_and_a_clean_stop_leaves_it_whole_in_sweep_db() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (mut coord, url) = coordinator(&state, &[]);
@@ -164,6 +166,7 @@ fn one_coordinator_serves_a_state_directory_and_a_clean_stop_leaves_it_whole_in_
 
 #[test]
 fn a_bad_spec_fails_its_trials_without_quarantining_the_fleet() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (_coord, url) = coordinator(&state, &["--quarantine-after", "2"]);
@@ -197,6 +200,7 @@ grid:
 
 #[test]
 fn a_dataset_too_large_for_a_worker_fails_its_trial_and_the_worker_lives_on() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (_coord, url) = coordinator(&state, &["--quarantine-after", "1"]);
@@ -266,6 +270,7 @@ fn probe(addr: &str) {
 
 #[test]
 fn idle_connections_never_starve_the_health_probes_of_coordinator_and_worker() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let metrics = format!("127.0.0.1:{}", free_port());
     let (_coord, url) = coordinator(&dir.path().join("state"), &["--metrics-listen", &metrics]);
@@ -298,6 +303,7 @@ fn idle_connections_never_starve_the_health_probes_of_coordinator_and_worker() {
 
 #[test]
 fn names_and_messages_that_would_steer_a_terminal_are_printed_escaped() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
     let id = submit(&url, dir.path(), "tiny.yaml", TINY_SPEC);
@@ -336,6 +342,7 @@ fn processes_with(marker: &str) -> Vec<u32> {
 
 #[test]
 fn sweep_run_into_a_closed_pipe_leaves_no_worker_behind() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("piped-state");
     let spec = write(dir.path(), "tiny.yaml", TINY_SPEC);
@@ -463,6 +470,7 @@ fn all_files(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn ids_from_a_rogue_coordinator_never_become_paths_on_the_worker() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let artifacts = dir.path().join("store").join("artifacts");
@@ -529,6 +537,7 @@ fn ids_from_a_rogue_coordinator_never_become_paths_on_the_worker() {
 
 #[test]
 fn many_workers_with_many_long_named_devices_still_list_in_pages() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
     // 60 registrations of 1,024 devices with 200-character names: about 17 MB of workers, far
@@ -579,6 +588,7 @@ fn many_workers_with_many_long_named_devices_still_list_in_pages() {
 
 #[test]
 fn absurd_metrics_are_refused_and_plotting_never_spins_on_what_an_older_state_holds() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (mut coord, url) = coordinator(&state, &[]);

@@ -63,6 +63,7 @@ fn kill9(p: &mut Proc) {
 
 #[test]
 fn a_trial_whose_worker_is_killed_resumes_on_another_from_its_last_checkpoint_in_either_phase() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let (_coord, url) = coordinator(&dir.path().join("state"), &["--heartbeat-ttl", "1", "--lease-grace", "1"]);
     let sweep = submit(&url, dir.path(), SLOW_SPEC);
@@ -109,6 +110,7 @@ fn a_trial_whose_worker_is_killed_resumes_on_another_from_its_last_checkpoint_in
 
 #[test]
 fn a_coordinator_killed_mid_sweep_comes_back_with_every_acknowledged_epoch_and_reattaches_the_running_trial() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let listen = format!("127.0.0.1:{}", free_port());
@@ -146,6 +148,7 @@ fn a_coordinator_killed_mid_sweep_comes_back_with_every_acknowledged_epoch_and_r
 
 #[test]
 fn a_broken_worker_is_quarantined_and_retry_requeues_the_failed_trials_for_a_healthy_one() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let (_coord, url) = coordinator(&dir.path().join("state"), &["--quarantine-after", "2"]);
     let json = |args: &[&str]| -> serde_json::Value {
@@ -222,6 +225,7 @@ fn a_broken_worker_is_quarantined_and_retry_requeues_the_failed_trials_for_a_hea
 
 #[test]
 fn a_partitioned_worker_stops_its_attempt_and_its_stale_writes_are_refused_when_it_comes_back() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let (_coord, url) = coordinator(&dir.path().join("state"), &["--heartbeat-ttl", "2", "--lease-grace", "2"]);
     let sweep = submit(&url, dir.path(), SLOW_SPEC);
@@ -327,6 +331,7 @@ fn a_partitioned_worker_stops_its_attempt_and_its_stale_writes_are_refused_when_
 
 #[test]
 fn cancel_stops_a_running_attempt_at_its_next_heartbeat() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let (_coord, url) = coordinator(&dir.path().join("state"), &["--heartbeat-ttl", "3"]);
     let id = submit(&url, dir.path(), &SLOW_SPEC.replace("[[3, 3]]", "[[3, 30]]"));
@@ -349,6 +354,7 @@ fn cancel_stops_a_running_attempt_at_its_next_heartbeat() {
 
 #[test]
 fn with_an_s3_artifact_store_a_killed_workers_trial_resumes_on_a_worker_that_shares_no_filesystem_with_it() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let s3 = S3Server::start(dir.path(), "sweep-artifacts");
     let store = "s3://sweep-artifacts/runs/one";
@@ -420,6 +426,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn a_worker_whose_artifact_store_does_not_answer_stops_at_start_up_saying_why() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let s3 = S3Server::start(dir.path(), "exists");
     let run = |artifacts: &str| {

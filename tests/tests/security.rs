@@ -57,6 +57,7 @@ fn with_token(
 
 #[test]
 fn tokens_decide_who_may_call_what() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let tokens = tokens_file(dir.path());
     let (_coord, url) = coordinator(&dir.path().join("state"), &["--tokens", tokens.to_str().unwrap()]);
@@ -136,6 +137,7 @@ fn tokens_decide_who_may_call_what() {
 
 #[test]
 fn unreadable_settings_stop_start_up_naming_the_file() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let start = |extra: &[&str]| {
         output(
@@ -223,6 +225,7 @@ fn pki(dir: &Path) -> Pki {
 
 #[test]
 fn mutual_tls_and_tokens_from_the_cli_to_a_training_worker_and_its_metrics() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let p = pki(dir.path());
     let tokens = tokens_file(dir.path());
@@ -370,6 +373,7 @@ fn mutual_tls_and_tokens_from_the_cli_to_a_training_worker_and_its_metrics() {
 
 #[test]
 fn stock_clients_see_health_reflection_and_prometheus_metrics() {
+    let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let tokens = tokens_file(dir.path());
     let health = format!("127.0.0.1:{}", free_port());
@@ -414,6 +418,7 @@ fn stock_clients_see_health_reflection_and_prometheus_metrics() {
 
 #[test]
 fn logs_are_json_lines_on_request() {
+    let _bound = sweep_tests::bound(300);
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let mut child = sweep()

@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sweep_core::spec::{self, ParseOptions};
-use sweep_proto::connect::ClientSecurity;
 use sweep_proto::v1;
 use sweep_proto::v1::worker_service_client::WorkerServiceClient;
 use sweep_session::Outcome;
+use sweep_session::connect::ClientSecurity;
 
 use crate::artifacts::ArtifactStore;
 use crate::checkpoint::{self, TrialCheckpoints};
@@ -114,23 +114,6 @@ fn cpu_description() -> (String, u64) {
     (format!("{model} ({cores} cores)"), memory)
 }
 
-/// The coordinator connection's settings: the token from `token_file` (else `SWEEP_TOKEN`),
-/// TLS files; every file is read now.
-pub fn client_security(
-    token_file: Option<PathBuf>,
-    ca_cert: Option<PathBuf>,
-    client_cert: Option<PathBuf>,
-    client_key: Option<PathBuf>,
-) -> anyhow::Result<ClientSecurity> {
-    Ok(ClientSecurity::load(&sweep_proto::connect::ClientFiles {
-        token_file,
-        token: std::env::var("SWEEP_TOKEN").ok(),
-        ca_cert,
-        client_cert,
-        client_key,
-    })?)
-}
-
 /// The training device: `cuda:0` when CUDA is usable, else the CPU.
 pub fn default_device() -> tch::Device {
     if tch::Cuda::is_available() { tch::Device::Cuda(0) } else { tch::Device::Cpu }
@@ -140,7 +123,8 @@ pub fn default_device() -> tch::Device {
 /// retryable, and returns). The protocol — registration, heartbeats, the long poll, fenced
 /// reports and finishes — is [`sweep_session`]'s; this worker brings the training.
 pub async fn run(options: DaemonOptions, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-    let channel = sweep_proto::connect::with_keepalive(options.security.endpoint(&options.coordinator)?).connect_lazy();
+    let channel =
+        sweep_session::connect::with_keepalive(options.security.endpoint(&options.coordinator)?).connect_lazy();
     let client = WorkerServiceClient::with_interceptor(channel, options.security.interceptor());
     let worker = sweep_session::Worker {
         name: options.name.clone(),

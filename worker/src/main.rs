@@ -54,19 +54,8 @@ struct Args {
     /// copies of artifacts pass through `<dir>/scratch`.
     #[arg(long, env = "SWEEP_CACHE_DIR", default_value = ".sweep/cache")]
     cache_dir: PathBuf,
-    /// File holding this worker's bearer token (a `worker` token of the coordinator).
-    #[arg(long, env = "SWEEP_TOKEN_FILE", value_name = "FILE")]
-    token_file: Option<PathBuf>,
-    /// CA certificate (PEM) that signed the coordinator's certificate (for https://) [default:
-    /// the system's roots].
-    #[arg(long, env = "SWEEP_CA_CERT", value_name = "FILE")]
-    ca_cert: Option<PathBuf>,
-    /// Client certificate (PEM), for a coordinator that requires one (mutual TLS).
-    #[arg(long, env = "SWEEP_CLIENT_CERT", value_name = "FILE", requires = "client_key")]
-    client_cert: Option<PathBuf>,
-    /// Key of the client certificate (PEM).
-    #[arg(long, env = "SWEEP_CLIENT_KEY", value_name = "FILE", requires = "client_cert")]
-    client_key: Option<PathBuf>,
+    #[command(flatten)]
+    client: sweep_session::connect::ClientArgs,
     /// Serve Prometheus `/metrics` and `/healthz` over HTTP here (e.g. 0.0.0.0:9091).
     #[arg(long, env = "SWEEP_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -198,7 +187,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     // The tools end quietly on a closed pipe (`sweep-worker inspect | head`); SIGPIPE stays
     // ignored, so that a connection that breaks mid-write is an error, never a silent death.
-    sweep_proto::exit_quietly_on_closed_stdout();
+    sweep_session::exit_quietly_on_closed_stdout();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: logs in files stay greppable.
@@ -377,12 +366,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     runtime.block_on(artifacts.check())?;
     artifacts.clean_stale_scratch();
     // Unreadable token or certificate files stop start-up here, naming the file.
-    let security = sweep_worker::daemon::client_security(
-        args.token_file.clone(),
-        args.ca_cert.clone(),
-        args.client_cert.clone(),
-        args.client_key.clone(),
-    )?;
+    let security = args.client.security()?;
     let options = DaemonOptions {
         coordinator: args.coordinator,
         name: args.name.unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id())),
@@ -398,7 +382,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let metrics_devices = std::sync::Arc::new(options.devices.clone());
     runtime.block_on(async move {
         if let Some(listen) = args.metrics_listen {
-            let (bound, _task) = sweep_proto::httpd::serve(listen, sweep_worker::metrics::handler(metrics_devices))
+            let (bound, _task) = sweep_session::http::serve(listen, sweep_worker::metrics::router(metrics_devices))
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (metrics): {e}"))?;
             tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");

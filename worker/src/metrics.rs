@@ -13,9 +13,19 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use sweep_proto::httpd::{Handler, Reply};
-use sweep_proto::metrics::{CONTENT_TYPE, Counter, EPOCH_BOUNDS, Exposition, Histogram};
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use sweep_proto::v1;
+use sweep_session::http::{metrics_response, text};
+
+/// Upper bounds of the epoch-duration histogram: a second to a few hours.
+pub const EPOCH_BOUNDS: [f64; 12] = [1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 10800.0];
 
 /// What this process counts.
 pub struct WorkerMetrics {
@@ -27,23 +37,37 @@ pub struct WorkerMetrics {
     pub up: AtomicBool,
 }
 
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        WorkerMetrics {
+            images_per_second: AtomicU64::new(0f64.to_bits()),
+            epoch_seconds: Histogram::new(EPOCH_BOUNDS),
+            epochs: Counter::default(),
+            running: AtomicUsize::new(0),
+            up: AtomicBool::new(true),
+        }
+    }
+}
+
 /// The process's metrics.
 pub fn global() -> &'static WorkerMetrics {
     static M: OnceLock<WorkerMetrics> = OnceLock::new();
-    M.get_or_init(|| WorkerMetrics {
-        images_per_second: AtomicU64::new(0f64.to_bits()),
-        epoch_seconds: Histogram::new(EPOCH_BOUNDS),
-        epochs: Counter::default(),
-        running: AtomicUsize::new(0),
-        up: AtomicBool::new(true),
-    })
+    M.get_or_init(WorkerMetrics::default)
+}
+
+fn gauge(v: f64) -> Gauge<f64, AtomicU64> {
+    let g = Gauge::<f64, AtomicU64>::default();
+    g.set(v);
+    g
 }
 
 impl WorkerMetrics {
     /// One reported epoch of `train_images` images that took `seconds`.
     pub fn epoch(&self, train_images: usize, seconds: f64) {
         self.epochs.inc();
-        self.epoch_seconds.observe(seconds);
+        if seconds.is_finite() {
+            self.epoch_seconds.observe(seconds);
+        }
         if seconds > 0.0 {
             self.images_per_second.store((train_images as f64 / seconds).to_bits(), Ordering::Relaxed);
         }
@@ -53,50 +77,50 @@ impl WorkerMetrics {
         f64::from_bits(self.images_per_second.load(Ordering::Relaxed))
     }
 
-    /// The exposition text, with the devices this worker announces.
-    pub fn render(&self, devices: &[v1::Device]) -> String {
-        let mut e = Exposition::default();
-        e.gauge(
+    /// The metrics now, with the devices this worker announces.
+    pub fn registry(&self, devices: &[v1::Device]) -> Registry {
+        let mut r = Registry::default();
+        r.register(
             "sweep_worker_up",
-            "1 while the daemon's loop runs.",
-            &[(vec![], f64::from(u8::from(self.up.load(Ordering::Relaxed))))],
+            "1 while the daemon's loop runs",
+            gauge(f64::from(u8::from(self.up.load(Ordering::Relaxed)))),
         );
-        e.gauge(
+        r.register(
             "sweep_worker_images_per_second",
-            "Training images per second of the last epoch (its training and validation time).",
-            &[(vec![], self.images_per_second())],
+            "Training images per second of the last epoch (its training and validation time)",
+            gauge(self.images_per_second()),
         );
-        e.histogram("sweep_worker_epoch_seconds", "Wall-clock seconds per epoch.", &self.epoch_seconds);
-        e.counter("sweep_worker_epochs_total", "Epochs trained and reported.", self.epochs.get());
-        e.gauge(
+        r.register("sweep_worker_epoch_seconds", "Wall-clock seconds per epoch", self.epoch_seconds.clone());
+        r.register("sweep_worker_epochs", "Epochs trained and reported", self.epochs.clone());
+        r.register(
             "sweep_worker_running_attempts",
-            "Attempts running now.",
-            &[(vec![], self.running.load(Ordering::Relaxed) as f64)],
+            "Attempts running now",
+            gauge(self.running.load(Ordering::Relaxed) as f64),
         );
-        let memory: Vec<(Vec<(&str, &str)>, f64)> = devices
-            .iter()
-            .filter(|d| d.memory_bytes > 0)
-            .map(|d| (vec![("device", d.id.as_str()), ("kind", d.kind.as_str())], d.memory_bytes as f64))
-            .collect();
-        e.gauge("sweep_worker_device_memory_bytes", "Memory of each announced device.", &memory);
-        e.finish()
+        let memory = Family::<Vec<(&'static str, String)>, Gauge<f64, AtomicU64>>::default();
+        for d in devices.iter().filter(|d| d.memory_bytes > 0) {
+            memory.get_or_create(&vec![("device", d.id.clone()), ("kind", d.kind.clone())]).set(d.memory_bytes as f64);
+        }
+        r.register("sweep_worker_device_memory_bytes", "Memory of each announced device", memory);
+        r
     }
 }
 
 /// `/metrics`, `/healthz` (200 while the daemon's loop runs, 503 after), 404 otherwise.
-pub fn handler(devices: Arc<Vec<v1::Device>>) -> Handler {
-    Arc::new(move |path: String| {
-        let devices = Arc::clone(&devices);
-        Box::pin(async move {
-            let m = global();
-            match path.as_str() {
-                "/metrics" => Reply { status: 200, content_type: CONTENT_TYPE, body: m.render(&devices) },
-                "/healthz" if m.up.load(Ordering::Relaxed) => Reply::text(200, "ok\n"),
-                "/healthz" => Reply::text(503, "the daemon has stopped\n"),
-                _ => Reply::text(404, "try /metrics or /healthz\n"),
-            }
-        })
-    })
+pub fn router(devices: Arc<Vec<v1::Device>>) -> Router {
+    Router::new()
+        .route("/metrics", get(move || async move { metrics_response(&global().registry(&devices)) }))
+        .route(
+            "/healthz",
+            get(|| async {
+                if global().up.load(Ordering::Relaxed) {
+                    text(StatusCode::OK, "ok\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "the daemon has stopped\n")
+                }
+            }),
+        )
+        .fallback(|| async { text(StatusCode::NOT_FOUND, "try /metrics or /healthz\n") })
 }
 
 #[cfg(test)]
@@ -105,24 +129,22 @@ mod tests {
 
     #[test]
     fn an_epoch_sets_the_rate_and_the_histogram() {
-        let m = WorkerMetrics {
-            images_per_second: AtomicU64::new(0f64.to_bits()),
-            epoch_seconds: Histogram::new(EPOCH_BOUNDS),
-            epochs: Counter::default(),
-            running: AtomicUsize::new(1),
-            up: AtomicBool::new(true),
-        };
+        let m = WorkerMetrics::default();
+        m.running.store(1, Ordering::Relaxed);
         m.epoch(6149, 20.0);
         assert!((m.images_per_second() - 307.45).abs() < 1e-9);
         let devices =
             vec![v1::Device { id: "cuda:0".into(), kind: "cuda".into(), name: "H100".into(), memory_bytes: 80 << 30 }];
-        let text = m.render(&devices);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &m.registry(&devices)).unwrap();
         assert!(text.contains("sweep_worker_images_per_second 307.45\n"), "{text}");
-        assert!(text.contains("sweep_worker_epoch_seconds_bucket{le=\"30\"} 1\n"), "{text}");
+        assert!(text.contains("sweep_worker_epoch_seconds_bucket{le=\"30.0\"} 1\n"), "{text}");
+        assert!(text.contains("sweep_worker_epochs_total 1\n"), "{text}");
         assert!(
-            text.contains("sweep_worker_device_memory_bytes{device=\"cuda:0\",kind=\"cuda\"} 85899345920\n"),
+            text.contains("sweep_worker_device_memory_bytes{device=\"cuda:0\",kind=\"cuda\"} 85899345920.0\n"),
             "{text}"
         );
-        assert!(text.contains("sweep_worker_running_attempts 1\n"), "{text}");
+        assert!(text.contains("sweep_worker_running_attempts 1.0\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

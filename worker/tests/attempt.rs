@@ -1,6 +1,6 @@
 //! One attempt as the daemon runs it: training, checkpoints after every epoch, reports.
 
-mod common;
+use crate::common;
 
 use sweep_proto::v1;
 use sweep_worker::checkpoint;
@@ -23,6 +23,7 @@ fn assignment(spec_yaml: &str) -> v1::Assignment {
 
 #[test]
 fn every_epoch_is_reported_with_its_checkpoints() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     let a = assignment(SPEC);
     let mut reports = Vec::new();
@@ -60,6 +61,7 @@ fn every_epoch_is_reported_with_its_checkpoints() {
 
 #[test]
 fn a_stop_from_the_coordinator_cancels_after_the_current_epoch() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     let mut n = 0;
     let e = train_attempt(
@@ -78,6 +80,7 @@ fn a_stop_from_the_coordinator_cancels_after_the_current_epoch() {
 
 #[test]
 fn an_assignment_that_disagrees_with_its_spec_is_a_permanent_error() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     let mut a = assignment(SPEC);
     a.backbone = "resnet50".into();
@@ -105,6 +108,7 @@ fn an_assignment_that_disagrees_with_its_spec_is_a_permanent_error() {
 
 #[test]
 fn a_stop_that_comes_with_the_last_epochs_report_keeps_the_finished_trial() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     let mut n = 0;
     // The sweep is cancelled while the last epoch trains: its report says "stop", but every

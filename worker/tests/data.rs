@@ -38,6 +38,7 @@ fn pixel(split: &data::Split, i: usize, x: usize, y: usize) -> [u8; 3] {
 
 #[test]
 fn image_folder_decodes_resizes_and_crops() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     fixture(dir.path());
     let d = data::image_folder(dir.path(), 32, false).unwrap();
@@ -63,6 +64,7 @@ fn image_folder_decodes_resizes_and_crops() {
 
 #[test]
 fn an_unreadable_image_is_an_error_naming_it() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     fixture(dir.path());
     let bad = dir.path().join("train/cat/broken.jpg");
@@ -75,6 +77,7 @@ fn an_unreadable_image_is_an_error_naming_it() {
 
 #[test]
 fn layout_errors_name_the_directory_and_the_expected_layout() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope");
     let e = data::image_folder(&missing, 32, false).unwrap_err();
@@ -100,6 +103,7 @@ fn layout_errors_name_the_directory_and_the_expected_layout() {
 
 #[test]
 fn synthetic_spec_goes_through_the_cache() {
+    let _bound = sweep_tests::bound(600);
     let spec = DatasetSpec::Synthetic { classes: 3, train_per_class: 2, val_per_class: 2, image_size: 16, seed: 4 };
     let a = data::load(&spec).unwrap();
     assert_eq!(a.classes.len(), 3);
@@ -131,6 +135,7 @@ fn pass(x: &Tensor, y: &Tensor, batches: &[Vec<i64>], depth: usize) -> Vec<(Tens
 
 #[test]
 fn prefetching_gives_the_same_batches_bit_for_bit() {
+    let _bound = sweep_tests::bound(600);
     let d = data::synthetic(3, 10, 1, 32, 7).unwrap();
     let (x, y) = d.train.to_tensors(Device::Cpu).unwrap();
     let order = Rng::new(1).permutation(30);
@@ -158,6 +163,7 @@ fn prefetching_gives_the_same_batches_bit_for_bit() {
 
 #[test]
 fn a_producer_dropped_early_or_failing_ends_cleanly() {
+    let _bound = sweep_tests::bound(600);
     let d = data::synthetic(2, 8, 1, 32, 1).unwrap();
     let (x, y) = d.train.to_tensors(Device::Cpu).unwrap();
     let batches: Vec<Vec<i64>> = (0..16).map(|i| vec![i, (i + 1) % 16]).collect();

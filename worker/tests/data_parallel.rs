@@ -147,6 +147,7 @@ fn assert_equivalent(label: &str, spec: &SweepSpec, trial: &Trial, global: u32, 
 
 #[test]
 fn replicas_on_a_split_batch_train_like_one_replica_on_the_whole_batch() {
+    let _bound = sweep_tests::bound(600);
     // 25 images in global batches of 6: 6, 6, 6 and a last batch of 7 (a single trailing image
     // is merged), split 4+3 over two replicas and 3+2+2 over three; 3 epochs = 12 steps, the
     // last 8 training every parameter.
@@ -156,6 +157,7 @@ fn replicas_on_a_split_batch_train_like_one_replica_on_the_whole_batch() {
 
 #[test]
 fn short_and_empty_shards_keep_the_equivalence() {
+    let _bound = sweep_tests::bound(600);
     // 20 images: the last global batch holds 2, which only rank 0 trains on (a shard is never
     // a single image); the others take part with empty shards.
     let (s, t) = spec(4, 5, 2, 6, (1, 1));
@@ -168,6 +170,7 @@ fn short_and_empty_shards_keep_the_equivalence() {
 
 #[test]
 fn validation_is_shared_and_counts_every_sample_once() {
+    let _bound = sweep_tests::bound(600);
     // 20 validation images: 10+10 and 7+7+6; 5 over 4 replicas: 2+1+1+1.
     for (classes, val) in [(5, 4), (5, 1)] {
         let (s, t) = spec(classes, 2, val, 4, (1, 1));
@@ -185,6 +188,7 @@ fn validation_is_shared_and_counts_every_sample_once() {
 
 #[test]
 fn data_parallel_runs_are_deterministic_with_batchnorm_training() {
+    let _bound = sweep_tests::bound(600);
     // The recipe's modes (BatchNorm statistics updating, synchronised from rank 0 before every
     // step): not equivalent to one replica, but the same from run to run.
     let (s, t) = spec(3, 5, 2, 3, (1, 1));
@@ -204,6 +208,7 @@ fn data_parallel_runs_are_deterministic_with_batchnorm_training() {
 
 #[test]
 fn a_failing_replica_stops_every_replica() {
+    let _bound = sweep_tests::bound(600);
     within(300, || {
         let (s, t) = spec(4, 5, 2, 2, (1, 1));
         // An error in replica 1 before its second step.
@@ -234,6 +239,7 @@ fn a_failing_replica_stops_every_replica() {
 
 #[test]
 fn cancellation_and_stop_end_every_replica() {
+    let _bound = sweep_tests::bound(600);
     within(300, || {
         let (s, t) = spec(2, 4, 2, 2, (2, 1));
         let mut calls = 0;
@@ -250,6 +256,7 @@ fn cancellation_and_stop_end_every_replica() {
 
 #[test]
 fn a_bad_weights_file_on_rank_0_releases_the_replicas_waiting_for_it() {
+    let _bound = sweep_tests::bound(600);
     within(300, || {
         let dir = tempfile::tempdir().unwrap();
         let other = dir.path().join("r34.safetensors");
@@ -264,6 +271,7 @@ fn a_bad_weights_file_on_rank_0_releases_the_replicas_waiting_for_it() {
 
 #[test]
 fn device_lists_that_cannot_form_a_group_are_refused() {
+    let _bound = sweep_tests::bound(600);
     let (s, t) = spec(2, 2, 2, 2, (1, 1));
     for (devices, says) in [
         (vec![], "at least one device"),

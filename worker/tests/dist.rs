@@ -48,6 +48,7 @@ fn same_bits(a: &Tensor, b: &Tensor) -> bool {
 
 #[test]
 fn cpu_all_reduce_is_the_rank_ordered_sum_on_every_rank() {
+    let _bound = sweep_tests::bound(600);
     let cases: Vec<(Vec<i64>, Kind)> = vec![
         (vec![], Kind::Float),
         (vec![1], Kind::Float),
@@ -85,6 +86,7 @@ fn cpu_all_reduce_is_the_rank_ordered_sum_on_every_rank() {
 
 #[test]
 fn cpu_sums_keep_rank_order_whatever_the_timing() {
+    let _bound = sweep_tests::bound(600);
     // In float32, (1e8 + 1) - 1e8 = 0 but (1e8 - 1e8) + 1 = 1: the order shows.
     let values = [1e8f32, 1.0, -1e8];
     for trial in 0..5u64 {
@@ -104,6 +106,7 @@ fn cpu_sums_keep_rank_order_whatever_the_timing() {
 
 #[test]
 fn cpu_broadcast_copies_the_roots_tensor() {
+    let _bound = sweep_tests::bound(600);
     let results = on_ranks(3, |rank, comm| {
         let mut t = input(rank, &[4, 5], Kind::Float);
         comm.broadcast(&mut t, 1).unwrap();
@@ -121,6 +124,7 @@ fn cpu_broadcast_copies_the_roots_tensor() {
 
 #[test]
 fn an_abort_releases_every_waiting_rank() {
+    let _bound = sweep_tests::bound(600);
     let results = on_ranks(3, |rank, comm| {
         if rank == 2 {
             // This rank fails instead of joining the collective.
@@ -144,6 +148,7 @@ fn an_abort_releases_every_waiting_rank() {
 
 #[test]
 fn mismatched_tensors_are_refused_without_hanging() {
+    let _bound = sweep_tests::bound(600);
     let results = on_ranks(3, |rank, comm| {
         let mut t = Tensor::ones([2 + i64::from(rank == 1)], (Kind::Float, Device::Cpu));
         comm.all_reduce_sum(&mut t)
@@ -157,6 +162,7 @@ fn mismatched_tensors_are_refused_without_hanging() {
 
 #[test]
 fn buckets_flatten_and_unflatten_mixed_shapes_exactly() {
+    let _bound = sweep_tests::bound(600);
     let shapes: [&[i64]; 5] = [&[], &[3], &[2, 3, 4], &[1, 1], &[5, 1, 2]];
     let tensors: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| input(i, s, Kind::Float)).collect();
     let refs: Vec<&Tensor> = tensors.iter().collect();
@@ -180,6 +186,7 @@ fn buckets_flatten_and_unflatten_mixed_shapes_exactly() {
 
 #[test]
 fn bucketed_all_reduce_and_broadcast_cover_every_tensor() {
+    let _bound = sweep_tests::bound(600);
     let shapes: Vec<(Vec<i64>, Kind)> = vec![
         (vec![100], Kind::Float),
         (vec![3, 3], Kind::Double),
@@ -212,6 +219,7 @@ fn bucketed_all_reduce_and_broadcast_cover_every_tensor() {
 
 #[test]
 fn gradients_are_summed_and_a_rank_without_data_contributes_zeros() {
+    let _bound = sweep_tests::bound(600);
     let results = on_ranks(3, |rank, comm| {
         let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).set_requires_grad(true);
         let b = Tensor::from_slice(&[0.5f32]).set_requires_grad(true);
@@ -234,6 +242,7 @@ fn gradients_are_summed_and_a_rank_without_data_contributes_zeros() {
 
 #[test]
 fn the_check_passes_on_cpu_replicas() {
+    let _bound = sweep_tests::bound(600);
     let r = dist::check::allreduce_check(&[Device::Cpu, Device::Cpu, Device::Cpu], 1).unwrap();
     assert!(r.ok, "{r:?}");
     assert_eq!((r.backend.as_str(), r.world_size), ("cpu", 3));
@@ -247,6 +256,7 @@ fn the_check_passes_on_cpu_replicas() {
 
 #[test]
 fn cuda_groups_say_why_they_cannot_be_built_here() {
+    let _bound = sweep_tests::bound(600);
     let probe = dist::nccl::probe();
     assert_eq!(dist::backend_for(&[Device::Cuda(0), Device::Cuda(1)]), Ok(Backend::Nccl));
     let cuda = tch::Cuda::device_count();

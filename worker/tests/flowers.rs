@@ -89,6 +89,7 @@ fn mat_file(variables: &[Vec<u8>], compressed: bool) -> Vec<u8> {
 
 #[test]
 fn the_writer_and_the_reader_agree() {
+    let _bound = sweep_tests::bound(600);
     for compressed in [false, true] {
         let f = mat_file(
             &[
@@ -199,6 +200,7 @@ fn assert_colours(split: &data::Split) {
 
 #[test]
 fn the_default_mapping_trains_on_test_and_validates_on_train_and_val() {
+    let _bound = sweep_tests::bound(600);
     let f = fixture();
     let spec = spec_of(&f.root, "", "");
     let d = data::load(&spec).unwrap();
@@ -219,6 +221,7 @@ fn the_default_mapping_trains_on_test_and_validates_on_train_and_val() {
 
 #[test]
 fn a_custom_mapping_is_honoured() {
+    let _bound = sweep_tests::bound(600);
     let f = fixture();
     let spec = spec_of(&f.root, ", train_split: [val, train], val_split: [test]", "");
     let d = data::build(&spec).unwrap();
@@ -232,6 +235,7 @@ fn a_custom_mapping_is_honoured() {
 
 #[test]
 fn unreadable_images_fail_the_build_unless_skip_corrupt() {
+    let _bound = sweep_tests::bound(600);
     let f = fixture();
     // Image 10 is in the training split (test), image 5 in the validation split (val).
     for id in [10, 5] {
@@ -271,6 +275,7 @@ fn unreadable_images_fail_the_build_unless_skip_corrupt() {
 
 #[test]
 fn image_folder_skips_corrupt_images_too() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     for (path, c) in [("train/a/1.png", [200, 0, 0]), ("train/b/1.png", [0, 200, 0]), ("val/a/1.png", [0, 0, 200])] {
         let p = dir.path().join(path);
@@ -301,6 +306,7 @@ fn build_err(root: &Path) -> DataError {
 
 #[test]
 fn missing_files_are_named() {
+    let _bound = sweep_tests::bound(600);
     let f = fixture();
     let missing = f.root.join("nope");
     let e = build_err(&missing);
@@ -329,6 +335,7 @@ fn missing_files_are_named() {
 
 #[test]
 fn bad_mat_content_is_an_error_naming_the_file_and_the_problem() {
+    let _bound = sweep_tests::bound(600);
     let f = fixture();
     let labels_path = f.root.join("imagelabels.mat");
     let setid_path = f.root.join("setid.mat");
@@ -380,6 +387,7 @@ fn bad_mat_content_is_an_error_naming_the_file_and_the_problem() {
 
 #[test]
 fn the_cache_key_includes_the_split_mapping() {
+    let _bound = sweep_tests::bound(600);
     let f = fixture();
     let a = data::load(&spec_of(&f.root, "", "")).unwrap();
     let b = data::load(&spec_of(&f.root, ", train_split: [train], val_split: [val]", "")).unwrap();

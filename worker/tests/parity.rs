@@ -220,6 +220,7 @@ fn check(dir: &Path, backbone: Backbone) -> Result<Vec<Figure>, String> {
 /// checks), then every check; all figures are printed before the verdict.
 #[test]
 fn every_backbone_matches_torchvision() {
+    let _bound = sweep_tests::bound(600);
     // Applies to the libtorch calls of this test's thread (OpenMP's thread count is per thread).
     tch::set_num_threads(1);
     let backbones: Vec<Backbone> = CASES.iter().map(|(b, _)| *b).collect();
@@ -243,6 +244,7 @@ fn every_backbone_matches_torchvision() {
 
 #[test]
 fn every_backbone_has_a_parity_case() {
+    let _bound = sweep_tests::bound(600);
     for b in Backbone::all() {
         assert!(CASES.iter().any(|(c, _)| *c == b), "{} has no parity case", b.name());
         assert!(CASES.iter().all(|(_, s)| s.iter().all(|&(h, w)| h.min(w) >= b.min_image_size() as i64)));
@@ -251,6 +253,7 @@ fn every_backbone_has_a_parity_case() {
 
 #[test]
 fn a_missing_python_fails_and_says_to_run_make_test() {
+    let _bound = sweep_tests::bound(600);
     let e = find_python(Some(PathBuf::from("/nonexistent/bin/python"))).unwrap_err();
     assert!(e.contains("make test") && e.contains("/nonexistent/bin/python"), "{e}");
     // A Python without torchvision.
@@ -298,6 +301,7 @@ print("asked:", ",".join(asked))
 
 #[test]
 fn export_tool_random_weights_load_into_the_worker() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     let help = run_tool("export_torchvision_weights.py", &["--help".into()]);
     assert!(help.contains("non-commercial research"), "{help}");
@@ -340,6 +344,7 @@ fn export_tool_random_weights_load_into_the_worker() {
 
 #[test]
 fn export_download_path_offline() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(python())
         .args(["-c", OFFLINE_EXPORT])

@@ -1,6 +1,6 @@
 //! Pretraining on one's own data: cached by content, done once, and the trials start from it.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
@@ -38,6 +38,7 @@ fn tensor(path: &Path, name: &str) -> Tensor {
 
 #[test]
 fn pretrained_weights_are_made_once_and_reused() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     let s = spec::parse(SPEC).unwrap();
     let first = pretrain::ensure(&s, Backbone::Resnet18, dir.path(), &cpu()).unwrap();
@@ -67,6 +68,7 @@ fn pretrained_weights_are_made_once_and_reused() {
 
 #[test]
 fn the_cache_key_follows_every_setting_that_changes_the_weights() {
+    let _bound = sweep_tests::bound(600);
     let s = spec::parse(SPEC).unwrap();
     let p = s.pretrain.clone().unwrap();
     let key = pretrain::cache_key(&p, Backbone::Resnet18, &s.training.augment);
@@ -95,6 +97,7 @@ fn the_cache_key_follows_every_setting_that_changes_the_weights() {
 
 #[test]
 fn a_live_lock_is_waited_for_and_a_dead_one_taken_over() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     let s = spec::parse(SPEC).unwrap();
     let key = pretrain::cache_key(s.pretrain.as_ref().unwrap(), Backbone::Resnet18, &s.training.augment);
@@ -133,6 +136,7 @@ fn a_live_lock_is_waited_for_and_a_dead_one_taken_over() {
 
 #[test]
 fn trials_start_from_the_pretrained_backbone() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     let s = spec::parse(SPEC).unwrap();
     let a = common::assignment(SPEC, "pre-0001", 1);

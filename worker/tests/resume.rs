@@ -3,7 +3,7 @@
 //! resume point continues after it, and one handed a corrupt point falls back to the previous
 //! good one, or to the start, and says so.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 
@@ -99,11 +99,13 @@ fn check_every_stop_point(devices: Vec<Device>) {
 
 #[test]
 fn resuming_after_any_epoch_is_bit_identical_to_never_stopping() {
+    let _bound = sweep_tests::bound(600);
     check_every_stop_point(vec![Device::Cpu]);
 }
 
 #[test]
 fn data_parallel_resume_is_bit_identical_too() {
+    let _bound = sweep_tests::bound(600);
     check_every_stop_point(vec![Device::Cpu, Device::Cpu]);
 }
 
@@ -120,6 +122,7 @@ fn run(a: &v1::Assignment, artifacts: &std::path::Path) -> Vec<v1::ReportEpochRe
 
 #[test]
 fn an_attempt_continues_from_its_resume_point_or_the_previous_good_one() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     let first = common::assignment(SPEC, "resume-0001", 1);
     let reports = run(&first, dir.path());
@@ -191,6 +194,7 @@ fn run_until(a: &v1::Assignment, artifacts: &std::path::Path, epochs: usize) -> 
 
 #[test]
 fn a_resume_point_that_is_not_the_trials_own_is_never_loaded() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     // Another sweep's trial, finished: its newest point is after epoch 4.
     let theirs = run(&common::assignment(SPEC, "theirs-0001", 1), dir.path());
@@ -234,6 +238,7 @@ fn a_resume_point_that_is_not_the_trials_own_is_never_loaded() {
 
 #[test]
 fn a_resume_point_that_does_not_fit_the_trial_is_its_own_error_class() {
+    let _bound = sweep_tests::bound(600);
     use sweep_worker::train::TrainError;
     let (s, t) = spec();
     let opts = |state: TrainingState| TrainOptions {

@@ -1,6 +1,6 @@
 //! `sweep-worker inspect` and `sweep-worker predict`.
 
-mod common;
+use crate::common;
 
 use sweep_core::Backbone;
 use sweep_core::lr::LrDecay;
@@ -16,6 +16,7 @@ fn close(a: f64, b: f64) -> bool {
 
 #[test]
 fn inspect_gives_the_recipes_resnet50_exponential_rates() {
+    let _bound = sweep_tests::bound(600);
     let i = tools::inspect(Backbone::Resnet50, 1000, Some(&LrDecay::Exponential { head_lr: 1e-4, factor: 3.0 }), 1e-8)
         .unwrap();
     assert_eq!(i.parameters, 25_557_032);
@@ -41,6 +42,7 @@ fn inspect_gives_the_recipes_resnet50_exponential_rates() {
 
 #[test]
 fn inspect_gives_the_recipes_vgg16_bn_linear_rates_as_json() {
+    let _bound = sweep_tests::bound(600);
     let i =
         tools::inspect(Backbone::Vgg16Bn, 102, Some(&LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 }), 1e-8).unwrap();
     let json: serde_json::Value = serde_json::to_value(&i).unwrap();
@@ -74,6 +76,7 @@ fn png(dir: &std::path::Path, name: &str, colour: [u8; 3]) -> std::path::PathBuf
 
 #[test]
 fn predict_uses_the_checkpoint_metadata_and_the_validation_transforms() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     let model = Model::build_seeded(Backbone::Resnet18, 3, Device::Cpu, 5).unwrap();
     let classes = vec!["daisy".to_string(), "rose".into(), "tulip".into()];
@@ -141,6 +144,7 @@ fn predict_uses_the_checkpoint_metadata_and_the_validation_transforms() {
 
 #[test]
 fn predict_refuses_bad_input_with_clear_errors() {
+    let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     let model = Model::build_seeded(Backbone::Resnet18, 4, Device::Cpu, 5).unwrap();
     let weights = dir.path().join("w.safetensors");

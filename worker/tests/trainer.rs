@@ -55,6 +55,7 @@ fn cpu() -> TrainOptions {
 
 #[test]
 fn run_trial_is_bit_identical_across_runs() {
+    let _bound = sweep_tests::bound(600);
     let (s, t) = spec("resnet18", 4, 8, 8, (1, 1), "");
     let mut reports = Vec::new();
     let a = run_trial(&s, &t, &cpu(), &mut |r| {
@@ -88,6 +89,7 @@ fn run_trial_is_bit_identical_across_runs() {
 
 #[test]
 fn feature_extraction_trains_only_the_head_then_fine_tuning_trains_everything() {
+    let _bound = sweep_tests::bound(600);
     let (s, t) = spec("resnet18", 3, 6, 8, (1, 1), "");
     let mut tr = Trainer::new(&s, &t, &cpu()).unwrap();
     let before = snapshot(tr.model());
@@ -132,6 +134,7 @@ fn feature_extraction_trains_only_the_head_then_fine_tuning_trains_everything() 
 
 #[test]
 fn fine_tuning_rates_follow_the_recipe_for_resnet50() {
+    let _bound = sweep_tests::bound(600);
     let m = Model::build(Backbone::Resnet50, 102, Device::Cpu).unwrap();
     let lrs = train::fine_tuning_lrs(&m, &LrDecay::Exponential { head_lr: 1e-4, factor: 3.0 }, 1e-8);
     let by_name: HashMap<&str, f64> = m.named_parameters().iter().map(|(n, _)| n.as_str()).zip(lrs).collect();
@@ -160,6 +163,7 @@ fn fine_tuning_rates_follow_the_recipe_for_resnet50() {
 
 #[test]
 fn freeze_bn_stats_keeps_running_statistics_during_feature_extraction() {
+    let _bound = sweep_tests::bound(600);
     let (s, t) = spec("resnet18", 3, 4, 8, (1, 1), "  freeze_bn_stats: true");
     assert!(s.training.freeze_bn_stats);
     let mut tr = Trainer::new(&s, &t, &cpu()).unwrap();
@@ -176,6 +180,7 @@ fn freeze_bn_stats_keeps_running_statistics_during_feature_extraction() {
 
 #[test]
 fn a_trailing_batch_of_one_is_merged() {
+    let _bound = sweep_tests::bound(600);
     // 9 images in batches of 8: the last batch would hold one image (BatchNorm cannot train on
     // it at 32 px, where layer4's output is 1×1).
     let (s, t) = spec("resnet18", 3, 3, 8, (1, 1), "");
@@ -190,6 +195,7 @@ fn a_trailing_batch_of_one_is_merged() {
 
 #[test]
 fn stop_and_cancel_end_the_trial() {
+    let _bound = sweep_tests::bound(600);
     let (s, t) = spec("resnet18", 2, 4, 8, (2, 1), "");
     let mut calls = 0;
     let e = run_trial(&s, &t, &cpu(), &mut |_| {
@@ -207,6 +213,7 @@ fn stop_and_cancel_end_the_trial() {
 
 #[test]
 fn bad_settings_are_permanent_errors_that_say_what_is_wrong() {
+    let _bound = sweep_tests::bound(600);
     let (mut s, t) = spec("resnet18", 2, 4, 8, (1, 1), "");
     s.model.weights = sweep_core::spec::Weights::ImageNet;
     let dir = tempfile::tempdir().unwrap();
@@ -249,6 +256,7 @@ fn bad_settings_are_permanent_errors_that_say_what_is_wrong() {
 
 #[test]
 fn weights_are_loaded_except_the_head() {
+    let _bound = sweep_tests::bound(600);
     // A resnet18 "pretrained" on another task: its weights (but not its head) become the
     // trial's starting point.
     let dir = tempfile::tempdir().unwrap();
@@ -266,6 +274,7 @@ fn weights_are_loaded_except_the_head() {
 
 #[test]
 fn vgg16_bn_feature_extraction_epoch() {
+    let _bound = sweep_tests::bound(600);
     let (s, t) = spec("vgg16_bn", 2, 3, 4, (1, 1), "");
     let mut tr = Trainer::new(&s, &t, &cpu()).unwrap();
     let before = snapshot(tr.model());

@@ -27,6 +27,40 @@ pub enum ConnectError {
     Url { url: String, message: String },
 }
 
+/// The flags (and `SWEEP_*` variables) of every program that connects to a coordinator — the
+/// `sweep` commands and `sweep-worker` — so they are spelled, documented and read one way.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientArgs {
+    /// File holding the bearer token: a `worker` token for a worker; a `client`, `viewer` or
+    /// `admin` token for a user [default: $SWEEP_TOKEN].
+    #[arg(long, env = "SWEEP_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the coordinator's certificate, for https:// [default:
+    /// the system's roots].
+    #[arg(long, env = "SWEEP_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM), for a coordinator that requires one (mutual TLS).
+    #[arg(long, env = "SWEEP_CLIENT_CERT", value_name = "FILE", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Key of the client certificate (PEM).
+    #[arg(long, env = "SWEEP_CLIENT_KEY", value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// The TLS and token settings, every file read now: the token from `--token-file`, else
+    /// `SWEEP_TOKEN`.
+    pub fn security(&self) -> Result<ClientSecurity, ConnectError> {
+        ClientSecurity::load(&ClientFiles {
+            token_file: self.token_file.clone(),
+            token: std::env::var("SWEEP_TOKEN").ok(),
+            ca_cert: self.ca_cert.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        })
+    }
+}
+
 /// TLS and token settings of a client, with the files already read.
 #[derive(Clone, Default)]
 pub struct ClientSecurity {
