@@ -10,6 +10,7 @@
 //!   (`sweep check-state`), and copies a live one (`sweep backup`).
 
 pub mod auth;
+pub mod clock;
 pub mod history;
 pub mod http;
 pub mod server;

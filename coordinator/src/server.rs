@@ -26,7 +26,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::store::{Caller, ReportExtras, Store, StoreError, now_ms};
+use crate::clock::{Clock, SystemClock};
+use crate::store::{Caller, ReportExtras, Store, StoreError};
 
 /// Largest spec accepted by `SubmitSweep`.
 pub const MAX_SPEC_BYTES: usize = 1 << 20;
@@ -73,6 +74,11 @@ pub struct Config {
     pub health_listen: Option<SocketAddr>,
     /// HTTP `/metrics` (Prometheus) and `/healthz`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the store's timestamps and the lease reaper's time come from (the system clock;
+    /// tests move a [`crate::clock::ManualClock`] instead of sleeping through TTLs).
+    pub clock: Arc<dyn Clock>,
+    /// How often the lease reaper looks [default: TTL/2, at least every 100 ms].
+    pub reaper_every: Option<Duration>,
 }
 
 /// Certificate files of the gRPC port (PEM).
@@ -116,6 +122,8 @@ impl Config {
             tokens: None,
             health_listen: None,
             metrics_listen: None,
+            clock: Arc::new(SystemClock),
+            reaper_every: None,
         }
     }
 }
@@ -379,7 +387,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     // Certificates first: a bad file must stop start-up before anything is opened.
     let tls = config.tls.as_ref().map(TlsFiles::server_config).transpose()?;
-    let mut store = Store::open(&config.state_dir)?;
+    let mut store = Store::open_with_clock(&config.state_dir, Arc::clone(&config.clock))?;
     store.set_quarantine_after(config.quarantine_after)?;
     let last = store.last_sequence()?;
     let (events, _) = watch::channel(last);
@@ -475,7 +483,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics_addr = Some(bound);
         side.push(t);
     }
-    let reaper = tokio::spawn(reap_leases(Arc::clone(&shared)));
+    let started = shared.config.clock.now_ms();
+    let reaper = tokio::spawn(reap_leases(Arc::clone(&shared), started));
     Ok(Running { addr, health_addr, metrics_addr, shutdown: Some(tx), task, reaper, side, health, store: jobs })
 }
 
@@ -510,22 +519,26 @@ fn refused_request_status(
 }
 
 /// Ends the leases of workers that stopped sending heartbeats.
-async fn reap_leases(shared: Arc<Shared>) {
+/// Ends the leases of silent workers. `started`: when the coordinator started, on its clock.
+async fn reap_leases(shared: Arc<Shared>, started: i64) {
     let ttl = shared.config.heartbeat_ttl;
     let limit = ttl + shared.config.lease_grace;
-    let mut tick = tokio::time::interval((ttl / 2).max(Duration::from_millis(100)));
+    let limit_ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
+    let clock = Arc::clone(&shared.config.clock);
+    let every = shared.config.reaper_every.unwrap_or((ttl / 2).max(Duration::from_millis(100)));
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(1)));
     // Failover grace: a coordinator that just started (after a crash or an upgrade) has not
     // heard from anyone yet. Workers get a whole lease period from its start to heartbeat
     // again; their running attempts are then reattached, not re-run.
-    let started = now_ms();
     loop {
         tick.tick().await;
-        if now_ms() - started < limit.as_millis() as i64 {
+        let now = clock.now_ms();
+        if now.saturating_sub(started) < limit_ms {
             continue;
         }
-        let deadline = now_ms() - limit.as_millis() as i64;
+        let deadline = now.saturating_sub(limit_ms);
         let forget =
-            now_ms().saturating_sub(i64::try_from(shared.config.forget_workers_after.as_millis()).unwrap_or(i64::MAX));
+            now.saturating_sub(i64::try_from(shared.config.forget_workers_after.as_millis()).unwrap_or(i64::MAX));
         // Wakes waiting workers only when leases ended (their trials may be pending again).
         let expire = move |s: &mut Store| {
             let gone = s.expire_workers(deadline)?;

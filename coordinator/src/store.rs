@@ -17,8 +17,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
+use crate::clock::{Clock, SystemClock};
 use prost::Message;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use sweep_core::grid;
@@ -58,8 +60,9 @@ pub enum StoreError {
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// Milliseconds since the Unix epoch.
+/// The system clock's time (for what is not the store's: lock files, backup names).
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemClock.now_ms()
 }
 
 const SCHEMA_VERSION: i64 = 7;
@@ -211,6 +214,8 @@ pub struct Store {
     path: PathBuf,
     /// The state directory's lock, held while the store is open.
     _lock: StateLock,
+    /// Where every timestamp and lease time comes from.
+    clock: Arc<dyn Clock>,
 }
 
 /// What `acquire` hands to a worker.
@@ -259,6 +264,11 @@ impl Store {
     /// `sweep.db` of 0 bytes, one that is not an SQLite database or not a sweep state database,
     /// a `sweep.db-wal` (or `-journal`) without its `sweep.db`. The error names the file.
     pub fn open(dir: &Path) -> Result<Store> {
+        Store::open_with_clock(dir, Arc::new(SystemClock))
+    }
+
+    /// [`Store::open`] with the time read from `clock` (tests move it by hand).
+    pub fn open_with_clock(dir: &Path, clock: Arc<dyn Clock>) -> Result<Store> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Damaged(format!("cannot create {}: {e}", dir.display())))?;
         let lock = StateLock::acquire(dir)?;
@@ -336,7 +346,7 @@ impl Store {
         // re-prepares a statement whenever a rebound parameter might change its plan.
         conn.set_prepared_statement_cache_capacity(64);
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(open_err)?;
-        Ok(Store { conn, path, _lock: lock })
+        Ok(Store { conn, path, _lock: lock, clock })
     }
 
     pub fn path(&self) -> &Path {
@@ -379,7 +389,7 @@ impl Store {
     /// Stores a validated sweep and queues its trials.
     pub fn submit(&mut self, spec_yaml: &str, source: &str, spec: &SweepSpec) -> Result<(String, u32)> {
         let trials = grid::expand(&spec.grid);
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let tx = self.conn.savepoint()?;
         let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM sweeps", [], |r| r.get(0))?;
         let id = new_sweep_id(&tx, &spec.name, seq)?;
@@ -416,7 +426,7 @@ impl Store {
                 ])?;
             }
         }
-        reconcile_schedulability(&tx)?;
+        reconcile_schedulability(&tx, now)?;
         tx.commit()?;
         Ok((id, trials.len() as u32))
     }
@@ -468,20 +478,20 @@ impl Store {
             )?;
             q.query_map([sweep_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
         };
-        let now = now_ms();
+        let now = self.clock.now_ms();
         for idx in &pending {
             tx.execute(
                 "UPDATE trials SET state = 'cancelled', error = 'sweep cancelled', finished_at_ms = ?3
                  WHERE sweep_id = ?1 AND idx = ?2",
                 params![sweep_id, idx, now],
             )?;
-            trial_event(&tx, sweep_id, *idx, None)?;
+            trial_event(&tx, sweep_id, *idx, None, now)?;
         }
         let running: i64 =
             tx.query_row("SELECT COUNT(*) FROM trials WHERE sweep_id = ?1 AND state = 'running'", [sweep_id], |r| {
                 r.get(0)
             })?;
-        finish_sweep_if_done(&tx, sweep_id)?;
+        finish_sweep_if_done(&tx, sweep_id, now)?;
         tx.commit()?;
         Ok(v1::CancelSweepResponse { cancelled_pending: pending.len() as u32, stopping_running: running as u32 })
     }
@@ -500,6 +510,7 @@ impl Store {
     /// attempt budget; their metrics and resume points stay, so they continue where they
     /// stopped. Returns the trial ids re-queued.
     pub fn retry_sweep(&mut self, sweep_id: &str, trial_ids: &[String]) -> Result<Vec<String>> {
+        let now = self.clock.now_ms();
         let tx = self.conn.savepoint()?;
         let sweep_id = &resolve_sweep(&tx, sweep_id)?;
         let cancelled: bool =
@@ -540,12 +551,12 @@ impl Store {
                  WHERE sweep_id = ?1 AND idx = ?2",
                 params![sweep_id, idx],
             )?;
-            trial_event_noted(&tx, sweep_id, *idx, None, "re-queued by `sweep retry`")?;
+            trial_event_noted(&tx, sweep_id, *idx, None, "re-queued by `sweep retry`", now)?;
         }
         if !chosen.is_empty() {
             // The sweep is open again; it ends (with a new `ended` event) when these do.
             tx.execute("UPDATE sweeps SET finished_at_ms = NULL WHERE id = ?1", [sweep_id])?;
-            reconcile_schedulability(&tx)?;
+            reconcile_schedulability(&tx, now)?;
         }
         tx.commit()?;
         Ok(chosen.into_iter().map(|(_, id)| id).collect())
@@ -577,7 +588,7 @@ impl Store {
                 let mut wall_seconds = x.wall_seconds;
                 if t.state == TrialState::Running.as_str() {
                     // Still running: wall-clock so far.
-                    wall_seconds = (now_ms() - t.started_at_ms).max(0) as f64 / 1000.0;
+                    wall_seconds = (self.clock.now_ms() - t.started_at_ms).max(0) as f64 / 1000.0;
                 }
                 v1::LeaderboardEntry {
                     rank: i as u32 + 1,
@@ -688,7 +699,7 @@ impl Store {
             |r| r.get(0),
         )?;
         let id = format!("w{incarnation}");
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let session = new_session_secret()?;
         let devices = v1::DeviceList { devices: devices.to_vec() }.encode_to_vec();
         tx.execute(
@@ -697,7 +708,7 @@ impl Store {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)",
             params![id, name, incarnation, devices, version, WORKER_ACTIVE, now, session_hash(&session), owner],
         )?;
-        reconcile_schedulability(&tx)?;
+        reconcile_schedulability(&tx, now)?;
         tx.commit()?;
         Ok(Registration { worker_id: id, incarnation: incarnation as u64, session })
     }
@@ -708,7 +719,7 @@ impl Store {
         let tx = self.conn.savepoint()?;
         check_worker(&tx, caller, incarnation)?;
         tx.prepare_cached("UPDATE workers SET last_seen_ms = ?2 WHERE id = ?1")?
-            .execute(params![worker_id, now_ms()])?;
+            .execute(params![worker_id, self.clock.now_ms()])?;
         let mut stop = Vec::new();
         for &attempt in running {
             if attempt_should_stop(&tx, attempt, worker_id)? {
@@ -815,6 +826,7 @@ impl Store {
     /// gone and its running attempts lost; their trials go back to the queue (or fail when out
     /// of attempts). Returns the ids of the workers expired.
     pub fn expire_workers(&mut self, deadline_ms: i64) -> Result<Vec<String>> {
+        let now = self.clock.now_ms();
         let tx = self.conn.savepoint()?;
         let gone: Vec<String> = {
             let mut q = tx.prepare("SELECT id FROM workers WHERE state IN (?1, ?3) AND last_seen_ms < ?2")?;
@@ -835,11 +847,12 @@ impl Store {
                     &format!("worker {id} stopped sending heartbeats"),
                     false,
                     0.0,
+                    now,
                 )?;
             }
         }
         if !gone.is_empty() {
-            reconcile_schedulability(&tx)?;
+            reconcile_schedulability(&tx, now)?;
         }
         tx.commit()?;
         Ok(gone)
@@ -892,7 +905,7 @@ impl Store {
         };
         let (sweep_id, idx, need) = (decision.sweep, i64::from(decision.trial), i64::from(decision.devices));
         let held: Vec<String> = free.into_iter().take(need as usize).collect();
-        let now = now_ms();
+        let now = self.clock.now_ms();
         tx.prepare_cached("UPDATE workers SET last_seen_ms = ?2 WHERE id = ?1")?.execute(params![worker_id, now])?;
         let number: i64 = tx
             .prepare_cached(
@@ -908,7 +921,7 @@ impl Store {
         tx.prepare_cached("UPDATE trials SET state = 'running', current_attempt = ?3, started_at_ms = COALESCE(started_at_ms, ?4), error = ''
              WHERE sweep_id = ?1 AND idx = ?2")?.execute(params![sweep_id, idx, attempt_id, now],
         )?;
-        trial_event(&tx, &sweep_id, idx, None)?;
+        trial_event(&tx, &sweep_id, idx, None, now)?;
         let spec_yaml: String =
             tx.prepare_cached("SELECT spec_yaml FROM sweeps WHERE id = ?1")?.query_row([&sweep_id], |r| r.get(0))?;
         let resume: Option<Vec<u8>> = tx.query_row(
@@ -980,7 +993,7 @@ impl Store {
                 stored + 1
             )));
         }
-        let now = now_ms();
+        let now = self.clock.now_ms();
         tx.prepare_cached("INSERT INTO metrics(sweep_id, idx, epoch, phase, train_loss, train_accuracy, val_loss, val_accuracy, seconds, attempt_id, recorded_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT(sweep_id, idx, epoch) DO UPDATE SET
@@ -1038,7 +1051,7 @@ impl Store {
                 params![attempt_id as i64, extras.resumed_from_epoch, extras.note],
             )?;
         }
-        trial_event_noted(&tx, &a.sweep_id, a.idx, Some(v1::EpochMetrics::from(metrics)), &extras.note)?;
+        trial_event_noted(&tx, &a.sweep_id, a.idx, Some(v1::EpochMetrics::from(metrics)), &extras.note, now)?;
         tx.commit()?;
         Ok(a.cancelled)
     }
@@ -1053,6 +1066,7 @@ impl Store {
         message: &str,
         wall_seconds: f64,
     ) -> Result<()> {
+        let now = self.clock.now_ms();
         let tx = self.conn.savepoint()?;
         check_attempt_owner(&tx, caller, attempt_id)?;
         let a = current_attempt(&tx, attempt_id)?;
@@ -1070,15 +1084,15 @@ impl Store {
                         a.trial_id
                     )));
                 }
-                end_attempt(&tx, attempt_id, AttemptState::Succeeded, "", false, wall_seconds)?;
+                end_attempt(&tx, attempt_id, AttemptState::Succeeded, "", false, wall_seconds, now)?;
             }
             v1::Outcome::Failed => {
                 let message = if message.trim().is_empty() { "the worker gave no reason" } else { message };
                 let permanent = class == v1::ErrorClass::Permanent;
-                end_attempt(&tx, attempt_id, AttemptState::Failed, message, permanent, wall_seconds)?;
+                end_attempt(&tx, attempt_id, AttemptState::Failed, message, permanent, wall_seconds, now)?;
             }
             v1::Outcome::Cancelled => {
-                end_attempt(&tx, attempt_id, AttemptState::Cancelled, message, false, wall_seconds)?;
+                end_attempt(&tx, attempt_id, AttemptState::Cancelled, message, false, wall_seconds, now)?;
             }
             v1::Outcome::Unspecified => {
                 return Err(StoreError::InvalidArgument("outcome must be succeeded, failed or cancelled".into()));
@@ -1780,6 +1794,7 @@ fn end_attempt(
     message: &str,
     permanent: bool,
     wall_seconds: f64,
+    now: i64,
 ) -> Result<()> {
     let (sweep_id, idx, all_attempts, max_attempts, cancelled, started, retry_base, worker_id): (
         String,
@@ -1801,7 +1816,6 @@ fn end_attempt(
         })?;
     // Attempts made before a `sweep retry` do not count against the budget.
     let attempts = all_attempts - retry_base;
-    let now = now_ms();
     // Every epoch is stored (the worker was stopped, failed or lost after its last report,
     // before it could say it succeeded): the trial's result is whole, and it stays.
     let (end, message) = if end != AttemptState::Succeeded && has_every_epoch(tx, &sweep_id, idx)? {
@@ -1833,7 +1847,7 @@ fn end_attempt(
          WHERE sweep_id = ?1 AND idx = ?2",
     )?
     .execute(params![sweep_id, idx, state.as_str(), error, finished, wall])?;
-    trial_event(tx, &sweep_id, idx, None)?;
+    trial_event(tx, &sweep_id, idx, None, now)?;
     match end {
         AttemptState::Succeeded => {
             tx.prepare_cached("UPDATE workers SET consecutive_failures = 0 WHERE id = ?1")?.execute([&worker_id])?;
@@ -1858,13 +1872,13 @@ fn end_attempt(
                     .execute(params![worker_id, WORKER_QUARANTINED, note, WORKER_ACTIVE])?;
                 if changed > 0 {
                     // Trials only this worker could hold are unschedulable now.
-                    reconcile_schedulability(tx)?;
+                    reconcile_schedulability(tx, now)?;
                 }
             }
         }
         _ => {}
     }
-    finish_sweep_if_done(tx, &sweep_id)
+    finish_sweep_if_done(tx, &sweep_id, now)
 }
 
 /// Whether a worker other than `worker_id` stored an epoch of the sweep.
@@ -1900,7 +1914,7 @@ fn quarantine_after(conn: &Connection) -> Result<i64> {
 /// Marks waiting trials that no registered worker can ever hold `unschedulable` (with the
 /// reason), and makes them `pending` again once a worker large enough is registered. With no
 /// active worker at all, trials simply wait: that is a missing worker, not an impossible trial.
-fn reconcile_schedulability(tx: &Connection) -> Result<()> {
+fn reconcile_schedulability(tx: &Connection, now: i64) -> Result<()> {
     let workers: Vec<(String, Vec<u8>)> = {
         let mut q = tx.prepare("SELECT id, devices FROM workers WHERE state = ?1 ORDER BY id")?;
         q.query_map([WORKER_ACTIVE], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?
@@ -1943,15 +1957,15 @@ fn reconcile_schedulability(tx: &Connection) -> Result<()> {
                 "UPDATE trials SET state = ?3, error = ?4 WHERE sweep_id = ?1 AND idx = ?2",
                 params![sweep_id, idx, to.as_str(), reason],
             )?;
-            trial_event(tx, &sweep_id, idx, None)?;
+            trial_event(tx, &sweep_id, idx, None, now)?;
         }
     }
     Ok(())
 }
 
 /// Appends a trial event (the trial's current summary, and the epoch's metrics if any).
-fn trial_event(conn: &Connection, sweep_id: &str, idx: i64, metrics: Option<v1::EpochMetrics>) -> Result<()> {
-    trial_event_noted(conn, sweep_id, idx, metrics, "")
+fn trial_event(conn: &Connection, sweep_id: &str, idx: i64, metrics: Option<v1::EpochMetrics>, now: i64) -> Result<()> {
+    trial_event_noted(conn, sweep_id, idx, metrics, "", now)
 }
 
 /// [`trial_event`] with a note for the event log.
@@ -1961,6 +1975,7 @@ fn trial_event_noted(
     idx: i64,
     metrics: Option<v1::EpochMetrics>,
     note: &str,
+    now: i64,
 ) -> Result<()> {
     let trial = trial_summaries(conn, sweep_id, Some(idx))?.pop();
     let event = v1::SweepEvent {
@@ -1969,12 +1984,12 @@ fn trial_event_noted(
     };
     let payload = event.encode_to_vec();
     conn.prepare_cached("INSERT INTO events(sweep_id, payload, at_ms, checksum) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![sweep_id, payload, now_ms(), event_checksum(sweep_id, &payload)])?;
+        .execute(params![sweep_id, payload, now, event_checksum(sweep_id, &payload)])?;
     Ok(())
 }
 
 /// When every trial of the sweep has ended, records the end time and an `ended` event.
-fn finish_sweep_if_done(conn: &Connection, sweep_id: &str) -> Result<()> {
+fn finish_sweep_if_done(conn: &Connection, sweep_id: &str, now: i64) -> Result<()> {
     // Cheap test first (an index lookup): a sweep with a waiting or running trial goes on.
     let open: bool = conn.prepare_cached("SELECT EXISTS(SELECT 1 FROM trials WHERE state IN ('pending', 'unschedulable', 'running') AND sweep_id = ?1)")?.query_row([sweep_id],
         |r| r.get(0),
@@ -1987,7 +2002,6 @@ fn finish_sweep_if_done(conn: &Connection, sweep_id: &str) -> Result<()> {
     if !state.is_terminal() || summary.finished_at_ms != 0 {
         return Ok(());
     }
-    let now = now_ms();
     conn.prepare_cached("UPDATE sweeps SET finished_at_ms = ?2 WHERE id = ?1")?.execute(params![sweep_id, now])?;
     let ended = v1::SweepSummary { finished_at_ms: now, ..summary };
     let event = v1::SweepEvent { sequence: 0, event: Some(v1::sweep_event::Event::Ended(ended)) };

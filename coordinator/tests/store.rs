@@ -1,6 +1,10 @@
 //! The durable store: what is committed survives the process; the trial lifecycle, fencing,
 //! retries, cancellation and the leaderboard are computed from stored rows.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use sweep_coordinator::clock::ManualClock;
 use sweep_coordinator::store::{Caller, ReportExtras, Store, StoreError};
 use sweep_core::leaderboard::{EpochMetrics, Phase};
 use sweep_core::spec;
@@ -471,7 +475,8 @@ fn one_device_trials_fill_every_device() {
 #[test]
 fn a_trial_no_worker_can_hold_is_unschedulable_until_one_can() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let mut store = Store::open_with_clock(dir.path(), clock.clone()).unwrap();
     let sweep = submit_text(&mut store, &spec_with(4, 2));
     // No worker yet: the trials wait for one; that is not infeasible.
     assert_eq!(store.get_sweep(&sweep).unwrap().trials[0].state, "pending");
@@ -495,7 +500,7 @@ fn a_trial_no_worker_can_hold_is_unschedulable_until_one_can() {
     assert_eq!(a.devices.len(), 4);
 
     // The big worker goes away: what is left waiting becomes unschedulable again.
-    std::thread::sleep(std::time::Duration::from_millis(5));
+    clock.advance(Duration::from_millis(5));
     store.heartbeat(&small, small_inc, &[]).unwrap();
     store.expire_workers(now_before(&store, &big.worker_id)).unwrap();
     assert_eq!(store.workers().unwrap().iter().filter(|w| w.state == "active").count(), 1);
@@ -679,7 +684,8 @@ fn lists_come_in_bounded_pages_and_workers_gone_for_long_are_forgotten() {
 #[test]
 fn a_trial_whose_every_epoch_is_stored_completes_whatever_ends_its_attempt() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let mut store = Store::open_with_clock(dir.path(), clock.clone()).unwrap();
     let sweep = submit(&mut store);
     let (w, inc) = register(&mut store, "w", &cpu());
     // t000: both epochs reported, then the sweep is cancelled before the worker says it
@@ -696,7 +702,7 @@ fn a_trial_whose_every_epoch_is_stored_completes_whatever_ends_its_attempt() {
     store
         .finish_attempt(&w, a.attempt_id, v1::Outcome::Cancelled, v1::ErrorClass::Unspecified, "stopped", 1.0)
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(5));
+    clock.advance(Duration::from_millis(5));
     store.heartbeat(&w, inc, &[]).unwrap();
     store.expire_workers(now_before(&store, &w2.worker_id)).unwrap();
     let status = store.get_sweep(&sweep).unwrap();
