@@ -182,7 +182,7 @@ impl sweep_session::Executor for TchExecutor {
                     }
                 };
                 // A device id this worker cannot use: another worker may (retryable).
-                let train_options = train_options.map_err(TrainError::Retryable)?;
+                let train_options = train_options.map_err(TrainError::retryable)?;
                 train_attempt(&a, &train_options, &artifacts, &cache_dir, &mut report)
             })
             .await;
@@ -190,8 +190,8 @@ impl sweep_session::Executor for TchExecutor {
             match result {
                 Ok(Ok(())) => Outcome::Succeeded,
                 Ok(Err(TrainError::Cancelled)) => Outcome::Stopped,
-                Ok(Err(TrainError::Permanent(message))) => Outcome::Failed { permanent: true, message },
-                Ok(Err(TrainError::Retryable(message))) => Outcome::Failed { permanent: false, message },
+                Ok(Err(TrainError::Permanent(f))) => Outcome::Failed { permanent: true, message: f.to_string() },
+                Ok(Err(TrainError::Retryable(f))) => Outcome::Failed { permanent: false, message: f.to_string() },
                 Ok(Err(e @ TrainError::ResumePoint(_))) => Outcome::Failed { permanent: false, message: e.to_string() },
                 Err(join) => {
                     Outcome::Failed { permanent: false, message: format!("the training thread crashed: {join}") }
@@ -229,7 +229,7 @@ pub fn train_attempt(
     cache_dir: &Path,
     report: &mut dyn FnMut(v1::ReportEpochRequest) -> Control,
 ) -> Result<(), TrainError> {
-    let (mut spec, trial) = resolve(a).map_err(TrainError::Permanent)?;
+    let (mut spec, trial) = resolve(a).map_err(TrainError::permanent)?;
     if spec.pretrain.is_some() {
         let weights = pretrain::ensure(&spec, trial.backbone, cache_dir, options)?;
         spec.model.weights = sweep_core::spec::Weights::File(weights.display().to_string());
@@ -247,7 +247,7 @@ pub fn train_attempt(
         spec_yaml: a.spec_yaml.clone(),
     };
     let mut checkpoints =
-        TrialCheckpoints::new(artifacts, identity).map_err(|e| TrainError::Retryable(e.to_string()))?;
+        TrialCheckpoints::new(artifacts, identity).map_err(|e| TrainError::retryable_from("checkpoints", e))?;
     let (resumed, mut note) = resume_point(a, artifacts, checkpoints.prefix(), checkpoints.scratch());
     let (mut trainer, resumed) = match resumed {
         Some((state, meta)) => {
@@ -284,15 +284,16 @@ pub fn train_attempt(
         // coordinator must refuse. It fails the same way anywhere (a learning rate too high).
         for (what, v) in [("train loss", metrics.train_loss), ("validation loss", metrics.val_loss)] {
             if !v.is_finite() || v > sweep_proto::MAX_LOSS {
-                return Err(TrainError::Permanent(format!(
+                return Err(TrainError::permanent(format!(
                     "training diverged: the {what} of epoch {} is {v} (a lower learning rate may help)",
                     metrics.epoch
                 )));
             }
         }
         crate::metrics::global().epoch(dataset.train.len(), metrics.seconds);
-        let (last, new_best) =
-            checkpoints.after_epoch(trainer.model(), &metrics).map_err(|e| TrainError::Retryable(e.to_string()))?;
+        let (last, new_best) = checkpoints
+            .after_epoch(trainer.model(), &metrics)
+            .map_err(|e| TrainError::retryable_from("checkpoint", e))?;
         if new_best.is_some() {
             best = Some((metrics.val_accuracy, metrics.epoch));
         }
@@ -315,7 +316,7 @@ pub fn train_attempt(
                     created_at_ms: 0,
                 },
             )
-            .map_err(|e| TrainError::Retryable(e.to_string()))?;
+            .map_err(|e| TrainError::retryable_from("saving the resume point", e))?;
         let reference =
             |s: checkpoint::Saved| v1::CheckpointRef { uri: s.uri, sha256: s.sha256, bytes: s.bytes, epoch: s.epoch };
         let request = v1::ReportEpochRequest {

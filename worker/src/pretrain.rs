@@ -89,12 +89,12 @@ pub fn ensure(
     options: &TrainOptions,
 ) -> Result<PathBuf, TrainError> {
     let Some(p) = &spec.pretrain else {
-        return Err(TrainError::Permanent("the spec has no pretrain section".into()));
+        return Err(TrainError::permanent("the spec has no pretrain section"));
     };
     let key = cache_key(p, backbone, &spec.training.augment);
     let dir = cache_dir.join("pretrain");
     std::fs::create_dir_all(&dir)
-        .map_err(|e| TrainError::Retryable(format!("cannot create the cache directory {}: {e}", dir.display())))?;
+        .map_err(|e| TrainError::retryable_from(format!("cannot create the cache directory {}", dir.display()), e))?;
     let weights = dir.join(format!("{}-{}.safetensors", backbone.name(), &key[..16]));
     let lock = weights.with_extension("lock");
     loop {
@@ -121,7 +121,7 @@ pub fn ensure(
                 std::thread::sleep(Duration::from_millis(500));
             }
             Err(e) => {
-                return Err(TrainError::Retryable(format!("cannot lock {}: {e}", lock.display())));
+                return Err(TrainError::retryable_from(format!("cannot lock {}", lock.display()), e));
             }
         }
     }
@@ -158,7 +158,7 @@ fn pretrain(
     trainer
         .model()
         .save_weights(&tmp)
-        .map_err(|e| TrainError::Retryable(format!("writing pretrained weights {}: {e}", tmp.display())))?;
+        .map_err(|e| TrainError::retryable_from(format!("writing pretrained weights {}", tmp.display()), e))?;
     let record = PretrainRecord {
         key: key.into(),
         backbone: backbone.name().into(),
@@ -170,10 +170,10 @@ fn pretrain(
     };
     let json = serde_json::to_string_pretty(&record).unwrap_or_default();
     std::fs::write(weights.with_extension("json"), json)
-        .map_err(|e| TrainError::Retryable(format!("writing {}: {e}", weights.with_extension("json").display())))?;
+        .map_err(|e| TrainError::retryable_from(format!("writing {}", weights.with_extension("json").display()), e))?;
     // The weights appear last and at once: their presence means the pretraining is complete.
     std::fs::rename(&tmp, weights)
-        .map_err(|e| TrainError::Retryable(format!("moving pretrained weights to {}: {e}", weights.display())))?;
+        .map_err(|e| TrainError::retryable_from(format!("moving pretrained weights to {}", weights.display()), e))?;
     tracing::info!(file = %weights.display(), val_accuracy = record.final_val_accuracy, seconds = record.seconds, "pretrained");
     Ok(())
 }

@@ -48,29 +48,117 @@ use crate::rng::{Rng, STREAM_AUGMENT, STREAM_SHUFFLE};
 /// used when [`TrainOptions::weights_dir`] is not set.
 pub const WEIGHTS_DIR_ENV: &str = "SWEEP_WEIGHTS_DIR";
 
-/// Why a trial did not complete.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a trial did not complete: the class decides what happens next (fail the trial, try
+/// again, start over without the resume point), and it is never read back from the text.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TrainError {
     /// Will fail again on any attempt: a bad dataset, missing or mismatched weights, a setting
     /// the backbone cannot take.
-    #[error("{0}")]
-    Permanent(String),
-    /// Worth another attempt: out of memory, a device error.
-    #[error("{0}")]
-    Retryable(String),
+    #[error(transparent)]
+    Permanent(Failure),
+    /// Worth another attempt: out of memory, a device error, an artifact store that did not
+    /// answer.
+    #[error(transparent)]
+    Retryable(Failure),
     /// Stopped on request (the callback returned [`Control::Stop`], or the cancel flag was set).
     #[error("cancelled")]
     Cancelled,
     /// The resume point handed to the trainer does not fit the trial (other shapes or names, more
     /// epochs than the trial has): the attempt can start from the beginning instead. Retryable.
     #[error("resume point: {0}")]
-    ResumePoint(String),
+    ResumePoint(#[source] Failure),
+}
+
+/// What went wrong: a message in context and, when another error caused it, that error (its
+/// text follows the message; [`std::error::Error::source`] gives the error itself).
+#[derive(Debug, Clone)]
+pub struct Failure {
+    message: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Failure {
+    pub fn new(message: impl Into<String>) -> Failure {
+        Failure { message: message.into(), source: None }
+    }
+
+    /// `context`, caused by `source`.
+    pub fn caused(context: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Failure {
+        Failure { message: context.into(), source: Some(Arc::new(source)) }
+    }
+
+    /// The same failure, said to have happened `at` (a step, a replica).
+    pub fn at(self, at: &str) -> Failure {
+        Failure { message: format!("{at}: {}", self.message), ..self }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            Some(source) => write!(f, "{}: {source}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Failures are equal when they say the same (for tests; nothing decides by the text).
+impl PartialEq for Failure {
+    fn eq(&self, other: &Failure) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure::new(message)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Failure {
+        Failure::new(message)
+    }
 }
 
 impl TrainError {
     /// True for [`TrainError::Permanent`].
     pub fn is_permanent(&self) -> bool {
         matches!(self, TrainError::Permanent(_))
+    }
+
+    pub fn permanent(message: impl Into<Failure>) -> TrainError {
+        TrainError::Permanent(message.into())
+    }
+
+    pub fn retryable(message: impl Into<Failure>) -> TrainError {
+        TrainError::Retryable(message.into())
+    }
+
+    pub fn resume_point(message: impl Into<Failure>) -> TrainError {
+        TrainError::ResumePoint(message.into())
+    }
+
+    /// A retryable failure: `context`, caused by `source`.
+    pub fn retryable_from(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> TrainError {
+        TrainError::Retryable(Failure::caused(context, source))
+    }
+
+    /// A permanent failure: `context`, caused by `source`.
+    pub fn permanent_from(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> TrainError {
+        TrainError::Permanent(Failure::caused(context, source))
     }
 
     /// Classifies a libtorch error: memory and device failures are retryable, anything else
@@ -86,9 +174,9 @@ impl TrainError {
         let lower = message.to_lowercase();
         let transient = ["out of memory", "cuda", "cudnn", "cublas", "nccl", "device-side", "hip error"];
         if transient.iter().any(|t| lower.contains(t)) {
-            TrainError::Retryable(message)
+            TrainError::retryable(message)
         } else {
-            TrainError::Permanent(message)
+            TrainError::permanent(message)
         }
     }
 }
@@ -96,9 +184,9 @@ impl TrainError {
 impl From<DataError> for TrainError {
     fn from(e: DataError) -> Self {
         if e.is_permanent() {
-            TrainError::Permanent(format!("dataset: {e}"))
+            TrainError::permanent_from("dataset", e)
         } else {
-            TrainError::Retryable(format!("dataset: {e}"))
+            TrainError::retryable_from("dataset", e)
         }
     }
 }
@@ -107,7 +195,7 @@ impl From<ModelError> for TrainError {
     fn from(e: ModelError) -> Self {
         match e {
             ModelError::Torch(t) => TrainError::from_torch("model", t),
-            other => TrainError::Permanent(other.to_string()),
+            other => TrainError::Permanent(Failure::caused("model", other)),
         }
     }
 }
@@ -200,7 +288,7 @@ pub fn weights_file(
             if path.is_file() {
                 Ok(Some(path))
             } else {
-                Err(TrainError::Permanent(format!(
+                Err(TrainError::permanent(format!(
                     "weights file {} (model.weights) does not exist on this worker",
                     path.display()
                 )))
@@ -209,7 +297,7 @@ pub fn weights_file(
         Weights::ImageNet => {
             let file = format!("{}.safetensors", backbone.name());
             let Some(dir) = weights_dir else {
-                return Err(TrainError::Permanent(format!(
+                return Err(TrainError::permanent(format!(
                     "model.weights is `imagenet` but this worker has no weights directory: set {WEIGHTS_DIR_ENV} (or the worker's weights-dir option) to a directory holding {file}; {HOW}"
                 )));
             };
@@ -217,7 +305,7 @@ pub fn weights_file(
             if path.is_file() {
                 Ok(Some(path))
             } else {
-                Err(TrainError::Permanent(format!(
+                Err(TrainError::permanent(format!(
                     "ImageNet weights for {} not found: {} does not exist; {HOW}",
                     backbone.name(),
                     path.display()
@@ -355,7 +443,7 @@ impl ReplicaError {
     fn into_train(self) -> TrainError {
         match self {
             ReplicaError::Train(e) => e,
-            ReplicaError::Aborted(r) => TrainError::Retryable(format!("data-parallel training stopped: {r}")),
+            ReplicaError::Aborted(r) => TrainError::retryable(format!("data-parallel training stopped: {r}")),
         }
     }
 }
@@ -365,7 +453,7 @@ fn dist_error(context: &str) -> impl FnOnce(DistError) -> ReplicaError + '_ {
     move |e| match e {
         DistError::Aborted(r) => ReplicaError::Aborted(r),
         DistError::Torch(t) => ReplicaError::Train(TrainError::from_torch(context, TchError::Torch(t))),
-        other => ReplicaError::Train(TrainError::Retryable(format!("{context}: {other}"))),
+        other => ReplicaError::Train(TrainError::retryable(format!("{context}: {other}"))),
     }
 }
 
@@ -374,7 +462,7 @@ type PassMetrics = (f64, f64);
 
 /// An unusable resume point: the daemon starts the trial over instead.
 fn bad_state(message: String) -> ReplicaError {
-    ReplicaError::Train(TrainError::ResumePoint(message))
+    ReplicaError::Train(TrainError::resume_point(message))
 }
 
 /// Copies a resume point's state dict into `model`: every tensor, same names and shapes.
@@ -587,7 +675,7 @@ impl Replica {
     ) -> Result<(Tensor, Tensor), ReplicaError> {
         let torch_err = |e: TchError| ReplicaError::Train(TrainError::from_torch(context, e));
         let Some(comm) = self.comm.as_deref_mut() else {
-            return Err(ReplicaError::Train(TrainError::Retryable(format!("{context}: no group"))));
+            return Err(ReplicaError::Train(TrainError::retryable(format!("{context}: no group"))));
         };
         if mode.bn_train {
             broadcast_tensors(comm, buffers, 0, BUCKET_BYTES).map_err(dist_error(context))?;
@@ -669,7 +757,7 @@ impl Replica {
                 if f.panic {
                     panic!("injected panic in replica {} before step {step}", self.rank);
                 }
-                return Err(ReplicaError::Train(TrainError::Retryable(format!(
+                return Err(ReplicaError::Train(TrainError::retryable(format!(
                     "injected fault in replica {} before step {step}",
                     self.rank
                 ))));
@@ -772,7 +860,7 @@ fn guarded<T>(
 ) -> Result<T, ReplicaError> {
     let result = match std::panic::catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
-        Err(panic) => Err(ReplicaError::Train(TrainError::Retryable(format!(
+        Err(panic) => Err(ReplicaError::Train(TrainError::retryable(format!(
             "replica {rank} panicked: {}",
             panic_message(panic.as_ref())
         )))),
@@ -822,7 +910,7 @@ impl Peer {
     /// The thread's answer to the last command.
     fn reply(&self) -> Result<Reply, ReplicaError> {
         self.replies.recv().unwrap_or_else(|_| {
-            Err(ReplicaError::Train(TrainError::Retryable(format!("replica {} stopped unexpectedly", self.rank))))
+            Err(ReplicaError::Train(TrainError::retryable(format!("replica {} stopped unexpectedly", self.rank))))
         })
     }
 }
@@ -858,9 +946,9 @@ fn combine<T>(results: Vec<(usize, Result<T, ReplicaError>)>, devices: &[Device]
                 } else {
                     let at = format!("replica {rank} on {}", dist::device_name(devices[rank]));
                     match e {
-                        TrainError::Permanent(m) => TrainError::Permanent(format!("{at}: {m}")),
-                        TrainError::Retryable(m) => TrainError::Retryable(format!("{at}: {m}")),
-                        TrainError::ResumePoint(m) => TrainError::ResumePoint(format!("{at}: {m}")),
+                        TrainError::Permanent(m) => TrainError::Permanent(m.at(&at)),
+                        TrainError::Retryable(m) => TrainError::Retryable(m.at(&at)),
+                        TrainError::ResumePoint(m) => TrainError::ResumePoint(m.at(&at)),
                         TrainError::Cancelled => TrainError::Cancelled,
                     }
                 });
@@ -948,38 +1036,38 @@ impl Trainer {
         let backbone = trial.backbone;
         let image_size = spec.dataset.image_size();
         if image_size < backbone.min_image_size() {
-            return Err(TrainError::Permanent(format!(
+            return Err(TrainError::permanent(format!(
                 "dataset.image_size {image_size} px is too small for {}, which needs at least {} px",
                 backbone.name(),
                 backbone.min_image_size()
             )));
         }
         let devices = options.devices.clone();
-        dist::backend_for(&devices).map_err(|e| TrainError::Retryable(format!("training devices: {e}")))?;
+        dist::backend_for(&devices).map_err(|e| TrainError::retryable(format!("training devices: {e}")))?;
         let cuda_count = devices.iter().any(|d| d.is_cuda()).then(|| tch::Cuda::device_count().max(0) as usize);
         if let Some(&Device::Cuda(missing)) =
             devices.iter().find(|d| matches!(d, Device::Cuda(i) if *i >= cuda_count.unwrap_or(0)))
         {
-            return Err(TrainError::Retryable(format!(
+            return Err(TrainError::retryable(format!(
                 "training devices: cuda:{missing} is not on this machine, which has {} CUDA device(s)",
                 cuda_count.unwrap_or(0)
             )));
         }
         let dataset = data::load(&spec.dataset)?;
         if dataset.train.len() < 2 {
-            return Err(TrainError::Permanent(format!(
+            return Err(TrainError::permanent(format!(
                 "the training split has {} image(s); training with BatchNorm needs at least 2",
                 dataset.train.len()
             )));
         }
         if dataset.val.is_empty() {
-            return Err(TrainError::Permanent("the validation split has no image".into()));
+            return Err(TrainError::permanent("the validation split has no image"));
         }
         let total = trial.fe_epochs + trial.ft_epochs;
         let epochs_done = match options.resume.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).epochs_done)
         {
             Some(done) if done > total => {
-                return Err(TrainError::ResumePoint(format!("{done} epochs done, the trial has {total}")));
+                return Err(TrainError::resume_point(format!("{done} epochs done, the trial has {total}")));
             }
             Some(done) => done,
             None => 0,
@@ -1016,7 +1104,7 @@ impl Trainer {
                 .iter()
                 .find(|(x, _)| *x == d)
                 .map(|(_, data)| data.shallow_clone())
-                .ok_or_else(|| TrainError::Retryable(format!("no data on {}", dist::device_name(d))))
+                .ok_or_else(|| TrainError::retryable(format!("no data on {}", dist::device_name(d))))
         };
         let trainer = |lead: Replica, peers: Vec<Peer>, abort: Option<AbortHandle>| Trainer {
             fe_epochs: trial.fe_epochs,
@@ -1039,7 +1127,7 @@ impl Trainer {
         }
 
         let comms = dist::group(&devices).map_err(|e| {
-            TrainError::Retryable(format!("cannot train on {} in data parallel: {e}", dist::describe_devices(&devices)))
+            TrainError::retryable(format!("cannot train on {} in data parallel: {e}", dist::describe_devices(&devices)))
         })?;
         let abort = comms[0].abort_handle();
         let mut comms = comms.into_iter();
@@ -1049,7 +1137,7 @@ impl Trainer {
             let rank = i + 1;
             let spawned = data_on(devices[rank]).and_then(|data| {
                 Peer::spawn(rank, setup.clone(), devices[rank], data, comm, abort.clone())
-                    .map_err(|e| TrainError::Retryable(format!("cannot start the thread of replica {rank}: {e}")))
+                    .map_err(|e| TrainError::retryable(format!("cannot start the thread of replica {rank}: {e}")))
             });
             if let Err(e) = spawned.map(|p| peers.push(p)) {
                 abort.abort(&e.to_string());
@@ -1155,11 +1243,11 @@ impl Trainer {
             let r = if sent {
                 p.reply().and_then(|reply| {
                     unpack(reply).ok_or_else(|| {
-                        ReplicaError::Train(TrainError::Retryable(format!("replica {} answered out of turn", p.rank)))
+                        ReplicaError::Train(TrainError::retryable(format!("replica {} answered out of turn", p.rank)))
                     })
                 })
             } else {
-                Err(ReplicaError::Train(TrainError::Retryable(format!("replica {} is gone", p.rank))))
+                Err(ReplicaError::Train(TrainError::retryable(format!("replica {} is gone", p.rank))))
             };
             results.push((p.rank, r));
         }
@@ -1187,7 +1275,7 @@ impl Trainer {
     pub fn run_epoch(&mut self) -> Result<EpochMetrics, TrainError> {
         let epoch = self.epochs_done + 1;
         if epoch > self.total_epochs() {
-            return Err(TrainError::Permanent(format!("the trial has only {} epochs", self.total_epochs())));
+            return Err(TrainError::permanent(format!("the trial has only {} epochs", self.total_epochs())));
         }
         let phase = Phase::of_epoch(epoch, self.fe_epochs);
         let mode = self.mode_override.unwrap_or(if phase == Phase::FeatureExtraction && self.freeze_bn_stats {
@@ -1303,7 +1391,26 @@ mod tests {
             "mat1 and mat2 shapes cannot be multiplied\nException raised from check at x.cpp:1\nframe #0: ...".into(),
         );
         let e = TrainError::from_torch("step", shape);
-        assert_eq!(e, TrainError::Permanent("step: mat1 and mat2 shapes cannot be multiplied".into()));
+        assert_eq!(e, TrainError::permanent("step: mat1 and mat2 shapes cannot be multiplied"));
+    }
+
+    #[test]
+    fn a_failure_keeps_its_cause_as_a_source_and_its_class_through_context() {
+        use std::error::Error;
+        let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "the store did not answer");
+        let e = TrainError::retryable_from("checkpoint", io);
+        assert_eq!(e.to_string(), "checkpoint: the store did not answer");
+        let cause = e.source().expect("the cause is kept");
+        assert_eq!(cause.downcast_ref::<std::io::Error>().map(|e| e.kind()), Some(std::io::ErrorKind::TimedOut));
+        // Where it happened is added to the message; the class and the cause stay.
+        let TrainError::Retryable(f) = e else { panic!("retryable") };
+        let at = TrainError::Retryable(f.at("replica 1 on cpu:1"));
+        assert_eq!(at.to_string(), "replica 1 on cpu:1: checkpoint: the store did not answer");
+        assert!(at.source().is_some() && !at.is_permanent());
+        let data = TrainError::from(DataError::Layout("no class folder".into()));
+        assert!(data.is_permanent() && data.source().is_some(), "{data:?}");
+        let resume = TrainError::resume_point("3 epochs done, the trial has 2");
+        assert_eq!(resume.to_string(), "resume point: 3 epochs done, the trial has 2");
     }
 
     #[test]

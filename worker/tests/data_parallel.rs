@@ -233,7 +233,7 @@ fn a_failing_replica_stops_every_replica() {
         tr.run_epoch().unwrap();
         tr.inject_fault(Fault { rank: 0, step: 2, panic: false });
         let e = tr.run_epoch().unwrap_err();
-        assert_eq!(e, TrainError::Retryable("injected fault in replica 0 before step 2".into()));
+        assert_eq!(e, TrainError::retryable("injected fault in replica 0 before step 2"));
     });
 }
 
