@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use sweep_core::spec::{self, ParseOptions, SpecError};
+use sweep_core::state::SweepState;
 use sweep_proto::v1;
 use sweep_proto::v1::sweep_service_client::SweepServiceClient;
 use sweep_session::connect::{BearerToken, ClientSecurity};
@@ -311,7 +312,8 @@ impl Client {
             Format::Table => watch::View::new(watch::Stream::Stdout, true),
         };
         let summary = watch::follow(self, &full_id, &mut view, |_| Ok(())).await?;
-        Ok(if summary.state == "completed" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        let completed = SweepState::parse(&summary.state) == Some(SweepState::Completed);
+        Ok(if completed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
     }
 
     pub async fn trial(&mut self, id: &str, trial: &str, format: Format) -> anyhow::Result<()> {

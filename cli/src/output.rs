@@ -6,6 +6,7 @@
 use comfy_table::{Cell, CellAlignment, ContentArrangement, Table, presets};
 use serde_json::{Value, json};
 use sweep_core::grid::Trial;
+use sweep_core::state::TrialState;
 use sweep_proto::v1;
 
 /// `--output` choices.
@@ -189,29 +190,25 @@ pub fn trials_json(trials: &[Trial]) -> Value {
 
 fn counts_json(c: Option<&v1::TrialCounts>) -> Value {
     let c = c.cloned().unwrap_or_default();
-    json!({
-        "pending": c.pending,
-        "unschedulable": c.unschedulable,
-        "running": c.running,
-        "completed": c.completed,
-        "failed": c.failed,
-        "cancelled": c.cancelled,
-    })
+    Value::Object(c.by_state().map(|(state, n)| (state.as_str().to_string(), json!(n))).collect())
 }
 
 /// `3/8 done, 2 running, 1 failed`.
 pub fn counts_line(s: &v1::SweepSummary) -> String {
     let c = s.counts.unwrap_or_default();
     let mut parts = vec![format!("{}/{} completed", c.completed, s.trial_count)];
-    for (n, what) in [
-        (c.running, "running"),
-        (c.pending, "pending"),
-        (c.unschedulable, "unschedulable"),
-        (c.failed, "failed"),
-        (c.cancelled, "cancelled"),
-    ] {
+    // Completed first (above), then what is still going on, then what ended otherwise.
+    let order = [
+        TrialState::Running,
+        TrialState::Pending,
+        TrialState::Unschedulable,
+        TrialState::Failed,
+        TrialState::Cancelled,
+    ];
+    for state in order {
+        let n = c.get(state);
         if n > 0 {
-            parts.push(format!("{n} {what}"));
+            parts.push(format!("{n} {state}"));
         }
     }
     parts.join(", ")
@@ -445,14 +442,14 @@ pub fn by_backbone(board: &v1::Leaderboard) -> Vec<BackboneRank<'_>> {
         match out.iter_mut().find(|b| b.backbone == e.backbone) {
             Some(b) => {
                 b.trials += 1;
-                b.completed += (e.state == "completed") as u32;
+                b.completed += u32::from(TrialState::parse(&e.state) == Some(TrialState::Completed));
                 b.wall_seconds += e.wall_seconds;
             }
             None => out.push(BackboneRank {
                 rank: out.len() as u32 + 1,
                 backbone: &e.backbone,
                 trials: 1,
-                completed: (e.state == "completed") as u32,
+                completed: u32::from(TrialState::parse(&e.state) == Some(TrialState::Completed)),
                 best: e,
                 wall_seconds: e.wall_seconds,
             }),

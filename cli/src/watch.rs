@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sweep_core::state::TrialState;
 use sweep_proto::v1;
 
 use crate::client::Client;
@@ -59,9 +60,7 @@ pub struct View {
 }
 
 /// Whether a trial or sweep state is final.
-pub fn is_final(state: &str) -> bool {
-    matches!(state, "completed" | "failed" | "cancelled")
-}
+pub use sweep_proto::is_final;
 
 impl View {
     /// A view on `stream`: live when it is a terminal (and `live` is allowed), else lines.
@@ -132,14 +131,8 @@ impl View {
     pub fn counts(&self) -> v1::TrialCounts {
         let mut c = v1::TrialCounts::default();
         for t in self.trials.values() {
-            match t.state.as_str() {
-                "pending" => c.pending += 1,
-                "unschedulable" => c.unschedulable += 1,
-                "running" => c.running += 1,
-                "completed" => c.completed += 1,
-                "failed" => c.failed += 1,
-                "cancelled" => c.cancelled += 1,
-                _ => {}
+            if let Some(state) = TrialState::parse(&t.state) {
+                c.add(state, 1);
             }
         }
         c
@@ -168,7 +161,8 @@ impl View {
             .filter(|t| !is_final(&t.state))
             .map(|t| (t.fe_epochs + t.ft_epochs).saturating_sub(t.epochs_done))
             .sum();
-        let parallel = self.trials.values().filter(|t| t.state == "running").count().max(1);
+        let parallel =
+            self.trials.values().filter(|t| TrialState::parse(&t.state) == Some(TrialState::Running)).count().max(1);
         Some(remaining as f64 * (sum / n as f64) / parallel as f64)
     }
 
@@ -272,17 +266,17 @@ impl View {
         } else {
             let changed = before.as_deref() != Some(t.state.as_str());
             let counts = self.counts_line();
-            match t.state.as_str() {
-                "running" if changed => {
+            match TrialState::parse(&t.state) {
+                Some(TrialState::Running) if changed => {
                     self.say(&format!("{label}  started on {} (attempt {})", t.worker_id, t.attempts))
                 }
-                "completed" => {
+                Some(TrialState::Completed) => {
                     self.say(&format!("{label}  completed: val {}  [{counts}]", output::percent(t.latest_val_accuracy)))
                 }
-                "failed" => self.say(&format!("{label}  FAILED: {}  [{counts}]", t.error)),
-                "cancelled" => self.say(&format!("{label}  cancelled  [{counts}]")),
-                "unschedulable" if changed => self.say(&format!("{label}  unschedulable: {}", t.error)),
-                "pending" if !t.error.is_empty() => {
+                Some(TrialState::Failed) => self.say(&format!("{label}  FAILED: {}  [{counts}]", t.error)),
+                Some(TrialState::Cancelled) => self.say(&format!("{label}  cancelled  [{counts}]")),
+                Some(TrialState::Unschedulable) if changed => self.say(&format!("{label}  unschedulable: {}", t.error)),
+                Some(TrialState::Pending) if !t.error.is_empty() => {
                     self.say(&format!("{label}  attempt {} ended: {}; queued again", t.attempts, t.error))
                 }
                 _ => {}

@@ -101,15 +101,7 @@ async fn registry(shared: &Arc<Shared>) -> Result<Registry, String> {
     );
     for sw in &sweeps {
         add(&sweep_states, &sw.state, 1);
-        let c = sw.counts.unwrap_or_default();
-        for (state, n) in [
-            (TrialState::Pending, c.pending),
-            (TrialState::Unschedulable, c.unschedulable),
-            (TrialState::Running, c.running),
-            (TrialState::Completed, c.completed),
-            (TrialState::Failed, c.failed),
-            (TrialState::Cancelled, c.cancelled),
-        ] {
+        for (state, n) in sw.counts.unwrap_or_default().by_state() {
             add(&trials, state.as_str(), i64::from(n));
         }
     }

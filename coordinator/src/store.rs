@@ -535,7 +535,7 @@ impl Store {
                 .optional()?;
             match state {
                 None => return Err(StoreError::NotFound(format!("sweep {sweep_id} has no trial `{id}`"))),
-                Some(s) if s != "failed" => {
+                Some(s) if TrialState::parse(&s) != Some(TrialState::Failed) => {
                     return Err(StoreError::FailedPrecondition(format!(
                         "trial {id} of {sweep_id} is {s}; only failed trials are retried"
                     )));
@@ -1401,15 +1401,7 @@ fn sweep_summary(conn: &Connection, sweep_id: &str) -> Result<v1::SweepSummary> 
     for row in q.query_map([sweep_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
         let (state, n) = row?;
         let s = TrialState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("trial state `{state}`")))?;
-        let n32 = n as u32;
-        match s {
-            TrialState::Pending => counts.pending = n32,
-            TrialState::Running => counts.running = n32,
-            TrialState::Completed => counts.completed = n32,
-            TrialState::Failed => counts.failed = n32,
-            TrialState::Cancelled => counts.cancelled = n32,
-            TrialState::Unschedulable => counts.unschedulable = n32,
-        }
+        counts.add(s, u32::try_from(n).unwrap_or(u32::MAX));
         states.extend(std::iter::repeat_n(s, n as usize));
     }
     Ok(v1::SweepSummary {

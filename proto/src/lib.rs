@@ -11,6 +11,49 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 
 use sweep_core::leaderboard::{EpochMetrics, Phase};
 use sweep_core::lr::LrDecay;
+use sweep_core::state::{SweepState, TrialState};
+
+/// Trial counts by state: the one place where a [`TrialState`] meets its wire field, so a new
+/// state is added here and in `TrialState`, not in every table and gauge.
+impl v1::TrialCounts {
+    /// The count of trials in `state`.
+    pub fn get(&self, state: TrialState) -> u32 {
+        match state {
+            TrialState::Pending => self.pending,
+            TrialState::Unschedulable => self.unschedulable,
+            TrialState::Running => self.running,
+            TrialState::Completed => self.completed,
+            TrialState::Failed => self.failed,
+            TrialState::Cancelled => self.cancelled,
+        }
+    }
+
+    /// Adds `n` trials in `state`.
+    pub fn add(&mut self, state: TrialState, n: u32) {
+        let field = match state {
+            TrialState::Pending => &mut self.pending,
+            TrialState::Unschedulable => &mut self.unschedulable,
+            TrialState::Running => &mut self.running,
+            TrialState::Completed => &mut self.completed,
+            TrialState::Failed => &mut self.failed,
+            TrialState::Cancelled => &mut self.cancelled,
+        };
+        *field = field.saturating_add(n);
+    }
+
+    /// Every state with its count, in [`TrialState::ALL`]'s order.
+    pub fn by_state(&self) -> impl Iterator<Item = (TrialState, u32)> + '_ {
+        TrialState::ALL.iter().map(|s| (*s, self.get(*s)))
+    }
+}
+
+/// Whether a trial or sweep state, as the wire carries it, is final (an unknown one is not).
+pub fn is_final(state: &str) -> bool {
+    TrialState::parse(state)
+        .map(TrialState::is_terminal)
+        .or_else(|| SweepState::parse(state).map(SweepState::is_terminal))
+        .unwrap_or(false)
+}
 
 impl From<&LrDecay> for v1::LrDecay {
     fn from(d: &LrDecay) -> Self {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use sweep_core::spec::ParseOptions;
+use sweep_core::state::SweepState;
 use tokio::process::{Child, Command};
 
 use sweep_cli::client::{self as cli, Client};
@@ -199,7 +200,8 @@ pub async fn run(o: RunOptions) -> anyhow::Result<ExitCode> {
                 output::counts_line(&summary),
                 o.state_dir.display()
             );
-            if summary.state == "completed" { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            let completed = SweepState::parse(&summary.state) == Some(SweepState::Completed);
+            if completed { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
         Ok(Follow::Interrupted) => {
             eprintln!("\ninterrupted; sweep {sweep_id} is kept in {}", o.state_dir.display());

@@ -114,7 +114,10 @@ fn a_coordinator_killed_mid_sweep_comes_back_with_every_acknowledged_epoch_and_r
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let listen = format!("127.0.0.1:{}", free_port());
-    let lease = ["--heartbeat-ttl", "3", "--lease-grace", "3"];
+    // The worker stops its attempt when the coordinator has been unreachable for a whole TTL:
+    // 6 s leaves the restart below (2 s down, then the start-up, slower when the whole suite
+    // runs on two cores) well inside it.
+    let lease = ["--heartbeat-ttl", "6", "--lease-grace", "3"];
     let (mut coord, url) = coordinator_at(&state, &listen, &lease);
     let sweep = submit(&url, dir.path(), SLOW_SPEC);
     let log = dir.path().join("w.log");
