@@ -290,9 +290,9 @@ impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
         match e {
             StoreError::NotFound(m) => Status::not_found(m),
-            StoreError::FailedPrecondition(m) => Status::failed_precondition(m),
-            StoreError::InvalidArgument(m) => Status::invalid_argument(m),
-            StoreError::PermissionDenied(m) => Status::permission_denied(m),
+            StoreError::WrongState(m) => Status::failed_precondition(m),
+            StoreError::Invalid(m) => Status::invalid_argument(m),
+            StoreError::NotYours(m) => Status::permission_denied(m),
             // Stored data that does not read back as written: not a fault retrying can fix.
             e @ StoreError::Corrupt(_) => Status::data_loss(e.to_string()),
             other => Status::internal(other.to_string()),

@@ -34,17 +34,20 @@ use sweep_proto::v1;
 /// Errors of the store; `crate::error` maps them to gRPC status codes.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// No such sweep, trial, attempt or worker.
     #[error("{0}")]
     NotFound(String),
-    /// The request names something that exists but is not in a state that allows it (a stale
-    /// attempt, an unknown worker incarnation).
+    /// It exists, but its state does not allow this: a stale (fenced) attempt, an unknown
+    /// worker incarnation, a retry of a trial that did not fail.
     #[error("{0}")]
-    FailedPrecondition(String),
+    WrongState(String),
+    /// A value that can never be right: a bad device list, a report past the trial's end, a
+    /// checkpoint reference that is not the trial's own.
     #[error("{0}")]
-    InvalidArgument(String),
+    Invalid(String),
     /// The caller is not who may do this (another worker's session, attempt or identity).
     #[error("{0}")]
-    PermissionDenied(String),
+    NotYours(String),
     #[error("state database {path}: {source}")]
     Open { path: PathBuf, source: rusqlite::Error },
     #[error("state database: {0}")]
@@ -516,7 +519,7 @@ impl Store {
         let cancelled: bool =
             tx.query_row("SELECT cancelled != 0 FROM sweeps WHERE id = ?1", [sweep_id], |r| r.get(0))?;
         if cancelled {
-            return Err(StoreError::FailedPrecondition(format!(
+            return Err(StoreError::WrongState(format!(
                 "sweep {sweep_id} was cancelled; submit its spec again to run it"
             )));
         }
@@ -536,7 +539,7 @@ impl Store {
             match state {
                 None => return Err(StoreError::NotFound(format!("sweep {sweep_id} has no trial `{id}`"))),
                 Some(s) if TrialState::parse(&s) != Some(TrialState::Failed) => {
-                    return Err(StoreError::FailedPrecondition(format!(
+                    return Err(StoreError::WrongState(format!(
                         "trial {id} of {sweep_id} is {s}; only failed trials are retried"
                     )));
                 }
@@ -614,9 +617,8 @@ impl Store {
 
     pub fn trial(&self, sweep_id: &str, trial_id: &str) -> Result<v1::TrialDetail> {
         let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
-        let idx = grid::trial_index(trial_id).ok_or_else(|| {
-            StoreError::InvalidArgument(format!("`{trial_id}` is not a trial id (they look like t003)"))
-        })?;
+        let idx = grid::trial_index(trial_id)
+            .ok_or_else(|| StoreError::Invalid(format!("`{trial_id}` is not a trial id (they look like t003)")))?;
         let trial = trial_summaries(&self.conn, sweep_id, Some(idx as i64))?
             .pop()
             .ok_or_else(|| StoreError::NotFound(format!("sweep {sweep_id} has no trial {trial_id}")))?;
@@ -677,18 +679,18 @@ impl Store {
     /// is stored). `owner` is who registered it (see [`Caller::owner`]).
     pub fn register(&mut self, name: &str, devices: &[v1::Device], version: &str, owner: &str) -> Result<Registration> {
         if devices.is_empty() {
-            return Err(StoreError::InvalidArgument("a worker must register at least one device".into()));
+            return Err(StoreError::Invalid("a worker must register at least one device".into()));
         }
         let mut seen = std::collections::HashSet::new();
         for d in devices {
             if d.id.is_empty() || d.id.contains(',') || d.id.len() > 64 {
-                return Err(StoreError::InvalidArgument(format!(
+                return Err(StoreError::Invalid(format!(
                     "device id `{}` must be 1-64 characters without commas",
                     d.id
                 )));
             }
             if !seen.insert(d.id.as_str()) {
-                return Err(StoreError::InvalidArgument(format!("device `{}` is listed twice", d.id)));
+                return Err(StoreError::Invalid(format!("device `{}` is listed twice", d.id)));
             }
         }
         let tx = self.conn.savepoint()?;
@@ -967,14 +969,14 @@ impl Store {
         let a = current_attempt(&tx, attempt_id)?;
         let total = a.fe_epochs + a.ft_epochs;
         if metrics.epoch > total {
-            return Err(StoreError::InvalidArgument(format!(
+            return Err(StoreError::Invalid(format!(
                 "epoch {} is past the end of trial {} ({} epochs)",
                 metrics.epoch, a.trial_id, total
             )));
         }
         let phase = Phase::of_epoch(metrics.epoch, a.fe_epochs);
         if metrics.phase != phase {
-            return Err(StoreError::InvalidArgument(format!(
+            return Err(StoreError::Invalid(format!(
                 "epoch {} of trial {} is {}, not {}",
                 metrics.epoch,
                 a.trial_id,
@@ -986,7 +988,7 @@ impl Store {
             .prepare_cached("SELECT COALESCE(MAX(epoch), 0) FROM metrics WHERE sweep_id = ?1 AND idx = ?2")?
             .query_row(params![a.sweep_id, a.idx], |r| r.get(0))?;
         if i64::from(metrics.epoch) > stored + 1 {
-            return Err(StoreError::InvalidArgument(format!(
+            return Err(StoreError::Invalid(format!(
                 "epoch {} of trial {} reported before epoch {}; epochs are reported in order",
                 metrics.epoch,
                 a.trial_id,
@@ -1024,7 +1026,7 @@ impl Store {
         ] {
             if let Some(c) = checkpoint {
                 if c.uri.is_empty() || c.epoch != metrics.epoch {
-                    return Err(StoreError::InvalidArgument(format!(
+                    return Err(StoreError::Invalid(format!(
                         "{column} of epoch {} must name a file and hold that epoch (got uri `{}`, epoch {})",
                         metrics.epoch,
                         sweep_core::text::escape(&c.uri),
@@ -1036,9 +1038,8 @@ impl Store {
                     "best_checkpoint" => "best.safetensors".to_string(),
                     _ => format!("state-e{:04}.safetensors", c.epoch),
                 };
-                check_checkpoint_ref(c, &a.sweep_id, &a.trial_id, &file).map_err(|why| {
-                    StoreError::InvalidArgument(format!("{column} of epoch {}: {why}", metrics.epoch))
-                })?;
+                check_checkpoint_ref(c, &a.sweep_id, &a.trial_id, &file)
+                    .map_err(|why| StoreError::Invalid(format!("{column} of epoch {}: {why}", metrics.epoch)))?;
                 tx.prepare_cached(&format!("UPDATE trials SET {column} = ?3 WHERE sweep_id = ?1 AND idx = ?2"))?
                     .execute(params![a.sweep_id, a.idx, c.encode_to_vec()])?;
             }
@@ -1079,7 +1080,7 @@ impl Store {
                     )?
                     .query_row(params![a.sweep_id, a.idx, total], |r| r.get(0))?;
                 if have != total as i64 {
-                    return Err(StoreError::FailedPrecondition(format!(
+                    return Err(StoreError::WrongState(format!(
                         "attempt {attempt_id} reports success, but trial {} has metrics for {have} of its {total} epochs",
                         a.trial_id
                     )));
@@ -1095,7 +1096,7 @@ impl Store {
                 end_attempt(&tx, attempt_id, AttemptState::Cancelled, message, false, wall_seconds, now)?;
             }
             v1::Outcome::Unspecified => {
-                return Err(StoreError::InvalidArgument("outcome must be succeeded, failed or cancelled".into()));
+                return Err(StoreError::Invalid("outcome must be succeeded, failed or cancelled".into()));
             }
         }
         tx.commit()?;
@@ -1172,7 +1173,7 @@ fn parse_page_token(token: &str, kind: char) -> Result<Option<i64>> {
         return Ok(None);
     }
     token.strip_prefix(kind).and_then(|n| n.parse::<i64>().ok()).filter(|n| *n >= 0).map(Some).ok_or_else(|| {
-        StoreError::InvalidArgument(format!(
+        StoreError::Invalid(format!(
             "page_token `{}` is not one this coordinator gave",
             sweep_core::text::escape(&token.chars().take(40).collect::<String>())
         ))
@@ -1364,7 +1365,7 @@ fn new_sweep_id(tx: &Connection, name: &str, seq: i64) -> Result<String> {
 /// The full id of the sweep named by `id`: the id itself, or a prefix of exactly one id.
 fn resolve_sweep(conn: &Connection, id: &str) -> Result<String> {
     if id.is_empty() {
-        return Err(StoreError::InvalidArgument("no sweep id given".into()));
+        return Err(StoreError::Invalid("no sweep id given".into()));
     }
     let exact: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM sweeps WHERE id = ?1)", [id], |r| r.get(0))?;
     if exact {
@@ -1377,7 +1378,7 @@ fn resolve_sweep(conn: &Connection, id: &str) -> Result<String> {
     match matches.len() {
         0 => Err(StoreError::NotFound(format!("no sweep with id `{id}`"))),
         1 => Ok(matches.into_iter().next().unwrap_or_default()),
-        _ => Err(StoreError::InvalidArgument(format!(
+        _ => Err(StoreError::Invalid(format!(
             "`{id}` matches several sweeps ({}); give more of the id",
             matches.join(", ")
         ))),
@@ -1553,12 +1554,12 @@ fn check_worker(conn: &Connection, caller: &Caller, incarnation: u64) -> Result<
     let worker_id = caller.worker_id.as_str();
     let (inc, state, devices) = check_identity(conn, caller)?;
     if inc as u64 != incarnation {
-        return Err(StoreError::FailedPrecondition(format!(
+        return Err(StoreError::WrongState(format!(
             "worker {worker_id} is incarnation {inc}, not {incarnation}; register again"
         )));
     }
     if state != WORKER_ACTIVE && state != WORKER_QUARANTINED {
-        return Err(StoreError::FailedPrecondition(format!(
+        return Err(StoreError::WrongState(format!(
             "worker {worker_id} lost its lease (missed heartbeats); register again"
         )));
     }
@@ -1569,7 +1570,7 @@ fn check_worker(conn: &Connection, caller: &Caller, incarnation: u64) -> Result<
 
 /// The worker row of the caller, once its session and owner match: `(incarnation, state,
 /// devices)`. An unknown worker is `NotFound` (register first); a session or an identity that
-/// is not the registration's is `PermissionDenied`.
+/// is not the registration's is `NotYours`.
 fn check_identity(conn: &Connection, caller: &Caller) -> Result<(i64, String, Vec<u8>)> {
     let worker_id = caller.worker_id.as_str();
     let row: Option<(i64, String, Vec<u8>, String, String)> = conn
@@ -1581,18 +1582,18 @@ fn check_identity(conn: &Connection, caller: &Caller) -> Result<(i64, String, Ve
     };
     if hash.is_empty() {
         // Registered by a version without sessions: it must register again.
-        return Err(StoreError::FailedPrecondition(format!(
+        return Err(StoreError::WrongState(format!(
             "worker {worker_id} registered before sessions existed; register again"
         )));
     }
     if !constant_time_eq(session_hash(&caller.session).as_bytes(), hash.as_bytes()) {
-        return Err(StoreError::PermissionDenied(format!(
+        return Err(StoreError::NotYours(format!(
             "the session does not match worker {worker_id}'s registration; a worker may only call in its own name"
         )));
     }
     if !constant_time_eq(owner.as_bytes(), caller.owner.as_bytes()) {
         // Which token or certificate registered it is not told: a fingerprint helps guessing.
-        return Err(StoreError::PermissionDenied(format!(
+        return Err(StoreError::NotYours(format!(
             "worker {worker_id} was registered by another identity (another token or client certificate); a worker may only call in its own name"
         )));
     }
@@ -1644,7 +1645,7 @@ fn check_attempt_owner(conn: &Connection, caller: &Caller, attempt_id: u64) -> R
         .optional()?;
     match holder {
         None => Err(StoreError::NotFound(format!("no attempt {attempt_id}"))),
-        Some(w) if w != caller.worker_id => Err(StoreError::PermissionDenied(format!(
+        Some(w) if w != caller.worker_id => Err(StoreError::NotYours(format!(
             "attempt {attempt_id} was handed to another worker, not {}; a worker may only write for its own attempts",
             caller.worker_id
         ))),
@@ -1730,7 +1731,7 @@ struct CurrentAttempt {
 }
 
 /// The attempt, if it is the current, running attempt of its trial; otherwise the fencing
-/// error `FailedPrecondition` (or `NotFound` for an id never issued).
+/// error `WrongState` (or `NotFound` for an id never issued).
 fn current_attempt(conn: &Connection, attempt_id: u64) -> Result<CurrentAttempt> {
     let row = conn
         .prepare_cached("SELECT a.sweep_id, a.idx, a.state, t.current_attempt, t.trial_id, t.fe_epochs, t.ft_epochs, s.cancelled
@@ -1753,7 +1754,7 @@ fn current_attempt(conn: &Connection, attempt_id: u64) -> Result<CurrentAttempt>
         return Err(StoreError::NotFound(format!("no attempt {attempt_id}")));
     };
     if state != AttemptState::Running.as_str() || current != Some(attempt_id as i64) {
-        return Err(StoreError::FailedPrecondition(format!(
+        return Err(StoreError::WrongState(format!(
             "attempt {attempt_id} of {}/{} is no longer current (it is {state}); the write was refused",
             attempt.sweep_id, attempt.trial_id
         )));

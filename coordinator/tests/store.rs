@@ -142,14 +142,14 @@ fn stale_attempts_are_fenced() {
     assert_eq!(b.attempt_number, 2);
 
     let err = store.report_epoch(&w1, a.attempt_id, &metrics(1, 1, 0.1), &extras(1)).unwrap_err();
-    assert!(matches!(err, StoreError::FailedPrecondition(_)), "{err}");
+    assert!(matches!(err, StoreError::WrongState(_)), "{err}");
     let err = store
         .finish_attempt(&w1, a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0)
         .unwrap_err();
-    assert!(matches!(err, StoreError::FailedPrecondition(_)), "{err}");
+    assert!(matches!(err, StoreError::WrongState(_)), "{err}");
     // The lost worker's incarnation is refused too.
-    assert!(matches!(store.acquire(&w1, i1).unwrap_err(), StoreError::FailedPrecondition(_)));
-    assert!(matches!(store.heartbeat(&w1, i1, &[]).unwrap_err(), StoreError::FailedPrecondition(_)));
+    assert!(matches!(store.acquire(&w1, i1).unwrap_err(), StoreError::WrongState(_)));
+    assert!(matches!(store.heartbeat(&w1, i1, &[]).unwrap_err(), StoreError::WrongState(_)));
     // Nothing the stale attempt sent was stored.
     let sweep = store.list_sweeps().unwrap()[0].id.clone();
     assert!(store.trial(&sweep, &a.trial_id).unwrap().metrics.is_empty());
@@ -213,17 +213,17 @@ fn bad_reports_are_refused_and_change_nothing() {
     // Success without every epoch's metrics.
     assert!(matches!(
         store.finish_attempt(&w, a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0),
-        Err(StoreError::FailedPrecondition(_))
+        Err(StoreError::WrongState(_))
     ));
     assert!(store.trial(&sweep, "t000").unwrap().metrics.is_empty());
     assert_eq!(store.get_sweep(&sweep).unwrap().trials[0].state, "running");
     // Unknown ids.
     assert!(matches!(store.get_sweep("nope"), Err(StoreError::NotFound(_))));
     assert!(matches!(store.trial(&sweep, "t999"), Err(StoreError::NotFound(_))));
-    assert!(matches!(store.trial(&sweep, "zzz"), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(store.trial(&sweep, "zzz"), Err(StoreError::Invalid(_))));
     let stranger = Caller { worker_id: "w404".into(), session: "0".repeat(64), owner: String::new() };
     assert!(matches!(store.acquire(&stranger, 1), Err(StoreError::NotFound(_))));
-    assert!(matches!(store.register("x", &[], "t", ""), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(store.register("x", &[], "t", ""), Err(StoreError::Invalid(_))));
 }
 
 #[test]
@@ -271,7 +271,7 @@ fn sweep_ids_accept_unique_prefixes() {
     let b = submit(&mut store);
     assert_ne!(a, b);
     assert_eq!(store.get_sweep(&a).unwrap().sweep.unwrap().id, a);
-    assert!(matches!(store.get_sweep("store-test"), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(store.get_sweep("store-test"), Err(StoreError::Invalid(_))));
     let listed: Vec<_> = store.list_sweeps().unwrap().into_iter().map(|s| s.id).collect();
     assert_eq!(listed, vec![b, a], "newest first");
 }
@@ -336,10 +336,7 @@ fn checkpoints_and_skipped_images_are_stored_and_ranked_with_their_trial() {
     store.report_epoch(&w, a.attempt_id, &metrics(2, 1, 0.5), &second).unwrap();
     // A checkpoint that claims another epoch is refused, and the whole report with it.
     let bad = ReportExtras { last_checkpoint: Some(ckpt("last", 1)), ..second.clone() };
-    assert!(matches!(
-        store.report_epoch(&w, a.attempt_id, &metrics(2, 1, 0.9), &bad),
-        Err(StoreError::InvalidArgument(_))
-    ));
+    assert!(matches!(store.report_epoch(&w, a.attempt_id, &metrics(2, 1, 0.9), &bad), Err(StoreError::Invalid(_))));
     // References that are not this trial's own, or unverifiable, are refused with the report.
     let foreign = |uri: String, sha256: String| ReportExtras {
         resume_checkpoint: Some(v1::CheckpointRef { uri, sha256, bytes: 7, epoch: 2 }),
@@ -355,7 +352,7 @@ fn checkpoints_and_skipped_images_are_stored_and_ranked_with_their_trial() {
         (ReportExtras { best_checkpoint: Some(ckpt("last", 2)), ..second.clone() }, "best.safetensors"),
     ] {
         let e = store.report_epoch(&w, a.attempt_id, &metrics(2, 1, 0.9), &extras).unwrap_err();
-        assert!(matches!(e, StoreError::InvalidArgument(_)) && e.to_string().contains(fragment), "{fragment}: {e}");
+        assert!(matches!(e, StoreError::Invalid(_)) && e.to_string().contains(fragment), "{fragment}: {e}");
     }
     assert_eq!(store.trial(&sweep, "t000").unwrap().metrics[1].val_accuracy, 0.5);
 
@@ -525,10 +522,10 @@ fn bad_device_lists_are_refused() {
     let mut store = Store::open(dir.path()).unwrap();
     let mut twice = devices("cpu", 2);
     twice[1].id = "cpu:0".into();
-    assert!(matches!(store.register("w", &twice, "t", ""), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(store.register("w", &twice, "t", ""), Err(StoreError::Invalid(_))));
     let mut comma = devices("cpu", 1);
     comma[0].id = "cpu:0,cpu:1".into();
-    assert!(matches!(store.register("w", &comma, "t", ""), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(store.register("w", &comma, "t", ""), Err(StoreError::Invalid(_))));
 }
 
 fn fail(store: &mut Store, worker: &Caller, inc: u64, permanent: bool) -> v1::Assignment {
@@ -616,7 +613,7 @@ fn retry_requeues_failed_trials_with_a_fresh_budget() {
     let other = submit(&mut store);
     store.cancel_sweep(&other).unwrap();
     let e = store.retry_sweep(&other, &[]).unwrap_err();
-    assert!(matches!(e, StoreError::FailedPrecondition(_)), "{e}");
+    assert!(matches!(e, StoreError::WrongState(_)), "{e}");
 }
 
 #[test]
@@ -644,7 +641,7 @@ fn lists_come_in_bounded_pages_and_workers_gone_for_long_are_forgotten() {
     }
     assert_eq!((pages, &seen), (3, &ids), "every sweep once, newest first");
     for bad in ["x", "s-1", "w5", "s1; DROP TABLE sweeps"] {
-        assert!(matches!(store.list_sweeps_page(10, bad), Err(StoreError::InvalidArgument(_))), "{bad}");
+        assert!(matches!(store.list_sweeps_page(10, bad), Err(StoreError::Invalid(_))), "{bad}");
     }
 
     // Workers with a thousand devices of long names: a page stays near 2 MiB, whatever was asked.
