@@ -36,26 +36,17 @@ async fn states(sweeps: &mut SweepServiceClient<Channel>, sweep: &str) -> (Strin
     (status.trials[0].state.clone(), workers.workers[0].state.clone())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lease_ends_when_the_clock_passes_the_last_heartbeat_plus_ttl_and_grace() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
-    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), dir.path().join("state"));
-    // Leases of 10 s + 20 s on the manual clock; the reaper looks every 50 ms of real time.
-    config.heartbeat_ttl = TTL;
-    config.lease_grace = GRACE;
-    config.clock = clock.clone();
-    config.reaper_every = Some(Duration::from_millis(50));
-    let running = server::start(config).await.unwrap();
-    let channel = Channel::from_shared(format!("http://{}", running.addr)).unwrap().connect().await.unwrap();
-    let mut sweeps = SweepServiceClient::new(channel.clone());
-    let mut workers = WorkerServiceClient::new(channel);
-    let sweep = sweeps
+/// Submits the one-trial sweep, registers a worker and hands it the trial, on a coordinator
+/// at `addr`; returns the sweep id and the worker's registration.
+async fn a_worker_takes_the_trial(addr: std::net::SocketAddr) -> (String, v1::RegisterResponse) {
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let sweep = SweepServiceClient::new(channel.clone())
         .submit_sweep(v1::SubmitSweepRequest { spec_yaml: SPEC.into(), source: "leases.yaml".into() })
         .await
         .unwrap()
         .into_inner()
         .sweep_id;
+    let mut workers = WorkerServiceClient::new(channel);
     let devices = vec![v1::Device { id: "cpu:0".into(), kind: "cpu".into(), name: "t".into(), memory_bytes: 0 }];
     let w = workers
         .register(v1::RegisterRequest { name: "w".into(), devices, version: "t".into() })
@@ -69,6 +60,24 @@ async fn a_lease_ends_when_the_clock_passes_the_last_heartbeat_plus_ttl_and_grac
         session: w.session.clone(),
     };
     workers.acquire_trial(acquire).await.unwrap().into_inner().assignment.expect("the trial is handed out");
+    (sweep, w)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_ends_when_the_clock_passes_the_last_heartbeat_plus_ttl_and_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), dir.path().join("state"));
+    // Leases of 10 s + 20 s on the manual clock; the reaper looks every 50 ms of real time.
+    config.heartbeat_ttl = TTL;
+    config.lease_grace = GRACE;
+    config.clock = clock.clone();
+    config.reaper_every = Some(Duration::from_millis(50));
+    let running = server::start(config).await.unwrap();
+    let (sweep, w) = a_worker_takes_the_trial(running.addr).await;
+    let channel = Channel::from_shared(format!("http://{}", running.addr)).unwrap().connect().await.unwrap();
+    let mut sweeps = SweepServiceClient::new(channel.clone());
+    let mut workers = WorkerServiceClient::new(channel);
     let heartbeat = v1::HeartbeatRequest {
         worker_id: w.worker_id.clone(),
         incarnation: w.incarnation,
@@ -116,27 +125,7 @@ async fn a_restarted_coordinator_gives_every_worker_a_whole_lease_before_ending_
     };
     // A worker registers and takes the trial; then the coordinator stops, and an hour passes.
     let first = server::start(config()).await.unwrap();
-    let channel = Channel::from_shared(format!("http://{}", first.addr)).unwrap().connect().await.unwrap();
-    let sweep = SweepServiceClient::new(channel.clone())
-        .submit_sweep(v1::SubmitSweepRequest { spec_yaml: SPEC.into(), source: "leases.yaml".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .sweep_id;
-    let mut workers = WorkerServiceClient::new(channel);
-    let devices = vec![v1::Device { id: "cpu:0".into(), kind: "cpu".into(), name: "t".into(), memory_bytes: 0 }];
-    let w = workers
-        .register(v1::RegisterRequest { name: "w".into(), devices, version: "t".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    let acquire = v1::AcquireTrialRequest {
-        worker_id: w.worker_id.clone(),
-        incarnation: w.incarnation,
-        wait_ms: 0,
-        session: w.session.clone(),
-    };
-    workers.acquire_trial(acquire).await.unwrap().into_inner().assignment.unwrap();
+    let (sweep, _) = a_worker_takes_the_trial(first.addr).await;
     first.stop().await.unwrap();
     clock.advance(Duration::from_secs(3600));
 
