@@ -372,6 +372,32 @@ pub struct Counters {
     pub errors: AtomicU64,
 }
 
+/// Prints a progress line every 10 s until aborted: `[  30s] 1000 registered, 40 assignments,
+/// 1200 reports (40.0/s), 0 errors`, then whatever `extra` adds.
+pub fn print_progress(
+    counters: Arc<Counters>,
+    started: Instant,
+    extra: impl Fn() -> String + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let s = started.elapsed().as_secs_f64();
+            let reports = counters.reports.load(Ordering::Relaxed);
+            eprintln!(
+                "[{s:>5.0}s] {} registered, {} assignments, {reports} reports ({:.1}/s), {} errors{}",
+                counters.registered.load(Ordering::Relaxed),
+                counters.assignments.load(Ordering::Relaxed),
+                reports as f64 / s,
+                counters.errors.load(Ordering::Relaxed),
+                extra(),
+            );
+        }
+    })
+}
+
 /// Runs `options.count` simulated workers until `stop` resolves, then stops them the way
 /// `sweep-worker` stops on SIGTERM: running attempts end at once and are handed back as failed
 /// (retryable). Returns what they did.
@@ -743,25 +769,7 @@ pub async fn command(
         options.workers_per_connection,
         duration.map(|d| format!(" for {} s", d.as_secs())).unwrap_or_else(|| "; Ctrl-C stops".into()),
     );
-    let progress = {
-        let counters = counters.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let s = started.elapsed().as_secs_f64();
-                let reports = counters.reports.load(Ordering::Relaxed);
-                eprintln!(
-                    "[{s:>5.0}s] {} registered, {} assignments, {reports} reports ({:.1}/s), {} errors",
-                    counters.registered.load(Ordering::Relaxed),
-                    counters.assignments.load(Ordering::Relaxed),
-                    reports as f64 / s,
-                    counters.errors.load(Ordering::Relaxed),
-                );
-            }
-        })
-    };
+    let progress = print_progress(counters.clone(), started, String::new);
     let stop = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let term = async {

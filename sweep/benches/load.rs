@@ -21,7 +21,6 @@
 use std::io::{BufRead, BufReader};
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -173,26 +172,9 @@ async fn bench(s: Settings) -> anyhow::Result<ExitCode> {
     options.workers_per_connection = s.per_connection;
     let counters = Arc::new(Counters::default());
     let started = Instant::now();
-    let progress = {
-        let counters = counters.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let reports = counters.reports.load(Ordering::Relaxed);
-                let secs = started.elapsed().as_secs_f64();
-                eprintln!(
-                    "[{secs:>4.0}s] {} registered, {} assignments, {reports} reports ({:.0}/s), {} errors, coordinator RSS peak {:.1} MiB",
-                    counters.registered.load(Ordering::Relaxed),
-                    counters.assignments.load(Ordering::Relaxed),
-                    reports as f64 / secs,
-                    counters.errors.load(Ordering::Relaxed),
-                    peak_rss(pid).unwrap_or(0) as f64 / (1 << 20) as f64,
-                );
-            }
-        })
-    };
+    let progress = sim::print_progress(counters.clone(), started, move || {
+        format!(", coordinator RSS peak {:.1} MiB", peak_rss(pid).unwrap_or(0) as f64 / (1 << 20) as f64)
+    });
     let cpu_before = cpu_seconds(pid).unwrap_or(0.0);
     let own_before = own_cpu_seconds();
     let report = sim::run_counting(options, counters, tokio::time::sleep(Duration::from_secs(s.seconds))).await?;
