@@ -24,7 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sweep_core::state::{SweepState, TrialState};
-use sweep_session::http::{metrics_response, text};
+use sweep_session::http::{label, metrics_response, text};
 
 use crate::server::Shared;
 
@@ -83,13 +83,13 @@ type ByState = Family<Vec<(&'static str, String)>, Gauge>;
 fn by_state<'a>(states: impl IntoIterator<Item = &'a str>) -> ByState {
     let family = ByState::default();
     for s in states {
-        let _ = family.get_or_create(&vec![("state", s.to_string())]);
+        let _ = family.get_or_create(&vec![("state", label(s))]);
     }
     family
 }
 
 fn add(family: &ByState, state: &str, n: i64) {
-    family.get_or_create(&vec![("state", state.to_string())]).inc_by(n);
+    family.get_or_create(&vec![("state", label(state))]).inc_by(n);
 }
 
 async fn registry(shared: &Arc<Shared>) -> Result<Registry, String> {

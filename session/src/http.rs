@@ -174,6 +174,13 @@ pub fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
 /// Content type of the OpenMetrics text format (Prometheus reads it).
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// `value` made safe for a label value: `prometheus-client` writes label values as given, so a
+/// quote, a backslash or a line break (a device name, a state read back from a damaged store)
+/// would end the value early or start a forged sample line. Escaped as the text formats say.
+pub fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 /// `registry` in the OpenMetrics text format.
 pub fn metrics_response(registry: &prometheus_client::registry::Registry) -> Response<Body> {
     let mut out = String::new();
@@ -233,6 +240,23 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(300)).await;
             Ok(Event::default().id(i.to_string()).data(format!("epoch {i}")))
         })
+    }
+
+    #[test]
+    fn label_values_cannot_end_early_or_start_a_line() {
+        assert_eq!(label("cuda:0"), "cuda:0");
+        assert_eq!(label("a\"b\\c\nsweep_up 1"), "a\\\"b\\\\c\\nsweep_up 1");
+        let family = prometheus_client::metrics::family::Family::<
+            Vec<(&'static str, String)>,
+            prometheus_client::metrics::gauge::Gauge,
+        >::default();
+        family.get_or_create(&vec![("device", label("x\"} 9\nforged 1"))]).set(1);
+        let mut r = prometheus_client::registry::Registry::default();
+        r.register("m", "M", family);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &r).unwrap();
+        assert!(out.contains("m{device=\"x\\\"} 9\\nforged 1\"} 1\n"), "{out}");
+        assert!(!out.lines().any(|l| l.starts_with("forged")), "{out}");
     }
 
     #[tokio::test]

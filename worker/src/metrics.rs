@@ -22,7 +22,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sweep_proto::v1;
-use sweep_session::http::{metrics_response, text};
+use sweep_session::http::{label, metrics_response, text};
 
 /// Upper bounds of the epoch-duration histogram: a second to a few hours.
 pub const EPOCH_BOUNDS: [f64; 12] = [1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 10800.0];
@@ -99,7 +99,7 @@ impl WorkerMetrics {
         );
         let memory = Family::<Vec<(&'static str, String)>, Gauge<f64, AtomicU64>>::default();
         for d in devices.iter().filter(|d| d.memory_bytes > 0) {
-            memory.get_or_create(&vec![("device", d.id.clone()), ("kind", d.kind.clone())]).set(d.memory_bytes as f64);
+            memory.get_or_create(&vec![("device", label(&d.id)), ("kind", label(&d.kind))]).set(d.memory_bytes as f64);
         }
         r.register("sweep_worker_device_memory_bytes", "Memory of each announced device", memory);
         r
