@@ -2,7 +2,8 @@
 //!
 //! Spec parsing and validation ([`spec`]), grid expansion ([`grid`]), the backbones' layer
 //! groups ([`backbone`]), learning-rate strategies ([`lr`]), scoring and ranking
-//! ([`leaderboard`]), what runs next ([`schedule`]), lifecycle states ([`state`]) and text safe to print ([`text`]).
+//! ([`leaderboard`]), what runs next ([`schedule`]), lifecycle states ([`state`]), the records the store keeps
+//! ([`records`]) and text safe to print ([`text`]).
 //!
 //! **No IO, no async runtime, no libtorch**: everything here is a function of its inputs, so the
 //! coordinator (which must run without libtorch) and the worker share one definition of a sweep.
@@ -11,6 +12,7 @@ pub mod backbone;
 pub mod grid;
 pub mod leaderboard;
 pub mod lr;
+pub mod records;
 pub mod schedule;
 pub mod spec;
 pub mod state;

@@ -10,7 +10,7 @@ macro_rules! string_enum {
         impl $name {
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
 
-            pub fn as_str(self) -> &'static str {
+            pub const fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $s),+ }
             }
 
@@ -63,10 +63,16 @@ impl SweepState {
     /// until every trial has ended, then completed (all completed), cancelled (any cancelled)
     /// or failed (any failed).
     pub fn of(states: impl IntoIterator<Item = TrialState>) -> SweepState {
-        let mut n = [0usize; 6];
+        let mut n = [0u64; 6];
         for s in states {
             n[s as usize] += 1;
         }
+        SweepState::of_counts(n)
+    }
+
+    /// [`SweepState::of`] from the number of trials in each state, indexed as
+    /// [`TrialState::ALL`].
+    pub fn of_counts(n: [u64; 6]) -> SweepState {
         let [waiting, unschedulable, running, completed, failed, cancelled] = n;
         let pending = waiting + unschedulable;
         if running > 0 || (pending > 0 && completed + failed + cancelled > 0) {
@@ -84,6 +90,16 @@ impl SweepState {
 
     pub fn is_terminal(self) -> bool {
         matches!(self, SweepState::Completed | SweepState::Failed | SweepState::Cancelled)
+    }
+}
+
+string_enum! {
+    /// A registered worker: active (holds a lease), quarantined (keeps its lease, gets no
+    /// trials: its attempts kept failing) or gone (its lease ended).
+    WorkerState {
+        Active => "active",
+        Quarantined => "quarantined",
+        Gone => "gone",
     }
 }
 

@@ -1,0 +1,285 @@
+//! What the coordinator's store keeps and answers, in domain terms: sweeps, trials, attempts,
+//! workers and the event log. The store speaks these records (never the wire's messages); the
+//! server converts them to `sweep.v1` in one place (`sweep-proto`), and a second store backend
+//! implements the same records.
+//!
+//! Times are milliseconds since the Unix epoch on the coordinator's clock; `None` where a thing
+//! has not happened (yet).
+
+use crate::backbone::Backbone;
+use crate::leaderboard::{EpochMetrics, Score};
+use crate::lr::LrDecay;
+use crate::state::{AttemptState, SweepState, TrialState, WorkerState};
+
+/// A device a worker announces: `cpu:0`, `cuda:1`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Device {
+    /// Unique within its worker; 1-64 characters without commas.
+    pub id: String,
+    /// `cpu` or `cuda`.
+    pub kind: String,
+    pub name: String,
+    pub memory_bytes: u64,
+}
+
+/// A file a worker wrote to the artifact store: where, its SHA-256, its size, and the epoch it
+/// holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CheckpointRef {
+    pub uri: String,
+    pub sha256: String,
+    pub bytes: u64,
+    pub epoch: u32,
+}
+
+/// Trials by state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TrialCounts([u32; TrialState::ALL.len()]);
+
+impl TrialCounts {
+    /// The number of trials in `state`.
+    pub fn get(&self, state: TrialState) -> u32 {
+        self.0[state as usize]
+    }
+
+    /// Adds `n` trials in `state`.
+    pub fn add(&mut self, state: TrialState, n: u32) {
+        let c = &mut self.0[state as usize];
+        *c = c.saturating_add(n);
+    }
+
+    /// Every state with its count, in [`TrialState::ALL`]'s order.
+    pub fn by_state(&self) -> impl Iterator<Item = (TrialState, u32)> + '_ {
+        TrialState::ALL.iter().map(|s| (*s, self.get(*s)))
+    }
+
+    /// The state of a sweep with these trials.
+    pub fn sweep_state(&self) -> SweepState {
+        SweepState::of_counts(self.0.map(u64::from))
+    }
+}
+
+/// A sweep at a glance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepSummary {
+    pub id: String,
+    pub name: String,
+    pub state: SweepState,
+    pub trial_count: u32,
+    pub counts: TrialCounts,
+    pub created_at_ms: i64,
+    /// When its last trial ended (it may reopen: `retry`).
+    pub finished_at_ms: Option<i64>,
+    /// Where the spec came from (a file name), as the client said.
+    pub source: String,
+}
+
+/// One trial (grid cell) and where it stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrialSummary {
+    pub trial_id: String,
+    pub index: u32,
+    pub backbone: Backbone,
+    pub lr_decay: LrDecay,
+    pub fe_epochs: u32,
+    pub ft_epochs: u32,
+    pub state: TrialState,
+    /// Attempts made, over the whole life of the trial.
+    pub attempts: u32,
+    /// The worker of the running attempt, or of the last attempt of an ended trial.
+    pub worker_id: Option<String>,
+    /// Epochs with stored metrics.
+    pub epochs_done: u32,
+    pub latest_val_accuracy: Option<f64>,
+    /// Why it failed, was cancelled or is unschedulable (empty otherwise).
+    pub error: String,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    /// The devices its running (or last) attempt holds.
+    pub devices: Vec<String>,
+}
+
+/// A sweep with all its trials and its spec as submitted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepStatus {
+    pub sweep: SweepSummary,
+    pub trials: Vec<TrialSummary>,
+    pub spec_yaml: String,
+}
+
+/// What cancelling a sweep did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancelled {
+    /// Waiting trials cancelled at once.
+    pub pending: u32,
+    /// Running trials told to stop (they end as cancelled when they do).
+    pub stopping: u32,
+}
+
+/// One row of a leaderboard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaderboardEntry {
+    /// 1-based.
+    pub rank: u32,
+    pub trial: TrialSummary,
+    pub score: Score,
+    /// Parameters of the trained model (0 before the first report).
+    pub parameters: u64,
+    /// Of the completed attempt; wall-clock so far while running.
+    pub wall_seconds: f64,
+    pub best_checkpoint: Option<CheckpointRef>,
+    pub last_checkpoint: Option<CheckpointRef>,
+    pub skipped_images: u32,
+}
+
+/// A sweep's trials, best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Leaderboard {
+    pub sweep_id: String,
+    pub sweep_state: SweepState,
+    pub entries: Vec<LeaderboardEntry>,
+}
+
+/// One try at running a trial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptInfo {
+    pub attempt_id: u64,
+    pub worker_id: String,
+    pub state: AttemptState,
+    pub started_at_ms: i64,
+    pub ended_at_ms: Option<i64>,
+    pub error: String,
+    /// How it started (a resume point restored, or why none was).
+    pub note: String,
+    /// The last epoch restored from a resume point (0: from the start).
+    pub resumed_from_epoch: u32,
+}
+
+/// An epoch's stored metrics and the attempt that reported them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochRecord {
+    pub metrics: EpochMetrics,
+    pub attempt_id: u64,
+}
+
+/// Everything about one trial.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrialDetail {
+    pub trial: TrialSummary,
+    /// In epoch order.
+    pub metrics: Vec<EpochRecord>,
+    /// In the order they were made.
+    pub attempts: Vec<AttemptInfo>,
+    pub parameters: u64,
+    pub best_checkpoint: Option<CheckpointRef>,
+    pub last_checkpoint: Option<CheckpointRef>,
+    pub skipped_images: u32,
+}
+
+/// A device held by a running attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceUse {
+    pub device: String,
+    pub sweep_id: String,
+    pub trial_id: String,
+    pub attempt_id: u64,
+}
+
+/// A registered worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    pub worker_id: String,
+    pub name: String,
+    pub incarnation: u64,
+    pub devices: Vec<Device>,
+    pub state: WorkerState,
+    pub registered_at_ms: i64,
+    pub last_seen_ms: i64,
+    /// `(sweep id, trial id)` of each running attempt.
+    pub running: Vec<(String, String)>,
+    pub busy: Vec<DeviceUse>,
+    /// Why it is quarantined (empty otherwise).
+    pub note: String,
+}
+
+/// One entry of a sweep's ordered change log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SweepEvent {
+    /// A trial changed: its summary after the change, the epoch's metrics when the change was a
+    /// report, and a note (how an attempt resumed, why a trial was re-queued).
+    Trial { trial: TrialSummary, metrics: Option<EpochMetrics>, note: String },
+    /// Every trial of the sweep has ended.
+    Ended(SweepSummary),
+}
+
+/// An event with its place in the log (sequence numbers grow over all sweeps).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub sequence: u64,
+    pub event: SweepEvent,
+}
+
+/// A trial handed to a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub attempt_id: u64,
+    pub sweep_id: String,
+    pub trial_id: String,
+    pub trial_index: u32,
+    pub spec_yaml: String,
+    pub backbone: Backbone,
+    pub lr_decay: LrDecay,
+    pub fe_epochs: u32,
+    pub ft_epochs: u32,
+    /// 1 for the trial's first attempt.
+    pub attempt_number: u32,
+    /// The worker's devices this attempt holds.
+    pub devices: Vec<String>,
+    /// Where to continue from (the trial's last resume point), if it has one.
+    pub resume: Option<CheckpointRef>,
+}
+
+/// How a worker says an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every epoch was reported.
+    Succeeded,
+    /// It failed; a permanent failure cannot succeed anywhere (the trial fails at once), a
+    /// retryable one may elsewhere (the trial is retried while it has attempts left).
+    Failed { permanent: bool },
+    /// It stopped because it was told to (its sweep was cancelled, the worker shut down).
+    Cancelled,
+}
+
+/// Why a running attempt should stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// Its sweep was cancelled.
+    SweepCancelled,
+}
+
+/// What the store answers a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReportReply {
+    /// Stop the attempt after this epoch, and why.
+    pub stop: Option<StopReason>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_add_up_and_give_the_sweep_state() {
+        let mut c = TrialCounts::default();
+        assert_eq!(c.sweep_state(), SweepState::Completed, "no trials: nothing left to do");
+        c.add(TrialState::Pending, 2);
+        assert_eq!(c.sweep_state(), SweepState::Pending);
+        c.add(TrialState::Completed, 1);
+        assert_eq!(c.sweep_state(), SweepState::Running);
+        c.add(TrialState::Pending, u32::MAX);
+        assert_eq!(c.get(TrialState::Pending), u32::MAX, "saturates");
+        assert_eq!(c.by_state().map(|(_, n)| u64::from(n)).sum::<u64>(), u64::from(u32::MAX) + 1);
+        assert_eq!(c.sweep_state(), SweepState::Running);
+    }
+}
