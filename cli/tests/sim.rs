@@ -7,7 +7,8 @@ use std::time::Duration;
 use sweep_cli::client::Client;
 use sweep_cli::sim::{self, SimOptions};
 use sweep_coordinator::server::{self, Config};
-use sweep_coordinator::store::Store;
+use sweep_coordinator::store::{SqliteStore, Store};
+use sweep_core::state::{SweepState, TrialState};
 use sweep_proto::v1;
 
 const WORKERS: usize = 50;
@@ -67,16 +68,16 @@ async fn simulated_workers_complete_a_sweep_and_lose_no_report() {
     let lost = sim::lost_in(&stored, &report.reports);
     assert!(lost.is_empty(), "{} acknowledged reports are not stored, e.g. {:?}", lost.len(), lost.first());
 
-    let store = Store::open(dir.path()).unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
     let status = store.get_sweep(&sweep_id).unwrap();
-    assert_eq!(status.sweep.as_ref().unwrap().state, "completed");
+    assert_eq!(status.sweep.state, SweepState::Completed);
     let mut epochs = 0;
     for t in &status.trials {
-        assert_eq!(t.state, "completed", "{}", t.trial_id);
+        assert_eq!(t.state, TrialState::Completed, "{}", t.trial_id);
         let total = t.fe_epochs + t.ft_epochs;
         assert_eq!(t.epochs_done, total, "{}", t.trial_id);
         let detail = store.trial(&sweep_id, &t.trial_id).unwrap();
-        let stored: Vec<u32> = detail.metrics.iter().map(|m| m.epoch).collect();
+        let stored: Vec<u32> = detail.metrics.iter().map(|m| m.metrics.epoch).collect();
         assert_eq!(stored, (1..=total).collect::<Vec<_>>(), "epochs of {}", t.trial_id);
         epochs += total as usize;
     }

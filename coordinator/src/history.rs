@@ -33,12 +33,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 
-use prost::Message;
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use sweep_core::leaderboard::Phase;
-use sweep_proto::v1;
+use sweep_core::lr::LrDecay;
+use sweep_core::records::{CheckpointRef, Event, SweepEvent};
+use sweep_core::state::{AttemptState, TrialState};
 
-use crate::store::StoreError;
+use crate::store::sqlite::ReadOnly;
+use crate::store::{CheckpointKind, StateReader, StoreError};
 
 pub use crate::store::DB_FILE;
 
@@ -104,277 +105,112 @@ pub fn check_state_dir(dir: &Path) -> Result<Report, StoreError> {
 /// Checks a state database file, read-only: nothing is created or changed, and a coordinator may
 /// be running on it (the check reads one consistent snapshot).
 pub fn check_db(path: &Path) -> Result<Report, StoreError> {
-    let open_err = |source| StoreError::Open { path: path.to_path_buf(), source };
-    if !path.is_file() {
-        let missing = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file (not a state directory?)");
-        return Err(open_err(rusqlite::Error::ToSqlConversionFailure(Box::new(missing))));
-    }
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(open_err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(open_err)?;
-    check(&conn)
+    Ok(check(ReadOnly::open(path)?.history()?))
 }
 
 /// Writes a consistent copy of a state directory's database to `out` (a new file) while a
-/// coordinator may be writing to it: SQLite's `VACUUM INTO` reads one snapshot, the write-ahead
-/// log included, through a read-only connection. The copy is written under a temporary name,
-/// checked with [`check_db`], then renamed to `out`; returns the copy's report.
+/// coordinator may be writing to it, checks the copy, and returns the copy's report
+/// ([`crate::store::sqlite::backup`]).
 pub fn backup(dir: &Path, out: &Path) -> Result<Report, StoreError> {
-    let path = dir.join(DB_FILE);
-    if out.exists() {
-        return Err(StoreError::Damaged(format!("{} already exists; a backup never overwrites a file", out.display())));
-    }
-    // A name of this process's own beside the target (never someone else's file).
-    let mut partial = out.as_os_str().to_owned();
-    partial.push(format!(".partial-{}-{}", std::process::id(), crate::store::now_ms()));
-    let partial = std::path::PathBuf::from(partial);
-    let open_err = |source| StoreError::Open { path: path.clone(), source };
-    if !path.is_file() {
-        return Err(StoreError::Damaged(format!("{} does not exist (not a state directory?)", path.display())));
-    }
-    let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(open_err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(open_err)?;
-    let target = partial
-        .to_str()
-        .ok_or_else(|| StoreError::Damaged(format!("{}: the backup's path must be valid UTF-8", out.display())))?;
-    let copied = conn.execute("VACUUM INTO ?1", [target]).map(|_| ()).and_then(|()| {
-        std::fs::File::open(&partial)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
-    });
-    let checked = copied.map_err(StoreError::from).and_then(|()| check_db(&partial));
-    match checked {
-        Ok(report) => {
-            // A hard link never replaces a file that appeared meanwhile (a rename would).
-            let linked = std::fs::hard_link(&partial, out);
-            let _ = std::fs::remove_file(&partial);
-            linked.map_err(|e| StoreError::Damaged(format!("cannot write the backup {}: {e}", out.display())))?;
-            Ok(report)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            Err(e)
-        }
-    }
+    crate::store::sqlite::backup(dir, out, check_db)
 }
 
-/// Checks the state on an open connection, in one read transaction.
-pub fn check(conn: &Connection) -> Result<Report, StoreError> {
-    conn.execute_batch("BEGIN")?;
-    let result = read(conn).map(|state| state.check());
-    conn.execute_batch("COMMIT")?;
-    result
-}
-
-/// `(sweep, trial id, epoch)` → train loss, train accuracy, validation loss, validation accuracy,
-/// seconds.
-pub type StoredMetrics = HashMap<(String, String, u32), [f64; 5]>;
-
-/// Every stored metric of a state database, read-only: `(sweep, trial id, epoch)` → train loss,
-/// train accuracy, validation loss, validation accuracy, seconds (the simulator's check that no
+/// Every stored metric of a state database, read-only (the simulator's check that no
 /// acknowledged report was lost).
-pub fn stored_metrics(db: &Path) -> Result<StoredMetrics, StoreError> {
-    let open_err = |source| StoreError::Open { path: db.to_path_buf(), source };
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(open_err)?;
-    let mut q = conn.prepare(
-        "SELECT m.sweep_id, t.trial_id, m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.seconds
-         FROM metrics m JOIN trials t ON t.sweep_id = m.sweep_id AND t.idx = m.idx",
-    )?;
-    let rows = q.query_map([], |r| {
-        Ok((
-            (r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?),
-            [r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?],
-        ))
-    })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+pub fn stored_metrics(db: &Path) -> Result<crate::store::StoredMetrics, StoreError> {
+    ReadOnly::open(db)?.stored_metrics()
 }
 
 // ---------------------------------------------------------------------------------------------
-// What is read
+// What is read: one consistent snapshot of a state, as a backend reads it ([`StateReader`]).
+// Damaged records are kept with what is wrong with them, so the checker can report them.
 // ---------------------------------------------------------------------------------------------
 
-type TrialKey = (String, i64);
+/// A trial: its sweep and its index in the grid.
+pub type TrialKey = (String, i64);
 
-struct Trial {
-    trial_id: String,
-    fe_epochs: u32,
-    ft_epochs: u32,
-    state: String,
-    current_attempt: Option<i64>,
-    backbone: String,
-    lr_decay: Vec<u8>,
-    /// `(column, blob)` of each checkpoint reference held.
-    checkpoints: Vec<(&'static str, Vec<u8>)>,
+/// A trial as stored.
+#[derive(Debug, Clone)]
+pub struct TrialRow {
+    pub trial_id: String,
+    pub fe_epochs: u32,
+    pub ft_epochs: u32,
+    /// As stored (a damaged state may hold a string that is no state).
+    pub state: String,
+    pub current_attempt: Option<i64>,
+    pub backbone: String,
+    /// The strategy, or why it cannot be read.
+    pub lr_decay: Result<LrDecay, String>,
+    /// Each checkpoint reference held, or why it cannot be read.
+    pub checkpoints: Vec<(CheckpointKind, Result<CheckpointRef, String>)>,
 }
 
-struct Attempt {
-    id: i64,
-    trial: TrialKey,
-    worker_id: String,
-    state: String,
-    started_at_ms: i64,
-    ended_at_ms: Option<i64>,
-    devices: Vec<String>,
+/// An attempt as stored.
+#[derive(Debug, Clone)]
+pub struct AttemptRow {
+    pub id: i64,
+    pub trial: TrialKey,
+    pub worker_id: String,
+    pub state: String,
+    pub started_at_ms: i64,
+    pub ended_at_ms: Option<i64>,
+    pub devices: Vec<String>,
 }
 
-struct Metric {
-    trial: TrialKey,
-    epoch: i64,
-    phase: String,
-    attempt_id: i64,
-    recorded_at_ms: i64,
+/// A metric row as stored.
+#[derive(Debug, Clone)]
+pub struct MetricRow {
+    pub trial: TrialKey,
+    pub epoch: i64,
+    pub phase: String,
+    pub attempt_id: i64,
+    pub recorded_at_ms: i64,
     /// train loss, train accuracy, validation loss, validation accuracy, seconds.
-    values: [f64; 5],
+    pub values: [f64; 5],
 }
 
-struct State {
-    sweeps: usize,
-    trials: BTreeMap<TrialKey, Trial>,
-    attempts: Vec<Attempt>,
-    metrics: Vec<Metric>,
-    /// `(seq, sweep, decoded event or why not)`.
-    events: Vec<(i64, String, Result<v1::SweepEvent, String>)>,
+/// Everything the checker reads.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub sweeps: usize,
+    pub trials: BTreeMap<TrialKey, TrialRow>,
+    pub attempts: Vec<AttemptRow>,
+    pub metrics: Vec<MetricRow>,
+    /// `(seq, sweep, the event or why it cannot be read)`.
+    pub events: Vec<(i64, String, Result<Event, String>)>,
     /// Each sweep's spec.
-    specs: BTreeMap<String, String>,
-    /// Announced devices per worker.
-    workers: HashMap<String, Option<HashSet<String>>>,
-}
-
-fn read(conn: &Connection) -> Result<State, StoreError> {
-    let version: Option<i64> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
-        .optional()
-        .map_err(|e| StoreError::Corrupt(format!("not a coordinator state database: {e}")))?;
-    let version = version.ok_or_else(|| StoreError::Corrupt("no schema version".into()))?;
-    let sweeps: i64 = conn.query_row("SELECT COUNT(*) FROM sweeps", [], |r| r.get(0))?;
-    // Checkpoint references exist from schema version 2 on, resume points from 5 on.
-    let (best, last, resume) = match version {
-        v if v >= 5 => ("best_checkpoint", "last_checkpoint", "resume_checkpoint"),
-        v if v >= 2 => ("best_checkpoint", "last_checkpoint", "NULL"),
-        _ => ("NULL", "NULL", "NULL"),
-    };
-    let trials = {
-        let mut q = conn.prepare(&format!(
-            "SELECT sweep_id, idx, trial_id, fe_epochs, ft_epochs, state, current_attempt, backbone, lr_decay,
-                    {best}, {last}, {resume}
-             FROM trials ORDER BY sweep_id, idx"
-        ))?;
-        q.query_map([], |r| {
-            let mut checkpoints = Vec::new();
-            for (i, column) in [(9, "best_checkpoint"), (10, "last_checkpoint"), (11, "resume_checkpoint")] {
-                if let Some(blob) = r.get::<_, Option<Vec<u8>>>(i)? {
-                    checkpoints.push((column, blob));
-                }
-            }
-            Ok((
-                (r.get(0)?, r.get(1)?),
-                Trial {
-                    trial_id: r.get(2)?,
-                    fe_epochs: r.get(3)?,
-                    ft_epochs: r.get(4)?,
-                    state: r.get(5)?,
-                    current_attempt: r.get(6)?,
-                    backbone: r.get(7)?,
-                    lr_decay: r.get(8)?,
-                    checkpoints,
-                },
-            ))
-        })?
-        .collect::<rusqlite::Result<BTreeMap<_, _>>>()?
-    };
-    let specs = {
-        let mut q = conn.prepare("SELECT id, spec_yaml FROM sweeps")?;
-        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<BTreeMap<_, _>>>()?
-    };
-    // Devices per attempt exist from schema version 3 on.
-    let devices = if version >= 3 { "devices" } else { "''" };
-    let attempts = {
-        let mut q = conn.prepare(&format!(
-            "SELECT id, sweep_id, idx, worker_id, state, started_at_ms, ended_at_ms, {devices} FROM attempts ORDER BY id"
-        ))?;
-        q.query_map([], |r| {
-            let devices: String = r.get(7)?;
-            Ok(Attempt {
-                id: r.get(0)?,
-                trial: (r.get(1)?, r.get(2)?),
-                worker_id: r.get(3)?,
-                state: r.get(4)?,
-                started_at_ms: r.get(5)?,
-                ended_at_ms: r.get(6)?,
-                devices: devices.split(',').filter(|d| !d.is_empty()).map(str::to_string).collect(),
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?
-    };
-    let metrics = {
-        let mut q = conn.prepare(
-            "SELECT sweep_id, idx, epoch, phase, attempt_id, recorded_at_ms,
-                    train_loss, train_accuracy, val_loss, val_accuracy, seconds
-             FROM metrics ORDER BY sweep_id, idx, epoch",
-        )?;
-        q.query_map([], |r| {
-            Ok(Metric {
-                trial: (r.get(0)?, r.get(1)?),
-                epoch: r.get(2)?,
-                phase: r.get(3)?,
-                attempt_id: r.get(4)?,
-                recorded_at_ms: r.get(5)?,
-                values: [r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?],
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?
-    };
-    // Events carry a checksum from schema version 7 on.
-    let checksum = if version >= 7 { "checksum" } else { "NULL" };
-    let events = {
-        let mut q = conn.prepare(&format!("SELECT seq, sweep_id, payload, {checksum} FROM events ORDER BY seq"))?;
-        q.query_map([], |r| {
-            let (seq, sweep): (i64, String) = (r.get(0)?, r.get(1)?);
-            let payload: Vec<u8> = r.get(2)?;
-            let stored: Option<i64> = r.get(3)?;
-            let decoded = match stored {
-                Some(sum) if sum != crate::store::event_checksum(&sweep, &payload) => {
-                    Err("its bytes do not match the checksum stored with it (damaged)".to_string())
-                }
-                None if version >= 7 => Err("it has no checksum".to_string()),
-                _ => v1::SweepEvent::decode(payload.as_slice()).map_err(|e| format!("cannot be decoded: {e}")),
-            };
-            Ok((seq, sweep, decoded))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?
-    };
-    let workers = {
-        let mut q = conn.prepare("SELECT id, devices FROM workers")?;
-        q.query_map([], |r| {
-            let blob: Vec<u8> = r.get(1)?;
-            let devices =
-                v1::DeviceList::decode(blob.as_slice()).ok().map(|l| l.devices.into_iter().map(|d| d.id).collect());
-            Ok((r.get(0)?, devices))
-        })?
-        .collect::<rusqlite::Result<HashMap<_, _>>>()?
-    };
-    Ok(State { sweeps: sweeps as usize, trials, attempts, metrics, events, specs, workers })
+    pub specs: BTreeMap<String, String>,
+    /// Announced devices per worker (`None`: unreadable).
+    pub workers: HashMap<String, Option<HashSet<String>>>,
 }
 
 // ---------------------------------------------------------------------------------------------
 // The checks
 // ---------------------------------------------------------------------------------------------
 
+// States as stored.
+const COMPLETED: &str = TrialState::Completed.as_str();
+const RUNNING: &str = TrialState::Running.as_str();
+const ATTEMPT_RUNNING: &str = AttemptState::Running.as_str();
+
 /// An attempt's interval `[start, end)`; a running attempt has not ended.
-fn end_of(a: &Attempt) -> i64 {
+fn end_of(a: &AttemptRow) -> i64 {
     a.ended_at_ms.unwrap_or(i64::MAX)
 }
 
-fn span(a: &Attempt) -> String {
+fn span(a: &AttemptRow) -> String {
     match a.ended_at_ms {
         Some(end) => format!("{}..{end}", a.started_at_ms),
         None => format!("{}..(running)", a.started_at_ms),
     }
 }
 
-impl State {
+/// Checks a snapshot against every rule.
+pub fn check(snapshot: Snapshot) -> Report {
+    snapshot.check()
+}
+
+impl Snapshot {
     fn check(self) -> Report {
         let mut out = Vec::new();
         let subject = |key: &TrialKey| -> String {
@@ -386,36 +222,37 @@ impl State {
         let mut violation = |rule: &'static str, subject: String, message: String| {
             out.push(Violation { rule, subject, message });
         };
-        let mut by_trial: BTreeMap<&TrialKey, Vec<&Attempt>> = BTreeMap::new();
+        let mut by_trial: BTreeMap<&TrialKey, Vec<&AttemptRow>> = BTreeMap::new();
         for a in &self.attempts {
             by_trial.entry(&a.trial).or_default().push(a);
         }
-        let attempts: HashMap<i64, &Attempt> = self.attempts.iter().map(|a| (a.id, a)).collect();
+        let attempts: HashMap<i64, &AttemptRow> = self.attempts.iter().map(|a| (a.id, a)).collect();
 
         // completed-twice, running-attempts: per trial, from the attempts.
         for (key, t) in &self.trials {
             let list = by_trial.get(key).map(Vec::as_slice).unwrap_or(&[]);
-            let succeeded: Vec<i64> = list.iter().filter(|a| a.state == "succeeded").map(|a| a.id).collect();
+            let succeeded: Vec<i64> =
+                list.iter().filter(|a| a.state == AttemptState::Succeeded.as_str()).map(|a| a.id).collect();
             if succeeded.len() > 1 {
                 violation("completed-twice", subject(key), format!("attempts {succeeded:?} all succeeded"));
             }
-            if t.state == "completed" && succeeded.is_empty() {
+            if t.state == COMPLETED && succeeded.is_empty() {
                 violation("completed-twice", subject(key), "completed, but none of its attempts succeeded".into());
             }
-            if t.state != "completed" && !succeeded.is_empty() {
+            if t.state != COMPLETED && !succeeded.is_empty() {
                 violation(
                     "completed-twice",
                     subject(key),
                     format!("attempt {} succeeded, but the trial is {}", succeeded[0], t.state),
                 );
             }
-            let running: Vec<i64> = list.iter().filter(|a| a.state == "running").map(|a| a.id).collect();
+            let running: Vec<i64> = list.iter().filter(|a| a.state == ATTEMPT_RUNNING).map(|a| a.id).collect();
             if running.len() > 1 {
                 violation("running-attempts", subject(key), format!("attempts {running:?} are all running"));
             }
             match (t.state.as_str(), running.as_slice(), t.current_attempt) {
-                ("running", [only], Some(current)) if *only == current => {}
-                (state, [], None) if state != "running" => {}
+                (RUNNING, [only], Some(current)) if *only == current => {}
+                (state, [], None) if state != RUNNING => {}
                 (state, _, current) => violation(
                     "running-attempts",
                     subject(key),
@@ -435,7 +272,7 @@ impl State {
             }
         }
         for a in &self.attempts {
-            if (a.state == "running") != a.ended_at_ms.is_none() {
+            if (a.state == ATTEMPT_RUNNING) != a.ended_at_ms.is_none() {
                 violation(
                     "running-attempts",
                     subject(&a.trial),
@@ -445,7 +282,7 @@ impl State {
         }
 
         // completed-twice, from the event log: moves into `completed` per trial.
-        let mut last_state: HashMap<(String, String), String> = HashMap::new();
+        let mut last_state: HashMap<(String, String), TrialState> = HashMap::new();
         let mut completions: BTreeMap<(String, String), Vec<i64>> = BTreeMap::new();
         for (seq, sweep, event) in &self.events {
             let event = match event {
@@ -455,12 +292,12 @@ impl State {
                     continue;
                 }
             };
-            let Some(v1::sweep_event::Event::Trial(v1::TrialEvent { trial: Some(t), .. })) = &event.event else {
+            let SweepEvent::Trial { trial: t, .. } = &event.event else {
                 continue;
             };
             let key = (sweep.clone(), t.trial_id.clone());
-            let before = last_state.insert(key.clone(), t.state.clone());
-            if t.state == "completed" && before.as_deref() != Some("completed") {
+            let before = last_state.insert(key.clone(), t.state);
+            if t.state == TrialState::Completed && before != Some(TrialState::Completed) {
                 completions.entry(key).or_default().push(*seq);
             }
         }
@@ -475,7 +312,7 @@ impl State {
         }
 
         // metrics-writer, epochs, completed-epochs.
-        let mut epochs: BTreeMap<&TrialKey, Vec<&Metric>> = BTreeMap::new();
+        let mut epochs: BTreeMap<&TrialKey, Vec<&MetricRow>> = BTreeMap::new();
         for m in &self.metrics {
             epochs.entry(&m.trial).or_default().push(m);
             // metric-values: what a report may carry (a state written before reports were
@@ -540,7 +377,7 @@ impl State {
                     );
                 }
             }
-            if t.state == "completed" && (have.len() as i64 != total || !contiguous) {
+            if t.state == COMPLETED && (have.len() as i64 != total || !contiguous) {
                 violation(
                     "completed-epochs",
                     subject(key),
@@ -552,20 +389,16 @@ impl State {
         // checkpoints: each reference is the trial's own, of an epoch it has metrics for.
         for (key, t) in &self.trials {
             let stored = epochs.get(key).map_or(0, |rows| rows.len() as u32);
-            for (column, blob) in &t.checkpoints {
-                let c = match v1::CheckpointRef::decode(blob.as_slice()) {
+            for (kind, c) in &t.checkpoints {
+                let column = kind.field();
+                let c = match c {
                     Ok(c) => c,
                     Err(e) => {
                         violation("checkpoints", subject(key), format!("{column} cannot be decoded: {e}"));
                         continue;
                     }
                 };
-                let file = match *column {
-                    "best_checkpoint" => "best.safetensors".to_string(),
-                    "last_checkpoint" => "last.safetensors".to_string(),
-                    _ => format!("state-e{:04}.safetensors", c.epoch),
-                };
-                if let Err(why) = crate::store::check_checkpoint_ref(&c, &key.0, &t.trial_id, &file) {
+                if let Err(why) = crate::store::check_checkpoint_ref(c, &key.0, &t.trial_id, *kind) {
                     violation("checkpoints", subject(key), format!("{column}: {why}"));
                 }
                 if c.epoch == 0 || c.epoch > stored {
@@ -599,10 +432,10 @@ impl State {
             for cell in cells {
                 let key = (sweep.clone(), cell.index as i64);
                 let Some(t) = self.trials.get(&key) else { continue };
-                let decay = v1::LrDecay::decode(t.lr_decay.as_slice()).ok();
+                let decay = t.lr_decay.as_ref().ok();
                 let want = (cell.id.as_str(), cell.backbone.name(), cell.fe_epochs, cell.ft_epochs);
                 let got = (t.trial_id.as_str(), t.backbone.as_str(), t.fe_epochs, t.ft_epochs);
-                if want != got || decay != Some(v1::LrDecay::from(&cell.lr_decay)) {
+                if want != got || decay != Some(&cell.lr_decay) {
                     violation(
                         "grid",
                         subject(&key),
@@ -610,7 +443,7 @@ impl State {
                             "row {} {} {} {}+{} is not the spec's cell {} {} {} {}+{}",
                             got.0,
                             got.1,
-                            decay.map(|d| d.label()).unwrap_or_else(|| "(undecodable strategy)".into()),
+                            decay.map(|d| d.to_string()).unwrap_or_else(|| "(undecodable strategy)".into()),
                             got.2,
                             got.3,
                             want.0,
@@ -625,7 +458,7 @@ impl State {
         }
 
         // device-overlap: per worker and device, the intervals of the attempts holding it.
-        let mut holders: BTreeMap<(&str, &str), Vec<&Attempt>> = BTreeMap::new();
+        let mut holders: BTreeMap<(&str, &str), Vec<&AttemptRow>> = BTreeMap::new();
         for a in &self.attempts {
             let mut seen = HashSet::new();
             for d in &a.devices {
@@ -651,7 +484,7 @@ impl State {
         }
         for ((worker, device), mut list) in holders {
             list.sort_by_key(|a| (a.started_at_ms, a.id));
-            let mut latest: Option<&Attempt> = None;
+            let mut latest: Option<&AttemptRow> = None;
             for a in list {
                 if let Some(prev) = latest
                     && a.started_at_ms < end_of(prev)

@@ -23,7 +23,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use sweep_core::state::{SweepState, TrialState};
+use sweep_core::state::{SweepState, TrialState, WorkerState};
 use sweep_session::http::{label, metrics_response, text};
 
 use crate::server::Shared;
@@ -100,15 +100,14 @@ async fn registry(shared: &Arc<Shared>) -> Result<Registry, String> {
         [SweepState::Running, SweepState::Completed, SweepState::Failed, SweepState::Cancelled].map(SweepState::as_str),
     );
     for sw in &sweeps {
-        add(&sweep_states, &sw.state, 1);
-        for (state, n) in sw.counts.unwrap_or_default().by_state() {
+        add(&sweep_states, sw.state.as_str(), 1);
+        for (state, n) in sw.counts.by_state() {
             add(&trials, state.as_str(), i64::from(n));
         }
     }
-    let worker_states =
-        by_state([crate::store::WORKER_ACTIVE, crate::store::WORKER_QUARANTINED, crate::store::WORKER_GONE]);
+    let worker_states = by_state(WorkerState::ALL.iter().map(|s| s.as_str()));
     for w in &workers {
-        add(&worker_states, &w.state, 1);
+        add(&worker_states, w.state.as_str(), 1);
     }
     let mut r = Registry::default();
     r.register("sweep_trials", "Trials of every sweep, by state", trials);

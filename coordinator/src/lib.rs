@@ -2,12 +2,13 @@
 //! the HTTP endpoints. Builds and runs without Python, libtorch or a GPU, and without the CLI's
 //! tables and figures (those are `sweep-cli`).
 //!
-//! * [`store`]: SQLite store (WAL); every acknowledged write is committed; the state
-//!   directory's lock and checks.
+//! * [`store`]: the store as a trait in domain terms (`sweep-core`'s records, states and
+//!   [`store::StoreError`]); [`store::sqlite`] implements it (WAL; every acknowledged write is
+//!   committed; group commit; the state directory's lock and checks).
 //! * [`server`]: `SweepService` + `WorkerService` (plus `grpc.health.v1` and reflection), TLS,
 //!   lease reaper, event fan-out; [`auth`]: bearer tokens with roles; [`http`]: `/metrics` and `/healthz` (axum), where pages go.
-//! * [`history`]: checks a state database's history against the store's invariants
-//!   (`sweep check-state`), and copies a live one (`sweep backup`).
+//! * [`history`]: checks a state's history against the store's invariants, from a snapshot read
+//!   through [`store::StateReader`] (`sweep check-state`), and copies a live one (`sweep backup`).
 
 pub mod auth;
 pub mod clock;

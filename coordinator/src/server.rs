@@ -27,7 +27,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::clock::{Clock, SystemClock};
-use crate::store::{Caller, ReportExtras, Store, StoreError};
+use crate::store::{Caller, ReportExtras, SqliteStore, Store, StoreError};
 
 /// Largest spec accepted by `SubmitSweep`.
 pub const MAX_SPEC_BYTES: usize = 1 << 20;
@@ -142,7 +142,7 @@ pub struct Shared {
 
 /// A store call: runs on the store thread inside a batch and returns what answers its caller
 /// once the batch has committed (or failed to).
-type StoreJob = Box<dyn FnOnce(&mut Store) -> Box<dyn FnOnce(&Result<(), String>) + Send> + Send>;
+type StoreJob = Box<dyn FnOnce(&mut dyn Store) -> Box<dyn FnOnce(&Result<(), String>) + Send> + Send>;
 
 /// What the store thread is sent: calls, and at the end the order to close.
 enum StoreMessage {
@@ -156,7 +156,11 @@ enum StoreMessage {
 const MAX_BATCH: usize = 1024;
 
 /// The store thread: runs queued calls in batches until told to close or every sender is gone.
-fn store_thread(mut store: Store, jobs: std::sync::mpsc::Receiver<StoreMessage>, metrics: Arc<CoordinatorMetrics>) {
+fn store_thread(
+    mut store: Box<dyn Store>,
+    jobs: std::sync::mpsc::Receiver<StoreMessage>,
+    metrics: Arc<CoordinatorMetrics>,
+) {
     let mut closing = None;
     while let Ok(first) = jobs.recv() {
         let started = std::time::Instant::now();
@@ -177,7 +181,7 @@ fn store_thread(mut store: Store, jobs: std::sync::mpsc::Receiver<StoreMessage>,
         if !batch.is_empty() {
             // Without a batch transaction each call commits on its own: slower, still correct.
             let batched = store.begin_batch().map_err(|e| tracing::error!(error = %e, "cannot start a batch")).is_ok();
-            let replies: Vec<_> = batch.into_iter().map(|job| job(&mut store)).collect();
+            let replies: Vec<_> = batch.into_iter().map(|job| job(store.as_mut())).collect();
             let committed = if batched { store.commit_batch().map_err(|e| e.to_string()) } else { Ok(()) };
             if let Err(e) = &committed {
                 tracing::error!(error = %e, calls = replies.len(), "batch commit failed; its calls were refused");
@@ -226,10 +230,10 @@ impl Shared {
     pub(crate) async fn call<T, F>(self: &Arc<Self>, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: StoreJob = Box::new(move |store: &mut Store| {
+        let job: StoreJob = Box::new(move |store: &mut dyn Store| {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store)));
             Box::new(move |committed: &Result<(), String>| {
                 let reply = match (committed, result) {
@@ -249,7 +253,7 @@ impl Shared {
     async fn write<T, F>(self: &Arc<Self>, work: bool, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
         // One trip to the store: the write, then what the wake-ups need.
         let (result, seq, pending) = self
@@ -387,7 +391,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     // Certificates first: a bad file must stop start-up before anything is opened.
     let tls = config.tls.as_ref().map(TlsFiles::server_config).transpose()?;
-    let mut store = Store::open_with_clock(&config.state_dir, Arc::clone(&config.clock))?;
+    let mut store: Box<dyn Store> =
+        Box::new(SqliteStore::open_with_clock(&config.state_dir, Arc::clone(&config.clock))?);
     store.set_quarantine_after(config.quarantine_after)?;
     let last = store.last_sequence()?;
     let (events, _) = watch::channel(last);
@@ -540,7 +545,7 @@ async fn reap_leases(shared: Arc<Shared>, started: i64) {
         let forget =
             now.saturating_sub(i64::try_from(shared.config.forget_workers_after.as_millis()).unwrap_or(i64::MAX));
         // Wakes waiting workers only when leases ended (their trials may be pending again).
-        let expire = move |s: &mut Store| {
+        let expire = move |s: &mut dyn Store| {
             let gone = s.expire_workers(deadline)?;
             let forgotten = s.forget_workers(forget)?;
             if forgotten > 0 {
@@ -597,7 +602,7 @@ impl SweepService for SweepApi {
 
     async fn get_sweep(&self, request: Request<v1::GetSweepRequest>) -> Result<Response<v1::SweepStatus>, Status> {
         let id = request.into_inner().sweep_id;
-        Ok(Response::new(self.0.call(move |s| s.get_sweep(&id)).await?))
+        Ok(Response::new(v1::SweepStatus::from(&self.0.call(move |s| s.get_sweep(&id)).await?)))
     }
 
     async fn list_sweeps(
@@ -606,8 +611,9 @@ impl SweepService for SweepApi {
     ) -> Result<Response<v1::ListSweepsResponse>, Status> {
         let req = request.into_inner();
         let size = page_size(req.page_size);
-        let (sweeps, next_page_token) = self.0.call(move |s| s.list_sweeps_page(size, &req.page_token)).await?;
-        Ok(Response::new(v1::ListSweepsResponse { sweeps, next_page_token }))
+        let page = self.0.call(move |s| s.list_sweeps_page(size, &req.page_token)).await?;
+        let sweeps = page.items.iter().map(v1::SweepSummary::from).collect();
+        Ok(Response::new(v1::ListSweepsResponse { sweeps, next_page_token: page.next }))
     }
 
     async fn cancel_sweep(
@@ -615,7 +621,7 @@ impl SweepService for SweepApi {
         request: Request<v1::CancelSweepRequest>,
     ) -> Result<Response<v1::CancelSweepResponse>, Status> {
         let id = request.into_inner().sweep_id;
-        Ok(Response::new(self.0.write(false, move |s| s.cancel_sweep(&id)).await?))
+        Ok(Response::new(v1::CancelSweepResponse::from(&self.0.write(false, move |s| s.cancel_sweep(&id)).await?)))
     }
 
     async fn retry_sweep(
@@ -632,12 +638,12 @@ impl SweepService for SweepApi {
         request: Request<v1::GetLeaderboardRequest>,
     ) -> Result<Response<v1::Leaderboard>, Status> {
         let id = request.into_inner().sweep_id;
-        Ok(Response::new(self.0.call(move |s| s.leaderboard(&id)).await?))
+        Ok(Response::new(v1::Leaderboard::from(&self.0.call(move |s| s.leaderboard(&id)).await?)))
     }
 
     async fn get_trial(&self, request: Request<v1::GetTrialRequest>) -> Result<Response<v1::TrialDetail>, Status> {
         let req = request.into_inner();
-        Ok(Response::new(self.0.call(move |s| s.trial(&req.sweep_id, &req.trial_id)).await?))
+        Ok(Response::new(v1::TrialDetail::from(&self.0.call(move |s| s.trial(&req.sweep_id, &req.trial_id)).await?)))
     }
 
     async fn list_workers(
@@ -646,8 +652,9 @@ impl SweepService for SweepApi {
     ) -> Result<Response<v1::ListWorkersResponse>, Status> {
         let req = request.into_inner();
         let size = page_size(req.page_size);
-        let (workers, next_page_token) = self.0.call(move |s| s.workers_page(size, &req.page_token)).await?;
-        Ok(Response::new(v1::ListWorkersResponse { workers, next_page_token }))
+        let page = self.0.call(move |s| s.workers_page(size, &req.page_token)).await?;
+        let workers = page.items.iter().map(v1::WorkerInfo::from).collect();
+        Ok(Response::new(v1::ListWorkersResponse { workers, next_page_token: page.next }))
     }
 
     type WatchSweepStream = EventStream;
@@ -662,8 +669,9 @@ impl SweepService for SweepApi {
         let mut changes = shared.events.subscribe();
         let id = req.sweep_id.clone();
         let (snapshot, seq) = shared.call(move |s| Ok((s.get_sweep(&id)?, s.last_sequence()?))).await?;
-        let sweep_id = snapshot.sweep.as_ref().map(|s| s.id.clone()).unwrap_or_default();
-        let ended = snapshot.sweep.as_ref().map(|s| s.finished_at_ms != 0).unwrap_or(false);
+        let sweep_id = snapshot.sweep.id.clone();
+        let ended = snapshot.sweep.finished_at_ms.is_some();
+        let snapshot = v1::SweepStatus::from(&snapshot);
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let first = v1::SweepEvent { sequence: seq, event: Some(v1::sweep_event::Event::Snapshot(snapshot)) };
@@ -686,8 +694,8 @@ impl SweepService for SweepApi {
                 let full = batch.len() == 256;
                 for event in batch {
                     last = event.sequence;
-                    let is_end = matches!(event.event, Some(v1::sweep_event::Event::Ended(_)));
-                    if tx.send(Ok(event)).await.is_err() || is_end {
+                    let is_end = matches!(event.event, sweep_core::records::SweepEvent::Ended(_));
+                    if tx.send(Ok(v1::SweepEvent::from(&event))).await.is_err() || is_end {
                         return;
                     }
                 }
@@ -733,8 +741,14 @@ impl WorkerService for WorkerApi {
             }
         }
         let name = if req.name.is_empty() { "worker".to_string() } else { cut(&req.name, 200) };
-        let devices: Vec<v1::Device> =
-            req.devices.into_iter().map(|d| v1::Device { name: cut(&d.name, 200), ..d }).collect();
+        let devices = req
+            .devices
+            .iter()
+            .map(|d| {
+                let device = sweep_core::records::Device::try_from(d).map_err(Status::invalid_argument)?;
+                Ok(sweep_core::records::Device { name: cut(&d.name, 200), ..device })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
         let version = cut(&req.version, 200);
         let log_name = name.clone();
         let registered = self.0.write(true, move |s| s.register(&name, &devices, &version, &owner)).await?;
@@ -796,7 +810,7 @@ impl WorkerService for WorkerApi {
             if let Some(a) = assignment {
                 self.0.metrics.scheduling.observe(asked.elapsed().as_secs_f64());
                 tracing::info!(worker = %req.worker_id, sweep = %a.sweep_id, trial = %a.trial_id, attempt = a.attempt_id, "trial assigned");
-                return Ok(Response::new(v1::AcquireTrialResponse { assignment: Some(a) }));
+                return Ok(Response::new(v1::AcquireTrialResponse { assignment: Some(v1::Assignment::from(&a)) }));
             }
             // Every device busy: only the end of one of this worker's attempts can change that.
             // A free device and nothing (fitting) pending: a newly pending trial can, too.
@@ -828,12 +842,18 @@ impl WorkerService for WorkerApi {
         let wire = req.metrics.ok_or_else(|| Status::invalid_argument("ReportEpoch needs metrics"))?;
         let metrics = sweep_core::leaderboard::EpochMetrics::try_from(&wire)
             .map_err(|e| Status::invalid_argument(format!("metrics of epoch {}: {e}", wire.epoch)))?;
+        let checkpoint = |field: &str, c: &Option<v1::CheckpointRef>| {
+            c.as_ref()
+                .map(sweep_core::records::CheckpointRef::try_from)
+                .transpose()
+                .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+        };
         let extras = ReportExtras {
             parameters: req.parameters,
-            last_checkpoint: req.last_checkpoint,
-            best_checkpoint: req.best_checkpoint,
+            last_checkpoint: checkpoint("last_checkpoint", &req.last_checkpoint)?,
+            best_checkpoint: checkpoint("best_checkpoint", &req.best_checkpoint)?,
             skipped_images: req.skipped_images,
-            resume_checkpoint: req.resume_checkpoint,
+            resume_checkpoint: checkpoint("resume_checkpoint", &req.resume_checkpoint)?,
             resumed_from_epoch: req.resumed_from_epoch,
             note: cut(&req.note, MAX_TEXT_CHARS),
         };
@@ -852,9 +872,9 @@ impl WorkerService for WorkerApi {
                 )));
             }
         }
-        let cancel = self.0.write(false, move |s| s.report_epoch(&caller, req.attempt_id, &metrics, &extras)).await?;
+        let reply = self.0.write(false, move |s| s.report_epoch(&caller, req.attempt_id, &metrics, &extras)).await?;
         self.0.metrics.reports.inc();
-        Ok(Response::new(v1::ReportEpochResponse { cancel }))
+        Ok(Response::new(v1::ReportEpochResponse { cancel: reply.stop.is_some() }))
     }
 
     async fn finish_attempt(
@@ -865,10 +885,11 @@ impl WorkerService for WorkerApi {
         let req = request.into_inner();
         need_attempt_id(req.attempt_id)?;
         let caller = caller(&req.worker_id, &req.session, owner)?;
-        let outcome = v1::Outcome::try_from(req.outcome)
+        let wire_outcome = v1::Outcome::try_from(req.outcome)
             .map_err(|_| Status::invalid_argument(format!("unknown outcome {}", req.outcome)))?;
         let class = v1::ErrorClass::try_from(req.error_class)
             .map_err(|_| Status::invalid_argument(format!("unknown error class {}", req.error_class)))?;
+        let outcome = sweep_proto::outcome_of(wire_outcome, class).map_err(Status::invalid_argument)?;
         if !req.wall_seconds.is_finite() || req.wall_seconds < 0.0 {
             return Err(Status::invalid_argument("wall_seconds must be a non-negative number"));
         }
@@ -877,7 +898,7 @@ impl WorkerService for WorkerApi {
         let worker = self
             .0
             .write(true, move |s| {
-                s.finish_attempt(&caller, attempt, outcome, class, &message, req.wall_seconds)?;
+                s.finish_attempt(&caller, attempt, outcome, &message, req.wall_seconds)?;
                 Ok(Some(caller.worker_id))
             })
             .await?;
@@ -885,7 +906,7 @@ impl WorkerService for WorkerApi {
         if let Some(w) = worker {
             self.0.wake_worker(&w);
         }
-        tracing::info!(attempt, outcome = outcome.as_str_name(), "attempt finished");
+        tracing::info!(attempt, outcome = wire_outcome.as_str_name(), "attempt finished");
         Ok(Response::new(v1::FinishAttemptResponse {}))
     }
 }

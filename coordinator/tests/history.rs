@@ -1,14 +1,15 @@
 //! The history checker: silent on states the store writes, and each deliberately broken
-//! invariant is reported under its rule.
+//! invariant is reported under its rule. The states are broken with SQL, so these tests are the
+//! SQLite backend's (the checker itself reads a snapshot through `StateReader`).
 
 use std::path::Path;
 
 use rusqlite::{Connection, params};
 use sweep_coordinator::history::{self, Report};
-use sweep_coordinator::store::{Caller, ReportExtras, Store};
+use sweep_coordinator::store::{Caller, ReportExtras, SqliteStore, Store};
 use sweep_core::leaderboard::{EpochMetrics, Phase};
+use sweep_core::records::{Assignment, Device, Outcome};
 use sweep_core::spec;
-use sweep_proto::v1;
 
 const SPEC: &str = "\
 name: History
@@ -26,8 +27,8 @@ dataset: { kind: synthetic, classes: 3 }
 grid: { backbone: [resnet18], lr_decay: [{ strategy: linear }], epoch_split: [[1, 2]] }
 ";
 
-fn devices(ids: &[&str]) -> Vec<v1::Device> {
-    ids.iter().map(|id| v1::Device { id: id.to_string(), kind: "cpu".into(), ..Default::default() }).collect()
+fn devices(ids: &[&str]) -> Vec<Device> {
+    ids.iter().map(|id| Device { id: id.to_string(), kind: "cpu".into(), ..Default::default() }).collect()
 }
 
 fn metrics(epoch: u32, fe: u32) -> EpochMetrics {
@@ -42,17 +43,17 @@ fn metrics(epoch: u32, fe: u32) -> EpochMetrics {
     }
 }
 
-fn register(store: &mut Store, name: &str, devices: &[v1::Device]) -> (Caller, u64) {
+fn register(store: &mut impl Store, name: &str, devices: &[Device]) -> (Caller, u64) {
     let r = store.register(name, devices, "test", "").unwrap();
     (Caller { worker_id: r.worker_id, session: r.session, owner: String::new() }, r.incarnation)
 }
 
-fn report(store: &mut Store, w: &Caller, a: &v1::Assignment, epoch: u32) {
+fn report(store: &mut impl Store, w: &Caller, a: &Assignment, epoch: u32) {
     store.report_epoch(w, a.attempt_id, &metrics(epoch, a.fe_epochs), &ReportExtras::default()).unwrap();
 }
 
-fn finish(store: &mut Store, w: &Caller, a: &v1::Assignment, outcome: v1::Outcome) {
-    store.finish_attempt(w, a.attempt_id, outcome, v1::ErrorClass::Retryable, "x", 1.0).unwrap();
+fn finish(store: &mut impl Store, w: &Caller, a: &Assignment, outcome: Outcome) {
+    store.finish_attempt(w, a.attempt_id, outcome, "x", 1.0).unwrap();
 }
 
 /// Attempt ids of the clean state.
@@ -70,7 +71,7 @@ struct Ids {
 /// A state with every kind of history the store writes: concurrent attempts on disjoint
 /// devices, a retried trial that resumes, a lost lease, a trial running now.
 fn clean_state(dir: &Path) -> Ids {
-    let mut store = Store::open(dir).unwrap();
+    let mut store = SqliteStore::open(dir).unwrap();
     let (sweep, _) = store.submit(SPEC, "h.yaml", &spec::parse(SPEC).unwrap()).unwrap();
     let (w1, i1) = register(&mut store, "w1", &devices(&["cpu:0", "cpu:1"]));
     let a1 = store.acquire(&w1, i1).unwrap().unwrap();
@@ -78,14 +79,14 @@ fn clean_state(dir: &Path) -> Ids {
     assert_eq!((a1.trial_id.as_str(), a2.trial_id.as_str()), ("t000", "t001"));
     assert_ne!(a1.devices, a2.devices);
     report(&mut store, &w1, &a1, 1);
-    finish(&mut store, &w1, &a1, v1::Outcome::Failed);
+    finish(&mut store, &w1, &a1, Outcome::Failed { permanent: false });
     report(&mut store, &w1, &a2, 1);
     report(&mut store, &w1, &a2, 2);
-    finish(&mut store, &w1, &a2, v1::Outcome::Succeeded);
+    finish(&mut store, &w1, &a2, Outcome::Succeeded);
     let a3 = store.acquire(&w1, i1).unwrap().unwrap();
     assert_eq!(a3.trial_id, "t000");
     report(&mut store, &w1, &a3, 2);
-    finish(&mut store, &w1, &a3, v1::Outcome::Succeeded);
+    finish(&mut store, &w1, &a3, Outcome::Succeeded);
 
     store.submit(ONE, "one.yaml", &spec::parse(ONE).unwrap()).unwrap();
     let (w2, i2) = register(&mut store, "w2", &devices(&["cpu:0"]));
@@ -113,7 +114,7 @@ fn a_state_the_store_wrote_is_clean_also_while_the_store_is_open() {
     assert!(report.to_string().starts_with("0 violations in 2 sweeps, 3 trials, 5 attempts"), "{report}");
 
     // While a store has the database open, with a write in progress elsewhere.
-    let mut store = Store::open(dir.path()).unwrap();
+    let mut store = SqliteStore::open(dir.path()).unwrap();
     store.begin_batch().unwrap();
     store.submit(ONE, "one.yaml", &spec::parse(ONE).unwrap()).unwrap();
     let report = check(dir.path());
@@ -267,7 +268,7 @@ fn an_undecodable_event_is_reported_not_fatal() {
     let dir = tempfile::tempdir().unwrap();
     let ids = clean_state(dir.path());
     let conn = Connection::open(dir.path().join("sweep.db")).unwrap();
-    let sum = sweep_coordinator::store::event_checksum(&ids.sweep, &[0xff, 0xff, 0xff, 0xff]);
+    let sum = sweep_coordinator::store::sqlite::event_checksum(&ids.sweep, &[0xff, 0xff, 0xff, 0xff]);
     conn.execute(
         "INSERT INTO events(sweep_id, payload, at_ms, checksum) VALUES (?1, X'FFFFFFFF', 0, ?2)",
         params![ids.sweep, sum],
@@ -297,7 +298,7 @@ fn a_flipped_byte_in_a_stored_event_is_found_and_never_served() {
     assert_found(&r, "events", &format!("event {seq} of {}: its bytes do not match the checksum", ids.sweep));
     assert_eq!(r.violations.len(), 1, "{r}");
     // The store refuses to serve it to a watcher.
-    let store = Store::open(dir.path()).unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
     let err = store.events_after(&ids.sweep, 0, 10_000).unwrap_err().to_string();
     assert!(err.contains(&format!("event {seq}")) && err.contains("checksum"), "{err}");
     // An event moved to another sweep is seen too.
@@ -309,6 +310,7 @@ fn a_flipped_byte_in_a_stored_event_is_found_and_never_served() {
 #[test]
 fn a_checkpoint_reference_that_is_not_the_trials_own_is_found() {
     use prost::Message;
+    use sweep_proto::v1;
     let dir = tempfile::tempdir().unwrap();
     let ids = clean_state(dir.path());
     let conn = Connection::open(dir.path().join("sweep.db")).unwrap();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sweep_coordinator::history;
 use sweep_coordinator::server::{self, Config};
-use sweep_coordinator::store::{Store, StoreError};
+use sweep_coordinator::store::{SqliteStore, Store, StoreError};
 use sweep_core::spec;
 use sweep_proto::v1;
 
@@ -36,7 +36,7 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 /// A state directory with a sweep in it, its database closed the way a killed coordinator
 /// leaves it: everything still in the write-ahead log (the `.db` never checkpointed).
 fn state_with_wal(dir: &Path) -> String {
-    let mut store = Store::open(dir).unwrap();
+    let mut store = SqliteStore::open(dir).unwrap();
     let (id, _) = store.submit(SPEC, "s.yaml", &spec::parse(SPEC).unwrap()).unwrap();
     // Keep the log: copy the files while the store is open (as after kill -9), then drop it.
     let copy = dir.join("../killed");
@@ -57,7 +57,7 @@ fn state_with_wal(dir: &Path) -> String {
 
 fn refused(dir: &Path, fragments: &[&str]) {
     let before = files(dir);
-    let err = match Store::open(dir) {
+    let err = match SqliteStore::open(dir) {
         Ok(_) => panic!("{} was opened", dir.display()),
         Err(e) => e,
     };
@@ -81,7 +81,7 @@ fn a_write_ahead_log_without_its_database_is_refused_and_kept() {
     refused(&dir, &["sweep.db is missing", "sweep.db-wal", "bytes) is there", "restore"]);
     // Put the database back: everything is there, nothing was lost.
     std::fs::copy(root.path().join("killed/sweep.db"), dir.join("sweep.db")).unwrap();
-    let store = Store::open(&dir).unwrap();
+    let store = SqliteStore::open(&dir).unwrap();
     assert_eq!(store.get_sweep(&sweep).unwrap().trials.len(), 2);
 }
 
@@ -120,7 +120,7 @@ fn an_empty_or_foreign_database_is_refused_naming_it() {
 fn a_new_state_directory_is_made_whole_or_not_at_all() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("new");
-    drop(Store::open(&dir).unwrap());
+    drop(SqliteStore::open(&dir).unwrap());
     let names: Vec<String> = files(&dir).into_iter().map(|(n, _)| n).collect();
     assert!(names.contains(&"sweep.db".to_string()) && names.contains(&"sweep.lock".to_string()), "{names:?}");
     assert!(!names.iter().any(|n| n.ends_with(".new")), "{names:?}");
@@ -128,15 +128,15 @@ fn a_new_state_directory_is_made_whole_or_not_at_all() {
     let dir = root.path().join("interrupted");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("sweep.db.new"), b"half").unwrap();
-    let store = Store::open(&dir).unwrap();
+    let store = SqliteStore::open(&dir).unwrap();
     assert!(store.list_sweeps().unwrap().is_empty());
 }
 
 #[test]
 fn one_store_at_a_time_holds_a_state_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let err = Store::open(dir.path()).err().expect("a second store was let in");
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let err = SqliteStore::open(dir.path()).err().expect("a second store was let in");
     let text = err.to_string();
     assert!(
         text.contains("is in use by another coordinator") && text.contains(&format!("pid {}", std::process::id())),
@@ -145,7 +145,7 @@ fn one_store_at_a_time_holds_a_state_directory() {
     // Read-only tools still work while it is held.
     assert!(history::check_state_dir(dir.path()).unwrap().is_clean());
     drop(store);
-    drop(Store::open(dir.path()).unwrap());
+    drop(SqliteStore::open(dir.path()).unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,16 +182,16 @@ async fn a_clean_stop_leaves_everything_in_the_database_file_and_backup_copies_a
     let alone = root.path().join("alone");
     std::fs::create_dir_all(&alone).unwrap();
     std::fs::copy(dir.join("sweep.db"), alone.join("sweep.db")).unwrap();
-    let store = Store::open(&alone).unwrap();
+    let store = SqliteStore::open(&alone).unwrap();
     assert_eq!(store.list_sweeps().unwrap().len(), 3);
     // And the backup restores: a state directory of its own.
     let restored = root.path().join("restored");
     std::fs::create_dir_all(&restored).unwrap();
     std::fs::copy(&copy, restored.join("sweep.db")).unwrap();
-    let store = Store::open(&restored).unwrap();
+    let store = SqliteStore::open(&restored).unwrap();
     let listed: Vec<String> = store.list_sweeps().unwrap().into_iter().map(|s| s.id).collect();
     assert_eq!(listed.len(), 3);
     assert!(ids.iter().all(|id| listed.contains(id)));
     // After the clean stop the directory is free again.
-    drop(Store::open(&dir).unwrap());
+    drop(SqliteStore::open(&dir).unwrap());
 }

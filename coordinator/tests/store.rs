@@ -1,14 +1,90 @@
-//! The durable store: what is committed survives the process; the trial lifecycle, fencing,
-//! retries, cancellation and the leaderboard are computed from stored rows.
+//! The durable store, through the [`Store`] trait in domain terms: what is committed survives
+//! reopening the state; the trial lifecycle, fencing of stale attempts, retries and `retry`,
+//! cancellation, device placement, quarantine, paging and the leaderboard are computed from what
+//! is stored; and the stored history passes the history checker.
+//!
+//! The behavioural suite is backend-independent: each test is a function generic over
+//! `S: Store` that opens its store through an `open(dir, clock)` closure (called twice on one
+//! directory by the reopen test, after the first store is dropped), and [`store_suite!`] turns
+//! every one of them into a `#[test]` for a backend. A new backend joins with one line:
+//!
+//! ```ignore
+//! store_suite!(mybackend, |dir, clock| MyStore::open_with_clock(dir, clock).unwrap());
+//! ```
+//!
+//! A new suite test is a generic function here plus its name in [`store_suite!`]'s list (one that
+//! is not listed is dead code, which clippy refuses). Tests about SQLite's file format or the
+//! state directory itself stay outside the macro, at the end of this file.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sweep_coordinator::clock::ManualClock;
-use sweep_coordinator::store::{Caller, ReportExtras, Store, StoreError};
+use sweep_coordinator::clock::{Clock, ManualClock, SystemClock};
+use sweep_coordinator::history;
+use sweep_coordinator::store::{Caller, ReportExtras, SqliteStore, Store, StoreError};
+use sweep_core::Backbone;
 use sweep_core::leaderboard::{EpochMetrics, Phase};
+use sweep_core::records::{Assignment, CheckpointRef, Device, DeviceUse, Outcome, StopReason, SweepEvent, WorkerInfo};
 use sweep_core::spec;
-use sweep_proto::v1;
+use sweep_core::state::{AttemptState, SweepState, TrialState, WorkerState};
+
+/// Instantiates the backend-independent suite for one backend: `mod $backend` with one
+/// `#[test]` per suite test. `$open` is a closure `|dir: &Path, clock: Arc<dyn Clock>|` returning
+/// the backend's store (`impl Store`) on that state directory.
+macro_rules! store_suite {
+    ($backend:ident, $open:expr) => {
+        mod $backend {
+            // What `$open` names, as written where the macro is called.
+            use super::*;
+
+            store_suite!(@tests $open;
+                committed_state_survives_reopening,
+                a_sweep_runs_to_completion_and_ranks_by_best_fine_tuning_accuracy,
+                stale_attempts_are_fenced,
+                retryable_failures_are_retried_until_max_attempts_and_permanent_ones_fail_at_once,
+                bad_reports_are_refused_and_change_nothing,
+                a_resumed_epoch_supersedes_and_never_duplicates,
+                cancelling_stops_pending_trials_and_asks_running_ones_to_stop,
+                sweep_ids_accept_unique_prefixes,
+                gpus_per_trial_beyond_a_worker_is_not_handed_to_it,
+                checkpoints_and_skipped_images_are_stored_and_ranked_with_their_trial,
+                a_worker_runs_several_trials_at_once_on_disjoint_devices,
+                one_device_trials_fill_every_device,
+                a_trial_no_worker_can_hold_is_unschedulable_until_one_can,
+                bad_device_lists_are_refused,
+                a_worker_failing_attempts_in_a_row_is_quarantined_and_gets_no_more_trials,
+                retry_requeues_failed_trials_with_a_fresh_budget,
+                lists_come_in_bounded_pages_and_workers_gone_for_long_are_forgotten,
+                a_trial_whose_every_epoch_is_stored_completes_whatever_ends_its_attempt,
+                permanent_failures_count_toward_quarantine_only_where_other_workers_ran_the_sweep,
+            );
+        }
+    };
+    (@tests $open:expr; $($test:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                super::$test(&super::opener($open));
+            }
+        )+
+    };
+}
+
+store_suite!(sqlite, |dir, clock| SqliteStore::open_with_clock(dir, clock).unwrap());
+
+/// How a suite test opens its backend's store: on a state directory, with a clock.
+type Open<'a, S> = &'a dyn Fn(&Path, Arc<dyn Clock>) -> S;
+
+/// Gives a backend's `open` closure its signature (its arguments need no type annotations).
+fn opener<S: Store>(open: impl Fn(&Path, Arc<dyn Clock>) -> S) -> impl Fn(&Path, Arc<dyn Clock>) -> S {
+    open
+}
+
+/// The system's wall clock, for tests that do not move time by hand.
+fn wall() -> Arc<dyn Clock> {
+    Arc::new(SystemClock)
+}
 
 const SPEC: &str = "\
 name: Store Test
@@ -20,8 +96,8 @@ grid:
 retries: { max_attempts: 2 }
 ";
 
-fn cpu() -> Vec<v1::Device> {
-    vec![v1::Device { id: "cpu:0".into(), kind: "cpu".into(), name: "test cpu".into(), memory_bytes: 0 }]
+fn cpu() -> Vec<Device> {
+    vec![Device { id: "cpu:0".into(), kind: "cpu".into(), name: "test cpu".into(), memory_bytes: 0 }]
 }
 
 fn metrics(epoch: u32, fe: u32, val: f64) -> EpochMetrics {
@@ -38,7 +114,7 @@ fn metrics(epoch: u32, fe: u32, val: f64) -> EpochMetrics {
 
 /// Registers a worker without a token (as on a coordinator without `--tokens`): the caller
 /// its later calls name, and its incarnation.
-fn register(store: &mut Store, name: &str, devices: &[v1::Device]) -> (Caller, u64) {
+fn register(store: &mut impl Store, name: &str, devices: &[Device]) -> (Caller, u64) {
     let r = store.register(name, devices, "test", "").unwrap();
     (Caller { worker_id: r.worker_id, session: r.session, owner: String::new() }, r.incarnation)
 }
@@ -47,7 +123,7 @@ fn extras(parameters: u64) -> ReportExtras {
     ReportExtras { parameters, ..Default::default() }
 }
 
-fn submit(store: &mut Store) -> String {
+fn submit(store: &mut impl Store) -> String {
     let parsed = spec::parse(SPEC).unwrap();
     let (id, n) = store.submit(SPEC, "test.yaml", &parsed).unwrap();
     assert_eq!(n, 2);
@@ -55,82 +131,136 @@ fn submit(store: &mut Store) -> String {
 }
 
 /// Runs a whole attempt: acquire, report every epoch with the given accuracies, succeed.
-fn complete(store: &mut Store, worker: &Caller, inc: u64, accs: [f64; 2]) -> v1::Assignment {
+fn complete(store: &mut impl Store, worker: &Caller, inc: u64, accs: [f64; 2]) -> Assignment {
     let a = store.acquire(worker, inc).unwrap().expect("a trial is pending");
     for (i, acc) in accs.iter().enumerate() {
         store.report_epoch(worker, a.attempt_id, &metrics(i as u32 + 1, a.fe_epochs, *acc), &extras(1234)).unwrap();
     }
-    store.finish_attempt(worker, a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 2.0).unwrap();
+    store.finish_attempt(worker, a.attempt_id, Outcome::Succeeded, "", 2.0).unwrap();
     a
 }
 
-#[test]
-fn committed_state_survives_reopening() {
+fn devices(kind: &str, n: usize) -> Vec<Device> {
+    (0..n)
+        .map(|i| Device {
+            id: format!("{kind}:{i}"),
+            kind: kind.into(),
+            name: format!("fake {kind} {i}"),
+            memory_bytes: 0,
+        })
+        .collect()
+}
+
+fn spec_with(gpus: u32, splits: usize) -> String {
+    let list: Vec<String> = (1..=splits).map(|i| format!("[{i}, 1]")).collect();
+    format!(
+        "name: placement\ndataset: {{ kind: synthetic }}\ngrid:\n  backbone: [resnet18]\n  lr_decay: [{{ strategy: linear }}]\n  epoch_split: [{}]\nresources: {{ gpus_per_trial: {gpus} }}\n",
+        list.join(", ")
+    )
+}
+
+fn submit_text(store: &mut impl Store, text: &str) -> String {
+    store.submit(text, "t", &spec::parse(text).unwrap()).unwrap().0
+}
+
+/// Acquires a trial and fails its attempt, permanently or retryably.
+fn fail(store: &mut impl Store, worker: &Caller, inc: u64, permanent: bool) -> Assignment {
+    let a = store.acquire(worker, inc).unwrap().expect("a trial is pending");
+    store.finish_attempt(worker, a.attempt_id, Outcome::Failed { permanent }, "no such file /data/x", 1.0).unwrap();
+    a
+}
+
+/// A deadline that expires `worker` but not the others (seen later).
+fn now_before(store: &impl Store, worker: &str) -> i64 {
+    let w = store.workers().unwrap().into_iter().find(|w| w.worker_id == worker).unwrap();
+    w.last_seen_ms + 1
+}
+
+/// An upper bound on the bytes `w` takes on the wire (protobuf): every string with 4 bytes of
+/// tag and length, every number 11 bytes, every nested message 5 bytes of tag and length.
+fn wire_bytes_at_most(w: &WorkerInfo) -> usize {
+    let s = |s: &str| s.len() + 4;
+    let device = |d: &Device| 5 + s(&d.id) + s(&d.kind) + s(&d.name) + 11;
+    let busy = |u: &DeviceUse| 5 + s(&u.device) + s(&u.sweep_id) + s(&u.trial_id) + 11;
+    s(&w.worker_id)
+        + s(&w.name)
+        + 11
+        + w.devices.iter().map(device).sum::<usize>()
+        + s(w.state.as_str())
+        + 2 * 11
+        + w.running.iter().map(|(sweep, trial)| s(sweep) + 1 + s(trial)).sum::<usize>()
+        + w.busy.iter().map(busy).sum::<usize>()
+        + s(&w.note)
+}
+
+// ---- the backend-independent suite ----
+
+fn committed_state_survives_reopening<S: Store>(open: Open<S>) {
     let dir = tempfile::tempdir().unwrap();
     let (sweep, attempt) = {
-        let mut store = Store::open(dir.path()).unwrap();
+        let mut store = open(dir.path(), wall());
         let sweep = submit(&mut store);
         assert!(sweep.starts_with("store-test-"), "{sweep}");
         let (w, inc) = register(&mut store, "w", &cpu());
         let a = store.acquire(&w, inc).unwrap().unwrap();
         store.report_epoch(&w, a.attempt_id, &metrics(1, 1, 0.4), &extras(99)).unwrap();
         (sweep, a.attempt_id)
-        // dropped: the connection closes like a process that ends
+        // dropped: the store closes like a process that ends
     };
-    let store = Store::open(dir.path()).unwrap();
+    let store = open(dir.path(), wall());
     let status = store.get_sweep(&sweep).unwrap();
     assert_eq!(status.spec_yaml, SPEC);
-    assert_eq!(status.sweep.as_ref().unwrap().state, "running");
+    assert_eq!(status.sweep.state, SweepState::Running);
     assert_eq!(status.trials.len(), 2);
-    assert_eq!(status.trials[0].state, "running");
+    assert_eq!(status.trials[0].state, TrialState::Running);
     assert_eq!(status.trials[0].epochs_done, 1);
     let detail = store.trial(&sweep, "t000").unwrap();
     assert_eq!(detail.metrics.len(), 1);
-    assert_eq!(detail.metrics[0].val_accuracy, 0.4);
+    assert_eq!(detail.metrics[0].metrics.val_accuracy, 0.4);
     assert_eq!(detail.parameters, 99);
     assert_eq!(detail.attempts[0].attempt_id, attempt);
     assert_eq!(store.workers().unwrap().len(), 1);
     assert!(store.last_sequence().unwrap() > 0);
 }
 
-#[test]
-fn a_sweep_runs_to_completion_and_ranks_by_best_fine_tuning_accuracy() {
+fn a_sweep_runs_to_completion_and_ranks_by_best_fine_tuning_accuracy<S: Store>(open: Open<S>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
+    let mut store = open(dir.path(), wall());
     let sweep = submit(&mut store);
     let (w, inc) = register(&mut store, "w", &cpu());
     let a = complete(&mut store, &w, inc, [0.5, 0.6]);
     assert_eq!(a.trial_id, "t000");
-    assert_eq!(a.backbone, "resnet18");
+    assert_eq!(a.backbone, Backbone::Resnet18);
     assert_eq!(a.spec_yaml, SPEC);
     let b = complete(&mut store, &w, inc, [0.3, 0.9]);
     assert_eq!(b.trial_id, "t001");
     assert!(store.acquire(&w, inc).unwrap().is_none());
 
-    let status = store.get_sweep(&sweep).unwrap();
-    let summary = status.sweep.unwrap();
-    assert_eq!(summary.state, "completed");
-    assert_eq!(summary.counts.unwrap().completed, 2);
-    assert_ne!(summary.finished_at_ms, 0);
+    let summary = store.get_sweep(&sweep).unwrap().sweep;
+    assert_eq!(summary.state, SweepState::Completed);
+    assert_eq!(summary.counts.get(TrialState::Completed), 2);
+    assert!(summary.finished_at_ms.is_some());
 
     let board = store.leaderboard(&sweep).unwrap();
-    let order: Vec<_> = board.entries.iter().map(|e| (e.rank, e.trial_id.as_str())).collect();
+    let order: Vec<_> = board.entries.iter().map(|e| (e.rank, e.trial.trial_id.as_str())).collect();
     assert_eq!(order, vec![(1, "t001"), (2, "t000")]);
     let top = &board.entries[0];
-    assert_eq!((top.fe_val_accuracy, top.best_val_accuracy, top.best_epoch), (Some(0.3), Some(0.9), Some(2)));
+    assert_eq!(
+        (top.score.fe_val_accuracy, top.score.best_val_accuracy, top.score.best_epoch),
+        (Some(0.3), Some(0.9), Some(2))
+    );
     assert_eq!(top.parameters, 1234);
     assert_eq!(top.wall_seconds, 2.0);
 
     // The event log ends with the sweep's end.
     let events = store.events_after(&sweep, 0, 1000).unwrap();
-    assert!(matches!(events.last().unwrap().event, Some(v1::sweep_event::Event::Ended(_))));
+    assert!(matches!(events.last().unwrap().event, SweepEvent::Ended(_)));
     assert!(events.windows(2).all(|w| w[0].sequence < w[1].sequence));
 }
 
-#[test]
-fn stale_attempts_are_fenced() {
+fn stale_attempts_are_fenced<S: Store>(open: Open<S>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
+    let mut store = open(dir.path(), wall());
     submit(&mut store);
     let (w1, i1) = register(&mut store, "w1", &cpu());
     let a = store.acquire(&w1, i1).unwrap().unwrap();
@@ -143,9 +273,7 @@ fn stale_attempts_are_fenced() {
 
     let err = store.report_epoch(&w1, a.attempt_id, &metrics(1, 1, 0.1), &extras(1)).unwrap_err();
     assert!(matches!(err, StoreError::WrongState(_)), "{err}");
-    let err = store
-        .finish_attempt(&w1, a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0)
-        .unwrap_err();
+    let err = store.finish_attempt(&w1, a.attempt_id, Outcome::Succeeded, "", 1.0).unwrap_err();
     assert!(matches!(err, StoreError::WrongState(_)), "{err}");
     // The lost worker's incarnation is refused too.
     assert!(matches!(store.acquire(&w1, i1).unwrap_err(), StoreError::WrongState(_)));
@@ -157,47 +285,38 @@ fn stale_attempts_are_fenced() {
     assert_eq!(store.heartbeat(&w2, i2, &[a.attempt_id, b.attempt_id]).unwrap(), vec![a.attempt_id]);
 }
 
-#[test]
-fn retryable_failures_are_retried_until_max_attempts_and_permanent_ones_fail_at_once() {
+fn retryable_failures_are_retried_until_max_attempts_and_permanent_ones_fail_at_once<S: Store>(open: Open<S>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
+    let mut store = open(dir.path(), wall());
     let sweep = submit(&mut store);
     let (w, inc) = register(&mut store, "w", &cpu());
 
     let a = store.acquire(&w, inc).unwrap().unwrap();
-    store.finish_attempt(&w, a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Retryable, "disk hiccup", 1.0).unwrap();
+    store.finish_attempt(&w, a.attempt_id, Outcome::Failed { permanent: false }, "disk hiccup", 1.0).unwrap();
     let t = &store.get_sweep(&sweep).unwrap().trials[0];
-    assert_eq!((t.state.as_str(), t.attempts, t.error.as_str()), ("pending", 1, "disk hiccup"));
+    assert_eq!((t.state, t.attempts, t.error.as_str()), (TrialState::Pending, 1, "disk hiccup"));
 
     let a = store.acquire(&w, inc).unwrap().unwrap();
     assert_eq!((a.trial_id.as_str(), a.attempt_number), ("t000", 2));
-    store.finish_attempt(&w, a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Retryable, "disk hiccup", 1.0).unwrap();
+    store.finish_attempt(&w, a.attempt_id, Outcome::Failed { permanent: false }, "disk hiccup", 1.0).unwrap();
     let t = &store.get_sweep(&sweep).unwrap().trials[0];
-    assert_eq!(t.state, "failed");
+    assert_eq!(t.state, TrialState::Failed);
     assert!(t.error.contains("no attempts left"), "{}", t.error);
 
     let b = store.acquire(&w, inc).unwrap().unwrap();
     assert_eq!(b.trial_id, "t001");
     store
-        .finish_attempt(
-            &w,
-            b.attempt_id,
-            v1::Outcome::Failed,
-            v1::ErrorClass::Permanent,
-            "dataset root /x does not exist",
-            1.0,
-        )
+        .finish_attempt(&w, b.attempt_id, Outcome::Failed { permanent: true }, "dataset root /x does not exist", 1.0)
         .unwrap();
     let status = store.get_sweep(&sweep).unwrap();
-    assert_eq!(status.trials[1].state, "failed");
+    assert_eq!(status.trials[1].state, TrialState::Failed);
     assert_eq!(status.trials[1].attempts, 1);
-    assert_eq!(status.sweep.unwrap().state, "failed");
+    assert_eq!(status.sweep.state, SweepState::Failed);
 }
 
-#[test]
-fn bad_reports_are_refused_and_change_nothing() {
+fn bad_reports_are_refused_and_change_nothing<S: Store>(open: Open<S>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
+    let mut store = open(dir.path(), wall());
     let sweep = submit(&mut store);
     let (w, inc) = register(&mut store, "w", &cpu());
     let a = store.acquire(&w, inc).unwrap().unwrap();
@@ -212,11 +331,11 @@ fn bad_reports_are_refused_and_change_nothing() {
     }
     // Success without every epoch's metrics.
     assert!(matches!(
-        store.finish_attempt(&w, a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0),
+        store.finish_attempt(&w, a.attempt_id, Outcome::Succeeded, "", 1.0),
         Err(StoreError::WrongState(_))
     ));
     assert!(store.trial(&sweep, "t000").unwrap().metrics.is_empty());
-    assert_eq!(store.get_sweep(&sweep).unwrap().trials[0].state, "running");
+    assert_eq!(store.get_sweep(&sweep).unwrap().trials[0].state, TrialState::Running);
     // Unknown ids.
     assert!(matches!(store.get_sweep("nope"), Err(StoreError::NotFound(_))));
     assert!(matches!(store.trial(&sweep, "t999"), Err(StoreError::NotFound(_))));
@@ -226,98 +345,72 @@ fn bad_reports_are_refused_and_change_nothing() {
     assert!(matches!(store.register("x", &[], "t", ""), Err(StoreError::Invalid(_))));
 }
 
-#[test]
-fn a_resumed_epoch_supersedes_and_never_duplicates() {
+fn a_resumed_epoch_supersedes_and_never_duplicates<S: Store>(open: Open<S>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
+    let mut store = open(dir.path(), wall());
     let sweep = submit(&mut store);
     let (w, inc) = register(&mut store, "w", &cpu());
     let a = store.acquire(&w, inc).unwrap().unwrap();
     store.report_epoch(&w, a.attempt_id, &metrics(1, 1, 0.2), &extras(1)).unwrap();
-    store.finish_attempt(&w, a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Retryable, "oom", 1.0).unwrap();
+    store.finish_attempt(&w, a.attempt_id, Outcome::Failed { permanent: false }, "oom", 1.0).unwrap();
     let b = store.acquire(&w, inc).unwrap().unwrap();
     store.report_epoch(&w, b.attempt_id, &metrics(1, 1, 0.25), &extras(1)).unwrap();
     let detail = store.trial(&sweep, "t000").unwrap();
     assert_eq!(detail.metrics.len(), 1);
-    assert_eq!(detail.metrics[0].val_accuracy, 0.25);
+    assert_eq!(detail.metrics[0].metrics.val_accuracy, 0.25);
 }
 
-#[test]
-fn cancelling_stops_pending_trials_and_asks_running_ones_to_stop() {
+fn cancelling_stops_pending_trials_and_asks_running_ones_to_stop<S: Store>(open: Open<S>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
+    let mut store = open(dir.path(), wall());
     let sweep = submit(&mut store);
     let (w, inc) = register(&mut store, "w", &cpu());
     let a = store.acquire(&w, inc).unwrap().unwrap();
     let r = store.cancel_sweep(&sweep[..8]).unwrap();
-    assert_eq!((r.cancelled_pending, r.stopping_running), (1, 1));
+    assert_eq!((r.pending, r.stopping), (1, 1));
     assert_eq!(store.heartbeat(&w, inc, &[a.attempt_id]).unwrap(), vec![a.attempt_id]);
-    assert!(store.report_epoch(&w, a.attempt_id, &metrics(1, 1, 0.3), &extras(1)).unwrap(), "report says: stop");
+    let reply = store.report_epoch(&w, a.attempt_id, &metrics(1, 1, 0.3), &extras(1)).unwrap();
+    assert_eq!(reply.stop, Some(StopReason::SweepCancelled), "report says: stop");
     let (w2, inc2) = register(&mut store, "w2", &cpu());
     assert!(store.acquire(&w2, inc2).unwrap().is_none(), "nothing of a cancelled sweep is handed out");
-    store
-        .finish_attempt(&w, a.attempt_id, v1::Outcome::Cancelled, v1::ErrorClass::Unspecified, "stopped", 1.0)
-        .unwrap();
-    let s = store.get_sweep(&sweep).unwrap().sweep.unwrap();
-    assert_eq!(s.state, "cancelled");
-    assert_ne!(s.finished_at_ms, 0);
+    store.finish_attempt(&w, a.attempt_id, Outcome::Cancelled, "stopped", 1.0).unwrap();
+    let s = store.get_sweep(&sweep).unwrap().sweep;
+    assert_eq!(s.state, SweepState::Cancelled);
+    assert!(s.finished_at_ms.is_some());
 }
 
-#[test]
-fn sweep_ids_accept_unique_prefixes() {
+fn sweep_ids_accept_unique_prefixes<S: Store>(open: Open<S>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
+    let mut store = open(dir.path(), wall());
     let a = submit(&mut store);
     let b = submit(&mut store);
     assert_ne!(a, b);
-    assert_eq!(store.get_sweep(&a).unwrap().sweep.unwrap().id, a);
+    assert_eq!(store.get_sweep(&a).unwrap().sweep.id, a);
     assert!(matches!(store.get_sweep("store-test"), Err(StoreError::Invalid(_))));
     let listed: Vec<_> = store.list_sweeps().unwrap().into_iter().map(|s| s.id).collect();
     assert_eq!(listed, vec![b, a], "newest first");
 }
 
-#[test]
-fn gpus_per_trial_beyond_a_worker_is_not_handed_to_it() {
+fn gpus_per_trial_beyond_a_worker_is_not_handed_to_it<S: Store>(open: Open<S>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
+    let mut store = open(dir.path(), wall());
     let text = SPEC.replace("retries: { max_attempts: 2 }", "resources: { gpus_per_trial: 2 }");
     store.submit(&text, "t", &spec::parse(&text).unwrap()).unwrap();
     let (w, inc) = register(&mut store, "w", &cpu());
     assert!(store.acquire(&w, inc).unwrap().is_none());
-    let two = vec![cpu()[0].clone(), v1::Device { id: "cpu:1".into(), ..cpu()[0].clone() }];
+    let two = vec![cpu()[0].clone(), Device { id: "cpu:1".into(), ..cpu()[0].clone() }];
     let (w2, inc2) = register(&mut store, "w2", &two);
     assert!(store.acquire(&w2, inc2).unwrap().is_some());
 }
 
-#[test]
-fn a_newer_schema_is_refused_with_a_clear_error() {
+fn checkpoints_and_skipped_images_are_stored_and_ranked_with_their_trial<S: Store>(open: Open<S>) {
     let dir = tempfile::tempdir().unwrap();
-    drop(Store::open(dir.path()).unwrap());
-    let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
-    conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'", []).unwrap();
-    drop(conn);
-    let err = Store::open(dir.path()).err().expect("refused");
-    assert!(err.to_string().contains("schema version 99"), "{err}");
-}
-
-#[test]
-fn an_unusable_state_dir_is_an_error_naming_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("not-a-dir");
-    std::fs::write(&file, "x").unwrap();
-    let err = Store::open(&file).err().expect("refused");
-    assert!(err.to_string().contains("not-a-dir"), "{err}");
-}
-
-#[test]
-fn checkpoints_and_skipped_images_are_stored_and_ranked_with_their_trial() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
+    let mut store = open(dir.path(), wall());
     let sweep = submit(&mut store);
     let (w, inc) = register(&mut store, "w", &cpu());
     let a = store.acquire(&w, inc).unwrap().unwrap();
     let own = format!("/a/{sweep}/t000");
-    let ckpt = |name: &str, epoch| v1::CheckpointRef {
+    let ckpt = |name: &str, epoch| CheckpointRef {
         uri: format!("{own}/{name}.safetensors"),
         sha256: "ab".repeat(32),
         bytes: 7,
@@ -339,7 +432,7 @@ fn checkpoints_and_skipped_images_are_stored_and_ranked_with_their_trial() {
     assert!(matches!(store.report_epoch(&w, a.attempt_id, &metrics(2, 1, 0.9), &bad), Err(StoreError::Invalid(_))));
     // References that are not this trial's own, or unverifiable, are refused with the report.
     let foreign = |uri: String, sha256: String| ReportExtras {
-        resume_checkpoint: Some(v1::CheckpointRef { uri, sha256, bytes: 7, epoch: 2 }),
+        resume_checkpoint: Some(CheckpointRef { uri, sha256, bytes: 7, epoch: 2 }),
         ..second.clone()
     };
     for (extras, fragment) in [
@@ -354,10 +447,10 @@ fn checkpoints_and_skipped_images_are_stored_and_ranked_with_their_trial() {
         let e = store.report_epoch(&w, a.attempt_id, &metrics(2, 1, 0.9), &extras).unwrap_err();
         assert!(matches!(e, StoreError::Invalid(_)) && e.to_string().contains(fragment), "{fragment}: {e}");
     }
-    assert_eq!(store.trial(&sweep, "t000").unwrap().metrics[1].val_accuracy, 0.5);
+    assert_eq!(store.trial(&sweep, "t000").unwrap().metrics[1].metrics.val_accuracy, 0.5);
 
     let board = store.leaderboard(&sweep).unwrap();
-    let e = board.entries.iter().find(|e| e.trial_id == "t000").unwrap();
+    let e = board.entries.iter().find(|e| e.trial.trial_id == "t000").unwrap();
     assert_eq!(
         e.best_checkpoint.as_ref().map(|c| (c.uri.as_str(), c.epoch)),
         Some((format!("{own}/best.safetensors").as_str(), 1))
@@ -372,11 +465,329 @@ fn checkpoints_and_skipped_images_are_stored_and_ranked_with_their_trial() {
     assert_eq!(d.skipped_images, 2);
 }
 
+fn a_worker_runs_several_trials_at_once_on_disjoint_devices<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    let sweep = submit_text(&mut store, &spec_with(2, 3));
+    let (w, inc) = register(&mut store, "eight", &devices("cuda", 4));
+    let a = store.acquire(&w, inc).unwrap().unwrap();
+    let b = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!(a.devices, vec!["cuda:0", "cuda:1"]);
+    assert_eq!(b.devices, vec!["cuda:2", "cuda:3"]);
+    assert!(store.acquire(&w, inc).unwrap().is_none(), "every device is busy");
+    // `sweep workers` shows which devices are busy with what.
+    let info = store.workers().unwrap().remove(0);
+    let busy: Vec<_> = info.busy.iter().map(|u| (u.device.as_str(), u.trial_id.as_str())).collect();
+    assert_eq!(busy, vec![("cuda:0", "t000"), ("cuda:1", "t000"), ("cuda:2", "t001"), ("cuda:3", "t001")]);
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!(status.trials[1].devices, vec!["cuda:2", "cuda:3"]);
+    // Finishing one frees its devices for the next trial.
+    store.finish_attempt(&w, a.attempt_id, Outcome::Failed { permanent: true }, "x", 1.0).unwrap();
+    let c = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!((c.trial_id.as_str(), c.devices.clone()), ("t002", vec!["cuda:0".to_string(), "cuda:1".to_string()]));
+}
+
+fn one_device_trials_fill_every_device<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    submit_text(&mut store, &spec_with(1, 10));
+    let (w, inc) = register(&mut store, "eight", &devices("cuda", 8));
+    let got: Vec<String> = (0..8).map(|_| store.acquire(&w, inc).unwrap().unwrap().devices.join(",")).collect();
+    assert_eq!(got, (0..8).map(|i| format!("cuda:{i}")).collect::<Vec<_>>());
+    assert!(store.acquire(&w, inc).unwrap().is_none());
+}
+
+fn a_trial_no_worker_can_hold_is_unschedulable_until_one_can<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let mut store = open(dir.path(), clock.clone());
+    let sweep = submit_text(&mut store, &spec_with(4, 2));
+    // No worker yet: the trials wait for one; that is not infeasible.
+    assert_eq!(store.get_sweep(&sweep).unwrap().trials[0].state, TrialState::Pending);
+
+    let (small, small_inc) = register(&mut store, "small", &devices("cuda", 2));
+    let status = store.get_sweep(&sweep).unwrap();
+    let t = &status.trials[0];
+    assert_eq!(t.state, TrialState::Unschedulable);
+    assert!(
+        t.error.contains("needs 4 devices") && t.error.contains(&format!("{}, has 2", small.worker_id)),
+        "{}",
+        t.error
+    );
+    assert_eq!(status.sweep.counts.get(TrialState::Unschedulable), 2);
+    assert!(store.acquire(&small, small_inc).unwrap().is_none());
+
+    let (big, big_inc) = register(&mut store, "big", &devices("cuda", 4));
+    let t = &store.get_sweep(&sweep).unwrap().trials[0];
+    assert_eq!((t.state, t.error.as_str()), (TrialState::Pending, ""));
+    let a = store.acquire(&big, big_inc).unwrap().unwrap();
+    assert_eq!(a.devices.len(), 4);
+
+    // The big worker goes away: what is left waiting becomes unschedulable again.
+    clock.advance(Duration::from_millis(5));
+    store.heartbeat(&small, small_inc, &[]).unwrap();
+    store.expire_workers(now_before(&store, &big.worker_id)).unwrap();
+    assert_eq!(store.workers().unwrap().iter().filter(|w| w.state == WorkerState::Active).count(), 1);
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!(status.trials[1].state, TrialState::Unschedulable);
+    // Its running attempt was lost; with attempts left the trial waits, unschedulable too.
+    assert_eq!(status.trials[0].state, TrialState::Unschedulable);
+    // Cancelling the sweep cancels unschedulable trials.
+    let r = store.cancel_sweep(&sweep).unwrap();
+    assert_eq!(r.pending, 2);
+}
+
+fn bad_device_lists_are_refused<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    let mut twice = devices("cpu", 2);
+    twice[1].id = "cpu:0".into();
+    assert!(matches!(store.register("w", &twice, "t", ""), Err(StoreError::Invalid(_))));
+    let mut comma = devices("cpu", 1);
+    comma[0].id = "cpu:0,cpu:1".into();
+    assert!(matches!(store.register("w", &comma, "t", ""), Err(StoreError::Invalid(_))));
+}
+
+fn a_worker_failing_attempts_in_a_row_is_quarantined_and_gets_no_more_trials<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    store.set_quarantine_after(2).unwrap();
+    let sweep = submit_text(&mut store, &spec_with(1, 4).replace("max_attempts: 2", "max_attempts: 5"));
+    let (bad, bad_inc) = register(&mut store, "bad", &cpu());
+    let (good, good_inc) = register(&mut store, "good", &cpu());
+    // A success resets the count: fail, succeed, fail — still active. Permanent failures (a bad
+    // spec: nothing about the worker) never count, however many.
+    fail(&mut store, &bad, bad_inc, false);
+    let a = store.acquire(&bad, bad_inc).unwrap().unwrap();
+    for e in 1..=a.fe_epochs + a.ft_epochs {
+        store.report_epoch(&bad, a.attempt_id, &metrics(e, a.fe_epochs, 0.5), &extras(1)).unwrap();
+    }
+    store.finish_attempt(&bad, a.attempt_id, Outcome::Succeeded, "", 1.0).unwrap();
+    fail(&mut store, &bad, bad_inc, false);
+    fail(&mut store, &bad, bad_inc, true);
+    fail(&mut store, &bad, bad_inc, true);
+    let state = |store: &S, id: &str| {
+        store.workers().unwrap().into_iter().find(|w| w.worker_id == id).map(|w| (w.state, w.note)).unwrap()
+    };
+    assert_eq!(state(&store, &bad.worker_id).0, WorkerState::Active);
+    // A second failure in a row: quarantined, with the reason.
+    fail(&mut store, &bad, bad_inc, false);
+    let (s, note) = state(&store, &bad.worker_id);
+    assert_eq!(s, WorkerState::Quarantined);
+    assert!(note.contains("2 attempts failed in a row") && note.contains("no such file /data/x"), "{note}");
+    // It keeps its lease but gets nothing; the healthy worker takes the work.
+    assert!(store.heartbeat(&bad, bad_inc, &[]).is_ok());
+    assert!(store.acquire(&bad, bad_inc).unwrap().is_none());
+    assert!(store.acquire(&good, good_inc).unwrap().is_some());
+    assert_eq!(state(&store, &good.worker_id).0, WorkerState::Active);
+    // Registering again (a restarted daemon) is a new, active worker.
+    let (again, _) = register(&mut store, "bad", &cpu());
+    assert_eq!(state(&store, &again.worker_id).0, WorkerState::Active);
+    let _ = sweep;
+}
+
+fn retry_requeues_failed_trials_with_a_fresh_budget<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    store.set_quarantine_after(0).unwrap();
+    let sweep = submit(&mut store);
+    let (w, inc) = register(&mut store, "w", &cpu());
+    // t000 fails for good (permanent); t001 uses up its 2 attempts.
+    fail(&mut store, &w, inc, true);
+    fail(&mut store, &w, inc, false);
+    fail(&mut store, &w, inc, false);
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!(status.sweep.state, SweepState::Failed);
+    assert!(status.trials.iter().all(|t| t.state == TrialState::Failed));
+
+    // Bad requests change nothing.
+    assert!(matches!(store.retry_sweep(&sweep, &["t009".into()]), Err(StoreError::NotFound(_))));
+    assert!(matches!(store.retry_sweep("nope", &[]), Err(StoreError::NotFound(_))));
+    assert_eq!(store.retry_sweep(&sweep, &["t001".into()]).unwrap(), ["t001"]);
+    let e = store.retry_sweep(&sweep, &["t001".into()]).unwrap_err();
+    assert!(e.to_string().contains("t001") && e.to_string().contains("pending"), "{e}");
+    assert_eq!(store.retry_sweep(&sweep, &[]).unwrap(), ["t000"]);
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!((status.sweep.state, status.sweep.finished_at_ms), (SweepState::Pending, None));
+    assert!(status.trials.iter().all(|t| t.state == TrialState::Pending && t.error.is_empty()));
+    // A fresh budget: each may fail once more and still be retried, then completes.
+    fail(&mut store, &w, inc, false);
+    assert!(store.get_sweep(&sweep).unwrap().trials.iter().any(|t| t.state == TrialState::Pending));
+    complete(&mut store, &w, inc, [0.5, 0.6]);
+    complete(&mut store, &w, inc, [0.5, 0.7]);
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!(status.sweep.state, SweepState::Completed);
+    assert_eq!(store.retry_sweep(&sweep, &[]).unwrap(), Vec::<String>::new());
+
+    // A cancelled sweep is not retried.
+    let other = submit(&mut store);
+    store.cancel_sweep(&other).unwrap();
+    let e = store.retry_sweep(&other, &[]).unwrap_err();
+    assert!(matches!(e, StoreError::WrongState(_)), "{e}");
+}
+
+fn lists_come_in_bounded_pages_and_workers_gone_for_long_are_forgotten<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    let mut ids = Vec::new();
+    for _ in 0..250 {
+        ids.push(submit(&mut store));
+    }
+    ids.reverse();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = store.list_sweeps_page(100, &token).unwrap();
+        assert!(page.items.len() <= 100);
+        seen.extend(page.items.into_iter().map(|s| s.id));
+        pages += 1;
+        if page.next.is_empty() {
+            break;
+        }
+        token = page.next;
+    }
+    assert_eq!((pages, &seen), (3, &ids), "every sweep once, newest first");
+    for bad in ["x", "s-1", "w5", "s1; DROP TABLE sweeps"] {
+        assert!(matches!(store.list_sweeps_page(10, bad), Err(StoreError::Invalid(_))), "{bad}");
+    }
+
+    // Workers with a thousand devices of long names: a page stays near 2 MiB on the wire,
+    // whatever was asked.
+    let big: Vec<Device> = (0..1024)
+        .map(|i| Device { id: format!("cuda:{i}"), kind: "cuda".into(), name: "n".repeat(200), memory_bytes: 1 })
+        .collect();
+    let mut workers = Vec::new();
+    for i in 0..30 {
+        workers.push(register(&mut store, &format!("big-{i}"), &big).0);
+    }
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = store.workers_page(1000, &token).unwrap();
+        let bytes: usize = page.items.iter().map(wire_bytes_at_most).sum();
+        assert!(!page.items.is_empty() && bytes < 3 << 20, "a page of {} workers is {bytes} bytes", page.items.len());
+        listed.extend(page.items.into_iter().map(|w| w.worker_id));
+        if page.next.is_empty() {
+            break;
+        }
+        token = page.next;
+    }
+    assert_eq!(listed.len(), 30);
+    // Gone workers are forgotten after a while; active ones are kept.
+    store.expire_workers(i64::MAX).unwrap();
+    let (running, inc) = register(&mut store, "busy", &cpu());
+    store.acquire(&running, inc).unwrap().unwrap();
+    assert_eq!(store.forget_workers(0).unwrap(), 0, "not gone for long yet");
+    assert_eq!(store.forget_workers(i64::MAX).unwrap(), 30);
+    let left: Vec<String> = store.workers().unwrap().into_iter().map(|w| w.worker_id).collect();
+    assert_eq!(left, vec![running.worker_id.clone()]);
+    // Its attempts keep its id.
+    let sweep = store.list_sweeps().unwrap().pop().unwrap().id;
+    let _ = store.trial(&sweep, "t000").unwrap();
+}
+
+fn a_trial_whose_every_epoch_is_stored_completes_whatever_ends_its_attempt<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let mut store = open(dir.path(), clock.clone());
+    let sweep = submit(&mut store);
+    let (w, inc) = register(&mut store, "w", &cpu());
+    // t000: both epochs reported, then the sweep is cancelled before the worker says it
+    // succeeded; the stop comes back with its last report and it finishes as cancelled.
+    let a = store.acquire(&w, inc).unwrap().unwrap();
+    store.report_epoch(&w, a.attempt_id, &metrics(1, 1, 0.5), &extras(1)).unwrap();
+    // t001 runs on a second worker, which will be lost after its last report.
+    let (w2, inc2) = register(&mut store, "w2", &cpu());
+    let b = store.acquire(&w2, inc2).unwrap().unwrap();
+    store.report_epoch(&w2, b.attempt_id, &metrics(1, 1, 0.4), &extras(1)).unwrap();
+    store.report_epoch(&w2, b.attempt_id, &metrics(2, 1, 0.7), &extras(1)).unwrap();
+    store.cancel_sweep(&sweep).unwrap();
+    let reply = store.report_epoch(&w, a.attempt_id, &metrics(2, 1, 0.6), &extras(1)).unwrap();
+    assert_eq!(reply.stop, Some(StopReason::SweepCancelled), "says: stop");
+    store.finish_attempt(&w, a.attempt_id, Outcome::Cancelled, "stopped", 1.0).unwrap();
+    clock.advance(Duration::from_millis(5));
+    store.heartbeat(&w, inc, &[]).unwrap();
+    store.expire_workers(now_before(&store, &w2.worker_id)).unwrap();
+    let status = store.get_sweep(&sweep).unwrap();
+    let states: Vec<TrialState> = status.trials.iter().map(|t| t.state).collect();
+    assert_eq!(states, [TrialState::Completed, TrialState::Completed], "a finished result is kept");
+    let board = store.leaderboard(&sweep).unwrap();
+    assert!(board.entries.iter().all(|e| e.score.best_val_accuracy.is_some()));
+    let d = store.trial(&sweep, "t000").unwrap();
+    assert_eq!(d.attempts[0].state, AttemptState::Succeeded);
+    assert!(d.attempts[0].error.contains("cancelled after every epoch was reported"), "{}", d.attempts[0].error);
+    assert!(store.trial(&sweep, "t001").unwrap().attempts[0].error.contains("lost after every epoch"));
+    // A trial stopped before its last epoch is still cancelled.
+    let other = submit(&mut store);
+    let c = store.acquire(&w, inc).unwrap().unwrap();
+    store.report_epoch(&w, c.attempt_id, &metrics(1, 1, 0.5), &extras(1)).unwrap();
+    store.cancel_sweep(&other).unwrap();
+    store.finish_attempt(&w, c.attempt_id, Outcome::Cancelled, "stopped", 1.0).unwrap();
+    assert!(store.get_sweep(&other).unwrap().trials.iter().all(|t| t.state == TrialState::Cancelled));
+    // The stored history passes the checker (through the trait: whatever the backend keeps).
+    let report = history::check(store.history().unwrap());
+    assert!(report.is_clean(), "{report}");
+}
+
+fn permanent_failures_count_toward_quarantine_only_where_other_workers_ran_the_sweep<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    store.set_quarantine_after(2).unwrap();
+    let state = |store: &S, id: &str| store.workers().unwrap().into_iter().find(|w| w.worker_id == id).unwrap().state;
+    // A spec nobody can run (a typo in its dataset root): its permanent failures never count.
+    let typo = submit_text(&mut store, &spec_with(1, 3));
+    let (a, a_inc) = register(&mut store, "a", &cpu());
+    for _ in 0..3 {
+        fail(&mut store, &a, a_inc, true);
+    }
+    assert_eq!(store.get_sweep(&typo).unwrap().sweep.state, SweepState::Failed);
+    assert_eq!(state(&store, &a.worker_id), WorkerState::Active);
+    // A sweep that another worker runs fine: failing it permanently on this one (its node lacks
+    // the dataset's mount) is this worker's problem, and it counts.
+    let good = submit_text(&mut store, &spec_with(1, 4));
+    let (b, b_inc) = register(&mut store, "b", &cpu());
+    let ran = store.acquire(&b, b_inc).unwrap().unwrap();
+    store.report_epoch(&b, ran.attempt_id, &metrics(1, ran.fe_epochs, 0.5), &extras(1)).unwrap();
+    fail(&mut store, &a, a_inc, true);
+    assert_eq!(state(&store, &a.worker_id), WorkerState::Active);
+    fail(&mut store, &a, a_inc, true);
+    assert_eq!(state(&store, &a.worker_id), WorkerState::Quarantined);
+    let _ = good;
+}
+
+// ---- SQLite-specific ----
+//
+// These are about the SQLite backend's own file (`sweep.db`: its schema version, upgrading an
+// old schema in place, edited here with rusqlite directly) and how `SqliteStore` opens a state
+// directory, not about the store's behaviour, so they are not part of the suite: another backend
+// has its own format and its own tests of it.
+
+#[test]
+fn a_newer_schema_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteStore::open(dir.path()).unwrap());
+    let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
+    conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'", []).unwrap();
+    drop(conn);
+    let err = SqliteStore::open(dir.path()).err().expect("refused");
+    assert!(err.to_string().contains("schema version 99"), "{err}");
+}
+
+#[test]
+fn an_unusable_state_dir_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let err = SqliteStore::open(&file).err().expect("refused");
+    assert!(err.to_string().contains("not-a-dir"), "{err}");
+}
+
 #[test]
 fn a_version_1_database_is_upgraded_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let sweep = {
-        let mut store = Store::open(dir.path()).unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
         let sweep = submit(&mut store);
         // An attempt, so that there are events.
         let (w, inc) = register(&mut store, "w", &cpu());
@@ -398,357 +809,16 @@ fn a_version_1_database_is_upgraded_in_place() {
     )
     .unwrap();
     drop(conn);
-    let store = Store::open(dir.path()).unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
     let board = store.leaderboard(&sweep).unwrap();
     assert_eq!(board.entries.len(), 2);
     assert!(board.entries[0].best_checkpoint.is_none());
     // The events written before checksums existed got theirs, and are served.
     assert!(!store.events_after(&sweep, 0, 100).unwrap().is_empty());
     drop(store);
-    let report = sweep_coordinator::history::check_state_dir(dir.path()).unwrap();
+    let report = history::check_state_dir(dir.path()).unwrap();
     assert!(report.is_clean(), "{report}");
     let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
     let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).unwrap();
     assert_eq!(v, 7);
-}
-
-fn devices(kind: &str, n: usize) -> Vec<v1::Device> {
-    (0..n)
-        .map(|i| v1::Device {
-            id: format!("{kind}:{i}"),
-            kind: kind.into(),
-            name: format!("fake {kind} {i}"),
-            memory_bytes: 0,
-        })
-        .collect()
-}
-
-fn spec_with(gpus: u32, splits: usize) -> String {
-    let list: Vec<String> = (1..=splits).map(|i| format!("[{i}, 1]")).collect();
-    format!(
-        "name: placement\ndataset: {{ kind: synthetic }}\ngrid:\n  backbone: [resnet18]\n  lr_decay: [{{ strategy: linear }}]\n  epoch_split: [{}]\nresources: {{ gpus_per_trial: {gpus} }}\n",
-        list.join(", ")
-    )
-}
-
-fn submit_text(store: &mut Store, text: &str) -> String {
-    store.submit(text, "t", &spec::parse(text).unwrap()).unwrap().0
-}
-
-#[test]
-fn a_worker_runs_several_trials_at_once_on_disjoint_devices() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
-    let sweep = submit_text(&mut store, &spec_with(2, 3));
-    let (w, inc) = register(&mut store, "eight", &devices("cuda", 4));
-    let a = store.acquire(&w, inc).unwrap().unwrap();
-    let b = store.acquire(&w, inc).unwrap().unwrap();
-    assert_eq!(a.devices, vec!["cuda:0", "cuda:1"]);
-    assert_eq!(b.devices, vec!["cuda:2", "cuda:3"]);
-    assert!(store.acquire(&w, inc).unwrap().is_none(), "every device is busy");
-    // `sweep workers` shows which devices are busy with what.
-    let info = store.workers().unwrap().remove(0);
-    let busy: Vec<_> = info.busy.iter().map(|u| (u.device.as_str(), u.trial_id.as_str())).collect();
-    assert_eq!(busy, vec![("cuda:0", "t000"), ("cuda:1", "t000"), ("cuda:2", "t001"), ("cuda:3", "t001")]);
-    let status = store.get_sweep(&sweep).unwrap();
-    assert_eq!(status.trials[1].devices, vec!["cuda:2", "cuda:3"]);
-    // Finishing one frees its devices for the next trial.
-    store.finish_attempt(&w, a.attempt_id, v1::Outcome::Failed, v1::ErrorClass::Permanent, "x", 1.0).unwrap();
-    let c = store.acquire(&w, inc).unwrap().unwrap();
-    assert_eq!((c.trial_id.as_str(), c.devices.clone()), ("t002", vec!["cuda:0".to_string(), "cuda:1".to_string()]));
-}
-
-#[test]
-fn one_device_trials_fill_every_device() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
-    submit_text(&mut store, &spec_with(1, 10));
-    let (w, inc) = register(&mut store, "eight", &devices("cuda", 8));
-    let got: Vec<String> = (0..8).map(|_| store.acquire(&w, inc).unwrap().unwrap().devices.join(",")).collect();
-    assert_eq!(got, (0..8).map(|i| format!("cuda:{i}")).collect::<Vec<_>>());
-    assert!(store.acquire(&w, inc).unwrap().is_none());
-}
-
-#[test]
-fn a_trial_no_worker_can_hold_is_unschedulable_until_one_can() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
-    let mut store = Store::open_with_clock(dir.path(), clock.clone()).unwrap();
-    let sweep = submit_text(&mut store, &spec_with(4, 2));
-    // No worker yet: the trials wait for one; that is not infeasible.
-    assert_eq!(store.get_sweep(&sweep).unwrap().trials[0].state, "pending");
-
-    let (small, small_inc) = register(&mut store, "small", &devices("cuda", 2));
-    let status = store.get_sweep(&sweep).unwrap();
-    let t = &status.trials[0];
-    assert_eq!(t.state, "unschedulable");
-    assert!(
-        t.error.contains("needs 4 devices") && t.error.contains(&format!("{}, has 2", small.worker_id)),
-        "{}",
-        t.error
-    );
-    assert_eq!(status.sweep.unwrap().counts.unwrap().unschedulable, 2);
-    assert!(store.acquire(&small, small_inc).unwrap().is_none());
-
-    let (big, big_inc) = register(&mut store, "big", &devices("cuda", 4));
-    let t = &store.get_sweep(&sweep).unwrap().trials[0];
-    assert_eq!((t.state.as_str(), t.error.as_str()), ("pending", ""));
-    let a = store.acquire(&big, big_inc).unwrap().unwrap();
-    assert_eq!(a.devices.len(), 4);
-
-    // The big worker goes away: what is left waiting becomes unschedulable again.
-    clock.advance(Duration::from_millis(5));
-    store.heartbeat(&small, small_inc, &[]).unwrap();
-    store.expire_workers(now_before(&store, &big.worker_id)).unwrap();
-    assert_eq!(store.workers().unwrap().iter().filter(|w| w.state == "active").count(), 1);
-    let status = store.get_sweep(&sweep).unwrap();
-    assert_eq!(status.trials[1].state, "unschedulable");
-    // Its running attempt was lost; with attempts left the trial waits, unschedulable too.
-    assert_eq!(status.trials[0].state, "unschedulable");
-    // Cancelling the sweep cancels unschedulable trials.
-    let r = store.cancel_sweep(&sweep).unwrap();
-    assert_eq!(r.cancelled_pending, 2);
-}
-
-/// A deadline that expires `worker` but not the others (seen later).
-fn now_before(store: &Store, worker: &str) -> i64 {
-    let w = store.workers().unwrap().into_iter().find(|w| w.worker_id == worker).unwrap();
-    w.last_seen_ms + 1
-}
-
-#[test]
-fn bad_device_lists_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
-    let mut twice = devices("cpu", 2);
-    twice[1].id = "cpu:0".into();
-    assert!(matches!(store.register("w", &twice, "t", ""), Err(StoreError::Invalid(_))));
-    let mut comma = devices("cpu", 1);
-    comma[0].id = "cpu:0,cpu:1".into();
-    assert!(matches!(store.register("w", &comma, "t", ""), Err(StoreError::Invalid(_))));
-}
-
-fn fail(store: &mut Store, worker: &Caller, inc: u64, permanent: bool) -> v1::Assignment {
-    let a = store.acquire(worker, inc).unwrap().expect("a trial is pending");
-    let class = if permanent { v1::ErrorClass::Permanent } else { v1::ErrorClass::Retryable };
-    store.finish_attempt(worker, a.attempt_id, v1::Outcome::Failed, class, "no such file /data/x", 1.0).unwrap();
-    a
-}
-
-#[test]
-fn a_worker_failing_attempts_in_a_row_is_quarantined_and_gets_no_more_trials() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
-    store.set_quarantine_after(2).unwrap();
-    let sweep = submit_text(&mut store, &spec_with(1, 4).replace("max_attempts: 2", "max_attempts: 5"));
-    let (bad, bad_inc) = register(&mut store, "bad", &cpu());
-    let (good, good_inc) = register(&mut store, "good", &cpu());
-    // A success resets the count: fail, succeed, fail — still active. Permanent failures (a bad
-    // spec: nothing about the worker) never count, however many.
-    fail(&mut store, &bad, bad_inc, false);
-    let a = store.acquire(&bad, bad_inc).unwrap().unwrap();
-    for e in 1..=a.fe_epochs + a.ft_epochs {
-        store.report_epoch(&bad, a.attempt_id, &metrics(e, a.fe_epochs, 0.5), &extras(1)).unwrap();
-    }
-    store.finish_attempt(&bad, a.attempt_id, v1::Outcome::Succeeded, v1::ErrorClass::Unspecified, "", 1.0).unwrap();
-    fail(&mut store, &bad, bad_inc, false);
-    fail(&mut store, &bad, bad_inc, true);
-    fail(&mut store, &bad, bad_inc, true);
-    let state = |store: &Store, id: &str| {
-        store.workers().unwrap().into_iter().find(|w| w.worker_id == id).map(|w| (w.state, w.note)).unwrap()
-    };
-    assert_eq!(state(&store, &bad.worker_id).0, "active");
-    // A second failure in a row: quarantined, with the reason.
-    fail(&mut store, &bad, bad_inc, false);
-    let (s, note) = state(&store, &bad.worker_id);
-    assert_eq!(s, "quarantined");
-    assert!(note.contains("2 attempts failed in a row") && note.contains("no such file /data/x"), "{note}");
-    // It keeps its lease but gets nothing; the healthy worker takes the work.
-    assert!(store.heartbeat(&bad, bad_inc, &[]).is_ok());
-    assert!(store.acquire(&bad, bad_inc).unwrap().is_none());
-    assert!(store.acquire(&good, good_inc).unwrap().is_some());
-    assert_eq!(state(&store, &good.worker_id).0, "active");
-    // Registering again (a restarted daemon) is a new, active worker.
-    let (again, _) = register(&mut store, "bad", &cpu());
-    assert_eq!(state(&store, &again.worker_id).0, "active");
-    let _ = sweep;
-}
-
-#[test]
-fn retry_requeues_failed_trials_with_a_fresh_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
-    store.set_quarantine_after(0).unwrap();
-    let sweep = submit(&mut store);
-    let (w, inc) = register(&mut store, "w", &cpu());
-    // t000 fails for good (permanent); t001 uses up its 2 attempts.
-    fail(&mut store, &w, inc, true);
-    fail(&mut store, &w, inc, false);
-    fail(&mut store, &w, inc, false);
-    let status = store.get_sweep(&sweep).unwrap();
-    assert_eq!(status.sweep.as_ref().unwrap().state, "failed");
-    assert!(status.trials.iter().all(|t| t.state == "failed"));
-
-    // Bad requests change nothing.
-    assert!(matches!(store.retry_sweep(&sweep, &["t009".into()]), Err(StoreError::NotFound(_))));
-    assert!(matches!(store.retry_sweep("nope", &[]), Err(StoreError::NotFound(_))));
-    assert_eq!(store.retry_sweep(&sweep, &["t001".into()]).unwrap(), ["t001"]);
-    let e = store.retry_sweep(&sweep, &["t001".into()]).unwrap_err();
-    assert!(e.to_string().contains("t001") && e.to_string().contains("pending"), "{e}");
-    assert_eq!(store.retry_sweep(&sweep, &[]).unwrap(), ["t000"]);
-    let status = store.get_sweep(&sweep).unwrap();
-    let summary = status.sweep.as_ref().unwrap();
-    assert_eq!((summary.state.as_str(), summary.finished_at_ms), ("pending", 0));
-    assert!(status.trials.iter().all(|t| t.state == "pending" && t.error.is_empty()));
-    // A fresh budget: each may fail once more and still be retried, then completes.
-    fail(&mut store, &w, inc, false);
-    assert!(store.get_sweep(&sweep).unwrap().trials.iter().any(|t| t.state == "pending"));
-    complete(&mut store, &w, inc, [0.5, 0.6]);
-    complete(&mut store, &w, inc, [0.5, 0.7]);
-    let status = store.get_sweep(&sweep).unwrap();
-    assert_eq!(status.sweep.as_ref().unwrap().state, "completed");
-    assert_eq!(store.retry_sweep(&sweep, &[]).unwrap(), Vec::<String>::new());
-
-    // A cancelled sweep is not retried.
-    let other = submit(&mut store);
-    store.cancel_sweep(&other).unwrap();
-    let e = store.retry_sweep(&other, &[]).unwrap_err();
-    assert!(matches!(e, StoreError::WrongState(_)), "{e}");
-}
-
-#[test]
-fn lists_come_in_bounded_pages_and_workers_gone_for_long_are_forgotten() {
-    use prost::Message;
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
-    let mut ids = Vec::new();
-    for _ in 0..250 {
-        ids.push(submit(&mut store));
-    }
-    ids.reverse();
-    let mut seen = Vec::new();
-    let mut token = String::new();
-    let mut pages = 0;
-    loop {
-        let (page, next) = store.list_sweeps_page(100, &token).unwrap();
-        assert!(page.len() <= 100);
-        seen.extend(page.into_iter().map(|s| s.id));
-        pages += 1;
-        if next.is_empty() {
-            break;
-        }
-        token = next;
-    }
-    assert_eq!((pages, &seen), (3, &ids), "every sweep once, newest first");
-    for bad in ["x", "s-1", "w5", "s1; DROP TABLE sweeps"] {
-        assert!(matches!(store.list_sweeps_page(10, bad), Err(StoreError::Invalid(_))), "{bad}");
-    }
-
-    // Workers with a thousand devices of long names: a page stays near 2 MiB, whatever was asked.
-    let big: Vec<v1::Device> = (0..1024)
-        .map(|i| v1::Device { id: format!("cuda:{i}"), kind: "cuda".into(), name: "n".repeat(200), memory_bytes: 1 })
-        .collect();
-    let mut workers = Vec::new();
-    for i in 0..30 {
-        workers.push(register(&mut store, &format!("big-{i}"), &big).0);
-    }
-    let mut listed = Vec::new();
-    let mut token = String::new();
-    loop {
-        let (page, next) = store.workers_page(1000, &token).unwrap();
-        let bytes: usize = page.iter().map(|w| w.encoded_len()).sum();
-        assert!(!page.is_empty() && bytes < 3 << 20, "a page of {} workers is {bytes} bytes", page.len());
-        listed.extend(page.into_iter().map(|w| w.worker_id));
-        if next.is_empty() {
-            break;
-        }
-        token = next;
-    }
-    assert_eq!(listed.len(), 30);
-    // Gone workers are forgotten after a while; active ones are kept.
-    store.expire_workers(i64::MAX).unwrap();
-    let (running, inc) = register(&mut store, "busy", &cpu());
-    store.acquire(&running, inc).unwrap().unwrap();
-    assert_eq!(store.forget_workers(0).unwrap(), 0, "not gone for long yet");
-    assert_eq!(store.forget_workers(i64::MAX).unwrap(), 30);
-    let left: Vec<String> = store.workers().unwrap().into_iter().map(|w| w.worker_id).collect();
-    assert_eq!(left, vec![running.worker_id.clone()]);
-    // Its attempts keep its id.
-    let sweep = store.list_sweeps().unwrap().pop().unwrap().id;
-    let _ = store.trial(&sweep, "t000").unwrap();
-}
-
-#[test]
-fn a_trial_whose_every_epoch_is_stored_completes_whatever_ends_its_attempt() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
-    let mut store = Store::open_with_clock(dir.path(), clock.clone()).unwrap();
-    let sweep = submit(&mut store);
-    let (w, inc) = register(&mut store, "w", &cpu());
-    // t000: both epochs reported, then the sweep is cancelled before the worker says it
-    // succeeded; the stop comes back with its last report and it finishes as cancelled.
-    let a = store.acquire(&w, inc).unwrap().unwrap();
-    store.report_epoch(&w, a.attempt_id, &metrics(1, 1, 0.5), &extras(1)).unwrap();
-    // t001 runs on a second worker, which will be lost after its last report.
-    let (w2, inc2) = register(&mut store, "w2", &cpu());
-    let b = store.acquire(&w2, inc2).unwrap().unwrap();
-    store.report_epoch(&w2, b.attempt_id, &metrics(1, 1, 0.4), &extras(1)).unwrap();
-    store.report_epoch(&w2, b.attempt_id, &metrics(2, 1, 0.7), &extras(1)).unwrap();
-    store.cancel_sweep(&sweep).unwrap();
-    assert!(store.report_epoch(&w, a.attempt_id, &metrics(2, 1, 0.6), &extras(1)).unwrap(), "says: stop");
-    store
-        .finish_attempt(&w, a.attempt_id, v1::Outcome::Cancelled, v1::ErrorClass::Unspecified, "stopped", 1.0)
-        .unwrap();
-    clock.advance(Duration::from_millis(5));
-    store.heartbeat(&w, inc, &[]).unwrap();
-    store.expire_workers(now_before(&store, &w2.worker_id)).unwrap();
-    let status = store.get_sweep(&sweep).unwrap();
-    let states: Vec<&str> = status.trials.iter().map(|t| t.state.as_str()).collect();
-    assert_eq!(states, ["completed", "completed"], "a finished result is kept");
-    let board = store.leaderboard(&sweep).unwrap();
-    assert!(board.entries.iter().all(|e| e.best_val_accuracy.is_some()));
-    let d = store.trial(&sweep, "t000").unwrap();
-    assert_eq!(d.attempts[0].state, "succeeded");
-    assert!(d.attempts[0].error.contains("cancelled after every epoch was reported"), "{}", d.attempts[0].error);
-    assert!(store.trial(&sweep, "t001").unwrap().attempts[0].error.contains("lost after every epoch"));
-    // A trial stopped before its last epoch is still cancelled.
-    let other = submit(&mut store);
-    let c = store.acquire(&w, inc).unwrap().unwrap();
-    store.report_epoch(&w, c.attempt_id, &metrics(1, 1, 0.5), &extras(1)).unwrap();
-    store.cancel_sweep(&other).unwrap();
-    store
-        .finish_attempt(&w, c.attempt_id, v1::Outcome::Cancelled, v1::ErrorClass::Unspecified, "stopped", 1.0)
-        .unwrap();
-    assert!(store.get_sweep(&other).unwrap().trials.iter().all(|t| t.state == "cancelled"));
-    drop(store);
-    let report = sweep_coordinator::history::check_state_dir(dir.path()).unwrap();
-    assert!(report.is_clean(), "{report}");
-}
-
-#[test]
-fn permanent_failures_count_toward_quarantine_only_where_other_workers_ran_the_sweep() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
-    store.set_quarantine_after(2).unwrap();
-    let state =
-        |store: &Store, id: &str| store.workers().unwrap().into_iter().find(|w| w.worker_id == id).unwrap().state;
-    // A spec nobody can run (a typo in its dataset root): its permanent failures never count.
-    let typo = submit_text(&mut store, &spec_with(1, 3));
-    let (a, a_inc) = register(&mut store, "a", &cpu());
-    for _ in 0..3 {
-        fail(&mut store, &a, a_inc, true);
-    }
-    assert_eq!(store.get_sweep(&typo).unwrap().sweep.unwrap().state, "failed");
-    assert_eq!(state(&store, &a.worker_id), "active");
-    // A sweep that another worker runs fine: failing it permanently on this one (its node lacks
-    // the dataset's mount) is this worker's problem, and it counts.
-    let good = submit_text(&mut store, &spec_with(1, 4));
-    let (b, b_inc) = register(&mut store, "b", &cpu());
-    let ran = store.acquire(&b, b_inc).unwrap().unwrap();
-    store.report_epoch(&b, ran.attempt_id, &metrics(1, ran.fe_epochs, 0.5), &extras(1)).unwrap();
-    fail(&mut store, &a, a_inc, true);
-    assert_eq!(state(&store, &a.worker_id), "active");
-    fail(&mut store, &a, a_inc, true);
-    assert_eq!(state(&store, &a.worker_id), "quarantined");
-    let _ = good;
 }

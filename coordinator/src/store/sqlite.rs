@@ -1,69 +1,58 @@
-//! The coordinator's durable store: one SQLite database (`<state dir>/sweep.db`) in WAL mode
+//! The SQLite implementation of [`Store`]: one database (`<state dir>/sweep.db`) in WAL mode
 //! with `synchronous=FULL`.
-//!
-//! **Invariant:** every method that changes state runs in one transaction and returns only after
-//! it has committed, so a reply sent to a client or worker is never ahead of what is on disk.
-//! Killing the process at any moment loses nothing that was acknowledged.
 //!
 //! Each method's transaction is a savepoint, so calls can also run inside a batch
 //! ([`Store::begin_batch`] … [`Store::commit_batch`]): a failing call rolls back its own
-//! changes only, and the batch commits (one sync) before any of its callers is answered. The
-//! server batches the calls that arrive together this way (group commit).
+//! changes only, and the batch commits (one sync) before any of its callers is answered.
 //!
 //! Tables: `sweeps`, `trials` (one row per grid cell), `attempts` (one row per try of a trial on
 //! a worker), `metrics` (one row per trial and epoch: a later attempt's report supersedes an
 //! earlier one, never duplicates it), `workers`, and `events` (the ordered change log behind
-//! `WatchSweep`). Read models are returned as `sweep.v1` messages.
+//! `WatchSweep`). Structured values (a worker's devices, a strategy, a checkpoint reference, an
+//! event) are stored as blobs in the `sweep.v1` protobuf encoding of the records — this
+//! backend's file format (schema versions 1 to 7), converted at this module's edge; the
+//! records themselves are `sweep-core`'s.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{
+    Caller, CheckpointKind, DEFAULT_QUARANTINE_AFTER, MAX_PAGE, MAX_PAGE_BYTES, Page, Registration, ReportExtras,
+    Result, StateReader, Store, StoreError, StoredMetrics, check_checkpoint_ref,
+};
 use crate::clock::{Clock, SystemClock};
+use crate::history;
 use prost::Message;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use sweep_core::Backbone;
 use sweep_core::grid;
 use sweep_core::leaderboard::{self, EpochMetrics, Phase};
 use sweep_core::lr::LrDecay;
+use sweep_core::records::{
+    Assignment, AttemptInfo, Cancelled, CheckpointRef, Device, DeviceUse, EpochRecord, Event, Leaderboard,
+    LeaderboardEntry, Outcome, ReportReply, StopReason, SweepEvent, SweepStatus, SweepSummary, TrialCounts,
+    TrialDetail, TrialSummary, WorkerInfo,
+};
 use sweep_core::schedule;
 use sweep_core::spec::SweepSpec;
-use sweep_core::state::{AttemptState, SweepState, TrialState};
+use sweep_core::state::{AttemptState, TrialState, WorkerState};
 use sweep_proto::v1;
 
-/// Errors of the store; `crate::error` maps them to gRPC status codes.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// No such sweep, trial, attempt or worker.
-    #[error("{0}")]
-    NotFound(String),
-    /// It exists, but its state does not allow this: a stale (fenced) attempt, an unknown
-    /// worker incarnation, a retry of a trial that did not fail.
-    #[error("{0}")]
-    WrongState(String),
-    /// A value that can never be right: a bad device list, a report past the trial's end, a
-    /// checkpoint reference that is not the trial's own.
-    #[error("{0}")]
-    Invalid(String),
-    /// The caller is not who may do this (another worker's session, attempt or identity).
-    #[error("{0}")]
-    NotYours(String),
-    #[error("state database {path}: {source}")]
-    Open { path: PathBuf, source: rusqlite::Error },
-    #[error("state database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("state database holds data this version cannot read: {0}")]
-    Corrupt(String),
-    /// The state directory is damaged, not a sweep state directory, or in use: nothing was
-    /// opened or changed.
-    #[error("{0}")]
-    Damaged(String),
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError::Backend { what: "state database".into(), source: Box::new(e) }
+    }
 }
 
-pub type Result<T> = std::result::Result<T, StoreError>;
+/// A database error while opening `path`.
+fn open_error(path: &Path, e: rusqlite::Error) -> StoreError {
+    StoreError::Backend { what: format!("state database {}", path.display()), source: Box::new(e) }
+}
 
-/// Milliseconds since the Unix epoch.
-/// The system clock's time (for what is not the store's: lock files, backup names).
+/// Milliseconds since the Unix epoch on the system clock (for what is not the store's: lock
+/// files, backup names).
 pub fn now_ms() -> i64 {
     SystemClock.now_ms()
 }
@@ -201,18 +190,8 @@ const QUERY_INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS trials_by_state_sweep ON trials(state, sweep_id, idx);
 ";
 
-/// Worker states as stored and shown.
-pub const WORKER_ACTIVE: &str = "active";
-pub const WORKER_GONE: &str = "gone";
-/// A worker whose attempts kept failing: it keeps its lease (heartbeats) but gets no trials
-/// until it registers again (a restarted daemon is a new worker).
-pub const WORKER_QUARANTINED: &str = "quarantined";
-
-/// Failed attempts in a row after which a worker is quarantined, by default.
-pub const DEFAULT_QUARANTINE_AFTER: u32 = 3;
-
-/// The store. Not `Sync`: the server keeps it behind a mutex and calls it off the async runtime.
-pub struct Store {
+/// The SQLite store. Not `Sync`: the server keeps it on one thread.
+pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
     /// The state directory's lock, held while the store is open.
@@ -221,44 +200,7 @@ pub struct Store {
     clock: Arc<dyn Clock>,
 }
 
-/// What `acquire` hands to a worker.
-pub type Assignment = v1::Assignment;
-
-/// Who makes a worker call: the worker it names, the session secret its registration was
-/// given, and who it authenticated as.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Caller {
-    pub worker_id: String,
-    pub session: String,
-    /// The identity the transport proved: `token:<SHA-256 of the token>` for a bearer token,
-    /// `cert:<SHA-256 of the certificate>` for a client certificate, both joined by `+`; empty when the
-    /// coordinator checks neither.
-    pub owner: String,
-}
-
-/// What [`Store::register`] gives a new worker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Registration {
-    pub worker_id: String,
-    pub incarnation: u64,
-    /// The secret of this registration (64 hex digits); only its hash is stored.
-    pub session: String,
-}
-
-/// What a report carries besides the metrics.
-#[derive(Debug, Clone, Default)]
-pub struct ReportExtras {
-    pub parameters: u64,
-    pub last_checkpoint: Option<v1::CheckpointRef>,
-    pub best_checkpoint: Option<v1::CheckpointRef>,
-    pub skipped_images: u32,
-    pub resume_checkpoint: Option<v1::CheckpointRef>,
-    /// First report of an attempt: how it started.
-    pub resumed_from_epoch: u32,
-    pub note: String,
-}
-
-impl Store {
+impl SqliteStore {
     /// Opens `<dir>/sweep.db`, creating the directory and a new database when the directory
     /// holds neither a database nor a write-ahead log. Holds `<dir>/sweep.lock` for the life of
     /// the store: a second coordinator on the same directory is refused.
@@ -266,17 +208,17 @@ impl Store {
     /// A state directory that is damaged is refused before anything in it is written: a
     /// `sweep.db` of 0 bytes, one that is not an SQLite database or not a sweep state database,
     /// a `sweep.db-wal` (or `-journal`) without its `sweep.db`. The error names the file.
-    pub fn open(dir: &Path) -> Result<Store> {
-        Store::open_with_clock(dir, Arc::new(SystemClock))
+    pub fn open(dir: &Path) -> Result<SqliteStore> {
+        SqliteStore::open_with_clock(dir, Arc::new(SystemClock))
     }
 
     /// [`Store::open`] with the time read from `clock` (tests move it by hand).
-    pub fn open_with_clock(dir: &Path, clock: Arc<dyn Clock>) -> Result<Store> {
+    pub fn open_with_clock(dir: &Path, clock: Arc<dyn Clock>) -> Result<SqliteStore> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Damaged(format!("cannot create {}: {e}", dir.display())))?;
         let lock = StateLock::acquire(dir)?;
         let path = dir.join(DB_FILE);
-        let open_err = |source| StoreError::Open { path: path.clone(), source };
+        let open_err = |e| open_error(&path, e);
         if inspect(&path)? == Found::Nothing {
             create(&path)?;
         }
@@ -349,16 +291,18 @@ impl Store {
         // re-prepares a statement whenever a rebound parameter might change its plan.
         conn.set_prepared_statement_cache_capacity(64);
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(open_err)?;
-        Ok(Store { conn, path, _lock: lock, clock })
+        Ok(SqliteStore { conn, path, _lock: lock, clock })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
 
+impl Store for SqliteStore {
     /// Moves everything in the write-ahead log into `sweep.db` and empties the log, so that the
     /// database file alone holds the whole state (a clean shutdown does this last).
-    pub fn checkpoint(&mut self) -> Result<()> {
+    fn checkpoint(&mut self) -> Result<()> {
         let (busy, _, _): (i64, i64, i64) =
             self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         if busy != 0 {
@@ -372,13 +316,13 @@ impl Store {
 
     /// Starts a batch: the calls until [`Store::commit_batch`] nest their transactions in one
     /// transaction, and nothing is committed before it.
-    pub fn begin_batch(&mut self) -> Result<()> {
+    fn begin_batch(&mut self) -> Result<()> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         Ok(())
     }
 
     /// Commits a batch (one sync for all its calls); on failure rolls all of it back.
-    pub fn commit_batch(&mut self) -> Result<()> {
+    fn commit_batch(&mut self) -> Result<()> {
         self.conn.execute_batch("COMMIT").map_err(|e| {
             let _ = self.conn.execute_batch("ROLLBACK");
             StoreError::from(e)
@@ -390,7 +334,7 @@ impl Store {
     // -----------------------------------------------------------------------------------------
 
     /// Stores a validated sweep and queues its trials.
-    pub fn submit(&mut self, spec_yaml: &str, source: &str, spec: &SweepSpec) -> Result<(String, u32)> {
+    fn submit(&mut self, spec_yaml: &str, source: &str, spec: &SweepSpec) -> Result<(String, u32)> {
         let trials = grid::expand(&spec.grid);
         let now = self.clock.now_ms();
         let tx = self.conn.savepoint()?;
@@ -437,7 +381,7 @@ impl Store {
     /// One page of sweeps, newest first: at most `page_size` (1 to [`MAX_PAGE`]) of those
     /// older than the page `token` names (empty: from the newest); returns them and the token
     /// of the next page (empty after the last).
-    pub fn list_sweeps_page(&self, page_size: usize, token: &str) -> Result<(Vec<v1::SweepSummary>, String)> {
+    fn list_sweeps_page(&self, page_size: usize, token: &str) -> Result<Page<SweepSummary>> {
         let before = parse_page_token(token, 's')?.unwrap_or(i64::MAX);
         let size = page_size.clamp(1, MAX_PAGE);
         let rows: Vec<(String, i64)> = {
@@ -448,59 +392,53 @@ impl Store {
         let more = rows.len() > size;
         let rows = &rows[..rows.len().min(size)];
         let next = if more { rows.last().map(|(_, seq)| format!("s{seq}")).unwrap_or_default() } else { String::new() };
-        let sweeps = rows.iter().map(|(id, _)| sweep_summary(&self.conn, id)).collect::<Result<_>>()?;
-        Ok((sweeps, next))
+        let items = rows.iter().map(|(id, _)| sweep_summary(&self.conn, id)).collect::<Result<_>>()?;
+        Ok(Page { items, next })
     }
 
-    pub fn list_sweeps(&self) -> Result<Vec<v1::SweepSummary>> {
-        let ids: Vec<String> = {
-            let mut q = self.conn.prepare("SELECT id FROM sweeps ORDER BY seq DESC")?;
-            q.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
-        };
-        ids.iter().map(|id| sweep_summary(&self.conn, id)).collect()
-    }
-
-    pub fn get_sweep(&self, sweep_id: &str) -> Result<v1::SweepStatus> {
+    fn get_sweep(&self, sweep_id: &str) -> Result<SweepStatus> {
         let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
         let sweep = sweep_summary(&self.conn, sweep_id)?;
         let spec_yaml: String =
             self.conn.query_row("SELECT spec_yaml FROM sweeps WHERE id = ?1", [sweep_id], |r| r.get(0))?;
         let trials = trial_summaries(&self.conn, sweep_id, None)?;
-        Ok(v1::SweepStatus { sweep: Some(sweep), trials, spec_yaml })
+        Ok(SweepStatus { sweep, trials, spec_yaml })
     }
 
     /// Cancels pending trials now; running attempts are told to stop through their next
     /// heartbeat or report, and their trials end as cancelled when they do.
-    pub fn cancel_sweep(&mut self, sweep_id: &str) -> Result<v1::CancelSweepResponse> {
+    fn cancel_sweep(&mut self, sweep_id: &str) -> Result<Cancelled> {
         let tx = self.conn.savepoint()?;
         let sweep_id = &resolve_sweep(&tx, sweep_id)?;
         tx.execute("UPDATE sweeps SET cancelled = 1 WHERE id = ?1", [sweep_id])?;
         let pending: Vec<i64> = {
-            let mut q = tx.prepare(
-                "SELECT idx FROM trials WHERE sweep_id = ?1 AND state IN ('pending', 'unschedulable') ORDER BY idx",
-            )?;
-            q.query_map([sweep_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+            let mut q = tx.prepare("SELECT idx FROM trials WHERE sweep_id = ?1 AND state IN (?2, ?3) ORDER BY idx")?;
+            q.query_map(params![sweep_id, TrialState::Pending.as_str(), TrialState::Unschedulable.as_str()], |r| {
+                r.get(0)
+            })?
+            .collect::<rusqlite::Result<_>>()?
         };
         let now = self.clock.now_ms();
         for idx in &pending {
             tx.execute(
-                "UPDATE trials SET state = 'cancelled', error = 'sweep cancelled', finished_at_ms = ?3
+                "UPDATE trials SET state = ?4, error = 'sweep cancelled', finished_at_ms = ?3
                  WHERE sweep_id = ?1 AND idx = ?2",
-                params![sweep_id, idx, now],
+                params![sweep_id, idx, now, TrialState::Cancelled.as_str()],
             )?;
             trial_event(&tx, sweep_id, *idx, None, now)?;
         }
-        let running: i64 =
-            tx.query_row("SELECT COUNT(*) FROM trials WHERE sweep_id = ?1 AND state = 'running'", [sweep_id], |r| {
-                r.get(0)
-            })?;
+        let running: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM trials WHERE sweep_id = ?1 AND state = ?2",
+            params![sweep_id, TrialState::Running.as_str()],
+            |r| r.get(0),
+        )?;
         finish_sweep_if_done(&tx, sweep_id, now)?;
         tx.commit()?;
-        Ok(v1::CancelSweepResponse { cancelled_pending: pending.len() as u32, stopping_running: running as u32 })
+        Ok(Cancelled { pending: pending.len() as u32, stopping: running as u32 })
     }
 
     /// Failed attempts in a row after which a worker is quarantined (0: never).
-    pub fn set_quarantine_after(&mut self, n: u32) -> Result<()> {
+    fn set_quarantine_after(&mut self, n: u32) -> Result<()> {
         self.conn.execute(
             "INSERT INTO meta(key, value) VALUES ('quarantine_after', ?1)
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -512,7 +450,7 @@ impl Store {
     /// Re-queues the failed trials of a sweep (all, or those of `trial_ids`) with a fresh
     /// attempt budget; their metrics and resume points stay, so they continue where they
     /// stopped. Returns the trial ids re-queued.
-    pub fn retry_sweep(&mut self, sweep_id: &str, trial_ids: &[String]) -> Result<Vec<String>> {
+    fn retry_sweep(&mut self, sweep_id: &str, trial_ids: &[String]) -> Result<Vec<String>> {
         let now = self.clock.now_ms();
         let tx = self.conn.savepoint()?;
         let sweep_id = &resolve_sweep(&tx, sweep_id)?;
@@ -525,8 +463,9 @@ impl Store {
         }
         let failed: Vec<(i64, String)> = {
             let mut q =
-                tx.prepare("SELECT idx, trial_id FROM trials WHERE sweep_id = ?1 AND state = 'failed' ORDER BY idx")?;
-            q.query_map([sweep_id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?
+                tx.prepare("SELECT idx, trial_id FROM trials WHERE sweep_id = ?1 AND state = ?2 ORDER BY idx")?;
+            q.query_map(params![sweep_id, TrialState::Failed.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?
         };
         for id in trial_ids {
             let state: Option<String> = tx
@@ -550,9 +489,9 @@ impl Store {
             failed.into_iter().filter(|(_, id)| trial_ids.is_empty() || trial_ids.contains(id)).collect();
         for (idx, _) in &chosen {
             tx.execute(
-                "UPDATE trials SET state = 'pending', error = '', finished_at_ms = NULL, retry_base = attempts
+                "UPDATE trials SET state = ?3, error = '', finished_at_ms = NULL, retry_base = attempts
                  WHERE sweep_id = ?1 AND idx = ?2",
-                params![sweep_id, idx],
+                params![sweep_id, idx, TrialState::Pending.as_str()],
             )?;
             trial_event_noted(&tx, sweep_id, *idx, None, "re-queued by `sweep retry`", now)?;
         }
@@ -565,7 +504,7 @@ impl Store {
         Ok(chosen.into_iter().map(|(_, id)| id).collect())
     }
 
-    pub fn leaderboard(&self, sweep_id: &str) -> Result<v1::Leaderboard> {
+    fn leaderboard(&self, sweep_id: &str) -> Result<Leaderboard> {
         let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
         let sweep = sweep_summary(&self.conn, sweep_id)?;
         let trials = trial_summaries(&self.conn, sweep_id, None)?;
@@ -575,7 +514,7 @@ impl Store {
             q.query_map([sweep_id], |r| Ok((r.get::<_, i64>(0)? as u32, trial_extras(r, 1)?)))?
                 .collect::<rusqlite::Result<_>>()?
         };
-        let mut rows: Vec<(leaderboard::Score, v1::TrialSummary)> = trials
+        let mut rows: Vec<(leaderboard::Score, TrialSummary)> = trials
             .into_iter()
             .map(|t| {
                 let m = metrics.get(&t.index).map(Vec::as_slice).unwrap_or(&[]);
@@ -583,27 +522,21 @@ impl Store {
             })
             .collect();
         rows.sort_by(|a, b| leaderboard::compare(&a.0, a.1.index as usize, &b.0, b.1.index as usize));
+        let now = self.clock.now_ms();
         let entries = rows
             .into_iter()
             .enumerate()
-            .map(|(i, (score, t))| {
-                let x = extra.remove(&t.index).unwrap_or_default();
+            .map(|(i, (score, trial))| {
+                let x = extra.remove(&trial.index).unwrap_or_default();
                 let mut wall_seconds = x.wall_seconds;
-                if t.state == TrialState::Running.as_str() {
+                if trial.state == TrialState::Running {
                     // Still running: wall-clock so far.
-                    wall_seconds = (self.clock.now_ms() - t.started_at_ms).max(0) as f64 / 1000.0;
+                    wall_seconds = (now - trial.started_at_ms.unwrap_or(now)).max(0) as f64 / 1000.0;
                 }
-                v1::LeaderboardEntry {
+                LeaderboardEntry {
                     rank: i as u32 + 1,
-                    trial_id: t.trial_id,
-                    backbone: t.backbone,
-                    lr_decay: t.lr_decay,
-                    fe_epochs: t.fe_epochs,
-                    ft_epochs: t.ft_epochs,
-                    state: t.state,
-                    fe_val_accuracy: score.fe_val_accuracy,
-                    best_val_accuracy: score.best_val_accuracy,
-                    best_epoch: score.best_epoch,
+                    trial,
+                    score,
                     parameters: x.parameters,
                     wall_seconds,
                     best_checkpoint: x.best_checkpoint,
@@ -612,10 +545,10 @@ impl Store {
                 }
             })
             .collect();
-        Ok(v1::Leaderboard { sweep_id: sweep.id, sweep_state: sweep.state, entries })
+        Ok(Leaderboard { sweep_id: sweep.id, sweep_state: sweep.state, entries })
     }
 
-    pub fn trial(&self, sweep_id: &str, trial_id: &str) -> Result<v1::TrialDetail> {
+    fn trial(&self, sweep_id: &str, trial_id: &str) -> Result<TrialDetail> {
         let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
         let idx = grid::trial_index(trial_id)
             .ok_or_else(|| StoreError::Invalid(format!("`{trial_id}` is not a trial id (they look like t003)")))?;
@@ -630,37 +563,44 @@ impl Store {
         let metrics = metrics_of(&self.conn, sweep_id, Some(idx as i64))?
             .remove(&trial.index)
             .unwrap_or_default()
-            .iter()
-            .map(|m| v1::EpochMetrics {
-                attempt_id: by_epoch.get(&m.epoch).copied().unwrap_or(0),
-                ..v1::EpochMetrics::from(m)
-            })
+            .into_iter()
+            .map(|m| EpochRecord { attempt_id: by_epoch.get(&m.epoch).copied().unwrap_or(0), metrics: m })
             .collect();
         let mut q = self.conn.prepare(
-            "SELECT id, worker_id, state, started_at_ms, COALESCE(ended_at_ms, 0), error, note, resumed_from_epoch
+            "SELECT id, worker_id, state, started_at_ms, ended_at_ms, error, note, resumed_from_epoch
              FROM attempts WHERE sweep_id = ?1 AND idx = ?2 ORDER BY id",
         )?;
-        let attempts = q
+        let rows: Vec<(AttemptInfo, String)> = q
             .query_map(params![sweep_id, idx as i64], |r| {
-                Ok(v1::AttemptInfo {
+                let info = AttemptInfo {
                     attempt_id: r.get::<_, i64>(0)? as u64,
                     worker_id: r.get(1)?,
-                    state: r.get(2)?,
+                    state: AttemptState::Running,
                     started_at_ms: r.get(3)?,
                     ended_at_ms: r.get(4)?,
                     error: r.get(5)?,
                     note: r.get(6)?,
                     resumed_from_epoch: r.get(7)?,
-                })
+                };
+                Ok((info, r.get(2)?))
             })?
             .collect::<rusqlite::Result<_>>()?;
+        let attempts = rows
+            .into_iter()
+            .map(|(mut a, state)| {
+                a.state = AttemptState::parse(&state).ok_or_else(|| {
+                    StoreError::Corrupt(format!("attempt {} of {sweep_id}/{trial_id}: state `{state}`", a.attempt_id))
+                })?;
+                Ok(a)
+            })
+            .collect::<Result<_>>()?;
         let x = self.conn.query_row(
             &format!("SELECT {TRIAL_EXTRAS} FROM trials WHERE sweep_id = ?1 AND idx = ?2"),
             params![sweep_id, idx as i64],
             |r| trial_extras(r, 0),
         )?;
-        Ok(v1::TrialDetail {
-            trial: Some(trial),
+        Ok(TrialDetail {
+            trial,
             metrics,
             attempts,
             parameters: x.parameters,
@@ -677,7 +617,7 @@ impl Store {
     /// Registers a worker: a new id, a new incarnation (larger than any given before) and a new
     /// session secret, which every later call in the worker's name must carry (only its SHA-256
     /// is stored). `owner` is who registered it (see [`Caller::owner`]).
-    pub fn register(&mut self, name: &str, devices: &[v1::Device], version: &str, owner: &str) -> Result<Registration> {
+    fn register(&mut self, name: &str, devices: &[Device], version: &str, owner: &str) -> Result<Registration> {
         if devices.is_empty() {
             return Err(StoreError::Invalid("a worker must register at least one device".into()));
         }
@@ -703,12 +643,22 @@ impl Store {
         let id = format!("w{incarnation}");
         let now = self.clock.now_ms();
         let session = new_session_secret()?;
-        let devices = v1::DeviceList { devices: devices.to_vec() }.encode_to_vec();
+        let devices = encode_devices(devices);
         tx.execute(
             "INSERT INTO workers(id, name, incarnation, devices, version, state, registered_at_ms, last_seen_ms,
                                  session_hash, owner)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)",
-            params![id, name, incarnation, devices, version, WORKER_ACTIVE, now, session_hash(&session), owner],
+            params![
+                id,
+                name,
+                incarnation,
+                devices,
+                version,
+                WorkerState::Active.as_str(),
+                now,
+                session_hash(&session),
+                owner
+            ],
         )?;
         reconcile_schedulability(&tx, now)?;
         tx.commit()?;
@@ -716,7 +666,7 @@ impl Store {
     }
 
     /// Records a heartbeat; returns the attempts (among `running`) the worker must stop.
-    pub fn heartbeat(&mut self, caller: &Caller, incarnation: u64, running: &[u64]) -> Result<Vec<u64>> {
+    fn heartbeat(&mut self, caller: &Caller, incarnation: u64, running: &[u64]) -> Result<Vec<u64>> {
         let worker_id = caller.worker_id.as_str();
         let tx = self.conn.savepoint()?;
         check_worker(&tx, caller, incarnation)?;
@@ -732,23 +682,7 @@ impl Store {
         Ok(stop)
     }
 
-    /// Every worker, in the order they registered (every page).
-    pub fn workers(&self) -> Result<Vec<v1::WorkerInfo>> {
-        let mut all = Vec::new();
-        let mut token = String::new();
-        loop {
-            let (page, next) = self.workers_page(usize::MAX, &token)?;
-            all.extend(page);
-            if next.is_empty() {
-                return Ok(all);
-            }
-            token = next;
-        }
-    }
-
-    /// One page of workers in the order they registered: at most `page_size` after the page
-    /// `token` names (empty: from the first); returns them and the next page's token.
-    pub fn workers_page(&self, page_size: usize, token: &str) -> Result<(Vec<v1::WorkerInfo>, String)> {
+    fn workers_page(&self, page_size: usize, token: &str) -> Result<Page<WorkerInfo>> {
         let after = parse_page_token(token, 'w')?.unwrap_or(0);
         let size = page_size.max(1);
         let mut q = self.conn.prepare(
@@ -756,31 +690,23 @@ impl Store {
              WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
         )?;
         let mut last_row = 0i64;
-        // Devices stay encoded until the rows are read, so a decode error can be a StoreError.
-        let rows: Vec<(v1::WorkerInfo, Vec<u8>, i64)> = q
+        type Row = (String, String, i64, Vec<u8>, String, i64, i64, String, i64);
+        // Blobs and states stay raw until the rows are read, so a bad one can be a StoreError.
+        let rows: Vec<Row> = q
             .query_map(params![after, size.saturating_add(1).min(i64::MAX as usize) as i64], |r| {
-                let info = v1::WorkerInfo {
-                    worker_id: r.get(0)?,
-                    name: r.get(1)?,
-                    incarnation: r.get::<_, i64>(2)? as u64,
-                    state: r.get(4)?,
-                    registered_at_ms: r.get(5)?,
-                    last_seen_ms: r.get(6)?,
-                    note: r.get(7)?,
-                    ..Default::default()
-                };
-                Ok((info, r.get(3)?, r.get(8)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
             })?
             .collect::<rusqlite::Result<_>>()?;
-        let more = rows.len() > size;
+        let mut more = rows.len() > size;
         let mut running = self.conn.prepare(
             "SELECT a.sweep_id, t.trial_id, a.id, a.devices FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx
-             WHERE a.worker_id = ?1 AND a.state = 'running' ORDER BY a.id",
+             WHERE a.worker_id = ?1 AND a.state = ?2 ORDER BY a.id",
         )?;
-        let mut out = Vec::new();
+        let mut items = Vec::new();
         let mut bytes = 0usize;
-        let mut more = more;
-        for (i, (mut info, devices, row)) in rows.into_iter().take(size).enumerate() {
+        for (i, (worker_id, name, incarnation, devices, state, registered_at_ms, last_seen_ms, note, row)) in
+            rows.into_iter().take(size).enumerate()
+        {
             // A page also ends before it grows past MAX_PAGE_BYTES (a worker may announce a
             // thousand devices); it always holds at least one worker.
             if i > 0 && bytes + devices.len() + 1024 > MAX_PAGE_BYTES {
@@ -789,36 +715,50 @@ impl Store {
             }
             bytes += devices.len() + 1024;
             last_row = row;
-            info.devices = v1::DeviceList::decode(devices.as_slice())
-                .map_err(|e| StoreError::Corrupt(format!("devices of worker {}: {e}", info.worker_id)))?
-                .devices;
+            let devices = decode_devices(&devices, &worker_id)?;
+            let state = WorkerState::parse(&state)
+                .ok_or_else(|| StoreError::Corrupt(format!("worker {worker_id}: state `{state}`")))?;
+            let mut info = WorkerInfo {
+                worker_id,
+                name,
+                incarnation: incarnation as u64,
+                devices,
+                state,
+                registered_at_ms,
+                last_seen_ms,
+                running: Vec::new(),
+                busy: Vec::new(),
+                note,
+            };
             let attempts: Vec<(String, String, i64, String)> = running
-                .query_map([&info.worker_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .query_map(params![info.worker_id, AttemptState::Running.as_str()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
                 .collect::<rusqlite::Result<_>>()?;
             for (sweep_id, trial_id, attempt, devices) in attempts {
-                info.running.push(format!("{sweep_id}/{trial_id}"));
                 for device in devices.split(',').filter(|d| !d.is_empty()) {
-                    info.busy.push(v1::DeviceUse {
+                    info.busy.push(DeviceUse {
                         device: device.to_string(),
                         sweep_id: sweep_id.clone(),
                         trial_id: trial_id.clone(),
                         attempt_id: attempt as u64,
                     });
                 }
+                info.running.push((sweep_id, trial_id));
             }
-            out.push(info);
+            items.push(info);
         }
-        Ok((out, if more { format!("w{last_row}") } else { String::new() }))
+        Ok(Page { items, next: if more { format!("w{last_row}") } else { String::new() } })
     }
 
     /// Forgets workers that have been gone since before `deadline_ms` and hold no running
     /// attempt: their rows go (attempts keep the worker's id). Returns how many.
-    pub fn forget_workers(&mut self, deadline_ms: i64) -> Result<usize> {
+    fn forget_workers(&mut self, deadline_ms: i64) -> Result<usize> {
         let tx = self.conn.savepoint()?;
         let n = tx.execute(
             "DELETE FROM workers WHERE state = ?1 AND last_seen_ms < ?2
-             AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.worker_id = workers.id AND a.state = 'running')",
-            params![WORKER_GONE, deadline_ms],
+             AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.worker_id = workers.id AND a.state = ?3)",
+            params![WorkerState::Gone.as_str(), deadline_ms, AttemptState::Running.as_str()],
         )?;
         tx.commit()?;
         Ok(n)
@@ -827,19 +767,22 @@ impl Store {
     /// Ends the lease of every active worker not seen since `deadline_ms`: the worker is marked
     /// gone and its running attempts lost; their trials go back to the queue (or fail when out
     /// of attempts). Returns the ids of the workers expired.
-    pub fn expire_workers(&mut self, deadline_ms: i64) -> Result<Vec<String>> {
+    fn expire_workers(&mut self, deadline_ms: i64) -> Result<Vec<String>> {
         let now = self.clock.now_ms();
         let tx = self.conn.savepoint()?;
         let gone: Vec<String> = {
             let mut q = tx.prepare("SELECT id FROM workers WHERE state IN (?1, ?3) AND last_seen_ms < ?2")?;
-            q.query_map(params![WORKER_ACTIVE, deadline_ms, WORKER_QUARANTINED], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?
+            q.query_map(params![WorkerState::Active.as_str(), deadline_ms, WorkerState::Quarantined.as_str()], |r| {
+                r.get(0)
+            })?
+            .collect::<rusqlite::Result<_>>()?
         };
         for id in &gone {
-            tx.execute("UPDATE workers SET state = ?2 WHERE id = ?1", params![id, WORKER_GONE])?;
+            tx.execute("UPDATE workers SET state = ?2 WHERE id = ?1", params![id, WorkerState::Gone.as_str()])?;
             let attempts: Vec<i64> = {
-                let mut q = tx.prepare("SELECT id FROM attempts WHERE worker_id = ?1 AND state = 'running'")?;
-                q.query_map([id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+                let mut q = tx.prepare("SELECT id FROM attempts WHERE worker_id = ?1 AND state = ?2")?;
+                q.query_map(params![id, AttemptState::Running.as_str()], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?
             };
             for a in attempts {
                 end_attempt(
@@ -865,13 +808,13 @@ impl Store {
     // -----------------------------------------------------------------------------------------
 
     /// Hands the next pending trial that fits the worker to it, or `None`.
-    pub fn acquire(&mut self, caller: &Caller, incarnation: u64) -> Result<Option<Assignment>> {
+    fn acquire(&mut self, caller: &Caller, incarnation: u64) -> Result<Option<Assignment>> {
         let worker_id = caller.worker_id.as_str();
         let tx = self.conn.savepoint()?;
         let devices = check_worker(&tx, caller, incarnation)?;
         let quarantined: bool = tx
             .prepare_cached("SELECT state = ?2 FROM workers WHERE id = ?1")?
-            .query_row(params![worker_id, WORKER_QUARANTINED], |r| r.get(0))?;
+            .query_row(params![worker_id, WorkerState::Quarantined.as_str()], |r| r.get(0))?;
         if quarantined {
             tx.commit()?;
             return Ok(None);
@@ -886,11 +829,11 @@ impl Store {
         // none waits and `retry_sweep` reopens it); the policy picks (`core::schedule`).
         let candidates: Vec<schedule::Candidate<String>> = tx
             .prepare_cached(
-                "SELECT s.id, s.seq, (SELECT t.idx FROM trials t WHERE t.state = 'pending' AND t.sweep_id = s.id
+                "SELECT s.id, s.seq, (SELECT t.idx FROM trials t WHERE t.state = ?1 AND t.sweep_id = s.id
                                ORDER BY t.idx LIMIT 1) AS first, s.gpus_per_trial
                  FROM sweeps s WHERE s.cancelled = 0 AND s.finished_at_ms IS NULL AND first IS NOT NULL",
             )?
-            .query_map([], |r| {
+            .query_map([TrialState::Pending.as_str()], |r| {
                 Ok(schedule::Candidate {
                     sweep: r.get(0)?,
                     order: r.get(1)?,
@@ -916,13 +859,24 @@ impl Store {
             .query_row(params![sweep_id, idx], |r| r.get(0))?;
         tx.prepare_cached(
             "INSERT INTO attempts(sweep_id, idx, number, worker_id, incarnation, state, started_at_ms, devices)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?8, ?6, ?7)",
         )?
-        .execute(params![sweep_id, idx, number, worker_id, incarnation as i64, now, held.join(",")])?;
+        .execute(params![
+            sweep_id,
+            idx,
+            number,
+            worker_id,
+            incarnation as i64,
+            now,
+            held.join(","),
+            AttemptState::Running.as_str()
+        ])?;
         let attempt_id = tx.last_insert_rowid();
-        tx.prepare_cached("UPDATE trials SET state = 'running', current_attempt = ?3, started_at_ms = COALESCE(started_at_ms, ?4), error = ''
-             WHERE sweep_id = ?1 AND idx = ?2")?.execute(params![sweep_id, idx, attempt_id, now],
-        )?;
+        tx.prepare_cached(
+            "UPDATE trials SET state = ?5, current_attempt = ?3, started_at_ms = COALESCE(started_at_ms, ?4), error = ''
+             WHERE sweep_id = ?1 AND idx = ?2",
+        )?
+        .execute(params![sweep_id, idx, attempt_id, now, TrialState::Running.as_str()])?;
         trial_event(&tx, &sweep_id, idx, None, now)?;
         let spec_yaml: String =
             tx.prepare_cached("SELECT spec_yaml FROM sweeps WHERE id = ?1")?.query_row([&sweep_id], |r| r.get(0))?;
@@ -932,14 +886,14 @@ impl Store {
             |r| r.get(0),
         )?;
         let resume = resume
-            .map(|b| v1::CheckpointRef::decode(b.as_slice()))
+            .map(|b| decode_checkpoint(&b))
             .transpose()
             .map_err(|e| StoreError::Corrupt(format!("resume point of trial {idx} of {sweep_id}: {e}")))?;
         let t = trial_summaries(&tx, &sweep_id, Some(idx))?
             .pop()
             .ok_or_else(|| StoreError::Corrupt(format!("trial {idx} of {sweep_id} vanished")))?;
         tx.commit()?;
-        Ok(Some(v1::Assignment {
+        Ok(Some(Assignment {
             attempt_id: attempt_id as u64,
             sweep_id,
             trial_id: t.trial_id,
@@ -957,13 +911,13 @@ impl Store {
 
     /// Stores one epoch's metrics for a current attempt. Returns whether the attempt should
     /// stop (its sweep was cancelled).
-    pub fn report_epoch(
+    fn report_epoch(
         &mut self,
         caller: &Caller,
         attempt_id: u64,
         metrics: &EpochMetrics,
         extras: &ReportExtras,
-    ) -> Result<bool> {
+    ) -> Result<ReportReply> {
         let tx = self.conn.savepoint()?;
         check_attempt_owner(&tx, caller, attempt_id)?;
         let a = current_attempt(&tx, attempt_id)?;
@@ -1019,12 +973,13 @@ impl Store {
             tx.prepare_cached("UPDATE trials SET parameters = ?3 WHERE sweep_id = ?1 AND idx = ?2")?
                 .execute(params![a.sweep_id, a.idx, extras.parameters as i64])?;
         }
-        for (column, checkpoint) in [
-            ("last_checkpoint", &extras.last_checkpoint),
-            ("best_checkpoint", &extras.best_checkpoint),
-            ("resume_checkpoint", &extras.resume_checkpoint),
+        for (kind, checkpoint) in [
+            (CheckpointKind::Last, &extras.last_checkpoint),
+            (CheckpointKind::Best, &extras.best_checkpoint),
+            (CheckpointKind::Resume, &extras.resume_checkpoint),
         ] {
             if let Some(c) = checkpoint {
+                let column = kind.field();
                 if c.uri.is_empty() || c.epoch != metrics.epoch {
                     return Err(StoreError::Invalid(format!(
                         "{column} of epoch {} must name a file and hold that epoch (got uri `{}`, epoch {})",
@@ -1033,15 +988,10 @@ impl Store {
                         c.epoch
                     )));
                 }
-                let file = match column {
-                    "last_checkpoint" => "last.safetensors".to_string(),
-                    "best_checkpoint" => "best.safetensors".to_string(),
-                    _ => format!("state-e{:04}.safetensors", c.epoch),
-                };
-                check_checkpoint_ref(c, &a.sweep_id, &a.trial_id, &file)
+                check_checkpoint_ref(c, &a.sweep_id, &a.trial_id, kind)
                     .map_err(|why| StoreError::Invalid(format!("{column} of epoch {}: {why}", metrics.epoch)))?;
                 tx.prepare_cached(&format!("UPDATE trials SET {column} = ?3 WHERE sweep_id = ?1 AND idx = ?2"))?
-                    .execute(params![a.sweep_id, a.idx, c.encode_to_vec()])?;
+                    .execute(params![a.sweep_id, a.idx, encode_checkpoint(c)])?;
             }
         }
         tx.prepare_cached("UPDATE trials SET skipped_images = ?3 WHERE sweep_id = ?1 AND idx = ?2")?
@@ -1052,18 +1002,17 @@ impl Store {
                 params![attempt_id as i64, extras.resumed_from_epoch, extras.note],
             )?;
         }
-        trial_event_noted(&tx, &a.sweep_id, a.idx, Some(v1::EpochMetrics::from(metrics)), &extras.note, now)?;
+        trial_event_noted(&tx, &a.sweep_id, a.idx, Some(*metrics), &extras.note, now)?;
         tx.commit()?;
-        Ok(a.cancelled)
+        Ok(ReportReply { stop: a.cancelled.then_some(StopReason::SweepCancelled) })
     }
 
     /// Ends a current attempt with the worker's outcome.
-    pub fn finish_attempt(
+    fn finish_attempt(
         &mut self,
         caller: &Caller,
         attempt_id: u64,
-        outcome: v1::Outcome,
-        class: v1::ErrorClass,
+        outcome: Outcome,
         message: &str,
         wall_seconds: f64,
     ) -> Result<()> {
@@ -1072,7 +1021,7 @@ impl Store {
         check_attempt_owner(&tx, caller, attempt_id)?;
         let a = current_attempt(&tx, attempt_id)?;
         match outcome {
-            v1::Outcome::Succeeded => {
+            Outcome::Succeeded => {
                 let total = a.fe_epochs + a.ft_epochs;
                 let have: i64 = tx
                     .prepare_cached(
@@ -1087,16 +1036,12 @@ impl Store {
                 }
                 end_attempt(&tx, attempt_id, AttemptState::Succeeded, "", false, wall_seconds, now)?;
             }
-            v1::Outcome::Failed => {
+            Outcome::Failed { permanent } => {
                 let message = if message.trim().is_empty() { "the worker gave no reason" } else { message };
-                let permanent = class == v1::ErrorClass::Permanent;
                 end_attempt(&tx, attempt_id, AttemptState::Failed, message, permanent, wall_seconds, now)?;
             }
-            v1::Outcome::Cancelled => {
+            Outcome::Cancelled => {
                 end_attempt(&tx, attempt_id, AttemptState::Cancelled, message, false, wall_seconds, now)?;
-            }
-            v1::Outcome::Unspecified => {
-                return Err(StoreError::Invalid("outcome must be succeeded, failed or cancelled".into()));
             }
         }
         tx.commit()?;
@@ -1108,7 +1053,7 @@ impl Store {
     // -----------------------------------------------------------------------------------------
 
     /// Events of a sweep with a sequence number above `after`, oldest first.
-    pub fn events_after(&self, sweep_id: &str, after: u64, limit: usize) -> Result<Vec<v1::SweepEvent>> {
+    fn events_after(&self, sweep_id: &str, after: u64, limit: usize) -> Result<Vec<Event>> {
         let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
         let mut q = self.conn.prepare(
             "SELECT seq, payload, checksum FROM events WHERE sweep_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -1124,8 +1069,7 @@ impl Store {
                          `sweep check-state` lists what else is)"
                     )));
                 }
-                let mut e = v1::SweepEvent::decode(payload.as_slice())
-                    .map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
+                let mut e = decode_event(&payload).map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
                 e.sequence = seq as u64;
                 Ok(e)
             })
@@ -1133,7 +1077,7 @@ impl Store {
     }
 
     /// The largest event sequence number so far (0 when there is none).
-    pub fn last_sequence(&self) -> Result<u64> {
+    fn last_sequence(&self) -> Result<u64> {
         Ok(self
             .conn
             .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events")?
@@ -1141,31 +1085,28 @@ impl Store {
     }
 
     /// How many of the worker's devices no running attempt holds (0 for an unknown worker).
-    pub fn free_device_count(&self, worker_id: &str) -> Result<usize> {
+    fn free_device_count(&self, worker_id: &str) -> Result<usize> {
         let devices: Option<Vec<u8>> = self
             .conn
             .prepare_cached("SELECT devices FROM workers WHERE id = ?1")?
             .query_row([worker_id], |r| r.get(0))
             .optional()?;
         let Some(devices) = devices else { return Ok(0) };
-        let devices = v1::DeviceList::decode(devices.as_slice())
-            .map_err(|e| StoreError::Corrupt(format!("devices of worker {worker_id}: {e}")))?
-            .devices;
+        let devices = decode_devices(&devices, worker_id)?;
         Ok(free_devices(&self.conn, worker_id, &devices)?.len())
     }
 
     /// Whether any trial is waiting for a worker.
-    pub fn has_pending(&self) -> Result<bool> {
-        Ok(self.conn.prepare_cached("SELECT EXISTS(SELECT 1 FROM trials t JOIN sweeps s ON s.id = t.sweep_id WHERE t.state = 'pending' AND s.cancelled = 0)")?.query_row([],
-            |r| r.get(0),
-        )?)
+    fn has_pending(&self) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS(SELECT 1 FROM trials t JOIN sweeps s ON s.id = t.sweep_id
+                               WHERE t.state = ?1 AND s.cancelled = 0)",
+            )?
+            .query_row([TrialState::Pending.as_str()], |r| r.get(0))?)
     }
 }
-
-/// Most rows one page of a list holds.
-pub const MAX_PAGE: usize = 1000;
-/// About the most bytes one page of workers holds (a client decodes 4 MiB by default).
-pub const MAX_PAGE_BYTES: usize = 2 << 20;
 
 /// The number in a page token `<kind><number>` (`None` for an empty token).
 fn parse_page_token(token: &str, kind: char) -> Result<Option<i64>> {
@@ -1385,7 +1326,7 @@ fn resolve_sweep(conn: &Connection, id: &str) -> Result<String> {
     }
 }
 
-fn sweep_summary(conn: &Connection, sweep_id: &str) -> Result<v1::SweepSummary> {
+fn sweep_summary(conn: &Connection, sweep_id: &str) -> Result<SweepSummary> {
     let row: Option<(String, String, i64, i64, Option<i64>, String)> = conn
         .query_row(
             "SELECT id, name, trial_count, created_at_ms, finished_at_ms, source FROM sweeps WHERE id = ?1",
@@ -1396,74 +1337,111 @@ fn sweep_summary(conn: &Connection, sweep_id: &str) -> Result<v1::SweepSummary> 
     let Some((id, name, trial_count, created_at_ms, finished_at_ms, source)) = row else {
         return Err(StoreError::NotFound(format!("no sweep with id `{sweep_id}`")));
     };
-    let mut counts = v1::TrialCounts::default();
-    let mut states = Vec::new();
+    let mut counts = TrialCounts::default();
     let mut q = conn.prepare("SELECT state, COUNT(*) FROM trials WHERE sweep_id = ?1 GROUP BY state")?;
     for row in q.query_map([sweep_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
         let (state, n) = row?;
         let s = TrialState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("trial state `{state}`")))?;
         counts.add(s, u32::try_from(n).unwrap_or(u32::MAX));
-        states.extend(std::iter::repeat_n(s, n as usize));
     }
-    Ok(v1::SweepSummary {
+    Ok(SweepSummary {
         id,
         name,
-        state: SweepState::of(states).as_str().into(),
+        state: counts.sweep_state(),
         trial_count: trial_count as u32,
-        counts: Some(counts),
+        counts,
         created_at_ms,
-        finished_at_ms: finished_at_ms.unwrap_or(0),
+        finished_at_ms,
         source,
     })
 }
 
-fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Result<Vec<v1::TrialSummary>> {
+fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Result<Vec<TrialSummary>> {
     // One trial is looked up by its key (`?2 IS NULL OR t.idx = ?2` would scan the sweep).
     let only_sql = if only.is_some() { "AND t.idx = ?2" } else { "AND ?2 IS NULL" };
     let mut q = conn.prepare_cached(&format!(
         "SELECT t.idx, t.trial_id, t.backbone, t.fe_epochs, t.ft_epochs, t.state, t.attempts,
-                COALESCE(a.worker_id, ''), t.error, COALESCE(t.started_at_ms, 0), COALESCE(t.finished_at_ms, 0),
+                a.worker_id, t.error, t.started_at_ms, t.finished_at_ms,
                 COALESCE(a.devices, ''),
                 (SELECT COUNT(*) FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx),
                 (SELECT m.val_accuracy FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx ORDER BY m.epoch DESC LIMIT 1),
                 t.lr_decay
          FROM trials t LEFT JOIN attempts a ON a.id = CASE
-                WHEN t.state = 'running' THEN t.current_attempt
-                WHEN t.state IN ('completed', 'failed', 'cancelled') THEN
+                WHEN t.state = ?3 THEN t.current_attempt
+                WHEN t.state IN (?4, ?5, ?6) THEN
                     (SELECT MAX(x.id) FROM attempts x WHERE x.sweep_id = t.sweep_id AND x.idx = t.idx)
              END
          WHERE t.sweep_id = ?1 {only_sql} ORDER BY t.idx"
     ))?;
-    // The strategy stays encoded until the rows are read, so a decode error can be a StoreError.
-    let rows: Vec<(v1::TrialSummary, Vec<u8>)> = q
-        .query_map(params![sweep_id, only], |r| {
-            let devices: String = r.get(11)?;
-            let summary = v1::TrialSummary {
-                index: r.get::<_, i64>(0)? as u32,
-                trial_id: r.get(1)?,
-                backbone: r.get(2)?,
-                fe_epochs: r.get(3)?,
-                ft_epochs: r.get(4)?,
-                state: r.get(5)?,
-                attempts: r.get(6)?,
-                worker_id: r.get(7)?,
-                error: r.get(8)?,
-                started_at_ms: r.get(9)?,
-                finished_at_ms: r.get(10)?,
-                devices: devices.split(',').filter(|d| !d.is_empty()).map(str::to_string).collect(),
-                epochs_done: r.get(12)?,
-                latest_val_accuracy: r.get(13)?,
-                lr_decay: None,
-            };
-            Ok((summary, r.get(14)?))
-        })?
+    // Strings and blobs stay raw until the rows are read, so a bad one can be a StoreError.
+    struct Raw {
+        index: u32,
+        trial_id: String,
+        backbone: String,
+        fe_epochs: u32,
+        ft_epochs: u32,
+        state: String,
+        attempts: u32,
+        worker_id: Option<String>,
+        error: String,
+        started_at_ms: Option<i64>,
+        finished_at_ms: Option<i64>,
+        devices: String,
+        epochs_done: u32,
+        latest_val_accuracy: Option<f64>,
+        lr_decay: Vec<u8>,
+    }
+    let rows: Vec<Raw> = q
+        .query_map(
+            params![
+                sweep_id,
+                only,
+                TrialState::Running.as_str(),
+                TrialState::Completed.as_str(),
+                TrialState::Failed.as_str(),
+                TrialState::Cancelled.as_str()
+            ],
+            |r| {
+                Ok(Raw {
+                    index: r.get::<_, i64>(0)? as u32,
+                    trial_id: r.get(1)?,
+                    backbone: r.get(2)?,
+                    fe_epochs: r.get(3)?,
+                    ft_epochs: r.get(4)?,
+                    state: r.get(5)?,
+                    attempts: r.get(6)?,
+                    worker_id: r.get(7)?,
+                    error: r.get(8)?,
+                    started_at_ms: r.get(9)?,
+                    finished_at_ms: r.get(10)?,
+                    devices: r.get(11)?,
+                    epochs_done: r.get(12)?,
+                    latest_val_accuracy: r.get(13)?,
+                    lr_decay: r.get(14)?,
+                })
+            },
+        )?
         .collect::<rusqlite::Result<_>>()?;
     rows.into_iter()
-        .map(|(mut t, lr)| {
-            let decay = v1::LrDecay::decode(lr.as_slice())
-                .map_err(|e| StoreError::Corrupt(format!("lr_decay of trial {}: {e}", t.trial_id)))?;
-            t.lr_decay = Some(decay);
-            Ok(t)
+        .map(|t| {
+            let bad = |what: String| StoreError::Corrupt(format!("trial {} of {sweep_id}: {what}", t.trial_id));
+            Ok(TrialSummary {
+                index: t.index,
+                backbone: Backbone::from_name(&t.backbone).ok_or_else(|| bad(format!("backbone `{}`", t.backbone)))?,
+                lr_decay: decode_lr_decay(&t.lr_decay).map_err(|e| bad(format!("lr_decay: {e}")))?,
+                fe_epochs: t.fe_epochs,
+                ft_epochs: t.ft_epochs,
+                state: TrialState::parse(&t.state).ok_or_else(|| bad(format!("state `{}`", t.state)))?,
+                attempts: t.attempts,
+                worker_id: t.worker_id,
+                error: t.error,
+                started_at_ms: t.started_at_ms,
+                finished_at_ms: t.finished_at_ms,
+                devices: t.devices.split(',').filter(|d| !d.is_empty()).map(str::to_string).collect(),
+                epochs_done: t.epochs_done,
+                latest_val_accuracy: t.latest_val_accuracy,
+                trial_id: t.trial_id,
+            })
         })
         .collect()
 }
@@ -1473,8 +1451,8 @@ fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Resu
 struct TrialExtras {
     parameters: u64,
     wall_seconds: f64,
-    best_checkpoint: Option<v1::CheckpointRef>,
-    last_checkpoint: Option<v1::CheckpointRef>,
+    best_checkpoint: Option<CheckpointRef>,
+    last_checkpoint: Option<CheckpointRef>,
     skipped_images: u32,
 }
 
@@ -1482,11 +1460,11 @@ struct TrialExtras {
 const TRIAL_EXTRAS: &str = "parameters, wall_seconds, best_checkpoint, last_checkpoint, skipped_images";
 
 fn trial_extras(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<TrialExtras> {
-    let checkpoint = |i: usize| -> rusqlite::Result<Option<v1::CheckpointRef>> {
+    let checkpoint = |i: usize| -> rusqlite::Result<Option<CheckpointRef>> {
         let blob: Option<Vec<u8>> = r.get(first + i)?;
         blob.map(|b| {
-            v1::CheckpointRef::decode(b.as_slice()).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(first + i, rusqlite::types::Type::Blob, Box::new(e))
+            decode_checkpoint(&b).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(first + i, rusqlite::types::Type::Blob, e.into())
             })
         })
         .transpose()
@@ -1539,10 +1517,12 @@ fn metrics_of(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Result<Ha
 }
 
 /// The worker's devices that none of its running attempts holds, in its own order.
-fn free_devices(conn: &Connection, worker_id: &str, devices: &[v1::Device]) -> Result<Vec<String>> {
-    let busy: std::collections::HashSet<String> = {
-        let mut q = conn.prepare_cached("SELECT devices FROM attempts WHERE worker_id = ?1 AND state = 'running'")?;
-        let rows: Vec<String> = q.query_map([worker_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+fn free_devices(conn: &Connection, worker_id: &str, devices: &[Device]) -> Result<Vec<String>> {
+    let busy: HashSet<String> = {
+        let mut q = conn.prepare_cached("SELECT devices FROM attempts WHERE worker_id = ?1 AND state = ?2")?;
+        let rows: Vec<String> = q
+            .query_map(params![worker_id, AttemptState::Running.as_str()], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
         rows.iter().flat_map(|d| d.split(',').filter(|x| !x.is_empty()).map(str::to_string)).collect()
     };
     Ok(devices.iter().map(|d| d.id.clone()).filter(|d| !busy.contains(d)).collect())
@@ -1550,7 +1530,7 @@ fn free_devices(conn: &Connection, worker_id: &str, devices: &[v1::Device]) -> R
 
 /// Checks that the caller is the worker it names (its session, and who registered it) and that
 /// the worker exists in this incarnation with its lease; returns its devices.
-fn check_worker(conn: &Connection, caller: &Caller, incarnation: u64) -> Result<Vec<v1::Device>> {
+fn check_worker(conn: &Connection, caller: &Caller, incarnation: u64) -> Result<Vec<Device>> {
     let worker_id = caller.worker_id.as_str();
     let (inc, state, devices) = check_identity(conn, caller)?;
     if inc as u64 != incarnation {
@@ -1558,14 +1538,12 @@ fn check_worker(conn: &Connection, caller: &Caller, incarnation: u64) -> Result<
             "worker {worker_id} is incarnation {inc}, not {incarnation}; register again"
         )));
     }
-    if state != WORKER_ACTIVE && state != WORKER_QUARANTINED {
+    if state != WorkerState::Active.as_str() && state != WorkerState::Quarantined.as_str() {
         return Err(StoreError::WrongState(format!(
             "worker {worker_id} lost its lease (missed heartbeats); register again"
         )));
     }
-    let devices = v1::DeviceList::decode(devices.as_slice())
-        .map_err(|e| StoreError::Corrupt(format!("devices of worker {worker_id}: {e}")))?;
-    Ok(devices.devices)
+    decode_devices(&devices, worker_id)
 }
 
 /// The worker row of the caller, once its session and owner match: `(incarnation, state,
@@ -1598,42 +1576,6 @@ fn check_identity(conn: &Connection, caller: &Caller) -> Result<(i64, String, Ve
         )));
     }
     Ok((inc, state, devices))
-}
-
-/// Why a checkpoint reference is not the trial's own `file`, if it is not: its path must end in
-/// `/<sweep>/<trial>/<file>` with no `.` or `..` segment and no control character, and it must
-/// carry the SHA-256 (64 lower-case hex digits) and size of what it names. (Where the store is
-/// — a directory, a bucket — is the workers' business; whose trial it belongs to is checked
-/// here and again by the worker that resumes from it.)
-pub fn check_checkpoint_ref(
-    c: &v1::CheckpointRef,
-    sweep_id: &str,
-    trial_id: &str,
-    file: &str,
-) -> std::result::Result<(), String> {
-    let shown = || sweep_core::text::escape(&c.uri);
-    if c.uri.chars().any(char::is_control) {
-        return Err(format!("uri `{}` has control characters", shown()));
-    }
-    let path = c.uri.split_once("://").map_or(c.uri.as_str(), |(_, rest)| rest);
-    let segments: Vec<&str> = path.split('/').collect();
-    if segments.iter().any(|s| *s == "." || *s == "..") {
-        return Err(format!("uri `{}` has a `.` or `..` segment", shown()));
-    }
-    let tail = &segments[segments.len().saturating_sub(3)..];
-    if tail != [sweep_id, trial_id, file] {
-        return Err(format!(
-            "uri `{}` is not this trial's own: it must end in `{sweep_id}/{trial_id}/{file}`",
-            shown()
-        ));
-    }
-    if c.sha256.len() != 64 || !c.sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(format!("sha256 must be 64 lower-case hex digits (got {} characters)", c.sha256.len()));
-    }
-    if c.bytes == 0 {
-        return Err("bytes must be the size of the file (got 0)".into());
-    }
-    Ok(())
 }
 
 /// Checks that the caller is the worker the attempt was handed to.
@@ -1773,7 +1715,10 @@ fn attempt_should_stop(conn: &Connection, attempt_id: u64, worker_id: &str) -> R
     Ok(match row {
         None => true,
         Some((w, state, current, cancelled)) => {
-            w != worker_id || state != "running" || current != Some(attempt_id as i64) || cancelled != 0
+            w != worker_id
+                || state != AttemptState::Running.as_str()
+                || current != Some(attempt_id as i64)
+                || cancelled != 0
         }
     })
 }
@@ -1836,10 +1781,10 @@ fn end_attempt(
     let finished = state.is_terminal().then_some(now);
     tx.prepare_cached(
         "UPDATE trials SET state = ?3, current_attempt = NULL, error = ?4, finished_at_ms = ?5,
-                wall_seconds = CASE WHEN ?3 = 'completed' THEN ?6 ELSE wall_seconds END
+                wall_seconds = CASE WHEN ?7 THEN ?6 ELSE wall_seconds END
          WHERE sweep_id = ?1 AND idx = ?2",
     )?
-    .execute(params![sweep_id, idx, state.as_str(), error, finished, wall])?;
+    .execute(params![sweep_id, idx, state.as_str(), error, finished, wall, state == TrialState::Completed])?;
     trial_event(tx, &sweep_id, idx, None, now)?;
     match end {
         AttemptState::Succeeded => {
@@ -1862,7 +1807,12 @@ fn end_attempt(
                 let note = format!("quarantined: {failures} attempts failed in a row; the last: {message}");
                 let changed = tx
                     .prepare_cached("UPDATE workers SET state = ?2, note = ?3 WHERE id = ?1 AND state = ?4")?
-                    .execute(params![worker_id, WORKER_QUARANTINED, note, WORKER_ACTIVE])?;
+                    .execute(params![
+                        worker_id,
+                        WorkerState::Quarantined.as_str(),
+                        note,
+                        WorkerState::Active.as_str()
+                    ])?;
                 if changed > 0 {
                     // Trials only this worker could hold are unschedulable now.
                     reconcile_schedulability(tx, now)?;
@@ -1910,14 +1860,11 @@ fn quarantine_after(conn: &Connection) -> Result<i64> {
 fn reconcile_schedulability(tx: &Connection, now: i64) -> Result<()> {
     let workers: Vec<(String, Vec<u8>)> = {
         let mut q = tx.prepare("SELECT id, devices FROM workers WHERE state = ?1 ORDER BY id")?;
-        q.query_map([WORKER_ACTIVE], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?
+        q.query_map([WorkerState::Active.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?
     };
     let mut largest: Option<(String, usize)> = None;
     for (id, devices) in workers {
-        let n = v1::DeviceList::decode(devices.as_slice())
-            .map_err(|e| StoreError::Corrupt(format!("devices of worker {id}: {e}")))?
-            .devices
-            .len();
+        let n = decode_devices(&devices, &id)?.len();
         if largest.as_ref().is_none_or(|(_, m)| n > *m) {
             largest = Some((id, n));
         }
@@ -1957,7 +1904,7 @@ fn reconcile_schedulability(tx: &Connection, now: i64) -> Result<()> {
 }
 
 /// Appends a trial event (the trial's current summary, and the epoch's metrics if any).
-fn trial_event(conn: &Connection, sweep_id: &str, idx: i64, metrics: Option<v1::EpochMetrics>, now: i64) -> Result<()> {
+fn trial_event(conn: &Connection, sweep_id: &str, idx: i64, metrics: Option<EpochMetrics>, now: i64) -> Result<()> {
     trial_event_noted(conn, sweep_id, idx, metrics, "", now)
 }
 
@@ -1966,16 +1913,19 @@ fn trial_event_noted(
     conn: &Connection,
     sweep_id: &str,
     idx: i64,
-    metrics: Option<v1::EpochMetrics>,
+    metrics: Option<EpochMetrics>,
     note: &str,
     now: i64,
 ) -> Result<()> {
-    let trial = trial_summaries(conn, sweep_id, Some(idx))?.pop();
-    let event = v1::SweepEvent {
-        sequence: 0,
-        event: Some(v1::sweep_event::Event::Trial(v1::TrialEvent { trial, metrics, note: note.to_string() })),
+    let Some(trial) = trial_summaries(conn, sweep_id, Some(idx))?.pop() else {
+        return Err(StoreError::Corrupt(format!("trial {idx} of {sweep_id} vanished")));
     };
-    let payload = event.encode_to_vec();
+    append_event(conn, sweep_id, SweepEvent::Trial { trial, metrics, note: note.to_string() }, now)
+}
+
+/// Appends an event to the log, with its checksum.
+fn append_event(conn: &Connection, sweep_id: &str, event: SweepEvent, now: i64) -> Result<()> {
+    let payload = encode_event(&Event { sequence: 0, event });
     conn.prepare_cached("INSERT INTO events(sweep_id, payload, at_ms, checksum) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![sweep_id, payload, now, event_checksum(sweep_id, &payload)])?;
     Ok(())
@@ -1984,27 +1934,309 @@ fn trial_event_noted(
 /// When every trial of the sweep has ended, records the end time and an `ended` event.
 fn finish_sweep_if_done(conn: &Connection, sweep_id: &str, now: i64) -> Result<()> {
     // Cheap test first (an index lookup): a sweep with a waiting or running trial goes on.
-    let open: bool = conn.prepare_cached("SELECT EXISTS(SELECT 1 FROM trials WHERE state IN ('pending', 'unschedulable', 'running') AND sweep_id = ?1)")?.query_row([sweep_id],
-        |r| r.get(0),
-    )?;
+    let open: bool = conn
+        .prepare_cached("SELECT EXISTS(SELECT 1 FROM trials WHERE state IN (?2, ?3, ?4) AND sweep_id = ?1)")?
+        .query_row(
+            params![
+                sweep_id,
+                TrialState::Pending.as_str(),
+                TrialState::Unschedulable.as_str(),
+                TrialState::Running.as_str()
+            ],
+            |r| r.get(0),
+        )?;
     if open {
         return Ok(());
     }
     let summary = sweep_summary(conn, sweep_id)?;
-    let state = SweepState::parse(&summary.state).unwrap_or(SweepState::Running);
-    if !state.is_terminal() || summary.finished_at_ms != 0 {
+    if !summary.state.is_terminal() || summary.finished_at_ms.is_some() {
         return Ok(());
     }
     conn.prepare_cached("UPDATE sweeps SET finished_at_ms = ?2 WHERE id = ?1")?.execute(params![sweep_id, now])?;
-    let ended = v1::SweepSummary { finished_at_ms: now, ..summary };
-    let event = v1::SweepEvent { sequence: 0, event: Some(v1::sweep_event::Event::Ended(ended)) };
-    let payload = event.encode_to_vec();
-    conn.prepare_cached("INSERT INTO events(sweep_id, payload, at_ms, checksum) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![sweep_id, payload, now, event_checksum(sweep_id, &payload)])?;
-    Ok(())
+    let ended = SweepSummary { finished_at_ms: Some(now), ..summary };
+    append_event(conn, sweep_id, SweepEvent::Ended(ended), now)
 }
 
-/// The domain form of a stored learning-rate strategy.
-pub fn lr_decay_of(t: &v1::TrialSummary) -> Option<LrDecay> {
-    t.lr_decay.as_ref().and_then(|d| LrDecay::try_from(d).ok())
+// ---------------------------------------------------------------------------------------------
+// Stored blobs: the `sweep.v1` encoding of the records (this backend's file format)
+// ---------------------------------------------------------------------------------------------
+
+fn encode_devices(devices: &[Device]) -> Vec<u8> {
+    v1::DeviceList { devices: devices.iter().map(v1::Device::from).collect() }.encode_to_vec()
+}
+
+fn decode_devices(blob: &[u8], worker_id: &str) -> Result<Vec<Device>> {
+    let list =
+        v1::DeviceList::decode(blob).map_err(|e| StoreError::Corrupt(format!("devices of worker {worker_id}: {e}")))?;
+    list.devices
+        .iter()
+        .map(|d| Device::try_from(d).map_err(|e| StoreError::Corrupt(format!("devices of worker {worker_id}: {e}"))))
+        .collect()
+}
+
+fn encode_checkpoint(c: &CheckpointRef) -> Vec<u8> {
+    v1::CheckpointRef::from(c).encode_to_vec()
+}
+
+fn decode_checkpoint(blob: &[u8]) -> std::result::Result<CheckpointRef, String> {
+    let c = v1::CheckpointRef::decode(blob).map_err(|e| e.to_string())?;
+    CheckpointRef::try_from(&c).map_err(|e| e.to_string())
+}
+
+fn decode_lr_decay(blob: &[u8]) -> std::result::Result<LrDecay, String> {
+    let d = v1::LrDecay::decode(blob).map_err(|e| e.to_string())?;
+    LrDecay::try_from(&d)
+}
+
+fn encode_event(e: &Event) -> Vec<u8> {
+    v1::SweepEvent::from(e).encode_to_vec()
+}
+
+fn decode_event(blob: &[u8]) -> std::result::Result<Event, String> {
+    let e = v1::SweepEvent::decode(blob).map_err(|e| e.to_string())?;
+    Event::try_from(&e)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading without writing: the history checker, the lost-report check, backups
+// ---------------------------------------------------------------------------------------------
+
+impl StateReader for SqliteStore {
+    fn history(&self) -> Result<history::Snapshot> {
+        read_snapshot(&self.conn)
+    }
+
+    fn stored_metrics(&self) -> Result<StoredMetrics> {
+        read_metrics(&self.conn)
+    }
+}
+
+/// A state database opened read-only, without its lock: a coordinator may be serving it (each
+/// read is one consistent snapshot), or it is what one left after a crash. Nothing is created,
+/// upgraded or changed.
+pub struct ReadOnly {
+    conn: Connection,
+}
+
+impl ReadOnly {
+    /// Opens the database file `path` (`<state dir>/sweep.db`); a missing file is an error, not
+    /// an empty state.
+    pub fn open(path: &Path) -> Result<ReadOnly> {
+        if !path.is_file() {
+            return Err(StoreError::Damaged(format!(
+                "state database {}: no such file (not a state directory?)",
+                path.display()
+            )));
+        }
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(|e| open_error(path, e))?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(|e| open_error(path, e))?;
+        Ok(ReadOnly { conn })
+    }
+}
+
+impl StateReader for ReadOnly {
+    fn history(&self) -> Result<history::Snapshot> {
+        read_snapshot(&self.conn)
+    }
+
+    fn stored_metrics(&self) -> Result<StoredMetrics> {
+        read_metrics(&self.conn)
+    }
+}
+
+/// Runs `f` in one read transaction (one consistent snapshot, even while another connection
+/// writes).
+fn in_read_transaction<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    conn.execute_batch("BEGIN")?;
+    let result = f(conn);
+    let ended = conn.execute_batch("COMMIT");
+    let value = result?;
+    ended?;
+    Ok(value)
+}
+
+fn read_metrics(conn: &Connection) -> Result<StoredMetrics> {
+    in_read_transaction(conn, |conn| {
+        let mut q = conn.prepare(
+            "SELECT m.sweep_id, t.trial_id, m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.seconds
+             FROM metrics m JOIN trials t ON t.sweep_id = m.sweep_id AND t.idx = m.idx",
+        )?;
+        let rows = q.query_map([], |r| {
+            Ok((
+                (r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?),
+                [r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?],
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    })
+}
+
+/// Everything stored, for the history checker; reads every schema version this build knows
+/// (an old state is checked as it is, not upgraded).
+fn read_snapshot(conn: &Connection) -> Result<history::Snapshot> {
+    in_read_transaction(conn, read_snapshot_now)
+}
+
+fn read_snapshot_now(conn: &Connection) -> Result<history::Snapshot> {
+    use history::{AttemptRow, MetricRow, Snapshot, TrialRow};
+    let version: Option<i64> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+        .optional()
+        .map_err(|e| StoreError::Corrupt(format!("not a coordinator state database: {e}")))?;
+    let version = version.ok_or_else(|| StoreError::Corrupt("no schema version".into()))?;
+    let sweeps: i64 = conn.query_row("SELECT COUNT(*) FROM sweeps", [], |r| r.get(0))?;
+    // Checkpoint references exist from schema version 2 on, resume points from 5 on.
+    let (best, last, resume) = match version {
+        v if v >= 5 => ("best_checkpoint", "last_checkpoint", "resume_checkpoint"),
+        v if v >= 2 => ("best_checkpoint", "last_checkpoint", "NULL"),
+        _ => ("NULL", "NULL", "NULL"),
+    };
+    let trials = {
+        let mut q = conn.prepare(&format!(
+            "SELECT sweep_id, idx, trial_id, fe_epochs, ft_epochs, state, current_attempt, backbone, lr_decay,
+                    {best}, {last}, {resume}
+             FROM trials ORDER BY sweep_id, idx"
+        ))?;
+        q.query_map([], |r| {
+            let mut checkpoints = Vec::new();
+            for (i, kind) in [(9, CheckpointKind::Best), (10, CheckpointKind::Last), (11, CheckpointKind::Resume)] {
+                if let Some(blob) = r.get::<_, Option<Vec<u8>>>(i)? {
+                    checkpoints.push((kind, decode_checkpoint(&blob)));
+                }
+            }
+            let lr_decay: Vec<u8> = r.get(8)?;
+            Ok((
+                (r.get(0)?, r.get(1)?),
+                TrialRow {
+                    trial_id: r.get(2)?,
+                    fe_epochs: r.get(3)?,
+                    ft_epochs: r.get(4)?,
+                    state: r.get(5)?,
+                    current_attempt: r.get(6)?,
+                    backbone: r.get(7)?,
+                    lr_decay: decode_lr_decay(&lr_decay),
+                    checkpoints,
+                },
+            ))
+        })?
+        .collect::<rusqlite::Result<BTreeMap<_, _>>>()?
+    };
+    let specs = {
+        let mut q = conn.prepare("SELECT id, spec_yaml FROM sweeps")?;
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<BTreeMap<_, _>>>()?
+    };
+    // Devices per attempt exist from schema version 3 on.
+    let devices = if version >= 3 { "devices" } else { "''" };
+    let attempts = {
+        let mut q = conn.prepare(&format!(
+            "SELECT id, sweep_id, idx, worker_id, state, started_at_ms, ended_at_ms, {devices} FROM attempts ORDER BY id"
+        ))?;
+        q.query_map([], |r| {
+            let devices: String = r.get(7)?;
+            Ok(AttemptRow {
+                id: r.get(0)?,
+                trial: (r.get(1)?, r.get(2)?),
+                worker_id: r.get(3)?,
+                state: r.get(4)?,
+                started_at_ms: r.get(5)?,
+                ended_at_ms: r.get(6)?,
+                devices: devices.split(',').filter(|d| !d.is_empty()).map(str::to_string).collect(),
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    let metrics = {
+        let mut q = conn.prepare(
+            "SELECT sweep_id, idx, epoch, phase, attempt_id, recorded_at_ms,
+                    train_loss, train_accuracy, val_loss, val_accuracy, seconds
+             FROM metrics ORDER BY sweep_id, idx, epoch",
+        )?;
+        q.query_map([], |r| {
+            Ok(MetricRow {
+                trial: (r.get(0)?, r.get(1)?),
+                epoch: r.get(2)?,
+                phase: r.get(3)?,
+                attempt_id: r.get(4)?,
+                recorded_at_ms: r.get(5)?,
+                values: [r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?],
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    // Events carry a checksum from schema version 7 on.
+    let checksum = if version >= 7 { "checksum" } else { "NULL" };
+    let events = {
+        let mut q = conn.prepare(&format!("SELECT seq, sweep_id, payload, {checksum} FROM events ORDER BY seq"))?;
+        q.query_map([], |r| {
+            let (seq, sweep): (i64, String) = (r.get(0)?, r.get(1)?);
+            let payload: Vec<u8> = r.get(2)?;
+            let stored: Option<i64> = r.get(3)?;
+            let decoded = match stored {
+                Some(sum) if sum != event_checksum(&sweep, &payload) => {
+                    Err("its bytes do not match the checksum stored with it (damaged)".to_string())
+                }
+                None if version >= 7 => Err("it has no checksum".to_string()),
+                _ => decode_event(&payload).map_err(|e| format!("cannot be decoded: {e}")),
+            };
+            Ok((seq, sweep, decoded))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    let workers = {
+        let mut q = conn.prepare("SELECT id, devices FROM workers")?;
+        let rows: Vec<(String, Vec<u8>)> =
+            q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        rows.into_iter()
+            .map(|(id, blob)| {
+                let devices = decode_devices(&blob, &id).ok().map(|l| l.into_iter().map(|d| d.id).collect());
+                (id, devices)
+            })
+            .collect()
+    };
+    Ok(Snapshot { sweeps: sweeps as usize, trials, attempts, metrics, events, specs, workers })
+}
+
+/// Writes a consistent copy of a state directory's database to `out` (a new file) while a
+/// coordinator may be writing to it: SQLite's `VACUUM INTO` reads one snapshot, the write-ahead
+/// log included, through a read-only connection. The copy is written under a temporary name,
+/// checked with `check` (which must accept it), then linked to `out`; returns what `check` said.
+pub fn backup<T>(dir: &Path, out: &Path, check: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let path = dir.join(DB_FILE);
+    if out.exists() {
+        return Err(StoreError::Damaged(format!("{} already exists; a backup never overwrites a file", out.display())));
+    }
+    // A name of this process's own beside the target (never someone else's file).
+    let mut partial = out.as_os_str().to_owned();
+    partial.push(format!(".partial-{}-{}", std::process::id(), now_ms()));
+    let partial = PathBuf::from(partial);
+    if !path.is_file() {
+        return Err(StoreError::Damaged(format!("{} does not exist (not a state directory?)", path.display())));
+    }
+    let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| open_error(&path, e))?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(|e| open_error(&path, e))?;
+    let target = partial
+        .to_str()
+        .ok_or_else(|| StoreError::Damaged(format!("{}: the backup's path must be valid UTF-8", out.display())))?;
+    let copied = conn.execute("VACUUM INTO ?1", [target]).map(|_| ()).map_err(StoreError::from).and_then(|()| {
+        std::fs::File::open(&partial).and_then(|f| f.sync_all()).map_err(|e| StoreError::Backend {
+            what: format!("cannot sync the backup {}", partial.display()),
+            source: Box::new(e),
+        })
+    });
+    match copied.and_then(|()| check(&partial)) {
+        Ok(report) => {
+            // A hard link never replaces a file that appeared meanwhile (a rename would).
+            let linked = std::fs::hard_link(&partial, out);
+            let _ = std::fs::remove_file(&partial);
+            linked.map_err(|e| StoreError::Damaged(format!("cannot write the backup {}: {e}", out.display())))?;
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e)
+        }
+    }
 }
