@@ -4,12 +4,14 @@
 //! `sweep`) brings this and `sweep-coordinator` together.
 //!
 //! * [`client`]: a connected client and the commands; [`output`]: tables, stable JSON and CSV;
-//!   [`config`]: the config file; [`watch`]: following a sweep live; [`plot`]: the PNG figures.
+//!   [`config`]: the config file; [`watch`]: following a sweep live; [`plot`]: the PNG figures;
+//!   [`plan`]: `sweep plan`, the stage tree and the epochs sharing saves, offline.
 //! * [`sim`]: simulated workers for load tests (`sweep simulate-workers`, the `load` bench).
 
 pub mod client;
 pub mod config;
 pub mod output;
+pub mod plan;
 pub mod plot;
 pub mod sim;
 pub mod watch;

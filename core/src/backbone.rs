@@ -142,6 +142,22 @@ impl Backbone {
         }
     }
 
+    /// Multiply-adds of one forward pass of a 224×224 image, in billions (torchvision's model
+    /// table, where they are called GFLOPS); they grow with the image's area.
+    pub fn imagenet_gmacs(self) -> f64 {
+        match self {
+            Backbone::Resnet18 => 1.81,
+            Backbone::Resnet34 => 3.66,
+            Backbone::Resnet50 => 4.09,
+            Backbone::Resnet101 => 7.80,
+            Backbone::Resnet152 => 11.51,
+            Backbone::Vgg16Bn => 15.47,
+            Backbone::EfficientnetB0 => 0.39,
+            Backbone::MobilenetV2 => 0.30,
+            Backbone::Densenet121 => 2.83,
+        }
+    }
+
     /// Parameter count with torchvision's 1000-class ImageNet head (for display before a trial
     /// has reported its own count).
     pub fn imagenet_parameters(self) -> u64 {

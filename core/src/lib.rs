@@ -2,7 +2,7 @@
 //!
 //! Spec parsing and validation ([`spec`]), grid expansion ([`grid`]), the backbones' layer
 //! groups ([`backbone`]), learning-rate strategies ([`lr`]), scoring and ranking
-//! ([`leaderboard`]), what runs next ([`schedule`]), lifecycle states ([`state`]), the records the store keeps
+//! ([`leaderboard`]), what runs next ([`schedule`]), lifecycle states ([`state`]), the stage tree of shared epochs ([`stages`]), the records the store keeps
 //! ([`records`]) and text safe to print ([`text`]).
 //!
 //! **No IO, no async runtime, no libtorch**: everything here is a function of its inputs, so the
@@ -15,6 +15,7 @@ pub mod lr;
 pub mod records;
 pub mod schedule;
 pub mod spec;
+pub mod stages;
 pub mod state;
 pub mod text;
 

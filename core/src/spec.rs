@@ -143,6 +143,29 @@ impl DatasetSpec {
         }
     }
 
+    /// Training and validation images per epoch, where the spec alone tells (synthetic data,
+    /// and Flowers-102's fixed splits: train 1,020, val 1,020, test 6,149); `None` for an image
+    /// folder.
+    pub fn image_counts(&self) -> Option<(u64, u64)> {
+        let flowers = |splits: &[FlowersSplit]| {
+            splits
+                .iter()
+                .map(|s| match s {
+                    FlowersSplit::Train | FlowersSplit::Val => 1020,
+                    FlowersSplit::Test => 6149,
+                })
+                .sum::<u64>()
+        };
+        match self {
+            DatasetSpec::Synthetic { classes, train_per_class, val_per_class, .. } => Some((
+                u64::from(*classes) * u64::from(*train_per_class),
+                u64::from(*classes) * u64::from(*val_per_class),
+            )),
+            DatasetSpec::ImageFolder { .. } => None,
+            DatasetSpec::Flowers102 { train_split, val_split, .. } => Some((flowers(train_split), flowers(val_split))),
+        }
+    }
+
     /// Whether unreadable images are skipped (and counted) instead of failing the trial.
     pub fn skip_corrupt(&self) -> bool {
         match self {

@@ -199,6 +199,20 @@ enum Command {
         #[arg(long, short, value_enum, default_value = "table")]
         output: Format,
     },
+    /// Show offline what a spec will compute: its trials, the stage tree of epochs they share
+    /// (each stage runs once), epochs naive vs shared by phase, and an estimated device time
+    /// per backbone and phase.
+    Plan {
+        spec: PathBuf,
+        #[arg(long, default_value_t = sweep_core::spec::DEFAULT_MAX_TRIALS)]
+        max_trials: usize,
+        /// Device throughput the time estimate assumes, in TFLOP/s (50: about one A100 or H100
+        /// training in TF32).
+        #[arg(long, default_value_t = 50.0)]
+        tflops: f64,
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Format,
+    },
     /// Submit a spec; prints the new sweep's id alone on the last line.
     Submit {
         spec: PathBuf,
@@ -429,6 +443,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             run::run(options).await
         }
         Command::Validate { spec, max_trials, output } => cli::validate(&spec, max_trials, output),
+        Command::Plan { spec, max_trials, tflops, output } => sweep_cli::plan::plan(&spec, max_trials, output, tflops),
         Command::Submit { spec, watch, remote } => {
             let format = remote.output;
             let mut client = remote.conn.connect().await?;

@@ -85,6 +85,36 @@ fn validate_lists_the_trials_of_the_shipped_specs() {
 }
 
 #[test]
+fn plan_prints_the_stage_tree_and_what_sharing_saves() {
+    let _bound = sweep_tests::bound(300);
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    // Run from the repository's root, so the snapshot names the spec as a user would.
+    let out = output(sweep().current_dir(root).args(["plan", "sweeps/flowers102.yaml"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    insta::assert_snapshot!("plan_flowers102", stdout(&out));
+    let out = output(sweep().current_dir(root).args(["plan", "sweeps/flowers102.yaml", "--output", "json"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["trial_count"], 18);
+    assert_eq!(v["epochs"]["naive"]["feature_extraction"], 216);
+    assert_eq!(v["epochs"]["shared"]["feature_extraction"], 48, "16 distinct epochs per backbone");
+    assert_eq!(v["stages"].as_array().map(Vec::len), Some(27));
+    assert_eq!(v["stages"][0]["trials"].as_array().map(Vec::len), Some(6));
+    assert_eq!(v["stages"][0]["key"].as_str().map(str::len), Some(64));
+    assert_eq!(v["trials"][0]["stages"], serde_json::json!(["s00", "s01", "s02", "s03"]));
+    let secs = v["device_seconds"].as_array().unwrap();
+    assert_eq!(secs.len(), 6, "3 backbones × 2 phases");
+    assert!(secs.iter().all(|c| c["shared"].as_f64().unwrap() <= c["naive"].as_f64().unwrap()));
+    // Bad input: a throughput that is no number of TFLOP/s, a missing spec.
+    let out = output(sweep().current_dir(root).args(["plan", "sweeps/flowers102.yaml", "--tflops", "0"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--tflops must be a positive number"), "{}", stderr(&out));
+    let out = output(sweep().args(["plan", "/no/such/spec.yaml"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cannot read spec /no/such/spec.yaml"), "{}", stderr(&out));
+}
+
+#[test]
 fn real_processes_complete_a_sweep_and_the_leaderboard_comes_back_over_grpc() {
     let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();

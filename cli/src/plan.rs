@@ -1,0 +1,278 @@
+//! `sweep plan SPEC`: before anything runs, what a sweep computes — its trials, the stage tree
+//! of the epochs they share, epochs naive against shared by phase, and an estimated device time
+//! per backbone and phase ([`sweep_core::stages`]). Sweeps still run every trial alone; the
+//! shared figures are what running the tree saves.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use serde_json::{Value, json};
+use sweep_core::backbone::Backbone;
+use sweep_core::grid;
+use sweep_core::spec::{ParseOptions, SweepSpec};
+use sweep_core::stages::{self, EpochKind, Epochs, Stage, StageTree};
+
+use crate::client::load_spec;
+use crate::output::{self, Format};
+
+/// Most trial ids listed on one stage's line.
+const IDS_SHOWN: usize = 8;
+
+/// Naive and shared device-seconds of one backbone and phase.
+struct Cost {
+    backbone: Backbone,
+    feature_extraction: bool,
+    naive: f64,
+    shared: f64,
+}
+
+/// Device-seconds per backbone and phase at `tflops`, or `None` when the spec does not tell
+/// the image count.
+fn costs(spec: &SweepSpec, tree: &StageTree, tflops: f64) -> Option<Vec<Cost>> {
+    let rate = tflops * 1e12;
+    let mut out: Vec<Cost> = Vec::new();
+    let mut entry = |backbone: Backbone, kind: &EpochKind| -> Option<usize> {
+        let fe = kind.is_feature_extraction();
+        if let Some(i) = out.iter().position(|c| c.backbone == backbone && c.feature_extraction == fe) {
+            return Some(i);
+        }
+        stages::epoch_flops(spec, backbone, kind)?;
+        out.push(Cost { backbone, feature_extraction: fe, naive: 0.0, shared: 0.0 });
+        Some(out.len() - 1)
+    };
+    let mut naive = Vec::new();
+    for t in &tree.trials {
+        for (kind, epochs) in
+            [(EpochKind::FeatureExtraction, t.fe_epochs), (EpochKind::FineTuning(t.lr_decay), t.ft_epochs)]
+        {
+            let i = entry(t.backbone, &kind)?;
+            naive.push((i, stages::epoch_flops(spec, t.backbone, &kind)? * f64::from(epochs) / rate));
+        }
+    }
+    let mut shared = Vec::new();
+    for s in &tree.stages {
+        let i = entry(s.backbone, &s.kind)?;
+        shared.push((i, stages::epoch_flops(spec, s.backbone, &s.kind)? * f64::from(s.epochs()) / rate));
+    }
+    for (i, secs) in naive {
+        out[i].naive += secs;
+    }
+    for (i, secs) in shared {
+        out[i].shared += secs;
+    }
+    Some(out)
+}
+
+fn phase(feature_extraction: bool) -> &'static str {
+    if feature_extraction { "feature extraction" } else { "fine-tuning" }
+}
+
+fn ids(list: &[usize]) -> String {
+    let mut shown: Vec<String> = list.iter().take(IDS_SHOWN).map(|&i| grid::trial_id(i)).collect();
+    if list.len() > IDS_SHOWN {
+        shown.push(format!("… {} more", list.len() - IDS_SHOWN));
+    }
+    shown.join(" ")
+}
+
+/// `epochs 9–12`, or `epoch 9` for one.
+fn epoch_range(first: u32, last: u32) -> String {
+    if first == last { format!("epoch {first}") } else { format!("epochs {first}–{last}") }
+}
+
+/// One line per stage, children indented under their parent, columns aligned.
+fn tree_text(tree: &StageTree) -> String {
+    /// (tree column, epochs, kind, trials) of each line, or a backbone's heading.
+    enum Row {
+        Heading(&'static str),
+        Stage([String; 4]),
+    }
+    fn rows(tree: &StageTree, s: &Stage, indent: &str, last: bool, out: &mut Vec<Row>) {
+        let (branch, more) = if last { ("└─ ", "   ") } else { ("├─ ", "│  ") };
+        let n = s.trials.len();
+        let mut trials = format!("{n:>3} {} {}", if n == 1 { "trial: " } else { "trials:" }, ids(&s.trials));
+        if !s.ends.is_empty() {
+            trials.push_str(&format!("  → ends {}", ids(&s.ends)));
+        }
+        out.push(Row::Stage([
+            format!("{indent}{branch}{}", s.id()),
+            epoch_range(s.first_epoch, s.last_epoch),
+            s.kind.to_string(),
+            trials,
+        ]));
+        let next = format!("{indent}{more}");
+        for (i, &c) in s.children.iter().enumerate() {
+            rows(tree, &tree.stages[c], &next, i + 1 == s.children.len(), out);
+        }
+    }
+    let mut all = Vec::new();
+    let mut backbone = None;
+    for (i, &r) in tree.roots.iter().enumerate() {
+        let s = &tree.stages[r];
+        if backbone != Some(s.backbone) {
+            all.push(Row::Heading(s.backbone.name()));
+            backbone = Some(s.backbone);
+        }
+        let last = tree.roots.get(i + 1).is_none_or(|&n| tree.stages[n].backbone != s.backbone);
+        rows(tree, s, "", last, &mut all);
+    }
+    let width = |k: usize| {
+        all.iter()
+            .map(|r| match r {
+                Row::Stage(cols) => cols[k].chars().count(),
+                Row::Heading(_) => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    let widths = [width(0), width(1), width(2)];
+    let mut out = String::new();
+    for r in &all {
+        match r {
+            Row::Heading(name) => out.push_str(&format!("{name}\n")),
+            Row::Stage([tree_col, epochs, kind, trials]) => {
+                let pad =
+                    |text: &str, w: usize| format!("{text}{}", " ".repeat(w.saturating_sub(text.chars().count())));
+                out.push_str(&format!(
+                    "{}  {}  {}  {trials}\n",
+                    pad(tree_col, widths[0]),
+                    pad(epochs, widths[1]),
+                    pad(kind, widths[2])
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Device time: `0.31s`, `42s`, `3m07s`, `1h02m`.
+fn device_time(seconds: f64) -> String {
+    if seconds > 0.0 && seconds < 10.0 { format!("{seconds:.2}s") } else { output::duration(seconds) }
+}
+
+fn saved(naive: u64, shared: u64) -> String {
+    if naive == 0 { "-".into() } else { format!("{:.1}%", 100.0 * (naive - shared.min(naive)) as f64 / naive as f64) }
+}
+
+fn epochs_text(naive: Epochs, shared: Epochs) -> String {
+    let mut rows = vec![format!("{:<20} {:>7} {:>7} {:>7}", "PHASE", "NAIVE", "SHARED", "SAVED")];
+    for (name, n, s) in [
+        ("feature extraction", naive.feature_extraction, shared.feature_extraction),
+        ("fine-tuning", naive.fine_tuning, shared.fine_tuning),
+        ("total", naive.total(), shared.total()),
+    ] {
+        rows.push(format!("{name:<20} {n:>7} {s:>7} {:>7}", saved(n, s)));
+    }
+    rows.join("\n") + "\n"
+}
+
+fn costs_text(costs: &[Cost]) -> String {
+    let mut rows = vec![format!("{:<16} {:<20} {:>9} {:>9}", "BACKBONE", "PHASE", "NAIVE", "SHARED")];
+    let (mut naive, mut shared) = (0.0, 0.0);
+    for c in costs {
+        naive += c.naive;
+        shared += c.shared;
+        rows.push(format!(
+            "{:<16} {:<20} {:>9} {:>9}",
+            c.backbone.name(),
+            phase(c.feature_extraction),
+            device_time(c.naive),
+            device_time(c.shared)
+        ));
+    }
+    rows.push(format!("{:<16} {:<20} {:>9} {:>9}", "total", "", device_time(naive), device_time(shared)));
+    rows.join("\n") + "\n"
+}
+
+fn stage_json(s: &Stage) -> Value {
+    json!({
+        "stage": s.id(),
+        "parent": s.parent.map(|p| format!("s{p:02}")),
+        "backbone": s.backbone.name(),
+        "phase": stage_phase(s.kind.is_feature_extraction()),
+        "lr_decay": match &s.kind { EpochKind::FineTuning(d) => Value::String(d.to_string()), _ => Value::Null },
+        "first_epoch": s.first_epoch,
+        "last_epoch": s.last_epoch,
+        "trials": s.trials.iter().map(|&i| grid::trial_id(i)).collect::<Vec<_>>(),
+        "ends": s.ends.iter().map(|&i| grid::trial_id(i)).collect::<Vec<_>>(),
+        "key": s.key.0,
+    })
+}
+
+/// `sweep plan`: prints the plan of the spec at `path`; `tflops` is the device throughput the
+/// time estimate assumes.
+pub fn plan(path: &Path, max_trials: usize, format: Format, tflops: f64) -> anyhow::Result<ExitCode> {
+    if !tflops.is_finite() || tflops <= 0.0 {
+        anyhow::bail!("--tflops must be a positive number of TFLOP/s, got {tflops}");
+    }
+    let (_, spec) = load_spec(path, ParseOptions::with_max_trials(max_trials))?;
+    let tree = StageTree::build(&spec, true);
+    let (naive, shared) = (tree.naive_epochs(), tree.stage_epochs());
+    let costs = costs(&spec, &tree, tflops);
+    match format {
+        Format::Json => {
+            let epochs = |e: Epochs| json!({"feature_extraction": e.feature_extraction, "fine_tuning": e.fine_tuning, "total": e.total()});
+            let trials: Vec<Value> = output::trials_json(&tree.trials)
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .zip(&tree.trials)
+                .map(|(mut v, t)| {
+                    v["stages"] = json!(tree.path(t.index).iter().map(|&s| format!("s{s:02}")).collect::<Vec<_>>());
+                    v["shared"] = json!(tree.shared_label(t.index));
+                    v
+                })
+                .collect();
+            let device_seconds = costs.as_ref().map(|cs| {
+                cs.iter()
+                    .map(|c| {
+                        json!({"backbone": c.backbone.name(), "phase": stage_phase(c.feature_extraction), "naive": c.naive, "shared": c.shared})
+                    })
+                    .collect::<Vec<_>>()
+            });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "name": spec.name,
+                    "trial_count": tree.trials.len(),
+                    "trials": trials,
+                    "stages": tree.stages.iter().map(stage_json).collect::<Vec<_>>(),
+                    "epochs": {"naive": epochs(naive), "shared": epochs(shared)},
+                    "tflops": tflops,
+                    "device_seconds": device_seconds,
+                }))?
+            );
+        }
+        Format::Table => {
+            let time = match &costs {
+                Some(c) => format!(
+                    "Estimated device time at {tflops} TFLOP/s (--tflops; from each backbone's multiply-adds and the \
+                     image counts — a plan, not a measurement):\n\n{}",
+                    costs_text(c)
+                ),
+                None => {
+                    "Estimated device time: unknown (an image folder's image count is known only when it is read).\n"
+                        .to_string()
+                }
+            };
+            output::print(&format!(
+                "{}: sweep `{}`, {} trials, {} stages\n\n{}\n\nStage tree (the epochs trials share; a child stage starts \
+                 from its parent's end):\n\n{}\nEpochs, naive (every trial alone, as sweeps run today) and shared (each \
+                 stage once):\n\n{}\n{time}",
+                path.display(),
+                spec.name,
+                tree.trials.len(),
+                tree.stages.len(),
+                output::trials_table(&tree.trials),
+                tree_text(&tree),
+                epochs_text(naive, shared),
+            ));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stage_phase(feature_extraction: bool) -> &'static str {
+    if feature_extraction { "feature_extraction" } else { "fine_tuning" }
+}
