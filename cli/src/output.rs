@@ -197,8 +197,9 @@ fn counts_json(c: Option<&v1::TrialCounts>) -> Value {
 pub fn counts_line(s: &v1::SweepSummary) -> String {
     let c = s.counts.unwrap_or_default();
     let mut parts = vec![format!("{}/{} completed", c.completed, s.trial_count)];
-    // Completed first (above), then what is still going on, then what ended otherwise.
+    // Completed first (above), then stopped early, what is still going on, what ended otherwise.
     let order = [
+        TrialState::Stopped,
         TrialState::Running,
         TrialState::Pending,
         TrialState::Unschedulable,

@@ -273,6 +273,11 @@ impl View {
                 Some(TrialState::Completed) => {
                     self.say(&format!("{label}  completed: val {}  [{counts}]", output::percent(t.latest_val_accuracy)))
                 }
+                Some(TrialState::Stopped) => self.say(&format!(
+                    "{label}  stopped early, val {}: {}  [{counts}]",
+                    output::percent(t.latest_val_accuracy),
+                    t.error
+                )),
                 Some(TrialState::Failed) => self.say(&format!("{label}  FAILED: {}  [{counts}]", t.error)),
                 Some(TrialState::Cancelled) => self.say(&format!("{label}  cancelled  [{counts}]")),
                 Some(TrialState::Unschedulable) if changed => self.say(&format!("{label}  unschedulable: {}", t.error)),

@@ -159,3 +159,55 @@ async fn simulated_workers_carry_a_token_and_without_one_are_refused_at_once() {
     assert!(report.error_samples.iter().any(|e| e.contains("needs a bearer token")), "{:?}", report.error_samples);
     running.stop().await.unwrap();
 }
+
+/// Early stopping through the real services: simulated workers (deterministic metrics) obey the
+/// stop that comes back with a report; stopped trials end `stopped` with fewer epochs than their
+/// total, the sweep still ends, and no acknowledged report is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_workers_stop_trials_that_asha_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = server::start(Config::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())).await.unwrap();
+    let url = format!("http://{}", running.addr);
+    // 81 trials, fine-tuning 1 to 3 epochs: rungs at fine-tuning epochs 1 and 2 (eta 2).
+    let spec = sim::load_spec("asha-sim", 1) + "early_stopping: { strategy: asha, eta: 2, min_epochs: 1 }\n";
+    let submitted = Client::connect(&url).await.unwrap().submit_text(spec, "asha.yaml".into()).await.unwrap();
+    let sweep_id = submitted.sweep_id.clone();
+    let mut options = SimOptions::new(&url, 20);
+    options.epoch = Duration::from_millis(20);
+    let done = {
+        let (url, sweep_id) = (url.clone(), sweep_id.clone());
+        async move {
+            let mut client = Client::connect(&url).await.unwrap();
+            for _ in 0..1200 {
+                let status = client.get_status(&sweep_id).await.unwrap();
+                if status.sweep.as_ref().is_some_and(|s| s.finished_at_ms != 0) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("the sweep did not end within two minutes");
+        }
+    };
+    let report = sim::run(options, done).await.unwrap();
+    running.stop().await.unwrap();
+    assert_eq!(report.error_count(), 0, "errors: {:?} {:?}", report.errors, report.error_samples);
+    let stored = sweep_coordinator::history::stored_metrics(&dir.path().join("sweep.db")).unwrap();
+    assert!(sim::lost_in(&stored, &report.reports).is_empty());
+
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let status = store.get_sweep(&sweep_id).unwrap();
+    assert_eq!(status.sweep.state, SweepState::Completed);
+    let stopped: Vec<_> = status.trials.iter().filter(|t| t.state == TrialState::Stopped).collect();
+    let completed = status.trials.iter().filter(|t| t.state == TrialState::Completed).count();
+    assert!(!stopped.is_empty() && completed > 0, "{} stopped, {completed} completed", stopped.len());
+    assert_eq!(stopped.len() + completed, status.trials.len());
+    for t in &stopped {
+        assert!(t.epochs_done < t.fe_epochs + t.ft_epochs && t.epochs_done > t.fe_epochs, "{}", t.trial_id);
+        assert!(t.error.contains("stopped by ASHA"), "{}: {}", t.trial_id, t.error);
+    }
+    // Every trial with a one-epoch fine-tuning phase ran to its end (its only epoch is its last).
+    assert!(status.trials.iter().filter(|t| t.ft_epochs == 1).all(|t| t.state == TrialState::Completed));
+    drop(store);
+    let check = sweep_coordinator::history::check_state_dir(dir.path()).unwrap();
+    assert!(check.is_clean(), "{check}");
+}

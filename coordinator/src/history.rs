@@ -12,6 +12,8 @@
 //! * `epochs`: the epochs of a trial are `1..=n` with no gap, within the trial's total, each in
 //!   its phase.
 //! * `completed-epochs`: a completed trial has metrics for all its epochs.
+//! * `stopped`: a trial stopped early has metrics for fewer than all its epochs (a decision is
+//!   never taken at a trial's last epoch).
 //! * `running-attempts`: at most one running attempt per trial, now and at any time (attempt
 //!   intervals do not overlap); a running trial's current attempt is that running attempt, and
 //!   an attempt that is not running has ended.
@@ -46,8 +48,9 @@ pub use crate::store::DB_FILE;
 /// One broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
-    /// `completed-twice`, `metrics-writer`, `epochs`, `completed-epochs`, `running-attempts`,
-    /// `device-overlap`, or `events` (an event the checker cannot read).
+    /// `completed-twice`, `metrics-writer`, `epochs`, `completed-epochs`, `stopped`,
+    /// `running-attempts`, `device-overlap`, `events` (an event the checker cannot read),
+    /// `checkpoints`, `grid` or `metric-values`.
     pub rule: &'static str,
     /// What it is about: `<sweep>/<trial>`, `worker <id>`, or `event <seq>`.
     pub subject: String,
@@ -191,6 +194,7 @@ pub struct Snapshot {
 // States as stored.
 const COMPLETED: &str = TrialState::Completed.as_str();
 const RUNNING: &str = TrialState::Running.as_str();
+const STOPPED: &str = TrialState::Stopped.as_str();
 const ATTEMPT_RUNNING: &str = AttemptState::Running.as_str();
 
 /// An attempt's interval `[start, end)`; a running attempt has not ended.
@@ -376,6 +380,13 @@ impl Snapshot {
                         format!("epoch {} is stored as {}, but it is {}", m.epoch, m.phase, want.unwrap_or("")),
                     );
                 }
+            }
+            if t.state == STOPPED && have.len() as i64 >= total {
+                violation(
+                    "stopped",
+                    subject(key),
+                    format!("stopped early, but it has metrics for all {total} of its epochs"),
+                );
             }
             if t.state == COMPLETED && (have.len() as i64 != total || !contiguous) {
                 violation(

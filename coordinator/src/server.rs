@@ -874,7 +874,10 @@ impl WorkerService for WorkerApi {
         }
         let reply = self.0.write(false, move |s| s.report_epoch(&caller, req.attempt_id, &metrics, &extras)).await?;
         self.0.metrics.reports.inc();
-        Ok(Response::new(v1::ReportEpochResponse { cancel: reply.stop.is_some() }))
+        Ok(Response::new(v1::ReportEpochResponse {
+            cancel: reply.stop.is_some(),
+            stop_reason: reply.stop.map(|r| r.to_string()).unwrap_or_default(),
+        }))
     }
 
     async fn finish_attempt(

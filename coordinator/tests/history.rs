@@ -382,3 +382,11 @@ fn a_trial_row_that_is_not_its_grid_cell_is_found() {
     );
     assert_found(&r, "grid", "3 trial rows for a grid of 2");
 }
+
+#[test]
+fn a_stopped_trial_with_every_epoch_is_found() {
+    // t001 ran all its epochs and succeeded: `stopped` is not what it can be.
+    let r = broken("UPDATE trials SET state = 'stopped' WHERE sweep_id = ?5 AND idx = 1");
+    assert_found(&r, "stopped", "/t001: stopped early, but it has metrics for all 2 of its epochs");
+    assert_found(&r, "completed-twice", "succeeded, but the trial is stopped");
+}

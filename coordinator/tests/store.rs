@@ -58,6 +58,7 @@ macro_rules! store_suite {
                 lists_come_in_bounded_pages_and_workers_gone_for_long_are_forgotten,
                 a_trial_whose_every_epoch_is_stored_completes_whatever_ends_its_attempt,
                 permanent_failures_count_toward_quarantine_only_where_other_workers_ran_the_sweep,
+                asha_stops_trials_below_the_rung_cutoff_and_they_end_stopped_ranked_last,
             );
         }
     };
@@ -805,6 +806,7 @@ fn a_version_1_database_is_upgraded_in_place() {
          ALTER TABLE workers DROP COLUMN consecutive_failures; ALTER TABLE workers DROP COLUMN note;
          ALTER TABLE workers DROP COLUMN session_hash; ALTER TABLE workers DROP COLUMN owner;
          ALTER TABLE events DROP COLUMN checksum;
+         ALTER TABLE sweeps DROP COLUMN early_stopping; ALTER TABLE trials DROP COLUMN stop_reason;
          UPDATE meta SET value = 1 WHERE key = 'schema_version';",
     )
     .unwrap();
@@ -820,5 +822,82 @@ fn a_version_1_database_is_upgraded_in_place() {
     assert!(report.is_clean(), "{report}");
     let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
     let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 7);
+    assert_eq!(v, 8);
+}
+
+/// Early stopping with scripted metrics: every decision at every rung, as reports arrive.
+fn asha_stops_trials_below_the_rung_cutoff_and_they_end_stopped_ranked_last<S: Store>(open: Open<S>) {
+    let spec = "\
+name: ASHA
+dataset: { kind: synthetic, classes: 3 }
+grid:
+  backbone: [resnet18]
+  lr_decay: [{ strategy: linear }, { strategy: exponential }]
+  epoch_split: [[1, 4], [2, 4]]
+early_stopping: { strategy: asha, eta: 2, min_epochs: 1 }
+";
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    let sweep = submit_text(&mut store, spec);
+    let (w, inc) = register(&mut store, "w", &devices("cpu", 4));
+    let attempts: Vec<Assignment> = (0..4).map(|_| store.acquire(&w, inc).unwrap().unwrap()).collect();
+    let by_trial = |id: &str| attempts.iter().find(|a| a.trial_id == id).unwrap().clone();
+    // t000 linear 1+4, t001 linear 2+4, t002 exponential 1+4, t003 exponential 2+4.
+    let (t0, t1, t2, t3) = (by_trial("t000"), by_trial("t001"), by_trial("t002"), by_trial("t003"));
+    let report = |store: &mut S, a: &Assignment, epoch: u32, val: f64| {
+        store.report_epoch(&w, a.attempt_id, &metrics(epoch, a.fe_epochs, val), &extras(1)).unwrap().stop
+    };
+    // Feature extraction is never a decision point.
+    for a in [&t0, &t1, &t2, &t3] {
+        for e in 1..=a.fe_epochs {
+            assert_eq!(report(&mut store, a, e, 0.01), None);
+        }
+    }
+    // Rung 1 (fine-tuning epoch 1), eta 2: the top half of those before goes on.
+    assert_eq!(report(&mut store, &t0, 2, 0.50), None, "the first at a rung goes on");
+    let stop = report(&mut store, &t2, 2, 0.40).expect("0.40 is below the cutoff 0.50");
+    let why = stop.to_string();
+    assert!(matches!(stop, StopReason::EarlyStopped(_)), "{stop:?}");
+    assert!(why.contains("ASHA at fine-tuning epoch 1") && why.contains("(epoch 2)"), "{why}");
+    assert_eq!(report(&mut store, &t1, 3, 0.60), None, "0.60 is above the cutoff 0.45 of [0.40, 0.50]");
+    assert!(report(&mut store, &t3, 3, 0.45).is_some(), "0.45 is below the cutoff 0.50 of [0.40, 0.50, 0.60]");
+    // A stopped trial's worker is told through heartbeats too.
+    let mut stop = store.heartbeat(&w, inc, &[t0.attempt_id, t1.attempt_id, t2.attempt_id, t3.attempt_id]).unwrap();
+    stop.sort();
+    let mut want = vec![t2.attempt_id, t3.attempt_id];
+    want.sort();
+    assert_eq!(stop, want);
+    // Rung 2: t000 first (goes on), then t001 above it.
+    assert_eq!(report(&mut store, &t0, 3, 0.55), None);
+    assert_eq!(report(&mut store, &t1, 4, 0.70), None);
+    // Epochs 3 and 4 of fine-tuning are no rungs (4 is the last): both run to their end.
+    for (a, first, val) in [(&t0, 4, 0.6), (&t1, 5, 0.7)] {
+        for e in first..=a.fe_epochs + a.ft_epochs {
+            assert_eq!(report(&mut store, a, e, val), None);
+        }
+        store.finish_attempt(&w, a.attempt_id, Outcome::Succeeded, "", 1.0).unwrap();
+    }
+    // However a stopped trial's attempt ends — stopped as told, or failed — it is `stopped`.
+    store.finish_attempt(&w, t2.attempt_id, Outcome::Cancelled, "stopped on request", 1.0).unwrap();
+    store.finish_attempt(&w, t3.attempt_id, Outcome::Failed { permanent: false }, "oom", 1.0).unwrap();
+    let status = store.get_sweep(&sweep).unwrap();
+    let states: Vec<TrialState> = status.trials.iter().map(|t| t.state).collect();
+    assert_eq!(states, vec![TrialState::Completed, TrialState::Completed, TrialState::Stopped, TrialState::Stopped]);
+    assert!(status.trials[2].error.contains("ASHA"), "{}", status.trials[2].error);
+    assert_eq!(status.sweep.state, SweepState::Completed, "stopped trials count as done");
+    assert_eq!(status.sweep.counts.get(TrialState::Stopped), 2);
+    assert!(status.sweep.finished_at_ms.is_some());
+    // Stopped trials rank after the completed ones (t003's 45% above t002's 40%).
+    let board = store.leaderboard(&sweep).unwrap();
+    let order: Vec<&str> = board.entries.iter().map(|e| e.trial.trial_id.as_str()).collect();
+    assert_eq!(order, vec!["t001", "t000", "t003", "t002"]);
+    // The decision is in the event log, and the history is clean.
+    let events = store.events_after(&sweep, 0, 10_000).unwrap();
+    let noted = events
+        .iter()
+        .filter(|e| matches!(&e.event, SweepEvent::Trial { note, .. } if note.contains("stopped by ASHA")))
+        .count();
+    assert_eq!(noted, 2);
+    let report = history::check(store.history().unwrap());
+    assert!(report.is_clean(), "{report}");
 }

@@ -81,7 +81,28 @@ pub fn score(fe_epochs: u32, metrics: &[EpochMetrics]) -> Score {
     s
 }
 
-/// Orders two trials for the leaderboard: best first.
+/// A trial as the leaderboard orders it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ranked<'a> {
+    pub score: &'a Score,
+    /// Stopped early: its best is a partial run's, so it ranks after the trials that were not
+    /// stopped (but before those without any score).
+    pub stopped: bool,
+    /// Its index in the grid (the last tie-break).
+    pub index: usize,
+}
+
+/// Orders two trials for the leaderboard: best first. Trials with a score come before those
+/// without; among them, those not stopped early before stopped ones; then by [`compare`].
+pub fn rank(a: Ranked<'_>, b: Ranked<'_>) -> Ordering {
+    let scored = |r: &Ranked<'_>| r.score.best_val_accuracy.is_some() || r.score.fe_val_accuracy.is_some();
+    scored(&b)
+        .cmp(&scored(&a))
+        .then_with(|| a.stopped.cmp(&b.stopped))
+        .then_with(|| compare(a.score, a.index, b.score, b.index))
+}
+
+/// Orders two trials by their scores alone: best first.
 pub fn compare(a: &Score, a_index: usize, b: &Score, b_index: usize) -> Ordering {
     fn desc(a: Option<f64>, b: Option<f64>) -> Ordering {
         match (a, b) {
@@ -138,5 +159,20 @@ mod tests {
         let mut v = [(c, 0), (a, 1), (b, 2)];
         v.sort_by(|x, y| compare(&x.0, x.1, &y.0, y.1));
         assert_eq!(v.iter().map(|x| x.1).collect::<Vec<_>>(), vec![2, 1, 0]);
+    }
+
+    #[test]
+    fn stopped_trials_rank_after_the_others_with_a_score_and_before_those_without() {
+        let best = Score { fe_val_accuracy: Some(0.5), best_val_accuracy: Some(0.9), best_epoch: Some(4) };
+        let good = Score { fe_val_accuracy: Some(0.5), best_val_accuracy: Some(0.7), best_epoch: Some(4) };
+        let none = Score::default();
+        let mut v = [
+            Ranked { score: &best, stopped: true, index: 0 },
+            Ranked { score: &none, stopped: false, index: 1 },
+            Ranked { score: &good, stopped: false, index: 2 },
+            Ranked { score: &good, stopped: true, index: 3 },
+        ];
+        v.sort_by(|a, b| rank(*a, *b));
+        assert_eq!(v.iter().map(|r| r.index).collect::<Vec<_>>(), vec![2, 0, 3, 1]);
     }
 }

@@ -252,14 +252,26 @@ pub enum Outcome {
 }
 
 /// Why a running attempt should stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
     /// Its sweep was cancelled.
     SweepCancelled,
+    /// Its trial was stopped early by the sweep's `early_stopping` (the decision, explained);
+    /// it ends as `stopped`.
+    EarlyStopped(String),
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::SweepCancelled => f.write_str("sweep cancelled"),
+            StopReason::EarlyStopped(why) => f.write_str(why),
+        }
+    }
 }
 
 /// What the store answers a report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ReportReply {
     /// Stop the attempt after this epoch, and why.
     pub stop: Option<StopReason>,

@@ -16,6 +16,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::backbone::{self, Backbone};
+use crate::early_stop::{EarlyStopping, Metric, Strategy};
 use crate::lr::LrDecay;
 
 /// Default upper bound on the number of trials in one sweep's grid.
@@ -88,6 +89,9 @@ pub struct SweepSpec {
     /// Pretrain each backbone from scratch on a dataset first, and run the sweep from those
     /// weights (the guide's way around ImageNet's licence).
     pub pretrain: Option<PretrainSpec>,
+    /// Stop hopeless trials before their last epoch (`early_stopping:`); `None` runs every
+    /// trial to its end.
+    pub early_stopping: Option<EarlyStopping>,
 }
 
 /// Pretraining from random weights: every layer trains with Adam at `lr` for `epochs` on
@@ -596,6 +600,73 @@ struct RawSpec {
     retries: Option<RawRetries>,
     #[serde(default)]
     pretrain: Option<RawPretrain>,
+    #[serde(default)]
+    early_stopping: Option<RawEarlyStopping>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEarlyStopping {
+    strategy: String,
+    metric: Option<String>,
+    eta: Option<i64>,
+    min_epochs: Option<i64>,
+    min_trials: Option<i64>,
+}
+
+impl RawEarlyStopping {
+    fn validate(self, grid: &GridSpec) -> Result<EarlyStopping, Invalid> {
+        let f = |name: &str| format!("early_stopping.{name}");
+        let metric = match &self.metric {
+            Some(m) => one_of(&f("metric"), "metric", m, &Metric::ALL)?,
+            None => Metric::ValAccuracy,
+        };
+        let min_epochs = match self.min_epochs {
+            Some(n) => positive_int(&f("min_epochs"), n, 100_000)?,
+            None => 1,
+        };
+        let strategy = match self.strategy.as_str() {
+            "asha" => {
+                if self.min_trials.is_some() {
+                    return err(f("min_trials"), "belongs to `strategy: median`; ASHA takes `eta`");
+                }
+                let eta = match self.eta {
+                    Some(e) if e < 2 => {
+                        return err(f("eta"), format!("must be at least 2 (keep the top 1/eta), got {e}"));
+                    }
+                    Some(e) => positive_int(&f("eta"), e, 1000)?,
+                    None => 3,
+                };
+                Strategy::Asha { eta }
+            }
+            "median" => {
+                if self.eta.is_some() {
+                    return err(f("eta"), "belongs to `strategy: asha`; the median rule takes `min_trials`");
+                }
+                Strategy::Median {
+                    min_trials: match self.min_trials {
+                        Some(n) => positive_int(&f("min_trials"), n, 100_000)?,
+                        None => 3,
+                    },
+                }
+            }
+            other => {
+                return err(f("strategy"), format!("unknown strategy `{other}`; valid: asha, median"));
+            }
+        };
+        if let Some(longest) = grid.epoch_split.iter().map(|(_, ft)| *ft).max()
+            && min_epochs >= longest
+        {
+            return err(
+                f("min_epochs"),
+                format!(
+                    "is {min_epochs}, but no trial has more than {longest} fine-tuning epochs: nothing would ever be \
+                     decided (decisions are taken before a trial's last epoch)"
+                ),
+            );
+        }
+        Ok(EarlyStopping { strategy, metric, min_epochs })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -823,7 +894,8 @@ impl RawSpec {
                 })
             }
         };
-        Ok(SweepSpec { name: self.name, dataset, model, training, grid, resources, retries, pretrain })
+        let early_stopping = self.early_stopping.map(|e| e.validate(&grid)).transpose()?;
+        Ok(SweepSpec { name: self.name, dataset, model, training, grid, resources, retries, pretrain, early_stopping })
     }
 }
 

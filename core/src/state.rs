@@ -37,18 +37,20 @@ string_enum! {
         Completed => "completed",
         Failed => "failed",
         Cancelled => "cancelled",
+        // Stopped early (`early_stopping`): its metrics so far are its result.
+        Stopped => "stopped",
     }
 }
 
 impl TrialState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, TrialState::Completed | TrialState::Failed | TrialState::Cancelled)
+        matches!(self, TrialState::Completed | TrialState::Failed | TrialState::Cancelled | TrialState::Stopped)
     }
 }
 
 string_enum! {
     /// A sweep's state follows from its trials' states (see [`SweepState::of`]); unschedulable
-    /// trials count as waiting.
+    /// trials count as waiting, trials stopped early as completed.
     SweepState {
         Pending => "pending",
         Running => "running",
@@ -63,7 +65,7 @@ impl SweepState {
     /// until every trial has ended, then completed (all completed), cancelled (any cancelled)
     /// or failed (any failed).
     pub fn of(states: impl IntoIterator<Item = TrialState>) -> SweepState {
-        let mut n = [0u64; 6];
+        let mut n = [0u64; TrialState::ALL.len()];
         for s in states {
             n[s as usize] += 1;
         }
@@ -72,8 +74,9 @@ impl SweepState {
 
     /// [`SweepState::of`] from the number of trials in each state, indexed as
     /// [`TrialState::ALL`].
-    pub fn of_counts(n: [u64; 6]) -> SweepState {
-        let [waiting, unschedulable, running, completed, failed, cancelled] = n;
+    pub fn of_counts(n: [u64; TrialState::ALL.len()]) -> SweepState {
+        let [waiting, unschedulable, running, completed, failed, cancelled, stopped] = n;
+        let completed = completed + stopped;
         let pending = waiting + unschedulable;
         if running > 0 || (pending > 0 && completed + failed + cancelled > 0) {
             SweepState::Running

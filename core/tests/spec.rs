@@ -374,3 +374,28 @@ fn a_synthetic_dataset_too_large_for_any_worker_is_refused_with_its_size() {
     assert!(spec::parse(&GOOD.replace("  classes: 4\n", "  classes: 100\n  train_per_class: 1000\n")).is_ok());
     assert!(spec::parse_with(&huge, ParseOptions::stored()).is_ok(), "the worker checks its own memory");
 }
+
+#[test]
+fn early_stopping_section() {
+    use sweep_core::early_stop::{EarlyStopping, Metric, Strategy};
+    assert_eq!(spec::parse(GOOD).unwrap().early_stopping, None, "off unless asked for");
+    let asha = format!("{GOOD}early_stopping: {{ strategy: asha }}\n");
+    assert_eq!(
+        spec::parse(&asha).unwrap().early_stopping,
+        Some(EarlyStopping { strategy: Strategy::Asha { eta: 3 }, metric: Metric::ValAccuracy, min_epochs: 1 })
+    );
+    let median = format!("{GOOD}early_stopping: {{ strategy: median, metric: val_loss, min_trials: 4 }}\n");
+    assert_eq!(
+        spec::parse(&median).unwrap().early_stopping,
+        Some(EarlyStopping { strategy: Strategy::Median { min_trials: 4 }, metric: Metric::ValLoss, min_epochs: 1 })
+    );
+    let bad = |section: &str| format!("{GOOD}early_stopping: {section}\n");
+    assert_error(&bad("{ strategy: hyperband }"), 10, 29, "early_stopping.strategy", "valid: asha, median");
+    assert_error(&bad("{ strategy: asha, eta: 1 }"), 10, 40, "early_stopping.eta", "at least 2");
+    assert_error(&bad("{ strategy: asha, min_trials: 2 }"), 10, 47, "early_stopping.min_trials", "belongs to");
+    assert_error(&bad("{ strategy: median, eta: 3 }"), 10, 42, "early_stopping.eta", "belongs to");
+    assert_error(&bad("{ strategy: asha, metric: f1 }"), 10, 43, "early_stopping.metric", "val_accuracy, val_loss");
+    // GOOD's longest fine-tuning phase is 2 epochs: a decision at 2 or later never comes.
+    assert_error(&bad("{ strategy: asha, min_epochs: 2 }"), 10, 47, "early_stopping.min_epochs", "nothing would");
+    assert_error(&bad("{ strategy: asha, grace: 2 }"), 10, 35, "early_stopping", "grace");
+}

@@ -33,6 +33,7 @@ impl v1::TrialCounts {
             TrialState::Completed => self.completed,
             TrialState::Failed => self.failed,
             TrialState::Cancelled => self.cancelled,
+            TrialState::Stopped => self.stopped,
         }
     }
 
@@ -45,6 +46,7 @@ impl v1::TrialCounts {
             TrialState::Completed => &mut self.completed,
             TrialState::Failed => &mut self.failed,
             TrialState::Cancelled => &mut self.cancelled,
+            TrialState::Stopped => &mut self.stopped,
         };
         *field = field.saturating_add(n);
     }

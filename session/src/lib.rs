@@ -204,7 +204,17 @@ impl Reporter {
             })
             .await;
         match reply {
-            Ok(r) => Ok(r.into_inner().cancel),
+            Ok(r) => {
+                let r = r.into_inner();
+                if r.cancel && !r.stop_reason.is_empty() {
+                    tracing::info!(
+                        attempt = self.attempt_id,
+                        reason = ?r.stop_reason,
+                        "the coordinator stops this attempt"
+                    );
+                }
+                Ok(r.cancel)
+            }
             Err(e) => {
                 self.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| e.clone());
                 Err(e)

@@ -75,8 +75,8 @@ impl WorkerService for Fake {
         self.0.reports.lock().unwrap().push(r.get_ref().clone());
         match self.0.report_answers.lock().unwrap().pop_front() {
             Some(Err(s)) => Err(s),
-            Some(Ok(cancel)) => Ok(Response::new(v1::ReportEpochResponse { cancel })),
-            None => Ok(Response::new(v1::ReportEpochResponse { cancel: false })),
+            Some(Ok(cancel)) => Ok(Response::new(v1::ReportEpochResponse { cancel, ..Default::default() })),
+            None => Ok(Response::new(v1::ReportEpochResponse::default())),
         }
     }
     async fn finish_attempt(

@@ -27,6 +27,7 @@ use crate::history;
 use prost::Message;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use sweep_core::Backbone;
+use sweep_core::early_stop::{EarlyStopping, Metric};
 use sweep_core::grid;
 use sweep_core::leaderboard::{self, EpochMetrics, Phase};
 use sweep_core::lr::LrDecay;
@@ -57,7 +58,7 @@ pub fn now_ms() -> i64 {
     SystemClock.now_ms()
 }
 
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 /// Statements that bring a database of version `n - 1` to version `n` (index `n - 2`).
 const MIGRATIONS: &[&str] = &[
@@ -83,6 +84,10 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE workers ADD COLUMN session_hash TEXT NOT NULL DEFAULT '';
      ALTER TABLE workers ADD COLUMN owner TEXT NOT NULL DEFAULT '';
      ALTER TABLE events ADD COLUMN checksum INTEGER;",
+    // 8: early stopping: a sweep's setting (`EarlyStopping::canonical`), and why a trial was
+    // stopped.
+    "ALTER TABLE sweeps ADD COLUMN early_stopping TEXT;
+     ALTER TABLE trials ADD COLUMN stop_reason TEXT;",
 ];
 
 const SCHEMA: &str = "
@@ -101,7 +106,8 @@ CREATE TABLE IF NOT EXISTS sweeps (
     gpus_per_trial INTEGER NOT NULL,
     cancelled      INTEGER NOT NULL DEFAULT 0,
     created_at_ms  INTEGER NOT NULL,
-    finished_at_ms INTEGER
+    finished_at_ms INTEGER,
+    early_stopping TEXT
 );
 CREATE TABLE IF NOT EXISTS trials (
     sweep_id        TEXT NOT NULL REFERENCES sweeps(id),
@@ -124,6 +130,7 @@ CREATE TABLE IF NOT EXISTS trials (
     resume_checkpoint BLOB,
     retry_base     INTEGER NOT NULL DEFAULT 0,
     skipped_images  INTEGER NOT NULL DEFAULT 0,
+    stop_reason     TEXT,
     PRIMARY KEY (sweep_id, idx)
 );
 CREATE INDEX IF NOT EXISTS trials_by_state ON trials(state);
@@ -341,8 +348,9 @@ impl Store for SqliteStore {
         let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM sweeps", [], |r| r.get(0))?;
         let id = new_sweep_id(&tx, &spec.name, seq)?;
         tx.execute(
-            "INSERT INTO sweeps(id, seq, name, source, spec_yaml, trial_count, max_attempts, gpus_per_trial, created_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO sweeps(id, seq, name, source, spec_yaml, trial_count, max_attempts, gpus_per_trial, created_at_ms,
+                                early_stopping)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 id,
                 seq,
@@ -352,7 +360,8 @@ impl Store for SqliteStore {
                 trials.len() as i64,
                 spec.retries.max_attempts,
                 spec.resources.gpus_per_trial,
-                now
+                now,
+                spec.early_stopping.map(|e| e.canonical())
             ],
         )?;
         {
@@ -521,7 +530,10 @@ impl Store for SqliteStore {
                 (leaderboard::score(t.fe_epochs, m), t)
             })
             .collect();
-        rows.sort_by(|a, b| leaderboard::compare(&a.0, a.1.index as usize, &b.0, b.1.index as usize));
+        fn ranked((score, t): &(leaderboard::Score, TrialSummary)) -> leaderboard::Ranked<'_> {
+            leaderboard::Ranked { score, stopped: t.state == TrialState::Stopped, index: t.index as usize }
+        }
+        rows.sort_by(|a, b| leaderboard::rank(ranked(a), ranked(b)));
         let now = self.clock.now_ms();
         let entries = rows
             .into_iter()
@@ -1002,9 +1014,24 @@ impl Store for SqliteStore {
                 params![attempt_id as i64, extras.resumed_from_epoch, extras.note],
             )?;
         }
-        trial_event_noted(&tx, &a.sweep_id, a.idx, Some(*metrics), &extras.note, now)?;
+        let decided = early_stop_decision(&tx, &a, metrics)?;
+        if let Some(why) = &decided {
+            tx.prepare_cached("UPDATE trials SET stop_reason = ?3 WHERE sweep_id = ?1 AND idx = ?2")?
+                .execute(params![a.sweep_id, a.idx, why])?;
+        }
+        let note = match (&decided, extras.note.is_empty()) {
+            (Some(why), true) => why.clone(),
+            (Some(why), false) => format!("{}; {why}", extras.note),
+            (None, _) => extras.note.clone(),
+        };
+        trial_event_noted(&tx, &a.sweep_id, a.idx, Some(*metrics), &note, now)?;
         tx.commit()?;
-        Ok(ReportReply { stop: a.cancelled.then_some(StopReason::SweepCancelled) })
+        let stop = if a.cancelled {
+            Some(StopReason::SweepCancelled)
+        } else {
+            decided.or(a.stop_reason).map(StopReason::EarlyStopped)
+        };
+        Ok(ReportReply { stop })
     }
 
     /// Ends a current attempt with the worker's outcome.
@@ -1670,13 +1697,18 @@ struct CurrentAttempt {
     fe_epochs: u32,
     ft_epochs: u32,
     cancelled: bool,
+    /// The sweep's early stopping, as stored.
+    early_stopping: Option<String>,
+    /// Why the trial was stopped early, once it was.
+    stop_reason: Option<String>,
 }
 
 /// The attempt, if it is the current, running attempt of its trial; otherwise the fencing
 /// error `WrongState` (or `NotFound` for an id never issued).
 fn current_attempt(conn: &Connection, attempt_id: u64) -> Result<CurrentAttempt> {
     let row = conn
-        .prepare_cached("SELECT a.sweep_id, a.idx, a.state, t.current_attempt, t.trial_id, t.fe_epochs, t.ft_epochs, s.cancelled
+        .prepare_cached("SELECT a.sweep_id, a.idx, a.state, t.current_attempt, t.trial_id, t.fe_epochs, t.ft_epochs, s.cancelled,
+                    s.early_stopping, t.stop_reason
              FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx JOIN sweeps s ON s.id = a.sweep_id
              WHERE a.id = ?1")?.query_row([attempt_id as i64],
             |r| {
@@ -1687,6 +1719,8 @@ fn current_attempt(conn: &Connection, attempt_id: u64) -> Result<CurrentAttempt>
                     fe_epochs: r.get(5)?,
                     ft_epochs: r.get(6)?,
                     cancelled: r.get::<_, i64>(7)? != 0,
+                    early_stopping: r.get(8)?,
+                    stop_reason: r.get(9)?,
                 };
                 Ok((attempt, r.get::<_, String>(2)?, r.get::<_, Option<i64>>(3)?))
             },
@@ -1705,22 +1739,53 @@ fn current_attempt(conn: &Connection, attempt_id: u64) -> Result<CurrentAttempt>
 }
 
 fn attempt_should_stop(conn: &Connection, attempt_id: u64, worker_id: &str) -> Result<bool> {
-    let row: Option<(String, String, Option<i64>, i64)> = conn
-        .prepare_cached("SELECT a.worker_id, a.state, t.current_attempt, s.cancelled
+    let row: Option<(String, String, Option<i64>, i64, bool)> = conn
+        .prepare_cached(
+            "SELECT a.worker_id, a.state, t.current_attempt, s.cancelled, t.stop_reason IS NOT NULL
              FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx JOIN sweeps s ON s.id = a.sweep_id
-             WHERE a.id = ?1")?.query_row([attempt_id as i64],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
+             WHERE a.id = ?1",
+        )?
+        .query_row([attempt_id as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
         .optional()?;
     Ok(match row {
         None => true,
-        Some((w, state, current, cancelled)) => {
+        Some((w, state, current, cancelled, stopped_early)) => {
             w != worker_id
                 || state != AttemptState::Running.as_str()
                 || current != Some(attempt_id as i64)
                 || cancelled != 0
+                || stopped_early
         }
     })
+}
+
+/// The sweep's early-stopping decision on the epoch `metrics` just stored for attempt `a`'s
+/// trial: `Some(why)` when the trial stops now (`sweep_core::early_stop`), compared with what
+/// the sweep's other trials stored at the same fine-tuning epoch.
+fn early_stop_decision(conn: &Connection, a: &CurrentAttempt, metrics: &EpochMetrics) -> Result<Option<String>> {
+    let (Some(stored), None) = (&a.early_stopping, &a.stop_reason) else { return Ok(None) };
+    let rule = EarlyStopping::parse(stored)
+        .ok_or_else(|| StoreError::Corrupt(format!("early_stopping `{stored}` of sweep {}", a.sweep_id)))?;
+    let Some(ft_epoch) = metrics.epoch.checked_sub(a.fe_epochs).filter(|e| *e >= 1) else { return Ok(None) };
+    if !rule.decides_at(ft_epoch, a.ft_epochs) {
+        return Ok(None);
+    }
+    let column = match rule.metric {
+        Metric::ValAccuracy => "m.val_accuracy",
+        Metric::ValLoss => "m.val_loss",
+    };
+    let peers: Vec<f64> = conn
+        .prepare_cached(&format!(
+            "SELECT {column} FROM metrics m JOIN trials t ON t.sweep_id = m.sweep_id AND t.idx = m.idx
+             WHERE m.sweep_id = ?1 AND m.idx != ?2 AND m.epoch = t.fe_epochs + ?3"
+        ))?
+        .query_map(params![a.sweep_id, a.idx, ft_epoch], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let value = match rule.metric {
+        Metric::ValAccuracy => metrics.val_accuracy,
+        Metric::ValLoss => metrics.val_loss,
+    };
+    Ok(rule.decide(ft_epoch, a.ft_epochs, value, &peers).map(|why| format!("{why} (epoch {})", metrics.epoch)))
 }
 
 /// Ends a running attempt and moves its trial on: completed, back to pending (a retryable end
@@ -1734,23 +1799,16 @@ fn end_attempt(
     wall_seconds: f64,
     now: i64,
 ) -> Result<()> {
-    let (sweep_id, idx, all_attempts, max_attempts, cancelled, started, retry_base, worker_id): (
-        String,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        String,
-    ) = tx
+    type Row = (String, i64, i64, i64, i64, i64, i64, String, Option<String>);
+    let (sweep_id, idx, all_attempts, max_attempts, cancelled, started, retry_base, worker_id, stop_reason): Row = tx
         .prepare_cached(
-            "SELECT a.sweep_id, a.idx, t.attempts, s.max_attempts, s.cancelled, a.started_at_ms, t.retry_base, a.worker_id
+            "SELECT a.sweep_id, a.idx, t.attempts, s.max_attempts, s.cancelled, a.started_at_ms, t.retry_base, a.worker_id,
+                    t.stop_reason
          FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx JOIN sweeps s ON s.id = a.sweep_id
          WHERE a.id = ?1",
         )?
         .query_row([attempt_id as i64], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
         })?;
     // Attempts made before a `sweep retry` do not count against the budget.
     let attempts = all_attempts - retry_base;
@@ -1770,6 +1828,9 @@ fn end_attempt(
     let wall = if wall_seconds > 0.0 { wall_seconds } else { (now - started).max(0) as f64 / 1000.0 };
     let (state, error) = match end {
         AttemptState::Succeeded => (TrialState::Completed, String::new()),
+        // Stopped early: however its attempt then ended (it stopped as told, failed, or its
+        // worker was lost), its metrics so far are its result.
+        _ if stop_reason.is_some() => (TrialState::Stopped, stop_reason.clone().unwrap_or_default()),
         _ if cancelled != 0 => (TrialState::Cancelled, "sweep cancelled".to_string()),
         AttemptState::Cancelled => (TrialState::Pending, String::new()),
         _ if permanent => (TrialState::Failed, message.to_string()),
