@@ -10,5 +10,6 @@ mod flowers;
 mod parity;
 mod pretrain;
 mod resume;
+mod stages;
 mod tools;
 mod trainer;
