@@ -98,6 +98,41 @@ fn every_report_command_prints_what_the_snapshots_show() {
     assert_history_clean(&dir.path().join("state"));
 }
 
+#[test]
+fn a_trial_stopped_early_shows_as_stopped_in_status_leaderboard_trial_and_watch() {
+    let _bound = sweep_tests::bound(300);
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
+    // The scripted worker runs t000 (2+3) then t001 (1+3). At fine-tuning epoch 1 t000 recorded
+    // 0.30 + 0.08 × 3 = 0.54; t001 reaches it at epoch 2 with 0.30 + 0.16 + 0.01 = 0.47, below
+    // ASHA's cutoff (eta 2, one value before it): stopped after epoch 2 of 4.
+    let spec = write(
+        dir.path(),
+        "asha.yaml",
+        &(CLI_SPEC
+            .replace("backbone: [resnet18, resnet50]", "backbone: [resnet18]")
+            .replace("epoch_split: [[1, 1], [2, 1]]", "epoch_split: [[2, 3], [1, 3]]")
+            .replace("name: cli", "name: cli-asha")
+            + "early_stopping: { strategy: asha, eta: 2 }\n"),
+    );
+    let id = run_ok(&["submit", spec.to_str().unwrap()], &url).lines().last().unwrap().trim().to_string();
+    assert_eq!(scripted_worker(&url, "w", 10), vec!["t000", "t001"]);
+
+    let status = run_ok(&["status", &id], &url);
+    assert!(status.contains("1/2 completed, 1 stopped"), "{status}");
+    let json: serde_json::Value = serde_json::from_str(&run_ok(&["status", &id, "-o", "json"], &url)).unwrap();
+    assert_eq!(json["state"], "completed");
+    assert_eq!(json["counts"]["stopped"], 1);
+    let board: serde_json::Value = serde_json::from_str(&run_ok(&["leaderboard", &id, "-o", "json"], &url)).unwrap();
+    assert_eq!(board[1]["trial"], "t001");
+    assert_eq!(board[1]["state"], "stopped");
+    let trial = run_ok(&["trial", &id, "t001"], &url);
+    assert!(trial.contains("stopped by ASHA at fine-tuning epoch 1"), "{trial}");
+    let watch = run_ok(&["watch", &id], &url);
+    assert!(watch.contains("1 stopped"), "{watch}");
+    assert_history_clean(&dir.path().join("state"));
+}
+
 /// PNG width and height from the IHDR chunk.
 fn png_size(path: &Path) -> (u32, u32) {
     let b = std::fs::read(path).unwrap();

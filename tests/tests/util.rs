@@ -385,6 +385,7 @@ pub fn scripted_worker_with(url: &str, name: &str, max_trials: usize, token: Opt
                 .into_inner();
             let Some(a) = got.assignment else { break };
             let epochs = a.fe_epochs + a.ft_epochs;
+            let mut stopped = false;
             for epoch in 1..=epochs {
                 let val = 0.30 + 0.08 * epoch as f64 + 0.01 * a.trial_index as f64;
                 let phase = if epoch <= a.fe_epochs { "feature_extraction" } else { "fine_tuning" };
@@ -394,36 +395,44 @@ pub fn scripted_worker_with(url: &str, name: &str, max_trials: usize, token: Opt
                     bytes: 1000,
                     epoch,
                 };
-                c.report_epoch(v1::ReportEpochRequest {
-                    attempt_id: a.attempt_id,
-                    metrics: Some(v1::EpochMetrics {
-                        epoch,
-                        phase: phase.into(),
-                        train_loss: 2.0 / epoch as f64,
-                        train_accuracy: val + 0.02,
-                        val_loss: 2.2 / epoch as f64,
-                        val_accuracy: val,
-                        seconds: 1.0,
-                        attempt_id: 0,
-                    }),
-                    parameters: 11_000_000 + a.trial_index as u64,
-                    last_checkpoint: Some(reference("last")),
-                    best_checkpoint: Some(reference("best")),
-                    skipped_images: 0,
-                    resume_checkpoint: Some(reference(&format!("state-e{epoch:04}"))),
-                    resumed_from_epoch: 0,
-                    note: String::new(),
-                    worker_id: reg.worker_id.clone(),
-                    session: reg.session.clone(),
-                })
-                .await
-                .expect("report");
+                let reply = c
+                    .report_epoch(v1::ReportEpochRequest {
+                        attempt_id: a.attempt_id,
+                        metrics: Some(v1::EpochMetrics {
+                            epoch,
+                            phase: phase.into(),
+                            train_loss: 2.0 / epoch as f64,
+                            train_accuracy: val + 0.02,
+                            val_loss: 2.2 / epoch as f64,
+                            val_accuracy: val,
+                            seconds: 1.0,
+                            attempt_id: 0,
+                        }),
+                        parameters: 11_000_000 + a.trial_index as u64,
+                        last_checkpoint: Some(reference("last")),
+                        best_checkpoint: Some(reference("best")),
+                        skipped_images: 0,
+                        resume_checkpoint: Some(reference(&format!("state-e{epoch:04}"))),
+                        resumed_from_epoch: 0,
+                        note: String::new(),
+                        worker_id: reg.worker_id.clone(),
+                        session: reg.session.clone(),
+                    })
+                    .await
+                    .expect("report")
+                    .into_inner();
+                // Told to stop (cancelled, or stopped early): stop as a worker does.
+                if reply.cancel {
+                    stopped = true;
+                    break;
+                }
             }
+            let outcome = if stopped { v1::Outcome::Cancelled } else { v1::Outcome::Succeeded };
             c.finish_attempt(v1::FinishAttemptRequest {
                 attempt_id: a.attempt_id,
-                outcome: v1::Outcome::Succeeded as i32,
+                outcome: outcome as i32,
                 error_class: v1::ErrorClass::Unspecified as i32,
-                message: String::new(),
+                message: if stopped { "stopped on request".into() } else { String::new() },
                 wall_seconds: 10.0,
                 worker_id: reg.worker_id.clone(),
                 session: reg.session.clone(),
