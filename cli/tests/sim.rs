@@ -13,6 +13,19 @@ use sweep_proto::v1;
 
 const WORKERS: usize = 50;
 
+/// Returns once the sweep has ended (a generous bound only guards against a hang).
+async fn ended(url: String, sweep_id: String) {
+    let mut client = Client::connect(&url).await.unwrap();
+    for _ in 0..1200 {
+        let status = client.get_status(&sweep_id).await.unwrap();
+        if status.sweep.as_ref().is_some_and(|s| s.finished_at_ms != 0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the sweep did not end within two minutes");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_workers_complete_a_sweep_and_lose_no_report() {
     let dir = tempfile::tempdir().unwrap();
@@ -41,23 +54,7 @@ async fn simulated_workers_complete_a_sweep_and_lose_no_report() {
     let mut options = SimOptions::new(&url, WORKERS);
     options.epoch = Duration::from_millis(40);
     options.workers_per_connection = 10;
-    // Stop once the sweep has ended (a generous bound only guards against a hang).
-    let done = {
-        let url = url.clone();
-        let sweep_id = sweep_id.clone();
-        async move {
-            let mut client = Client::connect(&url).await.unwrap();
-            for _ in 0..1200 {
-                let status = client.get_status(&sweep_id).await.unwrap();
-                if status.sweep.as_ref().is_some_and(|s| s.finished_at_ms != 0) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("the sweep did not end within two minutes");
-        }
-    };
-    let report = sim::run(options, done).await.unwrap();
+    let report = sim::run(options, ended(url.clone(), sweep_id.clone())).await.unwrap();
     running.stop().await.unwrap();
 
     assert_eq!(report.registered, WORKERS);
@@ -174,21 +171,7 @@ async fn simulated_workers_stop_trials_that_asha_stops() {
     let sweep_id = submitted.sweep_id.clone();
     let mut options = SimOptions::new(&url, 20);
     options.epoch = Duration::from_millis(20);
-    let done = {
-        let (url, sweep_id) = (url.clone(), sweep_id.clone());
-        async move {
-            let mut client = Client::connect(&url).await.unwrap();
-            for _ in 0..1200 {
-                let status = client.get_status(&sweep_id).await.unwrap();
-                if status.sweep.as_ref().is_some_and(|s| s.finished_at_ms != 0) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("the sweep did not end within two minutes");
-        }
-    };
-    let report = sim::run(options, done).await.unwrap();
+    let report = sim::run(options, ended(url.clone(), sweep_id.clone())).await.unwrap();
     running.stop().await.unwrap();
     assert_eq!(report.error_count(), 0, "errors: {:?} {:?}", report.errors, report.error_samples);
     let stored = sweep_coordinator::history::stored_metrics(&dir.path().join("sweep.db")).unwrap();

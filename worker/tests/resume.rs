@@ -7,14 +7,13 @@ use crate::common;
 
 use std::sync::{Arc, Mutex};
 
-use sweep_core::leaderboard::EpochMetrics;
 use sweep_core::spec::{self, SweepSpec};
 use sweep_core::{Trial, grid};
 use sweep_proto::v1;
 use sweep_worker::daemon::train_attempt;
-use sweep_worker::resume::{self, StateMetadata, TrainingState};
+use sweep_worker::resume::{self, TrainingState};
 use sweep_worker::train::{Control, TrainOptions, Trainer};
-use tch::{Device, Tensor};
+use tch::Device;
 
 const SPEC: &str = "name: resume
 dataset: { kind: synthetic, classes: 3, train_per_class: 6, val_per_class: 3, image_size: 32, seed: 2 }
@@ -35,29 +34,6 @@ fn spec() -> (SweepSpec, Trial) {
     (s, t)
 }
 
-fn zero_time(m: EpochMetrics) -> EpochMetrics {
-    EpochMetrics { seconds: 0.0, ..m }
-}
-
-fn state_dict(tr: &Trainer) -> Vec<(String, Tensor)> {
-    tr.model().state_dict().into_iter().map(|(n, t)| (n, t.detach().copy())).collect()
-}
-
-fn meta(epoch: u32) -> StateMetadata {
-    StateMetadata {
-        format: String::new(),
-        sweep: "s".into(),
-        trial: "t000".into(),
-        backbone: "resnet18".into(),
-        epoch,
-        best_val_accuracy: None,
-        best_epoch: None,
-        sha256: String::new(),
-        bytes: 0,
-        created_at_ms: 0,
-    }
-}
-
 /// Every epoch without a stop, then for each stop point: train to it, save, load from the file,
 /// continue in a new trainer; metrics and final weights must be identical bit for bit.
 fn check_every_stop_point(devices: Vec<Device>) {
@@ -66,9 +42,9 @@ fn check_every_stop_point(devices: Vec<Device>) {
     let mut whole = Trainer::new(&s, &t, &opts).unwrap();
     let mut expected = Vec::new();
     while whole.epochs_done() < whole.total_epochs() {
-        expected.push(zero_time(whole.run_epoch().unwrap()));
+        expected.push(common::zero_time(whole.run_epoch().unwrap()));
     }
-    let final_weights = state_dict(&whole);
+    let final_weights = common::weights(&whole);
     drop(whole);
 
     for stop in 1..t.fe_epochs + t.ft_epochs {
@@ -78,7 +54,11 @@ fn check_every_stop_point(devices: Vec<Device>) {
             first.run_epoch().unwrap();
         }
         let store = common::local_store(dir.path());
-        let saved = first.training_state().unwrap().save(&store, "s/t000", dir.path(), meta(stop)).unwrap();
+        let saved = first
+            .training_state()
+            .unwrap()
+            .save(&store, "s/t000", dir.path(), common::state_meta("s", "t000", stop))
+            .unwrap();
         drop(first);
         let key = store.key_of(&saved.uri).unwrap();
         let (state, m) = TrainingState::fetch(&store, &key, dir.path(), Some(&saved.meta.sha256)).unwrap();
@@ -88,10 +68,10 @@ fn check_every_stop_point(devices: Vec<Device>) {
         assert_eq!(second.epochs_done(), stop);
         let mut got = Vec::new();
         while second.epochs_done() < second.total_epochs() {
-            got.push(zero_time(second.run_epoch().unwrap()));
+            got.push(common::zero_time(second.run_epoch().unwrap()));
         }
         assert_eq!(got, expected[stop as usize..], "metrics after resuming at epoch {stop}");
-        for ((name, a), (_, b)) in state_dict(&second).iter().zip(&final_weights) {
+        for ((name, a), (_, b)) in common::weights(&second).iter().zip(&final_weights) {
             assert!(a.equal(b), "{name} differs after resuming at epoch {stop}");
         }
     }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use sweep_core::leaderboard::EpochMetrics;
 use sweep_core::spec::{self, SweepSpec};
 use sweep_core::stages::StageTree;
-use sweep_worker::resume::{StateMetadata, TrainingState};
+use sweep_worker::resume::TrainingState;
 use sweep_worker::train::{TrainOptions, Trainer};
 use tch::{Device, Tensor};
 
@@ -35,29 +35,6 @@ grid:
 
 type Weights = Vec<(String, Tensor)>;
 
-fn weights(tr: &Trainer) -> Weights {
-    tr.model().state_dict().into_iter().map(|(n, t)| (n, t.detach().copy())).collect()
-}
-
-fn zero_time(m: EpochMetrics) -> EpochMetrics {
-    EpochMetrics { seconds: 0.0, ..m }
-}
-
-fn meta(epoch: u32) -> StateMetadata {
-    StateMetadata {
-        format: String::new(),
-        sweep: "stages".into(),
-        trial: "stage".into(),
-        backbone: "resnet18".into(),
-        epoch,
-        best_val_accuracy: None,
-        best_epoch: None,
-        sha256: String::new(),
-        bytes: 0,
-        created_at_ms: 0,
-    }
-}
-
 fn assert_same(got: &Weights, want: &Weights, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     for ((name, a), (_, b)) in got.iter().zip(want) {
@@ -77,9 +54,9 @@ fn check(devices: Vec<Device>) {
         let mut tr = Trainer::new(&s, t, &opts).unwrap();
         let mut metrics = Vec::new();
         while tr.epochs_done() < tr.total_epochs() {
-            metrics.push(zero_time(tr.run_epoch().unwrap()));
+            metrics.push(common::zero_time(tr.run_epoch().unwrap()));
         }
-        alone.insert(t.index, (metrics, weights(&tr)));
+        alone.insert(t.index, (metrics, common::weights(&tr)));
     }
 
     // Every stage once, parents first: run for the stage's first trial, from the parent's saved
@@ -99,17 +76,25 @@ fn check(devices: Vec<Device>) {
         let mut tr = Trainer::new(&s, trial, &TrainOptions { resume, ..opts.clone() }).unwrap();
         assert_eq!(tr.epochs_done(), stage.first_epoch - 1, "{}", stage.id());
         while tr.epochs_done() < stage.last_epoch {
-            let m = zero_time(tr.run_epoch().unwrap());
+            let m = common::zero_time(tr.run_epoch().unwrap());
             for &t in &stage.trials {
                 shared.entry(t).or_default().push(m);
             }
         }
         for &t in &stage.ends {
-            assert_same(&weights(&tr), &alone[&t].1, &format!("final weights of t{t:03} through {}", stage.id()));
+            assert_same(
+                &common::weights(&tr),
+                &alone[&t].1,
+                &format!("final weights of t{t:03} through {}", stage.id()),
+            );
         }
         if !stage.children.is_empty() {
             let key = format!("stages/{}", stage.key);
-            let saved = tr.training_state().unwrap().save(&store, &key, dir.path(), meta(stage.last_epoch)).unwrap();
+            let saved = tr
+                .training_state()
+                .unwrap()
+                .save(&store, &key, dir.path(), common::state_meta("stages", "stage", stage.last_epoch))
+                .unwrap();
             ends.insert(stage.index, saved.uri);
         }
     }

@@ -2,8 +2,11 @@
 
 #![allow(dead_code)]
 
+use sweep_core::leaderboard::EpochMetrics;
 use sweep_core::{grid, spec};
 use sweep_proto::v1;
+use sweep_worker::resume::StateMetadata;
+use sweep_worker::train::Trainer;
 
 /// The assignment of trial 0 of `spec_yaml`, as a coordinator would hand it out, on `cpu:0`.
 pub fn assignment(spec_yaml: &str, sweep_id: &str, attempt_id: u64) -> v1::Assignment {
@@ -49,4 +52,30 @@ pub fn local_store(dir: &std::path::Path) -> TestStore {
     )
     .expect("local artifact store");
     TestStore { store, _rt: rt }
+}
+
+/// An epoch's metrics without its wall time (the one value that differs between runs).
+pub fn zero_time(m: EpochMetrics) -> EpochMetrics {
+    EpochMetrics { seconds: 0.0, ..m }
+}
+
+/// A copy of a trainer's model weights and buffers, by name.
+pub fn weights(tr: &Trainer) -> Vec<(String, tch::Tensor)> {
+    tr.model().state_dict().into_iter().map(|(n, t)| (n, t.detach().copy())).collect()
+}
+
+/// Metadata of a resume point of `trial` of `sweep` after `epoch` (resnet18).
+pub fn state_meta(sweep: &str, trial: &str, epoch: u32) -> StateMetadata {
+    StateMetadata {
+        format: String::new(),
+        sweep: sweep.into(),
+        trial: trial.into(),
+        backbone: "resnet18".into(),
+        epoch,
+        best_val_accuracy: None,
+        best_epoch: None,
+        sha256: String::new(),
+        bytes: 0,
+        created_at_ms: 0,
+    }
 }
