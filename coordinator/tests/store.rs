@@ -59,6 +59,7 @@ macro_rules! store_suite {
                 a_trial_whose_every_epoch_is_stored_completes_whatever_ends_its_attempt,
                 permanent_failures_count_toward_quarantine_only_where_other_workers_ran_the_sweep,
                 asha_stops_trials_below_the_rung_cutoff_and_they_end_stopped_ranked_last,
+                a_cancelled_sweep_cancels_trials_stopped_early_and_decides_nothing_more,
             );
         }
     };
@@ -884,6 +885,9 @@ early_stopping: { strategy: asha, eta: 2, min_epochs: 1 }
     let states: Vec<TrialState> = status.trials.iter().map(|t| t.state).collect();
     assert_eq!(states, vec![TrialState::Completed, TrialState::Completed, TrialState::Stopped, TrialState::Stopped]);
     assert!(status.trials[2].error.contains("ASHA"), "{}", status.trials[2].error);
+    // Like any ended trial, it keeps where it ran and what it cost.
+    assert_eq!(status.trials[2].worker_id.as_deref(), Some(w.worker_id.as_str()));
+    assert_eq!(status.trials[2].devices.len(), 1);
     assert_eq!(status.sweep.state, SweepState::Completed, "stopped trials count as done");
     assert_eq!(status.sweep.counts.get(TrialState::Stopped), 2);
     assert!(status.sweep.finished_at_ms.is_some());
@@ -891,6 +895,7 @@ early_stopping: { strategy: asha, eta: 2, min_epochs: 1 }
     let board = store.leaderboard(&sweep).unwrap();
     let order: Vec<&str> = board.entries.iter().map(|e| e.trial.trial_id.as_str()).collect();
     assert_eq!(order, vec!["t001", "t000", "t003", "t002"]);
+    assert_eq!(board.entries[3].wall_seconds, 1.0);
     // The decision is in the event log, and the history is clean.
     let events = store.events_after(&sweep, 0, 10_000).unwrap();
     let noted = events
@@ -898,6 +903,46 @@ early_stopping: { strategy: asha, eta: 2, min_epochs: 1 }
         .filter(|e| matches!(&e.event, SweepEvent::Trial { note, .. } if note.contains("stopped by ASHA")))
         .count();
     assert_eq!(noted, 2);
+    let report = history::check(store.history().unwrap());
+    assert!(report.is_clean(), "{report}");
+}
+
+/// A cancel overrides early stopping: a trial stopped early but still running ends cancelled,
+/// and reports after the cancel decide nothing.
+fn a_cancelled_sweep_cancels_trials_stopped_early_and_decides_nothing_more<S: Store>(open: Open<S>) {
+    let spec = "\
+name: ASHA cancel
+dataset: { kind: synthetic, classes: 3 }
+grid:
+  backbone: [resnet18]
+  lr_decay: [{ strategy: linear }]
+  epoch_split: [[1, 3], [2, 3], [3, 3]]
+early_stopping: { strategy: asha, eta: 3 }
+";
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    let sweep = submit_text(&mut store, spec);
+    let (w, inc) = register(&mut store, "w", &devices("cpu", 3));
+    let a: Vec<Assignment> = (0..3).map(|_| store.acquire(&w, inc).unwrap().unwrap()).collect();
+    let report = |store: &mut S, i: usize, epoch: u32, val: f64| {
+        store.report_epoch(&w, a[i].attempt_id, &metrics(epoch, a[i].fe_epochs, val), &extras(1)).unwrap().stop
+    };
+    for (i, fe) in [(0, 1), (1, 2), (2, 3)] {
+        for e in 1..=fe {
+            assert_eq!(report(&mut store, i, e, 0.01), None);
+        }
+    }
+    assert_eq!(report(&mut store, 0, 2, 0.5), None);
+    assert!(matches!(report(&mut store, 1, 3, 0.4), Some(StopReason::EarlyStopped(_))));
+    store.cancel_sweep(&sweep).unwrap();
+    // Below the cutoff too, but the sweep is cancelled: that is the reason, and no decision.
+    assert_eq!(report(&mut store, 2, 4, 0.3), Some(StopReason::SweepCancelled));
+    for x in &a {
+        store.finish_attempt(&w, x.attempt_id, Outcome::Cancelled, "stopped on request", 1.0).unwrap();
+    }
+    let status = store.get_sweep(&sweep).unwrap();
+    assert!(status.trials.iter().all(|t| t.state == TrialState::Cancelled), "{:?}", status.trials);
+    assert_eq!(status.sweep.state, SweepState::Cancelled);
     let report = history::check(store.history().unwrap());
     assert!(report.is_clean(), "{report}");
 }

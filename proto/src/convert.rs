@@ -337,7 +337,7 @@ impl TryFrom<&v1::SweepEvent> for records::Event {
                 let metrics = t
                     .metrics
                     .as_ref()
-                    .map(EpochMetrics::try_from)
+                    .map(stored_metrics)
                     .transpose()
                     .map_err(|err| format!("event {seq}: trial {}: metrics: {err}", trial.trial_id))?;
                 records::SweepEvent::Trial { trial, metrics, note: t.note.clone() }
@@ -350,6 +350,24 @@ impl TryFrom<&v1::SweepEvent> for records::Event {
         };
         Ok(records::Event { sequence: seq, event })
     }
+}
+
+/// An event's metrics as they were stored: only the phase must be known. The limits a report
+/// must keep ([`EpochMetrics::try_from`]) are not applied again: a state written before reports
+/// were checked may hold values past them, and its events must stay readable (the history
+/// checker's `metric-values` rule reports such values).
+fn stored_metrics(m: &v1::EpochMetrics) -> Result<EpochMetrics, String> {
+    let phase =
+        sweep_core::leaderboard::Phase::parse(&m.phase).ok_or_else(|| format!("unknown phase `{}`", m.phase))?;
+    Ok(EpochMetrics {
+        epoch: m.epoch,
+        phase,
+        train_loss: m.train_loss,
+        train_accuracy: m.train_accuracy,
+        val_loss: m.val_loss,
+        val_accuracy: m.val_accuracy,
+        seconds: m.seconds,
+    })
 }
 
 /// How an attempt ended, from a `FinishAttempt` request's outcome and error class: a failure
@@ -570,6 +588,15 @@ mod tests {
         }
         let e = records::Event::try_from(&bad_metrics).unwrap_err();
         assert!(e.starts_with("event 9: trial t003: metrics: ") && e.contains("`warmup`"), "{e}");
+        // Values past a report's limits, as a state written before reports were checked holds:
+        // still readable.
+        if let Some(WireEvent::Trial(t)) = &mut bad_metrics.event {
+            let m = t.metrics.as_mut().unwrap();
+            (m.phase, m.val_loss, m.seconds) = ("fine_tuning".into(), f64::INFINITY, 1e300);
+        }
+        let old = records::Event::try_from(&bad_metrics).unwrap();
+        let records::SweepEvent::Trial { metrics: Some(m), .. } = old.event else { panic!("{old:?}") };
+        assert_eq!((m.val_loss, m.seconds), (f64::INFINITY, 1e300));
 
         let ended = v1::SweepEvent {
             sequence: 10,

@@ -1395,7 +1395,7 @@ fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Resu
                 t.lr_decay
          FROM trials t LEFT JOIN attempts a ON a.id = CASE
                 WHEN t.state = ?3 THEN t.current_attempt
-                WHEN t.state IN (?4, ?5, ?6) THEN
+                WHEN t.state IN (?4, ?5, ?6, ?7) THEN
                     (SELECT MAX(x.id) FROM attempts x WHERE x.sweep_id = t.sweep_id AND x.idx = t.idx)
              END
          WHERE t.sweep_id = ?1 {only_sql} ORDER BY t.idx"
@@ -1426,7 +1426,8 @@ fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Resu
                 TrialState::Running.as_str(),
                 TrialState::Completed.as_str(),
                 TrialState::Failed.as_str(),
-                TrialState::Cancelled.as_str()
+                TrialState::Cancelled.as_str(),
+                TrialState::Stopped.as_str()
             ],
             |r| {
                 Ok(Raw {
@@ -1763,7 +1764,8 @@ fn attempt_should_stop(conn: &Connection, attempt_id: u64, worker_id: &str) -> R
 /// trial: `Some(why)` when the trial stops now (`sweep_core::early_stop`), compared with what
 /// the sweep's other trials stored at the same fine-tuning epoch.
 fn early_stop_decision(conn: &Connection, a: &CurrentAttempt, metrics: &EpochMetrics) -> Result<Option<String>> {
-    let (Some(stored), None) = (&a.early_stopping, &a.stop_reason) else { return Ok(None) };
+    // A cancelled sweep's trials end as cancelled: nothing more to decide.
+    let (Some(stored), None, false) = (&a.early_stopping, &a.stop_reason, a.cancelled) else { return Ok(None) };
     let rule = EarlyStopping::parse(stored)
         .ok_or_else(|| StoreError::Corrupt(format!("early_stopping `{stored}` of sweep {}", a.sweep_id)))?;
     let Some(ft_epoch) = metrics.epoch.checked_sub(a.fe_epochs).filter(|e| *e >= 1) else { return Ok(None) };
@@ -1828,10 +1830,11 @@ fn end_attempt(
     let wall = if wall_seconds > 0.0 { wall_seconds } else { (now - started).max(0) as f64 / 1000.0 };
     let (state, error) = match end {
         AttemptState::Succeeded => (TrialState::Completed, String::new()),
+        // The sweep was cancelled: so is the trial, even one stopped early and still running.
+        _ if cancelled != 0 => (TrialState::Cancelled, "sweep cancelled".to_string()),
         // Stopped early: however its attempt then ended (it stopped as told, failed, or its
         // worker was lost), its metrics so far are its result.
         _ if stop_reason.is_some() => (TrialState::Stopped, stop_reason.clone().unwrap_or_default()),
-        _ if cancelled != 0 => (TrialState::Cancelled, "sweep cancelled".to_string()),
         AttemptState::Cancelled => (TrialState::Pending, String::new()),
         _ if permanent => (TrialState::Failed, message.to_string()),
         _ if attempts >= max_attempts => {
@@ -1845,7 +1848,15 @@ fn end_attempt(
                 wall_seconds = CASE WHEN ?7 THEN ?6 ELSE wall_seconds END
          WHERE sweep_id = ?1 AND idx = ?2",
     )?
-    .execute(params![sweep_id, idx, state.as_str(), error, finished, wall, state == TrialState::Completed])?;
+    .execute(params![
+        sweep_id,
+        idx,
+        state.as_str(),
+        error,
+        finished,
+        wall,
+        matches!(state, TrialState::Completed | TrialState::Stopped)
+    ])?;
     trial_event(tx, &sweep_id, idx, None, now)?;
     match end {
         AttemptState::Succeeded => {
