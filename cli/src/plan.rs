@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use serde_json::{Value, json};
 use sweep_core::backbone::Backbone;
 use sweep_core::grid;
+use sweep_core::leaderboard::Phase;
 use sweep_core::spec::{ParseOptions, SweepSpec};
 use sweep_core::stages::{self, EpochKind, Epochs, Stage, StageTree};
 
@@ -21,7 +22,7 @@ const IDS_SHOWN: usize = 8;
 /// Naive and shared device-seconds of one backbone and phase.
 struct Cost {
     backbone: Backbone,
-    feature_extraction: bool,
+    phase: Phase,
     naive: f64,
     shared: f64,
 }
@@ -31,40 +32,39 @@ struct Cost {
 fn costs(spec: &SweepSpec, tree: &StageTree, tflops: f64) -> Option<Vec<Cost>> {
     let rate = tflops * 1e12;
     let mut out: Vec<Cost> = Vec::new();
-    let mut entry = |backbone: Backbone, kind: &EpochKind| -> Option<usize> {
-        let fe = kind.is_feature_extraction();
-        if let Some(i) = out.iter().position(|c| c.backbone == backbone && c.feature_extraction == fe) {
-            return Some(i);
+    let mut add = |backbone: Backbone, kind: &EpochKind, epochs: u32, naive: bool| -> Option<()> {
+        let seconds = stages::epoch_flops(spec, backbone, kind)? * f64::from(epochs) / rate;
+        let phase = kind.phase();
+        let i = match out.iter().position(|c| c.backbone == backbone && c.phase == phase) {
+            Some(i) => i,
+            None => {
+                out.push(Cost { backbone, phase, naive: 0.0, shared: 0.0 });
+                out.len() - 1
+            }
+        };
+        if naive {
+            out[i].naive += seconds
+        } else {
+            out[i].shared += seconds
         }
-        stages::epoch_flops(spec, backbone, kind)?;
-        out.push(Cost { backbone, feature_extraction: fe, naive: 0.0, shared: 0.0 });
-        Some(out.len() - 1)
+        Some(())
     };
-    let mut naive = Vec::new();
     for t in &tree.trials {
-        for (kind, epochs) in
-            [(EpochKind::FeatureExtraction, t.fe_epochs), (EpochKind::FineTuning(t.lr_decay), t.ft_epochs)]
-        {
-            let i = entry(t.backbone, &kind)?;
-            naive.push((i, stages::epoch_flops(spec, t.backbone, &kind)? * f64::from(epochs) / rate));
-        }
+        add(t.backbone, &EpochKind::FeatureExtraction, t.fe_epochs, true)?;
+        add(t.backbone, &EpochKind::FineTuning(t.lr_decay), t.ft_epochs, true)?;
     }
-    let mut shared = Vec::new();
     for s in &tree.stages {
-        let i = entry(s.backbone, &s.kind)?;
-        shared.push((i, stages::epoch_flops(spec, s.backbone, &s.kind)? * f64::from(s.epochs()) / rate));
-    }
-    for (i, secs) in naive {
-        out[i].naive += secs;
-    }
-    for (i, secs) in shared {
-        out[i].shared += secs;
+        add(s.backbone, &s.kind, s.epochs(), false)?;
     }
     Some(out)
 }
 
-fn phase(feature_extraction: bool) -> &'static str {
-    if feature_extraction { "feature extraction" } else { "fine-tuning" }
+/// `feature extraction` or `fine-tuning`, for tables.
+fn phase_label(phase: Phase) -> &'static str {
+    match phase {
+        Phase::FeatureExtraction => "feature extraction",
+        Phase::FineTuning => "fine-tuning",
+    }
 }
 
 fn ids(list: &[usize]) -> String {
@@ -175,7 +175,7 @@ fn costs_text(costs: &[Cost]) -> String {
         rows.push(format!(
             "{:<16} {:<20} {:>9} {:>9}",
             c.backbone.name(),
-            phase(c.feature_extraction),
+            phase_label(c.phase),
             device_time(c.naive),
             device_time(c.shared)
         ));
@@ -189,7 +189,7 @@ fn stage_json(s: &Stage) -> Value {
         "stage": s.id(),
         "parent": s.parent.map(|p| format!("s{p:02}")),
         "backbone": s.backbone.name(),
-        "phase": stage_phase(s.kind.is_feature_extraction()),
+        "phase": s.kind.phase().as_str(),
         "lr_decay": match &s.kind { EpochKind::FineTuning(d) => Value::String(d.to_string()), _ => Value::Null },
         "first_epoch": s.first_epoch,
         "last_epoch": s.last_epoch,
@@ -227,7 +227,7 @@ pub fn plan(path: &Path, max_trials: usize, format: Format, tflops: f64) -> anyh
             let device_seconds = costs.as_ref().map(|cs| {
                 cs.iter()
                     .map(|c| {
-                        json!({"backbone": c.backbone.name(), "phase": stage_phase(c.feature_extraction), "naive": c.naive, "shared": c.shared})
+                        json!({"backbone": c.backbone.name(), "phase": c.phase.as_str(), "naive": c.naive, "shared": c.shared})
                     })
                     .collect::<Vec<_>>()
             });
@@ -271,8 +271,4 @@ pub fn plan(path: &Path, max_trials: usize, format: Format, tflops: f64) -> anyh
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn stage_phase(feature_extraction: bool) -> &'static str {
-    if feature_extraction { "feature_extraction" } else { "fine_tuning" }
 }

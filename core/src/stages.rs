@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::backbone::Backbone;
 use crate::grid::{self, Trial};
+use crate::leaderboard::Phase;
 use crate::lr::LrDecay;
 use crate::spec::{DatasetSpec, PretrainSpec, SweepSpec, Weights};
 
@@ -50,6 +51,11 @@ impl EpochKind {
 
     pub fn is_feature_extraction(&self) -> bool {
         matches!(self, EpochKind::FeatureExtraction)
+    }
+
+    /// The trial phase epochs of this kind belong to.
+    pub fn phase(&self) -> Phase {
+        if self.is_feature_extraction() { Phase::FeatureExtraction } else { Phase::FineTuning }
     }
 
     /// Its exact form in a stage key (floats by their bits).

@@ -7,7 +7,6 @@
 //! stored record round-trips exactly.
 
 use sweep_core::backbone::Backbone;
-use sweep_core::leaderboard::EpochMetrics;
 use sweep_core::lr::LrDecay;
 use sweep_core::records;
 use sweep_core::state::{SweepState, TrialState};
@@ -337,7 +336,7 @@ impl TryFrom<&v1::SweepEvent> for records::Event {
                 let metrics = t
                     .metrics
                     .as_ref()
-                    .map(stored_metrics)
+                    .map(crate::stored_metrics)
                     .transpose()
                     .map_err(|err| format!("event {seq}: trial {}: metrics: {err}", trial.trial_id))?;
                 records::SweepEvent::Trial { trial, metrics, note: t.note.clone() }
@@ -350,24 +349,6 @@ impl TryFrom<&v1::SweepEvent> for records::Event {
         };
         Ok(records::Event { sequence: seq, event })
     }
-}
-
-/// An event's metrics as they were stored: only the phase must be known. The limits a report
-/// must keep ([`EpochMetrics::try_from`]) are not applied again: a state written before reports
-/// were checked may hold values past them, and its events must stay readable (the history
-/// checker's `metric-values` rule reports such values).
-fn stored_metrics(m: &v1::EpochMetrics) -> Result<EpochMetrics, String> {
-    let phase =
-        sweep_core::leaderboard::Phase::parse(&m.phase).ok_or_else(|| format!("unknown phase `{}`", m.phase))?;
-    Ok(EpochMetrics {
-        epoch: m.epoch,
-        phase,
-        train_loss: m.train_loss,
-        train_accuracy: m.train_accuracy,
-        val_loss: m.val_loss,
-        val_accuracy: m.val_accuracy,
-        seconds: m.seconds,
-    })
 }
 
 /// How an attempt ended, from a `FinishAttempt` request's outcome and error class: a failure
@@ -385,7 +366,7 @@ pub fn outcome_of(outcome: v1::Outcome, class: v1::ErrorClass) -> Result<records
 mod tests {
     use super::*;
     use prost::Message;
-    use sweep_core::leaderboard::Phase;
+    use sweep_core::leaderboard::{EpochMetrics, Phase};
 
     fn trial() -> records::TrialSummary {
         records::TrialSummary {
