@@ -19,7 +19,6 @@
 //! loop, augmentation, initialisation) must raise it, so that no stage computed before the
 //! change is taken for one computed after it.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use sha2::{Digest, Sha256};
@@ -431,22 +430,11 @@ fn stage_key(base: &str, path: &[(String, u32)]) -> StageKey {
     StageKey(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Trials by the stages they end in: for each trial, its last stage (a trial ends in exactly
-/// one). A map for callers that look trials up by stage.
-pub fn ending_stage(tree: &StageTree) -> BTreeMap<usize, usize> {
-    let mut out = BTreeMap::new();
-    for s in &tree.stages {
-        for &t in &s.ends {
-            out.insert(t, s.index);
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::spec;
+    use std::collections::BTreeMap;
 
     const GUIDE: &str = "\
 name: guide
@@ -458,6 +446,18 @@ grid:
     - { strategy: exponential, head_lr: 1.0e-4, factor: 3 }
   epoch_split: [[16, 8], [12, 12], [8, 16]]
 ";
+
+    /// Trials by the stages they end in: for each trial, its last stage (a trial ends in exactly
+    /// one).
+    fn ending_stage(tree: &StageTree) -> BTreeMap<usize, usize> {
+        let mut out = BTreeMap::new();
+        for s in &tree.stages {
+            for &t in &s.ends {
+                out.insert(t, s.index);
+            }
+        }
+        out
+    }
 
     fn tree(text: &str, sharing: bool) -> StageTree {
         StageTree::build(&spec::parse(text).unwrap(), sharing)
