@@ -206,7 +206,7 @@ pub fn plan(path: &Path, max_trials: usize, format: Format, tflops: f64) -> anyh
         anyhow::bail!("--tflops must be a positive number of TFLOP/s, got {tflops}");
     }
     let (_, spec) = load_spec(path, ParseOptions::with_max_trials(max_trials))?;
-    let tree = StageTree::build(&spec, true);
+    let tree = StageTree::build(&spec, spec.sharing);
     let (naive, shared) = (tree.naive_epochs(), tree.stage_epochs());
     let costs = costs(&spec, &tree, tflops);
     match format {

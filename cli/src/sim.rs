@@ -608,7 +608,10 @@ impl sweep_session::Executor for SimWorker {
             let trial_id: Arc<str> = a.trial_id.as_str().into();
             let seconds = options.epoch.as_secs_f64();
             let mut best = f64::NEG_INFINITY;
-            for epoch in 1..=a.fe_epochs + a.ft_epochs {
+            // Epochs stored before (by an earlier attempt, or computed for this trial by one it
+            // shares them with) are not run again: go on after the resume point handed over.
+            let start = a.resume.as_ref().map_or(0, |r| r.epoch);
+            for epoch in start + 1..=a.fe_epochs + a.ft_epochs {
                 tokio::select! {
                     _ = tokio::time::sleep(options.epoch) => {}
                     _ = cancel.raised() => {}
@@ -642,6 +645,7 @@ impl sweep_session::Executor for SimWorker {
                     parameters: 11_000_000 + u64::from(a.trial_index),
                     last_checkpoint: Some(checkpoint("last")),
                     best_checkpoint: improved.then(|| checkpoint("best")),
+                    resume_checkpoint: Some(checkpoint(&format!("state-e{epoch:04}"))),
                     ..Default::default()
                 };
                 let sent = Instant::now();

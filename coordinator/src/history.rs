@@ -5,10 +5,13 @@
 //!
 //! The rules, each a [`Violation::rule`]:
 //! * `completed-twice`: a trial completes at most once: at most one succeeded attempt, one
-//!   move into `completed` in the event log, and a completed trial has exactly that attempt.
-//! * `metrics-writer`: every metric row was written by an attempt of its own trial while that
-//!   attempt ran (its `recorded_at_ms` lies within the attempt's start and end; with at most one
-//!   attempt of a trial running at any time, that attempt was the current one).
+//!   move into `completed` in the event log, and a completed trial has exactly that attempt —
+//!   or, in a sweep that shares epochs, none when its last epoch was computed by a trial that
+//!   shares it.
+//! * `metrics-writer`: every metric row was written by an attempt of its own trial, or (in a
+//!   sweep that shares epochs) of a trial whose epochs up to that one are the same as its own,
+//!   while that attempt ran (its `recorded_at_ms` lies within the attempt's start and end; with
+//!   at most one attempt of a trial running at any time, that attempt was the current one).
 //! * `epochs`: the epochs of a trial are `1..=n` with no gap, within the trial's total, each in
 //!   its phase.
 //! * `completed-epochs`: a completed trial has metrics for all its epochs.
@@ -23,7 +26,8 @@
 //!   a stored blob is seen, not served).
 //! * `checkpoints`: every checkpoint reference a trial holds (best, last, resume point) decodes,
 //!   holds an epoch the trial has metrics for, carries a SHA-256, and names the trial's own
-//!   file (`…/<sweep>/<trial>/<file>`): a resume point of another sweep is seen.
+//!   file (`…/<sweep>/<trial>/<file>`) or, in a sweep that shares epochs, the file of the trial
+//!   that computed that epoch for it: a resume point of another sweep is seen.
 //! * `grid`: every trial row is the grid cell its sweep's spec gives that index (backbone,
 //!   strategy, epoch split), and a sweep has as many trials as its grid.
 //! * `metric-values`: every stored metric is finite and within what a report may carry.
@@ -31,7 +35,7 @@
 //! Times are the coordinator's wall clock in milliseconds: a clock stepped backwards while it
 //! ran can show up as an overlap.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 
@@ -183,6 +187,8 @@ pub struct Snapshot {
     pub events: Vec<(i64, String, Result<Event, String>)>,
     /// Each sweep's spec.
     pub specs: BTreeMap<String, String>,
+    /// The sweeps that run shared epochs once (`sharing: on`).
+    pub sharing: BTreeSet<String>,
     /// Announced devices per worker (`None`: unreadable).
     pub workers: HashMap<String, Option<HashSet<String>>>,
 }
@@ -231,6 +237,28 @@ impl Snapshot {
             by_trial.entry(&a.trial).or_default().push(a);
         }
         let attempts: HashMap<i64, &AttemptRow> = self.attempts.iter().map(|a| (a.id, a)).collect();
+        // The stage trees of the sweeps that share epochs (a spec that does not parse is the
+        // `grid` rule's to report; its sweep then shares nothing here).
+        let trees: HashMap<&str, sweep_core::stages::StageTree> = self
+            .sharing
+            .iter()
+            .filter_map(|sweep| {
+                let spec =
+                    sweep_core::spec::parse_with(self.specs.get(sweep)?, sweep_core::spec::ParseOptions::stored())
+                        .ok()?;
+                Some((sweep.as_str(), sweep_core::stages::StageTree::build(&spec, true)))
+            })
+            .collect();
+        // Whether trial `b`'s epoch `epoch` is trial `a`'s (same sweep, same epochs up to it).
+        let shares = |sweep: &str, a: i64, b: i64, epoch: i64| -> bool {
+            let (Some(tree), Ok(a), Ok(epoch)) = (trees.get(sweep), usize::try_from(a), u32::try_from(epoch)) else {
+                return false;
+            };
+            tree.sharers(a, epoch).iter().any(|&u| u as i64 == b)
+        };
+        // The attempt that wrote each trial's metric row of each epoch.
+        let writer: HashMap<(&TrialKey, i64), i64> =
+            self.metrics.iter().map(|m| ((&m.trial, m.epoch), m.attempt_id)).collect();
 
         // completed-twice, running-attempts: per trial, from the attempts.
         for (key, t) in &self.trials {
@@ -240,7 +268,14 @@ impl Snapshot {
             if succeeded.len() > 1 {
                 violation("completed-twice", subject(key), format!("attempts {succeeded:?} all succeeded"));
             }
-            if t.state == COMPLETED && succeeded.is_empty() {
+            // Completed without an attempt of its own: every epoch was computed for it by trials
+            // it shares them with (its last one too).
+            let total = i64::from(t.fe_epochs + t.ft_epochs);
+            let credited = writer
+                .get(&(key, total))
+                .and_then(|w| attempts.get(w))
+                .is_some_and(|w| w.trial != *key && shares(&key.0, w.trial.1, key.1, total));
+            if t.state == COMPLETED && succeeded.is_empty() && !credited {
                 violation("completed-twice", subject(key), "completed, but none of its attempts succeeded".into());
             }
             if t.state != COMPLETED && !succeeded.is_empty() {
@@ -343,11 +378,16 @@ impl Snapshot {
                     subject(&m.trial),
                     format!("{at} was written by attempt {}, which does not exist", m.attempt_id),
                 ),
-                Some(a) if a.trial != m.trial => violation(
-                    "metrics-writer",
-                    subject(&m.trial),
-                    format!("{at} was written by attempt {}, an attempt of {}", a.id, subject(&a.trial)),
-                ),
+                Some(a)
+                    if a.trial != m.trial
+                        && !(a.trial.0 == m.trial.0 && shares(&a.trial.0, a.trial.1, m.trial.1, m.epoch)) =>
+                {
+                    violation(
+                        "metrics-writer",
+                        subject(&m.trial),
+                        format!("{at} was written by attempt {}, an attempt of {}", a.id, subject(&a.trial)),
+                    )
+                }
                 Some(a) if m.recorded_at_ms < a.started_at_ms || m.recorded_at_ms > end_of(a) => violation(
                     "metrics-writer",
                     subject(&m.trial),
@@ -409,7 +449,17 @@ impl Snapshot {
                         continue;
                     }
                 };
-                if let Err(why) = crate::store::check_checkpoint_ref(c, &key.0, &t.trial_id, *kind) {
+                // A shared epoch's reference names the file of the trial whose attempt computed it.
+                let owner = writer
+                    .get(&(key, i64::from(c.epoch)))
+                    .and_then(|w| attempts.get(w))
+                    .filter(|w| {
+                        w.trial != *key && w.trial.0 == key.0 && shares(&key.0, w.trial.1, key.1, i64::from(c.epoch))
+                    })
+                    .and_then(|w| self.trials.get(&w.trial));
+                let own = crate::store::check_checkpoint_ref(c, &key.0, &t.trial_id, *kind);
+                let theirs = owner.map(|o| crate::store::check_checkpoint_ref(c, &key.0, &o.trial_id, *kind));
+                if let (Err(why), None | Some(Err(_))) = (own, theirs) {
                     violation("checkpoints", subject(key), format!("{column}: {why}"));
                 }
                 if c.epoch == 0 || c.epoch > stored {

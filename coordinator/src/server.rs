@@ -874,6 +874,9 @@ impl WorkerService for WorkerApi {
         }
         let reply = self.0.write(false, move |s| s.report_epoch(&caller, req.attempt_id, &metrics, &extras)).await?;
         self.0.metrics.reports.inc();
+        if reply.unblocked {
+            self.0.work.notify_waiters();
+        }
         Ok(Response::new(v1::ReportEpochResponse {
             cancel: reply.stop.is_some(),
             stop_reason: reply.stop.map(|r| r.to_string()).unwrap_or_default(),

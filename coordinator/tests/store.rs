@@ -60,6 +60,9 @@ macro_rules! store_suite {
                 permanent_failures_count_toward_quarantine_only_where_other_workers_ran_the_sweep,
                 asha_stops_trials_below_the_rung_cutoff_and_they_end_stopped_ranked_last,
                 a_cancelled_sweep_cancels_trials_stopped_early_and_decides_nothing_more,
+                a_shared_stage_runs_once_and_its_epochs_belong_to_every_trial_through_it,
+                when_a_stages_runner_ends_another_trial_of_the_stage_takes_over,
+                with_sharing_off_every_trial_runs_alone,
             );
         }
     };
@@ -156,7 +159,7 @@ fn devices(kind: &str, n: usize) -> Vec<Device> {
 fn spec_with(gpus: u32, splits: usize) -> String {
     let list: Vec<String> = (1..=splits).map(|i| format!("[{i}, 1]")).collect();
     format!(
-        "name: placement\ndataset: {{ kind: synthetic }}\ngrid:\n  backbone: [resnet18]\n  lr_decay: [{{ strategy: linear }}]\n  epoch_split: [{}]\nresources: {{ gpus_per_trial: {gpus} }}\n",
+        "name: placement\ndataset: {{ kind: synthetic }}\ngrid:\n  backbone: [resnet18]\n  lr_decay: [{{ strategy: linear }}]\n  epoch_split: [{}]\nresources: {{ gpus_per_trial: {gpus} }}\nsharing: off\n",
         list.join(", ")
     )
 }
@@ -808,6 +811,7 @@ fn a_version_1_database_is_upgraded_in_place() {
          ALTER TABLE workers DROP COLUMN session_hash; ALTER TABLE workers DROP COLUMN owner;
          ALTER TABLE events DROP COLUMN checksum;
          ALTER TABLE sweeps DROP COLUMN early_stopping; ALTER TABLE trials DROP COLUMN stop_reason;
+         ALTER TABLE sweeps DROP COLUMN sharing;
          UPDATE meta SET value = 1 WHERE key = 'schema_version';",
     )
     .unwrap();
@@ -823,7 +827,7 @@ fn a_version_1_database_is_upgraded_in_place() {
     assert!(report.is_clean(), "{report}");
     let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
     let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 8);
+    assert_eq!(v, 9);
 }
 
 /// Early stopping with scripted metrics: every decision at every rung, as reports arrive.
@@ -836,6 +840,7 @@ grid:
   lr_decay: [{ strategy: linear }, { strategy: exponential }]
   epoch_split: [[1, 4], [2, 4]]
 early_stopping: { strategy: asha, eta: 2, min_epochs: 1 }
+sharing: off
 ";
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path(), wall());
@@ -918,6 +923,7 @@ grid:
   lr_decay: [{ strategy: linear }]
   epoch_split: [[1, 3], [2, 3], [3, 3]]
 early_stopping: { strategy: asha, eta: 3 }
+sharing: off
 ";
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path(), wall());
@@ -945,4 +951,152 @@ early_stopping: { strategy: asha, eta: 3 }
     assert_eq!(status.sweep.state, SweepState::Cancelled);
     let report = history::check(store.history().unwrap());
     assert!(report.is_clean(), "{report}");
+}
+
+/// Three trials of one backbone and strategy: t000 [2, 1], t001 [2, 2], t002 [3, 1]. Epochs
+/// 1–2 (feature extraction) are shared by all three, fine-tuning epoch 3 by t000 and t001.
+const SHARED: &str = "\
+name: shared
+dataset: { kind: synthetic, classes: 3 }
+grid:
+  backbone: [resnet18]
+  lr_decay: [{ strategy: linear }]
+  epoch_split: [[2, 1], [2, 2], [3, 1]]
+";
+
+/// A report's checkpoint references as a worker writes them for `trial`'s epoch `epoch`: in a
+/// shared epoch, `last-e<epoch>` (both last and best); the resume point `state-e<epoch>`.
+fn refs(sweep: &str, trial: &str, epoch: u32, shared: bool) -> ReportExtras {
+    let r = |file: String| CheckpointRef {
+        uri: format!("/a/{sweep}/{trial}/{file}"),
+        sha256: format!("{epoch:02}").repeat(32),
+        bytes: 7,
+        epoch,
+    };
+    let (last, best) = if shared {
+        (r(format!("last-e{epoch:04}.safetensors")), r(format!("last-e{epoch:04}.safetensors")))
+    } else {
+        (r("last.safetensors".into()), r("best.safetensors".into()))
+    };
+    ReportExtras {
+        parameters: 11,
+        best_checkpoint: Some(best),
+        last_checkpoint: Some(last),
+        resume_checkpoint: Some(r(format!("state-e{epoch:04}.safetensors"))),
+        ..Default::default()
+    }
+}
+
+fn a_shared_stage_runs_once_and_its_epochs_belong_to_every_trial_through_it<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    let sweep = submit_text(&mut store, SHARED);
+    let (w, inc) = register(&mut store, "w", &devices("cpu", 3));
+    // One trial runs the shared epochs: the one with the longest chain (t001 and t002 have 4
+    // epochs; t001 comes first). Nobody else may start them, though devices are free.
+    let runner = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!(runner.trial_id, "t001");
+    assert!(store.acquire(&w, inc).unwrap().is_none(), "the others wait for the shared epochs");
+    let report = |store: &mut S, a: &Assignment, epoch: u32, val: f64, shared: bool| {
+        store.report_epoch(
+            &w,
+            a.attempt_id,
+            &metrics(epoch, a.fe_epochs, val),
+            &refs(&sweep, &a.trial_id, epoch, shared),
+        )
+    };
+    let r1 = report(&mut store, &runner, 1, 0.4, true).unwrap();
+    assert!(!r1.unblocked, "mid-stage: nothing new may start");
+    assert!(store.acquire(&w, inc).unwrap().is_none());
+    // The end of the shared stage: t002's own feature extraction may start from it; t000 still
+    // waits, for fine-tuning epoch 3, which t001 computes next.
+    let r2 = report(&mut store, &runner, 2, 0.5, true).unwrap();
+    assert!(r2.unblocked && r2.stop.is_none());
+    let branch = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!(branch.trial_id, "t002");
+    let resume = branch.resume.clone().expect("the branch starts from the shared stage's end");
+    assert_eq!((resume.epoch, resume.uri.as_str()), (2, format!("/a/{sweep}/t001/state-e0002.safetensors").as_str()));
+    assert!(store.acquire(&w, inc).unwrap().is_none(), "t000's next epoch is t001's to compute");
+    // Epoch 3 is t000's last: it completes without an attempt of its own.
+    report(&mut store, &runner, 3, 0.7, true).unwrap();
+    let status = store.get_sweep(&sweep).unwrap();
+    let state = |id: &str| status.trials.iter().find(|t| t.trial_id == id).unwrap().state;
+    assert_eq!(state("t000"), TrialState::Completed);
+    assert_eq!(state("t001"), TrialState::Running);
+    report(&mut store, &runner, 4, 0.8, false).unwrap();
+    store.finish_attempt(&w, runner.attempt_id, Outcome::Succeeded, "", 4.0).unwrap();
+    report(&mut store, &branch, 3, 0.6, false).unwrap();
+    report(&mut store, &branch, 4, 0.65, false).unwrap();
+    store.finish_attempt(&w, branch.attempt_id, Outcome::Succeeded, "", 2.0).unwrap();
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!(status.sweep.state, SweepState::Completed);
+    // Each trial has its whole history; shared epochs were written by the runner's attempt.
+    let t000 = store.trial(&sweep, "t000").unwrap();
+    let epochs: Vec<(u32, u64, f64)> =
+        t000.metrics.iter().map(|m| (m.metrics.epoch, m.attempt_id, m.metrics.val_accuracy)).collect();
+    let a = runner.attempt_id;
+    assert_eq!(epochs, vec![(1, a, 0.4), (2, a, 0.5), (3, a, 0.7)]);
+    assert!(t000.attempts.is_empty(), "t000 never ran");
+    assert_eq!(t000.best_checkpoint.unwrap().uri, format!("/a/{sweep}/t001/last-e0003.safetensors"));
+    let t002 = store.trial(&sweep, "t002").unwrap();
+    let epochs: Vec<(u32, u64)> = t002.metrics.iter().map(|m| (m.metrics.epoch, m.attempt_id)).collect();
+    assert_eq!(epochs, vec![(1, a), (2, a), (3, branch.attempt_id), (4, branch.attempt_id)]);
+    assert_eq!(t002.best_checkpoint.unwrap().epoch, 4);
+    // The leaderboard ranks every trial on its own history.
+    let board = store.leaderboard(&sweep).unwrap();
+    let ranked: Vec<&str> = board.entries.iter().map(|e| e.trial.trial_id.as_str()).collect();
+    assert_eq!(ranked, ["t001", "t000", "t002"]);
+    let report = history::check(store.history().unwrap());
+    assert!(report.is_clean(), "{report}");
+}
+
+fn when_a_stages_runner_ends_another_trial_of_the_stage_takes_over<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    let sweep = submit_text(&mut store, SHARED);
+    let (w, inc) = register(&mut store, "w", &devices("cpu", 3));
+    let runner = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!(runner.trial_id, "t001");
+    store.report_epoch(&w, runner.attempt_id, &metrics(1, 2, 0.4), &refs(&sweep, "t001", 1, true)).unwrap();
+    // A retryable failure: t001 is still the stage's runner, and resumes from its own point.
+    store.finish_attempt(&w, runner.attempt_id, Outcome::Failed { permanent: false }, "oom", 1.0).unwrap();
+    let again = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!((again.trial_id.as_str(), again.resume.as_ref().map(|r| r.epoch)), ("t001", Some(1)));
+    assert!(store.acquire(&w, inc).unwrap().is_none());
+    // A permanent one: the next trial of the stage (t002, 4 epochs) takes over from the newest
+    // shared epoch, with the failed runner's resume point; t000 waits for it.
+    store.finish_attempt(&w, again.attempt_id, Outcome::Failed { permanent: true }, "bad", 1.0).unwrap();
+    let next = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!(next.trial_id, "t002");
+    let resume = next.resume.clone().unwrap();
+    assert_eq!((resume.epoch, resume.uri), (1, format!("/a/{sweep}/t001/state-e0001.safetensors")));
+    assert!(store.acquire(&w, inc).unwrap().is_none());
+    for epoch in 2..=4 {
+        let shared = epoch == 2;
+        store.report_epoch(&w, next.attempt_id, &metrics(epoch, 3, 0.5), &refs(&sweep, "t002", epoch, shared)).unwrap();
+    }
+    store.finish_attempt(&w, next.attempt_id, Outcome::Succeeded, "", 3.0).unwrap();
+    // t000 got epoch 2 from t002 and now runs fine-tuning epoch 3 itself (its sharer failed).
+    let last = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!((last.trial_id.as_str(), last.resume.as_ref().map(|r| r.epoch)), ("t000", Some(2)));
+    store.report_epoch(&w, last.attempt_id, &metrics(3, 2, 0.6), &refs(&sweep, "t000", 3, false)).unwrap();
+    store.finish_attempt(&w, last.attempt_id, Outcome::Succeeded, "", 1.0).unwrap();
+    let status = store.get_sweep(&sweep).unwrap();
+    let states: Vec<TrialState> = status.trials.iter().map(|t| t.state).collect();
+    assert_eq!(states, [TrialState::Completed, TrialState::Failed, TrialState::Completed]);
+    let report = history::check(store.history().unwrap());
+    assert!(report.is_clean(), "{report}");
+}
+
+fn with_sharing_off_every_trial_runs_alone<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    let sweep = submit_text(&mut store, &format!("{SHARED}sharing: off\n"));
+    let (w, inc) = register(&mut store, "w", &devices("cpu", 3));
+    let got: Vec<String> = (0..3).map(|_| store.acquire(&w, inc).unwrap().unwrap().trial_id).collect();
+    assert_eq!(got, ["t000", "t001", "t002"], "grid order, each from its first epoch");
+    let a = store.acquire(&w, inc).unwrap();
+    assert!(a.is_none());
+    let status = store.get_sweep(&sweep).unwrap();
+    assert!(status.trials.iter().all(|t| t.state == TrialState::Running));
 }

@@ -275,6 +275,9 @@ impl std::fmt::Display for StopReason {
 pub struct ReportReply {
     /// Stop the attempt after this epoch, and why.
     pub stop: Option<StopReason>,
+    /// The epoch ended a stage shared with trials waiting for it: they, or the branches after
+    /// it, may be handed out now (idle workers should look again).
+    pub unblocked: bool,
 }
 
 #[cfg(test)]

@@ -92,6 +92,9 @@ pub struct SweepSpec {
     /// Stop hopeless trials before their last epoch (`early_stopping:`); `None` runs every
     /// trial to its end.
     pub early_stopping: Option<EarlyStopping>,
+    /// Run the epochs several trials share once (`sharing: on`, the default): the stage tree of
+    /// `crate::stages`. `off` runs every trial alone from its first epoch.
+    pub sharing: bool,
 }
 
 /// Pretraining from random weights: every layer trains with Adam at `lr` for `epochs` on
@@ -602,6 +605,8 @@ struct RawSpec {
     pretrain: Option<RawPretrain>,
     #[serde(default)]
     early_stopping: Option<RawEarlyStopping>,
+    #[serde(default)]
+    sharing: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -895,7 +900,28 @@ impl RawSpec {
             }
         };
         let early_stopping = self.early_stopping.map(|e| e.validate(&grid)).transpose()?;
-        Ok(SweepSpec { name: self.name, dataset, model, training, grid, resources, retries, pretrain, early_stopping })
+        let sharing = match &self.sharing {
+            None => true,
+            Some(serde_yaml::Value::Bool(b)) => *b,
+            Some(serde_yaml::Value::String(s)) if s == "on" => true,
+            Some(serde_yaml::Value::String(s)) if s == "off" => false,
+            Some(other) => {
+                let shown = serde_yaml::to_string(other).unwrap_or_default();
+                return err("sharing", format!("must be `on` or `off`, got `{}`", shown.trim()));
+            }
+        };
+        Ok(SweepSpec {
+            name: self.name,
+            dataset,
+            model,
+            training,
+            grid,
+            resources,
+            retries,
+            pretrain,
+            early_stopping,
+            sharing,
+        })
     }
 }
 

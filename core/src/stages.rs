@@ -142,6 +142,8 @@ pub struct StageTree {
     pub stages: Vec<Stage>,
     /// Stages without a parent (one per backbone when sharing), in grid order.
     pub roots: Vec<usize>,
+    /// The stage each trial ends in, by grid index.
+    ending: Vec<usize>,
 }
 
 /// Epoch counts by phase.
@@ -162,7 +164,7 @@ impl StageTree {
     /// trial is its own chain (one stage per phase) when not.
     pub fn build(spec: &SweepSpec, sharing: bool) -> StageTree {
         let trials = grid::expand(&spec.grid);
-        let mut tree = StageTree { trials: Vec::new(), stages: Vec::new(), roots: Vec::new() };
+        let mut tree = StageTree { trials: Vec::new(), stages: Vec::new(), roots: Vec::new(), ending: Vec::new() };
         let groups: Vec<Vec<usize>> = if sharing {
             let mut by_backbone: Vec<(Backbone, Vec<usize>)> = Vec::new();
             for t in &trials {
@@ -179,6 +181,12 @@ impl StageTree {
         for members in groups {
             let base = base_key(spec, tree.trials[members[0]].backbone);
             tree.grow(spec, &base, None, &members, 0, &[]);
+        }
+        tree.ending = vec![usize::MAX; tree.trials.len()];
+        for s in &tree.stages {
+            for &t in &s.ends {
+                tree.ending[t] = s.index;
+            }
         }
         tree
     }
@@ -263,7 +271,7 @@ impl StageTree {
 
     /// The stages trial `trial` runs through, root first.
     pub fn path(&self, trial: usize) -> Vec<usize> {
-        let Some(end) = self.stages.iter().find(|s| s.ends.contains(&trial)) else { return Vec::new() };
+        let Some(end) = self.ending.get(trial).and_then(|&i| self.stages.get(i)) else { return Vec::new() };
         let mut path = vec![end.index];
         let mut at = end.parent;
         while let Some(p) = at {
@@ -272,6 +280,34 @@ impl StageTree {
         }
         path.reverse();
         path
+    }
+
+    /// The stage on `trial`'s path that holds its epoch `epoch` (1-based), if it has one.
+    pub fn stage_at(&self, trial: usize, epoch: u32) -> Option<&Stage> {
+        self.path(trial).into_iter().map(|s| &self.stages[s]).find(|s| (s.first_epoch..=s.last_epoch).contains(&epoch))
+    }
+
+    /// The trials that compute epoch `epoch` together with `trial` (itself included), in grid
+    /// order: those whose epochs `1..=epoch` are `trial`'s. Empty when `trial` has no such
+    /// epoch.
+    pub fn sharers(&self, trial: usize, epoch: u32) -> &[usize] {
+        self.stage_at(trial, epoch).map(|s| s.trials.as_slice()).unwrap_or(&[])
+    }
+
+    /// Whether `trial`'s epoch `epoch` is computed for other trials too.
+    pub fn is_shared(&self, trial: usize, epoch: u32) -> bool {
+        self.sharers(trial, epoch).len() > 1
+    }
+
+    /// The last epochs of the stages on `trial`'s path that other trials share: the points
+    /// where a branch starts from a shared stage's end state, which must be kept.
+    pub fn shared_stage_ends(&self, trial: usize) -> Vec<u32> {
+        self.path(trial)
+            .into_iter()
+            .map(|s| &self.stages[s])
+            .filter(|s| s.trials.len() > 1)
+            .map(|s| s.last_epoch)
+            .collect()
     }
 
     /// The runs of `trial`'s epochs that other trials share, first epoch first; consecutive

@@ -386,7 +386,10 @@ pub fn scripted_worker_with(url: &str, name: &str, max_trials: usize, token: Opt
             let Some(a) = got.assignment else { break };
             let epochs = a.fe_epochs + a.ft_epochs;
             let mut stopped = false;
-            for epoch in 1..=epochs {
+            // Go on after the resume point handed over (epochs stored before, maybe computed
+            // for this trial by one it shares them with), as a worker does.
+            let start = a.resume.as_ref().map_or(0, |r| r.epoch);
+            for epoch in start + 1..=epochs {
                 let val = 0.30 + 0.08 * epoch as f64 + 0.01 * a.trial_index as f64;
                 let phase = if epoch <= a.fe_epochs { "feature_extraction" } else { "fine_tuning" };
                 let reference = |what: &str| v1::CheckpointRef {

@@ -180,12 +180,29 @@ impl TrialCheckpoints {
     /// Writes `last` after an epoch, and `best` when the epoch's validation accuracy beats every
     /// earlier epoch of this attempt (a copy inside the store).
     pub fn after_epoch(&mut self, model: &Model, m: &EpochMetrics) -> Result<(Saved, Option<Saved>), CheckpointError> {
+        self.after_epoch_of(model, m, false)
+    }
+
+    /// [`TrialCheckpoints::after_epoch`]; for an epoch other trials share (`shared`), the
+    /// weights go to a file of their own, `last-e<epoch>.safetensors`, which both `last` and
+    /// (when better) `best` name: the trials the epoch is credited to hold references to it,
+    /// and no later epoch overwrites it.
+    pub fn after_epoch_of(
+        &mut self,
+        model: &Model,
+        m: &EpochMetrics,
+        shared: bool,
+    ) -> Result<(Saved, Option<Saved>), CheckpointError> {
         let local = self.scratch.path().join("last.safetensors");
         model
             .save_weights(&local)
             .map_err(|e| CheckpointError::Torch { path: local.clone(), message: e.to_string() })?;
         let (sha256, bytes) = sha256_file(&local)?;
-        let last_key = format!("{}/last.safetensors", self.prefix);
+        let last_key = if shared {
+            format!("{}/last-e{:04}.safetensors", self.prefix, m.epoch)
+        } else {
+            format!("{}/last.safetensors", self.prefix)
+        };
         self.store.put_file_blocking(&last_key, &local)?;
         let _ = std::fs::remove_file(&local);
         let meta = Metadata {
@@ -211,6 +228,9 @@ impl TrialCheckpoints {
             return Ok((last, None));
         }
         self.best_val = Some(m.val_accuracy);
+        if shared {
+            return Ok((last.clone(), Some(last)));
+        }
         let best_key = format!("{}/best.safetensors", self.prefix);
         self.store.copy_blocking(&last_key, &best_key)?;
         self.put_metadata(&best_key, &meta)?;

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sweep_core::spec::{self, ParseOptions};
+use sweep_core::stages::StageTree;
 use sweep_proto::v1;
 use sweep_proto::v1::worker_service_client::WorkerServiceClient;
 use sweep_session::Outcome;
@@ -230,6 +231,10 @@ pub fn train_attempt(
     report: &mut dyn FnMut(v1::ReportEpochRequest) -> Control,
 ) -> Result<(), TrainError> {
     let (mut spec, trial) = resolve(a).map_err(TrainError::permanent)?;
+    // The stage tree (before pretraining changes the spec's weights): which of this trial's
+    // epochs other trials share, and whose resume points this trial may start from.
+    let tree = StageTree::build(&spec, spec.sharing);
+    let keep = tree.shared_stage_ends(trial.index);
     if spec.pretrain.is_some() {
         let weights = pretrain::ensure(&spec, trial.backbone, cache_dir, options)?;
         spec.model.weights = sweep_core::spec::Weights::File(weights.display().to_string());
@@ -248,7 +253,7 @@ pub fn train_attempt(
     };
     let mut checkpoints =
         TrialCheckpoints::new(artifacts, identity).map_err(|e| TrainError::retryable_from("checkpoints", e))?;
-    let (resumed, mut note) = resume_point(a, artifacts, checkpoints.prefix(), checkpoints.scratch());
+    let (resumed, mut note) = resume_point(a, &tree, artifacts, checkpoints.prefix(), checkpoints.scratch());
     let (mut trainer, resumed) = match resumed {
         Some((state, meta)) => {
             let epoch = state.epochs_done;
@@ -292,14 +297,14 @@ pub fn train_attempt(
         }
         crate::metrics::global().epoch(dataset.train.len(), metrics.seconds);
         let (last, new_best) = checkpoints
-            .after_epoch(trainer.model(), &metrics)
+            .after_epoch_of(trainer.model(), &metrics, tree.is_shared(trial.index, metrics.epoch))
             .map_err(|e| TrainError::retryable_from("checkpoint", e))?;
         if new_best.is_some() {
             best = Some((metrics.val_accuracy, metrics.epoch));
         }
         let state = trainer
             .training_state()?
-            .save(
+            .save_keeping(
                 artifacts,
                 checkpoints.prefix(),
                 checkpoints.scratch(),
@@ -315,6 +320,7 @@ pub fn train_attempt(
                     bytes: 0,
                     created_at_ms: 0,
                 },
+                &keep,
             )
             .map_err(|e| TrainError::retryable_from("saving the resume point", e))?;
         let reference =
@@ -359,11 +365,14 @@ fn join_note(note: String, more: String) -> String {
 ///
 /// A point verifies when it is this trial's own — its key is `<prefix>/state-e<epoch>` of
 /// this store, and the sweep, trial, backbone and epoch its JSON records are the
-/// assignment's — and its file has the SHA-256 recorded for it (by the coordinator, which
+/// assignment's — or, from the coordinator, the point of a trial of the same sweep whose
+/// epochs up to that one are this trial's (`tree`: a shared stage's end state, computed once
+/// by that trial), and its file has the SHA-256 recorded for it (by the coordinator, which
 /// must give one, and by its JSON). A reference to anywhere else (another sweep's weights, a
 /// path outside the store) is never loaded.
 fn resume_point(
     a: &v1::Assignment,
+    tree: &StageTree,
     store: &ArtifactStore,
     prefix: &str,
     scratch: &Path,
@@ -372,7 +381,7 @@ fn resume_point(
         return (None, String::new());
     };
     let mut note = String::new();
-    let found = coordinator_point(a, r, store, prefix, scratch);
+    let found = coordinator_point(a, tree, r, store, prefix, scratch);
     match found {
         Ok(found) => return (Some(found), note),
         Err(e) => note = format!("resume point of epoch {} unusable: {e}", r.epoch),
@@ -380,7 +389,7 @@ fn resume_point(
     for (epoch, key) in resume::list(store, prefix).into_iter().filter(|(e, _)| *e < r.epoch) {
         let found = TrainingState::fetch(store, &key, scratch, None)
             .map_err(|e| e.to_string())
-            .and_then(|(state, meta)| owned_by(a, &meta, epoch).map(|()| (state, meta)));
+            .and_then(|(state, meta)| owned_by(a, &a.trial_id, &meta, epoch).map(|()| (state, meta)));
         match found {
             Ok(found) => {
                 note = format!("{note}; resumed from the older point of epoch {epoch}");
@@ -392,9 +401,11 @@ fn resume_point(
     (None, format!("{note}; started from the beginning"))
 }
 
-/// The resume point the coordinator handed over, once it is shown to be the trial's own.
+/// The resume point the coordinator handed over, once it is shown to be the trial's own or
+/// that of a trial it shares its epochs up to that point with.
 fn coordinator_point(
     a: &v1::Assignment,
+    tree: &StageTree,
     r: &v1::CheckpointRef,
     store: &ArtifactStore,
     prefix: &str,
@@ -404,19 +415,36 @@ fn coordinator_point(
         return Err("the coordinator's record of it has no SHA-256; an unverifiable point is not trusted".into());
     }
     let key = store.key_of(&r.uri)?;
-    let own = format!("{prefix}/{}", resume::file_name(r.epoch));
-    if key != own {
-        return Err(format!("{} is not this trial's own resume point ({})", r.uri, store.uri(&own)));
-    }
+    let file = resume::file_name(r.epoch);
+    let own = format!("{prefix}/{file}");
+    // Whose point it is: this trial's, or one of the sweep's trials that computed the same
+    // epochs `1..=r.epoch` (its folder is `<sweep>/<trial>`, a sibling of this one).
+    let sharers = tree.sharers(a.trial_index as usize, r.epoch);
+    let owner = if key == own {
+        a.trial_id.clone()
+    } else {
+        sharers
+            .iter()
+            .map(|&i| sweep_core::grid::trial_id(i))
+            .find(|t| key == format!("{}/{t}/{file}", a.sweep_id))
+            .ok_or_else(|| {
+                format!(
+                    "{} is neither this trial's own resume point ({}) nor one of a trial it shares epochs 1–{} with",
+                    r.uri,
+                    store.uri(&own),
+                    r.epoch
+                )
+            })?
+    };
     let (state, meta) = TrainingState::fetch(store, &key, scratch, Some(&r.sha256)).map_err(|e| e.to_string())?;
-    owned_by(a, &meta, r.epoch)?;
+    owned_by(a, &owner, &meta, r.epoch)?;
     Ok((state, meta))
 }
 
-/// Whether a resume point's metadata is of the assignment's sweep, trial and backbone, after
-/// `epoch`.
-fn owned_by(a: &v1::Assignment, meta: &StateMetadata, epoch: u32) -> Result<(), String> {
-    let want = (a.sweep_id.as_str(), a.trial_id.as_str(), a.backbone.as_str(), epoch);
+/// Whether a resume point's metadata is of the assignment's sweep and backbone and of trial
+/// `trial`, after `epoch`.
+fn owned_by(a: &v1::Assignment, trial: &str, meta: &StateMetadata, epoch: u32) -> Result<(), String> {
+    let want = (a.sweep_id.as_str(), trial, a.backbone.as_str(), epoch);
     let got = (meta.sweep.as_str(), meta.trial.as_str(), meta.backbone.as_str(), meta.epoch);
     if want != got {
         return Err(format!(

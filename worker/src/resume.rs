@@ -105,7 +105,20 @@ impl TrainingState {
         store: &ArtifactStore,
         prefix: &str,
         scratch: &Path,
+        meta: StateMetadata,
+    ) -> Result<SavedState, CheckpointError> {
+        self.save_keeping(store, prefix, scratch, meta, &[])
+    }
+
+    /// [`TrainingState::save`], never removing the points of the epochs in `keep` (the ends of
+    /// stages other trials share: their branches start from them, maybe much later).
+    pub fn save_keeping(
+        &self,
+        store: &ArtifactStore,
+        prefix: &str,
+        scratch: &Path,
         mut meta: StateMetadata,
+        keep: &[u32],
     ) -> Result<SavedState, CheckpointError> {
         let name = file_name(self.epochs_done);
         let local = scratch.join(&name);
@@ -137,7 +150,7 @@ impl TrainingState {
         let text = serde_json::to_vec_pretty(&meta)
             .map_err(|e| CheckpointError::Metadata { path: store.uri(&json).into(), message: e.to_string() })?;
         store.put_bytes_blocking(&json, text)?;
-        prune(store, prefix);
+        prune(store, prefix, keep);
         Ok(SavedState { uri: store.uri(&key), meta })
     }
 
@@ -274,8 +287,8 @@ pub fn list(store: &ArtifactStore, prefix: &str) -> Vec<(u32, String)> {
     found
 }
 
-fn prune(store: &ArtifactStore, prefix: &str) {
-    for (_, key) in list(store, prefix).into_iter().skip(KEEP) {
+fn prune(store: &ArtifactStore, prefix: &str, keep: &[u32]) {
+    for (_, key) in list(store, prefix).into_iter().skip(KEEP).filter(|(epoch, _)| !keep.contains(epoch)) {
         for k in [json_key(&key), key] {
             if let Err(e) = store.delete_blocking(&k) {
                 tracing::warn!(error = %e, "cannot remove an old resume point");

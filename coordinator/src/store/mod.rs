@@ -262,6 +262,16 @@ impl CheckpointKind {
             CheckpointKind::Resume => format!("state-e{epoch:04}.safetensors"),
         }
     }
+
+    /// The file it may also name for an epoch shared with other trials: that epoch's own
+    /// weights, `last-e<epoch>.safetensors` (both `last` and `best` then name it), kept, so
+    /// the trials it is credited to hold a file no later epoch overwrites.
+    pub fn shared_file(self, epoch: u32) -> Option<String> {
+        match self {
+            CheckpointKind::Best | CheckpointKind::Last => Some(format!("last-e{epoch:04}.safetensors")),
+            CheckpointKind::Resume => None,
+        }
+    }
 }
 
 /// Why a checkpoint reference is not the trial's own file of `kind`, if it is not: its path must
@@ -286,9 +296,12 @@ pub fn check_checkpoint_ref(
         return Err(format!("uri `{}` has a `.` or `..` segment", shown()));
     }
     let tail = &segments[segments.len().saturating_sub(3)..];
-    if tail != [sweep_id, trial_id, file.as_str()] {
+    let shared = kind.shared_file(c.epoch);
+    let named = |f: &str| tail == [sweep_id, trial_id, f];
+    if !named(&file) && !shared.as_deref().is_some_and(named) {
+        let or = shared.map(|f| format!(" or `{sweep_id}/{trial_id}/{f}`")).unwrap_or_default();
         return Err(format!(
-            "uri `{}` is not this trial's own: it must end in `{sweep_id}/{trial_id}/{file}`",
+            "uri `{}` is not this trial's own: it must end in `{sweep_id}/{trial_id}/{file}`{or}",
             shown()
         ));
     }

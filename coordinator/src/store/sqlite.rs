@@ -13,7 +13,8 @@
 //! backend's file format (schema versions 1 to 7), converted at this module's edge; the
 //! records themselves are `sweep-core`'s.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +38,8 @@ use sweep_core::records::{
     TrialDetail, TrialSummary, WorkerInfo,
 };
 use sweep_core::schedule;
-use sweep_core::spec::SweepSpec;
+use sweep_core::spec::{ParseOptions, SweepSpec};
+use sweep_core::stages::StageTree;
 use sweep_core::state::{AttemptState, TrialState, WorkerState};
 use sweep_proto::v1;
 
@@ -58,7 +60,7 @@ pub fn now_ms() -> i64 {
     SystemClock.now_ms()
 }
 
-const SCHEMA_VERSION: i64 = 8;
+const SCHEMA_VERSION: i64 = 9;
 
 /// Statements that bring a database of version `n - 1` to version `n` (index `n - 2`).
 const MIGRATIONS: &[&str] = &[
@@ -88,6 +90,9 @@ const MIGRATIONS: &[&str] = &[
     // stopped.
     "ALTER TABLE sweeps ADD COLUMN early_stopping TEXT;
      ALTER TABLE trials ADD COLUMN stop_reason TEXT;",
+    // 9: whether a sweep runs its shared epochs once (`sharing:`); sweeps stored before ran
+    // every trial alone.
+    "ALTER TABLE sweeps ADD COLUMN sharing INTEGER NOT NULL DEFAULT 0;",
 ];
 
 const SCHEMA: &str = "
@@ -107,7 +112,8 @@ CREATE TABLE IF NOT EXISTS sweeps (
     cancelled      INTEGER NOT NULL DEFAULT 0,
     created_at_ms  INTEGER NOT NULL,
     finished_at_ms INTEGER,
-    early_stopping TEXT
+    early_stopping TEXT,
+    sharing        INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS trials (
     sweep_id        TEXT NOT NULL REFERENCES sweeps(id),
@@ -205,7 +211,13 @@ pub struct SqliteStore {
     _lock: StateLock,
     /// Where every timestamp and lease time comes from.
     clock: Arc<dyn Clock>,
+    /// The stage trees of sweeps read so far (`None`: the sweep shares no epoch), built from
+    /// their stored specs, which never change; cleared when a batch rolls back.
+    trees: Trees,
 }
+
+/// Stage trees by sweep id.
+type Trees = RefCell<HashMap<String, Option<Arc<StageTree>>>>;
 
 impl SqliteStore {
     /// Opens `<dir>/sweep.db`, creating the directory and a new database when the directory
@@ -298,7 +310,7 @@ impl SqliteStore {
         // re-prepares a statement whenever a rebound parameter might change its plan.
         conn.set_prepared_statement_cache_capacity(64);
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(open_err)?;
-        Ok(SqliteStore { conn, path, _lock: lock, clock })
+        Ok(SqliteStore { conn, path, _lock: lock, clock, trees: RefCell::default() })
     }
 
     pub fn path(&self) -> &Path {
@@ -332,6 +344,8 @@ impl Store for SqliteStore {
     fn commit_batch(&mut self) -> Result<()> {
         self.conn.execute_batch("COMMIT").map_err(|e| {
             let _ = self.conn.execute_batch("ROLLBACK");
+            // A sweep stored in the batch is gone, and its id may come back with another spec.
+            self.trees.borrow_mut().clear();
             StoreError::from(e)
         })
     }
@@ -349,8 +363,8 @@ impl Store for SqliteStore {
         let id = new_sweep_id(&tx, &spec.name, seq)?;
         tx.execute(
             "INSERT INTO sweeps(id, seq, name, source, spec_yaml, trial_count, max_attempts, gpus_per_trial, created_at_ms,
-                                early_stopping)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                early_stopping, sharing)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 id,
                 seq,
@@ -361,7 +375,8 @@ impl Store for SqliteStore {
                 spec.retries.max_attempts,
                 spec.resources.gpus_per_trial,
                 now,
-                spec.early_stopping.map(|e| e.canonical())
+                spec.early_stopping.map(|e| e.canonical()),
+                spec.sharing
             ],
         )?;
         {
@@ -839,21 +854,36 @@ impl Store for SqliteStore {
         // Every open sweep with a waiting trial (its first, by index: one index lookup per open
         // sweep, no sort of the pending trials; an ended sweep has none, since a sweep ends when
         // none waits and `retry_sweep` reopens it); the policy picks (`core::schedule`).
-        let candidates: Vec<schedule::Candidate<String>> = tx
+        let waiting: Vec<(schedule::Candidate<String>, bool)> = tx
             .prepare_cached(
                 "SELECT s.id, s.seq, (SELECT t.idx FROM trials t WHERE t.state = ?1 AND t.sweep_id = s.id
-                               ORDER BY t.idx LIMIT 1) AS first, s.gpus_per_trial
+                               ORDER BY t.idx LIMIT 1) AS first, s.gpus_per_trial, s.sharing
                  FROM sweeps s WHERE s.cancelled = 0 AND s.finished_at_ms IS NULL AND first IS NOT NULL",
             )?
             .query_map([TrialState::Pending.as_str()], |r| {
-                Ok(schedule::Candidate {
+                let candidate = schedule::Candidate {
                     sweep: r.get(0)?,
                     order: r.get(1)?,
                     trial: r.get::<_, i64>(2)? as u32,
                     devices: r.get::<_, i64>(3)?.clamp(0, i64::from(u32::MAX)) as u32,
-                })
+                    remaining: 0,
+                };
+                Ok((candidate, r.get::<_, i64>(4)? != 0))
             })?
             .collect::<rusqlite::Result<_>>()?;
+        // A sweep with a stage tree offers the trials that may run now (`schedule::ready`);
+        // one without offers its first waiting trial.
+        let mut candidates = Vec::with_capacity(waiting.len());
+        for (c, sharing) in waiting {
+            match sharing.then(|| shared_tree(&self.trees, &tx, &c.sweep)).transpose()?.flatten() {
+                Some(tree) => {
+                    for (trial, remaining) in schedule::ready(&tree, &progress(&tx, &c.sweep, tree.trials.len())?) {
+                        candidates.push(schedule::Candidate { trial, remaining, ..c.clone() });
+                    }
+                }
+                None => candidates.push(c),
+            }
+        }
         // Nothing to hand out: a read-only transaction (no disk write, no sync). Heartbeats keep
         // the worker's last-seen time.
         let Some(decision) = schedule::next(&candidates, free.len()) else {
@@ -1019,6 +1049,10 @@ impl Store for SqliteStore {
             tx.prepare_cached("UPDATE trials SET stop_reason = ?3 WHERE sweep_id = ?1 AND idx = ?2")?
                 .execute(params![a.sweep_id, a.idx, why])?;
         }
+        let mut unblocked = false;
+        if let Some(tree) = shared_tree(&self.trees, &tx, &a.sweep_id)? {
+            unblocked = credit(&tx, &tree, &a, attempt_id, metrics, extras, now)?;
+        }
         let note = match (&decided, extras.note.is_empty()) {
             (Some(why), true) => why.clone(),
             (Some(why), false) => format!("{}; {why}", extras.note),
@@ -1031,7 +1065,7 @@ impl Store for SqliteStore {
         } else {
             decided.or(a.stop_reason).map(StopReason::EarlyStopped)
         };
-        Ok(ReportReply { stop })
+        Ok(ReportReply { stop, unblocked })
     }
 
     /// Ends a current attempt with the worker's outcome.
@@ -1790,6 +1824,168 @@ fn early_stop_decision(conn: &Connection, a: &CurrentAttempt, metrics: &EpochMet
     Ok(rule.decide(ft_epoch, a.ft_epochs, value, &peers).map(|why| format!("{why} (epoch {})", metrics.epoch)))
 }
 
+/// The stage tree of a sweep that runs shared epochs once (`sharing` on, and some stage with two
+/// trials or more), from `cache` or built from its stored spec; `None` for any other sweep.
+fn shared_tree(cache: &Trees, conn: &Connection, sweep_id: &str) -> Result<Option<Arc<StageTree>>> {
+    if let Some(tree) = cache.borrow().get(sweep_id) {
+        return Ok(tree.clone());
+    }
+    let (yaml, sharing): (String, bool) = conn
+        .prepare_cached("SELECT spec_yaml, sharing != 0 FROM sweeps WHERE id = ?1")?
+        .query_row([sweep_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("no sweep {sweep_id}")))?;
+    let tree = if sharing {
+        let spec = sweep_core::spec::parse_with(&yaml, ParseOptions::stored())
+            .map_err(|e| StoreError::Corrupt(format!("the stored spec of sweep {sweep_id} does not parse: {e}")))?;
+        let tree = StageTree::build(&spec, true);
+        tree.stages.iter().any(|s| s.trials.len() > 1).then(|| Arc::new(tree))
+    } else {
+        None
+    };
+    cache.borrow_mut().insert(sweep_id.to_string(), tree.clone());
+    Ok(tree)
+}
+
+/// Where each of a sweep's `n` trials stands, by grid index, for `schedule::ready`.
+fn progress(conn: &Connection, sweep_id: &str, n: usize) -> Result<Vec<schedule::Progress>> {
+    let mut out = vec![schedule::Progress { state: schedule::Standing::Idle, stored: 0 }; n];
+    let rows: Vec<(i64, String, i64)> = conn
+        .prepare_cached(
+            "SELECT t.idx, t.state, (SELECT COALESCE(MAX(m.epoch), 0) FROM metrics m
+                                     WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx)
+             FROM trials t WHERE t.sweep_id = ?1",
+        )?
+        .query_map([sweep_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (idx, state, stored) in rows {
+        let Some(p) = usize::try_from(idx).ok().and_then(|i| out.get_mut(i)) else {
+            return Err(StoreError::Corrupt(format!("trial {idx} of {sweep_id} is outside its grid of {n}")));
+        };
+        p.state = if state == TrialState::Pending.as_str() {
+            schedule::Standing::Waiting
+        } else if state == TrialState::Running.as_str() {
+            schedule::Standing::Running
+        } else {
+            schedule::Standing::Idle
+        };
+        p.stored = u32::try_from(stored).unwrap_or(0);
+    }
+    Ok(out)
+}
+
+/// Stores the epoch attempt `a` just reported for every other trial that shares it and waits
+/// at it (pending or unschedulable, with every epoch before it stored): its metric row, written
+/// by `a`'s attempt; the attempt's checkpoint references (files of `a`'s trial, which no later
+/// epoch overwrites: a shared epoch's weights are its own file); the early-stopping decision
+/// for that trial; and its end when that was its last epoch (completed) or it is stopped.
+/// Returns whether a trial was credited at the end of a stage (other branches may start now).
+fn credit(
+    tx: &Connection,
+    tree: &StageTree,
+    a: &CurrentAttempt,
+    attempt_id: u64,
+    metrics: &EpochMetrics,
+    extras: &ReportExtras,
+    now: i64,
+) -> Result<bool> {
+    let e = metrics.epoch;
+    let Some(stage) = usize::try_from(a.idx).ok().and_then(|i| tree.stage_at(i, e)) else { return Ok(false) };
+    let mut credited = false;
+    for &u in &stage.trials {
+        let u = u as i64;
+        if u == a.idx {
+            continue;
+        }
+        type Row = (String, String, u32, u32, i64, Option<String>);
+        let (state, trial_id, fe_epochs, ft_epochs, stored, stop_reason): Row = tx
+            .prepare_cached(
+                "SELECT t.state, t.trial_id, t.fe_epochs, t.ft_epochs,
+                        (SELECT COALESCE(MAX(m.epoch), 0) FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx),
+                        t.stop_reason
+                 FROM trials t WHERE t.sweep_id = ?1 AND t.idx = ?2",
+            )?
+            .query_row(params![a.sweep_id, u], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })?;
+        let waits = state == TrialState::Pending.as_str() || state == TrialState::Unschedulable.as_str();
+        if !waits || stored != i64::from(e) - 1 || stop_reason.is_some() {
+            continue;
+        }
+        credited = true;
+        tx.prepare_cached(
+            "INSERT INTO metrics(sweep_id, idx, epoch, phase, train_loss, train_accuracy, val_loss, val_accuracy, seconds,
+                                 attempt_id, recorded_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?
+        .execute(params![
+            a.sweep_id,
+            u,
+            e,
+            metrics.phase.as_str(),
+            metrics.train_loss,
+            metrics.train_accuracy,
+            metrics.val_loss,
+            metrics.val_accuracy,
+            metrics.seconds,
+            attempt_id as i64,
+            now
+        ])?;
+        if extras.parameters > 0 {
+            tx.prepare_cached("UPDATE trials SET parameters = ?3 WHERE sweep_id = ?1 AND idx = ?2")?
+                .execute(params![a.sweep_id, u, extras.parameters as i64])?;
+        }
+        for (kind, checkpoint) in [
+            (CheckpointKind::Last, &extras.last_checkpoint),
+            (CheckpointKind::Best, &extras.best_checkpoint),
+            (CheckpointKind::Resume, &extras.resume_checkpoint),
+        ] {
+            if let Some(c) = checkpoint {
+                tx.prepare_cached(&format!(
+                    "UPDATE trials SET {} = ?3 WHERE sweep_id = ?1 AND idx = ?2",
+                    kind.field()
+                ))?
+                .execute(params![a.sweep_id, u, encode_checkpoint(c)])?;
+            }
+        }
+        tx.prepare_cached(
+            "UPDATE trials SET skipped_images = ?3, started_at_ms = COALESCE(started_at_ms, ?4)
+             WHERE sweep_id = ?1 AND idx = ?2",
+        )?
+        .execute(params![a.sweep_id, u, extras.skipped_images, now])?;
+        let peer = CurrentAttempt {
+            sweep_id: a.sweep_id.clone(),
+            idx: u,
+            trial_id,
+            fe_epochs,
+            ft_epochs,
+            cancelled: a.cancelled,
+            early_stopping: a.early_stopping.clone(),
+            stop_reason: None,
+        };
+        let decided = early_stop_decision(tx, &peer, metrics)?;
+        let end = match &decided {
+            Some(_) => Some(TrialState::Stopped),
+            None if e == fe_epochs + ft_epochs => Some(TrialState::Completed),
+            None => None,
+        };
+        if let Some(end) = end {
+            tx.prepare_cached(
+                "UPDATE trials SET state = ?3, stop_reason = ?4, error = COALESCE(?4, ''), finished_at_ms = ?5
+                 WHERE sweep_id = ?1 AND idx = ?2",
+            )?
+            .execute(params![a.sweep_id, u, end.as_str(), decided, now])?;
+        }
+        let computed = format!("shared with {}", a.trial_id);
+        let note = match &decided {
+            Some(why) => format!("{computed}; {why}"),
+            None => computed,
+        };
+        trial_event_noted(tx, &a.sweep_id, u, Some(*metrics), &note, now)?;
+    }
+    Ok(credited && e == stage.last_epoch)
+}
+
 /// Ends a running attempt and moves its trial on: completed, back to pending (a retryable end
 /// with attempts left), failed, or cancelled (its sweep was cancelled).
 fn end_attempt(
@@ -2199,6 +2395,13 @@ fn read_snapshot_now(conn: &Connection) -> Result<history::Snapshot> {
         let mut q = conn.prepare("SELECT id, spec_yaml FROM sweeps")?;
         q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<BTreeMap<_, _>>>()?
     };
+    // Sweeps that run shared epochs once exist from schema version 9 on.
+    let sharing: BTreeSet<String> = if version >= 9 {
+        let mut q = conn.prepare("SELECT id FROM sweeps WHERE sharing != 0")?;
+        q.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+    } else {
+        BTreeSet::new()
+    };
     // Devices per attempt exist from schema version 3 on.
     let devices = if version >= 3 { "devices" } else { "''" };
     let attempts = {
@@ -2267,7 +2470,7 @@ fn read_snapshot_now(conn: &Connection) -> Result<history::Snapshot> {
             })
             .collect()
     };
-    Ok(Snapshot { sweeps: sweeps as usize, trials, attempts, metrics, events, specs, workers })
+    Ok(Snapshot { sweeps: sweeps as usize, trials, attempts, metrics, events, specs, sharing, workers })
 }
 
 /// Writes a consistent copy of a state directory's database to `out` (a new file) while a
