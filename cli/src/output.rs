@@ -590,6 +590,7 @@ pub fn export_csv(sweep_id: &str, trials: &[v1::TrialDetail]) -> String {
                 m.val_accuracy.to_string(),
                 m.seconds.to_string(),
                 m.attempt_id.to_string(),
+                m.shared_with.join(" "),
             ]);
         }
     }
@@ -612,6 +613,7 @@ pub fn export_csv(sweep_id: &str, trials: &[v1::TrialDetail]) -> String {
             "val_accuracy",
             "seconds",
             "attempt",
+            "shared_with",
         ],
         &rows,
     )
@@ -649,6 +651,11 @@ pub fn trial_detail_text(d: &v1::TrialDetail) -> String {
     }
     if d.skipped_images > 0 {
         out.push_str(&format!("skipped {} unreadable images (skip_corrupt)\n", d.skipped_images));
+    }
+    let epochs: Vec<(u32, Vec<String>)> = d.metrics.iter().map(|m| (m.epoch, m.shared_with.clone())).collect();
+    let runs = sweep_core::stages::stored_runs(&epochs);
+    if !runs.is_empty() {
+        out.push_str(&format!("computed once: {}\n", sweep_core::stages::runs_label(&runs)));
     }
     out.push('\n');
     let mut t = table(&["epoch", "phase", "train loss", "train acc", "val loss", "val acc", "seconds"]);
@@ -699,6 +706,7 @@ pub fn metrics_json(m: &v1::EpochMetrics) -> Value {
     json!({
         "epoch": m.epoch, "phase": m.phase, "train_loss": m.train_loss, "train_accuracy": m.train_accuracy,
         "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "seconds": m.seconds,
+        "shared_with": m.shared_with,
     })
 }
 

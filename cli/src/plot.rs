@@ -23,6 +23,7 @@ const TRAIN: RGBColor = RGBColor(31, 119, 180);
 const VAL: RGBColor = RGBColor(255, 127, 14);
 const FE_BAR: RGBColor = RGBColor(158, 202, 225);
 const FT_BAR: RGBColor = RGBColor(33, 113, 181);
+const SHARED_BAND: RGBColor = RGBColor(160, 160, 160);
 
 fn register_font() {
     static ONCE: Once = Once::new();
@@ -80,6 +81,8 @@ pub fn trial_figure(path: &Path, c: &TrialCurves) -> anyhow::Result<()> {
         .min(MAX_AXIS);
     let loss_top = if max_loss > 0.0 { max_loss * 1.1 } else { 1.0 };
     let switch = t.fe_epochs as f64 + 0.5;
+    let epochs_shared: Vec<(u32, Vec<String>)> = c.metrics.iter().map(|m| (m.epoch, m.shared_with.clone())).collect();
+    let runs = sweep_core::stages::stored_runs(&epochs_shared);
     let panels: [(&DrawingArea<_, _>, &str, f64, f64, Pick); 2] = [
         (&left, "loss", loss_top, 1.0, |m| (m.train_loss, m.val_loss)),
         (&right, "accuracy (%)", 100.0, 100.0, |m| (m.train_accuracy, m.val_accuracy)),
@@ -101,6 +104,17 @@ pub fn trial_figure(path: &Path, c: &TrialCurves) -> anyhow::Result<()> {
             .label_style((FAMILY, 14))
             .draw()
             .map_err(&err)?;
+        // Epochs computed once for several trials (a shared stage): a grey band behind them.
+        let shared = SHARED_BAND.mix(0.35);
+        for (i, (first, last, _)) in runs.iter().enumerate() {
+            let band = Rectangle::new([(*first as f64 - 0.5, 0.0), (*last as f64 + 0.5, top)], shared.filled());
+            let drawn = chart.draw_series(std::iter::once(band)).map_err(&err)?;
+            if i == 0 {
+                drawn
+                    .label("shared with other trials")
+                    .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], shared.filled()));
+            }
+        }
         for (name, color, second) in [("train", TRAIN, false), ("validation", VAL, true)] {
             let points: Vec<(f64, f64)> = c
                 .metrics
@@ -290,6 +304,7 @@ mod tests {
                 val_accuracy: 0.45 + 0.09 * e as f64,
                 seconds: 1.0,
                 attempt_id: 1,
+                shared_with: if e <= 2 { vec!["t004".into()] } else { Vec::new() },
             })
             .collect()
     }
@@ -318,6 +333,13 @@ mod tests {
         assert!(count(&path, RGBColor(255, 0, 0)) > 2 * 2 * 300, "switch lines drawn");
         // Text is drawn: dark pixels beyond the axes' lines.
         assert!(count(&path, BLACK) > 2000);
+        // Epochs 1–2 were shared: a grey band behind them, in both panels.
+        let band = RGBColor(222, 222, 222);
+        let alone: Vec<v1::EpochMetrics> =
+            metrics().into_iter().map(|m| v1::EpochMetrics { shared_with: Vec::new(), ..m }).collect();
+        let plain = dir.path().join("alone.png");
+        trial_figure(&plain, &TrialCurves { trial: &trial(), metrics: &alone }).unwrap();
+        assert!(count(&path, band) > count(&plain, band) + 2 * 30_000, "shared epochs shaded");
     }
 
     #[test]

@@ -81,6 +81,25 @@ pub struct SimOptions {
     pub name: String,
     /// TLS and the bearer token (a `worker` token) for the coordinator, as `sweep-worker` has.
     pub security: sweep_session::connect::ClientSecurity,
+    /// Seconds one epoch of an assignment takes (say, from its backbone and phase), reported
+    /// as the epoch's time; the simulated epoch sleeps that × `time_scale`. `None`: every epoch
+    /// takes `epoch`.
+    pub epoch_cost: Option<EpochCost>,
+    /// Real time per reported second when `epoch_cost` is set.
+    pub time_scale: f64,
+}
+
+/// An epoch's cost in seconds: `(assignment, epoch) → seconds`.
+#[derive(Clone)]
+pub struct EpochCost(pub Arc<CostFn>);
+
+/// What an [`EpochCost`] calls.
+pub type CostFn = dyn Fn(&v1::Assignment, u32) -> f64 + Send + Sync;
+
+impl std::fmt::Debug for EpochCost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EpochCost(..)")
+    }
 }
 
 /// Most simulated workers on one connection (each keeps up to three calls open).
@@ -98,6 +117,8 @@ impl SimOptions {
             workers_per_connection: 50,
             name: "sim".into(),
             security: sweep_session::connect::ClientSecurity::default(),
+            epoch_cost: None,
+            time_scale: 1.0,
         }
     }
 
@@ -271,6 +292,7 @@ pub fn fake_metrics(sweep_id: &str, trial_id: &str, epoch: u32, fe_epochs: u32, 
         val_accuracy,
         seconds,
         attempt_id: 0,
+        shared_with: Vec::new(),
     }
 }
 
@@ -606,14 +628,20 @@ impl sweep_session::Executor for SimWorker {
             let sweep_session::Attempt { assignment: a, reporter, cancel } = attempt;
             let sweep_id: Arc<str> = a.sweep_id.as_str().into();
             let trial_id: Arc<str> = a.trial_id.as_str().into();
-            let seconds = options.epoch.as_secs_f64();
             let mut best = f64::NEG_INFINITY;
             // Epochs stored before (by an earlier attempt, or computed for this trial by one it
             // shares them with) are not run again: go on after the resume point handed over.
             let start = a.resume.as_ref().map_or(0, |r| r.epoch);
             for epoch in start + 1..=a.fe_epochs + a.ft_epochs {
+                let (seconds, sleep) = match &options.epoch_cost {
+                    Some(cost) => {
+                        let s = (cost.0)(&a, epoch).clamp(0.0, 1e6);
+                        (s, Duration::from_secs_f64((s * options.time_scale).clamp(0.0, 3600.0)))
+                    }
+                    None => (options.epoch.as_secs_f64(), options.epoch),
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(options.epoch) => {}
+                    _ = tokio::time::sleep(sleep) => {}
                     _ = cancel.raised() => {}
                 }
                 if cancel.is_raised() {

@@ -243,15 +243,22 @@ impl View {
         let Some(t) = &e.trial else { return };
         let before = self.trials.insert(t.trial_id.clone(), t.clone()).map(|b| b.state);
         let label = output::trial_label(t);
-        if !e.note.is_empty() {
-            self.say(&format!("{}  note: {}", t.trial_id, e.note));
+        // An epoch computed once for several trials says so on its line, not as a note.
+        let (shared, note) = match e.note.split_once("; ") {
+            _ if e.metrics.is_none() => ("", e.note.as_str()),
+            Some((first, rest)) if first.starts_with("shared with ") => (first, rest),
+            None if e.note.starts_with("shared with ") => (e.note.as_str(), ""),
+            _ => ("", e.note.as_str()),
+        };
+        if !note.is_empty() {
+            self.say(&format!("{}  note: {note}", t.trial_id));
         }
         if let Some(m) = &e.metrics {
             self.epoch_seconds.0 += m.seconds;
             self.epoch_seconds.1 += 1;
             if self.live.is_none() {
                 self.say(&format!(
-                    "{}  epoch {}/{} {:<18} train loss {:.3} acc {:>6}  val loss {:.3} acc {:>6}  ({:.1}s)",
+                    "{}  epoch {}/{} {:<18} train loss {:.3} acc {:>6}  val loss {:.3} acc {:>6}  ({:.1}s){}",
                     t.trial_id,
                     m.epoch,
                     t.fe_epochs + t.ft_epochs,
@@ -260,7 +267,8 @@ impl View {
                     output::percent(Some(m.train_accuracy)),
                     m.val_loss,
                     output::percent(Some(m.val_accuracy)),
-                    m.seconds
+                    m.seconds,
+                    if shared.is_empty() { String::new() } else { format!("  [{shared}]") }
                 ));
             }
         } else {

@@ -156,10 +156,13 @@ pub struct AttemptInfo {
 }
 
 /// An epoch's stored metrics and the attempt that reported them.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EpochRecord {
     pub metrics: EpochMetrics,
     pub attempt_id: u64,
+    /// The other trials this stored epoch belongs to: it was computed once, by `attempt_id`,
+    /// for all of them (their epochs up to it are the same). Grid order.
+    pub shared_with: Vec<String>,
 }
 
 /// Everything about one trial.

@@ -341,20 +341,42 @@ impl StageTree {
 
     /// `"epochs 1–8 shared with t003, t009"` for each shared run of `trial` (empty when none).
     pub fn shared_label(&self, trial: usize) -> String {
-        self.shared(trial)
+        let runs: Vec<(u32, u32, Vec<String>)> = self
+            .shared(trial)
             .iter()
-            .map(|r| {
-                let with: Vec<String> = r.with.iter().map(|&i| grid::trial_id(i)).collect();
-                let epochs = if r.first_epoch == r.last_epoch {
-                    format!("epoch {}", r.first_epoch)
-                } else {
-                    format!("epochs {}–{}", r.first_epoch, r.last_epoch)
-                };
-                format!("{epochs} shared with {}", with.join(", "))
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
+            .map(|r| (r.first_epoch, r.last_epoch, r.with.iter().map(|&i| grid::trial_id(i)).collect()))
+            .collect();
+        runs_label(&runs)
     }
+}
+
+/// `"epochs 1–8 shared with t003, t009; epoch 9 shared with t003"` from
+/// `(first epoch, last epoch, other trials)` runs.
+pub fn runs_label(runs: &[(u32, u32, Vec<String>)]) -> String {
+    runs.iter()
+        .map(|(first, last, with)| {
+            let epochs = if first == last { format!("epoch {first}") } else { format!("epochs {first}–{last}") };
+            format!("{epochs} shared with {}", with.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The shared runs of one trial's stored epochs, `(epoch, the other trials it belongs to)` in
+/// epoch order: consecutive epochs shared with the same trials are one run; unshared epochs
+/// are left out.
+pub fn stored_runs(epochs: &[(u32, Vec<String>)]) -> Vec<(u32, u32, Vec<String>)> {
+    let mut out: Vec<(u32, u32, Vec<String>)> = Vec::new();
+    for (epoch, with) in epochs {
+        if with.is_empty() {
+            continue;
+        }
+        match out.last_mut() {
+            Some((_, last, w)) if *w == *with && *last + 1 == *epoch => *last = *epoch,
+            _ => out.push((*epoch, *epoch, with.clone())),
+        }
+    }
+    out
 }
 
 /// Estimated floating-point operations of one epoch of `backbone` in `spec`'s sweep, or `None`

@@ -153,7 +153,11 @@ impl From<&records::AttemptInfo> for v1::AttemptInfo {
 
 impl From<&records::EpochRecord> for v1::EpochMetrics {
     fn from(r: &records::EpochRecord) -> Self {
-        v1::EpochMetrics { attempt_id: r.attempt_id, ..v1::EpochMetrics::from(&r.metrics) }
+        v1::EpochMetrics {
+            attempt_id: r.attempt_id,
+            shared_with: r.shared_with.clone(),
+            ..v1::EpochMetrics::from(&r.metrics)
+        }
     }
 }
 
@@ -637,7 +641,7 @@ mod tests {
 
         let detail = records::TrialDetail {
             trial: t.clone(),
-            metrics: vec![records::EpochRecord { metrics: metrics(), attempt_id: 9 }],
+            metrics: vec![records::EpochRecord { metrics: metrics(), attempt_id: 9, shared_with: vec!["t004".into()] }],
             attempts: vec![records::AttemptInfo {
                 attempt_id: 9,
                 worker_id: "w7".into(),

@@ -108,6 +108,7 @@ impl From<&EpochMetrics> for v1::EpochMetrics {
             val_accuracy: m.val_accuracy,
             seconds: m.seconds,
             attempt_id: 0,
+            shared_with: Vec::new(),
         }
     }
 }

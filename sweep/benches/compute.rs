@@ -1,5 +1,6 @@
-//! Compute benchmark: the same sweep run to the end (the reference) and with early stopping,
-//! on this machine's CPU, through `sweep run` with real `sweep-worker` processes.
+//! Compute benchmark: the same sweep run with every trial alone (the reference, `sharing:
+//! off`), with its shared stages run once (`sharing: on`, the default), and shared with early
+//! stopping, on this machine's CPU, through `sweep run` with real `sweep-worker` processes.
 //!
 //! ```sh
 //! make build && cargo bench -p sweep --bench compute
@@ -8,17 +9,26 @@
 //!
 //! The sweep has the quickstart's shape with three epoch splits (2 backbones × 2 strategies ×
 //! `[4, 2]`, `[3, 3]`, `[2, 4]`: 12 trials of 6 epochs; no pretraining). Each run gets a fresh
-//! state directory. For each it prints the epochs run, the device-seconds (the sum of every
-//! stored epoch's own time: what the devices spent training and validating), the wall time, and
-//! the top trial with its best validation accuracy; then the ratios to the reference and whether
-//! the top trial is the same. Runs with a stage tree shared across trials join this table when
-//! the coordinator schedules stages.
+//! state directory. For each it prints the epochs computed (an epoch shared by several trials
+//! is computed once and stored for each), the device-seconds (the sum of every computed
+//! epoch's own time: what the devices spent training and validating), the wall time, and the
+//! top trial with its best validation accuracy; then the ratios to the reference, whether the
+//! top trial is the same, and how many of the reference's stored epochs the run stored with
+//! exactly the same losses and accuracies (bit for bit).
+//!
+//! Then the guide's grid (`sweeps/flowers102.yaml`: 3 backbones × 2 strategies × 3 splits, 18
+//! trials of 24 epochs) under the simulator: simulated GPUs against an in-process coordinator,
+//! each epoch costing what `sweep plan` estimates for its backbone and phase at 50 TFLOP/s
+//! (reported as its time; slept for 1/`SWEEP_COMPUTE_SIM_SPEEDUP` of it), alone, shared and
+//! shared with ASHA: device-hours and the simulated wall time on 6 GPUs.
 //!
 //! Settings (environment): `SWEEP_COMPUTE_WORKERS` (2 workers), `SWEEP_COMPUTE_THREADS` (1
-//! thread each), `SWEEP_COMPUTE_KEEP` (set: keep the state directories and print where).
+//! thread each), `SWEEP_COMPUTE_KEEP` (set: keep the state directories and print where),
+//! `SWEEP_COMPUTE_SIM_SPEEDUP` (400), `SWEEP_COMPUTE_ONLY_SIM` (set: the simulated part alone).
 
 use std::process::{Command, ExitCode};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
@@ -39,10 +49,11 @@ grid:
 ";
 
 /// The runs: a name and what is added to the spec.
-const RUNS: [(&str, &str); 3] = [
-    ("independent", ""),
-    ("asha", "early_stopping: { strategy: asha, metric: val_accuracy, eta: 3, min_epochs: 1 }\n"),
-    ("median", "early_stopping: { strategy: median, metric: val_accuracy, min_epochs: 1, min_trials: 3 }\n"),
+const RUNS: [(&str, &str); 4] = [
+    ("independent", "sharing: off\n"),
+    ("shared", ""),
+    ("shared+asha", "early_stopping: { strategy: asha, metric: val_accuracy, eta: 3, min_epochs: 1 }\n"),
+    ("shared+median", "early_stopping: { strategy: median, metric: val_accuracy, min_epochs: 1, min_trials: 3 }\n"),
 ];
 
 struct Outcome {
@@ -54,6 +65,8 @@ struct Outcome {
     wall_seconds: f64,
     top: String,
     top_accuracy: f64,
+    /// Stored losses and accuracies by (trial, epoch).
+    stored: std::collections::HashMap<(String, u32), [f64; 4]>,
 }
 
 fn env_number(name: &str, default: usize) -> anyhow::Result<usize> {
@@ -99,12 +112,20 @@ fn run(
     if !report.is_clean() {
         bail!("the state of run {name} breaks invariants: {report}");
     }
+    // Each computed epoch once: rows stored for several trials from one report share the
+    // attempt that computed them.
+    use sweep_coordinator::store::StateReader as _;
+    let snapshot = sweep_coordinator::store::sqlite::ReadOnly::open(&state.join("sweep.db"))?.history()?;
+    let mut computed = std::collections::HashMap::new();
+    for m in &snapshot.metrics {
+        computed.insert((m.attempt_id, m.epoch), m.values[4]);
+    }
     Ok(Outcome {
         name,
         trials: entries.len(),
         stopped: entries.iter().filter(|e| e["state"] == "stopped").count(),
-        epochs: stored.len(),
-        device_seconds: stored.values().map(|v| v[4]).sum(),
+        epochs: computed.len(),
+        device_seconds: computed.values().sum(),
         wall_seconds,
         top: format!(
             "{} {} {} {}+{}",
@@ -115,6 +136,7 @@ fn run(
             top["epoch_split"][1]
         ),
         top_accuracy: top["best_val_accuracy"].as_f64().unwrap_or(f64::NAN),
+        stored: stored.into_iter().map(|((_, trial, epoch), v)| ((trial, epoch), [v[0], v[1], v[2], v[3]])).collect(),
     })
 }
 
@@ -128,13 +150,131 @@ fn main() -> ExitCode {
     }
 }
 
+/// The guide's grid.
+const GUIDE: &str = include_str!("../../sweeps/flowers102.yaml");
+/// Simulated GPUs for the guide's grid.
+const SIM_GPUS: usize = 6;
+/// The throughput `sweep plan` assumes by default.
+const SIM_FLOPS: f64 = 50e12;
+
+struct SimOutcome {
+    name: &'static str,
+    epochs: usize,
+    device_seconds: f64,
+    wall_seconds: f64,
+    stopped: usize,
+}
+
+/// One run of the guide's grid under the simulator.
+async fn simulate(name: &'static str, extra: &str, speedup: f64) -> anyhow::Result<SimOutcome> {
+    use sweep_coordinator::store::StateReader as _;
+    let dir = tempfile::tempdir()?;
+    let config = sweep_coordinator::server::Config::new("127.0.0.1:0".parse()?, dir.path().to_path_buf());
+    let running = sweep_coordinator::server::start(config).await?;
+    let url = format!("http://{}", running.addr);
+    let text = format!("{GUIDE}{extra}");
+    let spec = sweep_core::spec::parse(&text)?;
+    let mut client = sweep_cli::client::Client::connect(&url).await?;
+    let sweep_id = client.submit_text(text, format!("{name}.yaml")).await?.sweep_id;
+    let mut options = sweep_cli::sim::SimOptions::new(&url, SIM_GPUS);
+    options.poll_wait = Duration::from_secs(2);
+    options.time_scale = 1.0 / speedup;
+    let trials = sweep_core::grid::expand(&spec.grid);
+    options.epoch_cost = Some(sweep_cli::sim::EpochCost(Arc::new(move |a, epoch| {
+        let Some(t) = trials.get(a.trial_index as usize) else { return 0.0 };
+        let kind = sweep_core::stages::EpochKind::of(t, epoch);
+        sweep_core::stages::epoch_flops(&spec, t.backbone, &kind).unwrap_or(0.0) / SIM_FLOPS
+    })));
+    let started = Instant::now();
+    let watch = sweep_id.clone();
+    let ended = async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            match client.get_status(&watch).await {
+                Ok(s) if s.sweep.as_ref().is_some_and(|s| s.finished_at_ms != 0) => return,
+                _ => {}
+            }
+        }
+    };
+    let report = sweep_cli::sim::run(options, ended).await?;
+    let wall = started.elapsed().as_secs_f64() * speedup;
+    running.stop().await?;
+    if report.error_count() > 0 {
+        bail!("the simulated run {name} had errors: {:?}", report.error_samples);
+    }
+    let check = sweep_coordinator::history::check_state_dir(dir.path())?;
+    if !check.is_clean() {
+        bail!("the state of simulated run {name} breaks invariants: {check}");
+    }
+    let snapshot = sweep_coordinator::store::sqlite::ReadOnly::open(&dir.path().join("sweep.db"))?.history()?;
+    let mut computed = std::collections::HashMap::new();
+    for m in &snapshot.metrics {
+        computed.insert((m.attempt_id, m.epoch), m.values[4]);
+    }
+    let stopped = snapshot.trials.values().filter(|t| t.state == "stopped").count();
+    Ok(SimOutcome {
+        name,
+        epochs: computed.len(),
+        device_seconds: computed.values().sum(),
+        wall_seconds: wall,
+        stopped,
+    })
+}
+
+fn simulated(speedup: f64) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    println!(
+        "\nthe guide's grid (sweeps/flowers102.yaml, 18 trials of 24 epochs) under the simulator: {SIM_GPUS} GPUs,"
+    );
+    println!("each epoch's time as `sweep plan` estimates it for its backbone and phase at 50 TFLOP/s");
+    let runs: [(&str, &str); 3] = [
+        ("independent", "sharing: off\n"),
+        ("shared", ""),
+        ("shared+asha", "early_stopping: { strategy: asha, metric: val_accuracy, eta: 3, min_epochs: 1 }\n"),
+    ];
+    let mut outcomes = Vec::new();
+    for (name, extra) in runs {
+        outcomes.push(rt.block_on(simulate(name, extra, speedup))?);
+    }
+    let reference = &outcomes[0];
+    println!(
+        "{:<14} {:>7} {:>6} {:>10} {:>7} {:>10} {:>7}",
+        "RUN", "STOPPED", "EPOCHS", "DEVICE-H", "RATIO", "WALL-H", "RATIO"
+    );
+    for o in &outcomes {
+        println!(
+            "{:<14} {:>7} {:>6} {:>10.2} {:>6.2}× {:>10.2} {:>6.2}×",
+            o.name,
+            o.stopped,
+            o.epochs,
+            o.device_seconds / 3600.0,
+            o.device_seconds / reference.device_seconds,
+            o.wall_seconds / 3600.0,
+            o.wall_seconds / reference.wall_seconds
+        );
+    }
+    println!("(the simulator's metrics are made up: which trials ASHA stops here says nothing about real ones)");
+    Ok(())
+}
+
 fn bench() -> anyhow::Result<()> {
+    let speedup = env_number("SWEEP_COMPUTE_SIM_SPEEDUP", 400)? as f64;
+    if std::env::var_os("SWEEP_COMPUTE_ONLY_SIM").is_some() {
+        return simulated(speedup);
+    }
     // `cargo bench` passes `--bench`; this benchmark has no filters.
     let workers = env_number("SWEEP_COMPUTE_WORKERS", 2)?;
     let threads = env_number("SWEEP_COMPUTE_THREADS", 1)?;
     let keep = std::env::var_os("SWEEP_COMPUTE_KEEP").is_some();
     let dir = tempfile::tempdir()?;
     println!("compute benchmark: 12 trials of 6 epochs, {workers} workers × {threads} thread(s), CPU");
+    let plan = sweep_core::stages::StageTree::build(&sweep_core::spec::parse(SPEC)?, true);
+    println!(
+        "  stage tree: {} stages, {} of {} epochs distinct",
+        plan.stages.len(),
+        plan.stage_epochs().total(),
+        plan.naive_epochs().total()
+    );
     let mut outcomes = Vec::new();
     for (name, extra) in RUNS {
         let o = run(name, extra, workers, threads, dir.path())?;
@@ -144,12 +284,24 @@ fn bench() -> anyhow::Result<()> {
     let reference = &outcomes[0];
     println!();
     println!(
-        "{:<12} {:>6} {:>7} {:>6} {:>9} {:>7} {:>9} {:>7}  {:<30} {:>8}",
-        "RUN", "TRIALS", "STOPPED", "EPOCHS", "DEVICE-S", "RATIO", "WALL-S", "RATIO", "TOP TRIAL", "BEST VAL"
+        "{:<14} {:>6} {:>7} {:>6} {:>9} {:>7} {:>9} {:>7}  {:<30} {:>8}  {:>9}",
+        "RUN",
+        "TRIALS",
+        "STOPPED",
+        "EPOCHS",
+        "DEVICE-S",
+        "RATIO",
+        "WALL-S",
+        "RATIO",
+        "TOP TRIAL",
+        "BEST VAL",
+        "IDENTICAL"
     );
     for o in &outcomes {
+        // Stored epochs bit-identical to the reference's (a stopped trial stores fewer).
+        let same = o.stored.iter().filter(|(k, v)| reference.stored.get(k) == Some(v)).count();
         println!(
-            "{:<12} {:>6} {:>7} {:>6} {:>9.1} {:>6.2}× {:>9.1} {:>6.2}×  {:<30} {:>7.1}%{}",
+            "{:<14} {:>6} {:>7} {:>6} {:>9.1} {:>6.2}× {:>9.1} {:>6.2}×  {:<30} {:>7.1}%{}  {same:>4}/{:<4}",
             o.name,
             o.trials,
             o.stopped,
@@ -160,12 +312,13 @@ fn bench() -> anyhow::Result<()> {
             o.wall_seconds / reference.wall_seconds,
             o.top,
             o.top_accuracy * 100.0,
-            if o.top == reference.top { "" } else { "  (another top trial)" }
+            if o.top == reference.top { "" } else { "  (another top trial)" },
+            o.stored.len()
         );
     }
     if keep {
         let kept = dir.keep();
         println!("\nstate directories kept in {}", kept.display());
     }
-    Ok(())
+    simulated(speedup)
 }

@@ -283,6 +283,7 @@ fn placement_spec(name: &str, trials: u32, devices: u32) -> String {
 dataset: {{ kind: synthetic, classes: 3, train_per_class: 6, val_per_class: 4, image_size: 32, seed: 1 }}
 training: {{ batch_size: 4 }}
 resources: {{ gpus_per_trial: {devices} }}
+sharing: off
 grid:
   backbone: [resnet18]
   lr_decay: [{{ strategy: exponential, head_lr: 1.0e-3, factor: 3 }}]

@@ -313,7 +313,7 @@ fn names_and_messages_that_would_steer_a_terminal_are_printed_escaped() {
     let mut w = TestWorker::register(&url, evil, evil, evil);
     let a = w.acquire(1000).unwrap();
     w.fail(a.attempt_id, v1::ErrorClass::Permanent, &format!("boom {evil}\nsecond line"));
-    for args in [vec!["workers"], vec!["status", &id], vec!["trial", &id, "t000"]] {
+    for args in [vec!["workers"], vec!["status", &id], vec!["trial", &id, a.trial_id.as_str()]] {
         let out = run_ok(&args, &url);
         assert!(!out.contains('\u{1b}') && !out.contains('\u{7}') && !out.contains('\u{202e}'), "{args:?}: {out:?}");
         assert!(out.contains("\\x1b[31m") || out.contains("\\x1b]0;"), "{args:?} shows the escapes: {out}");

@@ -188,7 +188,7 @@ fn a_broken_worker_is_quarantined_and_retry_requeues_the_failed_trials_for_a_hea
 
     // A worker whose attempts keep failing for reasons of its own (a device that errors):
     // after two in a row it is quarantined, with the reason.
-    let flaky = submit(&url, dir.path(), &TINY_SPEC.replace("name: tiny", "name: flaky"));
+    let flaky = submit(&url, dir.path(), &format!("{}sharing: off\n", TINY_SPEC.replace("name: tiny", "name: flaky")));
     let bad = failing_worker(&url, "bad", 2, "CUDA error: an illegal memory access was encountered");
     let workers = json(&["workers"]);
     let wb = workers.as_array().unwrap().iter().find(|w| w["worker"] == bad.as_str()).unwrap().clone();

@@ -587,11 +587,33 @@ impl Store for SqliteStore {
             q.query_map(params![sweep_id, idx as i64], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64)))?
                 .collect::<rusqlite::Result<_>>()?
         };
+        // The other trials whose row of the same epoch the same attempt wrote: one computation,
+        // stored for each of them.
+        let mut shared: HashMap<u32, Vec<String>> = HashMap::new();
+        {
+            let mut q = self.conn.prepare(
+                "SELECT o.epoch, t.trial_id FROM metrics m
+                 JOIN metrics o ON o.sweep_id = m.sweep_id AND o.epoch = m.epoch AND o.attempt_id = m.attempt_id
+                                   AND o.idx != m.idx
+                 JOIN trials t ON t.sweep_id = o.sweep_id AND t.idx = o.idx
+                 WHERE m.sweep_id = ?1 AND m.idx = ?2 ORDER BY o.epoch, o.idx",
+            )?;
+            let rows =
+                q.query_map(params![sweep_id, idx as i64], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, String>(1)?)))?;
+            for row in rows {
+                let (epoch, other) = row?;
+                shared.entry(epoch).or_default().push(other);
+            }
+        }
         let metrics = metrics_of(&self.conn, sweep_id, Some(idx as i64))?
             .remove(&trial.index)
             .unwrap_or_default()
             .into_iter()
-            .map(|m| EpochRecord { attempt_id: by_epoch.get(&m.epoch).copied().unwrap_or(0), metrics: m })
+            .map(|m| EpochRecord {
+                attempt_id: by_epoch.get(&m.epoch).copied().unwrap_or(0),
+                shared_with: shared.remove(&m.epoch).unwrap_or_default(),
+                metrics: m,
+            })
             .collect();
         let mut q = self.conn.prepare(
             "SELECT id, worker_id, state, started_at_ms, ended_at_ms, error, note, resumed_from_epoch
@@ -1982,6 +2004,10 @@ fn credit(
             None => computed,
         };
         trial_event_noted(tx, &a.sweep_id, u, Some(*metrics), &note, now)?;
+        if end.is_some() {
+            // Its end, as an event of its own (as when an attempt ends).
+            trial_event(tx, &a.sweep_id, u, None, now)?;
+        }
     }
     Ok(credited && e == stage.last_epoch)
 }
