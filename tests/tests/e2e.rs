@@ -4,6 +4,7 @@ mod cli;
 mod integrity;
 mod kill;
 mod security;
+mod stages;
 mod util;
 
 use std::time::Duration;

@@ -452,3 +452,81 @@ fn a_worker_whose_artifact_store_does_not_answer_stops_at_start_up_saying_why() 
     assert!(!out.status.success());
     assert!(stderr(&out).contains("cannot create"), "{}", stderr(&out));
 }
+
+/// Two strategies × `[3, 1]`, `[3, 2]`: feature extraction (epochs 1–3) is one stage for all
+/// four trials; fine-tuning epoch 4 one per strategy, shared by both splits; epoch 5 each
+/// `[3, 2]` alone. 18 epochs in all, 7 distinct.
+const SHARED_SPEC: &str = "\
+name: shared-kill
+dataset: { kind: synthetic, classes: 4, train_per_class: 24, val_per_class: 4, image_size: 32, seed: 3 }
+training:
+  batch_size: 8
+  augment: { hflip: true, rotation_deg: 5, shear_deg: 0, color_jitter: 0.1 }
+grid:
+  backbone: [resnet18]
+  lr_decay:
+    - { strategy: exponential, head_lr: 1.0e-3, factor: 3 }
+    - { strategy: linear, head_lr: 1.0e-3, final_lr: 1.0e-5 }
+  epoch_split: [[3, 1], [3, 2]]
+retries: { max_attempts: 5 }
+";
+
+#[test]
+fn a_worker_killed_inside_a_shared_stage_resumes_it_once_and_every_trial_through_it_completes_once() {
+    let _bound = sweep_tests::bound(300);
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, url) = coordinator(&dir.path().join("state"), &["--heartbeat-ttl", "1", "--lease-grace", "1"]);
+    let id = submit(&url, dir.path(), SHARED_SPEC);
+    let log = |n: &str| dir.path().join(format!("{n}.log"));
+    let rt = runtime();
+    let detail = |trial: &str| -> v1::TrialDetail {
+        rt.block_on(async {
+            client(&url).await.get_trial(v1::GetTrialRequest { sweep_id: id.clone(), trial_id: trial.into() }).await
+        })
+        .expect("get trial")
+        .into_inner()
+    };
+
+    // Kill the worker inside the shared feature extraction: t000 (whose epochs 1–3 t001, the
+    // longest trial of the stage, computes) has its first epoch.
+    let mut a = worker(&url, "a", dir.path());
+    wait_epochs(&url, &id, 1, &[&log("a")]);
+    kill9(&mut a);
+    let at_kill = detail("t001").metrics.len() as u32;
+    assert!((1..3).contains(&at_kill), "the kill should land inside the shared stage ({at_kill} epochs done)");
+
+    let _b = worker(&url, "b", dir.path());
+    let status = wait_for(Duration::from_secs(240), "the sweep to complete", || {
+        let out = output(sweep().args(["status", &id, "--coordinator", &url, "--output", "json"]));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_ne!(v["state"], "failed", "{v:#}\n{}", std::fs::read_to_string(log("b")).unwrap_or_default());
+        (v["state"] == "completed").then_some(v)
+    });
+    assert!(status["trials"].as_array().unwrap().iter().all(|t| t["state"] == "completed"), "{status:#}");
+
+    let trials: Vec<v1::TrialDetail> = ["t000", "t001", "t002", "t003"].iter().map(|t| detail(t)).collect();
+    // The stage resumed once: its runner t001 was lost once, then its next attempt continued
+    // after the acknowledged epochs; nobody else ran feature extraction.
+    let runner = &trials[1].attempts;
+    assert_eq!(runner.len(), 2, "{runner:?}");
+    assert_eq!((runner[0].state.as_str(), runner[1].state.as_str()), ("lost", "succeeded"));
+    assert_eq!(runner[1].resumed_from_epoch, at_kill, "{runner:?}");
+    // Every trial holds every epoch once; epochs 1–3 of all four are the runner's computation.
+    let fe: Vec<u64> = trials[1].metrics.iter().take(3).map(|m| m.attempt_id).collect();
+    for t in &trials {
+        let summary = t.trial.as_ref().unwrap();
+        let total = summary.fe_epochs + summary.ft_epochs;
+        assert_eq!(epochs(t), (1..=total).collect::<Vec<_>>(), "{}", summary.trial_id);
+        let own: Vec<u64> = t.metrics.iter().take(3).map(|m| m.attempt_id).collect();
+        assert_eq!(own, fe, "{}: feature extraction computed once, for all", summary.trial_id);
+    }
+    // The [3, 1] trials never ran: their fine-tuning epoch was their [3, 2] sibling's.
+    assert!(trials[0].attempts.is_empty() && trials[2].attempts.is_empty());
+    assert_eq!(trials[3].attempts.len(), 1);
+    // 7 distinct epochs were computed and stored (the one in progress at the kill was not
+    // stored by the lost attempt).
+    let computed: std::collections::HashSet<(u64, u32)> =
+        trials.iter().flat_map(|t| t.metrics.iter().map(|m| (m.attempt_id, m.epoch))).collect();
+    assert_eq!(computed.len(), 7, "{computed:?}");
+    assert_history_clean(&dir.path().join("state"));
+}
