@@ -258,14 +258,15 @@ pub fn plan(path: &Path, max_trials: usize, format: Format, tflops: f64) -> anyh
             };
             output::print(&format!(
                 "{}: sweep `{}`, {} trials, {} stages\n\n{}\n\nStage tree (the epochs trials share; a child stage starts \
-                 from its parent's end):\n\n{}\nEpochs, naive (every trial alone, as sweeps run today) and shared (each \
-                 stage once):\n\n{}\n{time}",
+                 from its parent's end):\n\n{}\nEpochs, naive (every trial alone, `sharing: off`) and shared (each \
+                 stage once{}):\n\n{}\n{time}",
                 path.display(),
                 spec.name,
                 tree.trials.len(),
                 tree.stages.len(),
                 output::trials_table(&tree.trials),
                 tree_text(&tree),
+                if spec.sharing { "" } else { "; this spec has `sharing: off`, so every trial runs alone" },
                 epochs_text(naive, shared),
             ));
         }

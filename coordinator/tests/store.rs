@@ -811,7 +811,8 @@ fn a_version_1_database_is_upgraded_in_place() {
          ALTER TABLE workers DROP COLUMN session_hash; ALTER TABLE workers DROP COLUMN owner;
          ALTER TABLE events DROP COLUMN checksum;
          ALTER TABLE sweeps DROP COLUMN early_stopping; ALTER TABLE trials DROP COLUMN stop_reason;
-         ALTER TABLE sweeps DROP COLUMN sharing;
+         DROP TRIGGER trials_progress_log; DROP TABLE progress_log;
+         ALTER TABLE sweeps DROP COLUMN sharing; DROP INDEX trials_progress; ALTER TABLE trials DROP COLUMN stored;
          UPDATE meta SET value = 1 WHERE key = 'schema_version';",
     )
     .unwrap();

@@ -77,38 +77,33 @@ pub enum Standing {
 /// newest stored epoch. `progress` is indexed by grid index, as `tree.trials`.
 pub fn ready(tree: &StageTree, progress: &[Progress]) -> Vec<(u32, u32)> {
     let epochs = |t: usize| tree.trials.get(t).map_or(0, |x| x.epochs());
-    let mut out = Vec::new();
+    // The waiting trials by where they stand: the stage of their next epoch and the epochs
+    // stored. Trials standing at the same point share that epoch, and one of them runs it (so
+    // a stage of n trials costs O(n), not O(n²)).
+    let mut points: std::collections::BTreeMap<(usize, u32), Vec<usize>> = std::collections::BTreeMap::new();
     for (t, p) in progress.iter().enumerate() {
         if p.state != Standing::Waiting || p.stored >= epochs(t) {
             continue;
         }
-        let next = p.stored + 1;
-        let sharers = tree.sharers(t, next);
-        let at = |u: usize| progress.get(u).copied();
-        let covered = sharers
+        if let Some(stage) = tree.stage_at(t, p.stored + 1) {
+            points.entry((stage.index, p.stored)).or_default().push(t);
+        }
+    }
+    let mut out = Vec::new();
+    for ((stage, stored), waiting) in points {
+        let covered = tree.stages[stage]
+            .trials
             .iter()
-            .any(|&u| u != t && at(u).is_some_and(|q| q.state == Standing::Running && q.stored <= p.stored));
+            .any(|&u| progress.get(u).is_some_and(|q| q.state == Standing::Running && q.stored <= stored));
         if covered {
             continue;
         }
-        let runner = sharers
-            .iter()
-            .copied()
-            .filter(|&u| at(u).is_some_and(|q| q.state == Standing::Waiting && q.stored == p.stored))
-            .min_by_key(|&u| (std::cmp::Reverse(epochs(u)), u));
-        if runner != Some(t) {
-            continue;
-        }
-        // The chains it serves: its own and those of the sharers waiting at the same point
-        // (its reports are credited to them).
-        let longest = sharers
-            .iter()
-            .filter(|&&u| at(u).is_some_and(|q| q.state == Standing::Waiting && q.stored == p.stored))
-            .map(|&u| epochs(u))
-            .max()
-            .unwrap_or(0);
-        out.push((t as u32, longest.saturating_sub(p.stored)));
+        // The runner: the longest chain, then the lowest grid index; it serves the chains of
+        // every trial waiting here (its reports are credited to them).
+        let Some(&runner) = waiting.iter().min_by_key(|&&u| (std::cmp::Reverse(epochs(u)), u)) else { continue };
+        out.push((runner as u32, epochs(runner).saturating_sub(stored)));
     }
+    out.sort_by_key(|&(t, _)| t);
     out
 }
 

@@ -284,7 +284,19 @@ impl StageTree {
 
     /// The stage on `trial`'s path that holds its epoch `epoch` (1-based), if it has one.
     pub fn stage_at(&self, trial: usize, epoch: u32) -> Option<&Stage> {
-        self.path(trial).into_iter().map(|s| &self.stages[s]).find(|s| (s.first_epoch..=s.last_epoch).contains(&epoch))
+        // Up from the stage the trial ends in (no allocation: the store asks this for every
+        // waiting trial of a sweep at every hand-out).
+        let mut at = self.ending.get(trial).and_then(|&i| self.stages.get(i));
+        while let Some(s) = at {
+            if epoch > s.last_epoch {
+                return None;
+            }
+            if epoch >= s.first_epoch {
+                return Some(s);
+            }
+            at = s.parent.map(|p| &self.stages[p]);
+        }
+        None
     }
 
     /// The trials that compute epoch `epoch` together with `trial` (itself included), in grid

@@ -149,13 +149,21 @@ async fn bench(s: Settings) -> anyhow::Result<ExitCode> {
         .ok_or_else(|| anyhow!("the coordinator did not start (see {}): {first:?}", log_path.display()))?;
     let url = format!("http://{addr}");
 
-    // Enough trials that workers never run out: the most epochs the fleet could run, 1.5 times,
-    // in trials of 4 epochs on average, plus one per device.
+    // Enough work that workers never run out: the most epochs the fleet could run, 1.5 times,
+    // plus one trial per device. A sweep computes the epochs of its stage tree (its shared
+    // epochs once), far fewer than its trials' epochs.
     let slots = s.workers * s.devices;
     let epochs = slots as f64 * (s.seconds as f64 * 1000.0 / s.epoch_ms as f64);
-    let needed = (epochs / 4.0 * 1.5) as usize + slots;
     let per_sweep = 123 * sim::LOAD_SPEC_TRIALS_PER_DECAY;
-    let sweeps = needed.div_ceil(per_sweep).max(1);
+    let tree = sweep_core::stages::StageTree::build(
+        &sweep_core::spec::parse_with(
+            &sim::load_spec("load", 123),
+            sweep_core::spec::ParseOptions { max_trials: per_sweep, ..Default::default() },
+        )?,
+        true,
+    );
+    let per_sweep_epochs = tree.stage_epochs().total() as f64;
+    let sweeps = ((epochs * 1.5 + slots as f64) / per_sweep_epochs).ceil().max(1.0) as usize;
     let mut client = Client::connect(&url).await?;
     for i in 1..=sweeps {
         client.submit_text(sim::load_spec(&format!("load-{i}"), 123), "load.yaml".into()).await?;

@@ -90,9 +90,21 @@ const MIGRATIONS: &[&str] = &[
     // stopped.
     "ALTER TABLE sweeps ADD COLUMN early_stopping TEXT;
      ALTER TABLE trials ADD COLUMN stop_reason TEXT;",
-    // 9: whether a sweep runs its shared epochs once (`sharing:`); sweeps stored before ran
-    // every trial alone.
-    "ALTER TABLE sweeps ADD COLUMN sharing INTEGER NOT NULL DEFAULT 0;",
+    // 9: whether a sweep runs its shared epochs once (`sharing:`; sweeps stored before ran
+    // every trial alone), and each trial's newest stored epoch (what the scheduler reads).
+    "ALTER TABLE sweeps ADD COLUMN sharing INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE trials ADD COLUMN stored INTEGER NOT NULL DEFAULT 0;
+     UPDATE trials SET stored = (SELECT COALESCE(MAX(m.epoch), 0) FROM metrics m
+                                 WHERE m.sweep_id = trials.sweep_id AND m.idx = trials.idx);
+     CREATE TABLE IF NOT EXISTS progress_log (
+         sweep_id TEXT NOT NULL,
+         idx      INTEGER NOT NULL
+     );
+     CREATE INDEX IF NOT EXISTS progress_log_by_sweep ON progress_log(sweep_id);
+     CREATE TRIGGER IF NOT EXISTS trials_progress_log AFTER UPDATE OF state, stored ON trials
+         WHEN (OLD.state IS NOT NEW.state OR OLD.stored IS NOT NEW.stored)
+              AND (SELECT sharing FROM sweeps WHERE id = NEW.sweep_id) != 0
+         BEGIN INSERT INTO progress_log(sweep_id, idx) VALUES (NEW.sweep_id, NEW.idx); END;",
 ];
 
 const SCHEMA: &str = "
@@ -137,6 +149,7 @@ CREATE TABLE IF NOT EXISTS trials (
     retry_base     INTEGER NOT NULL DEFAULT 0,
     skipped_images  INTEGER NOT NULL DEFAULT 0,
     stop_reason     TEXT,
+    stored          INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (sweep_id, idx)
 );
 CREATE INDEX IF NOT EXISTS trials_by_state ON trials(state);
@@ -195,12 +208,24 @@ CREATE TABLE IF NOT EXISTS events (
     checksum INTEGER
 );
 CREATE INDEX IF NOT EXISTS events_by_sweep ON events(sweep_id, seq);
+-- Trials of sweeps with shared stages whose state or stored epochs changed since the scheduler
+-- last read them (it keeps where each trial stands in memory, and reads only these).
+CREATE TABLE IF NOT EXISTS progress_log (
+    sweep_id TEXT NOT NULL,
+    idx      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS progress_log_by_sweep ON progress_log(sweep_id);
+CREATE TRIGGER IF NOT EXISTS trials_progress_log AFTER UPDATE OF state, stored ON trials
+    WHEN (OLD.state IS NOT NEW.state OR OLD.stored IS NOT NEW.stored)
+         AND (SELECT sharing FROM sweeps WHERE id = NEW.sweep_id) != 0
+    BEGIN INSERT INTO progress_log(sweep_id, idx) VALUES (NEW.sweep_id, NEW.idx); END;
 ";
 
 /// Indexes for the scheduler's hot queries: the oldest pending trial of a sweep, and whether a
 /// sweep still has waiting or running trials, without scanning the sweep.
 const QUERY_INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS trials_by_state_sweep ON trials(state, sweep_id, idx);
+CREATE INDEX IF NOT EXISTS trials_progress ON trials(sweep_id, state, idx, stored);
 ";
 
 /// The SQLite store. Not `Sync`: the server keeps it on one thread.
@@ -214,6 +239,10 @@ pub struct SqliteStore {
     /// The stage trees of sweeps read so far (`None`: the sweep shares no epoch), built from
     /// their stored specs, which never change; cleared when a batch rolls back.
     trees: Trees,
+    /// Where each trial of a sweep with shared stages stands, as the scheduler last read it,
+    /// brought up to date from `progress_log` at each hand-out; cleared when a batch or a
+    /// hand-out fails (what it read may be rolled back).
+    progress: RefCell<HashMap<String, Vec<schedule::Progress>>>,
 }
 
 /// Stage trees by sweep id.
@@ -310,7 +339,7 @@ impl SqliteStore {
         // re-prepares a statement whenever a rebound parameter might change its plan.
         conn.set_prepared_statement_cache_capacity(64);
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(open_err)?;
-        Ok(SqliteStore { conn, path, _lock: lock, clock, trees: RefCell::default() })
+        Ok(SqliteStore { conn, path, _lock: lock, clock, trees: RefCell::default(), progress: RefCell::default() })
     }
 
     pub fn path(&self) -> &Path {
@@ -344,8 +373,10 @@ impl Store for SqliteStore {
     fn commit_batch(&mut self) -> Result<()> {
         self.conn.execute_batch("COMMIT").map_err(|e| {
             let _ = self.conn.execute_batch("ROLLBACK");
-            // A sweep stored in the batch is gone, and its id may come back with another spec.
+            // A sweep stored in the batch is gone, and its id may come back with another spec;
+            // what the scheduler read in it may be undone.
             self.trees.borrow_mut().clear();
+            self.progress.borrow_mut().clear();
             StoreError::from(e)
         })
     }
@@ -894,16 +925,35 @@ impl Store for SqliteStore {
             })?
             .collect::<rusqlite::Result<_>>()?;
         // A sweep with a stage tree offers the trials that may run now (`schedule::ready`);
-        // one without offers its first waiting trial.
+        // one without offers its first waiting trial. The policy takes the oldest sweep with a
+        // trial that fits first, so sweeps are asked oldest first until one has such a trial
+        // (reading a large sweep's trials is the costly part).
+        let mut waiting = waiting;
+        waiting.sort_by_key(|(c, _)| c.order);
+        // What is known of sweeps with nothing waiting (ended, or all running) is read again
+        // when they have.
+        self.progress.borrow_mut().retain(|sweep, _| waiting.iter().any(|(c, _)| c.sweep == *sweep));
         let mut candidates = Vec::with_capacity(waiting.len());
         for (c, sharing) in waiting {
+            let fits = c.devices >= 1 && c.devices as usize <= free.len();
             match sharing.then(|| shared_tree(&self.trees, &tx, &c.sweep)).transpose()?.flatten() {
-                Some(tree) => {
-                    for (trial, remaining) in schedule::ready(&tree, &progress(&tx, &c.sweep, tree.trials.len())?) {
+                Some(tree) if fits => {
+                    let standing = match progress(&self.progress, &tx, &c.sweep, tree.trials.len()) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            self.progress.borrow_mut().clear();
+                            return Err(e);
+                        }
+                    };
+                    for (trial, remaining) in schedule::ready(&tree, &standing) {
                         candidates.push(schedule::Candidate { trial, remaining, ..c.clone() });
                     }
                 }
+                Some(_) => {}
                 None => candidates.push(c),
+            }
+            if candidates.iter().any(|c| c.devices >= 1 && c.devices as usize <= free.len()) {
+                break;
             }
         }
         // Nothing to hand out: a read-only transaction (no disk write, no sync). Heartbeats keep
@@ -1033,6 +1083,8 @@ impl Store for SqliteStore {
                 now
             ],
         )?;
+        tx.prepare_cached("UPDATE trials SET stored = MAX(stored, ?3) WHERE sweep_id = ?1 AND idx = ?2")?
+            .execute(params![a.sweep_id, a.idx, metrics.epoch])?;
         if extras.parameters > 0 {
             tx.prepare_cached("UPDATE trials SET parameters = ?3 WHERE sweep_id = ?1 AND idx = ?2")?
                 .execute(params![a.sweep_id, a.idx, extras.parameters as i64])?;
@@ -1869,31 +1921,53 @@ fn shared_tree(cache: &Trees, conn: &Connection, sweep_id: &str) -> Result<Optio
     Ok(tree)
 }
 
-/// Where each of a sweep's `n` trials stands, by grid index, for `schedule::ready`.
-fn progress(conn: &Connection, sweep_id: &str, n: usize) -> Result<Vec<schedule::Progress>> {
-    let mut out = vec![schedule::Progress { state: schedule::Standing::Idle, stored: 0 }; n];
-    let rows: Vec<(i64, String, i64)> = conn
-        .prepare_cached(
-            "SELECT t.idx, t.state, (SELECT COALESCE(MAX(m.epoch), 0) FROM metrics m
-                                     WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx)
-             FROM trials t WHERE t.sweep_id = ?1",
-        )?
-        .query_map([sweep_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    for (idx, state, stored) in rows {
-        let Some(p) = usize::try_from(idx).ok().and_then(|i| out.get_mut(i)) else {
-            return Err(StoreError::Corrupt(format!("trial {idx} of {sweep_id} is outside its grid of {n}")));
-        };
-        p.state = if state == TrialState::Pending.as_str() {
-            schedule::Standing::Waiting
-        } else if state == TrialState::Running.as_str() {
-            schedule::Standing::Running
-        } else {
-            schedule::Standing::Idle
-        };
-        p.stored = u32::try_from(stored).unwrap_or(0);
+/// Where each of a sweep's `n` trials stands, by grid index, for `schedule::ready`: from
+/// `cache`, brought up to date with the trials `progress_log` names (then emptied for the
+/// sweep), or read whole (the pending and running trials: an index-only scan) the first time.
+fn progress(
+    cache: &RefCell<HashMap<String, Vec<schedule::Progress>>>,
+    conn: &Connection,
+    sweep_id: &str,
+    n: usize,
+) -> Result<Vec<schedule::Progress>> {
+    let mut cache = cache.borrow_mut();
+    let standing = |running: bool, pending: bool| match (running, pending) {
+        (true, _) => schedule::Standing::Running,
+        (_, true) => schedule::Standing::Waiting,
+        _ => schedule::Standing::Idle,
+    };
+    let outside = |idx: i64| StoreError::Corrupt(format!("trial {idx} of {sweep_id} is outside its grid of {n}"));
+    if let Some(known) = cache.get_mut(sweep_id).filter(|p| p.len() == n) {
+        let changed: Vec<i64> = conn
+            .prepare_cached("SELECT DISTINCT idx FROM progress_log WHERE sweep_id = ?1")?
+            .query_map([sweep_id], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut q =
+            conn.prepare_cached("SELECT state = ?3, state = ?4, stored FROM trials WHERE sweep_id = ?1 AND idx = ?2")?;
+        for idx in changed {
+            let (running, pending, stored): (bool, bool, i64) = q
+                .query_row(params![sweep_id, idx, TrialState::Running.as_str(), TrialState::Pending.as_str()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
+            let p = usize::try_from(idx).ok().and_then(|i| known.get_mut(i)).ok_or_else(|| outside(idx))?;
+            *p = schedule::Progress { state: standing(running, pending), stored: u32::try_from(stored).unwrap_or(0) };
+        }
+    } else {
+        let mut out = vec![schedule::Progress { state: schedule::Standing::Idle, stored: 0 }; n];
+        let mut q = conn.prepare_cached(
+            "SELECT t.idx, t.state = ?3, t.stored FROM trials t INDEXED BY trials_progress
+             WHERE t.sweep_id = ?1 AND t.state IN (?2, ?3)",
+        )?;
+        let mut rows = q.query(params![sweep_id, TrialState::Pending.as_str(), TrialState::Running.as_str()])?;
+        while let Some(r) = rows.next()? {
+            let (idx, running, stored): (i64, bool, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            let p = usize::try_from(idx).ok().and_then(|i| out.get_mut(i)).ok_or_else(|| outside(idx))?;
+            *p = schedule::Progress { state: standing(running, !running), stored: u32::try_from(stored).unwrap_or(0) };
+        }
+        cache.insert(sweep_id.to_string(), out);
     }
-    Ok(out)
+    conn.prepare_cached("DELETE FROM progress_log WHERE sweep_id = ?1")?.execute([sweep_id])?;
+    Ok(cache.get(sweep_id).cloned().unwrap_or_default())
 }
 
 /// Stores the epoch attempt `a` just reported for every other trial that shares it and waits
@@ -1922,9 +1996,7 @@ fn credit(
         type Row = (String, String, u32, u32, i64, Option<String>);
         let (state, trial_id, fe_epochs, ft_epochs, stored, stop_reason): Row = tx
             .prepare_cached(
-                "SELECT t.state, t.trial_id, t.fe_epochs, t.ft_epochs,
-                        (SELECT COALESCE(MAX(m.epoch), 0) FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx),
-                        t.stop_reason
+                "SELECT t.state, t.trial_id, t.fe_epochs, t.ft_epochs, t.stored, t.stop_reason
                  FROM trials t WHERE t.sweep_id = ?1 AND t.idx = ?2",
             )?
             .query_row(params![a.sweep_id, u], |r| {
@@ -1971,10 +2043,10 @@ fn credit(
             }
         }
         tx.prepare_cached(
-            "UPDATE trials SET skipped_images = ?3, started_at_ms = COALESCE(started_at_ms, ?4)
+            "UPDATE trials SET skipped_images = ?3, started_at_ms = COALESCE(started_at_ms, ?4), stored = ?5
              WHERE sweep_id = ?1 AND idx = ?2",
         )?
-        .execute(params![a.sweep_id, u, extras.skipped_images, now])?;
+        .execute(params![a.sweep_id, u, extras.skipped_images, now, e])?;
         let peer = CurrentAttempt {
             sweep_id: a.sweep_id.clone(),
             idx: u,
@@ -2247,6 +2319,7 @@ fn finish_sweep_if_done(conn: &Connection, sweep_id: &str, now: i64) -> Result<(
         return Ok(());
     }
     conn.prepare_cached("UPDATE sweeps SET finished_at_ms = ?2 WHERE id = ?1")?.execute(params![sweep_id, now])?;
+    conn.prepare_cached("DELETE FROM progress_log WHERE sweep_id = ?1")?.execute([sweep_id])?;
     let ended = SweepSummary { finished_at_ms: Some(now), ..summary };
     append_event(conn, sweep_id, SweepEvent::Ended(ended), now)
 }
