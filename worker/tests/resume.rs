@@ -188,7 +188,7 @@ fn a_resume_point_that_is_not_the_trials_own_is_never_loaded() {
     let a = v1::Assignment { attempt_id: 8, resume: Some(foreign.clone()), ..first.clone() };
     let r = run_until(&a, dir.path(), 1);
     assert_eq!(r[0].resumed_from_epoch, 2, "{}", r[0].note);
-    assert!(r[0].note.contains("is not this trial's own resume point"), "{}", r[0].note);
+    assert!(r[0].note.contains("is neither this trial's own resume point"), "{}", r[0].note);
     assert!(r[0].note.contains("resumed from the older point of epoch 2"), "{}", r[0].note);
 
     // The other sweep's file planted in our folder under our name (its hash matching): its JSON

@@ -95,16 +95,7 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE sweeps ADD COLUMN sharing INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE trials ADD COLUMN stored INTEGER NOT NULL DEFAULT 0;
      UPDATE trials SET stored = (SELECT COALESCE(MAX(m.epoch), 0) FROM metrics m
-                                 WHERE m.sweep_id = trials.sweep_id AND m.idx = trials.idx);
-     CREATE TABLE IF NOT EXISTS progress_log (
-         sweep_id TEXT NOT NULL,
-         idx      INTEGER NOT NULL
-     );
-     CREATE INDEX IF NOT EXISTS progress_log_by_sweep ON progress_log(sweep_id);
-     CREATE TRIGGER IF NOT EXISTS trials_progress_log AFTER UPDATE OF state, stored ON trials
-         WHEN (OLD.state IS NOT NEW.state OR OLD.stored IS NOT NEW.stored)
-              AND (SELECT sharing FROM sweeps WHERE id = NEW.sweep_id) != 0
-         BEGIN INSERT INTO progress_log(sweep_id, idx) VALUES (NEW.sweep_id, NEW.idx); END;",
+                                 WHERE m.sweep_id = trials.sweep_id AND m.idx = trials.idx);",
 ];
 
 const SCHEMA: &str = "
@@ -208,6 +199,15 @@ CREATE TABLE IF NOT EXISTS events (
     checksum INTEGER
 );
 CREATE INDEX IF NOT EXISTS events_by_sweep ON events(sweep_id, seq);
+";
+
+/// Indexes for the scheduler's hot queries: the oldest pending trial of a sweep, whether a
+/// sweep still has waiting or running trials, and where the trials of a sweep stand, without
+/// scanning the sweep; and the log of trials whose standing changed (created at every open,
+/// like the indexes: nothing in it outlives a restart's first hand-out).
+const QUERY_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS trials_by_state_sweep ON trials(state, sweep_id, idx);
+CREATE INDEX IF NOT EXISTS trials_progress ON trials(sweep_id, state, idx, stored);
 -- Trials of sweeps with shared stages whose state or stored epochs changed since the scheduler
 -- last read them (it keeps where each trial stands in memory, and reads only these).
 CREATE TABLE IF NOT EXISTS progress_log (
@@ -219,13 +219,6 @@ CREATE TRIGGER IF NOT EXISTS trials_progress_log AFTER UPDATE OF state, stored O
     WHEN (OLD.state IS NOT NEW.state OR OLD.stored IS NOT NEW.stored)
          AND (SELECT sharing FROM sweeps WHERE id = NEW.sweep_id) != 0
     BEGIN INSERT INTO progress_log(sweep_id, idx) VALUES (NEW.sweep_id, NEW.idx); END;
-";
-
-/// Indexes for the scheduler's hot queries: the oldest pending trial of a sweep, and whether a
-/// sweep still has waiting or running trials, without scanning the sweep.
-const QUERY_INDEXES: &str = "
-CREATE INDEX IF NOT EXISTS trials_by_state_sweep ON trials(state, sweep_id, idx);
-CREATE INDEX IF NOT EXISTS trials_progress ON trials(sweep_id, state, idx, stored);
 ";
 
 /// The SQLite store. Not `Sync`: the server keeps it on one thread.
