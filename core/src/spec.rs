@@ -906,8 +906,13 @@ impl RawSpec {
             Some(serde_yaml::Value::String(s)) if s == "on" => true,
             Some(serde_yaml::Value::String(s)) if s == "off" => false,
             Some(other) => {
-                let shown = serde_yaml::to_string(other).unwrap_or_default();
-                return err("sharing", format!("must be `on` or `off`, got `{}`", shown.trim()));
+                let shown = match other {
+                    serde_yaml::Value::Sequence(_) => "a list".to_string(),
+                    serde_yaml::Value::Mapping(_) => "a mapping".to_string(),
+                    serde_yaml::Value::Null => "nothing".to_string(),
+                    v => format!("`{}`", serde_yaml::to_string(v).unwrap_or_default().trim()),
+                };
+                return err("sharing", format!("must be `on` or `off`, got {shown}"));
             }
         };
         Ok(SweepSpec {

@@ -399,3 +399,14 @@ fn early_stopping_section() {
     assert_error(&bad("{ strategy: asha, min_epochs: 2 }"), 10, 47, "early_stopping.min_epochs", "nothing would");
     assert_error(&bad("{ strategy: asha, grace: 2 }"), 10, 35, "early_stopping", "grace");
 }
+
+#[test]
+fn sharing_is_on_unless_turned_off() {
+    assert!(spec::parse(GOOD).unwrap().sharing, "on by default");
+    for (value, on) in [("on", true), ("off", false), ("true", true), ("false", false)] {
+        assert_eq!(spec::parse(&format!("{GOOD}sharing: {value}\n")).unwrap().sharing, on, "{value}");
+    }
+    assert_error(&format!("{GOOD}sharing: sometimes\n"), 10, 10, "sharing", "must be `on` or `off`, got `sometimes`");
+    assert_error(&format!("{GOOD}sharing: [on]\n"), 10, 1, "sharing", "must be `on` or `off`, got a list");
+    assert_error(&format!("{GOOD}sharing: 3\n"), 10, 10, "sharing", "got `3`");
+}
