@@ -63,6 +63,7 @@ macro_rules! store_suite {
                 a_shared_stage_runs_once_and_its_epochs_belong_to_every_trial_through_it,
                 when_a_stages_runner_ends_another_trial_of_the_stage_takes_over,
                 with_sharing_off_every_trial_runs_alone,
+                a_shared_sweep_reopened_by_retry_hands_out_only_what_waits,
             );
         }
     };
@@ -966,7 +967,8 @@ grid:
 ";
 
 /// A report's checkpoint references as a worker writes them for `trial`'s epoch `epoch`: in a
-/// shared epoch, `last-e<epoch>` (both last and best); the resume point `state-e<epoch>`.
+/// shared epoch, `last-e<epoch>-a<attempt>` (both last and best); the resume point
+/// `state-e<epoch>`.
 fn refs(sweep: &str, trial: &str, epoch: u32, shared: bool) -> ReportExtras {
     let r = |file: String| CheckpointRef {
         uri: format!("/a/{sweep}/{trial}/{file}"),
@@ -975,7 +977,7 @@ fn refs(sweep: &str, trial: &str, epoch: u32, shared: bool) -> ReportExtras {
         epoch,
     };
     let (last, best) = if shared {
-        (r(format!("last-e{epoch:04}.safetensors")), r(format!("last-e{epoch:04}.safetensors")))
+        (r(format!("last-e{epoch:04}-a7.safetensors")), r(format!("last-e{epoch:04}-a7.safetensors")))
     } else {
         (r("last.safetensors".into()), r("best.safetensors".into()))
     };
@@ -1038,7 +1040,7 @@ fn a_shared_stage_runs_once_and_its_epochs_belong_to_every_trial_through_it<S: S
     let a = runner.attempt_id;
     assert_eq!(epochs, vec![(1, a, 0.4), (2, a, 0.5), (3, a, 0.7)]);
     assert!(t000.attempts.is_empty(), "t000 never ran");
-    assert_eq!(t000.best_checkpoint.unwrap().uri, format!("/a/{sweep}/t001/last-e0003.safetensors"));
+    assert_eq!(t000.best_checkpoint.unwrap().uri, format!("/a/{sweep}/t001/last-e0003-a7.safetensors"));
     let t002 = store.trial(&sweep, "t002").unwrap();
     let epochs: Vec<(u32, u64)> = t002.metrics.iter().map(|m| (m.metrics.epoch, m.attempt_id)).collect();
     assert_eq!(epochs, vec![(1, a), (2, a), (3, branch.attempt_id), (4, branch.attempt_id)]);
@@ -1100,4 +1102,35 @@ fn with_sharing_off_every_trial_runs_alone<S: Store>(open: Open<S>) {
     assert!(a.is_none());
     let status = store.get_sweep(&sweep).unwrap();
     assert!(status.trials.iter().all(|t| t.state == TrialState::Running));
+}
+
+/// The scheduler's memory of a shared sweep stays true across the sweep's end and a retry
+/// that reopens it, with no hand-out in between.
+fn a_shared_sweep_reopened_by_retry_hands_out_only_what_waits<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    let sweep = submit_text(&mut store, SHARED);
+    let (w, inc) = register(&mut store, "w", &devices("cpu", 2));
+    let runner = store.acquire(&w, inc).unwrap().unwrap();
+    for epoch in 1..=2 {
+        store.report_epoch(&w, runner.attempt_id, &metrics(epoch, 2, 0.5), &refs(&sweep, "t001", epoch, true)).unwrap();
+    }
+    let branch = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!(branch.trial_id, "t002");
+    // No hand-out from here on until the retry: t000 completes by sharing, t001 succeeds, t002
+    // fails for good, and the sweep ends.
+    for epoch in 3..=4 {
+        store
+            .report_epoch(&w, runner.attempt_id, &metrics(epoch, 2, 0.5), &refs(&sweep, "t001", epoch, epoch == 3))
+            .unwrap();
+    }
+    store.finish_attempt(&w, runner.attempt_id, Outcome::Succeeded, "", 1.0).unwrap();
+    store.finish_attempt(&w, branch.attempt_id, Outcome::Failed { permanent: true }, "bad", 1.0).unwrap();
+    assert!(store.get_sweep(&sweep).unwrap().sweep.finished_at_ms.is_some());
+    assert_eq!(store.retry_sweep(&sweep, &[]).unwrap(), ["t002"]);
+    let again = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!(again.trial_id, "t002", "only the retried trial waits");
+    assert!(store.acquire(&w, inc).unwrap().is_none());
+    let report = history::check(store.history().unwrap());
+    assert!(report.is_clean(), "{report}");
 }

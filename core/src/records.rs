@@ -240,6 +240,8 @@ pub struct Assignment {
     pub devices: Vec<String>,
     /// Where to continue from (the trial's last resume point), if it has one.
     pub resume: Option<CheckpointRef>,
+    /// The sweep's shared epochs run once (and are stored for every trial through them).
+    pub sharing: bool,
 }
 
 /// How a worker says an attempt ended.

@@ -232,6 +232,7 @@ impl From<&records::Assignment> for v1::Assignment {
             attempt_number: a.attempt_number,
             devices: a.devices.clone(),
             resume: a.resume.as_ref().map(v1::CheckpointRef::from),
+            sharing: a.sharing,
         }
     }
 }
@@ -702,9 +703,11 @@ mod tests {
             attempt_number: 2,
             devices: vec!["cuda:0".into()],
             resume: Some(records::CheckpointRef { epoch: 3, ..Default::default() }),
+            sharing: true,
         };
         let w = v1::Assignment::from(&a);
         assert_eq!((w.backbone.as_str(), w.resume.map(|c| c.epoch)), ("densenet121", Some(3)));
+        assert!(w.sharing);
         assert_eq!(w.lr_decay.unwrap().factor, 3.0);
     }
 }

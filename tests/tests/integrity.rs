@@ -495,6 +495,7 @@ fn ids_from_a_rogue_coordinator_never_become_paths_on_the_worker() {
         attempt_number: 1,
         devices: vec!["cpu:0".into()],
         resume: None,
+        sharing: true,
     };
     let heard = Arc::new(Mutex::new(Heard::default()));
     let rogue = Rogue {

@@ -184,9 +184,10 @@ impl TrialCheckpoints {
     }
 
     /// [`TrialCheckpoints::after_epoch`]; for an epoch other trials share (`shared`), the
-    /// weights go to a file of their own, `last-e<epoch>.safetensors`, which both `last` and
-    /// (when better) `best` name: the trials the epoch is credited to hold references to it,
-    /// and no later epoch overwrites it.
+    /// weights go to a file of their own, `last-e<epoch>-a<attempt>.safetensors`, which both
+    /// `last` and (when better) `best` name: the trials the epoch is credited to hold
+    /// references to it, and nothing overwrites it (not a later epoch, not another attempt
+    /// computing the epoch again).
     pub fn after_epoch_of(
         &mut self,
         model: &Model,
@@ -199,7 +200,7 @@ impl TrialCheckpoints {
             .map_err(|e| CheckpointError::Torch { path: local.clone(), message: e.to_string() })?;
         let (sha256, bytes) = sha256_file(&local)?;
         let last_key = if shared {
-            format!("{}/last-e{:04}.safetensors", self.prefix, m.epoch)
+            format!("{}/last-e{:04}-a{}.safetensors", self.prefix, m.epoch, self.base.id.attempt)
         } else {
             format!("{}/last.safetensors", self.prefix)
         };

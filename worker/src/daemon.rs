@@ -232,8 +232,9 @@ pub fn train_attempt(
 ) -> Result<(), TrainError> {
     let (mut spec, trial) = resolve(a).map_err(TrainError::permanent)?;
     // The stage tree (before pretraining changes the spec's weights): which of this trial's
-    // epochs other trials share, and whose resume points this trial may start from.
-    let tree = StageTree::build(&spec, spec.sharing);
+    // epochs other trials share, and whose resume points this trial may start from — when the
+    // coordinator runs the sweep's shared epochs once (it says so; an older one does not).
+    let tree = StageTree::build(&spec, a.sharing);
     let keep = tree.shared_stage_ends(trial.index);
     if spec.pretrain.is_some() {
         let weights = pretrain::ensure(&spec, trial.backbone, cache_dir, options)?;

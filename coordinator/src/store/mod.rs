@@ -263,14 +263,18 @@ impl CheckpointKind {
         }
     }
 
-    /// The file it may also name for an epoch shared with other trials: that epoch's own
-    /// weights, `last-e<epoch>.safetensors` (both `last` and `best` then name it), kept, so
-    /// the trials it is credited to hold a file no later epoch overwrites.
-    pub fn shared_file(self, epoch: u32) -> Option<String> {
-        match self {
-            CheckpointKind::Best | CheckpointKind::Last => Some(format!("last-e{epoch:04}.safetensors")),
+    /// Whether `name` is the file it may also name for an epoch shared with other trials: that
+    /// epoch's own weights as one attempt computed them, `last-e<epoch>-a<attempt>.safetensors`
+    /// (both `last` and `best` then name it), kept, so the trials it is credited to hold a
+    /// file nothing overwrites — not a later epoch, not a recomputation.
+    pub fn is_shared_file(self, epoch: u32, name: &str) -> bool {
+        let attempt = match self {
+            CheckpointKind::Best | CheckpointKind::Last => {
+                name.strip_prefix(&format!("last-e{epoch:04}-a")).and_then(|rest| rest.strip_suffix(".safetensors"))
+            }
             CheckpointKind::Resume => None,
-        }
+        };
+        attempt.is_some_and(|a| !a.is_empty() && a.len() <= 20 && a.bytes().all(|b| b.is_ascii_digit()))
     }
 }
 
@@ -296,10 +300,12 @@ pub fn check_checkpoint_ref(
         return Err(format!("uri `{}` has a `.` or `..` segment", shown()));
     }
     let tail = &segments[segments.len().saturating_sub(3)..];
-    let shared = kind.shared_file(c.epoch);
-    let named = |f: &str| tail == [sweep_id, trial_id, f];
-    if !named(&file) && !shared.as_deref().is_some_and(named) {
-        let or = shared.map(|f| format!(" or `{sweep_id}/{trial_id}/{f}`")).unwrap_or_default();
+    let own = tail.len() == 3 && tail[0] == sweep_id && tail[1] == trial_id;
+    if !own || (tail[2] != file && !kind.is_shared_file(c.epoch, tail[2])) {
+        let or = match kind {
+            CheckpointKind::Resume => String::new(),
+            _ => format!(" or `{sweep_id}/{trial_id}/last-e{:04}-a<attempt>.safetensors`", c.epoch),
+        };
         return Err(format!(
             "uri `{}` is not this trial's own: it must end in `{sweep_id}/{trial_id}/{file}`{or}",
             shown()
@@ -312,4 +318,33 @@ pub fn check_checkpoint_ref(
         return Err("bytes must be the size of the file (got 0)".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_epochs_weights_are_the_trials_own_file_of_that_epoch_and_attempt() {
+        let r = |file: &str, epoch| CheckpointRef {
+            uri: format!("s3://b/p/s-0001/t002/{file}"),
+            sha256: "ab".repeat(32),
+            bytes: 9,
+            epoch,
+        };
+        for kind in [CheckpointKind::Last, CheckpointKind::Best] {
+            assert!(check_checkpoint_ref(&r("last-e0003-a17.safetensors", 3), "s-0001", "t002", kind).is_ok());
+            for bad in ["last-e0003-a.safetensors", "last-e0003-a1x.safetensors", "last-e0003.safetensors"] {
+                let e = check_checkpoint_ref(&r(bad, 3), "s-0001", "t002", kind).unwrap_err();
+                assert!(e.contains("last-e0003-a<attempt>"), "{e}");
+            }
+            // Another epoch's file, another trial's folder.
+            assert!(check_checkpoint_ref(&r("last-e0002-a17.safetensors", 3), "s-0001", "t002", kind).is_err());
+            assert!(check_checkpoint_ref(&r("last-e0003-a17.safetensors", 3), "s-0001", "t001", kind).is_err());
+        }
+        assert!(
+            check_checkpoint_ref(&r("last-e0003-a17.safetensors", 3), "s-0001", "t002", CheckpointKind::Resume)
+                .is_err()
+        );
+    }
 }

@@ -502,6 +502,8 @@ impl Store for SqliteStore {
         let now = self.clock.now_ms();
         let tx = self.conn.savepoint()?;
         let sweep_id = &resolve_sweep(&tx, sweep_id)?;
+        // A sweep that ended may open again: the scheduler reads it afresh.
+        self.progress.borrow_mut().remove(sweep_id);
         let cancelled: bool =
             tx.query_row("SELECT cancelled != 0 FROM sweeps WHERE id = ?1", [sweep_id], |r| r.get(0))?;
         if cancelled {
@@ -959,11 +961,21 @@ impl Store for SqliteStore {
         let held: Vec<String> = free.into_iter().take(need as usize).collect();
         let now = self.clock.now_ms();
         tx.prepare_cached("UPDATE workers SET last_seen_ms = ?2 WHERE id = ?1")?.execute(params![worker_id, now])?;
-        let number: i64 = tx
+        // Only a pending trial is handed out (what the scheduler knew of it may be out of date:
+        // then it reads the sweep again at the next hand-out).
+        let number: Option<i64> = tx
             .prepare_cached(
-                "UPDATE trials SET attempts = attempts + 1 WHERE sweep_id = ?1 AND idx = ?2 RETURNING attempts",
+                "UPDATE trials SET attempts = attempts + 1 WHERE sweep_id = ?1 AND idx = ?2 AND state = ?3
+                 RETURNING attempts",
             )?
-            .query_row(params![sweep_id, idx], |r| r.get(0))?;
+            .query_row(params![sweep_id, idx, TrialState::Pending.as_str()], |r| r.get(0))
+            .optional()?;
+        let Some(number) = number else {
+            tracing::warn!(sweep = %sweep_id, trial = idx, "the scheduler's view of a sweep was out of date; read again");
+            self.progress.borrow_mut().remove(&sweep_id);
+            tx.commit()?;
+            return Ok(None);
+        };
         tx.prepare_cached(
             "INSERT INTO attempts(sweep_id, idx, number, worker_id, incarnation, state, started_at_ms, devices)
              VALUES (?1, ?2, ?3, ?4, ?5, ?8, ?6, ?7)",
@@ -999,6 +1011,7 @@ impl Store for SqliteStore {
         let t = trial_summaries(&tx, &sweep_id, Some(idx))?
             .pop()
             .ok_or_else(|| StoreError::Corrupt(format!("trial {idx} of {sweep_id} vanished")))?;
+        let sharing = shared_tree(&self.trees, &tx, &sweep_id)?.is_some();
         tx.commit()?;
         Ok(Some(Assignment {
             attempt_id: attempt_id as u64,
@@ -1013,6 +1026,7 @@ impl Store for SqliteStore {
             attempt_number: number as u32,
             devices: held,
             resume,
+            sharing,
         }))
     }
 
@@ -2312,7 +2326,6 @@ fn finish_sweep_if_done(conn: &Connection, sweep_id: &str, now: i64) -> Result<(
         return Ok(());
     }
     conn.prepare_cached("UPDATE sweeps SET finished_at_ms = ?2 WHERE id = ?1")?.execute(params![sweep_id, now])?;
-    conn.prepare_cached("DELETE FROM progress_log WHERE sweep_id = ?1")?.execute([sweep_id])?;
     let ended = SweepSummary { finished_at_ms: Some(now), ..summary };
     append_event(conn, sweep_id, SweepEvent::Ended(ended), now)
 }

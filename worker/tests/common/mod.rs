@@ -25,6 +25,7 @@ pub fn assignment(spec_yaml: &str, sweep_id: &str, attempt_id: u64) -> v1::Assig
         attempt_number: 1,
         devices: vec!["cpu:0".into()],
         resume: None,
+        sharing: true,
     }
 }
 
