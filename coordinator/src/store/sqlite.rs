@@ -1070,32 +1070,6 @@ impl Store for SqliteStore {
                 stored + 1
             )));
         }
-        let now = self.clock.now_ms();
-        tx.prepare_cached("INSERT INTO metrics(sweep_id, idx, epoch, phase, train_loss, train_accuracy, val_loss, val_accuracy, seconds, attempt_id, recorded_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-             ON CONFLICT(sweep_id, idx, epoch) DO UPDATE SET
-               phase = excluded.phase, train_loss = excluded.train_loss, train_accuracy = excluded.train_accuracy,
-               val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy, seconds = excluded.seconds,
-               attempt_id = excluded.attempt_id, recorded_at_ms = excluded.recorded_at_ms")?.execute(params![
-                a.sweep_id,
-                a.idx,
-                metrics.epoch,
-                metrics.phase.as_str(),
-                metrics.train_loss,
-                metrics.train_accuracy,
-                metrics.val_loss,
-                metrics.val_accuracy,
-                metrics.seconds,
-                attempt_id as i64,
-                now
-            ],
-        )?;
-        tx.prepare_cached("UPDATE trials SET stored = MAX(stored, ?3) WHERE sweep_id = ?1 AND idx = ?2")?
-            .execute(params![a.sweep_id, a.idx, metrics.epoch])?;
-        if extras.parameters > 0 {
-            tx.prepare_cached("UPDATE trials SET parameters = ?3 WHERE sweep_id = ?1 AND idx = ?2")?
-                .execute(params![a.sweep_id, a.idx, extras.parameters as i64])?;
-        }
         for (kind, checkpoint) in [
             (CheckpointKind::Last, &extras.last_checkpoint),
             (CheckpointKind::Best, &extras.best_checkpoint),
@@ -1113,12 +1087,10 @@ impl Store for SqliteStore {
                 }
                 check_checkpoint_ref(c, &a.sweep_id, &a.trial_id, kind)
                     .map_err(|why| StoreError::Invalid(format!("{column} of epoch {}: {why}", metrics.epoch)))?;
-                tx.prepare_cached(&format!("UPDATE trials SET {column} = ?3 WHERE sweep_id = ?1 AND idx = ?2"))?
-                    .execute(params![a.sweep_id, a.idx, encode_checkpoint(c)])?;
             }
         }
-        tx.prepare_cached("UPDATE trials SET skipped_images = ?3 WHERE sweep_id = ?1 AND idx = ?2")?
-            .execute(params![a.sweep_id, a.idx, extras.skipped_images])?;
+        let now = self.clock.now_ms();
+        store_epoch(&tx, &a.sweep_id, a.idx, attempt_id, metrics, extras, now)?;
         if extras.resumed_from_epoch > 0 || !extras.note.is_empty() {
             tx.execute(
                 "UPDATE attempts SET resumed_from_epoch = ?2, note = ?3 WHERE id = ?1",
@@ -1977,6 +1949,65 @@ fn progress(
     Ok(cache.get(sweep_id).cloned().unwrap_or_default())
 }
 
+/// Stores epoch `metrics` of trial `idx`, as computed by attempt `attempt_id` (the trial's own,
+/// or a trial's it shares the epoch with): the metric row (a later attempt's supersedes,
+/// never duplicates), the newest stored epoch, and the report's parameters, checkpoint
+/// references (checked by the caller) and skipped images.
+fn store_epoch(
+    tx: &Connection,
+    sweep_id: &str,
+    idx: i64,
+    attempt_id: u64,
+    metrics: &EpochMetrics,
+    extras: &ReportExtras,
+    now: i64,
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO metrics(sweep_id, idx, epoch, phase, train_loss, train_accuracy, val_loss, val_accuracy, seconds,
+                             attempt_id, recorded_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+         ON CONFLICT(sweep_id, idx, epoch) DO UPDATE SET
+           phase = excluded.phase, train_loss = excluded.train_loss, train_accuracy = excluded.train_accuracy,
+           val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy, seconds = excluded.seconds,
+           attempt_id = excluded.attempt_id, recorded_at_ms = excluded.recorded_at_ms",
+    )?
+    .execute(params![
+        sweep_id,
+        idx,
+        metrics.epoch,
+        metrics.phase.as_str(),
+        metrics.train_loss,
+        metrics.train_accuracy,
+        metrics.val_loss,
+        metrics.val_accuracy,
+        metrics.seconds,
+        attempt_id as i64,
+        now
+    ])?;
+    tx.prepare_cached(
+        "UPDATE trials SET stored = MAX(stored, ?3), skipped_images = ?4 WHERE sweep_id = ?1 AND idx = ?2",
+    )?
+    .execute(params![sweep_id, idx, metrics.epoch, extras.skipped_images])?;
+    if extras.parameters > 0 {
+        tx.prepare_cached("UPDATE trials SET parameters = ?3 WHERE sweep_id = ?1 AND idx = ?2")?.execute(params![
+            sweep_id,
+            idx,
+            extras.parameters as i64
+        ])?;
+    }
+    for (kind, checkpoint) in [
+        (CheckpointKind::Last, &extras.last_checkpoint),
+        (CheckpointKind::Best, &extras.best_checkpoint),
+        (CheckpointKind::Resume, &extras.resume_checkpoint),
+    ] {
+        if let Some(c) = checkpoint {
+            tx.prepare_cached(&format!("UPDATE trials SET {} = ?3 WHERE sweep_id = ?1 AND idx = ?2", kind.field()))?
+                .execute(params![sweep_id, idx, encode_checkpoint(c)])?;
+        }
+    }
+    Ok(())
+}
+
 /// Stores the epoch attempt `a` just reported for every other trial that shares it and waits
 /// at it (pending or unschedulable, with every epoch before it stored): its metric row, written
 /// by `a`'s attempt; the attempt's checkpoint references (files of `a`'s trial, which no later
@@ -2014,46 +2045,11 @@ fn credit(
             continue;
         }
         credited = true;
+        store_epoch(tx, &a.sweep_id, u, attempt_id, metrics, extras, now)?;
         tx.prepare_cached(
-            "INSERT INTO metrics(sweep_id, idx, epoch, phase, train_loss, train_accuracy, val_loss, val_accuracy, seconds,
-                                 attempt_id, recorded_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            "UPDATE trials SET started_at_ms = COALESCE(started_at_ms, ?3) WHERE sweep_id = ?1 AND idx = ?2",
         )?
-        .execute(params![
-            a.sweep_id,
-            u,
-            e,
-            metrics.phase.as_str(),
-            metrics.train_loss,
-            metrics.train_accuracy,
-            metrics.val_loss,
-            metrics.val_accuracy,
-            metrics.seconds,
-            attempt_id as i64,
-            now
-        ])?;
-        if extras.parameters > 0 {
-            tx.prepare_cached("UPDATE trials SET parameters = ?3 WHERE sweep_id = ?1 AND idx = ?2")?
-                .execute(params![a.sweep_id, u, extras.parameters as i64])?;
-        }
-        for (kind, checkpoint) in [
-            (CheckpointKind::Last, &extras.last_checkpoint),
-            (CheckpointKind::Best, &extras.best_checkpoint),
-            (CheckpointKind::Resume, &extras.resume_checkpoint),
-        ] {
-            if let Some(c) = checkpoint {
-                tx.prepare_cached(&format!(
-                    "UPDATE trials SET {} = ?3 WHERE sweep_id = ?1 AND idx = ?2",
-                    kind.field()
-                ))?
-                .execute(params![a.sweep_id, u, encode_checkpoint(c)])?;
-            }
-        }
-        tx.prepare_cached(
-            "UPDATE trials SET skipped_images = ?3, started_at_ms = COALESCE(started_at_ms, ?4), stored = ?5
-             WHERE sweep_id = ?1 AND idx = ?2",
-        )?
-        .execute(params![a.sweep_id, u, extras.skipped_images, now, e])?;
+        .execute(params![a.sweep_id, u, now])?;
         let peer = CurrentAttempt {
             sweep_id: a.sweep_id.clone(),
             idx: u,
