@@ -27,6 +27,14 @@ pub struct Candidate<Id> {
     pub remaining: u32,
 }
 
+impl<Id> Candidate<Id> {
+    /// Whether its trial fits `free` free devices (a trial that says it needs none is never
+    /// placed).
+    pub fn fits(&self, free: usize) -> bool {
+        self.devices >= 1 && self.devices as usize <= free
+    }
+}
+
 /// What the worker runs next: a trial, on the first `devices` of its free devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision<Id> {
@@ -39,7 +47,7 @@ pub struct Decision<Id> {
 pub fn next<Id: Clone>(candidates: &[Candidate<Id>], free: usize) -> Option<Decision<Id>> {
     candidates
         .iter()
-        .filter(|c| c.devices >= 1 && c.devices as usize <= free)
+        .filter(|c| c.fits(free))
         .min_by_key(|c| (c.order, std::cmp::Reverse(c.remaining), c.trial))
         .map(|c| Decision { sweep: c.sweep.clone(), trial: c.trial, devices: c.devices })
 }

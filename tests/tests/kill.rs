@@ -30,9 +30,13 @@ fn submit(url: &str, dir: &std::path::Path, yaml: &str) -> String {
 }
 
 fn trial(url: &str, sweep: &str) -> v1::TrialDetail {
+    trial_named(url, sweep, "t000")
+}
+
+fn trial_named(url: &str, sweep: &str, trial: &str) -> v1::TrialDetail {
     let rt = runtime();
     rt.block_on(async {
-        client(url).await.get_trial(v1::GetTrialRequest { sweep_id: sweep.into(), trial_id: "t000".into() }).await
+        client(url).await.get_trial(v1::GetTrialRequest { sweep_id: sweep.into(), trial_id: trial.into() }).await
     })
     .expect("get trial")
     .into_inner()
@@ -478,14 +482,7 @@ fn a_worker_killed_inside_a_shared_stage_resumes_it_once_and_every_trial_through
     let (_coord, url) = coordinator(&dir.path().join("state"), &["--heartbeat-ttl", "1", "--lease-grace", "1"]);
     let id = submit(&url, dir.path(), SHARED_SPEC);
     let log = |n: &str| dir.path().join(format!("{n}.log"));
-    let rt = runtime();
-    let detail = |trial: &str| -> v1::TrialDetail {
-        rt.block_on(async {
-            client(&url).await.get_trial(v1::GetTrialRequest { sweep_id: id.clone(), trial_id: trial.into() }).await
-        })
-        .expect("get trial")
-        .into_inner()
-    };
+    let detail = |trial: &str| trial_named(&url, &id, trial);
 
     // Kill the worker inside the shared feature extraction: t000 (whose epochs 1–3 t001, the
     // longest trial of the stage, computes) has its first epoch.

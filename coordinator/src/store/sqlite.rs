@@ -930,7 +930,7 @@ impl Store for SqliteStore {
         self.progress.borrow_mut().retain(|sweep, _| waiting.iter().any(|(c, _)| c.sweep == *sweep));
         let mut candidates = Vec::with_capacity(waiting.len());
         for (c, sharing) in waiting {
-            let fits = c.devices >= 1 && c.devices as usize <= free.len();
+            let fits = c.fits(free.len());
             match sharing.then(|| shared_tree(&self.trees, &tx, &c.sweep)).transpose()?.flatten() {
                 Some(tree) if fits => {
                     let standing = match progress(&self.progress, &tx, &c.sweep, tree.trials.len()) {
@@ -947,7 +947,7 @@ impl Store for SqliteStore {
                 Some(_) => {}
                 None => candidates.push(c),
             }
-            if candidates.iter().any(|c| c.devices >= 1 && c.devices as usize <= free.len()) {
+            if candidates.iter().any(|c| c.fits(free.len())) {
                 break;
             }
         }
