@@ -138,10 +138,19 @@ impl Client {
         let r = self.submit_text(text, path.display().to_string()).await?;
         match format {
             Format::Json => {
-                println!("{}", serde_json::json!({"id": r.sweep_id, "trial_count": r.trial_count}));
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "id": r.sweep_id, "trial_count": r.trial_count, "reused_epochs": r.reused_epochs,
+                        "reused_trials": r.reused_trials, "reused_from": r.reused_from,
+                    })
+                );
             }
             Format::Table => {
                 output::print(&format!("submitted {} with {} trials to {}", path.display(), r.trial_count, self.url));
+                if let Some(line) = output::reused_line(&r) {
+                    output::print(&line);
+                }
                 output::print(&r.sweep_id);
             }
         }

@@ -591,6 +591,7 @@ pub fn export_csv(sweep_id: &str, trials: &[v1::TrialDetail]) -> String {
                 m.seconds.to_string(),
                 m.attempt_id.to_string(),
                 m.shared_with.join(" "),
+                m.reused_from.clone(),
             ]);
         }
     }
@@ -614,6 +615,7 @@ pub fn export_csv(sweep_id: &str, trials: &[v1::TrialDetail]) -> String {
             "seconds",
             "attempt",
             "shared_with",
+            "reused_from",
         ],
         &rows,
     )
@@ -656,6 +658,10 @@ pub fn trial_detail_text(d: &v1::TrialDetail) -> String {
     let runs = sweep_core::stages::stored_runs(&epochs);
     if !runs.is_empty() {
         out.push_str(&format!("computed once: {}\n", sweep_core::stages::runs_label(&runs)));
+    }
+    let reused = reused_label(&d.metrics);
+    if !reused.is_empty() {
+        out.push_str(&format!("reused from earlier sweeps: {reused}\n"));
     }
     out.push('\n');
     let mut t = table(&["epoch", "phase", "train loss", "train acc", "val loss", "val acc", "seconds"]);
@@ -707,7 +713,40 @@ pub fn metrics_json(m: &v1::EpochMetrics) -> Value {
         "epoch": m.epoch, "phase": m.phase, "train_loss": m.train_loss, "train_accuracy": m.train_accuracy,
         "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "seconds": m.seconds,
         "shared_with": m.shared_with,
+        "reused_from": if m.reused_from.is_empty() { Value::Null } else { json!(m.reused_from) },
     })
+}
+
+/// What a submission took from earlier sweeps, as one line (`None`: nothing).
+pub fn reused_line(r: &v1::SubmitSweepResponse) -> Option<String> {
+    (r.reused_epochs > 0).then(|| {
+        format!(
+            "reused {} epochs that {} computed exactly (same stage keys); {} of {} trials are done already",
+            r.reused_epochs,
+            r.reused_from.join(", "),
+            r.reused_trials,
+            r.trial_count
+        )
+    })
+}
+
+/// `"epochs 1–4 from s-3f2a/t001"` for each run of consecutive epochs another sweep's trial
+/// computed (empty when none).
+pub fn reused_label(metrics: &[v1::EpochMetrics]) -> String {
+    let mut runs: Vec<(u32, u32, &str)> = Vec::new();
+    for m in metrics.iter().filter(|m| !m.reused_from.is_empty()) {
+        match runs.last_mut() {
+            Some((_, last, from)) if *last + 1 == m.epoch && *from == m.reused_from => *last = m.epoch,
+            _ => runs.push((m.epoch, m.epoch, &m.reused_from)),
+        }
+    }
+    runs.iter()
+        .map(|(first, last, from)| {
+            let epochs = if first == last { format!("epoch {first}") } else { format!("epochs {first}–{last}") };
+            format!("{epochs} from {from}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// `sweep watch --output json`: one event, as one line.

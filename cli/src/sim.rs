@@ -293,6 +293,7 @@ pub fn fake_metrics(sweep_id: &str, trial_id: &str, epoch: u32, fe_epochs: u32, 
         seconds,
         attempt_id: 0,
         shared_with: Vec::new(),
+        reused_from: String::new(),
     }
 }
 

@@ -243,19 +243,25 @@ impl View {
         let Some(t) = &e.trial else { return };
         let before = self.trials.insert(t.trial_id.clone(), t.clone()).map(|b| b.state);
         let label = output::trial_label(t);
-        // An epoch computed once for several trials says so on its line, not as a note.
+        // An epoch computed once for several trials, or by an earlier sweep, says so on its
+        // line, not as a note.
+        let tag = |s: &str| s.starts_with("shared with ") || s.starts_with("reused from ");
         let (shared, note) = match e.note.split_once("; ") {
             _ if e.metrics.is_none() => ("", e.note.as_str()),
-            Some((first, rest)) if first.starts_with("shared with ") => (first, rest),
-            None if e.note.starts_with("shared with ") => (e.note.as_str(), ""),
+            Some((first, rest)) if tag(first) => (first, rest),
+            None if tag(&e.note) => (e.note.as_str(), ""),
             _ => ("", e.note.as_str()),
         };
         if !note.is_empty() {
             self.say(&format!("{}  note: {note}", t.trial_id));
         }
         if let Some(m) = &e.metrics {
-            self.epoch_seconds.0 += m.seconds;
-            self.epoch_seconds.1 += 1;
+            // Epochs an earlier sweep computed take no time here (the estimate of what is left
+            // counts the epochs this sweep computes).
+            if !shared.starts_with("reused from ") {
+                self.epoch_seconds.0 += m.seconds;
+                self.epoch_seconds.1 += 1;
+            }
             if self.live.is_none() {
                 self.say(&format!(
                     "{}  epoch {}/{} {:<18} train loss {:.3} acc {:>6}  val loss {:.3} acc {:>6}  ({:.1}s){}",

@@ -35,6 +35,7 @@
 //! Times are the coordinator's wall clock in milliseconds: a clock stepped backwards while it
 //! ran can show up as an overlap.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
@@ -259,6 +260,34 @@ impl Snapshot {
         // The attempt that wrote each trial's metric row of each epoch.
         let writer: HashMap<(&TrialKey, i64), i64> =
             self.metrics.iter().map(|m| ((&m.trial, m.epoch), m.attempt_id)).collect();
+        let values: HashMap<(&TrialKey, i64), [f64; 5]> =
+            self.metrics.iter().map(|m| ((&m.trial, m.epoch), m.values)).collect();
+        // Each trial's content keys by epoch (`stages::epoch_keys`), read when first asked.
+        let specs: HashMap<&str, sweep_core::spec::SweepSpec> = self
+            .specs
+            .iter()
+            .filter_map(|(sweep, yaml)| {
+                let spec = sweep_core::spec::parse_with(yaml, sweep_core::spec::ParseOptions::stored()).ok()?;
+                Some((sweep.as_str(), spec))
+            })
+            .collect();
+        let keys: RefCell<HashMap<TrialKey, Vec<sweep_core::stages::StageKey>>> = RefCell::default();
+        let key_at = |t: &TrialKey, epoch: i64| -> Option<sweep_core::stages::StageKey> {
+            let mut keys = keys.borrow_mut();
+            if !keys.contains_key(t) {
+                let spec = specs.get(t.0.as_str())?;
+                let cell = sweep_core::grid::cell(&spec.grid, usize::try_from(t.1).ok()?)?;
+                keys.insert(t.clone(), sweep_core::stages::epoch_keys(spec, &cell));
+            }
+            keys.get(t)?.get(usize::try_from(epoch).ok()?.checked_sub(1)?).cloned()
+        };
+        // Whether `m`'s row is another sweep's computation reused: trial `by` (of another sweep)
+        // has the same epochs up to it (content key) and stored the same values for it.
+        let reused = |by: &TrialKey, m: &TrialKey, epoch: i64| -> bool {
+            by.0 != m.0
+                && key_at(by, epoch).is_some_and(|k| key_at(m, epoch) == Some(k))
+                && values.get(&(by, epoch)).is_some_and(|v| values.get(&(m, epoch)).is_some_and(|w| v == w))
+        };
 
         // completed-twice, running-attempts: per trial, from the attempts.
         for (key, t) in &self.trials {
@@ -271,10 +300,9 @@ impl Snapshot {
             // Completed without an attempt of its own: every epoch was computed for it by trials
             // it shares them with (its last one too).
             let total = i64::from(t.fe_epochs + t.ft_epochs);
-            let credited = writer
-                .get(&(key, total))
-                .and_then(|w| attempts.get(w))
-                .is_some_and(|w| w.trial != *key && shares(&key.0, w.trial.1, key.1, total));
+            let credited = writer.get(&(key, total)).and_then(|w| attempts.get(w)).is_some_and(|w| {
+                w.trial != *key && (shares(&key.0, w.trial.1, key.1, total) || reused(&w.trial, key, total))
+            });
             if t.state == COMPLETED && succeeded.is_empty() && !credited {
                 violation("completed-twice", subject(key), "completed, but none of its attempts succeeded".into());
             }
@@ -380,7 +408,8 @@ impl Snapshot {
                 ),
                 Some(a)
                     if a.trial != m.trial
-                        && !(a.trial.0 == m.trial.0 && shares(&a.trial.0, a.trial.1, m.trial.1, m.epoch)) =>
+                        && !(a.trial.0 == m.trial.0 && shares(&a.trial.0, a.trial.1, m.trial.1, m.epoch))
+                        && !reused(&a.trial, &m.trial, m.epoch) =>
                 {
                     violation(
                         "metrics-writer",
@@ -454,11 +483,13 @@ impl Snapshot {
                     .get(&(key, i64::from(c.epoch)))
                     .and_then(|w| attempts.get(w))
                     .filter(|w| {
-                        w.trial != *key && w.trial.0 == key.0 && shares(&key.0, w.trial.1, key.1, i64::from(c.epoch))
+                        let e = i64::from(c.epoch);
+                        w.trial != *key
+                            && ((w.trial.0 == key.0 && shares(&key.0, w.trial.1, key.1, e)) || reused(&w.trial, key, e))
                     })
-                    .and_then(|w| self.trials.get(&w.trial));
+                    .and_then(|w| Some((&w.trial.0, self.trials.get(&w.trial)?)));
                 let own = crate::store::check_checkpoint_ref(c, &key.0, &t.trial_id, *kind);
-                let theirs = owner.map(|o| crate::store::check_checkpoint_ref(c, &key.0, &o.trial_id, *kind));
+                let theirs = owner.map(|(sweep, o)| crate::store::check_checkpoint_ref(c, sweep, &o.trial_id, *kind));
                 if let (Err(why), None | Some(Err(_))) = (own, theirs) {
                     violation("checkpoints", subject(key), format!("{column}: {why}"));
                 }

@@ -595,9 +595,14 @@ impl SweepService for SweepApi {
         let parsed = spec::parse_with(&req.spec_yaml, self.0.config.parse).map_err(|e| {
             Status::invalid_argument(format!("{source}:{}:{}: {}", e.line, e.column, field_message(&e)))
         })?;
-        let (sweep_id, trial_count) = self.0.write(true, move |s| s.submit(&req.spec_yaml, &source, &parsed)).await?;
-        tracing::info!(%sweep_id, trial_count, "sweep submitted");
-        Ok(Response::new(v1::SubmitSweepResponse { sweep_id, trial_count }))
+        let submitted = self.0.write(true, move |s| s.submit(&req.spec_yaml, &source, &parsed)).await?;
+        tracing::info!(
+            sweep_id = %submitted.sweep_id,
+            trial_count = submitted.trial_count,
+            reused_epochs = submitted.reused_epochs,
+            "sweep submitted"
+        );
+        Ok(Response::new(v1::SubmitSweepResponse::from(&submitted)))
     }
 
     async fn get_sweep(&self, request: Request<v1::GetSweepRequest>) -> Result<Response<v1::SweepStatus>, Status> {

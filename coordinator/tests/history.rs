@@ -72,7 +72,7 @@ struct Ids {
 /// devices, a retried trial that resumes, a lost lease, a trial running now.
 fn clean_state(dir: &Path) -> Ids {
     let mut store = SqliteStore::open(dir).unwrap();
-    let (sweep, _) = store.submit(SPEC, "h.yaml", &spec::parse(SPEC).unwrap()).unwrap();
+    let sweep = store.submit(SPEC, "h.yaml", &spec::parse(SPEC).unwrap()).unwrap().sweep_id;
     let (w1, i1) = register(&mut store, "w1", &devices(&["cpu:0", "cpu:1"]));
     let a1 = store.acquire(&w1, i1).unwrap().unwrap();
     let a2 = store.acquire(&w1, i1).unwrap().unwrap();

@@ -37,7 +37,7 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 /// leaves it: everything still in the write-ahead log (the `.db` never checkpointed).
 fn state_with_wal(dir: &Path) -> String {
     let mut store = SqliteStore::open(dir).unwrap();
-    let (id, _) = store.submit(SPEC, "s.yaml", &spec::parse(SPEC).unwrap()).unwrap();
+    let id = store.submit(SPEC, "s.yaml", &spec::parse(SPEC).unwrap()).unwrap().sweep_id;
     // Keep the log: copy the files while the store is open (as after kill -9), then drop it.
     let copy = dir.join("../killed");
     std::fs::create_dir_all(&copy).unwrap();

@@ -64,6 +64,7 @@ macro_rules! store_suite {
                 when_a_stages_runner_ends_another_trial_of_the_stage_takes_over,
                 with_sharing_off_every_trial_runs_alone,
                 a_shared_sweep_reopened_by_retry_hands_out_only_what_waits,
+                a_later_sweep_starts_each_trial_from_the_stored_stages_it_contains,
             );
         }
     };
@@ -131,7 +132,8 @@ fn extras(parameters: u64) -> ReportExtras {
 
 fn submit(store: &mut impl Store) -> String {
     let parsed = spec::parse(SPEC).unwrap();
-    let (id, n) = store.submit(SPEC, "test.yaml", &parsed).unwrap();
+    let submitted = store.submit(SPEC, "test.yaml", &parsed).unwrap();
+    let (id, n) = (submitted.sweep_id, submitted.trial_count);
     assert_eq!(n, 2);
     id
 }
@@ -166,7 +168,7 @@ fn spec_with(gpus: u32, splits: usize) -> String {
 }
 
 fn submit_text(store: &mut impl Store, text: &str) -> String {
-    store.submit(text, "t", &spec::parse(text).unwrap()).unwrap().0
+    store.submit(text, "t", &spec::parse(text).unwrap()).unwrap().sweep_id
 }
 
 /// Acquires a trial and fails its attempt, permanently or retryably.
@@ -829,7 +831,7 @@ fn a_version_1_database_is_upgraded_in_place() {
     assert!(report.is_clean(), "{report}");
     let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
     let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 9);
+    assert_eq!(v, 10);
 }
 
 /// Early stopping with scripted metrics: every decision at every rung, as reports arrive.
@@ -1131,6 +1133,97 @@ fn a_shared_sweep_reopened_by_retry_hands_out_only_what_waits<S: Store>(open: Op
     let again = store.acquire(&w, inc).unwrap().unwrap();
     assert_eq!(again.trial_id, "t002", "only the retried trial waits");
     assert!(store.acquire(&w, inc).unwrap().is_none());
+    let report = history::check(store.history().unwrap());
+    assert!(report.is_clean(), "{report}");
+}
+
+/// Runs every trial a worker is handed, one at a time, to its end: each epoch from the one after
+/// its resume point, with the references a worker writes (a shared epoch's weights a file of
+/// their own). Validation accuracy is a function of the epoch's content key, as a real
+/// computation's would be.
+fn run_to_end<S: Store>(store: &mut S, sweep: &str, text: &str, w: &Caller, inc: u64) -> Vec<Assignment> {
+    let spec = spec::parse(text).unwrap();
+    let tree = sweep_core::stages::StageTree::build(&spec, spec.sharing);
+    let mut handed = Vec::new();
+    while let Some(a) = store.acquire(w, inc).unwrap() {
+        let trial = &tree.trials[a.trial_index as usize];
+        let keys = sweep_core::stages::epoch_keys(&spec, trial);
+        let from = a.resume.as_ref().map_or(0, |r| r.epoch);
+        for e in from + 1..=trial.epochs() {
+            let val = f64::from(u8::from_str_radix(&keys[e as usize - 1].0[..2], 16).unwrap()) / 256.0;
+            let mut extras = refs(sweep, &a.trial_id, e, tree.is_shared(trial.index, e));
+            for c in [&mut extras.last_checkpoint, &mut extras.best_checkpoint].into_iter().flatten() {
+                c.uri = c.uri.replace("-a7", &format!("-a{}", a.attempt_id));
+            }
+            store.report_epoch(w, a.attempt_id, &metrics(e, a.fe_epochs, val), &extras).unwrap();
+        }
+        store.finish_attempt(w, a.attempt_id, Outcome::Succeeded, "", 1.0).unwrap();
+        handed.push(a);
+    }
+    handed
+}
+
+fn a_later_sweep_starts_each_trial_from_the_stored_stages_it_contains<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    let (w, inc) = register(&mut store, "w", &devices("cpu", 1));
+    let first = submit_text(&mut store, SHARED);
+    let ran: Vec<String> = run_to_end(&mut store, &first, SHARED, &w, inc).into_iter().map(|a| a.trial_id).collect();
+    assert_eq!(ran, ["t001", "t002"], "t000 is computed by t001");
+    let before = store.get_sweep(&first).unwrap();
+    assert_eq!(before.sweep.state, SweepState::Completed);
+
+    // The same spec again: every stage is stored; nothing runs, every trial is complete at once
+    // with the rows the first sweep computed (same values, same writer) and its weights.
+    let again = store.submit(SHARED, "again.yaml", &spec::parse(SHARED).unwrap()).unwrap();
+    assert_eq!(
+        (again.trial_count, again.reused_epochs, again.reused_trials, again.reused_from.clone()),
+        (3, 3 + 4 + 4, 3, vec![first.clone()])
+    );
+    assert!(store.acquire(&w, inc).unwrap().is_none(), "nothing to compute");
+    let status = store.get_sweep(&again.sweep_id).unwrap();
+    assert_eq!(status.sweep.state, SweepState::Completed);
+    assert!(status.sweep.finished_at_ms.is_some());
+    for t in ["t000", "t001", "t002"] {
+        let (old, new) = (store.trial(&first, t).unwrap(), store.trial(&again.sweep_id, t).unwrap());
+        let rows = |d: &sweep_core::records::TrialDetail| -> Vec<(EpochMetrics, u64)> {
+            d.metrics.iter().map(|m| (m.metrics, m.attempt_id)).collect()
+        };
+        assert_eq!(rows(&new), rows(&old), "{t}");
+        assert_eq!((&new.best_checkpoint, &new.last_checkpoint), (&old.best_checkpoint, &old.last_checkpoint), "{t}");
+        assert!(new.attempts.is_empty(), "{t} never ran");
+        // Each epoch names the trial that computed it.
+        let computed_by = if t == "t002" && new.metrics.len() == 4 { "t002" } else { "t001" };
+        assert_eq!(new.metrics.last().unwrap().reused_from, format!("{first}/{computed_by}"), "{t}");
+    }
+    let board = store.leaderboard(&again.sweep_id).unwrap();
+    let ranked = |b: &sweep_core::records::Leaderboard| -> Vec<String> {
+        b.entries.iter().map(|e| e.trial.trial_id.clone()).collect()
+    };
+    assert_eq!(ranked(&board), ranked(&store.leaderboard(&first).unwrap()), "the same answer");
+
+    // Two more splits: [3, 2] holds t002's whole run (epochs 1–4) and runs epoch 5 from its
+    // resume point; [4, 1] holds the shared feature extraction (epochs 1–2) and runs on from
+    // the point of t001, which computed it.
+    let wider = SHARED.replace("[[2, 1], [2, 2], [3, 1]]", "[[2, 1], [2, 2], [3, 1], [3, 2], [4, 1]]");
+    let third = store.submit(&wider, "wider.yaml", &spec::parse(&wider).unwrap()).unwrap();
+    assert_eq!((third.reused_epochs, third.reused_trials), (3 + 4 + 4 + 4 + 2, 3));
+    let handed = run_to_end(&mut store, &third.sweep_id, &wider, &w, inc);
+    let starts: Vec<(String, String)> =
+        handed.iter().map(|a| (a.trial_id.clone(), a.resume.clone().map(|r| r.uri).unwrap_or_default())).collect();
+    assert_eq!(
+        starts,
+        [
+            ("t004".to_string(), format!("/a/{first}/t001/state-e0002.safetensors")),
+            ("t003".to_string(), format!("/a/{first}/t002/state-e0004.safetensors")),
+        ],
+        "the longest remaining chain first, each from the stored point it contains"
+    );
+    assert_eq!(store.get_sweep(&third.sweep_id).unwrap().sweep.state, SweepState::Completed);
+    let t003 = store.trial(&third.sweep_id, "t003").unwrap();
+    let from: Vec<&str> = t003.metrics.iter().map(|m| m.reused_from.as_str()).collect();
+    let (a, b) = (format!("{first}/t001"), format!("{first}/t002"));
+    assert_eq!(from, [a.as_str(), a.as_str(), b.as_str(), b.as_str(), ""]);
     let report = history::check(store.history().unwrap());
     assert!(report.is_clean(), "{report}");
 }

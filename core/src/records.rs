@@ -155,6 +155,19 @@ pub struct AttemptInfo {
     pub resumed_from_epoch: u32,
 }
 
+/// A sweep as stored by `submit`, and what it took from earlier sweeps.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Submitted {
+    pub sweep_id: String,
+    pub trial_count: u32,
+    /// Epochs stored at once from earlier sweeps' identical computations (same content key).
+    pub reused_epochs: u64,
+    /// Trials whose every epoch was reused: complete (or stopped early) before any worker ran.
+    pub reused_trials: u32,
+    /// The sweeps they came from, oldest first.
+    pub reused_from: Vec<String>,
+}
+
 /// An epoch's stored metrics and the attempt that reported them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochRecord {
@@ -163,6 +176,9 @@ pub struct EpochRecord {
     /// The other trials this stored epoch belongs to: it was computed once, by `attempt_id`,
     /// for all of them (their epochs up to it are the same). Grid order.
     pub shared_with: Vec<String>,
+    /// `<sweep>/<trial>` when the epoch was computed in another sweep (its stage key is this
+    /// trial's) and reused here; empty otherwise.
+    pub reused_from: String,
 }
 
 /// Everything about one trial.

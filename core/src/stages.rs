@@ -455,6 +455,25 @@ fn pretrain(p: &Option<PretrainSpec>) -> String {
     }
 }
 
+/// The content keys of `trial`'s epochs: element `e - 1` names epochs `1..=e` (the key of any
+/// stage, in any sweep, that ends at epoch `e` on the way to this trial). Two trials of any two
+/// sweeps whose keys at `e` are equal compute bit-identical epochs `1..=e` and end them in the
+/// same state, so a stored state of one is a resume point of the other.
+pub fn epoch_keys(spec: &SweepSpec, trial: &Trial) -> Vec<StageKey> {
+    let base = base_key(spec, trial.backbone);
+    let mut path: Vec<(String, u32)> = Vec::new();
+    (1..=trial.epochs())
+        .map(|e| {
+            let canonical = EpochKind::of(trial, e).canonical(spec);
+            match path.last_mut() {
+                Some((k, n)) if *k == canonical => *n += 1,
+                _ => path.push((canonical, 1)),
+            }
+            stage_key(&base, &path)
+        })
+        .collect()
+}
+
 /// Everything every epoch of `backbone`'s trials shares, exactly.
 fn base_key(spec: &SweepSpec, backbone: Backbone) -> String {
     let t = &spec.training;
@@ -516,6 +535,37 @@ grid:
     - { strategy: exponential, head_lr: 1.0e-4, factor: 3 }
   epoch_split: [[16, 8], [12, 12], [8, 16]]
 ";
+
+    #[test]
+    fn epoch_keys_name_the_stages_that_end_there_in_any_sweep() {
+        let spec = spec::parse(GUIDE).unwrap();
+        let tree = StageTree::build(&spec, true);
+        for s in &tree.stages {
+            for &t in &s.trials {
+                assert_eq!(epoch_keys(&spec, &tree.trials[t])[s.last_epoch as usize - 1], s.key, "{}", s.id());
+            }
+        }
+        // Another sweep with one of these trials alone: the same keys, epoch by epoch.
+        let alone = spec::parse(&GUIDE.replace("[[16, 8], [12, 12], [8, 16]]", "[[12, 12]]")).unwrap();
+        let one = &grid::expand(&alone.grid)[0];
+        let same = tree
+            .trials
+            .iter()
+            .find(|t| t.backbone == one.backbone && t.lr_decay == one.lr_decay && t.fe_epochs == 12)
+            .unwrap();
+        assert_eq!(epoch_keys(&alone, one), epoch_keys(&spec, same));
+        // Feature extraction does not depend on the strategy; fine-tuning does; the seed changes all.
+        let (a, b) = (&tree.trials[0], &tree.trials[3]);
+        assert_eq!((a.fe_epochs, b.fe_epochs, a.backbone), (16, 16, b.backbone));
+        assert_ne!(a.lr_decay, b.lr_decay);
+        let (ka, kb) = (epoch_keys(&spec, a), epoch_keys(&spec, b));
+        assert_eq!(ka[..16], kb[..16]);
+        assert_ne!(ka[16], kb[16]);
+        let seeded = spec::parse(&format!("{GUIDE}training: {{ seed: 7 }}\n")).unwrap();
+        assert_ne!(epoch_keys(&seeded, a)[0], ka[0]);
+        let keys: std::collections::HashSet<_> = ka.iter().collect();
+        assert_eq!(keys.len(), ka.len(), "every prefix has its own key");
+    }
 
     /// Trials by the stages they end in: for each trial, its last stage (a trial ends in exactly
     /// one).

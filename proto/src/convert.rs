@@ -156,7 +156,20 @@ impl From<&records::EpochRecord> for v1::EpochMetrics {
         v1::EpochMetrics {
             attempt_id: r.attempt_id,
             shared_with: r.shared_with.clone(),
+            reused_from: r.reused_from.clone(),
             ..v1::EpochMetrics::from(&r.metrics)
+        }
+    }
+}
+
+impl From<&records::Submitted> for v1::SubmitSweepResponse {
+    fn from(s: &records::Submitted) -> Self {
+        v1::SubmitSweepResponse {
+            sweep_id: s.sweep_id.clone(),
+            trial_count: s.trial_count,
+            reused_epochs: s.reused_epochs,
+            reused_trials: s.reused_trials,
+            reused_from: s.reused_from.clone(),
         }
     }
 }
@@ -642,7 +655,12 @@ mod tests {
 
         let detail = records::TrialDetail {
             trial: t.clone(),
-            metrics: vec![records::EpochRecord { metrics: metrics(), attempt_id: 9, shared_with: vec!["t004".into()] }],
+            metrics: vec![records::EpochRecord {
+                metrics: metrics(),
+                attempt_id: 9,
+                shared_with: vec!["t004".into()],
+                reused_from: "s-old/t002".into(),
+            }],
             attempts: vec![records::AttemptInfo {
                 attempt_id: 9,
                 worker_id: "w7".into(),

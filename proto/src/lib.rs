@@ -109,6 +109,7 @@ impl From<&EpochMetrics> for v1::EpochMetrics {
             seconds: m.seconds,
             attempt_id: 0,
             shared_with: Vec::new(),
+            reused_from: String::new(),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sweep_core::spec::{self, ParseOptions};
-use sweep_core::stages::StageTree;
+use sweep_core::stages::{StageKey, StageTree};
 use sweep_proto::v1;
 use sweep_proto::v1::worker_service_client::WorkerServiceClient;
 use sweep_session::Outcome;
@@ -236,6 +236,10 @@ pub fn train_attempt(
     // coordinator runs the sweep's shared epochs once (it says so; an older one does not).
     let tree = StageTree::build(&spec, a.sharing);
     let keep = tree.shared_stage_ends(trial.index);
+    // The content key of each prefix of the trial's epochs, from the spec as stored (as the
+    // coordinator computes them): written beside each resume point, and what a point of
+    // another sweep must name to be started from.
+    let keys = sweep_core::stages::epoch_keys(&spec, &trial);
     if spec.pretrain.is_some() {
         let weights = pretrain::ensure(&spec, trial.backbone, cache_dir, options)?;
         spec.model.weights = sweep_core::spec::Weights::File(weights.display().to_string());
@@ -254,7 +258,7 @@ pub fn train_attempt(
     };
     let mut checkpoints =
         TrialCheckpoints::new(artifacts, identity).map_err(|e| TrainError::retryable_from("checkpoints", e))?;
-    let (resumed, mut note) = resume_point(a, &tree, artifacts, checkpoints.prefix(), checkpoints.scratch());
+    let (resumed, mut note) = resume_point(a, &tree, &keys, artifacts, checkpoints.prefix(), checkpoints.scratch());
     let (mut trainer, resumed) = match resumed {
         Some((state, meta)) => {
             let epoch = state.epochs_done;
@@ -320,6 +324,7 @@ pub fn train_attempt(
                     sha256: String::new(),
                     bytes: 0,
                     created_at_ms: 0,
+                    key: keys.get(metrics.epoch as usize - 1).map(|k| k.0.clone()),
                 },
                 &keep,
             )
@@ -374,6 +379,7 @@ fn join_note(note: String, more: String) -> String {
 fn resume_point(
     a: &v1::Assignment,
     tree: &StageTree,
+    keys: &[StageKey],
     store: &ArtifactStore,
     prefix: &str,
     scratch: &Path,
@@ -382,7 +388,7 @@ fn resume_point(
         return (None, String::new());
     };
     let mut note = String::new();
-    let found = coordinator_point(a, tree, r, store, prefix, scratch);
+    let found = coordinator_point(a, tree, keys, r, store, prefix, scratch);
     match found {
         Ok(found) => return (Some(found), note),
         Err(e) => note = format!("resume point of epoch {} unusable: {e}", r.epoch),
@@ -407,6 +413,7 @@ fn resume_point(
 fn coordinator_point(
     a: &v1::Assignment,
     tree: &StageTree,
+    keys: &[StageKey],
     r: &v1::CheckpointRef,
     store: &ArtifactStore,
     prefix: &str,
@@ -423,6 +430,28 @@ fn coordinator_point(
     let sharers = tree.sharers(a.trial_index as usize, r.epoch);
     let owner = if key == own {
         a.trial_id.clone()
+    } else if let Some((sweep, trial)) = other_sweeps_point(&key, &a.sweep_id, &file) {
+        // Another sweep's: started from only when its JSON names the content key of this
+        // trial's epochs `1..=r.epoch` (the same computation, exactly).
+        let want = keys.get(r.epoch as usize - 1).ok_or_else(|| format!("this trial has no epoch {}", r.epoch))?;
+        let (state, meta) = TrainingState::fetch(store, &key, scratch, Some(&r.sha256)).map_err(|e| e.to_string())?;
+        let got = (meta.sweep.as_str(), meta.trial.as_str(), meta.backbone.as_str(), meta.epoch);
+        if got != (sweep.as_str(), trial.as_str(), a.backbone.as_str(), r.epoch) {
+            return Err(format!(
+                "{} holds {}/{} ({}) after epoch {}, not what its name says",
+                r.uri, got.0, got.1, got.2, got.3
+            ));
+        }
+        if meta.key.as_deref() != Some(want.0.as_str()) {
+            return Err(format!(
+                "{} is a point of {sweep}/{trial} whose epochs 1–{} are not this trial's (content key {}, this \
+                 trial's is {want})",
+                r.uri,
+                r.epoch,
+                meta.key.as_deref().unwrap_or("absent")
+            ));
+        }
+        return Ok((state, meta));
     } else {
         sharers
             .iter()
@@ -440,6 +469,15 @@ fn coordinator_point(
     let (state, meta) = TrainingState::fetch(store, &key, scratch, Some(&r.sha256)).map_err(|e| e.to_string())?;
     owned_by(a, &owner, &meta, r.epoch)?;
     Ok((state, meta))
+}
+
+/// The sweep and trial of a resume point `<sweep>/<trial>/<file>` of a sweep other than
+/// `this_sweep` (ids as ids: nothing else is read).
+fn other_sweeps_point(key: &str, this_sweep: &str, file: &str) -> Option<(String, String)> {
+    let mut parts = key.split('/');
+    let (sweep, trial, name) = (parts.next()?, parts.next()?, parts.next()?);
+    let ids = sweep_core::grid::is_sweep_id(sweep) && sweep_core::grid::trial_index(trial).is_some();
+    (parts.next().is_none() && ids && sweep != this_sweep && name == file).then(|| (sweep.into(), trial.into()))
 }
 
 /// Whether a resume point's metadata is of the assignment's sweep and backbone and of trial

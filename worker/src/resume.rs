@@ -73,6 +73,11 @@ pub struct StateMetadata {
     pub sha256: String,
     pub bytes: u64,
     pub created_at_ms: i64,
+    /// The content key of epochs `1..=epoch` (`sweep_core::stages::epoch_keys`): a trial of
+    /// another sweep with the same key at that epoch computes the same epochs, so it may start
+    /// from this point. Absent from points written before keys (never reused across sweeps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// A resume point in the artifact store.
@@ -333,6 +338,7 @@ mod tests {
             sha256: String::new(),
             bytes: 0,
             created_at_ms: 0,
+            key: None,
         }
     }
 

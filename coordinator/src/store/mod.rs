@@ -19,8 +19,8 @@ use std::collections::HashMap;
 
 use sweep_core::leaderboard::EpochMetrics;
 use sweep_core::records::{
-    Assignment, Cancelled, CheckpointRef, Device, Event, Leaderboard, Outcome, ReportReply, SweepStatus, SweepSummary,
-    TrialDetail, WorkerInfo,
+    Assignment, Cancelled, CheckpointRef, Device, Event, Leaderboard, Outcome, ReportReply, Submitted, SweepStatus,
+    SweepSummary, TrialDetail, WorkerInfo,
 };
 use sweep_core::spec::SweepSpec;
 
@@ -137,8 +137,11 @@ pub trait Store: StateReader + Send {
 
     // ---- sweeps ----
 
-    /// Stores a validated sweep and queues its trials; returns its id and trial count.
-    fn submit(&mut self, spec_yaml: &str, source: &str, spec: &SweepSpec) -> Result<(String, u32)>;
+    /// Stores a validated sweep and queues its trials. Each trial starts from the longest run of
+    /// its first epochs that an earlier sweep stored with a resume point (the same content
+    /// key, `stages::epoch_keys`): those epochs' rows are stored for it as they were computed,
+    /// and it runs on from that point (or is complete).
+    fn submit(&mut self, spec_yaml: &str, source: &str, spec: &SweepSpec) -> Result<Submitted>;
     /// One page of sweeps, newest first: at most `page_size` (1 to [`MAX_PAGE`]) of those
     /// older than the page `token` names (empty: from the newest).
     fn list_sweeps_page(&self, page_size: usize, token: &str) -> Result<Page<SweepSummary>>;

@@ -34,12 +34,12 @@ use sweep_core::leaderboard::{self, EpochMetrics, Phase};
 use sweep_core::lr::LrDecay;
 use sweep_core::records::{
     Assignment, AttemptInfo, Cancelled, CheckpointRef, Device, DeviceUse, EpochRecord, Event, Leaderboard,
-    LeaderboardEntry, Outcome, ReportReply, StopReason, SweepEvent, SweepStatus, SweepSummary, TrialCounts,
+    LeaderboardEntry, Outcome, ReportReply, StopReason, Submitted, SweepEvent, SweepStatus, SweepSummary, TrialCounts,
     TrialDetail, TrialSummary, WorkerInfo,
 };
 use sweep_core::schedule;
 use sweep_core::spec::{ParseOptions, SweepSpec};
-use sweep_core::stages::StageTree;
+use sweep_core::stages::{self, StageTree};
 use sweep_core::state::{AttemptState, TrialState, WorkerState};
 use sweep_proto::v1;
 
@@ -60,7 +60,7 @@ pub fn now_ms() -> i64 {
     SystemClock.now_ms()
 }
 
-const SCHEMA_VERSION: i64 = 9;
+const SCHEMA_VERSION: i64 = 10;
 
 /// Statements that bring a database of version `n - 1` to version `n` (index `n - 2`).
 const MIGRATIONS: &[&str] = &[
@@ -96,7 +96,26 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE trials ADD COLUMN stored INTEGER NOT NULL DEFAULT 0;
      UPDATE trials SET stored = (SELECT COALESCE(MAX(m.epoch), 0) FROM metrics m
                                  WHERE m.sweep_id = trials.sweep_id AND m.idx = trials.idx);",
+    // 10: the index of stored stage ends, by content key (reuse across sweeps).
+    STAGE_POINTS,
 ];
+
+/// The stored points later sweeps may start from: after epoch `epoch` of trial `idx` (the end
+/// of a shared stage, or the trial's last epoch), whose epochs `1..=epoch` have the content key
+/// `key` (`stages::epoch_keys`), with the references its trial held then — files no later
+/// write changes. A sweep's trial whose key at some epoch is here takes that epoch's rows and
+/// this resume point instead of computing them.
+const STAGE_POINTS: &str = "
+CREATE TABLE IF NOT EXISTS stage_points (
+    key               TEXT NOT NULL,
+    sweep_id          TEXT NOT NULL REFERENCES sweeps(id),
+    idx               INTEGER NOT NULL,
+    epoch             INTEGER NOT NULL,
+    last_checkpoint   BLOB NOT NULL,
+    best_checkpoint   BLOB,
+    resume_checkpoint BLOB NOT NULL,
+    PRIMARY KEY (key, sweep_id)
+);";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -236,6 +255,8 @@ pub struct SqliteStore {
     /// brought up to date from `progress_log` at each hand-out; cleared when a batch or a
     /// hand-out fails (what it read may be rolled back).
     progress: RefCell<HashMap<String, Vec<schedule::Progress>>>,
+    /// The parsed specs of sweeps read so far (they never change); cleared with `trees`.
+    specs: RefCell<HashMap<String, Arc<SweepSpec>>>,
 }
 
 /// Stage trees by sweep id.
@@ -332,7 +353,15 @@ impl SqliteStore {
         // re-prepares a statement whenever a rebound parameter might change its plan.
         conn.set_prepared_statement_cache_capacity(64);
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(open_err)?;
-        Ok(SqliteStore { conn, path, _lock: lock, clock, trees: RefCell::default(), progress: RefCell::default() })
+        Ok(SqliteStore {
+            conn,
+            path,
+            _lock: lock,
+            clock,
+            trees: RefCell::default(),
+            progress: RefCell::default(),
+            specs: RefCell::default(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -370,6 +399,7 @@ impl Store for SqliteStore {
             // what the scheduler read in it may be undone.
             self.trees.borrow_mut().clear();
             self.progress.borrow_mut().clear();
+            self.specs.borrow_mut().clear();
             StoreError::from(e)
         })
     }
@@ -379,7 +409,7 @@ impl Store for SqliteStore {
     // -----------------------------------------------------------------------------------------
 
     /// Stores a validated sweep and queues its trials.
-    fn submit(&mut self, spec_yaml: &str, source: &str, spec: &SweepSpec) -> Result<(String, u32)> {
+    fn submit(&mut self, spec_yaml: &str, source: &str, spec: &SweepSpec) -> Result<Submitted> {
         let trials = grid::expand(&spec.grid);
         let now = self.clock.now_ms();
         let tx = self.conn.savepoint()?;
@@ -421,9 +451,13 @@ impl Store for SqliteStore {
                 ])?;
             }
         }
+        let mut submitted = reuse(&tx, &id, spec, &trials, now)?;
         reconcile_schedulability(&tx, now)?;
+        finish_sweep_if_done(&tx, &id, now)?;
         tx.commit()?;
-        Ok((id, trials.len() as u32))
+        submitted.sweep_id = id;
+        submitted.trial_count = trials.len() as u32;
+        Ok(submitted)
     }
 
     /// One page of sweeps, newest first: at most `page_size` (1 to [`MAX_PAGE`]) of those
@@ -631,6 +665,19 @@ impl Store for SqliteStore {
                 shared.entry(epoch).or_default().push(other);
             }
         }
+        // Epochs another sweep computed: the trial of the attempt that wrote the row.
+        let reused: HashMap<u32, String> = {
+            let mut q = self.conn.prepare(
+                "SELECT m.epoch, a.sweep_id, t.trial_id FROM metrics m
+                 JOIN attempts a ON a.id = m.attempt_id
+                 JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx
+                 WHERE m.sweep_id = ?1 AND m.idx = ?2 AND a.sweep_id != m.sweep_id",
+            )?;
+            q.query_map(params![sweep_id, idx as i64], |r| {
+                Ok((r.get::<_, u32>(0)?, format!("{}/{}", r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+            })?
+            .collect::<rusqlite::Result<_>>()?
+        };
         let metrics = metrics_of(&self.conn, sweep_id, Some(idx as i64))?
             .remove(&trial.index)
             .unwrap_or_default()
@@ -638,6 +685,7 @@ impl Store for SqliteStore {
             .map(|m| EpochRecord {
                 attempt_id: by_epoch.get(&m.epoch).copied().unwrap_or(0),
                 shared_with: shared.remove(&m.epoch).unwrap_or_default(),
+                reused_from: reused.get(&m.epoch).cloned().unwrap_or_default(),
                 metrics: m,
             })
             .collect();
@@ -1090,7 +1138,10 @@ impl Store for SqliteStore {
             }
         }
         let now = self.clock.now_ms();
+        let spec = sweep_spec(&self.specs, &tx, &a.sweep_id)?;
+        let tree = shared_tree(&self.trees, &tx, &a.sweep_id)?;
         store_epoch(&tx, &a.sweep_id, a.idx, attempt_id, metrics, extras, now)?;
+        index_point(&tx, &spec, tree.as_deref(), &a.sweep_id, a.idx, metrics.epoch, extras)?;
         if extras.resumed_from_epoch > 0 || !extras.note.is_empty() {
             tx.execute(
                 "UPDATE attempts SET resumed_from_epoch = ?2, note = ?3 WHERE id = ?1",
@@ -1103,8 +1154,8 @@ impl Store for SqliteStore {
                 .execute(params![a.sweep_id, a.idx, why])?;
         }
         let mut unblocked = false;
-        if let Some(tree) = shared_tree(&self.trees, &tx, &a.sweep_id)? {
-            unblocked = credit(&tx, &tree, &a, attempt_id, metrics, extras, now)?;
+        if let Some(tree) = &tree {
+            unblocked = credit(&tx, &spec, tree, &a, attempt_id, metrics, extras, now)?;
         }
         let note = match (&decided, extras.note.is_empty()) {
             (Some(why), true) => why.clone(),
@@ -1368,6 +1419,7 @@ fn create(path: &Path) -> Result<()> {
         conn.execute_batch("PRAGMA journal_mode=DELETE; PRAGMA synchronous=FULL;").map_err(|e| fail("settings", &e))?;
         let tx = conn.unchecked_transaction().map_err(|e| fail("begin", &e))?;
         tx.execute_batch(SCHEMA).map_err(|e| fail("schema", &e))?;
+        tx.execute_batch(STAGE_POINTS).map_err(|e| fail("schema", &e))?;
         tx.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION])
             .map_err(|e| fail("schema", &e))?;
         tx.commit().map_err(|e| fail("commit", &e))?;
@@ -2008,14 +2060,222 @@ fn store_epoch(
     Ok(())
 }
 
+/// Indexes the point after epoch `epoch` of trial `idx` in `stage_points` when later sweeps may
+/// start from it — the report named that epoch's weights and resume point, and they stay: the
+/// end of a shared stage (its weights are a file of the epoch's own, its resume point is never
+/// pruned) or the trial's last epoch (nothing is written after it) — by the content key of
+/// epochs `1..=epoch`. A recomputation (a later attempt) replaces the sweep's entry.
+fn index_point(
+    tx: &Connection,
+    spec: &SweepSpec,
+    tree: Option<&StageTree>,
+    sweep_id: &str,
+    idx: i64,
+    epoch: u32,
+    extras: &ReportExtras,
+) -> Result<()> {
+    let (Some(last), Some(resume)) = (&extras.last_checkpoint, &extras.resume_checkpoint) else { return Ok(()) };
+    let Some(trial) = usize::try_from(idx).ok().and_then(|i| grid::cell(&spec.grid, i)) else { return Ok(()) };
+    let kept = epoch == trial.epochs() || tree.is_some_and(|t| t.shared_stage_ends(trial.index).contains(&epoch));
+    if !kept || last.epoch != epoch || resume.epoch != epoch {
+        return Ok(());
+    }
+    let Some(key) = stages::epoch_keys(spec, &trial).into_iter().nth(epoch as usize - 1) else { return Ok(()) };
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO stage_points(key, sweep_id, idx, epoch, last_checkpoint, best_checkpoint, resume_checkpoint)
+         SELECT ?1, sweep_id, idx, ?4, ?5, best_checkpoint, ?6 FROM trials WHERE sweep_id = ?2 AND idx = ?3",
+    )?
+    .execute(params![key.0, sweep_id, idx, epoch, encode_checkpoint(last), encode_checkpoint(resume)])?;
+    Ok(())
+}
+
+/// A stored point of an earlier sweep that a new trial starts from.
+#[derive(Clone)]
+struct Point {
+    sweep_id: String,
+    idx: i64,
+    epoch: u32,
+    last: Vec<u8>,
+    best: Option<Vec<u8>>,
+    resume: Vec<u8>,
+}
+
+/// Gives each new trial of sweep `sweep_id` the longest run of its first epochs that an earlier
+/// sweep stored with a point (`stage_points`, by content key; the oldest sweep's when several
+/// have it): the rows of those epochs as they were computed (same values, attempt and time:
+/// the attempt that computed an epoch stays its writer), the point's references, and the
+/// early-stopping decisions those epochs bring in this sweep. A trial whose every epoch is
+/// reused is complete (or stopped) now; the others run on from the point. A point whose rows
+/// are not all there any more is passed over for a shorter one.
+fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Trial], now: i64) -> Result<Submitted> {
+    let mut out = Submitted::default();
+    let early_stopping = spec.early_stopping.map(|e| e.canonical());
+    let mut found: HashMap<String, Option<Point>> = HashMap::new();
+    let mut from: BTreeMap<i64, String> = BTreeMap::new();
+    for t in trials {
+        let keys = stages::epoch_keys(spec, t);
+        let mut chosen: Option<(Point, Vec<(EpochMetrics, i64, i64)>)> = None;
+        for (i, key) in keys.iter().enumerate().rev() {
+            let point = match found.get(&key.0) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = tx
+                        .prepare_cached(
+                            "SELECT p.sweep_id, p.idx, p.epoch, p.last_checkpoint, p.best_checkpoint, p.resume_checkpoint
+                             FROM stage_points p JOIN sweeps s ON s.id = p.sweep_id
+                             WHERE p.key = ?1 AND p.sweep_id != ?2 ORDER BY s.seq LIMIT 1",
+                        )?
+                        .query_row(params![key.0, sweep_id], |r| {
+                            Ok(Point {
+                                sweep_id: r.get(0)?,
+                                idx: r.get(1)?,
+                                epoch: r.get(2)?,
+                                last: r.get(3)?,
+                                best: r.get(4)?,
+                                resume: r.get(5)?,
+                            })
+                        })
+                        .optional()?;
+                    found.insert(key.0.clone(), p.clone());
+                    p
+                }
+            };
+            let Some(point) = point.filter(|p| p.epoch as usize == i + 1) else { continue };
+            let rows = source_rows(tx, &point.sweep_id, point.idx, point.epoch)?;
+            if rows.len() == point.epoch as usize && rows.iter().zip(1..).all(|(r, e)| r.0.epoch == e) {
+                chosen = Some((point, rows));
+                break;
+            }
+        }
+        let Some((point, rows)) = chosen else { continue };
+        let idx = t.index as i64;
+        let (source_trial, parameters, skipped): (String, i64, i64) = tx
+            .prepare_cached("SELECT trial_id, parameters, skipped_images FROM trials WHERE sweep_id = ?1 AND idx = ?2")?
+            .query_row(params![point.sweep_id, point.idx], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let origin = format!("{}/{source_trial}", point.sweep_id);
+        let me = CurrentAttempt {
+            sweep_id: sweep_id.to_string(),
+            idx,
+            trial_id: t.id.clone(),
+            fe_epochs: t.fe_epochs,
+            ft_epochs: t.ft_epochs,
+            cancelled: false,
+            early_stopping: early_stopping.clone(),
+            stop_reason: None,
+        };
+        let mut decided = None;
+        let mut reused = 0;
+        for (m, attempt_id, recorded_at) in &rows {
+            let extras = ReportExtras {
+                parameters: parameters.max(0) as u64,
+                skipped_images: u32::try_from(skipped).unwrap_or(0),
+                ..ReportExtras::default()
+            };
+            store_epoch(tx, sweep_id, idx, *attempt_id as u64, m, &extras, *recorded_at)?;
+            reused += 1;
+            decided = early_stop_decision(tx, &me, m)?;
+            let note = match &decided {
+                Some(why) => format!("reused from {origin}; {why}"),
+                None => format!("reused from {origin}"),
+            };
+            trial_event_noted(tx, sweep_id, idx, Some(*m), &note, now)?;
+            if decided.is_some() {
+                break;
+            }
+        }
+        if reused == point.epoch {
+            tx.prepare_cached(
+                "UPDATE trials SET last_checkpoint = ?3, best_checkpoint = ?4, resume_checkpoint = ?5
+                 WHERE sweep_id = ?1 AND idx = ?2",
+            )?
+            .execute(params![sweep_id, idx, point.last, point.best, point.resume])?;
+        }
+        let end = match &decided {
+            Some(_) => Some(TrialState::Stopped),
+            None if reused == t.epochs() => Some(TrialState::Completed),
+            None => None,
+        };
+        tx.prepare_cached(
+            "UPDATE trials SET started_at_ms = ?3, stop_reason = ?4, error = COALESCE(?4, '') WHERE sweep_id = ?1 AND idx = ?2",
+        )?
+        .execute(params![sweep_id, idx, now, decided])?;
+        if let Some(end) = end {
+            tx.prepare_cached("UPDATE trials SET state = ?3, finished_at_ms = ?4 WHERE sweep_id = ?1 AND idx = ?2")?
+                .execute(params![sweep_id, idx, end.as_str(), now])?;
+            trial_event(tx, sweep_id, idx, None, now)?;
+            out.reused_trials += 1;
+        }
+        out.reused_epochs += u64::from(reused);
+        let seq: i64 =
+            tx.prepare_cached("SELECT seq FROM sweeps WHERE id = ?1")?.query_row([&point.sweep_id], |r| r.get(0))?;
+        from.insert(seq, point.sweep_id);
+    }
+    out.reused_from = from.into_values().collect();
+    Ok(out)
+}
+
+/// Epochs `1..=epoch` of trial `idx` of sweep `sweep_id` as stored: the metrics, the attempt
+/// that computed each, and when it was recorded.
+fn source_rows(tx: &Connection, sweep_id: &str, idx: i64, epoch: u32) -> Result<Vec<(EpochMetrics, i64, i64)>> {
+    let mut q = tx.prepare_cached(
+        "SELECT epoch, phase, train_loss, train_accuracy, val_loss, val_accuracy, seconds, attempt_id, recorded_at_ms
+         FROM metrics WHERE sweep_id = ?1 AND idx = ?2 AND epoch BETWEEN 1 AND ?3 ORDER BY epoch",
+    )?;
+    let rows = q.query_map(params![sweep_id, idx, epoch], |r| {
+        let phase: String = r.get(1)?;
+        Ok((r.get::<_, u32>(0)?, phase, [r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?], r.get(7)?, r.get(8)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (epoch, phase, v, attempt, at): (u32, String, [f64; 5], i64, i64) = row?;
+        let phase = Phase::parse(&phase)
+            .ok_or_else(|| StoreError::Corrupt(format!("epoch {epoch} of {sweep_id}/#{idx} has phase `{phase}`")))?;
+        let m = EpochMetrics {
+            epoch,
+            phase,
+            train_loss: v[0],
+            train_accuracy: v[1],
+            val_loss: v[2],
+            val_accuracy: v[3],
+            seconds: v[4],
+        };
+        out.push((m, attempt, at));
+    }
+    Ok(out)
+}
+
+/// A sweep's parsed spec (cached: stored specs never change).
+fn sweep_spec(
+    cache: &RefCell<HashMap<String, Arc<SweepSpec>>>,
+    conn: &Connection,
+    sweep_id: &str,
+) -> Result<Arc<SweepSpec>> {
+    if let Some(spec) = cache.borrow().get(sweep_id) {
+        return Ok(spec.clone());
+    }
+    let yaml: String = conn
+        .prepare_cached("SELECT spec_yaml FROM sweeps WHERE id = ?1")?
+        .query_row([sweep_id], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("no sweep {sweep_id}")))?;
+    let spec = Arc::new(
+        sweep_core::spec::parse_with(&yaml, ParseOptions::stored())
+            .map_err(|e| StoreError::Corrupt(format!("the stored spec of sweep {sweep_id} does not parse: {e}")))?,
+    );
+    cache.borrow_mut().insert(sweep_id.to_string(), spec.clone());
+    Ok(spec)
+}
+
 /// Stores the epoch attempt `a` just reported for every other trial that shares it and waits
 /// at it (pending or unschedulable, with every epoch before it stored): its metric row, written
 /// by `a`'s attempt; the attempt's checkpoint references (files of `a`'s trial, which no later
 /// epoch overwrites: a shared epoch's weights are its own file); the early-stopping decision
 /// for that trial; and its end when that was its last epoch (completed) or it is stopped.
 /// Returns whether a trial was credited at the end of a stage (other branches may start now).
+#[allow(clippy::too_many_arguments)]
 fn credit(
     tx: &Connection,
+    spec: &SweepSpec,
     tree: &StageTree,
     a: &CurrentAttempt,
     attempt_id: u64,
@@ -2046,6 +2306,7 @@ fn credit(
         }
         credited = true;
         store_epoch(tx, &a.sweep_id, u, attempt_id, metrics, extras, now)?;
+        index_point(tx, spec, Some(tree), &a.sweep_id, u, e, extras)?;
         tx.prepare_cached(
             "UPDATE trials SET started_at_ms = COALESCE(started_at_ms, ?3) WHERE sweep_id = ?1 AND idx = ?2",
         )?

@@ -78,5 +78,6 @@ pub fn state_meta(sweep: &str, trial: &str, epoch: u32) -> StateMetadata {
         sha256: String::new(),
         bytes: 0,
         created_at_ms: 0,
+        key: None,
     }
 }
