@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use sweep_core::spec::{self, ParseOptions, SpecError};
+use sweep_core::spec::{self, GridAdditions, ParseOptions, SpecError, extend_grid};
 use sweep_core::state::SweepState;
 use sweep_proto::v1;
 use sweep_proto::v1::sweep_service_client::SweepServiceClient;
@@ -367,6 +367,74 @@ impl Client {
             Format::Table => {
                 output::print(&format!("re-queued {} trial(s): {}", r.trial_ids.len(), r.trial_ids.join(", ")))
             }
+        }
+        Ok(())
+    }
+
+    /// `sweep extend`: submits sweep `id`'s spec with more grid values, as a new sweep. Its
+    /// trials start from the stages the coordinator has stored (every trial of `id` that is
+    /// done, whole; the new ones from the longest run of first epochs they share with a stored
+    /// one), so only what is new is computed. Returns the new sweep's id.
+    pub async fn extend(&mut self, id: &str, add: &GridAdditions, format: Format) -> anyhow::Result<String> {
+        let status = self
+            .inner
+            .get_sweep(v1::GetSweepRequest { sweep_id: id.to_string() })
+            .await
+            .map_err(|s| status_error(&self.url, s))?
+            .into_inner();
+        let old = status.sweep.as_ref().map(|s| s.id.clone()).unwrap_or_else(|| id.to_string());
+        let (text, spec) = extend_grid(&status.spec_yaml, add, ParseOptions::with_max_trials(usize::MAX))
+            .map_err(|e| anyhow::anyhow!("sweep {old}: {e}"))?;
+        if !spec.sharing {
+            anyhow::bail!(
+                "sweep {old} has `sharing: off`: its trials share nothing, with each other or with other sweeps, so an \
+                 extension would compute everything again; submit a spec with `sharing: on` instead"
+            );
+        }
+        let r = self.submit_text(text, format!("sweep extend {old}")).await?;
+        match format {
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({
+                    "id": r.sweep_id, "extends": old, "trial_count": r.trial_count, "reused_epochs": r.reused_epochs,
+                    "reused_trials": r.reused_trials, "reused_from": r.reused_from,
+                })
+            ),
+            Format::Table => {
+                let before = status.trials.len();
+                output::print(&format!(
+                    "extended {old}: {} trials ({} new) to {}",
+                    r.trial_count,
+                    (r.trial_count as usize).saturating_sub(before),
+                    self.url
+                ));
+                match output::reused_line(&r) {
+                    Some(line) => output::print(&line),
+                    None => output::print(&format!("nothing of {old} is stored yet: every trial is computed")),
+                }
+                output::print(&r.sweep_id);
+            }
+        }
+        Ok(r.sweep_id)
+    }
+
+    /// `sweep drop`: stops keeping an ended sweep.
+    pub async fn drop_sweep(&mut self, id: &str, format: Format) -> anyhow::Result<()> {
+        let r = self
+            .inner
+            .drop_sweep(v1::DropSweepRequest { sweep_id: id.to_string() })
+            .await
+            .map_err(|s| status_error(&self.url, s))?
+            .into_inner();
+        match format {
+            Format::Json => {
+                println!("{}", serde_json::json!({ "dropped": r.sweep_id, "stage_points": r.stage_points }))
+            }
+            Format::Table => output::print(&format!(
+                "dropped {}: later sweeps no longer start from its {} stored stage points; `sweep gc` may remove its \
+                 files that no kept sweep references",
+                r.sweep_id, r.stage_points
+            )),
         }
         Ok(())
     }

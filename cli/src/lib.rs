@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod config;
+pub mod gc;
 pub mod output;
 pub mod plan;
 pub mod plot;

@@ -97,6 +97,18 @@ pub fn percent(v: Option<f64>) -> String {
 }
 
 /// `23.5M`, `850k`, `-` for 0.
+/// `1.5 MiB`, `320 B`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}
+
 pub fn count(n: u64) -> String {
     match n {
         0 => "-".into(),
@@ -245,6 +257,7 @@ pub fn sweep_json(s: &v1::SweepSummary) -> Value {
         "source": s.source,
         "created_at_ms": s.created_at_ms,
         "finished_at_ms": time_json(s.finished_at_ms),
+        "dropped_at_ms": time_json(s.dropped_at_ms),
     })
 }
 
@@ -254,7 +267,8 @@ pub fn sweeps_json(sweeps: &[v1::SweepSummary]) -> Value {
 
 pub fn status_text(status: &v1::SweepStatus) -> String {
     let Some(s) = &status.sweep else { return String::new() };
-    let mut out = format!("sweep {} ({}): {}\n{}\n\n", s.id, s.name, s.state, counts_line(s));
+    let dropped = if s.dropped_at_ms > 0 { " (dropped: its files may be collected)" } else { "" };
+    let mut out = format!("sweep {} ({}): {}{dropped}\n{}\n\n", s.id, s.name, s.state, counts_line(s));
     let mut t = table(&["trial", "backbone", "lr_decay", "split", "state", "epoch", "val acc", "attempts", "worker"]);
     for trial in &status.trials {
         t.add_row(vec![

@@ -305,6 +305,7 @@ mod tests {
                 seconds: 1.0,
                 attempt_id: 1,
                 shared_with: if e <= 2 { vec!["t004".into()] } else { Vec::new() },
+                reused_from: String::new(),
             })
             .collect()
     }

@@ -190,7 +190,9 @@ impl Tokens {
             (Role::Admin, _) => true,
             (_, s) if s.starts_with("grpc.reflection.") => true,
             (Role::Client, "sweep.v1.SweepService") => true,
-            (Role::Viewer, "sweep.v1.SweepService") => !matches!(method, "SubmitSweep" | "CancelSweep" | "RetrySweep"),
+            (Role::Viewer, "sweep.v1.SweepService") => {
+                !matches!(method, "SubmitSweep" | "CancelSweep" | "RetrySweep" | "DropSweep")
+            }
             (Role::Worker, "sweep.v1.WorkerService") => true,
             _ => false,
         };

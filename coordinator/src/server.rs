@@ -638,6 +638,24 @@ impl SweepService for SweepApi {
         Ok(Response::new(v1::RetrySweepResponse { trial_ids }))
     }
 
+    async fn drop_sweep(
+        &self,
+        request: Request<v1::DropSweepRequest>,
+    ) -> Result<Response<v1::DropSweepResponse>, Status> {
+        let id = request.into_inner().sweep_id;
+        let (sweep_id, stage_points) = self.0.write(false, move |s| s.drop_sweep(&id)).await?;
+        tracing::info!(%sweep_id, stage_points, "sweep dropped");
+        Ok(Response::new(v1::DropSweepResponse { sweep_id, stage_points }))
+    }
+
+    async fn list_references(
+        &self,
+        request: Request<v1::ListReferencesRequest>,
+    ) -> Result<Response<v1::ListReferencesResponse>, Status> {
+        let id = request.into_inner().sweep_id;
+        Ok(Response::new(v1::ListReferencesResponse::from(&self.0.call(move |s| s.references(&id)).await?)))
+    }
+
     async fn get_leaderboard(
         &self,
         request: Request<v1::GetLeaderboardRequest>,

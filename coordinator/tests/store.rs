@@ -1196,6 +1196,11 @@ fn a_later_sweep_starts_each_trial_from_the_stored_stages_it_contains<S: Store>(
         let computed_by = if t == "t002" && new.metrics.len() == 4 { "t002" } else { "t001" };
         assert_eq!(new.metrics.last().unwrap().reused_from, format!("{first}/{computed_by}"), "{t}");
     }
+    // With `sharing: off`, every trial computes every epoch itself.
+    let off = format!("{SHARED}sharing: off\n");
+    let alone = store.submit(&off, "off.yaml", &spec::parse(&off).unwrap()).unwrap();
+    assert_eq!((alone.reused_epochs, alone.reused_trials), (0, 0));
+    store.cancel_sweep(&alone.sweep_id).unwrap();
     let board = store.leaderboard(&again.sweep_id).unwrap();
     let ranked = |b: &sweep_core::records::Leaderboard| -> Vec<String> {
         b.entries.iter().map(|e| e.trial.trial_id.clone()).collect()
@@ -1224,6 +1229,38 @@ fn a_later_sweep_starts_each_trial_from_the_stored_stages_it_contains<S: Store>(
     let from: Vec<&str> = t003.metrics.iter().map(|m| m.reused_from.as_str()).collect();
     let (a, b) = (format!("{first}/t001"), format!("{first}/t002"));
     assert_eq!(from, [a.as_str(), a.as_str(), b.as_str(), b.as_str(), ""]);
+
+    // What `sweep gc` keeps in the first sweep's folders: what kept sweeps reference, its own
+    // trials' checkpoints and the points later sweeps started from.
+    let refs = store.references(&first).unwrap();
+    assert!(refs.collectable, "{refs:?}");
+    let kept = |r: &sweep_core::records::References, key: &str| r.keys.iter().any(|k| k == key);
+    for key in ["t001/state-e0002.safetensors", "t002/state-e0004.safetensors", "t001/last.safetensors"] {
+        assert!(kept(&refs, &format!("{first}/{key}")), "{key} in {refs:?}");
+    }
+    assert!(refs.keys.iter().all(|k| k.starts_with(&format!("{first}/"))));
+    // Dropped: its points are no longer offered, but the sweeps that reused them hold them (a
+    // resubmission starts from the second sweep's), and what they reference stays referenced.
+    let (id, points) = store.drop_sweep(&first).unwrap();
+    assert!(id == first && points > 0, "{points}");
+    assert!(store.get_sweep(&first).unwrap().sweep.dropped_at_ms.is_some());
+    let after = store.references(&first).unwrap();
+    assert!(kept(&after, &format!("{first}/t001/last.safetensors")), "the second sweep's t001 holds it");
+    assert!(!kept(&after, &format!("{first}/t001/state-e0001.safetensors")));
+    let fourth = store.submit(SHARED, "fourth.yaml", &spec::parse(SHARED).unwrap()).unwrap();
+    assert_eq!((fourth.reused_trials, fourth.reused_from.clone()), (3, vec![again.sweep_id.clone()]));
+    assert_eq!(
+        store.trial(&fourth.sweep_id, "t001").unwrap().last_checkpoint,
+        store.trial(&first, "t001").unwrap().last_checkpoint,
+        "the same weights, wherever the point came from"
+    );
+    let err = store.retry_sweep(&first, &[]).unwrap_err();
+    assert!(matches!(err, StoreError::WrongState(_)) && err.to_string().contains("dropped"), "{err}");
+    let running = submit_text(&mut store, &SHARED.replace("[[2, 1], [2, 2], [3, 1]]", "[[5, 5]]"));
+    let err = store.drop_sweep(&running).unwrap_err();
+    assert!(err.to_string().contains("1 trial(s) waiting or running"), "{err}");
+    assert!(!store.references(&running).unwrap().collectable);
+    store.cancel_sweep(&running).unwrap();
     let report = history::check(store.history().unwrap());
     assert!(report.is_clean(), "{report}");
 }

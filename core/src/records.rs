@@ -72,6 +72,20 @@ pub struct SweepSummary {
     pub finished_at_ms: Option<i64>,
     /// Where the spec came from (a file name), as the client said.
     pub source: String,
+    /// When `sweep drop` marked it as no longer kept (its files may be collected).
+    pub dropped_at_ms: Option<i64>,
+}
+
+/// What `sweep gc` may remove from one sweep's folders of the artifact store.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct References {
+    pub sweep_id: String,
+    /// No trial of it waits or runs.
+    pub collectable: bool,
+    /// Why not, when not.
+    pub reason: String,
+    /// `<sweep>/<trial>/<file>` keys in its folders that kept sweeps reference, sorted.
+    pub keys: Vec<String>,
 }
 
 /// One trial (grid cell) and where it stands.

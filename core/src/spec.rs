@@ -1214,3 +1214,65 @@ impl RawLrDecay {
         }
     }
 }
+
+/// Values to add to a sweep's grid (`sweep extend`): backbone names, learning-rate strategies
+/// (each a YAML mapping, as in a spec: `{ strategy: linear, head_lr: 1.0e-4 }`) and epoch
+/// splits.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GridAdditions {
+    pub backbones: Vec<String>,
+    pub lr_decays: Vec<String>,
+    pub epoch_splits: Vec<(u32, u32)>,
+}
+
+impl GridAdditions {
+    pub fn is_empty(&self) -> bool {
+        self.backbones.is_empty() && self.lr_decays.is_empty() && self.epoch_splits.is_empty()
+    }
+}
+
+/// The stored spec `yaml` with `add`'s values appended to its grid lists (everything else as it
+/// was), and the parsed result: a grid holding every cell of the old one and more. A value
+/// already in the grid (the parser refuses a value listed twice), one that does not parse, or
+/// a spec whose grid is not three lists is an error that names it.
+pub fn extend_grid(yaml: &str, add: &GridAdditions, options: ParseOptions) -> Result<(String, SweepSpec), String> {
+    if add.is_empty() {
+        return Err("nothing to add: give --backbone, --lr-decay or --epoch-split".into());
+    }
+    let yaml = yaml.strip_prefix('\u{feff}').unwrap_or(yaml);
+    parse_with(yaml, options).map_err(|e| format!("the sweep's own spec does not parse: {e}"))?;
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(yaml).map_err(|e| e.to_string())?;
+    let grid = doc
+        .get_mut("grid")
+        .and_then(serde_yaml::Value::as_mapping_mut)
+        .ok_or("the sweep's spec has no `grid` mapping")?;
+    let mut push = |list: &str, value: serde_yaml::Value| -> Result<(), String> {
+        grid.get_mut(list)
+            .and_then(serde_yaml::Value::as_sequence_mut)
+            .ok_or_else(|| format!("the sweep's grid has no `{list}` list"))?
+            .push(value);
+        Ok(())
+    };
+    for b in &add.backbones {
+        push("backbone", serde_yaml::Value::String(b.clone()))?;
+    }
+    for d in &add.lr_decays {
+        let value: serde_yaml::Value =
+            serde_yaml::from_str(d).map_err(|e| format!("--lr-decay `{d}` is not YAML: {e}"))?;
+        if !value.is_mapping() {
+            return Err(format!(
+                "--lr-decay `{d}` must be a mapping, such as `{{ strategy: linear, head_lr: 1.0e-4, final_lr: 1.0e-7 }}`"
+            ));
+        }
+        push("lr_decay", value)?;
+    }
+    for (fe, ft) in &add.epoch_splits {
+        push("epoch_split", serde_yaml::Value::Sequence(vec![(*fe).into(), (*ft).into()]))?;
+    }
+    let text = serde_yaml::to_string(&doc).map_err(|e| e.to_string())?;
+    // Positions in the generated text mean nothing to whoever typed the values: the field and
+    // the message say which value is wrong.
+    let new = parse_with(&text, options)
+        .map_err(|e| format!("the extended grid is not valid: {}: {}", e.field, e.message))?;
+    Ok((text, new))
+}

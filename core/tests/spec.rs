@@ -410,3 +410,48 @@ fn sharing_is_on_unless_turned_off() {
     assert_error(&format!("{GOOD}sharing: [on]\n"), 10, 1, "sharing", "must be `on` or `off`, got a list");
     assert_error(&format!("{GOOD}sharing: 3\n"), 10, 10, "sharing", "got `3`");
 }
+
+#[test]
+fn extending_a_grid_appends_values_keeps_every_old_cell_and_refuses_what_is_there() {
+    let add = |backbones: &[&str], lr: &[&str], splits: &[(u32, u32)]| spec::GridAdditions {
+        backbones: backbones.iter().map(|s| s.to_string()).collect(),
+        lr_decays: lr.iter().map(|s| s.to_string()).collect(),
+        epoch_splits: splits.to_vec(),
+    };
+    let old = spec::parse(GOOD).unwrap();
+    let (text, new) = spec::extend_grid(
+        GOOD,
+        &add(&["vgg16_bn"], &["{ strategy: exponential, head_lr: 1.0e-3, factor: 2 }"], &[(3, 3)]),
+        ParseOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(new.grid.backbone, [Backbone::Resnet18, Backbone::Resnet50, Backbone::Vgg16Bn]);
+    assert_eq!(new.grid.lr_decay[..1], old.grid.lr_decay[..], "old values first, bit for bit");
+    assert_eq!(new.grid.lr_decay[1], LrDecay::Exponential { head_lr: 1.0e-3, factor: 2.0 });
+    assert_eq!(new.grid.epoch_split, [(2, 1), (1, 2), (3, 3)]);
+    assert_eq!((new.name.as_str(), new.dataset.clone()), (old.name.as_str(), old.dataset.clone()));
+    assert_eq!(spec::parse(&text).unwrap(), new, "the text is the spec");
+    // Every old cell is a cell of the new grid.
+    let cells = |s: &spec::SweepSpec| -> Vec<_> {
+        sweep_core::grid::expand(&s.grid)
+            .into_iter()
+            .map(|t| (t.backbone, t.lr_decay, t.fe_epochs, t.ft_epochs))
+            .collect()
+    };
+    let wide = cells(&new);
+    assert_eq!(wide.len(), 3 * 2 * 3);
+    assert!(cells(&old).iter().all(|c| wide.contains(c)));
+
+    let refused = |a: spec::GridAdditions, fragment: &str| {
+        let e = spec::extend_grid(GOOD, &a, ParseOptions::default()).unwrap_err();
+        assert!(e.contains(fragment), "`{e}` lacks `{fragment}`");
+    };
+    refused(add(&[], &[], &[]), "nothing to add");
+    refused(add(&["resnet50"], &[], &[]), "grid.backbone[2]: backbone `resnet50` is listed twice");
+    refused(add(&[], &[], &[(1, 2)]), "[1, 2]");
+    refused(add(&[], &["{ strategy: linear, head_lr: 1.0e-3, final_lr: 1.0e-6 }"], &[]), "grid.lr_decay[1]");
+    refused(add(&[], &["[1, 2"], &[]), "is not YAML");
+    refused(add(&[], &["linear"], &[]), "must be a mapping");
+    refused(add(&["resnet9000"], &[], &[]), "the extended grid is not valid");
+    refused(add(&[], &[], &[(0, 0)]), "the extended grid is not valid");
+}

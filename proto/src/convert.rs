@@ -61,6 +61,7 @@ impl From<&records::SweepSummary> for v1::SweepSummary {
             created_at_ms: s.created_at_ms,
             finished_at_ms: wire_time(s.finished_at_ms),
             source: s.source.clone(),
+            dropped_at_ms: wire_time(s.dropped_at_ms),
         }
     }
 }
@@ -170,6 +171,17 @@ impl From<&records::Submitted> for v1::SubmitSweepResponse {
             reused_epochs: s.reused_epochs,
             reused_trials: s.reused_trials,
             reused_from: s.reused_from.clone(),
+        }
+    }
+}
+
+impl From<&records::References> for v1::ListReferencesResponse {
+    fn from(r: &records::References) -> Self {
+        v1::ListReferencesResponse {
+            sweep_id: r.sweep_id.clone(),
+            collectable: r.collectable,
+            reason: r.reason.clone(),
+            keys: r.keys.clone(),
         }
     }
 }
@@ -304,6 +316,7 @@ impl TryFrom<&v1::SweepSummary> for records::SweepSummary {
             created_at_ms: s.created_at_ms,
             finished_at_ms: domain_time(s.finished_at_ms),
             source: s.source.clone(),
+            dropped_at_ms: domain_time(s.dropped_at_ms),
         })
     }
 }
@@ -439,6 +452,7 @@ mod tests {
             created_at_ms: 1_700_000_000_000,
             finished_at_ms,
             source: "sweeps/flowers.yaml".into(),
+            dropped_at_ms: None,
         }
     }
 

@@ -39,6 +39,35 @@ Examples:
   sweep watch quick                      # any unique prefix of the id
   sweep watch quick --output json | jq -c 'select(.type == \"epoch\")'";
 
+const EXTEND_EXAMPLES: &str = "\
+The sweep's spec stays as it is but for the grid; the new sweep is a sweep of its own (the old
+one is never changed). Each of its trials starts from the longest run of its first epochs that
+any earlier sweep stored (same content key): the old sweep's finished trials are complete at
+once, with the metrics and weights they had; new cells run on from the end of the stages they
+share with them. Needs `sharing: on` (the default).
+
+Examples:
+  sweep extend quickstart-b630 --lr-decay '{ strategy: exponential, head_lr: 1.0e-3, factor: 2 }'
+  sweep extend quick --epoch-split 4+4 --epoch-split 2+6 --watch
+  sweep extend quick --backbone resnet50";
+
+/// `8+16` (or `8,16`): feature-extraction and fine-tuning epochs.
+fn epoch_split(s: &str) -> Result<(u32, u32), String> {
+    let (fe, ft) = s.split_once(['+', ',']).ok_or_else(|| format!("`{s}` is not FE+FT, such as 8+16"))?;
+    let n = |x: &str| x.trim().parse::<u32>().map_err(|e| format!("`{}` in `{s}`: {e}", x.trim()));
+    Ok((n(fe)?, n(ft)?))
+}
+
+const GC_EXAMPLES: &str = "\
+Removes, from the folders of sweeps whose trials have all ended, every checkpoint file that no
+kept sweep references: weights of superseded attempts, resume points no stage needs, and the
+files of dropped sweeps (`sweep drop`) that no other sweep reuses. What a kept sweep references
+stays, wherever it lies; sweeps still running are left alone.
+
+Examples:
+  sweep gc --artifacts .sweep/quickstart/artifacts --dry-run
+  sweep drop quickstart-b630 && sweep gc --artifacts s3://bucket/sweeps";
+
 const LEADERBOARD_EXAMPLES: &str = "\
 Examples:
   sweep leaderboard quick                          ranked trials
@@ -222,6 +251,29 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Add grid values to a sweep: submits its spec with the new values as a new sweep, whose
+    /// trials start from every stage already stored (the old sweep's trials whole), so only
+    /// what is new is computed. Prints the new sweep's id alone on the last line.
+    #[command(after_help = EXTEND_EXAMPLES)]
+    Extend {
+        /// Sweep id (or a unique prefix of it).
+        id: String,
+        /// A backbone to add (repeatable).
+        #[arg(long = "backbone", value_name = "NAME")]
+        backbones: Vec<String>,
+        /// A learning-rate strategy to add, as YAML (repeatable):
+        /// '{ strategy: exponential, head_lr: 1.0e-4, factor: 3 }'.
+        #[arg(long = "lr-decay", value_name = "YAML")]
+        lr_decays: Vec<String>,
+        /// An epoch split to add, feature extraction + fine-tuning epochs (repeatable): 8+16.
+        #[arg(long = "epoch-split", value_name = "FE+FT", value_parser = epoch_split)]
+        epoch_splits: Vec<(u32, u32)>,
+        /// Then follow the new sweep as `sweep watch` does, until it ends.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Follow a sweep live until it ends.
     #[command(after_help = WATCH_EXAMPLES)]
     Watch {
@@ -304,6 +356,28 @@ enum Command {
         /// Only these trials (repeatable) [default: every failed trial].
         #[arg(long = "trial", value_name = "TRIAL")]
         trials: Vec<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Stop keeping an ended sweep: later sweeps no longer start from its stages, and `sweep gc`
+    /// may remove its files that no kept sweep references. Its records stay.
+    Drop {
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove the checkpoint files that no kept sweep references from the artifact store.
+    #[command(after_help = GC_EXAMPLES)]
+    Gc {
+        /// The artifact store the workers write to: a directory or s3://bucket/prefix.
+        #[arg(long, env = "SWEEP_ARTIFACTS", value_name = "DIR|URL")]
+        artifacts: String,
+        /// Only these sweeps' folders (repeatable) [default: every sweep].
+        #[arg(long = "sweep", value_name = "ID")]
+        sweeps: Vec<String>,
+        /// Say what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -450,6 +524,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let id = client.submit(&spec, format).await?;
             if watch { client.watch_sweep(&id, format).await } else { Ok(ExitCode::SUCCESS) }
         }
+        Command::Extend { id, backbones, lr_decays, epoch_splits, watch, remote } => {
+            let format = remote.output;
+            let mut client = remote.conn.connect().await?;
+            let add = sweep_core::spec::GridAdditions { backbones, lr_decays, epoch_splits };
+            let new = client.extend(&id, &add, format).await?;
+            if watch { client.watch_sweep(&new, format).await } else { Ok(ExitCode::SUCCESS) }
+        }
         Command::Watch { id, remote } => {
             let format = remote.output;
             remote.conn.connect().await?.watch_sweep(&id, format).await
@@ -495,6 +576,18 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Retry { id, trials, remote } => {
             let format = remote.output;
             remote.conn.connect().await?.retry(&id, trials, format).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Drop { id, remote } => {
+            let format = remote.output;
+            remote.conn.connect().await?.drop_sweep(&id, format).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc { artifacts, sweeps, dry_run, remote } => {
+            let format = remote.output;
+            let mut client = remote.conn.connect().await?;
+            let collected = sweep_cli::gc::gc(&mut client, &artifacts, &sweeps, dry_run).await?;
+            sweep_cli::gc::print(&collected, dry_run, format);
             Ok(ExitCode::SUCCESS)
         }
         Command::Workers { remote } => {

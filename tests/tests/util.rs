@@ -411,6 +411,7 @@ pub fn scripted_worker_with(url: &str, name: &str, max_trials: usize, token: Opt
                             seconds: 1.0,
                             attempt_id: 0,
                             shared_with: Vec::new(),
+                            reused_from: String::new(),
                         }),
                         parameters: 11_000_000 + a.trial_index as u64,
                         last_checkpoint: Some(reference("last")),

@@ -248,10 +248,7 @@ impl TrialCheckpoints {
     }
 }
 
-/// The key of the JSON beside an object: `x.safetensors` → `x.json`.
-pub fn json_key(weights_key: &str) -> String {
-    format!("{}.json", weights_key.strip_suffix(".safetensors").unwrap_or(weights_key))
-}
+pub use sweep_artifacts::json_key;
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {

@@ -19,8 +19,8 @@ use std::collections::HashMap;
 
 use sweep_core::leaderboard::EpochMetrics;
 use sweep_core::records::{
-    Assignment, Cancelled, CheckpointRef, Device, Event, Leaderboard, Outcome, ReportReply, Submitted, SweepStatus,
-    SweepSummary, TrialDetail, WorkerInfo,
+    Assignment, Cancelled, CheckpointRef, Device, Event, Leaderboard, Outcome, References, ReportReply, Submitted,
+    SweepStatus, SweepSummary, TrialDetail, WorkerInfo,
 };
 use sweep_core::spec::SweepSpec;
 
@@ -153,6 +153,14 @@ pub trait Store: StateReader + Send {
     /// Re-queues the failed trials of a sweep (all, or those of `trial_ids`) with a fresh
     /// attempt budget; their metrics and resume points stay. Returns the trial ids re-queued.
     fn retry_sweep(&mut self, sweep_id: &str, trial_ids: &[String]) -> Result<Vec<String>>;
+    /// Marks an ended sweep as no longer kept (`sweep drop`): later sweeps stop starting from
+    /// its stage points, which are forgotten, and its own references stop keeping files. Its
+    /// records stay. Returns its id and how many stage points it had. A sweep with a trial
+    /// waiting or running is `WrongState`.
+    fn drop_sweep(&mut self, sweep_id: &str) -> Result<(String, u32)>;
+    /// The keys in sweep `sweep_id`'s folders of the artifact store that kept sweeps reference
+    /// (trials' checkpoints, stage points), and whether its folders may be collected.
+    fn references(&self, sweep_id: &str) -> Result<References>;
     fn leaderboard(&self, sweep_id: &str) -> Result<Leaderboard>;
     fn trial(&self, sweep_id: &str, trial_id: &str) -> Result<TrialDetail>;
 

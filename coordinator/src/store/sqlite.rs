@@ -34,8 +34,8 @@ use sweep_core::leaderboard::{self, EpochMetrics, Phase};
 use sweep_core::lr::LrDecay;
 use sweep_core::records::{
     Assignment, AttemptInfo, Cancelled, CheckpointRef, Device, DeviceUse, EpochRecord, Event, Leaderboard,
-    LeaderboardEntry, Outcome, ReportReply, StopReason, Submitted, SweepEvent, SweepStatus, SweepSummary, TrialCounts,
-    TrialDetail, TrialSummary, WorkerInfo,
+    LeaderboardEntry, Outcome, References, ReportReply, StopReason, Submitted, SweepEvent, SweepStatus, SweepSummary,
+    TrialCounts, TrialDetail, TrialSummary, WorkerInfo,
 };
 use sweep_core::schedule;
 use sweep_core::spec::{ParseOptions, SweepSpec};
@@ -58,6 +58,28 @@ fn open_error(path: &Path, e: rusqlite::Error) -> StoreError {
 /// files, backup names).
 pub fn now_ms() -> i64 {
     SystemClock.now_ms()
+}
+
+/// The stored points later sweeps may start from: after epoch `epoch` of trial `idx` (the end
+/// of a shared stage, or the trial's last epoch), whose epochs `1..=epoch` have the content key
+/// `key` (`stages::epoch_keys`), with the references its trial held then — files no later
+/// write changes. A sweep's trial whose key at some epoch is here takes that epoch's rows and
+/// this resume point instead of computing them. (A macro: the schema and migration 10 both
+/// hold it.)
+macro_rules! stage_points {
+    () => {
+        "
+CREATE TABLE IF NOT EXISTS stage_points (
+    key               TEXT NOT NULL,
+    sweep_id          TEXT NOT NULL REFERENCES sweeps(id),
+    idx               INTEGER NOT NULL,
+    epoch             INTEGER NOT NULL,
+    last_checkpoint   BLOB NOT NULL,
+    best_checkpoint   BLOB,
+    resume_checkpoint BLOB NOT NULL,
+    PRIMARY KEY (key, sweep_id)
+);"
+    };
 }
 
 const SCHEMA_VERSION: i64 = 10;
@@ -96,26 +118,10 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE trials ADD COLUMN stored INTEGER NOT NULL DEFAULT 0;
      UPDATE trials SET stored = (SELECT COALESCE(MAX(m.epoch), 0) FROM metrics m
                                  WHERE m.sweep_id = trials.sweep_id AND m.idx = trials.idx);",
-    // 10: the index of stored stage ends, by content key (reuse across sweeps).
-    STAGE_POINTS,
+    // 10: the index of stored stage ends, by content key (reuse across sweeps), and sweeps no
+    // longer kept (`sweep drop`).
+    concat!("ALTER TABLE sweeps ADD COLUMN dropped_at_ms INTEGER;", stage_points!()),
 ];
-
-/// The stored points later sweeps may start from: after epoch `epoch` of trial `idx` (the end
-/// of a shared stage, or the trial's last epoch), whose epochs `1..=epoch` have the content key
-/// `key` (`stages::epoch_keys`), with the references its trial held then — files no later
-/// write changes. A sweep's trial whose key at some epoch is here takes that epoch's rows and
-/// this resume point instead of computing them.
-const STAGE_POINTS: &str = "
-CREATE TABLE IF NOT EXISTS stage_points (
-    key               TEXT NOT NULL,
-    sweep_id          TEXT NOT NULL REFERENCES sweeps(id),
-    idx               INTEGER NOT NULL,
-    epoch             INTEGER NOT NULL,
-    last_checkpoint   BLOB NOT NULL,
-    best_checkpoint   BLOB,
-    resume_checkpoint BLOB NOT NULL,
-    PRIMARY KEY (key, sweep_id)
-);";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -135,7 +141,8 @@ CREATE TABLE IF NOT EXISTS sweeps (
     created_at_ms  INTEGER NOT NULL,
     finished_at_ms INTEGER,
     early_stopping TEXT,
-    sharing        INTEGER NOT NULL DEFAULT 0
+    sharing        INTEGER NOT NULL DEFAULT 0,
+    dropped_at_ms  INTEGER
 );
 CREATE TABLE IF NOT EXISTS trials (
     sweep_id        TEXT NOT NULL REFERENCES sweeps(id),
@@ -545,6 +552,13 @@ impl Store for SqliteStore {
                 "sweep {sweep_id} was cancelled; submit its spec again to run it"
             )));
         }
+        let dropped: bool =
+            tx.query_row("SELECT dropped_at_ms IS NOT NULL FROM sweeps WHERE id = ?1", [sweep_id], |r| r.get(0))?;
+        if dropped {
+            return Err(StoreError::WrongState(format!(
+                "sweep {sweep_id} was dropped (its files may be collected); submit its spec again to run it"
+            )));
+        }
         let failed: Vec<(i64, String)> = {
             let mut q =
                 tx.prepare("SELECT idx, trial_id FROM trials WHERE sweep_id = ?1 AND state = ?2 ORDER BY idx")?;
@@ -586,6 +600,56 @@ impl Store for SqliteStore {
         }
         tx.commit()?;
         Ok(chosen.into_iter().map(|(_, id)| id).collect())
+    }
+
+    fn drop_sweep(&mut self, sweep_id: &str) -> Result<(String, u32)> {
+        let now = self.clock.now_ms();
+        let tx = self.conn.savepoint()?;
+        let sweep_id = resolve_sweep(&tx, sweep_id)?;
+        let open = open_trials(&tx, &sweep_id)?;
+        if open > 0 {
+            return Err(StoreError::WrongState(format!(
+                "sweep {sweep_id} has {open} trial(s) waiting or running; cancel it first (`sweep cancel`) or let it end"
+            )));
+        }
+        let points = tx.execute("DELETE FROM stage_points WHERE sweep_id = ?1", [&sweep_id])?;
+        tx.execute(
+            "UPDATE sweeps SET dropped_at_ms = COALESCE(dropped_at_ms, ?2) WHERE id = ?1",
+            params![sweep_id, now],
+        )?;
+        tx.commit()?;
+        Ok((sweep_id, points as u32))
+    }
+
+    fn references(&self, sweep_id: &str) -> Result<References> {
+        let sweep_id = resolve_sweep(&self.conn, sweep_id)?;
+        let open = open_trials(&self.conn, &sweep_id)?;
+        let reason = if open > 0 { format!("{open} trial(s) waiting or running") } else { String::new() };
+        // Every reference a kept sweep holds: its trials' checkpoints and its stage points.
+        let mut keys = BTreeSet::new();
+        let mut q = self.conn.prepare(
+            "SELECT t.last_checkpoint, t.best_checkpoint, t.resume_checkpoint FROM trials t
+             JOIN sweeps s ON s.id = t.sweep_id WHERE s.dropped_at_ms IS NULL
+             UNION ALL
+             SELECT p.last_checkpoint, p.best_checkpoint, p.resume_checkpoint FROM stage_points p
+             JOIN sweeps s ON s.id = p.sweep_id WHERE s.dropped_at_ms IS NULL",
+        )?;
+        let mut rows = q.query([])?;
+        while let Some(r) = rows.next()? {
+            for i in 0..3 {
+                let Some(blob) = r.get::<_, Option<Vec<u8>>>(i)? else { continue };
+                // An undecodable reference keeps nothing; `sweep check-state` reports it.
+                let Ok(c) = decode_checkpoint(&blob) else { continue };
+                let mut parts = c.uri.rsplit('/');
+                let (Some(file), Some(trial), Some(sweep)) = (parts.next(), parts.next(), parts.next()) else {
+                    continue;
+                };
+                if sweep == sweep_id {
+                    keys.insert(format!("{sweep}/{trial}/{file}"));
+                }
+            }
+        }
+        Ok(References { collectable: open == 0, reason, keys: keys.into_iter().collect(), sweep_id })
     }
 
     fn leaderboard(&self, sweep_id: &str) -> Result<Leaderboard> {
@@ -1419,7 +1483,7 @@ fn create(path: &Path) -> Result<()> {
         conn.execute_batch("PRAGMA journal_mode=DELETE; PRAGMA synchronous=FULL;").map_err(|e| fail("settings", &e))?;
         let tx = conn.unchecked_transaction().map_err(|e| fail("begin", &e))?;
         tx.execute_batch(SCHEMA).map_err(|e| fail("schema", &e))?;
-        tx.execute_batch(STAGE_POINTS).map_err(|e| fail("schema", &e))?;
+        tx.execute_batch(stage_points!()).map_err(|e| fail("schema", &e))?;
         tx.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION])
             .map_err(|e| fail("schema", &e))?;
         tx.commit().map_err(|e| fail("commit", &e))?;
@@ -1493,14 +1557,15 @@ fn resolve_sweep(conn: &Connection, id: &str) -> Result<String> {
 }
 
 fn sweep_summary(conn: &Connection, sweep_id: &str) -> Result<SweepSummary> {
-    let row: Option<(String, String, i64, i64, Option<i64>, String)> = conn
+    type Row = (String, String, i64, i64, Option<i64>, String, Option<i64>);
+    let row: Option<Row> = conn
         .query_row(
-            "SELECT id, name, trial_count, created_at_ms, finished_at_ms, source FROM sweeps WHERE id = ?1",
+            "SELECT id, name, trial_count, created_at_ms, finished_at_ms, source, dropped_at_ms FROM sweeps WHERE id = ?1",
             [sweep_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
         )
         .optional()?;
-    let Some((id, name, trial_count, created_at_ms, finished_at_ms, source)) = row else {
+    let Some((id, name, trial_count, created_at_ms, finished_at_ms, source, dropped_at_ms)) = row else {
         return Err(StoreError::NotFound(format!("no sweep with id `{sweep_id}`")));
     };
     let mut counts = TrialCounts::default();
@@ -1519,6 +1584,7 @@ fn sweep_summary(conn: &Connection, sweep_id: &str) -> Result<SweepSummary> {
         created_at_ms,
         finished_at_ms,
         source,
+        dropped_at_ms,
     })
 }
 
@@ -2106,15 +2172,21 @@ struct Point {
 /// the attempt that computed an epoch stays its writer), the point's references, and the
 /// early-stopping decisions those epochs bring in this sweep. A trial whose every epoch is
 /// reused is complete (or stopped) now; the others run on from the point. A point whose rows
-/// are not all there any more is passed over for a shorter one.
+/// are not all there any more is passed over for a shorter one. Nothing is reused for a sweep
+/// with `sharing: off`.
 fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Trial], now: i64) -> Result<Submitted> {
     let mut out = Submitted::default();
+    if !spec.sharing {
+        // `sharing: off`: every trial computes every epoch itself (its own points are still
+        // indexed, for later sweeps that share).
+        return Ok(out);
+    }
     let early_stopping = spec.early_stopping.map(|e| e.canonical());
     let mut found: HashMap<String, Option<Point>> = HashMap::new();
     let mut from: BTreeMap<i64, String> = BTreeMap::new();
     for t in trials {
         let keys = stages::epoch_keys(spec, t);
-        let mut chosen: Option<(Point, Vec<(EpochMetrics, i64, i64)>)> = None;
+        let mut chosen: Option<(Point, Vec<SourceRow>)> = None;
         for (i, key) in keys.iter().enumerate().rev() {
             let point = match found.get(&key.0) {
                 Some(p) => p.clone(),
@@ -2189,6 +2261,15 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
                  WHERE sweep_id = ?1 AND idx = ?2",
             )?
             .execute(params![sweep_id, idx, point.last, point.best, point.resume])?;
+            // The new sweep holds the point too: later sweeps may start from it after the sweep
+            // that computed it is dropped.
+            let key = &keys[point.epoch as usize - 1];
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO stage_points(key, sweep_id, idx, epoch, last_checkpoint, best_checkpoint,
+                                                    resume_checkpoint)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![key.0, sweep_id, idx, point.epoch, point.last, point.best, point.resume])?;
         }
         let end = match &decided {
             Some(_) => Some(TrialState::Stopped),
@@ -2214,9 +2295,11 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
     Ok(out)
 }
 
-/// Epochs `1..=epoch` of trial `idx` of sweep `sweep_id` as stored: the metrics, the attempt
-/// that computed each, and when it was recorded.
-fn source_rows(tx: &Connection, sweep_id: &str, idx: i64, epoch: u32) -> Result<Vec<(EpochMetrics, i64, i64)>> {
+/// A stored epoch: its metrics, the attempt that computed it, and when it was recorded.
+type SourceRow = (EpochMetrics, i64, i64);
+
+/// Epochs `1..=epoch` of trial `idx` of sweep `sweep_id` as stored.
+fn source_rows(tx: &Connection, sweep_id: &str, idx: i64, epoch: u32) -> Result<Vec<SourceRow>> {
     let mut q = tx.prepare_cached(
         "SELECT epoch, phase, train_loss, train_accuracy, val_loss, val_accuracy, seconds, attempt_id, recorded_at_ms
          FROM metrics WHERE sweep_id = ?1 AND idx = ?2 AND epoch BETWEEN 1 AND ?3 ORDER BY epoch",
@@ -2559,6 +2642,19 @@ fn append_event(conn: &Connection, sweep_id: &str, event: SweepEvent, now: i64) 
     conn.prepare_cached("INSERT INTO events(sweep_id, payload, at_ms, checksum) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![sweep_id, payload, now, event_checksum(sweep_id, &payload)])?;
     Ok(())
+}
+
+/// How many trials of the sweep wait or run.
+fn open_trials(conn: &Connection, sweep_id: &str) -> Result<i64> {
+    Ok(conn.prepare_cached("SELECT COUNT(*) FROM trials WHERE state IN (?2, ?3, ?4) AND sweep_id = ?1")?.query_row(
+        params![
+            sweep_id,
+            TrialState::Pending.as_str(),
+            TrialState::Unschedulable.as_str(),
+            TrialState::Running.as_str()
+        ],
+        |r| r.get(0),
+    )?)
 }
 
 /// When every trial of the sweep has ended, records the end time and an `ended` event.
