@@ -595,8 +595,9 @@ fn absurd_metrics_are_refused_and_plotting_never_spins_on_what_an_older_state_ho
     let (mut coord, url) = coordinator(&state, &[]);
     let id = submit(&url, dir.path(), "tiny.yaml", TINY_SPEC);
     assert_eq!(scripted_worker(&url, "w", 10).len(), 2);
-    // On the wire: an infinite or absurd loss is refused.
-    let other = submit(&url, dir.path(), "other.yaml", TINY_SPEC);
+    // On the wire: an infinite or absurd loss is refused. (`sharing: off`: the same spec would
+    // otherwise start from what the first sweep stored, and be complete at once.)
+    let other = submit(&url, dir.path(), "other.yaml", &format!("{TINY_SPEC}sharing: off\n"));
     let mut w = TestWorker::register(&url, "w2", "t", "t");
     let a = w.acquire(1000).unwrap();
     let refused: Vec<tonic::Code> = [(f64::INFINITY, 1.0), (1.7e308, 1.0), (0.5, f64::INFINITY)]
