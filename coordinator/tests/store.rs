@@ -816,6 +816,7 @@ fn a_version_1_database_is_upgraded_in_place() {
          ALTER TABLE sweeps DROP COLUMN early_stopping; ALTER TABLE trials DROP COLUMN stop_reason;
          DROP TRIGGER trials_progress_log; DROP TABLE progress_log;
          ALTER TABLE sweeps DROP COLUMN sharing; DROP INDEX trials_progress; ALTER TABLE trials DROP COLUMN stored;
+         ALTER TABLE sweeps DROP COLUMN dropped_at_ms; DROP TABLE stage_points;
          UPDATE meta SET value = 1 WHERE key = 'schema_version';",
     )
     .unwrap();

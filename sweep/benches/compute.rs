@@ -87,9 +87,33 @@ fn run(
     threads: usize,
     dir: &std::path::Path,
 ) -> anyhow::Result<Outcome> {
+    run_in(name, &format!("{SPEC}{extra}"), &dir.join(name), workers, threads, dir)
+}
+
+/// The sweep ids a state directory holds (none when it has no database yet).
+fn sweep_ids(state: &std::path::Path) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    use sweep_coordinator::store::StateReader as _;
+    let db = state.join("sweep.db");
+    if !db.exists() {
+        return Ok(Default::default());
+    }
+    Ok(sweep_coordinator::store::sqlite::ReadOnly::open(&db)?.history()?.specs.into_keys().collect())
+}
+
+/// `sweep run` of `text` over the state directory `state` (which may hold earlier sweeps: what
+/// they stored is reused); the outcome counts what this sweep computed itself.
+fn run_in(
+    name: &'static str,
+    text: &str,
+    state: &std::path::Path,
+    workers: usize,
+    threads: usize,
+    dir: &std::path::Path,
+) -> anyhow::Result<Outcome> {
     let spec = dir.join(format!("{name}.yaml"));
-    std::fs::write(&spec, format!("{SPEC}{extra}"))?;
-    let state = dir.join(name);
+    std::fs::write(&spec, text)?;
+    let before = sweep_ids(state)?;
+    let state = state.to_path_buf();
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_sweep"))
         .arg("run")
@@ -107,17 +131,23 @@ fn run(
         .with_context(|| format!("`sweep run` ({name}) printed no JSON leaderboard"))?;
     let entries = board.as_array().context("the leaderboard is a list")?;
     let top = &entries.first().context("an empty leaderboard")?;
-    let stored = sweep_coordinator::history::stored_metrics(&state.join("sweep.db"))?;
     let report = sweep_coordinator::history::check_state_dir(&state)?;
     if !report.is_clean() {
         bail!("the state of run {name} breaks invariants: {report}");
     }
+    let sweep = sweep_ids(&state)?.difference(&before).next().cloned().context("the run stored no new sweep")?;
+    let stored: std::collections::HashMap<_, _> = sweep_coordinator::history::stored_metrics(&state.join("sweep.db"))?
+        .into_iter()
+        .filter(|((s, _, _), _)| *s == sweep)
+        .collect();
     // Each computed epoch once: rows stored for several trials from one report share the
-    // attempt that computed them.
+    // attempt that computed them; rows another sweep computed (reused) cost this one nothing.
     use sweep_coordinator::store::StateReader as _;
     let snapshot = sweep_coordinator::store::sqlite::ReadOnly::open(&state.join("sweep.db"))?.history()?;
+    let own: std::collections::HashSet<i64> =
+        snapshot.attempts.iter().filter(|a| a.trial.0 == sweep).map(|a| a.id).collect();
     let mut computed = std::collections::HashMap::new();
-    for m in &snapshot.metrics {
+    for m in snapshot.metrics.iter().filter(|m| m.trial.0 == sweep && own.contains(&m.attempt_id)) {
         computed.insert((m.attempt_id, m.epoch), m.values[4]);
     }
     Ok(Outcome {
@@ -314,6 +344,41 @@ fn bench() -> anyhow::Result<()> {
             o.top_accuracy * 100.0,
             if o.top == reference.top { "" } else { "  (another top trial)" },
             o.stored.len()
+        );
+    }
+    // Reuse across sweeps, on the shared run's state directory: the same spec submitted again,
+    // then the grid extended by a third strategy (what `sweep extend` submits).
+    let shared_state = dir.path().join(RUNS[1].0);
+    let third = "    - { strategy: exponential, head_lr: 1.0e-3, factor: 3 }\n";
+    let extended =
+        SPEC.replace(third, &format!("{third}    - {{ strategy: exponential, head_lr: 1.0e-3, factor: 2 }}\n"));
+    let reuse = [("resubmitted", SPEC.to_string(), 72), ("extended", extended.clone(), 108)];
+    let mut reused = Vec::new();
+    for (name, text, naive) in reuse {
+        let o = run_in(name, &text, &shared_state, workers, threads, dir.path())?;
+        println!("  {name}: done in {:.0} s", o.wall_seconds);
+        reused.push((o, naive));
+    }
+    println!();
+    println!("reuse across sweeps (the shared run's state directory; ratios to the independent run of 72 epochs):");
+    println!(
+        "{:<14} {:>6} {:>8} {:>8} {:>9} {:>7} {:>9}  {:<30} {:>8}  {:>9}",
+        "RUN", "TRIALS", "NAIVE", "EPOCHS", "DEVICE-S", "RATIO", "WALL-S", "TOP TRIAL", "BEST VAL", "IDENTICAL"
+    );
+    for (o, naive) in &reused {
+        let same = o.stored.iter().filter(|(k, v)| reference.stored.get(k) == Some(v)).count();
+        let identical = if o.name == "resubmitted" { format!("{same:>4}/{:<4}", o.stored.len()) } else { "-".into() };
+        println!(
+            "{:<14} {:>6} {:>8} {:>8} {:>9.1} {:>6.2}× {:>9.1}  {:<30} {:>7.1}%  {identical:>9}",
+            o.name,
+            o.trials,
+            naive,
+            o.epochs,
+            o.device_seconds,
+            o.device_seconds / reference.device_seconds,
+            o.wall_seconds,
+            o.top,
+            o.top_accuracy * 100.0,
         );
     }
     if keep {

@@ -173,23 +173,41 @@ fn run_until(a: &v1::Assignment, artifacts: &std::path::Path, epochs: usize) -> 
 }
 
 #[test]
-fn a_resume_point_that_is_not_the_trials_own_is_never_loaded() {
+fn a_resume_point_of_another_computation_is_never_loaded_and_one_of_the_same_is() {
     let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
-    // Another sweep's trial, finished: its newest point is after epoch 4.
-    let theirs = run(&common::assignment(SPEC, "theirs-0001", 1), dir.path());
+    // Another sweep's trial of another computation (another seed), finished: its newest point
+    // is after epoch 4.
+    let other = SPEC.replace("seed: 9", "seed: 10");
+    let theirs = run(&common::assignment(&other, "theirs-0001", 1), dir.path());
     let foreign = theirs[3].resume_checkpoint.clone().unwrap();
     // Our trial stopped after epoch 2.
     let first = common::assignment(SPEC, "mine-0001", 7);
     let mine = run_until(&first, dir.path(), 2);
     assert_eq!(mine.len(), 2);
 
-    // Handed the other sweep's point (with its true hash): refused, ours of epoch 2 used.
+    // Handed the other sweep's point (with its true hash): its epochs are not ours (its JSON's
+    // content key says so): refused, ours of epoch 2 used.
     let a = v1::Assignment { attempt_id: 8, resume: Some(foreign.clone()), ..first.clone() };
     let r = run_until(&a, dir.path(), 1);
     assert_eq!(r[0].resumed_from_epoch, 2, "{}", r[0].note);
-    assert!(r[0].note.contains("is neither this trial's own resume point"), "{}", r[0].note);
+    assert!(r[0].note.contains("whose epochs 1–4 are not this trial's (content key"), "{}", r[0].note);
     assert!(r[0].note.contains("resumed from the older point of epoch 2"), "{}", r[0].note);
+
+    // A point of another sweep's trial that is the same computation (same spec, same trial):
+    // started from, and the epoch after it is bit-identical to that trial's.
+    let same = run(&common::assignment(SPEC, "same-0001", 2), dir.path());
+    let point = same[2].resume_checkpoint.clone().unwrap();
+    let a = v1::Assignment { attempt_id: 12, resume: Some(point), ..first.clone() };
+    let r = run_until(&a, dir.path(), 1);
+    assert_eq!(r[0].resumed_from_epoch, 3, "{}", r[0].note);
+    let bits = |r: &[v1::ReportEpochRequest]| -> Vec<[u64; 4]> {
+        r.iter()
+            .map(|x| x.metrics.as_ref().unwrap())
+            .map(|m| [m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy].map(f64::to_bits))
+            .collect()
+    };
+    assert_eq!(bits(&r), bits(&same[3..]));
 
     // The other sweep's file planted in our folder under our name (its hash matching): its JSON
     // says whose it is.
