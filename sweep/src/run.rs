@@ -181,6 +181,10 @@ pub async fn run(o: RunOptions) -> anyhow::Result<ExitCode> {
         o.state_dir.display(),
         logs.display()
     ));
+    // Earlier sweeps in this state directory may have computed some of it already.
+    if let Some(line) = output::reused_line(&submitted) {
+        output::eprint(&line);
+    }
 
     let mut workers =
         spawn_workers(&bin, &url, o.workers, threads, &o.state_dir, o.artifacts.as_deref(), &logs).await?;
