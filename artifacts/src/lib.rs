@@ -89,6 +89,8 @@ impl std::fmt::Debug for ArtifactStore {
 pub struct Listed {
     pub key: String,
     pub bytes: u64,
+    /// When it was last written, in milliseconds since the Unix epoch (the store's clock).
+    pub modified_ms: i64,
 }
 
 fn location_error(location: &str, message: impl Into<String>) -> ArtifactError {
@@ -370,7 +372,11 @@ impl ArtifactStore {
             .into_iter()
             .filter_map(|o| {
                 let name = o.location.filename()?.to_string();
-                Some(Listed { key: format!("{dir}/{name}"), bytes: o.size })
+                Some(Listed {
+                    key: format!("{dir}/{name}"),
+                    bytes: o.size,
+                    modified_ms: o.last_modified.timestamp_millis(),
+                })
             })
             .collect();
         found.sort_by(|a, b| a.key.cmp(&b.key));

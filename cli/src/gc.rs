@@ -21,6 +21,11 @@ use sweep_proto::v1;
 use crate::client::Client;
 use crate::output::{self, Format};
 
+/// Files written less than this long before `gc` started (by the store's clock) are left alone
+/// by default: a sweep reopened by `sweep retry` while `gc` runs may be writing them, and the
+/// store's clock may differ from this machine's.
+pub const MIN_AGE_SECONDS: u64 = 600;
+
 /// What `sweep gc` did (or, with `--dry-run`, would do) in one sweep's folders.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Collected {
@@ -44,11 +49,12 @@ fn is_checkpoint_file(file: &str) -> bool {
 }
 
 /// Collects the folders of `sweeps` (every sweep the coordinator knows when empty) in the
-/// artifact store at `location`.
+/// artifact store at `location`; files younger than `min_age_seconds` stay.
 pub async fn gc(
     client: &mut Client,
     location: &str,
     sweeps: &[String],
+    min_age_seconds: u64,
     dry_run: bool,
 ) -> anyhow::Result<Vec<Collected>> {
     let local = !location.contains("://") || location.starts_with("file://");
@@ -63,6 +69,8 @@ pub async fn gc(
     } else {
         sweeps.to_vec()
     };
+    let started_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     let mut out = Vec::new();
     for id in ids {
         let refs = client
@@ -71,6 +79,15 @@ pub async fn gc(
             .await
             .with_context(|| format!("references of sweep {id}"))?
             .into_inner();
+        // Ids become parts of keys: only what a coordinator makes, and the sweep asked about.
+        let asked = &id;
+        anyhow::ensure!(
+            sweep_core::grid::is_sweep_id(&refs.sweep_id)
+                && (refs.sweep_id == *asked || refs.sweep_id.starts_with(asked.as_str())),
+            "the coordinator answered for sweep `{}` when asked about `{}`; nothing was removed from it",
+            refs.sweep_id.escape_debug(),
+            asked.escape_debug()
+        );
         let mut done = Collected { sweep_id: refs.sweep_id.clone(), ..Collected::default() };
         if !refs.collectable {
             done.skipped = Some(refs.reason);
@@ -85,6 +102,13 @@ pub async fn gc(
             .with_context(|| format!("sweep {}", refs.sweep_id))?
             .into_inner();
         for trial in &status.trials {
+            if sweep_core::grid::trial_index(&trial.trial_id).is_none() {
+                anyhow::bail!(
+                    "sweep {} lists a trial `{}`, which is no trial id",
+                    refs.sweep_id,
+                    trial.trial_id.escape_debug()
+                );
+            }
             let folder = format!("{}/{}", refs.sweep_id, trial.trial_id);
             for listed in store.list(&folder).await? {
                 let file = listed.key.rsplit('/').next().unwrap_or_default();
@@ -96,7 +120,9 @@ pub async fn gc(
                     Some(stem) => format!("{stem}.safetensors"),
                     None => listed.key.clone(),
                 };
-                if keep.contains(weights.as_str()) {
+                if keep.contains(weights.as_str())
+                    || listed.modified_ms > started_ms.saturating_sub(min_age_seconds.saturating_mul(1000) as i64)
+                {
                     done.kept += 1;
                     continue;
                 }

@@ -65,6 +65,7 @@ macro_rules! store_suite {
                 with_sharing_off_every_trial_runs_alone,
                 a_shared_sweep_reopened_by_retry_hands_out_only_what_waits,
                 a_later_sweep_starts_each_trial_from_the_stored_stages_it_contains,
+                reused_epochs_bring_early_stopping_decisions_and_damaged_points_are_passed_over,
             );
         }
     };
@@ -1264,4 +1265,56 @@ fn a_later_sweep_starts_each_trial_from_the_stored_stages_it_contains<S: Store>(
     store.cancel_sweep(&running).unwrap();
     let report = history::check(store.history().unwrap());
     assert!(report.is_clean(), "{report}");
+}
+
+fn reused_epochs_bring_early_stopping_decisions_and_damaged_points_are_passed_over<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    let (w, inc) = register(&mut store, "w", &devices("cpu", 1));
+    // Two strategies × [1, 2], run to the end without early stopping: t000 at 90%, t001 at 10%.
+    let text = SHARED
+        .replace("[{ strategy: linear }]", "[{ strategy: linear }, { strategy: exponential }]")
+        .replace("[[2, 1], [2, 2], [3, 1]]", "[[1, 2]]");
+    let first = submit_text(&mut store, &text);
+    let spec = spec::parse(&text).unwrap();
+    let tree = sweep_core::stages::StageTree::build(&spec, true);
+    while let Some(a) = store.acquire(&w, inc).unwrap() {
+        let from = a.resume.as_ref().map_or(0, |r| r.epoch);
+        let val = if a.trial_id == "t000" { 0.9 } else { 0.1 };
+        for e in from + 1..=3 {
+            let shared = tree.is_shared(a.trial_index as usize, e);
+            store.report_epoch(&w, a.attempt_id, &metrics(e, 1, val), &refs(&first, &a.trial_id, e, shared)).unwrap();
+        }
+        store.finish_attempt(&w, a.attempt_id, Outcome::Succeeded, "", 1.0).unwrap();
+    }
+    assert_eq!(store.get_sweep(&first).unwrap().sweep.state, SweepState::Completed);
+
+    // The same grid with ASHA (eta 2): the reused epochs decide as reported epochs would. t001's
+    // fine-tuning epoch 1 (10%) is below t000's (90%): stopped there, with the epochs up to it
+    // and the references of the longest stored point up to it (the shared epoch 1).
+    let asha = format!("{text}early_stopping: {{ strategy: asha, metric: val_accuracy, eta: 2, min_epochs: 1 }}\n");
+    let second = store.submit(&asha, "asha.yaml", &spec::parse(&asha).unwrap()).unwrap();
+    assert_eq!((second.reused_trials, second.reused_epochs), (2, 3 + 2));
+    let status = store.get_sweep(&second.sweep_id).unwrap();
+    let state = |id: &str| status.trials.iter().find(|t| t.trial_id == id).unwrap().state;
+    assert_eq!((state("t000"), state("t001")), (TrialState::Completed, TrialState::Stopped));
+    let t001 = store.trial(&second.sweep_id, "t001").unwrap();
+    assert_eq!(t001.metrics.len(), 2);
+    assert_eq!(t001.last_checkpoint.as_ref().map(|c| c.epoch), Some(1), "{t001:?}");
+    assert!(t001.trial.error.contains("ASHA"), "{}", t001.trial.error);
+
+    // A damaged entry (a reference that does not decode) is passed over, never handed out.
+    drop(store);
+    let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
+    let damaged = conn.execute("UPDATE stage_points SET resume_checkpoint = x'ffff' WHERE epoch = 3", []).unwrap();
+    assert!(damaged > 0);
+    drop(conn);
+    let mut store = open(dir.path(), wall());
+    let third = store.submit(&text, "again.yaml", &spec::parse(&text).unwrap()).unwrap();
+    assert_eq!(third.reused_trials, 0, "no whole trial: their last points are damaged");
+    assert_eq!(third.reused_epochs, 2, "each from the shared epoch 1");
+    let (w, inc) = register(&mut store, "w2", &devices("cpu", 1));
+    let a = store.acquire(&w, inc).unwrap().expect("a trial to run");
+    assert_eq!(a.resume.map(|r| r.epoch), Some(1));
+    assert!(!store.references(&first).unwrap().collectable, "a damaged reference: nothing is collected");
 }

@@ -42,9 +42,10 @@ Examples:
 const EXTEND_EXAMPLES: &str = "\
 The sweep's spec stays as it is but for the grid; the new sweep is a sweep of its own (the old
 one is never changed). Each of its trials starts from the longest run of its first epochs that
-any earlier sweep stored (same content key): the old sweep's finished trials are complete at
-once, with the metrics and weights they had; new cells run on from the end of the stages they
-share with them. Needs `sharing: on` (the default).
+any earlier sweep stored (same content key) at a stage end or a trial's last epoch: the old
+sweep's finished trials are complete at once, with the metrics and weights they had; a new
+strategy starts from the end of the shared feature extraction, a new split from the longest
+shared run or whole trial it contains. Needs `sharing: on` (the default).
 
 Examples:
   sweep extend quickstart-b630 --lr-decay '{ strategy: exponential, head_lr: 1.0e-3, factor: 2 }'
@@ -378,6 +379,10 @@ enum Command {
         /// Say what would be removed; remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Leave files written less than this many seconds ago (a sweep reopened by `sweep
+        /// retry` meanwhile may be writing them; the store's clock may differ from this one).
+        #[arg(long, value_name = "SECONDS", default_value_t = sweep_cli::gc::MIN_AGE_SECONDS)]
+        min_age: u64,
         #[command(flatten)]
         remote: Remote,
     },
@@ -583,10 +588,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote.conn.connect().await?.drop_sweep(&id, format).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Gc { artifacts, sweeps, dry_run, remote } => {
+        Command::Gc { artifacts, sweeps, dry_run, min_age, remote } => {
             let format = remote.output;
             let mut client = remote.conn.connect().await?;
-            let collected = sweep_cli::gc::gc(&mut client, &artifacts, &sweeps, dry_run).await?;
+            let collected = sweep_cli::gc::gc(&mut client, &artifacts, &sweeps, min_age, dry_run).await?;
             sweep_cli::gc::print(&collected, dry_run, format);
             Ok(ExitCode::SUCCESS)
         }

@@ -258,13 +258,16 @@ fn an_extended_sweep_computes_only_what_is_new_and_gc_removes_only_what_no_kept_
 
     // A dry run removes nothing.
     let before = files(&artifacts, &base);
-    run_cli(&["gc", "--coordinator", &url, "--artifacts", store, "--dry-run"]);
+    run_cli(&["gc", "--coordinator", &url, "--artifacts", store, "--min-age", "0", "--dry-run"]);
     assert_eq!(files(&artifacts, &base), before);
     // The base sweep dropped: what the wide sweep references stays, the rest of its folders go.
     run_cli(&["drop", &base, "--coordinator", &url]);
     let status = run_cli(&["status", &base, "--coordinator", &url]);
     assert!(status.contains("(dropped"), "{status}");
+    // Without `--min-age 0`, files written in the last 10 minutes stay.
     let text = run_cli(&["gc", "--coordinator", &url, "--artifacts", store]);
+    assert_eq!(files(&artifacts, &base), before, "{text}");
+    let text = run_cli(&["gc", "--coordinator", &url, "--artifacts", store, "--min-age", "0"]);
     assert!(text.contains(&format!("{base}: removed")), "{text}");
     let left = files(&artifacts, &base);
     let referenced: std::collections::BTreeSet<String> = runtime()
@@ -290,7 +293,7 @@ fn an_extended_sweep_computes_only_what_is_new_and_gc_removes_only_what_no_kept_
     for id in [&wide, &again] {
         run_cli(&["drop", id, "--coordinator", &url]);
     }
-    run_cli(&["gc", "--coordinator", &url, "--artifacts", store]);
+    run_cli(&["gc", "--coordinator", &url, "--artifacts", store, "--min-age", "0"]);
     for id in [&base, &wide, &again] {
         assert!(files(&artifacts, id).is_empty(), "{id}: {:?}", files(&artifacts, id));
     }

@@ -62,10 +62,11 @@ pub fn now_ms() -> i64 {
 
 /// The stored points later sweeps may start from: after epoch `epoch` of trial `idx` (the end
 /// of a shared stage, or the trial's last epoch), whose epochs `1..=epoch` have the content key
-/// `key` (`stages::epoch_keys`), with the references its trial held then — files no later
-/// write changes. A sweep's trial whose key at some epoch is here takes that epoch's rows and
-/// this resume point instead of computing them. (A macro: the schema and migration 10 both
-/// hold it.)
+/// `key` (`stages::epoch_keys`), with the references its trial held then and the attempt that
+/// computed that epoch. A sweep's trial whose key at some epoch is here takes that epoch's
+/// rows and this resume point instead of computing them — only while the source trial's row of
+/// that epoch is still that attempt's (a recomputation leaves the entry stale, and passed
+/// over). (A macro: the schema and migration 10 both hold it.)
 macro_rules! stage_points {
     () => {
         "
@@ -77,6 +78,7 @@ CREATE TABLE IF NOT EXISTS stage_points (
     last_checkpoint   BLOB NOT NULL,
     best_checkpoint   BLOB,
     resume_checkpoint BLOB NOT NULL,
+    attempt_id        INTEGER NOT NULL,
     PRIMARY KEY (key, sweep_id)
 );"
     };
@@ -624,7 +626,7 @@ impl Store for SqliteStore {
     fn references(&self, sweep_id: &str) -> Result<References> {
         let sweep_id = resolve_sweep(&self.conn, sweep_id)?;
         let open = open_trials(&self.conn, &sweep_id)?;
-        let reason = if open > 0 { format!("{open} trial(s) waiting or running") } else { String::new() };
+        let mut reason = if open > 0 { format!("{open} trial(s) waiting or running") } else { String::new() };
         // Every reference a kept sweep holds: its trials' checkpoints and its stage points.
         let mut keys = BTreeSet::new();
         let mut q = self.conn.prepare(
@@ -638,8 +640,14 @@ impl Store for SqliteStore {
         while let Some(r) = rows.next()? {
             for i in 0..3 {
                 let Some(blob) = r.get::<_, Option<Vec<u8>>>(i)? else { continue };
-                // An undecodable reference keeps nothing; `sweep check-state` reports it.
-                let Ok(c) = decode_checkpoint(&blob) else { continue };
+                // An undecodable reference may name a file of this sweep: nothing is collected
+                // while one is stored.
+                let Ok(c) = decode_checkpoint(&blob) else {
+                    reason = "a stored checkpoint reference cannot be decoded (damaged state: `sweep check-state`); \
+                              nothing is collected while one is"
+                        .into();
+                    continue;
+                };
                 let mut parts = c.uri.rsplit('/');
                 let (Some(file), Some(trial), Some(sweep)) = (parts.next(), parts.next(), parts.next()) else {
                     continue;
@@ -649,7 +657,7 @@ impl Store for SqliteStore {
                 }
             }
         }
-        Ok(References { collectable: open == 0, reason, keys: keys.into_iter().collect(), sweep_id })
+        Ok(References { collectable: reason.is_empty(), reason, keys: keys.into_iter().collect(), sweep_id })
     }
 
     fn leaderboard(&self, sweep_id: &str) -> Result<Leaderboard> {
@@ -1205,7 +1213,7 @@ impl Store for SqliteStore {
         let spec = sweep_spec(&self.specs, &tx, &a.sweep_id)?;
         let tree = shared_tree(&self.trees, &tx, &a.sweep_id)?;
         store_epoch(&tx, &a.sweep_id, a.idx, attempt_id, metrics, extras, now)?;
-        index_point(&tx, &spec, tree.as_deref(), &a.sweep_id, a.idx, metrics.epoch, extras)?;
+        index_point(&tx, &spec, tree.as_deref(), &a.sweep_id, a.idx, metrics.epoch, attempt_id, extras)?;
         if extras.resumed_from_epoch > 0 || !extras.note.is_empty() {
             tx.execute(
                 "UPDATE attempts SET resumed_from_epoch = ?2, note = ?3 WHERE id = ?1",
@@ -2131,6 +2139,7 @@ fn store_epoch(
 /// end of a shared stage (its weights are a file of the epoch's own, its resume point is never
 /// pruned) or the trial's last epoch (nothing is written after it) — by the content key of
 /// epochs `1..=epoch`. A recomputation (a later attempt) replaces the sweep's entry.
+#[allow(clippy::too_many_arguments)]
 fn index_point(
     tx: &Connection,
     spec: &SweepSpec,
@@ -2138,6 +2147,7 @@ fn index_point(
     sweep_id: &str,
     idx: i64,
     epoch: u32,
+    attempt_id: u64,
     extras: &ReportExtras,
 ) -> Result<()> {
     let (Some(last), Some(resume)) = (&extras.last_checkpoint, &extras.resume_checkpoint) else { return Ok(()) };
@@ -2148,10 +2158,19 @@ fn index_point(
     }
     let Some(key) = stages::epoch_keys(spec, &trial).into_iter().nth(epoch as usize - 1) else { return Ok(()) };
     tx.prepare_cached(
-        "INSERT OR REPLACE INTO stage_points(key, sweep_id, idx, epoch, last_checkpoint, best_checkpoint, resume_checkpoint)
-         SELECT ?1, sweep_id, idx, ?4, ?5, best_checkpoint, ?6 FROM trials WHERE sweep_id = ?2 AND idx = ?3",
+        "INSERT OR REPLACE INTO stage_points(key, sweep_id, idx, epoch, last_checkpoint, best_checkpoint, resume_checkpoint,
+                                             attempt_id)
+         SELECT ?1, sweep_id, idx, ?4, ?5, best_checkpoint, ?6, ?7 FROM trials WHERE sweep_id = ?2 AND idx = ?3",
     )?
-    .execute(params![key.0, sweep_id, idx, epoch, encode_checkpoint(last), encode_checkpoint(resume)])?;
+    .execute(params![
+        key.0,
+        sweep_id,
+        idx,
+        epoch,
+        encode_checkpoint(last),
+        encode_checkpoint(resume),
+        attempt_id as i64
+    ])?;
     Ok(())
 }
 
@@ -2164,16 +2183,47 @@ struct Point {
     last: Vec<u8>,
     best: Option<Vec<u8>>,
     resume: Vec<u8>,
+    /// The attempt that computed its epoch.
+    attempt: i64,
+}
+
+/// The oldest kept sweep's point (other than `sweep_id`'s) stored under content key `key`
+/// whose references decode (a damaged entry is passed over, never handed to a worker).
+fn stored_point(tx: &Connection, key: &str, sweep_id: &str) -> Result<Option<Point>> {
+    let mut q = tx.prepare_cached(
+        "SELECT p.sweep_id, p.idx, p.epoch, p.last_checkpoint, p.best_checkpoint, p.resume_checkpoint, p.attempt_id
+         FROM stage_points p JOIN sweeps s ON s.id = p.sweep_id
+         WHERE p.key = ?1 AND p.sweep_id != ?2 AND s.dropped_at_ms IS NULL ORDER BY s.seq",
+    )?;
+    let mut rows = q.query(params![key, sweep_id])?;
+    while let Some(r) = rows.next()? {
+        let p = Point {
+            sweep_id: r.get(0)?,
+            idx: r.get(1)?,
+            epoch: r.get(2)?,
+            last: r.get(3)?,
+            best: r.get(4)?,
+            resume: r.get(5)?,
+            attempt: r.get(6)?,
+        };
+        let decodes = |blob: &[u8]| decode_checkpoint(blob).is_ok_and(|c| c.epoch <= p.epoch);
+        if decodes(&p.last) && decodes(&p.resume) && p.best.as_deref().is_none_or(decodes) {
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
 }
 
 /// Gives each new trial of sweep `sweep_id` the longest run of its first epochs that an earlier
-/// sweep stored with a point (`stage_points`, by content key; the oldest sweep's when several
-/// have it): the rows of those epochs as they were computed (same values, attempt and time:
-/// the attempt that computed an epoch stays its writer), the point's references, and the
-/// early-stopping decisions those epochs bring in this sweep. A trial whose every epoch is
-/// reused is complete (or stopped) now; the others run on from the point. A point whose rows
-/// are not all there any more is passed over for a shorter one. Nothing is reused for a sweep
-/// with `sharing: off`.
+/// sweep stored with a point (`stage_points`, by content key; the oldest kept sweep's when
+/// several have it, and only while the source's row of that epoch is still the attempt that
+/// computed the point): the rows of those epochs as they were computed (same values, attempt
+/// and time: the attempt that computed an epoch stays its writer), the point's references (and
+/// an entry of this sweep's own in `stage_points`), and the early-stopping decisions those
+/// epochs bring in this sweep. A trial whose every epoch is reused is complete now; one
+/// stopped early during them keeps the references of the longest point up to its last epoch.
+/// The others run on from the point. One event per trial says what it took. Nothing is reused
+/// for a sweep with `sharing: off`.
 fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Trial], now: i64) -> Result<Submitted> {
     let mut out = Submitted::default();
     if !spec.sharing {
@@ -2181,40 +2231,28 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
         // indexed, for later sweeps that share).
         return Ok(out);
     }
-    let early_stopping = spec.early_stopping.map(|e| e.canonical());
+    let rule = spec.early_stopping;
+    // What the sweep's trials stored so far at each fine-tuning epoch (all of it is this loop's:
+    // the sweep is new), for early-stopping decisions without a query per epoch.
+    let mut peers: HashMap<u32, Vec<f64>> = HashMap::new();
     let mut found: HashMap<String, Option<Point>> = HashMap::new();
+    let mut lookup = |key: &str| -> Result<Option<Point>> {
+        if let Some(p) = found.get(key) {
+            return Ok(p.clone());
+        }
+        let p = stored_point(tx, key, sweep_id)?;
+        found.insert(key.to_string(), p.clone());
+        Ok(p)
+    };
     let mut from: BTreeMap<i64, String> = BTreeMap::new();
     for t in trials {
         let keys = stages::epoch_keys(spec, t);
         let mut chosen: Option<(Point, Vec<SourceRow>)> = None;
         for (i, key) in keys.iter().enumerate().rev() {
-            let point = match found.get(&key.0) {
-                Some(p) => p.clone(),
-                None => {
-                    let p = tx
-                        .prepare_cached(
-                            "SELECT p.sweep_id, p.idx, p.epoch, p.last_checkpoint, p.best_checkpoint, p.resume_checkpoint
-                             FROM stage_points p JOIN sweeps s ON s.id = p.sweep_id
-                             WHERE p.key = ?1 AND p.sweep_id != ?2 ORDER BY s.seq LIMIT 1",
-                        )?
-                        .query_row(params![key.0, sweep_id], |r| {
-                            Ok(Point {
-                                sweep_id: r.get(0)?,
-                                idx: r.get(1)?,
-                                epoch: r.get(2)?,
-                                last: r.get(3)?,
-                                best: r.get(4)?,
-                                resume: r.get(5)?,
-                            })
-                        })
-                        .optional()?;
-                    found.insert(key.0.clone(), p.clone());
-                    p
-                }
-            };
-            let Some(point) = point.filter(|p| p.epoch as usize == i + 1) else { continue };
+            let Some(point) = lookup(&key.0)?.filter(|p| p.epoch as usize == i + 1) else { continue };
             let rows = source_rows(tx, &point.sweep_id, point.idx, point.epoch)?;
-            if rows.len() == point.epoch as usize && rows.iter().zip(1..).all(|(r, e)| r.0.epoch == e) {
+            let whole = rows.len() == point.epoch as usize && rows.iter().zip(1..).all(|(r, e)| r.0.epoch == e);
+            if whole && rows.last().is_some_and(|r| r.1 == point.attempt) {
                 chosen = Some((point, rows));
                 break;
             }
@@ -2225,55 +2263,73 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
             .prepare_cached("SELECT trial_id, parameters, skipped_images FROM trials WHERE sweep_id = ?1 AND idx = ?2")?
             .query_row(params![point.sweep_id, point.idx], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         let origin = format!("{}/{source_trial}", point.sweep_id);
-        let me = CurrentAttempt {
-            sweep_id: sweep_id.to_string(),
-            idx,
-            trial_id: t.id.clone(),
-            fe_epochs: t.fe_epochs,
-            ft_epochs: t.ft_epochs,
-            cancelled: false,
-            early_stopping: early_stopping.clone(),
-            stop_reason: None,
-        };
+        // Decisions first: a trial stopped at epoch `k` takes epochs 1..=k.
         let mut decided = None;
-        let mut reused = 0;
-        for (m, attempt_id, recorded_at) in &rows {
-            let extras = ReportExtras {
-                parameters: parameters.max(0) as u64,
-                skipped_images: u32::try_from(skipped).unwrap_or(0),
-                ..ReportExtras::default()
+        let mut taken = 0;
+        for (m, _, _) in &rows {
+            taken = m.epoch;
+            let Some(ft_epoch) = m.epoch.checked_sub(t.fe_epochs).filter(|e| *e >= 1) else { continue };
+            let value = match rule.map(|r| r.metric) {
+                Some(Metric::ValLoss) => m.val_loss,
+                _ => m.val_accuracy,
             };
-            store_epoch(tx, sweep_id, idx, *attempt_id as u64, m, &extras, *recorded_at)?;
-            reused += 1;
-            decided = early_stop_decision(tx, &me, m)?;
-            let note = match &decided {
-                Some(why) => format!("reused from {origin}; {why}"),
-                None => format!("reused from {origin}"),
-            };
-            trial_event_noted(tx, sweep_id, idx, Some(*m), &note, now)?;
+            let seen = peers.entry(ft_epoch).or_default();
+            decided = rule
+                .and_then(|r| r.decide(ft_epoch, t.ft_epochs, value, seen))
+                .map(|why| format!("{why} (epoch {})", m.epoch));
+            seen.push(value);
             if decided.is_some() {
                 break;
             }
         }
-        if reused == point.epoch {
+        let extras = ReportExtras {
+            parameters: parameters.max(0) as u64,
+            skipped_images: u32::try_from(skipped).unwrap_or(0),
+            ..ReportExtras::default()
+        };
+        for (m, attempt_id, recorded_at) in rows.iter().take(taken as usize) {
+            store_epoch(tx, sweep_id, idx, *attempt_id as u64, m, &extras, *recorded_at)?;
+        }
+        // The references: the point's, or (stopped before it) the longest point up to `taken`.
+        let refs = if taken == point.epoch {
+            Some(point.clone())
+        } else {
+            let mut shorter = None;
+            for (i, key) in keys.iter().enumerate().take(taken as usize).rev() {
+                if let Some(p) = lookup(&key.0)?.filter(|p| p.epoch as usize == i + 1) {
+                    shorter = Some(p);
+                    break;
+                }
+            }
+            shorter
+        };
+        if let Some(p) = &refs {
             tx.prepare_cached(
                 "UPDATE trials SET last_checkpoint = ?3, best_checkpoint = ?4, resume_checkpoint = ?5
                  WHERE sweep_id = ?1 AND idx = ?2",
             )?
-            .execute(params![sweep_id, idx, point.last, point.best, point.resume])?;
+            .execute(params![sweep_id, idx, p.last, p.best, p.resume])?;
             // The new sweep holds the point too: later sweeps may start from it after the sweep
             // that computed it is dropped.
-            let key = &keys[point.epoch as usize - 1];
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO stage_points(key, sweep_id, idx, epoch, last_checkpoint, best_checkpoint,
-                                                    resume_checkpoint)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                                                    resume_checkpoint, attempt_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
-            .execute(params![key.0, sweep_id, idx, point.epoch, point.last, point.best, point.resume])?;
+            .execute(params![
+                keys[p.epoch as usize - 1].0,
+                sweep_id,
+                idx,
+                p.epoch,
+                p.last,
+                p.best,
+                p.resume,
+                p.attempt
+            ])?;
         }
         let end = match &decided {
             Some(_) => Some(TrialState::Stopped),
-            None if reused == t.epochs() => Some(TrialState::Completed),
+            None if taken == t.epochs() => Some(TrialState::Completed),
             None => None,
         };
         tx.prepare_cached(
@@ -2283,10 +2339,19 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
         if let Some(end) = end {
             tx.prepare_cached("UPDATE trials SET state = ?3, finished_at_ms = ?4 WHERE sweep_id = ?1 AND idx = ?2")?
                 .execute(params![sweep_id, idx, end.as_str(), now])?;
-            trial_event(tx, sweep_id, idx, None, now)?;
             out.reused_trials += 1;
         }
-        out.reused_epochs += u64::from(reused);
+        let epochs = if taken == 1 { "epoch 1".to_string() } else { format!("epochs 1–{taken}") };
+        let note = match &decided {
+            Some(why) => format!("reused from {origin}: {epochs}; {why}"),
+            None => format!("reused from {origin}: {epochs}"),
+        };
+        let last = rows.get(taken as usize - 1).map(|r| r.0);
+        trial_event_noted(tx, sweep_id, idx, last, &note, now)?;
+        if end.is_some() {
+            trial_event(tx, sweep_id, idx, None, now)?;
+        }
+        out.reused_epochs += u64::from(taken);
         let seq: i64 =
             tx.prepare_cached("SELECT seq FROM sweeps WHERE id = ?1")?.query_row([&point.sweep_id], |r| r.get(0))?;
         from.insert(seq, point.sweep_id);
@@ -2389,7 +2454,7 @@ fn credit(
         }
         credited = true;
         store_epoch(tx, &a.sweep_id, u, attempt_id, metrics, extras, now)?;
-        index_point(tx, spec, Some(tree), &a.sweep_id, u, e, extras)?;
+        index_point(tx, spec, Some(tree), &a.sweep_id, u, e, attempt_id, extras)?;
         tx.prepare_cached(
             "UPDATE trials SET started_at_ms = COALESCE(started_at_ms, ?3) WHERE sweep_id = ?1 AND idx = ?2",
         )?
@@ -2542,7 +2607,7 @@ fn others_ran(conn: &Connection, sweep_id: &str, worker_id: &str) -> Result<bool
     Ok(conn
         .prepare_cached(
             "SELECT EXISTS(SELECT 1 FROM metrics m JOIN attempts a ON a.id = m.attempt_id
-                           WHERE m.sweep_id = ?1 AND a.worker_id != ?2)",
+                           WHERE m.sweep_id = ?1 AND a.sweep_id = m.sweep_id AND a.worker_id != ?2)",
         )?
         .query_row(params![sweep_id, worker_id], |r| r.get(0))?)
 }
