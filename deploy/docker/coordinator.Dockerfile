@@ -20,6 +20,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY core core
 COPY proto proto
 COPY session session
+COPY artifacts artifacts
 COPY coordinator coordinator
 COPY cli cli
 COPY sweep sweep
