@@ -265,11 +265,14 @@ pub struct SqliteStore {
     /// hand-out fails (what it read may be rolled back).
     progress: RefCell<HashMap<String, Vec<schedule::Progress>>>,
     /// The parsed specs of sweeps read so far (they never change); cleared with `trees`.
-    specs: RefCell<HashMap<String, Arc<SweepSpec>>>,
+    specs: Specs,
 }
 
 /// Stage trees by sweep id.
 type Trees = RefCell<HashMap<String, Option<Arc<StageTree>>>>;
+
+/// Parsed specs by sweep id.
+type Specs = RefCell<HashMap<String, Arc<SweepSpec>>>;
 
 impl SqliteStore {
     /// Opens `<dir>/sweep.db`, creating the directory and a new database when the directory
@@ -1051,7 +1054,7 @@ impl Store for SqliteStore {
         let mut candidates = Vec::with_capacity(waiting.len());
         for (c, sharing) in waiting {
             let fits = c.fits(free.len());
-            match sharing.then(|| shared_tree(&self.trees, &tx, &c.sweep)).transpose()?.flatten() {
+            match sharing.then(|| shared_tree(&self.trees, &self.specs, &tx, &c.sweep)).transpose()?.flatten() {
                 Some(tree) if fits => {
                     let standing = match progress(&self.progress, &tx, &c.sweep, tree.trials.len()) {
                         Ok(p) => p,
@@ -1131,7 +1134,7 @@ impl Store for SqliteStore {
         let t = trial_summaries(&tx, &sweep_id, Some(idx))?
             .pop()
             .ok_or_else(|| StoreError::Corrupt(format!("trial {idx} of {sweep_id} vanished")))?;
-        let sharing = shared_tree(&self.trees, &tx, &sweep_id)?.is_some();
+        let sharing = shared_tree(&self.trees, &self.specs, &tx, &sweep_id)?.is_some();
         tx.commit()?;
         Ok(Some(Assignment {
             attempt_id: attempt_id as u64,
@@ -1211,7 +1214,7 @@ impl Store for SqliteStore {
         }
         let now = self.clock.now_ms();
         let spec = sweep_spec(&self.specs, &tx, &a.sweep_id)?;
-        let tree = shared_tree(&self.trees, &tx, &a.sweep_id)?;
+        let tree = shared_tree(&self.trees, &self.specs, &tx, &a.sweep_id)?;
         store_epoch(&tx, &a.sweep_id, a.idx, attempt_id, metrics, extras, now)?;
         index_point(&tx, &spec, tree.as_deref(), &a.sweep_id, a.idx, metrics.epoch, attempt_id, extras)?;
         if extras.resumed_from_epoch > 0 || !extras.note.is_empty() {
@@ -2005,19 +2008,18 @@ fn early_stop_decision(conn: &Connection, a: &CurrentAttempt, metrics: &EpochMet
 
 /// The stage tree of a sweep that runs shared epochs once (`sharing` on, and some stage with two
 /// trials or more), from `cache` or built from its stored spec; `None` for any other sweep.
-fn shared_tree(cache: &Trees, conn: &Connection, sweep_id: &str) -> Result<Option<Arc<StageTree>>> {
+fn shared_tree(cache: &Trees, specs: &Specs, conn: &Connection, sweep_id: &str) -> Result<Option<Arc<StageTree>>> {
     if let Some(tree) = cache.borrow().get(sweep_id) {
         return Ok(tree.clone());
     }
-    let (yaml, sharing): (String, bool) = conn
-        .prepare_cached("SELECT spec_yaml, sharing != 0 FROM sweeps WHERE id = ?1")?
-        .query_row([sweep_id], |r| Ok((r.get(0)?, r.get(1)?)))
+    // The column, not the spec: sweeps stored before sharing have it off whatever their spec.
+    let sharing: bool = conn
+        .prepare_cached("SELECT sharing != 0 FROM sweeps WHERE id = ?1")?
+        .query_row([sweep_id], |r| r.get(0))
         .optional()?
         .ok_or_else(|| StoreError::NotFound(format!("no sweep {sweep_id}")))?;
     let tree = if sharing {
-        let spec = sweep_core::spec::parse_with(&yaml, ParseOptions::stored())
-            .map_err(|e| StoreError::Corrupt(format!("the stored spec of sweep {sweep_id} does not parse: {e}")))?;
-        let tree = StageTree::build(&spec, true);
+        let tree = StageTree::build(&*sweep_spec(specs, conn, sweep_id)?, true);
         tree.stages.iter().any(|s| s.trials.len() > 1).then(|| Arc::new(tree))
     } else {
         None
@@ -2393,11 +2395,7 @@ fn source_rows(tx: &Connection, sweep_id: &str, idx: i64, epoch: u32) -> Result<
 }
 
 /// A sweep's parsed spec (cached: stored specs never change).
-fn sweep_spec(
-    cache: &RefCell<HashMap<String, Arc<SweepSpec>>>,
-    conn: &Connection,
-    sweep_id: &str,
-) -> Result<Arc<SweepSpec>> {
+fn sweep_spec(cache: &Specs, conn: &Connection, sweep_id: &str) -> Result<Arc<SweepSpec>> {
     if let Some(spec) = cache.borrow().get(sweep_id) {
         return Ok(spec.clone());
     }
@@ -2709,17 +2707,15 @@ fn append_event(conn: &Connection, sweep_id: &str, event: SweepEvent, now: i64) 
     Ok(())
 }
 
+/// The states of a trial that waits or runs: its sweep goes on.
+const OPEN: [&str; 3] =
+    [TrialState::Pending.as_str(), TrialState::Unschedulable.as_str(), TrialState::Running.as_str()];
+
 /// How many trials of the sweep wait or run.
 fn open_trials(conn: &Connection, sweep_id: &str) -> Result<i64> {
-    Ok(conn.prepare_cached("SELECT COUNT(*) FROM trials WHERE state IN (?2, ?3, ?4) AND sweep_id = ?1")?.query_row(
-        params![
-            sweep_id,
-            TrialState::Pending.as_str(),
-            TrialState::Unschedulable.as_str(),
-            TrialState::Running.as_str()
-        ],
-        |r| r.get(0),
-    )?)
+    Ok(conn
+        .prepare_cached("SELECT COUNT(*) FROM trials WHERE state IN (?2, ?3, ?4) AND sweep_id = ?1")?
+        .query_row(params![sweep_id, OPEN[0], OPEN[1], OPEN[2]], |r| r.get(0))?)
 }
 
 /// When every trial of the sweep has ended, records the end time and an `ended` event.
@@ -2727,15 +2723,7 @@ fn finish_sweep_if_done(conn: &Connection, sweep_id: &str, now: i64) -> Result<(
     // Cheap test first (an index lookup): a sweep with a waiting or running trial goes on.
     let open: bool = conn
         .prepare_cached("SELECT EXISTS(SELECT 1 FROM trials WHERE state IN (?2, ?3, ?4) AND sweep_id = ?1)")?
-        .query_row(
-            params![
-                sweep_id,
-                TrialState::Pending.as_str(),
-                TrialState::Unschedulable.as_str(),
-                TrialState::Running.as_str()
-            ],
-            |r| r.get(0),
-        )?;
+        .query_row(params![sweep_id, OPEN[0], OPEN[1], OPEN[2]], |r| r.get(0))?;
     if open {
         return Ok(());
     }
