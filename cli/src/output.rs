@@ -213,6 +213,7 @@ pub fn counts_line(s: &v1::SweepSummary) -> String {
     let order = [
         TrialState::Stopped,
         TrialState::Running,
+        TrialState::Paused,
         TrialState::Pending,
         TrialState::Unschedulable,
         TrialState::Failed,

@@ -292,6 +292,10 @@ impl View {
                     output::percent(t.latest_val_accuracy),
                     t.error
                 )),
+                Some(TrialState::Paused) if changed => self.say(&format!(
+                    "{label}  paused at a rung, val {}: waits to be promoted or stopped  [{counts}]",
+                    output::percent(t.latest_val_accuracy)
+                )),
                 Some(TrialState::Failed) => self.say(&format!("{label}  FAILED: {}  [{counts}]", t.error)),
                 Some(TrialState::Cancelled) => self.say(&format!("{label}  cancelled  [{counts}]")),
                 Some(TrialState::Unschedulable) if changed => self.say(&format!("{label}  unschedulable: {}", t.error)),

@@ -168,10 +168,11 @@ async fn simulated_workers_carry_a_token_and_without_one_are_refused_at_once() {
 }
 
 /// Early stopping through the real services: simulated workers (deterministic metrics) obey the
-/// stop that comes back with a report; stopped trials end `stopped` with fewer epochs than their
-/// total, the sweep still ends, and no acknowledged report is lost.
+/// stop that comes back with a report; paused trials are handed out again once promoted;
+/// stopped trials end `stopped` with fewer epochs than their total, the sweep still ends, and no
+/// acknowledged report is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn simulated_workers_stop_trials_that_asha_stops() {
+async fn simulated_workers_pause_resume_and_stop_trials_as_asha_decides() {
     let dir = tempfile::tempdir().unwrap();
     let running = server::start(Config::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())).await.unwrap();
     let url = format!("http://{}", running.addr);
@@ -200,6 +201,16 @@ async fn simulated_workers_stop_trials_that_asha_stops() {
     }
     // Every trial with a one-epoch fine-tuning phase ran to its end (its only epoch is its last).
     assert!(status.trials.iter().filter(|t| t.ft_epochs == 1).all(|t| t.state == TrialState::Completed));
+    // Trials paused at a rung were promoted later and handed out again, from the rung.
+    let events = store.events_after(&sweep_id, 0, 1_000_000).unwrap();
+    let noted = |what: &str| {
+        events
+            .iter()
+            .filter(|e| matches!(&e.event, sweep_core::records::SweepEvent::Trial { note, .. } if note.contains(what)))
+            .count()
+    };
+    assert!(noted("paused by ASHA") > 0 && noted("promoted by ASHA") > 0, "no pause, or no promotion");
+    assert!(status.trials.iter().any(|t| t.state == TrialState::Completed && t.attempts > 1 && t.ft_epochs > 1));
     drop(store);
     let check = sweep_coordinator::history::check_state_dir(dir.path()).unwrap();
     assert!(check.is_clean(), "{check}");

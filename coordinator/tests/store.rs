@@ -58,7 +58,7 @@ macro_rules! store_suite {
                 lists_come_in_bounded_pages_and_workers_gone_for_long_are_forgotten,
                 a_trial_whose_every_epoch_is_stored_completes_whatever_ends_its_attempt,
                 permanent_failures_count_toward_quarantine_only_where_other_workers_ran_the_sweep,
-                asha_stops_trials_below_the_rung_cutoff_and_they_end_stopped_ranked_last,
+                asha_pauses_trials_at_rungs_promotes_the_top_and_stops_the_rest_when_a_rung_closes,
                 a_cancelled_sweep_cancels_trials_stopped_early_and_decides_nothing_more,
                 a_shared_stage_runs_once_and_its_epochs_belong_to_every_trial_through_it,
                 when_a_stages_runner_ends_another_trial_of_the_stage_takes_over,
@@ -818,6 +818,7 @@ fn a_version_1_database_is_upgraded_in_place() {
          DROP TRIGGER trials_progress_log; DROP TABLE progress_log;
          ALTER TABLE sweeps DROP COLUMN sharing; DROP INDEX trials_progress; ALTER TABLE trials DROP COLUMN stored;
          ALTER TABLE sweeps DROP COLUMN dropped_at_ms; DROP TABLE stage_points;
+         ALTER TABLE trials DROP COLUMN paused_at;
          UPDATE meta SET value = 1 WHERE key = 'schema_version';",
     )
     .unwrap();
@@ -833,11 +834,12 @@ fn a_version_1_database_is_upgraded_in_place() {
     assert!(report.is_clean(), "{report}");
     let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
     let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 10);
+    assert_eq!(v, 11);
 }
 
-/// Early stopping with scripted metrics: every decision at every rung, as reports arrive.
-fn asha_stops_trials_below_the_rung_cutoff_and_they_end_stopped_ranked_last<S: Store>(open: Open<S>) {
+/// ASHA's promotion form with scripted metrics: every pause, promotion and stop at every rung,
+/// as reports arrive.
+fn asha_pauses_trials_at_rungs_promotes_the_top_and_stops_the_rest_when_a_rung_closes<S: Store>(open: Open<S>) {
     let spec = "\
 name: ASHA
 dataset: { kind: synthetic, classes: 3 }
@@ -859,67 +861,82 @@ sharing: off
     let report = |store: &mut S, a: &Assignment, epoch: u32, val: f64| {
         store.report_epoch(&w, a.attempt_id, &metrics(epoch, a.fe_epochs, val), &extras(1)).unwrap().stop
     };
+    let state = |store: &S, i: usize| store.get_sweep(&sweep).unwrap().trials[i].state;
     // Feature extraction is never a decision point.
     for a in [&t0, &t1, &t2, &t3] {
         for e in 1..=a.fe_epochs {
             assert_eq!(report(&mut store, a, e, 0.01), None);
         }
     }
-    // Rung 1 (fine-tuning epoch 1), eta 2: the top half of those before goes on.
-    assert_eq!(report(&mut store, &t0, 2, 0.50), None, "the first at a rung goes on");
-    let stop = report(&mut store, &t2, 2, 0.40).expect("0.40 is below the cutoff 0.50");
-    let why = stop.to_string();
-    assert!(matches!(stop, StopReason::EarlyStopped(_)), "{stop:?}");
-    assert!(why.contains("ASHA at fine-tuning epoch 1") && why.contains("(epoch 2)"), "{why}");
-    assert_eq!(report(&mut store, &t1, 3, 0.60), None, "0.60 is above the cutoff 0.45 of [0.40, 0.50]");
-    assert!(report(&mut store, &t3, 3, 0.45).is_some(), "0.45 is below the cutoff 0.50 of [0.40, 0.50, 0.60]");
-    // A stopped trial's worker is told through heartbeats too.
-    let mut stop = store.heartbeat(&w, inc, &[t0.attempt_id, t1.attempt_id, t2.attempt_id, t3.attempt_id]).unwrap();
-    stop.sort();
-    let mut want = vec![t2.attempt_id, t3.attempt_id];
-    want.sort();
-    assert_eq!(stop, want);
-    // Rung 2: t000 first (goes on), then t001 above it.
-    assert_eq!(report(&mut store, &t0, 3, 0.55), None);
-    assert_eq!(report(&mut store, &t1, 4, 0.70), None);
-    // Epochs 3 and 4 of fine-tuning are no rungs (4 is the last): both run to their end.
-    for (a, first, val) in [(&t0, 4, 0.6), (&t1, 5, 0.7)] {
-        for e in first..=a.fe_epochs + a.ft_epochs {
-            assert_eq!(report(&mut store, a, e, val), None);
-        }
-        store.finish_attempt(&w, a.attempt_id, Outcome::Succeeded, "", 1.0).unwrap();
-    }
-    // However a stopped trial's attempt ends — stopped as told, or failed — it is `stopped`.
+    // Rung 1 (fine-tuning epoch 1), eta 2. The first trial there waits: ⌊1/2⌋ = 0 go on.
+    let stop = report(&mut store, &t0, 2, 0.50).expect("the first at a rung pauses");
+    assert!(
+        matches!(&stop, StopReason::Paused(why) if why.contains("paused by ASHA at fine-tuning epoch 1")),
+        "{stop:?}"
+    );
+    // The second (0.40): the top 1 of 2 is t000, promoted now; t002 waits.
+    assert!(matches!(report(&mut store, &t2, 2, 0.40), Some(StopReason::Paused(_))));
+    // A paused trial's worker may not go past the rung.
+    let refused = store.report_epoch(&w, t2.attempt_id, &metrics(3, 1, 0.9), &extras(1)).unwrap_err();
+    assert!(matches!(&refused, StoreError::WrongState(m) if m.contains("paused at epoch 2")), "{refused}");
+    // The workers stop as told: t000 (promoted meanwhile) waits for a worker, t002 stays paused.
+    store.finish_attempt(&w, t0.attempt_id, Outcome::Cancelled, "stopped on request", 1.0).unwrap();
     store.finish_attempt(&w, t2.attempt_id, Outcome::Cancelled, "stopped on request", 1.0).unwrap();
+    assert_eq!((state(&store, 0), state(&store, 2)), (TrialState::Pending, TrialState::Paused));
+    // The third (0.60) is the top 1 of 3: promoted at once, it goes on in the same attempt.
+    assert_eq!(report(&mut store, &t1, 3, 0.60), None);
+    // The fourth (0.45) closes the rung: the top 2 of 4 (t001, t000) have gone on; t003 and
+    // the paused t002 stop.
+    let stop = report(&mut store, &t3, 3, 0.45).expect("stopped at the close");
+    assert!(matches!(&stop, StopReason::EarlyStopped(why) if why.contains("3rd of the 4 trials")), "{stop:?}");
+    assert_eq!(state(&store, 2), TrialState::Stopped, "a paused trial ends at the close");
+    // A stopped trial's worker is told through heartbeats too.
+    let stop = store.heartbeat(&w, inc, &[t1.attempt_id, t3.attempt_id]).unwrap();
+    assert_eq!(stop, vec![t3.attempt_id]);
     store.finish_attempt(&w, t3.attempt_id, Outcome::Failed { permanent: false }, "oom", 1.0).unwrap();
+    // t000 is handed out again, from its resume point at the rung; pausing used no attempt.
+    let again = store.acquire(&w, inc).unwrap().expect("the promoted trial runs again");
+    assert_eq!(again.trial_id, "t000");
+    assert_ne!(again.attempt_id, t0.attempt_id);
+    // Rung 2: t000 first (0.55) waits; t001 (0.70) is the top 1 of 2, and with every trial
+    // there or stopped the rung is closed: t000 stops.
+    assert!(matches!(report(&mut store, &again, 3, 0.55), Some(StopReason::Paused(_))));
+    assert_eq!(report(&mut store, &t1, 4, 0.70), None);
+    assert_eq!(store.heartbeat(&w, inc, &[again.attempt_id, t1.attempt_id]).unwrap(), vec![again.attempt_id]);
+    store.finish_attempt(&w, again.attempt_id, Outcome::Cancelled, "stopped on request", 1.0).unwrap();
+    // Fine-tuning epochs 3 and 4 are no rungs (4 is the last): t001 runs to its end.
+    for e in 5..=6 {
+        assert_eq!(report(&mut store, &t1, e, 0.7), None);
+    }
+    store.finish_attempt(&w, t1.attempt_id, Outcome::Succeeded, "", 1.0).unwrap();
     let status = store.get_sweep(&sweep).unwrap();
     let states: Vec<TrialState> = status.trials.iter().map(|t| t.state).collect();
-    assert_eq!(states, vec![TrialState::Completed, TrialState::Completed, TrialState::Stopped, TrialState::Stopped]);
-    assert!(status.trials[2].error.contains("ASHA"), "{}", status.trials[2].error);
+    assert_eq!(states, vec![TrialState::Stopped, TrialState::Completed, TrialState::Stopped, TrialState::Stopped]);
+    assert!(status.trials[0].error.contains("stopped by ASHA at fine-tuning epoch 2"), "{}", status.trials[0].error);
+    assert_eq!(status.trials[0].attempts, 2);
     // Like any ended trial, it keeps where it ran and what it cost.
     assert_eq!(status.trials[2].worker_id.as_deref(), Some(w.worker_id.as_str()));
     assert_eq!(status.trials[2].devices.len(), 1);
     assert_eq!(status.sweep.state, SweepState::Completed, "stopped trials count as done");
-    assert_eq!(status.sweep.counts.get(TrialState::Stopped), 2);
+    assert_eq!(status.sweep.counts.get(TrialState::Stopped), 3);
     assert!(status.sweep.finished_at_ms.is_some());
-    // Stopped trials rank after the completed ones (t003's 45% above t002's 40%).
+    // Stopped trials rank after the completed one, by their best value.
     let board = store.leaderboard(&sweep).unwrap();
     let order: Vec<&str> = board.entries.iter().map(|e| e.trial.trial_id.as_str()).collect();
     assert_eq!(order, vec!["t001", "t000", "t003", "t002"]);
-    assert_eq!(board.entries[3].wall_seconds, 1.0);
-    // The decision is in the event log, and the history is clean.
+    // Every decision is in the event log, and the history is clean.
     let events = store.events_after(&sweep, 0, 10_000).unwrap();
-    let noted = events
-        .iter()
-        .filter(|e| matches!(&e.event, SweepEvent::Trial { note, .. } if note.contains("stopped by ASHA")))
-        .count();
-    assert_eq!(noted, 2);
+    let noted = |what: &str| {
+        events.iter().filter(|e| matches!(&e.event, SweepEvent::Trial { note, .. } if note.contains(what))).count()
+    };
+    // (t001 was promoted at once at both rungs: it never waited, and no event says it paused.)
+    assert_eq!((noted("paused by ASHA"), noted("promoted by ASHA"), noted("stopped by ASHA")), (3, 3, 3));
     let report = history::check(store.history().unwrap());
     assert!(report.is_clean(), "{report}");
 }
 
-/// A cancel overrides early stopping: a trial stopped early but still running ends cancelled,
-/// and reports after the cancel decide nothing.
+/// A cancel overrides early stopping: a trial paused or stopped early but still running ends
+/// cancelled, and reports after the cancel decide nothing.
 fn a_cancelled_sweep_cancels_trials_stopped_early_and_decides_nothing_more<S: Store>(open: Open<S>) {
     let spec = "\
 name: ASHA cancel
@@ -927,34 +944,39 @@ dataset: { kind: synthetic, classes: 3 }
 grid:
   backbone: [resnet18]
   lr_decay: [{ strategy: linear }]
-  epoch_split: [[1, 3], [2, 3], [3, 3]]
-early_stopping: { strategy: asha, eta: 3 }
+  epoch_split: [[1, 3], [2, 3], [3, 3], [4, 3]]
+early_stopping: { strategy: asha, eta: 2 }
 sharing: off
 ";
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path(), wall());
     let sweep = submit_text(&mut store, spec);
-    let (w, inc) = register(&mut store, "w", &devices("cpu", 3));
-    let a: Vec<Assignment> = (0..3).map(|_| store.acquire(&w, inc).unwrap().unwrap()).collect();
+    let (w, inc) = register(&mut store, "w", &devices("cpu", 4));
+    let a: Vec<Assignment> = (0..4).map(|_| store.acquire(&w, inc).unwrap().unwrap()).collect();
     let report = |store: &mut S, i: usize, epoch: u32, val: f64| {
         store.report_epoch(&w, a[i].attempt_id, &metrics(epoch, a[i].fe_epochs, val), &extras(1)).unwrap().stop
     };
-    for (i, fe) in [(0, 1), (1, 2), (2, 3)] {
+    for (i, fe) in [(0, 1), (1, 2), (2, 3), (3, 4)] {
         for e in 1..=fe {
             assert_eq!(report(&mut store, i, e, 0.01), None);
         }
     }
-    assert_eq!(report(&mut store, 0, 2, 0.5), None);
-    assert!(matches!(report(&mut store, 1, 3, 0.4), Some(StopReason::EarlyStopped(_))));
+    // t000 waits, then is promoted when t001 arrives below it; t001 waits; t002 pauses and its
+    // worker stops: it is paused with no attempt.
+    assert!(matches!(report(&mut store, 0, 2, 0.5), Some(StopReason::Paused(_))));
+    assert!(matches!(report(&mut store, 1, 3, 0.4), Some(StopReason::Paused(_))));
+    assert!(matches!(report(&mut store, 2, 4, 0.3), Some(StopReason::Paused(_))));
+    store.finish_attempt(&w, a[2].attempt_id, Outcome::Cancelled, "stopped on request", 1.0).unwrap();
     store.cancel_sweep(&sweep).unwrap();
-    // Below the cutoff too, but the sweep is cancelled: that is the reason, and no decision.
-    assert_eq!(report(&mut store, 2, 4, 0.3), Some(StopReason::SweepCancelled));
-    for x in &a {
+    // The sweep is cancelled: that is the reason, and no decision.
+    assert_eq!(report(&mut store, 3, 5, 0.9), Some(StopReason::SweepCancelled));
+    for x in [&a[0], &a[1], &a[3]] {
         store.finish_attempt(&w, x.attempt_id, Outcome::Cancelled, "stopped on request", 1.0).unwrap();
     }
     let status = store.get_sweep(&sweep).unwrap();
     assert!(status.trials.iter().all(|t| t.state == TrialState::Cancelled), "{:?}", status.trials);
     assert_eq!(status.sweep.state, SweepState::Cancelled);
+    assert!(status.sweep.finished_at_ms.is_some());
     let report = history::check(store.history().unwrap());
     assert!(report.is_clean(), "{report}");
 }
@@ -1289,9 +1311,11 @@ fn reused_epochs_bring_early_stopping_decisions_and_damaged_points_are_passed_ov
     }
     assert_eq!(store.get_sweep(&first).unwrap().sweep.state, SweepState::Completed);
 
-    // The same grid with ASHA (eta 2): the reused epochs decide as reported epochs would. t001's
-    // fine-tuning epoch 1 (10%) is below t000's (90%): stopped there, with the epochs up to it
-    // and the references of the longest stored point up to it (the shared epoch 1).
+    // The same grid with ASHA (eta 2): the reused epochs decide as reported epochs would. Both
+    // trials take their rows up to rung 1 (epoch 2) and pause there; with both there the rung
+    // is closed: t000 (90%) is promoted and takes epoch 3, t001 (10%) is stopped, with the
+    // epochs up to it and the references of the longest stored point up to it (the shared
+    // epoch 1).
     let asha = format!("{text}early_stopping: {{ strategy: asha, metric: val_accuracy, eta: 2, min_epochs: 1 }}\n");
     let second = store.submit(&asha, "asha.yaml", &spec::parse(&asha).unwrap()).unwrap();
     assert_eq!((second.reused_trials, second.reused_epochs), (2, 3 + 2));
@@ -1302,6 +1326,30 @@ fn reused_epochs_bring_early_stopping_decisions_and_damaged_points_are_passed_ov
     assert_eq!(t001.metrics.len(), 2);
     assert_eq!(t001.last_checkpoint.as_ref().map(|c| c.epoch), Some(1), "{t001:?}");
     assert!(t001.trial.error.contains("ASHA"), "{}", t001.trial.error);
+    assert!(history::check(store.history().unwrap()).is_clean());
+
+    // A third strategy: its trial has only the shared epoch 1 stored, so rung 1 is not closed
+    // at submit. Of the 2 trials there, t000 is the top ⌊2/2⌋ = 1: promoted, it takes epoch 3
+    // and is complete; t001 waits, paused with no attempt, until the new trial's value closes
+    // the rung.
+    let three =
+        asha.replace("{ strategy: exponential }]", "{ strategy: exponential }, { strategy: exponential, factor: 5 }]");
+    let wider = store.submit(&three, "three.yaml", &spec::parse(&three).unwrap()).unwrap();
+    assert_eq!((wider.reused_trials, wider.reused_epochs), (1, 3 + 2 + 1));
+    let states = |store: &S| -> Vec<TrialState> {
+        store.get_sweep(&wider.sweep_id).unwrap().trials.iter().map(|t| t.state).collect()
+    };
+    assert_eq!(states(&store), vec![TrialState::Completed, TrialState::Paused, TrialState::Pending]);
+    let a = store.acquire(&w, inc).unwrap().expect("the new trial runs; the paused one is not handed out");
+    assert_eq!((a.trial_id.as_str(), a.resume.as_ref().map(|r| r.epoch)), ("t002", Some(1)));
+    let reply = store.report_epoch(&w, a.attempt_id, &metrics(2, 1, 0.5), &refs(&wider.sweep_id, "t002", 2, false));
+    // 3 at the rung, all of them: closed, and only the top max(1, ⌊3/2⌋) = 1 (t000) goes on.
+    assert!(matches!(reply.unwrap().stop, Some(StopReason::EarlyStopped(_))));
+    store.finish_attempt(&w, a.attempt_id, Outcome::Cancelled, "stopped on request", 1.0).unwrap();
+    assert_eq!(states(&store), vec![TrialState::Completed, TrialState::Stopped, TrialState::Stopped]);
+    assert_eq!(store.get_sweep(&wider.sweep_id).unwrap().sweep.state, SweepState::Completed);
+    assert!(store.acquire(&w, inc).unwrap().is_none());
+    assert!(history::check(store.history().unwrap()).is_clean());
 
     // A damaged entry (a reference that does not decode) is passed over, never handed out.
     drop(store);

@@ -294,13 +294,16 @@ pub enum StopReason {
     /// Its trial was stopped early by the sweep's `early_stopping` (the decision, explained);
     /// it ends as `stopped`.
     EarlyStopped(String),
+    /// Its trial waits at an ASHA rung (the decision, explained); it ends as `paused` and is
+    /// handed out again from its resume point if it is promoted.
+    Paused(String),
 }
 
 impl std::fmt::Display for StopReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StopReason::SweepCancelled => f.write_str("sweep cancelled"),
-            StopReason::EarlyStopped(why) => f.write_str(why),
+            StopReason::EarlyStopped(why) | StopReason::Paused(why) => f.write_str(why),
         }
     }
 }

@@ -39,6 +39,9 @@ string_enum! {
         Cancelled => "cancelled",
         // Stopped early (`early_stopping`): its metrics so far are its result.
         Stopped => "stopped",
+        // Waits at an ASHA rung (`early_stopping: { strategy: asha }`) until it is promoted
+        // (then pending again, from its resume point at the rung) or stopped.
+        Paused => "paused",
     }
 }
 
@@ -50,7 +53,7 @@ impl TrialState {
 
 string_enum! {
     /// A sweep's state follows from its trials' states (see [`SweepState::of`]); unschedulable
-    /// trials count as waiting, trials stopped early as completed.
+    /// and paused trials count as waiting, trials stopped early as completed.
     SweepState {
         Pending => "pending",
         Running => "running",
@@ -75,9 +78,9 @@ impl SweepState {
     /// [`SweepState::of`] from the number of trials in each state, indexed as
     /// [`TrialState::ALL`].
     pub fn of_counts(n: [u64; TrialState::ALL.len()]) -> SweepState {
-        let [waiting, unschedulable, running, completed, failed, cancelled, stopped] = n;
+        let [waiting, unschedulable, running, completed, failed, cancelled, stopped, paused] = n;
         let completed = completed + stopped;
-        let pending = waiting + unschedulable;
+        let pending = waiting + unschedulable + paused;
         if running > 0 || (pending > 0 && completed + failed + cancelled > 0) {
             SweepState::Running
         } else if pending > 0 {
@@ -133,6 +136,9 @@ mod tests {
         assert_eq!(SweepState::of([Unschedulable, Pending]), SweepState::Pending);
         assert_eq!(SweepState::of([Unschedulable, Completed]), SweepState::Running);
         assert!(!Unschedulable.is_terminal());
+        assert_eq!(SweepState::of([Paused, Stopped]), SweepState::Running);
+        assert_eq!(SweepState::of([Paused, Paused]), SweepState::Pending);
+        assert!(!Paused.is_terminal());
     }
 
     #[test]

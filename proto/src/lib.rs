@@ -34,6 +34,7 @@ impl v1::TrialCounts {
             TrialState::Failed => self.failed,
             TrialState::Cancelled => self.cancelled,
             TrialState::Stopped => self.stopped,
+            TrialState::Paused => self.paused,
         }
     }
 
@@ -47,6 +48,7 @@ impl v1::TrialCounts {
             TrialState::Failed => &mut self.failed,
             TrialState::Cancelled => &mut self.cancelled,
             TrialState::Stopped => &mut self.stopped,
+            TrialState::Paused => &mut self.paused,
         };
         *field = field.saturating_add(n);
     }

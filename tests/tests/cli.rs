@@ -99,13 +99,15 @@ fn every_report_command_prints_what_the_snapshots_show() {
 }
 
 #[test]
-fn a_trial_stopped_early_shows_as_stopped_in_status_leaderboard_trial_and_watch() {
+fn a_trial_paused_then_stopped_early_shows_in_status_leaderboard_trial_and_watch() {
     let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
     let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
-    // The scripted worker runs t000 (2+3) then t001 (1+3). At fine-tuning epoch 1 t000 recorded
-    // 0.30 + 0.08 × 3 = 0.54; t001 reaches it at epoch 2 with 0.30 + 0.16 + 0.01 = 0.47, below
-    // ASHA's cutoff (eta 2, one value before it): stopped after epoch 2 of 4.
+    // The scripted worker runs t000 (2+3): at fine-tuning epoch 1 (rung 1, eta 2) it records
+    // 0.30 + 0.08 × 3 = 0.54 and, alone there, pauses. Then t001 (1+3) reaches the rung at
+    // epoch 2 with 0.30 + 0.16 + 0.01 = 0.47: t000 is the top 1 of 2, promoted, and with both
+    // there the rung closes: t001 is stopped after epoch 2 of 4. t000 then runs on from its
+    // resume point at the rung.
     let spec = write(
         dir.path(),
         "asha.yaml",
@@ -116,7 +118,7 @@ fn a_trial_stopped_early_shows_as_stopped_in_status_leaderboard_trial_and_watch(
             + "early_stopping: { strategy: asha, eta: 2 }\n"),
     );
     let id = run_ok(&["submit", spec.to_str().unwrap()], &url).lines().last().unwrap().trim().to_string();
-    assert_eq!(scripted_worker(&url, "w", 10), vec!["t000", "t001"]);
+    assert_eq!(scripted_worker(&url, "w", 10), vec!["t000", "t001", "t000"]);
 
     let status = run_ok(&["status", &id], &url);
     assert!(status.contains("1/2 completed, 1 stopped"), "{status}");
@@ -130,6 +132,8 @@ fn a_trial_stopped_early_shows_as_stopped_in_status_leaderboard_trial_and_watch(
     assert!(trial.contains("stopped by ASHA at fine-tuning epoch 1"), "{trial}");
     let watch = run_ok(&["watch", &id], &url);
     assert!(watch.contains("1 stopped"), "{watch}");
+    let t000 = run_ok(&["trial", &id, "t000"], &url);
+    assert!(t000.contains("— completed") && t000.contains("paused at epoch 3 (an ASHA rung)"), "{t000}");
     assert_history_clean(&dir.path().join("state"));
 }
 

@@ -84,7 +84,7 @@ CREATE TABLE IF NOT EXISTS stage_points (
     };
 }
 
-const SCHEMA_VERSION: i64 = 10;
+const SCHEMA_VERSION: i64 = 11;
 
 /// Statements that bring a database of version `n - 1` to version `n` (index `n - 2`).
 const MIGRATIONS: &[&str] = &[
@@ -123,6 +123,8 @@ const MIGRATIONS: &[&str] = &[
     // 10: the index of stored stage ends, by content key (reuse across sweeps), and sweeps no
     // longer kept (`sweep drop`).
     concat!("ALTER TABLE sweeps ADD COLUMN dropped_at_ms INTEGER;", stage_points!()),
+    // 11: ASHA's promotion form: the epoch a trial waits at (a rung) to be promoted or stopped.
+    "ALTER TABLE trials ADD COLUMN paused_at INTEGER;",
 ];
 
 const SCHEMA: &str = "
@@ -169,6 +171,7 @@ CREATE TABLE IF NOT EXISTS trials (
     skipped_images  INTEGER NOT NULL DEFAULT 0,
     stop_reason     TEXT,
     stored          INTEGER NOT NULL DEFAULT 0,
+    paused_at       INTEGER,
     PRIMARY KEY (sweep_id, idx)
 );
 CREATE INDEX IF NOT EXISTS trials_by_state ON trials(state);
@@ -506,16 +509,23 @@ impl Store for SqliteStore {
         let sweep_id = &resolve_sweep(&tx, sweep_id)?;
         tx.execute("UPDATE sweeps SET cancelled = 1 WHERE id = ?1", [sweep_id])?;
         let pending: Vec<i64> = {
-            let mut q = tx.prepare("SELECT idx FROM trials WHERE sweep_id = ?1 AND state IN (?2, ?3) ORDER BY idx")?;
-            q.query_map(params![sweep_id, TrialState::Pending.as_str(), TrialState::Unschedulable.as_str()], |r| {
-                r.get(0)
-            })?
+            let mut q =
+                tx.prepare("SELECT idx FROM trials WHERE sweep_id = ?1 AND state IN (?2, ?3, ?4) ORDER BY idx")?;
+            q.query_map(
+                params![
+                    sweep_id,
+                    TrialState::Pending.as_str(),
+                    TrialState::Unschedulable.as_str(),
+                    TrialState::Paused.as_str()
+                ],
+                |r| r.get(0),
+            )?
             .collect::<rusqlite::Result<_>>()?
         };
         let now = self.clock.now_ms();
         for idx in &pending {
             tx.execute(
-                "UPDATE trials SET state = ?4, error = 'sweep cancelled', finished_at_ms = ?3
+                "UPDATE trials SET state = ?4, error = 'sweep cancelled', finished_at_ms = ?3, paused_at = NULL
                  WHERE sweep_id = ?1 AND idx = ?2",
                 params![sweep_id, idx, now, TrialState::Cancelled.as_str()],
             )?;
@@ -1193,6 +1203,19 @@ impl Store for SqliteStore {
                 stored + 1
             )));
         }
+        // A trial paused at a rung was told to stop after it: an epoch past it is not this
+        // attempt's to store (it is handed out again if it is promoted).
+        if let Some(at) = a.paused_at
+            && metrics.epoch > at
+        {
+            return Err(StoreError::WrongState(format!(
+                "trial {} is paused at epoch {at} (an ASHA rung) until it is promoted; epoch {} was refused",
+                a.trial_id, metrics.epoch
+            )));
+        }
+        // An epoch stored again (an attempt that resumed from an older point) was decided on
+        // when it first arrived.
+        let first = i64::from(metrics.epoch) == stored + 1;
         for (kind, checkpoint) in [
             (CheckpointKind::Last, &extras.last_checkpoint),
             (CheckpointKind::Best, &extras.best_checkpoint),
@@ -1223,26 +1246,49 @@ impl Store for SqliteStore {
                 params![attempt_id as i64, extras.resumed_from_epoch, extras.note],
             )?;
         }
-        let decided = early_stop_decision(&tx, &a, metrics)?;
+        let decided = if first { early_stop_decision(&tx, &a, metrics)? } else { None };
         if let Some(why) = &decided {
             tx.prepare_cached("UPDATE trials SET stop_reason = ?3 WHERE sweep_id = ?1 AND idx = ?2")?
                 .execute(params![a.sweep_id, a.idx, why])?;
         }
+        let paused = if first { pause_at_rung(&tx, &a, metrics.epoch)? } else { None };
         let mut unblocked = false;
         if let Some(tree) = &tree {
             unblocked = credit(&tx, &spec, tree, &a, attempt_id, metrics, extras, now)?;
         }
-        let note = match (&decided, extras.note.is_empty()) {
-            (Some(why), true) => why.clone(),
-            (Some(why), false) => format!("{}; {why}", extras.note),
-            (None, _) => extras.note.clone(),
-        };
+        // ASHA: the new value may promote trials waiting at this rung, or close it. What it
+        // decides for this trial is said on this epoch's event (promoted at once, it never
+        // waited).
+        let mut verdict = None;
+        if let Some(rule) = pausing_rule(&a)?
+            && metrics.epoch > a.fe_epochs
+        {
+            let (promoted, own) = settle(&tx, &a.sweep_id, &rule, now, Some(a.idx))?;
+            unblocked |= promoted;
+            verdict = own;
+        }
+        let note = [
+            extras.note.as_str(),
+            decided.as_deref().unwrap_or(""),
+            verdict.or(paused.clone()).as_deref().unwrap_or(""),
+        ]
+        .into_iter()
+        .filter(|n| !n.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
         trial_event_noted(&tx, &a.sweep_id, a.idx, Some(*metrics), &note, now)?;
+        let (stop_reason, paused_at): (Option<String>, Option<u32>) = tx
+            .prepare_cached("SELECT stop_reason, paused_at FROM trials WHERE sweep_id = ?1 AND idx = ?2")?
+            .query_row(params![a.sweep_id, a.idx], |r| Ok((r.get(0)?, r.get(1)?)))?;
         tx.commit()?;
         let stop = if a.cancelled {
             Some(StopReason::SweepCancelled)
+        } else if let Some(why) = stop_reason {
+            Some(StopReason::EarlyStopped(why))
         } else {
-            decided.or(a.stop_reason).map(StopReason::EarlyStopped)
+            paused_at.map(|at| {
+                StopReason::Paused(paused.unwrap_or_else(|| format!("paused by ASHA at epoch {at} until promoted")))
+            })
         };
         Ok(ReportReply { stop, unblocked })
     }
@@ -1918,6 +1964,8 @@ struct CurrentAttempt {
     early_stopping: Option<String>,
     /// Why the trial was stopped early, once it was.
     stop_reason: Option<String>,
+    /// The epoch the trial waits at (an ASHA rung), while it does.
+    paused_at: Option<u32>,
 }
 
 /// The attempt, if it is the current, running attempt of its trial; otherwise the fencing
@@ -1925,7 +1973,7 @@ struct CurrentAttempt {
 fn current_attempt(conn: &Connection, attempt_id: u64) -> Result<CurrentAttempt> {
     let row = conn
         .prepare_cached("SELECT a.sweep_id, a.idx, a.state, t.current_attempt, t.trial_id, t.fe_epochs, t.ft_epochs, s.cancelled,
-                    s.early_stopping, t.stop_reason
+                    s.early_stopping, t.stop_reason, t.paused_at
              FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx JOIN sweeps s ON s.id = a.sweep_id
              WHERE a.id = ?1")?.query_row([attempt_id as i64],
             |r| {
@@ -1938,6 +1986,7 @@ fn current_attempt(conn: &Connection, attempt_id: u64) -> Result<CurrentAttempt>
                     cancelled: r.get::<_, i64>(7)? != 0,
                     early_stopping: r.get(8)?,
                     stop_reason: r.get(9)?,
+                    paused_at: r.get(10)?,
                 };
                 Ok((attempt, r.get::<_, String>(2)?, r.get::<_, Option<i64>>(3)?))
             },
@@ -1958,7 +2007,8 @@ fn current_attempt(conn: &Connection, attempt_id: u64) -> Result<CurrentAttempt>
 fn attempt_should_stop(conn: &Connection, attempt_id: u64, worker_id: &str) -> Result<bool> {
     let row: Option<(String, String, Option<i64>, i64, bool)> = conn
         .prepare_cached(
-            "SELECT a.worker_id, a.state, t.current_attempt, s.cancelled, t.stop_reason IS NOT NULL
+            "SELECT a.worker_id, a.state, t.current_attempt, s.cancelled,
+                    t.stop_reason IS NOT NULL OR t.paused_at IS NOT NULL
              FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx JOIN sweeps s ON s.id = a.sweep_id
              WHERE a.id = ?1",
         )?
@@ -2004,6 +2054,132 @@ fn early_stop_decision(conn: &Connection, a: &CurrentAttempt, metrics: &EpochMet
         Metric::ValLoss => metrics.val_loss,
     };
     Ok(rule.decide(ft_epoch, a.ft_epochs, value, &peers).map(|why| format!("{why} (epoch {})", metrics.epoch)))
+}
+
+/// A sweep's stored early-stopping setting, read back.
+fn parse_rule(stored: &str, sweep_id: &str) -> Result<EarlyStopping> {
+    EarlyStopping::parse(stored)
+        .ok_or_else(|| StoreError::Corrupt(format!("early_stopping `{stored}` of sweep {sweep_id}")))
+}
+
+/// The rule of `a`'s sweep when its trials pause at rungs (ASHA) and the sweep goes on.
+fn pausing_rule(a: &CurrentAttempt) -> Result<Option<EarlyStopping>> {
+    if a.cancelled {
+        return Ok(None);
+    }
+    let rule = a.early_stopping.as_deref().map(|e| parse_rule(e, &a.sweep_id)).transpose()?;
+    Ok(rule.filter(|r| r.pauses()))
+}
+
+/// ASHA: when `epoch` (just stored) is a rung of trial `a`, the trial waits there — `paused`
+/// at once if no attempt runs it (a trial credited with a shared epoch), after its attempt
+/// ends otherwise — until [`settle`] promotes or stops it. Returns why it waits.
+fn pause_at_rung(tx: &Connection, a: &CurrentAttempt, epoch: u32) -> Result<Option<String>> {
+    let Some(rule) = pausing_rule(a)? else { return Ok(None) };
+    let Some(ft_epoch) = epoch.checked_sub(a.fe_epochs).filter(|e| *e >= 1) else { return Ok(None) };
+    if a.stop_reason.is_some() || !rule.decides_at(ft_epoch, a.ft_epochs) {
+        return Ok(None);
+    }
+    tx.prepare_cached(
+        "UPDATE trials SET paused_at = ?3, state = CASE WHEN state IN (?4, ?5) THEN ?6 ELSE state END
+         WHERE sweep_id = ?1 AND idx = ?2",
+    )?
+    .execute(params![
+        a.sweep_id,
+        a.idx,
+        epoch,
+        TrialState::Pending.as_str(),
+        TrialState::Unschedulable.as_str(),
+        TrialState::Paused.as_str()
+    ])?;
+    Ok(Some(rule.pause_note(ft_epoch)))
+}
+
+/// ASHA's promotions in sweep `sweep_id`, rung by rung from the lowest
+/// ([`EarlyStopping::promote`]): at each rung where trials wait, against every value the
+/// sweep's trials recorded at that fine-tuning epoch, and closed once no trial can still reach
+/// it (every open trial with that many fine-tuning epochs has stored it). A promoted trial is
+/// pending again (a running one just goes on); a stopped one ends `stopped` (a running one when
+/// its attempt ends). One event each, with why — but for trial `own`, whose verdict is returned
+/// for the caller to say. Returns whether a trial was promoted.
+fn settle(
+    tx: &Connection,
+    sweep_id: &str,
+    rule: &EarlyStopping,
+    now: i64,
+    own: Option<i64>,
+) -> Result<(bool, Option<String>)> {
+    let longest: u32 = tx
+        .prepare_cached("SELECT COALESCE(MAX(ft_epochs), 0) FROM trials WHERE sweep_id = ?1")?
+        .query_row([sweep_id], |r| r.get(0))?;
+    let column = match rule.metric {
+        Metric::ValAccuracy => "m.val_accuracy",
+        Metric::ValLoss => "m.val_loss",
+    };
+    let (mut promoted, mut stopped, mut verdict) = (false, false, None);
+    for ft_epoch in (1..longest).filter(|&e| rule.decides_at(e, longest)) {
+        let waiting: Vec<u32> = tx
+            .prepare_cached("SELECT idx FROM trials WHERE sweep_id = ?1 AND paused_at = fe_epochs + ?2 ORDER BY idx")?
+            .query_map(params![sweep_id, ft_epoch], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if waiting.is_empty() {
+            continue;
+        }
+        let arrived: Vec<(u32, f64)> = tx
+            .prepare_cached(&format!(
+                "SELECT m.idx, {column} FROM metrics m JOIN trials t ON t.sweep_id = m.sweep_id AND t.idx = m.idx
+                 WHERE m.sweep_id = ?1 AND m.epoch = t.fe_epochs + ?2"
+            ))?
+            .query_map(params![sweep_id, ft_epoch], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let open: bool = tx
+            .prepare_cached(
+                "SELECT EXISTS(SELECT 1 FROM trials WHERE sweep_id = ?1 AND ft_epochs >= ?2 AND stored < fe_epochs + ?2
+                               AND state IN (?3, ?4, ?5, ?6))",
+            )?
+            .query_row(params![sweep_id, ft_epoch, OPEN[0], OPEN[1], OPEN[2], OPEN[3]], |r| r.get(0))?;
+        let verdicts = rule.promote(ft_epoch, &arrived, &waiting, !open);
+        for (idx, why) in &verdicts.promoted {
+            tx.prepare_cached(
+                "UPDATE trials SET paused_at = NULL, state = CASE WHEN state = ?3 THEN ?4 ELSE state END
+                 WHERE sweep_id = ?1 AND idx = ?2",
+            )?
+            .execute(params![sweep_id, idx, TrialState::Paused.as_str(), TrialState::Pending.as_str()])?;
+            if own == Some(i64::from(*idx)) {
+                verdict = Some(why.clone());
+            } else {
+                trial_event_noted(tx, sweep_id, i64::from(*idx), None, why, now)?;
+            }
+            promoted = true;
+        }
+        for (idx, why) in &verdicts.stopped {
+            tx.prepare_cached(
+                "UPDATE trials SET paused_at = NULL, stop_reason = ?3,
+                        error = CASE WHEN state = ?4 THEN ?3 ELSE error END,
+                        finished_at_ms = CASE WHEN state = ?4 THEN ?6 ELSE finished_at_ms END,
+                        state = CASE WHEN state = ?4 THEN ?5 ELSE state END
+                 WHERE sweep_id = ?1 AND idx = ?2",
+            )?
+            .execute(params![
+                sweep_id,
+                idx,
+                why,
+                TrialState::Paused.as_str(),
+                TrialState::Stopped.as_str(),
+                now
+            ])?;
+            if own == Some(i64::from(*idx)) {
+                verdict = Some(why.clone());
+            } else {
+                trial_event_noted(tx, sweep_id, i64::from(*idx), None, why, now)?;
+            }
+            stopped = true;
+        }
+    }
+    if stopped {
+        finish_sweep_if_done(tx, sweep_id, now)?;
+    }
+    Ok((promoted, verdict))
 }
 
 /// The stage tree of a sweep that runs shared epochs once (`sharing` on, and some stage with two
@@ -2222,10 +2398,12 @@ fn stored_point(tx: &Connection, key: &str, sweep_id: &str) -> Result<Option<Poi
 /// computed the point): the rows of those epochs as they were computed (same values, attempt
 /// and time: the attempt that computed an epoch stays its writer), the point's references (and
 /// an entry of this sweep's own in `stage_points`), and the early-stopping decisions those
-/// epochs bring in this sweep. A trial whose every epoch is reused is complete now; one
-/// stopped early during them keeps the references of the longest point up to its last epoch.
-/// The others run on from the point. One event per trial says what it took. Nothing is reused
-/// for a sweep with `sharing: off`.
+/// epochs bring in this sweep. With ASHA a trial takes rows up to its next rung and waits there
+/// like a trial that computed them; once the reused values promote it, it takes the next run,
+/// and so on. A trial whose every epoch is reused is complete now; one stopped early or paused
+/// during them keeps the references of the longest point up to its last taken epoch. The
+/// others run on from the point. One event per run of epochs taken says where they came from.
+/// Nothing is reused for a sweep with `sharing: off`.
 fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Trial], now: i64) -> Result<Submitted> {
     let mut out = Submitted::default();
     if !spec.sharing {
@@ -2234,8 +2412,9 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
         return Ok(out);
     }
     let rule = spec.early_stopping;
+    let pausing = rule.filter(|r| r.pauses());
     // What the sweep's trials stored so far at each fine-tuning epoch (all of it is this loop's:
-    // the sweep is new), for early-stopping decisions without a query per epoch.
+    // the sweep is new), for the median rule's decisions without a query per epoch.
     let mut peers: HashMap<u32, Vec<f64>> = HashMap::new();
     let mut found: HashMap<String, Option<Point>> = HashMap::new();
     let mut lookup = |key: &str| -> Result<Option<Point>> {
@@ -2246,7 +2425,17 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
         found.insert(key.to_string(), p.clone());
         Ok(p)
     };
-    let mut from: BTreeMap<i64, String> = BTreeMap::new();
+    // What each trial can take.
+    struct Taking<'a> {
+        t: &'a grid::Trial,
+        keys: Vec<stages::StageKey>,
+        point: Point,
+        rows: Vec<SourceRow>,
+        origin: String,
+        extras: ReportExtras,
+        taken: u32,
+    }
+    let mut taking = Vec::new();
     for t in trials {
         let keys = stages::epoch_keys(spec, t);
         let mut chosen: Option<(Point, Vec<SourceRow>)> = None;
@@ -2260,44 +2449,117 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
             }
         }
         let Some((point, rows)) = chosen else { continue };
-        let idx = t.index as i64;
         let (source_trial, parameters, skipped): (String, i64, i64) = tx
             .prepare_cached("SELECT trial_id, parameters, skipped_images FROM trials WHERE sweep_id = ?1 AND idx = ?2")?
             .query_row(params![point.sweep_id, point.idx], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        let origin = format!("{}/{source_trial}", point.sweep_id);
-        // Decisions first: a trial stopped at epoch `k` takes epochs 1..=k.
-        let mut decided = None;
-        let mut taken = 0;
-        for (m, _, _) in &rows {
-            taken = m.epoch;
-            let Some(ft_epoch) = m.epoch.checked_sub(t.fe_epochs).filter(|e| *e >= 1) else { continue };
-            let value = match rule.map(|r| r.metric) {
-                Some(Metric::ValLoss) => m.val_loss,
-                _ => m.val_accuracy,
-            };
-            let seen = peers.entry(ft_epoch).or_default();
-            decided = rule
-                .and_then(|r| r.decide(ft_epoch, t.ft_epochs, value, seen))
-                .map(|why| format!("{why} (epoch {})", m.epoch));
-            seen.push(value);
-            if decided.is_some() {
-                break;
-            }
-        }
         let extras = ReportExtras {
             parameters: parameters.max(0) as u64,
             skipped_images: u32::try_from(skipped).unwrap_or(0),
             ..ReportExtras::default()
         };
-        for (m, attempt_id, recorded_at) in rows.iter().take(taken as usize) {
-            store_epoch(tx, sweep_id, idx, *attempt_id as u64, m, &extras, *recorded_at)?;
+        let origin = format!("{}/{source_trial}", point.sweep_id);
+        taking.push(Taking { t, keys, point, rows, origin, extras, taken: 0 });
+    }
+    // Take rows, in runs: each up to the trial's next rung (ASHA), or to the median rule's stop.
+    loop {
+        let mut moved = false;
+        for k in taking.iter_mut() {
+            let idx = k.t.index as i64;
+            if k.taken as usize >= k.rows.len() {
+                continue;
+            }
+            if k.taken > 0 {
+                // Goes on only once promoted from the rung it waits at.
+                let waits: bool = tx
+                    .prepare_cached(
+                        "SELECT state != ?3 OR paused_at IS NOT NULL FROM trials WHERE sweep_id = ?1 AND idx = ?2",
+                    )?
+                    .query_row(params![sweep_id, idx, TrialState::Pending.as_str()], |r| r.get(0))?;
+                if waits {
+                    continue;
+                }
+            }
+            let from = k.taken + 1;
+            let mut to = k.rows.len() as u32;
+            let mut decided = None;
+            for (m, _, _) in &k.rows[k.taken as usize..] {
+                let Some(ft_epoch) = m.epoch.checked_sub(k.t.fe_epochs).filter(|e| *e >= 1) else { continue };
+                let value = match rule.map(|r| r.metric) {
+                    Some(Metric::ValLoss) => m.val_loss,
+                    _ => m.val_accuracy,
+                };
+                let seen = peers.entry(ft_epoch).or_default();
+                decided = rule
+                    .and_then(|r| r.decide(ft_epoch, k.t.ft_epochs, value, seen))
+                    .map(|why| format!("{why} (epoch {})", m.epoch));
+                seen.push(value);
+                if decided.is_some() || pausing.is_some_and(|r| r.decides_at(ft_epoch, k.t.ft_epochs)) {
+                    to = m.epoch;
+                    break;
+                }
+            }
+            for (m, attempt_id, recorded_at) in &k.rows[k.taken as usize..to as usize] {
+                store_epoch(tx, sweep_id, idx, *attempt_id as u64, m, &k.extras, *recorded_at)?;
+            }
+            k.taken = to;
+            moved = true;
+            tx.prepare_cached(
+                "UPDATE trials SET started_at_ms = COALESCE(started_at_ms, ?3) WHERE sweep_id = ?1 AND idx = ?2",
+            )?
+            .execute(params![sweep_id, idx, now])?;
+            let paused = match pausing {
+                Some(r) if decided.is_none() => {
+                    let a = CurrentAttempt {
+                        sweep_id: sweep_id.to_string(),
+                        idx,
+                        trial_id: k.t.id.clone(),
+                        fe_epochs: k.t.fe_epochs,
+                        ft_epochs: k.t.ft_epochs,
+                        cancelled: false,
+                        early_stopping: Some(r.canonical()),
+                        stop_reason: None,
+                        paused_at: None,
+                    };
+                    pause_at_rung(tx, &a, to)?
+                }
+                _ => None,
+            };
+            if let Some(why) = &decided {
+                tx.prepare_cached(
+                    "UPDATE trials SET state = ?3, stop_reason = ?4, error = ?4, finished_at_ms = ?5
+                     WHERE sweep_id = ?1 AND idx = ?2",
+                )?
+                .execute(params![sweep_id, idx, TrialState::Stopped.as_str(), why, now])?;
+            }
+            let epochs = if from == to { format!("epoch {to}") } else { format!("epochs {from}–{to}") };
+            let note = match decided.as_ref().or(paused.as_ref()) {
+                Some(why) => format!("reused from {}: {epochs}; {why}", k.origin),
+                None => format!("reused from {}: {epochs}", k.origin),
+            };
+            let last = k.rows.get(to as usize - 1).map(|r| r.0);
+            trial_event_noted(tx, sweep_id, idx, last, &note, now)?;
         }
-        // The references: the point's, or (stopped before it) the longest point up to `taken`.
-        let refs = if taken == point.epoch {
-            Some(point.clone())
+        match pausing {
+            // The runs taken may promote (or, with every trial there, stop) trials at a rung.
+            Some(r) if moved => {
+                settle(tx, sweep_id, &r, now, None)?;
+            }
+            _ => break,
+        }
+    }
+    // References, ends, and what the sweep took from where.
+    let mut from: BTreeMap<i64, String> = BTreeMap::new();
+    for k in &taking {
+        let (idx, taken) = (k.t.index as i64, k.taken);
+        if taken == 0 {
+            continue;
+        }
+        // The point's, or (stopped or paused before it) the longest point up to `taken`.
+        let refs = if taken == k.point.epoch {
+            Some(k.point.clone())
         } else {
             let mut shorter = None;
-            for (i, key) in keys.iter().enumerate().take(taken as usize).rev() {
+            for (i, key) in k.keys.iter().enumerate().take(taken as usize).rev() {
                 if let Some(p) = lookup(&key.0)?.filter(|p| p.epoch as usize == i + 1) {
                     shorter = Some(p);
                     break;
@@ -2319,7 +2581,7 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
-                keys[p.epoch as usize - 1].0,
+                k.keys[p.epoch as usize - 1].0,
                 sweep_id,
                 idx,
                 p.epoch,
@@ -2329,34 +2591,22 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
                 p.attempt
             ])?;
         }
-        let end = match &decided {
-            Some(_) => Some(TrialState::Stopped),
-            None if taken == t.epochs() => Some(TrialState::Completed),
-            None => None,
-        };
-        tx.prepare_cached(
-            "UPDATE trials SET started_at_ms = ?3, stop_reason = ?4, error = COALESCE(?4, '') WHERE sweep_id = ?1 AND idx = ?2",
-        )?
-        .execute(params![sweep_id, idx, now, decided])?;
-        if let Some(end) = end {
+        let state: String = tx
+            .prepare_cached("SELECT state FROM trials WHERE sweep_id = ?1 AND idx = ?2")?
+            .query_row(params![sweep_id, idx], |r| r.get(0))?;
+        if state == TrialState::Pending.as_str() && taken == k.t.epochs() {
             tx.prepare_cached("UPDATE trials SET state = ?3, finished_at_ms = ?4 WHERE sweep_id = ?1 AND idx = ?2")?
-                .execute(params![sweep_id, idx, end.as_str(), now])?;
-            out.reused_trials += 1;
-        }
-        let epochs = if taken == 1 { "epoch 1".to_string() } else { format!("epochs 1–{taken}") };
-        let note = match &decided {
-            Some(why) => format!("reused from {origin}: {epochs}; {why}"),
-            None => format!("reused from {origin}: {epochs}"),
-        };
-        let last = rows.get(taken as usize - 1).map(|r| r.0);
-        trial_event_noted(tx, sweep_id, idx, last, &note, now)?;
-        if end.is_some() {
+                .execute(params![sweep_id, idx, TrialState::Completed.as_str(), now])?;
             trial_event(tx, sweep_id, idx, None, now)?;
+            out.reused_trials += 1;
+        } else if state == TrialState::Stopped.as_str() {
+            trial_event(tx, sweep_id, idx, None, now)?;
+            out.reused_trials += 1;
         }
         out.reused_epochs += u64::from(taken);
         let seq: i64 =
-            tx.prepare_cached("SELECT seq FROM sweeps WHERE id = ?1")?.query_row([&point.sweep_id], |r| r.get(0))?;
-        from.insert(seq, point.sweep_id);
+            tx.prepare_cached("SELECT seq FROM sweeps WHERE id = ?1")?.query_row([&k.point.sweep_id], |r| r.get(0))?;
+        from.insert(seq, k.point.sweep_id.clone());
     }
     out.reused_from = from.into_values().collect();
     Ok(out)
@@ -2466,8 +2716,10 @@ fn credit(
             cancelled: a.cancelled,
             early_stopping: a.early_stopping.clone(),
             stop_reason: None,
+            paused_at: None,
         };
         let decided = early_stop_decision(tx, &peer, metrics)?;
+        let paused = if decided.is_none() { pause_at_rung(tx, &peer, e)? } else { None };
         let end = match &decided {
             Some(_) => Some(TrialState::Stopped),
             None if e == fe_epochs + ft_epochs => Some(TrialState::Completed),
@@ -2481,7 +2733,7 @@ fn credit(
             .execute(params![a.sweep_id, u, end.as_str(), decided, now])?;
         }
         let computed = format!("shared with {}", a.trial_id);
-        let note = match &decided {
+        let note = match decided.as_ref().or(paused.as_ref()) {
             Some(why) => format!("{computed}; {why}"),
             None => computed,
         };
@@ -2505,16 +2757,40 @@ fn end_attempt(
     wall_seconds: f64,
     now: i64,
 ) -> Result<()> {
-    type Row = (String, i64, i64, i64, i64, i64, i64, String, Option<String>);
-    let (sweep_id, idx, all_attempts, max_attempts, cancelled, started, retry_base, worker_id, stop_reason): Row = tx
+    type Row = (String, i64, i64, i64, i64, i64, i64, String, Option<String>, Option<u32>, Option<String>);
+    let (
+        sweep_id,
+        idx,
+        all_attempts,
+        max_attempts,
+        cancelled,
+        started,
+        retry_base,
+        worker_id,
+        stop_reason,
+        paused_at,
+        early_stopping,
+    ): Row = tx
         .prepare_cached(
             "SELECT a.sweep_id, a.idx, t.attempts, s.max_attempts, s.cancelled, a.started_at_ms, t.retry_base, a.worker_id,
-                    t.stop_reason
+                    t.stop_reason, t.paused_at, s.early_stopping
          FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx JOIN sweeps s ON s.id = a.sweep_id
          WHERE a.id = ?1",
         )?
         .query_row([attempt_id as i64], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+                r.get(9)?,
+                r.get(10)?,
+            ))
         })?;
     // Attempts made before a `sweep retry` do not count against the budget.
     let attempts = all_attempts - retry_base;
@@ -2528,6 +2804,13 @@ fn end_attempt(
     } else {
         (end, message.to_string())
     };
+    // An attempt stopped because its trial waits at a rung says so (not "stopped on request").
+    let message = match paused_at {
+        Some(at) if end == AttemptState::Cancelled && stop_reason.is_none() && cancelled == 0 => {
+            format!("paused at epoch {at} (an ASHA rung)")
+        }
+        _ => message,
+    };
     let message = message.as_str();
     tx.prepare_cached("UPDATE attempts SET state = ?2, ended_at_ms = ?3, error = ?4 WHERE id = ?1")?
         .execute(params![attempt_id as i64, end.as_str(), now, message])?;
@@ -2539,6 +2822,9 @@ fn end_attempt(
         // Stopped early: however its attempt then ended (it stopped as told, failed, or its
         // worker was lost), its metrics so far are its result.
         _ if stop_reason.is_some() => (TrialState::Stopped, stop_reason.clone().unwrap_or_default()),
+        // Paused at an ASHA rung: it waits there to be promoted or stopped, however its attempt
+        // then ended — unless it failed for good.
+        _ if paused_at.is_some() && !(end == AttemptState::Failed && permanent) => (TrialState::Paused, String::new()),
         AttemptState::Cancelled => (TrialState::Pending, String::new()),
         _ if permanent => (TrialState::Failed, message.to_string()),
         _ if attempts >= max_attempts => {
@@ -2547,9 +2833,13 @@ fn end_attempt(
         _ => (TrialState::Pending, message.to_string()),
     };
     let finished = state.is_terminal().then_some(now);
+    // The stop that pauses a trial is no failure: that attempt does not count against its
+    // budget. A trial that failed for good no longer waits at a rung.
+    let paused = state == TrialState::Paused;
     tx.prepare_cached(
         "UPDATE trials SET state = ?3, current_attempt = NULL, error = ?4, finished_at_ms = ?5,
-                wall_seconds = CASE WHEN ?7 THEN ?6 ELSE wall_seconds END
+                wall_seconds = CASE WHEN ?7 THEN ?6 ELSE wall_seconds END,
+                retry_base = retry_base + ?8, paused_at = CASE WHEN ?9 THEN paused_at END
          WHERE sweep_id = ?1 AND idx = ?2",
     )?
     .execute(params![
@@ -2559,9 +2849,19 @@ fn end_attempt(
         error,
         finished,
         wall,
-        matches!(state, TrialState::Completed | TrialState::Stopped)
+        matches!(state, TrialState::Completed | TrialState::Stopped | TrialState::Paused),
+        i64::from(paused && end == AttemptState::Cancelled),
+        paused
     ])?;
     trial_event(tx, &sweep_id, idx, None, now)?;
+    // A trial that ended may close a rung that waited for it (ASHA).
+    if state.is_terminal()
+        && cancelled == 0
+        && let Some(rule) = early_stopping.as_deref().map(|e| parse_rule(e, &sweep_id)).transpose()?
+        && rule.pauses()
+    {
+        settle(tx, &sweep_id, &rule, now, None)?;
+    }
     match end {
         AttemptState::Succeeded => {
             tx.prepare_cached("UPDATE workers SET consecutive_failures = 0 WHERE id = ?1")?.execute([&worker_id])?;
@@ -2708,22 +3008,26 @@ fn append_event(conn: &Connection, sweep_id: &str, event: SweepEvent, now: i64) 
 }
 
 /// The states of a trial that waits or runs: its sweep goes on.
-const OPEN: [&str; 3] =
-    [TrialState::Pending.as_str(), TrialState::Unschedulable.as_str(), TrialState::Running.as_str()];
+const OPEN: [&str; 4] = [
+    TrialState::Pending.as_str(),
+    TrialState::Unschedulable.as_str(),
+    TrialState::Running.as_str(),
+    TrialState::Paused.as_str(),
+];
 
 /// How many trials of the sweep wait or run.
 fn open_trials(conn: &Connection, sweep_id: &str) -> Result<i64> {
     Ok(conn
-        .prepare_cached("SELECT COUNT(*) FROM trials WHERE state IN (?2, ?3, ?4) AND sweep_id = ?1")?
-        .query_row(params![sweep_id, OPEN[0], OPEN[1], OPEN[2]], |r| r.get(0))?)
+        .prepare_cached("SELECT COUNT(*) FROM trials WHERE state IN (?2, ?3, ?4, ?5) AND sweep_id = ?1")?
+        .query_row(params![sweep_id, OPEN[0], OPEN[1], OPEN[2], OPEN[3]], |r| r.get(0))?)
 }
 
 /// When every trial of the sweep has ended, records the end time and an `ended` event.
 fn finish_sweep_if_done(conn: &Connection, sweep_id: &str, now: i64) -> Result<()> {
     // Cheap test first (an index lookup): a sweep with a waiting or running trial goes on.
     let open: bool = conn
-        .prepare_cached("SELECT EXISTS(SELECT 1 FROM trials WHERE state IN (?2, ?3, ?4) AND sweep_id = ?1)")?
-        .query_row(params![sweep_id, OPEN[0], OPEN[1], OPEN[2]], |r| r.get(0))?;
+        .prepare_cached("SELECT EXISTS(SELECT 1 FROM trials WHERE state IN (?2, ?3, ?4, ?5) AND sweep_id = ?1)")?
+        .query_row(params![sweep_id, OPEN[0], OPEN[1], OPEN[2], OPEN[3]], |r| r.get(0))?;
     if open {
         return Ok(());
     }
