@@ -14,7 +14,10 @@
 //! epoch's own time: what the devices spent training and validating), the wall time, and the
 //! top trial with its best validation accuracy; then the ratios to the reference, whether the
 //! top trial is the same, and how many of the reference's stored epochs the run stored with
-//! exactly the same losses and accuracies (bit for bit).
+//! exactly the same losses and accuracies (bit for bit). From the reference's own epoch times it
+//! then prints what no scheduler can beat: the ratio sharing gives at those times (it saves
+//! feature-extraction epochs only), and early stopping's floor (every trial's distinct epochs up
+//! to its first rung).
 //!
 //! Then the guide's grid (`sweeps/flowers102.yaml`: 3 backbones × 2 strategies × 3 splits, 18
 //! trials of 24 epochs) under the simulator: simulated GPUs against an in-process coordinator,
@@ -67,6 +70,8 @@ struct Outcome {
     top_accuracy: f64,
     /// Stored losses and accuracies by (trial, epoch).
     stored: std::collections::HashMap<(String, u32), [f64; 4]>,
+    /// Each stored epoch's seconds by (trial, epoch).
+    seconds: std::collections::HashMap<(String, u32), f64>,
 }
 
 fn env_number(name: &str, default: usize) -> anyhow::Result<usize> {
@@ -167,8 +172,54 @@ fn run_in(
             top["epoch_split"][1]
         ),
         top_accuracy: top["best_val_accuracy"].as_f64().unwrap_or(f64::NAN),
+        seconds: stored.iter().map(|((_, trial, epoch), v)| ((trial.clone(), *epoch), v[4])).collect(),
         stored: stored.into_iter().map(|((_, trial, epoch), v)| ((trial, epoch), [v[0], v[1], v[2], v[3]])).collect(),
     })
+}
+
+/// What the reference's epoch times allow, whatever the scheduler: the cost of a feature-extraction
+/// epoch against a fine-tuning one (how much sharing can save: it saves feature-extraction
+/// epochs only here), and the floor of early stopping with `min_epochs: 1` — the distinct
+/// epochs every trial computes up to its first rung, which no rule can stop earlier.
+fn limits(reference: &Outcome) -> anyhow::Result<()> {
+    let spec = sweep_core::spec::parse(&format!("{SPEC}{}", RUNS[2].1))?;
+    let rule = spec.early_stopping.context("the ASHA run has early stopping")?;
+    let trials = sweep_core::grid::expand(&spec.grid);
+    let seconds = |t: &sweep_core::grid::Trial, e: u32| reference.seconds.get(&(t.id.clone(), e)).copied();
+    let (mut fe, mut ft) = ((0.0, 0), (0.0, 0));
+    let (mut seen, mut floor) = (std::collections::HashSet::new(), 0.0);
+    let (mut fe_seen, mut fe_distinct) = (std::collections::HashSet::new(), 0.0);
+    for t in &trials {
+        let keys = sweep_core::stages::epoch_keys(&spec, t);
+        for e in 1..=t.epochs() {
+            let s = seconds(t, e).context("the reference stored every epoch")?;
+            let sum = if e <= t.fe_epochs { &mut fe } else { &mut ft };
+            *sum = (sum.0 + s, sum.1 + 1);
+            if e <= t.fe_epochs && fe_seen.insert(keys[e as usize - 1].clone()) {
+                fe_distinct += s;
+            }
+        }
+        let first_rung = (1..t.ft_epochs).find(|&f| rule.decides_at(f, t.ft_epochs)).unwrap_or(t.ft_epochs);
+        for e in 1..=t.fe_epochs + first_rung {
+            if seen.insert(keys[e as usize - 1].clone()) {
+                floor += seconds(t, e).unwrap_or(0.0);
+            }
+        }
+    }
+    let r = (fe.0 / fe.1.max(1) as f64) / (ft.0 / ft.1.max(1) as f64);
+    println!(
+        "\nlimits from the reference's epoch times: a feature-extraction epoch costs {r:.2}× a fine-tuning one; \
+         sharing computes {} of its {} feature-extraction epochs: {:.2}× at these times;",
+        fe_seen.len(),
+        fe.1,
+        (ft.0 + fe_distinct) / (ft.0 + fe.0)
+    );
+    println!(
+        "early stopping's floor (every trial's distinct epochs up to its first rung, fine-tuning epoch 1): \
+         {floor:.1} s, {:.2}× the reference",
+        floor / (fe.0 + ft.0)
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -352,6 +403,7 @@ fn bench() -> anyhow::Result<()> {
             o.stored.len()
         );
     }
+    limits(reference)?;
     // Reuse across sweeps, on the shared run's state directory: the same spec submitted again,
     // then the grid extended by a third strategy (what `sweep extend` submits).
     let shared_state = dir.path().join(RUNS[1].0);
