@@ -60,6 +60,7 @@ macro_rules! store_suite {
                 permanent_failures_count_toward_quarantine_only_where_other_workers_ran_the_sweep,
                 asha_pauses_trials_at_rungs_promotes_the_top_and_stops_the_rest_when_a_rung_closes,
                 a_cancelled_sweep_cancels_trials_stopped_early_and_decides_nothing_more,
+                a_trial_that_failed_at_a_rung_is_judged_there_after_retry,
                 a_shared_stage_runs_once_and_its_epochs_belong_to_every_trial_through_it,
                 when_a_stages_runner_ends_another_trial_of_the_stage_takes_over,
                 with_sharing_off_every_trial_runs_alone,
@@ -818,7 +819,7 @@ fn a_version_1_database_is_upgraded_in_place() {
          DROP TRIGGER trials_progress_log; DROP TABLE progress_log;
          ALTER TABLE sweeps DROP COLUMN sharing; DROP INDEX trials_progress; ALTER TABLE trials DROP COLUMN stored;
          ALTER TABLE sweeps DROP COLUMN dropped_at_ms; DROP TABLE stage_points;
-         ALTER TABLE trials DROP COLUMN paused_at;
+         DROP INDEX trials_paused; ALTER TABLE trials DROP COLUMN paused_at;
          UPDATE meta SET value = 1 WHERE key = 'schema_version';",
     )
     .unwrap();
@@ -931,6 +932,76 @@ sharing: off
     };
     // (t001 was promoted at once at both rungs: it never waited, and no event says it paused.)
     assert_eq!((noted("paused by ASHA"), noted("promoted by ASHA"), noted("stopped by ASHA")), (3, 3, 3));
+    let report = history::check(store.history().unwrap());
+    assert!(report.is_clean(), "{report}");
+}
+
+/// A trial that fails for good while it waits at a rung does not hold the rung open, and
+/// `sweep retry` puts it back at that rung (never past it): the closed rung then stops it. The
+/// attempts that ended in a pause cost nothing of the budget.
+fn a_trial_that_failed_at_a_rung_is_judged_there_after_retry<S: Store>(open: Open<S>) {
+    let spec = "\
+name: ASHA retry
+dataset: { kind: synthetic, classes: 3 }
+grid:
+  backbone: [resnet18]
+  lr_decay: [{ strategy: linear }, { strategy: exponential }]
+  epoch_split: [[1, 2]]
+early_stopping: { strategy: asha, eta: 2 }
+sharing: off
+retries: { max_attempts: 1 }
+";
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    let sweep = submit_text(&mut store, spec);
+    let (w, inc) = register(&mut store, "w", &devices("cpu", 2));
+    let a: Vec<Assignment> = (0..2).map(|_| store.acquire(&w, inc).unwrap().unwrap()).collect();
+    let report = |store: &mut S, i: usize, epoch: u32, val: f64| {
+        store.report_epoch(&w, a[i].attempt_id, &metrics(epoch, 1, val), &extras(1)).unwrap().stop
+    };
+    assert_eq!(report(&mut store, 0, 1, 0.1), None);
+    assert!(matches!(report(&mut store, 0, 2, 0.5), Some(StopReason::Paused(_))));
+    store.finish_attempt(&w, a[0].attempt_id, Outcome::Failed { permanent: true }, "dataset gone", 1.0).unwrap();
+    // t001 arrives: with t000 failed the rung is closed, and t001 (the best of 2) goes on.
+    assert_eq!(report(&mut store, 1, 1, 0.1), None);
+    assert_eq!(report(&mut store, 1, 2, 0.9), None);
+    assert_eq!(report(&mut store, 1, 3, 0.9), None);
+    store.finish_attempt(&w, a[1].attempt_id, Outcome::Succeeded, "", 1.0).unwrap();
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!((status.trials[0].state, status.sweep.state), (TrialState::Failed, SweepState::Failed));
+    // Retried, it is judged at its rung at once: 2nd of 2, where only the top 1 goes on.
+    assert_eq!(store.retry_sweep(&sweep, &[]).unwrap(), vec!["t000".to_string()]);
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!(status.trials[0].state, TrialState::Stopped, "{}", status.trials[0].error);
+    assert!(status.trials[0].error.contains("2nd of the 2 trials"), "{}", status.trials[0].error);
+    assert_eq!(status.sweep.state, SweepState::Completed);
+    assert!(store.acquire(&w, inc).unwrap().is_none(), "it never runs past the rung");
+    let report = history::check(store.history().unwrap());
+    assert!(report.is_clean(), "{report}");
+
+    // Two attempts allowed: the one that ended in a pause does not count, so after a promotion
+    // one retryable failure still leaves t000 an attempt.
+    let spec = spec.replace("max_attempts: 1", "max_attempts: 2");
+    let sweep = submit_text(&mut store, &spec);
+    let t0 = store.acquire(&w, inc).unwrap().unwrap();
+    let t1 = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!((t0.trial_id.as_str(), t1.trial_id.as_str()), ("t000", "t001"));
+    store.report_epoch(&w, t0.attempt_id, &metrics(1, 1, 0.1), &extras(1)).unwrap();
+    assert!(store.report_epoch(&w, t0.attempt_id, &metrics(2, 1, 0.9), &extras(1)).unwrap().stop.is_some());
+    store.finish_attempt(&w, t0.attempt_id, Outcome::Cancelled, "stopped on request", 1.0).unwrap();
+    store.report_epoch(&w, t1.attempt_id, &metrics(1, 1, 0.1), &extras(1)).unwrap();
+    let stop = store.report_epoch(&w, t1.attempt_id, &metrics(2, 1, 0.2), &extras(1)).unwrap().stop;
+    assert!(matches!(stop, Some(StopReason::EarlyStopped(_))), "{stop:?}");
+    store.finish_attempt(&w, t1.attempt_id, Outcome::Cancelled, "stopped on request", 1.0).unwrap();
+    let again = store.acquire(&w, inc).unwrap().expect("t000, promoted");
+    store.finish_attempt(&w, again.attempt_id, Outcome::Failed { permanent: false }, "oom", 1.0).unwrap();
+    let t000 = &store.get_sweep(&sweep).unwrap().trials[0];
+    assert_eq!((t000.state, t000.attempts), (TrialState::Pending, 2), "{}", t000.error);
+    let last = store.acquire(&w, inc).unwrap().expect("t000 again");
+    store.report_epoch(&w, last.attempt_id, &metrics(3, 1, 0.9), &extras(1)).unwrap();
+    store.finish_attempt(&w, last.attempt_id, Outcome::Succeeded, "", 1.0).unwrap();
+    let status = store.get_sweep(&sweep).unwrap();
+    assert_eq!((status.trials[0].state, status.trials[1].state), (TrialState::Completed, TrialState::Stopped));
     let report = history::check(store.history().unwrap());
     assert!(report.is_clean(), "{report}");
 }

@@ -98,6 +98,12 @@ impl EarlyStopping {
         }
     }
 
+    /// Whether fine-tuning epoch `ft_epoch` is one of the rungs (`min_epochs · etaᵏ`), for some
+    /// trial long enough; always false for the median rule, which has no rungs.
+    pub fn is_rung(&self, ft_epoch: u32) -> bool {
+        self.pauses() && self.decides_at(ft_epoch, u32::MAX)
+    }
+
     /// Whether trials pause at decision points to be promoted or stopped later
     /// ([`EarlyStopping::promote`], ASHA) rather than being decided at once
     /// ([`EarlyStopping::decide`], the median rule).
@@ -147,10 +153,12 @@ impl EarlyStopping {
         let mut ranked: Vec<(u32, f64)> = arrived.to_vec();
         ranked.sort_by(|a, b| key(b.1).total_cmp(&key(a.1)).then(a.0.cmp(&b.0)));
         let n = ranked.len();
+        let rank_of: std::collections::HashMap<u32, usize> =
+            ranked.iter().enumerate().map(|(i, (t, _))| (*t, i)).collect();
         let top = if closed { (n / eta as usize).max(1) } else { n / eta as usize };
         let name = self.metric.name();
         for &trial in waiting {
-            let Some(rank) = ranked.iter().position(|(t, _)| *t == trial) else { continue };
+            let Some(&rank) = rank_of.get(&trial) else { continue };
             let shown = self.metric.show(ranked[rank].1);
             let place = format!("{} of the {n} trials at this rung", ordinal(rank + 1));
             if rank < top {

@@ -235,7 +235,13 @@ pub fn train_attempt(
     // epochs other trials share, and whose resume points this trial may start from — when the
     // coordinator runs the sweep's shared epochs once (it says so; an older one does not).
     let tree = StageTree::build(&spec, a.sharing);
-    let keep = tree.shared_stage_ends(trial.index);
+    // Resume points kept past later epochs: the ends of shared stages (branches start there),
+    // and ASHA's rungs (a trial paused there, or credited there by the stage's runner, is
+    // handed out again from that point once promoted).
+    let mut keep = tree.shared_stage_ends(trial.index);
+    if let Some(rule) = spec.early_stopping.filter(|r| r.pauses()) {
+        keep.extend((1..trial.ft_epochs).filter(|&f| rule.decides_at(f, trial.ft_epochs)).map(|f| trial.fe_epochs + f));
+    }
     // The content key of each prefix of the trial's epochs, from the spec as stored (as the
     // coordinator computes them): written beside each resume point, and what a point of
     // another sweep must name to be started from.

@@ -116,7 +116,7 @@ impl TrainingState {
     }
 
     /// [`TrainingState::save`], never removing the points of the epochs in `keep` (the ends of
-    /// stages other trials share: their branches start from them, maybe much later).
+    /// stages other trials share, and ASHA's rungs: trials start again from them, maybe much later).
     pub fn save_keeping(
         &self,
         store: &ArtifactStore,

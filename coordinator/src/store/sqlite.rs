@@ -124,7 +124,8 @@ const MIGRATIONS: &[&str] = &[
     // longer kept (`sweep drop`).
     concat!("ALTER TABLE sweeps ADD COLUMN dropped_at_ms INTEGER;", stage_points!()),
     // 11: ASHA's promotion form: the epoch a trial waits at (a rung) to be promoted or stopped.
-    "ALTER TABLE trials ADD COLUMN paused_at INTEGER;",
+    "ALTER TABLE trials ADD COLUMN paused_at INTEGER;
+     CREATE INDEX IF NOT EXISTS trials_paused ON trials(sweep_id, paused_at);",
 ];
 
 const SCHEMA: &str = "
@@ -175,6 +176,7 @@ CREATE TABLE IF NOT EXISTS trials (
     PRIMARY KEY (sweep_id, idx)
 );
 CREATE INDEX IF NOT EXISTS trials_by_state ON trials(state);
+CREATE INDEX IF NOT EXISTS trials_paused ON trials(sweep_id, paused_at);
 CREATE TABLE IF NOT EXISTS attempts (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     sweep_id      TEXT NOT NULL,
@@ -601,10 +603,13 @@ impl Store for SqliteStore {
         let chosen: Vec<(i64, String)> =
             failed.into_iter().filter(|(_, id)| trial_ids.is_empty() || trial_ids.contains(id)).collect();
         for (idx, _) in &chosen {
+            // One that failed while it waited at a rung (ASHA) waits there again: its rung
+            // decides whether it goes on.
             tx.execute(
-                "UPDATE trials SET state = ?3, error = '', finished_at_ms = NULL, retry_base = attempts
+                "UPDATE trials SET state = CASE WHEN paused_at IS NULL THEN ?3 ELSE ?4 END, error = '',
+                        finished_at_ms = NULL, retry_base = attempts
                  WHERE sweep_id = ?1 AND idx = ?2",
-                params![sweep_id, idx, TrialState::Pending.as_str()],
+                params![sweep_id, idx, TrialState::Pending.as_str(), TrialState::Paused.as_str()],
             )?;
             trial_event_noted(&tx, sweep_id, *idx, None, "re-queued by `sweep retry`", now)?;
         }
@@ -612,6 +617,11 @@ impl Store for SqliteStore {
             // The sweep is open again; it ends (with a new `ended` event) when these do.
             tx.execute("UPDATE sweeps SET finished_at_ms = NULL WHERE id = ?1", [sweep_id])?;
             reconcile_schedulability(&tx, now)?;
+            let rule: Option<String> =
+                tx.query_row("SELECT early_stopping FROM sweeps WHERE id = ?1", [sweep_id], |r| r.get(0))?;
+            if let Some(rule) = rule.as_deref().map(|r| parse_rule(r, sweep_id)).transpose()?.filter(|r| r.pauses()) {
+                settle(&tx, sweep_id, &rule, now, None, 1)?;
+            }
         }
         tx.commit()?;
         Ok(chosen.into_iter().map(|(_, id)| id).collect())
@@ -1261,9 +1271,11 @@ impl Store for SqliteStore {
         // waited).
         let mut verdict = None;
         if let Some(rule) = pausing_rule(&a)?
-            && metrics.epoch > a.fe_epochs
+            && let Some(ft_epoch) = metrics.epoch.checked_sub(a.fe_epochs).filter(|e| *e >= 1)
+            && first
+            && rule.is_rung(ft_epoch)
         {
-            let (promoted, own) = settle(&tx, &a.sweep_id, &rule, now, Some(a.idx))?;
+            let (promoted, own) = settle(&tx, &a.sweep_id, &rule, now, Some(a.idx), ft_epoch)?;
             unblocked |= promoted;
             verdict = own;
         }
@@ -2101,13 +2113,15 @@ fn pause_at_rung(tx: &Connection, a: &CurrentAttempt, epoch: u32) -> Result<Opti
 /// it (every open trial with that many fine-tuning epochs has stored it). A promoted trial is
 /// pending again (a running one just goes on); a stopped one ends `stopped` (a running one when
 /// its attempt ends). One event each, with why — but for trial `own`, whose verdict is returned
-/// for the caller to say. Returns whether a trial was promoted.
+/// for the caller to say. Rungs below fine-tuning epoch `from` are left as they are (a new value
+/// at a rung changes nothing below it). Returns whether a trial was promoted.
 fn settle(
     tx: &Connection,
     sweep_id: &str,
     rule: &EarlyStopping,
     now: i64,
     own: Option<i64>,
+    from: u32,
 ) -> Result<(bool, Option<String>)> {
     let longest: u32 = tx
         .prepare_cached("SELECT COALESCE(MAX(ft_epochs), 0) FROM trials WHERE sweep_id = ?1")?
@@ -2117,10 +2131,17 @@ fn settle(
         Metric::ValLoss => "m.val_loss",
     };
     let (mut promoted, mut stopped, mut verdict) = (false, false, None);
-    for ft_epoch in (1..longest).filter(|&e| rule.decides_at(e, longest)) {
+    for ft_epoch in (from.max(1)..longest).filter(|&e| rule.decides_at(e, longest)) {
+        // Waiting there: paused, or still running the attempt that reached it (a trial that
+        // failed there keeps the rung for `sweep retry`, but is not judged while it is failed).
         let waiting: Vec<u32> = tx
-            .prepare_cached("SELECT idx FROM trials WHERE sweep_id = ?1 AND paused_at = fe_epochs + ?2 ORDER BY idx")?
-            .query_map(params![sweep_id, ft_epoch], |r| r.get(0))?
+            .prepare_cached(
+                "SELECT idx FROM trials INDEXED BY trials_paused
+                 WHERE sweep_id = ?1 AND paused_at = fe_epochs + ?2 AND state IN (?3, ?4) ORDER BY idx",
+            )?
+            .query_map(params![sweep_id, ft_epoch, TrialState::Paused.as_str(), TrialState::Running.as_str()], |r| {
+                r.get(0)
+            })?
             .collect::<rusqlite::Result<_>>()?;
         if waiting.is_empty() {
             continue;
@@ -2135,7 +2156,7 @@ fn settle(
         let open: bool = tx
             .prepare_cached(
                 "SELECT EXISTS(SELECT 1 FROM trials WHERE sweep_id = ?1 AND ft_epochs >= ?2 AND stored < fe_epochs + ?2
-                               AND state IN (?3, ?4, ?5, ?6))",
+                               AND state IN (?3, ?4, ?5, ?6) AND stop_reason IS NULL)",
             )?
             .query_row(params![sweep_id, ft_epoch, OPEN[0], OPEN[1], OPEN[2], OPEN[3]], |r| r.get(0))?;
         let verdicts = rule.promote(ft_epoch, &arrived, &waiting, !open);
@@ -2434,6 +2455,8 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
         origin: String,
         extras: ReportExtras,
         taken: u32,
+        /// It paused at a rung here (what becomes of it, `settle` says).
+        settled: bool,
     }
     let mut taking = Vec::new();
     for t in trials {
@@ -2458,7 +2481,7 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
             ..ReportExtras::default()
         };
         let origin = format!("{}/{source_trial}", point.sweep_id);
-        taking.push(Taking { t, keys, point, rows, origin, extras, taken: 0 });
+        taking.push(Taking { t, keys, point, rows, origin, extras, taken: 0, settled: false });
     }
     // Take rows, in runs: each up to the trial's next rung (ASHA), or to the median rule's stop.
     loop {
@@ -2524,6 +2547,7 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
                 }
                 _ => None,
             };
+            k.settled |= paused.is_some();
             if let Some(why) = &decided {
                 tx.prepare_cached(
                     "UPDATE trials SET state = ?3, stop_reason = ?4, error = ?4, finished_at_ms = ?5
@@ -2542,7 +2566,7 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
         match pausing {
             // The runs taken may promote (or, with every trial there, stop) trials at a rung.
             Some(r) if moved => {
-                settle(tx, sweep_id, &r, now, None)?;
+                settle(tx, sweep_id, &r, now, None, 1)?;
             }
             _ => break,
         }
@@ -2600,7 +2624,10 @@ fn reuse(tx: &Connection, sweep_id: &str, spec: &SweepSpec, trials: &[grid::Tria
             trial_event(tx, sweep_id, idx, None, now)?;
             out.reused_trials += 1;
         } else if state == TrialState::Stopped.as_str() {
-            trial_event(tx, sweep_id, idx, None, now)?;
+            // Stopped by the median rule here (ASHA's stops said so themselves, in `settle`).
+            if !k.settled {
+                trial_event(tx, sweep_id, idx, None, now)?;
+            }
             out.reused_trials += 1;
         }
         out.reused_epochs += u64::from(taken);
@@ -2833,13 +2860,15 @@ fn end_attempt(
         _ => (TrialState::Pending, message.to_string()),
     };
     let finished = state.is_terminal().then_some(now);
-    // The stop that pauses a trial is no failure: that attempt does not count against its
-    // budget. A trial that failed for good no longer waits at a rung.
-    let paused = state == TrialState::Paused;
+    // An attempt the coordinator stopped (to pause its trial at a rung, even if the trial was
+    // promoted before the attempt ended) is no failure: it does not count against the budget.
+    // The wall time of a trial is that of its attempts that ran to a pause or to its end. A
+    // trial that fails for good keeps the rung it waited at (`sweep retry` puts it back there).
+    let asked = end == AttemptState::Cancelled && matches!(state, TrialState::Pending | TrialState::Paused);
     tx.prepare_cached(
         "UPDATE trials SET state = ?3, current_attempt = NULL, error = ?4, finished_at_ms = ?5,
-                wall_seconds = CASE WHEN ?7 THEN ?6 ELSE wall_seconds END,
-                retry_base = retry_base + ?8, paused_at = CASE WHEN ?9 THEN paused_at END
+                wall_seconds = CASE WHEN ?7 THEN wall_seconds + ?6 ELSE wall_seconds END,
+                retry_base = retry_base + ?8
          WHERE sweep_id = ?1 AND idx = ?2",
     )?
     .execute(params![
@@ -2850,8 +2879,7 @@ fn end_attempt(
         finished,
         wall,
         matches!(state, TrialState::Completed | TrialState::Stopped | TrialState::Paused),
-        i64::from(paused && end == AttemptState::Cancelled),
-        paused
+        i64::from(asked),
     ])?;
     trial_event(tx, &sweep_id, idx, None, now)?;
     // A trial that ended may close a rung that waited for it (ASHA).
@@ -2860,7 +2888,7 @@ fn end_attempt(
         && let Some(rule) = early_stopping.as_deref().map(|e| parse_rule(e, &sweep_id)).transpose()?
         && rule.pauses()
     {
-        settle(tx, &sweep_id, &rule, now, None)?;
+        settle(tx, &sweep_id, &rule, now, None, 1)?;
     }
     match end {
         AttemptState::Succeeded => {
