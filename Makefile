@@ -15,12 +15,12 @@ CARGO ?= cargo
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test test-fast build venv lint fmt clean manifests
+.PHONY: demo test test-fast build venv lint fmt clean manifests browser
 
 demo: build
 	target/release/sweep run sweeps/quickstart.yaml --workers 2 --state-dir .sweep/quickstart
 
-test: build
+test: build browser
 	$(CARGO) test --release --workspace
 	bash scripts/check-manifests.sh
 
@@ -34,6 +34,10 @@ build: $(STAMP)
 	$(CARGO) build --release --workspace --bins
 
 venv: $(STAMP)
+
+# The dashboard's browser tests drive Debian's chromium through chromedriver.
+browser:
+	bash scripts/install-browser.sh
 
 $(STAMP): requirements.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

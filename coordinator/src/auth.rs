@@ -158,6 +158,12 @@ impl Tokens {
         self.entries.is_empty()
     }
 
+    /// The role of `token` when the file holds it (compared in constant time): how the
+    /// dashboard checks a bearer header or its login cookie.
+    pub fn authenticate(&self, token: &str) -> Option<Role> {
+        self.find(token.trim().as_bytes()).map(|e| e.role)
+    }
+
     /// The role and name of `token`, comparing in constant time.
     fn find(&self, token: &[u8]) -> Option<&Entry> {
         let mut found = None;

@@ -1,5 +1,5 @@
 //! The coordinator's HTTP endpoints on `--metrics-listen`, beside gRPC: `/metrics` (OpenMetrics
-//! text, which Prometheus reads) and `/healthz`. A new page is a route in [`router`]; the
+//! text, which Prometheus reads), `/healthz`, and the dashboard (`crate::dashboard`). A new page is a route in [`router`]; the
 //! connection bounds are `sweep_session::http`'s.
 //!
 //! | metric | type | what |
@@ -54,12 +54,14 @@ impl Default for CoordinatorMetrics {
     }
 }
 
-/// The routes: `/metrics`, `/healthz` (200 while the store answers, else 503); 404 otherwise.
+/// The routes: `/metrics`, `/healthz` (200 while the store answers, else 503), the dashboard
+/// (`crate::dashboard`); 404 otherwise.
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .fallback(|| async { text(StatusCode::NOT_FOUND, "try /metrics or /healthz\n") })
+        .merge(crate::dashboard::router(Arc::clone(&shared)))
+        .fallback(|| async { text(StatusCode::NOT_FOUND, "try / (the dashboard), /metrics or /healthz\n") })
         .with_state(shared)
 }
 

@@ -135,8 +135,8 @@ pub struct Shared {
     work: Notify,
     /// Per worker with an `AcquireTrial` call open: one of its attempts ended.
     freed: Mutex<HashMap<String, Arc<Notify>>>,
-    events: watch::Sender<u64>,
-    config: Config,
+    pub(crate) events: watch::Sender<u64>,
+    pub(crate) config: Config,
     pub(crate) metrics: Arc<CoordinatorMetrics>,
 }
 

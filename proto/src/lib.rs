@@ -11,6 +11,7 @@ pub mod v1 {
 }
 
 mod convert;
+pub mod json;
 
 pub use convert::outcome_of;
 

@@ -1,6 +1,8 @@
 //! End-to-end tests with real processes: `sweep` (CLI and coordinator) and `sweep-worker`.
 
+mod browser;
 mod cli;
+mod dashboard;
 mod integrity;
 mod kill;
 mod security;
