@@ -104,6 +104,17 @@ impl TlsFiles {
         }
         Ok(config)
     }
+
+    /// The same certificate and key for the HTTP port (no client certificates there: a
+    /// browser has none; the dashboard asks for a token instead).
+    fn http_config(&self) -> anyhow::Result<sweep_session::http::Tls> {
+        use anyhow::Context;
+        let read =
+            |what: &str, p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {what} {}", p.display()));
+        sweep_session::http::tls_from_pem(&read("TLS certificate", &self.cert)?, &read("TLS key", &self.key)?).map_err(
+            |e| anyhow::anyhow!("TLS for the HTTP port ({}, {}): {e}", self.cert.display(), self.key.display()),
+        )
+    }
 }
 
 pub use crate::http::CoordinatorMetrics;
@@ -391,6 +402,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     // Certificates first: a bad file must stop start-up before anything is opened.
     let tls = config.tls.as_ref().map(TlsFiles::server_config).transpose()?;
+    // The HTTP port (metrics, probes, the dashboard) speaks TLS with the same certificate when
+    // there is one: the dashboard's login sends a token.
+    let http_tls = match (&config.tls, config.metrics_listen) {
+        (Some(files), Some(_)) => Some(files.http_config()?),
+        _ => None,
+    };
     let mut store: Box<dyn Store> =
         Box::new(SqliteStore::open_with_clock(&config.state_dir, Arc::clone(&config.clock))?);
     store.set_quarantine_after(config.quarantine_after)?;
@@ -482,9 +499,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let mut metrics_addr = None;
     if let Some(listen) = config.metrics_listen {
-        let (bound, t) = sweep_session::http::serve(listen, crate::http::router(Arc::clone(&shared)))
-            .await
-            .with_context(|| format!("cannot listen on {listen} (metrics)"))?;
+        let (bound, t) = sweep_session::http::serve_with(
+            listen,
+            crate::http::router(Arc::clone(&shared)),
+            sweep_session::http::Limits::default(),
+            http_tls,
+        )
+        .await
+        .with_context(|| format!("cannot listen on {listen} (metrics)"))?;
         metrics_addr = Some(bound);
         side.push(t);
     }

@@ -419,3 +419,62 @@ async fn with_tokens_nothing_is_readable_without_a_viewers_token_by_header_or_lo
     checks.await.unwrap();
     running.stop().await.unwrap();
 }
+
+/// A GET over TLS trusting only `ca_pem`: status and the response head and body.
+async fn tls_get(addr: SocketAddr, ca_pem: &str, request: String) -> Result<String, String> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    tls.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_certificate_the_http_port_speaks_tls_and_the_login_cookie_is_secure() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), dir.path().join("state"));
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.tls = Some(server::TlsFiles { cert: cert_path, key: key_path, client_ca: None });
+    config.tokens = Some(Arc::new(Tokens::parse(&format!("viewer {VIEWER} v\n")).unwrap()));
+    let running = server::start(config).await.unwrap();
+    let addr = running.metrics_addr.unwrap();
+    let pem = cert.cert.pem();
+    let get =
+        |path: &str, extra: &str| format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n");
+    let answer = tls_get(addr, &pem, get("/api/sweeps", &format!("Authorization: Bearer {VIEWER}\r\n"))).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("[]"), "{answer}");
+    let login = format!(
+        "POST /login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\ntoken={VIEWER}",
+        VIEWER.len() + 6
+    );
+    let answer = tls_get(addr, &pem, login).await.unwrap();
+    let cookie = answer.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap_or_default();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("Secure"), "{answer}");
+    // Plain HTTP on that port gets no answer; a client that does not trust the certificate
+    // gets no connection.
+    let (status, _, _) = tokio::task::spawn_blocking(move || http(addr, "GET", "/healthz", &[], "")).await.unwrap();
+    assert_eq!(status, 0, "no plain-text answer");
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    assert!(tls_get(addr, &other.cert.pem(), get("/healthz", "")).await.is_err());
+    running.stop().await.unwrap();
+}

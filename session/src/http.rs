@@ -79,15 +79,44 @@ impl Waiting {
 /// Binds `addr` and serves `app` until the returned task is aborted; returns the bound address
 /// (port 0 picks a free one) and the task.
 pub async fn serve(addr: SocketAddr, app: Router) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    serve_with(addr, app, Limits::default()).await
+    serve_with(addr, app, Limits::default(), None).await
 }
 
-/// [`serve`] with other bounds.
+/// A TLS server configuration for [`serve_with`].
+pub type Tls = Arc<tokio_rustls::rustls::ServerConfig>;
+
+/// TLS from a PEM certificate chain and its PEM private key (PKCS#8, PKCS#1 or SEC1), with
+/// rustls' safe defaults (TLS 1.2 and 1.3) on aws-lc; errors say which part is wrong.
+pub fn tls_from_pem(cert_chain: &[u8], key: &[u8]) -> Result<Tls, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_chain)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("the certificate is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("the certificate file holds no certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("the key is not a PEM private key: {e}"))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("the certificate and key do not go together: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// [`serve`] with other bounds, and TLS on every connection when `tls` is given (a connection
+/// that does not complete its handshake within the head timeout is closed).
 pub async fn serve_with(
     addr: SocketAddr,
     app: Router,
     limits: Limits,
+    tls: Option<Tls>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let max_waiting = limits.max_waiting.max(1);
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -113,12 +142,22 @@ pub async fn serve_with(
                 w.next += 1;
                 w.next
             };
-            let (app, answering, w) = (app.clone(), Arc::clone(&answering), Arc::clone(&waiting));
+            let (app, answering, w, acceptor) =
+                (app.clone(), Arc::clone(&answering), Arc::clone(&waiting), acceptor.clone());
             // Queued before it runs, so it cannot leave the queue before it entered it.
             let (start, started) = tokio::sync::oneshot::channel::<()>();
             let conn = tokio::spawn(async move {
                 if started.await.is_ok() {
-                    connection(stream, app, id, &w, answering, limits).await;
+                    match acceptor {
+                        None => connection(TokioIo::new(stream), app, id, &w, answering, limits).await,
+                        Some(acceptor) => {
+                            if let Ok(Ok(tls)) =
+                                tokio::time::timeout(limits.head_timeout, acceptor.accept(stream)).await
+                            {
+                                connection(TokioIo::new(tls), app, id, &w, answering, limits).await;
+                            }
+                        }
+                    }
                 }
                 Waiting::remove(&w, id);
             });
@@ -130,14 +169,16 @@ pub async fn serve_with(
 }
 
 /// One connection: its request head (while waiting), a place among the answering, the answer.
-async fn connection(
-    stream: tokio::net::TcpStream,
+async fn connection<I>(
+    io: I,
     app: Router,
     id: u64,
     waiting: &Arc<Mutex<Waiting>>,
     answering: Arc<Semaphore>,
     limits: Limits,
-) {
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     // The place this connection holds once its request has arrived, for as long as it lives.
     let place: Arc<Mutex<Option<OwnedSemaphorePermit>>> = Arc::default();
     let handle = {
@@ -163,7 +204,7 @@ async fn connection(
     };
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(false).timer(TokioTimer::new()).header_read_timeout(limits.head_timeout).max_buf_size(MAX_HEAD);
-    let _ = http.serve_connection(TokioIo::new(stream), handle).await;
+    let _ = http.serve_connection(io, handle).await;
 }
 
 /// A plain-text answer.
@@ -284,7 +325,7 @@ mod tests {
     #[tokio::test]
     async fn server_sent_events_stream_and_a_slow_handler_is_cut_off() {
         let limits = Limits { handler_timeout: Duration::from_secs(1), ..Limits::default() };
-        let (addr, task) = serve_with("127.0.0.1:0".parse().unwrap(), app(), limits).await.unwrap();
+        let (addr, task) = serve_with("127.0.0.1:0".parse().unwrap(), app(), limits, None).await.unwrap();
         let events = request(addr, "GET /events HTTP/1.1\r\nHost: a\r\n\r\n").await;
         assert!(events.contains("content-type: text/event-stream"), "{events}");
         for i in 0..3 {

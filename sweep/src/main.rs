@@ -179,10 +179,11 @@ enum Command {
         /// speak TLS).
         #[arg(long, env = "SWEEP_HEALTH_LISTEN", value_name = "ADDR")]
         health_listen: Option<std::net::SocketAddr>,
-        /// Serve Prometheus `/metrics` and `/healthz` over HTTP here.
+        /// Serve Prometheus `/metrics`, `/healthz` and the web dashboard (`/`) over HTTP here
+        /// (HTTPS with the certificate of `--tls-cert` when given).
         #[arg(long, env = "SWEEP_METRICS_LISTEN", value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
-        /// TLS certificate (PEM, with its chain) of the gRPC port.
+        /// TLS certificate (PEM, with its chain) of the gRPC port and the HTTP port.
         #[arg(long, env = "SWEEP_TLS_CERT", value_name = "FILE", requires = "tls_key")]
         tls_cert: Option<PathBuf>,
         /// TLS key (PEM).
