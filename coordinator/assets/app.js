@@ -306,6 +306,9 @@ function parallel(board) {
   return svg;
 }
 
+/** Where the coordinator serves a trial's `best` or `last` checkpoint file. */
+const checkpointUrl = (sweepId, trial, kind) => `/api/sweeps/${enc(sweepId)}/trials/${enc(trial)}/checkpoints/${kind}`;
+
 function leaderboardTable(board, trials, sweepId) {
   const byId = new Map(trials.map((t) => [t.trial, t]));
   return sortable([
@@ -321,6 +324,8 @@ function leaderboardTable(board, trials, sweepId) {
     ['parameters', (e) => e.parameters, (e) => count(e.parameters), true],
     ['wall', (e) => e.wall_seconds, (e) => duration(e.wall_seconds), true],
     ['shared / reused', (e) => sharedLabel(byId.get(e.trial) || { metrics: [] })],
+    ['checkpoint', (e) => (e.checkpoints.best ? 1 : 0),
+      (e) => (e.checkpoints.best ? el('a', { href: checkpointUrl(sweepId, e.trial, 'best'), download: '' }, 'best ↓') : '–')],
   ], board, 'leaderboard');
 }
 
@@ -367,7 +372,9 @@ async function sweepView(id) {
 async function trialView(id, trialId) {
   const t = await api(`/api/sweeps/${enc(id)}/trials/${enc(trialId)}`);
   const width = Math.min(900, main.clientWidth - 20);
-  const cp = (c, name) => (c ? el('li', {}, `${name}: `, el('code', {}, c.uri), ` (epoch ${c.epoch}, ${count(c.bytes)} bytes, sha256 ${String(c.sha256).slice(0, 12)}…)`) : null);
+  const cp = (c, name) => (c ? el('li', {}, `${name}: `,
+    el('a', { href: checkpointUrl(id, t.trial, name), download: '', class: `download-${name}` }, 'download'),
+    ' ', el('code', {}, c.uri), ` (epoch ${c.epoch}, ${count(c.bytes)} bytes, sha256 ${String(c.sha256).slice(0, 12)}…)`) : null);
   show(
     el('p', {}, el('a', { href: `#/sweep/${enc(id)}` }, `← sweep ${id}`)),
     el('h1', {}, `trial ${t.trial}: ${t.backbone} ${lrLabel(t.lr_decay)} ${split(t.epoch_split)} — `, el('span', { class: `state-${t.state}` }, t.state)),

@@ -9,6 +9,7 @@
 //! | `/api/sweeps` | every sweep (`sweep list -o json`), each with `best_val_accuracy` |
 //! | `/api/sweeps/ID` | `sweep export ID -o json`: the sweep, every trial with its epochs and attempts, and the leaderboard (`sweep leaderboard -o json`) |
 //! | `/api/sweeps/ID/trials/T` | `sweep trial ID T -o json`, with the trial's events |
+//! | `/api/sweeps/ID/trials/T/checkpoints/best` (or `last`) | the checkpoint file, from the artifact store of `--artifacts`, checked against the SHA-256 its reference holds |
 //! | `/api/workers` | `sweep workers -o json` |
 //! | `/api/sweeps/ID/events` | server-sent events: every event of the sweep after `Last-Event-ID` (or `?after=N`), each with its sequence number as its id, then the new ones as they are stored |
 //! | `/login`, `/logout` | with `--tokens`: a form that sets the token as an HttpOnly cookie, and its removal |
@@ -65,6 +66,7 @@ pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/api/sweeps", get(sweeps))
         .route("/api/sweeps/{id}", get(sweep))
         .route("/api/sweeps/{id}/trials/{trial}", get(trial))
+        .route("/api/sweeps/{id}/trials/{trial}/checkpoints/{kind}", get(checkpoint))
         .route("/api/sweeps/{id}/events", get(events))
         .route("/api/workers", get(workers))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&shared), guard));
@@ -370,6 +372,112 @@ async fn trial(State(shared): State<Arc<Shared>>, Path((id, trial_id)): Path<(St
         }
         Err(s) => failed(s),
     }
+}
+
+/// A trial's best or last checkpoint, as a download: fetched from the artifact store into the
+/// state directory's `downloads/`, its SHA-256 compared with the reference's, then sent (a file
+/// that does not match is not sent: `409`).
+async fn checkpoint(
+    State(shared): State<Arc<Shared>>,
+    Path((id, trial_id, kind)): Path<(String, String, String)>,
+) -> Response {
+    if kind != "best" && kind != "last" {
+        return error(StatusCode::NOT_FOUND, "a trial has a `best` and a `last` checkpoint");
+    }
+    let read = shared.call(move |s| Ok((s.get_sweep(&id)?.sweep.id, s.trial(&id, &trial_id)?))).await;
+    let (sweep_id, detail) = match read {
+        Ok(d) => d,
+        Err(s) => return failed(s),
+    };
+    let trial_id = detail.trial.trial_id.clone();
+    let reference = if kind == "best" { detail.best_checkpoint } else { detail.last_checkpoint };
+    let Some(c) = reference else {
+        return error(StatusCode::NOT_FOUND, &format!("trial {trial_id} of {sweep_id} has no {kind} checkpoint yet"));
+    };
+    let Some(store) = shared.artifacts.clone() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "this coordinator was started without --artifacts, so it cannot read the file; it is at {}",
+                sweep_core::text::escape(&c.uri)
+            ),
+        );
+    };
+    let key = match store.key_of(&c.uri) {
+        Ok(k) if k.ends_with(".safetensors") => k,
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "{} is not a checkpoint in this coordinator's artifact store {}",
+                    sweep_core::text::escape(&c.uri),
+                    store.location()
+                ),
+            );
+        }
+    };
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let local = store.scratch().join(format!(
+        "{}-{}.safetensors",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let (sha256, bytes) = match store.get_file(&key, &local).await {
+        Ok(got) => got,
+        Err(sweep_artifacts::ArtifactError::NotFound { uri }) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("{uri} is gone from the artifact store (collected by `sweep gc`?)"),
+            );
+        }
+        Err(e) => return error(StatusCode::BAD_GATEWAY, &format!("the artifact store: {e}")),
+    };
+    let file = tokio::fs::File::open(&local).await;
+    // Open, the file can go: it is read to its end and then closed.
+    let _ = std::fs::remove_file(&local);
+    if !c.sha256.eq_ignore_ascii_case(&sha256) {
+        return error(
+            StatusCode::CONFLICT,
+            &format!(
+                "the stored file {} does not match its reference (SHA-256 {sha256}, the reference says {}): not sent",
+                sweep_core::text::escape(&c.uri),
+                sweep_core::text::escape(&c.sha256)
+            ),
+        );
+    }
+    let Ok(mut file) = file else { return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the downloaded copy") };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            match file.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    if tx.send(Ok(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    });
+    let name = format!("{sweep_id}-{trial_id}-{kind}-e{}.safetensors", c.epoch);
+    let mut r = Response::new(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes));
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{}\"", name.replace(['"', '\\'], "_"))) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&sha256) {
+        h.insert("x-checkpoint-sha256", v);
+    }
+    harden(&mut r);
+    r
 }
 
 async fn workers(State(shared): State<Arc<Shared>>) -> Response {

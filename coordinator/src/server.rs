@@ -74,6 +74,9 @@ pub struct Config {
     pub health_listen: Option<SocketAddr>,
     /// HTTP `/metrics` (Prometheus) and `/healthz`.
     pub metrics_listen: Option<SocketAddr>,
+    /// The artifact store the workers write checkpoints to (a directory or `s3://bucket/prefix`,
+    /// as their `--artifacts`): the dashboard serves checkpoints from it. `None`: no downloads.
+    pub artifacts: Option<String>,
     /// Where the store's timestamps and the lease reaper's time come from (the system clock;
     /// tests move a [`crate::clock::ManualClock`] instead of sleeping through TTLs).
     pub clock: Arc<dyn Clock>,
@@ -133,6 +136,7 @@ impl Config {
             tokens: None,
             health_listen: None,
             metrics_listen: None,
+            artifacts: None,
             clock: Arc::new(SystemClock),
             reaper_every: None,
         }
@@ -149,6 +153,8 @@ pub struct Shared {
     pub(crate) events: watch::Sender<u64>,
     pub(crate) config: Config,
     pub(crate) metrics: Arc<CoordinatorMetrics>,
+    /// Where checkpoints are downloaded from (`Config::artifacts`).
+    pub(crate) artifacts: Option<Arc<sweep_artifacts::ArtifactStore>>,
 }
 
 /// A store call: runs on the store thread inside a batch and returns what answers its caller
@@ -410,6 +416,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let mut store: Box<dyn Store> =
         Box::new(SqliteStore::open_with_clock(&config.state_dir, Arc::clone(&config.clock))?);
+    // Checkpoint downloads pass through `<state>/downloads` (emptied at each start).
+    let artifacts = match &config.artifacts {
+        Some(location) => {
+            let scratch = config.state_dir.join("downloads");
+            let _ = std::fs::remove_dir_all(&scratch);
+            std::fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
+            let store = sweep_artifacts::ArtifactStore::open(location, &scratch, tokio::runtime::Handle::current())
+                .with_context(|| format!("the artifact store {location}"))?;
+            Some(Arc::new(store))
+        }
+        None => None,
+    };
     store.set_quarantine_after(config.quarantine_after)?;
     let last = store.last_sequence()?;
     let (events, _) = watch::channel(last);
@@ -427,6 +445,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         events,
         config: config.clone(),
         metrics,
+        artifacts,
     });
 
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -478,3 +478,92 @@ async fn with_a_certificate_the_http_port_speaks_tls_and_the_login_cookie_is_sec
     assert!(tls_get(addr, &other.cert.pem(), get("/healthz", "")).await.is_err());
     running.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_download_from_the_artifact_store_only_as_their_reference_says() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let artifacts = dir.path().join("artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let artifacts = artifacts.canonicalize().unwrap();
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), dir.path().join("state"));
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.artifacts = Some(artifacts.display().to_string());
+    let running = server::start(config).await.unwrap();
+    let (url, addr) = (format!("http://{}", running.addr), running.metrics_addr.unwrap());
+    let (sweep, w, attempt) = submit_and_report(&url, None, None).await;
+    // Epoch 3's weights, written where a worker puts them, and reported with their hash.
+    let file = artifacts.join(&sweep).join("t000").join("best.safetensors");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let weights = b"not really safetensors, but bytes all the same".repeat(1000);
+    std::fs::write(&file, &weights).unwrap();
+    let sha = sha2::Sha256::digest(&weights).iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let reference = v1::CheckpointRef {
+        uri: file.display().to_string(),
+        sha256: sha.clone(),
+        bytes: weights.len() as u64,
+        epoch: 3,
+    };
+    let channel = Channel::from_shared(url.clone()).unwrap().connect().await.unwrap();
+    let mut workers = WorkerServiceClient::new(channel);
+    let m = v1::EpochMetrics {
+        epoch: 3,
+        phase: "fine_tuning".into(),
+        train_loss: 1.0,
+        train_accuracy: 0.5,
+        val_loss: 1.0,
+        val_accuracy: 0.9,
+        seconds: 2.0,
+        ..Default::default()
+    };
+    workers
+        .report_epoch(v1::ReportEpochRequest {
+            attempt_id: attempt,
+            metrics: Some(m),
+            best_checkpoint: Some(reference),
+            worker_id: w.worker_id.clone(),
+            session: w.session.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let path = format!("/api/sweeps/{sweep}/trials/t000/checkpoints/best");
+    let checks = tokio::task::spawn_blocking(move || {
+        let (status, headers, body) = http(addr, "GET", &path, &[], "");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body.as_bytes(), &weights[..], "the file, whole");
+        assert_eq!(header(&headers, "x-checkpoint-sha256"), Some(sha.as_str()));
+        let disposition = header(&headers, "content-disposition").unwrap();
+        assert!(disposition.contains(&format!("{sweep}-t000-best-e3.safetensors")), "{disposition}");
+        // What cannot be served says why.
+        for (p, code, says) in [
+            (format!("/api/sweeps/{sweep}/trials/t001/checkpoints/last"), 404, "no last checkpoint yet"),
+            (format!("/api/sweeps/{sweep}/trials/t000/checkpoints/state"), 404, "`best` and a `last`"),
+            (format!("/api/sweeps/{sweep}/trials/t009/checkpoints/best"), 404, "t009"),
+        ] {
+            let (status, _, body) = http(addr, "GET", &p, &[], "");
+            assert_eq!(status, code, "{p}: {body}");
+            assert!(body.contains(says), "{p}: {body}");
+        }
+        // A file changed in the store is not sent; one gone says so.
+        std::fs::write(&file, b"tampered").unwrap();
+        let (status, _, body) = http(addr, "GET", &path, &[], "");
+        assert_eq!(status, 409, "{body}");
+        assert!(body.contains("does not match its reference"), "{body}");
+        std::fs::remove_file(&file).unwrap();
+        let (status, _, body) = http(addr, "GET", &path, &[], "");
+        assert_eq!(status, 404, "{body}");
+        assert!(body.contains("gone from the artifact store"), "{body}");
+    });
+    checks.await.unwrap();
+    running.stop().await.unwrap();
+
+    // A coordinator that does not know the store says where the file is.
+    let (_dir, running, url, addr) = start(None).await;
+    let (sweep, _w, _attempt) = submit_and_report(&url, None, None).await;
+    let path = format!("/api/sweeps/{sweep}/trials/t000/checkpoints/last");
+    let (status, _, body) = tokio::task::spawn_blocking(move || http(addr, "GET", &path, &[], "")).await.unwrap();
+    assert_eq!(status, 404);
+    assert!(body.contains("no last checkpoint yet") || body.contains("without --artifacts"), "{body}");
+    running.stop().await.unwrap();
+}

@@ -196,6 +196,10 @@ enum Command {
         /// viewer, worker); without it every call is allowed.
         #[arg(long, env = "SWEEP_TOKENS", value_name = "FILE")]
         tokens: Option<PathBuf>,
+        /// The workers' artifact store (a directory or s3://bucket/prefix, as their
+        /// `--artifacts`): the dashboard offers checkpoint downloads from it.
+        #[arg(long, env = "SWEEP_ARTIFACTS", value_name = "LOCATION")]
+        artifacts: Option<String>,
     },
     /// Run a sweep on this machine: an embedded coordinator, N local workers, progress, the
     /// leaderboard.
@@ -498,11 +502,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             tls_key,
             client_ca,
             tokens,
+            artifacts,
         } => {
             init_logging();
             let mut config = sweep_coordinator::server::Config::new(listen, state_dir);
             config.health_listen = health_listen;
             config.metrics_listen = metrics_listen;
+            config.artifacts = artifacts;
             if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
                 config.tls = Some(sweep_coordinator::server::TlsFiles { cert, key, client_ca });
             }

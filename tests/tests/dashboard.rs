@@ -139,6 +139,16 @@ fn every_page_loads_shows_the_leaderboards_numbers_and_updates_live() {
     let text = text.as_str().unwrap();
     assert!(text.contains("best.safetensors") && text.contains("Attempts") && text.contains("w1"), "{text}");
     assert!(b.run("return document.querySelectorAll('#events div').length", vec![]).as_u64().unwrap() >= 3);
+    // Its checkpoints are links to their download (this coordinator has no --artifacts: the
+    // answer says where the file is instead).
+    let href =
+        b.run("const a = document.querySelector('a.download-best'); return a ? a.getAttribute('href') : null", vec![]);
+    assert_eq!(href.as_str().unwrap(), format!("/api/sweeps/{id}/trials/{top}/checkpoints/best"));
+    let answer = b.run_async(
+        "const done = arguments[0]; fetch(document.querySelector('a.download-best').href).then(async r => done([r.status, await r.text()]))",
+    );
+    assert_eq!(answer[0], 404);
+    assert!(answer[1].as_str().unwrap().contains("without --artifacts"), "{answer}");
     b.screenshot(&shots.join("trial.png"));
 
     // The failed attempt's message, from a worker: text, its escape character shown escaped.
