@@ -325,6 +325,30 @@ impl Client {
         Ok(if completed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
     }
 
+    /// `sweep best`: the top trial's best checkpoint (the leaderboard's first trial that has
+    /// one: completed trials rank before stopped ones).
+    pub async fn best(&mut self, id: &str, format: Format) -> anyhow::Result<()> {
+        let board = self.get_leaderboard(id).await?;
+        let Some(e) = board.entries.iter().find(|e| e.best_checkpoint.is_some()) else {
+            bail!("no trial of sweep {} has a best checkpoint yet ({})", board.sweep_id, board.sweep_state);
+        };
+        let c = e.best_checkpoint.as_ref().expect("found with one");
+        match format {
+            Format::Json => {
+                let entry = output::leaderboard_json(&v1::Leaderboard { entries: vec![e.clone()], ..board.clone() });
+                println!("{}", serde_json::to_string_pretty(&entry[0])?);
+            }
+            Format::Table => println!("{}", output::terminal(&c.uri)),
+        }
+        if e.rank != 1 {
+            output::eprint(&format!(
+                "note: the top trial has no best checkpoint yet; this is rank {}'s ({})",
+                e.rank, e.trial_id
+            ));
+        }
+        Ok(())
+    }
+
     pub async fn trial(&mut self, id: &str, trial: &str, format: Format) -> anyhow::Result<()> {
         let d = self.get_trial(id, trial).await?;
         match format {

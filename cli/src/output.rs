@@ -591,9 +591,17 @@ pub fn trial_detail_text(d: &v1::TrialDetail) -> String {
     right(&mut t, &[0, 2, 3, 4, 5, 6]);
     out.push_str(&t.to_string());
     out.push_str("\n\n");
-    let mut a = table(&["attempt", "worker", "state", "error"]);
-    for at in &d.attempts {
-        a.add_row(vec![at.attempt_id.to_string(), at.worker_id.clone(), at.state.clone(), at.error.clone()]);
+    // Numbered within the trial (1, 2, …), as status and watch count them; the id is the
+    // coordinator's, shared by every trial.
+    let mut a = table(&["attempt", "id", "worker", "state", "error"]);
+    for (n, at) in d.attempts.iter().enumerate() {
+        a.add_row(vec![
+            (n + 1).to_string(),
+            at.attempt_id.to_string(),
+            at.worker_id.clone(),
+            at.state.clone(),
+            at.error.clone(),
+        ]);
     }
     out.push_str(&a.to_string());
     out

@@ -7,14 +7,17 @@ const main = document.getElementById('main');
 const liveBadge = document.getElementById('live');
 let stream = null; // the EventSource of the view shown, if any
 let charts = []; // uPlot instances of the view shown
+let refreshTimer = null; // a live refresh of the view shown, waiting
+let view = 0; // which view is shown: a view that is no longer shown draws nothing
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/** A name as text: control characters (C0, DEL, C1) shown as `\u{…}` escapes. */
+/** A name as text: control characters (C0, DEL, C1, line and paragraph separators, and the
+ * bidirectional controls that would reorder what is shown) as `\u{…}` escapes. */
 function clean(s) {
-  return String(s ?? '').replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g,
+  return String(s ?? '').replace(/[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]/g,
     (c) => '\\u{' + c.charCodeAt(0).toString(16) + '}');
 }
 
@@ -110,7 +113,9 @@ function sortable(columns, rows, id) {
 }
 
 function stop() {
+  view += 1;
   if (stream) { stream.close(); stream = null; }
+  if (refreshTimer) { clearTimeout(refreshTimer); refreshTimer = null; }
   liveBadge.hidden = true;
   for (const c of charts) c.destroy();
   charts = [];
@@ -130,7 +135,9 @@ function fail(e) {
 // ---------------------------------------------------------------------------------------------
 
 async function sweepsView() {
+  const mine = view;
   const sweeps = await api('/api/sweeps');
+  if (mine !== view) return;
   const filter = el('input', { id: 'filter', placeholder: 'filter by name or id', type: 'search' });
   const holder = el('div');
   const render = () => {
@@ -330,7 +337,9 @@ function leaderboardTable(board, trials, sweepId) {
 }
 
 async function sweepView(id) {
+  const mine = view;
   const d = await api(`/api/sweeps/${enc(id)}`);
+  if (mine !== view) return;
   let by = 'backbone';
   const width = Math.min(1100, main.clientWidth - 20);
   const render = (data) => {
@@ -353,24 +362,33 @@ async function sweepView(id) {
     );
   };
   render(d);
-  // Live: every new event of the sweep (resumed after the last one seen on a reconnect) reads
-  // the sweep again, at most twice a second.
-  let pending = null;
-  stream = new EventSource(`/api/sweeps/${enc(d.id)}/events?after=${d.sequence}`);
+  // Live: new events of the sweep (resumed after the last one seen on a reconnect) read the
+  // sweep again: at most one read at a time, at most twice a second, none once the view is left.
+  let reading = false; let again = false;
   const refresh = () => {
-    if (pending) return;
-    pending = setTimeout(async () => {
-      pending = null;
-      try { render(await api(`/api/sweeps/${enc(d.id)}`)); } catch (e) { fail(e); }
+    if (reading || refreshTimer) { again = true; return; }
+    refreshTimer = setTimeout(async () => {
+      refreshTimer = null; reading = true; again = false;
+      try {
+        const fresh = await api(`/api/sweeps/${enc(d.id)}`);
+        if (mine === view) render(fresh);
+      } catch (e) { if (mine === view) fail(e); }
+      reading = false;
+      if (again && mine === view) refresh();
     }, 500);
   };
-  for (const kind of ['epoch', 'trial', 'ended', 'snapshot']) stream.addEventListener(kind, refresh);
+  stream = new EventSource(`/api/sweeps/${enc(d.id)}/events?after=${d.sequence}`);
+  for (const kind of ['epoch', 'trial', 'snapshot']) stream.addEventListener(kind, refresh);
+  // The sweep ended: one last read, and nothing more to follow.
+  stream.addEventListener('ended', () => { refresh(); if (stream) { stream.close(); stream = null; } liveBadge.hidden = true; });
   stream.onopen = () => { liveBadge.hidden = false; };
   stream.onerror = () => { liveBadge.hidden = true; };
 }
 
 async function trialView(id, trialId) {
+  const mine = view;
   const t = await api(`/api/sweeps/${enc(id)}/trials/${enc(trialId)}`);
+  if (mine !== view) return;
   const width = Math.min(900, main.clientWidth - 20);
   const cp = (c, name) => (c ? el('li', {}, `${name}: `,
     el('a', { href: checkpointUrl(id, t.trial, name), download: '', class: `download-${name}` }, 'download'),
@@ -392,10 +410,10 @@ async function trialView(id, trialId) {
     ], t.metrics, 'epochs'),
     el('h2', {}, 'Attempts'),
     sortable([
-      ['attempt', (a) => a.n, null, true], ['id', (a) => a.attempt, null, true], ['worker', (a) => a.worker], ['state', (a) => a.state],
+      ['attempt', (a) => a.number, null, true], ['id', (a) => a.attempt, null, true], ['worker', (a) => a.worker], ['state', (a) => a.state],
       ['started', (a) => a.started_at_ms, (a) => when(a.started_at_ms)], ['ended', (a) => a.ended_at_ms, (a) => when(a.ended_at_ms)],
       ['error', (a) => a.error],
-    ], t.attempts.map((a, i) => ({ ...a, n: i + 1 })), 'attempts'),
+    ], t.attempts, 'attempts'),
     el('h2', {}, 'Events'),
     el('div', { class: 'events', id: 'events' }, t.events.map((e) => el('div', {},
       `#${e.sequence} ${e.type}${e.metrics ? ` epoch ${e.metrics.epoch} val ${pct(e.metrics.val_accuracy)}` : ''}${e.trial ? ' → ' + e.trial.state : ''}${e.note ? ': ' + e.note : ''}`))),
@@ -403,7 +421,9 @@ async function trialView(id, trialId) {
 }
 
 async function workersView() {
+  const mine = view;
   const workers = await api('/api/workers');
+  if (mine !== view) return;
   show(el('h1', {}, 'Workers'), workers.length === 0
     ? el('p', { class: 'muted' }, 'no workers registered; start one with sweep-worker --coordinator URL')
     : sortable([
@@ -417,7 +437,9 @@ async function workersView() {
 }
 
 async function compareView(ids) {
+  const mine = view;
   const sweeps = await Promise.all(ids.map((id) => api(`/api/sweeps/${enc(id)}`)));
+  if (mine !== view) return;
   const rows = sweeps.flatMap((s) => s.leaderboard.map((e) => ({ ...e, sweep: s.id, sweepName: s.name })));
   rows.sort((a, b) => (b.best_val_accuracy ?? -1) - (a.best_val_accuracy ?? -1));
   show(
@@ -439,8 +461,8 @@ async function compareView(ids) {
 
 async function route() {
   stop();
-  const parts = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
   try {
+    const parts = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
     if (parts[0] === 'sweep' && parts[1] && parts[2] === 'trial' && parts[3]) await trialView(parts[1], parts[3]);
     else if (parts[0] === 'sweep' && parts[1]) await sweepView(parts[1]);
     else if (parts[0] === 'workers') await workersView();

@@ -39,8 +39,18 @@ use tonic::Status;
 use crate::auth::Role;
 use crate::server::Shared;
 
-/// The cookie the login form sets.
+/// The cookie the login form sets: over TLS with the `__Host-` prefix (Secure, this host's
+/// site only, no Domain), which browsers refuse without TLS.
 const COOKIE: &str = "sweep_token";
+const SECURE_COOKIE: &str = "__Host-sweep_token";
+/// How long a login lasts.
+const LOGIN_SECONDS: u32 = 12 * 3600;
+/// A server-sent event stream ends after this long (the browser reconnects at once, from the
+/// last event it saw), so a tab left open, or a peer gone without closing, holds no connection
+/// for long.
+const STREAM_LIFETIME: Duration = Duration::from_secs(300);
+/// Checkpoint downloads at once (each is staged whole on the coordinator's disk first).
+const DOWNLOADS: usize = 2;
 /// Events sent per store read of a stream.
 const EVENT_PAGE: usize = 500;
 /// A comment line keeps an idle stream (and the proxies on its way) open.
@@ -83,15 +93,19 @@ pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
 
 /// The token a request carries: its bearer header, else the login cookie.
 fn token_of(headers: &HeaderMap) -> Option<String> {
-    if let Some(h) = headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()) {
-        let t = h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")).unwrap_or("");
-        return Some(t.trim().to_string());
+    // A bearer header wins; another scheme (a proxy's Basic auth) is not ours: the cookie then.
+    if let Some(h) = headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok())
+        && h.len() > 7
+        && h.is_char_boundary(7)
+        && h[..7].eq_ignore_ascii_case("bearer ")
+    {
+        return Some(h[7..].trim().to_string());
     }
     for cookies in headers.get_all(header::COOKIE) {
         let Ok(cookies) = cookies.to_str() else { continue };
         for c in cookies.split(';') {
             if let Some((name, value)) = c.trim().split_once('=')
-                && name == COOKIE
+                && (name == COOKIE || name == SECURE_COOKIE)
             {
                 return Some(percent_decode(value));
             }
@@ -102,7 +116,17 @@ fn token_of(headers: &HeaderMap) -> Option<String> {
 
 /// With tokens, lets through only a viewer's token or above.
 async fn guard(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
-    let Some(tokens) = &shared.config.tokens else { return next.run(request).await };
+    let Some(tokens) = &shared.config.tokens else {
+        // Clients prove who they are by certificate on the gRPC port; a browser brings none, so
+        // without tokens the dashboard would be open to anyone who reaches this port.
+        if shared.config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "this coordinator checks clients by certificate (--client-ca); its dashboard needs --tokens",
+            );
+        }
+        return next.run(request).await;
+    };
     let page = !request.uri().path().starts_with("/api/");
     match token_of(request.headers()).and_then(|t| tokens.authenticate(&t)) {
         Some(Role::Admin | Role::Client | Role::Viewer) => next.run(request).await,
@@ -126,7 +150,16 @@ async fn login_form() -> Response {
 
 /// `token=…` from the form: a valid token becomes the HttpOnly cookie; anything else is the form
 /// again with a message.
+/// Whether a form post comes from this site's own page (browsers say so in `Sec-Fetch-Site`;
+/// a request that says nothing comes from a script, not from another site's page).
+fn same_origin(headers: &HeaderMap) -> bool {
+    headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()).is_none_or(|v| v == "same-origin" || v == "none")
+}
+
 async fn login(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    if !same_origin(&headers) {
+        return error(StatusCode::FORBIDDEN, "a login must come from this dashboard's own page");
+    }
     let token = form_field(&body, "token").unwrap_or_default();
     let role = match &shared.config.tokens {
         None => Some(Role::Admin),
@@ -134,11 +167,18 @@ async fn login(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byte
     };
     match role {
         Some(Role::Admin | Role::Client | Role::Viewer) => {
-            let secure = if shared.config.tls.is_some() || forwarded_https(&headers) { "; Secure" } else { "" };
-            let cookie = format!(
-                "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age=2592000{secure}",
-                percent_encode(&token)
-            );
+            let cookie = if shared.config.tls.is_some() {
+                format!(
+                    "{SECURE_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={LOGIN_SECONDS}; Secure",
+                    percent_encode(&token)
+                )
+            } else {
+                let secure = if forwarded_https(&headers) { "; Secure" } else { "" };
+                format!(
+                    "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={LOGIN_SECONDS}{secure}",
+                    percent_encode(&token)
+                )
+            };
             let mut r = StatusCode::SEE_OTHER.into_response();
             r.headers_mut().insert(header::LOCATION, HeaderValue::from_static("/"));
             if let Ok(v) = HeaderValue::from_str(&cookie) {
@@ -153,12 +193,19 @@ async fn login(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byte
     }
 }
 
-async fn logout() -> Response {
+async fn logout(headers: HeaderMap) -> Response {
+    if !same_origin(&headers) {
+        return error(StatusCode::FORBIDDEN, "a logout must come from this dashboard's own page");
+    }
     let mut r = StatusCode::SEE_OTHER.into_response();
     r.headers_mut().insert(header::LOCATION, HeaderValue::from_static("/login"));
-    r.headers_mut().insert(
+    r.headers_mut().append(
         header::SET_COOKIE,
         HeaderValue::from_static("sweep_token=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+    );
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        HeaderValue::from_static("__Host-sweep_token=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0; Secure"),
     );
     r
 }
@@ -346,6 +393,8 @@ async fn trial(State(shared): State<Arc<Shared>>, Path((id, trial_id)): Path<(St
     let read = shared
         .call(move |s| {
             let detail = s.trial(&id, &trial_id)?;
+            // The trial as stored (the URL may spell it otherwise).
+            let trial_id = detail.trial.trial_id.clone();
             let sweep_id = s.get_sweep(&id)?.sweep.id;
             let mut events = Vec::new();
             let mut after = 0;
@@ -416,12 +465,20 @@ async fn checkpoint(
             );
         }
     };
+    // Each download is staged whole on this disk first: a few at a time.
+    static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DOWNLOADS);
+    let Ok(_slot) = SLOTS.try_acquire() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "other checkpoint downloads are under way; try again shortly");
+    };
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let local = store.scratch().join(format!(
         "{}-{}.safetensors",
         std::process::id(),
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
+    // Whatever ends this (an error, a client gone, the handler's timeout), the staged copy and
+    // the partial file of a cut download go.
+    let _staged = Staged(local.clone());
     let (sha256, bytes) = match store.get_file(&key, &local).await {
         Ok(got) => got,
         Err(sweep_artifacts::ArtifactError::NotFound { uri }) => {
@@ -430,7 +487,13 @@ async fn checkpoint(
                 &format!("{uri} is gone from the artifact store (collected by `sweep gc`?)"),
             );
         }
-        Err(e) => return error(StatusCode::BAD_GATEWAY, &format!("the artifact store: {e}")),
+        Err(e) => {
+            tracing::warn!(error = %e, "a checkpoint download failed");
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "the artifact store did not deliver the file (the coordinator's log says why)",
+            );
+        }
     };
     let file = tokio::fs::File::open(&local).await;
     // Open, the file can go: it is read to its end and then closed.
@@ -439,9 +502,8 @@ async fn checkpoint(
         return error(
             StatusCode::CONFLICT,
             &format!(
-                "the stored file {} does not match its reference (SHA-256 {sha256}, the reference says {}): not sent",
-                sweep_core::text::escape(&c.uri),
-                sweep_core::text::escape(&c.sha256)
+                "the stored file {} does not match its reference's SHA-256: not sent",
+                sweep_core::text::escape(&c.uri)
             ),
         );
     }
@@ -478,6 +540,24 @@ async fn checkpoint(
     }
     harden(&mut r);
     r
+}
+
+/// A staged download, removed (with the partial file a cut download leaves) when dropped.
+struct Staged(std::path::PathBuf);
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        if let (Some(dir), Some(name)) = (self.0.parent(), self.0.file_name().and_then(|n| n.to_str()))
+            && let Ok(entries) = std::fs::read_dir(dir)
+        {
+            for e in entries.flatten() {
+                if e.file_name().to_str().is_some_and(|n| n.starts_with(name) && n.contains(".part-")) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
 }
 
 async fn workers(State(shared): State<Arc<Shared>>) -> Response {
@@ -517,13 +597,18 @@ async fn events(
         Err(s) => return failed(s),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(16);
+    let ends = tokio::time::Instant::now() + STREAM_LIFETIME;
     tokio::spawn(async move {
         loop {
+            if tokio::time::Instant::now() >= ends {
+                // The browser reconnects with the last id it saw.
+                return;
+            }
             let sweep = sweep_id.clone();
             let page = match shared.call(move |s| s.events_after(&sweep, after, EVENT_PAGE)).await {
                 Ok(p) => p,
                 Err(e) => {
-                    let _ = tx.send(Ok(Bytes::from(format!("event: error\ndata: {}\n\n", json!(e.message()))))).await;
+                    let _ = tx.send(Ok(Bytes::from(format!("event: failure\ndata: {}\n\n", json!(e.message()))))).await;
                     return;
                 }
             };
@@ -548,6 +633,7 @@ async fn events(
                     }
                 }
                 _ = tx.closed() => return,
+                _ = tokio::time::sleep_until(ends) => return,
             }
         }
     });

@@ -408,6 +408,13 @@ async fn with_tokens_nothing_is_readable_without_a_viewers_token_by_header_or_lo
         );
         let pair = cookie.split(';').next().unwrap().to_string();
         assert_eq!(get_json(addr, &api, &[("Cookie", &pair)])["id"], sweep.as_str());
+        // A proxy's own Authorization (Basic) does not hide the cookie.
+        let basic = [("Cookie", pair.as_str()), ("Authorization", "Basic dXNlcjpwYXNz")];
+        assert_eq!(get_json(addr, &api, &basic)["id"], sweep.as_str());
+        // Another site's page cannot log a browser in (or out).
+        let cross = [("Content-Type", "application/x-www-form-urlencoded"), ("Sec-Fetch-Site", "cross-site")];
+        assert_eq!(http(addr, "POST", "/login", &cross, &format!("token={VIEWER}")).0, 403);
+        assert_eq!(http(addr, "POST", "/logout", &cross, "").0, 403);
         assert_eq!(http(addr, "GET", "/", &[("Cookie", &pair)], "").0, 200);
         let mut stream = Events::open(addr, &events, &[("Cookie", &pair)]);
         assert!(stream.next(Duration::from_secs(5)).is_some(), "the cookie opens the event stream");
@@ -469,13 +476,35 @@ async fn with_a_certificate_the_http_port_speaks_tls_and_the_login_cookie_is_sec
     );
     let answer = tls_get(addr, &pem, login).await.unwrap();
     let cookie = answer.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap_or_default();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("Secure"), "{answer}");
+    assert!(
+        cookie.contains("__Host-sweep_token=") && cookie.contains("HttpOnly") && cookie.contains("Secure"),
+        "{answer}"
+    );
     // Plain HTTP on that port gets no answer; a client that does not trust the certificate
     // gets no connection.
     let (status, _, _) = tokio::task::spawn_blocking(move || http(addr, "GET", "/healthz", &[], "")).await.unwrap();
     assert_eq!(status, 0, "no plain-text answer");
     let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     assert!(tls_get(addr, &other.cert.pem(), get("/healthz", "")).await.is_err());
+    running.stop().await.unwrap();
+
+    // Client certificates but no tokens: a browser has no certificate, so the dashboard says
+    // it needs tokens (and /metrics, /healthz answer as before).
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), dir.path().join("state"));
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.tls = Some(server::TlsFiles { cert: cert_path.clone(), key: key_path, client_ca: Some(cert_path) });
+    let running = server::start(config).await.unwrap();
+    let addr = running.metrics_addr.unwrap();
+    let answer = tls_get(addr, &pem, get("/api/sweeps", "")).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("needs --tokens"), "{answer}");
+    let answer = tls_get(addr, &pem, get("/", "")).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let answer = tls_get(addr, &pem, get("/healthz", "")).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     running.stop().await.unwrap();
 }
 

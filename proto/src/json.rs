@@ -122,9 +122,10 @@ pub fn trial_detail_json(d: &v1::TrialDetail) -> Value {
     v["attempts"] = Value::Array(
         d.attempts
             .iter()
-            .map(|a| {
+            .enumerate()
+            .map(|(n, a)| {
                 json!({
-                    "attempt": a.attempt_id, "worker": a.worker_id, "state": a.state,
+                    "attempt": a.attempt_id, "number": n + 1, "worker": a.worker_id, "state": a.state,
                     "started_at_ms": time_json(a.started_at_ms), "ended_at_ms": time_json(a.ended_at_ms),
                     "error": if a.error.is_empty() { Value::Null } else { json!(a.error) },
                 })

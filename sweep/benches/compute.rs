@@ -123,7 +123,7 @@ fn run_in(
     let out = Command::new(env!("CARGO_BIN_EXE_sweep"))
         .arg("run")
         .arg(&spec)
-        .args(["--workers", &workers.to_string(), "--threads-per-worker", &threads.to_string(), "--output", "json"])
+        .args(["--workers", &workers.to_string(), "--threads", &threads.to_string(), "--output", "json"])
         .arg("--state-dir")
         .arg(&state)
         .output()

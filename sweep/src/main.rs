@@ -212,8 +212,9 @@ enum Command {
         /// State directory (readable afterwards with `sweep coordinator --state-dir`).
         #[arg(long, env = "SWEEP_STATE_DIR", default_value = ".sweep")]
         state_dir: PathBuf,
-        /// Intra-op threads per worker (default: CPU cores / workers).
-        #[arg(long)]
+        /// Intra-op threads per worker, as `sweep-worker --threads` (default: CPU cores /
+        /// workers; `--threads-per-worker` is an older name).
+        #[arg(long = "threads", alias = "threads-per-worker", value_name = "N")]
         threads_per_worker: Option<usize>,
         /// The `sweep-worker` binary (default: next to `sweep`, then PATH).
         #[arg(long, env = "SWEEP_WORKER_BIN")]
@@ -320,10 +321,11 @@ enum Command {
     #[command(after_help = EXPORT_EXAMPLES)]
     Export {
         id: String,
-        #[arg(long, value_enum, default_value = "csv")]
+        /// Output format (`--format` is an older name).
+        #[arg(long = "output", short = 'o', alias = "format", value_enum, default_value = "csv")]
         format: cli::ExportFormat,
-        /// Write to this file instead of standard output.
-        #[arg(long, value_name = "FILE")]
+        /// Write to this file instead of standard output (`--out` is an older name).
+        #[arg(long = "file", short = 'f', alias = "out", value_name = "FILE")]
         out: Option<PathBuf>,
         #[command(flatten)]
         conn: Conn,
@@ -346,6 +348,13 @@ enum Command {
         id: String,
         /// Trial id, e.g. t003.
         trial: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// The best checkpoint of a sweep's top trial: its path (or URL) alone, for scripts
+    /// (`--output json`: the trial and its checkpoint).
+    Best {
+        id: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -578,6 +587,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Trial { id, trial, remote } => {
             let format = remote.output;
             remote.conn.connect().await?.trial(&id, &trial, format).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Best { id, remote } => {
+            let format = remote.output;
+            remote.conn.connect().await?.best(&id, format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { id, remote } => {

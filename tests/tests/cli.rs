@@ -62,7 +62,7 @@ fn every_report_command_prints_what_the_snapshots_show() {
             run_ok(&["leaderboard", &id, "--by", "backbone", "-o", "csv"], &url)
         );
         insta::assert_snapshot!("trial", run_ok(&["trial", &id, "t003"], &url));
-        insta::assert_snapshot!("export_csv", run_ok(&["export", &id, "--format", "csv"], &url));
+        insta::assert_snapshot!("export_csv", run_ok(&["export", &id, "-o", "csv"], &url));
         // A sweep that has ended: watch shows where it stands and exits at once.
         insta::assert_snapshot!("watch_ended", run_ok(&["watch", &id], &url));
     });
@@ -73,17 +73,30 @@ fn every_report_command_prints_what_the_snapshots_show() {
     assert_eq!(v[0]["backbone"], "resnet50");
     assert_eq!(v[0]["trials"], 2);
     assert_eq!(v[0]["wall_seconds"], 20.0);
-    let export: serde_json::Value = serde_json::from_str(&run_ok(&["export", &id, "--format", "json"], &url)).unwrap();
+    let export: serde_json::Value = serde_json::from_str(&run_ok(&["export", &id, "--output", "json"], &url)).unwrap();
+    // The older flag names still work.
+    assert_eq!(run_ok(&["export", &id, "--format", "json"], &url), run_ok(&["export", &id, "-o", "json"], &url));
     let epochs: usize =
         export["trials"].as_array().unwrap().iter().map(|t| t["metrics"].as_array().unwrap().len()).sum();
     assert_eq!(epochs, 2 + 3 + 2 + 3);
-    // --out writes the file and says so on stderr, not stdout.
-    let file = dir.path().join("epochs.csv");
-    let out = output(sweep().args(["export", &id, "--out"]).arg(&file).env("SWEEP_COORDINATOR", &url));
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).is_empty());
-    assert!(stderr(&out).contains("wrote 10 epochs of 4 trials"), "{}", stderr(&out));
-    assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 11);
+    // -f writes the file and says so on stderr, not stdout (--out, its older name, too).
+    for flag in ["-f", "--out"] {
+        let file = dir.path().join(format!("epochs{flag}.csv"));
+        let out = output(sweep().args(["export", &id, flag]).arg(&file).env("SWEEP_COORDINATOR", &url));
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stdout(&out).is_empty());
+        assert!(stderr(&out).contains("wrote 10 epochs of 4 trials"), "{}", stderr(&out));
+        assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 11);
+    }
+    // `sweep best`: the top trial's best checkpoint path, alone; its entry as JSON.
+    let board: serde_json::Value = serde_json::from_str(&run_ok(&["leaderboard", &id, "-o", "json"], &url)).unwrap();
+    let best = run_ok(&["best", &id], &url);
+    assert_eq!(best.trim_end(), board[0]["checkpoints"]["best"]["uri"].as_str().unwrap());
+    let entry: serde_json::Value = serde_json::from_str(&run_ok(&["best", &id, "-o", "json"], &url)).unwrap();
+    assert_eq!(entry, board[0]);
+    // A trial's attempts are numbered from 1 within it (the id is the coordinator's).
+    let t003: serde_json::Value = serde_json::from_str(&run_ok(&["trial", &id, "t003", "-o", "json"], &url)).unwrap();
+    assert_eq!(t003["attempts"][0]["number"], 1);
 
     // A format a command does not have is refused by the parser, naming the choices.
     let out = output(sweep().args(["status", &id, "--output", "csv"]).env("SWEEP_COORDINATOR", &url));

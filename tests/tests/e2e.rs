@@ -244,9 +244,8 @@ fn sweep_run_finishes_with_a_leaderboard_and_leaves_a_readable_state_dir() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let spec = write(dir.path(), "tiny.yaml", TINY_SPEC);
-    let out = output(
-        sweep().arg("run").arg(&spec).args(["--workers", "2", "--threads-per-worker", "1", "--state-dir"]).arg(&state),
-    );
+    let out =
+        output(sweep().arg("run").arg(&spec).args(["--workers", "2", "--threads", "1", "--state-dir"]).arg(&state));
     assert!(out.status.success(), "stdout:\n{}\nstderr:\n{}", stdout(&out), stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("leaderboard of tiny-"), "{text}");
