@@ -173,6 +173,11 @@ fn a_bad_spec_fails_its_trials_without_quarantining_the_fleet() {
     let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
     let _a = worker(&url, "a", dir.path());
     let _b = worker(&url, "b", dir.path());
+    // Both registered before the bad sweep (on a loaded machine one may start late, and would
+    // then be absent from the list below rather than active).
+    wait_for(Duration::from_secs(60), "both workers registered", || {
+        (json(&["workers"], &url).as_array().map_or(0, Vec::len) == 2).then_some(())
+    });
     // A typo in the dataset root: every one of its 6 trials fails at once, permanently.
     let typo = "\
 name: typo
