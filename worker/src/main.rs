@@ -153,8 +153,9 @@ enum Tool {
     /// Classify images with trained weights (the validation transforms: resize, centre crop,
     /// ImageNet normalisation).
     Predict {
+        /// The architecture [default: the one the weights' .json metadata names].
         #[arg(long)]
-        backbone: String,
+        backbone: Option<String>,
         /// A `.safetensors` state dict, e.g. a trial's best.safetensors (its .json metadata
         /// supplies class names and image size): a path, or `s3://bucket/key` as `sweep trial`
         /// shows it.
@@ -305,7 +306,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
             let weights = sweep_worker::artifacts::fetch_url(&weights, download.path(), rt.handle())?;
             let predictor = tools::Predictor::load(&tools::PredictOptions {
-                backbone: backbone(&b)?,
+                backbone: b.as_deref().map(backbone).transpose()?,
                 weights,
                 num_classes,
                 image_size,

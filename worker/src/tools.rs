@@ -159,7 +159,8 @@ pub struct ImagePredictions {
 /// What `predict` needs to know besides the weights.
 #[derive(Debug, Clone)]
 pub struct PredictOptions {
-    pub backbone: Backbone,
+    /// The architecture; default: the checkpoint metadata's (an error without metadata).
+    pub backbone: Option<Backbone>,
     pub weights: PathBuf,
     /// Number of outputs of the head; default: the checkpoint metadata's class count, else the
     /// head's shape in the weights file.
@@ -206,18 +207,29 @@ impl Predictor {
             anyhow::bail!("--top must be at least 1");
         }
         let meta: Option<Metadata> = checkpoint::read_metadata(&o.weights)?;
-        if let Some(m) = &meta
-            && m.id.backbone != o.backbone.name()
-        {
-            anyhow::bail!(
+        let backbone = match (o.backbone, &meta) {
+            (Some(b), Some(m)) if m.id.backbone != b.name() => anyhow::bail!(
                 "{} holds {} weights (see {}), not {}",
                 o.weights.display(),
                 m.id.backbone,
                 checkpoint::metadata_path(&o.weights).display(),
-                o.backbone.name()
-            );
-        }
-        let head_weight = format!("{}.weight", o.backbone.head());
+                b.name()
+            ),
+            (Some(b), _) => b,
+            (None, Some(m)) => Backbone::from_name(&m.id.backbone).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} names the backbone `{}`, which this worker does not know; pass --backbone",
+                    checkpoint::metadata_path(&o.weights).display(),
+                    sweep_core::text::escape(&m.id.backbone)
+                )
+            })?,
+            (None, None) => anyhow::bail!(
+                "{} has no metadata ({} is missing) to say its backbone; pass --backbone",
+                o.weights.display(),
+                checkpoint::metadata_path(&o.weights).display()
+            ),
+        };
+        let head_weight = format!("{}.weight", backbone.head());
         let num_classes = match (o.num_classes, &meta) {
             (Some(n), _) => n,
             (None, Some(m)) => m.id.classes.len() as i64,
@@ -226,7 +238,7 @@ impl Predictor {
                 _ => anyhow::bail!(
                     "{} has no tensor {head_weight}; is it {} weights? Pass --num-classes if it is",
                     o.weights.display(),
-                    o.backbone.name()
+                    backbone.name()
                 ),
             },
         };
@@ -235,7 +247,7 @@ impl Predictor {
             _ => (0..num_classes).map(|i| i.to_string()).collect(),
         };
         let image_size = o.image_size.or(meta.as_ref().map(|m| m.id.image_size)).unwrap_or(224);
-        let model = Model::build_seeded(o.backbone, num_classes, o.device, 0)?;
+        let model = Model::build_seeded(backbone, num_classes, o.device, 0)?;
         model.load_state(&o.weights, true)?;
         Ok(Predictor { model, classes, image_size, top: o.top.min(num_classes as usize) })
     }

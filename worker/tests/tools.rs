@@ -104,8 +104,9 @@ fn predict_uses_the_checkpoint_metadata_and_the_validation_transforms() {
     let a = png(dir.path(), "a.png", [200, 30, 30]);
     let b = png(dir.path(), "b.png", [20, 30, 220]);
 
+    // No --backbone: the metadata beside the weights names it.
     let options = PredictOptions {
-        backbone: Backbone::Resnet18,
+        backbone: None,
         weights: last_path.clone(),
         num_classes: None,
         image_size: None,
@@ -133,9 +134,17 @@ fn predict_uses_the_checkpoint_metadata_and_the_validation_transforms() {
         }
     }
 
-    // Without metadata: the class count comes from the head's shape, names are indices.
+    // A backbone given must be the metadata's.
+    assert!(Predictor::load(&PredictOptions { backbone: Some(Backbone::Resnet18), ..options.clone() }).is_ok());
+    let e = Predictor::load(&PredictOptions { backbone: Some(Backbone::Resnet50), ..options.clone() }).err().unwrap();
+    assert!(e.to_string().contains("holds resnet18 weights"), "{e}");
+
+    // Without metadata: the backbone must be given; the class count comes from the head's
+    // shape, names are indices.
     std::fs::remove_file(last_path.with_extension("json")).unwrap();
-    let p = Predictor::load(&PredictOptions { top: 2, ..options.clone() }).unwrap();
+    let e = Predictor::load(&options).err().unwrap();
+    assert!(e.to_string().contains("--backbone") && e.to_string().contains("no metadata"), "{e}");
+    let p = Predictor::load(&PredictOptions { top: 2, backbone: Some(Backbone::Resnet18), ..options.clone() }).unwrap();
     assert_eq!(p.image_size(), 224);
     let got = p.predict(&a).unwrap();
     assert_eq!(got.predictions.len(), 2);
@@ -150,7 +159,7 @@ fn predict_refuses_bad_input_with_clear_errors() {
     let weights = dir.path().join("w.safetensors");
     model.save_weights(&weights).unwrap();
     let options = PredictOptions {
-        backbone: Backbone::Resnet18,
+        backbone: Some(Backbone::Resnet18),
         weights: weights.clone(),
         num_classes: None,
         image_size: Some(32),
@@ -162,7 +171,7 @@ fn predict_refuses_bad_input_with_clear_errors() {
     assert!(e.to_string().contains("missing.jpg"), "{e}");
     let e = Predictor::load(&PredictOptions { top: 0, ..options.clone() }).err().unwrap();
     assert!(e.to_string().contains("--top"), "{e}");
-    let e = Predictor::load(&PredictOptions { backbone: Backbone::Resnet50, ..options.clone() }).err().unwrap();
+    let e = Predictor::load(&PredictOptions { backbone: Some(Backbone::Resnet50), ..options.clone() }).err().unwrap();
     assert!(e.to_string().contains("fc.weight") || e.to_string().contains("w.safetensors"), "{e}");
     std::fs::write(dir.path().join("junk.safetensors"), b"not a safetensors file at all").unwrap();
     let e = Predictor::load(&PredictOptions { weights: dir.path().join("junk.safetensors"), ..options.clone() })
