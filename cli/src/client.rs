@@ -37,9 +37,34 @@ pub fn load_spec(path: &Path, options: ParseOptions) -> anyhow::Result<(String, 
 }
 
 /// `sweep validate`.
-pub fn validate(path: &Path, max_trials: usize, format: Format) -> anyhow::Result<ExitCode> {
+/// Tags and a note given with a submission (`--tag`, `--note`).
+#[derive(Debug, Clone, Default)]
+pub struct Labels {
+    pub tags: Vec<String>,
+    pub note: String,
+}
+
+impl Labels {
+    /// The rules the coordinator applies, checked before anything is sent.
+    pub fn check(&self) -> anyhow::Result<()> {
+        for t in &self.tags {
+            sweep_core::records::check_tag(t).map_err(|e| anyhow!(e))?;
+        }
+        sweep_core::records::retag(&[], &self.tags, &[]).map_err(|e| anyhow!(e))?;
+        sweep_core::records::check_note(&self.note).map_err(|e| anyhow!(e))
+    }
+}
+
+/// `sweep validate`: the trials, then the resolved spec (every default filled in); with
+/// `resolved_only`, the resolved spec alone (YAML, whatever the format).
+pub fn validate(path: &Path, max_trials: usize, format: Format, resolved_only: bool) -> anyhow::Result<ExitCode> {
     let (_, parsed) = load_spec(path, ParseOptions::with_max_trials(max_trials))?;
     let trials = sweep_core::grid::expand(&parsed.grid);
+    let resolved = spec::resolved_yaml(&parsed);
+    if resolved_only {
+        output::print(resolved.trim_end());
+        return Ok(ExitCode::SUCCESS);
+    }
     match format {
         Format::Json => println!(
             "{}",
@@ -48,15 +73,17 @@ pub fn validate(path: &Path, max_trials: usize, format: Format) -> anyhow::Resul
                 "dataset": parsed.dataset.kind(),
                 "trial_count": trials.len(),
                 "trials": output::trials_json(&trials),
+                "resolved_spec": resolved,
             }))?
         ),
         Format::Table => {
             output::print(&format!(
-                "{}: valid; sweep `{}`, {} trials\n\n{}",
+                "{}: valid; sweep `{}`, {} trials\n\n{}\n\nThe spec as it will run, every default filled in (`--resolved` prints it alone):\n\n{}",
                 path.display(),
                 parsed.name,
                 trials.len(),
-                output::trials_table(&trials)
+                output::trials_table(&trials),
+                resolved.trim_end()
             ));
         }
     }
@@ -124,18 +151,56 @@ impl Client {
     }
 
     pub async fn submit_text(&mut self, text: String, source: String) -> anyhow::Result<v1::SubmitSweepResponse> {
-        let r = self
-            .inner
-            .submit_sweep(v1::SubmitSweepRequest { spec_yaml: text, source })
-            .await
-            .map_err(|s| status_error(&self.url, s))?;
+        self.submit_labelled(text, source, &Labels::default()).await
+    }
+
+    /// Submits a spec's text with tags and a note.
+    pub async fn submit_labelled(
+        &mut self,
+        text: String,
+        source: String,
+        labels: &Labels,
+    ) -> anyhow::Result<v1::SubmitSweepResponse> {
+        labels.check()?;
+        let request =
+            v1::SubmitSweepRequest { spec_yaml: text, source, tags: labels.tags.clone(), note: labels.note.clone() };
+        let r = self.inner.submit_sweep(request).await.map_err(|s| status_error(&self.url, s))?;
         Ok(r.into_inner())
     }
 
+    /// `sweep tag` and `sweep note`: changes a sweep's tags or note; prints what it has now.
+    pub async fn update_sweep(
+        &mut self,
+        id: &str,
+        add: &[String],
+        remove: &[String],
+        note: Option<String>,
+        format: Format,
+    ) -> anyhow::Result<()> {
+        for t in add.iter().chain(remove) {
+            sweep_core::records::check_tag(t).map_err(|e| anyhow!(e))?;
+        }
+        if let Some(n) = &note {
+            sweep_core::records::check_note(n).map_err(|e| anyhow!(e))?;
+        }
+        let request = v1::UpdateSweepRequest {
+            sweep_id: id.to_string(),
+            add_tags: add.to_vec(),
+            remove_tags: remove.to_vec(),
+            note,
+        };
+        let s = self.inner.update_sweep(request).await.map_err(|s| status_error(&self.url, s))?.into_inner();
+        match format {
+            Format::Json => println!("{}", serde_json::to_string_pretty(&output::sweep_json(&s))?),
+            Format::Table => output::print(&output::labels_text(&s)),
+        }
+        Ok(())
+    }
+
     /// `sweep submit`: validates locally first (same parser), then submits; returns the id.
-    pub async fn submit(&mut self, path: &Path, format: Format) -> anyhow::Result<String> {
+    pub async fn submit(&mut self, path: &Path, format: Format, labels: &Labels) -> anyhow::Result<String> {
         let (text, _) = load_spec(path, ParseOptions::with_max_trials(usize::MAX))?;
-        let r = self.submit_text(text, path.display().to_string()).await?;
+        let r = self.submit_labelled(text, path.display().to_string(), labels).await?;
         match format {
             Format::Json => {
                 println!(
@@ -159,13 +224,21 @@ impl Client {
 
     /// Every sweep, newest first, read a page at a time (or the newest `limit`).
     pub async fn list_all(&mut self, limit: Option<usize>) -> anyhow::Result<Vec<v1::SweepSummary>> {
+        self.list_tagged(limit, "").await
+    }
+
+    /// Sweeps, newest first, only those tagged `tag` unless it is empty.
+    pub async fn list_tagged(&mut self, limit: Option<usize>, tag: &str) -> anyhow::Result<Vec<v1::SweepSummary>> {
+        if !tag.is_empty() {
+            sweep_core::records::check_tag(tag).map_err(|e| anyhow!(e))?;
+        }
         let mut sweeps = Vec::new();
         let mut token = String::new();
         loop {
             let page_size = limit.map_or(PAGE, |l| (l - sweeps.len()).min(PAGE as usize) as u32);
             let r = self
                 .inner
-                .list_sweeps(v1::ListSweepsRequest { page_size, page_token: token.clone() })
+                .list_sweeps(v1::ListSweepsRequest { page_size, page_token: token.clone(), tag: tag.to_string() })
                 .await
                 .map_err(|s| status_error(&self.url, s))?
                 .into_inner();
@@ -182,8 +255,8 @@ impl Client {
         }
     }
 
-    pub async fn list(&mut self, format: Format, limit: Option<usize>) -> anyhow::Result<()> {
-        let sweeps = self.list_all(limit).await?;
+    pub async fn list(&mut self, format: Format, limit: Option<usize>, tag: &str) -> anyhow::Result<()> {
+        let sweeps = self.list_tagged(limit, tag).await?;
         match format {
             Format::Json => println!("{}", serde_json::to_string_pretty(&output::sweeps_json(&sweeps))?),
             Format::Table => output::print(&output::sweeps_table(&sweeps)),
@@ -200,8 +273,27 @@ impl Client {
         Ok(r.into_inner())
     }
 
-    pub async fn status(&mut self, id: &str, format: Format) -> anyhow::Result<()> {
+    pub async fn status(&mut self, id: &str, format: Format, spec_only: bool) -> anyhow::Result<()> {
         let status = self.get_status(id).await?;
+        if spec_only {
+            // The stored spec as it runs (defaults filled in), as the coordinator parses it.
+            let sweep = status.sweep.clone().unwrap_or_default();
+            let parsed = spec::parse_with(&status.spec_yaml, ParseOptions::stored())
+                .map_err(|e| anyhow::anyhow!("sweep {}: its stored spec does not parse: {e}", sweep.id))?;
+            let resolved = spec::resolved_yaml(&parsed);
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "sweep": sweep.id,
+                        "submitted_spec": status.spec_yaml,
+                        "resolved_spec": resolved,
+                    }))?
+                ),
+                Format::Table => output::print(resolved.trim_end()),
+            }
+            return Ok(());
+        }
         match format {
             Format::Json => println!("{}", serde_json::to_string_pretty(&output::status_json(&status))?),
             Format::Table => output::print(&output::status_text(&status)),
@@ -218,8 +310,17 @@ impl Client {
         Ok(r.into_inner())
     }
 
-    pub async fn leaderboard(&mut self, id: &str, by: By, format: TableFormat) -> anyhow::Result<()> {
-        let board = self.get_leaderboard(id).await?;
+    /// `sweep leaderboard ID…`: one sweep's, or several sweeps' trials ranked together.
+    pub async fn leaderboard(&mut self, ids: &[String], by: By, format: TableFormat) -> anyhow::Result<()> {
+        let mut boards = Vec::with_capacity(ids.len());
+        for id in ids {
+            let board = self.get_leaderboard(id).await?;
+            if boards.iter().any(|b: &v1::Leaderboard| b.sweep_id == board.sweep_id) {
+                bail!("sweep {} is given twice", board.sweep_id);
+            }
+            boards.push(board);
+        }
+        let board = output::merge_leaderboards(boards);
         match by {
             By::Trial => print_leaderboard(&board, format),
             By::Backbone => {
@@ -295,8 +396,15 @@ impl Client {
         if trials.iter().all(|(_, m)| m.is_empty()) {
             bail!("sweep {full_id} has no finished epochs yet: nothing to plot");
         }
+        // Chance level where the spec tells the class count.
+        let chance = spec::parse_with(&status.spec_yaml, ParseOptions::stored()).ok().and_then(|s| match s.dataset {
+            spec::DatasetSpec::Synthetic { classes, .. } => Some(1.0 / f64::from(classes.max(1))),
+            spec::DatasetSpec::Flowers102 { .. } => Some(1.0 / 102.0),
+            spec::DatasetSpec::ImageFolder { .. } => None,
+        });
         let dir = dir.to_path_buf();
-        let written = tokio::task::spawn_blocking(move || crate::plot::write_all(&dir, &board, &trials)).await??;
+        let written =
+            tokio::task::spawn_blocking(move || crate::plot::write_all(&dir, &board, &trials, chance)).await??;
         match format {
             Format::Json => println!(
                 "{}",

@@ -208,27 +208,44 @@ pub fn sweeps_table(sweeps: &[v1::SweepSummary]) -> String {
     if sweeps.is_empty() {
         return "no sweeps yet; submit one with `sweep submit SPEC`".into();
     }
-    let mut t = table(&["sweep", "name", "state", "trials", "progress", "age"]);
+    let mut t = table(&["sweep", "name", "tags", "state", "trials", "progress", "age"]);
     let now = now_ms();
     for s in sweeps {
         t.add_row(vec![
             s.id.clone(),
             s.name.clone(),
+            if s.tags.is_empty() { "-".into() } else { s.tags.join(",") },
             s.state.clone(),
             s.trial_count.to_string(),
             counts_line(s),
             duration((now - s.created_at_ms) as f64 / 1000.0),
         ]);
     }
-    right(&mut t, &[3, 5]);
+    right(&mut t, &[4, 6]);
     t.to_string()
+}
+
+/// A sweep's tags and note, as `sweep tag` and `sweep note` print them.
+pub fn labels_text(s: &v1::SweepSummary) -> String {
+    let tags = if s.tags.is_empty() { "no tags".to_string() } else { format!("tags: {}", s.tags.join(", ")) };
+    let note = if s.note.is_empty() { "no note".to_string() } else { format!("note: {}", s.note) };
+    format!("sweep {} ({}): {tags}\n{note}", s.id, s.name)
 }
 
 pub fn status_text(status: &v1::SweepStatus) -> String {
     let Some(s) = &status.sweep else { return String::new() };
     let dropped = if s.dropped_at_ms > 0 { " (dropped: its files may be collected)" } else { "" };
-    let mut out = format!("sweep {} ({}): {}{dropped}\n{}\n\n", s.id, s.name, s.state, counts_line(s));
-    let mut t = table(&["trial", "backbone", "lr_decay", "split", "state", "epoch", "val acc", "attempts", "worker"]);
+    let mut out = format!("sweep {} ({}): {}{dropped}\n{}\n", s.id, s.name, s.state, counts_line(s));
+    if !s.tags.is_empty() {
+        out.push_str(&format!("tags: {}\n", s.tags.join(", ")));
+    }
+    if !s.note.is_empty() {
+        out.push_str(&format!("note: {}\n", s.note));
+    }
+    out.push('\n');
+    let mut t = table(&[
+        "trial", "backbone", "lr_decay", "split", "state", "epoch", "last val", "best ft", "attempts", "worker",
+    ]);
     for trial in &status.trials {
         t.add_row(vec![
             trial.trial_id.clone(),
@@ -238,6 +255,7 @@ pub fn status_text(status: &v1::SweepStatus) -> String {
             trial.state.clone(),
             format!("{}/{}", trial.epochs_done, trial.fe_epochs + trial.ft_epochs),
             percent(trial.latest_val_accuracy),
+            percent(trial.best_val_accuracy),
             trial.attempts.to_string(),
             if trial.worker_id.is_empty() {
                 "-".into()
@@ -246,8 +264,9 @@ pub fn status_text(status: &v1::SweepStatus) -> String {
             },
         ]);
     }
-    right(&mut t, &[5, 6, 7]);
+    right(&mut t, &[5, 6, 7, 8]);
     out.push_str(&t.to_string());
+    out.push_str("\n\nlast val: the newest epoch's validation accuracy; best ft: the best during fine-tuning, which the leaderboard ranks by");
     let failed: Vec<_> = status.trials.iter().filter(|t| !t.error.is_empty()).collect();
     if !failed.is_empty() {
         out.push_str("\n\n");
@@ -260,8 +279,67 @@ pub fn status_text(status: &v1::SweepStatus) -> String {
 
 // ---------------------------------------------------------------------------------------------
 
+/// The sweep of a leaderboard entry (older coordinators leave the entry's empty).
+fn entry_sweep<'a>(board: &'a v1::Leaderboard, e: &'a v1::LeaderboardEntry) -> &'a str {
+    if e.sweep_id.is_empty() { &board.sweep_id } else { &e.sweep_id }
+}
+
+/// Whether the leaderboard mixes trials of several sweeps.
+fn several_sweeps(board: &v1::Leaderboard) -> bool {
+    board.entries.first().is_some_and(|first| {
+        let first = entry_sweep(board, first);
+        board.entries.iter().any(|e| entry_sweep(board, e) != first)
+    })
+}
+
+/// One leaderboard of several sweeps' trials, ranked together as each sweep ranks its own
+/// (trials with a score first, those stopped early after the others, then best fine-tuning
+/// accuracy, then accuracy after feature extraction; ties keep the order the sweeps were
+/// given in). Its id is the sweeps' ids joined by `, `, its state theirs when they agree.
+pub fn merge_leaderboards(boards: Vec<v1::Leaderboard>) -> v1::Leaderboard {
+    if boards.len() == 1 {
+        return boards.into_iter().next().unwrap_or_default();
+    }
+    let id = boards.iter().map(|b| b.sweep_id.as_str()).collect::<Vec<_>>().join(", ");
+    let state = match boards.first() {
+        Some(first) if boards.iter().all(|b| b.sweep_state == first.sweep_state) => first.sweep_state.clone(),
+        _ => "mixed".into(),
+    };
+    let mut entries: Vec<v1::LeaderboardEntry> = boards
+        .iter()
+        .flat_map(|b| {
+            b.entries.iter().map(|e| v1::LeaderboardEntry { sweep_id: entry_sweep(b, e).to_string(), ..e.clone() })
+        })
+        .collect();
+    let scores: Vec<sweep_core::leaderboard::Score> = entries
+        .iter()
+        .map(|e| sweep_core::leaderboard::Score {
+            fe_val_accuracy: e.fe_val_accuracy,
+            best_val_accuracy: e.best_val_accuracy,
+            best_epoch: e.best_epoch,
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by(|&a, &b| {
+        let ranked = |i: usize| sweep_core::leaderboard::Ranked {
+            score: &scores[i],
+            stopped: TrialState::parse(&entries[i].state) == Some(TrialState::Stopped),
+            index: i,
+        };
+        sweep_core::leaderboard::rank(ranked(a), ranked(b))
+    });
+    let mut slots: Vec<Option<v1::LeaderboardEntry>> = entries.drain(..).map(Some).collect();
+    let entries = order
+        .into_iter()
+        .enumerate()
+        .filter_map(|(rank, i)| slots[i].take().map(|e| v1::LeaderboardEntry { rank: rank as u32 + 1, ..e }))
+        .collect();
+    v1::Leaderboard { sweep_id: id, sweep_state: state, entries }
+}
+
 pub fn leaderboard_table(board: &v1::Leaderboard) -> String {
-    let mut t = table(&[
+    let several = several_sweeps(board);
+    let mut header = vec![
         "rank",
         "trial",
         "backbone",
@@ -273,9 +351,13 @@ pub fn leaderboard_table(board: &v1::Leaderboard) -> String {
         "epoch",
         "params",
         "wall",
-    ]);
+    ];
+    if several {
+        header.insert(1, "sweep");
+    }
+    let mut t = table(&header);
     for e in &board.entries {
-        t.add_row(vec![
+        let mut row = vec![
             e.rank.to_string(),
             e.trial_id.clone(),
             e.backbone.clone(),
@@ -287,9 +369,14 @@ pub fn leaderboard_table(board: &v1::Leaderboard) -> String {
             e.best_epoch.map(|x| x.to_string()).unwrap_or_else(|| "-".into()),
             count(e.parameters),
             duration(e.wall_seconds),
-        ]);
+        ];
+        if several {
+            row.insert(1, entry_sweep(board, e).to_string());
+        }
+        t.add_row(row);
     }
-    right(&mut t, &[0, 6, 7, 8, 9, 10]);
+    let shift = usize::from(several);
+    right(&mut t, &[0, 6 + shift, 7 + shift, 8 + shift, 9 + shift, 10 + shift]);
     t.to_string()
 }
 
@@ -301,6 +388,7 @@ pub fn leaderboard_csv(board: &v1::Leaderboard) -> String {
         .map(|e| {
             let [strategy, head, fin, factor] = lr_fields(e.lr_decay.as_ref());
             vec![
+                entry_sweep(board, e).to_string(),
                 e.rank.to_string(),
                 e.trial_id.clone(),
                 e.backbone.clone(),
@@ -322,6 +410,7 @@ pub fn leaderboard_csv(board: &v1::Leaderboard) -> String {
         .collect();
     csv(
         &[
+            "sweep",
             "rank",
             "trial",
             "backbone",
@@ -352,12 +441,17 @@ pub struct BackboneRank<'a> {
     pub trials: u32,
     pub completed: u32,
     pub best: &'a v1::LeaderboardEntry,
+    /// The sweep of its best trial.
+    pub best_sweep: &'a str,
+    /// The leaderboard mixes several sweeps (the table then names the best trial's sweep).
+    pub several: bool,
     /// Wall-clock seconds of all its trials together.
     pub wall_seconds: f64,
 }
 
 /// The leaderboard grouped by backbone, best backbone first.
 pub fn by_backbone(board: &v1::Leaderboard) -> Vec<BackboneRank<'_>> {
+    let several = several_sweeps(board);
     let mut out: Vec<BackboneRank> = Vec::new();
     for e in &board.entries {
         match out.iter_mut().find(|b| b.backbone == e.backbone) {
@@ -372,6 +466,8 @@ pub fn by_backbone(board: &v1::Leaderboard) -> Vec<BackboneRank<'_>> {
                 trials: 1,
                 completed: u32::from(TrialState::parse(&e.state) == Some(TrialState::Completed)),
                 best: e,
+                best_sweep: entry_sweep(board, e),
+                several,
                 wall_seconds: e.wall_seconds,
             }),
         }
@@ -399,7 +495,7 @@ pub fn backbone_table(ranks: &[BackboneRank]) -> String {
             b.backbone.to_string(),
             b.trials.to_string(),
             b.completed.to_string(),
-            b.best.trial_id.clone(),
+            if b.several { format!("{} {}", b.best_sweep, b.best.trial_id) } else { b.best.trial_id.clone() },
             lr_label(b.best.lr_decay.as_ref()),
             format!("{}+{}", b.best.fe_epochs, b.best.ft_epochs),
             percent(b.best.fe_val_accuracy),
@@ -423,6 +519,7 @@ pub fn backbone_json(ranks: &[BackboneRank]) -> Value {
                     "trials": b.trials,
                     "completed": b.completed,
                     "best_trial": b.best.trial_id,
+                    "best_sweep": b.best_sweep,
                     "lr_decay": lr_json(b.best.lr_decay.as_ref()),
                     "epoch_split": [b.best.fe_epochs, b.best.ft_epochs],
                     "fe_val_accuracy": b.best.fe_val_accuracy,
@@ -447,6 +544,7 @@ pub fn backbone_csv(ranks: &[BackboneRank]) -> String {
                 b.trials.to_string(),
                 b.completed.to_string(),
                 b.best.trial_id.clone(),
+                b.best_sweep.to_string(),
                 strategy,
                 head,
                 fin,
@@ -468,6 +566,7 @@ pub fn backbone_csv(ranks: &[BackboneRank]) -> String {
             "trials",
             "completed",
             "best_trial",
+            "best_sweep",
             "lr_strategy",
             "head_lr",
             "final_lr",
@@ -717,6 +816,59 @@ mod tests {
             .map(|b| (b.rank, b.backbone, b.trials, b.completed, b.best.trial_id.as_str(), b.wall_seconds))
             .collect();
         assert_eq!(got, [(1, "resnet50", 2, 1, "t002", 17.0), (2, "resnet18", 1, 1, "t000", 5.0)]);
+    }
+
+    #[test]
+    fn several_sweeps_are_ranked_together_and_each_row_names_its_sweep() {
+        let e = |rank, trial: &str, best: Option<f64>, fe: Option<f64>, state: &str| v1::LeaderboardEntry {
+            rank,
+            trial_id: trial.into(),
+            backbone: "resnet18".into(),
+            state: state.into(),
+            best_val_accuracy: best,
+            fe_val_accuracy: fe,
+            ..Default::default()
+        };
+        let a = v1::Leaderboard {
+            sweep_id: "a-1".into(),
+            sweep_state: "completed".into(),
+            entries: vec![
+                e(1, "t001", Some(0.8), Some(0.5), "completed"),
+                e(2, "t000", Some(0.9), Some(0.5), "stopped"),
+                e(3, "t002", None, None, "failed"),
+            ],
+        };
+        let b = v1::Leaderboard {
+            sweep_id: "b-2".into(),
+            sweep_state: "running".into(),
+            entries: vec![
+                e(1, "t000", Some(0.85), Some(0.4), "completed"),
+                e(2, "t001", Some(0.8), Some(0.6), "running"),
+            ],
+        };
+        let merged = merge_leaderboards(vec![a.clone(), b]);
+        let got: Vec<_> = merged.entries.iter().map(|e| (e.rank, e.sweep_id.as_str(), e.trial_id.as_str())).collect();
+        assert_eq!(
+            got,
+            [(1, "b-2", "t000"), (2, "b-2", "t001"), (3, "a-1", "t001"), (4, "a-1", "t000"), (5, "a-1", "t002")],
+            "best first; a tie on the best broken by the feature-extraction accuracy; stopped, then unscored, last"
+        );
+        assert_eq!((merged.sweep_id.as_str(), merged.sweep_state.as_str()), ("a-1, b-2", "mixed"));
+        let table = leaderboard_table(&merged);
+        assert!(table.lines().next().unwrap().contains("SWEEP"), "{table}");
+        assert!(table.lines().nth(1).unwrap().contains("b-2"), "{table}");
+        let csv = leaderboard_csv(&merged);
+        assert!(csv.starts_with("sweep,rank,trial,"), "{csv}");
+        assert!(csv.lines().nth(1).unwrap().starts_with("b-2,1,t000,"), "{csv}");
+        assert_eq!(leaderboard_json(&merged)[2]["sweep"], "a-1");
+        // One sweep: no sweep column in the table, the sweep in CSV and JSON all the same.
+        let one = merge_leaderboards(vec![a]);
+        assert!(!leaderboard_table(&one).contains("SWEEP"));
+        assert!(leaderboard_csv(&one).lines().nth(1).unwrap().starts_with("a-1,1,t001,"));
+        assert_eq!(leaderboard_json(&one)[0]["sweep"], "a-1");
+        let backbones = by_backbone(&merged);
+        assert_eq!((backbones[0].best_sweep, backbones[0].best.trial_id.as_str()), ("b-2", "t000"));
+        assert!(backbone_table(&backbones).contains("b-2 t000"));
     }
 
     #[test]

@@ -212,8 +212,9 @@ impl View {
         bar.set_position(t.epochs_done as u64);
         let phase = if t.epochs_done < t.fe_epochs { "feature_extraction" } else { "fine_tuning" };
         bar.set_message(format!(
-            "{phase:<18} val {:>6}  on {}",
+            "{phase:<18} val {:>6} best ft {:>6}  on {}",
             output::percent(t.latest_val_accuracy),
+            output::percent(t.best_val_accuracy),
             if t.worker_id.is_empty() { "-".to_string() } else { output::escape(&t.worker_id) }
         ));
     }
@@ -284,17 +285,13 @@ impl View {
                 Some(TrialState::Running) if changed => {
                     self.say(&format!("{label}  started on {} (attempt {})", t.worker_id, t.attempts))
                 }
-                Some(TrialState::Completed) => {
-                    self.say(&format!("{label}  completed: val {}  [{counts}]", output::percent(t.latest_val_accuracy)))
+                Some(TrialState::Completed) => self.say(&format!("{label}  completed: {}  [{counts}]", accuracies(t))),
+                Some(TrialState::Stopped) => {
+                    self.say(&format!("{label}  stopped early, {}: {}  [{counts}]", accuracies(t), t.error))
                 }
-                Some(TrialState::Stopped) => self.say(&format!(
-                    "{label}  stopped early, val {}: {}  [{counts}]",
-                    output::percent(t.latest_val_accuracy),
-                    t.error
-                )),
                 Some(TrialState::Paused) if changed => self.say(&format!(
-                    "{label}  paused at a rung, val {}: waits to be promoted or stopped  [{counts}]",
-                    output::percent(t.latest_val_accuracy)
+                    "{label}  paused at a rung, {}: waits to be promoted or stopped  [{counts}]",
+                    accuracies(t)
                 )),
                 Some(TrialState::Failed) => self.say(&format!("{label}  FAILED: {}  [{counts}]", t.error)),
                 Some(TrialState::Cancelled) => self.say(&format!("{label}  cancelled  [{counts}]")),
@@ -428,6 +425,18 @@ pub async fn follow(
     }
 }
 
+/// A trial's accuracies as the end of its line says them: the best during fine-tuning (what
+/// the leaderboard ranks by) and the newest epoch's, each named.
+fn accuracies(t: &v1::TrialSummary) -> String {
+    match (t.best_val_accuracy, t.latest_val_accuracy) {
+        (Some(best), Some(last)) if best != last => {
+            format!("best ft val {}, last {}", output::percent(Some(best)), output::percent(Some(last)))
+        }
+        (Some(best), _) => format!("best ft val {}", output::percent(Some(best))),
+        (None, last) => format!("last val {}", output::percent(last)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,6 +451,17 @@ mod tests {
             epochs_done: done,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_trials_line_names_its_best_and_its_last_accuracy() {
+        let mut t = trial("t000", "completed", 4);
+        t.latest_val_accuracy = Some(0.733);
+        assert_eq!(accuracies(&t), "last val 73.3%");
+        t.best_val_accuracy = Some(0.867);
+        assert_eq!(accuracies(&t), "best ft val 86.7%, last 73.3%");
+        t.latest_val_accuracy = Some(0.867);
+        assert_eq!(accuracies(&t), "best ft val 86.7%");
     }
 
     #[test]

@@ -138,14 +138,21 @@ async function sweepsView() {
   const mine = view;
   const sweeps = await api('/api/sweeps');
   if (mine !== view) return;
-  const filter = el('input', { id: 'filter', placeholder: 'filter by name or id', type: 'search' });
+  const filter = el('input', { id: 'filter', placeholder: 'filter by name, id or note', type: 'search' });
+  const allTags = [...new Set(sweeps.flatMap((s) => s.tags || []))].sort();
+  const tagPick = el('select', { id: 'tag-filter', title: 'only sweeps with this tag' },
+    el('option', { value: '' }, 'every tag'), ...allTags.map((t) => el('option', { value: t }, t)));
   const holder = el('div');
   const render = () => {
     const q = filter.value.trim().toLowerCase();
-    const rows = sweeps.filter((s) => !q || s.name.toLowerCase().includes(q) || s.id.toLowerCase().includes(q));
+    const tag = tagPick.value;
+    const rows = sweeps.filter((s) => (!q || s.name.toLowerCase().includes(q) || s.id.toLowerCase().includes(q)
+      || (s.note || '').toLowerCase().includes(q)) && (!tag || (s.tags || []).includes(tag)));
     holder.replaceChildren(sortable([
       ['', () => null, (s) => el('input', { type: 'checkbox', class: 'pick', 'data-id': s.id, title: 'compare' })],
-      ['sweep', (s) => s.name, (s) => el('a', { href: `#/sweep/${enc(s.id)}` }, s.name)],
+      ['sweep', (s) => s.name, (s) => el('a', { href: `#/sweep/${enc(s.id)}`, title: clean(s.note || '') }, s.name)],
+      ['tags', (s) => (s.tags || []).join(' '),
+        (s) => el('span', {}, ...(s.tags || []).map((t) => el('span', { class: 'tag' }, t)))],
       ['id', (s) => s.id],
       ['state', (s) => s.state, (s) => el('span', { class: `state-${s.state}` }, s.state)],
       ['trials', (s) => s.trial_count, (s) => counts(s.counts, s.trial_count)],
@@ -156,6 +163,7 @@ async function sweepsView() {
     ], rows, 'sweeps'));
   };
   filter.oninput = render;
+  tagPick.onchange = render;
   const compare = el('button', {
     id: 'compare-picked',
     onclick: () => {
@@ -163,7 +171,7 @@ async function sweepsView() {
       if (ids.length) location.hash = `#/compare/${ids.join(',')}`;
     },
   }, 'compare the ticked sweeps');
-  show(el('h1', {}, 'Sweeps'), el('div', { class: 'toolbar' }, filter, compare), holder);
+  show(el('h1', {}, 'Sweeps'), el('div', { class: 'toolbar' }, filter, tagPick, compare), holder);
   render();
 }
 
@@ -349,7 +357,9 @@ async function sweepView(id) {
       ['backbone', 'strategy', 'split'].map((k) => el('option', { value: k, selected: k === by ? 'selected' : null }, k)));
     show(
       el('h1', {}, `${data.name} `, el('span', { class: `state-${data.state}` }, `(${data.state})`)),
-      el('p', { class: 'muted', id: 'summary' }, `${data.id} · ${counts(data.counts, data.trial_count)} · started ${when(data.created_at_ms)}`),
+      el('p', { class: 'muted', id: 'summary' }, `${data.id} · ${counts(data.counts, data.trial_count)} · started ${when(data.created_at_ms)}`,
+        ...(data.tags || []).map((t) => el('span', { class: 'tag' }, t))),
+      data.note ? el('p', { class: 'note', id: 'note' }, data.note) : null,
       el('h2', {}, 'Leaderboard'), leaderboardTable(data.leaderboard, data.trials, data.id),
       el('h2', {}, 'Validation accuracy, every trial'), el('div', { class: 'toolbar' }, el('label', {}, 'colour by ', colour)),
       accuracyChart(data.trials, by, width),

@@ -197,7 +197,7 @@ impl Tokens {
             (_, s) if s.starts_with("grpc.reflection.") => true,
             (Role::Client, "sweep.v1.SweepService") => true,
             (Role::Viewer, "sweep.v1.SweepService") => {
-                !matches!(method, "SubmitSweep" | "CancelSweep" | "RetrySweep" | "DropSweep")
+                !matches!(method, "SubmitSweep" | "CancelSweep" | "RetrySweep" | "DropSweep" | "UpdateSweep")
             }
             (Role::Worker, "sweep.v1.WorkerService") => true,
             _ => false,
@@ -303,6 +303,8 @@ worker wwwwwwwwwwwwwwwwwwww  gpu-pool   # the DaemonSet
         assert_eq!(call("/sweep.v1.WorkerService/Register", &c), Err(PermissionDenied));
         assert_eq!(call("/sweep.v1.SweepService/GetLeaderboard", &v), Ok(()));
         assert_eq!(call("/sweep.v1.SweepService/SubmitSweep", &v), Err(PermissionDenied));
+        assert_eq!(call("/sweep.v1.SweepService/UpdateSweep", &v), Err(PermissionDenied), "tags are written");
+        assert_eq!(call("/sweep.v1.SweepService/UpdateSweep", &c), Ok(()));
         assert_eq!(call("/sweep.v1.WorkerService/ReportEpoch", &w), Ok(()));
         assert_eq!(call("/sweep.v1.SweepService/SubmitSweep", &w), Err(PermissionDenied));
         assert_eq!(call("/sweep.v1.SweepService/CancelSweep", &w), Err(PermissionDenied));

@@ -636,7 +636,27 @@ impl SweepService for SweepApi {
         let parsed = spec::parse_with(&req.spec_yaml, self.0.config.parse).map_err(|e| {
             Status::invalid_argument(format!("{source}:{}:{}: {}", e.line, e.column, field_message(&e)))
         })?;
-        let submitted = self.0.write(true, move |s| s.submit(&req.spec_yaml, &source, &parsed)).await?;
+        for t in &req.tags {
+            sweep_core::records::check_tag(t).map_err(Status::invalid_argument)?;
+        }
+        sweep_core::records::check_note(&req.note).map_err(Status::invalid_argument)?;
+        if req.tags.len() > sweep_core::records::MAX_TAGS {
+            return Err(Status::invalid_argument(format!(
+                "a sweep may have at most {} tags ({} given)",
+                sweep_core::records::MAX_TAGS,
+                req.tags.len()
+            )));
+        }
+        let submitted = self
+            .0
+            .write(true, move |s| {
+                let submitted = s.submit(&req.spec_yaml, &source, &parsed)?;
+                if !req.tags.is_empty() || !req.note.is_empty() {
+                    s.update_sweep(&submitted.sweep_id, &req.tags, &[], Some(&req.note))?;
+                }
+                Ok(submitted)
+            })
+            .await?;
         tracing::info!(
             sweep_id = %submitted.sweep_id,
             trial_count = submitted.trial_count,
@@ -644,6 +664,18 @@ impl SweepService for SweepApi {
             "sweep submitted"
         );
         Ok(Response::new(v1::SubmitSweepResponse::from(&submitted)))
+    }
+
+    async fn update_sweep(
+        &self,
+        request: Request<v1::UpdateSweepRequest>,
+    ) -> Result<Response<v1::SweepSummary>, Status> {
+        let req = request.into_inner();
+        let updated = self
+            .0
+            .write(false, move |s| s.update_sweep(&req.sweep_id, &req.add_tags, &req.remove_tags, req.note.as_deref()))
+            .await?;
+        Ok(Response::new(v1::SweepSummary::from(&updated)))
     }
 
     async fn get_sweep(&self, request: Request<v1::GetSweepRequest>) -> Result<Response<v1::SweepStatus>, Status> {
@@ -657,7 +689,7 @@ impl SweepService for SweepApi {
     ) -> Result<Response<v1::ListSweepsResponse>, Status> {
         let req = request.into_inner();
         let size = page_size(req.page_size);
-        let page = self.0.call(move |s| s.list_sweeps_page(size, &req.page_token)).await?;
+        let page = self.0.call(move |s| s.list_sweeps_page(size, &req.page_token, &req.tag)).await?;
         let sweeps = page.items.iter().map(v1::SweepSummary::from).collect();
         Ok(Response::new(v1::ListSweepsResponse { sweeps, next_page_token: page.next }))
     }

@@ -173,7 +173,11 @@ async fn submit_and_report(url: &str, token: Option<&str>, admin: Option<&str>) 
     let channel = Channel::from_shared(url.to_string()).unwrap().connect().await.unwrap();
     let mut sweeps = SweepServiceClient::new(with_token(channel.clone(), admin));
     let sweep = sweeps
-        .submit_sweep(v1::SubmitSweepRequest { spec_yaml: SPEC.into(), source: "dash.yaml".into() })
+        .submit_sweep(v1::SubmitSweepRequest {
+            spec_yaml: SPEC.into(),
+            source: "dash.yaml".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()

@@ -153,7 +153,8 @@ async fn attack(tokens: Option<Tokens>, honest_token: Option<&str>, mallory_toke
             r.metadata_mut().insert("authorization", header.clone());
             Ok(r)
         });
-        let req = v1::SubmitSweepRequest { spec_yaml: SPEC.into(), source: "identity.yaml".into() };
+        let req =
+            v1::SubmitSweepRequest { spec_yaml: SPEC.into(), source: "identity.yaml".into(), ..Default::default() };
         c.submit_sweep(req).await.unwrap().into_inner().sweep_id
     };
     let register = |name: &str| v1::RegisterRequest { name: name.into(), devices: vec![cpu()], version: "t".into() };

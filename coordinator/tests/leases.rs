@@ -41,7 +41,11 @@ async fn states(sweeps: &mut SweepServiceClient<Channel>, sweep: &str) -> (Strin
 async fn a_worker_takes_the_trial(addr: std::net::SocketAddr) -> (String, v1::RegisterResponse) {
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     let sweep = SweepServiceClient::new(channel.clone())
-        .submit_sweep(v1::SubmitSweepRequest { spec_yaml: SPEC.into(), source: "leases.yaml".into() })
+        .submit_sweep(v1::SubmitSweepRequest {
+            spec_yaml: SPEC.into(),
+            source: "leases.yaml".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()

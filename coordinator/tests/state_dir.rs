@@ -165,7 +165,7 @@ async fn a_clean_stop_leaves_everything_in_the_database_file_and_backup_copies_a
     let mut c = v1::sweep_service_client::SweepServiceClient::connect(url).await.unwrap();
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let req = v1::SubmitSweepRequest { spec_yaml: SPEC.into(), source: "s.yaml".into() };
+        let req = v1::SubmitSweepRequest { spec_yaml: SPEC.into(), source: "s.yaml".into(), ..Default::default() };
         ids.push(c.submit_sweep(req).await.unwrap().into_inner().sweep_id);
     }
     // A backup while it runs: consistent, checked, and refusing to overwrite.

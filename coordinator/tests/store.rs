@@ -56,6 +56,7 @@ macro_rules! store_suite {
                 a_worker_failing_attempts_in_a_row_is_quarantined_and_gets_no_more_trials,
                 retry_requeues_failed_trials_with_a_fresh_budget,
                 lists_come_in_bounded_pages_and_workers_gone_for_long_are_forgotten,
+                tags_and_notes_are_kept_listed_by_tag_and_bad_ones_change_nothing,
                 a_trial_whose_every_epoch_is_stored_completes_whatever_ends_its_attempt,
                 permanent_failures_count_toward_quarantine_only_where_other_workers_ran_the_sweep,
                 asha_pauses_trials_at_rungs_promotes_the_top_and_stops_the_rest_when_a_rung_closes,
@@ -636,6 +637,47 @@ fn retry_requeues_failed_trials_with_a_fresh_budget<S: Store>(open: Open<S>) {
     assert!(matches!(e, StoreError::WrongState(_)), "{e}");
 }
 
+fn tags_and_notes_are_kept_listed_by_tag_and_bad_ones_change_nothing<S: Store>(open: Open<S>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    let a = submit(&mut store);
+    let b = submit(&mut store);
+    let tags = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let s = store.update_sweep(&a, &tags(&["resnet", "baseline", "resnet"]), &[], Some("first try\nImageNet")).unwrap();
+    assert_eq!((s.tags.clone(), s.note.as_str()), (tags(&["baseline", "resnet"]), "first try\nImageNet"));
+    store.update_sweep(&b, &tags(&["resnet"]), &[], None).unwrap();
+    let listed = |store: &S, tag: &str| {
+        store.list_sweeps_page(100, "", tag).unwrap().items.into_iter().map(|s| s.id).collect::<Vec<_>>()
+    };
+    assert_eq!(listed(&store, "resnet"), [b.clone(), a.clone()]);
+    assert_eq!(listed(&store, "baseline"), std::slice::from_ref(&a));
+    assert_eq!(listed(&store, "base"), Vec::<String>::new(), "a tag matches whole");
+    assert_eq!(listed(&store, "").len(), 2);
+    // Removing, and a note left as it is when none is given; an empty note removes it.
+    let s = store.update_sweep(&a, &[], &tags(&["resnet", "absent"]), None).unwrap();
+    assert_eq!((s.tags.clone(), s.note.as_str()), (tags(&["baseline"]), "first try\nImageNet"));
+    assert_eq!(store.update_sweep(&a, &[], &[], Some("")).unwrap().note, "");
+    // Bad tags, notes, too many tags, unknown sweeps: refused, nothing changed.
+    for bad in ["", "has space", "semi;colon", "ünï", "x\u{1b}[31m", &"t".repeat(41)] {
+        let e = store.update_sweep(&a, &tags(&[bad]), &[], None).unwrap_err();
+        assert!(matches!(e, StoreError::Invalid(_)), "{bad:?}: {e}");
+        assert!(matches!(store.list_sweeps_page(10, "", bad), Err(StoreError::Invalid(_))) || bad.is_empty());
+    }
+    let many: Vec<String> = (0..20).map(|i| format!("t{i}")).collect();
+    let e = store.update_sweep(&a, &many, &[], None).unwrap_err();
+    assert!(e.to_string().contains("at most 20 tags"), "{e}");
+    for note in ["bell\u{7}".to_string(), "n".repeat(2001)] {
+        assert!(matches!(store.update_sweep(&a, &tags(&["new"]), &[], Some(&note)), Err(StoreError::Invalid(_))));
+    }
+    assert!(matches!(store.update_sweep("nope", &tags(&["x"]), &[], None), Err(StoreError::NotFound(_))));
+    let s = store.get_sweep(&a).unwrap().sweep;
+    assert_eq!((s.tags, s.note), (tags(&["baseline"]), String::new()));
+    // Kept across reopening.
+    drop(store);
+    let store = open(dir.path(), wall());
+    assert_eq!(listed(&store, "baseline"), [a]);
+}
+
 fn lists_come_in_bounded_pages_and_workers_gone_for_long_are_forgotten<S: Store>(open: Open<S>) {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path(), wall());
@@ -648,7 +690,7 @@ fn lists_come_in_bounded_pages_and_workers_gone_for_long_are_forgotten<S: Store>
     let mut token = String::new();
     let mut pages = 0;
     loop {
-        let page = store.list_sweeps_page(100, &token).unwrap();
+        let page = store.list_sweeps_page(100, &token, "").unwrap();
         assert!(page.items.len() <= 100);
         seen.extend(page.items.into_iter().map(|s| s.id));
         pages += 1;
@@ -659,7 +701,7 @@ fn lists_come_in_bounded_pages_and_workers_gone_for_long_are_forgotten<S: Store>
     }
     assert_eq!((pages, &seen), (3, &ids), "every sweep once, newest first");
     for bad in ["x", "s-1", "w5", "s1; DROP TABLE sweeps"] {
-        assert!(matches!(store.list_sweeps_page(10, bad), Err(StoreError::Invalid(_))), "{bad}");
+        assert!(matches!(store.list_sweeps_page(10, bad, ""), Err(StoreError::Invalid(_))), "{bad}");
     }
 
     // Workers with a thousand devices of long names: a page stays near 2 MiB on the wire,
@@ -820,6 +862,7 @@ fn a_version_1_database_is_upgraded_in_place() {
          ALTER TABLE sweeps DROP COLUMN sharing; DROP INDEX trials_progress; ALTER TABLE trials DROP COLUMN stored;
          ALTER TABLE sweeps DROP COLUMN dropped_at_ms; DROP TABLE stage_points;
          DROP INDEX trials_paused; ALTER TABLE trials DROP COLUMN paused_at;
+         ALTER TABLE sweeps DROP COLUMN tags; ALTER TABLE sweeps DROP COLUMN note;
          UPDATE meta SET value = 1 WHERE key = 'schema_version';",
     )
     .unwrap();
@@ -835,7 +878,7 @@ fn a_version_1_database_is_upgraded_in_place() {
     assert!(report.is_clean(), "{report}");
     let conn = rusqlite::Connection::open(dir.path().join("sweep.db")).unwrap();
     let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 11);
+    assert_eq!(v, 12);
 }
 
 /// ASHA's promotion form with scripted metrics: every pause, promotion and stop at every rung,

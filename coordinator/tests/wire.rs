@@ -206,7 +206,11 @@ async fn bad_requests_are_refused_with_their_reason_and_change_nothing() {
     // A sweep with one trial completed (attempt `done`) and one running (attempt `live`, with
     // its first epoch stored).
     let sweep = sweeps
-        .submit_sweep(v1::SubmitSweepRequest { spec_yaml: SPEC.into(), source: "wire.yaml".into() })
+        .submit_sweep(v1::SubmitSweepRequest {
+            spec_yaml: SPEC.into(),
+            source: "wire.yaml".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -360,13 +364,14 @@ async fn bad_requests_are_refused_with_their_reason_and_change_nothing() {
     refused("twice", workers.register(register(vec![cpu("cpu:0"), cpu("cpu:0")])).await, ia, "listed twice");
     refused("empty sweep id", sweeps.get_sweep(v1::GetSweepRequest::default()).await, ia, "sweep id");
     refused("bad trial id", sweeps.get_trial(trial(&sweep, "x")).await, ia, "trial id");
-    let submit = |yaml: String| v1::SubmitSweepRequest { spec_yaml: yaml, source: "bad.yaml".into() };
+    let submit =
+        |yaml: String| v1::SubmitSweepRequest { spec_yaml: yaml, source: "bad.yaml".into(), ..Default::default() };
     refused("bad spec", sweeps.submit_sweep(submit(SPEC.replace("resnet50", "resnet51"))).await, ia, "bad.yaml:4:");
     refused("empty spec", sweeps.submit_sweep(submit(String::new())).await, ia, "bad.yaml:1:1: the spec is empty");
     // A name of a megabyte (66 of them made every later ListSweeps too large to decode).
     let long_name = SPEC.replace("name: wire", &format!("name: {}", "n".repeat(1_000_000)));
     refused("long name", sweeps.submit_sweep(submit(long_name)).await, ia, "name: is 1000000 characters long");
-    let page = v1::ListSweepsRequest { page_size: 10, page_token: "nonsense".into() };
+    let page = v1::ListSweepsRequest { page_size: 10, page_token: "nonsense".into(), ..Default::default() };
     refused("bad page token", sweeps.list_sweeps(page).await, ia, "page_token");
     // Deep enough to overflow the stack of the parser's thread before the spec parser was fixed.
     let deep = format!("{}x\n", "- ".repeat(200_000));

@@ -74,6 +74,66 @@ pub struct SweepSummary {
     pub source: String,
     /// When `sweep drop` marked it as no longer kept (its files may be collected).
     pub dropped_at_ms: Option<i64>,
+    /// Its tags, sorted (`sweep submit --tag`, `sweep tag`).
+    pub tags: Vec<String>,
+    /// A free-text note (`sweep submit --note`, `sweep note`); empty when none.
+    pub note: String,
+}
+
+/// Most tags one sweep may have.
+pub const MAX_TAGS: usize = 20;
+/// Longest tag, in characters.
+pub const MAX_TAG_LEN: usize = 40;
+/// Longest note, in characters.
+pub const MAX_NOTE_LEN: usize = 2000;
+
+/// Checks a tag: 1 to [`MAX_TAG_LEN`] letters, digits, `.`, `_`, `-`, `:` or `/` (nothing a
+/// terminal, a shell or a URL query would read otherwise). The error says what is wrong.
+pub fn check_tag(tag: &str) -> Result<(), String> {
+    let shown: String = crate::text::escape(&tag.chars().take(MAX_TAG_LEN + 10).collect::<String>());
+    if tag.is_empty() {
+        return Err("a tag may not be empty".into());
+    }
+    if tag.chars().count() > MAX_TAG_LEN {
+        return Err(format!("tag `{shown}…` is longer than {MAX_TAG_LEN} characters"));
+    }
+    if let Some(c) = tag.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/'))) {
+        return Err(format!(
+            "tag `{shown}` holds `{}`; tags are letters, digits and . _ - : /",
+            crate::text::escape(&c.to_string())
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a note: at most [`MAX_NOTE_LEN`] characters, no control characters but newlines and
+/// tabs (it is shown on terminals and web pages, escaped either way).
+pub fn check_note(note: &str) -> Result<(), String> {
+    if note.chars().count() > MAX_NOTE_LEN {
+        return Err(format!("the note is longer than {MAX_NOTE_LEN} characters"));
+    }
+    if let Some(c) = note.chars().find(|c| c.is_control() && !matches!(c, '\n' | '\t')) {
+        return Err(format!("the note holds a control character (U+{:04X})", c as u32));
+    }
+    Ok(())
+}
+
+/// A sweep's tags after adding `add` and removing `remove` (sorted, each once), or why not.
+pub fn retag(tags: &[String], add: &[String], remove: &[String]) -> Result<Vec<String>, String> {
+    for t in add.iter().chain(remove) {
+        check_tag(t)?;
+    }
+    let mut out: Vec<String> = tags.iter().filter(|t| !remove.contains(t)).cloned().collect();
+    for t in add {
+        if !out.contains(t) && !remove.contains(t) {
+            out.push(t.clone());
+        }
+    }
+    out.sort();
+    if out.len() > MAX_TAGS {
+        return Err(format!("a sweep may have at most {MAX_TAGS} tags ({} asked for)", out.len()));
+    }
+    Ok(out)
 }
 
 /// What `sweep gc` may remove from one sweep's folders of the artifact store.
@@ -104,7 +164,11 @@ pub struct TrialSummary {
     pub worker_id: Option<String>,
     /// Epochs with stored metrics.
     pub epochs_done: u32,
+    /// The validation accuracy of its newest stored epoch.
     pub latest_val_accuracy: Option<f64>,
+    /// Its best validation accuracy during fine-tuning (what the leaderboard ranks by; none
+    /// before its first fine-tuning epoch).
+    pub best_val_accuracy: Option<f64>,
     /// Why it failed, was cancelled or is unschedulable (empty otherwise).
     pub error: String,
     pub started_at_ms: Option<i64>,
@@ -320,6 +384,28 @@ pub struct ReportReply {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tags_are_short_plain_words_and_retagging_keeps_them_sorted_and_once() {
+        for good in ["baseline", "v1.2", "team/vision", "lr:1e-4", "A_b-C"] {
+            assert_eq!(check_tag(good), Ok(()), "{good}");
+        }
+        for bad in ["", "two words", "a,b", "x\u{1b}", "é", "a'b", "a\nb"] {
+            assert!(check_tag(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_tag(&"x".repeat(MAX_TAG_LEN)).is_ok());
+        assert!(check_tag(&"x".repeat(MAX_TAG_LEN + 1)).unwrap_err().contains("longer than"));
+        // The error shows the tag escaped.
+        assert!(!check_tag("a\u{1b}[31m").unwrap_err().contains('\u{1b}'));
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(retag(&s(&["b", "a"]), &s(&["c", "a"]), &s(&["b"])), Ok(s(&["a", "c"])));
+        assert_eq!(retag(&[], &s(&["x"]), &s(&["x"])), Ok(vec![]), "added and removed: removed");
+        assert!(retag(&[], &(0..=MAX_TAGS).map(|i| format!("t{i}")).collect::<Vec<_>>(), &[]).is_err());
+        assert_eq!(check_note("two\nlines\twith a tab"), Ok(()));
+        assert!(check_note("bell\u{7}").is_err());
+        assert!(check_note(&"n".repeat(MAX_NOTE_LEN + 1)).is_err());
+    }
+
     use super::*;
 
     #[test]

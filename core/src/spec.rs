@@ -583,6 +583,128 @@ impl PositionIndex {
     }
 }
 
+/// The spec as it will run: every field written out, the defaults the text left out filled in,
+/// in the spec's own YAML schema (it parses back to the same spec). What `sweep validate
+/// --resolved` and `sweep status --spec` print, so that a silently defaulted field (a missing
+/// `final_lr`, a missing `training:` section) is seen.
+pub fn resolved_yaml(spec: &SweepSpec) -> String {
+    use serde_yaml::{Mapping, Value};
+    fn map(pairs: Vec<(&str, Value)>) -> Value {
+        Value::Mapping(pairs.into_iter().map(|(k, v)| (Value::from(k), v)).collect::<Mapping>())
+    }
+    let dataset = |d: &DatasetSpec| match d {
+        DatasetSpec::Synthetic { classes, train_per_class, val_per_class, image_size, seed } => map(vec![
+            ("kind", "synthetic".into()),
+            ("classes", (*classes).into()),
+            ("train_per_class", (*train_per_class).into()),
+            ("val_per_class", (*val_per_class).into()),
+            ("image_size", (*image_size).into()),
+            ("seed", (*seed).into()),
+        ]),
+        DatasetSpec::ImageFolder { root, image_size, skip_corrupt } => map(vec![
+            ("kind", "image_folder".into()),
+            ("root", root.as_str().into()),
+            ("image_size", (*image_size).into()),
+            ("skip_corrupt", (*skip_corrupt).into()),
+        ]),
+        DatasetSpec::Flowers102 { root, train_split, val_split, image_size, skip_corrupt } => {
+            let splits = |s: &[FlowersSplit]| Value::Sequence(s.iter().map(|x| x.name().into()).collect());
+            map(vec![
+                ("kind", "flowers102".into()),
+                ("root", root.as_str().into()),
+                ("train_split", splits(train_split)),
+                ("val_split", splits(val_split)),
+                ("image_size", (*image_size).into()),
+                ("skip_corrupt", (*skip_corrupt).into()),
+            ])
+        }
+    };
+    let t = &spec.training;
+    let weights = match &spec.model.weights {
+        Weights::None => "none".to_string(),
+        Weights::ImageNet => "imagenet".to_string(),
+        Weights::File(path) => path.clone(),
+    };
+    let lr = |d: &LrDecay| match d {
+        LrDecay::Linear { head_lr, final_lr } => {
+            map(vec![("strategy", "linear".into()), ("head_lr", (*head_lr).into()), ("final_lr", (*final_lr).into())])
+        }
+        LrDecay::Exponential { head_lr, factor } => {
+            map(vec![("strategy", "exponential".into()), ("head_lr", (*head_lr).into()), ("factor", (*factor).into())])
+        }
+    };
+    let mut doc = vec![
+        ("name", spec.name.as_str().into()),
+        ("dataset", dataset(&spec.dataset)),
+        ("model", map(vec![("weights", weights.into())])),
+        (
+            "training",
+            map(vec![
+                ("batch_size", t.batch_size.into()),
+                ("optimizer", Optimizer::ALL.iter().find(|(_, o)| *o == t.optimizer).map_or("adam", |(n, _)| n).into()),
+                ("weight_decay", t.weight_decay.into()),
+                ("seed", t.seed.into()),
+                ("feature_extraction", map(vec![("lr", t.feature_extraction_lr.into())])),
+                ("fine_tuning", map(vec![("default_lr", t.fine_tuning_default_lr.into())])),
+                ("freeze_bn_stats", t.freeze_bn_stats.into()),
+                (
+                    "augment",
+                    map(vec![
+                        ("hflip", t.augment.hflip.into()),
+                        ("rotation_deg", t.augment.rotation_deg.into()),
+                        ("shear_deg", t.augment.shear_deg.into()),
+                        ("color_jitter", t.augment.color_jitter.into()),
+                    ]),
+                ),
+            ]),
+        ),
+        (
+            "grid",
+            map(vec![
+                ("backbone", Value::Sequence(spec.grid.backbone.iter().map(|b| b.name().into()).collect())),
+                ("lr_decay", Value::Sequence(spec.grid.lr_decay.iter().map(lr).collect())),
+                (
+                    "epoch_split",
+                    Value::Sequence(
+                        spec.grid
+                            .epoch_split
+                            .iter()
+                            .map(|(fe, ft)| Value::Sequence(vec![(*fe).into(), (*ft).into()]))
+                            .collect(),
+                    ),
+                ),
+            ]),
+        ),
+        ("resources", map(vec![("gpus_per_trial", spec.resources.gpus_per_trial.into())])),
+        ("retries", map(vec![("max_attempts", spec.retries.max_attempts.into())])),
+    ];
+    if let Some(p) = &spec.pretrain {
+        doc.push((
+            "pretrain",
+            map(vec![
+                ("dataset", dataset(&p.dataset)),
+                ("epochs", p.epochs.into()),
+                ("lr", p.lr.into()),
+                ("batch_size", p.batch_size.into()),
+                ("seed", p.seed.into()),
+            ]),
+        ));
+    }
+    if let Some(e) = &spec.early_stopping {
+        let mut fields = vec![];
+        match e.strategy {
+            Strategy::Asha { eta } => fields.extend([("strategy", "asha".into()), ("eta", eta.into())]),
+            Strategy::Median { min_trials } => {
+                fields.extend([("strategy", "median".into()), ("min_trials", min_trials.into())])
+            }
+        }
+        fields.extend([("metric", e.metric.name().into()), ("min_epochs", e.min_epochs.into())]);
+        doc.push(("early_stopping", map(fields)));
+    }
+    doc.push(("sharing", if spec.sharing { "on" } else { "off" }.into()));
+    serde_yaml::to_string(&map(doc)).unwrap_or_default()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Raw document (what serde sees)
 // ---------------------------------------------------------------------------------------------

@@ -455,3 +455,40 @@ fn extending_a_grid_appends_values_keeps_every_old_cell_and_refuses_what_is_ther
     refused(add(&["resnet9000"], &[], &[]), "the extended grid is not valid");
     refused(add(&[], &[], &[(0, 0)]), "the extended grid is not valid");
 }
+
+#[test]
+fn the_resolved_spec_writes_every_default_and_parses_back_to_the_same_spec() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../sweeps");
+    let mut texts = vec![
+        GOOD.to_string(),
+        std::fs::read_to_string(format!("{root}/flowers102.yaml")).unwrap(),
+        std::fs::read_to_string(format!("{root}/quickstart.yaml")).unwrap(),
+        format!(
+            "{GOOD}training: {{ batch_size: 16, seed: 4 }}\npretrain:\n  dataset: {{ kind: synthetic, classes: 20, seed: 9 }}\n  epochs: 3\nsharing: off\n"
+        ),
+        format!("{GOOD}early_stopping: {{ strategy: median }}\n"),
+        format!(
+            "{GOOD}early_stopping: {{ strategy: asha, eta: 2, metric: val_loss }}\nmodel: {{ weights: w/a.safetensors }}\n"
+        ),
+        GOOD.replace("kind: synthetic\n  classes: 4", "kind: image_folder\n  root: /data/x\n  skip_corrupt: true"),
+    ];
+    texts.push(GOOD.replace(
+        "final_lr: 1.0e-6",
+        "final_lr: 1.0e-6 }\n    - { strategy: exponential, head_lr: 3.0e-4, factor: 2.5",
+    ));
+    for text in &texts {
+        let spec = spec::parse(text).unwrap();
+        let resolved = spec::resolved_yaml(&spec);
+        assert_eq!(spec::parse(&resolved).unwrap(), spec, "{resolved}");
+        // What the text left out is written.
+        for key in ["training:", "batch_size:", "augment:", "rotation_deg:", "retries:", "max_attempts:", "sharing:"] {
+            assert!(resolved.contains(key), "{key} missing from\n{resolved}");
+        }
+    }
+    // A missing `final_lr` is shown with the default it got.
+    let text = GOOD.replace(", final_lr: 1.0e-6", "");
+    let resolved = spec::resolved_yaml(&spec::parse(&text).unwrap());
+    assert!(resolved.contains("final_lr:"), "{resolved}");
+    let median = spec::resolved_yaml(&spec::parse(&format!("{GOOD}early_stopping: {{ strategy: median }}\n")).unwrap());
+    assert!(median.contains("min_trials: 3") && median.contains("min_epochs: 1"), "{median}");
+}

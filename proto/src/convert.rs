@@ -62,6 +62,8 @@ impl From<&records::SweepSummary> for v1::SweepSummary {
             finished_at_ms: wire_time(s.finished_at_ms),
             source: s.source.clone(),
             dropped_at_ms: wire_time(s.dropped_at_ms),
+            tags: s.tags.clone(),
+            note: s.note.clone(),
         }
     }
 }
@@ -80,6 +82,7 @@ impl From<&records::TrialSummary> for v1::TrialSummary {
             worker_id: t.worker_id.clone().unwrap_or_default(),
             epochs_done: t.epochs_done,
             latest_val_accuracy: t.latest_val_accuracy,
+            best_val_accuracy: t.best_val_accuracy,
             error: t.error.clone(),
             started_at_ms: wire_time(t.started_at_ms),
             finished_at_ms: wire_time(t.finished_at_ms),
@@ -123,6 +126,8 @@ impl From<&records::LeaderboardEntry> for v1::LeaderboardEntry {
             best_checkpoint: e.best_checkpoint.as_ref().map(v1::CheckpointRef::from),
             last_checkpoint: e.last_checkpoint.as_ref().map(v1::CheckpointRef::from),
             skipped_images: e.skipped_images,
+            // The entry alone does not know its sweep; the leaderboard's conversion sets it.
+            sweep_id: String::new(),
         }
     }
 }
@@ -132,7 +137,11 @@ impl From<&records::Leaderboard> for v1::Leaderboard {
         v1::Leaderboard {
             sweep_id: l.sweep_id.clone(),
             sweep_state: l.sweep_state.as_str().into(),
-            entries: l.entries.iter().map(v1::LeaderboardEntry::from).collect(),
+            entries: l
+                .entries
+                .iter()
+                .map(|e| v1::LeaderboardEntry { sweep_id: l.sweep_id.clone(), ..v1::LeaderboardEntry::from(e) })
+                .collect(),
         }
     }
 }
@@ -317,6 +326,8 @@ impl TryFrom<&v1::SweepSummary> for records::SweepSummary {
             finished_at_ms: domain_time(s.finished_at_ms),
             source: s.source.clone(),
             dropped_at_ms: domain_time(s.dropped_at_ms),
+            tags: s.tags.clone(),
+            note: s.note.clone(),
         })
     }
 }
@@ -344,6 +355,7 @@ impl TryFrom<&v1::TrialSummary> for records::TrialSummary {
             worker_id: (!t.worker_id.is_empty()).then(|| t.worker_id.clone()),
             epochs_done: t.epochs_done,
             latest_val_accuracy: t.latest_val_accuracy,
+            best_val_accuracy: t.best_val_accuracy,
             error: t.error.clone(),
             started_at_ms: domain_time(t.started_at_ms),
             finished_at_ms: domain_time(t.finished_at_ms),
@@ -412,6 +424,7 @@ mod tests {
             worker_id: Some("w7".into()),
             epochs_done: 4,
             latest_val_accuracy: Some(0.8125),
+            best_val_accuracy: Some(0.84375),
             error: "lost worker w6".into(),
             started_at_ms: Some(1_700_000_000_123),
             finished_at_ms: None,
@@ -430,6 +443,7 @@ mod tests {
             worker_id: None,
             epochs_done: 0,
             latest_val_accuracy: None,
+            best_val_accuracy: None,
             error: String::new(),
             started_at_ms: None,
             finished_at_ms: None,
@@ -453,6 +467,8 @@ mod tests {
             finished_at_ms,
             source: "sweeps/flowers.yaml".into(),
             dropped_at_ms: None,
+            tags: vec!["baseline".into(), "flowers".into()],
+            note: "first try\nwith ImageNet weights".into(),
         }
     }
 
@@ -666,6 +682,7 @@ mod tests {
             records::Leaderboard { sweep_id: "s-42".into(), sweep_state: SweepState::Running, entries: vec![entry] };
         let w = v1::Leaderboard::from(&board);
         assert_eq!((w.sweep_state.as_str(), w.entries.len()), ("running", 1));
+        assert_eq!(w.entries[0].sweep_id, "s-42");
 
         let detail = records::TrialDetail {
             trial: t.clone(),

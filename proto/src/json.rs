@@ -46,6 +46,8 @@ pub fn sweep_json(s: &v1::SweepSummary) -> Value {
         "created_at_ms": s.created_at_ms,
         "finished_at_ms": time_json(s.finished_at_ms),
         "dropped_at_ms": time_json(s.dropped_at_ms),
+        "tags": s.tags,
+        "note": if s.note.is_empty() { Value::Null } else { json!(s.note) },
     })
 }
 
@@ -62,6 +64,7 @@ pub fn trial_json(t: &v1::TrialSummary) -> Value {
         "state": t.state,
         "epochs_done": t.epochs_done,
         "latest_val_accuracy": t.latest_val_accuracy,
+        "best_val_accuracy": t.best_val_accuracy,
         "attempts": t.attempts,
         "worker": if t.worker_id.is_empty() { Value::Null } else { json!(t.worker_id) },
         "devices": t.devices,
@@ -84,6 +87,7 @@ pub fn leaderboard_json(board: &v1::Leaderboard) -> Value {
             .iter()
             .map(|e| {
                 json!({
+                    "sweep": if e.sweep_id.is_empty() { &board.sweep_id } else { &e.sweep_id },
                     "rank": e.rank,
                     "trial": e.trial_id,
                     "backbone": e.backbone,

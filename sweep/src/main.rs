@@ -73,7 +73,8 @@ const LEADERBOARD_EXAMPLES: &str = "\
 Examples:
   sweep leaderboard quick                          ranked trials
   sweep leaderboard quick --by backbone            each backbone by its best trial, with its cost
-  sweep leaderboard quick --output csv > board.csv";
+  sweep leaderboard quick --output csv > board.csv
+  sweep leaderboard quick-b630 quick-77e1          two sweeps' trials ranked together";
 
 const EXPORT_EXAMPLES: &str = "\
 Examples:
@@ -150,6 +151,45 @@ struct Remote {
     output: Format,
 }
 
+/// Tags and a note for a new sweep.
+#[derive(clap::Args, Clone, Default)]
+struct LabelArgs {
+    /// A tag for the sweep (repeatable; letters, digits, . _ - : /); `sweep list --tag` finds it.
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// A note for the sweep (free text), shown by `status` and the dashboard.
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    note: String,
+}
+
+impl LabelArgs {
+    fn labels(&self) -> cli::Labels {
+        cli::Labels { tags: self.tags.clone(), note: self.note.clone() }
+    }
+}
+
+/// Where a read command reads: a coordinator, or a state directory directly.
+#[derive(clap::Args, Clone)]
+struct Read {
+    #[command(flatten)]
+    remote: Remote,
+    /// Read this state directory (a finished `sweep run`'s, say) instead of a coordinator: a
+    /// consistent snapshot of it, taken even while a coordinator runs on it; nothing in it
+    /// changes.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+/// As [`Read`], for the commands whose `--output` has formats of their own.
+#[derive(clap::Args, Clone)]
+struct ReadConn {
+    #[command(flatten)]
+    conn: Conn,
+    /// Read this state directory instead of a coordinator (see `sweep status --help`).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the coordinator: gRPC services over a durable state directory.
@@ -209,7 +249,8 @@ enum Command {
         /// Worker processes to start.
         #[arg(long, default_value_t = 2)]
         workers: usize,
-        /// State directory (readable afterwards with `sweep coordinator --state-dir`).
+        /// State directory (read it afterwards with `sweep status ID --state-dir DIR`, or serve it
+        /// with `sweep coordinator --state-dir DIR`).
         #[arg(long, env = "SWEEP_STATE_DIR", default_value = ".sweep")]
         state_dir: PathBuf,
         /// Intra-op threads per worker, as `sweep-worker --threads` (default: CPU cores /
@@ -226,12 +267,18 @@ enum Command {
         /// Output format of the final leaderboard.
         #[arg(long, short, value_enum, default_value = "table")]
         output: TableFormat,
+        #[command(flatten)]
+        labels: LabelArgs,
     },
-    /// Check a spec offline: its errors, or the table of its trials.
+    /// Check a spec offline: its errors, or the table of its trials and the spec as it will run
+    /// (every default filled in).
     Validate {
         spec: PathBuf,
         #[arg(long, default_value_t = sweep_core::spec::DEFAULT_MAX_TRIALS)]
         max_trials: usize,
+        /// Print only the resolved spec (YAML; it parses back to the same spec).
+        #[arg(long)]
+        resolved: bool,
         #[arg(long, short, value_enum, default_value = "table")]
         output: Format,
     },
@@ -255,6 +302,8 @@ enum Command {
         /// Then follow the sweep as `sweep watch` does, until it ends.
         #[arg(long)]
         watch: bool,
+        #[command(flatten)]
+        labels: LabelArgs,
         #[command(flatten)]
         remote: Remote,
     },
@@ -294,25 +343,35 @@ enum Command {
         /// Only the newest N.
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
+        /// Only sweeps with this tag.
+        #[arg(long, value_name = "TAG")]
+        tag: Option<String>,
         #[command(flatten)]
-        remote: Remote,
+        read: Read,
     },
     /// A sweep's state and its trials.
     Status {
         /// Sweep id (or a unique prefix of it).
         id: String,
+        /// Print the sweep's spec as it runs, every default filled in (YAML), instead of its
+        /// trials (`-o json`: the submitted and the resolved spec).
+        #[arg(long)]
+        spec: bool,
         #[command(flatten)]
-        remote: Remote,
+        read: Read,
     },
-    /// Trials ranked by best validation accuracy during fine-tuning.
+    /// Trials ranked by best validation accuracy during fine-tuning; of several sweeps, ranked
+    /// together with a sweep column.
     #[command(after_help = LEADERBOARD_EXAMPLES)]
     Leaderboard {
-        id: String,
+        /// Sweep ids (or unique prefixes); several compare their trials in one ranking.
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
         /// Rank trials, or backbones by their best trial.
         #[arg(long, value_enum, default_value = "trial")]
         by: cli::By,
         #[command(flatten)]
-        conn: Conn,
+        read: ReadConn,
         /// Output format.
         #[arg(long, short, value_enum, env = "SWEEP_OUTPUT", default_value = "table")]
         output: TableFormat,
@@ -328,7 +387,7 @@ enum Command {
         #[arg(long = "file", short = 'f', alias = "out", value_name = "FILE")]
         out: Option<PathBuf>,
         #[command(flatten)]
-        conn: Conn,
+        read: ReadConn,
     },
     /// PNG figures of a sweep: per-trial loss and accuracy curves, per-backbone accuracy.
     #[command(after_help = PLOT_EXAMPLES)]
@@ -338,7 +397,7 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
         #[command(flatten)]
-        remote: Remote,
+        read: Read,
     },
     /// Shell completion script for bash, zsh, fish, elvish or PowerShell.
     #[command(after_help = COMPLETIONS_EXAMPLES)]
@@ -349,12 +408,35 @@ enum Command {
         /// Trial id, e.g. t003.
         trial: String,
         #[command(flatten)]
-        remote: Remote,
+        read: Read,
     },
     /// The best checkpoint of a sweep's top trial: its path (or URL) alone, for scripts
     /// (`--output json`: the trial and its checkpoint).
     Best {
         id: String,
+        #[command(flatten)]
+        read: Read,
+    },
+    /// Add or remove a sweep's tags (letters, digits, . _ - : /; at most 20); prints them.
+    #[command(
+        after_help = "Examples:\n  sweep tag quick --add baseline --add resnet\n  sweep tag quick --remove resnet\n  sweep list --tag baseline"
+    )]
+    Tag {
+        id: String,
+        /// A tag to add (repeatable).
+        #[arg(long = "add", value_name = "TAG")]
+        add: Vec<String>,
+        /// A tag to remove (repeatable).
+        #[arg(long = "remove", value_name = "TAG")]
+        remove: Vec<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Set a sweep's note (free text, at most 2000 characters; an empty one removes it); prints it.
+    Note {
+        id: String,
+        /// The note.
+        text: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -403,7 +485,7 @@ enum Command {
     /// Registered workers, their devices and what they run.
     Workers {
         #[command(flatten)]
-        remote: Remote,
+        read: Read,
     },
     /// Check a state directory's history against the coordinator's invariants (read-only; a
     /// coordinator may be running on it). Exits 1 if any is broken, 2 if it cannot be read.
@@ -532,17 +614,27 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             coordinator(config).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { spec, workers, state_dir, threads_per_worker, worker_bin, artifacts, output } => {
-            let options =
-                run::RunOptions { spec, workers, state_dir, threads_per_worker, worker_bin, artifacts, output };
+        Command::Run { spec, workers, state_dir, threads_per_worker, worker_bin, artifacts, output, labels } => {
+            labels.labels().check()?;
+            let options = run::RunOptions {
+                spec,
+                workers,
+                state_dir,
+                threads_per_worker,
+                worker_bin,
+                artifacts,
+                output,
+                labels: labels.labels(),
+            };
             run::run(options).await
         }
-        Command::Validate { spec, max_trials, output } => cli::validate(&spec, max_trials, output),
+        Command::Validate { spec, max_trials, resolved, output } => cli::validate(&spec, max_trials, output, resolved),
         Command::Plan { spec, max_trials, tflops, output } => sweep_cli::plan::plan(&spec, max_trials, output, tflops),
-        Command::Submit { spec, watch, remote } => {
+        Command::Submit { spec, watch, labels, remote } => {
             let format = remote.output;
+            labels.labels().check()?;
             let mut client = remote.conn.connect().await?;
-            let id = client.submit(&spec, format).await?;
+            let id = client.submit(&spec, format, &labels.labels()).await?;
             if watch { client.watch_sweep(&id, format).await } else { Ok(ExitCode::SUCCESS) }
         }
         Command::Extend { id, backbones, lr_decays, epoch_splits, watch, remote } => {
@@ -556,42 +648,62 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let format = remote.output;
             remote.conn.connect().await?.watch_sweep(&id, format).await
         }
-        Command::List { limit, remote } => {
-            let format = remote.output;
-            remote.conn.connect().await?.list(format, limit.filter(|&n| n > 0)).await?;
-            Ok(ExitCode::SUCCESS)
+        Command::List { limit, tag, read } => {
+            let format = read.remote.output;
+            let mut source = Source::open(&read.remote.conn, read.state_dir.as_deref()).await?;
+            source.client.list(format, limit.filter(|&n| n > 0), tag.as_deref().unwrap_or("")).await?;
+            source.close().await
         }
-        Command::Status { id, remote } => {
-            let format = remote.output;
-            remote.conn.connect().await?.status(&id, format).await?;
-            Ok(ExitCode::SUCCESS)
+        Command::Status { id, spec, read } => {
+            let format = read.remote.output;
+            let mut source = Source::open(&read.remote.conn, read.state_dir.as_deref()).await?;
+            source.client.status(&id, format, spec).await?;
+            source.close().await
         }
-        Command::Leaderboard { id, by, conn, output } => {
-            conn.connect().await?.leaderboard(&id, by, output).await?;
-            Ok(ExitCode::SUCCESS)
+        Command::Leaderboard { ids, by, read, output } => {
+            let mut source = Source::open(&read.conn, read.state_dir.as_deref()).await?;
+            source.client.leaderboard(&ids, by, output).await?;
+            source.close().await
         }
-        Command::Export { id, format, out, conn } => {
-            conn.connect().await?.export(&id, format, out.as_deref()).await?;
-            Ok(ExitCode::SUCCESS)
+        Command::Export { id, format, out, read } => {
+            let mut source = Source::open(&read.conn, read.state_dir.as_deref()).await?;
+            source.client.export(&id, format, out.as_deref()).await?;
+            source.close().await
         }
-        Command::Plot { id, out, remote } => {
-            let format = remote.output;
-            remote.conn.connect().await?.plot(&id, &out, format).await?;
-            Ok(ExitCode::SUCCESS)
+        Command::Plot { id, out, read } => {
+            let format = read.remote.output;
+            let mut source = Source::open(&read.remote.conn, read.state_dir.as_deref()).await?;
+            source.client.plot(&id, &out, format).await?;
+            source.close().await
         }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Args::command(), "sweep", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Trial { id, trial, remote } => {
+        Command::Trial { id, trial, read } => {
+            let format = read.remote.output;
+            let mut source = Source::open(&read.remote.conn, read.state_dir.as_deref()).await?;
+            source.client.trial(&id, &trial, format).await?;
+            source.close().await
+        }
+        Command::Best { id, read } => {
+            let format = read.remote.output;
+            let mut source = Source::open(&read.remote.conn, read.state_dir.as_deref()).await?;
+            source.client.best(&id, format).await?;
+            source.close().await
+        }
+        Command::Tag { id, add, remove, remote } => {
+            if add.is_empty() && remove.is_empty() {
+                anyhow::bail!("nothing to change: give --add TAG or --remove TAG");
+            }
             let format = remote.output;
-            remote.conn.connect().await?.trial(&id, &trial, format).await?;
+            remote.conn.connect().await?.update_sweep(&id, &add, &remove, None, format).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Best { id, remote } => {
+        Command::Note { id, text, remote } => {
             let format = remote.output;
-            remote.conn.connect().await?.best(&id, format).await?;
+            remote.conn.connect().await?.update_sweep(&id, &[], &[], Some(text), format).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { id, remote } => {
@@ -616,10 +728,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             sweep_cli::gc::print(&collected, dry_run, format);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Workers { remote } => {
-            let format = remote.output;
-            remote.conn.connect().await?.workers(format).await?;
-            Ok(ExitCode::SUCCESS)
+        Command::Workers { read } => {
+            let format = read.remote.output;
+            let mut source = Source::open(&read.remote.conn, read.state_dir.as_deref()).await?;
+            source.client.workers(format).await?;
+            source.close().await
         }
         Command::CheckState { state_dir, output } => Ok(check_state(&state_dir, output)),
         Command::Backup { state_dir, out } => Ok(backup(&state_dir, &out)),
@@ -646,6 +759,66 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             sweep_cli::sim::command(options, duration, !no_verify, output).await
         }
     }
+}
+
+/// What a read command reads from: the coordinator of `--coordinator`, or, with `--state-dir`,
+/// a snapshot of that directory served by a private coordinator of this process: the database
+/// is copied consistently (`VACUUM INTO`, as `sweep backup` does, so a coordinator may be
+/// running on the directory) into a temporary folder only this user can read, and served on a
+/// loopback port that answers only a random token of this process. The commands are then the
+/// same calls, the same output; the snapshot goes when the command ends, and nothing in the
+/// directory is written.
+struct Source {
+    client: Client,
+    local: Option<(sweep_coordinator::server::Running, tempfile::TempDir)>,
+}
+
+impl Source {
+    async fn open(conn: &Conn, state_dir: Option<&Path>) -> anyhow::Result<Source> {
+        let Some(dir) = state_dir else {
+            return Ok(Source { client: conn.connect().await?, local: None });
+        };
+        use anyhow::Context;
+        let what = || format!("cannot read the state directory {}", dir.display());
+        if !dir.is_dir() {
+            anyhow::bail!("{}: no such directory", what());
+        }
+        let copy =
+            tempfile::Builder::new().prefix("sweep-read-").tempdir().context("cannot create a temporary folder")?;
+        let db = copy.path().join(sweep_coordinator::history::DB_FILE);
+        let dir_owned = dir.to_path_buf();
+        let db_copy = db.clone();
+        tokio::task::spawn_blocking(move || sweep_coordinator::store::sqlite::backup(&dir_owned, &db_copy, |_| Ok(())))
+            .await?
+            .with_context(what)?;
+        let token = random_token().context("cannot make a token for the snapshot's port")?;
+        let mut config = sweep_coordinator::server::Config::new(([127, 0, 0, 1], 0).into(), copy.path().to_path_buf());
+        config.tokens =
+            Some(std::sync::Arc::new(sweep_coordinator::auth::Tokens::parse(&format!("viewer {token} snapshot"))?));
+        let running = sweep_coordinator::server::start(config).await.with_context(what)?;
+        let files = sweep_session::connect::ClientFiles { token: Some(token), ..Default::default() };
+        let security = sweep_session::connect::ClientSecurity::load(&files)?;
+        let client = Client::connect_with(&format!("http://{}", running.addr), &security).await?;
+        Ok(Source { client, local: Some((running, copy)) })
+    }
+
+    /// Stops the snapshot's server (its folder goes with it); the command's exit status.
+    async fn close(self) -> anyhow::Result<ExitCode> {
+        drop(self.client);
+        if let Some((running, copy)) = self.local {
+            running.stop().await?;
+            drop(copy);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// 32 random bytes from the kernel, hex.
+fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`), `SWEEP_LOG_FORMAT=json` for JSON lines.

@@ -4,7 +4,8 @@
 //! `sweep-worker` processes pointed at it, submits the spec, prints progress from the
 //! `WatchSweep` stream, prints the leaderboard when the sweep ends, and stops its workers.
 //! Everything goes through the same gRPC services a cluster uses; the state directory can be
-//! served afterwards with `sweep coordinator --state-dir`.
+//! read afterwards with the read commands' `--state-dir`, or served with `sweep coordinator
+//! --state-dir`.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -30,6 +31,8 @@ pub struct RunOptions {
     /// `<state_dir>/artifacts`].
     pub artifacts: Option<String>,
     pub output: TableFormat,
+    /// Tags and a note for the sweep.
+    pub labels: cli::Labels,
 }
 
 /// Finds `sweep-worker`: an explicit path, next to this executable, or on PATH.
@@ -169,7 +172,7 @@ pub async fn run(o: RunOptions) -> anyhow::Result<ExitCode> {
     }
     let url = format!("http://{}", server.addr);
     let mut client = Client::connect(&url).await?;
-    let submitted = client.submit_text(text, o.spec.display().to_string()).await?;
+    let submitted = client.submit_labelled(text, o.spec.display().to_string(), &o.labels).await?;
     let sweep_id = submitted.sweep_id.clone();
     output::eprint(&format!(
         "sweep {sweep_id}: {} trials of `{}` on {} local worker{} ({threads} thread{} each)\nstate: {}   worker logs: {}",
@@ -199,10 +202,10 @@ pub async fn run(o: RunOptions) -> anyhow::Result<ExitCode> {
             let status = client.get_status(&sweep_id).await?;
             let summary = status.sweep.unwrap_or_default();
             eprintln!(
-                "\nsweep {sweep_id} {}: {}. Inspect it later with:\n  sweep coordinator --state-dir {}",
+                "\nsweep {sweep_id} {}: {}. Read it later with:\n  sweep status {sweep_id} --state-dir {dir}    (also leaderboard, trial, best, export, plot)\nor serve it: sweep coordinator --state-dir {dir}",
                 summary.state,
                 output::counts_line(&summary),
-                o.state_dir.display()
+                dir = o.state_dir.display()
             );
             let completed = SweepState::parse(&summary.state) == Some(SweepState::Completed);
             if completed { ExitCode::SUCCESS } else { ExitCode::FAILURE }

@@ -65,6 +65,9 @@ fn every_page_loads_shows_the_leaderboards_numbers_and_updates_live() {
     failing_worker(&url, "bad", 1, "boom\u{1b}[31m<img src=x id=injected>");
     assert_eq!(scripted_worker(&url, "w2", 20).len(), 8);
     let board: Value = serde_json::from_str(&run_ok(&["leaderboard", &id, "-o", "json"], &url, &[])).unwrap();
+    // The first sweep is tagged and annotated (a note with markup: shown as text).
+    run_ok(&["tag", &id, "--add", "baseline", "--add", "cpu"], &url, &[]);
+    run_ok(&["note", &id, "first <i>try</i>"], &url, &[]);
 
     let driver = Driver::start();
     let b = driver.browser(1400, 1800);
@@ -84,7 +87,17 @@ fn every_page_loads_shows_the_leaderboards_numbers_and_updates_live() {
     let evil_row = rows.iter().find(|r| r.contains(&second)).unwrap();
     assert!(evil_row.contains("evil <b>bold</b>"), "shown as text: {evil_row}");
     assert_eq!(b.run("return document.querySelectorAll('#sweeps b').length", vec![]), 0, "no markup from a name");
+    assert!(mine.contains("baseline") && mine.contains("cpu"), "tags shown: {mine}");
     b.screenshot(&shots.join("sweeps.png"));
+    // Filtered by a tag: only the tagged sweep.
+    let filtered = b.run(
+        "const s = document.getElementById('tag-filter'); s.value = 'baseline'; s.onchange();
+         return [...document.querySelector('#sweeps tbody').rows].map(r => r.innerText)",
+        vec![],
+    );
+    let filtered = filtered.as_array().unwrap();
+    assert_eq!(filtered.len(), 1, "{filtered:?}");
+    assert!(filtered[0].as_str().unwrap().contains(&id));
 
     // A sweep: the leaderboard's every number as `sweep leaderboard -o json` says; the charts.
     b.open(&format!("{base}/#/sweep/{id}"));
@@ -95,6 +108,9 @@ fn every_page_loads_shows_the_leaderboards_numbers_and_updates_live() {
     );
     let cells = cells.as_array().unwrap();
     assert_eq!(cells.len(), board.as_array().unwrap().len());
+    let note = b.run("const n = document.getElementById('note'); return n ? n.innerText : null", vec![]);
+    assert_eq!(note, "first <i>try</i>", "the note, as text");
+    assert_eq!(b.run("return document.querySelectorAll('#note i').length", vec![]), 0);
     for (row, entry) in cells.iter().zip(board.as_array().unwrap()) {
         let row: Vec<&str> = row.as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
         assert_eq!(row[0], entry["rank"].to_string());

@@ -212,6 +212,7 @@ fn real_processes_complete_a_sweep_and_the_leaderboard_comes_back_over_grpc() {
                 .submit_sweep(v1::SubmitSweepRequest {
                     spec_yaml: TINY_SPEC.replace("[resnet18]", "[nope]"),
                     source: "wire.yaml".into(),
+                    ..Default::default()
                 })
                 .await
         })

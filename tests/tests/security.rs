@@ -67,7 +67,7 @@ fn tokens_decide_who_may_call_what() {
         |t: Option<&str>| v1::sweep_service_client::SweepServiceClient::with_interceptor(ch.clone(), with_token(t));
     let workers =
         |t: Option<&str>| v1::worker_service_client::WorkerServiceClient::with_interceptor(ch.clone(), with_token(t));
-    let submit = v1::SubmitSweepRequest { spec_yaml: TINY_SPEC.into(), source: "test".into() };
+    let submit = v1::SubmitSweepRequest { spec_yaml: TINY_SPEC.into(), source: "test".into(), ..Default::default() };
     let register = v1::RegisterRequest {
         name: "x".into(),
         devices: vec![v1::Device { id: "cpu:0".into(), kind: "cpu".into(), name: "cpu".into(), memory_bytes: 1 }],

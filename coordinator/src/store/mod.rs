@@ -143,8 +143,19 @@ pub trait Store: StateReader + Send {
     /// and it runs on from that point (or is complete).
     fn submit(&mut self, spec_yaml: &str, source: &str, spec: &SweepSpec) -> Result<Submitted>;
     /// One page of sweeps, newest first: at most `page_size` (1 to [`MAX_PAGE`]) of those
-    /// older than the page `token` names (empty: from the newest).
-    fn list_sweeps_page(&self, page_size: usize, token: &str) -> Result<Page<SweepSummary>>;
+    /// older than the page `token` names (empty: from the newest), only those tagged `tag`
+    /// unless it is empty.
+    fn list_sweeps_page(&self, page_size: usize, token: &str, tag: &str) -> Result<Page<SweepSummary>>;
+    /// Adds and removes tags and replaces the note when `note` is given (`sweep tag`, `sweep
+    /// note`, and a submission's own). A tag or note the rules of `records::check_tag` and
+    /// `check_note` refuse, or more than `MAX_TAGS` tags, is `Invalid` and changes nothing.
+    fn update_sweep(
+        &mut self,
+        sweep_id: &str,
+        add: &[String],
+        remove: &[String],
+        note: Option<&str>,
+    ) -> Result<SweepSummary>;
     /// A sweep, named by its id or a unique prefix of it, with its trials.
     fn get_sweep(&self, sweep_id: &str) -> Result<SweepStatus>;
     /// Cancels waiting trials now; running attempts are told to stop through their next
@@ -169,7 +180,7 @@ pub trait Store: StateReader + Send {
         let mut all = Vec::new();
         let mut token = String::new();
         loop {
-            let page = self.list_sweeps_page(MAX_PAGE, &token)?;
+            let page = self.list_sweeps_page(MAX_PAGE, &token, "")?;
             all.extend(page.items);
             if page.next.is_empty() {
                 return Ok(all);

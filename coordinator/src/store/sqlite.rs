@@ -84,7 +84,7 @@ CREATE TABLE IF NOT EXISTS stage_points (
     };
 }
 
-const SCHEMA_VERSION: i64 = 11;
+const SCHEMA_VERSION: i64 = 12;
 
 /// Statements that bring a database of version `n - 1` to version `n` (index `n - 2`).
 const MIGRATIONS: &[&str] = &[
@@ -126,6 +126,9 @@ const MIGRATIONS: &[&str] = &[
     // 11: ASHA's promotion form: the epoch a trial waits at (a rung) to be promoted or stopped.
     "ALTER TABLE trials ADD COLUMN paused_at INTEGER;
      CREATE INDEX IF NOT EXISTS trials_paused ON trials(sweep_id, paused_at);",
+    // 12: tags (sorted, each between commas: `,a,b,`) and a note per sweep.
+    "ALTER TABLE sweeps ADD COLUMN tags TEXT NOT NULL DEFAULT '';
+     ALTER TABLE sweeps ADD COLUMN note TEXT NOT NULL DEFAULT '';",
 ];
 
 const SCHEMA: &str = "
@@ -147,7 +150,9 @@ CREATE TABLE IF NOT EXISTS sweeps (
     finished_at_ms INTEGER,
     early_stopping TEXT,
     sharing        INTEGER NOT NULL DEFAULT 0,
-    dropped_at_ms  INTEGER
+    dropped_at_ms  INTEGER,
+    tags           TEXT NOT NULL DEFAULT '',
+    note           TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS trials (
     sweep_id        TEXT NOT NULL REFERENCES sweeps(id),
@@ -480,12 +485,18 @@ impl Store for SqliteStore {
     /// One page of sweeps, newest first: at most `page_size` (1 to [`MAX_PAGE`]) of those
     /// older than the page `token` names (empty: from the newest); returns them and the token
     /// of the next page (empty after the last).
-    fn list_sweeps_page(&self, page_size: usize, token: &str) -> Result<Page<SweepSummary>> {
+    fn list_sweeps_page(&self, page_size: usize, token: &str, tag: &str) -> Result<Page<SweepSummary>> {
         let before = parse_page_token(token, 's')?.unwrap_or(i64::MAX);
         let size = page_size.clamp(1, MAX_PAGE);
+        if !tag.is_empty() {
+            sweep_core::records::check_tag(tag).map_err(StoreError::Invalid)?;
+        }
         let rows: Vec<(String, i64)> = {
-            let mut q = self.conn.prepare("SELECT id, seq FROM sweeps WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2")?;
-            q.query_map(params![before, size as i64 + 1], |r| Ok((r.get(0)?, r.get(1)?)))?
+            let mut q = self.conn.prepare(
+                "SELECT id, seq FROM sweeps WHERE seq < ?1 AND (?3 = '' OR instr(tags, ',' || ?3 || ',') > 0)
+                 ORDER BY seq DESC LIMIT ?2",
+            )?;
+            q.query_map(params![before, size as i64 + 1, tag], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<_>>()?
         };
         let more = rows.len() > size;
@@ -644,6 +655,29 @@ impl Store for SqliteStore {
         )?;
         tx.commit()?;
         Ok((sweep_id, points as u32))
+    }
+
+    fn update_sweep(
+        &mut self,
+        sweep_id: &str,
+        add: &[String],
+        remove: &[String],
+        note: Option<&str>,
+    ) -> Result<SweepSummary> {
+        if let Some(n) = note {
+            sweep_core::records::check_note(n).map_err(StoreError::Invalid)?;
+        }
+        let tx = self.conn.savepoint()?;
+        let sweep_id = resolve_sweep(&tx, sweep_id)?;
+        let before = sweep_summary(&tx, &sweep_id)?;
+        let tags = sweep_core::records::retag(&before.tags, add, remove).map_err(StoreError::Invalid)?;
+        tx.execute(
+            "UPDATE sweeps SET tags = ?2, note = COALESCE(?3, note) WHERE id = ?1",
+            params![sweep_id, stored_tags(&tags), note],
+        )?;
+        let after = sweep_summary(&tx, &sweep_id)?;
+        tx.commit()?;
+        Ok(after)
     }
 
     fn references(&self, sweep_id: &str) -> Result<References> {
@@ -1625,18 +1659,28 @@ fn resolve_sweep(conn: &Connection, id: &str) -> Result<String> {
     }
 }
 
+/// Tags as stored (`,a,b,`), or `''` for none.
+fn stored_tags(tags: &[String]) -> String {
+    if tags.is_empty() { String::new() } else { format!(",{},", tags.join(",")) }
+}
+
 fn sweep_summary(conn: &Connection, sweep_id: &str) -> Result<SweepSummary> {
-    type Row = (String, String, i64, i64, Option<i64>, String, Option<i64>);
+    type Row = (String, String, i64, i64, Option<i64>, String, Option<i64>, String, String);
     let row: Option<Row> = conn
         .query_row(
-            "SELECT id, name, trial_count, created_at_ms, finished_at_ms, source, dropped_at_ms FROM sweeps WHERE id = ?1",
+            "SELECT id, name, trial_count, created_at_ms, finished_at_ms, source, dropped_at_ms, tags, note
+             FROM sweeps WHERE id = ?1",
             [sweep_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)),
         )
         .optional()?;
-    let Some((id, name, trial_count, created_at_ms, finished_at_ms, source, dropped_at_ms)) = row else {
+    let Some((id, name, trial_count, created_at_ms, finished_at_ms, source, dropped_at_ms, tags, note)) = row else {
         return Err(StoreError::NotFound(format!("no sweep with id `{sweep_id}`")));
     };
+    let tags: Vec<String> = tags.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect();
+    if let Some(bad) = tags.iter().find_map(|t| sweep_core::records::check_tag(t).err()) {
+        return Err(StoreError::Corrupt(format!("sweep {id}: {bad}")));
+    }
     let mut counts = TrialCounts::default();
     let mut q = conn.prepare("SELECT state, COUNT(*) FROM trials WHERE sweep_id = ?1 GROUP BY state")?;
     for row in q.query_map([sweep_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
@@ -1654,6 +1698,8 @@ fn sweep_summary(conn: &Connection, sweep_id: &str) -> Result<SweepSummary> {
         finished_at_ms,
         source,
         dropped_at_ms,
+        tags,
+        note,
     })
 }
 
@@ -1666,7 +1712,8 @@ fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Resu
                 COALESCE(a.devices, ''),
                 (SELECT COUNT(*) FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx),
                 (SELECT m.val_accuracy FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx ORDER BY m.epoch DESC LIMIT 1),
-                t.lr_decay
+                t.lr_decay,
+                (SELECT MAX(m.val_accuracy) FROM metrics m WHERE m.sweep_id = t.sweep_id AND m.idx = t.idx AND m.epoch > t.fe_epochs)
          FROM trials t LEFT JOIN attempts a ON a.id = CASE
                 WHEN t.state = ?3 THEN t.current_attempt
                 WHEN t.state IN (?4, ?5, ?6, ?7) THEN
@@ -1691,6 +1738,7 @@ fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Resu
         epochs_done: u32,
         latest_val_accuracy: Option<f64>,
         lr_decay: Vec<u8>,
+        best_val_accuracy: Option<f64>,
     }
     let rows: Vec<Raw> = q
         .query_map(
@@ -1720,6 +1768,7 @@ fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Resu
                     epochs_done: r.get(12)?,
                     latest_val_accuracy: r.get(13)?,
                     lr_decay: r.get(14)?,
+                    best_val_accuracy: r.get(15)?,
                 })
             },
         )?
@@ -1742,6 +1791,7 @@ fn trial_summaries(conn: &Connection, sweep_id: &str, only: Option<i64>) -> Resu
                 devices: t.devices.split(',').filter(|d| !d.is_empty()).map(str::to_string).collect(),
                 epochs_done: t.epochs_done,
                 latest_val_accuracy: t.latest_val_accuracy,
+                best_val_accuracy: t.best_val_accuracy,
                 trial_id: t.trial_id,
             })
         })
