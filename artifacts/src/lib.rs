@@ -328,6 +328,23 @@ impl ArtifactStore {
         Ok((hex(&hasher.finalize()), bytes))
     }
 
+    /// Object `key` as a stream of chunks, with its size: nothing is staged; whoever reads it
+    /// decides what to do with a stream that ends in an error.
+    pub async fn get_stream(
+        &self,
+        key: &str,
+    ) -> Result<(u64, futures::stream::BoxStream<'static, Result<bytes::Bytes, ArtifactError>>), ArtifactError> {
+        let k = self.object_key(key)?;
+        let got = self.store.get(&k).await.map_err(|e| self.store_error(key, e))?;
+        let size = got.meta.size;
+        let uri = self.uri(key);
+        let stream = got
+            .into_stream()
+            .map(move |chunk| chunk.map_err(|e| ArtifactError::Store { uri: uri.clone(), message: e.to_string() }))
+            .boxed();
+        Ok((size, stream))
+    }
+
     /// The whole object `key`.
     pub async fn get_bytes(&self, key: &str) -> Result<Vec<u8>, ArtifactError> {
         let k = self.object_key(key)?;

@@ -256,7 +256,9 @@ impl Client {
     }
 
     pub async fn list(&mut self, format: Format, limit: Option<usize>, tag: &str) -> anyhow::Result<()> {
-        let sweeps = self.list_tagged(limit, tag).await?;
+        let mut sweeps = self.list_tagged(limit, tag).await?;
+        // A coordinator older than tags answers every sweep: filtered here too.
+        sweeps.retain(|s| tag.is_empty() || s.tags.iter().any(|t| t == tag));
         match format {
             Format::Json => println!("{}", serde_json::to_string_pretty(&output::sweeps_json(&sweeps))?),
             Format::Table => output::print(&output::sweeps_table(&sweeps)),

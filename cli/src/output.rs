@@ -228,7 +228,8 @@ pub fn sweeps_table(sweeps: &[v1::SweepSummary]) -> String {
 /// A sweep's tags and note, as `sweep tag` and `sweep note` print them.
 pub fn labels_text(s: &v1::SweepSummary) -> String {
     let tags = if s.tags.is_empty() { "no tags".to_string() } else { format!("tags: {}", s.tags.join(", ")) };
-    let note = if s.note.is_empty() { "no note".to_string() } else { format!("note: {}", s.note) };
+    let note =
+        if s.note.is_empty() { "no note".to_string() } else { format!("note: {}", s.note.replace('\n', "\n      ")) };
     format!("sweep {} ({}): {tags}\n{note}", s.id, s.name)
 }
 
@@ -240,7 +241,8 @@ pub fn status_text(status: &v1::SweepStatus) -> String {
         out.push_str(&format!("tags: {}\n", s.tags.join(", ")));
     }
     if !s.note.is_empty() {
-        out.push_str(&format!("note: {}\n", s.note));
+        // Its further lines indented: a note never reads as lines of the status.
+        out.push_str(&format!("note: {}\n", s.note.replace('\n', "\n      ")));
     }
     out.push('\n');
     let mut t = table(&[
@@ -388,7 +390,6 @@ pub fn leaderboard_csv(board: &v1::Leaderboard) -> String {
         .map(|e| {
             let [strategy, head, fin, factor] = lr_fields(e.lr_decay.as_ref());
             vec![
-                entry_sweep(board, e).to_string(),
                 e.rank.to_string(),
                 e.trial_id.clone(),
                 e.backbone.clone(),
@@ -405,12 +406,12 @@ pub fn leaderboard_csv(board: &v1::Leaderboard) -> String {
                 e.parameters.to_string(),
                 e.wall_seconds.to_string(),
                 e.best_checkpoint.as_ref().map(|c| c.uri.clone()).unwrap_or_default(),
+                entry_sweep(board, e).to_string(),
             ]
         })
         .collect();
     csv(
         &[
-            "sweep",
             "rank",
             "trial",
             "backbone",
@@ -427,6 +428,7 @@ pub fn leaderboard_csv(board: &v1::Leaderboard) -> String {
             "parameters",
             "wall_seconds",
             "best_checkpoint",
+            "sweep",
         ],
         &rows,
     )
@@ -544,7 +546,6 @@ pub fn backbone_csv(ranks: &[BackboneRank]) -> String {
                 b.trials.to_string(),
                 b.completed.to_string(),
                 b.best.trial_id.clone(),
-                b.best_sweep.to_string(),
                 strategy,
                 head,
                 fin,
@@ -556,6 +557,7 @@ pub fn backbone_csv(ranks: &[BackboneRank]) -> String {
                 opt(b.best.best_epoch),
                 b.best.parameters.to_string(),
                 b.wall_seconds.to_string(),
+                b.best_sweep.to_string(),
             ]
         })
         .collect();
@@ -566,7 +568,6 @@ pub fn backbone_csv(ranks: &[BackboneRank]) -> String {
             "trials",
             "completed",
             "best_trial",
-            "best_sweep",
             "lr_strategy",
             "head_lr",
             "final_lr",
@@ -578,6 +579,7 @@ pub fn backbone_csv(ranks: &[BackboneRank]) -> String {
             "best_epoch",
             "parameters",
             "wall_seconds",
+            "best_sweep",
         ],
         &rows,
     )
@@ -858,13 +860,14 @@ mod tests {
         assert!(table.lines().next().unwrap().contains("SWEEP"), "{table}");
         assert!(table.lines().nth(1).unwrap().contains("b-2"), "{table}");
         let csv = leaderboard_csv(&merged);
-        assert!(csv.starts_with("sweep,rank,trial,"), "{csv}");
-        assert!(csv.lines().nth(1).unwrap().starts_with("b-2,1,t000,"), "{csv}");
+        assert!(csv.starts_with("rank,trial,") && csv.lines().next().unwrap().ends_with(",sweep"), "{csv}");
+        let first = csv.lines().nth(1).unwrap();
+        assert!(first.starts_with("1,t000,") && first.ends_with(",b-2"), "{csv}");
         assert_eq!(leaderboard_json(&merged)[2]["sweep"], "a-1");
         // One sweep: no sweep column in the table, the sweep in CSV and JSON all the same.
         let one = merge_leaderboards(vec![a]);
         assert!(!leaderboard_table(&one).contains("SWEEP"));
-        assert!(leaderboard_csv(&one).lines().nth(1).unwrap().starts_with("a-1,1,t001,"));
+        assert!(leaderboard_csv(&one).lines().nth(1).unwrap().ends_with(",a-1"));
         assert_eq!(leaderboard_json(&one)[0]["sweep"], "a-1");
         let backbones = by_backbone(&merged);
         assert_eq!((backbones[0].best_sweep, backbones[0].best.trial_id.as_str()), ("b-2", "t000"));

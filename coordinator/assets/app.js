@@ -150,7 +150,7 @@ async function sweepsView() {
       || (s.note || '').toLowerCase().includes(q)) && (!tag || (s.tags || []).includes(tag)));
     holder.replaceChildren(sortable([
       ['', () => null, (s) => el('input', { type: 'checkbox', class: 'pick', 'data-id': s.id, title: 'compare' })],
-      ['sweep', (s) => s.name, (s) => el('a', { href: `#/sweep/${enc(s.id)}`, title: clean(s.note || '') }, s.name)],
+      ['sweep', (s) => s.name, (s) => el('a', { href: `#/sweep/${enc(s.id)}`, title: clean((s.note || '').replace(/[\n\t]/g, ' ')) }, s.name)],
       ['tags', (s) => (s.tags || []).join(' '),
         (s) => el('span', {}, ...(s.tags || []).map((t) => el('span', { class: 'tag' }, t)))],
       ['id', (s) => s.id],
@@ -359,7 +359,7 @@ async function sweepView(id) {
       el('h1', {}, `${data.name} `, el('span', { class: `state-${data.state}` }, `(${data.state})`)),
       el('p', { class: 'muted', id: 'summary' }, `${data.id} · ${counts(data.counts, data.trial_count)} · started ${when(data.created_at_ms)}`,
         ...(data.tags || []).map((t) => el('span', { class: 'tag' }, t))),
-      data.note ? el('p', { class: 'note', id: 'note' }, data.note) : null,
+      data.note ? el('p', { class: 'note', id: 'note' }, data.note.split('\n').flatMap((l, i) => (i ? [el('br'), l] : [l]))) : null,
       el('h2', {}, 'Leaderboard'), leaderboardTable(data.leaderboard, data.trials, data.id),
       el('h2', {}, 'Validation accuracy, every trial'), el('div', { class: 'toolbar' }, el('label', {}, 'colour by ', colour)),
       accuracyChart(data.trials, by, width),

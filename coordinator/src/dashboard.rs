@@ -49,7 +49,7 @@ const LOGIN_SECONDS: u32 = 12 * 3600;
 /// last event it saw), so a tab left open, or a peer gone without closing, holds no connection
 /// for long.
 const STREAM_LIFETIME: Duration = Duration::from_secs(300);
-/// Checkpoint downloads at once (each is staged whole on the coordinator's disk first).
+/// Checkpoint downloads at once (each streams from the artifact store).
 const DOWNLOADS: usize = 2;
 /// Events sent per store read of a stream.
 const EVENT_PAGE: usize = 500;
@@ -57,6 +57,8 @@ const EVENT_PAGE: usize = 500;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Events of one trial a trial view shows, newest last.
 const TRIAL_EVENTS: usize = 2_000;
+/// Most of a sweep's events a trial's page looks through, newest first.
+const TRIAL_EVENT_SCAN: usize = 200_000;
 
 /// The embedded files: name, content type, bytes.
 const ASSETS: [(&str, &str, &[u8]); 5] = [
@@ -336,11 +338,11 @@ fn failed(s: Status) -> Response {
 /// Every sweep, newest first as `sweep list` shows them, each with its best validation accuracy.
 async fn sweeps(State(shared): State<Arc<Shared>>) -> Response {
     let listed = shared
-        .call(|s| {
+        .read(|s, now| {
             let sweeps = s.list_sweeps()?;
             let mut best = HashMap::new();
             for sw in &sweeps {
-                let board = s.leaderboard(&sw.id)?;
+                let board = s.leaderboard(&sw.id, now)?;
                 best.insert(sw.id.clone(), board.entries.first().and_then(|e| e.score.best_val_accuracy));
             }
             Ok((sweeps, best))
@@ -365,9 +367,9 @@ async fn sweeps(State(shared): State<Arc<Shared>>) -> Response {
 /// One sweep whole: what `sweep export -o json` prints, and the leaderboard.
 async fn sweep(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     let read = shared
-        .call(move |s| {
+        .read(move |s, now| {
             let status = s.get_sweep(&id)?;
-            let board = s.leaderboard(&status.sweep.id)?;
+            let board = s.leaderboard(&status.sweep.id, now)?;
             let mut trials = Vec::with_capacity(status.trials.len());
             for t in &status.trials {
                 trials.push(s.trial(&status.sweep.id, &t.trial_id)?);
@@ -391,25 +393,28 @@ async fn sweep(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Res
 /// One trial, with its events (the newest [`TRIAL_EVENTS`]).
 async fn trial(State(shared): State<Arc<Shared>>, Path((id, trial_id)): Path<(String, String)>) -> Response {
     let read = shared
-        .call(move |s| {
+        .read(move |s, _| {
             let detail = s.trial(&id, &trial_id)?;
             // The trial as stored (the URL may spell it otherwise).
             let trial_id = detail.trial.trial_id.clone();
             let sweep_id = s.get_sweep(&id)?.sweep.id;
+            // Its newest events, found from the newest back, over at most TRIAL_EVENT_SCAN of
+            // the sweep's events (a trial of a huge sweep shows its recent history).
             let mut events = Vec::new();
-            let mut after = 0;
-            loop {
-                let page = s.events_after(&sweep_id, after, EVENT_PAGE)?;
-                let Some(last) = page.last().map(|e| e.sequence) else { break };
-                after = last;
+            let mut before = u64::MAX;
+            let mut scanned = 0;
+            while events.len() < TRIAL_EVENTS && scanned < TRIAL_EVENT_SCAN {
+                let page = s.events_before(&sweep_id, before, EVENT_PAGE)?;
+                let Some(oldest) = page.last().map(|e| e.sequence) else { break };
+                before = oldest;
+                scanned += page.len();
                 events.extend(page.into_iter().filter(|e| match &e.event {
                     sweep_core::records::SweepEvent::Trial { trial, .. } => trial.trial_id == trial_id,
                     _ => false,
                 }));
-                if events.len() > TRIAL_EVENTS {
-                    events.drain(..events.len() - TRIAL_EVENTS);
-                }
             }
+            events.truncate(TRIAL_EVENTS);
+            events.reverse();
             Ok((detail, events))
         })
         .await;
@@ -423,9 +428,9 @@ async fn trial(State(shared): State<Arc<Shared>>, Path((id, trial_id)): Path<(St
     }
 }
 
-/// A trial's best or last checkpoint, as a download: fetched from the artifact store into the
-/// state directory's `downloads/`, its SHA-256 compared with the reference's, then sent (a file
-/// that does not match is not sent: `409`).
+/// A trial's best or last checkpoint, as a download streamed from the artifact store: refused
+/// (`409`) when the stored size is not the reference's, cut short before its last chunk when the
+/// SHA-256 is not — a file that does not match its reference is never delivered whole.
 async fn checkpoint(
     State(shared): State<Arc<Shared>>,
     Path((id, trial_id, kind)): Path<(String, String, String)>,
@@ -433,7 +438,7 @@ async fn checkpoint(
     if kind != "best" && kind != "last" {
         return error(StatusCode::NOT_FOUND, "a trial has a `best` and a `last` checkpoint");
     }
-    let read = shared.call(move |s| Ok((s.get_sweep(&id)?.sweep.id, s.trial(&id, &trial_id)?))).await;
+    let read = shared.read(move |s, _| Ok((s.get_sweep(&id)?.sweep.id, s.trial(&id, &trial_id)?))).await;
     let (sweep_id, detail) = match read {
         Ok(d) => d,
         Err(s) => return failed(s),
@@ -465,21 +470,17 @@ async fn checkpoint(
             );
         }
     };
-    // Each download is staged whole on this disk first: a few at a time.
+    // A few at a time (each holds a connection to the artifact store).
     static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DOWNLOADS);
-    let Ok(_slot) = SLOTS.try_acquire() else {
+    let Ok(slot) = SLOTS.try_acquire() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "other checkpoint downloads are under way; try again shortly");
     };
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let local = store.scratch().join(format!(
-        "{}-{}.safetensors",
-        std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    // Whatever ends this (an error, a client gone, the handler's timeout), the staged copy and
-    // the partial file of a cut download go.
-    let _staged = Staged(local.clone());
-    let (sha256, bytes) = match store.get_file(&key, &local).await {
+    // Streamed from the store as it comes, nothing staged: the answer starts at once, however
+    // large the file or slow the store. A file whose size is not the reference's is refused
+    // before anything is sent; one whose SHA-256 is not is cut short before its last chunk (the
+    // download fails, as a truncated transfer of a known length, and the log says why), so a
+    // file that does not match its reference is never delivered whole.
+    let (bytes, mut stream) = match store.get_stream(&key).await {
         Ok(got) => got,
         Err(sweep_artifacts::ArtifactError::NotFound { uri }) => {
             return error(
@@ -495,36 +496,56 @@ async fn checkpoint(
             );
         }
     };
-    let file = tokio::fs::File::open(&local).await;
-    // Open, the file can go: it is read to its end and then closed.
-    let _ = std::fs::remove_file(&local);
-    if !c.sha256.eq_ignore_ascii_case(&sha256) {
+    if c.bytes > 0 && c.bytes != bytes {
         return error(
             StatusCode::CONFLICT,
             &format!(
-                "the stored file {} does not match its reference's SHA-256: not sent",
-                sweep_core::text::escape(&c.uri)
+                "the stored file {} does not match its reference ({bytes} bytes, the reference says {}): not sent",
+                sweep_core::text::escape(&c.uri),
+                c.bytes
             ),
         );
     }
-    let Ok(mut file) = file else { return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the downloaded copy") };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let (want, uri) = (c.sha256.to_ascii_lowercase(), c.uri.clone());
     tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
-            match file.read(&mut buf).await {
-                Ok(0) => return,
-                Ok(n) => {
-                    if tx.send(Ok(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
-                        return;
-                    }
-                }
+        use sha2::Digest;
+        use tokio_stream::StreamExt;
+        let _slot = slot;
+        let mut hasher = sha2::Sha256::new();
+        let mut held: Option<Bytes> = None;
+        let mut sent = 0u64;
+        let cut = |why: String| std::io::Error::other(why);
+        while let Some(chunk) = stream.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
                 Err(e) => {
-                    let _ = tx.send(Err(e)).await;
+                    tracing::warn!(error = %e, "a checkpoint download failed");
+                    let _ = tx.send(Err(cut(e.to_string()))).await;
                     return;
                 }
+            };
+            hasher.update(&chunk);
+            sent += chunk.len() as u64;
+            if sent > bytes {
+                let _ = tx.send(Err(cut("the stored file grew while it was sent".into()))).await;
+                return;
             }
+            // The previous chunk goes; this one waits until the hash says the file is whole.
+            if let Some(previous) = held.replace(chunk)
+                && tx.send(Ok(previous)).await.is_err()
+            {
+                return;
+            }
+        }
+        let got: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        if got != want || sent != bytes {
+            tracing::warn!(uri = %uri, "a checkpoint download was cut: the stored file does not match its reference's SHA-256");
+            let _ = tx.send(Err(cut("the stored file does not match its reference's SHA-256".into()))).await;
+            return;
+        }
+        if let Some(last) = held {
+            let _ = tx.send(Ok(last)).await;
         }
     });
     let name = format!("{sweep_id}-{trial_id}-{kind}-e{}.safetensors", c.epoch);
@@ -535,33 +556,15 @@ async fn checkpoint(
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{}\"", name.replace(['"', '\\'], "_"))) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&sha256) {
+    if let Ok(v) = HeaderValue::from_str(&c.sha256.to_ascii_lowercase()) {
         h.insert("x-checkpoint-sha256", v);
     }
     harden(&mut r);
     r
 }
 
-/// A staged download, removed (with the partial file a cut download leaves) when dropped.
-struct Staged(std::path::PathBuf);
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-        if let (Some(dir), Some(name)) = (self.0.parent(), self.0.file_name().and_then(|n| n.to_str()))
-            && let Ok(entries) = std::fs::read_dir(dir)
-        {
-            for e in entries.flatten() {
-                if e.file_name().to_str().is_some_and(|n| n.starts_with(name) && n.contains(".part-")) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-    }
-}
-
 async fn workers(State(shared): State<Arc<Shared>>) -> Response {
-    match shared.call(|s| s.workers()).await {
+    match shared.read(|s, _| s.workers()).await {
         Ok(w) => {
             json_response(StatusCode::OK, &shape::workers_json(&w.iter().map(v1::WorkerInfo::from).collect::<Vec<_>>()))
         }
@@ -592,7 +595,7 @@ async fn events(
     };
     // Subscribe first: an event stored between the first read and the wait still wakes it.
     let mut changes = shared.events.subscribe();
-    let sweep_id = match shared.call(move |s| Ok(s.get_sweep(&id)?.sweep.id)).await {
+    let sweep_id = match shared.read(move |s, _| Ok(s.get_sweep(&id)?.sweep.id)).await {
         Ok(id) => id,
         Err(s) => return failed(s),
     };
@@ -605,7 +608,7 @@ async fn events(
                 return;
             }
             let sweep = sweep_id.clone();
-            let page = match shared.call(move |s| s.events_after(&sweep, after, EVENT_PAGE)).await {
+            let page = match shared.read(move |s, _| s.events_after(&sweep, after, EVENT_PAGE)).await {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = tx.send(Ok(Bytes::from(format!("event: failure\ndata: {}\n\n", json!(e.message()))))).await;

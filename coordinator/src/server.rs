@@ -143,6 +143,9 @@ impl Config {
     }
 }
 
+/// Dashboard reads at once, each on its own read-only connection.
+const DASHBOARD_READS: usize = 4;
+
 /// State shared by every handler.
 pub struct Shared {
     /// Calls for the store thread.
@@ -244,6 +247,27 @@ impl Drop for FreedSignal<'_> {
 
 impl Shared {
     /// Runs `f` on the store thread; the result comes back once its batch has committed.
+    /// A read on a connection of its own (read-only, one consistent snapshot), on a blocking
+    /// thread: what the dashboard reads, however much, neither waits for the store's thread nor
+    /// holds up the workers' calls there. At most [`DASHBOARD_READS`] at once; more wait.
+    pub(crate) async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&crate::store::sqlite::ReadOnly, i64) -> Result<T, StoreError> + Send + 'static,
+    {
+        static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DASHBOARD_READS);
+        let _permit = READS.acquire().await.map_err(|_| Status::unavailable("shutting down"))?;
+        let db = self.config.state_dir.join(crate::store::DB_FILE);
+        let now = self.config.clock.now_ms();
+        tokio::task::spawn_blocking(move || {
+            let reader = crate::store::sqlite::ReadOnly::open(&db)?;
+            f(&reader, now)
+        })
+        .await
+        .map_err(|_| Status::internal("a dashboard read failed"))?
+        .map_err(Status::from)
+    }
+
     pub(crate) async fn call<T, F>(self: &Arc<Self>, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
@@ -636,17 +660,10 @@ impl SweepService for SweepApi {
         let parsed = spec::parse_with(&req.spec_yaml, self.0.config.parse).map_err(|e| {
             Status::invalid_argument(format!("{source}:{}:{}: {}", e.line, e.column, field_message(&e)))
         })?;
-        for t in &req.tags {
-            sweep_core::records::check_tag(t).map_err(Status::invalid_argument)?;
-        }
+        // Checked whole here (count, each tag, the note), so the tagging below, in the same
+        // store call as the submission, cannot refuse what the submission stored.
+        sweep_core::records::retag(&[], &req.tags, &[]).map_err(Status::invalid_argument)?;
         sweep_core::records::check_note(&req.note).map_err(Status::invalid_argument)?;
-        if req.tags.len() > sweep_core::records::MAX_TAGS {
-            return Err(Status::invalid_argument(format!(
-                "a sweep may have at most {} tags ({} given)",
-                sweep_core::records::MAX_TAGS,
-                req.tags.len()
-            )));
-        }
         let submitted = self
             .0
             .write(true, move |s| {
@@ -671,6 +688,8 @@ impl SweepService for SweepApi {
         request: Request<v1::UpdateSweepRequest>,
     ) -> Result<Response<v1::SweepSummary>, Status> {
         let req = request.into_inner();
+        // Bounded before the store's thread sees it.
+        sweep_core::records::retag(&[], &req.add_tags, &req.remove_tags).map_err(Status::invalid_argument)?;
         let updated = self
             .0
             .write(false, move |s| s.update_sweep(&req.sweep_id, &req.add_tags, &req.remove_tags, req.note.as_deref()))

@@ -97,6 +97,9 @@ pub fn check_tag(tag: &str) -> Result<(), String> {
     if tag.chars().count() > MAX_TAG_LEN {
         return Err(format!("tag `{shown}…` is longer than {MAX_TAG_LEN} characters"));
     }
+    if !tag.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(format!("tag `{shown}` must start with a letter or a digit"));
+    }
     if let Some(c) = tag.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/'))) {
         return Err(format!(
             "tag `{shown}` holds `{}`; tags are letters, digits and . _ - : /",
@@ -120,20 +123,21 @@ pub fn check_note(note: &str) -> Result<(), String> {
 
 /// A sweep's tags after adding `add` and removing `remove` (sorted, each once), or why not.
 pub fn retag(tags: &[String], add: &[String], remove: &[String]) -> Result<Vec<String>, String> {
+    // Bounded before anything else: a request may carry any number of values.
+    for (what, list) in [("add", add), ("remove", remove)] {
+        if list.len() > MAX_TAGS {
+            return Err(format!("at most {MAX_TAGS} tags to {what} at once ({} given)", list.len()));
+        }
+    }
     for t in add.iter().chain(remove) {
         check_tag(t)?;
     }
-    let mut out: Vec<String> = tags.iter().filter(|t| !remove.contains(t)).cloned().collect();
-    for t in add {
-        if !out.contains(t) && !remove.contains(t) {
-            out.push(t.clone());
-        }
-    }
-    out.sort();
+    let remove: std::collections::BTreeSet<&String> = remove.iter().collect();
+    let out: std::collections::BTreeSet<&String> = tags.iter().chain(add).filter(|t| !remove.contains(t)).collect();
     if out.len() > MAX_TAGS {
         return Err(format!("a sweep may have at most {MAX_TAGS} tags ({} asked for)", out.len()));
     }
-    Ok(out)
+    Ok(out.into_iter().cloned().collect())
 }
 
 /// What `sweep gc` may remove from one sweep's folders of the artifact store.
@@ -390,7 +394,7 @@ mod tests {
         for good in ["baseline", "v1.2", "team/vision", "lr:1e-4", "A_b-C"] {
             assert_eq!(check_tag(good), Ok(()), "{good}");
         }
-        for bad in ["", "two words", "a,b", "x\u{1b}", "é", "a'b", "a\nb"] {
+        for bad in ["", "two words", "a,b", "x\u{1b}", "é", "a'b", "a\nb", "-flag", ".hidden"] {
             assert!(check_tag(bad).is_err(), "{bad:?}");
         }
         assert!(check_tag(&"x".repeat(MAX_TAG_LEN)).is_ok());
@@ -401,6 +405,12 @@ mod tests {
         assert_eq!(retag(&s(&["b", "a"]), &s(&["c", "a"]), &s(&["b"])), Ok(s(&["a", "c"])));
         assert_eq!(retag(&[], &s(&["x"]), &s(&["x"])), Ok(vec![]), "added and removed: removed");
         assert!(retag(&[], &(0..=MAX_TAGS).map(|i| format!("t{i}")).collect::<Vec<_>>(), &[]).is_err());
+        // Huge requests are refused by their length, before any work on them.
+        let flood: Vec<String> = (0..700_000).map(|i| format!("t{i}")).collect();
+        assert!(retag(&[], &flood, &[]).unwrap_err().contains("at once"));
+        assert!(retag(&[], &[], &flood).unwrap_err().contains("at once"));
+        let twice: Vec<String> = vec!["a".into(); MAX_TAGS];
+        assert_eq!(retag(&[], &twice, &[]), Ok(s(&["a"])), "the same tag many times is one tag");
         assert_eq!(check_note("two\nlines\twith a tab"), Ok(()));
         assert!(check_note("bell\u{7}").is_err());
         assert!(check_note(&"n".repeat(MAX_NOTE_LEN + 1)).is_err());

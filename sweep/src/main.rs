@@ -793,6 +793,8 @@ impl Source {
             .with_context(what)?;
         let token = random_token().context("cannot make a token for the snapshot's port")?;
         let mut config = sweep_coordinator::server::Config::new(([127, 0, 0, 1], 0).into(), copy.path().to_path_buf());
+        // A snapshot: no lease ends while it is read (its reaper waits a century first).
+        config.lease_grace = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
         config.tokens =
             Some(std::sync::Arc::new(sweep_coordinator::auth::Tokens::parse(&format!("viewer {token} snapshot"))?));
         let running = sweep_coordinator::server::start(config).await.with_context(what)?;

@@ -47,7 +47,7 @@ fn submit(url: &str, dir: &Path) -> String {
 fn every_report_command_prints_what_the_snapshots_show() {
     let _bound = sweep_tests::bound(300);
     let dir = tempfile::tempdir().unwrap();
-    let (_coord, url) = coordinator(&dir.path().join("state"), &[]);
+    let (mut coord, url) = coordinator(&dir.path().join("state"), &[]);
     let id = submit(&url, dir.path());
     assert_eq!(scripted_worker(&url, "w", 10).len(), 4);
 
@@ -164,7 +164,8 @@ fn every_report_command_prints_what_the_snapshots_show() {
     let table = run_ok(&["leaderboard", &id, &again], &url);
     assert!(table.contains(" SWEEP ") && table.contains(&again), "{table}");
     let csv = run_ok(&["leaderboard", &id, &again, "-o", "csv"], &url);
-    assert!(csv.starts_with("sweep,rank,trial,") && csv.lines().count() == 9, "{csv}");
+    assert!(csv.starts_with("rank,trial,") && csv.lines().next().unwrap().ends_with(",sweep"), "{csv}");
+    assert_eq!(csv.lines().count(), 9, "{csv}");
     let out = output(sweep().args(["leaderboard", &id, &id]).env("SWEEP_COORDINATOR", &url));
     assert!(!out.status.success() && stderr(&out).contains("given twice"), "{}", stderr(&out));
 
@@ -198,7 +199,7 @@ fn every_report_command_prints_what_the_snapshots_show() {
         assert!(!out.status.success(), "{bad:?}");
         assert!(!stderr(&out).is_empty(), "{bad:?}");
     }
-    assert!(run_ok(&["status", &tagged], &url).contains("tags: baseline, resnet\nnote: two\nlines"));
+    assert!(run_ok(&["status", &tagged], &url).contains("tags: baseline, resnet\nnote: two\n      lines"));
 
     // A format a command does not have is refused by the parser, naming the choices.
     let out = output(sweep().args(["status", &id, "--output", "csv"]).env("SWEEP_COORDINATOR", &url));
@@ -210,6 +211,12 @@ fn every_report_command_prints_what_the_snapshots_show() {
         assert!(!out.status.success(), "{cmd:?}");
         assert!(stderr(&out).contains("nope"), "{cmd:?}: {}", stderr(&out));
     }
+    // A stopped coordinator's directory (no write-ahead log left): read as it is, nothing
+    // created beside the database.
+    assert!(coord.terminate().success());
+    let stopped = files(&state);
+    assert_eq!(local(&["best", &id]), best);
+    assert_eq!(files(&state), stopped, "a read with --state-dir left files in a quiet state directory");
     assert_history_clean(&dir.path().join("state"));
 }
 

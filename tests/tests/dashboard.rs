@@ -67,7 +67,7 @@ fn every_page_loads_shows_the_leaderboards_numbers_and_updates_live() {
     let board: Value = serde_json::from_str(&run_ok(&["leaderboard", &id, "-o", "json"], &url, &[])).unwrap();
     // The first sweep is tagged and annotated (a note with markup: shown as text).
     run_ok(&["tag", &id, "--add", "baseline", "--add", "cpu"], &url, &[]);
-    run_ok(&["note", &id, "first <i>try</i>"], &url, &[]);
+    run_ok(&["note", &id, "first <i>try</i>\nsecond line"], &url, &[]);
 
     let driver = Driver::start();
     let b = driver.browser(1400, 1800);
@@ -109,7 +109,7 @@ fn every_page_loads_shows_the_leaderboards_numbers_and_updates_live() {
     let cells = cells.as_array().unwrap();
     assert_eq!(cells.len(), board.as_array().unwrap().len());
     let note = b.run("const n = document.getElementById('note'); return n ? n.innerText : null", vec![]);
-    assert_eq!(note, "first <i>try</i>", "the note, as text");
+    assert_eq!(note, "first <i>try</i>\nsecond line", "the note, as text, line by line");
     assert_eq!(b.run("return document.querySelectorAll('#note i').length", vec![]), 0);
     for (row, entry) in cells.iter().zip(board.as_array().unwrap()) {
         let row: Vec<&str> = row.as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();

@@ -486,33 +486,11 @@ impl Store for SqliteStore {
     /// older than the page `token` names (empty: from the newest); returns them and the token
     /// of the next page (empty after the last).
     fn list_sweeps_page(&self, page_size: usize, token: &str, tag: &str) -> Result<Page<SweepSummary>> {
-        let before = parse_page_token(token, 's')?.unwrap_or(i64::MAX);
-        let size = page_size.clamp(1, MAX_PAGE);
-        if !tag.is_empty() {
-            sweep_core::records::check_tag(tag).map_err(StoreError::Invalid)?;
-        }
-        let rows: Vec<(String, i64)> = {
-            let mut q = self.conn.prepare(
-                "SELECT id, seq FROM sweeps WHERE seq < ?1 AND (?3 = '' OR instr(tags, ',' || ?3 || ',') > 0)
-                 ORDER BY seq DESC LIMIT ?2",
-            )?;
-            q.query_map(params![before, size as i64 + 1, tag], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()?
-        };
-        let more = rows.len() > size;
-        let rows = &rows[..rows.len().min(size)];
-        let next = if more { rows.last().map(|(_, seq)| format!("s{seq}")).unwrap_or_default() } else { String::new() };
-        let items = rows.iter().map(|(id, _)| sweep_summary(&self.conn, id)).collect::<Result<_>>()?;
-        Ok(Page { items, next })
+        read_list_sweeps_page(&self.conn, page_size, token, tag)
     }
 
     fn get_sweep(&self, sweep_id: &str) -> Result<SweepStatus> {
-        let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
-        let sweep = sweep_summary(&self.conn, sweep_id)?;
-        let spec_yaml: String =
-            self.conn.query_row("SELECT spec_yaml FROM sweeps WHERE id = ?1", [sweep_id], |r| r.get(0))?;
-        let trials = trial_summaries(&self.conn, sweep_id, None)?;
-        Ok(SweepStatus { sweep, trials, spec_yaml })
+        read_get_sweep(&self.conn, sweep_id)
     }
 
     /// Cancels pending trials now; running attempts are told to stop through their next
@@ -718,148 +696,11 @@ impl Store for SqliteStore {
     }
 
     fn leaderboard(&self, sweep_id: &str) -> Result<Leaderboard> {
-        let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
-        let sweep = sweep_summary(&self.conn, sweep_id)?;
-        let trials = trial_summaries(&self.conn, sweep_id, None)?;
-        let metrics = all_metrics(&self.conn, sweep_id)?;
-        let mut extra: HashMap<u32, TrialExtras> = {
-            let mut q = self.conn.prepare(&format!("SELECT idx, {TRIAL_EXTRAS} FROM trials WHERE sweep_id = ?1"))?;
-            q.query_map([sweep_id], |r| Ok((r.get::<_, i64>(0)? as u32, trial_extras(r, 1)?)))?
-                .collect::<rusqlite::Result<_>>()?
-        };
-        let mut rows: Vec<(leaderboard::Score, TrialSummary)> = trials
-            .into_iter()
-            .map(|t| {
-                let m = metrics.get(&t.index).map(Vec::as_slice).unwrap_or(&[]);
-                (leaderboard::score(t.fe_epochs, m), t)
-            })
-            .collect();
-        fn ranked((score, t): &(leaderboard::Score, TrialSummary)) -> leaderboard::Ranked<'_> {
-            leaderboard::Ranked { score, stopped: t.state == TrialState::Stopped, index: t.index as usize }
-        }
-        rows.sort_by(|a, b| leaderboard::rank(ranked(a), ranked(b)));
-        let now = self.clock.now_ms();
-        let entries = rows
-            .into_iter()
-            .enumerate()
-            .map(|(i, (score, trial))| {
-                let x = extra.remove(&trial.index).unwrap_or_default();
-                let mut wall_seconds = x.wall_seconds;
-                if trial.state == TrialState::Running {
-                    // Still running: wall-clock so far.
-                    wall_seconds = (now - trial.started_at_ms.unwrap_or(now)).max(0) as f64 / 1000.0;
-                }
-                LeaderboardEntry {
-                    rank: i as u32 + 1,
-                    trial,
-                    score,
-                    parameters: x.parameters,
-                    wall_seconds,
-                    best_checkpoint: x.best_checkpoint,
-                    last_checkpoint: x.last_checkpoint,
-                    skipped_images: x.skipped_images,
-                }
-            })
-            .collect();
-        Ok(Leaderboard { sweep_id: sweep.id, sweep_state: sweep.state, entries })
+        read_leaderboard(&self.conn, sweep_id, self.clock.now_ms())
     }
 
     fn trial(&self, sweep_id: &str, trial_id: &str) -> Result<TrialDetail> {
-        let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
-        let idx = grid::trial_index(trial_id)
-            .ok_or_else(|| StoreError::Invalid(format!("`{trial_id}` is not a trial id (they look like t003)")))?;
-        let trial = trial_summaries(&self.conn, sweep_id, Some(idx as i64))?
-            .pop()
-            .ok_or_else(|| StoreError::NotFound(format!("sweep {sweep_id} has no trial {trial_id}")))?;
-        let by_epoch: HashMap<u32, u64> = {
-            let mut q = self.conn.prepare("SELECT epoch, attempt_id FROM metrics WHERE sweep_id = ?1 AND idx = ?2")?;
-            q.query_map(params![sweep_id, idx as i64], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64)))?
-                .collect::<rusqlite::Result<_>>()?
-        };
-        // The other trials whose row of the same epoch the same attempt wrote: one computation,
-        // stored for each of them.
-        let mut shared: HashMap<u32, Vec<String>> = HashMap::new();
-        {
-            let mut q = self.conn.prepare(
-                "SELECT o.epoch, t.trial_id FROM metrics m
-                 JOIN metrics o ON o.sweep_id = m.sweep_id AND o.epoch = m.epoch AND o.attempt_id = m.attempt_id
-                                   AND o.idx != m.idx
-                 JOIN trials t ON t.sweep_id = o.sweep_id AND t.idx = o.idx
-                 WHERE m.sweep_id = ?1 AND m.idx = ?2 ORDER BY o.epoch, o.idx",
-            )?;
-            let rows =
-                q.query_map(params![sweep_id, idx as i64], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, String>(1)?)))?;
-            for row in rows {
-                let (epoch, other) = row?;
-                shared.entry(epoch).or_default().push(other);
-            }
-        }
-        // Epochs another sweep computed: the trial of the attempt that wrote the row.
-        let reused: HashMap<u32, String> = {
-            let mut q = self.conn.prepare(
-                "SELECT m.epoch, a.sweep_id, t.trial_id FROM metrics m
-                 JOIN attempts a ON a.id = m.attempt_id
-                 JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx
-                 WHERE m.sweep_id = ?1 AND m.idx = ?2 AND a.sweep_id != m.sweep_id",
-            )?;
-            q.query_map(params![sweep_id, idx as i64], |r| {
-                Ok((r.get::<_, u32>(0)?, format!("{}/{}", r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
-            })?
-            .collect::<rusqlite::Result<_>>()?
-        };
-        let metrics = metrics_of(&self.conn, sweep_id, Some(idx as i64))?
-            .remove(&trial.index)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|m| EpochRecord {
-                attempt_id: by_epoch.get(&m.epoch).copied().unwrap_or(0),
-                shared_with: shared.remove(&m.epoch).unwrap_or_default(),
-                reused_from: reused.get(&m.epoch).cloned().unwrap_or_default(),
-                metrics: m,
-            })
-            .collect();
-        let mut q = self.conn.prepare(
-            "SELECT id, worker_id, state, started_at_ms, ended_at_ms, error, note, resumed_from_epoch
-             FROM attempts WHERE sweep_id = ?1 AND idx = ?2 ORDER BY id",
-        )?;
-        let rows: Vec<(AttemptInfo, String)> = q
-            .query_map(params![sweep_id, idx as i64], |r| {
-                let info = AttemptInfo {
-                    attempt_id: r.get::<_, i64>(0)? as u64,
-                    worker_id: r.get(1)?,
-                    state: AttemptState::Running,
-                    started_at_ms: r.get(3)?,
-                    ended_at_ms: r.get(4)?,
-                    error: r.get(5)?,
-                    note: r.get(6)?,
-                    resumed_from_epoch: r.get(7)?,
-                };
-                Ok((info, r.get(2)?))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        let attempts = rows
-            .into_iter()
-            .map(|(mut a, state)| {
-                a.state = AttemptState::parse(&state).ok_or_else(|| {
-                    StoreError::Corrupt(format!("attempt {} of {sweep_id}/{trial_id}: state `{state}`", a.attempt_id))
-                })?;
-                Ok(a)
-            })
-            .collect::<Result<_>>()?;
-        let x = self.conn.query_row(
-            &format!("SELECT {TRIAL_EXTRAS} FROM trials WHERE sweep_id = ?1 AND idx = ?2"),
-            params![sweep_id, idx as i64],
-            |r| trial_extras(r, 0),
-        )?;
-        Ok(TrialDetail {
-            trial,
-            metrics,
-            attempts,
-            parameters: x.parameters,
-            best_checkpoint: x.best_checkpoint,
-            last_checkpoint: x.last_checkpoint,
-            skipped_images: x.skipped_images,
-        })
+        read_trial(&self.conn, sweep_id, trial_id)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -935,72 +776,7 @@ impl Store for SqliteStore {
     }
 
     fn workers_page(&self, page_size: usize, token: &str) -> Result<Page<WorkerInfo>> {
-        let after = parse_page_token(token, 'w')?.unwrap_or(0);
-        let size = page_size.max(1);
-        let mut q = self.conn.prepare(
-            "SELECT id, name, incarnation, devices, state, registered_at_ms, last_seen_ms, note, rowid FROM workers
-             WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
-        )?;
-        let mut last_row = 0i64;
-        type Row = (String, String, i64, Vec<u8>, String, i64, i64, String, i64);
-        // Blobs and states stay raw until the rows are read, so a bad one can be a StoreError.
-        let rows: Vec<Row> = q
-            .query_map(params![after, size.saturating_add(1).min(i64::MAX as usize) as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        let mut more = rows.len() > size;
-        let mut running = self.conn.prepare(
-            "SELECT a.sweep_id, t.trial_id, a.id, a.devices FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx
-             WHERE a.worker_id = ?1 AND a.state = ?2 ORDER BY a.id",
-        )?;
-        let mut items = Vec::new();
-        let mut bytes = 0usize;
-        for (i, (worker_id, name, incarnation, devices, state, registered_at_ms, last_seen_ms, note, row)) in
-            rows.into_iter().take(size).enumerate()
-        {
-            // A page also ends before it grows past MAX_PAGE_BYTES (a worker may announce a
-            // thousand devices); it always holds at least one worker.
-            if i > 0 && bytes + devices.len() + 1024 > MAX_PAGE_BYTES {
-                more = true;
-                break;
-            }
-            bytes += devices.len() + 1024;
-            last_row = row;
-            let devices = decode_devices(&devices, &worker_id)?;
-            let state = WorkerState::parse(&state)
-                .ok_or_else(|| StoreError::Corrupt(format!("worker {worker_id}: state `{state}`")))?;
-            let mut info = WorkerInfo {
-                worker_id,
-                name,
-                incarnation: incarnation as u64,
-                devices,
-                state,
-                registered_at_ms,
-                last_seen_ms,
-                running: Vec::new(),
-                busy: Vec::new(),
-                note,
-            };
-            let attempts: Vec<(String, String, i64, String)> = running
-                .query_map(params![info.worker_id, AttemptState::Running.as_str()], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            for (sweep_id, trial_id, attempt, devices) in attempts {
-                for device in devices.split(',').filter(|d| !d.is_empty()) {
-                    info.busy.push(DeviceUse {
-                        device: device.to_string(),
-                        sweep_id: sweep_id.clone(),
-                        trial_id: trial_id.clone(),
-                        attempt_id: attempt as u64,
-                    });
-                }
-                info.running.push((sweep_id, trial_id));
-            }
-            items.push(info);
-        }
-        Ok(Page { items, next: if more { format!("w{last_row}") } else { String::new() } })
+        read_workers_page(&self.conn, page_size, token)
     }
 
     /// Forgets workers that have been gone since before `deadline_ms` and hold no running
@@ -1386,34 +1162,12 @@ impl Store for SqliteStore {
 
     /// Events of a sweep with a sequence number above `after`, oldest first.
     fn events_after(&self, sweep_id: &str, after: u64, limit: usize) -> Result<Vec<Event>> {
-        let sweep_id = &resolve_sweep(&self.conn, sweep_id)?;
-        let mut q = self.conn.prepare(
-            "SELECT seq, payload, checksum FROM events WHERE sweep_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )?;
-        let rows: Vec<(i64, Vec<u8>, Option<i64>)> = q
-            .query_map(params![sweep_id, after as i64, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        rows.into_iter()
-            .map(|(seq, payload, checksum)| {
-                if checksum != Some(event_checksum(sweep_id, &payload)) {
-                    return Err(StoreError::Corrupt(format!(
-                        "event {seq} of sweep {sweep_id} does not match its checksum (damaged state database; \
-                         `sweep check-state` lists what else is)"
-                    )));
-                }
-                let mut e = decode_event(&payload).map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
-                e.sequence = seq as u64;
-                Ok(e)
-            })
-            .collect()
+        read_events_after(&self.conn, sweep_id, after, limit)
     }
 
     /// The largest event sequence number so far (0 when there is none).
     fn last_sequence(&self) -> Result<u64> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events")?
-            .query_row([], |r| r.get::<_, i64>(0))? as u64)
+        read_last_sequence(&self.conn)
     }
 
     /// How many of the worker's devices no running attempt holds (0 for an unknown worker).
@@ -3159,6 +2913,302 @@ fn decode_event(blob: &[u8]) -> std::result::Result<Event, String> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The reads of `Store`, on any connection: the store's own, or a `ReadOnly` one (the dashboard).
+// ---------------------------------------------------------------------------------------------
+
+fn read_get_sweep(conn: &Connection, sweep_id: &str) -> Result<SweepStatus> {
+    let sweep_id = &resolve_sweep(conn, sweep_id)?;
+    let sweep = sweep_summary(conn, sweep_id)?;
+    let spec_yaml: String = conn.query_row("SELECT spec_yaml FROM sweeps WHERE id = ?1", [sweep_id], |r| r.get(0))?;
+    let trials = trial_summaries(conn, sweep_id, None)?;
+    Ok(SweepStatus { sweep, trials, spec_yaml })
+}
+
+fn read_list_sweeps_page(conn: &Connection, page_size: usize, token: &str, tag: &str) -> Result<Page<SweepSummary>> {
+    let before = parse_page_token(token, 's')?.unwrap_or(i64::MAX);
+    let size = page_size.clamp(1, MAX_PAGE);
+    if !tag.is_empty() {
+        sweep_core::records::check_tag(tag).map_err(StoreError::Invalid)?;
+    }
+    let rows: Vec<(String, i64)> = {
+        let mut q = conn.prepare(
+            "SELECT id, seq FROM sweeps WHERE seq < ?1 AND (?3 = '' OR instr(tags, ',' || ?3 || ',') > 0)
+             ORDER BY seq DESC LIMIT ?2",
+        )?;
+        q.query_map(params![before, size as i64 + 1, tag], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    let more = rows.len() > size;
+    let rows = &rows[..rows.len().min(size)];
+    let next = if more { rows.last().map(|(_, seq)| format!("s{seq}")).unwrap_or_default() } else { String::new() };
+    let items = rows.iter().map(|(id, _)| sweep_summary(conn, id)).collect::<Result<_>>()?;
+    Ok(Page { items, next })
+}
+
+fn read_leaderboard(conn: &Connection, sweep_id: &str, now: i64) -> Result<Leaderboard> {
+    let sweep_id = &resolve_sweep(conn, sweep_id)?;
+    let sweep = sweep_summary(conn, sweep_id)?;
+    let trials = trial_summaries(conn, sweep_id, None)?;
+    let metrics = all_metrics(conn, sweep_id)?;
+    let mut extra: HashMap<u32, TrialExtras> = {
+        let mut q = conn.prepare(&format!("SELECT idx, {TRIAL_EXTRAS} FROM trials WHERE sweep_id = ?1"))?;
+        q.query_map([sweep_id], |r| Ok((r.get::<_, i64>(0)? as u32, trial_extras(r, 1)?)))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    let mut rows: Vec<(leaderboard::Score, TrialSummary)> = trials
+        .into_iter()
+        .map(|t| {
+            let m = metrics.get(&t.index).map(Vec::as_slice).unwrap_or(&[]);
+            (leaderboard::score(t.fe_epochs, m), t)
+        })
+        .collect();
+    fn ranked((score, t): &(leaderboard::Score, TrialSummary)) -> leaderboard::Ranked<'_> {
+        leaderboard::Ranked { score, stopped: t.state == TrialState::Stopped, index: t.index as usize }
+    }
+    rows.sort_by(|a, b| leaderboard::rank(ranked(a), ranked(b)));
+    let entries = rows
+        .into_iter()
+        .enumerate()
+        .map(|(i, (score, trial))| {
+            let x = extra.remove(&trial.index).unwrap_or_default();
+            let mut wall_seconds = x.wall_seconds;
+            if trial.state == TrialState::Running {
+                // Still running: wall-clock so far.
+                wall_seconds = (now - trial.started_at_ms.unwrap_or(now)).max(0) as f64 / 1000.0;
+            }
+            LeaderboardEntry {
+                rank: i as u32 + 1,
+                trial,
+                score,
+                parameters: x.parameters,
+                wall_seconds,
+                best_checkpoint: x.best_checkpoint,
+                last_checkpoint: x.last_checkpoint,
+                skipped_images: x.skipped_images,
+            }
+        })
+        .collect();
+    Ok(Leaderboard { sweep_id: sweep.id, sweep_state: sweep.state, entries })
+}
+
+fn read_trial(conn: &Connection, sweep_id: &str, trial_id: &str) -> Result<TrialDetail> {
+    let sweep_id = &resolve_sweep(conn, sweep_id)?;
+    let idx = grid::trial_index(trial_id)
+        .ok_or_else(|| StoreError::Invalid(format!("`{trial_id}` is not a trial id (they look like t003)")))?;
+    let trial = trial_summaries(conn, sweep_id, Some(idx as i64))?
+        .pop()
+        .ok_or_else(|| StoreError::NotFound(format!("sweep {sweep_id} has no trial {trial_id}")))?;
+    let by_epoch: HashMap<u32, u64> = {
+        let mut q = conn.prepare("SELECT epoch, attempt_id FROM metrics WHERE sweep_id = ?1 AND idx = ?2")?;
+        q.query_map(params![sweep_id, idx as i64], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64)))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    // The other trials whose row of the same epoch the same attempt wrote: one computation,
+    // stored for each of them.
+    let mut shared: HashMap<u32, Vec<String>> = HashMap::new();
+    {
+        let mut q = conn.prepare(
+            "SELECT o.epoch, t.trial_id FROM metrics m
+             JOIN metrics o ON o.sweep_id = m.sweep_id AND o.epoch = m.epoch AND o.attempt_id = m.attempt_id
+                               AND o.idx != m.idx
+             JOIN trials t ON t.sweep_id = o.sweep_id AND t.idx = o.idx
+             WHERE m.sweep_id = ?1 AND m.idx = ?2 ORDER BY o.epoch, o.idx",
+        )?;
+        let rows = q.query_map(params![sweep_id, idx as i64], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (epoch, other) = row?;
+            shared.entry(epoch).or_default().push(other);
+        }
+    }
+    // Epochs another sweep computed: the trial of the attempt that wrote the row.
+    let reused: HashMap<u32, String> = {
+        let mut q = conn.prepare(
+            "SELECT m.epoch, a.sweep_id, t.trial_id FROM metrics m
+             JOIN attempts a ON a.id = m.attempt_id
+             JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx
+             WHERE m.sweep_id = ?1 AND m.idx = ?2 AND a.sweep_id != m.sweep_id",
+        )?;
+        q.query_map(params![sweep_id, idx as i64], |r| {
+            Ok((r.get::<_, u32>(0)?, format!("{}/{}", r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+        })?
+        .collect::<rusqlite::Result<_>>()?
+    };
+    let metrics = metrics_of(conn, sweep_id, Some(idx as i64))?
+        .remove(&trial.index)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| EpochRecord {
+            attempt_id: by_epoch.get(&m.epoch).copied().unwrap_or(0),
+            shared_with: shared.remove(&m.epoch).unwrap_or_default(),
+            reused_from: reused.get(&m.epoch).cloned().unwrap_or_default(),
+            metrics: m,
+        })
+        .collect();
+    let mut q = conn.prepare(
+        "SELECT id, worker_id, state, started_at_ms, ended_at_ms, error, note, resumed_from_epoch
+         FROM attempts WHERE sweep_id = ?1 AND idx = ?2 ORDER BY id",
+    )?;
+    let rows: Vec<(AttemptInfo, String)> = q
+        .query_map(params![sweep_id, idx as i64], |r| {
+            let info = AttemptInfo {
+                attempt_id: r.get::<_, i64>(0)? as u64,
+                worker_id: r.get(1)?,
+                state: AttemptState::Running,
+                started_at_ms: r.get(3)?,
+                ended_at_ms: r.get(4)?,
+                error: r.get(5)?,
+                note: r.get(6)?,
+                resumed_from_epoch: r.get(7)?,
+            };
+            Ok((info, r.get(2)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let attempts = rows
+        .into_iter()
+        .map(|(mut a, state)| {
+            a.state = AttemptState::parse(&state).ok_or_else(|| {
+                StoreError::Corrupt(format!("attempt {} of {sweep_id}/{trial_id}: state `{state}`", a.attempt_id))
+            })?;
+            Ok(a)
+        })
+        .collect::<Result<_>>()?;
+    let x = conn.query_row(
+        &format!("SELECT {TRIAL_EXTRAS} FROM trials WHERE sweep_id = ?1 AND idx = ?2"),
+        params![sweep_id, idx as i64],
+        |r| trial_extras(r, 0),
+    )?;
+    Ok(TrialDetail {
+        trial,
+        metrics,
+        attempts,
+        parameters: x.parameters,
+        best_checkpoint: x.best_checkpoint,
+        last_checkpoint: x.last_checkpoint,
+        skipped_images: x.skipped_images,
+    })
+}
+
+fn read_events_after(conn: &Connection, sweep_id: &str, after: u64, limit: usize) -> Result<Vec<Event>> {
+    let sweep_id = &resolve_sweep(conn, sweep_id)?;
+    let mut q = conn
+        .prepare("SELECT seq, payload, checksum FROM events WHERE sweep_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")?;
+    let rows: Vec<(i64, Vec<u8>, Option<i64>)> = q
+        .query_map(params![sweep_id, after as i64, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    rows.into_iter()
+        .map(|(seq, payload, checksum)| {
+            if checksum != Some(event_checksum(sweep_id, &payload)) {
+                return Err(StoreError::Corrupt(format!(
+                    "event {seq} of sweep {sweep_id} does not match its checksum (damaged state database; \
+                     `sweep check-state` lists what else is)"
+                )));
+            }
+            let mut e = decode_event(&payload).map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
+            e.sequence = seq as u64;
+            Ok(e)
+        })
+        .collect()
+}
+
+/// At most `limit` events of a sweep older than `before`, newest first.
+fn read_events_before(conn: &Connection, sweep_id: &str, before: u64, limit: usize) -> Result<Vec<Event>> {
+    let sweep_id = &resolve_sweep(conn, sweep_id)?;
+    let mut q = conn.prepare(
+        "SELECT seq, payload, checksum FROM events WHERE sweep_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+    )?;
+    let before = i64::try_from(before).unwrap_or(i64::MAX);
+    let rows: Vec<(i64, Vec<u8>, Option<i64>)> = q
+        .query_map(params![sweep_id, before, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    rows.into_iter()
+        .map(|(seq, payload, checksum)| {
+            if checksum != Some(event_checksum(sweep_id, &payload)) {
+                return Err(StoreError::Corrupt(format!(
+                    "event {seq} of sweep {sweep_id} does not match its checksum (damaged state database; \
+                     `sweep check-state` lists what else is)"
+                )));
+            }
+            let mut e = decode_event(&payload).map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
+            e.sequence = seq as u64;
+            Ok(e)
+        })
+        .collect()
+}
+
+fn read_last_sequence(conn: &Connection) -> Result<u64> {
+    Ok(conn.prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events")?.query_row([], |r| r.get::<_, i64>(0))? as u64)
+}
+
+fn read_workers_page(conn: &Connection, page_size: usize, token: &str) -> Result<Page<WorkerInfo>> {
+    let after = parse_page_token(token, 'w')?.unwrap_or(0);
+    let size = page_size.max(1);
+    let mut q = conn.prepare(
+        "SELECT id, name, incarnation, devices, state, registered_at_ms, last_seen_ms, note, rowid FROM workers
+         WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+    )?;
+    let mut last_row = 0i64;
+    type Row = (String, String, i64, Vec<u8>, String, i64, i64, String, i64);
+    // Blobs and states stay raw until the rows are read, so a bad one can be a StoreError.
+    let rows: Vec<Row> = q
+        .query_map(params![after, size.saturating_add(1).min(i64::MAX as usize) as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut more = rows.len() > size;
+    let mut running = conn.prepare(
+        "SELECT a.sweep_id, t.trial_id, a.id, a.devices FROM attempts a JOIN trials t ON t.sweep_id = a.sweep_id AND t.idx = a.idx
+         WHERE a.worker_id = ?1 AND a.state = ?2 ORDER BY a.id",
+    )?;
+    let mut items = Vec::new();
+    let mut bytes = 0usize;
+    for (i, (worker_id, name, incarnation, devices, state, registered_at_ms, last_seen_ms, note, row)) in
+        rows.into_iter().take(size).enumerate()
+    {
+        // A page also ends before it grows past MAX_PAGE_BYTES (a worker may announce a
+        // thousand devices); it always holds at least one worker.
+        if i > 0 && bytes + devices.len() + 1024 > MAX_PAGE_BYTES {
+            more = true;
+            break;
+        }
+        bytes += devices.len() + 1024;
+        last_row = row;
+        let devices = decode_devices(&devices, &worker_id)?;
+        let state = WorkerState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("worker {worker_id}: state `{state}`")))?;
+        let mut info = WorkerInfo {
+            worker_id,
+            name,
+            incarnation: incarnation as u64,
+            devices,
+            state,
+            registered_at_ms,
+            last_seen_ms,
+            running: Vec::new(),
+            busy: Vec::new(),
+            note,
+        };
+        let attempts: Vec<(String, String, i64, String)> = running
+            .query_map(params![info.worker_id, AttemptState::Running.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        for (sweep_id, trial_id, attempt, devices) in attempts {
+            for device in devices.split(',').filter(|d| !d.is_empty()) {
+                info.busy.push(DeviceUse {
+                    device: device.to_string(),
+                    sweep_id: sweep_id.clone(),
+                    trial_id: trial_id.clone(),
+                    attempt_id: attempt as u64,
+                });
+            }
+            info.running.push((sweep_id, trial_id));
+        }
+        items.push(info);
+    }
+    Ok(Page { items, next: if more { format!("w{last_row}") } else { String::new() } })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Reading without writing: the history checker, the lost-report check, backups
 // ---------------------------------------------------------------------------------------------
 
@@ -3194,6 +3244,63 @@ impl ReadOnly {
                 .map_err(|e| open_error(path, e))?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(|e| open_error(path, e))?;
         Ok(ReadOnly { conn })
+    }
+
+    // The reads the dashboard makes, as the store answers them, on this connection: they never
+    // wait for (or hold up) the store's thread.
+
+    /// Every sweep, newest first.
+    pub fn list_sweeps(&self) -> Result<Vec<SweepSummary>> {
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = read_list_sweeps_page(&self.conn, crate::store::MAX_PAGE, &token, "")?;
+            all.extend(page.items);
+            if page.next.is_empty() {
+                return Ok(all);
+            }
+            token = page.next;
+        }
+    }
+
+    pub fn get_sweep(&self, sweep_id: &str) -> Result<SweepStatus> {
+        read_get_sweep(&self.conn, sweep_id)
+    }
+
+    /// The leaderboard; running trials' wall time counts up to `now`.
+    pub fn leaderboard(&self, sweep_id: &str, now: i64) -> Result<Leaderboard> {
+        read_leaderboard(&self.conn, sweep_id, now)
+    }
+
+    pub fn trial(&self, sweep_id: &str, trial_id: &str) -> Result<TrialDetail> {
+        read_trial(&self.conn, sweep_id, trial_id)
+    }
+
+    pub fn events_after(&self, sweep_id: &str, after: u64, limit: usize) -> Result<Vec<Event>> {
+        read_events_after(&self.conn, sweep_id, after, limit)
+    }
+
+    /// At most `limit` events of a sweep older than `before`, newest first.
+    pub fn events_before(&self, sweep_id: &str, before: u64, limit: usize) -> Result<Vec<Event>> {
+        read_events_before(&self.conn, sweep_id, before, limit)
+    }
+
+    pub fn last_sequence(&self) -> Result<u64> {
+        read_last_sequence(&self.conn)
+    }
+
+    /// Every worker.
+    pub fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = read_workers_page(&self.conn, crate::store::MAX_PAGE, &token)?;
+            all.extend(page.items);
+            if page.next.is_empty() {
+                return Ok(all);
+            }
+            token = page.next;
+        }
     }
 }
 
@@ -3366,6 +3473,22 @@ fn read_snapshot_now(conn: &Connection) -> Result<history::Snapshot> {
     Ok(Snapshot { sweeps: sweeps as usize, trials, attempts, metrics, events, specs, sharing, workers })
 }
 
+/// A path as the path of a `file:` URI: every byte but unreserved ones and `/` percent-encoded.
+fn uri_path(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str()
+        .as_bytes()
+        .iter()
+        .map(|&b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'.' | b'_' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 /// Writes a consistent copy of a state directory's database to `out` (a new file) while a
 /// coordinator may be writing to it: SQLite's `VACUUM INTO` reads one snapshot, the write-ahead
 /// log included, through a read-only connection. The copy is written under a temporary name,
@@ -3382,8 +3505,21 @@ pub fn backup<T>(dir: &Path, out: &Path, check: impl FnOnce(&Path) -> Result<T>)
     if !path.is_file() {
         return Err(StoreError::Damaged(format!("{} does not exist (not a state directory?)", path.display())));
     }
-    let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| open_error(&path, e))?;
+    // With no write-ahead log to read (no coordinator on it, or one that stopped cleanly), the
+    // file is opened immutable: SQLite then creates no `-wal`/`-shm` files beside it, so a
+    // directory the reader may not (or should not) write is read as it is.
+    let wal = dir.join(format!("{DB_FILE}-wal"));
+    let quiet = std::fs::metadata(&wal).map(|m| m.len() == 0).unwrap_or(true);
+    let conn = if quiet {
+        let uri = format!("file:{}?immutable=1", uri_path(&std::path::absolute(&path).unwrap_or(path.clone())));
+        Connection::open_with_flags(
+            &uri,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        )
+    } else {
+        Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+    }
+    .map_err(|e| open_error(&path, e))?;
     conn.busy_timeout(Duration::from_secs(10)).map_err(|e| open_error(&path, e))?;
     let target = partial
         .to_str()
