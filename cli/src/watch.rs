@@ -56,6 +56,9 @@ pub struct View {
     trials: BTreeMap<String, v1::TrialSummary>,
     /// Sum and count of the epoch durations seen, for the ETA.
     epoch_seconds: (f64, u32),
+    /// Trials pretraining their backbone (or waiting for another worker's), from the notes
+    /// the coordinator logs; a trial leaves when its first epoch comes or it ends.
+    pretraining: BTreeMap<String, sweep_core::records::PretrainProgress>,
     ended: Option<v1::SweepSummary>,
 }
 
@@ -88,6 +91,7 @@ impl View {
             sweep_id: String::new(),
             trials: BTreeMap::new(),
             epoch_seconds: (0.0, 0),
+            pretraining: BTreeMap::new(),
             ended: None,
         }
     }
@@ -155,6 +159,16 @@ impl View {
         if n == 0 {
             return None;
         }
+        Some(self.epochs_eta(sum / n as f64) + self.pretraining_left().unwrap_or(0.0))
+    }
+
+    /// Seconds the pretraining under way still needs (the longest of them; they run side by
+    /// side, before their trials' epochs), when known.
+    pub fn pretraining_left(&self) -> Option<f64> {
+        self.pretraining.values().filter_map(sweep_core::records::PretrainProgress::remaining_seconds).reduce(f64::max)
+    }
+
+    fn epochs_eta(&self, per_epoch: f64) -> f64 {
         let remaining: u32 = self
             .trials
             .values()
@@ -163,7 +177,7 @@ impl View {
             .sum();
         let parallel =
             self.trials.values().filter(|t| TrialState::parse(&t.state) == Some(TrialState::Running)).count().max(1);
-        Some(remaining as f64 * (sum / n as f64) / parallel as f64)
+        remaining as f64 * per_epoch / parallel as f64
     }
 
     fn refresh_header(&self) {
@@ -176,10 +190,12 @@ impl View {
             .sum();
         l.header.set_length(total.max(1) as u64);
         l.header.set_position(done as u64);
-        let eta = match self.eta_seconds() {
-            Some(s) if s > 0.0 => format!("ETA ~{}", output::duration(s)),
-            Some(_) => "ETA -".into(),
-            None => "ETA after the first epoch".into(),
+        let eta = match (self.eta_seconds(), self.pretraining_left()) {
+            (Some(s), _) if s > 0.0 => format!("ETA ~{}", output::duration(s)),
+            (Some(_), _) => "ETA -".into(),
+            (None, Some(p)) => format!("pretraining ~{} more, then ETA after the first epoch", output::duration(p)),
+            (None, None) if !self.pretraining.is_empty() => "pretraining; ETA after the first epoch".into(),
+            (None, None) => "ETA after the first epoch".into(),
         };
         l.header.set_message(format!(
             "sweep {} · {} · {} elapsed · {eta}",
@@ -253,6 +269,23 @@ impl View {
             None if tag(&e.note) => (e.note.as_str(), ""),
             _ => ("", e.note.as_str()),
         };
+        if e.metrics.is_some() || is_final(&t.state) {
+            self.pretraining.remove(&t.trial_id);
+        }
+        if let Some(p) = sweep_core::records::PretrainProgress::parse(note) {
+            // Pretraining, as it goes: a line of its own, and the trial's bar says so.
+            self.say(&format!("{}  {note}", t.trial_id));
+            if let Some(bar) = self.live.as_ref().and_then(|l| l.bars.get(&t.trial_id)) {
+                bar.set_message(if p.waiting {
+                    format!("waiting for {}'s pretraining", p.backbone.name())
+                } else {
+                    format!("pretraining {} {}/{}", p.backbone.name(), p.epoch, p.epochs)
+                });
+            }
+            self.pretraining.insert(t.trial_id.clone(), p);
+            self.refresh_header();
+            return;
+        }
         if !note.is_empty() {
             self.say(&format!("{}  note: {note}", t.trial_id));
         }
@@ -487,6 +520,21 @@ mod tests {
         assert_eq!(v.eta_seconds(), Some(60.0));
         v.trial(&v1::TrialEvent { trial: Some(trial("t001", "running", 0)), metrics: None, note: String::new() });
         assert_eq!(v.eta_seconds(), Some(30.0));
+        // t001 pretrains its backbone first: 1 of 3 epochs in 10 s, so 20 s more, counted.
+        v.trial(&v1::TrialEvent {
+            trial: Some(trial("t001", "running", 0)),
+            metrics: None,
+            note: "pretraining resnet18: 1/3 epochs, 10.0 s".into(),
+        });
+        assert_eq!(v.pretraining_left(), Some(20.0));
+        assert_eq!(v.eta_seconds(), Some(50.0));
+        // Its first epoch: pretraining is over.
+        v.trial(&v1::TrialEvent {
+            trial: Some(trial("t001", "running", 1)),
+            metrics: Some(v1::EpochMetrics { epoch: 1, seconds: 10.0, ..Default::default() }),
+            note: String::new(),
+        });
+        assert_eq!(v.pretraining_left(), None);
         assert!(v.ended().is_none());
         v.end(&v1::SweepSummary { id: "s-1".into(), state: "completed".into(), ..Default::default() });
         assert_eq!(v.ended().unwrap().state, "completed");

@@ -153,6 +153,8 @@ pub struct Shared {
     work: Notify,
     /// Per worker with an `AcquireTrial` call open: one of its attempts ended.
     freed: Mutex<HashMap<String, Arc<Notify>>>,
+    /// The last pretraining step logged per attempt (`ReportProgress` logs each once).
+    progress_seen: Mutex<HashMap<u64, (u32, bool)>>,
     pub(crate) events: watch::Sender<u64>,
     pub(crate) config: Config,
     pub(crate) metrics: Arc<CoordinatorMetrics>,
@@ -466,6 +468,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         store: jobs.clone(),
         work: Notify::new(),
         freed: Mutex::default(),
+        progress_seen: Mutex::default(),
         events,
         config: config.clone(),
         metrics,
@@ -1030,7 +1033,51 @@ impl WorkerService for WorkerApi {
         tracing::info!(attempt, outcome = wire_outcome.as_str_name(), "attempt finished");
         Ok(Response::new(v1::FinishAttemptResponse {}))
     }
+
+    async fn report_progress(
+        &self,
+        request: Request<v1::ReportProgressRequest>,
+    ) -> Result<Response<v1::ReportProgressResponse>, Status> {
+        let owner = owner_of(&request);
+        let req = request.into_inner();
+        need_attempt_id(req.attempt_id)?;
+        let caller = caller(&req.worker_id, &req.session, owner)?;
+        let p = req.pretraining.ok_or_else(|| Status::invalid_argument("ReportProgress needs pretraining"))?;
+        let backbone = sweep_core::Backbone::from_name(&p.backbone).ok_or_else(|| {
+            Status::invalid_argument(format!("unknown backbone `{}`", sweep_core::text::escape(&cut(&p.backbone, 64))))
+        })?;
+        let progress = sweep_core::records::PretrainProgress {
+            backbone,
+            epoch: p.epoch,
+            epochs: p.epochs,
+            seconds: p.seconds,
+            waiting: p.waiting,
+        };
+        progress.check().map_err(Status::invalid_argument)?;
+        // Each step is logged once: an epoch further on, or the end of a wait. A worker that
+        // sends the same again (a retry, or a loop) adds nothing to the event log.
+        {
+            let mut seen = self.0.progress_seen.lock().unwrap_or_else(|p| p.into_inner());
+            let step = (progress.epoch, progress.waiting);
+            match seen.get(&req.attempt_id) {
+                Some(&(epoch, waiting)) if !(step.0 > epoch || (waiting && !step.1)) => {
+                    return Ok(Response::new(v1::ReportProgressResponse { cancel: false }));
+                }
+                _ => {}
+            }
+            if seen.len() >= PROGRESS_SEEN {
+                seen.clear();
+            }
+            seen.insert(req.attempt_id, step);
+        }
+        let attempt = req.attempt_id;
+        let cancel = self.0.write(false, move |s| s.report_progress(&caller, attempt, &progress)).await?;
+        Ok(Response::new(v1::ReportProgressResponse { cancel }))
+    }
 }
+
+/// Attempts whose last progress step the coordinator remembers (then it starts over).
+const PROGRESS_SEEN: usize = 10_000;
 
 /// At most `max` characters of `text`.
 fn cut(text: &str, max: usize) -> String {

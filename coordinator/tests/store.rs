@@ -42,6 +42,7 @@ macro_rules! store_suite {
                 committed_state_survives_reopening,
                 a_sweep_runs_to_completion_and_ranks_by_best_fine_tuning_accuracy,
                 stale_attempts_are_fenced,
+                pretraining_progress_is_logged_for_the_current_attempt_before_its_first_epoch,
                 retryable_failures_are_retried_until_max_attempts_and_permanent_ones_fail_at_once,
                 bad_reports_are_refused_and_change_nothing,
                 a_resumed_epoch_supersedes_and_never_duplicates,
@@ -294,6 +295,47 @@ fn stale_attempts_are_fenced<S: Store>(open: Open<S>) {
     assert!(store.trial(&sweep, &a.trial_id).unwrap().metrics.is_empty());
     // A heartbeat from the new owner asks it to stop the old attempt if it claims to run it.
     assert_eq!(store.heartbeat(&w2, i2, &[a.attempt_id, b.attempt_id]).unwrap(), vec![a.attempt_id]);
+}
+
+fn pretraining_progress_is_logged_for_the_current_attempt_before_its_first_epoch<S: Store>(open: Open<S>) {
+    use sweep_core::records::PretrainProgress;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path(), wall());
+    let sweep = submit(&mut store);
+    let (w, inc) = register(&mut store, "w", &cpu());
+    let a = store.acquire(&w, inc).unwrap().unwrap();
+    let p = PretrainProgress { backbone: a.backbone, epoch: 1, epochs: 3, seconds: 12.5, waiting: false };
+    assert!(!store.report_progress(&w, a.attempt_id, &p).unwrap());
+    let notes: Vec<String> = store
+        .events_after(&sweep, 0, 100)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.event {
+            SweepEvent::Trial { trial, metrics: None, note } if trial.trial_id == a.trial_id => Some(note),
+            _ => None,
+        })
+        .collect();
+    assert!(notes.contains(&p.note()), "{notes:?}");
+    // Another backbone than the attempt's, another worker, or an attempt past its first
+    // epoch: refused, nothing logged.
+    let pretraining_notes = |store: &S| {
+        store
+            .events_after(&sweep, 0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|e| matches!(&e.event, SweepEvent::Trial { note, .. } if note.starts_with("pretraining")))
+            .count()
+    };
+    assert_eq!(pretraining_notes(&store), 1);
+    let other = if a.backbone == Backbone::Resnet50 { Backbone::Resnet18 } else { Backbone::Resnet50 };
+    let e = store.report_progress(&w, a.attempt_id, &PretrainProgress { backbone: other, ..p.clone() }).unwrap_err();
+    assert!(matches!(e, StoreError::Invalid(_)), "{e}");
+    let (x, _) = register(&mut store, "x", &cpu());
+    assert!(store.report_progress(&x, a.attempt_id, &p).is_err());
+    store.report_epoch(&w, a.attempt_id, &metrics(1, a.fe_epochs, 0.5), &extras(1)).unwrap();
+    let e = store.report_progress(&w, a.attempt_id, &p).unwrap_err();
+    assert!(matches!(e, StoreError::WrongState(_)), "{e}");
+    assert_eq!(pretraining_notes(&store), 1, "nothing refused was logged");
 }
 
 fn retryable_failures_are_retried_until_max_attempts_and_permanent_ones_fail_at_once<S: Store>(open: Open<S>) {

@@ -284,6 +284,43 @@ async fn bad_requests_are_refused_with_their_reason_and_change_nothing() {
     refused("Finish early", workers.finish_attempt(finish(&w, live.attempt_id, outcome)).await, fp, "1 of its 2");
     refused("RetrySweep completed", sweeps.retry_sweep(retry(&sweep, &["t000"])).await, fp, "only failed");
 
+    // Progress reports: checked as reports are (the attempt's own backbone, sane numbers, a
+    // current attempt of the caller's, one that has not reported an epoch yet).
+    let progress = |attempt_id: u64, p: v1::Pretraining| v1::ReportProgressRequest {
+        attempt_id,
+        worker_id: w.worker_id.clone(),
+        session: w.session.clone(),
+        pretraining: Some(p),
+    };
+    let pre = |backbone: &str, epoch: u32, epochs: u32, seconds: f64| v1::Pretraining {
+        backbone: backbone.into(),
+        epoch,
+        epochs,
+        seconds,
+        waiting: false,
+    };
+    let ia = Code::InvalidArgument;
+    let bad = progress(live.attempt_id, pre("nope\u{1b}[31m", 1, 2, 1.0));
+    refused("progress backbone", workers.report_progress(bad).await, ia, "unknown backbone");
+    let bad = progress(live.attempt_id, pre("resnet18", 3, 2, 1.0));
+    refused("progress epochs", workers.report_progress(bad).await, ia, "makes no sense");
+    let bad = progress(live.attempt_id, pre("resnet18", 1, 2, f64::NAN));
+    refused("progress seconds", workers.report_progress(bad).await, ia, "not a time");
+    let none = v1::ReportProgressRequest { pretraining: None, ..progress(live.attempt_id, pre("resnet18", 1, 2, 1.0)) };
+    refused("progress empty", workers.report_progress(none).await, ia, "needs pretraining");
+    refused(
+        "progress ended",
+        workers.report_progress(progress(old, pre("resnet18", 1, 2, 1.0))).await,
+        fp,
+        "no longer current",
+    );
+    refused(
+        "progress after an epoch",
+        workers.report_progress(progress(live.attempt_id, pre(&live.backbone, 1, 2, 1.0))).await,
+        fp,
+        "past pretraining",
+    );
+
     // Oversized messages: over the spec limit, INVALID_ARGUMENT; over the message limit,
     // RESOURCE_EXHAUSTED before anything is decoded.
     let spec = |bytes: usize| v1::SubmitSweepRequest {

@@ -80,6 +80,87 @@ pub struct SweepSummary {
     pub note: String,
 }
 
+/// Where an attempt stands in pretraining its backbone (`pretrain:` in the spec), before its
+/// first epoch: what the worker reports, the event note the coordinator logs, and what `watch`
+/// reads back from that note (the same text both ways: [`PretrainProgress::note`],
+/// [`PretrainProgress::parse`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PretrainProgress {
+    pub backbone: Backbone,
+    /// Pretraining epochs done.
+    pub epoch: u32,
+    /// Of this many.
+    pub epochs: u32,
+    /// Seconds the pretraining has taken so far.
+    pub seconds: f64,
+    /// Another worker is pretraining these weights; this attempt waits for them.
+    pub waiting: bool,
+}
+
+const PRETRAINING: &str = "pretraining ";
+const WAITING: &str = "waiting for another worker's pretraining of ";
+
+impl PretrainProgress {
+    /// The event's note: `pretraining resnet18: 2/3 epochs, 41.2 s`, or `waiting for another
+    /// worker's pretraining of resnet18`.
+    pub fn note(&self) -> String {
+        if self.waiting {
+            format!("{WAITING}{}", self.backbone.name())
+        } else {
+            format!(
+                "{PRETRAINING}{}: {}/{} epochs, {:.1} s",
+                self.backbone.name(),
+                self.epoch,
+                self.epochs,
+                self.seconds
+            )
+        }
+    }
+
+    /// A note written by [`PretrainProgress::note`], read back; `None` for any other note.
+    pub fn parse(note: &str) -> Option<PretrainProgress> {
+        if let Some(name) = note.strip_prefix(WAITING) {
+            let backbone = Backbone::from_name(name)?;
+            return Some(PretrainProgress { backbone, epoch: 0, epochs: 0, seconds: 0.0, waiting: true });
+        }
+        let (name, rest) = note.strip_prefix(PRETRAINING)?.split_once(": ")?;
+        let (counts, seconds) = rest.split_once(" epochs, ")?;
+        let (epoch, epochs) = counts.split_once('/')?;
+        let seconds: f64 = seconds.strip_suffix(" s")?.parse().ok()?;
+        Some(PretrainProgress {
+            backbone: Backbone::from_name(name)?,
+            epoch: epoch.parse().ok()?,
+            epochs: epochs.parse().ok()?,
+            seconds: if seconds.is_finite() && seconds >= 0.0 { seconds } else { return None },
+            waiting: false,
+        })
+    }
+
+    /// Seconds still to go at the pace so far (unknown before the first epoch, or waiting).
+    pub fn remaining_seconds(&self) -> Option<f64> {
+        (!self.waiting && self.epoch > 0 && self.epoch <= self.epochs)
+            .then(|| self.seconds / f64::from(self.epoch) * f64::from(self.epochs - self.epoch))
+    }
+
+    /// Whether the worker's values hold together: a known number of epochs (at most
+    /// `MAX_PRETRAIN_EPOCHS`), no more done than that, a finite time.
+    pub fn check(&self) -> Result<(), String> {
+        if self.waiting {
+            return Ok(());
+        }
+        if self.epochs == 0 || self.epochs > MAX_PRETRAIN_EPOCHS || self.epoch > self.epochs {
+            return Err(format!("pretraining epoch {} of {} makes no sense", self.epoch, self.epochs));
+        }
+        if !self.seconds.is_finite() || self.seconds < 0.0 {
+            return Err(format!("pretraining seconds {} is not a time", self.seconds));
+        }
+        Ok(())
+    }
+}
+
+/// Most pretraining epochs a progress report may name.
+pub const MAX_PRETRAIN_EPOCHS: u32 = 100_000;
+
 /// Most tags one sweep may have.
 pub const MAX_TAGS: usize = 20;
 /// Longest tag, in characters.
@@ -388,6 +469,30 @@ pub struct ReportReply {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn pretraining_progress_reads_back_from_its_note() {
+        let p = PretrainProgress { backbone: Backbone::Resnet50, epoch: 2, epochs: 3, seconds: 41.25, waiting: false };
+        assert_eq!(p.note(), "pretraining resnet50: 2/3 epochs, 41.2 s");
+        let back = PretrainProgress::parse(&p.note()).unwrap();
+        assert_eq!((back.epoch, back.epochs, back.backbone, back.waiting), (2, 3, Backbone::Resnet50, false));
+        assert!((back.remaining_seconds().unwrap() - 41.2 / 2.0).abs() < 1e-9);
+        let w = PretrainProgress { waiting: true, ..p.clone() };
+        assert_eq!(PretrainProgress::parse(&w.note()).map(|x| x.waiting), Some(true));
+        assert_eq!(PretrainProgress::parse(&w.note()).unwrap().remaining_seconds(), None);
+        for other in ["resumed from epoch 3", "pretraining nope: 1/2 epochs, 1.0 s", "pretraining resnet50: x", ""] {
+            assert_eq!(PretrainProgress::parse(other), None, "{other}");
+        }
+        assert!(p.check().is_ok());
+        for bad in [
+            PretrainProgress { epoch: 4, ..p.clone() },
+            PretrainProgress { epochs: 0, epoch: 0, ..p.clone() },
+            PretrainProgress { seconds: f64::NAN, ..p.clone() },
+            PretrainProgress { epochs: MAX_PRETRAIN_EPOCHS + 1, ..p.clone() },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn tags_are_short_plain_words_and_retagging_keeps_them_sorted_and_once() {

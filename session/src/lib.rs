@@ -231,6 +231,32 @@ impl Reporter {
         handle.block_on(self.report(request))
     }
 
+    /// Tells the coordinator what the attempt does before its first epoch (pretraining).
+    /// Best effort: an answer that does not come (an older coordinator, a partition) changes
+    /// nothing for the attempt, and is not retried. `true`: the coordinator wants it stopped.
+    pub async fn progress(&self, pretraining: v1::Pretraining) -> bool {
+        let request = v1::ReportProgressRequest {
+            attempt_id: self.attempt_id,
+            worker_id: self.session.worker_id.clone(),
+            session: self.session.secret.clone(),
+            pretraining: Some(pretraining),
+        };
+        let mut client = self.session.client.clone();
+        match tokio::time::timeout(self.session.ttl, client.report_progress(request)).await {
+            Ok(Ok(r)) => r.into_inner().cancel,
+            Ok(Err(status)) => {
+                tracing::debug!(attempt = self.attempt_id, %status, "progress not logged");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// [`Reporter::progress`] from a thread outside the runtime (a training thread).
+    pub fn progress_blocking(&self, handle: &tokio::runtime::Handle, pretraining: v1::Pretraining) -> bool {
+        handle.block_on(self.progress(pretraining))
+    }
+
     /// The first report that did not go through, if any.
     pub fn failure(&self) -> Option<WriteError> {
         self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()

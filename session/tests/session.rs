@@ -27,6 +27,9 @@ struct Script {
     registrations: AtomicU32,
     reports: Mutex<Vec<v1::ReportEpochRequest>>,
     finishes: Mutex<Vec<v1::FinishAttemptRequest>>,
+    progress: Mutex<Vec<v1::ReportProgressRequest>>,
+    /// What every progress report gets (an older coordinator: `Unimplemented`).
+    progress_error: Mutex<Option<Status>>,
 }
 
 struct Fake(Arc<Script>);
@@ -86,6 +89,16 @@ impl WorkerService for Fake {
         self.0.finishes.lock().unwrap().push(r.into_inner());
         Ok(Response::new(v1::FinishAttemptResponse {}))
     }
+    async fn report_progress(
+        &self,
+        r: Request<v1::ReportProgressRequest>,
+    ) -> Result<Response<v1::ReportProgressResponse>, Status> {
+        if let Some(e) = self.0.progress_error.lock().unwrap().clone() {
+            return Err(e);
+        }
+        self.0.progress.lock().unwrap().push(r.into_inner());
+        Ok(Response::new(v1::ReportProgressResponse { cancel: false }))
+    }
 }
 
 /// Reports `epochs` epochs, each after `epoch` of (cancellable) work.
@@ -98,6 +111,12 @@ impl Executor for Trainer {
         let epoch = self.epoch;
         Box::pin(async move {
             let a = &attempt.assignment;
+            // Pretraining first (best effort: whatever the answer, the attempt goes on).
+            let pretraining =
+                v1::Pretraining { backbone: "resnet18".into(), epoch: 0, epochs: 2, ..Default::default() };
+            if attempt.reporter.progress(pretraining).await {
+                return Outcome::Stopped;
+            }
             for e in 1..=a.fe_epochs + a.ft_epochs {
                 tokio::select! {
                     _ = tokio::time::sleep(epoch) => {}
@@ -195,6 +214,12 @@ async fn every_call_is_in_the_workers_name_and_a_finished_attempt_succeeds() {
     result.unwrap();
     let reports = script.reports.lock().unwrap().clone();
     assert_eq!(reports.len(), 3);
+    let progress = script.progress.lock().unwrap().clone();
+    assert_eq!(progress.len(), 1);
+    assert_eq!(
+        (progress[0].attempt_id, progress[0].worker_id.as_str(), progress[0].session.as_str()),
+        (7, "w1", SECRET)
+    );
     assert!(reports.iter().all(|r| r.attempt_id == 7 && r.worker_id == "w1" && r.session == SECRET), "{reports:?}");
     let f = script.finishes.lock().unwrap()[0].clone();
     assert_eq!(
@@ -268,4 +293,16 @@ async fn a_worker_the_coordinator_does_not_know_registers_again_and_a_refused_to
     let e = result.unwrap_err();
     assert!(e.to_string().contains("the bearer token is not valid here"), "{e}");
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_does_not_take_progress_reports_changes_nothing_for_the_attempt() {
+    let script = script_with(vec![assignment(9, 2)]);
+    *script.progress_error.lock().unwrap() = Some(Status::unimplemented("no such method"));
+    let (result, _seen) =
+        run_until(script.clone(), Duration::from_millis(10), |s, _| !s.finishes.lock().unwrap().is_empty()).await;
+    result.unwrap();
+    assert_eq!(script.reports.lock().unwrap().len(), 2);
+    let f = script.finishes.lock().unwrap()[0].clone();
+    assert_eq!(v1::Outcome::try_from(f.outcome), Ok(v1::Outcome::Succeeded));
 }

@@ -266,6 +266,39 @@ fn sweep_run_finishes_with_a_leaderboard_and_leaves_a_readable_state_dir() {
 }
 
 #[test]
+fn pretraining_shows_in_the_progress_and_the_finished_run_reads_from_its_state_dir() {
+    let _bound = sweep_tests::bound(300);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let spec = TINY_SPEC.replace("epoch_split: [[1, 1], [2, 1]]", "epoch_split: [[1, 1]]")
+        + "pretrain:\n  dataset: { kind: synthetic, classes: 4, train_per_class: 4, val_per_class: 2, image_size: 32, seed: 5 }\n  epochs: 2\n";
+    let spec = write(dir.path(), "pre.yaml", &spec);
+    let out = output(
+        sweep()
+            .arg("run")
+            .arg(&spec)
+            .args(["--workers", "1", "--threads", "1", "--tag", "pretrained", "--note", "own weights", "--state-dir"])
+            .arg(&state),
+    );
+    assert!(out.status.success(), "stdout:\n{}\nstderr:\n{}", stdout(&out), stderr(&out));
+    // The progress says what happens before the first epoch: pretraining, epoch by epoch.
+    let progress = stderr(&out);
+    for step in
+        ["pretraining resnet18: 0/2 epochs", "pretraining resnet18: 1/2 epochs", "pretraining resnet18: 2/2 epochs"]
+    {
+        assert!(progress.contains(step), "{step} missing from\n{progress}");
+    }
+    // Read afterwards without a coordinator: the tag, the note, the trial's events.
+    let list = stdout(&output(sweep().args(["list", "--tag", "pretrained", "-o", "json", "--state-dir"]).arg(&state)));
+    let json: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(json[0]["note"], "own weights");
+    let id = json[0]["id"].as_str().unwrap().to_string();
+    let status = stdout(&output(sweep().args(["status", &id, "--state-dir"]).arg(&state)));
+    assert!(status.contains("tags: pretrained") && status.contains("1/1 completed"), "{status}");
+    assert_history_clean(&state);
+}
+
+#[test]
 fn client_commands_without_a_coordinator_say_how_to_start_one() {
     let _bound = sweep_tests::bound(300);
     let out = output(sweep().args(["list", "--coordinator", "http://127.0.0.1:9"]));

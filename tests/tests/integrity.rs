@@ -457,6 +457,12 @@ impl v1::worker_service_server::WorkerService for Rogue {
         self.heard.lock().unwrap().finishes.push(r.into_inner());
         Ok(tonic::Response::new(v1::FinishAttemptResponse {}))
     }
+    async fn report_progress(
+        &self,
+        _r: tonic::Request<v1::ReportProgressRequest>,
+    ) -> Result<tonic::Response<v1::ReportProgressResponse>, tonic::Status> {
+        Ok(tonic::Response::new(v1::ReportProgressResponse::default()))
+    }
 }
 
 fn all_files(dir: &Path) -> Vec<PathBuf> {

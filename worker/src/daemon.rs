@@ -170,8 +170,24 @@ impl sweep_session::Executor for TchExecutor {
                 weights_dir: options.weights_dir.clone(),
                 cancel: Some(cancel.flag()),
                 resume: None,
+                progress: None,
             });
             let handle = tokio::runtime::Handle::current();
+            // Pretraining, told to the coordinator as it goes (best effort).
+            let progress = {
+                let (reporter, handle) = (reporter.clone(), handle.clone());
+                crate::train::Progress(Arc::new(move |p: &sweep_core::records::PretrainProgress| {
+                    let wire = v1::Pretraining {
+                        backbone: p.backbone.name().into(),
+                        epoch: p.epoch,
+                        epochs: p.epochs,
+                        seconds: p.seconds,
+                        waiting: p.waiting,
+                    };
+                    reporter.progress_blocking(&handle, wire)
+                }))
+            };
+            let train_options = train_options.map(|o| TrainOptions { progress: Some(progress), ..o });
             let (artifacts, cache_dir) = (options.artifacts.clone(), options.cache_dir.clone());
             let result = tokio::task::spawn_blocking(move || {
                 let mut report = |request: v1::ReportEpochRequest| -> Control {

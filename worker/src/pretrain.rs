@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use sweep_core::Backbone;
 use sweep_core::grid::Trial;
 use sweep_core::lr::LrDecay;
+use sweep_core::records::PretrainProgress;
 use sweep_core::spec::{Augment, PretrainSpec, SweepSpec, Weights};
 
 use crate::train::{TrainError, TrainOptions, Trainer};
@@ -97,6 +98,7 @@ pub fn ensure(
         .map_err(|e| TrainError::retryable_from(format!("cannot create the cache directory {}", dir.display()), e))?;
     let weights = dir.join(format!("{}-{}.safetensors", backbone.name(), &key[..16]));
     let lock = weights.with_extension("lock");
+    let mut told_waiting = false;
     loop {
         if weights.is_file() {
             tracing::info!(file = %weights.display(), "reusing pretrained weights");
@@ -117,6 +119,14 @@ pub fn ensure(
             Ok(None) => {
                 if options.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
                     return Err(TrainError::Cancelled);
+                }
+                if !told_waiting {
+                    told_waiting = true;
+                    let waiting =
+                        PretrainProgress { backbone, epoch: 0, epochs: p.epochs, seconds: 0.0, waiting: true };
+                    if options.tell(&waiting) {
+                        return Err(TrainError::Cancelled);
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
@@ -140,8 +150,24 @@ fn pretrain(
     tracing::info!(backbone = backbone.name(), epochs = p.epochs, "pretraining from random weights");
     let mut trainer = Trainer::new(&s, &trial, options)?;
     let mut last = None;
+    let tell = |epoch: u32| {
+        let progress = PretrainProgress {
+            backbone,
+            epoch,
+            epochs: p.epochs,
+            seconds: started.elapsed().as_secs_f64(),
+            waiting: false,
+        };
+        options.tell(&progress)
+    };
+    if tell(0) {
+        return Err(TrainError::Cancelled);
+    }
     while trainer.epochs_done() < trainer.total_epochs() {
         let m = trainer.run_epoch()?;
+        if tell(m.epoch) {
+            return Err(TrainError::Cancelled);
+        }
         tracing::info!(
             backbone = backbone.name(),
             epoch = m.epoch,

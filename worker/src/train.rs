@@ -235,9 +235,27 @@ pub struct TrainOptions {
     /// if it had never stopped.
     /// (In a mutex only because tensors are not `Sync`; every replica reads it.)
     pub resume: Option<Arc<Mutex<TrainingState>>>,
+    /// Told what the attempt does before its first epoch (pretraining its backbone, or waiting
+    /// for another worker's); `true` back means stop. The daemon sends it to the coordinator.
+    pub progress: Option<Progress>,
+}
+
+/// Where pretraining stands, told as it goes; answers whether to stop.
+#[derive(Clone)]
+pub struct Progress(pub Arc<dyn Fn(&sweep_core::records::PretrainProgress) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress(..)")
+    }
 }
 
 impl TrainOptions {
+    /// Tells [`TrainOptions::progress`], if any; whether to stop.
+    pub fn tell(&self, p: &sweep_core::records::PretrainProgress) -> bool {
+        self.progress.as_ref().is_some_and(|f| (f.0)(p))
+    }
+
     /// Options for one `device`, no weights directory (the environment variable applies), no
     /// cancel flag.
     pub fn new(device: Device) -> TrainOptions {
@@ -246,7 +264,7 @@ impl TrainOptions {
 
     /// Options for one replica on each of `devices` (see [`TrainOptions::devices`]).
     pub fn data_parallel(devices: Vec<Device>) -> TrainOptions {
-        TrainOptions { devices, weights_dir: None, cancel: None, resume: None }
+        TrainOptions { devices, weights_dir: None, cancel: None, resume: None, progress: None }
     }
 
     fn weights_dir(&self) -> Option<PathBuf> {

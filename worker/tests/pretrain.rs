@@ -41,7 +41,27 @@ fn pretrained_weights_are_made_once_and_reused() {
     let _bound = sweep_tests::bound(600);
     let dir = tempfile::tempdir().unwrap();
     let s = spec::parse(SPEC).unwrap();
-    let first = pretrain::ensure(&s, Backbone::Resnet18, dir.path(), &cpu()).unwrap();
+    // Told as it goes: started (0 of 1 epochs), then each epoch.
+    let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    type Told = std::sync::Arc<std::sync::Mutex<Vec<(u32, u32, bool)>>>;
+    let recording = |told: &Told, stop: bool| {
+        let told = std::sync::Arc::clone(told);
+        TrainOptions {
+            progress: Some(sweep_worker::train::Progress(std::sync::Arc::new(
+                move |p: &sweep_core::records::PretrainProgress| {
+                    told.lock().unwrap().push((p.epoch, p.epochs, p.waiting));
+                    stop
+                },
+            ))),
+            ..cpu()
+        }
+    };
+    // Told to stop: it stops (cancelled), and nothing is cached.
+    let stopped = pretrain::ensure(&s, Backbone::Resnet18, dir.path(), &recording(&told, true));
+    assert!(matches!(stopped, Err(sweep_worker::train::TrainError::Cancelled)), "{stopped:?}");
+    assert_eq!(std::mem::take(&mut *told.lock().unwrap()), [(0, 1, false)]);
+    let first = pretrain::ensure(&s, Backbone::Resnet18, dir.path(), &recording(&told, false)).unwrap();
+    assert_eq!(std::mem::take(&mut *told.lock().unwrap()), [(0, 1, false), (1, 1, false)]);
     assert!(first.starts_with(dir.path().join("pretrain")));
     let record = pretrain::read_record(&first).unwrap();
     assert_eq!((record.backbone.as_str(), record.epochs), ("resnet18", 1));
@@ -49,8 +69,9 @@ fn pretrained_weights_are_made_once_and_reused() {
     // The head has the pretraining dataset's 4 classes.
     assert_eq!(tensor(&first, "fc.weight").size(), vec![4, 512]);
     let written = std::fs::metadata(&first).unwrap().modified().unwrap();
-    let again = pretrain::ensure(&s, Backbone::Resnet18, dir.path(), &cpu()).unwrap();
+    let again = pretrain::ensure(&s, Backbone::Resnet18, dir.path(), &recording(&told, false)).unwrap();
     assert_eq!(again, first);
+    assert!(told.lock().unwrap().is_empty(), "cached weights: nothing to tell");
     assert_eq!(std::fs::metadata(&again).unwrap().modified().unwrap(), written, "reused, not retrained");
     // No temporary file is left; the lock file stays, unlocked (unlinking it could let two
     // processes lock different files of the same name).

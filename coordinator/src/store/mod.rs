@@ -237,6 +237,15 @@ pub trait Store: StateReader + Send {
         metrics: &EpochMetrics,
         extras: &ReportExtras,
     ) -> Result<ReportReply>;
+    /// Logs what a current attempt does before its first epoch (pretraining its backbone, the
+    /// trial's) as a note of its trial; says whether the attempt should stop. An attempt that
+    /// has reported an epoch is past pretraining: `WrongState`.
+    fn report_progress(
+        &mut self,
+        caller: &Caller,
+        attempt_id: u64,
+        progress: &sweep_core::records::PretrainProgress,
+    ) -> Result<bool>;
     /// Ends a current attempt with the worker's outcome (`message`: why it failed or stopped).
     fn finish_attempt(
         &mut self,

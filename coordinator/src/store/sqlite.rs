@@ -1116,6 +1116,40 @@ impl Store for SqliteStore {
     }
 
     /// Ends a current attempt with the worker's outcome.
+    fn report_progress(
+        &mut self,
+        caller: &Caller,
+        attempt_id: u64,
+        progress: &sweep_core::records::PretrainProgress,
+    ) -> Result<bool> {
+        let now = self.clock.now_ms();
+        let tx = self.conn.savepoint()?;
+        check_attempt_owner(&tx, caller, attempt_id)?;
+        let a = current_attempt(&tx, attempt_id)?;
+        let backbone: String = tx
+            .prepare_cached("SELECT backbone FROM trials WHERE sweep_id = ?1 AND idx = ?2")?
+            .query_row(params![a.sweep_id, a.idx], |r| r.get(0))?;
+        if backbone != progress.backbone.name() {
+            return Err(StoreError::Invalid(format!(
+                "attempt {attempt_id} trains {backbone}, not {}",
+                progress.backbone.name()
+            )));
+        }
+        let reported: bool = tx
+            .prepare_cached(
+                "SELECT EXISTS(SELECT 1 FROM metrics WHERE sweep_id = ?1 AND idx = ?2 AND attempt_id = ?3)",
+            )?
+            .query_row(params![a.sweep_id, a.idx, attempt_id as i64], |r| r.get(0))?;
+        if reported {
+            return Err(StoreError::WrongState(format!(
+                "attempt {attempt_id} has reported an epoch: it is past pretraining"
+            )));
+        }
+        trial_event_noted(&tx, &a.sweep_id, a.idx, None, &progress.note(), now)?;
+        tx.commit()?;
+        Ok(a.cancelled)
+    }
+
     fn finish_attempt(
         &mut self,
         caller: &Caller,
