@@ -3123,36 +3123,25 @@ fn read_trial(conn: &Connection, sweep_id: &str, trial_id: &str) -> Result<Trial
 }
 
 fn read_events_after(conn: &Connection, sweep_id: &str, after: u64, limit: usize) -> Result<Vec<Event>> {
-    let sweep_id = &resolve_sweep(conn, sweep_id)?;
-    let mut q = conn
-        .prepare("SELECT seq, payload, checksum FROM events WHERE sweep_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")?;
-    let rows: Vec<(i64, Vec<u8>, Option<i64>)> = q
-        .query_map(params![sweep_id, after as i64, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    rows.into_iter()
-        .map(|(seq, payload, checksum)| {
-            if checksum != Some(event_checksum(sweep_id, &payload)) {
-                return Err(StoreError::Corrupt(format!(
-                    "event {seq} of sweep {sweep_id} does not match its checksum (damaged state database; \
-                     `sweep check-state` lists what else is)"
-                )));
-            }
-            let mut e = decode_event(&payload).map_err(|e| StoreError::Corrupt(format!("event {seq}: {e}")))?;
-            e.sequence = seq as u64;
-            Ok(e)
-        })
-        .collect()
+    let after = i64::try_from(after).unwrap_or(i64::MAX);
+    read_events(conn, sweep_id, "seq > ?2 ORDER BY seq", after, limit)
 }
 
 /// At most `limit` events of a sweep older than `before`, newest first.
 fn read_events_before(conn: &Connection, sweep_id: &str, before: u64, limit: usize) -> Result<Vec<Event>> {
-    let sweep_id = &resolve_sweep(conn, sweep_id)?;
-    let mut q = conn.prepare(
-        "SELECT seq, payload, checksum FROM events WHERE sweep_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
-    )?;
     let before = i64::try_from(before).unwrap_or(i64::MAX);
+    read_events(conn, sweep_id, "seq < ?2 ORDER BY seq DESC", before, limit)
+}
+
+/// A sweep's events where `order` (a fixed condition on `seq` against `?2`, and an order)
+/// says, each checked against its checksum.
+fn read_events(conn: &Connection, sweep_id: &str, order: &'static str, seq: i64, limit: usize) -> Result<Vec<Event>> {
+    let sweep_id = &resolve_sweep(conn, sweep_id)?;
+    let mut q = conn.prepare_cached(&format!(
+        "SELECT seq, payload, checksum FROM events WHERE sweep_id = ?1 AND {order} LIMIT ?3"
+    ))?;
     let rows: Vec<(i64, Vec<u8>, Option<i64>)> = q
-        .query_map(params![sweep_id, before, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .query_map(params![sweep_id, seq, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<rusqlite::Result<_>>()?;
     rows.into_iter()
         .map(|(seq, payload, checksum)| {
