@@ -41,20 +41,36 @@ def main() -> None:
     y = torch.randint(0, 1000, (a.batch,), device=device)
     fp16 = a.precision == "fp16"
 
-    def step() -> None:
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=fp16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    # Each phase timed as `sweep-worker bench` times it: forward and loss; zeroing the
+    # gradients and backward; the optimizer's step (on CUDA, each ends with a synchronisation).
+    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+
+    def step() -> None:
+        t = time.perf_counter()
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=fp16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        sync()
+        forward = time.perf_counter() - t
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sync()
+        backward = time.perf_counter() - t
+        opt.step()
+        sync()
+        optimizer = time.perf_counter() - t
+        phases["forward"] += forward
+        phases["backward"] += backward - forward
+        phases["optimizer"] += optimizer - backward
+
     for _ in range(a.warmup):
         step()
     sync()
+    for k in phases:
+        phases[k] = 0.0
     start = time.perf_counter()
     for _ in range(a.steps):
         step()
@@ -71,6 +87,7 @@ def main() -> None:
         "steps": a.steps,
         "seconds": seconds,
         "images_per_second": a.batch * a.steps / seconds,
+        "phases": {k: v / a.steps for k, v in phases.items()},
     }))
 
 

@@ -13,6 +13,7 @@
 //! This is the only crate of the workspace that links libtorch.
 
 pub mod adam;
+pub mod alloc;
 pub mod artifacts;
 pub mod augment;
 pub mod checkpoint;

@@ -185,6 +185,8 @@ fn host_name() -> String {
 }
 
 fn main() -> ExitCode {
+    // Before anything allocates: libtorch's buffers are reused, not mapped afresh every step.
+    let tuned = sweep_worker::alloc::tune();
     let args = Args::parse();
     // The tools end quietly on a closed pipe (`sweep-worker inspect | head`); SIGPIPE stays
     // ignored, so that a connection that breaks mid-write is an error, never a silent death.
@@ -198,6 +200,9 @@ fn main() -> ExitCode {
         builder.json().with_current_span(false).init();
     } else {
         builder.with_ansi(ansi).init();
+    }
+    if tuned == sweep_worker::alloc::Tuned::Refused {
+        tracing::warn!("malloc refused the settings that keep tensor memory for reuse; training may be slower");
     }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -295,8 +300,19 @@ fn run(args: Args) -> anyhow::Result<()> {
             match output {
                 Output::Json => println!("{}", serde_json::to_string(&r)?),
                 Output::Table => println!(
-                    "{} {} batch {} at {} px on {}: {:.1} images/s ({} steps in {:.2}s)",
-                    r.backbone, r.precision, r.batch, r.image_size, r.device, r.images_per_second, r.steps, r.seconds
+                    "{} {} batch {} at {} px on {}: {:.1} images/s ({} steps in {:.2}s); per step: forward {:.1} ms, \
+                     backward {:.1} ms, optimizer {:.1} ms",
+                    r.backbone,
+                    r.precision,
+                    r.batch,
+                    r.image_size,
+                    r.device,
+                    r.images_per_second,
+                    r.steps,
+                    r.seconds,
+                    r.phases.forward * 1e3,
+                    r.phases.backward * 1e3,
+                    r.phases.optimizer * 1e3
                 ),
             }
             return Ok(());

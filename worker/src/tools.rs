@@ -331,6 +331,20 @@ pub struct BenchResult {
     pub steps: usize,
     pub seconds: f64,
     pub images_per_second: f64,
+    /// Where a step's time goes, in seconds per step (summed over the timed steps, divided by
+    /// their number; on CUDA each phase ends with a synchronisation).
+    pub phases: BenchPhases,
+}
+
+/// A training step's phases, as `tools/bench_torch_train.py` times them too.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BenchPhases {
+    /// Forward pass in train mode and the cross-entropy loss.
+    pub forward: f64,
+    /// Zeroing the gradients and the backward pass.
+    pub backward: f64,
+    /// The optimizer's step.
+    pub optimizer: f64,
 }
 
 /// Times `steps` full training steps (forward in train mode, cross-entropy, backward, the
@@ -352,7 +366,14 @@ pub fn bench_training(o: &BenchOptions) -> anyhow::Result<BenchResult> {
     let mut adam = Adam::new(params, AdamConfig::default());
     let x = Tensor::f_randn([o.batch, 3, o.image_size, o.image_size], (Kind::Float, o.device))?;
     let y = Tensor::f_randint(1000, [o.batch], (Kind::Int64, o.device))?;
-    let mut step = || -> Result<(), tch::TchError> {
+    let sync = || {
+        if let Device::Cuda(i) = o.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    // One step, each phase timed (added to `phases`).
+    let mut step = |phases: &mut BenchPhases| -> Result<(), tch::TchError> {
+        let t = std::time::Instant::now();
         let loss = tch::autocast(o.fp16, || -> Result<Tensor, tch::TchError> {
             model.forward(&x, ForwardMode::TRAIN)?.f_cross_entropy_loss::<Tensor>(
                 &y,
@@ -362,25 +383,38 @@ pub fn bench_training(o: &BenchOptions) -> anyhow::Result<BenchResult> {
                 0.0,
             )
         })?;
+        sync();
+        let forward = t.elapsed().as_secs_f64();
         adam.zero_grad();
         loss.f_backward()?;
-        adam.step()
+        sync();
+        let backward = t.elapsed().as_secs_f64();
+        adam.step()?;
+        sync();
+        let optimizer = t.elapsed().as_secs_f64();
+        phases.forward += forward;
+        phases.backward += backward - forward;
+        phases.optimizer += optimizer - backward;
+        Ok(())
     };
-    let sync = || {
-        if let Device::Cuda(i) = o.device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
+    let mut phases = BenchPhases::default();
     for _ in 0..o.warmup {
-        step()?;
+        step(&mut phases)?;
     }
     sync();
+    let mut phases = BenchPhases::default();
     let start = std::time::Instant::now();
     for _ in 0..o.steps {
-        step()?;
+        step(&mut phases)?;
     }
     sync();
     let seconds = start.elapsed().as_secs_f64();
+    let per_step = |s: f64| s / o.steps as f64;
+    let phases = BenchPhases {
+        forward: per_step(phases.forward),
+        backward: per_step(phases.backward),
+        optimizer: per_step(phases.optimizer),
+    };
     Ok(BenchResult {
         implementation: "sweep-worker (tch)".into(),
         device: format!("{:?}", o.device),
@@ -391,5 +425,6 @@ pub fn bench_training(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         steps: o.steps,
         seconds,
         images_per_second: (o.batch as f64) * (o.steps as f64) / seconds,
+        phases,
     })
 }
