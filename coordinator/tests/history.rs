@@ -70,8 +70,21 @@ struct Ids {
 
 /// A state with every kind of history the store writes: concurrent attempts on disjoint
 /// devices, a retried trial that resumes, a lost lease, a trial running now.
+/// A clock one millisecond further on at every reading: each write of [`clean_state`] has a
+/// time of its own, so attempts that ran side by side overlap however fast the test runs (in
+/// one millisecond of wall clock, a1's end and a2's start were the same instant).
+#[derive(Debug)]
+struct Ticking(std::sync::atomic::AtomicI64);
+
+impl sweep_coordinator::clock::Clock for Ticking {
+    fn now_ms(&self) -> i64 {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 fn clean_state(dir: &Path) -> Ids {
-    let mut store = SqliteStore::open(dir).unwrap();
+    let clock = std::sync::Arc::new(Ticking(std::sync::atomic::AtomicI64::new(1_700_000_000_000)));
+    let mut store = SqliteStore::open_with_clock(dir, clock).unwrap();
     let sweep = store.submit(SPEC, "h.yaml", &spec::parse(SPEC).unwrap()).unwrap().sweep_id;
     let (w1, i1) = register(&mut store, "w1", &devices(&["cpu:0", "cpu:1"]));
     let a1 = store.acquire(&w1, i1).unwrap().unwrap();
