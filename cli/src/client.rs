@@ -47,9 +47,7 @@ pub struct Labels {
 impl Labels {
     /// The rules the coordinator applies, checked before anything is sent.
     pub fn check(&self) -> anyhow::Result<()> {
-        for t in &self.tags {
-            sweep_core::records::check_tag(t).map_err(|e| anyhow!(e))?;
-        }
+        // Each tag and their number, as the coordinator's `retag` checks them.
         sweep_core::records::retag(&[], &self.tags, &[]).map_err(|e| anyhow!(e))?;
         sweep_core::records::check_note(&self.note).map_err(|e| anyhow!(e))
     }
@@ -177,9 +175,7 @@ impl Client {
         note: Option<String>,
         format: Format,
     ) -> anyhow::Result<()> {
-        for t in add.iter().chain(remove) {
-            sweep_core::records::check_tag(t).map_err(|e| anyhow!(e))?;
-        }
+        sweep_core::records::retag(&[], add, remove).map_err(|e| anyhow!(e))?;
         if let Some(n) = &note {
             sweep_core::records::check_note(n).map_err(|e| anyhow!(e))?;
         }

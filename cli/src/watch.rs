@@ -272,7 +272,15 @@ impl View {
         if e.metrics.is_some() || is_final(&t.state) {
             self.pretraining.remove(&t.trial_id);
         }
-        if let Some(p) = sweep_core::records::PretrainProgress::parse(note) {
+        // Only the coordinator's own notes of progress (an event without metrics), and only
+        // values that hold together: a worker's free-text note on a report could look like one.
+        let progress = e
+            .metrics
+            .is_none()
+            .then(|| sweep_core::records::PretrainProgress::parse(note))
+            .flatten()
+            .filter(|p| p.check().is_ok());
+        if let Some(p) = progress {
             // Pretraining, as it goes: a line of its own, and the trial's bar says so.
             self.say(&format!("{}  {note}", t.trial_id));
             if let Some(bar) = self.live.as_ref().and_then(|l| l.bars.get(&t.trial_id)) {
