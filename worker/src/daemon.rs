@@ -166,11 +166,9 @@ impl sweep_session::Executor for TchExecutor {
             // The devices the coordinator gave this attempt (an old coordinator gives none: use ours).
             let devices = if a.devices.is_empty() { Ok(vec![options.device]) } else { training_devices(&a.devices) };
             let train_options = devices.map(|d| TrainOptions {
-                devices: d,
                 weights_dir: options.weights_dir.clone(),
                 cancel: Some(cancel.flag()),
-                resume: None,
-                progress: None,
+                ..TrainOptions::data_parallel(d)
             });
             let handle = tokio::runtime::Handle::current();
             // Pretraining, told to the coordinator as it goes (best effort).

@@ -20,6 +20,21 @@
 //! With several devices ([`TrainOptions::devices`]) the trial trains data-parallel: one replica
 //! per device, gradients summed with [`crate::dist`]; see [`Trainer`]. One device trains
 //! exactly as without data parallelism, bit for bit.
+//!
+//! **Feature extraction costs what it must.** The frozen backbone ([`Model::features`]) runs
+//! under `no_grad`: it records no autograd graph, and its parameters, which do not require
+//! gradients, get neither gradient buffers nor optimizer state. When its output is moreover a
+//! function of the image alone — BatchNorm frozen (`freeze_bn_stats`), no augmentation, a
+//! backbone without stochastic depth ([`Model::features_are_pure`]), one device — the backbone
+//! runs once per image for the whole phase ([`FeatureCache`]) and the head trains on the stored
+//! features. Libtorch's kernels choose their algorithm by shape, so a sample's features depend
+//! on the size of the batch it is computed in (not on the other samples in it, nor on its place
+//! among them — see [`Model::features`]): the training
+//! features are computed in batches of exactly the training batch size, and a batch of another
+//! size (the epoch's last) is computed afresh; validation features are computed in the same
+//! batches as validation. A cached run is therefore bit-identical to an uncached one
+//! (`worker/tests/trainer.rs`). [`TrainOptions::feature_cache`] (`SWEEP_FEATURE_CACHE=off`)
+//! turns it off.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -238,6 +253,20 @@ pub struct TrainOptions {
     /// Told what the attempt does before its first epoch (pretraining its backbone, or waiting
     /// for another worker's); `true` back means stop. The daemon sends it to the coordinator.
     pub progress: Option<Progress>,
+    /// Compute the frozen backbone's features once per feature-extraction phase when that
+    /// gives the same bits (see the module documentation). Default: on, unless
+    /// [`FEATURE_CACHE_ENV`] is `off`, `0` or `false`.
+    pub feature_cache: bool,
+}
+
+/// Environment variable that turns the feature cache off (`off`, `0`, `false`).
+pub const FEATURE_CACHE_ENV: &str = "SWEEP_FEATURE_CACHE";
+
+/// Whether [`FEATURE_CACHE_ENV`] leaves the feature cache on.
+pub fn feature_cache_default() -> bool {
+    std::env::var(FEATURE_CACHE_ENV)
+        .map(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "off" | "0" | "false" | "no"))
+        .unwrap_or(true)
 }
 
 /// Where pretraining stands, told as it goes; answers whether to stop.
@@ -264,7 +293,14 @@ impl TrainOptions {
 
     /// Options for one replica on each of `devices` (see [`TrainOptions::devices`]).
     pub fn data_parallel(devices: Vec<Device>) -> TrainOptions {
-        TrainOptions { devices, weights_dir: None, cancel: None, resume: None, progress: None }
+        TrainOptions {
+            devices,
+            weights_dir: None,
+            cancel: None,
+            resume: None,
+            progress: None,
+            feature_cache: feature_cache_default(),
+        }
     }
 
     fn weights_dir(&self) -> Option<PathBuf> {
@@ -439,7 +475,31 @@ struct EpochPlan {
     epoch: u32,
     start_fine_tuning: bool,
     mode: ForwardMode,
+    /// Train the head on cached backbone features ([`FeatureCache`]).
+    cache_features: bool,
     fault: Option<Fault>,
+}
+
+/// The frozen backbone's outputs ([`Model::features`]) for one feature-extraction phase, on
+/// the training device; see the module documentation.
+struct FeatureCache {
+    /// The forward mode of the training features.
+    mode: ForwardMode,
+    /// The batch size the training features were computed in: only batches of this size read
+    /// them.
+    batch: usize,
+    /// Row `i`: training sample `i`.
+    train: Tensor,
+    /// This replica's validation part in order, computed in [`Replica::validate`]'s batches.
+    val: Tensor,
+}
+
+/// What a step's forward pass starts from.
+enum Input {
+    /// A normalised image batch.
+    Images(Tensor),
+    /// [`Model::features`] of the batch, from the cache.
+    Features(Tensor),
 }
 
 /// Why a replica stopped.
@@ -541,6 +601,9 @@ struct Replica {
     trained: Vec<Tensor>,
     data: DeviceData,
     comm: Option<Box<dyn AllReduce>>,
+    /// Feature extraction: the backbone is frozen and runs without autograd.
+    backbone_frozen: bool,
+    fe_cache: Option<FeatureCache>,
 }
 
 impl Replica {
@@ -577,7 +640,8 @@ impl Replica {
         let optimizer =
             Adam::new(head, AdamConfig { weight_decay: setup.training.weight_decay, ..AdamConfig::default() });
         let trained = optimizer.params().iter().map(|p| p.tensor.shallow_clone()).collect();
-        let mut replica = Replica { rank, setup, model, optimizer, trained, data, comm };
+        let mut replica =
+            Replica { rank, setup, model, optimizer, trained, data, comm, backbone_frozen: true, fe_cache: None };
         if let Some(shared) = replica.setup.resume.clone() {
             let state = shared.lock().unwrap_or_else(|p| p.into_inner());
             // The optimizer of the phase the state was taken in (at the end of feature
@@ -621,6 +685,8 @@ impl Replica {
     /// Switches to fine-tuning: every parameter trains, with a new Adam whose learning rates
     /// come from the trial's decay strategy.
     fn start_fine_tuning(&mut self) -> Result<(), TrainError> {
+        self.fe_cache = None;
+        self.backbone_frozen = false;
         self.model.set_trainable(|_| true).map_err(torch("unfreezing the backbone"))?;
         let lrs = fine_tuning_lrs(&self.model, &self.setup.lr_decay, self.setup.training.fine_tuning_default_lr);
         let params =
@@ -646,7 +712,14 @@ impl Replica {
         if plan.start_fine_tuning {
             self.start_fine_tuning()?;
         }
-        let train = self.train_pass(plan)?;
+        if !plan.cache_features || self.fe_cache.as_ref().is_some_and(|c| c.mode != plan.mode) {
+            self.fe_cache = None;
+        }
+        let train = if plan.cache_features && self.comm.is_none() {
+            self.train_pass_cached(plan)?
+        } else {
+            self.train_pass(plan)?
+        };
         if let Some(c) = self.comm.as_deref_mut() {
             // BatchNorm statistics moved on each replica: everyone continues from rank 0's.
             let buffers: Vec<Tensor> = self.model.named_buffers().iter().map(|(_, t)| t.shallow_clone()).collect();
@@ -656,22 +729,36 @@ impl Replica {
         Ok((train, val))
     }
 
+    /// The logits of `input`. While the backbone is frozen it runs without autograd, so only
+    /// the head records a graph.
+    fn logits(model: &Model, backbone_frozen: bool, input: &Input, mode: ForwardMode) -> Result<Tensor, TchError> {
+        match input {
+            Input::Features(f) => model.classify(f, mode),
+            Input::Images(x) if backbone_frozen => {
+                let features = tch::no_grad(|| model.features(x, mode))?;
+                model.classify(&features, mode)
+            }
+            Input::Images(x) => model.forward(x, mode),
+        }
+    }
+
     /// One training step alone (one replica): the batch's mean loss.
     fn step_alone(
         &mut self,
-        batch: Batch,
+        input: Input,
+        y: Tensor,
+        len: usize,
         mode: ForwardMode,
         loss_sum: &Tensor,
         correct: &Tensor,
     ) -> Result<(Tensor, Tensor), TchError> {
-        let (x, y) = (batch.images, batch.labels);
-        let logits = self.model.forward(&x, mode)?;
+        let logits = Self::logits(&self.model, self.backbone_frozen, &input, mode)?;
         let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
         self.optimizer.zero_grad();
         loss.f_backward()?;
         self.optimizer.step()?;
         tch::no_grad(|| {
-            let b = batch.len as f64;
+            let b = len as f64;
             let loss_sum = loss_sum.f_add(&loss.f_detach()?.f_to_kind(Kind::Double)?.f_mul_scalar(b)?)?;
             let hits = logits.f_argmax(1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?;
             Ok((loss_sum, correct.f_add(&hits)?))
@@ -702,7 +789,8 @@ impl Replica {
         let mut shard = None;
         if batch.len > 0 {
             let (x, y) = (&batch.images, &batch.labels);
-            let logits = self.model.forward(x, mode).map_err(torch_err)?;
+            let logits = Self::logits(&self.model, self.backbone_frozen, &Input::Images(x.shallow_clone()), mode)
+                .map_err(torch_err)?;
             let sum = logits.f_cross_entropy_loss::<Tensor>(y, None, Reduction::Sum, -100, 0.0).map_err(torch_err)?;
             sum.f_mul_scalar(1.0 / batch.global_len as f64).and_then(|l| l.f_backward()).map_err(torch_err)?;
             shard = Some((sum, logits));
@@ -768,21 +856,12 @@ impl Replica {
         let context = format!("training epoch {epoch}");
         for (step, batch) in producer.enumerate() {
             self.check_cancel()?;
-            if let Some(f) = plan.fault
-                && f.rank == self.rank
-                && f.step == step
-            {
-                if f.panic {
-                    panic!("injected panic in replica {} before step {step}", self.rank);
-                }
-                return Err(ReplicaError::Train(TrainError::retryable(format!(
-                    "injected fault in replica {} before step {step}",
-                    self.rank
-                ))));
-            }
+            self.injected_fault(plan, step)?;
             let batch = batch.map_err(|e| TrainError::from_torch(&context, e))?;
             (loss_sum, correct) = if self.comm.is_none() {
-                self.step_alone(batch, mode, &loss_sum, &correct).map_err(|e| TrainError::from_torch(&context, e))?
+                let (len, y) = (batch.len, batch.labels);
+                self.step_alone(Input::Images(batch.images), y, len, mode, &loss_sum, &correct)
+                    .map_err(|e| TrainError::from_torch(&context, e))?
             } else {
                 self.step_shared(batch, mode, &buffers, &loss_sum, &correct, &context)?
             };
@@ -796,27 +875,135 @@ impl Replica {
         Ok((loss / n as f64, hits / n as f64))
     }
 
+    /// The fault a test injected before `step`, if any.
+    fn injected_fault(&self, plan: &EpochPlan, step: usize) -> Result<(), ReplicaError> {
+        if let Some(f) = plan.fault
+            && f.rank == self.rank
+            && f.step == step
+        {
+            if f.panic {
+                panic!("injected panic in replica {} before step {step}", self.rank);
+            }
+            return Err(ReplicaError::Train(TrainError::retryable(format!(
+                "injected fault in replica {} before step {step}",
+                self.rank
+            ))));
+        }
+        Ok(())
+    }
+
+    /// The frozen backbone's features of the training set in `mode`, in batches of exactly
+    /// `batch` samples (the last batch overlaps the one before it rather than being short),
+    /// and of the validation part in [`Replica::validate`]'s batches.
+    fn build_feature_cache(&self, mode: ForwardMode, batch: usize) -> Result<FeatureCache, TrainError> {
+        let context = "computing the backbone's features";
+        let run = || -> Result<Option<FeatureCache>, TchError> {
+            let (x, n) = (&self.data.train_x, self.data.train_y.size()[0]);
+            let s = batch as i64;
+            let mut parts = Vec::new();
+            let mut start = 0;
+            while start < n {
+                if cancelled(&self.setup.cancel) {
+                    return Ok(None);
+                }
+                let from = start.min(n - s);
+                let images = augment::eval_batch(&x.f_narrow(0, from, s)?)?;
+                let f = self.model.features(&images, mode)?;
+                parts.push(f.f_narrow(0, start - from, s - (start - from))?);
+                start = from + s;
+            }
+            let train = Tensor::f_cat(&parts, 0)?;
+            drop(parts);
+            let mut parts = Vec::new();
+            for (start, len) in self.validation_batches() {
+                if cancelled(&self.setup.cancel) {
+                    return Ok(None);
+                }
+                let images = augment::eval_batch(&self.data.val_x.f_narrow(0, start, len)?)?;
+                parts.push(self.model.features(&images, ForwardMode::EVAL)?);
+            }
+            let val = Tensor::f_cat(&parts, 0)?;
+            Ok(Some(FeatureCache { mode, batch, train, val }))
+        };
+        match tch::no_grad(run) {
+            Ok(Some(cache)) => Ok(cache),
+            Ok(None) => Err(TrainError::Cancelled),
+            Err(e) => Err(TrainError::from_torch(context, e)),
+        }
+    }
+
+    /// A training pass of the head on cached features (one replica, feature extraction with a
+    /// pure backbone): the same batches, in the same order, as [`Replica::train_pass`] with no
+    /// augmentation; a batch whose size differs from the cache's runs the backbone afresh.
+    fn train_pass_cached(&mut self, plan: &EpochPlan) -> Result<PassMetrics, ReplicaError> {
+        let epoch = plan.epoch;
+        let seed = self.setup.training.seed;
+        let n = self.data.train_y.size()[0] as usize;
+        let batch_size = (self.setup.training.batch_size as usize).clamp(1, n.max(1));
+        if self.fe_cache.is_none() {
+            self.fe_cache = Some(self.build_feature_cache(plan.mode, batch_size)?);
+        }
+        let order = Rng::derive(seed, &[STREAM_SHUFFLE, epoch as u64]).permutation(n);
+        self.model.set_dropout_seed(self.dropout_seed(), epoch as u64);
+        let mode = plan.mode;
+        let device = self.model.device();
+        let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device)).map_err(torch("training"))?;
+        let mut correct = Tensor::f_zeros([], (Kind::Int64, device)).map_err(torch("training"))?;
+        let context = format!("training epoch {epoch}");
+        let torch_err = |e: TchError| ReplicaError::Train(TrainError::from_torch(&context, e));
+        for (step, idx) in batches(&order, batch_size).into_iter().enumerate() {
+            self.check_cancel()?;
+            self.injected_fault(plan, step)?;
+            let (input, y) = tch::no_grad(|| -> Result<(Input, Tensor), TchError> {
+                let t = Tensor::f_from_slice(idx)?.f_to_device(device)?;
+                let y = self.data.train_y.f_index_select(0, &t)?;
+                let cache = self.fe_cache.as_ref().filter(|c| c.batch == idx.len());
+                let input = match cache {
+                    Some(c) => Input::Features(c.train.f_index_select(0, &t)?),
+                    None => Input::Images(augment::eval_batch(&self.data.train_x.f_index_select(0, &t)?)?),
+                };
+                Ok((input, y))
+            })
+            .map_err(torch_err)?;
+            (loss_sum, correct) = self.step_alone(input, y, idx.len(), mode, &loss_sum, &correct).map_err(torch_err)?;
+        }
+        let loss = loss_sum.f_double_value(&[]).map_err(torch("training"))?;
+        let hits = correct.f_int64_value(&[]).map_err(torch("training"))?;
+        Ok((loss / n as f64, hits as f64 / n as f64))
+    }
+
+    /// `(start, len)` of each validation batch of this replica's part.
+    fn validation_batches(&self) -> Vec<(i64, i64)> {
+        let n = self.data.val_y.size()[0] as usize;
+        let part = split_evenly(n, self.world())[self.rank].clone();
+        let batch_size = self.setup.training.batch_size.max(1) as usize;
+        let order: Vec<i64> = (part.start as i64..part.end as i64).collect();
+        order.chunks(batch_size).map(|c| (c[0], c.len() as i64)).collect()
+    }
+
     /// Validation in evaluation mode; with several replicas each takes a contiguous part of
     /// the validation set and the sums are added up, so every sample counts once.
     fn validate(&mut self) -> Result<PassMetrics, ReplicaError> {
         let n = self.data.val_y.size()[0] as usize;
-        let part = split_evenly(n, self.world())[self.rank].clone();
-        let order: Vec<i64> = (part.start as i64..part.end as i64).collect();
         let device = self.model.device();
         let (model, data, cancel) = (&self.model, &self.data, &self.setup.cancel);
-        let batch_size = self.setup.training.batch_size.max(1) as usize;
+        let (batches, cache) = (self.validation_batches(), self.fe_cache.as_ref());
         let (loss_sum, correct) = tch::no_grad(|| {
             let run = || -> Result<(Tensor, Tensor), TchError> {
                 let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device))?;
                 let mut correct = Tensor::f_zeros([], (Kind::Int64, device))?;
-                for idx in order.chunks(batch_size) {
+                let mut offset = 0;
+                for &(start, len) in &batches {
                     if cancelled(cancel) {
                         break;
                     }
-                    let (start, len) = (idx[0], idx.len() as i64);
-                    let x = augment::eval_batch(&data.val_x.f_narrow(0, start, len)?)?;
                     let y = data.val_y.f_narrow(0, start, len)?;
-                    let logits = model.forward(&x, ForwardMode::EVAL)?;
+                    let logits = match cache {
+                        Some(c) => model.classify(&c.val.f_narrow(0, offset, len)?, ForwardMode::EVAL)?,
+                        None => model
+                            .forward(&augment::eval_batch(&data.val_x.f_narrow(0, start, len)?)?, ForwardMode::EVAL)?,
+                    };
+                    offset += len;
                     let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0)?;
                     loss_sum = loss_sum.f_add(&loss.f_to_kind(Kind::Double)?)?;
                     correct = correct.f_add(&logits.f_argmax(1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?)?;
@@ -1016,6 +1203,9 @@ pub struct Trainer {
     fe_epochs: u32,
     ft_epochs: u32,
     freeze_bn_stats: bool,
+    /// The feature cache may serve feature extraction: asked for, one device, no augmentation
+    /// (whether the backbone is pure in the epoch's mode is decided per epoch).
+    feature_cache: bool,
     devices: Vec<Device>,
     lead: Replica,
     peers: Vec<Peer>,
@@ -1096,6 +1286,7 @@ impl Trainer {
             None => weights_file(&spec.model.weights, backbone, options.weights_dir().as_deref())?,
         };
         let freeze_bn_stats = training.freeze_bn_stats;
+        let feature_cache = options.feature_cache && devices.len() == 1 && augment::is_identity(&training.augment);
         let setup = ReplicaSetup {
             training,
             lr_decay: trial.lr_decay,
@@ -1128,6 +1319,7 @@ impl Trainer {
             fe_epochs: trial.fe_epochs,
             ft_epochs: trial.ft_epochs,
             freeze_bn_stats,
+            feature_cache,
             devices: devices.clone(),
             lead,
             peers,
@@ -1184,6 +1376,12 @@ impl Trainer {
                 Err(e.into_train())
             }
         }
+    }
+
+    /// Rows of the feature cache (training, validation) while feature extraction trains on
+    /// it; `None` otherwise.
+    pub fn cached_features(&self) -> Option<(i64, i64)> {
+        self.lead.fe_cache.as_ref().map(|c| (c.train.size()[0], c.val.size()[0]))
     }
 
     /// The model being trained (rank 0's replica).
@@ -1305,6 +1503,9 @@ impl Trainer {
             epoch,
             start_fine_tuning: phase == Phase::FineTuning && epoch == self.fe_epochs + 1,
             mode,
+            cache_features: self.feature_cache
+                && phase == Phase::FeatureExtraction
+                && self.lead.model.features_are_pure(mode),
             fault: self.fault.take(),
         };
         let start = Instant::now();

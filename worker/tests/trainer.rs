@@ -284,3 +284,107 @@ fn vgg16_bn_feature_extraction_epoch() {
     assert!(before["classifier.3.weight"].equal(&after["classifier.3.weight"]), "old classifier layers are frozen");
     assert!(!before["classifier.6.weight"].equal(&after["classifier.6.weight"]));
 }
+
+/// Metrics, the final state, and what the feature cache held after each epoch.
+type CachedRun = (Vec<EpochMetrics>, HashMap<String, Tensor>, Vec<Option<(i64, i64)>>);
+
+/// Trains `split` epochs of `backbone` with or without the feature cache.
+fn cached_run(backbone: &str, per_class: u32, batch: u32, split: (u32, u32), cache: bool) -> CachedRun {
+    let (mut s, t) = spec(backbone, 4, per_class, batch, split, "  freeze_bn_stats: true");
+    s.training.augment = spec::Augment::NONE;
+    let mut tr = Trainer::new(&s, &t, &TrainOptions { feature_cache: cache, ..cpu() }).unwrap();
+    let (mut metrics, mut cached) = (Vec::new(), Vec::new());
+    for _ in 0..split.0 + split.1 {
+        metrics.push(tr.run_epoch().unwrap());
+        cached.push(tr.cached_features());
+    }
+    (without_time(&metrics), snapshot(tr.model()), cached)
+}
+
+fn assert_same_state(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>, what: &str) {
+    assert_eq!(a.len(), b.len());
+    for (name, t) in a {
+        assert!(t.equal(&b[name]), "{what}: {name} differs between the cached and the uncached run");
+    }
+}
+
+#[test]
+fn the_feature_cache_is_bit_identical_to_running_the_backbone() {
+    let _bound = sweep_tests::bound(900);
+    // 4 classes: 20 training images in batches of 6 (6, 6, 6, then 2 computed afresh) or 5,
+    // 16 validation images in batches of 6 or 5. mobilenet_v2 and vgg16_bn have dropout after
+    // the cached part (vgg16_bn: and its frozen classifier layers, whose matrix products
+    // depend on a row's place in the batch).
+    for (backbone, per_class, batch) in
+        [("resnet18", 5, 6), ("resnet18", 5, 5), ("mobilenet_v2", 5, 6), ("vgg16_bn", 5, 6), ("densenet121", 5, 6)]
+    {
+        let (m_off, s_off, c_off) = cached_run(backbone, per_class, batch, (2, 1), false);
+        let (m_on, s_on, c_on) = cached_run(backbone, per_class, batch, (2, 1), true);
+        assert_eq!(c_off, [None, None, None]);
+        assert_eq!(c_on, [Some((20, 16)), Some((20, 16)), None], "{backbone}: the cache was not used");
+        assert_eq!(m_on, m_off, "{backbone} batch {batch}: metrics differ");
+        assert_same_state(&s_on, &s_off, backbone);
+    }
+    // A trailing single image merged into the last batch (15 = 7 + 8).
+    let (mut s, t) = spec("resnet18", 3, 5, 7, (2, 1), "  freeze_bn_stats: true");
+    s.training.augment = spec::Augment::NONE;
+    let run = |cache: bool| {
+        let mut tr = Trainer::new(&s, &t, &TrainOptions { feature_cache: cache, ..cpu() }).unwrap();
+        let m = vec![tr.run_epoch().unwrap(), tr.run_epoch().unwrap()];
+        assert_eq!(tr.cached_features(), cache.then_some((15, 12)));
+        // Validation alone, from the cache or not.
+        let v = tr.validate().unwrap();
+        (without_time(&m), v, snapshot(tr.model()))
+    };
+    let (m_off, v_off, s_off) = run(false);
+    let (m_on, v_on, s_on) = run(true);
+    assert_eq!((m_on, v_on), (m_off, v_off));
+    assert_same_state(&s_on, &s_off, "15 images");
+}
+
+#[test]
+fn the_feature_cache_serves_only_a_pure_frozen_backbone() {
+    let _bound = sweep_tests::bound(600);
+    let epochs = |extra: &str, augment: Option<spec::Augment>, backbone: &str| {
+        let (mut s, t) = spec(backbone, 2, 3, 4, (1, 1), extra);
+        if let Some(a) = augment {
+            s.training.augment = a;
+        }
+        let mut tr = Trainer::new(&s, &t, &cpu()).unwrap();
+        tr.run_epoch().unwrap();
+        tr.cached_features()
+    };
+    let none = Some(spec::Augment::NONE);
+    assert!(epochs("  freeze_bn_stats: true", none, "resnet18").is_some());
+    // BatchNorm trains: the features change as they are computed.
+    assert_eq!(epochs("", none, "resnet18"), None);
+    // Augmented images differ every epoch.
+    assert_eq!(epochs("  freeze_bn_stats: true", None, "resnet18"), None);
+    let flip_only = spec::Augment { hflip: true, ..spec::Augment::NONE };
+    assert_eq!(epochs("  freeze_bn_stats: true", Some(flip_only), "resnet18"), None);
+    // Stochastic depth draws inside efficientnet_b0's backbone.
+    assert_eq!(epochs("  freeze_bn_stats: true", none, "efficientnet_b0"), None);
+}
+
+#[test]
+fn the_frozen_backbone_gets_no_gradients_or_optimizer_state() {
+    let _bound = sweep_tests::bound(600);
+    // Augmented, BatchNorm training: the backbone runs every step, without autograd.
+    let (s, t) = spec("resnet18", 2, 4, 4, (1, 1), "");
+    let mut tr = Trainer::new(&s, &t, &cpu()).unwrap();
+    tr.run_epoch().unwrap();
+    for (name, p) in tr.model().named_parameters() {
+        if tr.model().is_head(name) {
+            assert!(p.grad().defined(), "{name} has no gradient");
+        } else {
+            assert!(!p.requires_grad() && !p.grad().defined(), "frozen {name} has a gradient");
+        }
+    }
+    let stated: Vec<&str> =
+        tr.optimizer().params().iter().filter(|p| p.state.is_some()).map(|p| p.name.as_str()).collect();
+    assert_eq!(stated, ["fc.weight", "fc.bias"]);
+    let state = tr.training_state().unwrap();
+    assert_eq!(state.optimizer.len(), 2, "the resume point holds the head's optimizer state only");
+    tr.run_epoch().unwrap();
+    assert!(tr.model().named_parameters().iter().all(|(_, p)| p.grad().defined()), "fine-tuning trains everything");
+}

@@ -118,7 +118,8 @@ impl DenseNet121 {
         Ok(DenseNet121 { conv0, norm0, blocks, norm5, classifier })
     }
 
-    pub(super) fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor, TchError> {
+    /// Everything before `classifier`: the pooled `[N, 1024]` features.
+    pub(super) fn features(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor, TchError> {
         let bn = mode.bn_train;
         let mut y = self.norm0.forward(&self.conv0.forward(x)?, bn)?.f_relu()?;
         y = y.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?;
@@ -134,7 +135,11 @@ impl DenseNet121 {
             }
         }
         let y = self.norm5.forward(&y, bn)?.f_relu()?;
-        let y = y.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?;
-        self.classifier.forward(&y)
+        y.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)
+    }
+
+    /// The head on [`DenseNet121::features`].
+    pub(super) fn classify(&self, features: &Tensor) -> Result<Tensor, TchError> {
+        self.classifier.forward(features)
     }
 }

@@ -155,7 +155,10 @@ impl EfficientNetB0 {
         Ok(EfficientNetB0 { stem, stages, last, head })
     }
 
-    pub(super) fn forward(&self, x: &Tensor, mode: ForwardMode, rng: &mut Rng) -> Result<Tensor, TchError> {
+    /// Everything before the classifier's dropout: the pooled `[N, 1280]` features. In
+    /// training mode stochastic depth draws from `rng` here, so these are not a function of
+    /// the input alone.
+    pub(super) fn features(&self, x: &Tensor, mode: ForwardMode, rng: &mut Rng) -> Result<Tensor, TchError> {
         let mut y = self.stem.forward(x, mode.bn_train)?;
         for stage in &self.stages {
             for block in stage {
@@ -163,8 +166,12 @@ impl EfficientNetB0 {
             }
         }
         y = self.last.forward(&y, mode.bn_train)?;
-        let y = y.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?;
+        y.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)
+    }
+
+    /// Dropout and the head on [`EfficientNetB0::features`].
+    pub(super) fn classify(&self, features: &Tensor, mode: ForwardMode, rng: &mut Rng) -> Result<Tensor, TchError> {
         let p = if mode.train { EFFICIENTNET_B0_DROPOUT } else { 0.0 };
-        self.head.forward(&dropout(&y, p, rng)?)
+        self.head.forward(&dropout(features, p, rng)?)
     }
 }

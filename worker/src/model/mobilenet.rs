@@ -93,15 +93,20 @@ impl MobileNetV2 {
         Ok(MobileNetV2 { stem, blocks, last, head })
     }
 
-    pub(super) fn forward(&self, x: &Tensor, mode: ForwardMode, rng: &mut Rng) -> Result<Tensor, TchError> {
+    /// Everything before the classifier's dropout: the pooled `[N, 1280]` features.
+    pub(super) fn features(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor, TchError> {
         let bn = mode.bn_train;
         let mut y = self.stem.forward(x, bn)?;
         for block in &self.blocks {
             y = block.forward(&y, bn)?;
         }
         y = self.last.forward(&y, bn)?;
-        let y = y.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?;
+        y.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)
+    }
+
+    /// Dropout and the head on [`MobileNetV2::features`].
+    pub(super) fn classify(&self, features: &Tensor, mode: ForwardMode, rng: &mut Rng) -> Result<Tensor, TchError> {
         let p = if mode.train { MOBILENET_V2_DROPOUT } else { 0.0 };
-        self.head.forward(&dropout(&y, p, rng)?)
+        self.head.forward(&dropout(features, p, rng)?)
     }
 }

@@ -580,17 +580,46 @@ impl Model {
     /// Forward pass: `xs` is a float `[N, 3, H, W]` batch (normalised), the result the
     /// `[N, num_classes]` logits.
     pub fn forward(&self, xs: &Tensor, mode: ForwardMode) -> Result<Tensor, TchError> {
+        self.classify(&self.features(xs, mode)?, mode)
+    }
+
+    /// The first part of [`Model::forward`]: the convolutional backbone, pooled and flattened
+    /// to `[N, D]` — everything before the classifier's first linear layer or dropout.
+    /// `forward(x) = classify(features(x))`, operation for operation. A sample's features do
+    /// not depend on where in its batch it sits (convolutions and pooling treat samples
+    /// independently; a matrix product, which may not on the CPU, is left to `classify`).
+    pub fn features(&self, xs: &Tensor, mode: ForwardMode) -> Result<Tensor, TchError> {
         let size = xs.size();
         if size.len() != 4 || size[1] != 3 {
             return Err(TchError::Shape(format!("expected a [N, 3, H, W] image batch, got {size:?}")));
         }
         match &self.arch {
-            Arch::ResNet(r) => r.forward(xs, mode),
-            Arch::Vgg(v) => v.forward(xs, mode, &mut self.dropout_rng.borrow_mut()),
-            Arch::EfficientNet(e) => e.forward(xs, mode, &mut self.dropout_rng.borrow_mut()),
-            Arch::MobileNet(m) => m.forward(xs, mode, &mut self.dropout_rng.borrow_mut()),
-            Arch::DenseNet(d) => d.forward(xs, mode),
+            Arch::ResNet(r) => r.features(xs, mode),
+            Arch::Vgg(v) => v.features(xs, mode),
+            Arch::EfficientNet(e) => e.features(xs, mode, &mut self.dropout_rng.borrow_mut()),
+            Arch::MobileNet(m) => m.features(xs, mode),
+            Arch::DenseNet(d) => d.features(xs, mode),
         }
+    }
+
+    /// The rest of [`Model::forward`] on [`Model::features`]' output: the logits.
+    pub fn classify(&self, features: &Tensor, mode: ForwardMode) -> Result<Tensor, TchError> {
+        match &self.arch {
+            Arch::ResNet(r) => r.classify(features),
+            Arch::Vgg(v) => v.classify(features, mode, &mut self.dropout_rng.borrow_mut()),
+            Arch::EfficientNet(e) => e.classify(features, mode, &mut self.dropout_rng.borrow_mut()),
+            Arch::MobileNet(m) => m.classify(features, mode, &mut self.dropout_rng.borrow_mut()),
+            Arch::DenseNet(d) => d.classify(features),
+        }
+    }
+
+    /// True when [`Model::features`] in `mode` is a function of the input and the weights
+    /// alone — it draws nothing at random and changes no buffer — so that its value for an
+    /// image can be computed once and reused while the parameters it reads stay frozen:
+    /// BatchNorm must not train, and efficientnet_b0's stochastic depth must be off.
+    pub fn features_are_pure(&self, mode: ForwardMode) -> bool {
+        let stochastic_depth = mode.train && matches!(self.arch, Arch::EfficientNet(_));
+        !(mode.bn_train || stochastic_depth)
     }
 
     /// Loads a torchvision `state_dict` saved as `.safetensors` into every parameter and buffer

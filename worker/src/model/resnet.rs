@@ -140,7 +140,8 @@ impl ResNet {
         Ok(ResNet { conv1, bn1, layers, fc })
     }
 
-    pub(super) fn forward(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor, TchError> {
+    /// Everything before `fc`: the pooled `[N, C]` features.
+    pub(super) fn features(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor, TchError> {
         let mut y = self.bn1.forward(&self.conv1.forward(x)?, mode.bn_train)?.f_relu()?;
         y = y.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?;
         for layer in &self.layers {
@@ -148,7 +149,11 @@ impl ResNet {
                 y = block.forward(&y, mode)?;
             }
         }
-        let y = y.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?;
-        self.fc.forward(&y)
+        y.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)
+    }
+
+    /// The head on [`ResNet::features`].
+    pub(super) fn classify(&self, features: &Tensor) -> Result<Tensor, TchError> {
+        self.fc.forward(features)
     }
 }

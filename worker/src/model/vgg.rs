@@ -56,7 +56,10 @@ impl Vgg {
         Ok(Vgg { features, fc0, fc3, fc6 })
     }
 
-    pub(super) fn forward(&self, x: &Tensor, mode: ForwardMode, rng: &mut Rng) -> Result<Tensor, TchError> {
+    /// The convolutional part, pooled and flattened: `[N, 25088]`. (`classifier.0` is left to
+    /// [`Vgg::classify`]: a matrix product's rows depend on their position in the batch on the
+    /// CPU, a convolution's do not, and cached features must not depend on it.)
+    pub(super) fn features(&self, x: &Tensor, mode: ForwardMode) -> Result<Tensor, TchError> {
         let mut y = x.shallow_clone();
         for f in &self.features {
             y = match f {
@@ -66,10 +69,15 @@ impl Vgg {
                 Feature::MaxPool => y.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)?,
             };
         }
-        let mut y = y.f_adaptive_avg_pool2d([7, 7])?.f_flatten(1, -1)?;
+        y.f_adaptive_avg_pool2d([7, 7])?.f_flatten(1, -1)
+    }
+
+    /// The classifier on [`Vgg::features`]: `classifier.0`, ReLU, dropout, `classifier.3`,
+    /// ReLU, dropout, the head.
+    pub(super) fn classify(&self, features: &Tensor, mode: ForwardMode, rng: &mut Rng) -> Result<Tensor, TchError> {
         let p = if mode.train { VGG_DROPOUT } else { 0.0 };
-        y = dropout(&self.fc0.forward(&y)?.f_relu()?, p, rng)?;
-        y = dropout(&self.fc3.forward(&y)?.f_relu()?, p, rng)?;
+        let y = dropout(&self.fc0.forward(features)?.f_relu()?, p, rng)?;
+        let y = dropout(&self.fc3.forward(&y)?.f_relu()?, p, rng)?;
         self.fc6.forward(&y)
     }
 }
