@@ -237,12 +237,26 @@ pub struct TrainingSpec {
     pub seed: u64,
     /// Learning rate of the new layers during feature extraction.
     pub feature_extraction_lr: f64,
+    /// Augment the training batches of feature extraction too (`training.feature_extraction.
+    /// augment`, default true, as the recipe does); false trains the head on plain images, which
+    /// with `freeze_bn_stats` lets the worker run the frozen backbone once per image.
+    pub feature_extraction_augment: bool,
     /// Learning rate of parameters that belong to no layer group during fine-tuning.
     pub fine_tuning_default_lr: f64,
     /// Keep BatchNorm running statistics fixed during feature extraction (the recipe lets
     /// them update, so the default is `false`).
     pub freeze_bn_stats: bool,
     pub augment: Augment,
+}
+
+impl TrainingSpec {
+    /// The augmentation of training batches in `phase`.
+    pub fn augment_in(&self, phase: crate::leaderboard::Phase) -> Augment {
+        match phase {
+            crate::leaderboard::Phase::FeatureExtraction if !self.feature_extraction_augment => Augment::NONE,
+            _ => self.augment,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,6 +282,12 @@ pub struct Augment {
 
 impl Augment {
     pub const NONE: Augment = Augment { hflip: false, rotation_deg: 0.0, shear_deg: 0.0, color_jitter: 0.0 };
+
+    /// True when it changes no pixel (every step off), whatever it draws.
+    pub fn is_identity(&self) -> bool {
+        let changes = self.hflip || self.rotation_deg > 0.0 || self.shear_deg > 0.0 || self.color_jitter > 0.0;
+        !changes
+    }
 }
 
 impl Default for Augment {
@@ -644,7 +664,10 @@ pub fn resolved_yaml(spec: &SweepSpec) -> String {
                 ("optimizer", Optimizer::ALL.iter().find(|(_, o)| *o == t.optimizer).map_or("adam", |(n, _)| n).into()),
                 ("weight_decay", t.weight_decay.into()),
                 ("seed", t.seed.into()),
-                ("feature_extraction", map(vec![("lr", t.feature_extraction_lr.into())])),
+                (
+                    "feature_extraction",
+                    map(vec![("lr", t.feature_extraction_lr.into()), ("augment", t.feature_extraction_augment.into())]),
+                ),
                 ("fine_tuning", map(vec![("default_lr", t.fine_tuning_default_lr.into())])),
                 ("freeze_bn_stats", t.freeze_bn_stats.into()),
                 (
@@ -844,6 +867,7 @@ struct RawTraining {
 #[serde(deny_unknown_fields)]
 struct RawFeatureExtraction {
     lr: Option<f64>,
+    augment: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1226,8 +1250,9 @@ impl RawTraining {
             seed: seed("training.seed", self.seed.unwrap_or(0))?,
             feature_extraction_lr: positive_float(
                 "training.feature_extraction.lr",
-                self.feature_extraction.and_then(|f| f.lr).unwrap_or(1e-3),
+                self.feature_extraction.as_ref().and_then(|f| f.lr).unwrap_or(1e-3),
             )?,
+            feature_extraction_augment: self.feature_extraction.as_ref().and_then(|f| f.augment).unwrap_or(true),
             fine_tuning_default_lr: positive_float(
                 "training.fine_tuning.default_lr",
                 self.fine_tuning.and_then(|f| f.default_lr).unwrap_or(1e-8),

@@ -60,7 +60,14 @@ impl EpochKind {
     /// Its exact form in a stage key (floats by their bits).
     fn canonical(&self, spec: &SweepSpec) -> String {
         match self {
-            EpochKind::FeatureExtraction => format!("fe lr={}", bits(spec.training.feature_extraction_lr)),
+            EpochKind::FeatureExtraction => {
+                let t = &spec.training;
+                // Unaugmented feature extraction is another computation — unless nothing was
+                // augmented anyway (then the key stays what it was before the setting existed).
+                let plain = t.augment_in(Phase::FeatureExtraction);
+                let augment = if plain != t.augment { " augment=none" } else { "" };
+                format!("fe lr={}{augment}", bits(t.feature_extraction_lr))
+            }
             EpochKind::FineTuning(d) => {
                 let default = bits(spec.training.fine_tuning_default_lr);
                 match *d {
@@ -685,6 +692,28 @@ grid:
         }
         let keys: std::collections::HashSet<_> = tree(GUIDE, true).stages.into_iter().map(|s| s.key).collect();
         assert_eq!(keys.len(), tree(GUIDE, true).stages.len(), "stages of one tree have distinct keys");
+    }
+
+    #[test]
+    fn unaugmented_feature_extraction_has_keys_of_its_own_unless_nothing_was_augmented() {
+        let with = |training: &str| {
+            let text = format!(
+                "name: a\ndataset: {{ kind: synthetic, classes: 3 }}\ntraining: {training}\ngrid: {{ backbone: [resnet18], lr_decay: [{{ strategy: linear }}], epoch_split: [[2, 1]] }}\n"
+            );
+            let spec = spec::parse(&text).unwrap();
+            epoch_keys(&spec, &grid::expand(&spec.grid)[0])
+        };
+        let default = with("{ seed: 0 }");
+        assert_eq!(with("{ feature_extraction: { augment: true } }"), default, "the default is the old key");
+        let plain = with("{ feature_extraction: { augment: false } }");
+        assert_ne!(plain[0], default[0]);
+        assert_ne!(plain[2], default[2], "fine-tuning after it starts elsewhere");
+        // With nothing augmented anyway, the setting changes no epoch and no key.
+        let off = "augment: { hflip: false, rotation_deg: 0, shear_deg: 0, color_jitter: 0 }";
+        assert_eq!(
+            with(&format!("{{ {off}, feature_extraction: {{ augment: false }} }}")),
+            with(&format!("{{ {off} }}"))
+        );
     }
 
     #[test]

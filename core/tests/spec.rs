@@ -72,6 +72,7 @@ fn defaults_fill_what_is_left_out() {
     assert_eq!(s.resources.gpus_per_trial, 1);
     assert_eq!(s.retries.max_attempts, 3);
     assert!(!s.training.freeze_bn_stats);
+    assert!(s.training.feature_extraction_augment, "the recipe augments both phases");
     match s.dataset {
         DatasetSpec::Synthetic { classes, image_size, .. } => assert_eq!((classes, image_size), (4, 32)),
         other => panic!("{other:?}"),
@@ -116,6 +117,13 @@ fn wrong_types() {
     );
     assert_error(&GOOD.replace("head_lr: 1.0e-3", "head_lr: fast"), 8, 36, "grid.lr_decay[0].head_lr", "invalid type");
     assert_error(&format!("{GOOD}training: {{ batch_size: 3.5 }}\n"), 10, 25, "training.batch_size", "invalid type");
+    assert_error(
+        &format!("{GOOD}training: {{ feature_extraction: {{ augment: 3 }} }}\n"),
+        10,
+        44,
+        "training.feature_extraction.augment",
+        "invalid type",
+    );
     assert_error("- a\n- b\n", 1, 1, "", "invalid type");
 }
 
@@ -471,6 +479,7 @@ fn the_resolved_spec_writes_every_default_and_parses_back_to_the_same_spec() {
             "{GOOD}early_stopping: {{ strategy: asha, eta: 2, metric: val_loss }}\nmodel: {{ weights: w/a.safetensors }}\n"
         ),
         GOOD.replace("kind: synthetic\n  classes: 4", "kind: image_folder\n  root: /data/x\n  skip_corrupt: true"),
+        format!("{GOOD}training: {{ freeze_bn_stats: true, feature_extraction: {{ augment: false }} }}\n"),
     ];
     texts.push(GOOD.replace(
         "final_lr: 1.0e-6",
@@ -491,4 +500,20 @@ fn the_resolved_spec_writes_every_default_and_parses_back_to_the_same_spec() {
     assert!(resolved.contains("final_lr:"), "{resolved}");
     let median = spec::resolved_yaml(&spec::parse(&format!("{GOOD}early_stopping: {{ strategy: median }}\n")).unwrap());
     assert!(median.contains("min_trials: 3") && median.contains("min_epochs: 1"), "{median}");
+}
+
+#[test]
+fn feature_extraction_can_leave_out_augmentation() {
+    use sweep_core::leaderboard::Phase;
+    let s =
+        spec::parse(&format!("{GOOD}training: {{ feature_extraction: {{ lr: 0.01, augment: false }} }}\n")).unwrap();
+    assert!(!s.training.feature_extraction_augment);
+    assert_eq!(s.training.feature_extraction_lr, 0.01);
+    assert_eq!(s.training.augment_in(Phase::FeatureExtraction), spec::Augment::NONE);
+    assert_eq!(s.training.augment_in(Phase::FineTuning), spec::Augment::default());
+    assert!(spec::resolved_yaml(&s).contains("augment: false"), "{}", spec::resolved_yaml(&s));
+    let d = spec::parse(GOOD).unwrap();
+    assert_eq!(d.training.augment_in(Phase::FeatureExtraction), spec::Augment::default());
+    assert!(spec::Augment::NONE.is_identity() && !spec::Augment::default().is_identity());
+    assert!(!spec::Augment { color_jitter: 0.1, ..spec::Augment::NONE }.is_identity());
 }

@@ -85,13 +85,6 @@ fn grayscale(x: &Tensor) -> Result<Tensor, TchError> {
     x.f_mul(&w)?.f_sum_dim_intlist([1i64].as_slice(), true, Kind::Float)
 }
 
-/// True when `aug` changes no pixel: [`apply`] then returns its input whatever the parameters,
-/// and a training batch is exactly a validation batch ([`eval_batch`]).
-pub fn is_identity(aug: &Augment) -> bool {
-    let changes = aug.hflip || aug.rotation_deg > 0.0 || aug.shear_deg > 0.0 || aug.color_jitter > 0.0;
-    !changes
-}
-
 /// Augments a float batch in `[0, 1]` with the given per-sample parameters; the result is in
 /// `[0, 1]`. Steps whose setting is off in `aug` are skipped entirely, so [`Augment::NONE`]
 /// returns the input unchanged. `images` itself is never modified.

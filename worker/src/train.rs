@@ -24,8 +24,9 @@
 //! **Feature extraction costs what it must.** The frozen backbone ([`Model::features`]) runs
 //! under `no_grad`: it records no autograd graph, and its parameters, which do not require
 //! gradients, get neither gradient buffers nor optimizer state. When its output is moreover a
-//! function of the image alone — BatchNorm frozen (`freeze_bn_stats`), no augmentation, a
-//! backbone without stochastic depth ([`Model::features_are_pure`]), one device — the backbone
+//! function of the image alone — BatchNorm frozen (`freeze_bn_stats`), no augmentation in
+//! the phase (`training.feature_extraction.augment: false`, or none at all), a backbone without
+//! stochastic depth ([`Model::features_are_pure`]), one device — the backbone
 //! runs once per image for the whole phase ([`FeatureCache`]) and the head trains on the stored
 //! features. Libtorch's kernels choose their algorithm by shape, so a sample's features depend
 //! on the size of the batch it is computed in (not on the other samples in it, nor on its place
@@ -46,7 +47,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use sweep_core::leaderboard::{EpochMetrics, Phase};
-use sweep_core::spec::{SweepSpec, TrainingSpec, Weights};
+use sweep_core::spec::{Augment, SweepSpec, TrainingSpec, Weights};
 use sweep_core::{Backbone, LrDecay, Trial};
 use tch::{Device, Kind, Reduction, TchError, Tensor};
 
@@ -475,6 +476,8 @@ struct EpochPlan {
     epoch: u32,
     start_fine_tuning: bool,
     mode: ForwardMode,
+    /// The augmentation of this epoch's training batches.
+    augment: Augment,
     /// Train the head on cached backbone features ([`FeatureCache`]).
     cache_features: bool,
     fault: Option<Fault>,
@@ -846,7 +849,7 @@ impl Replica {
             &self.data.train_x,
             &self.data.train_y,
             shards,
-            self.setup.training.augment,
+            plan.augment,
             aug_rng,
             prefetch::prefetch_depth(),
         );
@@ -1203,8 +1206,8 @@ pub struct Trainer {
     fe_epochs: u32,
     ft_epochs: u32,
     freeze_bn_stats: bool,
-    /// The feature cache may serve feature extraction: asked for, one device, no augmentation
-    /// (whether the backbone is pure in the epoch's mode is decided per epoch).
+    /// The feature cache may serve feature extraction: asked for, one device (whether the
+    /// epoch is unaugmented and the backbone pure in its mode is decided per epoch).
     feature_cache: bool,
     devices: Vec<Device>,
     lead: Replica,
@@ -1286,7 +1289,7 @@ impl Trainer {
             None => weights_file(&spec.model.weights, backbone, options.weights_dir().as_deref())?,
         };
         let freeze_bn_stats = training.freeze_bn_stats;
-        let feature_cache = options.feature_cache && devices.len() == 1 && augment::is_identity(&training.augment);
+        let feature_cache = options.feature_cache && devices.len() == 1;
         let setup = ReplicaSetup {
             training,
             lr_decay: trial.lr_decay,
@@ -1499,12 +1502,15 @@ impl Trainer {
         } else {
             ForwardMode::TRAIN
         });
+        let augment = self.lead.setup.training.augment_in(phase);
         let plan = EpochPlan {
             epoch,
             start_fine_tuning: phase == Phase::FineTuning && epoch == self.fe_epochs + 1,
             mode,
+            augment,
             cache_features: self.feature_cache
                 && phase == Phase::FeatureExtraction
+                && augment.is_identity()
                 && self.lead.model.features_are_pure(mode),
             fault: self.fault.take(),
         };

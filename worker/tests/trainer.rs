@@ -388,3 +388,36 @@ fn the_frozen_backbone_gets_no_gradients_or_optimizer_state() {
     tr.run_epoch().unwrap();
     assert!(tr.model().named_parameters().iter().all(|(_, p)| p.grad().defined()), "fine-tuning trains everything");
 }
+
+#[test]
+fn unaugmented_feature_extraction_is_cached_and_fine_tuning_still_augmented() {
+    let _bound = sweep_tests::bound(600);
+    // The spec's augmentation is on; `training.feature_extraction.augment: false` leaves it out
+    // of feature extraction only.
+    let (mut s, t) = spec("resnet18", 4, 5, 6, (2, 1), "  freeze_bn_stats: true");
+    s.training.feature_extraction_augment = false;
+    assert!(!s.training.augment.is_identity());
+    let run = |cache: bool| {
+        let mut tr = Trainer::new(&s, &t, &TrainOptions { feature_cache: cache, ..cpu() }).unwrap();
+        let mut held = Vec::new();
+        let mut metrics = Vec::new();
+        for _ in 0..3 {
+            metrics.push(tr.run_epoch().unwrap());
+            held.push(tr.cached_features());
+        }
+        (without_time(&metrics), held, snapshot(tr.model()))
+    };
+    let (m_off, _, s_off) = run(false);
+    let (m_on, held, s_on) = run(true);
+    assert_eq!(held, [Some((20, 16)), Some((20, 16)), None]);
+    assert_eq!(m_on, m_off);
+    assert_same_state(&s_on, &s_off, "feature extraction without augmentation");
+    // Fine-tuning is augmented: the same trial with augmentation off everywhere differs there.
+    let mut plain = s.clone();
+    plain.training.augment = spec::Augment::NONE;
+    let mut tr = Trainer::new(&plain, &t, &cpu()).unwrap();
+    let m: Vec<_> = (0..3).map(|_| tr.run_epoch().unwrap()).collect();
+    let m = without_time(&m);
+    assert_eq!(m[..2], m_on[..2], "feature extraction is the same");
+    assert_ne!(m[2], m_on[2], "fine-tuning is augmented");
+}
