@@ -55,6 +55,7 @@ fn run(spec: &spec::SweepSpec, cache: bool) -> Run {
         );
         epochs.push(m);
     }
+    eprintln!("  cache {}: {:?}", if cache { "on " } else { "off" }, trainer.feature_cache_stats());
     let state = trainer.model().state_dict().into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
     Run { epochs, state, setup }
 }

@@ -256,11 +256,11 @@ pub struct TrainOptions {
     pub progress: Option<Progress>,
     /// Compute the frozen backbone's features once per feature-extraction phase when that
     /// gives the same bits (see the module documentation). Default: on, unless
-    /// [`FEATURE_CACHE_ENV`] is `off`, `0` or `false`.
+    /// [`FEATURE_CACHE_ENV`] is `off`, `0`, `false` or `no`.
     pub feature_cache: bool,
 }
 
-/// Environment variable that turns the feature cache off (`off`, `0`, `false`).
+/// Environment variable that turns the feature cache off (`off`, `0`, `false` or `no`).
 pub const FEATURE_CACHE_ENV: &str = "SWEEP_FEATURE_CACHE";
 
 /// Whether [`FEATURE_CACHE_ENV`] leaves the feature cache on.
@@ -497,6 +497,22 @@ struct FeatureCache {
     val: Tensor,
 }
 
+/// What the feature cache did in a trial (for tests and benchmarks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FeatureCacheStats {
+    /// Caches built (one per feature-extraction phase, or after a change of forward mode).
+    pub builds: u32,
+    /// Training batches whose features were read from the cache.
+    pub train_batches_read: u64,
+    /// Training batches of a cached pass computed afresh (their size is not the cache's).
+    pub train_batches_computed: u64,
+    /// Validation batches whose features were read from the cache.
+    pub val_batches_read: u64,
+    /// Caches given up for the rest of the phase: building failed, or the check batch —
+    /// computed afresh and compared with the cache — differed.
+    pub abandoned: u32,
+}
+
 /// What a step's forward pass starts from.
 enum Input {
     /// A normalised image batch.
@@ -607,6 +623,9 @@ struct Replica {
     /// Feature extraction: the backbone is frozen and runs without autograd.
     backbone_frozen: bool,
     fe_cache: Option<FeatureCache>,
+    /// Set when the cache was given up: the rest of the phase runs the backbone every epoch.
+    fe_cache_abandoned: bool,
+    fe_stats: FeatureCacheStats,
 }
 
 impl Replica {
@@ -643,8 +662,19 @@ impl Replica {
         let optimizer =
             Adam::new(head, AdamConfig { weight_decay: setup.training.weight_decay, ..AdamConfig::default() });
         let trained = optimizer.params().iter().map(|p| p.tensor.shallow_clone()).collect();
-        let mut replica =
-            Replica { rank, setup, model, optimizer, trained, data, comm, backbone_frozen: true, fe_cache: None };
+        let mut replica = Replica {
+            rank,
+            setup,
+            model,
+            optimizer,
+            trained,
+            data,
+            comm,
+            backbone_frozen: true,
+            fe_cache: None,
+            fe_cache_abandoned: false,
+            fe_stats: FeatureCacheStats::default(),
+        };
         if let Some(shared) = replica.setup.resume.clone() {
             let state = shared.lock().unwrap_or_else(|p| p.into_inner());
             // The optimizer of the phase the state was taken in (at the end of feature
@@ -718,10 +748,14 @@ impl Replica {
         if !plan.cache_features || self.fe_cache.as_ref().is_some_and(|c| c.mode != plan.mode) {
             self.fe_cache = None;
         }
-        let train = if plan.cache_features && self.comm.is_none() {
+        let cached = if plan.cache_features && self.comm.is_none() && !self.fe_cache_abandoned {
             self.train_pass_cached(plan)?
         } else {
-            self.train_pass(plan)?
+            None
+        };
+        let train = match cached {
+            Some(metrics) => metrics,
+            None => self.train_pass(plan)?,
         };
         if let Some(c) = self.comm.as_deref_mut() {
             // BatchNorm statistics moved on each replica: everyone continues from rank 0's.
@@ -897,13 +931,13 @@ impl Replica {
 
     /// The frozen backbone's features of the training set in `mode`, in batches of exactly
     /// `batch` samples (the last batch overlaps the one before it rather than being short),
-    /// and of the validation part in [`Replica::validate`]'s batches.
-    fn build_feature_cache(&self, mode: ForwardMode, batch: usize) -> Result<FeatureCache, TrainError> {
-        let context = "computing the backbone's features";
-        let run = || -> Result<Option<FeatureCache>, TchError> {
+    /// and of the validation part in [`Replica::validate`]'s batches; each written into one
+    /// tensor allocated once. `None` when cancelled.
+    fn build_feature_cache(&self, mode: ForwardMode, batch: usize) -> Result<Option<FeatureCache>, TchError> {
+        tch::no_grad(|| {
             let (x, n) = (&self.data.train_x, self.data.train_y.size()[0]);
             let s = batch as i64;
-            let mut parts = Vec::new();
+            let mut train: Option<Tensor> = None;
             let mut start = 0;
             while start < n {
                 if cancelled(&self.setup.cancel) {
@@ -912,49 +946,93 @@ impl Replica {
                 let from = start.min(n - s);
                 let images = augment::eval_batch(&x.f_narrow(0, from, s)?)?;
                 let f = self.model.features(&images, mode)?;
-                parts.push(f.f_narrow(0, start - from, s - (start - from))?);
+                let rows = f.f_narrow(0, start - from, s - (start - from))?;
+                let all = match &mut train {
+                    Some(t) => t,
+                    None => train.insert(Tensor::f_empty([n, f.size()[1]], (f.kind(), f.device()))?),
+                };
+                all.f_narrow(0, start, rows.size()[0])?.f_copy_(&rows)?;
                 start = from + s;
             }
-            let train = Tensor::f_cat(&parts, 0)?;
-            drop(parts);
-            let mut parts = Vec::new();
-            for (start, len) in self.validation_batches() {
+            let Some(train) = train else { return Ok(None) };
+            let batches = self.validation_batches();
+            let rows: i64 = batches.iter().map(|(_, len)| len).sum();
+            let val = Tensor::f_empty([rows, train.size()[1]], (train.kind(), train.device()))?;
+            let mut offset = 0;
+            for (start, len) in batches {
                 if cancelled(&self.setup.cancel) {
                     return Ok(None);
                 }
                 let images = augment::eval_batch(&self.data.val_x.f_narrow(0, start, len)?)?;
-                parts.push(self.model.features(&images, ForwardMode::EVAL)?);
+                let f = self.model.features(&images, ForwardMode::EVAL)?;
+                val.f_narrow(0, offset, len)?.f_copy_(&f)?;
+                offset += len;
             }
-            let val = Tensor::f_cat(&parts, 0)?;
             Ok(Some(FeatureCache { mode, batch, train, val }))
-        };
-        match tch::no_grad(run) {
-            Ok(Some(cache)) => Ok(cache),
-            Ok(None) => Err(TrainError::Cancelled),
-            Err(e) => Err(TrainError::from_torch(context, e)),
-        }
+        })
+    }
+
+    /// Gives the cache up for the rest of the phase.
+    fn abandon_feature_cache(&mut self, why: &str) {
+        tracing::warn!(reason = why, "feature cache given up: the backbone runs every epoch of this phase");
+        self.fe_cache = None;
+        self.fe_cache_abandoned = true;
+        self.fe_stats.abandoned += 1;
     }
 
     /// A training pass of the head on cached features (one replica, feature extraction with a
     /// pure backbone): the same batches, in the same order, as [`Replica::train_pass`] with no
     /// augmentation; a batch whose size differs from the cache's runs the backbone afresh.
-    fn train_pass_cached(&mut self, plan: &EpochPlan) -> Result<PassMetrics, ReplicaError> {
+    /// Builds the cache first if needed, and then checks it: the epoch's first batch of the
+    /// cache's size is computed afresh and must equal the cached rows bit for bit (a device
+    /// whose kernels do not treat samples independently would fail here). `None` when the
+    /// cache was given up (building failed, or the check): the caller runs the uncached pass.
+    fn train_pass_cached(&mut self, plan: &EpochPlan) -> Result<Option<PassMetrics>, ReplicaError> {
         let epoch = plan.epoch;
         let seed = self.setup.training.seed;
         let n = self.data.train_y.size()[0] as usize;
         let batch_size = (self.setup.training.batch_size as usize).clamp(1, n.max(1));
-        if self.fe_cache.is_none() {
-            self.fe_cache = Some(self.build_feature_cache(plan.mode, batch_size)?);
-        }
         let order = Rng::derive(seed, &[STREAM_SHUFFLE, epoch as u64]).permutation(n);
+        let device = self.model.device();
+        let batches = batches(&order, batch_size);
+        if self.fe_cache.is_none() {
+            match self.build_feature_cache(plan.mode, batch_size) {
+                Ok(Some(cache)) => self.fe_cache = Some(cache),
+                Ok(None) => return Err(ReplicaError::Train(TrainError::Cancelled)),
+                Err(e) => {
+                    self.abandon_feature_cache(&format!("computing the features: {e}"));
+                    return Ok(None);
+                }
+            }
+            self.fe_stats.builds += 1;
+            let check = batches.iter().find(|b| b.len() == batch_size).map(|idx| -> Result<bool, TchError> {
+                tch::no_grad(|| {
+                    let t = Tensor::f_from_slice(idx)?.f_to_device(device)?;
+                    let images = augment::eval_batch(&self.data.train_x.f_index_select(0, &t)?)?;
+                    let fresh = self.model.features(&images, plan.mode)?;
+                    let cached = self.fe_cache.as_ref().map(|c| c.train.f_index_select(0, &t)).transpose()?;
+                    Ok(cached.is_some_and(|c| c.equal(&fresh)))
+                })
+            });
+            match check {
+                Some(Ok(true)) | None => {}
+                Some(Ok(false)) => {
+                    self.abandon_feature_cache("a batch computed afresh differs from its cached features");
+                    return Ok(None);
+                }
+                Some(Err(e)) => {
+                    self.abandon_feature_cache(&format!("checking the features: {e}"));
+                    return Ok(None);
+                }
+            }
+        }
         self.model.set_dropout_seed(self.dropout_seed(), epoch as u64);
         let mode = plan.mode;
-        let device = self.model.device();
         let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device)).map_err(torch("training"))?;
         let mut correct = Tensor::f_zeros([], (Kind::Int64, device)).map_err(torch("training"))?;
         let context = format!("training epoch {epoch}");
         let torch_err = |e: TchError| ReplicaError::Train(TrainError::from_torch(&context, e));
-        for (step, idx) in batches(&order, batch_size).into_iter().enumerate() {
+        for (step, idx) in batches.into_iter().enumerate() {
             self.check_cancel()?;
             self.injected_fault(plan, step)?;
             let (input, y) = tch::no_grad(|| -> Result<(Input, Tensor), TchError> {
@@ -968,11 +1046,15 @@ impl Replica {
                 Ok((input, y))
             })
             .map_err(torch_err)?;
+            match input {
+                Input::Features(_) => self.fe_stats.train_batches_read += 1,
+                Input::Images(_) => self.fe_stats.train_batches_computed += 1,
+            }
             (loss_sum, correct) = self.step_alone(input, y, idx.len(), mode, &loss_sum, &correct).map_err(torch_err)?;
         }
         let loss = loss_sum.f_double_value(&[]).map_err(torch("training"))?;
         let hits = correct.f_int64_value(&[]).map_err(torch("training"))?;
-        Ok((loss / n as f64, hits as f64 / n as f64))
+        Ok(Some((loss / n as f64, hits as f64 / n as f64)))
     }
 
     /// `(start, len)` of each validation batch of this replica's part.
@@ -991,6 +1073,7 @@ impl Replica {
         let device = self.model.device();
         let (model, data, cancel) = (&self.model, &self.data, &self.setup.cancel);
         let (batches, cache) = (self.validation_batches(), self.fe_cache.as_ref());
+        let read = if cache.is_some() { batches.len() as u64 } else { 0 };
         let (loss_sum, correct) = tch::no_grad(|| {
             let run = || -> Result<(Tensor, Tensor), TchError> {
                 let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device))?;
@@ -1015,6 +1098,7 @@ impl Replica {
             };
             run().map_err(torch("validation"))
         })?;
+        self.fe_stats.val_batches_read += read;
         let (loss, hits) = if self.comm.is_none() {
             let loss = loss_sum.f_double_value(&[]).map_err(torch("validation"))?;
             let hits = correct.f_int64_value(&[]).map_err(torch("validation"))?;
@@ -1387,6 +1471,11 @@ impl Trainer {
         self.lead.fe_cache.as_ref().map(|c| (c.train.size()[0], c.val.size()[0]))
     }
 
+    /// What the feature cache did so far (rank 0's).
+    pub fn feature_cache_stats(&self) -> FeatureCacheStats {
+        self.lead.fe_stats
+    }
+
     /// The model being trained (rank 0's replica).
     pub fn model(&self) -> &Model {
         &self.lead.model
@@ -1508,10 +1597,12 @@ impl Trainer {
             start_fine_tuning: phase == Phase::FineTuning && epoch == self.fe_epochs + 1,
             mode,
             augment,
+            // Built only when another feature-extraction epoch follows to use it.
             cache_features: self.feature_cache
                 && phase == Phase::FeatureExtraction
                 && augment.is_identity()
-                && self.lead.model.features_are_pure(mode),
+                && self.lead.model.features_are_pure(mode)
+                && (epoch < self.fe_epochs || self.lead.fe_cache.is_some()),
             fault: self.fault.take(),
         };
         let start = Instant::now();

@@ -1,14 +1,14 @@
 //! The trial loop end to end on tiny synthetic datasets (CPU).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 
 use sweep_core::leaderboard::{EpochMetrics, Phase};
 use sweep_core::spec::{self, SweepSpec};
 use sweep_core::{Backbone, LrDecay, Trial, grid};
-use sweep_worker::model::Model;
-use sweep_worker::train::{self, Control, TrainError, TrainOptions, Trainer, run_trial};
+use sweep_worker::model::{ForwardMode, Model};
+use sweep_worker::train::{self, Control, FeatureCacheStats, TrainError, TrainOptions, Trainer, run_trial};
 use tch::{Device, Tensor};
 
 /// A spec with one trial; `extra_training` is spliced into `training:`.
@@ -285,20 +285,35 @@ fn vgg16_bn_feature_extraction_epoch() {
     assert!(!before["classifier.6.weight"].equal(&after["classifier.6.weight"]));
 }
 
-/// Metrics, the final state, and what the feature cache held after each epoch.
-type CachedRun = (Vec<EpochMetrics>, HashMap<String, Tensor>, Vec<Option<(i64, i64)>>);
+/// A trial with BatchNorm frozen and no augmentation in feature extraction (the spec's
+/// augmentation stays on for fine-tuning).
+fn pure_spec(backbone: &str, classes: u32, per_class: u32, batch: u32, split: (u32, u32)) -> (SweepSpec, Trial) {
+    let (mut s, t) = spec(backbone, classes, per_class, batch, split, "  freeze_bn_stats: true");
+    s.training.feature_extraction_augment = false;
+    (s, t)
+}
 
-/// Trains `split` epochs of `backbone` with or without the feature cache.
-fn cached_run(backbone: &str, per_class: u32, batch: u32, split: (u32, u32), cache: bool) -> CachedRun {
-    let (mut s, t) = spec(backbone, 4, per_class, batch, split, "  freeze_bn_stats: true");
-    s.training.augment = spec::Augment::NONE;
-    let mut tr = Trainer::new(&s, &t, &TrainOptions { feature_cache: cache, ..cpu() }).unwrap();
-    let (mut metrics, mut cached) = (Vec::new(), Vec::new());
-    for _ in 0..split.0 + split.1 {
+fn with_cache(cache: bool) -> TrainOptions {
+    TrainOptions { feature_cache: cache, ..cpu() }
+}
+
+/// What a run gives: metrics, final weights, the cache's rows after each epoch, its stats.
+struct CachedRun {
+    metrics: Vec<EpochMetrics>,
+    state: HashMap<String, Tensor>,
+    held: Vec<Option<(i64, i64)>>,
+    stats: FeatureCacheStats,
+}
+
+/// Trains every epoch of the trial with or without the feature cache.
+fn cached_run(s: &SweepSpec, t: &Trial, cache: bool) -> CachedRun {
+    let mut tr = Trainer::new(s, t, &with_cache(cache)).unwrap();
+    let (mut metrics, mut held) = (Vec::new(), Vec::new());
+    while tr.epochs_done() < tr.total_epochs() {
         metrics.push(tr.run_epoch().unwrap());
-        cached.push(tr.cached_features());
+        held.push(tr.cached_features());
     }
-    (without_time(&metrics), snapshot(tr.model()), cached)
+    CachedRun { metrics: without_time(&metrics), state: snapshot(tr.model()), held, stats: tr.feature_cache_stats() }
 }
 
 fn assert_same_state(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>, what: &str) {
@@ -311,65 +326,136 @@ fn assert_same_state(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>, w
 #[test]
 fn the_feature_cache_is_bit_identical_to_running_the_backbone() {
     let _bound = sweep_tests::bound(900);
-    // 4 classes: 20 training images in batches of 6 (6, 6, 6, then 2 computed afresh) or 5,
-    // 16 validation images in batches of 6 or 5. mobilenet_v2 and vgg16_bn have dropout after
-    // the cached part (vgg16_bn: and its frozen classifier layers, whose matrix products
-    // depend on a row's place in the batch).
-    for (backbone, per_class, batch) in
-        [("resnet18", 5, 6), ("resnet18", 5, 5), ("mobilenet_v2", 5, 6), ("vgg16_bn", 5, 6), ("densenet121", 5, 6)]
-    {
-        let (m_off, s_off, c_off) = cached_run(backbone, per_class, batch, (2, 1), false);
-        let (m_on, s_on, c_on) = cached_run(backbone, per_class, batch, (2, 1), true);
-        assert_eq!(c_off, [None, None, None]);
-        assert_eq!(c_on, [Some((20, 16)), Some((20, 16)), None], "{backbone}: the cache was not used");
-        assert_eq!(m_on, m_off, "{backbone} batch {batch}: metrics differ");
-        assert_same_state(&s_on, &s_off, backbone);
+    // 4 classes: 20 training images in batches of 6 (6, 6, 6 from the cache, then 2 computed
+    // afresh) or of 5 (all from the cache); 16 validation images in batches of 6 (3) or 5 (4).
+    // mobilenet_v2 and vgg16_bn have dropout after the cached part (vgg16_bn also its frozen
+    // classifier layers, whose matrix products depend on a row's place in the batch).
+    for (backbone, batch, read, computed, val) in [
+        ("resnet18", 6, 3, 1, 3),
+        ("resnet18", 5, 4, 0, 4),
+        ("mobilenet_v2", 6, 3, 1, 3),
+        ("vgg16_bn", 6, 3, 1, 3),
+        ("densenet121", 6, 3, 1, 3),
+    ] {
+        let (s, t) = pure_spec(backbone, 4, 5, batch, (2, 1));
+        let off = cached_run(&s, &t, false);
+        let on = cached_run(&s, &t, true);
+        assert_eq!(off.held, [None, None, None]);
+        assert_eq!(off.stats, FeatureCacheStats::default());
+        assert_eq!(on.held, [Some((20, 16)), Some((20, 16)), None], "{backbone}: the cache was not kept");
+        let want = FeatureCacheStats {
+            builds: 1,
+            train_batches_read: 2 * read,
+            train_batches_computed: 2 * computed,
+            val_batches_read: 2 * val,
+            abandoned: 0,
+        };
+        assert_eq!(on.stats, want, "{backbone} batch {batch}: the cache was not read as planned");
+        assert_eq!(on.metrics, off.metrics, "{backbone} batch {batch}: metrics differ");
+        assert_same_state(&on.state, &off.state, backbone);
     }
-    // A trailing single image merged into the last batch (15 = 7 + 8).
-    let (mut s, t) = spec("resnet18", 3, 5, 7, (2, 1), "  freeze_bn_stats: true");
-    s.training.augment = spec::Augment::NONE;
+    // A trailing single image merged into the last batch (15 = 7 + 8), and validation alone.
+    let (s, t) = pure_spec("resnet18", 3, 5, 7, (2, 1));
     let run = |cache: bool| {
-        let mut tr = Trainer::new(&s, &t, &TrainOptions { feature_cache: cache, ..cpu() }).unwrap();
+        let mut tr = Trainer::new(&s, &t, &with_cache(cache)).unwrap();
         let m = vec![tr.run_epoch().unwrap(), tr.run_epoch().unwrap()];
         assert_eq!(tr.cached_features(), cache.then_some((15, 12)));
-        // Validation alone, from the cache or not.
         let v = tr.validate().unwrap();
-        (without_time(&m), v, snapshot(tr.model()))
+        (without_time(&m), v, snapshot(tr.model()), tr.feature_cache_stats())
     };
-    let (m_off, v_off, s_off) = run(false);
-    let (m_on, v_on, s_on) = run(true);
+    let (m_off, v_off, s_off, _) = run(false);
+    let (m_on, v_on, s_on, stats) = run(true);
     assert_eq!((m_on, v_on), (m_off, v_off));
     assert_same_state(&s_on, &s_off, "15 images");
+    let want = FeatureCacheStats {
+        builds: 1,
+        train_batches_read: 2,
+        train_batches_computed: 2,
+        val_batches_read: 6,
+        abandoned: 0,
+    };
+    assert_eq!(stats, want);
+}
+
+#[test]
+fn the_feature_cache_follows_mode_changes_and_resume_points() {
+    let _bound = sweep_tests::bound(900);
+    let (s, t) = pure_spec("resnet18", 4, 5, 6, (4, 1));
+    // BatchNorm trains in epoch 2 (the features change as they are computed): the cache is
+    // dropped, and built again for epoch 3.
+    let run = |cache: bool| {
+        let mut tr = Trainer::new(&s, &t, &with_cache(cache)).unwrap();
+        let mut m = Vec::new();
+        for e in 1..=5 {
+            tr.set_forward_mode_override((e == 2).then_some(ForwardMode::TRAIN));
+            m.push(tr.run_epoch().unwrap());
+        }
+        (without_time(&m), snapshot(tr.model()), tr.feature_cache_stats())
+    };
+    let (m_off, s_off, _) = run(false);
+    let (m_on, s_on, stats) = run(true);
+    assert_eq!(m_on, m_off);
+    assert_same_state(&s_on, &s_off, "a mode change");
+    assert_eq!((stats.builds, stats.train_batches_read), (2, 3 * 3), "epochs 1, 3, 4 from two caches");
+
+    // Stopped after epoch 1 and resumed: the new trainer builds its own cache (epochs 2–4).
+    let whole = cached_run(&s, &t, false);
+    let mut first = Trainer::new(&s, &t, &with_cache(true)).unwrap();
+    let mut m = vec![first.run_epoch().unwrap()];
+    let state = first.training_state().unwrap();
+    drop(first);
+    let resumed = TrainOptions { resume: Some(Arc::new(Mutex::new(state))), ..with_cache(true) };
+    let mut second = Trainer::new(&s, &t, &resumed).unwrap();
+    while second.epochs_done() < second.total_epochs() {
+        m.push(second.run_epoch().unwrap());
+    }
+    assert_eq!(without_time(&m), whole.metrics);
+    assert_same_state(&snapshot(second.model()), &whole.state, "resumed");
+    assert_eq!(second.feature_cache_stats().builds, 1);
 }
 
 #[test]
 fn the_feature_cache_serves_only_a_pure_frozen_backbone() {
     let _bound = sweep_tests::bound(600);
-    let epochs = |extra: &str, augment: Option<spec::Augment>, backbone: &str| {
-        let (mut s, t) = spec(backbone, 2, 3, 4, (1, 1), extra);
-        if let Some(a) = augment {
-            s.training.augment = a;
-        }
-        let mut tr = Trainer::new(&s, &t, &cpu()).unwrap();
+    let first_epoch = |s: SweepSpec, t: Trial| {
+        let mut tr = Trainer::new(&s, &t, &with_cache(true)).unwrap();
         tr.run_epoch().unwrap();
         tr.cached_features()
     };
-    let none = Some(spec::Augment::NONE);
-    assert!(epochs("  freeze_bn_stats: true", none, "resnet18").is_some());
+    let (s, t) = pure_spec("resnet18", 2, 3, 4, (2, 1));
+    assert!(first_epoch(s.clone(), t.clone()).is_some());
     // BatchNorm trains: the features change as they are computed.
-    assert_eq!(epochs("", none, "resnet18"), None);
-    // Augmented images differ every epoch.
-    assert_eq!(epochs("  freeze_bn_stats: true", None, "resnet18"), None);
-    let flip_only = spec::Augment { hflip: true, ..spec::Augment::NONE };
-    assert_eq!(epochs("  freeze_bn_stats: true", Some(flip_only), "resnet18"), None);
+    let mut bn = s.clone();
+    bn.training.freeze_bn_stats = false;
+    assert_eq!(first_epoch(bn, t.clone()), None);
+    // Augmented images differ every epoch; a flip alone is augmentation.
+    let mut augmented = s.clone();
+    augmented.training.feature_extraction_augment = true;
+    assert_eq!(first_epoch(augmented.clone(), t.clone()), None);
+    augmented.training.augment = spec::Augment { hflip: true, ..spec::Augment::NONE };
+    assert_eq!(first_epoch(augmented, t.clone()), None);
+    // Nothing augmented at all is as good as no augmentation in feature extraction.
+    let mut none = s.clone();
+    none.training.feature_extraction_augment = true;
+    none.training.augment = spec::Augment::NONE;
+    assert!(first_epoch(none, t.clone()).is_some());
+    // One feature-extraction epoch: building the cache would buy nothing.
+    let (s1, t1) = pure_spec("resnet18", 2, 3, 4, (1, 1));
+    assert_eq!(first_epoch(s1, t1), None);
+    // Turned off.
+    let mut tr = Trainer::new(&s, &t, &with_cache(false)).unwrap();
+    tr.run_epoch().unwrap();
+    assert_eq!(tr.cached_features(), None);
     // Stochastic depth draws inside efficientnet_b0's backbone.
-    assert_eq!(epochs("  freeze_bn_stats: true", none, "efficientnet_b0"), None);
+    let (e, et) = pure_spec("efficientnet_b0", 2, 3, 4, (2, 1));
+    assert_eq!(first_epoch(e, et), None);
 }
 
 #[test]
 fn the_frozen_backbone_gets_no_gradients_or_optimizer_state() {
     let _bound = sweep_tests::bound(600);
-    // Augmented, BatchNorm training: the backbone runs every step, without autograd.
+    // Augmented, BatchNorm training: the backbone runs every step (under no_grad); only the
+    // head has gradients, optimizer state, and a place in the resume point.
     let (s, t) = spec("resnet18", 2, 4, 4, (1, 1), "");
     let mut tr = Trainer::new(&s, &t, &cpu()).unwrap();
     tr.run_epoch().unwrap();
@@ -392,32 +478,17 @@ fn the_frozen_backbone_gets_no_gradients_or_optimizer_state() {
 #[test]
 fn unaugmented_feature_extraction_is_cached_and_fine_tuning_still_augmented() {
     let _bound = sweep_tests::bound(600);
-    // The spec's augmentation is on; `training.feature_extraction.augment: false` leaves it out
-    // of feature extraction only.
-    let (mut s, t) = spec("resnet18", 4, 5, 6, (2, 1), "  freeze_bn_stats: true");
-    s.training.feature_extraction_augment = false;
+    let (s, t) = pure_spec("resnet18", 4, 5, 6, (2, 1));
     assert!(!s.training.augment.is_identity());
-    let run = |cache: bool| {
-        let mut tr = Trainer::new(&s, &t, &TrainOptions { feature_cache: cache, ..cpu() }).unwrap();
-        let mut held = Vec::new();
-        let mut metrics = Vec::new();
-        for _ in 0..3 {
-            metrics.push(tr.run_epoch().unwrap());
-            held.push(tr.cached_features());
-        }
-        (without_time(&metrics), held, snapshot(tr.model()))
-    };
-    let (m_off, _, s_off) = run(false);
-    let (m_on, held, s_on) = run(true);
-    assert_eq!(held, [Some((20, 16)), Some((20, 16)), None]);
-    assert_eq!(m_on, m_off);
-    assert_same_state(&s_on, &s_off, "feature extraction without augmentation");
+    let off = cached_run(&s, &t, false);
+    let on = cached_run(&s, &t, true);
+    assert_eq!(on.held, [Some((20, 16)), Some((20, 16)), None]);
+    assert_eq!(on.metrics, off.metrics);
+    assert_same_state(&on.state, &off.state, "feature extraction without augmentation");
     // Fine-tuning is augmented: the same trial with augmentation off everywhere differs there.
     let mut plain = s.clone();
     plain.training.augment = spec::Augment::NONE;
-    let mut tr = Trainer::new(&plain, &t, &cpu()).unwrap();
-    let m: Vec<_> = (0..3).map(|_| tr.run_epoch().unwrap()).collect();
-    let m = without_time(&m);
-    assert_eq!(m[..2], m_on[..2], "feature extraction is the same");
-    assert_ne!(m[2], m_on[2], "fine-tuning is augmented");
+    let all_plain = cached_run(&plain, &t, true);
+    assert_eq!(all_plain.metrics[..2], on.metrics[..2], "feature extraction is the same");
+    assert_ne!(all_plain.metrics[2], on.metrics[2], "fine-tuning is augmented");
 }
