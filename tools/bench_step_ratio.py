@@ -3,6 +3,8 @@
 side by side in one command: for each backbone the two run alternately, ROUNDS times each, with
 the same model, batch, image size and threads, and the medians are printed with their ratio
 (sweep / PyTorch: above 1 is faster) and where a step's time goes (forward, backward, optimizer).
+The worker also runs with glibc's malloc defaults (SWEEP_MALLOC=default) and with Adam one
+parameter at a time (--adam loop), so that what each of those changes shows in the same table.
 
     make build && .venv/bin/python tools/bench_step_ratio.py            # the CPU set below
     .venv/bin/python tools/bench_step_ratio.py --device cuda:0 --precision fp16 \\
@@ -55,7 +57,7 @@ def main() -> None:
         sweep_cmd = [a.worker, "--threads", str(a.threads), "--devices", a.device, "bench", *common, "-o", "json"]
         torch_cmd = [sys.executable, os.path.join(HERE, "bench_torch_train.py"), *common, "--device", a.device,
                      "--threads", str(a.threads)]
-        sweep_runs, torch_runs, default_runs = [], [], []
+        sweep_runs, torch_runs, default_runs, loop_runs = [], [], [], []
         # The worker as it runs (its malloc settings, `worker/src/alloc.rs`), and with glibc's
         # defaults (SWEEP_MALLOC=default): what those settings change, in the same command.
         default_env = dict(os.environ, SWEEP_MALLOC="default")
@@ -63,22 +65,27 @@ def main() -> None:
             sweep_runs.append(run(sweep_cmd))
             torch_runs.append(run(torch_cmd))
             default_runs.append(run(sweep_cmd, default_env))
+            # Adam one parameter at a time instead of over flat buffers (`worker/src/adam.rs`).
+            loop_runs.append(run([*sweep_cmd, "--adam", "loop"]))
         med = lambda runs, f: statistics.median(f(r) for r in runs)  # noqa: E731
         s_ips = med(sweep_runs, lambda r: r["images_per_second"])
         t_ips = med(torch_runs, lambda r: r["images_per_second"])
         d_ips = med(default_runs, lambda r: r["images_per_second"])
+        l_ips = med(loop_runs, lambda r: r["images_per_second"])
+        l_opt = med(loop_runs, lambda r: r["phases"]["optimizer"]) * 1e3
         phase = lambda runs, k: med(runs, lambda r: r["phases"][k]) * 1e3  # noqa: E731
-        rows.append((backbone, batch, size, s_ips, t_ips, s_ips / t_ips, d_ips / t_ips,
+        rows.append((backbone, batch, size, s_ips, t_ips, s_ips / t_ips, d_ips / t_ips, l_ips / t_ips, l_opt,
                      [(phase(sweep_runs, k), phase(torch_runs, k)) for k in ("forward", "backward", "optimizer")],
                      [r["images_per_second"] / t["images_per_second"] for r, t in zip(sweep_runs, torch_runs)]))
     print(f"{a.device}, {a.precision}, {a.threads} threads, median of {a.rounds} alternating runs of {a.steps} steps")
     print("| backbone | batch | px | sweep img/s | PyTorch img/s | ratio | each run | ratio, glibc defaults "
-          "| forward ms (sweep / torch) | backward ms | optimizer ms |")
-    print("|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|")
-    for backbone, batch, size, s, t, ratio, before, phases, each in rows:
+          "| ratio, Adam per parameter | forward ms (sweep / torch) | backward ms | optimizer ms | optimizer ms, per parameter |")
+    print("|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|")
+    for backbone, batch, size, s, t, ratio, before, looped, loop_opt, phases, each in rows:
         cells = " | ".join(f"{x:.1f} / {y:.1f}" for x, y in phases)
         runs = " ".join(f"{r:.2f}" for r in each)
-        print(f"| {backbone} | {batch} | {size} | {s:.1f} | {t:.1f} | **{ratio:.2f}×** | {runs} | {before:.2f}× | {cells} |")
+        print(f"| {backbone} | {batch} | {size} | {s:.1f} | {t:.1f} | **{ratio:.2f}×** | {runs} | {before:.2f}× "
+              f"| {looped:.2f}× | {cells} | {loop_opt:.1f} |")
 
 
 if __name__ == "__main__":

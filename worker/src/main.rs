@@ -90,6 +90,15 @@ enum Precision {
     Fp16,
 }
 
+/// How the bench's Adam holds its parameters.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AdamLayout {
+    /// One flat buffer, a few kernels per learning-rate group (what training uses).
+    Flat,
+    /// One parameter at a time (the reference).
+    Loop,
+}
+
 #[derive(Subcommand)]
 enum Tool {
     /// Check the data-parallel collectives on --devices [default: every CUDA device]: build
@@ -120,6 +129,9 @@ enum Tool {
         warmup: usize,
         #[arg(long, value_enum, default_value = "fp32")]
         precision: Precision,
+        /// Adam over flat buffers (as training) or one parameter at a time.
+        #[arg(long, value_enum, default_value = "flat")]
+        adam: AdamLayout,
         #[arg(long, short, value_enum, default_value = "table")]
         output: Output,
     },
@@ -287,7 +299,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        Some(Tool::Bench { backbone: b, batch, image_size, steps, warmup, precision, output }) => {
+        Some(Tool::Bench { backbone: b, batch, image_size, steps, warmup, precision, adam, output }) => {
             let r = tools::bench_training(&tools::BenchOptions {
                 backbone: backbone(&b)?,
                 batch,
@@ -295,6 +307,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 steps,
                 warmup,
                 fp16: precision == Precision::Fp16,
+                flat_adam: adam == AdamLayout::Flat,
                 device,
             })?;
             match output {

@@ -316,6 +316,9 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Forward and loss under fp16 autocast (fp32 master weights), as `torch.autocast`.
     pub fp16: bool,
+    /// Adam over flat buffers ([`Adam::flat`](crate::adam::Adam::flat), as training does), or
+    /// one parameter at a time.
+    pub flat_adam: bool,
     pub device: Device,
 }
 
@@ -362,8 +365,15 @@ pub fn bench_training(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         tch::Cuda::cudnn_set_benchmark(true);
     }
     let model = Model::build_seeded(o.backbone, 1000, o.device, 0)?;
-    let params = model.named_parameters().iter().map(|(n, t)| (n.clone(), t.shallow_clone(), 1e-4));
-    let mut adam = Adam::new(params, AdamConfig::default());
+    // Fine-tuning's learning rates: the recipe's strategy for the backbone's layer groups.
+    let decay = match o.backbone {
+        Backbone::Vgg16Bn => LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 },
+        _ => LrDecay::Exponential { head_lr: 1e-4, factor: 3.0 },
+    };
+    let lrs = crate::train::fine_tuning_lrs(&model, &decay, 1e-8);
+    let params = model.named_parameters().iter().zip(lrs).map(|((n, t), lr)| (n.clone(), t.shallow_clone(), lr));
+    let mut adam =
+        if o.flat_adam { Adam::flat(params, AdamConfig::default())? } else { Adam::new(params, AdamConfig::default()) };
     let x = Tensor::f_randn([o.batch, 3, o.image_size, o.image_size], (Kind::Float, o.device))?;
     let y = Tensor::f_randint(1000, [o.batch], (Kind::Int64, o.device))?;
     let sync = || {
@@ -416,7 +426,11 @@ pub fn bench_training(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         optimizer: per_step(phases.optimizer),
     };
     Ok(BenchResult {
-        implementation: "sweep-worker (tch)".into(),
+        implementation: if o.flat_adam {
+            "sweep-worker (tch)".into()
+        } else {
+            "sweep-worker (tch, Adam per parameter)".into()
+        },
         device: format!("{:?}", o.device),
         backbone: o.backbone.name().into(),
         precision: if o.fp16 { "fp16".into() } else { "fp32".into() },

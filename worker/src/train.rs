@@ -51,7 +51,7 @@ use sweep_core::spec::{Augment, SweepSpec, TrainingSpec, Weights};
 use sweep_core::{Backbone, LrDecay, Trial};
 use tch::{Device, Kind, Reduction, TchError, Tensor};
 
-use crate::adam::{Adam, AdamConfig, AdamState};
+use crate::adam::{Adam, AdamConfig};
 use crate::augment;
 use crate::data::prefetch::{self, Batch, Shard, TrainBatches};
 use crate::data::{self, DataError};
@@ -585,17 +585,16 @@ fn restore_model(model: &Model, state: &TrainingState) -> Result<(), ReplicaErro
 /// for a parameter this optimizer does not train is an error (the phases disagree).
 fn restore_optimizer(optimizer: &mut Adam, state: &TrainingState, device: Device) -> Result<(), ReplicaError> {
     let mut used = 0;
-    for p in optimizer.params_mut() {
-        let Some(e) = state.optimizer.get(&p.name) else { continue };
-        if e.exp_avg.size() != p.tensor.size() || e.exp_avg_sq.size() != p.tensor.size() {
-            return Err(bad_state(format!("optimizer state of `{}` does not fit the parameter", p.name)));
+    for i in 0..optimizer.params().len() {
+        let name = optimizer.params()[i].name.clone();
+        let Some(e) = state.optimizer.get(&name) else { continue };
+        let shape = optimizer.params()[i].tensor.size();
+        if e.exp_avg.size() != shape || e.exp_avg_sq.size() != shape {
+            return Err(bad_state(format!("optimizer state of `{name}` does not fit the parameter")));
         }
-        let copy = |t: &Tensor| t.f_to_device(device).map(|t| t.copy());
-        p.state = Some(AdamState {
-            step: e.step,
-            exp_avg: copy(&e.exp_avg).map_err(|x| bad_state(x.to_string()))?,
-            exp_avg_sq: copy(&e.exp_avg_sq).map_err(|x| bad_state(x.to_string()))?,
-        });
+        let on_device = |t: &Tensor| t.f_to_device(device).map_err(|x| bad_state(format!("`{name}`: {x}")));
+        let (avg, avg_sq) = (on_device(&e.exp_avg)?, on_device(&e.exp_avg_sq)?);
+        optimizer.restore_state(i, e.step, &avg, &avg_sq).map_err(|x| bad_state(format!("`{name}`: {x}")))?;
         used += 1;
     }
     if used != state.optimizer.len() {
@@ -660,7 +659,8 @@ impl Replica {
             .map(|(n, t)| (n.clone(), t.shallow_clone(), setup.training.feature_extraction_lr))
             .collect();
         let optimizer =
-            Adam::new(head, AdamConfig { weight_decay: setup.training.weight_decay, ..AdamConfig::default() });
+            Adam::flat(head, AdamConfig { weight_decay: setup.training.weight_decay, ..AdamConfig::default() })
+                .map_err(torch("the feature-extraction optimizer"))?;
         let trained = optimizer.params().iter().map(|p| p.tensor.shallow_clone()).collect();
         let mut replica = Replica {
             rank,
@@ -725,7 +725,8 @@ impl Replica {
         let params =
             self.model.named_parameters().iter().zip(lrs).map(|((n, t), lr)| (n.clone(), t.shallow_clone(), lr));
         self.optimizer =
-            Adam::new(params, AdamConfig { weight_decay: self.setup.training.weight_decay, ..AdamConfig::default() });
+            Adam::flat(params, AdamConfig { weight_decay: self.setup.training.weight_decay, ..AdamConfig::default() })
+                .map_err(torch("the fine-tuning optimizer"))?;
         self.trained = self.optimizer.params().iter().map(|p| p.tensor.shallow_clone()).collect();
         Ok(())
     }
