@@ -16,7 +16,11 @@
 #   2. an NCCL all-reduce of world size 1 through the training code path (allreduce-check);
 #   3. a resnet50 trial trained on cuda:0 by a real coordinator and worker (`sweep run`);
 #   4. resnet50 training images/s, sweep-worker vs PyTorch eager on the same card, model and
-#      batch, fp32 and fp16 autocast (`sweep-worker bench` vs tools/bench_torch_train.py);
+#      batch, fp32 and fp16 autocast (`sweep-worker bench` vs tools/bench_torch_train.py), and
+#      the worker with Adam one parameter at a time (`--adam loop`) against its flat buffers;
+#   4b. the feature cache on cuda:0: the same trial with SWEEP_FEATURE_CACHE=off and on gives
+#      the same metrics, and the worker did not give the cache up (its bit-for-bit check of a
+#      batch computed afresh, `worker/src/train.rs`);
 #   5. with 2+ GPUs: an all-reduce and a 2-GPU data-parallel trial over NCCL.
 # Results: OUT/summary.md (a table ready for docs/benchmarks.md), OUT/*.json, OUT/*.log.
 
@@ -115,7 +119,62 @@ EOF
         fail "bench $precision: $(tail -3 "$OUT_DIR/bench-$precision.log")"
     fi
 done
+# The worker's Adam one parameter at a time, against its flat buffers (fp32).
+loop=$("$BIN/sweep-worker" bench --device cuda:0 --backbone resnet50 --batch "$BATCH" --image-size 224 \
+    --steps "$STEPS" --warmup "$WARMUP" --precision fp32 --adam loop --output json 2>"$OUT_DIR/bench-loop.log")
+echo "$loop" >"$OUT_DIR/bench-fp32-loop.json"
+if row=$("$PY" - "$loop" "$OUT_DIR/bench-fp32-sweep.json" <<'EOF'
+import json, sys
+l, f = json.loads(sys.argv[1]), json.load(open(sys.argv[2]))
+opt = f"optimizer {f['phases']['optimizer'] * 1e3:.1f} ms flat, {l['phases']['optimizer'] * 1e3:.1f} ms per parameter"
+print(f"| fp32, Adam per parameter ({opt}) | {l['images_per_second']:.0f} | — | flat / per parameter {f['images_per_second'] / l['images_per_second']:.2f}× |")
+EOF
+); then
+    say "$row"
+else
+    fail "bench --adam loop: $(tail -3 "$OUT_DIR/bench-loop.log")"
+fi
 say ""
+
+# 4b. The feature cache on the GPU: bit-identical, or given up ---------------------------------
+cat >"$OUT_DIR/cache-trial.yaml" <<'EOF'
+name: gpu-cache
+dataset: { kind: synthetic, classes: 10, train_per_class: 40, val_per_class: 10, image_size: 160, seed: 1 }
+training: { batch_size: 48, freeze_bn_stats: true, feature_extraction: { augment: false } }
+grid:
+  backbone: [resnet50]
+  lr_decay: [{ strategy: exponential, head_lr: 1.0e-3, factor: 3 }]
+  epoch_split: [[3, 1]]
+EOF
+cache_ok=1
+for cache in off on; do
+    rm -rf "$OUT_DIR/state"
+    if ! SWEEP_FEATURE_CACHE=$cache "$BIN/sweep" run "$OUT_DIR/cache-trial.yaml" --workers 1 \
+        --state-dir "$OUT_DIR/state" --output json >"$OUT_DIR/cache-$cache.json" 2>"$OUT_DIR/cache-$cache.log"; then
+        cache_ok=0
+        fail "feature cache $cache: $(tail -3 "$OUT_DIR/cache-$cache.log")"
+    fi
+    cp "$OUT_DIR/state/logs/worker-1.log" "$OUT_DIR/cache-$cache-worker.log" 2>/dev/null
+done
+rm -rf "$OUT_DIR/state"
+if [ "$cache_ok" = 1 ]; then
+    same=$("$PY" - "$OUT_DIR/cache-off.json" "$OUT_DIR/cache-on.json" <<'EOF'
+import json, sys
+keys = ("state", "fe_val_accuracy", "best_val_accuracy", "val_accuracy", "val_loss")
+a, b = (json.load(open(p))[0] for p in sys.argv[1:3])
+print("yes" if all(a.get(k) == b.get(k) for k in keys) else f"NO: {[(k, a.get(k), b.get(k)) for k in keys]}")
+EOF
+    )
+    if grep -q "feature cache given up" "$OUT_DIR/cache-on-worker.log" 2>/dev/null; then
+        fail "feature cache on cuda:0 given up: $(grep -m1 'feature cache given up' "$OUT_DIR/cache-on-worker.log")"
+    elif ! grep -q "feature cache built" "$OUT_DIR/cache-on-worker.log" 2>/dev/null; then
+        fail "feature cache on cuda:0 was not built (see cache-on-worker.log)"
+    elif [ "$same" = yes ]; then
+        pass "feature cache on cuda:0: same metrics with and without it (wall seconds off / on: $("$PY" -c 'import json,sys; print(*(round(json.load(open(p))[0]["wall_seconds"], 1) for p in sys.argv[1:]), sep=" / ")' "$OUT_DIR/cache-off.json" "$OUT_DIR/cache-on.json"))"
+    else
+        fail "feature cache on cuda:0 changed the metrics: $same"
+    fi
+fi
 
 # 5. Several GPUs: NCCL over all of them and a data-parallel trial ------------------------------
 if [ "$GPUS" -ge 2 ]; then

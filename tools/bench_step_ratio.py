@@ -3,8 +3,9 @@
 side by side in one command: for each backbone the two run alternately, ROUNDS times each, with
 the same model, batch, image size and threads, and the medians are printed with their ratio
 (sweep / PyTorch: above 1 is faster) and where a step's time goes (forward, backward, optimizer).
-The worker also runs with glibc's malloc defaults (SWEEP_MALLOC=default) and with Adam one
-parameter at a time (--adam loop), so that what each of those changes shows in the same table.
+The worker also runs with glibc's malloc defaults (SWEEP_MALLOC=default) and with the other
+layout of its Adam than training uses on the device (--adam flat on the CPU, --adam loop on
+CUDA), so that what each of those changes shows in the same table.
 
     make build && .venv/bin/python tools/bench_step_ratio.py            # the CPU set below
     .venv/bin/python tools/bench_step_ratio.py --device cuda:0 --precision fp16 \\
@@ -65,8 +66,9 @@ def main() -> None:
             sweep_runs.append(run(sweep_cmd))
             torch_runs.append(run(torch_cmd))
             default_runs.append(run(sweep_cmd, default_env))
-            # Adam one parameter at a time instead of over flat buffers (`worker/src/adam.rs`).
-            loop_runs.append(run([*sweep_cmd, "--adam", "loop"]))
+            # The other Adam layout (`worker/src/adam.rs`): flat buffers on the CPU, the loop on CUDA.
+            other = "flat" if a.device == "cpu" else "loop"
+            loop_runs.append(run([*sweep_cmd, "--adam", other]))
         med = lambda runs, f: statistics.median(f(r) for r in runs)  # noqa: E731
         s_ips = med(sweep_runs, lambda r: r["images_per_second"])
         t_ips = med(torch_runs, lambda r: r["images_per_second"])
@@ -79,7 +81,7 @@ def main() -> None:
                      [r["images_per_second"] / t["images_per_second"] for r, t in zip(sweep_runs, torch_runs)]))
     print(f"{a.device}, {a.precision}, {a.threads} threads, median of {a.rounds} alternating runs of {a.steps} steps")
     print("| backbone | batch | px | sweep img/s | PyTorch img/s | ratio | each run | ratio, glibc defaults "
-          "| ratio, Adam per parameter | forward ms (sweep / torch) | backward ms | optimizer ms | optimizer ms, per parameter |")
+          "| ratio, other Adam layout | forward ms (sweep / torch) | backward ms | optimizer ms | optimizer ms, other layout |")
     print("|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|")
     for backbone, batch, size, s, t, ratio, before, looped, loop_opt, phases, each in rows:
         cells = " | ".join(f"{x:.1f} / {y:.1f}" for x, y in phases)

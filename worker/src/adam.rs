@@ -22,8 +22,9 @@
 //! is created on their first step, as in PyTorch. The state ([`AdamState`]) is public so that it
 //! can be checkpointed and restored.
 //!
-//! **Flat buffers** ([`Adam::flat`]). Looping over a model's parameters costs about nine
-//! kernels per parameter (1,450 for resnet50, each a launch on a GPU). [`Adam::flat`] instead
+//! **Flat buffers** ([`Adam::flat`]; training uses them on CUDA devices, [`Adam::for_device`]).
+//! Looping over a model's parameters costs about nine kernels per parameter (1,450 for
+//! resnet50, each a launch on a GPU). [`Adam::flat`] instead
 //! moves the parameters (`set_data`) into one contiguous buffer, gives their gradients and both
 //! moments slots in three more, and after the first backward pass re-points each gradient at its
 //! slot, so that autograd accumulates straight into the flat gradient buffer. A step then runs
@@ -165,6 +166,24 @@ impl Adam {
         })?;
         adam.flat = Some(flat);
         Ok(adam)
+    }
+
+    /// The optimiser training uses: [`Adam::flat`] when the parameters are on a CUDA device,
+    /// where each of the loop's ~9 kernels per parameter is a launch; [`Adam::new`] on the
+    /// CPU, where the loop is faster (each parameter's tensors stay in the cache across its
+    /// nine passes, where a run of a whole layer group streams from memory nine times:
+    /// resnet50's step 36 ms against 47 ms flat, `docs/benchmarks.md`) — PyTorch, too, loops on
+    /// the CPU and uses its multi-tensor path on CUDA only. Both give the same bits.
+    pub fn for_device(
+        params: impl IntoIterator<Item = (String, Tensor, f64)>,
+        config: AdamConfig,
+    ) -> Result<Adam, TchError> {
+        let params: Vec<_> = params.into_iter().collect();
+        if params.first().is_some_and(|(_, t, _)| t.device().is_cuda()) {
+            Adam::flat(params, config)
+        } else {
+            Ok(Adam::new(params, config))
+        }
     }
 
     /// True when the parameters live in flat buffers ([`Adam::flat`]).

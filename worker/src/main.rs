@@ -93,9 +93,11 @@ enum Precision {
 /// How the bench's Adam holds its parameters.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum AdamLayout {
-    /// One flat buffer, a few kernels per learning-rate group (what training uses).
+    /// What training uses: flat buffers on CUDA, one parameter at a time on the CPU.
+    Auto,
+    /// One flat buffer, a few kernels per learning-rate group.
     Flat,
-    /// One parameter at a time (the reference).
+    /// One parameter at a time.
     Loop,
 }
 
@@ -129,8 +131,8 @@ enum Tool {
         warmup: usize,
         #[arg(long, value_enum, default_value = "fp32")]
         precision: Precision,
-        /// Adam over flat buffers (as training) or one parameter at a time.
-        #[arg(long, value_enum, default_value = "flat")]
+        /// Adam as training runs it (auto), over flat buffers, or one parameter at a time.
+        #[arg(long, value_enum, default_value = "auto")]
         adam: AdamLayout,
         #[arg(long, short, value_enum, default_value = "table")]
         output: Output,
@@ -307,7 +309,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                 steps,
                 warmup,
                 fp16: precision == Precision::Fp16,
-                flat_adam: adam == AdamLayout::Flat,
+                flat_adam: match adam {
+                    AdamLayout::Auto => None,
+                    AdamLayout::Flat => Some(true),
+                    AdamLayout::Loop => Some(false),
+                },
                 device,
             })?;
             match output {

@@ -316,9 +316,10 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Forward and loss under fp16 autocast (fp32 master weights), as `torch.autocast`.
     pub fp16: bool,
-    /// Adam over flat buffers ([`Adam::flat`](crate::adam::Adam::flat), as training does), or
-    /// one parameter at a time.
-    pub flat_adam: bool,
+    /// Adam over flat buffers ([`Adam::flat`](crate::adam::Adam::flat)), one parameter at a
+    /// time, or (`None`) as training runs it on the device
+    /// ([`Adam::for_device`](crate::adam::Adam::for_device)).
+    pub flat_adam: Option<bool>,
     pub device: Device,
 }
 
@@ -372,8 +373,11 @@ pub fn bench_training(o: &BenchOptions) -> anyhow::Result<BenchResult> {
     };
     let lrs = crate::train::fine_tuning_lrs(&model, &decay, 1e-8);
     let params = model.named_parameters().iter().zip(lrs).map(|((n, t), lr)| (n.clone(), t.shallow_clone(), lr));
-    let mut adam =
-        if o.flat_adam { Adam::flat(params, AdamConfig::default())? } else { Adam::new(params, AdamConfig::default()) };
+    let mut adam = match o.flat_adam {
+        None => Adam::for_device(params, AdamConfig::default())?,
+        Some(true) => Adam::flat(params, AdamConfig::default())?,
+        Some(false) => Adam::new(params, AdamConfig::default()),
+    };
     let x = Tensor::f_randn([o.batch, 3, o.image_size, o.image_size], (Kind::Float, o.device))?;
     let y = Tensor::f_randint(1000, [o.batch], (Kind::Int64, o.device))?;
     let sync = || {
@@ -426,10 +430,10 @@ pub fn bench_training(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         optimizer: per_step(phases.optimizer),
     };
     Ok(BenchResult {
-        implementation: if o.flat_adam {
-            "sweep-worker (tch)".into()
-        } else {
-            "sweep-worker (tch, Adam per parameter)".into()
+        implementation: match (o.flat_adam, adam.is_flat()) {
+            (None, _) => "sweep-worker (tch)".into(),
+            (Some(_), true) => "sweep-worker (tch, flat Adam)".into(),
+            (Some(_), false) => "sweep-worker (tch, Adam per parameter)".into(),
         },
         device: format!("{:?}", o.device),
         backbone: o.backbone.name().into(),

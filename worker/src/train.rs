@@ -659,7 +659,7 @@ impl Replica {
             .map(|(n, t)| (n.clone(), t.shallow_clone(), setup.training.feature_extraction_lr))
             .collect();
         let optimizer =
-            Adam::flat(head, AdamConfig { weight_decay: setup.training.weight_decay, ..AdamConfig::default() })
+            Adam::for_device(head, AdamConfig { weight_decay: setup.training.weight_decay, ..AdamConfig::default() })
                 .map_err(torch("the feature-extraction optimizer"))?;
         let trained = optimizer.params().iter().map(|p| p.tensor.shallow_clone()).collect();
         let mut replica = Replica {
@@ -724,9 +724,11 @@ impl Replica {
         let lrs = fine_tuning_lrs(&self.model, &self.setup.lr_decay, self.setup.training.fine_tuning_default_lr);
         let params =
             self.model.named_parameters().iter().zip(lrs).map(|((n, t), lr)| (n.clone(), t.shallow_clone(), lr));
-        self.optimizer =
-            Adam::flat(params, AdamConfig { weight_decay: self.setup.training.weight_decay, ..AdamConfig::default() })
-                .map_err(torch("the fine-tuning optimizer"))?;
+        self.optimizer = Adam::for_device(
+            params,
+            AdamConfig { weight_decay: self.setup.training.weight_decay, ..AdamConfig::default() },
+        )
+        .map_err(torch("the fine-tuning optimizer"))?;
         self.trained = self.optimizer.params().iter().map(|p| p.tensor.shallow_clone()).collect();
         Ok(())
     }
@@ -1016,7 +1018,18 @@ impl Replica {
                 })
             });
             match check {
-                Some(Ok(true)) | None => {}
+                Some(Ok(true)) | None => {
+                    if let Some(c) = &self.fe_cache {
+                        let bytes = (c.train.numel() + c.val.numel()) * c.train.kind().elt_size_in_bytes();
+                        tracing::info!(
+                            train = c.train.size()[0],
+                            val = c.val.size()[0],
+                            features = c.train.size().get(1).copied().unwrap_or(0),
+                            megabytes = bytes as f64 / 1e6,
+                            "feature cache built: the frozen backbone runs once per image for this phase"
+                        );
+                    }
+                }
                 Some(Ok(false)) => {
                     self.abandon_feature_cache("a batch computed afresh differs from its cached features");
                     return Ok(None);
