@@ -17,7 +17,8 @@
 #   3. a resnet50 trial trained on cuda:0 by a real coordinator and worker (`sweep run`);
 #   4. resnet50 training images/s, sweep-worker vs PyTorch eager on the same card, model and
 #      batch, fp32 and fp16 autocast (`sweep-worker bench` vs tools/bench_torch_train.py), and
-#      the worker with Adam one parameter at a time (`--adam loop`) against its flat buffers;
+#      the worker with Adam one parameter at a time (`--adam loop`) against its flat buffers,
+#      and both Adam layouts stepped with the same gradients stay bit-identical (--compare-adam);
 #   4b. the feature cache on cuda:0: the same trial with SWEEP_FEATURE_CACHE=off and on gives
 #      the same metrics, and the worker did not give the cache up (its bit-for-bit check of a
 #      batch computed afresh, `worker/src/train.rs`);
@@ -133,6 +134,13 @@ EOF
     say "$row"
 else
     fail "bench --adam loop: $(tail -3 "$OUT_DIR/bench-loop.log")"
+fi
+# The flat-buffer Adam against the per-parameter loop, same gradients: bit for bit on the card.
+if "$BIN/sweep-worker" bench --device cuda:0 --backbone resnet50 --batch 16 --image-size 224 --steps 3 \
+    --compare-adam --output json >"$OUT_DIR/adam-compare.json" 2>"$OUT_DIR/adam-compare.log"; then
+    pass "flat-buffer Adam bit-identical to the per-parameter loop on cuda:0 (resnet50, 3 steps, same gradients)"
+else
+    fail "flat-buffer Adam against the loop on cuda:0: $(cat "$OUT_DIR/adam-compare.json") $(tail -3 "$OUT_DIR/adam-compare.log")"
 fi
 say ""
 

@@ -34,7 +34,10 @@
 //! arithmetic of the per-parameter loop: the result is bit-identical (tested, on odd sizes and
 //! thread counts), and the state keeps its per-parameter form (views into the flat buffers), so
 //! checkpoints and resume points are unchanged. When a step finds a parameter without a gradient
-//! or parameters at different step counts, it takes the per-parameter loop for that step.
+//! or parameters at different step counts, it takes the per-parameter loop for that step (and
+//! says so once). A step updates the parameters through the flat buffer, so their own version
+//! counters do not move: autograd's "modified by an in-place operation" check cannot see it —
+//! harmless here, as no graph outlives the step that consumed it.
 
 use tch::{TchError, Tensor};
 
@@ -79,6 +82,9 @@ pub struct AdamParam {
     pub state: Option<AdamState>,
 }
 
+/// Elements after which a run of equal learning rates is cut (at a parameter's end).
+const RUN_ELEMENTS: i64 = 16 << 20;
+
 /// The flat buffers of [`Adam::flat`].
 #[derive(Debug)]
 struct Flat {
@@ -105,6 +111,8 @@ pub struct Adam {
     config: AdamConfig,
     params: Vec<AdamParam>,
     flat: Option<Flat>,
+    /// The flat layout fell back to the loop once (told once).
+    warned_loop: bool,
 }
 
 impl Adam {
@@ -114,7 +122,7 @@ impl Adam {
             .into_iter()
             .map(|(name, tensor, lr)| AdamParam { name, tensor: tensor.shallow_clone(), lr, state: None })
             .collect();
-        Adam { config, params, flat: None }
+        Adam { config, params, flat: None, warned_loop: false }
     }
 
     /// An optimiser over the same triples whose parameters are moved into one flat buffer (see
@@ -148,7 +156,9 @@ impl Adam {
             let mut runs: Vec<(usize, usize, i64, i64)> = Vec::new();
             for (i, (p, &(offset, numel))) in adam.params.iter().zip(&slots).enumerate() {
                 match runs.last_mut() {
-                    Some(run) if adam.params[run.0].lr.to_bits() == p.lr.to_bits() => {
+                    // A run ends at a change of learning rate, or past RUN_ELEMENTS (the step's
+                    // temporaries are the size of a run; the bits do not depend on the cut).
+                    Some(run) if adam.params[run.0].lr.to_bits() == p.lr.to_bits() && run.3 < RUN_ELEMENTS => {
                         run.1 = i + 1;
                         run.3 += numel;
                     }
@@ -232,11 +242,6 @@ impl Adam {
         &self.params
     }
 
-    /// Mutable access (to restore a checkpointed state or change a learning rate).
-    pub fn params_mut(&mut self) -> &mut [AdamParam] {
-        &mut self.params
-    }
-
     /// Zeroes the gradients of every parameter (the next backward pass then sets them): one
     /// kernel when every gradient is in the flat buffer.
     pub fn zero_grad(&mut self) {
@@ -253,24 +258,27 @@ impl Adam {
 
     /// True when every parameter's gradient is its slot of the flat gradient buffer.
     fn grads_in_place(params: &[AdamParam], f: &Flat) -> bool {
-        let base = f.grads.data_ptr() as usize;
-        params.iter().zip(&f.slots).all(|(p, &(offset, _))| {
-            let g = p.tensor.grad();
-            g.defined() && g.data_ptr() as usize == base + offset as usize * 4
-        })
+        params.iter().zip(&f.slots).all(|(p, &slot)| Self::grad_in_slot(&p.tensor.grad(), f, slot))
+    }
+
+    /// True when `grad` is the slot's view of the flat gradient buffer (an empty parameter's
+    /// gradient always counts as in place: it has nothing to hold).
+    fn grad_in_slot(grad: &Tensor, f: &Flat, (offset, numel): (i64, i64)) -> bool {
+        let size = f.grads.kind().elt_size_in_bytes();
+        grad.defined()
+            && (numel == 0 || grad.data_ptr() as usize == f.grads.data_ptr() as usize + offset as usize * size)
     }
 
     /// Points every gradient at its slot of the flat gradient buffer (copying its value there),
     /// so that autograd accumulates into the buffer from now on. False when a parameter has no
     /// gradient.
     fn bind_grads(params: &[AdamParam], f: &Flat) -> Result<bool, TchError> {
-        let base = f.grads.data_ptr() as usize;
         for (p, &slot) in params.iter().zip(&f.slots) {
             let mut g = p.tensor.grad();
             if !g.defined() {
                 return Ok(false);
             }
-            if g.data_ptr() as usize != base + slot.0 as usize * 4 {
+            if !Self::grad_in_slot(&g, f, slot) {
                 let view = Flat::slot(&f.grads, slot, &g.size())?;
                 view.shallow_clone().f_copy_(&g)?;
                 g.f_set_data(&view)?;
@@ -286,6 +294,13 @@ impl Adam {
             let same_step = self.params.iter().all(|p| Some(p.state.as_ref().map(|s| s.step)) == step);
             if same_step && tch::no_grad(|| Self::bind_grads(&self.params, f))? {
                 return tch::no_grad(|| self.step_flat());
+            }
+            if !self.warned_loop {
+                self.warned_loop = true;
+                tracing::warn!(
+                    "a parameter had no gradient (or the parameters' step counts differ): Adam steps one parameter at a time \
+                     from now on (same result, more kernels)"
+                );
             }
         }
         self.step_each()

@@ -134,6 +134,10 @@ enum Tool {
         /// Adam as training runs it (auto), over flat buffers, or one parameter at a time.
         #[arg(long, value_enum, default_value = "auto")]
         adam: AdamLayout,
+        /// Instead of timing: step the flat-buffer Adam and the per-parameter one with the same
+        /// gradients and say whether they stay bit-identical (exit status 1 if not).
+        #[arg(long)]
+        compare_adam: bool,
         #[arg(long, short, value_enum, default_value = "table")]
         output: Output,
     },
@@ -301,8 +305,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        Some(Tool::Bench { backbone: b, batch, image_size, steps, warmup, precision, adam, output }) => {
-            let r = tools::bench_training(&tools::BenchOptions {
+        Some(Tool::Bench { backbone: b, batch, image_size, steps, warmup, precision, adam, compare_adam, output }) => {
+            let options = tools::BenchOptions {
                 backbone: backbone(&b)?,
                 batch,
                 image_size,
@@ -315,7 +319,30 @@ fn run(args: Args) -> anyhow::Result<()> {
                     AdamLayout::Loop => Some(false),
                 },
                 device,
-            })?;
+            };
+            if compare_adam {
+                let c = tools::compare_adam_layouts(&options)?;
+                match output {
+                    Output::Json => println!("{}", serde_json::to_string(&c)?),
+                    Output::Table => println!(
+                        "{} on {}, {} steps, {} parameters: flat-buffer and per-parameter Adam {}",
+                        c.backbone,
+                        c.device,
+                        c.steps,
+                        c.parameters,
+                        if c.identical {
+                            "bit-identical".to_string()
+                        } else {
+                            format!("DIFFER in {}", c.differing.join(", "))
+                        }
+                    ),
+                }
+                if !c.identical {
+                    std::process::exit(1);
+                }
+                return Ok(());
+            }
+            let r = tools::bench_training(&options)?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string(&r)?),
                 Output::Table => println!(

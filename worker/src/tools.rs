@@ -351,6 +351,91 @@ pub struct BenchPhases {
     pub optimizer: f64,
 }
 
+/// What [`compare_adam_layouts`] found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AdamComparison {
+    pub device: String,
+    pub backbone: String,
+    pub steps: usize,
+    pub parameters: usize,
+    /// Every parameter and both moments bit-identical after the steps.
+    pub identical: bool,
+    /// Names of the parameters that differ (weights or moments).
+    pub differing: Vec<String>,
+}
+
+/// Trains `o.steps` steps of the backbone (fine-tuning's per-layer rates, random images) with
+/// the flat-buffer Adam, and steps a per-parameter Adam over copies of the same parameters with
+/// exactly the same gradients (each step's gradients, copied, through a backward pass of
+/// `Σ p·g` — whose gradient is `g` exactly); then compares weights and moments bit for bit.
+/// Only the optimizer can make them differ: the check `scripts/gpu-check.sh` runs on a card.
+pub fn compare_adam_layouts(o: &BenchOptions) -> anyhow::Result<AdamComparison> {
+    use crate::adam::{Adam, AdamConfig};
+    if o.batch < 2 || o.image_size < 32 || o.steps == 0 {
+        anyhow::bail!("bench needs --batch ≥ 2, --image-size ≥ 32 and --steps ≥ 1");
+    }
+    let model = Model::build_seeded(o.backbone, 1000, o.device, 0)?;
+    let decay = match o.backbone {
+        Backbone::Vgg16Bn => LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 },
+        _ => LrDecay::Exponential { head_lr: 1e-4, factor: 3.0 },
+    };
+    let lrs = crate::train::fine_tuning_lrs(&model, &decay, 1e-8);
+    let copies: Vec<(String, Tensor, f64)> = model
+        .named_parameters()
+        .iter()
+        .zip(&lrs)
+        .map(|((n, t), lr)| Ok((n.clone(), tch::no_grad(|| t.f_detach_copy())?.f_set_requires_grad(true)?, *lr)))
+        .collect::<Result<_, tch::TchError>>()?;
+    let params = model.named_parameters().iter().zip(&lrs).map(|((n, t), lr)| (n.clone(), t.shallow_clone(), *lr));
+    let mut flat = Adam::flat(params, AdamConfig::default())?;
+    if !flat.is_flat() {
+        anyhow::bail!("the parameters could not be laid out flat on {:?}", o.device);
+    }
+    let mut each =
+        Adam::new(copies.iter().map(|(n, t, lr)| (n.clone(), t.shallow_clone(), *lr)), AdamConfig::default());
+    let x = Tensor::f_randn([o.batch, 3, o.image_size, o.image_size], (Kind::Float, o.device))?;
+    let y = Tensor::f_randint(1000, [o.batch], (Kind::Int64, o.device))?;
+    for _ in 0..o.steps {
+        flat.zero_grad();
+        let logits = model.forward(&x, ForwardMode::TRAIN)?;
+        logits.f_cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100, 0.0)?.f_backward()?;
+        let grads: Vec<Tensor> =
+            model.named_parameters().iter().map(|(_, t)| t.grad().f_detach_copy()).collect::<Result<_, _>>()?;
+        each.zero_grad();
+        let mut surrogate = Tensor::f_zeros([], (Kind::Float, o.device))?;
+        for ((_, p, _), g) in copies.iter().zip(&grads) {
+            surrogate = surrogate.f_add(&p.f_mul(g)?.f_sum(Kind::Float)?)?;
+        }
+        surrogate.f_backward()?;
+        for ((_, p, _), g) in copies.iter().zip(&grads) {
+            if !p.grad().equal(g) {
+                anyhow::bail!("the surrogate's gradient is not the model's: the comparison is void");
+            }
+        }
+        flat.step()?;
+        each.step()?;
+    }
+    let mut differing = Vec::new();
+    for (a, b) in flat.params().iter().zip(each.params()) {
+        let same_state = match (&a.state, &b.state) {
+            (Some(s), Some(t)) => s.step == t.step && s.exp_avg.equal(&t.exp_avg) && s.exp_avg_sq.equal(&t.exp_avg_sq),
+            (None, None) => true,
+            _ => false,
+        };
+        if !a.tensor.equal(&b.tensor) || !same_state {
+            differing.push(a.name.clone());
+        }
+    }
+    Ok(AdamComparison {
+        device: format!("{:?}", o.device),
+        backbone: o.backbone.name().into(),
+        steps: o.steps,
+        parameters: flat.params().len(),
+        identical: differing.is_empty(),
+        differing,
+    })
+}
+
 /// Times `steps` full training steps (forward in train mode, cross-entropy, backward, the
 /// worker's Adam over every parameter) after `warmup` untimed ones, with a 1000-class head.
 /// The same work as `tools/bench_torch_train.py` does in PyTorch eager.

@@ -179,3 +179,24 @@ fn predict_refuses_bad_input_with_clear_errors() {
         .unwrap();
     assert!(e.to_string().contains("junk.safetensors"), "{e}");
 }
+
+#[test]
+fn flat_and_per_parameter_adam_stay_bit_identical_on_a_real_model() {
+    let _bound = sweep_tests::bound(600);
+    // What scripts/gpu-check.sh asks of a card (`sweep-worker bench --compare-adam`), on the CPU.
+    for backbone in [Backbone::Resnet18, Backbone::MobilenetV2] {
+        let c = tools::compare_adam_layouts(&tools::BenchOptions {
+            backbone,
+            batch: 4,
+            image_size: 32,
+            steps: 3,
+            warmup: 0,
+            fp16: false,
+            flat_adam: None,
+            device: Device::Cpu,
+        })
+        .unwrap();
+        assert!(c.identical, "{c:?}");
+        assert_eq!(c.parameters, Model::build(backbone, 1000, Device::Cpu).unwrap().named_parameters().len());
+    }
+}
