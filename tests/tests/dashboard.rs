@@ -168,9 +168,12 @@ fn every_page_loads_shows_the_leaderboards_numbers_and_updates_live() {
     b.screenshot(&shots.join("trial.png"));
 
     // The failed attempt's message, from a worker: text, its escape character shown escaped.
+    // (Wait for this trial's table: the previous trial page's table stays until the new one is drawn.)
     b.open(&format!("{base}/#/sweep/{second}/trial/t000"));
-    let attempts =
-        b.wait_for("const t = document.querySelector('#attempts tbody'); return t ? t.innerText : null", WAIT);
+    let attempts = b.wait_for(
+        "const t = document.querySelector('#attempts tbody'); return t && t.innerText.includes('boom') ? t.innerText : null",
+        WAIT,
+    );
     assert!(attempts.as_str().unwrap().contains("boom\\u{1b}[31m<img src=x id=injected>"), "{attempts}");
     assert_eq!(b.run("return document.getElementById('injected')", vec![]), Value::Null, "no markup from a worker");
 
