@@ -99,14 +99,7 @@ grid:
     let secs = |r: &Run, i: usize| r.epochs[i].seconds;
     let ft = |r: &Run| secs(r, FE_EPOCHS as usize);
     let later = |r: &Run| (1..FE_EPOCHS as usize).map(|i| secs(r, i)).sum::<f64>() / (FE_EPOCHS - 1) as f64;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = sweep_worker::tools::cpu_model();
     println!();
     println!(
         "Feature extraction against fine-tuning: {backbone}, {} training + {} validation images at {size} px, batch {batch}, {threads} thread(s), {cpu}",

@@ -201,14 +201,7 @@ fn main() {
     let ours = sweep_pipeline(&items, epochs);
     let theirs = torchvision_pipeline(&dir, threads, epochs);
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = sweep_worker::tools::cpu_model();
     println!();
     println!(
         "Input pipeline: {n} JPEGs (~500×375, q90), batch {BATCH}, {IMAGE_SIZE} px, {threads} thread(s), {cpu}, prefetch depth {}",

@@ -351,6 +351,18 @@ pub struct BenchPhases {
     pub optimizer: f64,
 }
 
+/// The CPU's model name (`/proc/cpuinfo`), for benchmark reports; "unknown CPU" elsewhere.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
 /// What [`compare_adam_layouts`] found.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AdamComparison {
