@@ -625,6 +625,8 @@ struct Replica {
     /// Set when the cache was given up: the rest of the phase runs the backbone every epoch.
     fe_cache_abandoned: bool,
     fe_stats: FeatureCacheStats,
+    /// Tests: spoil the next cache right after building it, before its check.
+    fe_cache_spoil: bool,
 }
 
 impl Replica {
@@ -674,6 +676,7 @@ impl Replica {
             fe_cache: None,
             fe_cache_abandoned: false,
             fe_stats: FeatureCacheStats::default(),
+            fe_cache_spoil: false,
         };
         if let Some(shared) = replica.setup.resume.clone() {
             let state = shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -1008,6 +1011,11 @@ impl Replica {
                 }
             }
             self.fe_stats.builds += 1;
+            if std::mem::take(&mut self.fe_cache_spoil)
+                && let Some(c) = &mut self.fe_cache
+            {
+                let _ = tch::no_grad(|| c.train.f_add_scalar_(1e-3));
+            }
             let check = batches.iter().find(|b| b.len() == batch_size).map(|idx| -> Result<bool, TchError> {
                 tch::no_grad(|| {
                     let t = Tensor::f_from_slice(idx)?.f_to_device(device)?;
@@ -1538,6 +1546,13 @@ impl Trainer {
     #[doc(hidden)]
     pub fn inject_fault(&mut self, fault: Fault) {
         self.fault = Some(fault);
+    }
+
+    /// Tests: the next feature cache is spoilt right after it is built (as a device whose
+    /// kernels depend on a sample's batch would spoil it), so that its check fails.
+    #[doc(hidden)]
+    pub fn spoil_next_feature_cache(&mut self) {
+        self.lead.fe_cache_spoil = true;
     }
 
     /// Runs `lead` on rank 0 and `command` on every other replica, and collects the outcome.
