@@ -363,6 +363,24 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
+/// The bench's limits on its options.
+fn check_bench_options(o: &BenchOptions) -> anyhow::Result<()> {
+    if o.batch < 2 || o.image_size < 32 || o.steps == 0 {
+        anyhow::bail!("bench needs --batch ≥ 2, --image-size ≥ 32 and --steps ≥ 1");
+    }
+    Ok(())
+}
+
+/// Fine-tuning's learning rate of each of `model`'s parameters under the recipe's strategy for
+/// its backbone (linear for vgg16_bn, exponential otherwise), as the benches train.
+fn recipe_lrs(model: &Model) -> Vec<f64> {
+    let decay = match model.backbone() {
+        Backbone::Vgg16Bn => LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 },
+        _ => LrDecay::Exponential { head_lr: 1e-4, factor: 3.0 },
+    };
+    crate::train::fine_tuning_lrs(model, &decay, 1e-8)
+}
+
 /// What [`compare_adam_layouts`] found.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AdamComparison {
@@ -383,15 +401,9 @@ pub struct AdamComparison {
 /// Only the optimizer can make them differ: the check `scripts/gpu-check.sh` runs on a card.
 pub fn compare_adam_layouts(o: &BenchOptions) -> anyhow::Result<AdamComparison> {
     use crate::adam::{Adam, AdamConfig};
-    if o.batch < 2 || o.image_size < 32 || o.steps == 0 {
-        anyhow::bail!("bench needs --batch ≥ 2, --image-size ≥ 32 and --steps ≥ 1");
-    }
+    check_bench_options(o)?;
     let model = Model::build_seeded(o.backbone, 1000, o.device, 0)?;
-    let decay = match o.backbone {
-        Backbone::Vgg16Bn => LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 },
-        _ => LrDecay::Exponential { head_lr: 1e-4, factor: 3.0 },
-    };
-    let lrs = crate::train::fine_tuning_lrs(&model, &decay, 1e-8);
+    let lrs = recipe_lrs(&model);
     let copies: Vec<(String, Tensor, f64)> = model
         .named_parameters()
         .iter()
@@ -453,9 +465,7 @@ pub fn compare_adam_layouts(o: &BenchOptions) -> anyhow::Result<AdamComparison> 
 /// The same work as `tools/bench_torch_train.py` does in PyTorch eager.
 pub fn bench_training(o: &BenchOptions) -> anyhow::Result<BenchResult> {
     use crate::adam::{Adam, AdamConfig};
-    if o.batch < 2 || o.image_size < 32 || o.steps == 0 {
-        anyhow::bail!("bench needs --batch ≥ 2, --image-size ≥ 32 and --steps ≥ 1");
-    }
+    check_bench_options(o)?;
     if o.fp16 && o.device == Device::Cpu {
         anyhow::bail!("fp16 autocast is a CUDA feature here; use --device cuda:N or --precision fp32");
     }
@@ -463,12 +473,7 @@ pub fn bench_training(o: &BenchOptions) -> anyhow::Result<BenchResult> {
         tch::Cuda::cudnn_set_benchmark(true);
     }
     let model = Model::build_seeded(o.backbone, 1000, o.device, 0)?;
-    // Fine-tuning's learning rates: the recipe's strategy for the backbone's layer groups.
-    let decay = match o.backbone {
-        Backbone::Vgg16Bn => LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 },
-        _ => LrDecay::Exponential { head_lr: 1e-4, factor: 3.0 },
-    };
-    let lrs = crate::train::fine_tuning_lrs(&model, &decay, 1e-8);
+    let lrs = recipe_lrs(&model);
     let params = model.named_parameters().iter().zip(lrs).map(|((n, t), lr)| (n.clone(), t.shallow_clone(), lr));
     let mut adam = match o.flat_adam {
         None => Adam::for_device(params, AdamConfig::default())?,

@@ -1084,8 +1084,7 @@ impl Replica {
         let n = self.data.val_y.size()[0] as usize;
         let part = split_evenly(n, self.world())[self.rank].clone();
         let batch_size = self.setup.training.batch_size.max(1) as usize;
-        let order: Vec<i64> = (part.start as i64..part.end as i64).collect();
-        order.chunks(batch_size).map(|c| (c[0], c.len() as i64)).collect()
+        (part.start..part.end).step_by(batch_size).map(|s| (s as i64, (batch_size.min(part.end - s)) as i64)).collect()
     }
 
     /// Validation in evaluation mode; with several replicas each takes a contiguous part of
