@@ -9,12 +9,16 @@
 //! normalised: resizing and cropping happened when the dataset was cached.
 //!
 //! Every random parameter is drawn from a [`Rng`] stream (six draws per sample, whatever is
-//! enabled), so the same seed gives the same batches on any device.
+//! enabled), so the same seed gives the same parameters on any device. On the CPU, batches are
+//! computed by the fused kernel of [`cpu`] (the same formulas in one pass per sample); on other
+//! devices by the tensor operations of [`apply`] and [`normalize`], which stay the reference.
 
 use sweep_core::spec::Augment;
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::rng::Rng;
+
+pub mod cpu;
 
 /// ImageNet channel means (torchvision's `Normalize`).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -35,6 +39,10 @@ pub struct SampleParams {
 }
 
 impl SampleParams {
+    /// No flip, no warp, factors of 1: what [`Augment::NONE`] applies.
+    pub const NEUTRAL: SampleParams =
+        SampleParams { flip: false, rotation: 0.0, shear: 0.0, brightness: 1.0, contrast: 1.0, saturation: 1.0 };
+
     /// Draws one sample's parameters (always six draws, in a fixed order).
     pub fn draw(aug: &Augment, rng: &mut Rng) -> SampleParams {
         let flip = rng.bernoulli(0.5);
@@ -170,11 +178,25 @@ pub fn train_batch(images: &Tensor, aug: &Augment, rng: &mut Rng) -> Result<Tens
 /// batch and passes its shard's, so a sample is augmented the same way whatever the number of
 /// replicas.
 pub fn train_batch_with(images: &Tensor, aug: &Augment, params: &[SampleParams]) -> Result<Tensor, TchError> {
+    if cpu::applies(images) {
+        return cpu::batch(images, aug, params);
+    }
+    train_batch_tensor_ops(images, aug, params)
+}
+
+/// [`train_batch_with`] by tensor operations on any device: what CUDA devices run, and the
+/// reference the CPU kernel is tested against.
+pub fn train_batch_tensor_ops(images: &Tensor, aug: &Augment, params: &[SampleParams]) -> Result<Tensor, TchError> {
     normalize_in_place(apply_owned(to_unit(images)?, true, aug, params)?)
 }
 
-/// A validation batch: uint8 `[N, 3, H, W]` → normalised float batch.
+/// A validation batch: uint8 `[N, 3, H, W]` → normalised float batch. Exactly a training batch
+/// without augmentation ([`Augment::NONE`]), on every device.
 pub fn eval_batch(images: &Tensor) -> Result<Tensor, TchError> {
+    if cpu::applies(images) {
+        let n = images.size()[0].max(0) as usize;
+        return cpu::batch(images, &Augment::NONE, &vec![SampleParams::NEUTRAL; n]);
+    }
     normalize_in_place(to_unit(images)?)
 }
 
@@ -272,5 +294,98 @@ mod tests {
         assert!(y.get(0).get(0).abs().max().double_value(&[]) < 1e-6);
         let want = (0.485 - 0.456) / 0.224;
         assert!((y.get(0).get(1).mean(Kind::Float).double_value(&[]) - want).abs() < 1e-5);
+    }
+
+    /// Parameter sets that exercise every step, drawn from the default augmentation.
+    fn params(n: usize, seed: u64) -> Vec<SampleParams> {
+        let mut rng = Rng::new(seed);
+        (0..n).map(|_| SampleParams::draw(&Augment { color_jitter: 0.4, ..Augment::default() }, &mut rng)).collect()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.size(), b.size());
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn cpu_kernel_matches_the_tensor_operations() {
+        let square = batch(6, 24);
+        let wide = Tensor::cat(&[batch(3, 28).narrow(2, 0, 20), batch(3, 28).narrow(2, 8, 20)], 0).contiguous();
+        let p = params(6, 3);
+        let augs = [
+            Augment::default(),
+            Augment { color_jitter: 0.4, ..Augment::default() },
+            Augment { hflip: false, ..Augment::default() },
+            Augment { rotation_deg: 15.0, ..Augment::NONE },
+            Augment { shear_deg: 10.0, hflip: true, ..Augment::NONE },
+            Augment { color_jitter: 0.4, ..Augment::NONE },
+        ];
+        for images in [&square, &wide] {
+            for aug in &augs {
+                let fused = cpu::batch(images, aug, &p).unwrap();
+                let reference = train_batch_tensor_ops(images, aug, &p).unwrap();
+                // In normalised units; one grey level is 1 / 255 / 0.229 ≈ 0.017.
+                let d = max_diff(&fused, &reference);
+                assert!(d < 2e-5, "{aug:?} on {:?}: the CPU kernel differs by {d}", images.size());
+                assert_eq!(fused.kind(), Kind::Float);
+            }
+        }
+        // Saturated images: every clamp engages.
+        for v in [0u8, 255] {
+            let flat = Tensor::full([2, 3, 16, 16], v as i64, (Kind::Uint8, Device::Cpu));
+            let aug = Augment { color_jitter: 0.4, ..Augment::default() };
+            let d = max_diff(
+                &cpu::batch(&flat, &aug, &p[..2]).unwrap(),
+                &train_batch_tensor_ops(&flat, &aug, &p[..2]).unwrap(),
+            );
+            assert!(d < 2e-5, "a flat image of {v} differs by {d}");
+        }
+    }
+
+    #[test]
+    fn cpu_kernel_without_warp_or_jitter_is_the_tensor_path_bit_for_bit() {
+        let images = batch(5, 12);
+        let p = params(5, 8);
+        assert!(p.iter().any(|p| p.flip) && p.iter().any(|p| !p.flip));
+        for aug in [Augment::NONE, Augment { hflip: true, ..Augment::NONE }] {
+            assert!(cpu::batch(&images, &aug, &p).unwrap().equal(&train_batch_tensor_ops(&images, &aug, &p).unwrap()));
+        }
+        assert!(eval_batch(&images).unwrap().equal(&normalize(&to_unit(&images).unwrap()).unwrap()));
+    }
+
+    #[test]
+    fn cpu_kernel_computes_each_sample_by_itself() {
+        let images = batch(6, 20);
+        let p = params(6, 11);
+        let aug = Augment { color_jitter: 0.4, ..Augment::default() };
+        let whole = cpu::batch(&images, &aug, &p).unwrap();
+        // A sample's pixels are the same alone, at another place in a batch, and on one thread.
+        let one = cpu::batch(&images.narrow(0, 4, 1), &aug, &p[4..5]).unwrap();
+        assert!(one.get(0).equal(&whole.get(4)));
+        let idx = Tensor::from_slice(&[5i64, 0, 3]);
+        let shuffled = cpu::batch(&images.index_select(0, &idx), &aug, &[p[5], p[0], p[3]]).unwrap();
+        assert!(shuffled.get(0).equal(&whole.get(5)) && shuffled.get(2).equal(&whole.get(3)));
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let (mine, pp) = (images.copy(), p.clone());
+        assert!(pool.install(move || cpu::batch(&mine, &aug, &pp).unwrap()).equal(&whole));
+        // And train_batch_with takes this path on the CPU.
+        assert!(train_batch_with(&images, &aug, &p).unwrap().equal(&whole));
+    }
+
+    #[test]
+    fn cpu_kernel_rejects_a_batch_it_cannot_read() {
+        let p = params(2, 1);
+        let aug = Augment::default();
+        for (images, what) in [
+            (batch(3, 8), "parameter sets"),
+            (to_unit(&batch(2, 8)).unwrap(), "Float"),
+            (Tensor::zeros([2, 1, 8, 8], (Kind::Uint8, Device::Cpu)), "[N, 3, H, W]"),
+        ] {
+            let e = cpu::batch(&images, &aug, &p).unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        }
+        // An empty batch is an empty float batch.
+        let empty = cpu::batch(&Tensor::zeros([0, 3, 8, 8], (Kind::Uint8, Device::Cpu)), &aug, &[]).unwrap();
+        assert_eq!((empty.size(), empty.kind()), (vec![0, 3, 8, 8], Kind::Float));
     }
 }
