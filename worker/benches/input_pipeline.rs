@@ -20,7 +20,11 @@
 //! many rayon threads to decode and libtorch intra-op threads to augment; torchvision that many
 //! DataLoader worker processes (one torch thread each) and `torch.set_num_threads` in the main
 //! process. Prints a table of images/s: the first epoch (sweep's including the cache build), the
-//! later epochs, and the ratio sweep / torchvision. `SWEEP_BENCH_DIR` sets where the images go
+//! later epochs, and the ratio sweep / torchvision. One more row decodes every file and does
+//! nothing else, with the same decoder and threads: the ceiling of any first epoch that decodes
+//! each image at full size, against torchvision's first epoch. And one more epoch augments by
+//! tensor operations (`augment::train_batch_tensor_ops`: what CUDA devices run, and the CPU did
+//! before its fused kernel), inline, for the before/after of that kernel. `SWEEP_BENCH_DIR` sets where the images go
 //! (default: `sweep-bench-input-pipeline` in the system's temporary directory).
 
 use std::path::{Path, PathBuf};
@@ -31,6 +35,7 @@ use image::codecs::jpeg::JpegEncoder;
 use image::{Rgb, RgbImage};
 use rayon::prelude::*;
 use sweep_core::spec::Augment;
+use sweep_worker::augment::{self, SampleParams};
 use sweep_worker::data::{self, prefetch};
 use sweep_worker::rng::{Rng, STREAM_AUGMENT, STREAM_SHUFFLE};
 use sweep_worker::train;
@@ -105,6 +110,11 @@ fn images(dir: &Path, n: usize) -> Vec<(PathBuf, i64)> {
 }
 
 struct Figures {
+    /// Seconds of one later epoch with the augmentation by tensor operations (sweep), the CPU's
+    /// path before its fused kernel and what CUDA devices run; 0 for torchvision.
+    tensor_ops: f64,
+    /// Seconds to decode every file and nothing else (sweep) or 0 (torchvision).
+    decode: f64,
     /// Seconds to build the cache (sweep) or 0 (torchvision).
     build: f64,
     /// Seconds of each epoch.
@@ -122,7 +132,26 @@ impl Figures {
     }
 }
 
+/// Seconds to decode every file to RGB and nothing else (read + JPEG decode, the same decoder
+/// as the cache build, the same threads): the floor under any first epoch that decodes each
+/// image once at full size.
+fn decode_alone(items: &[(PathBuf, i64)]) -> f64 {
+    let start = Instant::now();
+    items.par_iter().for_each(|(path, _)| {
+        let img = image::ImageReader::open(path)
+            .and_then(|r| r.with_guessed_format())
+            .expect("open a JPEG")
+            .decode()
+            .expect("decode a JPEG")
+            .into_rgb8();
+        std::hint::black_box(img);
+    });
+    start.elapsed().as_secs_f64()
+}
+
 fn sweep_pipeline(items: &[(PathBuf, i64)], epochs: usize) -> Figures {
+    let decode = decode_alone(items);
+    eprintln!("decode alone: {} images in {decode:.2} s = {:.1} images/s", items.len(), items.len() as f64 / decode);
     let start = Instant::now();
     let mut skipped = Vec::new();
     let split = data::decode_split(items, IMAGE_SIZE, false, &mut skipped).expect("decode the images");
@@ -147,7 +176,28 @@ fn sweep_pipeline(items: &[(PathBuf, i64)], epochs: usize) -> Figures {
         eprintln!("sweep epoch {epoch}: {n} images in {s:.2} s = {:.1} images/s", n as f64 / s);
         times.push(s);
     }
-    Figures { build, epochs: times }
+    let tensor_ops = tensor_ops_epoch(&x, &y, split.len(), epochs as u64 + 1);
+    eprintln!("sweep epoch by tensor operations: {} images in {tensor_ops:.2} s", split.len());
+    Figures { tensor_ops, decode, build, epochs: times }
+}
+
+/// Seconds of one epoch whose batches are gathered and augmented inline by the tensor operations
+/// (`augment::train_batch_tensor_ops`) instead of the CPU kernel; same order and draws as an
+/// epoch of [`sweep_pipeline`].
+fn tensor_ops_epoch(x: &tch::Tensor, y: &tch::Tensor, n: usize, epoch: u64) -> f64 {
+    let order = Rng::derive(SEED, &[STREAM_SHUFFLE, epoch]).permutation(n);
+    let aug = Augment::default();
+    let mut rng = Rng::derive(SEED, &[STREAM_AUGMENT, epoch]);
+    let start = Instant::now();
+    tch::no_grad(|| {
+        for b in train::batches(&order, BATCH) {
+            let params: Vec<SampleParams> = b.iter().map(|_| SampleParams::draw(&aug, &mut rng)).collect();
+            let t = tch::Tensor::from_slice(b);
+            let images = augment::train_batch_tensor_ops(&x.index_select(0, &t), &aug, &params).expect("a batch");
+            let _ = std::hint::black_box((images, y.index_select(0, &t)));
+        }
+    });
+    start.elapsed().as_secs_f64()
 }
 
 fn python() -> PathBuf {
@@ -184,10 +234,12 @@ fn torchvision_pipeline(dir: &Path, threads: usize, epochs: usize) -> Result<(Fi
         v["torch"].as_str().unwrap_or("?"),
         v["torchvision"].as_str().unwrap_or("?")
     );
-    Ok((Figures { build: 0.0, epochs }, versions))
+    Ok((Figures { tensor_ops: 0.0, decode: 0.0, build: 0.0, epochs }, versions))
 }
 
 fn main() {
+    // malloc as the worker process sets it (first thing, before libtorch allocates).
+    let malloc = sweep_worker::alloc::tune();
     let n = env_usize("SWEEP_BENCH_IMAGES", 2000);
     let epochs = env_usize("SWEEP_BENCH_EPOCHS", 3).max(2);
     let threads = env_usize("SWEEP_BENCH_THREADS", std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -204,8 +256,9 @@ fn main() {
     let cpu = sweep_worker::tools::cpu_model();
     println!();
     println!(
-        "Input pipeline: {n} JPEGs (~500×375, q90), batch {BATCH}, {IMAGE_SIZE} px, {threads} thread(s), {cpu}, prefetch depth {}",
-        prefetch::prefetch_depth()
+        "Input pipeline: {n} JPEGs (~500×375, q90), batch {BATCH}, {IMAGE_SIZE} px, {threads} thread(s), {cpu}, prefetch depth {}, malloc {:?}",
+        prefetch::prefetch_depth(),
+        malloc
     );
     if let Ok((_, versions)) = &theirs {
         println!("torchvision baseline: {versions}, {threads} DataLoader worker(s)");
@@ -229,7 +282,10 @@ fn main() {
         "—"
     );
     row("first epoch (sweep: cache build included)", ours.first(n), tv.map(|f| f.first(n)));
+    // No first epoch that decodes every image at full size can beat this row.
+    row("decode alone: the first epoch's ceiling", n as f64 / ours.decode, tv.map(|f| f.first(n)));
     row(&format!("later epochs (mean of {})", epochs - 1), ours.later(n).unwrap_or(0.0), tv.and_then(|f| f.later(n)));
+    row("later epoch, augmented by tensor operations", n as f64 / ours.tensor_ops, tv.and_then(|f| f.later(n)));
     if let Err(e) = &theirs {
         println!("\ntorchvision baseline not run: {e}");
     }
