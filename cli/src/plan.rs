@@ -33,7 +33,7 @@ fn costs(spec: &SweepSpec, tree: &StageTree, tflops: f64) -> Option<Vec<Cost>> {
     let rate = tflops * 1e12;
     let mut out: Vec<Cost> = Vec::new();
     let mut add = |backbone: Backbone, kind: &EpochKind, epochs: u32, naive: bool| -> Option<()> {
-        let seconds = stages::epoch_flops(spec, backbone, kind)? * f64::from(epochs) / rate;
+        let seconds = stages::run_flops(spec, backbone, kind, epochs)? / rate;
         let phase = kind.phase();
         let i = match out.iter().position(|c| c.backbone == backbone && c.phase == phase) {
             Some(i) => i,
@@ -184,6 +184,31 @@ fn costs_text(costs: &[Cost]) -> String {
     rows.join("\n") + "\n"
 }
 
+/// The backbones of the sweep whose feature extraction the workers' feature cache serves, in
+/// the tree's order.
+fn cached_backbones(spec: &SweepSpec, tree: &StageTree) -> Vec<Backbone> {
+    let mut out: Vec<Backbone> = Vec::new();
+    for t in &tree.trials {
+        if !out.contains(&t.backbone) && stages::feature_cache_applies(spec, t.backbone) {
+            out.push(t.backbone);
+        }
+    }
+    out
+}
+
+/// What the estimate assumes of the feature cache, or nothing when it serves no backbone.
+fn cache_text(cached: &[Backbone]) -> String {
+    if cached.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&str> = cached.iter().map(|b| b.name()).collect();
+    format!(
+        "\nFeature extraction of {} runs the backbone in the first epoch of each stage (or trial) only: BatchNorm \
+         is frozen and the phase unaugmented, so the workers' feature cache serves the later epochs.\n",
+        names.join(", ")
+    )
+}
+
 fn stage_json(s: &Stage) -> Value {
     json!({
         "stage": s.id(),
@@ -209,6 +234,7 @@ pub fn plan(path: &Path, max_trials: usize, format: Format, tflops: f64) -> anyh
     let tree = StageTree::build(&spec, spec.sharing);
     let (naive, shared) = (tree.naive_epochs(), tree.stage_epochs());
     let costs = costs(&spec, &tree, tflops);
+    let cached = cached_backbones(&spec, &tree);
     match format {
         Format::Json => {
             let epochs = |e: Epochs| json!({"feature_extraction": e.feature_extraction, "fine_tuning": e.fine_tuning, "total": e.total()});
@@ -241,6 +267,7 @@ pub fn plan(path: &Path, max_trials: usize, format: Format, tflops: f64) -> anyh
                     "epochs": {"naive": epochs(naive), "shared": epochs(shared)},
                     "tflops": tflops,
                     "device_seconds": device_seconds,
+                    "feature_cache": cached.iter().map(|b| b.name()).collect::<Vec<_>>(),
                 }))?
             );
         }
@@ -248,8 +275,9 @@ pub fn plan(path: &Path, max_trials: usize, format: Format, tflops: f64) -> anyh
             let time = match &costs {
                 Some(c) => format!(
                     "Estimated device time at {tflops} TFLOP/s (--tflops; from each backbone's multiply-adds and the \
-                     image counts — a plan, not a measurement):\n\n{}",
-                    costs_text(c)
+                     image counts — a plan, not a measurement):\n\n{}{}",
+                    costs_text(c),
+                    cache_text(&cached)
                 ),
                 None => {
                     "Estimated device time: unknown (an image folder's image count is known only when it is read).\n"

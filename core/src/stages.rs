@@ -414,6 +414,32 @@ pub fn epoch_flops(spec: &SweepSpec, backbone: Backbone, kind: &EpochKind) -> Op
     Some(forward * (train as f64 * passes + val as f64))
 }
 
+/// Whether a worker's feature cache serves feature extraction of `backbone` under `spec`: the
+/// frozen backbone's output then depends on the image alone — BatchNorm statistics frozen
+/// (`training.freeze_bn_stats`), no augmentation in the phase
+/// (`training.feature_extraction.augment: false`, or no augmentation at all), one device per
+/// trial, and no stochastic depth (every backbone but efficientnet_b0) — so a run of
+/// feature-extraction epochs computes it in its first epoch only (`sweep_worker::train`, whose
+/// test `the_feature_cache_serves_only_a_pure_frozen_backbone` keeps the two in step; a worker started with
+/// `SWEEP_FEATURE_CACHE=off` does not cache).
+pub fn feature_cache_applies(spec: &SweepSpec, backbone: Backbone) -> bool {
+    spec.training.freeze_bn_stats
+        && spec.training.augment_in(Phase::FeatureExtraction).is_identity()
+        && spec.resources.gpus_per_trial <= 1
+        && backbone != Backbone::EfficientnetB0
+}
+
+/// Floating-point operations of `epochs` consecutive epochs of `kind` that one attempt runs:
+/// `epochs` × [`epoch_flops`], except for feature extraction that the feature cache serves
+/// ([`feature_cache_applies`]) in a run of two epochs or more, where only the first epoch runs
+/// the backbone (over the training and the validation images); the head's own cost, a matrix
+/// product per image, is left out here as in every epoch's estimate.
+pub fn run_flops(spec: &SweepSpec, backbone: Backbone, kind: &EpochKind, epochs: u32) -> Option<f64> {
+    let one = epoch_flops(spec, backbone, kind)?;
+    let cached = kind.is_feature_extraction() && epochs >= 2 && feature_cache_applies(spec, backbone);
+    Some(if cached { one } else { one * f64::from(epochs) })
+}
+
 /// Epochs of the kind of epoch `done + 1` that `trial` runs from there without a change of kind.
 fn run_left(trial: &Trial, done: u32) -> u32 {
     if done < trial.fe_epochs { trial.fe_epochs - done } else { trial.epochs() - done }
@@ -544,6 +570,36 @@ grid:
     - { strategy: exponential, head_lr: 1.0e-4, factor: 3 }
   epoch_split: [[16, 8], [12, 12], [8, 16]]
 ";
+
+    #[test]
+    fn a_cached_feature_extraction_run_costs_its_first_epoch() {
+        let with = |base: &str, training: &str| spec::parse(&format!("{base}training:\n{training}")).unwrap();
+        let pure = "  freeze_bn_stats: true\n  feature_extraction: { augment: false }\n";
+        let fe = EpochKind::FeatureExtraction;
+        let ft = EpochKind::FineTuning(LrDecay::Linear { head_lr: 1e-4, final_lr: 1e-7 });
+        let s = with(GUIDE, pure);
+        for b in [Backbone::Resnet50, Backbone::Vgg16Bn] {
+            assert!(feature_cache_applies(&s, b));
+            let one = epoch_flops(&s, b, &fe).unwrap();
+            assert_eq!(run_flops(&s, b, &fe, 8), Some(one));
+            assert_eq!(run_flops(&s, b, &fe, 1), Some(one));
+            // Fine-tuning trains the backbone: every epoch runs it.
+            assert_eq!(run_flops(&s, b, &ft, 8), Some(8.0 * epoch_flops(&s, b, &ft).unwrap()));
+        }
+        // Stochastic depth inside the backbone, augmented feature extraction, BatchNorm
+        // training, data parallel: every epoch runs the backbone.
+        let mut dp = s.clone();
+        dp.resources.gpus_per_trial = 2;
+        for (what, spec, b) in [
+            ("efficientnet_b0", with(&GUIDE.replace("vgg16_bn", "efficientnet_b0"), pure), Backbone::EfficientnetB0),
+            ("augmented", with(GUIDE, "  freeze_bn_stats: true\n"), Backbone::Resnet50),
+            ("BatchNorm training", with(GUIDE, "  feature_extraction: { augment: false }\n"), Backbone::Resnet50),
+            ("data parallel", dp, Backbone::Resnet50),
+        ] {
+            assert!(!feature_cache_applies(&spec, b), "{what}");
+            assert_eq!(run_flops(&spec, b, &fe, 8), Some(8.0 * epoch_flops(&spec, b, &fe).unwrap()), "{what}");
+        }
+    }
 
     #[test]
     fn epoch_keys_name_the_stages_that_end_there_in_any_sweep() {

@@ -108,6 +108,55 @@ fn plan_prints_the_stage_tree_and_what_sharing_saves() {
     let secs = v["device_seconds"].as_array().unwrap();
     assert_eq!(secs.len(), 6, "3 backbones × 2 phases");
     assert!(secs.iter().all(|c| c["shared"].as_f64().unwrap() <= c["naive"].as_f64().unwrap()));
+    assert_eq!(v["feature_cache"], serde_json::json!([]), "the recipe augments feature extraction");
+    // BatchNorm frozen and feature extraction unaugmented: the feature cache serves it, and
+    // each stage runs the backbone once (efficientnet_b0's stochastic depth excepted).
+    let dir = tempfile::tempdir().unwrap();
+    let cached = dir.path().join("cached.yaml");
+    std::fs::write(
+        &cached,
+        "name: cached\ndataset: { kind: synthetic, classes: 3 }\n\
+         training: { freeze_bn_stats: true, feature_extraction: { augment: false } }\n\
+         grid:\n  backbone: [resnet50, efficientnet_b0]\n  lr_decay: [{ strategy: linear, head_lr: 1.0e-4, final_lr: 1.0e-7 }]\n\
+         \x20 epoch_split: [[16, 8]]\n",
+    )
+    .unwrap();
+    let out = output(sweep().args(["plan", &cached.display().to_string(), "--output", "json"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["feature_cache"], serde_json::json!(["resnet50"]));
+    let fe = |b: &str| {
+        v["device_seconds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["backbone"] == b && c["phase"] == "feature_extraction")
+            .unwrap()["naive"]
+            .as_f64()
+            .unwrap()
+    };
+    let ft = |b: &str| {
+        v["device_seconds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["backbone"] == b && c["phase"] == "fine_tuning")
+            .unwrap()["naive"]
+            .as_f64()
+            .unwrap()
+    };
+    // 16 feature-extraction epochs cost one forward pass; 8 fine-tuning epochs 8 × 3 passes
+    // over the training images (plus validation), so well over 8 times more.
+    assert!(ft("resnet50") > 8.0 * fe("resnet50"), "{v}");
+    // Uncached, 16 feature-extraction epochs (16 forward passes) cost about as much as 8 of
+    // fine-tuning (24 passes over the training images).
+    assert!(fe("efficientnet_b0") > 0.5 * ft("efficientnet_b0"), "{v}");
+    let out = output(sweep().args(["plan", &cached.display().to_string()]));
+    assert!(
+        stdout(&out).contains("Feature extraction of resnet50 runs the backbone in the first epoch"),
+        "{}",
+        stdout(&out)
+    );
     // Bad input: a throughput that is no number of TFLOP/s, a missing spec.
     let out = output(sweep().current_dir(root).args(["plan", "sweeps/flowers102.yaml", "--tflops", "0"]));
     assert_eq!(out.status.code(), Some(1));

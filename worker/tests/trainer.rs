@@ -436,10 +436,15 @@ fn a_feature_cache_that_fails_its_check_is_given_up_and_the_run_is_unchanged() {
 #[test]
 fn the_feature_cache_serves_only_a_pure_frozen_backbone() {
     let _bound = sweep_tests::bound(600);
+    // Each case also checks what `sweep plan` assumes (`stages::feature_cache_applies`).
     let first_epoch = |s: SweepSpec, t: Trial| {
         let mut tr = Trainer::new(&s, &t, &with_cache(true)).unwrap();
         tr.run_epoch().unwrap();
-        tr.cached_features()
+        let held = tr.cached_features();
+        if t.fe_epochs >= 2 {
+            assert_eq!(sweep_core::stages::feature_cache_applies(&s, t.backbone), held.is_some(), "{:?}", s.training);
+        }
+        held
     };
     let (s, t) = pure_spec("resnet18", 2, 3, 4, (2, 1));
     assert!(first_epoch(s.clone(), t.clone()).is_some());
@@ -465,6 +470,14 @@ fn the_feature_cache_serves_only_a_pure_frozen_backbone() {
     let mut tr = Trainer::new(&s, &t, &with_cache(false)).unwrap();
     tr.run_epoch().unwrap();
     assert_eq!(tr.cached_features(), None);
+    // Data parallel: not built (each replica would need its own).
+    let mut dp = s.clone();
+    dp.resources.gpus_per_trial = 2;
+    let options = TrainOptions { feature_cache: true, ..TrainOptions::data_parallel(vec![Device::Cpu, Device::Cpu]) };
+    let mut tr = Trainer::new(&dp, &t, &options).unwrap();
+    tr.run_epoch().unwrap();
+    assert_eq!(tr.cached_features(), None);
+    assert!(!sweep_core::stages::feature_cache_applies(&dp, t.backbone));
     // Stochastic depth draws inside efficientnet_b0's backbone.
     let (e, et) = pure_spec("efficientnet_b0", 2, 3, 4, (2, 1));
     assert_eq!(first_epoch(e, et), None);
