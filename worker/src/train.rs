@@ -625,8 +625,17 @@ struct Replica {
     /// Set when the cache was given up: the rest of the phase runs the backbone every epoch.
     fe_cache_abandoned: bool,
     fe_stats: FeatureCacheStats,
-    /// Tests: spoil the next cache right after building it, before its check.
-    fe_cache_spoil: bool,
+    /// Tests: what goes wrong with the next cache.
+    fe_cache_fault: Option<CacheFault>,
+}
+
+/// A fault injected into the next feature cache (tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CacheFault {
+    /// Spoilt right after it is built, before its check.
+    Spoil,
+    /// Building it fails (as running out of memory would).
+    FailBuild,
 }
 
 impl Replica {
@@ -676,7 +685,7 @@ impl Replica {
             fe_cache: None,
             fe_cache_abandoned: false,
             fe_stats: FeatureCacheStats::default(),
-            fe_cache_spoil: false,
+            fe_cache_fault: None,
         };
         if let Some(shared) = replica.setup.resume.clone() {
             let state = shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -1002,7 +1011,13 @@ impl Replica {
         let device = self.model.device();
         let batches = batches(&order, batch_size);
         if self.fe_cache.is_none() {
-            match self.build_feature_cache(plan.mode, batch_size) {
+            let built = if self.fe_cache_fault == Some(CacheFault::FailBuild) {
+                self.fe_cache_fault = None;
+                Err(TchError::Torch("injected fault: out of memory while building the feature cache".into()))
+            } else {
+                self.build_feature_cache(plan.mode, batch_size)
+            };
+            match built {
                 Ok(Some(cache)) => self.fe_cache = Some(cache),
                 Ok(None) => return Err(ReplicaError::Train(TrainError::Cancelled)),
                 Err(e) => {
@@ -1011,7 +1026,7 @@ impl Replica {
                 }
             }
             self.fe_stats.builds += 1;
-            if std::mem::take(&mut self.fe_cache_spoil)
+            if self.fe_cache_fault.take_if(|f| *f == CacheFault::Spoil).is_some()
                 && let Some(c) = &mut self.fe_cache
             {
                 let _ = tch::no_grad(|| c.train.f_add_scalar_(1e-3));
@@ -1551,7 +1566,13 @@ impl Trainer {
     /// kernels depend on a sample's batch would spoil it), so that its check fails.
     #[doc(hidden)]
     pub fn spoil_next_feature_cache(&mut self) {
-        self.lead.fe_cache_spoil = true;
+        self.lead.fe_cache_fault = Some(CacheFault::Spoil);
+    }
+
+    /// Tests: building the next feature cache fails (as running out of memory would).
+    #[doc(hidden)]
+    pub fn fail_next_feature_cache_build(&mut self) {
+        self.lead.fe_cache_fault = Some(CacheFault::FailBuild);
     }
 
     /// Runs `lead` on rank 0 and `command` on every other replica, and collects the outcome.
