@@ -17,7 +17,8 @@
 //!    transforms, decoding every epoch.
 //!
 //! Both sides get `SWEEP_BENCH_THREADS` threads (default: the CPUs available): sweep uses that
-//! many rayon threads to decode and libtorch intra-op threads to augment; torchvision that many
+//! many rayon threads to decode and augment (the CPU kernel; libtorch intra-op threads for the
+//! tensor-operation epoch); torchvision that many
 //! DataLoader worker processes (one torch thread each) and `torch.set_num_threads` in the main
 //! process. Prints a table of images/s: the first epoch (sweep's including the cache build), the
 //! later epochs, and the ratio sweep / torchvision. One more row decodes every file and does

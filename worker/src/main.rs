@@ -38,7 +38,8 @@ struct Args {
     /// libtorch sees, else cpu]. The tools use the first.
     #[arg(long, visible_alias = "device", env = "SWEEP_DEVICES", global = true, value_name = "LIST")]
     devices: Option<String>,
-    /// Threads libtorch may use inside one operation (default: all cores).
+    /// Threads libtorch may use inside one operation, and the threads that decode images and
+    /// augment CPU batches (default: all cores).
     #[arg(long, env = "SWEEP_THREADS", global = true)]
     threads: Option<usize>,
     /// Directory of ImageNet weights, `<backbone>.safetensors`.
@@ -285,6 +286,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             bail!("--threads must be at least 1");
         }
         train::set_intra_op_threads(n);
+        // Decoding and the CPU augmentation run on rayon's pool: the same limit.
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            tracing::warn!("--threads {n}: the decode and augmentation pool was already set up ({e})");
+        }
     }
     let selected = match &args.devices {
         Some(list) => Some(devices::parse_devices(list).map_err(|e| anyhow::anyhow!("--devices {list}: {e}"))?),

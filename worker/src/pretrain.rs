@@ -28,7 +28,7 @@ use sweep_core::spec::{Augment, PretrainSpec, SweepSpec, Weights};
 use crate::train::{TrainError, TrainOptions, Trainer};
 
 /// Bumped whenever the pretraining procedure changes what it produces.
-const VERSION: &str = "sweep-pretrain/1";
+const VERSION: &str = "sweep-pretrain/2";
 
 /// The cache key of pretraining `backbone` per `p` with augmentation `augment`.
 pub fn cache_key(p: &PretrainSpec, backbone: Backbone, augment: &Augment) -> String {

@@ -5,11 +5,14 @@
 //! the same order: bilinear sampling of the affine warp at the same source coordinates (the
 //! base grid of `affine_grid` with `align_corners = false`, zeros outside), then brightness,
 //! contrast with the sample's mean grey level, saturation, each clamped to `[0, 1]`, then the
-//! ImageNet normalisation. Rounding differs in places (a warped pixel is the weighted sum of its
-//! four bytes times 1 / 255, the mean grey level is summed by rows into f64), by at most 1e-5
-//! after normalisation (a grey level is 0.017 there); so CPU training batches are not
-//! bit-identical to the tensor path's (which CUDA devices use), and `stages::TRAINING_VERSION`
-//! was raised with this kernel. Without a warp or jitter it is the tensor path bit for bit
+//! ImageNet normalisation. Rounding differs in places: the warp's source coordinates are
+//! computed in f32 by other operations than `affine_grid`'s matrix product (both paths are about
+//! 1e-4 from an f64 computation at 224 px, and up to 5e-4 from each other after normalisation
+//! in the worst cases, where a grey level is 0.017; about 1e-5 on average), a warped pixel is the
+//! weighted sum of its four bytes times 1 / 255, and the mean grey level is summed in runs of
+//! f32 into f64. So CPU training batches are not bit-identical to the tensor path's (which CUDA
+//! devices use): `stages::TRAINING_VERSION` rose to 2 and the pretraining cache's version to 2
+//! with this kernel. Without a warp or jitter it is the tensor path bit for bit
 //! (`x / 255`, then `(x - mean) / std`), which keeps validation batches as they were.
 //!
 //! Each sample is computed by itself, in a fixed order, so a sample's pixels do not depend on
@@ -24,9 +27,14 @@ use tch::{Device, Kind, TchError, Tensor};
 
 use super::{IMAGENET_MEAN, IMAGENET_STD, SampleParams};
 
-/// Whether [`batch`] handles `images`: a 4-D uint8 batch on the CPU.
+/// Whether [`batch`] handles `images`: a uint8 `[N, 3, H, W]` batch on the CPU, stored as its
+/// values (not a lazily negated view). Anything else takes the tensor operations.
 pub fn applies(images: &Tensor) -> bool {
-    images.device() == Device::Cpu && images.kind() == Kind::Uint8 && images.dim() == 4
+    images.device() == Device::Cpu
+        && images.kind() == Kind::Uint8
+        && images.dim() == 4
+        && images.size()[1] == 3
+        && !images.is_neg()
 }
 
 /// The augmented, normalised float batch of the uint8 `[N, 3, H, W]` CPU batch `images` with one
@@ -132,6 +140,10 @@ fn sample(img: &[u8], out: &mut [f32], h: usize, w: usize, grid: &BaseGrid, aug:
     }
 }
 
+/// Grey levels are summed in f32 over runs of this many pixels, the runs in f64: the mean that
+/// contrast needs stays within 1e-6 of the exact one at any image size.
+const LUMA_RUN: usize = 64;
+
 /// Brightness (with colour jitter, `JITTER`), clamped, on a pixel in `[0, 1]`.
 #[inline(always)]
 fn bright<const JITTER: bool>(v: f32, f: f32) -> f32 {
@@ -149,6 +161,9 @@ fn copy<const JITTER: bool>(src: [&[u8]; 3], out: [&mut [f32]; 3], w: usize, fli
     {
         let mut row = 0.0f32;
         for j in 0..w {
+            if j % LUMA_RUN == 0 {
+                sum += std::mem::take(&mut row) as f64;
+            }
             let x = k + if flip { w - 1 - j } else { j };
             let (vr, vg, vb) = (
                 bright::<JITTER>(src[0][x] as f32 / 255.0, f),
@@ -294,6 +309,9 @@ fn warp<const JITTER: bool>(px: &[[u8; 4]], out: [&mut [f32]; 3], w: usize, grid
         row_taps(&grid.xs, &m, &mut taps);
         let mut row = 0.0f32;
         for (j, &Tap { x0, y0, weights }) in taps.iter().enumerate() {
+            if j % LUMA_RUN == 0 {
+                sum += std::mem::take(&mut row) as f64;
+            }
             let v = if x0 >= 0 && y0 >= 0 && x0 + 1 < wi && y0 + 1 < hi {
                 interior(px, y0 as usize * w + x0 as usize, w, weights)
             } else if x0 >= -1 && y0 >= -1 && x0 < wi && y0 < hi {
