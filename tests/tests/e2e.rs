@@ -125,26 +125,12 @@ fn plan_prints_the_stage_tree_and_what_sharing_saves() {
     assert!(out.status.success(), "{}", stderr(&out));
     let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(v["feature_cache"], serde_json::json!(["resnet50"]));
-    let fe = |b: &str| {
-        v["device_seconds"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["backbone"] == b && c["phase"] == "feature_extraction")
-            .unwrap()["naive"]
-            .as_f64()
-            .unwrap()
+    let cost = |b: &str, phase: &str| {
+        let secs = v["device_seconds"].as_array().unwrap();
+        secs.iter().find(|c| c["backbone"] == b && c["phase"] == phase).unwrap()["naive"].as_f64().unwrap()
     };
-    let ft = |b: &str| {
-        v["device_seconds"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["backbone"] == b && c["phase"] == "fine_tuning")
-            .unwrap()["naive"]
-            .as_f64()
-            .unwrap()
-    };
+    let fe = |b: &str| cost(b, "feature_extraction");
+    let ft = |b: &str| cost(b, "fine_tuning");
     // 16 feature-extraction epochs cost one forward pass; 8 fine-tuning epochs 8 × 3 passes
     // over the training images (plus validation), so well over 8 times more.
     assert!(ft("resnet50") > 8.0 * fe("resnet50"), "{v}");
