@@ -11,7 +11,7 @@
 //!    `data::decode_split`, as `image_folder` and `flowers102` do), then runs
 //!    `SWEEP_BENCH_EPOCHS` (3) epochs of training batches of 32 exactly as `train_pass` gets them
 //!    (`data::prefetch::TrainBatches`: gather, flip, rotation + shear, colour jitter, normalise),
-//!    in a seeded random order.
+//!    in a seeded random order, inline unless `SWEEP_PREFETCH` sets a depth.
 //! 3. torchvision: `tools/bench_torchvision_pipeline.py` with the venv's python
 //!    (`SWEEP_PYTHON`, else `<repo>/.venv/bin/python`): `ImageFolder` + `DataLoader`, the same
 //!    transforms, decoding every epoch.
@@ -150,6 +150,14 @@ fn decode_alone(items: &[(PathBuf, i64)]) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// The prefetch depth here: 0 (inline) unless `SWEEP_PREFETCH` says otherwise. Inline, the CPU
+/// kernel spreads a batch over every thread; in the prefetch thread it runs on that thread alone,
+/// since in training the model's step has the cores. With no model here, inline is the
+/// pipeline's throughput.
+fn bench_depth() -> usize {
+    if std::env::var_os(prefetch::PREFETCH_ENV).is_some() { prefetch::prefetch_depth() } else { 0 }
+}
+
 fn sweep_pipeline(items: &[(PathBuf, i64)], epochs: usize) -> Figures {
     let decode = decode_alone(items);
     eprintln!("decode alone: {} images in {decode:.2} s = {:.1} images/s", items.len(), items.len() as f64 / decode);
@@ -160,7 +168,7 @@ fn sweep_pipeline(items: &[(PathBuf, i64)], epochs: usize) -> Figures {
     eprintln!("sweep cache build: {} images in {build:.2} s = {:.1} images/s", items.len(), items.len() as f64 / build);
     let (x, y) = split.to_tensors(Device::Cpu).expect("tensors");
     let aug = Augment::default();
-    let depth = prefetch::prefetch_depth();
+    let depth = bench_depth();
     let mut times = Vec::new();
     for epoch in 1..=epochs as u64 {
         let order = Rng::derive(SEED, &[STREAM_SHUFFLE, epoch]).permutation(split.len());
@@ -258,7 +266,7 @@ fn main() {
     println!();
     println!(
         "Input pipeline: {n} JPEGs (~500×375, q90), batch {BATCH}, {IMAGE_SIZE} px, {threads} thread(s), {cpu}, prefetch depth {}, malloc {:?}",
-        prefetch::prefetch_depth(),
+        bench_depth(),
         malloc
     );
     if let Ok((_, versions)) = &theirs {

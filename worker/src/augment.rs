@@ -178,8 +178,19 @@ pub fn train_batch(images: &Tensor, aug: &Augment, rng: &mut Rng) -> Result<Tens
 /// batch and passes its shard's, so a sample is augmented the same way whatever the number of
 /// replicas.
 pub fn train_batch_with(images: &Tensor, aug: &Augment, params: &[SampleParams]) -> Result<Tensor, TchError> {
+    train_batch_on(images, aug, params, true)
+}
+
+/// [`train_batch_with`]; on the CPU the samples are spread over rayon's pool when `parallel`,
+/// else computed on the calling thread ([`cpu::batch_on`]), with the same bits.
+pub fn train_batch_on(
+    images: &Tensor,
+    aug: &Augment,
+    params: &[SampleParams],
+    parallel: bool,
+) -> Result<Tensor, TchError> {
     if cpu::applies(images) {
-        return cpu::batch(images, aug, params);
+        return cpu::batch_on(images, aug, params, parallel);
     }
     train_batch_tensor_ops(images, aug, params)
 }
@@ -395,6 +406,9 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         let (mine, pp) = (images.copy(), p.clone());
         assert!(pool.install(move || cpu::batch(&mine, &aug, &pp).unwrap()).equal(&whole));
+        // On the calling thread alone.
+        assert!(cpu::batch_on(&images, &aug, &p, false).unwrap().equal(&whole));
+        assert!(train_batch_on(&images, &aug, &p, false).unwrap().equal(&whole));
         // And train_batch_with takes this path on the CPU.
         assert!(train_batch_with(&images, &aug, &p).unwrap().equal(&whole));
     }

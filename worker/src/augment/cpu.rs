@@ -38,8 +38,17 @@ pub fn applies(images: &Tensor) -> bool {
 }
 
 /// The augmented, normalised float batch of the uint8 `[N, 3, H, W]` CPU batch `images` with one
-/// parameter set per sample; `aug`'s disabled steps are skipped, as in [`super::apply`].
+/// parameter set per sample; `aug`'s disabled steps are skipped, as in [`super::apply`]. The
+/// samples are spread over rayon's pool.
 pub fn batch(images: &Tensor, aug: &Augment, params: &[SampleParams]) -> Result<Tensor, TchError> {
+    batch_on(images, aug, params, true)
+}
+
+/// [`batch`], its samples spread over rayon's pool when `parallel`, else computed one after the
+/// other on the calling thread (as the prefetch thread does while the model's step has the
+/// cores: more threads would preempt libtorch's, which wait for each other at every operation).
+/// The same bits either way.
+pub fn batch_on(images: &Tensor, aug: &Augment, params: &[SampleParams], parallel: bool) -> Result<Tensor, TchError> {
     let size = images.size();
     if !applies(images) || size[1] != 3 || size[0] != params.len() as i64 {
         return Err(TchError::Shape(format!(
@@ -67,9 +76,12 @@ pub fn batch(images: &Tensor, aug: &Augment, params: &[SampleParams]) -> Result<
         )
     };
     let grid = BaseGrid::new(h, w);
-    dst.par_chunks_mut(3 * plane).zip(src.par_chunks(3 * plane)).zip(params.par_iter()).for_each(|((out, img), p)| {
-        sample(img, out, h, w, &grid, aug, p);
-    });
+    let one = |((out, img), p): ((&mut [f32], &[u8]), &SampleParams)| sample(img, out, h, w, &grid, aug, p);
+    if parallel {
+        dst.par_chunks_mut(3 * plane).zip(src.par_chunks(3 * plane)).zip(params.par_iter()).for_each(one);
+    } else {
+        dst.chunks_mut(3 * plane).zip(src.chunks(3 * plane)).zip(params.iter()).for_each(one);
+    }
     Ok(output)
 }
 
