@@ -54,7 +54,14 @@ fn costs(spec: &SweepSpec, tree: &StageTree, tflops: f64) -> Option<Vec<Cost>> {
         add(t.backbone, &EpochKind::FineTuning(t.lr_decay), t.ft_epochs, true)?;
     }
     for s in &tree.stages {
-        add(s.backbone, &s.kind, s.epochs(), false)?;
+        if s.kind.is_feature_extraction() && stages::feature_cache_applies(spec, s.backbone) {
+            // The feature cache lives as long as the attempt that runs the stage's runner's
+            // chain: built in its first feature-extraction epoch, it serves the later ones,
+            // through every stage that attempt continues into.
+            add(s.backbone, &s.kind, if tree.continues_parent(s.index) { 0 } else { 1 }, false)?;
+        } else {
+            add(s.backbone, &s.kind, s.epochs(), false)?;
+        }
     }
     Some(out)
 }
@@ -203,8 +210,9 @@ fn cache_text(cached: &[Backbone]) -> String {
     }
     let names: Vec<&str> = cached.iter().map(|b| b.name()).collect();
     format!(
-        "\nFeature extraction of {} runs the backbone in the first epoch of each stage (or trial) only: BatchNorm \
-         is frozen and the phase unaugmented, so the workers' feature cache serves the later epochs.\n",
+        "\nFeature extraction of {} runs the backbone in the first feature-extraction epoch of each attempt only \
+         (per trial naive; shared, per branch of the tree that starts an attempt): BatchNorm is frozen and the \
+         phase unaugmented, so the workers' feature cache serves the later epochs.\n",
         names.join(", ")
     )
 }

@@ -180,6 +180,12 @@ mod tests {
         let mut p = [waiting(2); 6];
         p[1] = Progress { state: Standing::Running, stored: 2 };
         assert_eq!(ready(&t, &p), vec![(2, 3), (4, 5)]);
+        // The same runners, read off the tree alone (`StageTree::runner`, what `sweep plan`
+        // prices attempts by): t001 runs the root and continues into FT linear 3–5.
+        let at = |trial, epoch| t.stage_at(trial, epoch).unwrap().index;
+        assert_eq!([at(0, 1), at(2, 3), at(4, 3)].map(|s| t.runner(s)), [Some(1), Some(2), Some(4)]);
+        assert!(t.continues_parent(at(1, 3)));
+        assert!(!t.continues_parent(at(2, 3)) && !t.continues_parent(at(4, 3)) && !t.continues_parent(at(0, 1)));
         // t001 failed after epoch 3 (stored for t000 too) and waits again: it runs on, since it
         // has the longest chain; were it over (failed for good), t000 would take over from 3.
         let mut p = [waiting(2); 6];

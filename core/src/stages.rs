@@ -360,6 +360,21 @@ impl StageTree {
         cost(s) + below
     }
 
+    /// The trial that runs `stage` when nothing fails: the one with the longest chain (the most
+    /// epochs), then the lowest grid index, as `schedule::ready` picks it among the trials that
+    /// wait at the stage's start. One attempt of that trial runs its whole chain, so a child
+    /// stage with the same runner continues its parent's attempt.
+    pub fn runner(&self, stage: usize) -> Option<usize> {
+        let epochs = |t: usize| self.trials.get(t).map_or(0, |x| x.epochs());
+        self.stages.get(stage)?.trials.iter().copied().min_by_key(|&t| (std::cmp::Reverse(epochs(t)), t))
+    }
+
+    /// Whether `stage` continues its parent's attempt (see [`StageTree::runner`]).
+    pub fn continues_parent(&self, stage: usize) -> bool {
+        let parent = self.stages.get(stage).and_then(|s| s.parent);
+        parent.is_some_and(|p| self.runner(p) == self.runner(stage))
+    }
+
     /// `"epochs 1–8 shared with t003, t009"` for each shared run of `trial` (empty when none).
     pub fn shared_label(&self, trial: usize) -> String {
         let runs: Vec<(u32, u32, Vec<String>)> = self

@@ -17,7 +17,8 @@
 //!
 //! Each sample is computed by itself, in a fixed order, so a sample's pixels do not depend on
 //! the batch it is in, on the number of threads, or on the number of data-parallel replicas.
-//! Samples run in parallel on rayon's pool. On x86-64 a bilinear tap reads the three channels
+//! Samples run in parallel on rayon's pool, or one after the other on the calling thread
+//! ([`batch_on`]; training's prefetch thread, beside the model's step). On x86-64 a bilinear tap reads the three channels
 //! with one SSE2 vector operation, each lane computing what the scalar code (other CPUs) does,
 //! so every CPU gives the same bits (tested).
 
