@@ -108,7 +108,7 @@ pub fn ready(tree: &StageTree, progress: &[Progress]) -> Vec<(u32, u32)> {
         }
         // The runner: the longest chain, then the lowest grid index; it serves the chains of
         // every trial waiting here (its reports are credited to them).
-        let Some(&runner) = waiting.iter().min_by_key(|&&u| (std::cmp::Reverse(epochs(u)), u)) else { continue };
+        let Some(runner) = tree.runner_among(&waiting) else { continue };
         out.push((runner as u32, epochs(runner).saturating_sub(stored)));
     }
     out.sort_by_key(|&(t, _)| t);

@@ -360,13 +360,19 @@ impl StageTree {
         cost(s) + below
     }
 
-    /// The trial that runs `stage` when nothing fails: the one with the longest chain (the most
-    /// epochs), then the lowest grid index, as `schedule::ready` picks it among the trials that
-    /// wait at the stage's start. One attempt of that trial runs its whole chain, so a child
-    /// stage with the same runner continues its parent's attempt.
-    pub fn runner(&self, stage: usize) -> Option<usize> {
+    /// Which of `candidates` (grid indexes of trials that stand at the same point) runs on from
+    /// there: the one with the longest chain (the most epochs), then the lowest grid index.
+    /// `schedule::ready` picks by it among the trials waiting at a point.
+    pub fn runner_among(&self, candidates: &[usize]) -> Option<usize> {
         let epochs = |t: usize| self.trials.get(t).map_or(0, |x| x.epochs());
-        self.stages.get(stage)?.trials.iter().copied().min_by_key(|&t| (std::cmp::Reverse(epochs(t)), t))
+        candidates.iter().copied().min_by_key(|&t| (std::cmp::Reverse(epochs(t)), t))
+    }
+
+    /// The trial that runs `stage` when nothing fails: [`StageTree::runner_among`] its trials.
+    /// One attempt of that trial runs its whole chain, so a child stage with the same runner
+    /// continues its parent's attempt.
+    pub fn runner(&self, stage: usize) -> Option<usize> {
+        self.runner_among(&self.stages.get(stage)?.trials)
     }
 
     /// Whether `stage` continues its parent's attempt (see [`StageTree::runner`]).

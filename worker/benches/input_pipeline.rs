@@ -133,19 +133,13 @@ impl Figures {
     }
 }
 
-/// Seconds to decode every file to RGB and nothing else (read + JPEG decode, the same decoder
-/// as the cache build, the same threads): the floor under any first epoch that decodes each
+/// Seconds to decode every file to RGB and nothing else (`data::decode_rgb`, the cache build's
+/// decode step, on the same threads): the floor under any first epoch that decodes each
 /// image once at full size.
 fn decode_alone(items: &[(PathBuf, i64)]) -> f64 {
     let start = Instant::now();
     items.par_iter().for_each(|(path, _)| {
-        let img = image::ImageReader::open(path)
-            .and_then(|r| r.with_guessed_format())
-            .expect("open a JPEG")
-            .decode()
-            .expect("decode a JPEG")
-            .into_rgb8();
-        std::hint::black_box(img);
+        std::hint::black_box(data::decode_rgb(path).expect("decode a JPEG"));
     });
     start.elapsed().as_secs_f64()
 }
@@ -255,8 +249,7 @@ fn main() {
     let dir = std::env::var_os("SWEEP_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("sweep-bench-input-pipeline"));
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().expect("the rayon pool");
-    tch::set_num_threads(threads as i32);
+    train::set_threads(threads);
 
     let items = images(&dir, n);
     let ours = sweep_pipeline(&items, epochs);

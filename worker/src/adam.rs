@@ -94,9 +94,9 @@ struct Flat {
     exp_avg_sq: Tensor,
     /// `(offset, numel)` of each parameter's slot.
     slots: Vec<(i64, i64)>,
-    /// `(first parameter, end, offset, numel)` of each run of consecutive parameters with the
-    /// same learning rate.
-    runs: Vec<(usize, usize, i64, i64)>,
+    /// `(first parameter, offset, numel)` of each run of consecutive parameters with the same
+    /// learning rate.
+    runs: Vec<(usize, i64, i64)>,
 }
 
 impl Flat {
@@ -153,16 +153,15 @@ impl Adam {
                 view.shallow_clone().f_copy_(&p.tensor)?;
                 p.tensor.f_set_data(&view)?;
             }
-            let mut runs: Vec<(usize, usize, i64, i64)> = Vec::new();
+            let mut runs: Vec<(usize, i64, i64)> = Vec::new();
             for (i, (p, &(offset, numel))) in adam.params.iter().zip(&slots).enumerate() {
                 match runs.last_mut() {
                     // A run ends at a change of learning rate, or past RUN_ELEMENTS (the step's
                     // temporaries are the size of a run; the bits do not depend on the cut).
-                    Some(run) if adam.params[run.0].lr.to_bits() == p.lr.to_bits() && run.3 < RUN_ELEMENTS => {
-                        run.1 = i + 1;
-                        run.3 += numel;
+                    Some(run) if adam.params[run.0].lr.to_bits() == p.lr.to_bits() && run.2 < RUN_ELEMENTS => {
+                        run.2 += numel;
                     }
-                    _ => runs.push((i, i + 1, offset, numel)),
+                    _ => runs.push((i, offset, numel)),
                 }
             }
             Ok(Flat {
@@ -332,7 +331,7 @@ impl Adam {
         let bias_correction1 = 1.0 - beta1.powf(step);
         let bias_correction2 = 1.0 - beta2.powf(step);
         let bias_correction2_sqrt = bias_correction2.sqrt();
-        for &(first, _, offset, numel) in &f.runs {
+        for &(first, offset, numel) in &f.runs {
             let param = f.params.f_narrow(0, offset, numel)?;
             let grad = f.grads.f_narrow(0, offset, numel)?;
             let mut exp_avg = f.exp_avg.f_narrow(0, offset, numel)?;

@@ -99,11 +99,7 @@ pub fn inventory(selected: Option<&[(String, tch::Device)]>) -> Vec<v1::Device> 
 
 /// `<model name> (<N> cores)` and total memory in bytes, from /proc.
 fn cpu_description() -> (String, u64) {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
-        .unwrap_or_else(|| "CPU".into());
+    let model = crate::devices::cpu_model_name().unwrap_or_else(|| "CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let memory = meminfo

@@ -513,13 +513,7 @@ pub fn decode_image_into(path: &Path, image_size: u32, out: &mut [u8]) -> Result
             3 * s * s
         )));
     }
-    let img = image::ImageReader::open(path)
-        .map_err(|e| unreadable(path, e))?
-        .with_guessed_format()
-        .map_err(|e| unreadable(path, e))?
-        .decode()
-        .map_err(|e| unreadable(path, e))?
-        .into_rgb8();
+    let img = decode_rgb(path)?;
     let (w, h) = img.dimensions();
     if w == 0 || h == 0 {
         return Err(unreadable(path, "the image is empty"));
@@ -541,6 +535,18 @@ pub fn decode_image_into(path: &Path, image_size: u32, out: &mut [u8]) -> Result
         }
     }
     Ok(())
+}
+
+/// Decodes an image file (its format guessed from its bytes) to RGB at its own size: the decode
+/// step of [`decode_image_into`].
+pub fn decode_rgb(path: &Path) -> Result<image::RgbImage, DataError> {
+    Ok(image::ImageReader::open(path)
+        .map_err(|e| unreadable(path, e))?
+        .with_guessed_format()
+        .map_err(|e| unreadable(path, e))?
+        .decode()
+        .map_err(|e| unreadable(path, e))?
+        .into_rgb8())
 }
 
 /// Resizes packed RGB bytes from `from` to `to` (width, height) with an antialiased bilinear

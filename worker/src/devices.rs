@@ -134,6 +134,14 @@ pub fn cuda_devices() -> Result<Vec<CudaDeviceInfo>, String> {
     })
 }
 
+/// The CPU's model name from `/proc/cpuinfo` (`None` where there is none).
+pub fn cpu_model_name() -> Option<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

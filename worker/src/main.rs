@@ -285,11 +285,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        train::set_intra_op_threads(n);
-        // Decoding and the CPU augmentation run on rayon's pool: the same limit.
-        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
-            tracing::warn!("--threads {n}: the decode and augmentation pool was already set up ({e})");
-        }
+        train::set_threads(n);
     }
     let selected = match &args.devices {
         Some(list) => Some(devices::parse_devices(list).map_err(|e| anyhow::anyhow!("--devices {list}: {e}"))?),

@@ -27,12 +27,17 @@ use sweep_core::spec::{Augment, PretrainSpec, SweepSpec, Weights};
 
 use crate::train::{TrainError, TrainOptions, Trainer};
 
-/// Bumped whenever the pretraining procedure changes what it produces.
-const VERSION: &str = "sweep-pretrain/2";
+/// Bumped whenever the pretraining procedure itself changes what it produces. A change to
+/// what a training epoch computes raises `stages::TRAINING_VERSION`, which the key also holds.
+const VERSION: &str = "sweep-pretrain/1";
 
 /// The cache key of pretraining `backbone` per `p` with augmentation `augment`.
 pub fn cache_key(p: &PretrainSpec, backbone: Backbone, augment: &Augment) -> String {
-    let description = format!("{VERSION}\n{}\n{p:?}\n{augment:?}", backbone.name());
+    let description = format!(
+        "{VERSION}\ntraining v{}\n{}\n{p:?}\n{augment:?}",
+        sweep_core::stages::TRAINING_VERSION,
+        backbone.name()
+    );
     Sha256::digest(description.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -353,14 +353,7 @@ pub struct BenchPhases {
 
 /// The CPU's model name (`/proc/cpuinfo`), for benchmark reports; "unknown CPU" elsewhere.
 pub fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
+    crate::devices::cpu_model_name().unwrap_or_else(|| "unknown CPU".into())
 }
 
 /// The bench's limits on its options.

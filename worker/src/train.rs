@@ -327,6 +327,16 @@ pub fn set_intra_op_threads(n: usize) {
     tch::set_num_threads(n.clamp(1, i32::MAX as usize) as i32);
 }
 
+/// Limits the process to `n` compute threads: libtorch's intra-op threads and rayon's pool,
+/// which decodes images and runs the CPU augmentation ([`crate::augment::cpu`]). Call it before
+/// anything uses rayon; a pool already set up stays as it is, with a warning.
+pub fn set_threads(n: usize) {
+    set_intra_op_threads(n);
+    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global() {
+        tracing::warn!("{n} threads: the decode and augmentation pool was already set up ({e})");
+    }
+}
+
 /// The weights file `weights` names for `backbone`, or `None` for random initialisation.
 /// A file that does not exist is a permanent error naming it (and, for ImageNet weights,
 /// saying how to create it).
