@@ -11,8 +11,8 @@
 //! in the worst cases, where a grey level is 0.017; about 1e-5 on average), a warped pixel is the
 //! weighted sum of its four bytes times 1 / 255, and the mean grey level is summed in runs of
 //! f32 into f64. So CPU training batches are not bit-identical to the tensor path's (which CUDA
-//! devices use): `stages::TRAINING_VERSION` rose to 2 and the pretraining cache's version to 2
-//! with this kernel. Without a warp or jitter it is the tensor path bit for bit
+//! devices use): `stages::TRAINING_VERSION`, which the pretraining cache's key also holds, rose
+//! to 2 with this kernel. Without a warp or jitter it is the tensor path bit for bit
 //! (`x / 255`, then `(x - mean) / std`), which keeps validation batches as they were.
 //!
 //! Each sample is computed by itself, in a fixed order, so a sample's pixels do not depend on
