@@ -22,7 +22,8 @@
 #   4b. the feature cache on cuda:0: the same trial with SWEEP_FEATURE_CACHE=off and on gives
 #      the same metrics, and the worker did not give the cache up (its bit-for-bit check of a
 #      batch computed afresh, `worker/src/train.rs`);
-#   5. with 2+ GPUs: an all-reduce and a 2-GPU data-parallel trial over NCCL.
+#   5. with 2+ GPUs: an all-reduce and a 2-GPU data-parallel trial over NCCL, and the feature
+#      cache shared by two replicas (off and on give the same metrics, and it was kept).
 # Results: OUT/summary.md (a table ready for docs/benchmarks.md), OUT/*.json, OUT/*.log.
 
 set -uo pipefail
@@ -154,35 +155,41 @@ grid:
   lr_decay: [{ strategy: exponential, head_lr: 1.0e-3, factor: 3 }]
   epoch_split: [[3, 1]]
 EOF
-cache_ok=1
-for cache in off on; do
+# cache_check WHAT YAML: the trial in YAML with SWEEP_FEATURE_CACHE=off and on; PASS when the
+# metrics are the same and the worker built the cache and kept it.
+cache_check() {
+    local what=$1 yaml=$2 tag ok=1 same
+    tag=$(basename "$yaml" .yaml)
+    for cache in off on; do
+        rm -rf "$OUT_DIR/state"
+        if ! SWEEP_FEATURE_CACHE=$cache "$BIN/sweep" run "$yaml" --workers 1 \
+            --state-dir "$OUT_DIR/state" --output json >"$OUT_DIR/$tag-$cache.json" 2>"$OUT_DIR/$tag-$cache.log"; then
+            ok=0
+            fail "feature cache $cache, $what: $(tail -3 "$OUT_DIR/$tag-$cache.log")"
+        fi
+        cp "$OUT_DIR/state/logs/worker-1.log" "$OUT_DIR/$tag-$cache-worker.log" 2>/dev/null
+    done
     rm -rf "$OUT_DIR/state"
-    if ! SWEEP_FEATURE_CACHE=$cache "$BIN/sweep" run "$OUT_DIR/cache-trial.yaml" --workers 1 \
-        --state-dir "$OUT_DIR/state" --output json >"$OUT_DIR/cache-$cache.json" 2>"$OUT_DIR/cache-$cache.log"; then
-        cache_ok=0
-        fail "feature cache $cache: $(tail -3 "$OUT_DIR/cache-$cache.log")"
-    fi
-    cp "$OUT_DIR/state/logs/worker-1.log" "$OUT_DIR/cache-$cache-worker.log" 2>/dev/null
-done
-rm -rf "$OUT_DIR/state"
-if [ "$cache_ok" = 1 ]; then
-    same=$("$PY" - "$OUT_DIR/cache-off.json" "$OUT_DIR/cache-on.json" <<'EOF'
+    [ "$ok" = 1 ] || return
+    same=$("$PY" - "$OUT_DIR/$tag-off.json" "$OUT_DIR/$tag-on.json" <<'EOF'
 import json, sys
 keys = ("state", "fe_val_accuracy", "best_val_accuracy", "val_accuracy", "val_loss")
 a, b = (json.load(open(p))[0] for p in sys.argv[1:3])
 print("yes" if all(a.get(k) == b.get(k) for k in keys) else f"NO: {[(k, a.get(k), b.get(k)) for k in keys]}")
 EOF
     )
-    if grep -q "feature cache given up" "$OUT_DIR/cache-on-worker.log" 2>/dev/null; then
-        fail "feature cache on cuda:0 given up: $(grep -m1 'feature cache given up' "$OUT_DIR/cache-on-worker.log")"
-    elif ! grep -q "feature cache built" "$OUT_DIR/cache-on-worker.log" 2>/dev/null; then
-        fail "feature cache on cuda:0 was not built (see cache-on-worker.log)"
+    local log=$OUT_DIR/$tag-on-worker.log
+    if grep -q "feature cache given up" "$log" 2>/dev/null; then
+        fail "feature cache, $what, given up: $(grep -m1 'feature cache given up' "$log")"
+    elif ! grep -q "feature cache built" "$log" 2>/dev/null; then
+        fail "feature cache, $what, was not built (see $(basename "$log"))"
     elif [ "$same" = yes ]; then
-        pass "feature cache on cuda:0: same metrics with and without it (wall seconds off / on: $("$PY" -c 'import json,sys; print(*(round(json.load(open(p))[0]["wall_seconds"], 1) for p in sys.argv[1:]), sep=" / ")' "$OUT_DIR/cache-off.json" "$OUT_DIR/cache-on.json"))"
+        pass "feature cache, $what: same metrics with and without it (wall seconds off / on: $("$PY" -c 'import json,sys; print(*(round(json.load(open(p))[0]["wall_seconds"], 1) for p in sys.argv[1:]), sep=" / ")' "$OUT_DIR/$tag-off.json" "$OUT_DIR/$tag-on.json"))"
     else
-        fail "feature cache on cuda:0 changed the metrics: $same"
+        fail "feature cache, $what, changed the metrics: $same"
     fi
-fi
+}
+cache_check "on cuda:0" "$OUT_DIR/cache-trial.yaml"
 
 # 5. Several GPUs: NCCL over all of them and a data-parallel trial ------------------------------
 if [ "$GPUS" -ge 2 ]; then
@@ -204,6 +211,10 @@ if [ "$GPUS" -ge 2 ]; then
     fi
     cp "$OUT_DIR/state/logs/worker-1.log" "$OUT_DIR/dp-trial-worker.log" 2>/dev/null
     rm -rf "$OUT_DIR/state"
+    # The feature cache shared between two replicas: each computes half, the halves are broadcast.
+    sed 's/^name: .*/name: gpu-cache-dp\nresources: { gpus_per_trial: 2 }/' "$OUT_DIR/cache-trial.yaml" \
+        >"$OUT_DIR/cache-dp-trial.yaml"
+    cache_check "data parallel on cuda:0,cuda:1" "$OUT_DIR/cache-dp-trial.yaml"
 else
     say "- (one GPU: the multi-GPU all-reduce and data-parallel checks do not apply)"
 fi

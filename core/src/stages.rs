@@ -438,15 +438,15 @@ pub fn epoch_flops(spec: &SweepSpec, backbone: Backbone, kind: &EpochKind) -> Op
 /// Whether a worker's feature cache serves feature extraction of `backbone` under `spec`: the
 /// frozen backbone's output then depends on the image alone — BatchNorm statistics frozen
 /// (`training.freeze_bn_stats`), no augmentation in the phase
-/// (`training.feature_extraction.augment: false`, or no augmentation at all), one device per
-/// trial, and no stochastic depth (every backbone but efficientnet_b0) — so a run of
+/// (`training.feature_extraction.augment: false`, or no augmentation at all), and no
+/// stochastic depth (every backbone but efficientnet_b0), on one device or several (data
+/// parallel, the replicas share out the cache's pass) — so a run of
 /// feature-extraction epochs computes it in its first epoch only (`sweep_worker::train`, whose
 /// test `the_feature_cache_serves_only_a_pure_frozen_backbone` keeps the two in step; a worker started with
 /// `SWEEP_FEATURE_CACHE=off` does not cache).
 pub fn feature_cache_applies(spec: &SweepSpec, backbone: Backbone) -> bool {
     spec.training.freeze_bn_stats
         && spec.training.augment_in(Phase::FeatureExtraction).is_identity()
-        && spec.resources.gpus_per_trial <= 1
         && backbone != Backbone::EfficientnetB0
 }
 
@@ -607,15 +607,18 @@ grid:
             // Fine-tuning trains the backbone: every epoch runs it.
             assert_eq!(run_flops(&s, b, &ft, 8), Some(8.0 * epoch_flops(&s, b, &ft).unwrap()));
         }
-        // Stochastic depth inside the backbone, augmented feature extraction, BatchNorm
-        // training, data parallel: every epoch runs the backbone.
+        // Data parallel: the replicas share out the cache's pass.
         let mut dp = s.clone();
         dp.resources.gpus_per_trial = 2;
+        assert!(feature_cache_applies(&dp, Backbone::Resnet50));
+        let one = epoch_flops(&dp, Backbone::Resnet50, &fe).unwrap();
+        assert_eq!(run_flops(&dp, Backbone::Resnet50, &fe, 8), Some(one));
+        // Stochastic depth inside the backbone, augmented feature extraction, BatchNorm
+        // training: every epoch runs the backbone.
         for (what, spec, b) in [
             ("efficientnet_b0", with(&GUIDE.replace("vgg16_bn", "efficientnet_b0"), pure), Backbone::EfficientnetB0),
             ("augmented", with(GUIDE, "  freeze_bn_stats: true\n"), Backbone::Resnet50),
             ("BatchNorm training", with(GUIDE, "  feature_extraction: { augment: false }\n"), Backbone::Resnet50),
-            ("data parallel", dp, Backbone::Resnet50),
         ] {
             assert!(!feature_cache_applies(&spec, b), "{what}");
             assert_eq!(run_flops(&spec, b, &fe, 8), Some(8.0 * epoch_flops(&spec, b, &fe).unwrap()), "{what}");

@@ -149,6 +149,15 @@ fn plan_prints_the_stage_tree_and_what_sharing_saves() {
         "{}",
         stdout(&out)
     );
+    // Data parallel: the replicas share out the cache's pass, so it serves them too.
+    let text = std::fs::read_to_string(&cached).unwrap();
+    assert!(text.starts_with("name: cached\n"));
+    std::fs::write(&cached, text.replace("name: cached\n", "name: cached\nresources: { gpus_per_trial: 2 }\n"))
+        .unwrap();
+    let out = output(sweep().args(["plan", &cached.display().to_string(), "--output", "json"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dp: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(dp["feature_cache"], serde_json::json!(["resnet50"]), "{dp}");
     // Bad input: a throughput that is no number of TFLOP/s, a missing spec.
     let out = output(sweep().current_dir(root).args(["plan", "sweeps/flowers102.yaml", "--tflops", "0"]));
     assert_eq!(out.status.code(), Some(1));

@@ -14,6 +14,8 @@
 //! checks that both runs give the same metrics and weights, and prints each epoch's seconds and
 //! the ratios: a feature-extraction epoch against the fine-tuning epoch of the same run, and the
 //! cached run against the uncached one. Threads: `SWEEP_BENCH_THREADS` (default: the CPUs).
+//! Devices: `SWEEP_BENCH_DEVICES` (default `cpu`; a list such as `cuda:0,cuda:1` or `cpu:0,cpu:1`
+//! trains data-parallel, one replica per device, `SWEEP_BENCH_BATCH` images each).
 
 use std::time::Instant;
 
@@ -36,10 +38,10 @@ struct Run {
     setup: f64,
 }
 
-fn run(spec: &spec::SweepSpec, cache: bool) -> Run {
+fn run(spec: &spec::SweepSpec, devices: &[Device], cache: bool) -> Run {
     let trial = grid::expand(&spec.grid).remove(0);
     let start = Instant::now();
-    let options = TrainOptions { feature_cache: cache, ..TrainOptions::new(Device::Cpu) };
+    let options = TrainOptions { feature_cache: cache, ..TrainOptions::data_parallel(devices.to_vec()) };
     let mut trainer = Trainer::new(spec, &trial, &options).expect("the trainer");
     let setup = start.elapsed().as_secs_f64();
     let mut epochs = Vec::new();
@@ -67,6 +69,12 @@ fn main() {
     let batch = env_usize("SWEEP_BENCH_BATCH", 16);
     let threads = env_usize("SWEEP_BENCH_THREADS", std::thread::available_parallelism().map_or(1, |n| n.get()));
     tch::set_num_threads(threads as i32);
+    let list = std::env::var("SWEEP_BENCH_DEVICES").unwrap_or_else(|_| "cpu".into());
+    let devices: Vec<Device> = sweep_worker::devices::parse_devices(&list)
+        .unwrap_or_else(|e| panic!("SWEEP_BENCH_DEVICES={list}: {e}"))
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect();
     let classes = 10;
     let yaml = format!(
         "name: fe-bench
@@ -87,9 +95,9 @@ grid:
     );
     let spec = spec::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
 
-    eprintln!("{backbone}: {images} training images at {size} px, batch {batch}, {threads} thread(s)");
-    let off = run(&spec, false);
-    let on = run(&spec, true);
+    eprintln!("{backbone}: {images} training images at {size} px, batch {batch}, {threads} thread(s), on {list}");
+    let off = run(&spec, &devices, false);
+    let on = run(&spec, &devices, true);
 
     let strip = |m: &[EpochMetrics]| m.iter().map(|e| EpochMetrics { seconds: 0.0, ..*e }).collect::<Vec<_>>();
     let same_metrics = strip(&off.epochs) == strip(&on.epochs);
@@ -102,7 +110,7 @@ grid:
     let cpu = sweep_worker::tools::cpu_model();
     println!();
     println!(
-        "Feature extraction against fine-tuning: {backbone}, {} training + {} validation images at {size} px, batch {batch}, {threads} thread(s), {cpu}",
+        "Feature extraction against fine-tuning: {backbone}, {} training + {} validation images at {size} px, batch {batch} per replica, {threads} thread(s), {cpu}, devices {list}",
         spec.dataset.image_counts().map_or(0, |s| s.0),
         spec.dataset.image_counts().map_or(0, |s| s.1),
     );

@@ -26,16 +26,19 @@
 //! gradients, get neither gradient buffers nor optimizer state. When its output is moreover a
 //! function of the image alone — BatchNorm frozen (`freeze_bn_stats`), no augmentation in
 //! the phase (`training.feature_extraction.augment: false`, or none at all), a backbone without
-//! stochastic depth ([`Model::features_are_pure`]), one device — the backbone
+//! stochastic depth ([`Model::features_are_pure`]) — the backbone
 //! runs once per image for the whole phase ([`FeatureCache`]) and the head trains on the stored
 //! features. Libtorch's kernels choose their algorithm by shape, so a sample's features depend
 //! on the size of the batch it is computed in (not on the other samples in it, nor on its place
 //! among them — see [`Model::features`]): the training
 //! features are computed in batches of exactly the training batch size, and a batch of another
 //! size (the epoch's last) is computed afresh; validation features are computed in the same
-//! batches as validation. A cached run is therefore bit-identical to an uncached one
-//! (`worker/tests/trainer.rs`). [`TrainOptions::feature_cache`] (`SWEEP_FEATURE_CACHE=off`)
-//! turns it off.
+//! batches as validation. Data parallel, each replica computes the features of a part of the
+//! training set and the parts are broadcast to all, so that each holds every row whichever
+//! replica an epoch hands a sample to (the replicas' devices must compute the same bits, which
+//! the cache's check tests); each caches its own part of validation. A cached run is therefore
+//! bit-identical to an uncached one (`worker/tests/trainer.rs`, `worker/tests/data_parallel.rs`).
+//! [`TrainOptions::feature_cache`] (`SWEEP_FEATURE_CACHE=off`) turns it off.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -53,7 +56,7 @@ use tch::{Device, Kind, Reduction, TchError, Tensor};
 
 use crate::adam::{Adam, AdamConfig};
 use crate::augment;
-use crate::data::prefetch::{self, Batch, Shard, TrainBatches};
+use crate::data::prefetch::{self, Shard, TrainBatches};
 use crate::data::{self, DataError};
 use crate::dist::{self, AbortHandle, AllReduce, BUCKET_BYTES, DistError, all_reduce_gradients, broadcast_tensors};
 use crate::model::{ForwardMode, Model, ModelError};
@@ -491,10 +494,13 @@ struct EpochPlan {
     /// Train the head on cached backbone features ([`FeatureCache`]).
     cache_features: bool,
     fault: Option<Fault>,
+    /// Tests: the replica whose next feature cache goes wrong, and how.
+    cache_fault: Option<(usize, CacheFault)>,
 }
 
 /// The frozen backbone's outputs ([`Model::features`]) for one feature-extraction phase, on
-/// the training device; see the module documentation.
+/// the replica's device: every training sample's, and the replica's part of validation; see
+/// the module documentation.
 struct FeatureCache {
     /// The forward mode of the training features.
     mode: ForwardMode,
@@ -767,17 +773,18 @@ impl Replica {
     }
 
     fn run_epoch(&mut self, plan: &EpochPlan) -> Result<(PassMetrics, PassMetrics), ReplicaError> {
+        if let Some((rank, fault)) = plan.cache_fault
+            && rank == self.rank
+        {
+            self.fe_cache_fault = Some(fault);
+        }
         if plan.start_fine_tuning {
             self.start_fine_tuning()?;
         }
         if !plan.cache_features || self.fe_cache.as_ref().is_some_and(|c| c.mode != plan.mode) {
             self.fe_cache = None;
         }
-        let cached = if plan.cache_features && self.comm.is_none() && !self.fe_cache_abandoned {
-            self.train_pass_cached(plan)?
-        } else {
-            None
-        };
+        let cached = if plan.cache_features && !self.fe_cache_abandoned { self.train_pass_cached(plan)? } else { None };
         let train = match cached {
             Some(metrics) => metrics,
             None => self.train_pass(plan)?,
@@ -827,13 +834,16 @@ impl Replica {
         })
     }
 
-    /// One data-parallel training step on this replica's shard: rank 0's BatchNorm buffers
-    /// first (when BatchNorm trains), then the shard's summed loss divided by the *global*
-    /// batch size, so that the gradients summed over the replicas are exactly those of the
-    /// global batch's mean loss; then this replica's Adam step on the summed gradients.
+    /// One data-parallel training step on this replica's shard (`None`: its part of a short
+    /// global batch is empty): rank 0's BatchNorm buffers first (when BatchNorm trains), then
+    /// the shard's summed loss divided by the *global* batch size, so that the gradients summed
+    /// over the replicas are exactly those of the global batch's mean loss; then this
+    /// replica's Adam step on the summed gradients.
+    #[allow(clippy::too_many_arguments)]
     fn step_shared(
         &mut self,
-        batch: Batch,
+        shard: Option<(Input, Tensor)>,
+        global_len: usize,
         mode: ForwardMode,
         buffers: &[Tensor],
         loss_sum: &Tensor,
@@ -848,26 +858,47 @@ impl Replica {
             broadcast_tensors(comm, buffers, 0, BUCKET_BYTES).map_err(dist_error(context))?;
         }
         self.optimizer.zero_grad();
-        let mut shard = None;
-        if batch.len > 0 {
-            let (x, y) = (&batch.images, &batch.labels);
-            let logits = Self::logits(&self.model, self.backbone_frozen, &Input::Images(x.shallow_clone()), mode)
-                .map_err(torch_err)?;
-            let sum = logits.f_cross_entropy_loss::<Tensor>(y, None, Reduction::Sum, -100, 0.0).map_err(torch_err)?;
-            sum.f_mul_scalar(1.0 / batch.global_len as f64).and_then(|l| l.f_backward()).map_err(torch_err)?;
-            shard = Some((sum, logits));
+        let mut done = None;
+        if let Some((input, y)) = shard {
+            let logits = Self::logits(&self.model, self.backbone_frozen, &input, mode).map_err(torch_err)?;
+            let sum = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0).map_err(torch_err)?;
+            sum.f_mul_scalar(1.0 / global_len as f64).and_then(|l| l.f_backward()).map_err(torch_err)?;
+            done = Some((sum, logits, y));
         }
         all_reduce_gradients(comm, &self.trained, BUCKET_BYTES).map_err(dist_error(context))?;
         self.optimizer.step().map_err(torch_err)?;
-        let Some((sum, logits)) = shard else {
+        let Some((sum, logits, y)) = done else {
             return Ok((loss_sum.shallow_clone(), correct.shallow_clone()));
         };
         tch::no_grad(|| -> Result<(Tensor, Tensor), TchError> {
             let loss_sum = loss_sum.f_add(&sum.f_detach()?.f_to_kind(Kind::Double)?)?;
-            let hits = logits.f_argmax(1, false)?.f_eq_tensor(&batch.labels)?.f_sum(Kind::Int64)?;
+            let hits = logits.f_argmax(1, false)?.f_eq_tensor(&y)?.f_sum(Kind::Int64)?;
             Ok((loss_sum, correct.f_add(&hits)?))
         })
         .map_err(torch_err)
+    }
+
+    /// Whether `ok` holds on every replica (the same answer on every rank): what each decides
+    /// alone about the feature cache, made a decision of the group.
+    fn all_agree(&mut self, ok: bool, context: &str) -> Result<bool, ReplicaError> {
+        let Some(comm) = self.comm.as_deref_mut() else { return Ok(ok) };
+        let torch_err = |e: TchError| ReplicaError::Train(TrainError::from_torch(context, e));
+        let mut failed = Tensor::f_from_slice(&[f64::from(u8::from(!ok))])
+            .and_then(|t| t.f_to_device(comm.device()))
+            .map_err(torch_err)?;
+        comm.all_reduce_sum(&mut failed).map_err(dist_error(context))?;
+        Ok(failed.f_double_value(&[0]).map_err(torch_err)? == 0.0)
+    }
+
+    /// This replica's part of each global batch of an epoch in `order`: the batches of
+    /// `training.batch_size` × replicas, each cut into the replicas' parts ([`shard_ranges`]).
+    fn shards(&self, order: &[i64]) -> Vec<Shard> {
+        let world = self.world();
+        let global = self.setup.training.batch_size as usize * world;
+        batches(order, global)
+            .into_iter()
+            .map(|b| Shard { global: b.to_vec(), part: shard_ranges(b.len(), world)[self.rank].clone() })
+            .collect()
     }
 
     /// Loss and hit sums of every replica added up (the same on every rank).
@@ -894,16 +925,11 @@ impl Replica {
         self.model.set_dropout_seed(self.dropout_seed(), epoch as u64);
         let mode = plan.mode;
         let device = self.model.device();
-        let world = self.world();
         // Batches are gathered and augmented ahead of the model (data::prefetch); the producer
         // draws from `aug_rng` in batch order, so the batches do not depend on its timing.
         // With several replicas each global batch is `world` per-replica batches, and each
         // replica gets its part of it.
-        let global = self.setup.training.batch_size as usize * world;
-        let shards: Vec<Shard> = batches(&order, global)
-            .into_iter()
-            .map(|b| Shard { global: b.to_vec(), part: shard_ranges(b.len(), world)[self.rank].clone() })
-            .collect();
+        let shards = self.shards(&order);
         let producer = TrainBatches::sharded(
             &self.data.train_x,
             &self.data.train_y,
@@ -925,7 +951,8 @@ impl Replica {
                 self.step_alone(Input::Images(batch.images), y, len, mode, &loss_sum, &correct)
                     .map_err(|e| TrainError::from_torch(&context, e))?
             } else {
-                self.step_shared(batch, mode, &buffers, &loss_sum, &correct, &context)?
+                let shard = (batch.len > 0).then(|| (Input::Images(batch.images), batch.labels));
+                self.step_shared(shard, batch.global_len, mode, &buffers, &loss_sum, &correct, &context)?
             };
         }
         if self.comm.is_none() {
@@ -954,29 +981,39 @@ impl Replica {
         Ok(())
     }
 
-    /// The frozen backbone's features of the training set in `mode`, in batches of exactly
-    /// `batch` samples (the last batch overlaps the one before it rather than being short),
-    /// and of the validation part in [`Replica::validate`]'s batches; each written into one
-    /// tensor allocated once. `None` when cancelled.
+    /// The frozen backbone's features in `mode` of this replica's part of the training set
+    /// (all of it alone, the `rank`-th of [`split_evenly`] with several replicas), in batches
+    /// of exactly `batch` samples taken from the whole set (the last batch overlaps the one
+    /// before it rather than being short), written into rows of a tensor of one row per
+    /// training sample allocated once (the other replicas' rows are left for
+    /// [`Replica::gather_features`]); and of the validation part in [`Replica::validate`]'s
+    /// batches. `None` when cancelled.
     fn build_feature_cache(&self, mode: ForwardMode, batch: usize) -> Result<Option<FeatureCache>, TchError> {
         tch::no_grad(|| {
             let (x, n) = (&self.data.train_x, self.data.train_y.size()[0]);
             let s = batch as i64;
+            let part = split_evenly(n as usize, self.world())[self.rank].clone();
+            let (mut start, end) = (part.start as i64, part.end as i64);
             let mut train: Option<Tensor> = None;
-            let mut start = 0;
-            while start < n {
+            // A replica without a part still computes one batch, for the features' shape.
+            let mut shape_only = start == end;
+            while start < end || shape_only {
                 if cancelled(&self.setup.cancel) {
                     return Ok(None);
                 }
                 let from = start.min(n - s);
                 let images = augment::eval_batch(&x.f_narrow(0, from, s)?)?;
                 let f = self.model.features(&images, mode)?;
-                let rows = f.f_narrow(0, start - from, s - (start - from))?;
                 let all = match &mut train {
                     Some(t) => t,
                     None => train.insert(Tensor::f_empty([n, f.size()[1]], (f.kind(), f.device()))?),
                 };
-                all.f_narrow(0, start, rows.size()[0])?.f_copy_(&rows)?;
+                if shape_only {
+                    shape_only = false;
+                    continue;
+                }
+                let rows = (from + s).min(end) - start;
+                all.f_narrow(0, start, rows)?.f_copy_(&f.f_narrow(0, start - from, rows)?)?;
                 start = from + s;
             }
             let Some(train) = train else { return Ok(None) };
@@ -997,6 +1034,24 @@ impl Replica {
         })
     }
 
+    /// With several replicas, every replica's part of the training features
+    /// ([`Replica::build_feature_cache`]) copied to all (one broadcast per part): each then
+    /// holds every row, whichever replica a later epoch hands a sample to.
+    fn gather_features(&mut self, train: &Tensor) -> Result<(), ReplicaError> {
+        let Some(comm) = self.comm.as_deref_mut() else { return Ok(()) };
+        let n = train.size()[0] as usize;
+        for (root, part) in split_evenly(n, comm.world_size()).into_iter().enumerate() {
+            if part.is_empty() {
+                continue;
+            }
+            let mut rows = train
+                .f_narrow(0, part.start as i64, part.len() as i64)
+                .map_err(|e| TrainError::from_torch("gathering the feature cache", e))?;
+            tch::no_grad(|| comm.broadcast(&mut rows, root)).map_err(dist_error("gathering the feature cache"))?;
+        }
+        Ok(())
+    }
+
     /// Gives the cache up for the rest of the phase.
     fn abandon_feature_cache(&mut self, why: &str) {
         tracing::warn!(reason = why, "feature cache given up: the backbone runs every epoch of this phase");
@@ -1005,103 +1060,153 @@ impl Replica {
         self.fe_stats.abandoned += 1;
     }
 
-    /// A training pass of the head on cached features (one replica, feature extraction with a
-    /// pure backbone): the same batches, in the same order, as [`Replica::train_pass`] with no
-    /// augmentation; a batch whose size differs from the cache's runs the backbone afresh.
-    /// Builds the cache first if needed, and then checks it: the epoch's first batch of the
-    /// cache's size is computed afresh and must equal the cached rows bit for bit (a device
-    /// whose kernels do not treat samples independently would fail here). `None` when the
-    /// cache was given up (building failed, or the check): the caller runs the uncached pass.
+    /// A training pass of the head on cached features (feature extraction with a pure
+    /// backbone): the same steps, on the same samples in the same order, as
+    /// [`Replica::train_pass`] with no augmentation; a shard whose size differs from the
+    /// cache's runs the backbone afresh. The cache's batch size is that of the replica's
+    /// first shard, which every full global batch shares.
+    ///
+    /// Builds the cache first if needed — with several replicas each computes its part and
+    /// the parts are gathered — and then checks it: each replica's first shard of the cache's
+    /// size this epoch is computed afresh and must equal the cached rows bit for bit (a device
+    /// whose kernels do not treat samples independently, or a replica whose device computes
+    /// other bits than the one that cached a row, fails here). Building and the check are
+    /// decided by the whole group: if either fails on any replica, every replica gives the
+    /// cache up. `None` then: the caller runs the uncached pass.
     fn train_pass_cached(&mut self, plan: &EpochPlan) -> Result<Option<PassMetrics>, ReplicaError> {
         let epoch = plan.epoch;
         let seed = self.setup.training.seed;
         let n = self.data.train_y.size()[0] as usize;
-        let batch_size = (self.setup.training.batch_size as usize).clamp(1, n.max(1));
         let order = Rng::derive(seed, &[STREAM_SHUFFLE, epoch as u64]).permutation(n);
         let device = self.model.device();
-        let batches = batches(&order, batch_size);
-        if self.fe_cache.is_none() {
-            let built = if self.fe_cache_fault == Some(CacheFault::FailBuild) {
-                self.fe_cache_fault = None;
-                Err(TchError::Torch("injected fault: out of memory while building the feature cache".into()))
-            } else {
-                self.build_feature_cache(plan.mode, batch_size)
-            };
-            match built {
-                Ok(Some(cache)) => self.fe_cache = Some(cache),
-                Ok(None) => return Err(ReplicaError::Train(TrainError::Cancelled)),
-                Err(e) => {
-                    self.abandon_feature_cache(&format!("computing the features: {e}"));
-                    return Ok(None);
-                }
-            }
-            self.fe_stats.builds += 1;
-            if self.fe_cache_fault.take_if(|f| *f == CacheFault::Spoil).is_some()
-                && let Some(c) = &mut self.fe_cache
-            {
-                let _ = tch::no_grad(|| c.train.f_add_scalar_(1e-3));
-            }
-            let check = batches.iter().find(|b| b.len() == batch_size).map(|idx| -> Result<bool, TchError> {
-                tch::no_grad(|| {
-                    let t = Tensor::f_from_slice(idx)?.f_to_device(device)?;
-                    let images = augment::eval_batch(&self.data.train_x.f_index_select(0, &t)?)?;
-                    let fresh = self.model.features(&images, plan.mode)?;
-                    let cached = self.fe_cache.as_ref().map(|c| c.train.f_index_select(0, &t)).transpose()?;
-                    Ok(cached.is_some_and(|c| c.equal(&fresh)))
-                })
-            });
-            match check {
-                Some(Ok(true)) | None => {
-                    if let Some(c) = &self.fe_cache {
-                        let bytes = (c.train.numel() + c.val.numel()) * c.train.kind().elt_size_in_bytes();
-                        tracing::info!(
-                            train = c.train.size()[0],
-                            val = c.val.size()[0],
-                            features = c.train.size().get(1).copied().unwrap_or(0),
-                            megabytes = bytes as f64 / 1e6,
-                            "feature cache built: the frozen backbone runs once per image for this phase"
-                        );
-                    }
-                }
-                Some(Ok(false)) => {
-                    self.abandon_feature_cache("a batch computed afresh differs from its cached features");
-                    return Ok(None);
-                }
-                Some(Err(e)) => {
-                    self.abandon_feature_cache(&format!("checking the features: {e}"));
-                    return Ok(None);
-                }
-            }
+        let shards = self.shards(&order);
+        let Some(batch_size) = shards.first().map(|sh| shard_ranges(sh.global.len(), self.world())[0].len()) else {
+            return Ok(None);
+        };
+        if self.fe_cache.is_none() && !self.build_and_check(plan.mode, batch_size, &shards)? {
+            return Ok(None);
         }
         self.model.set_dropout_seed(self.dropout_seed(), epoch as u64);
         let mode = plan.mode;
+        let buffers: Vec<Tensor> = self.model.named_buffers().iter().map(|(_, t)| t.shallow_clone()).collect();
         let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device)).map_err(torch("training"))?;
         let mut correct = Tensor::f_zeros([], (Kind::Int64, device)).map_err(torch("training"))?;
         let context = format!("training epoch {epoch}");
         let torch_err = |e: TchError| ReplicaError::Train(TrainError::from_torch(&context, e));
-        for (step, idx) in batches.into_iter().enumerate() {
+        for (step, shard) in shards.iter().enumerate() {
             self.check_cancel()?;
             self.injected_fault(plan, step)?;
-            let (input, y) = tch::no_grad(|| -> Result<(Input, Tensor), TchError> {
-                let t = Tensor::f_from_slice(idx)?.f_to_device(device)?;
-                let y = self.data.train_y.f_index_select(0, &t)?;
-                let cache = self.fe_cache.as_ref().filter(|c| c.batch == idx.len());
-                let input = match cache {
-                    Some(c) => Input::Features(c.train.f_index_select(0, &t)?),
-                    None => Input::Images(augment::eval_batch(&self.data.train_x.f_index_select(0, &t)?)?),
-                };
-                Ok((input, y))
-            })
-            .map_err(torch_err)?;
-            match input {
-                Input::Features(_) => self.fe_stats.train_batches_read += 1,
-                Input::Images(_) => self.fe_stats.train_batches_computed += 1,
+            let idx = &shard.global[shard.part.clone()];
+            let input = (!idx.is_empty())
+                .then(|| {
+                    tch::no_grad(|| -> Result<(Input, Tensor), TchError> {
+                        let t = Tensor::f_from_slice(idx)?.f_to_device(device)?;
+                        let y = self.data.train_y.f_index_select(0, &t)?;
+                        let cache = self.fe_cache.as_ref().filter(|c| c.batch == idx.len());
+                        let input = match cache {
+                            Some(c) => Input::Features(c.train.f_index_select(0, &t)?),
+                            None => Input::Images(augment::eval_batch(&self.data.train_x.f_index_select(0, &t)?)?),
+                        };
+                        Ok((input, y))
+                    })
+                })
+                .transpose()
+                .map_err(torch_err)?;
+            match &input {
+                Some((Input::Features(_), _)) => self.fe_stats.train_batches_read += 1,
+                Some((Input::Images(_), _)) => self.fe_stats.train_batches_computed += 1,
+                None => {}
             }
-            (loss_sum, correct) = self.step_alone(input, y, idx.len(), mode, &loss_sum, &correct).map_err(torch_err)?;
+            (loss_sum, correct) = match input {
+                Some((input, y)) if self.comm.is_none() => {
+                    self.step_alone(input, y, idx.len(), mode, &loss_sum, &correct).map_err(torch_err)?
+                }
+                shard_input => {
+                    self.step_shared(shard_input, shard.global.len(), mode, &buffers, &loss_sum, &correct, &context)?
+                }
+            };
         }
-        let loss = loss_sum.f_double_value(&[]).map_err(torch("training"))?;
-        let hits = correct.f_int64_value(&[]).map_err(torch("training"))?;
-        Ok(Some((loss / n as f64, hits as f64 / n as f64)))
+        let (loss, hits) = if self.comm.is_none() {
+            let loss = loss_sum.f_double_value(&[]).map_err(torch("training"))?;
+            let hits = correct.f_int64_value(&[]).map_err(torch("training"))?;
+            (loss, hits as f64)
+        } else {
+            self.global_sums(&loss_sum, &correct, &context)?
+        };
+        Ok(Some((loss / n as f64, hits / n as f64)))
+    }
+
+    /// Builds the feature cache in batches of `batch_size` and checks it against this
+    /// replica's first shard of that size among `shards` (see [`Replica::train_pass_cached`]);
+    /// whether the group keeps it.
+    fn build_and_check(
+        &mut self,
+        mode: ForwardMode,
+        batch_size: usize,
+        shards: &[Shard],
+    ) -> Result<bool, ReplicaError> {
+        let device = self.model.device();
+        let built = if self.fe_cache_fault == Some(CacheFault::FailBuild) {
+            self.fe_cache_fault = None;
+            Err(TchError::Torch("injected fault: out of memory while building the feature cache".into()))
+        } else {
+            self.build_feature_cache(mode, batch_size)
+        };
+        let built = match built {
+            Ok(Some(cache)) => Ok(cache),
+            Ok(None) => return Err(ReplicaError::Train(TrainError::Cancelled)),
+            Err(e) => Err(format!("computing the features: {e}")),
+        };
+        if !self.all_agree(built.is_ok(), "building the feature cache")? {
+            let why =
+                built.err().unwrap_or_else(|| "another replica could not compute its part of the features".into());
+            self.abandon_feature_cache(&why);
+            return Ok(false);
+        }
+        let Ok(cache) = built else { return Ok(false) };
+        self.gather_features(&cache.train)?;
+        self.fe_cache = Some(cache);
+        self.fe_stats.builds += 1;
+        if self.fe_cache_fault.take_if(|f| *f == CacheFault::Spoil).is_some()
+            && let Some(c) = &mut self.fe_cache
+        {
+            let _ = tch::no_grad(|| c.train.f_add_scalar_(1e-3));
+        }
+        let check = shards.iter().map(|sh| &sh.global[sh.part.clone()]).find(|idx| idx.len() == batch_size).map(
+            |idx| -> Result<bool, TchError> {
+                tch::no_grad(|| {
+                    let t = Tensor::f_from_slice(idx)?.f_to_device(device)?;
+                    let images = augment::eval_batch(&self.data.train_x.f_index_select(0, &t)?)?;
+                    let fresh = self.model.features(&images, mode)?;
+                    let cached = self.fe_cache.as_ref().map(|c| c.train.f_index_select(0, &t)).transpose()?;
+                    Ok(cached.is_some_and(|c| c.equal(&fresh)))
+                })
+            },
+        );
+        let own = match check {
+            Some(Ok(true)) | None => None,
+            Some(Ok(false)) => Some("a batch computed afresh differs from its cached features".to_string()),
+            Some(Err(e)) => Some(format!("checking the features: {e}")),
+        };
+        if !self.all_agree(own.is_none(), "checking the feature cache")? {
+            let why = own.unwrap_or_else(|| {
+                "on another replica a batch computed afresh differs from its cached features".into()
+            });
+            self.abandon_feature_cache(&why);
+            return Ok(false);
+        }
+        if let Some(c) = &self.fe_cache {
+            let bytes = (c.train.numel() + c.val.numel()) * c.train.kind().elt_size_in_bytes();
+            tracing::info!(
+                rank = self.rank,
+                train = c.train.size()[0],
+                val = c.val.size()[0],
+                features = c.train.size().get(1).copied().unwrap_or(0),
+                megabytes = bytes as f64 / 1e6,
+                "feature cache built: the frozen backbone runs once per image for this phase"
+            );
+        }
+        Ok(true)
     }
 
     /// `(start, len)` of each validation batch of this replica's part.
@@ -1336,8 +1441,8 @@ pub struct Trainer {
     fe_epochs: u32,
     ft_epochs: u32,
     freeze_bn_stats: bool,
-    /// The feature cache may serve feature extraction: asked for, one device (whether the
-    /// epoch is unaugmented and the backbone pure in its mode is decided per epoch).
+    /// The feature cache may serve feature extraction: asked for (whether the epoch is
+    /// unaugmented and the backbone pure in its mode is decided per epoch).
     feature_cache: bool,
     devices: Vec<Device>,
     lead: Replica,
@@ -1350,6 +1455,7 @@ pub struct Trainer {
     busy: bool,
     mode_override: Option<ForwardMode>,
     fault: Option<Fault>,
+    cache_fault: Option<(usize, CacheFault)>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -1419,7 +1525,7 @@ impl Trainer {
             None => weights_file(&spec.model.weights, backbone, options.weights_dir().as_deref())?,
         };
         let freeze_bn_stats = training.freeze_bn_stats;
-        let feature_cache = options.feature_cache && devices.len() == 1;
+        let feature_cache = options.feature_cache;
         let setup = ReplicaSetup {
             training,
             lr_decay: trial.lr_decay,
@@ -1462,6 +1568,7 @@ impl Trainer {
             busy: false,
             mode_override: None,
             fault: None,
+            cache_fault: None,
         };
         if devices.len() == 1 {
             let lead = Replica::new(0, setup, devices[0], data_on(devices[0])?, None, weights.as_deref())
@@ -1572,17 +1679,21 @@ impl Trainer {
         self.fault = Some(fault);
     }
 
-    /// Tests: the next feature cache is spoilt right after it is built (as a device whose
-    /// kernels depend on a sample's batch would spoil it), so that its check fails.
+    /// Tests: replica `rank`'s next feature cache is spoilt right after it is built (as a
+    /// device whose kernels depend on a sample's batch would spoil it), so that its check
+    /// fails.
     #[doc(hidden)]
-    pub fn spoil_next_feature_cache(&mut self) {
-        self.lead.fe_cache_fault = Some(CacheFault::Spoil);
+    pub fn spoil_next_feature_cache(&mut self, rank: usize) {
+        assert!(rank < self.devices.len(), "no replica {rank}");
+        self.cache_fault = Some((rank, CacheFault::Spoil));
     }
 
-    /// Tests: building the next feature cache fails (as running out of memory would).
+    /// Tests: replica `rank`'s next feature cache fails to build (as running out of memory
+    /// would).
     #[doc(hidden)]
-    pub fn fail_next_feature_cache_build(&mut self) {
-        self.lead.fe_cache_fault = Some(CacheFault::FailBuild);
+    pub fn fail_next_feature_cache_build(&mut self, rank: usize) {
+        assert!(rank < self.devices.len(), "no replica {rank}");
+        self.cache_fault = Some((rank, CacheFault::FailBuild));
     }
 
     /// Runs `lead` on rank 0 and `command` on every other replica, and collects the outcome.
@@ -1663,6 +1774,7 @@ impl Trainer {
                 && self.lead.model.features_are_pure(mode)
                 && (epoch < self.fe_epochs || self.lead.fe_cache.is_some()),
             fault: self.fault.take(),
+            cache_fault: self.cache_fault.take(),
         };
         let start = Instant::now();
         let ((train_loss, train_accuracy), (val_loss, val_accuracy)) = self.on_all(

@@ -307,7 +307,11 @@ struct CachedRun {
 
 /// Trains every epoch of the trial with or without the feature cache.
 fn cached_run(s: &SweepSpec, t: &Trial, cache: bool) -> CachedRun {
-    let mut tr = Trainer::new(s, t, &with_cache(cache)).unwrap();
+    run_with(Trainer::new(s, t, &with_cache(cache)).unwrap())
+}
+
+/// Trains every epoch of `tr`'s trial.
+fn run_with(mut tr: Trainer) -> CachedRun {
     let (mut metrics, mut held) = (Vec::new(), Vec::new());
     while tr.epochs_done() < tr.total_epochs() {
         metrics.push(tr.run_epoch().unwrap());
@@ -424,9 +428,9 @@ fn a_feature_cache_that_fails_its_check_or_its_build_is_given_up_and_the_run_is_
     for (spoil, builds) in [(true, 1), (false, 0)] {
         let mut tr = Trainer::new(&s, &t, &with_cache(true)).unwrap();
         if spoil {
-            tr.spoil_next_feature_cache();
+            tr.spoil_next_feature_cache(0);
         } else {
-            tr.fail_next_feature_cache_build();
+            tr.fail_next_feature_cache_build(0);
         }
         let mut m = Vec::new();
         while tr.epochs_done() < tr.total_epochs() {
@@ -478,17 +482,70 @@ fn the_feature_cache_serves_only_a_pure_frozen_backbone() {
     let mut tr = Trainer::new(&s, &t, &with_cache(false)).unwrap();
     tr.run_epoch().unwrap();
     assert_eq!(tr.cached_features(), None);
-    // Data parallel: not built (each replica would need its own).
+    // Data parallel: built, the replicas sharing out its pass (see the test below).
     let mut dp = s.clone();
     dp.resources.gpus_per_trial = 2;
-    let options = TrainOptions { feature_cache: true, ..TrainOptions::data_parallel(vec![Device::Cpu, Device::Cpu]) };
-    let mut tr = Trainer::new(&dp, &t, &options).unwrap();
+    let mut tr = Trainer::new(&dp, &t, &replicas(2, true)).unwrap();
     tr.run_epoch().unwrap();
-    assert_eq!(tr.cached_features(), None);
-    assert!(!sweep_core::stages::feature_cache_applies(&dp, t.backbone));
+    assert_eq!(tr.cached_features(), Some((6, 4)), "every training row, half of validation");
+    assert!(sweep_core::stages::feature_cache_applies(&dp, t.backbone));
     // Stochastic depth draws inside efficientnet_b0's backbone.
     let (e, et) = pure_spec("efficientnet_b0", 2, 3, 4, (2, 1));
     assert_eq!(first_epoch(e, et), None);
+}
+
+fn replicas(world: usize, cache: bool) -> TrainOptions {
+    TrainOptions { feature_cache: cache, ..TrainOptions::data_parallel(vec![Device::Cpu; world]) }
+}
+
+#[test]
+fn data_parallel_replicas_share_one_feature_cache_bit_identical_to_running_the_backbone() {
+    let _bound = sweep_tests::bound(1200);
+    // 20 training images, 16 for validation. Global batches (batch × world) and each
+    // replica's parts: world 2, batch 4: 8, 8, 4 → parts of 4, 4, 2 (2 computed afresh);
+    // world 3, batch 3: 9, 9, 2 → parts of 3, 3 and 2, 0, 0 (replicas 1 and 2 idle, rank 0
+    // computes afresh); world 2, batch 16: one global batch of 20 → parts of 10, all cached.
+    // Each replica computes 10, 7 or 6 rows of the training features and receives the rest.
+    for (world, batch, read, computed, val) in [(2, 4, 2, 1, 2), (3, 3, 2, 1, 2), (2, 16, 1, 0, 1)] {
+        let (s, t) = pure_spec("resnet18", 4, 5, batch, (2, 1));
+        let off = run_with(Trainer::new(&s, &t, &replicas(world, false)).unwrap());
+        let on = run_with(Trainer::new(&s, &t, &replicas(world, true)).unwrap());
+        let what = format!("{world} replicas, batch {batch}");
+        let held = Some((20, 16_usize.div_ceil(world) as i64));
+        assert_eq!(on.held, [held, held, None], "{what}: rank 0 holds every training row, its part of validation");
+        let want = FeatureCacheStats {
+            builds: 1,
+            train_batches_read: 2 * read,
+            train_batches_computed: 2 * computed,
+            val_batches_read: 2 * val,
+            abandoned: 0,
+        };
+        assert_eq!(on.stats, want, "{what}: rank 0 did not read the cache as planned");
+        assert_eq!(on.metrics, off.metrics, "{what}: metrics differ");
+        assert_same_state(&on.state, &off.state, &what);
+    }
+    // A replica that cannot build its part, or whose check fails: every replica gives the
+    // cache up (rank 0 counts it even when the fault was replica 1's), and the run is the
+    // uncached one.
+    let (s, t) = pure_spec("resnet18", 4, 5, 4, (3, 1));
+    let off = run_with(Trainer::new(&s, &t, &replicas(2, false)).unwrap());
+    for rank in [0, 1] {
+        for (spoil, builds) in [(true, 1), (false, 0)] {
+            let mut tr = Trainer::new(&s, &t, &replicas(2, true)).unwrap();
+            if spoil {
+                tr.spoil_next_feature_cache(rank);
+            } else {
+                tr.fail_next_feature_cache_build(rank);
+            }
+            let run = run_with(tr);
+            let what = format!("replica {rank}, spoilt {spoil}");
+            assert_eq!(run.held, [None, None, None, None], "{what}");
+            assert_eq!((run.stats.builds, run.stats.abandoned), (builds, 1), "{what}: given up once");
+            assert_eq!((run.stats.train_batches_read, run.stats.val_batches_read), (0, 0), "{what}");
+            assert_eq!(run.metrics, off.metrics, "{what}");
+            assert_same_state(&run.state, &off.state, &what);
+        }
+    }
 }
 
 #[test]
