@@ -58,7 +58,7 @@ def main() -> None:
         sweep_cmd = [a.worker, "--threads", str(a.threads), "--devices", a.device, "bench", *common, "-o", "json"]
         torch_cmd = [sys.executable, os.path.join(HERE, "bench_torch_train.py"), *common, "--device", a.device,
                      "--threads", str(a.threads)]
-        sweep_runs, torch_runs, default_runs, loop_runs = [], [], [], []
+        sweep_runs, torch_runs, default_runs, other_runs = [], [], [], []
         # The worker as it runs (its malloc settings, `worker/src/alloc.rs`), and with glibc's
         # defaults (SWEEP_MALLOC=default): what those settings change, in the same command.
         default_env = dict(os.environ, SWEEP_MALLOC="default")
@@ -68,26 +68,26 @@ def main() -> None:
             default_runs.append(run(sweep_cmd, default_env))
             # The other Adam layout (`worker/src/adam.rs`): flat buffers on the CPU, the loop on CUDA.
             other = "flat" if a.device == "cpu" else "loop"
-            loop_runs.append(run([*sweep_cmd, "--adam", other]))
+            other_runs.append(run([*sweep_cmd, "--adam", other]))
         med = lambda runs, f: statistics.median(f(r) for r in runs)  # noqa: E731
         s_ips = med(sweep_runs, lambda r: r["images_per_second"])
         t_ips = med(torch_runs, lambda r: r["images_per_second"])
         d_ips = med(default_runs, lambda r: r["images_per_second"])
-        l_ips = med(loop_runs, lambda r: r["images_per_second"])
-        l_opt = med(loop_runs, lambda r: r["phases"]["optimizer"]) * 1e3
+        o_ips = med(other_runs, lambda r: r["images_per_second"])
+        o_opt = med(other_runs, lambda r: r["phases"]["optimizer"]) * 1e3
         phase = lambda runs, k: med(runs, lambda r: r["phases"][k]) * 1e3  # noqa: E731
-        rows.append((backbone, batch, size, s_ips, t_ips, s_ips / t_ips, d_ips / t_ips, l_ips / t_ips, l_opt,
+        rows.append((backbone, batch, size, s_ips, t_ips, s_ips / t_ips, d_ips / t_ips, o_ips / t_ips, o_opt,
                      [(phase(sweep_runs, k), phase(torch_runs, k)) for k in ("forward", "backward", "optimizer")],
                      [r["images_per_second"] / t["images_per_second"] for r, t in zip(sweep_runs, torch_runs)]))
     print(f"{a.device}, {a.precision}, {a.threads} threads, median of {a.rounds} alternating runs of {a.steps} steps")
     print("| backbone | batch | px | sweep img/s | PyTorch img/s | ratio | each run | ratio, glibc defaults "
           "| ratio, other Adam layout | forward ms (sweep / torch) | backward ms | optimizer ms | optimizer ms, other layout |")
     print("|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|")
-    for backbone, batch, size, s, t, ratio, before, looped, loop_opt, phases, each in rows:
+    for backbone, batch, size, s, t, ratio, before, other, other_opt, phases, each in rows:
         cells = " | ".join(f"{x:.1f} / {y:.1f}" for x, y in phases)
         runs = " ".join(f"{r:.2f}" for r in each)
         print(f"| {backbone} | {batch} | {size} | {s:.1f} | {t:.1f} | **{ratio:.2f}×** | {runs} | {before:.2f}× "
-              f"| {looped:.2f}× | {cells} | {loop_opt:.1f} |")
+              f"| {other:.2f}× | {cells} | {other_opt:.1f} |")
 
 
 if __name__ == "__main__":

@@ -217,18 +217,61 @@ impl Adam {
             return Err(TchError::Shape(format!("optimizer state of `{}` does not fit the parameter", p.name)));
         }
         tch::no_grad(|| {
-            let (mut avg, mut avg_sq) = match &self.flat {
-                Some(f) => (
-                    Flat::slot(&f.exp_avg, f.slots[index], &shape)?,
-                    Flat::slot(&f.exp_avg_sq, f.slots[index], &shape)?,
-                ),
-                None => (p.tensor.f_zeros_like()?, p.tensor.f_zeros_like()?),
-            };
-            avg.f_copy_(exp_avg)?;
-            avg_sq.f_copy_(exp_avg_sq)?;
-            p.state = Some(AdamState { step, exp_avg: avg, exp_avg_sq: avg_sq });
+            let mut state = Self::fresh_state(self.flat.as_ref(), index, &p.tensor)?;
+            state.step = step;
+            state.exp_avg.f_copy_(exp_avg)?;
+            state.exp_avg_sq.f_copy_(exp_avg_sq)?;
+            p.state = Some(state);
             Ok(())
         })
+    }
+
+    /// The state of parameter `index` before its first step: zero moments, in its slots of the
+    /// flat buffers or in fresh tensors on the parameter's device.
+    fn fresh_state(flat: Option<&Flat>, index: usize, tensor: &Tensor) -> Result<AdamState, TchError> {
+        let (exp_avg, exp_avg_sq) = match flat {
+            Some(f) => {
+                let shape = tensor.size();
+                let mut a = Flat::slot(&f.exp_avg, f.slots[index], &shape)?;
+                let mut b = Flat::slot(&f.exp_avg_sq, f.slots[index], &shape)?;
+                let _ = a.f_zero_()?;
+                let _ = b.f_zero_()?;
+                (a, b)
+            }
+            None => (tensor.f_zeros_like()?, tensor.f_zeros_like()?),
+        };
+        Ok(AdamState { step: 0, exp_avg, exp_avg_sq })
+    }
+
+    /// torch.optim.Adam's update (`_single_tensor_adam`, no amsgrad) of `param` — one
+    /// parameter, or a run of parameters in the flat buffers — after `step` steps, the moments
+    /// already holding `step - 1`. Both layouts run this, so they give the same bits.
+    #[allow(clippy::too_many_arguments)]
+    fn update(
+        config: &AdamConfig,
+        param: &Tensor,
+        grad: Tensor,
+        exp_avg: &mut Tensor,
+        exp_avg_sq: &mut Tensor,
+        lr: f64,
+        step: u64,
+    ) -> Result<(), TchError> {
+        let AdamConfig { beta1, beta2, eps, weight_decay } = *config;
+        let grad = if weight_decay != 0.0 { grad.f_add(&param.f_mul_scalar(weight_decay)?)? } else { grad };
+        let _ = exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
+        // addcmul_(grad, grad, value=v) computes self + (v * grad) * grad.
+        let _ = exp_avg_sq.f_mul_scalar_(beta2)?;
+        let _ = exp_avg_sq.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
+        let step = step as f64;
+        let bias_correction1 = 1.0 - beta1.powf(step);
+        let bias_correction2 = 1.0 - beta2.powf(step);
+        let step_size = lr / bias_correction1;
+        let mut denom = exp_avg_sq.f_sqrt()?;
+        let _ = denom.f_div_scalar_(bias_correction2.sqrt())?;
+        let _ = denom.f_add_scalar_(eps)?;
+        // addcdiv_(exp_avg, denom, value=-s) computes self + (-s * exp_avg) / denom.
+        let _ = param.shallow_clone().f_addcdiv_(&exp_avg.f_mul_scalar(-step_size)?, &denom)?;
+        Ok(())
     }
 
     /// The hyper-parameters.
@@ -308,51 +351,30 @@ impl Adam {
     /// [`Adam::step`] on the flat buffers, one run of equal learning rates at a time: every
     /// parameter has a gradient in its slot and all have taken the same number of steps.
     fn step_flat(&mut self) -> Result<(), TchError> {
-        let AdamConfig { beta1, beta2, eps, weight_decay } = self.config;
         let Some(f) = &self.flat else { return Ok(()) };
-        for (p, &slot) in self.params.iter_mut().zip(&f.slots) {
-            if p.state.is_none() {
-                let shape = p.tensor.size();
-                let mut exp_avg = Flat::slot(&f.exp_avg, slot, &shape)?;
-                let mut exp_avg_sq = Flat::slot(&f.exp_avg_sq, slot, &shape)?;
-                let _ = exp_avg.f_zero_()?;
-                let _ = exp_avg_sq.f_zero_()?;
-                p.state = Some(AdamState { step: 0, exp_avg, exp_avg_sq });
-            }
-        }
         let mut step = 0;
-        for p in &mut self.params {
+        for (i, p) in self.params.iter_mut().enumerate() {
+            if p.state.is_none() {
+                p.state = Some(Self::fresh_state(Some(f), i, &p.tensor)?);
+            }
             if let Some(s) = &mut p.state {
                 s.step += 1;
                 step = s.step;
             }
         }
-        let step = step as f64;
-        let bias_correction1 = 1.0 - beta1.powf(step);
-        let bias_correction2 = 1.0 - beta2.powf(step);
-        let bias_correction2_sqrt = bias_correction2.sqrt();
         for &(first, offset, numel) in &f.runs {
             let param = f.params.f_narrow(0, offset, numel)?;
             let grad = f.grads.f_narrow(0, offset, numel)?;
             let mut exp_avg = f.exp_avg.f_narrow(0, offset, numel)?;
             let mut exp_avg_sq = f.exp_avg_sq.f_narrow(0, offset, numel)?;
-            let grad = if weight_decay != 0.0 { grad.f_add(&param.f_mul_scalar(weight_decay)?)? } else { grad };
-            let _ = exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
-            let _ = exp_avg_sq.f_mul_scalar_(beta2)?;
-            let _ = exp_avg_sq.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
-            let step_size = self.params[first].lr / bias_correction1;
-            let mut denom = exp_avg_sq.f_sqrt()?;
-            let _ = denom.f_div_scalar_(bias_correction2_sqrt)?;
-            let _ = denom.f_add_scalar_(eps)?;
-            let _ = param.shallow_clone().f_addcdiv_(&exp_avg.f_mul_scalar(-step_size)?, &denom)?;
+            Self::update(&self.config, &param, grad, &mut exp_avg, &mut exp_avg_sq, self.params[first].lr, step)?;
         }
         Ok(())
     }
 
     /// [`Adam::step`], one parameter at a time.
     fn step_each(&mut self) -> Result<(), TchError> {
-        let AdamConfig { beta1, beta2, eps, weight_decay } = self.config;
-        let flat = &self.flat;
+        let (config, flat) = (&self.config, &self.flat);
         tch::no_grad(|| {
             for (i, p) in self.params.iter_mut().enumerate() {
                 let grad = p.tensor.grad();
@@ -361,37 +383,10 @@ impl Adam {
                 }
                 let state = match &mut p.state {
                     Some(s) => s,
-                    None => {
-                        let (exp_avg, exp_avg_sq) = match flat {
-                            Some(f) => {
-                                let shape = p.tensor.size();
-                                let mut a = Flat::slot(&f.exp_avg, f.slots[i], &shape)?;
-                                let mut b = Flat::slot(&f.exp_avg_sq, f.slots[i], &shape)?;
-                                let _ = a.f_zero_()?;
-                                let _ = b.f_zero_()?;
-                                (a, b)
-                            }
-                            None => (p.tensor.f_zeros_like()?, p.tensor.f_zeros_like()?),
-                        };
-                        p.state.insert(AdamState { step: 0, exp_avg, exp_avg_sq })
-                    }
+                    None => p.state.insert(Self::fresh_state(flat.as_ref(), i, &p.tensor)?),
                 };
                 state.step += 1;
-                let grad = if weight_decay != 0.0 { grad.f_add(&p.tensor.f_mul_scalar(weight_decay)?)? } else { grad };
-                let _ = state.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
-                // addcmul_(grad, grad, value=v) computes self + (v * grad) * grad.
-                let _ = state.exp_avg_sq.f_mul_scalar_(beta2)?;
-                let _ = state.exp_avg_sq.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
-                let step = state.step as f64;
-                let bias_correction1 = 1.0 - beta1.powf(step);
-                let bias_correction2 = 1.0 - beta2.powf(step);
-                let step_size = p.lr / bias_correction1;
-                let bias_correction2_sqrt = bias_correction2.sqrt();
-                let mut denom = state.exp_avg_sq.f_sqrt()?;
-                let _ = denom.f_div_scalar_(bias_correction2_sqrt)?;
-                let _ = denom.f_add_scalar_(eps)?;
-                // addcdiv_(exp_avg, denom, value=-s) computes self + (-s * exp_avg) / denom.
-                let _ = p.tensor.f_addcdiv_(&state.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
+                Self::update(config, &p.tensor, grad, &mut state.exp_avg, &mut state.exp_avg_sq, p.lr, state.step)?;
             }
             Ok(())
         })

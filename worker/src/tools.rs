@@ -374,6 +374,18 @@ fn recipe_lrs(model: &Model) -> Vec<f64> {
     crate::train::fine_tuning_lrs(model, &decay, 1e-8)
 }
 
+/// What both benches train: the backbone with a 1000-class head (seed 0), fine-tuning's
+/// learning rate of each parameter ([`recipe_lrs`]), and one batch of random images and labels
+/// on the device, after checking the options.
+fn bench_setup(o: &BenchOptions) -> anyhow::Result<(Model, Vec<f64>, Tensor, Tensor)> {
+    check_bench_options(o)?;
+    let model = Model::build_seeded(o.backbone, 1000, o.device, 0)?;
+    let lrs = recipe_lrs(&model);
+    let x = Tensor::f_randn([o.batch, 3, o.image_size, o.image_size], (Kind::Float, o.device))?;
+    let y = Tensor::f_randint(1000, [o.batch], (Kind::Int64, o.device))?;
+    Ok((model, lrs, x, y))
+}
+
 /// What [`compare_adam_layouts`] found.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AdamComparison {
@@ -394,9 +406,7 @@ pub struct AdamComparison {
 /// Only the optimizer can make them differ: the check `scripts/gpu-check.sh` runs on a card.
 pub fn compare_adam_layouts(o: &BenchOptions) -> anyhow::Result<AdamComparison> {
     use crate::adam::{Adam, AdamConfig};
-    check_bench_options(o)?;
-    let model = Model::build_seeded(o.backbone, 1000, o.device, 0)?;
-    let lrs = recipe_lrs(&model);
+    let (model, lrs, x, y) = bench_setup(o)?;
     let copies: Vec<(String, Tensor, f64)> = model
         .named_parameters()
         .iter()
@@ -410,8 +420,6 @@ pub fn compare_adam_layouts(o: &BenchOptions) -> anyhow::Result<AdamComparison> 
     }
     let mut each =
         Adam::new(copies.iter().map(|(n, t, lr)| (n.clone(), t.shallow_clone(), *lr)), AdamConfig::default());
-    let x = Tensor::f_randn([o.batch, 3, o.image_size, o.image_size], (Kind::Float, o.device))?;
-    let y = Tensor::f_randint(1000, [o.batch], (Kind::Int64, o.device))?;
     for _ in 0..o.steps {
         flat.zero_grad();
         let logits = model.forward(&x, ForwardMode::TRAIN)?;
@@ -458,23 +466,19 @@ pub fn compare_adam_layouts(o: &BenchOptions) -> anyhow::Result<AdamComparison> 
 /// The same work as `tools/bench_torch_train.py` does in PyTorch eager.
 pub fn bench_training(o: &BenchOptions) -> anyhow::Result<BenchResult> {
     use crate::adam::{Adam, AdamConfig};
-    check_bench_options(o)?;
     if o.fp16 && o.device == Device::Cpu {
         anyhow::bail!("fp16 autocast is a CUDA feature here; use --device cuda:N or --precision fp32");
     }
     if let Device::Cuda(_) = o.device {
         tch::Cuda::cudnn_set_benchmark(true);
     }
-    let model = Model::build_seeded(o.backbone, 1000, o.device, 0)?;
-    let lrs = recipe_lrs(&model);
+    let (model, lrs, x, y) = bench_setup(o)?;
     let params = model.named_parameters().iter().zip(lrs).map(|((n, t), lr)| (n.clone(), t.shallow_clone(), lr));
     let mut adam = match o.flat_adam {
         None => Adam::for_device(params, AdamConfig::default())?,
         Some(true) => Adam::flat(params, AdamConfig::default())?,
         Some(false) => Adam::new(params, AdamConfig::default()),
     };
-    let x = Tensor::f_randn([o.batch, 3, o.image_size, o.image_size], (Kind::Float, o.device))?;
-    let y = Tensor::f_randint(1000, [o.batch], (Kind::Int64, o.device))?;
     let sync = || {
         if let Device::Cuda(i) = o.device {
             tch::Cuda::synchronize(i as i64);
