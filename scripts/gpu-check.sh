@@ -155,10 +155,11 @@ grid:
   lr_decay: [{ strategy: exponential, head_lr: 1.0e-3, factor: 3 }]
   epoch_split: [[3, 1]]
 EOF
-# cache_check WHAT YAML: the trial in YAML with SWEEP_FEATURE_CACHE=off and on; PASS when the
-# metrics are the same and the worker built the cache and kept it.
+# cache_check WHAT YAML DEVICES RANKS: the trial in YAML with SWEEP_FEATURE_CACHE=off and on;
+# PASS when the metrics are the same, the worker trained on DEVICES (its log's `devices=`), and
+# each of RANKS replicas built the cache (`feature cache built … rank=R`) and none gave it up.
 cache_check() {
-    local what=$1 yaml=$2 tag ok=1 same
+    local what=$1 yaml=$2 devices=$3 ranks=$4 tag ok=1 same cache r missing=""
     tag=$(basename "$yaml" .yaml)
     for cache in off on; do
         rm -rf "$OUT_DIR/state"
@@ -179,17 +180,24 @@ print("yes" if all(a.get(k) == b.get(k) for k in keys) else f"NO: {[(k, a.get(k)
 EOF
     )
     local log=$OUT_DIR/$tag-on-worker.log
-    if grep -q "feature cache given up" "$log" 2>/dev/null; then
+    for r in $(seq 0 $((ranks - 1))); do
+        grep "feature cache built" "$log" 2>/dev/null | grep -q "rank=$r" || missing="$missing $r"
+    done
+    if ! grep -q "devices=$devices" "$log" 2>/dev/null; then
+        fail "feature cache, $what: the trial did not train on $devices (see $(basename "$log"))"
+    elif grep -q "feature cache given up" "$log" 2>/dev/null; then
         fail "feature cache, $what, given up: $(grep -m1 'feature cache given up' "$log")"
-    elif ! grep -q "feature cache built" "$log" 2>/dev/null; then
-        fail "feature cache, $what, was not built (see $(basename "$log"))"
+    elif [ -n "$missing" ]; then
+        fail "feature cache, $what, was not built by replica(s)$missing (see $(basename "$log"))"
+    elif [ -z "$same" ]; then
+        fail "feature cache, $what: could not compare the runs' results"
     elif [ "$same" = yes ]; then
         pass "feature cache, $what: same metrics with and without it (wall seconds off / on: $("$PY" -c 'import json,sys; print(*(round(json.load(open(p))[0]["wall_seconds"], 1) for p in sys.argv[1:]), sep=" / ")' "$OUT_DIR/$tag-off.json" "$OUT_DIR/$tag-on.json"))"
     else
         fail "feature cache, $what, changed the metrics: $same"
     fi
 }
-cache_check "on cuda:0" "$OUT_DIR/cache-trial.yaml"
+cache_check "on cuda:0" "$OUT_DIR/cache-trial.yaml" cuda:0 1
 
 # 5. Several GPUs: NCCL over all of them and a data-parallel trial ------------------------------
 if [ "$GPUS" -ge 2 ]; then
@@ -214,7 +222,7 @@ if [ "$GPUS" -ge 2 ]; then
     # The feature cache shared between two replicas: each computes half, the halves are broadcast.
     sed 's/^name: .*/name: gpu-cache-dp\nresources: { gpus_per_trial: 2 }/' "$OUT_DIR/cache-trial.yaml" \
         >"$OUT_DIR/cache-dp-trial.yaml"
-    cache_check "data parallel on cuda:0,cuda:1" "$OUT_DIR/cache-dp-trial.yaml"
+    cache_check "data parallel on cuda:0,cuda:1" "$OUT_DIR/cache-dp-trial.yaml" cuda:0,cuda:1 2
 else
     say "- (one GPU: the multi-GPU all-reduce and data-parallel checks do not apply)"
 fi

@@ -32,8 +32,8 @@ struct Cost {
 fn costs(spec: &SweepSpec, tree: &StageTree, tflops: f64) -> Option<Vec<Cost>> {
     let rate = tflops * 1e12;
     let mut out: Vec<Cost> = Vec::new();
-    let mut add = |backbone: Backbone, kind: &EpochKind, epochs: u32, naive: bool| -> Option<()> {
-        let seconds = stages::run_flops(spec, backbone, kind, epochs)? / rate;
+    let mut add = |backbone: Backbone, kind: &EpochKind, flops: f64, naive: bool| -> Option<()> {
+        let seconds = flops / rate;
         let phase = kind.phase();
         let i = match out.iter().position(|c| c.backbone == backbone && c.phase == phase) {
             Some(i) => i,
@@ -50,18 +50,25 @@ fn costs(spec: &SweepSpec, tree: &StageTree, tflops: f64) -> Option<Vec<Cost>> {
         Some(())
     };
     for t in &tree.trials {
-        add(t.backbone, &EpochKind::FeatureExtraction, t.fe_epochs, true)?;
-        add(t.backbone, &EpochKind::FineTuning(t.lr_decay), t.ft_epochs, true)?;
+        let fe = EpochKind::FeatureExtraction;
+        add(t.backbone, &fe, stages::run_flops(spec, t.backbone, &fe, t.fe_epochs)?, true)?;
+        let ft = EpochKind::FineTuning(t.lr_decay);
+        add(t.backbone, &ft, stages::run_flops(spec, t.backbone, &ft, t.ft_epochs)?, true)?;
     }
     for s in &tree.stages {
-        if s.kind.is_feature_extraction() && stages::feature_cache_applies(spec, s.backbone) {
+        let flops = if s.kind.is_feature_extraction() && stages::feature_cache_applies(spec, s.backbone) {
             // The feature cache lives as long as the attempt that runs the stage's runner's
             // chain: built in its first feature-extraction epoch, it serves the later ones,
-            // through every stage that attempt continues into.
-            add(s.backbone, &s.kind, if tree.continues_parent(s.index) { 0 } else { 1 }, false)?;
+            // through every stage that attempt continues into; each epoch still computes what
+            // the cache does not serve. (An attempt of one feature-extraction epoch builds no
+            // cache: that edge is counted as cached.)
+            let build =
+                if tree.continues_parent(s.index) { 0.0 } else { stages::epoch_flops(spec, s.backbone, &s.kind)? };
+            build + f64::from(s.epochs()) * stages::cached_epoch_flops(spec, s.backbone)?
         } else {
-            add(s.backbone, &s.kind, s.epochs(), false)?;
-        }
+            stages::run_flops(spec, s.backbone, &s.kind, s.epochs())?
+        };
+        add(s.backbone, &s.kind, flops, false)?;
     }
     Some(out)
 }

@@ -24,6 +24,7 @@ use std::fmt::Write as _;
 use sha2::{Digest, Sha256};
 
 use crate::backbone::Backbone;
+use crate::batching;
 use crate::grid::{self, Trial};
 use crate::leaderboard::Phase;
 use crate::lr::LrDecay;
@@ -429,10 +430,15 @@ pub fn stored_runs(epochs: &[(u32, Vec<String>)]) -> Vec<(u32, u32, Vec<String>)
 /// per image. An estimate for planning, not a measurement.
 pub fn epoch_flops(spec: &SweepSpec, backbone: Backbone, kind: &EpochKind) -> Option<f64> {
     let (train, val) = spec.dataset.image_counts()?;
-    let side = f64::from(spec.dataset.image_size()) / 224.0;
-    let forward = 2.0 * backbone.imagenet_gmacs() * 1e9 * side * side;
+    let forward = forward_flops(spec, backbone);
     let passes = if kind.is_feature_extraction() { 1.0 } else { 3.0 };
     Some(forward * (train as f64 * passes + val as f64))
+}
+
+/// Floating-point operations of one image's forward pass (see [`epoch_flops`]).
+fn forward_flops(spec: &SweepSpec, backbone: Backbone) -> f64 {
+    let side = f64::from(spec.dataset.image_size()) / 224.0;
+    2.0 * backbone.imagenet_gmacs() * 1e9 * side * side
 }
 
 /// Whether a worker's feature cache serves feature extraction of `backbone` under `spec`: the
@@ -452,13 +458,30 @@ pub fn feature_cache_applies(spec: &SweepSpec, backbone: Backbone) -> bool {
 
 /// Floating-point operations of `epochs` consecutive epochs of `kind` that one attempt runs:
 /// `epochs` × [`epoch_flops`], except for feature extraction that the feature cache serves
-/// ([`feature_cache_applies`]) in a run of two epochs or more, where only the first epoch runs
-/// the backbone (over the training and the validation images); the head's own cost, a matrix
-/// product per image, is left out here as in every epoch's estimate.
+/// ([`feature_cache_applies`]) in a run of two epochs or more: the cache's build runs the
+/// backbone once over the training and the validation images ([`epoch_flops`]), and every
+/// epoch of the run, the first included, runs it again over what the cache does not serve
+/// ([`cached_epoch_flops`]). The head's own cost, a matrix product per image, is left out here
+/// as in every epoch's estimate.
 pub fn run_flops(spec: &SweepSpec, backbone: Backbone, kind: &EpochKind, epochs: u32) -> Option<f64> {
     let one = epoch_flops(spec, backbone, kind)?;
     let cached = kind.is_feature_extraction() && epochs >= 2 && feature_cache_applies(spec, backbone);
-    Some(if cached { one } else { one * f64::from(epochs) })
+    if !cached {
+        return Some(one * f64::from(epochs));
+    }
+    Some(one + f64::from(epochs) * cached_epoch_flops(spec, backbone)?)
+}
+
+/// Floating-point operations of the backbone in an epoch of feature extraction that the feature
+/// cache serves: its forward pass over the training images in parts of another size than the
+/// cache's ([`batching::feature_cache_batch`]: with one replica at most the epoch's last batch;
+/// data parallel, the parts of the last global batch), computed afresh every epoch.
+pub fn cached_epoch_flops(spec: &SweepSpec, backbone: Backbone) -> Option<f64> {
+    let (train, _) = spec.dataset.image_counts()?;
+    let train = usize::try_from(train).unwrap_or(usize::MAX);
+    let world = spec.resources.gpus_per_trial.max(1) as usize;
+    let read = batching::feature_cache_batch(train, spec.training.batch_size as usize, world).map_or(0, |c| c.read);
+    Some((train - read.min(train)) as f64 * forward_flops(spec, backbone))
 }
 
 /// Epochs of the kind of epoch `done + 1` that `trial` runs from there without a change of kind.
@@ -607,12 +630,23 @@ grid:
             // Fine-tuning trains the backbone: every epoch runs it.
             assert_eq!(run_flops(&s, b, &ft, 8), Some(8.0 * epoch_flops(&s, b, &ft).unwrap()));
         }
-        // Data parallel: the replicas share out the cache's pass.
+        // Data parallel: the replicas share out the cache's pass. 96 training images in global
+        // batches of 64 on two replicas: parts of 32, 32, then of 16, 16, which the cache (of
+        // 32) does not serve: each epoch runs the backbone over those 32 images again.
         let mut dp = s.clone();
         dp.resources.gpus_per_trial = 2;
         assert!(feature_cache_applies(&dp, Backbone::Resnet50));
         let one = epoch_flops(&dp, Backbone::Resnet50, &fe).unwrap();
-        assert_eq!(run_flops(&dp, Backbone::Resnet50, &fe, 8), Some(one));
+        let per_image = one / (96.0 + 48.0);
+        let got = run_flops(&dp, Backbone::Resnet50, &fe, 8).unwrap();
+        assert!((got - (one + 8.0 * 32.0 * per_image)).abs() < 1e-9 * got, "{got}");
+        // One replica, a last batch of 16 (80 = 32 + 32 + 16): the same 16 images afresh.
+        let mut short = s.clone();
+        short.dataset = spec::parse(&GUIDE.replace("classes: 3", "classes: 2, train_per_class: 40")).unwrap().dataset;
+        let one = epoch_flops(&short, Backbone::Resnet50, &fe).unwrap();
+        let per_image = one / (80.0 + 32.0);
+        let got = run_flops(&short, Backbone::Resnet50, &fe, 8).unwrap();
+        assert!((got - (one + 8.0 * 16.0 * per_image)).abs() < 1e-9 * got, "{got}");
         // Stochastic depth inside the backbone, augmented feature extraction, BatchNorm
         // training: every epoch runs the backbone.
         for (what, spec, b) in [

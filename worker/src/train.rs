@@ -31,17 +31,18 @@
 //! features. Libtorch's kernels choose their algorithm by shape, so a sample's features depend
 //! on the size of the batch it is computed in (not on the other samples in it, nor on its place
 //! among them — see [`Model::features`]): the training
-//! features are computed in batches of exactly the training batch size, and a batch of another
-//! size (the epoch's last) is computed afresh; validation features are computed in the same
-//! batches as validation. Data parallel, each replica computes the features of a part of the
-//! training set and the parts are broadcast to all, so that each holds every row whichever
+//! features are computed in batches of exactly the size that most of an epoch's batches (or,
+//! data parallel, of the replicas' parts of them) have — the training batch size, unless the
+//! set is smaller than one global batch ([`batching::feature_cache_batch`]) — and a batch of
+//! another size (the epoch's last) is computed afresh; validation features are computed in the
+//! same batches as validation. Data parallel, each replica computes the features of a part of
+//! the training set and the parts are broadcast to all, so that each holds every row whichever
 //! replica an epoch hands a sample to (the replicas' devices must compute the same bits, which
 //! the cache's check tests); each caches its own part of validation. A cached run is therefore
-//! bit-identical to an uncached one (`worker/tests/trainer.rs`, `worker/tests/data_parallel.rs`).
+//! bit-identical to an uncached one (`worker/tests/trainer.rs`, with one replica and several).
 //! [`TrainOptions::feature_cache`] (`SWEEP_FEATURE_CACHE=off`) turns it off.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,7 +52,7 @@ use std::time::Instant;
 
 use sweep_core::leaderboard::{EpochMetrics, Phase};
 use sweep_core::spec::{Augment, SweepSpec, TrainingSpec, Weights};
-use sweep_core::{Backbone, LrDecay, Trial};
+use sweep_core::{Backbone, LrDecay, Trial, batching};
 use tch::{Device, Kind, Reduction, TchError, Tensor};
 
 use crate::adam::{Adam, AdamConfig};
@@ -395,45 +396,10 @@ pub fn fine_tuning_lrs(model: &Model, decay: &LrDecay, default_lr: f64) -> Vec<f
 /// into the one before when it would hold a single sample (BatchNorm cannot normalise one
 /// sample in training mode).
 pub fn batches(order: &[i64], batch_size: usize) -> Vec<&[i64]> {
-    let mut out: Vec<&[i64]> = order.chunks(batch_size.max(1)).collect();
-    if out.len() >= 2 && out[out.len() - 1].len() == 1 {
-        let n = order.len();
-        out.pop();
-        let start = n - 1 - out[out.len() - 1].len();
-        let last = out.len() - 1;
-        out[last] = &order[start..];
-    }
-    out
+    batching::batch_ranges(order.len(), batch_size).into_iter().map(|r| &order[r]).collect()
 }
 
-/// The parts of a global batch of `len` samples that `world` replicas train on, in rank
-/// order: contiguous, sizes differing by at most one, and never a single sample (BatchNorm in
-/// training mode cannot normalise one). So when `len < 2 · world` only `max(1, len / 2)`
-/// replicas get samples and the others an empty part (`len..len`); with one replica the part
-/// is the whole batch.
-pub fn shard_ranges(len: usize, world: usize) -> Vec<Range<usize>> {
-    let world = world.max(1);
-    let used = if len >= 2 * world { world } else { (len / 2).max(1) };
-    let mut out = split_evenly(len, used);
-    out.resize(world, len..len);
-    out
-}
-
-/// `len` items cut into `parts` contiguous ranges in order, sizes differing by at most one
-/// (the first `len % parts` one larger). How validation is shared between replicas.
-pub fn split_evenly(len: usize, parts: usize) -> Vec<Range<usize>> {
-    let parts = parts.max(1);
-    let (base, extra) = (len / parts, len % parts);
-    let mut start = 0;
-    (0..parts)
-        .map(|i| {
-            let n = base + usize::from(i < extra);
-            let r = start..start + n;
-            start += n;
-            r
-        })
-        .collect()
-}
+pub use sweep_core::batching::{shard_ranges, split_evenly};
 
 /// Seed-derivation tag of the dropout streams of replicas other than rank 0 (rank 0 keeps the
 /// single-replica stream, so one replica trains exactly as before data parallelism).
@@ -599,18 +565,16 @@ fn restore_model(model: &Model, state: &TrainingState) -> Result<(), ReplicaErro
 
 /// Restores the optimizer state of every parameter the resume point has one for; a saved state
 /// for a parameter this optimizer does not train is an error (the phases disagree).
-fn restore_optimizer(optimizer: &mut Adam, state: &TrainingState, device: Device) -> Result<(), ReplicaError> {
+fn restore_optimizer(optimizer: &mut Adam, state: &TrainingState) -> Result<(), ReplicaError> {
     let mut used = 0;
     for i in 0..optimizer.params().len() {
         let name = optimizer.params()[i].name.clone();
         let Some(e) = state.optimizer.get(&name) else { continue };
-        let shape = optimizer.params()[i].tensor.size();
-        if e.exp_avg.size() != shape || e.exp_avg_sq.size() != shape {
-            return Err(bad_state(format!("optimizer state of `{name}` does not fit the parameter")));
-        }
-        let on_device = |t: &Tensor| t.f_to_device(device).map_err(|x| bad_state(format!("`{name}`: {x}")));
-        let (avg, avg_sq) = (on_device(&e.exp_avg)?, on_device(&e.exp_avg_sq)?);
-        optimizer.restore_state(i, e.step, &avg, &avg_sq).map_err(|x| bad_state(format!("`{name}`: {x}")))?;
+        // Checks the shapes, and copies the moments to the parameter's device.
+        optimizer.restore_state(i, e.step, &e.exp_avg, &e.exp_avg_sq).map_err(|x| match x {
+            TchError::Shape(m) => bad_state(m),
+            other => bad_state(format!("`{name}`: {other}")),
+        })?;
         used += 1;
     }
     if used != state.optimizer.len() {
@@ -710,7 +674,7 @@ impl Replica {
             if state.epochs_done > replica.setup.fe_epochs {
                 replica.start_fine_tuning()?;
             }
-            restore_optimizer(&mut replica.optimizer, &state, device)?;
+            restore_optimizer(&mut replica.optimizer, &state)?;
         }
         Ok(replica)
     }
@@ -1080,9 +1044,11 @@ impl Replica {
         let order = Rng::derive(seed, &[STREAM_SHUFFLE, epoch as u64]).permutation(n);
         let device = self.model.device();
         let shards = self.shards(&order);
-        let Some(batch_size) = shards.first().map(|sh| shard_ranges(sh.global.len(), self.world())[0].len()) else {
+        let Some(cache) = batching::feature_cache_batch(n, self.setup.training.batch_size as usize, self.world())
+        else {
             return Ok(None);
         };
+        let batch_size = cache.size;
         if self.fe_cache.is_none() && !self.build_and_check(plan.mode, batch_size, &shards)? {
             return Ok(None);
         }
@@ -1267,6 +1233,7 @@ impl Replica {
 enum Command {
     Epoch(EpochPlan),
     Validate,
+    CacheStats,
 }
 
 /// What a replica thread answers.
@@ -1275,6 +1242,7 @@ enum Reply {
     Ready,
     Epoch((PassMetrics, PassMetrics)),
     Validated(PassMetrics),
+    CacheStats(FeatureCacheStats),
 }
 
 /// A replica (rank ≥ 1) on its own thread.
@@ -1341,6 +1309,7 @@ impl Peer {
                 let reply = guarded(rank, &abort, || match command {
                     Command::Epoch(plan) => replica.run_epoch(&plan).map(Reply::Epoch),
                     Command::Validate => replica.validate().map(Reply::Validated),
+                    Command::CacheStats => Ok(Reply::CacheStats(replica.fe_stats)),
                 });
                 if outbox.send(reply).is_err() {
                     break;
@@ -1629,6 +1598,18 @@ impl Trainer {
         self.lead.fe_stats
     }
 
+    /// What the feature cache did so far on each replica, in rank order.
+    pub fn feature_cache_stats_per_replica(&mut self) -> Result<Vec<FeatureCacheStats>, TrainError> {
+        self.on_each(
+            Command::CacheStats,
+            |r| Ok(r.fe_stats),
+            |reply| match reply {
+                Reply::CacheStats(s) => Some(s),
+                _ => None,
+            },
+        )
+    }
+
     /// The model being trained (rank 0's replica).
     pub fn model(&self) -> &Model {
         &self.lead.model
@@ -1696,19 +1677,30 @@ impl Trainer {
         self.cache_fault = Some((rank, CacheFault::FailBuild));
     }
 
-    /// Runs `lead` on rank 0 and `command` on every other replica, and collects the outcome.
+    /// Runs `lead` on rank 0 and `command` on every other replica, and collects the outcome:
+    /// rank 0's value (every replica's agree).
     fn on_all<T>(
         &mut self,
         command: Command,
         lead: impl FnOnce(&mut Replica) -> Result<T, ReplicaError>,
         unpack: impl Fn(Reply) -> Option<T>,
     ) -> Result<T, TrainError> {
+        self.on_each(command, lead, unpack).map(|mut values| values.swap_remove(0))
+    }
+
+    /// [`Trainer::on_all`], every replica's value in rank order.
+    fn on_each<T>(
+        &mut self,
+        command: Command,
+        lead: impl FnOnce(&mut Replica) -> Result<T, ReplicaError>,
+        unpack: impl Fn(Reply) -> Option<T>,
+    ) -> Result<Vec<T>, TrainError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
         let Some(abort) = self.abort.clone() else {
             // One replica: on this thread, nothing else.
-            return lead(&mut self.lead).map_err(ReplicaError::into_train);
+            return lead(&mut self.lead).map(|v| vec![v]).map_err(ReplicaError::into_train);
         };
         self.busy = true;
         let sent: Vec<bool> =
@@ -1731,7 +1723,7 @@ impl Trainer {
         }
         self.busy = false;
         match combine(results, &self.devices) {
-            Ok(mut values) => Ok(values.swap_remove(0)),
+            Ok(values) => Ok(values),
             Err(e) => {
                 abort.abort(&e.to_string());
                 self.failed = Some(e.clone());

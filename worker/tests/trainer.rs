@@ -302,7 +302,10 @@ struct CachedRun {
     metrics: Vec<EpochMetrics>,
     state: HashMap<String, Tensor>,
     held: Vec<Option<(i64, i64)>>,
+    /// Rank 0's.
     stats: FeatureCacheStats,
+    /// Every replica's, in rank order.
+    replicas: Vec<FeatureCacheStats>,
 }
 
 /// Trains every epoch of the trial with or without the feature cache.
@@ -317,7 +320,15 @@ fn run_with(mut tr: Trainer) -> CachedRun {
         metrics.push(tr.run_epoch().unwrap());
         held.push(tr.cached_features());
     }
-    CachedRun { metrics: without_time(&metrics), state: snapshot(tr.model()), held, stats: tr.feature_cache_stats() }
+    let replicas = tr.feature_cache_stats_per_replica().unwrap();
+    assert_eq!(replicas[0], tr.feature_cache_stats());
+    CachedRun {
+        metrics: without_time(&metrics),
+        state: snapshot(tr.model()),
+        held,
+        stats: tr.feature_cache_stats(),
+        replicas,
+    }
 }
 
 fn assert_same_state(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>, what: &str) {
@@ -498,32 +509,56 @@ fn replicas(world: usize, cache: bool) -> TrainOptions {
     TrainOptions { feature_cache: cache, ..TrainOptions::data_parallel(vec![Device::Cpu; world]) }
 }
 
+/// One replica's training parts read from the cache, computed afresh, and validation batches
+/// read, in an epoch.
+type PerEpoch = (u64, u64, u64);
+
+/// Trains `t` with `world` CPU replicas with the feature cache and without: the same metrics
+/// and weights, rank 0 holds `held` rows (training, its part of validation) while feature
+/// extraction lasts, and each replica read and computed per epoch what `per_replica` says.
+fn assert_cache_shared(s: &SweepSpec, t: &Trial, world: usize, per_replica: &[PerEpoch], held: (i64, i64)) {
+    let off = run_with(Trainer::new(s, t, &replicas(world, false)).unwrap());
+    let on = run_with(Trainer::new(s, t, &replicas(world, true)).unwrap());
+    let what = format!("{world} replicas, batch {}, {} images", s.training.batch_size, held.0);
+    assert_eq!(on.held, [Some(held), Some(held), None], "{what}: rank 0 holds every training row");
+    let epochs = u64::from(t.fe_epochs);
+    let want: Vec<FeatureCacheStats> = per_replica
+        .iter()
+        .map(|&(read, computed, val)| FeatureCacheStats {
+            builds: 1,
+            train_batches_read: epochs * read,
+            train_batches_computed: epochs * computed,
+            val_batches_read: epochs * val,
+            abandoned: 0,
+        })
+        .collect();
+    assert_eq!(on.replicas, want, "{what}: the replicas did not read the cache as planned");
+    assert_eq!(off.replicas, vec![FeatureCacheStats::default(); world], "{what}");
+    assert_eq!(on.metrics, off.metrics, "{what}: metrics differ");
+    assert_same_state(&on.state, &off.state, &what);
+}
+
 #[test]
 fn data_parallel_replicas_share_one_feature_cache_bit_identical_to_running_the_backbone() {
     let _bound = sweep_tests::bound(1200);
-    // 20 training images, 16 for validation. Global batches (batch × world) and each
-    // replica's parts: world 2, batch 4: 8, 8, 4 → parts of 4, 4, 2 (2 computed afresh);
-    // world 3, batch 3: 9, 9, 2 → parts of 3, 3 and 2, 0, 0 (replicas 1 and 2 idle, rank 0
-    // computes afresh); world 2, batch 16: one global batch of 20 → parts of 10, all cached.
+    // 20 training images, 16 for validation, 2 epochs of feature extraction. Global batches
+    // (batch × world) and each replica's parts:
+    // - world 2, batch 4: 8, 8, 4 → parts of 4, 4, 2 (2 computed afresh);
+    // - world 3, batch 3: 9, 9, 2 → parts of 3, 3 and 2, 0, 0 (replicas 1 and 2 idle, rank 0
+    //   computes afresh);
+    // - world 2, batch 16: one global batch of 20 → parts of 10, all cached.
     // Each replica computes 10, 7 or 6 rows of the training features and receives the rest.
-    for (world, batch, read, computed, val) in [(2, 4, 2, 1, 2), (3, 3, 2, 1, 2), (2, 16, 1, 0, 1)] {
+    // Per replica and epoch: (training parts read, computed afresh, validation batches read).
+    let cases: [(usize, u32, &[PerEpoch]); 3] =
+        [(2, 4, &[(2, 1, 2), (2, 1, 2)]), (3, 3, &[(2, 1, 2), (2, 0, 2), (2, 0, 2)]), (2, 16, &[(1, 0, 1), (1, 0, 1)])];
+    for (world, batch, per_replica) in cases {
         let (s, t) = pure_spec("resnet18", 4, 5, batch, (2, 1));
-        let off = run_with(Trainer::new(&s, &t, &replicas(world, false)).unwrap());
-        let on = run_with(Trainer::new(&s, &t, &replicas(world, true)).unwrap());
-        let what = format!("{world} replicas, batch {batch}");
-        let held = Some((20, 16_usize.div_ceil(world) as i64));
-        assert_eq!(on.held, [held, held, None], "{what}: rank 0 holds every training row, its part of validation");
-        let want = FeatureCacheStats {
-            builds: 1,
-            train_batches_read: 2 * read,
-            train_batches_computed: 2 * computed,
-            val_batches_read: 2 * val,
-            abandoned: 0,
-        };
-        assert_eq!(on.stats, want, "{what}: rank 0 did not read the cache as planned");
-        assert_eq!(on.metrics, off.metrics, "{what}: metrics differ");
-        assert_same_state(&on.state, &off.state, &what);
+        assert_cache_shared(&s, &t, world, per_replica, (20, 16_usize.div_ceil(world) as i64));
     }
+    // Two training images on three replicas: one part of 2 (rank 0's); replica 2 has no rows
+    // of its own to compute (it learns the features' width from a batch it throws away).
+    let (s, t) = pure_spec("resnet18", 2, 1, 4, (2, 1));
+    assert_cache_shared(&s, &t, 3, &[(1, 0, 1), (0, 0, 1), (0, 0, 1)], (2, 3));
     // A replica that cannot build its part, or whose check fails: every replica gives the
     // cache up (rank 0 counts it even when the fault was replica 1's), and the run is the
     // uncached one.
@@ -540,8 +575,10 @@ fn data_parallel_replicas_share_one_feature_cache_bit_identical_to_running_the_b
             let run = run_with(tr);
             let what = format!("replica {rank}, spoilt {spoil}");
             assert_eq!(run.held, [None, None, None, None], "{what}");
-            assert_eq!((run.stats.builds, run.stats.abandoned), (builds, 1), "{what}: given up once");
-            assert_eq!((run.stats.train_batches_read, run.stats.val_batches_read), (0, 0), "{what}");
+            for (r, stats) in run.replicas.iter().enumerate() {
+                assert_eq!((stats.builds, stats.abandoned), (builds, 1), "{what}: replica {r} gave it up once");
+                assert_eq!((stats.train_batches_read, stats.val_batches_read), (0, 0), "{what}: replica {r}");
+            }
             assert_eq!(run.metrics, off.metrics, "{what}");
             assert_same_state(&run.state, &off.state, &what);
         }
