@@ -616,6 +616,8 @@ enum CacheFault {
     Spoil,
     /// Building it fails (as running out of memory would).
     FailBuild,
+    /// Building it stops as cancellation stops it, on this replica alone.
+    CancelBuild,
 }
 
 impl Replica {
@@ -1112,11 +1114,12 @@ impl Replica {
         shards: &[Shard],
     ) -> Result<bool, ReplicaError> {
         let device = self.model.device();
-        let built = if self.fe_cache_fault == Some(CacheFault::FailBuild) {
-            self.fe_cache_fault = None;
-            Err(TchError::Torch("injected fault: out of memory while building the feature cache".into()))
-        } else {
-            self.build_feature_cache(mode, batch_size)
+        let built = match self.fe_cache_fault.take_if(|f| *f != CacheFault::Spoil) {
+            Some(CacheFault::FailBuild) => {
+                Err(TchError::Torch("injected fault: out of memory while building the feature cache".into()))
+            }
+            Some(_) => Ok(None),
+            None => self.build_feature_cache(mode, batch_size),
         };
         let built = match built {
             Ok(Some(cache)) => Ok(cache),
@@ -1675,6 +1678,14 @@ impl Trainer {
     pub fn fail_next_feature_cache_build(&mut self, rank: usize) {
         assert!(rank < self.devices.len(), "no replica {rank}");
         self.cache_fault = Some((rank, CacheFault::FailBuild));
+    }
+
+    /// Tests: replica `rank` stops building its next feature cache as if the trial were
+    /// cancelled, while the others build theirs.
+    #[doc(hidden)]
+    pub fn cancel_next_feature_cache_build(&mut self, rank: usize) {
+        assert!(rank < self.devices.len(), "no replica {rank}");
+        self.cache_fault = Some((rank, CacheFault::CancelBuild));
     }
 
     /// Runs `lead` on rank 0 and `command` on every other replica, and collects the outcome:

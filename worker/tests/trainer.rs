@@ -586,6 +586,25 @@ fn data_parallel_replicas_share_one_feature_cache_bit_identical_to_running_the_b
 }
 
 #[test]
+fn a_replica_cancelled_while_building_its_part_of_the_cache_stops_every_replica() {
+    let _bound = sweep_tests::bound(600);
+    let (s, t) = pure_spec("resnet18", 4, 5, 4, (2, 1));
+    for rank in [0, 1, 2] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (s, t) = (s.clone(), t.clone());
+        std::thread::spawn(move || {
+            let mut tr = Trainer::new(&s, &t, &replicas(3, true)).unwrap();
+            tr.cancel_next_feature_cache_build(rank);
+            let first = tr.run_epoch().map(|_| ());
+            let _ = tx.send((first, tr.run_epoch().map(|_| ())));
+        });
+        let (first, next) = rx.recv_timeout(std::time::Duration::from_secs(300)).expect("the replicas hung");
+        assert_eq!(first, Err(TrainError::Cancelled), "replica {rank}");
+        assert_eq!(next, Err(TrainError::Cancelled), "a stopped trainer trains no further");
+    }
+}
+
+#[test]
 fn the_frozen_backbone_gets_no_gradients_or_optimizer_state() {
     let _bound = sweep_tests::bound(600);
     // Augmented, BatchNorm training: the backbone runs every step (under no_grad); only the
