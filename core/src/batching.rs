@@ -19,6 +19,24 @@ pub fn batch_ranges(n: usize, size: usize) -> Vec<Range<usize>> {
     out
 }
 
+/// The lengths of [`batch_ranges`]`(n, size)`, each with how many batches have it (at most two
+/// lengths), without listing the batches.
+fn batch_sizes(n: usize, size: usize) -> Vec<(usize, usize)> {
+    let size = size.max(1);
+    let (full, rest) = (n / size, n % size);
+    let merged = |full: usize| [(size, full - 1), (size + 1, 1)].into_iter().filter(|&(_, c)| c > 0).collect();
+    match (full, rest) {
+        (0, 0) => vec![],
+        (0, _) => vec![(rest, 1)],
+        // Batches of one: the last one joins the one before.
+        (2.., 0) if size == 1 => merged(full - 1),
+        (_, 0) => vec![(size, full)],
+        // A trailing single sample joins the last full batch.
+        (_, 1) => merged(full),
+        _ => vec![(size, full), (rest, 1)],
+    }
+}
+
 /// The parts of a global batch of `len` samples that `world` replicas train on, in rank
 /// order: contiguous, sizes differing by at most one, and never a single sample (BatchNorm in
 /// training mode cannot normalise one). So when `len < 2 · world` only `max(1, len / 2)`
@@ -56,14 +74,15 @@ pub fn split_evenly(len: usize, parts: usize) -> Vec<Range<usize>> {
 /// every epoch has the same sizes. `None` when there is nothing to train on.
 pub fn feature_cache_batch(n: usize, batch: usize, world: usize) -> Option<CacheBatch> {
     let mut covered: Vec<(usize, usize)> = Vec::new();
-    for b in batch_ranges(n, batch.max(1) * world.max(1)) {
-        for part in shard_ranges(b.len(), world) {
+    for (len, count) in batch_sizes(n, batch.max(1).saturating_mul(world.max(1))) {
+        for part in shard_ranges(len, world) {
             if part.is_empty() {
                 continue;
             }
+            let samples = part.len().saturating_mul(count);
             match covered.iter_mut().find(|(size, _)| *size == part.len()) {
-                Some((_, samples)) => *samples += part.len(),
-                None => covered.push((part.len(), part.len())),
+                Some((_, s)) => *s += samples,
+                None => covered.push((part.len(), samples)),
             }
         }
     }
@@ -97,6 +116,25 @@ mod tests {
         assert_eq!(lens(0, 4), Vec::<usize>::new());
         assert_eq!(lens(3, 10), [3]);
         assert_eq!(batch_ranges(9, 4), [0..4, 4..9]);
+    }
+
+    #[test]
+    fn batch_sizes_count_what_batch_ranges_lists() {
+        for n in 0..60 {
+            for size in 1..12 {
+                let mut want: Vec<(usize, usize)> = Vec::new();
+                for r in batch_ranges(n, size) {
+                    match want.iter_mut().find(|(l, _)| *l == r.len()) {
+                        Some((_, c)) => *c += 1,
+                        None => want.push((r.len(), 1)),
+                    }
+                }
+                assert_eq!(batch_sizes(n, size), want, "{n} in batches of {size}");
+            }
+        }
+        // Large sets are counted, not listed.
+        // (1,024 replicas of 1: parts of 2 on half of them, never a single sample.)
+        assert_eq!(feature_cache_batch(1 << 40, 1, 1024), Some(CacheBatch { size: 2, read: 1 << 40 }));
     }
 
     #[test]
