@@ -35,6 +35,17 @@ pub struct WorkerMetrics {
     pub running: AtomicUsize,
     /// False once the daemon loop has ended (the liveness probe then fails).
     pub up: AtomicBool,
+    /// The feature cache (`train`): caches built and kept, one per trial's phase whatever its
+    /// replicas.
+    pub feature_caches_built: Counter,
+    /// Caches given up (building failed, or a batch computed afresh differed from the cache):
+    /// on a device whose kernels depend on a sample's batch, feature extraction then runs the
+    /// backbone every epoch.
+    pub feature_caches_abandoned: Counter,
+    /// Training batches (each replica's part counted) whose features were read from a cache.
+    pub feature_cache_batches_read: Counter,
+    /// Training batches of cached epochs whose size is not the cache's, computed afresh.
+    pub feature_cache_batches_computed: Counter,
 }
 
 impl Default for WorkerMetrics {
@@ -45,6 +56,10 @@ impl Default for WorkerMetrics {
             epochs: Counter::default(),
             running: AtomicUsize::new(0),
             up: AtomicBool::new(true),
+            feature_caches_built: Counter::default(),
+            feature_caches_abandoned: Counter::default(),
+            feature_cache_batches_read: Counter::default(),
+            feature_cache_batches_computed: Counter::default(),
         }
     }
 }
@@ -97,6 +112,26 @@ impl WorkerMetrics {
             "Attempts running now",
             gauge(self.running.load(Ordering::Relaxed) as f64),
         );
+        r.register(
+            "sweep_worker_feature_caches_built",
+            "Feature caches built and kept (one per feature-extraction phase of a trial)",
+            self.feature_caches_built.clone(),
+        );
+        r.register(
+            "sweep_worker_feature_caches_abandoned",
+            "Feature caches given up: building failed, or a batch computed afresh differed from it",
+            self.feature_caches_abandoned.clone(),
+        );
+        r.register(
+            "sweep_worker_feature_cache_batches_read",
+            "Training batches (replicas' parts) whose backbone features were read from the cache",
+            self.feature_cache_batches_read.clone(),
+        );
+        r.register(
+            "sweep_worker_feature_cache_batches_computed",
+            "Training batches of cached epochs computed afresh (not of the cache's size)",
+            self.feature_cache_batches_computed.clone(),
+        );
         let memory = Family::<Vec<(&'static str, String)>, Gauge<f64, AtomicU64>>::default();
         for d in devices.iter().filter(|d| d.memory_bytes > 0) {
             memory.get_or_create(&vec![("device", label(&d.id)), ("kind", label(&d.kind))]).set(d.memory_bytes as f64);
@@ -145,6 +180,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("sweep_worker_running_attempts 1.0\n"), "{text}");
+        m.feature_caches_built.inc();
+        m.feature_cache_batches_read.inc_by(3);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &m.registry(&devices)).unwrap();
+        assert!(text.contains("sweep_worker_feature_caches_built_total 1\n"), "{text}");
+        assert!(text.contains("sweep_worker_feature_caches_abandoned_total 0\n"), "{text}");
+        assert!(text.contains("sweep_worker_feature_cache_batches_read_total 3\n"), "{text}");
+        assert!(text.contains("sweep_worker_feature_cache_batches_computed_total 0\n"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

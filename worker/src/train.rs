@@ -1020,10 +1020,17 @@ impl Replica {
 
     /// Gives the cache up for the rest of the phase.
     fn abandon_feature_cache(&mut self, why: &str) {
-        tracing::warn!(reason = why, "feature cache given up: the backbone runs every epoch of this phase");
+        tracing::warn!(
+            rank = self.rank,
+            reason = why,
+            "feature cache given up: the backbone runs every epoch of this phase"
+        );
         self.fe_cache = None;
         self.fe_cache_abandoned = true;
         self.fe_stats.abandoned += 1;
+        if self.rank == 0 {
+            crate::metrics::global().feature_caches_abandoned.inc();
+        }
     }
 
     /// A training pass of the head on cached features (feature extraction with a pure
@@ -1080,9 +1087,16 @@ impl Replica {
                 })
                 .transpose()
                 .map_err(torch_err)?;
+            let counters = crate::metrics::global();
             match &input {
-                Some((Input::Features(_), _)) => self.fe_stats.train_batches_read += 1,
-                Some((Input::Images(_), _)) => self.fe_stats.train_batches_computed += 1,
+                Some((Input::Features(_), _)) => {
+                    self.fe_stats.train_batches_read += 1;
+                    counters.feature_cache_batches_read.inc();
+                }
+                Some((Input::Images(_), _)) => {
+                    self.fe_stats.train_batches_computed += 1;
+                    counters.feature_cache_batches_computed.inc();
+                }
                 None => {}
             }
             (loss_sum, correct) = match input {
@@ -1163,6 +1177,9 @@ impl Replica {
             });
             self.abandon_feature_cache(&why);
             return Ok(false);
+        }
+        if self.rank == 0 {
+            crate::metrics::global().feature_caches_built.inc();
         }
         if let Some(c) = &self.fe_cache {
             let bytes = (c.train.numel() + c.val.numel()) * c.train.kind().elt_size_in_bytes();

@@ -518,8 +518,14 @@ type PerEpoch = (u64, u64, u64);
 /// extraction lasts, and each replica read and computed per epoch what `per_replica` says.
 fn assert_cache_shared(s: &SweepSpec, t: &Trial, world: usize, per_replica: &[PerEpoch], held: (i64, i64)) {
     let off = run_with(Trainer::new(s, t, &replicas(world, false)).unwrap());
+    let counters = sweep_worker::metrics::global();
+    let (built, read) = (counters.feature_caches_built.get(), counters.feature_cache_batches_read.get());
     let on = run_with(Trainer::new(s, t, &replicas(world, true)).unwrap());
     let what = format!("{world} replicas, batch {}, {} images", s.training.batch_size, held.0);
+    // The worker's /metrics counts them too (other tests may add to these counters meanwhile).
+    assert!(counters.feature_caches_built.get() > built, "{what}: sweep_worker_feature_caches_built");
+    let all_read: u64 = per_replica.iter().map(|p| p.0 * u64::from(t.fe_epochs)).sum();
+    assert!(counters.feature_cache_batches_read.get() >= read + all_read, "{what}: every replica's reads counted");
     assert_eq!(on.held, [Some(held), Some(held), None], "{what}: rank 0 holds every training row");
     let epochs = u64::from(t.fe_epochs);
     let want: Vec<FeatureCacheStats> = per_replica
@@ -566,6 +572,7 @@ fn data_parallel_replicas_share_one_feature_cache_bit_identical_to_running_the_b
     let off = run_with(Trainer::new(&s, &t, &replicas(2, false)).unwrap());
     for rank in [0, 1] {
         for (spoil, builds) in [(true, 1), (false, 0)] {
+            let abandoned = sweep_worker::metrics::global().feature_caches_abandoned.get();
             let mut tr = Trainer::new(&s, &t, &replicas(2, true)).unwrap();
             if spoil {
                 tr.spoil_next_feature_cache(rank);
@@ -575,6 +582,7 @@ fn data_parallel_replicas_share_one_feature_cache_bit_identical_to_running_the_b
             let run = run_with(tr);
             let what = format!("replica {rank}, spoilt {spoil}");
             assert_eq!(run.held, [None, None, None, None], "{what}");
+            assert!(sweep_worker::metrics::global().feature_caches_abandoned.get() > abandoned, "{what}: counted");
             for (r, stats) in run.replicas.iter().enumerate() {
                 assert_eq!((stats.builds, stats.abandoned), (builds, 1), "{what}: replica {r} gave it up once");
                 assert_eq!((stats.train_batches_read, stats.val_batches_read), (0, 0), "{what}: replica {r}");
