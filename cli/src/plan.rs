@@ -56,14 +56,20 @@ fn costs(spec: &SweepSpec, tree: &StageTree, tflops: f64) -> Option<Vec<Cost>> {
         add(t.backbone, &ft, stages::run_flops(spec, t.backbone, &ft, t.ft_epochs)?, true)?;
     }
     for s in &tree.stages {
-        let flops = if s.kind.is_feature_extraction() && stages::feature_cache_applies(spec, s.backbone) {
+        let continues = tree.continues_parent(s.index);
+        // Feature-extraction epochs the attempt that starts at this stage runs: its runner's
+        // from the stage's first epoch on (a worker builds no cache for a single one).
+        let attempt_fe =
+            tree.runner(s.index).map_or(0, |r| (tree.trials[r].fe_epochs + 1).saturating_sub(s.first_epoch));
+        let flops = if s.kind.is_feature_extraction()
+            && stages::feature_cache_applies(spec, s.backbone)
+            && (continues || attempt_fe >= 2)
+        {
             // The feature cache lives as long as the attempt that runs the stage's runner's
             // chain: built in its first feature-extraction epoch, it serves the later ones,
             // through every stage that attempt continues into; each epoch still computes what
-            // the cache does not serve. (An attempt of one feature-extraction epoch builds no
-            // cache: that edge is counted as cached.)
-            let build =
-                if tree.continues_parent(s.index) { 0.0 } else { stages::epoch_flops(spec, s.backbone, &s.kind)? };
+            // the cache does not serve.
+            let build = if continues { 0.0 } else { stages::epoch_flops(spec, s.backbone, &s.kind)? };
             build + f64::from(s.epochs()) * stages::cached_epoch_flops(spec, s.backbone)?
         } else {
             stages::run_flops(spec, s.backbone, &s.kind, s.epochs())?
@@ -315,4 +321,51 @@ pub fn plan(path: &Path, max_trials: usize, format: Format, tflops: f64) -> anyh
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// resnet18, one strategy, `splits`; 90 training images in batches of 32 (the last, of 26,
+    /// is not the feature cache's size), BatchNorm frozen and feature extraction unaugmented.
+    fn fe_costs(splits: &str) -> (f64, f64, f64, f64) {
+        let yaml = format!(
+            "name: c\ndataset: {{ kind: synthetic, classes: 3, train_per_class: 30 }}\n\
+             training: {{ freeze_bn_stats: true, feature_extraction: {{ augment: false }} }}\n\
+             grid:\n  backbone: [resnet18]\n  lr_decay: [{{ strategy: linear, head_lr: 1.0e-4, final_lr: 1.0e-7 }}]\n\
+             \x20 epoch_split: {splits}\n"
+        );
+        let spec = sweep_core::spec::parse(&yaml).unwrap();
+        let tree = StageTree::build(&spec, true);
+        let costs = costs(&spec, &tree, 1.0).unwrap();
+        let fe = costs.iter().find(|c| c.phase == Phase::FeatureExtraction).unwrap();
+        let one = stages::epoch_flops(&spec, Backbone::Resnet18, &EpochKind::FeatureExtraction).unwrap() / 1e12;
+        let afresh = stages::cached_epoch_flops(&spec, Backbone::Resnet18).unwrap() / 1e12;
+        assert!(afresh > 0.0 && afresh < one);
+        (fe.naive, fe.shared, one, afresh)
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-9 * b.abs().max(1.0)
+    }
+
+    #[test]
+    fn the_cache_is_priced_per_attempt_with_what_it_does_not_serve() {
+        // Epoch 1 shared; its runner is [2, 3] (the longer chain), which runs on into epoch 2
+        // in the same attempt: one cache serves both epochs but their last batches. Alone,
+        // [1, 3] builds no cache (one feature-extraction epoch).
+        let (naive, shared, one, afresh) = fe_costs("[[2, 3], [1, 3]]");
+        assert!(close(naive, (one + 2.0 * afresh) + one), "{naive} {one} {afresh}");
+        assert!(close(shared, one + 2.0 * afresh), "{shared} {one} {afresh}");
+        // Epoch 1's runner is now [1, 3] (equal chains: the lower grid index), whose feature
+        // extraction ends there; [2, 2] takes epoch 2 up in an attempt of its own, of one
+        // feature-extraction epoch: two uncached epochs, as workers run them.
+        let (naive, shared, one, afresh) = fe_costs("[[1, 3], [2, 2]]");
+        assert!(close(naive, one + (one + 2.0 * afresh)), "{naive} {one} {afresh}");
+        assert!(close(shared, 2.0 * one), "{shared} {one}");
+        // Only epoch 1, shared: an attempt of one feature-extraction epoch, no cache.
+        let (naive, shared, one, _) = fe_costs("[[1, 3], [1, 2]]");
+        assert!(close(naive, 2.0 * one) && close(shared, one), "{naive} {shared} {one}");
+    }
 }

@@ -446,8 +446,9 @@ fn forward_flops(spec: &SweepSpec, backbone: Backbone) -> f64 {
 /// (`training.freeze_bn_stats`), no augmentation in the phase
 /// (`training.feature_extraction.augment: false`, or no augmentation at all), and no
 /// stochastic depth (every backbone but efficientnet_b0), on one device or several (data
-/// parallel, the replicas share out the cache's pass) — so a run of
-/// feature-extraction epochs computes it in its first epoch only (`sweep_worker::train`, whose
+/// parallel, the replicas share out the cache's pass) — so a run of two feature-extraction
+/// epochs or more computes it once, then only for the batches of another size than the cache's
+/// ([`run_flops`]; `sweep_worker::train`, whose
 /// test `the_feature_cache_serves_only_a_pure_frozen_backbone` keeps the two in step; a worker started with
 /// `SWEEP_FEATURE_CACHE=off` does not cache).
 pub fn feature_cache_applies(spec: &SweepSpec, backbone: Backbone) -> bool {

@@ -35,8 +35,8 @@ pub struct WorkerMetrics {
     pub running: AtomicUsize,
     /// False once the daemon loop has ended (the liveness probe then fails).
     pub up: AtomicBool,
-    /// The feature cache (`train`): caches built and kept, one per trial's phase whatever its
-    /// replicas.
+    /// The feature cache (`train`): caches built and kept, one per attempt's feature-extraction
+    /// phase whatever its replicas.
     pub feature_caches_built: Counter,
     /// Caches given up (building failed, or a batch computed afresh differed from the cache):
     /// on a device whose kernels depend on a sample's batch, feature extraction then runs the
@@ -114,7 +114,7 @@ impl WorkerMetrics {
         );
         r.register(
             "sweep_worker_feature_caches_built",
-            "Feature caches built and kept (one per feature-extraction phase of a trial)",
+            "Feature caches built and kept (one per feature-extraction phase of an attempt)",
             self.feature_caches_built.clone(),
         );
         r.register(

@@ -376,9 +376,8 @@ fn recipe_lrs(model: &Model) -> Vec<f64> {
 
 /// What both benches train: the backbone with a 1000-class head (seed 0), fine-tuning's
 /// learning rate of each parameter ([`recipe_lrs`]), and one batch of random images and labels
-/// on the device, after checking the options.
+/// on the device (the options checked by the caller).
 fn bench_setup(o: &BenchOptions) -> anyhow::Result<(Model, Vec<f64>, Tensor, Tensor)> {
-    check_bench_options(o)?;
     let model = Model::build_seeded(o.backbone, 1000, o.device, 0)?;
     let lrs = recipe_lrs(&model);
     let x = Tensor::f_randn([o.batch, 3, o.image_size, o.image_size], (Kind::Float, o.device))?;
@@ -406,6 +405,7 @@ pub struct AdamComparison {
 /// Only the optimizer can make them differ: the check `scripts/gpu-check.sh` runs on a card.
 pub fn compare_adam_layouts(o: &BenchOptions) -> anyhow::Result<AdamComparison> {
     use crate::adam::{Adam, AdamConfig};
+    check_bench_options(o)?;
     let (model, lrs, x, y) = bench_setup(o)?;
     let copies: Vec<(String, Tensor, f64)> = model
         .named_parameters()
@@ -466,6 +466,7 @@ pub fn compare_adam_layouts(o: &BenchOptions) -> anyhow::Result<AdamComparison> 
 /// The same work as `tools/bench_torch_train.py` does in PyTorch eager.
 pub fn bench_training(o: &BenchOptions) -> anyhow::Result<BenchResult> {
     use crate::adam::{Adam, AdamConfig};
+    check_bench_options(o)?;
     if o.fp16 && o.device == Device::Cpu {
         anyhow::bail!("fp16 autocast is a CUDA feature here; use --device cuda:N or --precision fp32");
     }

@@ -31,11 +31,11 @@
 //! features. Libtorch's kernels choose their algorithm by shape, so a sample's features depend
 //! on the size of the batch it is computed in (not on the other samples in it, nor on its place
 //! among them — see [`Model::features`]): the training
-//! features are computed in batches of exactly the size that most of an epoch's batches (or,
-//! data parallel, of the replicas' parts of them) have — the training batch size, unless the
-//! set is smaller than one global batch ([`batching::feature_cache_batch`]) — and a batch of
-//! another size (the epoch's last) is computed afresh; validation features are computed in the
-//! same batches as validation. Data parallel, each replica computes the features of a part of
+//! features are computed in batches of exactly one size: the size of batch (data parallel, of
+//! a replica's part of a global batch) that covers the most samples of an epoch — usually the
+//! training batch size ([`batching::feature_cache_batch`]) — and a batch of another size
+//! (usually the epoch's last) is computed afresh every epoch; validation features are computed
+//! in the same batches as validation. Data parallel, each replica computes the features of a part of
 //! the training set and the parts are broadcast to all, so that each holds every row whichever
 //! replica an epoch hands a sample to (the replicas' devices must compute the same bits, which
 //! the cache's check tests); each caches its own part of validation. A cached run is therefore
@@ -1036,11 +1036,12 @@ impl Replica {
     /// A training pass of the head on cached features (feature extraction with a pure
     /// backbone): the same steps, on the same samples in the same order, as
     /// [`Replica::train_pass`] with no augmentation; a shard whose size differs from the
-    /// cache's runs the backbone afresh. The cache's batch size is that of the replica's
-    /// first shard, which every full global batch shares.
+    /// cache's runs the backbone afresh. The cache's batch size is the part size that covers
+    /// the most samples of an epoch ([`batching::feature_cache_batch`]; every epoch has the
+    /// same sizes).
     ///
     /// Builds the cache first if needed — with several replicas each computes its part and
-    /// the parts are gathered — and then checks it: each replica's first shard of the cache's
+    /// the parts are gathered — and then checks it: each replica's first part of the cache's
     /// size this epoch is computed afresh and must equal the cached rows bit for bit (a device
     /// whose kernels do not treat samples independently, or a replica whose device computes
     /// other bits than the one that cached a row, fails here). Building and the check are
@@ -1087,18 +1088,12 @@ impl Replica {
                 })
                 .transpose()
                 .map_err(torch_err)?;
-            let counters = crate::metrics::global();
-            match &input {
-                Some((Input::Features(_), _)) => {
-                    self.fe_stats.train_batches_read += 1;
-                    counters.feature_cache_batches_read.inc();
-                }
-                Some((Input::Images(_), _)) => {
-                    self.fe_stats.train_batches_computed += 1;
-                    counters.feature_cache_batches_computed.inc();
-                }
-                None => {}
-            }
+            // Counted once the step went through.
+            let read = match &input {
+                Some((Input::Features(_), _)) => Some(true),
+                Some((Input::Images(_), _)) => Some(false),
+                None => None,
+            };
             (loss_sum, correct) = match input {
                 Some((input, y)) if self.comm.is_none() => {
                     self.step_alone(input, y, idx.len(), mode, &loss_sum, &correct).map_err(torch_err)?
@@ -1107,6 +1102,18 @@ impl Replica {
                     self.step_shared(shard_input, shard.global.len(), mode, &buffers, &loss_sum, &correct, &context)?
                 }
             };
+            let counters = crate::metrics::global();
+            match read {
+                Some(true) => {
+                    self.fe_stats.train_batches_read += 1;
+                    counters.feature_cache_batches_read.inc();
+                }
+                Some(false) => {
+                    self.fe_stats.train_batches_computed += 1;
+                    counters.feature_cache_batches_computed.inc();
+                }
+                None => {}
+            }
         }
         let (loss, hits) = if self.comm.is_none() {
             let loss = loss_sum.f_double_value(&[]).map_err(torch("training"))?;
