@@ -1178,9 +1178,10 @@ fn a_shared_stage_runs_once_and_its_epochs_belong_to_every_trial_through_it<S: S
     let sweep = submit_text(&mut store, SHARED);
     let (w, inc) = register(&mut store, "w", &devices("cpu", 3));
     // One trial runs the shared epochs: the one with the longest chain (t001 and t002 have 4
-    // epochs; t001 comes first). Nobody else may start them, though devices are free.
+    // epochs), then the most feature-extraction epochs (t002: 3, which it runs on into in the
+    // same attempt). Nobody else may start them, though devices are free.
     let runner = store.acquire(&w, inc).unwrap().unwrap();
-    assert_eq!(runner.trial_id, "t001");
+    assert_eq!(runner.trial_id, "t002");
     assert!(store.acquire(&w, inc).unwrap().is_none(), "the others wait for the shared epochs");
     let report = |store: &mut S, a: &Assignment, epoch: u32, val: f64, shared: bool| {
         store.report_epoch(
@@ -1193,25 +1194,26 @@ fn a_shared_stage_runs_once_and_its_epochs_belong_to_every_trial_through_it<S: S
     let r1 = report(&mut store, &runner, 1, 0.4, true).unwrap();
     assert!(!r1.unblocked, "mid-stage: nothing new may start");
     assert!(store.acquire(&w, inc).unwrap().is_none());
-    // The end of the shared stage: t002's own feature extraction may start from it; t000 still
-    // waits, for fine-tuning epoch 3, which t001 computes next.
+    // The end of the shared stage: fine-tuning epoch 3, which t000 and t001 share, may start
+    // from it (t001 runs it: the longer chain); t000 waits for t001.
     let r2 = report(&mut store, &runner, 2, 0.5, true).unwrap();
     assert!(r2.unblocked && r2.stop.is_none());
     let branch = store.acquire(&w, inc).unwrap().unwrap();
-    assert_eq!(branch.trial_id, "t002");
+    assert_eq!(branch.trial_id, "t001");
     let resume = branch.resume.clone().expect("the branch starts from the shared stage's end");
-    assert_eq!((resume.epoch, resume.uri.as_str()), (2, format!("/a/{sweep}/t001/state-e0002.safetensors").as_str()));
+    assert_eq!((resume.epoch, resume.uri.as_str()), (2, format!("/a/{sweep}/t002/state-e0002.safetensors").as_str()));
     assert!(store.acquire(&w, inc).unwrap().is_none(), "t000's next epoch is t001's to compute");
+    // The runner goes on with its own feature extraction.
+    report(&mut store, &runner, 3, 0.6, false).unwrap();
+    report(&mut store, &runner, 4, 0.65, false).unwrap();
+    store.finish_attempt(&w, runner.attempt_id, Outcome::Succeeded, "", 4.0).unwrap();
     // Epoch 3 is t000's last: it completes without an attempt of its own.
-    report(&mut store, &runner, 3, 0.7, true).unwrap();
+    report(&mut store, &branch, 3, 0.7, true).unwrap();
     let status = store.get_sweep(&sweep).unwrap();
     let state = |id: &str| status.trials.iter().find(|t| t.trial_id == id).unwrap().state;
     assert_eq!(state("t000"), TrialState::Completed);
     assert_eq!(state("t001"), TrialState::Running);
-    report(&mut store, &runner, 4, 0.8, false).unwrap();
-    store.finish_attempt(&w, runner.attempt_id, Outcome::Succeeded, "", 4.0).unwrap();
-    report(&mut store, &branch, 3, 0.6, false).unwrap();
-    report(&mut store, &branch, 4, 0.65, false).unwrap();
+    report(&mut store, &branch, 4, 0.8, false).unwrap();
     store.finish_attempt(&w, branch.attempt_id, Outcome::Succeeded, "", 2.0).unwrap();
     let status = store.get_sweep(&sweep).unwrap();
     assert_eq!(status.sweep.state, SweepState::Completed);
@@ -1219,14 +1221,14 @@ fn a_shared_stage_runs_once_and_its_epochs_belong_to_every_trial_through_it<S: S
     let t000 = store.trial(&sweep, "t000").unwrap();
     let epochs: Vec<(u32, u64, f64)> =
         t000.metrics.iter().map(|m| (m.metrics.epoch, m.attempt_id, m.metrics.val_accuracy)).collect();
-    let a = runner.attempt_id;
-    assert_eq!(epochs, vec![(1, a, 0.4), (2, a, 0.5), (3, a, 0.7)]);
+    let (a, b) = (runner.attempt_id, branch.attempt_id);
+    assert_eq!(epochs, vec![(1, a, 0.4), (2, a, 0.5), (3, b, 0.7)]);
     assert!(t000.attempts.is_empty(), "t000 never ran");
     assert_eq!(t000.best_checkpoint.unwrap().uri, format!("/a/{sweep}/t001/last-e0003-a7.safetensors"));
-    let t002 = store.trial(&sweep, "t002").unwrap();
-    let epochs: Vec<(u32, u64)> = t002.metrics.iter().map(|m| (m.metrics.epoch, m.attempt_id)).collect();
-    assert_eq!(epochs, vec![(1, a), (2, a), (3, branch.attempt_id), (4, branch.attempt_id)]);
-    assert_eq!(t002.best_checkpoint.unwrap().epoch, 4);
+    let t001 = store.trial(&sweep, "t001").unwrap();
+    let epochs: Vec<(u32, u64)> = t001.metrics.iter().map(|m| (m.metrics.epoch, m.attempt_id)).collect();
+    assert_eq!(epochs, vec![(1, a), (2, a), (3, b), (4, b)]);
+    assert_eq!(t001.best_checkpoint.unwrap().epoch, 4);
     // The leaderboard ranks every trial on its own history.
     let board = store.leaderboard(&sweep).unwrap();
     let ranked: Vec<&str> = board.entries.iter().map(|e| e.trial.trial_id.as_str()).collect();
@@ -1241,34 +1243,34 @@ fn when_a_stages_runner_ends_another_trial_of_the_stage_takes_over<S: Store>(ope
     let sweep = submit_text(&mut store, SHARED);
     let (w, inc) = register(&mut store, "w", &devices("cpu", 3));
     let runner = store.acquire(&w, inc).unwrap().unwrap();
-    assert_eq!(runner.trial_id, "t001");
-    store.report_epoch(&w, runner.attempt_id, &metrics(1, 2, 0.4), &refs(&sweep, "t001", 1, true)).unwrap();
-    // A retryable failure: t001 is still the stage's runner, and resumes from its own point.
+    assert_eq!(runner.trial_id, "t002");
+    store.report_epoch(&w, runner.attempt_id, &metrics(1, 3, 0.4), &refs(&sweep, "t002", 1, true)).unwrap();
+    // A retryable failure: t002 is still the stage's runner, and resumes from its own point.
     store.finish_attempt(&w, runner.attempt_id, Outcome::Failed { permanent: false }, "oom", 1.0).unwrap();
     let again = store.acquire(&w, inc).unwrap().unwrap();
-    assert_eq!((again.trial_id.as_str(), again.resume.as_ref().map(|r| r.epoch)), ("t001", Some(1)));
+    assert_eq!((again.trial_id.as_str(), again.resume.as_ref().map(|r| r.epoch)), ("t002", Some(1)));
     assert!(store.acquire(&w, inc).unwrap().is_none());
-    // A permanent one: the next trial of the stage (t002, 4 epochs) takes over from the newest
+    // A permanent one: the next trial of the stage (t001, 4 epochs) takes over from the newest
     // shared epoch, with the failed runner's resume point; t000 waits for it.
     store.finish_attempt(&w, again.attempt_id, Outcome::Failed { permanent: true }, "bad", 1.0).unwrap();
     let next = store.acquire(&w, inc).unwrap().unwrap();
-    assert_eq!(next.trial_id, "t002");
+    assert_eq!(next.trial_id, "t001");
     let resume = next.resume.clone().unwrap();
-    assert_eq!((resume.epoch, resume.uri), (1, format!("/a/{sweep}/t001/state-e0001.safetensors")));
+    assert_eq!((resume.epoch, resume.uri), (1, format!("/a/{sweep}/t002/state-e0001.safetensors")));
     assert!(store.acquire(&w, inc).unwrap().is_none());
-    for epoch in 2..=4 {
-        let shared = epoch == 2;
-        store.report_epoch(&w, next.attempt_id, &metrics(epoch, 3, 0.5), &refs(&sweep, "t002", epoch, shared)).unwrap();
-    }
-    store.finish_attempt(&w, next.attempt_id, Outcome::Succeeded, "", 3.0).unwrap();
-    // t000 got epoch 2 from t002 and now runs fine-tuning epoch 3 itself (its sharer failed).
+    store.report_epoch(&w, next.attempt_id, &metrics(2, 2, 0.5), &refs(&sweep, "t001", 2, true)).unwrap();
+    // t001 fails for good after the shared stage: t000 got epoch 2 from it and now runs
+    // fine-tuning epoch 3 itself (its sharer failed), from t001's point.
+    store.finish_attempt(&w, next.attempt_id, Outcome::Failed { permanent: true }, "bad", 3.0).unwrap();
     let last = store.acquire(&w, inc).unwrap().unwrap();
     assert_eq!((last.trial_id.as_str(), last.resume.as_ref().map(|r| r.epoch)), ("t000", Some(2)));
+    let resume = last.resume.clone().unwrap();
+    assert_eq!(resume.uri, format!("/a/{sweep}/t001/state-e0002.safetensors"));
     store.report_epoch(&w, last.attempt_id, &metrics(3, 2, 0.6), &refs(&sweep, "t000", 3, false)).unwrap();
     store.finish_attempt(&w, last.attempt_id, Outcome::Succeeded, "", 1.0).unwrap();
     let status = store.get_sweep(&sweep).unwrap();
     let states: Vec<TrialState> = status.trials.iter().map(|t| t.state).collect();
-    assert_eq!(states, [TrialState::Completed, TrialState::Failed, TrialState::Completed]);
+    assert_eq!(states, [TrialState::Completed, TrialState::Failed, TrialState::Failed]);
     let report = history::check(store.history().unwrap());
     assert!(report.is_clean(), "{report}");
 }
@@ -1294,24 +1296,26 @@ fn a_shared_sweep_reopened_by_retry_hands_out_only_what_waits<S: Store>(open: Op
     let sweep = submit_text(&mut store, SHARED);
     let (w, inc) = register(&mut store, "w", &devices("cpu", 2));
     let runner = store.acquire(&w, inc).unwrap().unwrap();
+    assert_eq!(runner.trial_id, "t002");
     for epoch in 1..=2 {
-        store.report_epoch(&w, runner.attempt_id, &metrics(epoch, 2, 0.5), &refs(&sweep, "t001", epoch, true)).unwrap();
+        store.report_epoch(&w, runner.attempt_id, &metrics(epoch, 3, 0.5), &refs(&sweep, "t002", epoch, true)).unwrap();
     }
     let branch = store.acquire(&w, inc).unwrap().unwrap();
-    assert_eq!(branch.trial_id, "t002");
-    // No hand-out from here on until the retry: t000 completes by sharing, t001 succeeds, t002
-    // fails for good, and the sweep ends.
+    assert_eq!(branch.trial_id, "t001");
+    // No hand-out from here on until the retry: t000 completes by sharing t001's epoch 3,
+    // t002 succeeds, t001 fails for good, and the sweep ends.
+    store.report_epoch(&w, branch.attempt_id, &metrics(3, 2, 0.5), &refs(&sweep, "t001", 3, true)).unwrap();
     for epoch in 3..=4 {
         store
-            .report_epoch(&w, runner.attempt_id, &metrics(epoch, 2, 0.5), &refs(&sweep, "t001", epoch, epoch == 3))
+            .report_epoch(&w, runner.attempt_id, &metrics(epoch, 3, 0.5), &refs(&sweep, "t002", epoch, false))
             .unwrap();
     }
     store.finish_attempt(&w, runner.attempt_id, Outcome::Succeeded, "", 1.0).unwrap();
     store.finish_attempt(&w, branch.attempt_id, Outcome::Failed { permanent: true }, "bad", 1.0).unwrap();
     assert!(store.get_sweep(&sweep).unwrap().sweep.finished_at_ms.is_some());
-    assert_eq!(store.retry_sweep(&sweep, &[]).unwrap(), ["t002"]);
+    assert_eq!(store.retry_sweep(&sweep, &[]).unwrap(), ["t001"]);
     let again = store.acquire(&w, inc).unwrap().unwrap();
-    assert_eq!(again.trial_id, "t002", "only the retried trial waits");
+    assert_eq!(again.trial_id, "t001", "only the retried trial waits");
     assert!(store.acquire(&w, inc).unwrap().is_none());
     let report = history::check(store.history().unwrap());
     assert!(report.is_clean(), "{report}");
@@ -1349,7 +1353,7 @@ fn a_later_sweep_starts_each_trial_from_the_stored_stages_it_contains<S: Store>(
     let (w, inc) = register(&mut store, "w", &devices("cpu", 1));
     let first = submit_text(&mut store, SHARED);
     let ran: Vec<String> = run_to_end(&mut store, &first, SHARED, &w, inc).into_iter().map(|a| a.trial_id).collect();
-    assert_eq!(ran, ["t001", "t002"], "t000 is computed by t001");
+    assert_eq!(ran, ["t002", "t001"], "t000 is computed by t002 (epochs 1–2) and t001 (epoch 3)");
     let before = store.get_sweep(&first).unwrap();
     assert_eq!(before.sweep.state, SweepState::Completed);
 
@@ -1389,7 +1393,7 @@ fn a_later_sweep_starts_each_trial_from_the_stored_stages_it_contains<S: Store>(
 
     // Two more splits: [3, 2] holds t002's whole run (epochs 1–4) and runs epoch 5 from its
     // resume point; [4, 1] holds the shared feature extraction (epochs 1–2) and runs on from
-    // the point of t001, which computed it.
+    // the point of t002, which computed it.
     let wider = SHARED.replace("[[2, 1], [2, 2], [3, 1]]", "[[2, 1], [2, 2], [3, 1], [3, 2], [4, 1]]");
     let third = store.submit(&wider, "wider.yaml", &spec::parse(&wider).unwrap()).unwrap();
     assert_eq!((third.reused_epochs, third.reused_trials), (3 + 4 + 4 + 4 + 2, 3));
@@ -1399,7 +1403,7 @@ fn a_later_sweep_starts_each_trial_from_the_stored_stages_it_contains<S: Store>(
     assert_eq!(
         starts,
         [
-            ("t004".to_string(), format!("/a/{first}/t001/state-e0002.safetensors")),
+            ("t004".to_string(), format!("/a/{first}/t002/state-e0002.safetensors")),
             ("t003".to_string(), format!("/a/{first}/t002/state-e0004.safetensors")),
         ],
         "the longest remaining chain first, each from the stored point it contains"
@@ -1407,15 +1411,15 @@ fn a_later_sweep_starts_each_trial_from_the_stored_stages_it_contains<S: Store>(
     assert_eq!(store.get_sweep(&third.sweep_id).unwrap().sweep.state, SweepState::Completed);
     let t003 = store.trial(&third.sweep_id, "t003").unwrap();
     let from: Vec<&str> = t003.metrics.iter().map(|m| m.reused_from.as_str()).collect();
-    let (a, b) = (format!("{first}/t001"), format!("{first}/t002"));
-    assert_eq!(from, [a.as_str(), a.as_str(), b.as_str(), b.as_str(), ""]);
+    let b = format!("{first}/t002");
+    assert_eq!(from, [b.as_str(), b.as_str(), b.as_str(), b.as_str(), ""]);
 
     // What `sweep gc` keeps in the first sweep's folders: what kept sweeps reference, its own
     // trials' checkpoints and the points later sweeps started from.
     let refs = store.references(&first).unwrap();
     assert!(refs.collectable, "{refs:?}");
     let kept = |r: &sweep_core::records::References, key: &str| r.keys.iter().any(|k| k == key);
-    for key in ["t001/state-e0002.safetensors", "t002/state-e0004.safetensors", "t001/last.safetensors"] {
+    for key in ["t002/state-e0002.safetensors", "t002/state-e0004.safetensors", "t001/last.safetensors"] {
         assert!(kept(&refs, &format!("{first}/{key}")), "{key} in {refs:?}");
     }
     assert!(refs.keys.iter().all(|k| k.starts_with(&format!("{first}/"))));
@@ -1426,7 +1430,7 @@ fn a_later_sweep_starts_each_trial_from_the_stored_stages_it_contains<S: Store>(
     assert!(store.get_sweep(&first).unwrap().sweep.dropped_at_ms.is_some());
     let after = store.references(&first).unwrap();
     assert!(kept(&after, &format!("{first}/t001/last.safetensors")), "the second sweep's t001 holds it");
-    assert!(!kept(&after, &format!("{first}/t001/state-e0001.safetensors")));
+    assert!(!kept(&after, &format!("{first}/t002/state-e0001.safetensors")));
     let fourth = store.submit(SHARED, "fourth.yaml", &spec::parse(SHARED).unwrap()).unwrap();
     assert_eq!((fourth.reused_trials, fourth.reused_from.clone()), (3, vec![again.sweep_id.clone()]));
     assert_eq!(

@@ -78,7 +78,8 @@ pub enum Standing {
 ///   less than it has (such a trial reports that epoch, and the store credits it to every
 ///   waiting trial that shares it);
 /// - and not another's to run: among the waiting trials that share that epoch and stand at the
-///   same point, it has the longest chain (the most epochs), then the lowest grid index.
+///   same point, it has the longest chain (the most epochs), then the most feature-extraction
+///   epochs, then the lowest grid index ([`StageTree::runner_among`]).
 ///
 /// So a stage is run once, by the trial on its critical path; a trial whose runner ends
 /// (fails, is stopped early) is taken over by the next trial of the stage, from the stage's
@@ -106,8 +107,9 @@ pub fn ready(tree: &StageTree, progress: &[Progress]) -> Vec<(u32, u32)> {
         if covered {
             continue;
         }
-        // The runner: the longest chain, then the lowest grid index; it serves the chains of
-        // every trial waiting here (its reports are credited to them).
+        // The runner: the longest chain, then the most feature-extraction epochs, then the
+        // lowest grid index; it serves the chains of every trial waiting here (its reports are
+        // credited to them).
         let Some(runner) = tree.runner_among(&waiting) else { continue };
         out.push((runner as u32, epochs(runner).saturating_sub(stored)));
     }
@@ -162,6 +164,28 @@ mod tests {
 
     fn waiting(stored: u32) -> Progress {
         Progress { state: Standing::Waiting, stored }
+    }
+
+    #[test]
+    fn among_equal_chains_the_runner_has_the_most_feature_extraction() {
+        // [1, 3], [3, 1], [2, 2]: all 4 epochs. t001 ([3, 1]) runs epoch 1 and goes on through
+        // FE 2 and 3 in the same attempt (one feature cache for all three); the lower grid
+        // index, t000, would have turned to fine-tuning after epoch 1.
+        let spec = crate::spec::parse(
+            "name: s\ndataset: { kind: synthetic, classes: 3 }\ngrid:\n  backbone: [resnet18]\n  \
+             lr_decay: [{ strategy: linear }]\n  epoch_split: [[1, 3], [3, 1], [2, 2]]\n",
+        )
+        .unwrap();
+        let t = StageTree::build(&spec, true);
+        assert_eq!(ready(&t, &[waiting(0); 3]), vec![(1, 4)]);
+        let at = |trial, epoch| t.stage_at(trial, epoch).unwrap().index;
+        assert_eq!(t.runner(at(0, 1)), Some(1));
+        assert!(t.continues_parent(at(1, 2)), "FE 2 in the same attempt");
+        // Epoch 1 stored, t001 running on: t000 takes up its own fine-tuning from there; t002's
+        // FE 2 is t001's to compute.
+        let mut p = [waiting(1); 3];
+        p[1] = Progress { state: Standing::Running, stored: 1 };
+        assert_eq!(ready(&t, &p), vec![(0, 3)]);
     }
 
     #[test]

@@ -362,11 +362,21 @@ impl StageTree {
     }
 
     /// Which of `candidates` (grid indexes of trials that stand at the same point) runs on from
-    /// there: the one with the longest chain (the most epochs), then the lowest grid index.
-    /// `schedule::ready` picks by it among the trials waiting at a point.
+    /// there: the one with the longest chain (the most epochs), then the most
+    /// feature-extraction epochs, then the lowest grid index. `schedule::ready` picks by it
+    /// among the trials waiting at a point.
+    ///
+    /// The second rule keeps feature extraction in as few attempts as the first allows: among
+    /// equal chains, the runner of a feature-extraction stage goes on through the most later
+    /// feature-extraction epochs in the same attempt, whose feature cache serves them all (one
+    /// backbone pass), instead of turning to fine-tuning and leaving them to a new attempt that
+    /// builds a cache of its own.
     pub fn runner_among(&self, candidates: &[usize]) -> Option<usize> {
-        let epochs = |t: usize| self.trials.get(t).map_or(0, |x| x.epochs());
-        candidates.iter().copied().min_by_key(|&t| (std::cmp::Reverse(epochs(t)), t))
+        let key = |t: usize| self.trials.get(t).map_or((0, 0), |x| (x.epochs(), x.fe_epochs));
+        candidates.iter().copied().min_by_key(|&t| {
+            let (epochs, fe) = key(t);
+            (std::cmp::Reverse(epochs), std::cmp::Reverse(fe), t)
+        })
     }
 
     /// The trial that runs `stage` when nothing fails: [`StageTree::runner_among`] its trials.

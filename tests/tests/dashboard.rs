@@ -168,8 +168,10 @@ fn every_page_loads_shows_the_leaderboards_numbers_and_updates_live() {
     b.screenshot(&shots.join("trial.png"));
 
     // The failed attempt's message, from a worker: text, its escape character shown escaped.
+    // The first attempt was t001's: it runs the shared epoch 1 (the longest chains tie; it has
+    // the most feature extraction).
     // (Wait for this trial's table: the previous trial page's table stays until the new one is drawn.)
-    b.open(&format!("{base}/#/sweep/{second}/trial/t000"));
+    b.open(&format!("{base}/#/sweep/{second}/trial/t001"));
     let attempts = b.wait_for(
         "const t = document.querySelector('#attempts tbody'); return t && t.innerText.includes('boom') ? t.innerText : null",
         WAIT,
