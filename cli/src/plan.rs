@@ -56,24 +56,16 @@ fn costs(spec: &SweepSpec, tree: &StageTree, tflops: f64) -> Option<Vec<Cost>> {
         add(t.backbone, &ft, stages::run_flops(spec, t.backbone, &ft, t.ft_epochs)?, true)?;
     }
     for s in &tree.stages {
-        let continues = tree.continues_parent(s.index);
-        // Feature-extraction epochs the attempt that starts at this stage runs: its runner's
-        // from the stage's first epoch on (a worker builds no cache for a single one).
-        let attempt_fe =
-            tree.runner(s.index).map_or(0, |r| (tree.trials[r].fe_epochs + 1).saturating_sub(s.first_epoch));
-        let flops = if s.kind.is_feature_extraction()
-            && stages::feature_cache_applies(spec, s.backbone)
-            && (continues || attempt_fe >= 2)
-        {
-            // The feature cache lives as long as the attempt that runs the stage's runner's
-            // chain: built in its first feature-extraction epoch, it serves the later ones,
-            // through every stage that attempt continues into; each epoch still computes what
-            // the cache does not serve.
-            let build = if continues { 0.0 } else { stages::epoch_flops(spec, s.backbone, &s.kind)? };
-            build + f64::from(s.epochs()) * stages::cached_epoch_flops(spec, s.backbone)?
-        } else {
-            stages::run_flops(spec, s.backbone, &s.kind, s.epochs())?
-        };
+        // The attempt that runs this stage: it starts at the first stage up the tree that does
+        // not continue its parent's, and runs its runner's chain — the feature cache lives as
+        // long as it, built in its first feature-extraction epoch.
+        let mut start = s;
+        while let Some(p) = start.parent.filter(|_| tree.continues_parent(start.index)) {
+            start = &tree.stages[p];
+        }
+        let fe = tree.runner(s.index).map_or(0, |r| tree.trials[r].fe_epochs);
+        let run = (fe + 1).saturating_sub(start.first_epoch);
+        let flops = stages::part_of_run_flops(spec, s.backbone, &s.kind, s.epochs(), run, start.index == s.index)?;
         add(s.backbone, &s.kind, flops, false)?;
     }
     Some(out)

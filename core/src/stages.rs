@@ -475,12 +475,28 @@ pub fn feature_cache_applies(spec: &SweepSpec, backbone: Backbone) -> bool {
 /// ([`cached_epoch_flops`]). The head's own cost, a matrix product per image, is left out here
 /// as in every epoch's estimate.
 pub fn run_flops(spec: &SweepSpec, backbone: Backbone, kind: &EpochKind, epochs: u32) -> Option<f64> {
+    part_of_run_flops(spec, backbone, kind, epochs, epochs, true)
+}
+
+/// Floating-point operations of `epochs` consecutive epochs of `kind` within a run of `run`
+/// such epochs that one attempt runs, `first` when they begin the run (a stage that starts an
+/// attempt, not one that continues its parent's): [`run_flops`] split between the run's parts,
+/// the cache's build charged to the first.
+pub fn part_of_run_flops(
+    spec: &SweepSpec,
+    backbone: Backbone,
+    kind: &EpochKind,
+    epochs: u32,
+    run: u32,
+    first: bool,
+) -> Option<f64> {
     let one = epoch_flops(spec, backbone, kind)?;
-    let cached = kind.is_feature_extraction() && epochs >= 2 && feature_cache_applies(spec, backbone);
+    let cached = kind.is_feature_extraction() && run >= 2 && feature_cache_applies(spec, backbone);
     if !cached {
         return Some(one * f64::from(epochs));
     }
-    Some(one + f64::from(epochs) * cached_epoch_flops(spec, backbone)?)
+    let build = if first { one } else { 0.0 };
+    Some(build + f64::from(epochs) * cached_epoch_flops(spec, backbone)?)
 }
 
 /// Floating-point operations of the backbone in an epoch of feature extraction that the feature

@@ -112,26 +112,30 @@ impl WorkerMetrics {
             "Attempts running now",
             gauge(self.running.load(Ordering::Relaxed) as f64),
         );
-        r.register(
-            "sweep_worker_feature_caches_built",
-            "Feature caches built and kept (one per feature-extraction phase of an attempt)",
-            self.feature_caches_built.clone(),
-        );
-        r.register(
-            "sweep_worker_feature_caches_abandoned",
-            "Feature caches given up: building failed, or a batch computed afresh differed from it",
-            self.feature_caches_abandoned.clone(),
-        );
-        r.register(
-            "sweep_worker_feature_cache_batches_read",
-            "Training batches (replicas' parts) whose backbone features were read from the cache",
-            self.feature_cache_batches_read.clone(),
-        );
-        r.register(
-            "sweep_worker_feature_cache_batches_computed",
-            "Training batches of cached epochs computed afresh (not of the cache's size)",
-            self.feature_cache_batches_computed.clone(),
-        );
+        for (name, help, counter) in [
+            (
+                "sweep_worker_feature_caches_built",
+                "Feature caches built and kept (one per feature-extraction phase of an attempt)",
+                &self.feature_caches_built,
+            ),
+            (
+                "sweep_worker_feature_caches_abandoned",
+                "Feature caches given up: building failed, or a batch computed afresh differed from it",
+                &self.feature_caches_abandoned,
+            ),
+            (
+                "sweep_worker_feature_cache_batches_read",
+                "Training batches (replicas' parts) whose backbone features were read from the cache",
+                &self.feature_cache_batches_read,
+            ),
+            (
+                "sweep_worker_feature_cache_batches_computed",
+                "Training batches of cached epochs computed afresh (not of the cache's size)",
+                &self.feature_cache_batches_computed,
+            ),
+        ] {
+            r.register(name, help, counter.clone());
+        }
         let memory = Family::<Vec<(&'static str, String)>, Gauge<f64, AtomicU64>>::default();
         for d in devices.iter().filter(|d| d.memory_bytes > 0) {
             memory.get_or_create(&vec![("device", label(&d.id)), ("kind", label(&d.kind))]).set(d.memory_bytes as f64);

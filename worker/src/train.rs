@@ -867,7 +867,8 @@ impl Replica {
             .collect()
     }
 
-    /// Loss and hit sums of every replica added up (the same on every rank).
+    /// Loss and hit sums of every replica added up (the same on every rank); alone, this
+    /// replica's.
     fn global_sums(&mut self, loss_sum: &Tensor, correct: &Tensor, context: &str) -> Result<(f64, f64), ReplicaError> {
         let torch_err = |e: TchError| ReplicaError::Train(TrainError::from_torch(context, e));
         let mut totals = correct
@@ -920,11 +921,6 @@ impl Replica {
                 let shard = (batch.len > 0).then(|| (Input::Images(batch.images), batch.labels));
                 self.step_shared(shard, batch.global_len, mode, &buffers, &loss_sum, &correct, &context)?
             };
-        }
-        if self.comm.is_none() {
-            let loss = loss_sum.f_double_value(&[]).map_err(torch("training"))?;
-            let hits = correct.f_int64_value(&[]).map_err(torch("training"))?;
-            return Ok((loss / n as f64, hits as f64 / n as f64));
         }
         let (loss, hits) = self.global_sums(&loss_sum, &correct, &context)?;
         Ok((loss / n as f64, hits / n as f64))
@@ -1089,11 +1085,7 @@ impl Replica {
                 .transpose()
                 .map_err(torch_err)?;
             // Counted once the step went through.
-            let read = match &input {
-                Some((Input::Features(_), _)) => Some(true),
-                Some((Input::Images(_), _)) => Some(false),
-                None => None,
-            };
+            let from_cache = input.as_ref().map(|(i, _)| matches!(i, Input::Features(_)));
             (loss_sum, correct) = match input {
                 Some((input, y)) if self.comm.is_none() => {
                     self.step_alone(input, y, idx.len(), mode, &loss_sum, &correct).map_err(torch_err)?
@@ -1103,7 +1095,7 @@ impl Replica {
                 }
             };
             let counters = crate::metrics::global();
-            match read {
+            match from_cache {
                 Some(true) => {
                     self.fe_stats.train_batches_read += 1;
                     counters.feature_cache_batches_read.inc();
@@ -1115,13 +1107,7 @@ impl Replica {
                 None => {}
             }
         }
-        let (loss, hits) = if self.comm.is_none() {
-            let loss = loss_sum.f_double_value(&[]).map_err(torch("training"))?;
-            let hits = correct.f_int64_value(&[]).map_err(torch("training"))?;
-            (loss, hits as f64)
-        } else {
-            self.global_sums(&loss_sum, &correct, &context)?
-        };
+        let (loss, hits) = self.global_sums(&loss_sum, &correct, &context)?;
         Ok(Some((loss / n as f64, hits / n as f64)))
     }
 
@@ -1243,13 +1229,7 @@ impl Replica {
             run().map_err(torch("validation"))
         })?;
         self.fe_stats.val_batches_read += read;
-        let (loss, hits) = if self.comm.is_none() {
-            let loss = loss_sum.f_double_value(&[]).map_err(torch("validation"))?;
-            let hits = correct.f_int64_value(&[]).map_err(torch("validation"))?;
-            (loss, hits as f64)
-        } else {
-            self.global_sums(&loss_sum, &correct, "validation")?
-        };
+        let (loss, hits) = self.global_sums(&loss_sum, &correct, "validation")?;
         self.check_cancel()?;
         Ok((loss / n as f64, hits / n as f64))
     }
